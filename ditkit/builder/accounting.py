@@ -1,0 +1,125 @@
+"""Model accounting: parameters and multiply-adds per level, measured from the built modules.
+
+GMACs are forward multiply-adds for batch 1 -- the DiT paper's "GFLOPs" convention (one
+multiply-add = one FLOP). Linear layers and convolutions are counted by PyTorch's
+``FlopCounterMode`` on meta tensors (which reports 2 FLOPs per multiply-add, halved here);
+attention's QK^T and AV are counted by the attention kernels from the shapes they receive
+(``kernels.count_attention``), because fused SDPA kernels are invisible to the counter on CPU
+and a neighborhood backend's materialisation says nothing about the algorithm's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ditkit import spec as S
+
+from . import kernels
+from .model import DiffusionTransformer, build
+
+
+@dataclass
+class LevelReport:
+    index: int
+    grid: tuple[int, int]
+    d_model: int
+    heads: str
+    blocks: str
+    attention: str
+    params: int
+    gmacs: float
+
+
+@dataclass
+class Report:
+    name: str
+    resolution: tuple[int, int]
+    params: int
+    trainable: int
+    gmacs: float
+    attention_gmacs: float
+    levels: list[LevelReport] = field(default_factory=list)
+    other: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["resolution"] = list(self.resolution)
+        for lvl in out["levels"]:
+            lvl["grid"] = list(lvl["grid"])
+        return out
+
+
+def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Report:
+    """Parameters and GMACs of ``spec`` at ``resolution`` (default: its training resolution)."""
+    resolution = tuple(resolution or spec.input.resolution)
+    issues = spec.check_resolution(resolution, "--resolution")
+    if issues:
+        raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
+    model = build(spec, device="meta")
+    macs, attn = count_macs(model, resolution)
+    grids = spec.token_grids(resolution)
+    total_attn = sum(attn.values())
+    levels = []
+    for i, lvl in enumerate(spec.levels):
+        prefix = f"levels.{i}."
+        params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+        blocks = {w: len(spec.stack(i, w)) for w in ("encoder", "middle", "decoder")}
+        kinds, heads = [], []
+        for which in ("encoder", "middle", "decoder"):
+            for blk in spec.stack(i, which):
+                kinds.append(_attention_label(blk.attention))
+                heads.append("-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
+        levels.append(LevelReport(
+            index=i, grid=grids[i], d_model=lvl.d_model, heads="/".join(dict.fromkeys(heads)),
+            blocks=(f"{blocks['middle']}" if i == len(spec.levels) - 1
+                    else f"{blocks['encoder']}+{blocks['decoder']}"),
+            attention=", ".join(dict.fromkeys(kinds)),
+            params=params, gmacs=(macs.get(f"levels.{i}", 0) + attn.get(f"levels.{i}", 0)) / 1e9))
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    level_params = sum(lv.params for lv in levels)
+    level_macs = sum(lv.gmacs for lv in levels)
+    total = (macs["total"] + total_attn) / 1e9
+    other = {"embed, conditioning, head": {"params": params - level_params,
+                                            "gmacs": total - level_macs}}
+    return Report(spec.name, resolution, params, trainable, total, total_attn / 1e9, levels,
+                  other)
+
+
+def _attention_label(att) -> str:
+    match att:
+        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
+            kh, kw = S.pair(k)
+            dh, dw = S.pair(d)
+            dil = "" if (dh, dw) == (1, 1) else f" dil {dh}x{dw}"
+            return f"neighborhood {kh}x{kw}{dil}"
+        case S.ShiftedWindowAttention(window_size=w):
+            return f"shifted_window {w}"
+        case _:
+            return att.kind
+
+
+def count_macs(model: DiffusionTransformer,
+               resolution: tuple[int, int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward multiply-adds at batch 1 on meta tensors.
+
+    Returns ``(linear_macs, attention_macs)``: the first keyed by ``total`` and ``levels.i``
+    (from FlopCounterMode's module hierarchy), the second by ``levels.i``."""
+    spec = model.spec
+    dev = torch.device("meta")
+    x = torch.zeros(1, spec.input.channels, *resolution, device=dev)
+    sigma = torch.ones(1, device=dev)
+    labels = torch.zeros(1, dtype=torch.long, device=dev) if spec.conditioning.classes else None
+    counter = FlopCounterMode(display=False)
+    with counter, kernels.count_attention() as attn, torch.no_grad():
+        model(x, sigma, labels)
+    out = {"total": counter.get_total_flops() / 2}
+    for key, per_op in counter.get_flop_counts().items():
+        parts = key.split(".")[1:]  # drop the root class name
+        if len(parts) == 3 and parts[0] == "levels":  # levels.i.<encoder|down|up|...>
+            name = f"levels.{parts[1]}"
+            out[name] = out.get(name, 0) + sum(per_op.values()) / 2
+    return out, dict(attn)

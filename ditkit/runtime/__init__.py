@@ -1,0 +1,1 @@
+"""``ditkit.runtime``: samplers, export and engines (see the open issues)."""

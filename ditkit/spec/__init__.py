@@ -1,0 +1,13 @@
+"""``ditkit.spec``: typed, frozen, torch-free model specs (pydantic v2)."""
+
+from .components import *  # noqa: F401,F403  (the component variants are the spec language)
+from .components import pair
+from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
+from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
+from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
+
+__all__ = [
+    "ModelSpec", "Level", "Block", "BlockOverride", "SPEC_VERSION", "SpecError", "load",
+    "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair", "dit",
+    "hdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256",
+]

@@ -1,0 +1,303 @@
+"""The root ``ModelSpec``: input, patch embedding, levels of blocks, conditioning, head.
+
+A model is a path through levels of token grids (outer -> inner). Each level but the innermost
+has ``encoder`` blocks, a ``down`` transition to the next level, ``decoder`` blocks and a
+``skip`` merge; the innermost level has ``middle`` blocks. Model-wide ``block`` defaults can be
+overridden per level (any block field set on the level) and per block (a list of overrides).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Iterator, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+
+from .components import (
+    FFN,
+    Attention,
+    AxialRope,
+    Conditioning,
+    Down,
+    GeluMLP,
+    GlobalAttention,
+    Head,
+    Init,
+    Input,
+    Logits,
+    DotLogits,
+    Modulation,
+    AdaLNZero,
+    NeighborhoodAttention,
+    NoPosition,
+    NoRope,
+    Norm,
+    Patch,
+    Position,
+    QKNorm,
+    Rope,
+    ShiftedWindowAttention,
+    Skip,
+    Spec,
+    LinearHead,
+    pair,
+)
+
+SPEC_VERSION = 1
+
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Block(Spec):
+    """One transformer block: (modulated) pre-norm attention, then (modulated) pre-norm FFN."""
+
+    attention: Attention = Field(default_factory=GlobalAttention)
+    d_head: PositiveInt = 64
+    logits: Logits = Field(default_factory=DotLogits)
+    qk_norm: QKNorm = Field(default_factory=QKNorm)
+    rope: Rope = Field(default_factory=NoRope)
+    attention_bias: bool = True
+    """Biases on the q/k/v and output projections."""
+    norm: Norm = Field(default_factory=Norm)
+    modulation: Modulation = Field(default_factory=AdaLNZero)
+    ffn: FFN = Field(default_factory=GeluMLP)
+    dropout: Dropout = 0.0
+    zero_init_out: bool = False
+    """Zero-initialise the attention and FFN output projections (HDiT; DiT gates instead)."""
+
+
+class _BlockFields(Spec):
+    """Block fields that may be overridden; ``None`` means "inherit"."""
+
+    attention: Attention | None = None
+    d_head: PositiveInt | None = None
+    logits: Logits | None = None
+    qk_norm: QKNorm | None = None
+    rope: Rope | None = None
+    attention_bias: bool | None = None
+    norm: Norm | None = None
+    modulation: Modulation | None = None
+    ffn: FFN | None = None
+    dropout: Dropout | None = None
+    zero_init_out: bool | None = None
+
+    def overrides(self) -> dict:
+        return {k: getattr(self, k) for k in Block.model_fields if getattr(self, k) is not None}
+
+
+class BlockOverride(_BlockFields):
+    """A run of ``repeat`` blocks that override some block fields."""
+
+    repeat: PositiveInt = 1
+
+
+Stack = NonNegativeInt | tuple[BlockOverride, ...]
+"""A stack of blocks: a count (all default blocks) or a list of overrides."""
+
+
+class Level(_BlockFields):
+    """One level of the hierarchy. Block fields set here apply to all of its blocks."""
+
+    d_model: PositiveInt
+    encoder: Stack | None = None
+    decoder: Stack | None = None
+    middle: Stack | None = None
+    down: Down | None = None
+    skip: Skip | None = None
+
+
+class ModelSpec(Spec):
+    """A diffusion transformer, as data."""
+
+    spec_version: Literal[1] = SPEC_VERSION
+    name: Annotated[str, Field(min_length=1)] = "model"
+    description: str = ""
+    input: Input = Field(default_factory=Input)
+    patch: Patch = Field(default_factory=Patch)
+    position: Position = Field(default_factory=NoPosition)
+    conditioning: Conditioning = Field(default_factory=Conditioning)
+    block: Block = Field(default_factory=Block)
+    levels: Annotated[tuple[Level, ...], Field(min_length=1)]
+    head: Head = Field(default_factory=LinearHead)
+    init: Init = Field(default_factory=Init)
+
+    # ---------------------------------------------------------------- derived quantities
+
+    @property
+    def cond_width(self) -> int:
+        return self.conditioning.width or self.levels[0].d_model
+
+    @property
+    def out_channels(self) -> int:
+        return self.input.channels * (2 if self.head.learned_sigma else 1)
+
+    def factors(self) -> list[int]:
+        """Merge factor between level i and i+1."""
+        return [lvl.down.factor for lvl in self.levels[:-1] if lvl.down is not None]
+
+    def resolution_multiple(self) -> tuple[int, int]:
+        """Input height/width must be multiples of this (patch x all merges)."""
+        ph, pw = pair(self.patch.size)
+        f = math.prod(self.factors())
+        return ph * f, pw * f
+
+    def token_grids(self, resolution: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """Token grid (h, w) of every level at ``resolution`` (default: the training one)."""
+        h, w = resolution or self.input.resolution
+        ph, pw = pair(self.patch.size)
+        grids = [(h // ph, w // pw)]
+        for f in self.factors():
+            grids.append((grids[-1][0] // f, grids[-1][1] // f))
+        return grids
+
+    def stack(self, level: int, which: Literal["encoder", "decoder", "middle"]) -> list[Block]:
+        """Resolved blocks of one stack: defaults <- level overrides <- block overrides."""
+        lvl = self.levels[level]
+        base = self.block.model_copy(update=lvl.overrides())
+        value = getattr(lvl, which)
+        if value is None:
+            return []
+        if isinstance(value, int):
+            return [base] * value
+        blocks: list[Block] = []
+        for o in value:
+            blocks.extend([base.model_copy(update=o.overrides())] * o.repeat)
+        return blocks
+
+    def blocks(self) -> Iterator[tuple[int, str, int, Block]]:
+        """``(level, stack, index in stack, block)`` for every block, in forward order."""
+        for i in range(len(self.levels)):
+            for which in ("encoder", "middle", "decoder"):
+                for j, blk in enumerate(self.stack(i, which)):
+                    yield i, which, j, blk
+
+    def origin(self, level: int, which: str, j: int, field: str) -> str:
+        """The spec path where block ``j`` of a stack gets ``field`` from (for error messages):
+        a block override, the level, or the model-wide ``block`` defaults."""
+        lvl = self.levels[level]
+        value = getattr(lvl, which)
+        if isinstance(value, tuple):
+            start = 0
+            for k, o in enumerate(value):
+                if start <= j < start + o.repeat:
+                    if getattr(o, field) is not None:
+                        return f"levels[{level}].{which}[{k}].{field}"
+                    break
+                start += o.repeat
+        if getattr(lvl, field) is not None:
+            return f"levels[{level}].{field}"
+        return f"block.{field}"
+
+    def check_resolution(self, resolution: tuple[int, int],
+                         field: str = "resolution") -> list[tuple[str, str]]:
+        """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
+        return _resolution_issues(self, tuple(resolution), field)
+
+    # ---------------------------------------------------------------- validation
+
+    @model_validator(mode="after")
+    def _validate(self) -> "ModelSpec":
+        issues = _structure_issues(self)
+        if not issues:
+            issues = _resolution_issues(self, self.input.resolution, "input.resolution")
+        if issues:
+            raise ValueError("\n".join(f"{path}: {msg}" for path, msg in issues))
+        return self
+
+
+def _nearest_valid(n: int, m: int) -> str:
+    lo = max(m, (n // m) * m)
+    hi = lo + m if lo < n or lo == n else lo
+    options = sorted({lo, hi} - {n}) if n % m else [n]
+    return " or ".join(str(o) for o in options)
+
+
+def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    last = len(spec.levels) - 1
+    for i, lvl in enumerate(spec.levels):
+        p = f"levels[{i}]"
+        if i == last:
+            if lvl.middle is None:
+                out.append((f"{p}.middle", "the innermost level needs `middle` blocks "
+                            "(e.g. `middle: 11`)"))
+            for name in ("encoder", "decoder", "down", "skip"):
+                if getattr(lvl, name) is not None:
+                    out.append((f"{p}.{name}", f"the innermost level has no `{name}`; move these "
+                                f"blocks to `middle` or add an inner level"))
+        else:
+            if lvl.middle is not None:
+                out.append((f"{p}.middle", "only the innermost level has `middle` blocks; use "
+                            "`encoder` and `decoder` on outer levels"))
+            if lvl.down is None:
+                out.append((f"{p}.down", "an outer level needs a transition to the next level, "
+                            "e.g. `down: {kind: merge, factor: 2}`"))
+            if lvl.skip is None:
+                out.append((f"{p}.skip", "an outer level needs a skip merge, e.g. "
+                            "`skip: {kind: lerp}` (or `{kind: none}`)"))
+
+    for i, which, j, blk in spec.blocks():
+        where = lambda field: spec.origin(i, which, j, field)  # noqa: E731
+        d_model = spec.levels[i].d_model
+        if blk.attention.kind != "none":
+            if d_model % blk.d_head:
+                out.append((where("d_head"), f"d_head {blk.d_head} does not divide d_model "
+                            f"{d_model} of levels[{i}]; pick a divisor such as "
+                            f"{_divisors_near(d_model, blk.d_head)}"))
+            if isinstance(blk.rope, AxialRope):
+                r = blk.rope.fraction * blk.d_head
+                if r != int(r) or int(r) % 4:
+                    out.append((where("rope") + ".fraction", f"fraction {blk.rope.fraction} of "
+                                f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
+                                "multiple of 4 (two axes x channel pairs)"))
+            if isinstance(blk.attention, NeighborhoodAttention):
+                for k in pair(blk.attention.kernel_size):
+                    if k % 2 == 0:
+                        out.append((where("attention") + ".kernel_size", f"kernel {k} is even; "
+                                    f"neighborhood kernels must be odd (use {k - 1} or {k + 1})"))
+    return _dedupe(out)
+
+
+def _resolution_issues(
+    spec: ModelSpec, resolution: tuple[int, int], field: str
+) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    mh, mw = spec.resolution_multiple()
+    h, w = resolution
+    if h % mh or w % mw:
+        out.append((field, f"{h}x{w} is not divisible by patch x merges = {mh}x{mw}; nearest "
+                    f"valid: height {_nearest_valid(h, mh)}, width {_nearest_valid(w, mw)}"))
+        return out
+    grids = spec.token_grids(resolution)
+    for i, which, j, blk in spec.blocks():
+        gh, gw = grids[i]
+        att = blk.attention
+        where = spec.origin(i, which, j, "attention")
+        if isinstance(att, NeighborhoodAttention):
+            for k, d, g in zip(pair(att.kernel_size), pair(att.dilation), (gh, gw)):
+                if k * d > g:
+                    out.append((f"{where}.kernel_size",
+                                f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
+                                f"of levels[{i}] at {h}x{w}; use a kernel <= "
+                                f"{_largest_odd(g // d)} or a larger resolution"))
+        if isinstance(att, ShiftedWindowAttention):
+            if gh % att.window_size or gw % att.window_size:
+                out.append((f"{where}.window_size",
+                            f"window {att.window_size} does not tile the {gh}x{gw} token grid of "
+                            f"levels[{i}] at {h}x{w}; use a divisor of both sides"))
+    return _dedupe(out)
+
+
+def _largest_odd(n: int) -> int:
+    return n if n % 2 else max(1, n - 1)
+
+
+def _divisors_near(n: int, target: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    divs.sort(key=lambda d: abs(d - target))
+    return ", ".join(str(d) for d in sorted(divs[:3]))
+
+
+def _dedupe(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Blocks share fields, so the same problem is found once per block: report it once."""
+    return list(dict.fromkeys(items))

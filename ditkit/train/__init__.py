@@ -1,0 +1,1 @@
+"""``ditkit.train``: experiment specs and the training loop (see the open issues)."""
