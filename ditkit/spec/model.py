@@ -198,8 +198,7 @@ class ModelSpec(Spec):
     @model_validator(mode="after")
     def _validate(self) -> "ModelSpec":
         issues = _structure_issues(self)
-        if not issues:
-            issues = _resolution_issues(self, self.input.resolution, "input.resolution")
+        issues += _resolution_issues(self, self.input.resolution, "input.resolution")
         if issues:
             raise ValueError("\n".join(f"{path}: {msg}" for path, msg in issues))
         return self
@@ -262,6 +261,8 @@ def _resolution_issues(
     spec: ModelSpec, resolution: tuple[int, int], field: str
 ) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
+    if any(lvl.down is None for lvl in spec.levels[:-1]):
+        return out  # reported as a structure issue; grids are undefined until it is fixed
     mh, mw = spec.resolution_multiple()
     h, w = resolution
     if h % mh or w % mw:
