@@ -127,6 +127,13 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+# Subcommands that live beside the code they drive. Each module defines
+# ``add_parser(subparsers)``, which registers its parser with ``set_defaults(func=...)``; its
+# ``func`` raises ``UsageError`` / ``SpecError`` for bad input. Imported when the parser is built.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build a tiny HDiT, describe it, run it forward/backward")
     p.add_argument("--spec", default=None, help="spec to demo (default: the embedded tiny HDiT)")
     p.set_defaults(func=cmd_demo)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

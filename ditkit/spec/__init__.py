@@ -5,9 +5,13 @@ from .components import pair
 from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
+from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, FlowObjective,
+                        LogitNormalTime, LogNormalSigma, Objective, UniformTime, X0Objective)
 
 __all__ = [
     "ModelSpec", "Level", "Block", "BlockOverride", "SPEC_VERSION", "SpecError", "load",
     "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair", "dit",
-    "hdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256",
+    "hdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256", "Objective",
+    "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",
+    "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime",
 ]
