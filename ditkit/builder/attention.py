@@ -29,7 +29,8 @@ class Attention(nn.Module):
                  qk_norm_affine: bool = True, qk_norm_eps: float = 1e-6,
                  rope_fraction: float = 0.0, rope_positions: str = "normalized",
                  rope_frequencies_layout: str = "log_spaced", rope_freq_min: float = 3.14159,
-                 rope_freq_max: float = 31.4159, rope_base: float = 10000.0, bias: bool = True,
+                 rope_freq_max: float = 31.4159, rope_base: float = 10000.0,
+                 rope_position_scale: tuple[float, float] = (1.0, 1.0), bias: bool = True,
                  dropout: float = 0.0, zero_init_out: bool = False):
         super().__init__()
         self.d_head, self.n_heads = d_head, d_model // d_head
@@ -44,6 +45,7 @@ class Attention(nn.Module):
             self.k_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
         self.scale = nn.Parameter(torch.full((self.n_heads,), scale_init)) if logits == "cosine" else None
         self.rope_positions = rope_positions
+        self.rope_position_scale = tuple(float(v) for v in rope_position_scale)
         rotated = int(round(rope_fraction * d_head))
         self.register_buffer(
             "rope_freqs",
@@ -78,6 +80,8 @@ class Attention(nn.Module):
             scale = self.d_head ** -0.5
         if self.rope_freqs is not None:
             pos = grid_positions(hh, ww, self.rope_positions, x.device)
+            if self.rope_position_scale != (1.0, 1.0):
+                pos = pos * pos.new_tensor(self.rope_position_scale)
             theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
             q, k = apply_rope(q, theta), apply_rope(k, theta)
 

@@ -277,7 +277,8 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int) -> Block:
             case S.AxialRope() as r:
                 att_args.update(rope_fraction=r.fraction, rope_positions=r.positions,
                                 rope_frequencies_layout=r.frequencies, rope_freq_min=r.freq_min,
-                                rope_freq_max=r.freq_max, rope_base=r.base)
+                                rope_freq_max=r.freq_max, rope_base=r.base,
+                                rope_position_scale=r.position_scale)
             case other:
                 assert_never(other)
         attention = Attention(

@@ -114,6 +114,9 @@ class AxialRope(Spec):
     ``frequencies``: ``log_spaced`` is HDiT's layout (``n_heads * r/4`` log-uniform frequencies in
     [freq_min, freq_max], interleaved across heads); ``geometric`` is the usual
     ``base^(-j / (r/4))`` set shared by every head.
+    ``position_scale``: (row, col) factors on the positions -- equivalently a rescaling of the
+    frequencies. 1 in training; resolution-extrapolation policies set it to switch between
+    interpolating and extrapolating positions at a new resolution.
     """
 
     kind: Literal["axial"] = "axial"
@@ -123,6 +126,7 @@ class AxialRope(Spec):
     freq_min: PositiveFloat = math.pi
     freq_max: PositiveFloat = 10.0 * math.pi
     base: PositiveFloat = 10000.0
+    position_scale: tuple[PositiveFloat, PositiveFloat] = (1.0, 1.0)
 
 
 Rope = Annotated[Union[NoRope, AxialRope], Field(discriminator="kind")]
