@@ -4,6 +4,7 @@ from .components import *  # noqa: F401,F403  (the component variants are the sp
 from .components import pair
 from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
+from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
 from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, FlowObjective,
                         LogitNormalTime, LogNormalSigma, Objective, UniformTime, X0Objective)
@@ -13,5 +14,6 @@ __all__ = [
     "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair", "dit",
     "hdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256", "Objective",
     "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",
-    "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime",
+    "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime", "Policy", "AsIs", "LocalCore",
+    "AddLevels", "CorePatch",
 ]

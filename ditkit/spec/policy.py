@@ -1,0 +1,59 @@
+"""Resolution-adaptation policies, as data (HDiT section 4.1, MDiT appendices I and J).
+
+A policy turns a spec trained at one resolution into a spec for another resolution; the
+runtime (``ditkit.runtime.extrapolate``) applies it to the weights too. Pure data, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from .components import Spec
+
+
+class AsIs(Spec):
+    """Same modules on the new grid. ``rope``: ``keep`` the positions as trained;
+    ``interpolate`` keeps positions inside the trained range (HDiT's normalised positions do
+    this by themselves; integer positions get scaled down); ``extrapolate`` keeps the trained
+    spacing (integer positions do this by themselves; normalised ones get scaled up). Both act
+    through ``rope.position_scale`` (= a frequency rescaling)."""
+
+    kind: Literal["as_is"] = "as_is"
+    rope: Literal["keep", "interpolate", "extrapolate"] = "keep"
+
+
+class LocalCore(Spec):
+    """Replace global attention with neighborhood attention of ``kernel_size`` in ``levels``
+    (default: every level that uses global attention); weights unchanged (MDiT appendix I uses
+    k = 15 for a 16x16 core)."""
+
+    kind: Literal["local_core"] = "local_core"
+    levels: tuple[NonNegativeInt, ...] | None = None
+    kernel_size: PositiveInt = 15
+
+
+class AddLevels(Spec):
+    """HDiT: for each doubling of resolution add one level outside (a copy of the outermost
+    level's design: same attention, ``d_model``, depth, merge and skip), so the inner levels
+    keep their token grids. ``share_weights`` initialises the new levels' blocks from the
+    outermost trained level; otherwise they (and the new merges/splits) start fresh."""
+
+    kind: Literal["add_levels"] = "add_levels"
+    d_model: PositiveInt | None = None
+    depth: NonNegativeInt | None = None
+    share_weights: bool = False
+
+
+class CorePatch(Spec):
+    """MDiT appendix J: enlarge the merge factor of transition ``level`` (e.g. 2 -> 4) so the
+    inner levels keep their token grid; the merge/split projections are re-initialised by
+    replication (a constant patch maps to the same token as before)."""
+
+    kind: Literal["core_patch"] = "core_patch"
+    level: NonNegativeInt = 0
+    factor: PositiveInt = 4
+
+
+Policy = Annotated[Union[AsIs, LocalCore, AddLevels, CorePatch], Field(discriminator="kind")]
