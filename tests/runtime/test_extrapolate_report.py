@@ -1,0 +1,59 @@
+"""The extrapolation runner: report files, table rows, policies parsed from the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ditkit import spec as S
+from ditkit.builder import build
+from ditkit.runtime.extrapolate_report import dit_reference, parse_policy, run
+from tests.conftest import ROOT
+
+TINY = ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml"
+
+
+def test_parse_policy():
+    assert parse_policy("as_is") == S.AsIs()
+    assert parse_policy("local_core:kernel_size=5") == S.LocalCore(kernel_size=5)
+    assert parse_policy("add_levels:share_weights=true") == S.AddLevels(share_weights=True)
+    assert parse_policy("core_patch:factor=4,level=0") == S.CorePatch(factor=4, level=0)
+    with pytest.raises(S.SpecError, match="kernel_size"):
+        parse_policy("local_core:kernel_size=big")
+    with pytest.raises(S.SpecError):
+        parse_policy("zoom")
+
+
+def test_dit_reference_is_isotropic_and_similar_in_size():
+    spec = S.load(ROOT / "examples/hdit/hdit-imagenet-128.yaml")
+    ref = dit_reference(spec)
+    assert len(ref.levels) == 1 and ref.patch == spec.patch
+    ours = sum(p.numel() for p in build(spec, device="meta").parameters())
+    theirs = sum(p.numel() for p in build(ref, device="meta").parameters())
+    assert 0.8 < theirs / ours < 1.25
+
+
+def test_runner_writes_report_for_random_weights(tmp_path):
+    spec = S.load(TINY)
+    rows = run(spec, None, None, [S.AsIs(), S.AddLevels(), S.CorePatch(factor=4)],
+               [(16, 16), (32, 32), (48, 32)], tmp_path)
+    by = {(r.policy, r.resolution): r for r in rows}
+    assert by[("add_levels", (48, 32))].error and "power of two" in by[("add_levels", (48, 32))].error
+    ok = [r for r in rows if not r.error]
+    assert all(r.latency_ms > 0 and r.gmacs > 0 for r in ok)
+    assert by[("add_levels", (32, 32))].gmacs > by[("as_is", (16, 16))].gmacs
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["slopes"]) >= {"as_is", "add_levels"}
+    for name in ("report.md", "report.html", "cost.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| `core_patch:factor=4` | 32x32 |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_bad_policy_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ditkit.cli", "extrapolate", str(TINY),
+                           "--resolutions", "32", "--policies", "local_core:kernel_size=big",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "kernel_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
