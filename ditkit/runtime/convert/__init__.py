@@ -21,7 +21,8 @@ Each source format is one module in this package that exposes:
 Optional: ``PREFERRED_KEYS`` (entries of a training dict to take the weights from, in order;
 default ``("ema", "model_ema", "model")``), ``metadata(spec) -> dict[str, str]`` (what
 :func:`convert` records in the ditkit checkpoint, e.g. ``ditkit.cfg_channels``),
-``source_metadata(spec) -> dict[str, str]`` (written into an exported safetensors file), and
+``source_metadata(spec, objective) -> dict[str, str]`` (written into an exported
+safetensors file), and
 ``objective(metadata, spec)`` (the training objective, when the source format implies one).
 
 Dispatch is the explicit dict :data:`SOURCES`; there is no registry.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
@@ -52,13 +54,50 @@ class ConversionError(ValueError):
         self.other = other or []
         lines = [f"cannot convert {source} weights:"]
         if missing:
-            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(compact(missing)))
         if unexpected:
-            lines.append(f"  left over / unknown ({len(unexpected)}): " + ", ".join(unexpected))
+            lines.append(f"  left over / unknown ({len(unexpected)}): "
+                         + ", ".join(compact(unexpected)))
         if mismatched:
-            lines.append(f"  mis-shaped ({len(mismatched)}): " + "; ".join(mismatched))
+            lines.append(f"  mis-shaped ({len(mismatched)}):")
+            lines += [f"    {m}" for m in mismatched]
         lines += [f"  {line}" for line in self.other]
         super().__init__("\n".join(lines))
+
+
+def compact(names: list[str]) -> list[str]:
+    """Key names with runs that differ in one index folded: ``blocks.2.attn.qkv.weight ...
+    blocks.11.attn.qkv.weight`` -> ``blocks.{2..11}.attn.qkv.weight``. Nothing is dropped."""
+    groups: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
+    for name in names:
+        parts = re.split(r"(?<=\.)(\d+)(?=\.|$)", name)
+        template = tuple(parts[0::2])
+        groups.setdefault(template, []).append(tuple(int(p) for p in parts[1::2]))
+    out = []
+    for template, values in groups.items():
+        if len(values) == 1 or not values[0]:
+            out += [_fill(template, v) for v in values]
+            continue
+        varying = [i for i in range(len(values[0])) if len({v[i] for v in values}) > 1]
+        if len(varying) != 1:
+            out += [_fill(template, v) for v in values]
+            continue
+        k = varying[0]
+        idx = sorted({v[k] for v in values})
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            text = f"{{{idx[0]}..{idx[-1]}}}"
+        else:
+            text = "{" + ",".join(map(str, idx)) + "}"
+        out.append(_fill(template, tuple(text if i == k else str(x)
+                                         for i, x in enumerate(values[0]))))
+    return out
+
+
+def _fill(template: tuple[str, ...], values: tuple) -> str:
+    out = template[0]
+    for v, t in zip(values, template[1:]):
+        out += f"{v}{t}"
+    return out
 
 
 def _shape(t) -> str:
@@ -84,6 +123,7 @@ class Remap:
         self.missing: list[str] = []
         self.mismatched: list[str] = []
         self.other: list[str] = []
+        self.unfilled: set[str] = set()  # targets whose source is already reported missing
 
     def has(self, key: str) -> bool:
         return key in self.state
@@ -106,6 +146,7 @@ class Remap:
         as mis-shaped."""
         t = self.take(key)
         if t is None:
+            self.unfilled.add(name)
             return
         if fn is not None:
             try:
@@ -118,6 +159,7 @@ class Remap:
     def concat(self, keys: list[str], name: str, dim: int = 0) -> None:
         parts = [self.take(k) for k in keys]
         if any(p is None for p in parts):
+            self.unfilled.add(name)
             return
         try:
             self.put(name, torch.cat(parts, dim), " + ".join(keys))
@@ -135,12 +177,12 @@ class Remap:
         if self.expected is not None:
             for name, shape in self.expected.items():
                 if name not in self.out:
-                    if not any(name in m for m in mismatched):
+                    if name not in self.unfilled and not any(name in m for m in mismatched):
                         missing.append(f"{name} (ditkit)")
                 elif tuple(self.out[name].shape) != tuple(shape):
                     origin = self.origin.get(name)
-                    src = f" from {origin}" if origin else ""
-                    mismatched.append(f"{name}{src}: got {_shape(self.out[name].shape)}, the "
+                    src = f"{origin} -> " if origin else ""
+                    mismatched.append(f"{src}{name}: got {_shape(self.out[name].shape)}, the "
                                       f"spec needs {_shape(shape)}")
             unexpected += sorted(f"{n} (produced, not in the spec)" for n in self.out
                                  if n not in self.expected)
@@ -280,7 +322,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     state = mod.from_ditkit(ckpt.tensors, ckpt.spec)
     out = Path(out)
     if out.suffix == ".safetensors":
-        meta = dict(mod.source_metadata(ckpt.spec)) if hasattr(mod, "source_metadata") else {}
+        meta = dict(mod.source_metadata(ckpt.spec, ckpt.objective)) if hasattr(mod, "source_metadata") else {}
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
         import tempfile

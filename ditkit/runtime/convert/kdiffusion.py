@@ -1,0 +1,361 @@
+"""crowsonkb/k-diffusion ``image_transformer_v2`` (HDiT) checkpoints <-> ditkit.
+
+Sources: the inference safetensors of ``convert_for_inference.py`` (the inner model's state
+dict, the merged JSON config in the metadata under ``config``) or a training checkpoint
+(``{"model", "model_ema", "config", ...}``; EMA weights preferred).
+
+The spec comes from the config, with k-diffusion's ``load_config`` defaults for absent keys
+(mapping width 256 / depth 2 / d_ff 3x, d_ffs 3x widths, neighborhood-7 levels under a global
+one, d_head 64, no dropout, ``sigma_data`` 1); the result is :func:`ditkit.spec.hdit` plus
+per-level overrides where the config differs per level.
+
+Tensor mapping (copies, except the two AdaRMSNorm projections of a layer, which ditkit holds as
+one ``modulation`` Linear = ``cat([self_attn.norm.linear, ff.norm.linear])``): ``patch_in`` ->
+``embed``, ``time_emb``/``time_in_proj`` -> ``conditioning.noise``, ``aug_emb``/``aug_in_proj``
+-> ``conditioning.aux.aug_cond``, ``class_emb`` -> ``conditioning.class_embed``, ``mapping`` ->
+``conditioning.mapping``, ``down_levels.i.j`` / ``up_levels.i.j`` / ``mid_level.j`` ->
+``levels.i.encoder.j`` / ``levels.i.decoder.j`` / ``levels.{last}.middle.j``, ``merges.i`` ->
+``levels.i.down``, ``splits.i`` -> ``levels.i.up`` (+ ``skip.fac``), ``out_norm``/``patch_out``
+-> ``head``. TokenMerge's (row, col, c) channel order is ditkit's too, so no permutation.
+``self_attn.pos_emb.freqs`` are derived: they must equal ditkit's RoPE frequencies (head h gets
+every n_heads-th log-spaced value) and are regenerated on export.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ditkit import spec as S
+from ditkit.builder.position import rope_frequencies
+
+from . import Remap, expected_shapes
+
+SOURCE = "k-diffusion"
+PREFERRED_KEYS = ("model_ema", "model")
+
+_ATTN_KIND = {"global": "global", "neighborhood": "neighborhood",
+              "shifted-window": "shifted_window"}
+
+
+# --------------------------------------------------------------------------------------------
+# config <-> spec
+
+
+def model_config(metadata: dict) -> tuple[dict, int]:
+    """``(config["model"] with load_config's defaults filled in, num_classes)`` from the
+    ``config`` metadata entry (JSON)."""
+    if "config" not in metadata:
+        raise ValueError("no k-diffusion config: the inference safetensors keeps it in its "
+                         "metadata under `config`, a training checkpoint under the `config` "
+                         "entry; neither is present")
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the k-diffusion `config` metadata is not JSON: {err}") from None
+    model = dict(config.get("model", {}))
+    if model.get("type") != "image_transformer_v2":
+        raise ValueError(f"config.model.type is {model.get('type')!r}; only "
+                         "'image_transformer_v2' (HDiT) is supported")
+    for key in ("widths", "depths", "input_channels", "input_size", "patch_size"):
+        if key not in model:
+            raise ValueError(f"config.model.{key} is missing")
+    n = len(model["widths"])
+    model.setdefault("mapping_width", 256)
+    model.setdefault("mapping_depth", 2)
+    model["mapping_d_ff"] = model.get("mapping_d_ff") or model["mapping_width"] * 3
+    model.setdefault("mapping_cond_dim", 0)
+    model.setdefault("mapping_dropout_rate", 0.0)
+    model["d_ffs"] = model.get("d_ffs") or [w * 3 for w in model["widths"]]
+    if not model.get("self_attns"):
+        model["self_attns"] = ([{"type": "neighborhood", "d_head": 64, "kernel_size": 7}]
+                               * (n - 1) + [{"type": "global", "d_head": 64}])
+    rate = model.get("dropout_rate")
+    model["dropout_rate"] = ([0.0] * n if rate is None else
+                             [float(rate)] * n if isinstance(rate, (int, float)) else rate)
+    model.setdefault("sigma_data", 1.0)
+    for key in ("depths", "d_ffs", "self_attns", "dropout_rate"):
+        if len(model[key]) != n:
+            raise ValueError(f"config.model.{key} has {len(model[key])} entries; widths has {n}")
+    classes = int(config.get("dataset", {}).get("num_classes", 0) or 0)
+    return model, classes
+
+
+def spec_from_config(model: dict, classes: int, name: str = "hdit") -> S.ModelSpec:
+    if model["mapping_cond_dim"]:
+        raise ValueError(f"config.model.mapping_cond_dim = {model['mapping_cond_dim']}: an extra "
+                         "linear mapping input is not supported by ditkit's spec (yet)")
+    if model.get("has_variance"):
+        raise ValueError("config.model.has_variance = true is not supported")
+    kinds, heads, kernels, windows = [], [], [], []
+    for i, sa in enumerate(model["self_attns"]):
+        if sa.get("type") not in _ATTN_KIND:
+            raise ValueError(f"config.model.self_attns[{i}].type = {sa.get('type')!r} is not "
+                             f"supported; use one of {', '.join(_ATTN_KIND)}")
+        kinds.append(_ATTN_KIND[sa["type"]])
+        heads.append(int(sa.get("d_head", 64)))
+        if sa["type"] == "neighborhood":
+            kernels.append(int(sa.get("kernel_size", 7)))
+        if sa["type"] == "shifted-window":
+            if "window_size" not in sa:
+                raise ValueError(f"config.model.self_attns[{i}].window_size is missing")
+            windows.append(int(sa["window_size"]))
+    ph, pw = (model["patch_size"] if isinstance(model["patch_size"], (list, tuple))
+              else (model["patch_size"],) * 2)
+    h, w = (model["input_size"] if isinstance(model["input_size"], (list, tuple))
+            else (model["input_size"],) * 2)
+    widths, depths = [int(x) for x in model["widths"]], [int(x) for x in model["depths"]]
+    base = S.hdit(
+        widths, depths, local=kinds, d_head=heads[0],
+        kernel_size=kernels[0] if kernels else 7, window_size=windows[0] if windows else 8,
+        patch=int(ph), channels=int(model["input_channels"]), resolution=int(h),
+        classes=classes or None, mapping_width=int(model["mapping_width"]),
+        mapping_depth=int(model["mapping_depth"]), ffn_ratio=3.0,
+        dropout=[float(d) for d in model["dropout_rate"]], name=name,
+        description="converted from a k-diffusion image_transformer_v2 checkpoint")
+    data = S.to_data(base, full=True)
+    data["input"]["resolution"] = [int(h), int(w)]
+    data["patch"]["size"] = [int(ph), int(pw)] if ph != pw else int(ph)
+    mapping_ratio = model["mapping_d_ff"] / model["mapping_width"]
+    data["conditioning"]["mapping"]["ratio"] = mapping_ratio
+    data["conditioning"]["mapping"]["dropout"] = float(model["mapping_dropout_rate"])
+    for i, lvl in enumerate(data["levels"]):
+        if heads[i] != heads[0]:
+            lvl["d_head"] = heads[i]
+        d_ff = int(model["d_ffs"][i])
+        if d_ff != 3 * widths[i]:
+            lvl["ffn"] = {"kind": "geglu", "d_ff": d_ff, "bias": False}
+    return S.validate(data, S.ModelSpec, "k-diffusion config")
+
+
+def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0) -> dict:
+    """The k-diffusion config (``{"model": ..., "dataset": ...}``) of an HDiT-layout spec;
+    raises ``ValueError`` naming what k-diffusion cannot express."""
+    self_attns, d_ffs, dropout = [], [], []
+    for i, lvl in enumerate(spec.levels):
+        blocks = spec.stack(i, "middle" if i == len(spec.levels) - 1 else "encoder")
+        blk = blocks[0]
+        att = blk.attention
+        match att:
+            case S.GlobalAttention():
+                sa = {"type": "global", "d_head": blk.d_head}
+            case S.NeighborhoodAttention(kernel_size=k):
+                sa = {"type": "neighborhood", "d_head": blk.d_head, "kernel_size": S.pair(k)[0]}
+            case S.ShiftedWindowAttention(window_size=ws):
+                sa = {"type": "shifted-window", "d_head": blk.d_head, "window_size": ws}
+            case _:
+                raise ValueError(f"levels[{i}].attention {att.kind!r} has no k-diffusion "
+                                 "equivalent")
+        self_attns.append(sa)
+        d_ffs.append(blk.ffn.hidden(lvl.d_model))
+        dropout.append(blk.dropout)
+    cond = spec.conditioning
+    if cond.mapping is None:
+        raise ValueError("conditioning.mapping is required by k-diffusion's HDiT")
+    ph, pw = S.pair(spec.patch.size)
+    model = {
+        "type": "image_transformer_v2",
+        "input_channels": spec.input.channels,
+        "input_size": list(spec.input.resolution),
+        "patch_size": [ph, pw],
+        "depths": [len(spec.stack(i, "middle" if i == len(spec.levels) - 1 else "encoder"))
+                   for i in range(len(spec.levels))],
+        "widths": [lvl.d_model for lvl in spec.levels],
+        "d_ffs": d_ffs,
+        "self_attns": self_attns,
+        "dropout_rate": dropout,
+        "mapping_width": spec.cond_width,
+        "mapping_depth": cond.mapping.depth,
+        "mapping_d_ff": int(round(cond.mapping.ratio * spec.cond_width)),
+        "mapping_cond_dim": 0,
+        "mapping_dropout_rate": cond.mapping.dropout,
+        "sigma_data": sigma_data,
+    }
+    config = {"model": model,
+              "dataset": {"num_classes": cond.classes.count if cond.classes else 0}}
+    m, classes = model_config({"config": json.dumps(config)})
+    back = spec_from_config(m, classes, spec.name)
+    differs = _differences(spec, back)
+    if differs:
+        raise ValueError(f"spec {spec.name!r} cannot be written as a k-diffusion "
+                         f"image_transformer_v2: it differs from that layout in "
+                         f"{', '.join(differs)}")
+    return config
+
+
+def _differences(a: S.ModelSpec, b: S.ModelSpec) -> list[str]:
+    da, db = S.to_data(a, full=True), S.to_data(b, full=True)
+    out = []
+    for key in da:
+        if key in ("name", "description", "init"):
+            continue
+        if key == "levels":
+            for i, (la, lb) in enumerate(zip(a.levels, b.levels)):
+                for which in ("encoder", "middle", "decoder"):
+                    if a.stack(i, which) != b.stack(i, which):
+                        out.append(f"levels[{i}].{which}")
+                for f in ("down", "skip"):
+                    if getattr(la, f) != getattr(lb, f):
+                        out.append(f"levels[{i}].{f}")
+            if len(a.levels) != len(b.levels):
+                out.append("levels")
+        elif key != "block" and da[key] != db[key]:
+            out.append(key)
+    return out
+
+
+def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *,
+               preset: S.ModelSpec | None = None, name: str | None = None,
+               **_hints) -> S.ModelSpec:
+    if preset is not None:
+        return preset
+    model, classes = model_config(metadata)
+    return spec_from_config(model, classes, name or "hdit-converted")
+
+
+def objective(metadata: dict, spec: S.ModelSpec):
+    """EDM preconditioning with the config's ``sigma_data`` and loss weighting."""
+    try:
+        model, _ = model_config(metadata)
+    except ValueError:
+        return None
+    weighting = {"karras": "karras", "snr": "snr", "min-snr": "min_snr",
+                 "soft-min-snr": "soft_min_snr"}.get(model.get("loss_weighting", "karras"))
+    args = {"sigma_data": float(model["sigma_data"])}
+    if weighting:
+        args["weighting"] = weighting
+    density = model.get("sigma_sample_density", {})
+    if density.get("type") == "lognormal":
+        args["sigma_sampling"] = S.LogNormalSigma(mean=density.get("mean", density.get("loc")),
+                                                  std=density.get("std", density.get("scale")))
+    elif density.get("type") == "cosine-interpolated":
+        sizes = model["input_size"]
+        size = max(sizes) if isinstance(sizes, (list, tuple)) else sizes
+        if density.get("image_d", size) == size:
+            values = {"sigma_min": density.get("min_value", min(model.get("sigma_min", 1e-3), 1e-3)),
+                      "sigma_max": density.get("max_value", max(model.get("sigma_max", 1e3), 1e3)),
+                      "low_resolution": density.get("noise_d_low", 32),
+                      "base_resolution": density.get("noise_d_low", 32),
+                      "high_resolution": density.get("noise_d_high")}
+            fields = S.CosineInterpolatedSigma.model_fields
+            if "high_resolution" in fields or values["high_resolution"] in (None, size):
+                args["sigma_sampling"] = S.CosineInterpolatedSigma(
+                    **{k: v for k, v in values.items() if k in fields})
+    return S.EDMObjective(**args)
+
+
+def metadata(spec: S.ModelSpec) -> dict[str, str]:
+    return {}
+
+
+def source_metadata(spec: S.ModelSpec, objective=None) -> dict[str, str]:
+    """The ``config`` metadata of k-diffusion's inference safetensors."""
+    sigma_data = getattr(objective, "sigma_data", 1.0) if objective is not None else 1.0
+    return {"config": json.dumps(config_from_spec(spec, sigma_data), indent=4)}
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+
+
+def _layers(spec: S.ModelSpec) -> list[tuple[str, str, int, int, S.Block]]:
+    """(k-diffusion layer prefix, ditkit block prefix, d_model, level, block) for every layer."""
+    last = len(spec.levels) - 1
+    out = []
+    for i, which, j, blk in spec.blocks():
+        src = {"encoder": f"down_levels.{i}.{j}", "decoder": f"up_levels.{i}.{j}",
+               "middle": f"mid_level.{j}"}[which]
+        out.append((src, f"levels.{i}.{which}.{j}", spec.levels[i].d_model, i, blk))
+    assert all(i == last for _, d, _, i, _ in out if ".middle." in d)
+    return out
+
+
+def _freqs(blk: S.Block, d_model: int) -> torch.Tensor | None:
+    if not isinstance(blk.rope, S.AxialRope) or isinstance(blk.attention, S.NoAttention):
+        return None
+    r = blk.rope
+    return rope_frequencies(d_model // blk.d_head, int(round(r.fraction * blk.d_head)),
+                            r.frequencies, r.freq_min, r.freq_max, r.base)
+
+
+def _plain_pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
+    """(k-diffusion key, ditkit key) of every tensor copied unchanged."""
+    pairs = [("patch_in.proj.weight", "embed.proj.weight"),
+             ("time_emb.weight", "conditioning.noise.weight"),
+             ("time_in_proj.weight", "conditioning.noise.proj.weight"),
+             ("aug_emb.weight", "conditioning.aux.aug_cond.weight"),
+             ("aug_in_proj.weight", "conditioning.aux.aug_cond.proj.weight"),
+             ("mapping.in_norm.scale", "conditioning.mapping.in_norm.scale"),
+             ("mapping.out_norm.scale", "conditioning.mapping.out_norm.scale"),
+             ("out_norm.scale", "head.norm.scale"),
+             ("patch_out.proj.weight", "head.proj.weight")]
+    if spec.conditioning.classes is not None:
+        pairs.append(("class_emb.weight", "conditioning.class_embed.weight"))
+    for j in range(spec.conditioning.mapping.depth if spec.conditioning.mapping else 0):
+        for a, b in (("norm.scale", "norm.scale"), ("up_proj.weight", "up.weight"),
+                     ("down_proj.weight", "down.weight")):
+            pairs.append((f"mapping.blocks.{j}.{a}", f"conditioning.mapping.blocks.{j}.{b}"))
+    for i in range(len(spec.levels) - 1):
+        pairs += [(f"merges.{i}.proj.weight", f"levels.{i}.down.proj.weight"),
+                  (f"splits.{i}.proj.weight", f"levels.{i}.up.proj.weight"),
+                  (f"splits.{i}.fac", f"levels.{i}.skip.fac")]
+    for src, dst, _, _, _ in _layers(spec):
+        for a, b in (("self_attn.qkv_proj.weight", "attn.qkv.weight"),
+                     ("self_attn.out_proj.weight", "attn.out.weight"),
+                     ("self_attn.scale", "attn.scale"),
+                     ("ff.up_proj.weight", "ffn.up.weight"),
+                     ("ff.down_proj.weight", "ffn.down.weight")):
+            pairs.append((f"{src}.{a}", f"{dst}.{b}"))
+    return pairs
+
+
+def _check_family(spec: S.ModelSpec) -> None:
+    if not isinstance(spec.conditioning.noise, S.FourierNoise):
+        raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (its noise embedding is "
+                         f"{spec.conditioning.noise.kind!r}, k-diffusion's is 'fourier')")
+    if any(not isinstance(b.modulation, S.AdaScale) for _, _, _, b in spec.blocks()):
+        raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (k-diffusion's blocks "
+                         "use ada_scale modulation)")
+
+
+def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
+    _check_family(spec)
+    r = Remap(state, SOURCE, expected_shapes(spec))
+    for src, dst in _plain_pairs(spec):
+        r.move(src, dst)
+    for src, dst, d_model, _, blk in _layers(spec):
+        r.concat([f"{src}.self_attn.norm.linear.weight", f"{src}.ff.norm.linear.weight"],
+                 f"{dst}.modulation.weight")
+        want = _freqs(blk, d_model)
+        key = f"{src}.self_attn.pos_emb.freqs"
+        if want is None:
+            continue
+        got = r.take(key)
+        if got is None:
+            continue
+        if got.shape != want.shape:
+            r.mismatched.append(f"{key}: got {tuple(got.shape)}, the spec's RoPE needs "
+                                f"{tuple(want.shape)} (heads, d_head * fraction / 4)")
+        elif not torch.allclose(got.float(), want, rtol=1e-6, atol=0):
+            r.problem(f"{key} differs from the RoPE frequencies ditkit derives for {dst} "
+                      f"(max abs diff {(got.float() - want).abs().max().item():.3g}); this "
+                      "checkpoint's RoPE layout is not k-diffusion's log-spaced one")
+    return r.finish()
+
+
+def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
+    _check_family(spec)
+    r = Remap(tensors, f"ditkit -> {SOURCE}")
+    for src, dst in _plain_pairs(spec):
+        r.move(dst, src)
+    for src, dst, d_model, _, blk in _layers(spec):
+        m = r.take(f"{dst}.modulation.weight")
+        if m is not None:
+            a, f = m.chunk(2, dim=0)
+            r.put(f"{src}.self_attn.norm.linear.weight", a.contiguous())
+            r.put(f"{src}.ff.norm.linear.weight", f.contiguous())
+        freqs = _freqs(blk, d_model)
+        if freqs is not None:
+            r.put(f"{src}.self_attn.pos_emb.freqs", freqs)
+    return r.finish()
