@@ -57,3 +57,23 @@ def test_cli_bad_policy_exits_2(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "kernel_size" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_runner_samples_grids_from_a_checkpoint(tmp_path):
+    from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    model = build(spec)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model.state_dict(), spec, objective=S.EDMObjective())
+    ckpt = load_checkpoint(path)
+    rows = run(ckpt.spec, ckpt.tensors, ckpt.objective, [S.AsIs(), S.AddLevels()],
+               [(16, 16), (32, 32)], tmp_path / "report", steps=2, samples=4, measure=False)
+    assert all(r.grid for r in rows)
+    for r in rows:
+        assert (tmp_path / "report" / r.grid).stat().st_size > 0
+    add32 = next(r for r in rows if r.policy == "add_levels" and r.resolution == (32, 32))
+    assert add32.reinitialised > 0  # the new outer level is fresh, and the report says so
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Samples (fixed seed)" in report and "grids/add_levels_32x32.png" in report
