@@ -233,9 +233,14 @@ def _slope(points) -> float | None:
 
 
 def _write_report(spec, rows: list[Row], curves: dict, out: Path) -> None:
+    latency = {}
+    for r in rows:
+        if r.latency_ms is not None:
+            latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms))
     results = {"spec": spec.name, "rows": [asdict(r) for r in rows],
                "curves": {k: [[list(r), g] for r, g in v] for k, v in curves.items()},
-               "slopes": {k: _slope(v) for k, v in curves.items()}}
+               "slopes": {k: _slope(v) for k, v in curves.items()},
+               "latency_slopes": {k: _slope(v) for k, v in latency.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     plot = _plot(curves, out / "cost.png")
 
@@ -253,7 +258,9 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path) -> None:
                   f"| {r.params:,} | {cell(r.latency_ms, '.1f')} | {cell(r.peak_mib, '.1f')} "
                   f"| {r.reinitialised} | {r.error or ''} |")
     md += ["", "## Cost vs pixels (log-log slopes)", ""]
-    md += [f"- {k}: slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]
+    md += [f"- {k}: GMACs slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]
+    md += [f"- {k}: measured latency slope {s:.3f}"
+           for k, s in results["latency_slopes"].items() if s is not None]
     if plot:
         md += ["", "![cost](cost.png)"]
     grids = [r for r in rows if r.grid]
