@@ -10,6 +10,12 @@ Accounting: under ``count_attention()`` the kernels do not compute anything (the
 runs on the meta device); they record the multiply-adds of QK^T and AV from the shapes they were
 given -- global ``2 N^2 D`` per head, neighborhood ``2 N k^2 D``, shifted window ``2 N w^2 D`` --
 whatever kernel would have run.
+
+Neighborhood backends (implemented in ``neighborhood.py``): ``gather``, ``tiled``, ``flex``,
+``natten``, ``masked`` (tests only) and ``auto`` (natten on CUDA when installed, else flex on
+CUDA, else gather). Export code wraps its trace in ``exportable_backend()`` (or
+``use_backend(name, export=True)``): ``auto`` then resolves to ``gather`` and a backend that
+cannot be exported is a clear error; a ``torch.export`` trace is detected as well.
 """
 
 from __future__ import annotations
@@ -21,27 +27,80 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-NEIGHBORHOOD_BACKENDS = ("auto", "gather", "masked", "natten")
+from . import neighborhood as _nb
+from .neighborhood import neighborhood_mask, window_start_index
+
+__all__ = ["NEIGHBORHOOD_BACKENDS", "EXPORTABLE_BACKENDS", "use_backend", "exportable_backend",
+           "current_backend", "is_exporting", "natten_available", "resolve_backend",
+           "count_attention", "attention_scope", "global_attention", "neighborhood_attention",
+           "neighborhood_mask", "window_start_index", "shifted_window_attention"]
+
+NEIGHBORHOOD_BACKENDS = ("auto", "gather", "tiled", "flex", "natten", "masked")
+#: backends whose graph exports (torch.export -> ONNX) with dynamic H and W
+EXPORTABLE_BACKENDS = ("gather", "tiled")
 
 _backend: ContextVar[str] = ContextVar("ditkit_neighborhood_backend", default="auto")
+_export: ContextVar[bool] = ContextVar("ditkit_attention_export", default=False)
 _counter: ContextVar[dict | None] = ContextVar("ditkit_attention_counter", default=None)
 _scope: ContextVar[str] = ContextVar("ditkit_attention_scope", default="")
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Select the neighborhood-attention backend for the calls made inside the block."""
+def _check_choice(name: str, export: bool) -> None:
     if name not in NEIGHBORHOOD_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of "
                          f"{', '.join(NEIGHBORHOOD_BACKENDS)}")
+    if export and name not in EXPORTABLE_BACKENDS + ("auto",):
+        raise ValueError(f"attention backend {name!r} cannot be exported (no ONNX graph with "
+                         f"dynamic sizes); for export use one of "
+                         f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'")
     if name == "natten" and not natten_available():
         raise RuntimeError("attention backend 'natten' requested but natten is not installed; "
                            "`pip install natten --no-build-isolation` or use backend 'gather'")
-    token = _backend.set(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str, *, export: bool = False) -> Iterator[None]:
+    """Select the neighborhood-attention backend for the calls made inside the block.
+
+    ``export=True`` marks the block as an export trace: ``auto`` then resolves to ``gather``
+    and a backend that cannot be exported is refused here, with the list of those that can."""
+    _check_choice(name, export)
+    token, token_export = _backend.set(name), _export.set(export)
     try:
-        yield
+        if export and name == "tiled":
+            # the tile count ceil(n / 8) may be 1; without size-oblivious reasoning torch.export
+            # would specialise on "it is not 1" and refuse grids smaller than 9 tokens
+            import torch.fx.experimental._config as fx_config
+
+            with fx_config.patch(backed_size_oblivious=True):
+                yield
+        else:
+            yield
     finally:
+        _export.reset(token_export)
         _backend.reset(token)
+
+
+def exportable_backend(name: str | None = None) -> contextlib.AbstractContextManager[None]:
+    """Context for export code: ``name`` (default: the current choice if it exports, else
+    ``auto``) with the export flag set. An explicit non-exportable ``name`` is a ValueError."""
+    if name is None:
+        current = _backend.get()
+        name = current if current in EXPORTABLE_BACKENDS else "auto"
+    return use_backend(name, export=True)
+
+
+def current_backend() -> str:
+    """The backend name selected by the innermost ``use_backend`` (``auto`` by default)."""
+    return _backend.get()
+
+
+def is_exporting() -> bool:
+    """Inside ``use_backend(..., export=True)`` or a ``torch.export`` trace."""
+    if _export.get():
+        return True
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
 
 
 def natten_available() -> bool:
@@ -53,11 +112,20 @@ def natten_available() -> bool:
 
 
 def resolve_backend(device: torch.device) -> str:
+    """The concrete backend that runs on ``device``: ``auto`` is natten on CUDA when installed,
+    else flex on CUDA, else gather; under export it is always an exportable one."""
     name = _backend.get()
+    if is_exporting():
+        if name == "auto":
+            return "gather"
+        if name not in EXPORTABLE_BACKENDS:
+            raise ValueError(f"attention backend {name!r} cannot be exported; select one of "
+                             f"{', '.join(EXPORTABLE_BACKENDS)} (or 'auto') for export")
+        return name
     if name != "auto":
         return name
-    if device.type == "cuda" and natten_available():
-        return "natten"
+    if device.type == "cuda":
+        return "natten" if natten_available() else "flex"
     return "gather"
 
 
@@ -106,76 +174,20 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 # neighborhood
 
 
-def window_start_index(length: int | torch.SymInt, kernel: int, dilation: int,
-                       device: torch.device | None = None) -> torch.Tensor:
-    """``(length, kernel)`` indices of the keys each query position sees along one axis.
-
-    NATTEN's rule: positions are split into ``dilation`` interleaved groups; within its group a
-    query's window is centred on it and shifted inward at the borders, so it always holds
-    exactly ``kernel`` keys. Pure tensor arithmetic (no Python branch on ``length``), so it
-    traces with symbolic sizes."""
-    i = torch.arange(length, device=device)
-    group = i % dilation
-    j = i // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    start = torch.minimum((j - kernel // 2).clamp(min=0), group_len - kernel)
-    offsets = torch.arange(kernel, device=device)
-    return group[:, None] + dilation * (start[:, None] + offsets[None, :])
-
-
 def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            kernel_size: tuple[int, int], dilation: tuple[int, int],
                            scale: float) -> torch.Tensor:
-    """(B, heads, H, W, D) -> same; each query attends to its NATTEN neighborhood."""
+    """(B, heads, H, W, D) -> same; each query attends to its NATTEN neighborhood, through the
+    backend ``resolve_backend`` picks (all give the same numbers)."""
     b, nh, hh, ww, d = q.shape
     if _record(2 * b * nh * hh * ww * kernel_size[0] * kernel_size[1] * d):
         return torch.empty_like(q)
-    backend = resolve_backend(q.device)
-    if backend == "natten":
-        return _neighborhood_natten(q, k, v, kernel_size, dilation, scale)
-    if backend == "masked":
-        return _neighborhood_masked(q, k, v, kernel_size, dilation, scale)
-    return _neighborhood_gather(q, k, v, kernel_size, dilation, scale)
+    _nb.check_grid(hh, ww, kernel_size, dilation)
+    return _IMPLEMENTATIONS[resolve_backend(q.device)](q, k, v, kernel_size, dilation, scale)
 
 
-def _neighborhood_gather(q, k, v, kernel_size, dilation, scale):
-    """Reference: gather each query's kh x kw keys/values by index, O(n k^2) time and memory."""
-    hh, ww = q.shape[-3], q.shape[-2]
-    ih = window_start_index(hh, kernel_size[0], dilation[0], q.device)  # (H, kh)
-    iw = window_start_index(ww, kernel_size[1], dilation[1], q.device)  # (W, kw)
-    rows, cols = ih[:, None, :, None], iw[None, :, None, :]  # broadcast to (H, W, kh, kw)
-    k_nb = k[:, :, rows, cols]  # (B, heads, H, W, kh, kw, D)
-    v_nb = v[:, :, rows, cols]
-    logits = torch.einsum("bnhwd,bnhwijd->bnhwij", q, k_nb) * scale
-    probs = logits.flatten(-2).softmax(-1).view_as(logits)
-    return torch.einsum("bnhwij,bnhwijd->bnhwd", probs, v_nb)
-
-
-def neighborhood_mask(hh: int, ww: int, kernel_size, dilation, device=None) -> torch.Tensor:
-    """(H*W, H*W) boolean mask: True where query (row) may attend key (column)."""
-    ih = window_start_index(hh, kernel_size[0], dilation[0], device)
-    iw = window_start_index(ww, kernel_size[1], dilation[1], device)
-    row_ok = torch.zeros(hh, hh, dtype=torch.bool, device=device).scatter_(1, ih, True)
-    col_ok = torch.zeros(ww, ww, dtype=torch.bool, device=device).scatter_(1, iw, True)
-    return (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(hh * ww, hh * ww)
-
-
-def _neighborhood_masked(q, k, v, kernel_size, dilation, scale):
-    """O(n^2) reference: dense SDPA with the neighborhood as a boolean mask (tests only)."""
-    b, nh, hh, ww, d = q.shape
-    mask = neighborhood_mask(hh, ww, kernel_size, dilation, q.device)
-    out = F.scaled_dot_product_attention(
-        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), attn_mask=mask, scale=scale)
-    return out.view(b, nh, hh, ww, d)
-
-
-def _neighborhood_natten(q, k, v, kernel_size, dilation, scale):
-    import natten
-
-    to_heads_last = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731  (B, H, W, heads, D)
-    out = natten.na2d(to_heads_last(q), to_heads_last(k), to_heads_last(v),
-                      kernel_size=tuple(kernel_size), dilation=tuple(dilation), scale=scale)
-    return out.permute(0, 3, 1, 2, 4)
+_IMPLEMENTATIONS = {"gather": _nb.gather, "tiled": _nb.tiled, "flex": _nb.flex,
+                    "masked": _nb.masked, "natten": _nb.natten_na2d}
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +210,7 @@ def shifted_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if shift:
             t = torch.roll(t, shifts=(shift, shift), dims=(2, 3))
         t = t.reshape(b, nh, nwh, window, nww, window, d).transpose(3, 4)
-        return t.reshape(b, nh, nwh, nww, window * window, d)
+        return t.reshape(b * nh, nwh * nww, window * window, d)  # 4-D: what ONNX's SDPA takes
 
     mask = None
     if shift:
@@ -211,6 +223,7 @@ def shifted_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         reg_h, reg_w = reg_h.reshape(nwh, nww, -1), reg_w.reshape(nwh, nww, -1)
         mask = (reg_h[..., :, None] == reg_h[..., None, :]) & (
             reg_w[..., :, None] == reg_w[..., None, :])  # (nWh, nWw, w^2, w^2)
+        mask = mask.reshape(nwh * nww, window * window, window * window)
     out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v),
                                          attn_mask=mask, scale=scale)
     out = out.reshape(b, nh, nwh, nww, window, window, d).transpose(3, 4)
