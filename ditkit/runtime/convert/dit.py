@@ -56,7 +56,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
                          "--preset NAME to name the spec, or check --from")
     w = state["x_embedder.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
-        raise ValueError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is (D, C, p, p)")
+        raise ValueError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is "
+                         "(D, C, p, p)")
     d_model, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     tokens = int(state["pos_embed"].shape[1])
     grid = math.isqrt(tokens)

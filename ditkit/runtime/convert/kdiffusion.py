@@ -233,8 +233,9 @@ def objective(metadata: dict, spec: S.ModelSpec):
         sizes = model["input_size"]
         size = max(sizes) if isinstance(sizes, (list, tuple)) else sizes
         if density.get("image_d", size) == size:
-            values = {"sigma_min": density.get("min_value", min(model.get("sigma_min", 1e-3), 1e-3)),
-                      "sigma_max": density.get("max_value", max(model.get("sigma_max", 1e3), 1e3)),
+            lo, hi = min(model.get("sigma_min", 1e-3), 1e-3), max(model.get("sigma_max", 1e3), 1e3)
+            values = {"sigma_min": density.get("min_value", lo),
+                      "sigma_max": density.get("max_value", hi),
                       "low_resolution": density.get("noise_d_low", 32),
                       "base_resolution": density.get("noise_d_low", 32),
                       "high_resolution": density.get("noise_d_high")}
@@ -337,7 +338,7 @@ def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, to
         if got.shape != want.shape:
             r.mismatched.append(f"{key}: got {tuple(got.shape)}, the spec's RoPE needs "
                                 f"{tuple(want.shape)} (heads, d_head * fraction / 4)")
-        elif not torch.allclose(got.float(), want, rtol=1e-6, atol=0):
+        elif not torch.equal(got, want.to(got.dtype)):  # fp16 inference files: rounded
             r.problem(f"{key} differs from the RoPE frequencies ditkit derives for {dst} "
                       f"(max abs diff {(got.float() - want).abs().max().item():.3g}); this "
                       "checkpoint's RoPE layout is not k-diffusion's log-spaced one")
@@ -356,6 +357,8 @@ def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str
             r.put(f"{src}.self_attn.norm.linear.weight", a.contiguous())
             r.put(f"{src}.ff.norm.linear.weight", f.contiguous())
         freqs = _freqs(blk, d_model)
-        if freqs is not None:
-            r.put(f"{src}.self_attn.pos_emb.freqs", freqs)
+        if freqs is not None:  # regenerated, in the dtype the checkpoint's weights have
+            like = tensors.get(f"{dst}.attn.qkv.weight")
+            dtype = like.dtype if like is not None else freqs.dtype
+            r.put(f"{src}.self_attn.pos_emb.freqs", freqs.to(dtype))
     return r.finish()
