@@ -322,7 +322,8 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     state = mod.from_ditkit(ckpt.tensors, ckpt.spec)
     out = Path(out)
     if out.suffix == ".safetensors":
-        meta = dict(mod.source_metadata(ckpt.spec, ckpt.objective)) if hasattr(mod, "source_metadata") else {}
+        meta = (dict(mod.source_metadata(ckpt.spec, ckpt.objective))
+                if hasattr(mod, "source_metadata") else {})
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
         import tempfile
