@@ -35,6 +35,7 @@ from ditkit import spec as S
 SPEC_KEY = "ditkit.spec"
 VERSION_KEY = "ditkit.spec_version"
 OBJECTIVE_KEY = "ditkit.objective"
+CFG_CHANNELS_KEY = "ditkit.cfg_channels"
 RESERVED_KEYS = (SPEC_KEY, VERSION_KEY, OBJECTIVE_KEY, "format")
 """Metadata keys this module writes itself (``format: pt`` is safetensors' own convention)."""
 
@@ -49,6 +50,22 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     objective: S.Objective | None = None  # type: ignore[valid-type]
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cfg_channels(self) -> int | None:
+        """How many output channels classifier-free guidance acts on, when the source model's
+        own CFG guided only some (DiT: 3 of its 4 latent channels; ``ditkit.cfg_channels``);
+        ``None``: all of them, ditkit's default."""
+        value = self.metadata.get(CFG_CHANNELS_KEY)
+        if value is None:
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} is not an integer") from None
+        if n <= 0:
+            raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} must be positive")
+        return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,4 +260,5 @@ def model_hash(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) 
 
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "model_hash",
-           "read_metadata", "spec_from_metadata", "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY"]
+           "read_metadata", "spec_from_metadata", "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY",
+           "CFG_CHANNELS_KEY"]

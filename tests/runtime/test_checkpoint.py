@@ -54,6 +54,19 @@ def test_round_trip_spec_objective_metadata_and_outputs(tmp_path, hdit_spec, hdi
     assert torch.equal(out, ref)
 
 
+def test_cfg_channels(tmp_path, hdit_spec, hdit_model):
+    path = tmp_path / "m.safetensors"
+    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec)
+    assert C.load_checkpoint(path).cfg_channels is None
+    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
+                      metadata={"ditkit.cfg_channels": "3"})
+    assert C.load_checkpoint(path).cfg_channels == 3
+    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
+                      metadata={"ditkit.cfg_channels": "three"})
+    with pytest.raises(ValueError, match="ditkit.cfg_channels='three' is not an integer"):
+        C.load_checkpoint(path).cfg_channels
+
+
 def test_metadata_layout_is_documented_json(tmp_path, hdit_spec, hdit_model):
     path = tmp_path / "m.safetensors"
     C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec)

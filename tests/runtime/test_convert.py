@@ -69,7 +69,8 @@ def test_dit_fixture_outputs(name, tmp_path):
     with torch.no_grad():
         got = model(io["inputs.x"], io["inputs.t"], io["inputs.y"])
         torch.testing.assert_close(got, io["outputs.out"], **TOL)
-        channels = int(ckpt.metadata["ditkit.cfg_channels"])
+        channels = ckpt.cfg_channels
+        assert channels == 3
         cfg = dit_forward_with_cfg(model, io["inputs.cfg_x"], io["inputs.cfg_t"],
                                    io["inputs.cfg_y"], float(io["inputs.cfg_scale"][0]),
                                    channels)
@@ -404,6 +405,15 @@ def test_cli_bad_input_exits_2_without_traceback(argv, needle, tmp_path, capsys)
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_refuses_a_ditkit_checkpoint_as_source(tmp_path, capsys):
+    folder = fixture("dit_tiny")[0]
+    ours = tmp_path / "ours.safetensors"
+    CV.convert(folder / "weights.safetensors", "dit", ours, n_heads=4)
+    assert main(["convert", "--from", "dit", str(ours), "--out",
+                 str(tmp_path / "again.safetensors")]) == 2
+    assert "already a ditkit checkpoint" in capsys.readouterr().err
 
 
 def test_write_failure_keeps_the_existing_output(tmp_path):
