@@ -301,6 +301,9 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     mod = source_module(source)
     preferred = getattr(mod, "PREFERRED_KEYS", DEFAULT_PREFERRED_KEYS)
     state, meta = read_source(path, preferred, key)
+    if "ditkit.spec" in meta:
+        raise ValueError(f"{path} is already a ditkit checkpoint (it carries its spec); use it "
+                         f"as it is, or write it in another format with --to {source}")
     tensors, spec = convert_state(source, state, meta, **hints)
     extra = {"ditkit.converted_from": source, "ditkit.source_file": Path(path).name}
     if "ditkit.source_key" in meta:
