@@ -209,3 +209,20 @@ def test_shared_storage_is_saved(tmp_path, hdit_spec):
     C.save_checkpoint(path, {"a": t, "b": t}, hdit_spec)
     loaded = load_file(str(path))
     assert torch.equal(loaded["a"], t) and torch.equal(loaded["b"], t)
+
+
+def test_cli_reads_the_spec_of_a_checkpoint(tmp_path, capsys, hdit_spec, hdit_model):
+    """``ditkit describe`` / ``validate`` accept a ditkit checkpoint in place of a spec file."""
+    from ditkit.cli import main
+
+    path = tmp_path / "m.safetensors"
+    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec)
+    assert main(["describe", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["name"] == hdit_spec.name
+    assert main(["validate", str(path)]) == 0
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    assert main(["describe", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert "not a ditkit checkpoint" in err and "Traceback" not in err
