@@ -20,8 +20,18 @@ class UsageError(Exception):
 
 
 def load_spec(ref: str) -> S.ModelSpec:
-    """A path to a YAML/JSON spec, or the name of a built-in preset."""
+    """A path to a YAML/JSON spec or to a ditkit checkpoint (``.safetensors``: the spec it
+    carries), or the name of a built-in preset."""
     path = Path(ref)
+    if path.suffix == ".safetensors":
+        from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
+
+        try:
+            return spec_from_metadata(read_metadata(path), str(path))[0]
+        except S.SpecError:
+            raise
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         return S.load(path)
     if ref in PRESETS:
