@@ -18,13 +18,15 @@ def add_parser(subparsers) -> None:
                     "format. .pt/.pth files are read with torch.load(weights_only=True).")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--from", dest="source", metavar="FORMAT",
-                     help="source format of CHECKPOINT: dit, k-diffusion (, mpdit)")
+                     help="source format of CHECKPOINT: dit, k-diffusion, mpdit")
     way.add_argument("--to", dest="target", metavar="FORMAT",
-                     help="write the ditkit CHECKPOINT in this format instead")
+                     help="write the ditkit CHECKPOINT in this format instead (k-diffusion: "
+                     "a .safetensors gets its config in the metadata; a .pt is a bare state "
+                     "dict)")
     p.add_argument("checkpoint", help="input file (.pt/.pth/.safetensors)")
     p.add_argument("--out", required=True, help="output file (.safetensors, or .pt with --to)")
-    p.add_argument("--preset", help="use this spec (file or preset name) instead of inferring "
-                   "one; every tensor is still checked against it")
+    p.add_argument("--preset", help="use this spec (spec file, ditkit checkpoint or preset name) "
+                   "instead of inferring one; every tensor is still checked against it")
     p.add_argument("--heads", type=int, help="DiT: number of attention heads (cannot be read "
                    "from the weights of a non-standard width)")
     p.add_argument("--classes", type=int, help="DiT: number of classes (default: rows of the "
