@@ -141,6 +141,7 @@ def cmd_demo(args) -> int:
 # ``add_parser(subparsers)``, which registers its parser with ``set_defaults(func=...)``; its
 # ``func`` raises ``UsageError`` / ``SpecError`` for bad input. Imported when the parser is built.
 COMMAND_MODULES: tuple[str, ...] = (
+    "ditkit.builder.bench",
     "ditkit.runtime.convert_cli",
     "ditkit.runtime.extrapolate_cli",
 )

@@ -238,3 +238,49 @@ def test_counting_ignores_the_backend():
         with kernels.use_backend(backend), kernels.count_attention() as counts:
             kernels.neighborhood_attention(q, k, v, (7, 3), (1, 1), 0.25)
         assert counts == {"": 2 * 2 * 3 * 12 * 17 * 7 * 3 * 16}
+
+
+# --------------------------------------------------------------------------------------------
+# ditkit bench attention
+
+
+def test_bench_attention_command_prints_a_table(capsys):
+    from ditkit.cli import main
+
+    assert main(["bench", "attention", "--device", "cpu", "--backends", "gather,tiled",
+                 "--grids", "14", "--repeats", "1", "--kernel", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel 3x3, 2 heads x 64 dims, batch 1, fp32 on CPU" in out
+    for backend in ("gather", "tiled"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(backend))
+        cells = line.split()
+        assert cells[1] == "14x14" and float(cells[2].replace(",", "")) > 0  # fwd ms
+        assert float(cells[4].replace(",", "")) > 0  # fwd+bwd ms
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backends", "fast"], "--backends: unknown backend 'fast'"),
+    (["--grids", "4"], "--grids '4': .* at least the kernel"),
+    (["--kernel", "4", "--grids", "32"], "--kernel 4: neighborhood kernels must be odd"),
+])
+def test_bench_attention_bad_input_exits_2(argv, message, capsys):
+    from ditkit.cli import main
+
+    assert main(["bench", "attention", "--device", "cpu", *argv]) == 2
+    import re
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bench_summary_reports_speedups_and_memory_growth():
+    from ditkit.builder.bench import Row, format_table
+
+    rows = [Row("masked", 128, "fwd", 400.0, 1000.0), Row("masked", 128, "fwd+bwd", 900.0, 2000),
+            Row("gather", 128, "fwd", 20.0, 100.0), Row("gather", 128, "fwd+bwd", 30.0, 200.0),
+            Row("gather", 256, "fwd", 80.0, 400.0), Row("gather", 256, "fwd+bwd", 120.0, 880.0),
+            Row("masked", 256, "fwd", note="skipped: needs ~99 GiB > 10 GiB"),
+            Row("masked", 256, "fwd+bwd", note="skipped: needs ~99 GiB > 10 GiB")]
+    text = format_table(rows, "CPU", 7, 2, 64, 1)
+    assert "gather fwd at 128x128: 20.0x faster than masked" in text
+    assert "gather fwd+bwd at 128x128: 30.0x faster than masked" in text
+    assert "gather fwd+bwd peak memory 128x128 -> 256x256: x4.40 (tokens x4)" in text
+    assert "skipped: needs ~99 GiB > 10 GiB" in text
