@@ -15,7 +15,7 @@ HEADER = ("# yaml-language-server: $schema=../../ditkit.schema.json\n"
 
 
 def preset_path(name: str) -> Path:
-    family = name.split("-")[0]
+    family = name.split("-")[0]  # dit, hdit, mdit, mpdit
     return ROOT / "examples" / family / f"{name}.yaml"
 
 

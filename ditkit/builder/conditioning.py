@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .fno import FNOEmbed
 from .norm import Norm
 
 
@@ -23,13 +24,19 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 
 
 class SinusoidalEmbed(nn.Module):
-    """DiT's TimestepEmbedder: sinusoidal features -> Linear -> SiLU -> Linear."""
+    """DiT's TimestepEmbedder: sinusoidal features -> Linear -> SiLU -> Linear.
+
+    ``activation="geglu"``: the first Linear has ``2 width`` outputs, ``value * GELU(gate)``
+    (MDiT). ``extra_features``: width of features concatenated after the timestep features
+    (sinusoidal auxiliary inputs) before the first Linear."""
 
     def __init__(self, width: int, frequency_dim: int = 256, max_period: float = 10000.0,
-                 scale: float = 1.0):
+                 scale: float = 1.0, activation: str = "silu", extra_features: int = 0):
         super().__init__()
         self.frequency_dim, self.max_period, self.scale = frequency_dim, max_period, scale
-        self.fc1 = nn.Linear(frequency_dim, width)
+        self.activation = activation
+        gated = activation == "geglu"
+        self.fc1 = nn.Linear(frequency_dim + extra_features, width * (2 if gated else 1))
         self.act = nn.SiLU()
         self.fc2 = nn.Linear(width, width)
 
@@ -37,9 +44,29 @@ class SinusoidalEmbed(nn.Module):
         nn.init.normal_(self.fc1.weight, std=0.02)
         nn.init.normal_(self.fc2.weight, std=0.02)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, width)
+    def forward(self, t: torch.Tensor,
+                extra: torch.Tensor | None = None) -> torch.Tensor:  # (B,) -> (B, width)
         feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period)
-        return self.fc2(self.act(self.fc1(feats.to(self.fc1.weight.dtype))))
+        if extra is not None:
+            feats = torch.cat([feats, extra.to(feats.dtype)], dim=-1)
+        h = self.fc1(feats.to(self.fc1.weight.dtype))
+        if self.activation == "geglu":
+            value, gate = h.chunk(2, dim=-1)
+            h = value * nn.functional.gelu(gate)
+        else:
+            h = self.act(h)
+        return self.fc2(h)
+
+
+def sinusoidal_features(x: torch.Tensor, features: int, freq_min: float,
+                        freq_max: float) -> torch.Tensor:
+    """(B, dims) -> (B, dims * features): ``[cos(x f_k), sin(x f_k)]`` per dim, ``f_k``
+    geometric from ``freq_min`` to ``freq_max`` (``features / 2`` of them)."""
+    half = features // 2
+    steps = torch.arange(half, dtype=torch.float32, device=x.device) / max(half - 1, 1)
+    freqs = freq_min * (freq_max / freq_min) ** steps  # (half,)
+    args = x.float()[..., None] * freqs  # (B, dims, half)
+    return torch.cat([args.cos(), args.sin()], dim=-1).flatten(1)
 
 
 class FourierEmbed(nn.Module):
@@ -96,24 +123,43 @@ class Conditioning(nn.Module):
     """``noise_level`` (+ class labels, + auxiliary vectors) -> ``(B, width)``.
 
     ``noise_kind``: ``sinusoidal`` takes ``noise_level`` as a timestep; ``fourier`` takes sigma
-    and embeds ``ln(sigma) / 4``. Embeddings are summed, then optionally mapped.
-    Missing labels use the null class; missing auxiliary inputs are zeros."""
+    and embeds ``ln(sigma) / 4``; ``fno`` takes a flow time. Embeddings are summed, then
+    optionally mapped. Missing labels use the null class; missing auxiliary inputs are zeros.
+
+    ``class_inject``: ``vector`` sums the class embedding into the vector; ``memory`` keeps it
+    as a separate token (:meth:`class_vector`, for cross-attention); ``prefix`` holds
+    ``class_tokens`` (:class:`~ditkit.builder.upsample.ClassTokens`) instead."""
 
     def __init__(self, width: int, noise_kind: str, noise_args: dict, classes: int | None,
                  null_class: bool, aux: list[tuple[str, int, float]],
-                 mapping: tuple[int, int, float] | None, embedding_std: float):
+                 mapping: tuple[int, int, float] | None, embedding_std: float,
+                 class_inject: str = "vector", class_tokens: nn.Module | None = None):
         super().__init__()
         self.width, self.noise_kind = width, noise_kind
         if noise_kind == "sinusoidal":
             self.noise = SinusoidalEmbed(width, **noise_args)
+        elif noise_kind == "fno":
+            self.noise = FNOEmbed(width, **noise_args)
         else:
             self.noise = FourierEmbed(1, width, **noise_args)
         self.classes, self.null_class, self.embedding_std = classes, null_class, embedding_std
+        self.class_inject = class_inject
         self.class_embed = (nn.Embedding(classes + int(null_class), width)
-                            if classes else None)
-        self.aux_names = [name for name, _, _ in aux]
-        self.aux_dims = {name: dims for name, dims, _ in aux}
-        self.aux = nn.ModuleDict({name: FourierEmbed(dims, width, std) for name, dims, std in aux})
+                            if classes and class_inject != "prefix" else None)
+        self.class_tokens = class_tokens
+        self.aux_names = [a[0] for a in aux]
+        self.aux_dims = {a[0]: a[1] for a in aux}
+        # optional 4th entry: {"embed": "sinusoidal", "features", "freq_min", "freq_max",
+        # "dropout"} (MDiT); plain (name, dims, std) triples are HDiT's Fourier embeddings
+        opts = {a[0]: (a[3] if len(a) > 3 else {}) for a in aux}
+        self.aux_dropout = {n: float(o.get("dropout", 0.0)) for n, o in opts.items()}
+        self.aux_sinusoidal = {n: (o["features"], o["freq_min"], o["freq_max"])
+                               for n, o in opts.items() if o.get("embed") == "sinusoidal"}
+        self.aux = nn.ModuleDict({a[0]: FourierEmbed(a[1], width, a[2]) for a in aux
+                                  if a[0] not in self.aux_sinusoidal})
+        if self.aux_sinusoidal:
+            extra = sum(self.aux_dims[n] * f for n, (f, _, _) in self.aux_sinusoidal.items())
+            self.noise = SinusoidalEmbed(width, **noise_args, extra_features=extra)
         self.mapping = MappingNetwork(width, *mapping) if mapping else None
 
     def init_special(self) -> None:
@@ -123,26 +169,47 @@ class Conditioning(nn.Module):
     def forward(self, noise_level: torch.Tensor, class_labels: torch.Tensor | None = None,
                 **aux: torch.Tensor) -> torch.Tensor:
         b = noise_level.shape[0]
-        if self.noise_kind == "fourier":
-            emb = self.noise(torch.log(noise_level)[:, None] / 4)
-        else:
-            emb = self.noise(noise_level)
-        if self.class_embed is not None:
-            if class_labels is None:
-                if not self.null_class:
-                    raise ValueError("this model needs class_labels (its spec has no null class)")
-                class_labels = torch.full((b,), self.classes, dtype=torch.long,
-                                          device=noise_level.device)
-            emb = emb + self.class_embed(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the spec has no `conditioning.classes`")
         unknown = set(aux) - set(self.aux_names)
         if unknown:
             raise ValueError(f"unknown conditioning input(s) {sorted(unknown)}; the spec's "
                              f"conditioning.aux declares {self.aux_names or 'none'}")
+        values = {}
         for name in self.aux_names:
             value = aux.get(name)
             if value is None:  # zeros still go through the embedding (k-diffusion's behaviour)
-                value = emb.new_zeros(b, self.aux_dims[name])
-            emb = emb + self.aux[name](value)
+                value = torch.zeros(b, self.aux_dims[name], device=noise_level.device)
+            if self.training and self.aux_dropout[name] > 0:
+                keep = torch.rand(b, 1, device=value.device) >= self.aux_dropout[name]
+                value = value * keep
+            values[name] = value
+        if self.noise_kind == "fourier":
+            emb = self.noise(torch.log(noise_level)[:, None] / 4)
+        elif self.aux_sinusoidal:
+            extra = torch.cat([sinusoidal_features(values[n], *args)
+                               for n, args in self.aux_sinusoidal.items()], dim=-1)
+            emb = self.noise(noise_level, extra)
+        else:
+            emb = self.noise(noise_level)
+        class_labels = self.labels(class_labels, b, noise_level.device)
+        if class_labels is not None and self.class_inject == "vector":
+            emb = emb + self.class_embed(class_labels)
+        for name in self.aux_names:
+            if name not in self.aux_sinusoidal:
+                emb = emb + self.aux[name](values[name].to(emb.dtype))
         return self.mapping(emb) if self.mapping is not None else emb
+
+    def labels(self, class_labels: torch.Tensor | None, b: int,
+               device: torch.device) -> torch.Tensor | None:
+        """The labels to use: the given ones, or the null class when omitted."""
+        if not self.classes:
+            if class_labels is not None:
+                raise ValueError("class_labels given but the spec has no `conditioning.classes`")
+            return None
+        if class_labels is None:
+            if not self.null_class:
+                raise ValueError("this model needs class_labels (its spec has no null class)")
+            class_labels = torch.full((b,), self.classes, dtype=torch.long, device=device)
+        return class_labels
+
+    def class_vector(self, class_labels: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, width)
+        return self.class_embed(class_labels)

@@ -14,32 +14,53 @@ from torch import nn
 from ditkit import spec as S
 
 from . import kernels
+from .aggregate import AggregateAttention
 from .attention import Attention
 from .conditioning import Conditioning
+from .cross_attention import CrossAttention
 from .embed import SkipMerge, TokenMerge, TokenSplit
 from .ffn import FeedForward
 from .head import Head
 from .norm import Norm
 from .position import LearnedPosition, SincosPosition
+from .shared import SharedAdaLNHead, SharedModulation
+from .upsample import ClassTokens, LinearSkip, Repatch, Upsample
+
+
+class Context:
+    """Per-forward state the blocks share besides the conditioning vector: the shared adaLN
+    vector ``(B, 6 D)``, the cross-attention memory (``{name: (B, cond_width)}``) and the class
+    prefix tokens ``(B, T, D)`` that travel beside the grid (updated as they pass blocks)."""
+
+    __slots__ = ("shared", "memory", "prefix")
+
+    def __init__(self, shared=None, memory=None, prefix=None):
+        self.shared, self.memory, self.prefix = shared, memory, prefix
 
 
 class Block(nn.Module):
     """Pre-norm attention + pre-norm FFN, modulated by the conditioning vector.
 
     ``ada_ln_zero`` (DiT): ``SiLU(cond) -> Linear -> shift, scale, gate`` x2, zero-init.
-    ``ada_scale`` (HDiT AdaRMSNorm): ``Linear(cond) -> 1 + scale`` x2 (no bias), zero-init.
-    ``none``: plain pre-norm residual blocks."""
+    ``ada_scale`` (HDiT AdaRMSNorm): ``Linear(act(cond)) -> 1 + scale`` x2 (no bias), zero-init.
+    ``shared_ada_ln_zero`` (MPDiT): ada_ln_zero's six vectors from the model's one shared
+    modulation network (``ctx.shared``). ``none``: plain pre-norm residual blocks.
+    ``cross``: an optional cross-attention sub-layer (own pre-norm, unmodulated) between
+    attention and FFN, attending to ``ctx.memory``."""
 
     def __init__(self, d_model: int, cond_width: int, modulation: str, norm: S.Norm,
-                 attention: Attention | None, ffn: FeedForward):
+                 attention: nn.Module | None, ffn: FeedForward,
+                 cross: CrossAttention | None = None, activation: str = "none"):
         super().__init__()
-        self.modulation_kind = modulation
+        self.modulation_kind, self.activation = modulation, activation
         n_attn = attention is not None
         self.attn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine) if n_attn else None
         self.attn = attention
+        self.cross_norm = Norm(d_model, norm.kind, norm.eps, norm.affine) if cross else None
+        self.cross = cross
         self.ffn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine)
         self.ffn = ffn
-        chunks = {"ada_ln_zero": 6, "ada_scale": 2, "none": 0}[modulation]
+        chunks = {"ada_ln_zero": 6, "ada_scale": 2, "none": 0, "shared_ada_ln_zero": 0}[modulation]
         self.modulation = (nn.Linear(cond_width, chunks * d_model,
                                      bias=modulation == "ada_ln_zero") if chunks else None)
 
@@ -49,28 +70,60 @@ class Block(nn.Module):
             if self.modulation.bias is not None:
                 nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
         kind = self.modulation_kind
-        if kind == "ada_ln_zero":
-            m = self.modulation(nn.functional.silu(cond))[:, None, None, :]  # (B, 1, 1, 6C)
+        if kind in ("ada_ln_zero", "shared_ada_ln_zero"):
+            if kind == "ada_ln_zero":
+                m = self.modulation(nn.functional.silu(cond))[:, None, None, :]  # (B, 1, 1, 6C)
+            else:
+                m = ctx.shared[:, None, None, :]
             a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
             if self.attn is not None:
                 x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift)
+            x = self._cross(x, ctx)
             return x + f_gate * self.ffn(self.ffn_norm(x) * (1 + f_scale) + f_shift)
         if kind == "ada_scale":
-            a_scale, f_scale = self.modulation(cond)[:, None, None, :].chunk(2, dim=-1)
+            c = cond
+            if self.activation == "gelu":
+                c = nn.functional.gelu(c)
+            elif self.activation == "silu":
+                c = nn.functional.silu(c)
+            a_scale, f_scale = self.modulation(c)[:, None, None, :].chunk(2, dim=-1)
             if self.attn is not None:
                 x = x + self.attn(self.attn_norm(x) * (1 + a_scale))
+            x = self._cross(x, ctx)
             return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
         if self.attn is not None:
             x = x + self.attn(self.attn_norm(x))
+        x = self._cross(x, ctx)
         return x + self.ffn(self.ffn_norm(x))
+
+    def _cross(self, x: torch.Tensor, ctx: Context | None) -> torch.Tensor:
+        if self.cross is None:
+            return x
+        return x + self.cross(self.cross_norm(x), ctx.memory)
 
 
 class Stack(nn.ModuleList):
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Blocks in order. With class prefix tokens (``ctx.prefix``), the grid is flattened and
+    the tokens are prepended, so the blocks see one ``(B, 1, T + H W, C)`` sequence (global
+    attention, no RoPE: the spec checks it); the tokens are split off again at the end."""
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                ctx: Context | None = None) -> torch.Tensor:
+        if len(self) == 0:
+            return x
+        prefix = ctx.prefix if ctx is not None else None
+        if prefix is not None:
+            b, hh, ww, c = x.shape
+            t = prefix.shape[1]
+            x = torch.cat([prefix, x.reshape(b, hh * ww, c)], dim=1)[:, None]  # (B, 1, T+N, C)
         for block in self:
-            x = block(x, cond)
+            x = block(x, cond, ctx)
+        if prefix is not None:
+            ctx.prefix = x[:, 0, :t]
+            x = x[:, 0, t:].reshape(b, hh, ww, c)
         return x
 
 
@@ -92,10 +145,14 @@ class DiffusionTransformer(nn.Module):
     DiT timestep, an HDiT sigma), a number or a ``(B,)`` tensor."""
 
     def __init__(self, spec: S.ModelSpec, embed: TokenMerge, position: nn.Module | None,
-                 conditioning: Conditioning, levels: list[Level], head: Head):
+                 conditioning: Conditioning, levels: list[Level], head: Head,
+                 shared_modulation: SharedModulation | None = None,
+                 memory: tuple[str, ...] = ()):
         super().__init__()
         self.spec = spec
         self.embed, self.position, self.conditioning = embed, position, conditioning
+        self.shared_modulation = shared_modulation
+        self.memory_sources = memory
         self.levels = nn.ModuleList(levels)
         self.head = head
 
@@ -107,26 +164,45 @@ class DiffusionTransformer(nn.Module):
         noise_level = torch.as_tensor(noise_level, device=x.device)
         if noise_level.ndim == 0:
             noise_level = noise_level.expand(b)
-        c = self.conditioning(noise_level, class_labels, **cond)  # (B, cond_width)
+        labels = self.conditioning.labels(class_labels, b, x.device)
+        c = self.conditioning(noise_level, labels, **cond)  # (B, cond_width)
+        ctx = Context()
+        if self.shared_modulation is not None:
+            ctx.shared = self.shared_modulation(c)  # (B, 6 D)
+        if self.conditioning.class_tokens is not None:
+            ctx.prefix = self.conditioning.class_tokens(labels).to(x.dtype)  # (B, T, D)
+        if self.memory_sources:
+            ctx.memory = {"time": nn.functional.gelu(c)}
+            if "class" in self.memory_sources:
+                ctx.memory["class"] = self.conditioning.class_vector(labels)
 
-        h = self.embed(x.permute(0, 2, 3, 1))  # (B, h, w, D0)
+        x_in = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = self.embed(x_in)  # (B, h, w, D0)
         if self.position is not None:
             h = self.position(h)
         skips = []
         for i, level in enumerate(self.levels[:-1]):
             with kernels.attention_scope(f"levels.{i}"):
-                h = level.encoder(h, c)
+                h = level.encoder(h, c, ctx)
                 skips.append(h)
-                h = level.down(h)  # (B, h/f, w/f, D_{i+1})
+                if isinstance(level.down, Repatch):
+                    h = level.down(x_in)  # fresh coarse patch embedding of the input
+                else:
+                    h = level.down(h)  # (B, h/f, w/f, D_{i+1})
         with kernels.attention_scope(f"levels.{len(self.levels) - 1}"):
-            h = self.levels[-1].middle(h, c)
+            h = self.levels[-1].middle(h, c, ctx)
         for i in reversed(range(len(self.levels) - 1)):
             level = self.levels[i]
             with kernels.attention_scope(f"levels.{i}"):
-                h = level.up(h)  # (B, h*f, w*f, D_i)
+                if isinstance(level.up, Upsample):
+                    h, ctx.prefix = level.up(h, ctx.prefix)
+                else:
+                    h = level.up(h)  # (B, h*f, w*f, D_i)
                 h = level.skip(h, skips[i])
-                h = level.decoder(h, c)
-        return self.head(h, c)  # (B, C_out, H, W)
+                h = level.decoder(h, c, ctx)
+        if isinstance(self.head, SharedAdaLNHead):
+            return self.head(h, c, ctx.shared)
+        return self.head(h, c)  # (B, C_out, H, W); prefix tokens are dropped
 
     def _check_input(self, x: torch.Tensor) -> None:
         spec = self.spec
@@ -182,13 +258,21 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
 
     cond = spec.conditioning
     match cond.noise:
-        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc):
+        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act):
             noise_kind, noise_args = "sinusoidal", {"frequency_dim": fd, "max_period": mp,
-                                                     "scale": sc}
+                                                     "scale": sc, "activation": act}
         case S.FourierNoise(std=std):
             noise_kind, noise_args = "fourier", {"std": std}
+        case S.FNONoise(points=pts, modes=modes, width=w, depth=depth):
+            noise_kind, noise_args = "fno", {"points": pts, "modes": modes, "width": w,
+                                             "depth": depth}
         case other:
             assert_never(other)
+    classes = cond.classes
+    class_tokens = None
+    if classes is not None and classes.inject == "prefix":
+        class_tokens = ClassTokens(classes.count, classes.null_class, classes.tokens, d0,
+                                   spec.init.embedding_std)
     mapping = None
     if cond.mapping is not None:
         mapping = (cond.mapping.depth, int(round(cond.mapping.ratio * cw)), cond.mapping.dropout)
@@ -196,8 +280,16 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
         cw, noise_kind, noise_args,
         classes=cond.classes.count if cond.classes else None,
         null_class=bool(cond.classes and cond.classes.null_class),
-        aux=[(a.name, a.dims, a.std) for a in cond.aux], mapping=mapping,
-        embedding_std=spec.init.embedding_std)
+        aux=[(a.name, a.dims, a.std, {"embed": a.embed, "features": a.features,
+                                      "freq_min": a.freq_min, "freq_max": a.freq_max,
+                                      "dropout": a.dropout}) for a in cond.aux],
+        mapping=mapping,
+        embedding_std=spec.init.embedding_std,
+        class_inject=classes.inject if classes else "vector", class_tokens=class_tokens)
+    memory = ()
+    if any(isinstance(b.cross_attention, S.MemoryCrossAttention) for *_, b in spec.blocks()):
+        memory = ("class", "time") if classes and classes.inject == "memory" else ("time",)
+    factors = spec.factors()
 
     levels = []
     last = len(spec.levels) - 1
@@ -208,7 +300,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
             nonlocal index
             blocks = []
             for blk in spec.stack(i, which):
-                blocks.append(_block(blk, lvl.d_model, cw, index))
+                blocks.append(_block(blk, lvl.d_model, cw, index, memory))
                 index += 1
             return Stack(blocks)
 
@@ -218,10 +310,22 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
         encoder = make_stack("encoder")
         decoder = make_stack("decoder")
         nxt = spec.levels[i + 1].d_model
+        f = factors[i]
         match lvl.down:
-            case S.Merge(factor=f, bias=bias):
+            case S.Merge(bias=bias):
                 down = TokenMerge(lvl.d_model, nxt, (f, f), bias=bias)
-                up = TokenSplit(nxt, lvl.d_model, (f, f), bias=bias)
+            case S.Repatch(patch_size=p, bias=bias, position=pos):
+                coarse = spec.token_grids()[i + 1]
+                down = Repatch(spec.input.channels, nxt, p, bias, _position(pos, coarse, nxt))
+            case other:
+                assert_never(other)
+        match lvl.up:
+            case None | S.Split():
+                split_bias = lvl.down.bias
+                up = TokenSplit(nxt, lvl.d_model, (f, f), bias=split_bias)
+            case S.Upsample(bias=bias, approximate=ap, norm=n, position=pos):
+                up = Upsample(lvl.d_model, f, bias, ap, n.kind, n.eps, n.affine,
+                              _position(pos, spec.token_grids()[i], lvl.d_model))
             case other:
                 assert_never(other)
         match lvl.skip:
@@ -233,22 +337,50 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
                 skip = SkipMerge("concat", lvl.d_model, bias=bias)
             case S.NoSkip():
                 skip = SkipMerge("none", lvl.d_model)
+            case S.LinearSkip(bias=bias):
+                skip = LinearSkip(lvl.d_model, bias=bias)
             case other:
                 assert_never(other)
         levels.append(Level(encoder=encoder, decoder=decoder, down=down, up=up, skip=skip))
 
     match spec.head:
+        case S.AdaLNHead(shared=True) as h:
+            head = SharedAdaLNHead(d0, spec.out_channels, (ph, pw), h.norm.kind, h.norm.eps,
+                                   h.norm.affine, h.bias)
         case S.LinearHead() | S.AdaLNHead() as h:
             head = Head(h.kind, d0, cw, spec.out_channels, (ph, pw), h.norm.kind, h.norm.eps,
                         h.norm.affine, h.bias)
         case other:
             assert_never(other)
-    return DiffusionTransformer(spec, embed, position, conditioning, levels, head)
+    shared = None
+    shared_widths = {spec.levels[i].d_model for i, _, _, b in spec.blocks()
+                     if isinstance(b.modulation, S.SharedAdaLNZero)}
+    if shared_widths:
+        shared = SharedModulation(cw, shared_widths.pop())
+    return DiffusionTransformer(spec, embed, position, conditioning, levels, head, shared,
+                                memory)
 
 
-def _block(blk: S.Block, d_model: int, cond_width: int, index: int) -> Block:
+def _position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module | None:
+    match pos:
+        case S.NoPosition():
+            return None
+        case S.SincosPosition(max_period=mp):
+            return SincosPosition(grid, d_model, mp)
+        case S.LearnedPosition(init_std=std):
+            return LearnedPosition(grid, d_model, std)
+        case other:
+            assert_never(other)
+
+
+def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
+           memory: tuple[str, ...] = ()) -> Block:
     att_args: dict = {}
+    aggregate = None
     match blk.attention:
+        case S.AggregateAttention(factor=fac, n_heads=nh):
+            pattern = None
+            aggregate = (fac, nh)
         case S.NoAttention():
             pattern = None
         case S.GlobalAttention():
@@ -263,7 +395,7 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int) -> Block:
         case other:
             assert_never(other)
     attention = None
-    if pattern is not None:
+    if pattern is not None or aggregate is not None:
         match blk.logits:
             case S.DotLogits():
                 att_args.update(logits="dot")
@@ -281,16 +413,47 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int) -> Block:
                                 rope_position_scale=r.position_scale)
             case other:
                 assert_never(other)
+    if aggregate is not None:
+        att_args.pop("logits")
+        for key in ("scale_init", "cosine_eps"):
+            att_args.pop(key, None)
+        attention = AggregateAttention(
+            d_model, blk.d_head, aggregate[1], aggregate[0], qk_norm=blk.qk_norm.kind,
+            qk_norm_affine=blk.qk_norm.affine, qk_norm_eps=blk.qk_norm.eps,
+            bias=blk.attention_bias, dropout=blk.dropout, zero_init_out=blk.zero_init_out,
+            **att_args)
+    elif pattern is not None:
         attention = Attention(
             d_model, blk.d_head, pattern=pattern, qk_norm=blk.qk_norm.kind,
             qk_norm_affine=blk.qk_norm.affine, qk_norm_eps=blk.qk_norm.eps,
             bias=blk.attention_bias, dropout=blk.dropout, zero_init_out=blk.zero_init_out,
             **att_args)
+    cross = None
+    match blk.cross_attention:
+        case S.NoCrossAttention():
+            pass
+        case S.MemoryCrossAttention(null_token=null, time_token=time_token):
+            sources = [s for s in memory if s != "time" or time_token]
+            cross = CrossAttention(
+                d_model, blk.d_head, cond_width, sources, null_token=null,
+                qk_norm=blk.qk_norm.kind, qk_norm_affine=blk.qk_norm.affine,
+                qk_norm_eps=blk.qk_norm.eps, bias=blk.attention_bias, dropout=blk.dropout,
+                zero_init_out=blk.zero_init_out)
+        case other:
+            assert_never(other)
     f = blk.ffn
     ffn = FeedForward(d_model, f.hidden(d_model), f.kind, bias=f.bias,
                       approximate=getattr(f, "approximate", "none"), dropout=blk.dropout,
                       zero_init_out=blk.zero_init_out)
-    return Block(d_model, cond_width, blk.modulation.kind, blk.norm, attention, ffn)
+    match blk.modulation:
+        case S.AdaScale(activation=act):
+            activation = act
+        case S.AdaLNZero() | S.SharedAdaLNZero() | S.NoModulation():
+            activation = "none"
+        case other:
+            assert_never(other)
+    return Block(d_model, cond_width, blk.modulation.kind, blk.norm, attention, ffn, cross,
+                 activation)
 
 
 def initialize(model: nn.Module, init: S.Init) -> None:

@@ -61,8 +61,22 @@ class NoAttention(Spec):
     kind: Literal["none"] = "none"
 
 
+class AggregateAttention(Spec):
+    """MDiT's aggregate block: the (normed) grid is grouped ``factor x factor`` (pixel unshuffle,
+    channels ordered (row, col, channel)), global attention runs on that coarser grid with
+    ``n_heads`` heads of the block's ``d_head`` through non-square projections
+    (``factor^2 d_model -> n_heads d_head`` for q, k, v and back for the output), and the
+    result is split back to the input grid. The block's FFN stays at the input grid.
+    ``n_heads`` is usually 1.5x the level's heads (MDiT-B: 18 at d_model 768)."""
+
+    kind: Literal["aggregate"] = "aggregate"
+    factor: Annotated[int, Field(ge=2)] = 2
+    n_heads: PositiveInt
+
+
 Attention = Annotated[
-    Union[GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention, NoAttention],
+    Union[GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention, NoAttention,
+          AggregateAttention],
     Field(discriminator="kind"),
 ]
 
@@ -95,6 +109,26 @@ class QKNorm(Spec):
     affine: bool = True
     eps: PositiveFloat = 1e-6
 
+
+class NoCrossAttention(Spec):
+    kind: Literal["none"] = "none"
+
+
+class MemoryCrossAttention(Spec):
+    """MDiT: after self-attention, the block cross-attends (its own pre-norm, no modulation) to
+    a few conditioning tokens: a learned ``null`` token (its own key and value), the class token
+    (when ``conditioning.classes.inject`` is ``memory``) and a ``time`` token, GELU of the
+    conditioning vector. Each token kind has its own bias-free key and value projection; keys
+    (and queries) go through the block's ``qk_norm``; the output projection is zero-initialised
+    when the block's ``zero_init_out`` is set."""
+
+    kind: Literal["memory"] = "memory"
+    null_token: bool = True
+    time_token: bool = True
+
+
+CrossAttention = Annotated[Union[NoCrossAttention, MemoryCrossAttention],
+                           Field(discriminator="kind")]
 
 # --------------------------------------------------------------------------------------------
 # rotary position encoding (acts on q and k inside attention)
@@ -180,16 +214,27 @@ class AdaLNZero(Spec):
 
 class AdaScale(Spec):
     """HDiT's AdaRMSNorm: ``Linear(cond, d_model)`` (zero-init, no bias) gives ``1 + scale`` for
-    each sub-layer's norm; no shift, no gate."""
+    each sub-layer's norm; no shift, no gate. ``activation`` is applied to the conditioning
+    vector first (MDiT: ``RN(x) * (1 + GELU(t) W_t)``; HDiT: none)."""
 
     kind: Literal["ada_scale"] = "ada_scale"
+    activation: Literal["none", "gelu", "silu"] = "none"
+
+
+class SharedAdaLNZero(Spec):
+    """MPDiT's shared adaLN: DiT's shift / scale / gate for both sub-layers, but produced once
+    per forward by ONE ``SiLU -> Linear(cond, 6 d_model)`` (zero-init) that every block of this
+    kind reuses. All such blocks must have the same ``d_model``."""
+
+    kind: Literal["shared_ada_ln_zero"] = "shared_ada_ln_zero"
 
 
 class NoModulation(Spec):
     kind: Literal["none"] = "none"
 
 
-Modulation = Annotated[Union[AdaLNZero, AdaScale, NoModulation], Field(discriminator="kind")]
+Modulation = Annotated[Union[AdaLNZero, AdaScale, NoModulation, SharedAdaLNZero],
+                      Field(discriminator="kind")]
 
 # --------------------------------------------------------------------------------------------
 # feed-forward
@@ -239,7 +284,43 @@ class Merge(Spec):
     bias: bool = False
 
 
-Down = Annotated[Union[Merge], Field(discriminator="kind")]
+class Repatch(Spec):
+    """Down, coarse-first (MPDiT): the next level's tokens are NOT computed from this level's
+    tokens but from a fresh ``patch_size x patch_size`` patch embedding of the model input
+    (``patch_size`` in input pixels, a multiple of this level's patch), plus that level's own
+    absolute ``position`` table. This level's stream (after its encoder blocks) becomes the
+    skip. Class prefix tokens pass through unchanged."""
+
+    kind: Literal["repatch"] = "repatch"
+    patch_size: Annotated[int, Field(ge=2)]
+    bias: bool = True
+    position: "Position" = Field(default_factory=lambda: NoPosition())
+
+
+Down = Annotated[Union[Merge, Repatch], Field(discriminator="kind")]
+
+
+class Split(Spec):
+    """Up: project and ungroup (the inverse of a ``merge``; k-diffusion's TokenSplit)."""
+
+    kind: Literal["split"] = "split"
+
+
+class Upsample(Spec):
+    """Up (MPDiT's TokenUpsampler): ``Linear(d, f^2 d)`` + pixel shuffle (channels ordered
+    (row, col, channel)) + GELU on the grid tokens; class prefix tokens are set aside and
+    re-joined; then ``norm`` and a refining ``Linear(d, d)`` over all tokens; finally this
+    level's absolute ``position`` table is added to the grid tokens. The factor is the level's
+    down factor; both levels must have the same ``d_model``."""
+
+    kind: Literal["upsample"] = "upsample"
+    bias: bool = True
+    approximate: Literal["tanh", "none"] = "tanh"
+    norm: "Norm" = Field(default_factory=lambda: Norm(kind="layer", affine=False, eps=1e-6))
+    position: "Position" = Field(default_factory=lambda: NoPosition())
+
+
+Up = Annotated[Union[Split, Upsample], Field(discriminator="kind")]
 
 
 class LerpSkip(Spec):
@@ -264,7 +345,16 @@ class NoSkip(Spec):
     kind: Literal["none"] = "none"
 
 
-Skip = Annotated[Union[LerpSkip, AddSkip, ConcatSkip, NoSkip], Field(discriminator="kind")]
+class LinearSkip(Spec):
+    """MPDiT: ``up + Linear(skip)`` (the skip is a separate fine patch embedding of the input
+    when the level's encoder is empty)."""
+
+    kind: Literal["linear"] = "linear"
+    bias: bool = True
+
+
+Skip = Annotated[Union[LerpSkip, AddSkip, ConcatSkip, NoSkip, LinearSkip],
+                 Field(discriminator="kind")]
 
 # --------------------------------------------------------------------------------------------
 # conditioning
@@ -272,12 +362,16 @@ Skip = Annotated[Union[LerpSkip, AddSkip, ConcatSkip, NoSkip], Field(discriminat
 
 class SinusoidalNoise(Spec):
     """DiT: ``[cos, sin]`` of ``scale * t * freqs`` (``frequency_dim`` features), then
-    ``Linear -> SiLU -> Linear`` to the conditioning width. ``noise_level`` is a timestep."""
+    ``Linear -> SiLU -> Linear`` to the conditioning width. ``noise_level`` is a timestep.
+    ``activation: geglu`` makes the first Linear twice as wide and gates it (MDiT's 2-layer
+    GEGLU mapping network); auxiliary inputs with ``embed: sinusoidal`` are concatenated to
+    these features before the first Linear."""
 
     kind: Literal["sinusoidal"] = "sinusoidal"
     frequency_dim: PositiveInt = 256
     max_period: PositiveFloat = 10000.0
     scale: PositiveFloat = 1.0
+    activation: Literal["silu", "geglu"] = "silu"
 
 
 class FourierNoise(Spec):
@@ -288,24 +382,57 @@ class FourierNoise(Spec):
     std: PositiveFloat = 1.0
 
 
-Noise = Annotated[Union[SinusoidalNoise, FourierNoise], Field(discriminator="kind")]
+class FNONoise(Spec):
+    """MPDiT's FNO time embedding: ``points`` grid values in [-1, 1] shifted by t, lifted by
+    ``Linear(1, width)``, ``depth`` blocks of (spectral 1-D convolution keeping ``modes`` Fourier
+    modes + pointwise 1-D convolution) with GELU between them, mean-pooled over the grid and
+    projected to the conditioning width. ``noise_level`` is a flow time in [0, 1]."""
+
+    kind: Literal["fno"] = "fno"
+    points: Annotated[int, Field(ge=2)] = 32
+    modes: PositiveInt = 16
+    width: PositiveInt = 32
+    depth: PositiveInt = 3
+
+
+Noise = Annotated[Union[SinusoidalNoise, FourierNoise, FNONoise], Field(discriminator="kind")]
 
 
 class Classes(Spec):
     """Class-label embedding. ``null_class`` adds one extra row (label == count) that
-    classifier-free guidance uses as the unconditional label."""
+    classifier-free guidance uses as the unconditional label.
+
+    ``inject``: ``vector`` adds the embedding to the conditioning vector (DiT, HDiT);
+    ``prefix`` makes each class ``tokens`` learned tokens of the outer ``d_model`` prepended to
+    the token sequence of every level (MPDiT; blocks then attend globally without RoPE, and the
+    head drops them); ``memory`` makes the class one token (conditioning width) that
+    ``cross_attention: {kind: memory}`` blocks attend to (MDiT)."""
 
     count: PositiveInt
     null_class: bool = True
+    inject: Literal["vector", "prefix", "memory"] = "vector"
+    tokens: PositiveInt = 1
 
 
 class AuxInput(Spec):
     """An auxiliary conditioning vector passed to ``forward`` by keyword (e.g. HDiT's 9-d
-    ``aug_cond``); embedded by Fourier features + bias-free Linear; zeros when not given."""
+    ``aug_cond``); zeros when not given.
+
+    ``embed: fourier`` (HDiT): random Fourier features (``std``) + bias-free Linear, summed
+    into the conditioning vector. ``embed: sinusoidal`` (MDiT's aspect ratio / scale):
+    ``features`` sinusoidal features per dim (``[cos, sin]`` at geometric frequencies from
+    ``freq_min`` to ``freq_max``) concatenated to the sinusoidal noise features before the
+    noise MLP. ``dropout``: in training, the input is zeroed (= "not given") with this
+    probability per sample, so the model also learns the unconditional case (for guidance)."""
 
     name: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")]
     dims: PositiveInt
     std: PositiveFloat = 1.0
+    embed: Literal["fourier", "sinusoidal"] = "fourier"
+    features: Annotated[int, Field(ge=2, multiple_of=2)] = 256
+    freq_min: PositiveFloat = 1.0
+    freq_max: PositiveFloat = 1000.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 class Mapping(Spec):
@@ -349,6 +476,9 @@ class AdaLNHead(Spec):
     norm: Norm = Field(default_factory=Norm)
     bias: bool = True
     learned_sigma: bool = False
+    shared: bool = False
+    """Take shift / scale from the blocks' shared adaLN (its FFN shift and scale, MPDiT's final
+    layer) instead of an own modulation Linear; needs ``shared_ada_ln_zero`` blocks."""
 
 
 Head = Annotated[Union[LinearHead, AdaLNHead], Field(discriminator="kind")]

@@ -15,6 +15,19 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from .components import (
     FFN,
+    AggregateAttention,
+    CrossAttention,
+    FNONoise,
+    SinusoidalNoise,
+    LinearSkip,
+    Merge,
+    NoCrossAttention,
+    MemoryCrossAttention,
+    Repatch,
+    SharedAdaLNZero,
+    AdaLNHead,
+    Up,
+    Upsample,
     Attention,
     AxialRope,
     Conditioning,
@@ -64,6 +77,8 @@ class Block(Spec):
     dropout: Dropout = 0.0
     zero_init_out: bool = False
     """Zero-initialise the attention and FFN output projections (HDiT; DiT gates instead)."""
+    cross_attention: CrossAttention = Field(default_factory=NoCrossAttention)
+    """A cross-attention sub-layer between attention and FFN (MDiT's core blocks)."""
 
 
 class _BlockFields(Spec):
@@ -80,6 +95,7 @@ class _BlockFields(Spec):
     ffn: FFN | None = None
     dropout: Dropout | None = None
     zero_init_out: bool | None = None
+    cross_attention: CrossAttention | None = None
 
     def overrides(self) -> dict:
         return {k: getattr(self, k) for k in Block.model_fields if getattr(self, k) is not None}
@@ -103,6 +119,8 @@ class Level(_BlockFields):
     decoder: Stack | None = None
     middle: Stack | None = None
     down: Down | None = None
+    up: Up | None = None
+    """How the inner level's tokens come back (default: ``split``, the inverse of ``merge``)."""
     skip: Skip | None = None
 
 
@@ -132,8 +150,20 @@ class ModelSpec(Spec):
         return self.input.channels * (2 if self.head.learned_sigma else 1)
 
     def factors(self) -> list[int]:
-        """Merge factor between level i and i+1."""
-        return [lvl.down.factor for lvl in self.levels[:-1] if lvl.down is not None]
+        """Down factor between level i and i+1 (a ``repatch`` down's factor is its patch size
+        over the level's cumulative patch)."""
+        out: list[int] = []
+        cum = pair(self.patch.size)[0]
+        for lvl in self.levels[:-1]:
+            match lvl.down:
+                case Merge(factor=f):
+                    out.append(f)
+                case Repatch(patch_size=p):
+                    out.append(max(1, p // cum))
+                case None:
+                    continue
+            cum *= out[-1]
+        return out
 
     def resolution_multiple(self) -> tuple[int, int]:
         """Input height/width must be multiples of this (patch x all merges)."""
@@ -235,10 +265,21 @@ def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
                 out.append((f"{p}.skip", "an outer level needs a skip merge, e.g. "
                             "`skip: {kind: lerp}` (or `{kind: none}`)"))
 
+    out += _family_issues(spec)
     for i, which, j, blk in spec.blocks():
         where = lambda field: spec.origin(i, which, j, field)  # noqa: E731
         d_model = spec.levels[i].d_model
-        if blk.attention.kind != "none":
+        if isinstance(blk.attention, AggregateAttention):
+            if not isinstance(blk.logits, DotLogits):
+                out.append((where("logits"), "aggregate attention supports `logits: {kind: "
+                            "dot}` only (use qk_norm for stability)"))
+            if isinstance(blk.rope, AxialRope):
+                r = blk.rope.fraction * blk.d_head
+                if r != int(r) or int(r) % 4:
+                    out.append((where("rope") + ".fraction", f"fraction {blk.rope.fraction} of "
+                                f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
+                                "multiple of 4 (two axes x channel pairs)"))
+        elif blk.attention.kind != "none":
             if d_model % blk.d_head:
                 out.append((where("d_head"), f"d_head {blk.d_head} does not divide d_model "
                             f"{d_model} of levels[{i}]; pick a divisor such as "
@@ -255,6 +296,88 @@ def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
                         out.append((where("attention") + ".kernel_size", f"kernel {k} is even; "
                                     f"neighborhood kernels must be odd (use {k - 1} or {k + 1})"))
     return _dedupe(out)
+
+
+def _family_issues(spec: ModelSpec) -> list[tuple[str, str]]:
+    """Rules of the component kinds that span levels: repatch / upsample, shared adaLN,
+    class prefix tokens and cross-attention memory."""
+    out: list[tuple[str, str]] = []
+    cond = spec.conditioning
+    cum = pair(spec.patch.size)
+    for i, lvl in enumerate(spec.levels[:-1]):
+        p = f"levels[{i}]"
+        nxt = spec.levels[i + 1].d_model
+        if isinstance(lvl.down, Repatch):
+            if cum[0] != cum[1]:
+                out.append((f"{p}.down", f"repatch needs a square patch; this level's patch is "
+                            f"{cum[0]}x{cum[1]}"))
+            elif lvl.down.patch_size % cum[0] or lvl.down.patch_size <= cum[0]:
+                out.append((f"{p}.down.patch_size", f"patch_size {lvl.down.patch_size} must be a "
+                            f"multiple (> 1x) of this level's patch {cum[0]}, e.g. "
+                            f"{2 * cum[0]}"))
+        if isinstance(lvl.up, Upsample) and lvl.d_model != nxt:
+            out.append((f"{p}.up", f"upsample keeps the width: levels[{i}].d_model "
+                        f"{lvl.d_model} != levels[{i + 1}].d_model {nxt}; use `up: {{kind: "
+                        "split}` or equal widths"))
+        if isinstance(lvl.down, Merge):
+            f = lvl.down.factor
+            cum = (cum[0] * f, cum[1] * f)
+        elif isinstance(lvl.down, Repatch):
+            cum = (lvl.down.patch_size, lvl.down.patch_size)
+    blocks = list(spec.blocks())
+    shared = [(i, w, j, b) for i, w, j, b in blocks if isinstance(b.modulation, SharedAdaLNZero)]
+    widths = {spec.levels[i].d_model for i, _, _, _ in shared}
+    if len(widths) > 1:
+        i, w, j, _ = shared[0]
+        out.append((spec.origin(i, w, j, "modulation"), "shared_ada_ln_zero blocks share one "
+                    f"modulation network, so they need one d_model; found {sorted(widths)}"))
+    if isinstance(spec.head, AdaLNHead) and spec.head.shared:
+        if not shared:
+            out.append(("head.shared", "a shared adaLN head needs blocks with `modulation: "
+                        "{kind: shared_ada_ln_zero}` (or set `shared: false`)"))
+        elif spec.levels[0].d_model not in widths:
+            out.append(("head.shared", "the head's width must equal the shared adaLN width"))
+    if isinstance(cond.noise, FNONoise) and cond.noise.modes > cond.noise.points // 2 + 1:
+        out.append(("conditioning.noise.modes", f"{cond.noise.modes} modes exceed the "
+                    f"{cond.noise.points // 2 + 1} Fourier modes of {cond.noise.points} points"))
+    for k, a in enumerate(cond.aux):
+        if a.embed == "sinusoidal" and not isinstance(cond.noise, SinusoidalNoise):
+            out.append((f"conditioning.aux[{k}].embed", "sinusoidal auxiliary features are "
+                        "concatenated to the sinusoidal noise features; use `noise: {kind: "
+                        "sinusoidal}` or `embed: fourier`"))
+        if a.embed == "sinusoidal" and a.freq_min > a.freq_max:
+            out.append((f"conditioning.aux[{k}].freq_min", f"freq_min {a.freq_min} exceeds "
+                        f"freq_max {a.freq_max}"))
+    classes = cond.classes
+    if classes is not None and classes.inject == "prefix":
+        widths = {lvl.d_model for lvl in spec.levels}
+        if len(widths) > 1:
+            out.append(("conditioning.classes.inject", "class prefix tokens run through every "
+                        f"level, so all levels need one d_model; found {sorted(widths)}"))
+        for i, lvl in enumerate(spec.levels[:-1]):
+            if lvl.up is None or not isinstance(lvl.up, Upsample):
+                out.append((f"levels[{i}].up", "with class prefix tokens the way up must be "
+                            "`up: {kind: upsample}` (it sets the tokens aside)"))
+        for i, w, j, b in blocks:
+            if b.attention.kind not in ("global", "none"):
+                out.append((spec.origin(i, w, j, "attention"), f"{b.attention.kind} attention "
+                            "cannot see class prefix tokens; use `global` or "
+                            "`conditioning.classes.inject: vector`"))
+            if not isinstance(b.rope, NoRope):
+                out.append((spec.origin(i, w, j, "rope"), "RoPE has no positions for class "
+                            "prefix tokens; use `rope: {kind: none}` with prefix tokens"))
+    cross = [(i, w, j, b) for i, w, j, b in blocks
+             if isinstance(b.cross_attention, MemoryCrossAttention)]
+    if classes is not None and classes.inject == "memory" and not cross:
+        out.append(("conditioning.classes.inject", "`memory` class tokens need blocks with "
+                    "`cross_attention: {kind: memory}`; none has one"))
+    for i, w, j, b in cross:
+        c = b.cross_attention
+        has_class = classes is not None and classes.inject == "memory"
+        if not (c.null_token or c.time_token or has_class):
+            out.append((spec.origin(i, w, j, "cross_attention"), "cross-attention has no "
+                        "tokens: enable null_token / time_token or class `inject: memory`"))
+    return out
 
 
 def _resolution_issues(
@@ -281,6 +404,13 @@ def _resolution_issues(
                                 f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
                                 f"of levels[{i}] at {h}x{w}; use a kernel <= "
                                 f"{_largest_odd(g // d)} or a larger resolution"))
+        if isinstance(att, AggregateAttention):
+            if gh % att.factor or gw % att.factor:
+                out.append((f"{where}.factor",
+                            f"aggregate factor {att.factor} does not divide the {gh}x{gw} token "
+                            f"grid of levels[{i}] at {h}x{w}; the grid must be divisible by "
+                            f"{att.factor} (use a resolution whose levels[{i}] grid is a "
+                            f"multiple of {att.factor})"))
         if isinstance(att, ShiftedWindowAttention):
             if gh % att.window_size or gw % att.window_size:
                 out.append((f"{where}.window_size",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .families import DIT_SIZES, dit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
+from .families import (DIT_SIZES, dit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256,
+                       mdit_b, mdit_l, mdit_xl, mpdit_b, mpdit_xl, mpdit_xl_3level)
 from .model import ModelSpec
 
 PRESETS: dict[str, Callable[[], ModelSpec]] = {
@@ -13,6 +14,12 @@ PRESETS: dict[str, Callable[[], ModelSpec]] = {
     "hdit-imagenet-128": hdit_imagenet_128,
     "hdit-ffhq-1024": hdit_ffhq_1024,
     "hdit-imagenet-256": hdit_imagenet_256,
+    "mdit-b": mdit_b,
+    "mdit-l": mdit_l,
+    "mdit-xl": mdit_xl,
+    "mpdit-b": mpdit_b,
+    "mpdit-xl": mpdit_xl,
+    "mpdit-xl-3level": mpdit_xl_3level,
 }
 
 

@@ -268,9 +268,9 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
 
 
 def _sources() -> dict[str, ModuleType]:
-    from . import dit, kdiffusion
+    from . import dit, kdiffusion, mpdit
 
-    return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion}
+    return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit}
 
 
 def source_module(name: str) -> ModuleType:

@@ -1,0 +1,158 @@
+"""MPDiT as a spec: the reference fixtures, FNO time embedding, prefix tokens, accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditkit import spec as S
+from ditkit.builder import build
+from ditkit.builder.accounting import describe
+from ditkit.builder.fno import FNOEmbed
+from tests.conftest import EXAMPLES
+
+
+def _fixture(fixtures_dir, name):
+    from safetensors.torch import load_file
+
+    return (load_file(str(fixtures_dir / name / "weights.safetensors")),
+            load_file(str(fixtures_dir / name / "io.safetensors")))
+
+
+def _cfg(model, x, t, y, scale):
+    """MPDiT's forward_with_cfg: first half duplicated, every channel guided."""
+    half = x[: len(x) // 2]
+    out = model(torch.cat([half, half]), t, y)
+    cond, uncond = out.chunk(2)
+    guided = uncond + scale * (cond - uncond)
+    return torch.cat([guided, guided])
+
+
+@pytest.mark.parametrize("name", ["mpdit_tiny", "mpdit_tiny_mlp"])
+def test_converted_reference_weights_reproduce_the_fixture(fixtures_dir, name):
+    from ditkit.runtime.convert import mpdit as convert
+
+    weights, io = _fixture(fixtures_dir, name)
+    spec = convert.infer_spec(weights, {}, n_heads=4)
+    assert spec.conditioning.noise.kind == ("fno" if name == "mpdit_tiny" else "sinusoidal")
+    tensors = convert.to_ditkit(weights, spec)
+    model = build(spec)
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(io["inputs.x"], io["inputs.t"], io["inputs.y"])
+        cfg = _cfg(model, io["inputs.cfg_x"], io["inputs.cfg_t"], io["inputs.cfg_y"],
+                   float(io["inputs.cfg_scale"][0]))
+        time_emb = model.conditioning(io["inputs.t"])
+        shared = model.shared_modulation(time_emb)
+    torch.testing.assert_close(time_emb, io["intermediates.t_embedder"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared, io["intermediates.time_modulation"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, io["outputs.out"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cfg, io["outputs.cfg_out"], atol=1e-4, rtol=1e-4)
+    # and back: the source layout is restored bit for bit
+    back = convert.from_ditkit(tensors, spec)
+    assert set(back) == set(weights)
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+def test_fixture_spec_equals_the_tiny_example(fixtures_dir):
+    from ditkit.runtime.convert import mpdit as convert
+
+    weights, _ = _fixture(fixtures_dir, "mpdit_tiny")
+    inferred = convert.infer_spec(weights, {}, n_heads=4)
+    tiny = S.load(EXAMPLES / "tiny" / "tiny-mpdit.yaml")
+    assert inferred.model_copy(update={"name": "x", "description": ""}) == \
+        tiny.model_copy(update={"name": "x", "description": ""})
+
+
+@pytest.mark.parametrize("name", ["tiny-mpdit", "tiny-mpdit-3level"])
+def test_tiny_mpdit_forward_backward(name):
+    torch.manual_seed(0)
+    spec = S.load(EXAMPLES / "tiny" / f"{name}.yaml")
+    model = build(spec)
+    with torch.no_grad():  # leave the zero-init so gradients reach every block
+        for p in model.parameters():
+            if p.requires_grad and not p.abs().sum():
+                p.normal_(0, 0.02)
+    h = spec.input.resolution[0]
+    x = torch.randn(2, 4, h, h)
+    out = model(x, torch.tensor([0.2, 0.7]), torch.tensor([1, 3]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum()]
+    # the FNO's output is mean-pooled: only the DC mode of its last spectral layer reaches it,
+    # and the DC coefficient of a real signal has no imaginary part (the reference's design)
+    last = spec.conditioning.noise.depth - 1
+    assert dead == [f"conditioning.noise.spectral.{last}.weights_imag"], dead
+
+
+def test_prefix_class_tokens_respond_to_the_label_after_training():
+    torch.manual_seed(0)
+    spec = S.load(EXAMPLES / "tiny" / "tiny-mpdit.yaml")
+    model = build(spec)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.randn(1, 4, 8, 8).expand(8, -1, -1, -1)  # one input: only the label differs
+    y = torch.arange(8) % 2
+    target = torch.where(y[:, None, None, None] == 0, 1.0, -1.0).expand_as(x)
+    t = torch.full((8,), 0.5)
+    for _ in range(15):
+        loss = (model(x, t, y) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        a = model(x[:1], t[:1], torch.tensor([0]))
+        b = model(x[:1], t[:1], torch.tensor([1]))
+        null = model(x[:1], t[:1])  # omitted labels -> the null class
+        null_explicit = model(x[:1], t[:1], torch.tensor([10]))
+    assert (a - b).abs().mean() > 0.5  # the two labels were trained to opposite targets
+    assert a.mean() > b.mean()
+    torch.testing.assert_close(null, null_explicit, atol=0, rtol=0)
+    assert not torch.allclose(null, a)
+
+
+def test_fno_embedding_is_smooth_in_t_and_exports():
+    torch.manual_seed(0)
+    emb = FNOEmbed(64)
+    emb.init_special()
+    t = torch.linspace(0, 1, 101)
+    with torch.no_grad():
+        e = emb(t)
+        h = 1e-3
+        d1 = (emb(t + h) - e) / h
+        d2 = (emb(t + h / 2) - e) / (h / 2)
+    scale = e.abs().max()
+    # bounded difference quotients (Lipschitz in t) and consistent as the step halves
+    assert d1.abs().max() < 50 * scale
+    assert (d1 - d2).abs().max() < 0.05 * d1.abs().max()
+    # neighbouring times give neighbouring embeddings: no jumps on the grid
+    steps = (e[1:] - e[:-1]).norm(dim=-1)
+    assert steps.max() < 3 * steps.median()
+    exported = torch.export.export(emb, (t,))
+    torch.testing.assert_close(exported.module()(t), e, atol=1e-5, rtol=1e-5)
+
+
+def test_mpdit_parameters_match_the_paper():
+    for name, paper in (("mpdit-b", 104.8), ("mpdit-xl", 481.2)):
+        report = describe(S.preset(name) if hasattr(S, "preset") else _preset(name))
+        assert abs(report.params / 1e6 - paper) < 0.06, (name, report.params)
+
+
+def _preset(name):
+    from ditkit.spec.presets import preset
+
+    return preset(name)
+
+
+def test_describe_numbers_for_the_mpdit_presets():
+    expected = {  # params (measured, = the paper's 104.8M / 481.2M), GMACs
+        "mpdit-b": (104_852_912, 16.17),
+        "mpdit-xl": (481_207_856, 56.43),
+        "mpdit-xl-3level": (490_653_104, 131.65),
+    }
+    for name, (params, gmacs) in expected.items():
+        report = describe(_preset(name))
+        assert report.params == params, name
+        assert abs(report.gmacs - gmacs) < 0.01, (name, report.gmacs)
