@@ -173,8 +173,8 @@ class DiffusionTransformer(nn.Module):
             ctx.prefix = self.conditioning.class_tokens(labels).to(x.dtype)  # (B, T, D)
         if self.memory_sources:
             ctx.memory = {"time": nn.functional.gelu(c)}
-            if "class" in self.memory_sources:
-                ctx.memory["class"] = self.conditioning.class_vector(labels)
+            if "label" in self.memory_sources:
+                ctx.memory["label"] = self.conditioning.class_vector(labels)
 
         x_in = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         h = self.embed(x_in)  # (B, h, w, D0)
@@ -288,7 +288,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
         class_inject=classes.inject if classes else "vector", class_tokens=class_tokens)
     memory = ()
     if any(isinstance(b.cross_attention, S.MemoryCrossAttention) for *_, b in spec.blocks()):
-        memory = ("class", "time") if classes and classes.inject == "memory" else ("time",)
+        memory = ("label", "time") if classes and classes.inject == "memory" else ("time",)
     factors = spec.factors()
 
     levels = []

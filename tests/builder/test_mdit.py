@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -99,15 +100,15 @@ def test_aggregate_attention_matches_a_direct_computation():
 
 def test_cross_attention_uses_null_class_and_time_tokens_and_counts_macs():
     torch.manual_seed(0)
-    ca = CrossAttention(8, 4, 6, ["class", "time"], null_token=True, qk_norm="layer",
+    ca = CrossAttention(8, 4, 6, ["label", "time"], null_token=True, qk_norm="layer",
                         qk_norm_affine=False)
     ca.init_special()
     x = torch.randn(2, 3, 5, 8)
-    mem = {"class": torch.randn(2, 6), "time": torch.randn(2, 6)}
+    mem = {"label": torch.randn(2, 6), "time": torch.randn(2, 6)}
     with torch.no_grad():
         out = ca(x, mem)
         keys, values = [ca.null[0].expand(2, 8)], [ca.null[1].expand(2, 8)]
-        for s in ("class", "time"):
+        for s in ("label", "time"):
             k, v = ca.kv[s](mem[s]).chunk(2, -1)
             keys.append(k)
             values.append(v)
@@ -159,13 +160,28 @@ def test_aggregate_attention_is_counted_on_the_coarse_grid():
 
 
 def test_describe_numbers_for_the_mdit_presets():
-    expected = {"mdit-b": (133_692_289, 31.49)}  # the paper: "MDiT-B used 133 Million"
-    report = describe(preset("mdit-b"))
-    assert report.params == expected["mdit-b"][0]
-    assert abs(report.gmacs - expected["mdit-b"][1]) < 0.01
-    for name in ("mdit-l", "mdit-xl"):
-        r = describe(preset(name))
-        assert r.params > report.params and r.gmacs > report.gmacs
+    expected = {"mdit-b": (133_692_289, 31.49),  # the paper: "MDiT-B used 133 Million"
+                "mdit-l": (465_330_689, 110.03),
+                "mdit-xl": (641_600_065, 152.86)}
+    for name, (params, gmacs) in expected.items():
+        report = describe(preset(name))
+        assert report.params == params, name
+        assert abs(report.gmacs - gmacs) < 0.01, (name, report.gmacs)
+
+
+@pytest.mark.parametrize("name", ["tiny-mdit", "tiny-mpdit", "tiny-mpdit-3level"])
+def test_tiny_models_export(name):
+    torch.manual_seed(0)
+    spec = S.load(EXAMPLES / "tiny" / f"{name}.yaml")
+    model = build(spec).eval()
+    _randomise_zero_inits(model)
+    h = spec.input.resolution[0]
+    x, t, y = torch.randn(2, 4, h, h), torch.tensor([0.3, 0.6]), torch.tensor([1, 10])
+    exported = torch.export.export(model, (x, t, y))
+    with torch.no_grad():
+        eager = model(x, t, y)
+        assert eager.abs().max() > 1e-3
+        torch.testing.assert_close(exported.module()(x, t, y), eager, atol=1e-5, rtol=1e-5)
 
 
 def test_aspect_and_scale_inputs_condition_the_model_and_drop_out_in_training():
