@@ -156,3 +156,45 @@ def test_describe_numbers_for_the_mpdit_presets():
         report = describe(_preset(name))
         assert report.params == params, name
         assert abs(report.gmacs - gmacs) < 0.01, (name, report.gmacs)
+
+
+def test_three_stage_layout_round_trips_through_the_mpditv2_names():
+    from ditkit.runtime.convert import mpdit as convert
+
+    torch.manual_seed(0)
+    spec = S.load(EXAMPLES / "tiny" / "tiny-mpdit-3level.yaml")
+    tensors = build(spec).state_dict()
+    src = convert.from_ditkit(dict(tensors), spec)
+    d, c = 32, 4
+    # MPDiTv2's names and shapes: patch 8 / 4 / 2 embedders, tables per grid, two upsamplers
+    assert tuple(src["x_embedder.proj.weight"].shape) == (d, c, 8, 8)
+    assert tuple(src["x_embedder_lvl1.proj.weight"].shape) == (d, c, 4, 4)
+    assert tuple(src["x_embedder_lvl2.proj.weight"].shape) == (d, c, 2, 2)
+    assert tuple(src["pos_embed"].shape) == (1, 4, d)
+    assert tuple(src["pos_embed_lvl1"].shape) == (1, 16, d)
+    assert tuple(src["pos_embed_lvl2"].shape) == (1, 64, d)
+    assert tuple(src["upsampler_lvl1.proj.weight"].shape) == (4 * d, d)
+    assert {k.split(".")[0] for k in src} == {
+        "x_embedder", "x_embedder_lvl1", "x_embedder_lvl2", "linear_skip_lvl1",
+        "linear_skip_lvl2", "t_embedder", "y_embedder", "pos_embed", "pos_embed_lvl1",
+        "pos_embed_lvl2", "time_modulation", "downsample_blocks", "upsampler_lvl1",
+        "upsample_blocks_lvl1", "upsampler_lvl2", "upsample_blocks_lvl2", "final_layer"}
+    inferred = convert.infer_spec(src, {}, n_heads=2)
+    assert inferred.levels == spec.levels and inferred.conditioning == spec.conditioning
+    back = convert.to_ditkit(src, inferred)
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_upsampler_rows_follow_mpdit_pixel_shuffle_order():
+    """A source proj row (d, p, q) must land on ditkit's (p, q, d)."""
+    from ditkit.runtime.convert.mpdit import _shuffle_to_ditkit, _shuffle_to_source
+
+    d, f = 3, 2
+    rows = torch.arange(d * f * f, dtype=torch.float32)  # source index = d_ * 4 + p * 2 + q
+    out = _shuffle_to_ditkit(f)(rows)
+    for p in range(f):
+        for q in range(f):
+            for d_ in range(d):
+                assert out[(p * f + q) * d + d_] == d_ * f * f + p * f + q
+    assert torch.equal(_shuffle_to_source(f)(out), rows)
