@@ -3,6 +3,7 @@
 from .components import *  # noqa: F401,F403  (the component variants are the spec language)
 from .components import pair
 from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
+from .families import mdit, mpdit
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
 from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
@@ -12,7 +13,8 @@ from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, Fl
 __all__ = [
     "ModelSpec", "Level", "Block", "BlockOverride", "SPEC_VERSION", "SpecError", "load",
     "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair", "dit",
-    "hdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256", "Objective",
+    "hdit", "mdit", "mpdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256",
+    "Objective",
     "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",
     "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime", "Policy", "AsIs", "LocalCore",
     "AddLevels", "CorePatch",
