@@ -153,9 +153,11 @@ def _estimate_gib(backend, grid, kernel, batch, heads, d_head) -> float:
     per_head = batch * heads
     if backend in ("masked", "flex"):  # the n x n mask and 2-3 n x n score tensors per head
         return (n * n * (1 + 12 * per_head)) / 2 ** 30
-    k2 = kernel * kernel
-    if backend == "tiled":
-        k2 = (8 + kernel - 1) ** 2
+    if backend == "tiled":  # tiles of 8x8 queries: (L/8)^2 copies of k, v; L^2 scores a query
+        span = (8 + kernel - 1) ** 2
+        return (per_head * n * (3 * span / 64 * d_head + 2 * d_head + 3 * span) * 4
+                + n * span) / 2 ** 30
+    k2 = kernel * kernel  # gather: k^2 copies of k and v, their gradients, the scores
     return (per_head * n * (k2 * (3 * d_head + 8) + 8 * d_head) * 4) / 2 ** 30
 
 
