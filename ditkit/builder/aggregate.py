@@ -18,12 +18,16 @@ from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
 
 
 class AggregateAttention(nn.Module):
+    """``(B, H, W, C) -> (B, H, W, C)``: group by ``factor``, attend with ``n_heads`` heads of
+    ``d_head`` on the coarse grid, project back and ungroup."""
+
     def __init__(self, d_model: int, d_head: int, n_heads: int, factor: int = 2, *,
                  qk_norm: str = "none", qk_norm_affine: bool = True, qk_norm_eps: float = 1e-6,
                  rope_fraction: float = 0.0, rope_positions: str = "integer",
                  rope_frequencies_layout: str = "geometric", rope_freq_min: float = 3.14159,
                  rope_freq_max: float = 31.4159, rope_base: float = 10000.0,
-                 rope_position_scale: tuple[float, float] = (1.0, 1.0), bias: bool = False, dropout: float = 0.0, zero_init_out: bool = False):
+                 rope_position_scale: tuple[float, float] = (1.0, 1.0), bias: bool = False,
+                 dropout: float = 0.0, zero_init_out: bool = False):
         super().__init__()
         self.factor, self.d_head, self.n_heads = factor, d_head, n_heads
         self.zero_init_out = zero_init_out
