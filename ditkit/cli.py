@@ -143,6 +143,7 @@ def cmd_demo(args) -> int:
 COMMAND_MODULES: tuple[str, ...] = (
     "ditkit.builder.bench",
     "ditkit.runtime.convert_cli",
+    "ditkit.runtime.cli",
     "ditkit.runtime.extrapolate_cli",
 )
 

@@ -42,7 +42,9 @@ class SincosPosition(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         h, w = x.shape[1], x.shape[2]
-        if (h, w) == self.grid:
+        # under torch.export the grid is symbolic: always compute (the same numbers as the
+        # stored table), so the exported graph does not specialise on the training grid
+        if not torch.compiler.is_exporting() and (h, w) == self.grid:
             return x + self.table.to(x.dtype)
         return x + sincos_table(h, w, x.shape[-1], self.max_period, x.device).to(x.dtype)
 

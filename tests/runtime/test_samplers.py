@@ -223,3 +223,78 @@ def test_bad_arguments_name_the_fix():
         sample(d, SHAPE, steps=3, class_labels=[1, 2, 3])
     with pytest.raises(ValueError, match="descending"):
         sample(d, SHAPE, steps=3, sigmas=torch.tensor([1.0, 2.0, 0.0]))
+
+
+# -------------------------------------------------------------------------------- ditkit sample
+
+
+def _checkpoint(tmp_path, name, objective, metadata=None):
+    from ditkit.runtime.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build(S.load(EXAMPLES / "tiny" / f"{name}.yaml"))
+    path = tmp_path / f"{name}.safetensors"
+    save_checkpoint(path, model.state_dict(), model.spec, objective=objective,
+                    metadata=metadata)
+    return path
+
+
+def test_cli_sample_writes_grid_and_individual_images(tmp_path, capsys):
+    from PIL import Image
+
+    from ditkit.cli import main
+
+    ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
+    grid, folder = tmp_path / "grid.png", tmp_path / "each"
+    rc = main(["sample", str(ckpt), "--steps", "2", "--classes", "1,2,3", "--cfg", "2",
+               "--resolution", "16x24", "--out", str(grid), "--individual", str(folder),
+               "--no-progress"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    images = sorted(folder.glob("*.png"))
+    assert [p.name for p in images] == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(images[0]).size == (24, 16)
+    assert Image.open(grid).size[0] > 24  # a grid of upscaled samples
+
+
+def test_cli_sample_latent_model_needs_a_local_autoencoder(tmp_path, capsys):
+    from PIL import Image
+
+    from ditkit.cli import main
+
+    ckpt = _checkpoint(tmp_path, "tiny-dit", S.DDPMObjective(), {"ditkit.cfg_channels": "3"})
+    grid = tmp_path / "grid.png"
+    args = ["sample", str(ckpt), "--steps", "2", "--sampler", "ddpm", "--classes", "4",
+            "--num", "2", "--cfg", "1.5", "--out", str(grid), "--no-progress"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "no --autoencoder" in err and not grid.exists()
+    latents = torch.load(tmp_path / "grid.latents.pt")
+    assert latents.shape == (2, 4, 8, 8)
+
+    class Decoder(torch.nn.Module):  # latents (B, 4, 8, 8) -> "images" (B, 3, 64, 64)
+        def forward(self, z):
+            return z[:, :3].repeat_interleave(8, 2).repeat_interleave(8, 3).tanh()
+
+    dec = tmp_path / "decoder.pt"
+    torch.jit.script(Decoder()).save(str(dec))
+    assert main(args + ["--autoencoder", str(dec)]) == 0
+    assert Image.open(grid).size == (2 * 65 + 1, 65 + 1)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--classes", "10"], "labels must be in [0, 10)"),
+    (["--resolution", "18"], "not divisible by patch x merges"),
+    (["--cfg", "3"], "--cfg needs --classes"),
+    (["--steps", "0"], "--steps 0"),
+    (["--cfg-interval", "5"], "LO,HI"),
+])
+def test_cli_sample_bad_input_exits_2(tmp_path, capsys, extra, message):
+    from ditkit.cli import main
+
+    ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
+    extra = extra + (["--classes", "1"] if "--cfg-interval" in extra else [])
+    rc = main(["sample", str(ckpt), "--steps", "1", "--out", str(tmp_path / "g.png"),
+               "--no-progress", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err

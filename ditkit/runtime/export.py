@@ -1,0 +1,505 @@
+"""Export a denoiser to ONNX through ``torch.export``, then check the file before trusting it.
+
+Why ``torch.export`` first: ``torch.onnx.export`` alone can silently specialise a shape (a Python
+branch on a dimension, an example batch of 1) and still write a file that *claims* dynamic dims.
+``torch.export.export`` with explicit :class:`torch.export.Dim` constraints instead fails loudly
+when the model specialises, and the ``ExportedProgram`` is then converted to ONNX.
+
+The exported graph is the whole denoiser (preconditioning included, in fp32):
+
+=====================  ========================  =====================================
+input / output         shape                     meaning
+=====================  ========================  =====================================
+``x``                  ``(batch, C, H, W)`` f32  the noisy input, VE convention
+``sigma``              ``(batch,)`` f32          the VE noise level
+``class_labels``       ``(batch,)`` int64        only when the spec has classes (null
+                                                 class = ``classes.count``)
+``denoised``           ``(batch, C, H, W)`` f32  the x0 estimate
+``var_values``         ``(batch, C, H, W)`` f32  only for learned-sigma DDPM models
+=====================  ========================  =====================================
+
+``H`` and ``W`` are dynamic within the spec's valid resolutions (an arithmetic progression
+``min + k * step`` derived from ``ModelSpec.check_resolution``; ``step`` is the patch size times
+the merges, times any window size that must tile a grid); a shape outside the rule is an error
+before anything is traced. After export, always: ``onnx.checker`` full check, the declared
+dynamic dims are symbolic, onnxruntime parity vs eager at two resolutions (one non-square) and two
+batch sizes, the op allow-list of the target runtime, and ``metadata_props`` carrying the spec,
+objective, checkpoint hash and resolution rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ditkit import spec as S
+
+from .denoiser import Denoiser
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OPSET = 18
+MAX_SIDE = 8192  # largest exported H / W (pixels or latents)
+
+# fp32 parity is the project's 1e-4; reduced precision is judged against fp32 eager with a
+# tolerance relative to the output scale (measured values are in the README)
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or did not pass its checks (the message says which)."""
+
+
+# -------------------------------------------------------------------------------- shape rules
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """Valid sizes of one axis: ``minimum + k * step`` for ``k >= 0`` (up to ``maximum``)."""
+
+    minimum: int
+    step: int
+    maximum: int = MAX_SIDE
+
+    def valid(self, n: int) -> bool:
+        return self.minimum <= n <= self.maximum and (n - self.minimum) % self.step == 0
+
+    def text(self) -> str:
+        return (f"{self.minimum} + k*{self.step}" if self.minimum % self.step else
+                f"multiple of {self.step}, >= {self.minimum}")
+
+
+def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, AxisRule]:
+    """Per-axis rules ``(height, width)`` read off ``spec.check_resolution``: the valid sizes
+    from 2 to ``search`` multiples of the basic multiple must form one arithmetic progression."""
+    mh, mw = spec.resolution_multiple()
+    h0, w0 = spec.input.resolution
+    rules = []
+    for axis, m in ((0, mh), (1, mw)):
+        # from 2 multiples: every level's grid has >= 2 tokens a side (a size-1 axis is a
+        # special case to torch.export and a degenerate one for the model)
+        sizes = [m * k for k in range(2, search + 1)]
+        ok = [n for n in sizes
+              if not spec.check_resolution((n, w0 * 4) if axis == 0 else (h0 * 4, n))]
+        if not ok:
+            raise ExportError(f"no valid {'height' if axis == 0 else 'width'} up to "
+                              f"{sizes[-1]} for spec {spec.name}")
+        step = 0
+        for a, b in zip(ok, ok[1:]):
+            step = math.gcd(step, b - a)
+        step = step or m
+        lo = ok[0]
+        if any((n - lo) % step == 0 and n not in ok for n in sizes if n >= lo):
+            raise ExportError(f"the valid {'heights' if axis == 0 else 'widths'} of spec "
+                              f"{spec.name} are not one progression ({ok[:8]}...); export "
+                              "with --dynamic batch (fixed resolution)")
+        rules.append(AxisRule(lo, step))
+    return rules[0], rules[1]
+
+
+def check_shape(spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | None = None,
+                where: str = "input") -> None:
+    """Raise :class:`ExportError` naming the rule if ``(B, C, H, W)`` is not valid."""
+    if len(shape) != 4 or shape[1] != spec.input.channels:
+        raise ExportError(f"{where}: expected (batch, {spec.input.channels}, H, W), got "
+                          f"{tuple(shape)}")
+    issues = spec.check_resolution((int(shape[2]), int(shape[3])), where)
+    if issues:
+        raise ExportError("; ".join(f"{p}: {m}" for p, m in issues))
+    if rules is not None:
+        for n, rule, name in zip(shape[2:], rules, ("height", "width")):
+            if not rule.valid(int(n)):
+                raise ExportError(f"{where}: {name} {n} is outside this model's rule "
+                                  f"({rule.text()}, <= {rule.maximum})")
+
+
+# -------------------------------------------------------------------------------- targets
+
+# Ops the TensorRT 10 ONNX parser (onnx-tensorrt, operators.md) imports, for the ops a
+# ditkit graph can contain; versioned ones map to the first TensorRT 10.x minor that parses them.
+_TRT10_OPS = frozenset("""
+Abs Acos Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization Cast Ceil Clip Concat
+Constant ConstantOfShape Conv ConvTranspose Cos CumSum DepthToSpace Div Einsum Elu Equal Erf
+Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Greater
+GreaterOrEqual GroupNormalization HardSigmoid Identity If InstanceNormalization IsInf IsNaN
+LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max Mean Min Mod Mul Neg
+Not Or Pad Pow Range Reciprocal ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax ReduceMean ReduceMin
+ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements ScatterND Shape
+Sigmoid Sign Sin Size Slice Softmax Softplus SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
+Tile TopK Transpose Trilu Unsqueeze Where Xor
+""".split())
+_TRT10_VERSIONED = {"Attention": 14, "RMSNormalization": 15}  # TensorRT 10.14 / 10.15
+
+
+def allow_list(target: str, opset: int) -> frozenset[str]:
+    """``domain::op`` names the target runtime runs at ``opset``.
+
+    ``onnxruntime``: the CPU execution provider's registered kernels (from onnxruntime itself);
+    ``tensorrt-10.x`` (``x`` a minor version or ``x``): the TensorRT 10 parser's operator list,
+    with the opset-23 ``Attention`` from 10.14 and ``RMSNormalization`` from 10.15."""
+    if target == "onnxruntime":
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        return frozenset((k.domain or "ai.onnx") + "::" + k.op_name
+                         for k in ort_c.get_all_opkernel_def()
+                         if k.provider == "CPUExecutionProvider")
+    if target.startswith("tensorrt-10."):
+        minor_text = target.removeprefix("tensorrt-10.")
+        if minor_text == "x":
+            minor = 0  # unknown minor: only what every 10.x parses
+        elif minor_text.isdigit():
+            minor = int(minor_text)
+        else:
+            raise ExportError(f"--target {target!r}: use tensorrt-10.x or tensorrt-10.N "
+                              "(e.g. tensorrt-10.8)")
+        ops = set(_TRT10_OPS) | {op for op, m in _TRT10_VERSIONED.items() if minor >= m}
+        return frozenset("ai.onnx::" + op for op in ops)
+    raise ExportError(f"--target {target!r}: choose onnxruntime or tensorrt-10.x "
+                      "(tensorrt-10.N for a specific minor)")
+
+
+# -------------------------------------------------------------------------------- the graph
+
+
+class _Cast(nn.Module):
+    """Runs ``model`` in ``dtype`` with fp32 in and out, so the preconditioning (and the
+    combination ``c_skip x + c_out F``) stays fp32 in reduced-precision graphs."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.spec = getattr(model, "spec", None)
+
+    def forward(self, x, noise_level, class_labels=None, **cond):
+        return self.model(x.to(self.dtype), noise_level, class_labels, **cond).float()
+
+
+class ExportGraph(nn.Module):
+    """``(x, sigma[, class_labels]) -> denoised[, var_values]`` -- what goes into the ONNX."""
+
+    def __init__(self, model: nn.Module, objective, precision: str = "fp32"):
+        super().__init__()
+        dtype = PRECISIONS[precision]
+        inner = (model if dtype == torch.float32 else  # a copy: the caller's model stays fp32
+                 _Cast(copy.deepcopy(model).to(dtype), dtype))
+        self.denoiser = Denoiser(inner, objective)
+        self.spec: S.ModelSpec = model.spec
+        self.has_labels = self.spec.conditioning.classes is not None
+        self.has_variance = Denoiser(model, objective).learned_variance
+
+    def input_names(self) -> list[str]:
+        return ["x", "sigma"] + (["class_labels"] if self.has_labels else [])
+
+    def output_names(self) -> list[str]:
+        return ["denoised"] + (["var_values"] if self.has_variance else [])
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
+                class_labels: torch.Tensor | None = None):
+        x0, var = self.denoiser.denoise(x, sigma, class_labels)
+        if self.has_variance:
+            return x0, var
+        return x0
+
+
+# -------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    precision: str
+    target: str
+    dynamic: tuple[str, ...]
+    rule: tuple[AxisRule, AxisRule]
+    ops: list[str]
+    parity: list[dict] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Distinct per-sample tensors (so a graph that mixes up the batch cannot pass)."""
+    spec = graph.spec
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, spec.input.channels, *resolution, generator=g)
+    nr = graph.denoiser.noise_range
+    lo, hi = math.log(max(nr.sigma_min, 1e-2)), math.log(min(nr.sigma_max, 50.0))
+    sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=g)).float()
+    args = [x, sigma]
+    if graph.has_labels:
+        count = spec.conditioning.classes.count
+        labels = torch.randint(0, count, (batch,), generator=g)
+        labels[-1] = count if spec.conditioning.classes.null_class else labels[-1]
+        args.append(labels)
+    return tuple(args)
+
+
+def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
+                opset: int = DEFAULT_OPSET, dynamic: tuple[str, ...] = ("batch", "resolution"),
+                precision: str = "fp32", target: str = "onnxruntime",
+                resolution: tuple[int, int] | None = None, checkpoint_hash: str | None = None,
+                metadata: dict[str, str] | None = None, check: bool = True,
+                parity_resolutions: list[tuple[int, int]] | None = None,
+                parity_batches: tuple[int, int] = (1, 3), log=None) -> ExportResult:
+    """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
+    to ``out`` and run the checks (``check=False`` skips the parity runs only)."""
+    start = time.perf_counter()
+    say = log or (lambda msg: None)
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    unknown = set(dynamic) - {"batch", "resolution"}
+    if unknown:
+        raise ExportError(f"--dynamic {','.join(sorted(unknown))}: choose from batch, resolution")
+    allow = allow_list(target, opset)  # an unknown target fails before any work
+    spec: S.ModelSpec = model.spec
+    model = model.eval()
+    rule = resolution_rule(spec) if "resolution" in dynamic else None
+    res = tuple(resolution or spec.input.resolution)
+    check_shape(spec, (2, spec.input.channels, *res), rule, "--resolution")
+    if rule is None:
+        rule = (AxisRule(res[0], 1, res[0]), AxisRule(res[1], 1, res[1]))
+
+    graph = ExportGraph(model, objective, precision)
+    args = example_inputs(graph, 2, res)
+    ep = _torch_export(graph, args, dynamic, rule, res)
+    _probe(ep, graph, dynamic, rule, res)
+    say(f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and "
+        "resolutions)")
+    out = Path(out)
+    meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
+                     metadata)
+    model_proto = _to_onnx(ep, args, graph, opset)
+    ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
+    refused = [op for op in ops if op not in allow]
+    if refused:
+        raise ExportError(f"target {target} (opset {opset}) cannot run op(s) "
+                          f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
+                          "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
+                          "target")
+    for k, v in meta.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    _check_model(model_proto, dynamic, graph)
+    _atomic_save_onnx(model_proto, out)
+    say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, {len(ops)} op types)")
+    result = ExportResult(out, opset, precision, target, tuple(dynamic), rule, ops,
+                          metadata=meta)
+    if check:
+        resolutions = parity_resolutions or parity_shapes(spec, rule, res, dynamic)
+        batches = parity_batches if "batch" in dynamic else (2,)
+        result.parity = check_parity(graph if precision == "fp32" else
+                                     ExportGraph(model.float(), objective, "fp32"),
+                                     out, resolutions, batches, TOLERANCE[precision])
+        for p in result.parity:
+            say(f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
+                f"{p['max_abs_diff']:.2e} (output scale {p['scale']:.2f}, tol "
+                f"{p['tolerance']:.0e})")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def parity_shapes(spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple[int, int],
+                  dynamic) -> list[tuple[int, int]]:
+    """The example resolution and, with dynamic resolution, a non-square one."""
+    if "resolution" not in dynamic:
+        return [res]
+    h, w = res
+    other = (h, w + rule[1].step) if h != w + rule[1].step else (h, w + 2 * rule[1].step)
+    if h != w:
+        other = (h + rule[0].step, w)
+    return [res, other]
+
+
+def _torch_export(graph: ExportGraph, args, dynamic, rule, res):
+    from torch.export import Dim
+
+    from ditkit.builder import kernels
+
+    shapes: dict = {}
+    batch = Dim("batch", min=1, max=4096) if "batch" in dynamic else None
+    xdims: dict = {}
+    if batch is not None:
+        xdims[0] = batch
+    if "resolution" in dynamic:
+        for axis, name, r in ((2, "height", rule[0]), (3, "width", rule[1])):
+            k = Dim(f"{name}_k", min=0, max=(r.maximum - r.minimum) // r.step)
+            xdims[axis] = r.minimum + r.step * k
+    shapes["x"] = xdims or None
+    shapes["sigma"] = {0: batch} if batch is not None else None
+    if graph.has_labels:
+        shapes["class_labels"] = {0: batch} if batch is not None else None
+    backend = getattr(kernels, "exportable_backend", None)
+    ctx = backend() if backend is not None else kernels.use_backend("gather")
+    names = graph.input_names()
+    try:
+        with ctx, torch.no_grad():
+            return torch.export.export(graph, args, dynamic_shapes={n: shapes[n] for n in names},
+                                       strict=False)
+    except Exception as err:  # constraint violations, guards on a dynamic dim
+        text = str(err).strip().splitlines()
+        brief = "\n  ".join(text[:12])
+        raise ExportError(f"torch.export failed for spec {graph.spec.name} with dynamic "
+                          f"{','.join(dynamic)}: the model specialises on a shape (a Python "
+                          f"branch on a size?). Export with a fixed resolution (--dynamic batch) "
+                          f"or fix the module.\n  {brief}") from err
+
+
+def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
+    """Run the ExportedProgram at shapes other than the example's. ``torch.export`` may turn a
+    Python branch on a dynamic size into an input *guard* instead of an error; the ONNX
+    conversion drops guards, so such a graph would compute wrong results at other shapes. The
+    guard fires here instead, at the smallest valid shapes (cheap)."""
+    shapes = []
+    hs = [res[0]]
+    ws = [res[1]]
+    if "resolution" in dynamic:
+        hs, ws = [rule[0].minimum, rule[0].minimum + rule[0].step], [rule[1].minimum + rule[1].step,
+                                                                     rule[1].minimum]
+    for b, h, w in zip((1, 3) if "batch" in dynamic else (2, 2), hs * (2 // len(hs)), ws * (
+            2 // len(ws))):
+        shapes.append((b, (h, w)))
+    module = ep.module()
+    for b, (h, w) in shapes:
+        try:
+            with torch.no_grad():
+                module(*example_inputs(graph, b, (h, w), seed=7))
+        except Exception as err:
+            raise ExportError(
+                f"the exported program of {graph.spec.name} does not run at batch {b}, "
+                f"{h}x{w} although that shape is declared valid: the model specialised on the "
+                f"example shape ({str(err).splitlines()[0][:300]}). A module branches in Python "
+                "on a size; fix it, or export with a fixed resolution (--dynamic batch)") from err
+
+
+def _to_onnx(ep, args, graph: ExportGraph, opset: int):
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset,
+                                    input_names=graph.input_names(),
+                                    output_names=graph.output_names(), optimize=True,
+                                    verbose=False, external_data=False)
+    return program.model_proto
+
+
+def _all_nodes(model_proto):
+    def walk(nodes):
+        for n in nodes:
+            yield n
+            for a in n.attribute:
+                if a.g is not None and len(a.g.node):
+                    yield from walk(a.g.node)
+                for sub in a.graphs:
+                    yield from walk(sub.node)
+
+    yield from walk(model_proto.graph.node)
+    for fn in model_proto.functions:
+        yield from walk(fn.node)
+
+
+def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+    except Exception as err:
+        raise ExportError(f"onnx.checker rejected the exported model: {err}") from err
+    declared = {"batch": [0], "resolution": [2, 3]}
+    inputs = {i.name: i for i in model_proto.graph.input}
+    x = inputs["x"].type.tensor_type.shape.dim
+    for key in dynamic:
+        for axis in declared[key]:
+            if not x[axis].dim_param or x[axis].HasField("dim_value"):
+                raise ExportError(f"dimension {axis} of input x was declared dynamic ({key}) "
+                                  f"but the ONNX graph fixed it to {x[axis].dim_value}")
+    for axis in (0, 2, 3):
+        if not any(axis in declared[k] for k in dynamic) and not x[axis].HasField("dim_value"):
+            raise ExportError(f"dimension {axis} of x should be static but is symbolic")
+
+
+def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
+              extra) -> dict[str, str]:
+    from .checkpoint import OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
+
+    meta = {
+        SPEC_KEY: json.dumps(S.to_data(spec, full=True), separators=(",", ":")),
+        VERSION_KEY: str(spec.spec_version),
+        OBJECTIVE_KEY: json.dumps(S.to_data(objective, full=True), separators=(",", ":")),
+        "ditkit.checkpoint_hash": checkpoint_hash or "none (randomly initialised model)",
+        "ditkit.resolution_rule": json.dumps({
+            "height": {"min": rule[0].minimum, "step": rule[0].step, "max": rule[0].maximum},
+            "width": {"min": rule[1].minimum, "step": rule[1].step, "max": rule[1].maximum},
+            "dynamic": list(dynamic)}),
+        "ditkit.precision": precision,
+        "ditkit.target": target,
+        "ditkit.opset": str(opset),
+        "ditkit.io": json.dumps({"inputs": ["x", "sigma"] + (
+            ["class_labels"] if spec.conditioning.classes else []), "convention": "VE: x = x0 "
+            "+ sigma * eps; outputs denoised (x0) [and var_values for learned-sigma DDPM]"}),
+    }
+    for k, v in (extra or {}).items():
+        meta.setdefault(k, str(v))
+    return meta
+
+
+def _atomic_save_onnx(model_proto, out: Path) -> None:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save_model(model_proto, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -------------------------------------------------------------------------------- parity
+
+
+def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance: float
+                 ) -> list[dict]:
+    """Run the ONNX file in onnxruntime (CPU) and eager fp32 on the same inputs; raise
+    :class:`ExportError` when ``max |diff| > tolerance * max(1, max |eager|)``."""
+    from ditkit.builder import use_backend
+
+    from .engines import ort_session
+
+    sess = ort_session(path, providers=["CPUExecutionProvider"])
+    rows = []
+    for res in resolutions:
+        for b in batches:
+            args = example_inputs(graph, b, tuple(res), seed=1000 + b)
+            with torch.no_grad(), use_backend("gather"):
+                ref = graph(*args)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            feeds = {n: a.numpy() for n, a in zip(graph.input_names(), args)}
+            got = sess.run(None, feeds)
+            diff = max(float((torch.from_numpy(g) - r.float()).abs().max())
+                       for g, r in zip(got, ref))
+            scale = max(float(r.abs().max()) for r in ref)
+            row = {"resolution": tuple(res), "batch": b, "max_abs_diff": diff, "scale": scale,
+                   "tolerance": tolerance}
+            rows.append(row)
+            if not diff <= tolerance * max(1.0, scale):
+                raise ExportError(f"onnxruntime output differs from eager at batch {b}, "
+                                  f"{res[0]}x{res[1]}: max |diff| {diff:.3e} > {tolerance:.0e} "
+                                  f"x output scale {scale:.3f} ({path} was written; do not "
+                                  "trust it)")
+    return rows
