@@ -192,4 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m ditkit.cli` runs this file as `__main__`; go through the imported module so the
+    # command modules' `from ditkit.cli import UsageError` names the same class this catches.
+    from ditkit.cli import main as _main
+
+    raise SystemExit(_main())
