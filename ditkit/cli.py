@@ -145,6 +145,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ditkit.runtime.convert_cli",
     "ditkit.runtime.cli",
     "ditkit.runtime.extrapolate_cli",
+    "ditkit.train.cli",
 )
 
 
@@ -170,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the built-in preset names")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("demo", help="build a tiny HDiT, describe it, run it forward/backward")
-    p.add_argument("--spec", default=None, help="spec to demo (default: the embedded tiny HDiT)")
+    p = sub.add_parser("demo", help="train a tiny HDiT on digits (CPU), sample and evaluate it")
+    from ditkit.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     import importlib

@@ -26,14 +26,16 @@ class LogNormalSigma(Spec):
 
 
 class CosineInterpolatedSigma(Spec):
-    """HDiT: the cosine schedule's sigma density, shifted by resolution (SNR matched at
-    ``base_resolution``; a larger ``resolution`` shifts toward more noise), interpolated in
-    log space between the shifted density at ``base_resolution`` and at ``resolution``."""
+    """HDiT / k-diffusion: the cosine schedule's log-SNR, shifted for the image size (shift
+    ``2 ln(d / image size)``) at a ``low_resolution`` and a ``high_resolution`` reference size
+    and interpolated between the two along the schedule; sigma clipped to
+    ``[sigma_min, sigma_max]``. ``high_resolution: null`` means the training resolution."""
 
     kind: Literal["cosine_interpolated"] = "cosine_interpolated"
     sigma_min: PositiveFloat = 1e-3
     sigma_max: PositiveFloat = 1e3
-    base_resolution: PositiveInt = 64
+    low_resolution: PositiveInt = 32
+    high_resolution: PositiveInt | None = None
 
 
 SigmaSampling = Annotated[Union[LogNormalSigma, CosineInterpolatedSigma],

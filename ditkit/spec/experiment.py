@@ -1,0 +1,317 @@
+"""The experiment spec: model + objective + data + optimisation + precision + checkpoints +
+logging + previews, as typed, frozen data (no torch).
+
+An experiment names its model inline (a mapping) or by reference (a path relative to the
+experiment file, or a preset name). :func:`load_experiment` resolves the reference and checks
+that the parts fit together (objective vs head, data channels and classes vs the model); the
+*resolved* experiment, with the model inlined, is what a run saves next to its checkpoints so
+it can be rerun from that one file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from .components import Spec
+from .model import ModelSpec
+from .objective import EDMObjective, Objective
+
+EXPERIMENT_VERSION = 1
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# ---------------------------------------------------------------- data
+
+
+class DigitsData(Spec):
+    """scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes), resized
+    bilinearly to the model's resolution and scaled to [-1, 1]. Grey is repeated when the
+    model has 3 channels."""
+
+    kind: Literal["digits"] = "digits"
+
+
+class ShapesData(Spec):
+    """Procedural class-conditional images at any resolution: class ``k`` is one of
+    ``disc, square, triangle, ring, cross, bars_h, bars_v, diamond, checker, ellipse`` with a
+    random position, size and colour; image ``i`` is the same for a given ``seed``."""
+
+    kind: Literal["shapes"] = "shapes"
+    count: PositiveInt = 10000
+    classes: Annotated[int, Field(ge=1, le=10)] = 10
+    seed: NonNegativeInt = 0
+
+
+class ImageFolderData(Spec):
+    """A folder of images, one sub-folder per class (sorted names -> labels 0..n-1), or images
+    directly in ``path`` (unconditional). Resized so the shorter side matches, centre-cropped;
+    ``flip``: random horizontal flips."""
+
+    kind: Literal["image_folder"] = "image_folder"
+    path: Annotated[str, Field(min_length=1)]
+    flip: bool = True
+
+
+Data = Annotated[Union[DigitsData, ShapesData, ImageFolderData], Field(discriminator="kind")]
+
+# ---------------------------------------------------------------- optimisation
+
+
+class ConstantLR(Spec):
+    kind: Literal["constant"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    """Linear warm-up from 0 over this many steps."""
+
+
+class CosineLR(Spec):
+    """Linear warm-up, then cosine decay to ``min_factor * lr`` at the last step."""
+
+    kind: Literal["cosine"] = "cosine"
+    warmup_steps: NonNegativeInt = 0
+    min_factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+Schedule = Annotated[Union[ConstantLR, CosineLR], Field(discriminator="kind")]
+
+
+class Optimizer(Spec):
+    """AdamW. Norm weights, scales, embeddings and biases get no weight decay; the mapping
+    network's learning rate is ``lr * mapping_lr_scale`` (HDiT)."""
+
+    kind: Literal["adamw"] = "adamw"
+    lr: PositiveFloat = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    mapping_lr_scale: PositiveFloat = 1.0
+    schedule: Schedule = Field(default_factory=ConstantLR)
+    grad_clip: PositiveFloat | None = 1.0
+    """Clip the global gradient norm to this (``null``: no clipping)."""
+
+
+class EMA(Spec):
+    """Exponential moving average of the weights. The decay warms up as
+    ``min(decay, 1 - (1 + step)^-warmup_power)`` (k-diffusion's inverse-gamma warm-up with
+    gamma 1); ``warmup_power: 0`` disables the warm-up."""
+
+    decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    warmup_power: NonNegativeFloat = 0.75
+
+
+class Training(Spec):
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    """Global batch (all ranks, all accumulation micro-batches) per optimizer step."""
+    accumulate: PositiveInt = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    label_dropout: Probability = 0.1
+    """Classifier-free guidance: replace the class label by the null class with this rate."""
+    aux_dropout: Probability = 0.0
+    """... and zero the auxiliary conditioning inputs with this rate."""
+    seed: NonNegativeInt = 0
+
+
+class Precision(Spec):
+    """How the run computes -- runtime switches, not architecture. ``dtype: auto``: bf16
+    autocast on CUDA, fp32 on CPU. ``attention_backend``: the neighborhood-attention kernel
+    (``ditkit.builder.use_backend``; ``masked`` is fastest for tiny grids on a CPU)."""
+
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    attention_backend: Annotated[str, Field(min_length=1)] = "auto"
+
+
+class Distributed(Spec):
+    """Used when launched by ``torchrun`` (``WORLD_SIZE`` > 1). ``backend: auto``: nccl on
+    CUDA, gloo on CPU."""
+
+    strategy: Literal["ddp"] = "ddp"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class Checkpointing(Spec):
+    every: PositiveInt = 1000
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_last: PositiveInt = 3
+
+
+class Logging(Spec):
+    every: PositiveInt = 10
+    """Write the scalars (CSV, TensorBoard when installed) every this many steps."""
+    tensorboard: bool = True
+
+
+class Preview(Spec):
+    """Sample grids from the EMA model with a fixed seed (one row per class when the model is
+    class-conditional)."""
+
+    every: NonNegativeInt = 1000
+    """Steps between previews (0: only at the end)."""
+    count: PositiveInt = 40
+    steps: PositiveInt = 20
+    sampler: str = "heun"
+    cfg_scale: NonNegativeFloat = 1.0
+    seed: NonNegativeInt = 0
+
+
+class Evaluation(Spec):
+    """After training (digits only): label accuracy and Frechet distance of ``count``
+    class-conditional EMA samples; see ``ditkit evaluate``."""
+
+    enabled: bool = False
+    count: PositiveInt = 500
+    steps: PositiveInt = 20
+    sampler: str = "heun"
+    cfg_scale: NonNegativeFloat = 1.0
+    seed: NonNegativeInt = 1
+
+
+class Experiment(Spec):
+    """One training run, as data."""
+
+    spec_version: Literal[1] = EXPERIMENT_VERSION
+    name: Annotated[str, Field(min_length=1)] = "experiment"
+    description: str = ""
+    model: ModelSpec | Annotated[str, Field(min_length=1)]
+    """The model spec inline, or a path (relative to this file) / preset name."""
+    objective: Objective = Field(default_factory=EDMObjective)
+    data: Data = Field(default_factory=DigitsData)
+    training: Training = Field(default_factory=Training)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    ema: EMA = Field(default_factory=EMA)
+    precision: Precision = Field(default_factory=Precision)
+    distributed: Distributed = Field(default_factory=Distributed)
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
+    logging: Logging = Field(default_factory=Logging)
+    preview: Preview = Field(default_factory=Preview)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        if not isinstance(self.model, ModelSpec):
+            raise ValueError("the experiment's model is a reference; resolve it with "
+                             "ditkit.spec.load_experiment / resolve_experiment first")
+        return self.model
+
+
+DATA_CHANNELS = {"digits": 1, "shapes": 3}
+DATA_CLASSES = {"digits": 10}
+
+
+def resolve_experiment(exp: Experiment, base: str | Path | None = None,
+                       source: str = "experiment") -> Experiment:
+    """Inline a model reference (a path relative to ``base``, or a preset name) and check that
+    the parts of the experiment fit together. Raises :class:`ditkit.spec.SpecError`."""
+    from .io import SpecError, load
+    from .presets import PRESETS, preset
+
+    if isinstance(exp.model, str):
+        ref = exp.model
+        path = Path(base or ".") / ref
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            if not path.is_file():
+                raise SpecError([("model", f"no such model spec file: {path} (paths are relative "
+                                  "to the experiment file)")], source)
+            try:
+                model = load(path)
+            except SpecError as err:  # report the model's problems under `model.`
+                raise SpecError([(f"model.{p}" if p else "model", f"{m} (in {path})")
+                                 for p, m in err.issues], source) from None
+        elif ref in PRESETS:
+            model = preset(ref)
+        else:
+            raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name; "
+                              f"presets: {', '.join(PRESETS)}")], source)
+        exp = exp.model_copy(update={"model": model})
+    issues = experiment_issues(exp)
+    if issues:
+        raise SpecError(issues, source)
+    return exp
+
+
+def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
+    """Cross-field problems of a resolved experiment: ``[(field path, message)]``."""
+    spec = exp.model_spec
+    out: list[tuple[str, str]] = []
+    obj = exp.objective
+    learned = spec.head.learned_sigma
+    if obj.kind == "ddpm_eps":
+        if spec.conditioning.noise.kind != "sinusoidal":
+            out.append(("model.conditioning.noise.kind", "the ddpm_eps objective feeds integer "
+                        "timesteps from 0 (DiT); use `noise: {kind: sinusoidal}` (fourier "
+                        "embeds ln(sigma) and needs a positive noise level)"))
+        if obj.learned_sigma != learned:
+            out.append(("objective.learned_sigma", f"is {obj.learned_sigma} but the model's "
+                        f"head.learned_sigma is {learned}; set both the same"))
+    elif learned:
+        out.append(("model.head.learned_sigma", f"the {obj.kind} objective predicts no "
+                    "variance; set head.learned_sigma: false (or use kind: ddpm_eps)"))
+    ch = DATA_CHANNELS.get(exp.data.kind)
+    if ch is not None and spec.input.channels not in (ch, 3 if ch == 1 else ch):
+        out.append(("data.kind", f"{exp.data.kind} images have {ch} channel(s) but the model's "
+                    f"input.channels is {spec.input.channels}; use {ch}"
+                    + (" or 3" if ch == 1 else "")))
+    n_cls = DATA_CLASSES.get(exp.data.kind) or (
+        exp.data.classes if exp.data.kind == "shapes" else None)
+    cls = spec.conditioning.classes
+    if cls is not None and n_cls is not None and cls.count < n_cls:
+        out.append(("model.conditioning.classes.count", f"{cls.count} classes but the "
+                    f"{exp.data.kind} data has {n_cls}; set count: {n_cls}"))
+    if exp.training.label_dropout > 0 and cls is not None and not cls.null_class:
+        out.append(("training.label_dropout", "label dropout needs a null class; set "
+                    "model.conditioning.classes.null_class: true or label_dropout: 0"))
+    if exp.training.batch_size % exp.training.accumulate:
+        out.append(("training.accumulate", f"{exp.training.accumulate} does not divide "
+                    f"batch_size {exp.training.batch_size}"))
+    if exp.evaluation.enabled and exp.data.kind != "digits":
+        out.append(("evaluation.enabled", "the built-in evaluation is for `data: {kind: "
+                    "digits}` only; set enabled: false"))
+    if exp.evaluation.enabled and cls is None:
+        out.append(("evaluation.enabled", "label accuracy needs a class-conditional model "
+                    "(model.conditioning.classes)"))
+    return out
+
+
+def experiment_from_data(data, base: str | Path | None = None,
+                         source: str = "experiment") -> Experiment:
+    """Validate plain data into a resolved experiment. An inline model is validated as a
+    model spec first, so its problems are reported as ``model.<field>``."""
+    from .io import SpecError, validate
+
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        try:
+            model = validate(data["model"], ModelSpec, source)
+        except SpecError as err:
+            raise SpecError([(f"model.{p}" if p else "model", m) for p, m in err.issues],
+                            source) from None
+        data = {**data, "model": model}
+    return resolve_experiment(validate(data, Experiment, source), base, source)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Load, resolve and check an experiment file (YAML/JSON). Raises ``SpecError``."""
+    import yaml
+
+    from .io import SpecError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([("", f"no such file: {path}")], str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
+    return experiment_from_data(data, path.parent, str(path))
+
+
+__all__ = [
+    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "Data", "ConstantLR",
+    "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
+    "Logging", "Preview", "Evaluation", "resolve_experiment", "experiment_issues",
+    "load_experiment", "experiment_from_data", "EXPERIMENT_VERSION",
+]

@@ -1,0 +1,420 @@
+"""The training loop: an experiment spec -> a run folder.
+
+``train(experiment, run_dir)`` builds the model, AdamW with parameter groups, the LR schedule
+and the EMA, then steps through deterministic batches with gradient accumulation and clipping.
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DDP (gloo on CPU, nccl on CUDA);
+each rank draws its own slice of every global batch and its own noise, and only rank 0 writes.
+
+The run folder::
+
+    run/scalars.csv            step, loss, lr, grad_norm, img/s (+ objective extras)
+    run/tensorboard/           the same scalars (when the tensorboard package is installed)
+    run/previews/step-*.png    EMA samples with a fixed seed (one column per class)
+    run/checkpoints/step-*/    model + EMA safetensors, state.pt, experiment.yaml (atomic)
+    run/experiment.yaml        the resolved experiment
+    run/loss.png               the loss curve, written at the end
+    run/summary.json           final step, wall time, throughput, checkpoint, rank fingerprints
+
+``resume=True`` restores the newest complete checkpoint (weights, EMA, optimizer, scheduler,
+every rank's generators and the data position), so the continued run computes the same losses
+as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ditkit import spec as S
+from ditkit.spec.experiment import Experiment
+
+from . import checkpoints as C
+from .data import BatchStream, Position, make_dataset
+from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
+from .objectives import DiffusionLoss, drop_labels
+
+
+class TrainingError(RuntimeError):
+    """The run stopped (non-finite loss, nothing to resume): reported without a traceback."""
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    checkpoint: Path | None = None
+    fingerprints: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(exp: Experiment) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = exp.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
+    """AdamW groups: no weight decay on norms, scales, embeddings and biases (every parameter
+    with fewer than 2 dimensions, plus embedding tables); the mapping network (and the noise /
+    class embeddings feeding it) at ``lr * mapping_lr_scale``."""
+    groups: dict[tuple[bool, bool], list] = {}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and id(p) not in embeddings and "scale" not in name.split(".")[-1]
+        mapping = name.startswith("conditioning.")
+        groups.setdefault((decay, mapping), []).append(p)
+    out = []
+    for (decay, mapping), params in sorted(groups.items()):
+        out.append({"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
+                    "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
+                    "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
+    return out
+
+
+def lr_factor(schedule, step: int, total: int) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based)."""
+    warm = schedule.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if schedule.kind == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return schedule.min_factor + (1 - schedule.min_factor) * cos
+
+
+def ema_decay(ema: S.experiment.EMA, step: int) -> float:
+    if ema.warmup_power == 0:
+        return ema.decay
+    return min(ema.decay, 1 - (1 + step) ** -ema.warmup_power)
+
+
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema_model.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations in the backward pass (less memory, ~30% slower)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ditkit.builder.model import Block
+
+    for m in model.modules():
+        if isinstance(m, Block):
+            inner = m.forward
+            m.forward = (lambda f: lambda x, cond: checkpoint(f, x, cond, use_reentrant=False)
+                         )(inner)
+
+
+def autocast_for(exp: Experiment, device: torch.device):
+    dtype = exp.precision.dtype
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, steps: int,
+                  sampler: str, seed: int, cfg_scale: float, device: torch.device | str,
+                  labels: torch.Tensor | None = None, n_classes: int | None = None,
+                  batch: int = 250, progress: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
+    are given they cycle through the first ``n_classes`` classes (a class-conditional model).
+    Leaves the global RNG untouched."""
+    from ditkit.runtime.denoiser import Denoiser
+    from ditkit.runtime.samplers import sample
+
+    classes = spec.conditioning.classes
+    if labels is None and classes is not None:
+        labels = torch.arange(count) % (n_classes or classes.count)
+    denoiser = Denoiser(model, objective).to(device)
+    was_training = model.training
+    model.eval()
+    h, w = spec.input.resolution
+    out = []
+    rng = torch.get_rng_state()
+    try:
+        for i, start in enumerate(range(0, count, batch)):
+            n = min(batch, count - start)
+            lab = labels[start:start + n] if labels is not None else None
+            out.append(sample(denoiser, (n, spec.input.channels, h, w), steps=steps,
+                              sampler=sampler, seed=seed + i, class_labels=lab,
+                              cfg_scale=cfg_scale, device=str(device),
+                              progress=progress).float().cpu())
+    finally:
+        torch.set_rng_state(rng)
+        model.train(was_training)
+    return torch.cat(out), labels
+
+
+def _data_classes(exp: Experiment) -> int | None:
+    from ditkit.spec.experiment import DATA_CLASSES
+
+    if exp.data.kind == "shapes":
+        return exp.data.classes
+    return DATA_CLASSES.get(exp.data.kind)
+
+
+def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.device) -> None:
+    p, spec = exp.preview, exp.model_spec
+    classes = spec.conditioning.classes
+    n_cls = _data_classes(exp) or (classes.count if classes else None)
+    images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.steps, p.sampler,
+                              p.seed, p.cfg_scale, device, n_classes=n_cls)
+    ncol = min(p.count, n_cls or 8)
+    scale = max(1, 64 // max(spec.input.resolution))
+    save_png(image_grid(images, ncol, scale=scale), path)
+
+
+# -------------------------------------------------------------------------------- the loop
+
+
+def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: bool = True,
+          data_base: Path | None = None, stop_after: int | None = None,
+          device: str | None = None) -> TrainResult:
+    """Train ``exp`` (resolved) into the folder ``run``. ``stop_after``: stop (without a final
+    checkpoint) after this many optimizer steps of *this invocation* (tests). ``data_base``:
+    the folder relative data paths start at."""
+    from tqdm import tqdm
+
+    from ditkit.builder import build
+    from ditkit.runtime.checkpoint import model_hash
+
+    run = Path(run)
+    from ditkit.runtime.samplers import SAMPLERS
+
+    for where, name in (("preview.sampler", exp.preview.sampler),
+                        ("evaluation.sampler", exp.evaluation.sampler)):
+        if name not in SAMPLERS:
+            raise TrainingError(f"{where}: unknown sampler {name!r}; use one of "
+                                f"{', '.join(SAMPLERS)}")
+    dist_info = init_distributed(exp)
+    rank, world = dist_info.rank, dist_info.world
+    if device is None:
+        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    spec, tr = exp.model_spec, exp.training
+    ckpt_root = run / "checkpoints"
+
+    start_step, state = 0, None
+    if resume:
+        found = C.latest_checkpoint(ckpt_root)
+        if found is None:
+            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}; start "
+                                "without --resume")
+        start_step, ckpt_dir = found
+        state = C.read_state(ckpt_dir)
+        if state["world"] != world:
+            raise TrainingError(f"--resume: the checkpoint was written by {state['world']} "
+                                f"process(es) but this run has {world}; resume with the same "
+                                "number of processes")
+    elif C.latest_checkpoint(ckpt_root) is not None:
+        raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it or "
+                            "choose a new --out folder")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "previews").mkdir(exist_ok=True)
+        (run / "experiment.yaml").write_text(S.dumps(exp))
+
+    # model, EMA, optimizer, schedule --------------------------------------------------------
+    torch.manual_seed(tr.seed)  # identical initial weights on every rank
+    model = build(spec).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    if exp.precision.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    opt_spec = exp.optimizer
+    groups = param_groups(model, opt_spec)
+    optimizer = torch.optim.AdamW(groups, lr=opt_spec.lr, betas=opt_spec.betas, eps=opt_spec.eps)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    dataset = make_dataset(exp, data_base)
+    stream = BatchStream(dataset, tr.batch_size, tr.seed, rank, world)
+    gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1))
+    if state is not None:
+        model.load_state_dict(C.read_tensors(ckpt_dir / "model.safetensors"))
+        ema_model.load_state_dict(C.read_tensors(ckpt_dir / "ema.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generators"][rank])
+        torch.set_rng_state(state["torch_rng"][rank])
+        stream.position = Position(**state["data_position"])
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if exp.precision.compile:
+        net = torch.compile(net)
+    loss_fn = DiffusionLoss(exp.objective, spec)
+    classes = spec.conditioning.classes
+    null_class = classes.count if classes is not None and classes.null_class else None
+    micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
+
+    scalars = None
+    if rank == 0:
+        fields = ["step", "loss", "lr", "grad_norm", "img_per_s", "mse", "vb", "var"]
+        scalars = Scalars(run, fields, start_step if resume else None, exp.logging.tensorboard)
+    bar = tqdm(total=tr.steps, initial=start_step, disable=not (progress and rank == 0),
+               desc=exp.name, unit="it", dynamic_ncols=True)
+    result = TrainResult(run, start_step)
+    t0 = time.perf_counter()
+    last_ckpt: Path | None = C.latest_checkpoint(ckpt_root)[1] if resume else None
+    window_t, window_imgs = time.perf_counter(), 0
+    model.train()
+
+    def save(step: int) -> Path:
+        gens = _gather([gen.get_state()], world)
+        rngs = _gather([torch.get_rng_state()], world)
+        if rank != 0:
+            return None
+        train_state = {"step": step, "world": world, "optimizer": optimizer.state_dict(),
+                       "generators": gens, "torch_rng": rngs,
+                       "data_position": vars(stream.position).copy(),
+                       "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
+        return C.write_checkpoint(ckpt_root, step, exp, model.state_dict(),
+                                  ema_model.state_dict(), train_state, exp.checkpoint.keep_last)
+
+    step = start_step
+    from ditkit.builder import use_backend
+
+    try:
+        backend = use_backend(exp.precision.attention_backend)
+        backend.__enter__()
+    except ValueError as err:
+        raise TrainingError(f"precision.attention_backend: {err}") from None
+    try:
+        while step < tr.steps:
+            if stop_after is not None and step - start_step >= stop_after:
+                break
+            factor = lr_factor(opt_spec.schedule, step, tr.steps)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * factor
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            extras_sum: dict[str, float] = {}
+            for k in range(tr.accumulate):
+                x0, labels = stream.next(micro)
+                x0 = x0.to(device)
+                labels = labels.to(device) if classes is not None else None
+                labels = drop_labels(labels, tr.label_dropout, null_class, gen)
+                sync = k == tr.accumulate - 1 or world == 1
+                ctx = net.no_sync() if (world > 1 and not sync and hasattr(net, "no_sync")) \
+                    else contextlib.nullcontext()
+                with ctx:
+                    with autocast_for(exp, device):
+                        loss, extras = loss_fn(net, x0, labels, gen, step)
+                    (loss / tr.accumulate).backward()
+                loss_sum += loss.detach().double().cpu()
+                for name, v in extras.items():
+                    extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
+            loss_value = loss_sum / tr.accumulate
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(loss_value)
+                loss_value /= world
+            loss_value = float(loss_value)
+            if not math.isfinite(loss_value):
+                where = (f"the last good checkpoint is {last_ckpt} (continue with --resume)"
+                         if last_ckpt else "no checkpoint was written before it")
+                raise TrainingError(f"loss is {loss_value} at step {step + 1}; training stopped "
+                                    f"and nothing was saved for this step; {where}. Lower "
+                                    "optimizer.lr or set optimizer.grad_clip.")
+            if opt_spec.grad_clip is not None:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                             opt_spec.grad_clip))
+            else:
+                gnorm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in model.parameters() if p.grad is not None])))
+            optimizer.step()
+            ema_update(ema_model, model, ema_decay(exp.ema, step))
+            step += 1
+            result.step = step
+            result.losses.append(loss_value)
+            window_imgs += tr.batch_size
+            bar.update(1)
+
+            if rank == 0 and (step % exp.logging.every == 0 or step == tr.steps):
+                now = time.perf_counter()
+                ips = window_imgs / max(now - window_t, 1e-9)
+                window_t, window_imgs = now, 0
+                scalars.write({"step": step, "loss": loss_value, "lr": opt_spec.lr * factor,
+                               "grad_norm": gnorm, "img_per_s": ips, **extras_sum})
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
+            if step % exp.checkpoint.every == 0 or step == tr.steps:
+                last_ckpt = save(step) or last_ckpt
+                result.checkpoint = last_ckpt
+            if rank == 0 and (exp.preview.every and step % exp.preview.every == 0
+                              or step == tr.steps):
+                preview(ema_model, exp, run / "previews" / f"step-{step:06d}.png", device)
+    finally:
+        backend.__exit__(None, None, None)
+        bar.close()
+        if scalars is not None:
+            scalars.close()
+
+    result.wall_s = time.perf_counter() - t0
+    result.fingerprints = _gather([model_hash(model.state_dict())], world)
+    if rank == 0 and step == tr.steps:
+        rows = read_scalars(run / "scalars.csv")
+        if rows:
+            plot_loss(rows, run / "loss.png", exp.name)
+        C.write_json(run / "summary.json", {
+            "experiment": exp.name, "step": step, "world": world, "wall_s": result.wall_s,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "checkpoint": str(result.checkpoint or last_ckpt),
+            "rank_fingerprints": result.fingerprints,
+            "ranks_identical": len(set(result.fingerprints)) == 1})
+    return result
+
+
+def _gather(items: list, world: int) -> list:
+    """Every rank's ``items[0]``, in rank order (a plain list on one process)."""
+    if world == 1:
+        return items
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, items[0])
+    return out

@@ -1,0 +1,92 @@
+"""Experiment specs: examples load, round trip, cross-field checks, CLI errors (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ditkit import spec as S
+from ditkit.cli import main
+from ditkit.spec.experiment import Experiment, experiment_from_data, load_experiment
+
+from .conftest import tiny_experiment_data
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "examples/experiments")
+                     .glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_example_experiments_resolve_and_round_trip(path):
+    exp = load_experiment(path)
+    assert isinstance(exp.model, S.ModelSpec)
+    assert S.loads(S.dumps(exp), Experiment) == exp
+    assert S.loads(S.dumps(exp, "json"), Experiment) == exp
+
+
+def test_demo_experiment_uses_the_tiny_digits_spec():
+    exp = load_experiment(next(p for p in EXPERIMENTS if p.name == "demo-digits.yaml"))
+    assert exp.model_spec == S.load(Path(__file__).resolve().parents[2]
+                                    / "examples/tiny/tiny-hdit-digits.yaml")
+
+
+@pytest.mark.parametrize("change, path, fragment", [
+    ({"optimizer": {"lr": -1}}, "optimizer.lr", "greater than 0"),
+    ({"trainig": {"steps": 3}}, "trainig", "did you mean `training`"),
+    ({"objective": {"kind": "edm", "weighting": "loud"}}, "objective.weighting", "karras"),
+    ({"objective": {"kind": "ddpm_eps"}}, "model.conditioning.noise.kind", "sinusoidal"),
+    ({"training": {"batch_size": 10, "accumulate": 4}}, "training.accumulate", "divide"),
+    ({"data": {"kind": "shapes"}}, "data.kind", "3 channel"),
+])
+def test_bad_experiments_name_the_field(change, path, fragment):
+    data = tiny_experiment_data("edm")
+    data.update(change)
+    with pytest.raises(S.SpecError) as err:
+        experiment_from_data(data)
+    assert any(p.startswith(path) and fragment in m for p, m in err.value.issues), \
+        err.value.issues
+
+
+def test_inline_model_problems_are_reported_under_model():
+    data = tiny_experiment_data("edm")
+    data["model"]["levels"][0]["attention"]["kernel_size"] = 4
+    with pytest.raises(S.SpecError) as err:
+        experiment_from_data(data)
+    assert any(p == "model.levels[0].attention.kernel_size" and "odd" in m
+               for p, m in err.value.issues)
+
+
+def test_model_reference_is_relative_to_the_experiment_file(tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(tiny_experiment_data()["model"]))
+    data = tiny_experiment_data()
+    data["model"] = "m.yaml"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/exp.yaml").write_text(yaml.safe_dump({**data, "model": "../m.yaml"}))
+    exp = load_experiment(tmp_path / "sub/exp.yaml")
+    assert exp.model_spec.name == "test-tiny"
+    (tmp_path / "sub/bad.yaml").write_text(yaml.safe_dump({**data, "model": "nope.yaml"}))
+    with pytest.raises(S.SpecError, match="model: no such model spec file"):
+        load_experiment(tmp_path / "sub/bad.yaml")
+
+
+def test_cli_train_invalid_experiment_exits_2_with_field(tmp_path, capsys):
+    data = tiny_experiment_data()
+    data["optimizer"]["betas"] = [0.9, 1.5]
+    data["ema"]["decay"] = 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.betas[1]" in err and "ema.decay" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_bad_data_folder_exits_2(tmp_path, capsys):
+    data = tiny_experiment_data()
+    data["model"]["conditioning"]["classes"] = None
+    data["data"] = {"kind": "image_folder", "path": "missing"}
+    data["training"]["label_dropout"] = 0.0
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.path: no such folder" in err and "missing" in err
