@@ -60,3 +60,22 @@ def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         with kernels.use_backend("fast"):
             pass
+
+
+def _brute_force_window(n, kernel, dilation, i):
+    """NATTEN's window by its definition: among the runs of ``kernel`` consecutive members of
+    i's dilation group that contain i, the one whose middle member is nearest to i."""
+    members = list(range(i % dilation, n, dilation))
+    runs = [members[s:s + kernel] for s in range(len(members) - kernel + 1) if i in
+            members[s:s + kernel]]
+    return min(runs, key=lambda run: abs(run[kernel // 2] - i))
+
+
+@pytest.mark.parametrize("n,kernel,dilation", [
+    (3, 3, 1), (7, 7, 1), (8, 3, 2), (9, 3, 3), (10, 5, 2), (11, 3, 2), (12, 5, 2), (17, 7, 1),
+    (31, 3, 2), (31, 7, 2), (14, 7, 2), (64, 7, 1)])
+def test_window_indices_match_the_definition(n, kernel, dilation):
+    idx = kernels.window_start_index(n, kernel, dilation)
+    assert idx.shape == (n, kernel)
+    for i in range(n):
+        assert idx[i].tolist() == _brute_force_window(n, kernel, dilation, i), i
