@@ -178,3 +178,25 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
     single = train(tiny_experiment("edm", steps=8, training={"batch_size": 16}),
                    tmp_path / "single", progress=False)
     assert single.fingerprints[0] != summary["rank_fingerprints"][0]
+
+
+def test_unknown_preview_sampler_fails_before_training(tmp_path):
+    exp = tiny_experiment(steps=2, preview={"sampler": "magic"})
+    with pytest.raises(TrainingError, match="preview.sampler: unknown sampler 'magic'"):
+        train(exp, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_evaluate_a_run(tmp_path, capsys):
+    from ditkit.cli import main
+
+    train(tiny_experiment(steps=2), tmp_path / "run", progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--count", "20", "--steps", "2",
+                 "--json", "--grid", str(tmp_path / "g.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 20 and 0 <= report["accuracy"] <= 1
+    assert report["frechet"] > report["frechet_real"] > 0  # 2 training steps: far from real
+    assert report["checkpoint"].endswith("step-000002/ema.safetensors")
+    assert (tmp_path / "g.png").is_file()
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
