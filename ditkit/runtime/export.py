@@ -84,9 +84,9 @@ def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, Axis
     h0, w0 = spec.input.resolution
     rules = []
     for axis, m in ((0, mh), (1, mw)):
-        # from 2 multiples: every level's grid has >= 2 tokens a side (a size-1 axis is a
-        # special case to torch.export and a degenerate one for the model)
-        sizes = [m * k for k in range(2, search + 1)]
+        # from 2 multiples and >= 8: every level's grid has >= 2 tokens a side (a size-1 axis
+        # is a special case to torch.export and a degenerate one for the model)
+        sizes = [m * k for k in range(max(2, -(-8 // m)), search + 1)]
         ok = [n for n in sizes
               if not spec.check_resolution((n, w0 * 4) if axis == 0 else (h0 * 4, n))]
         if not ok:
@@ -101,6 +101,9 @@ def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, Axis
             raise ExportError(f"the valid {'heights' if axis == 0 else 'widths'} of spec "
                               f"{spec.name} are not one progression ({ok[:8]}...); export "
                               "with --dynamic batch (fixed resolution)")
+        # at least two of whatever "step" tiles (e.g. two attention windows a side): one is
+        # a special case in some modules (a guard the probe below would trip on)
+        lo = next(n for n in ok if n >= min(2 * step, ok[-1]))
         rules.append(AxisRule(lo, step))
     return rules[0], rules[1]
 
@@ -332,8 +335,12 @@ def _torch_export(graph: ExportGraph, args, dynamic, rule, res):
         xdims[0] = batch
     if "resolution" in dynamic:
         for axis, name, r in ((2, "height", rule[0]), (3, "width", rule[1])):
-            k = Dim(f"{name}_k", min=0, max=(r.maximum - r.minimum) // r.step)
-            xdims[axis] = r.minimum + r.step * k
+            if r.minimum % r.step == 0:  # H = step * k, k >= 2: no 0/1 specialisation
+                k = Dim(f"{name}_k", min=r.minimum // r.step, max=r.maximum // r.step)
+                xdims[axis] = r.step * k
+            else:
+                k = Dim(f"{name}_k", min=0, max=(r.maximum - r.minimum) // r.step)
+                xdims[axis] = r.minimum + r.step * k
     shapes["x"] = xdims or None
     shapes["sigma"] = {0: batch} if batch is not None else None
     if graph.has_labels:
