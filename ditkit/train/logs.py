@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from ditkit.runtime.images import image_grid, save_png  # noqa: F401  (re-exported)
 
 
 class Scalars:
@@ -63,33 +64,6 @@ def read_scalars(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)}
                 for r in csv.DictReader(f)]
-
-
-def image_grid(images: torch.Tensor, ncol: int, pad: int = 1, scale: int = 1) -> np.ndarray:
-    """``(N, C, H, W)`` in [-1, 1] -> ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` uint8."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = x[:, :3]
-    if scale > 1:
-        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    n, _, h, w = x.shape
-    rows = -(-n // ncol)
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y0:y0 + h, x0:x0 + w] = x[i].permute(1, 2, 0).numpy()
-    return grid
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Atomic PNG write."""
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
