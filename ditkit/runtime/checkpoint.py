@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -31,6 +30,8 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
+
+from .files import atomic_path
 
 SPEC_KEY = "ditkit.spec"
 VERSION_KEY = "ditkit.spec_version"
@@ -122,19 +123,8 @@ def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 def _atomic_save(data: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(data, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 # --------------------------------------------------------------------------------------------
 # load

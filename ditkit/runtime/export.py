@@ -33,7 +33,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,16 +464,10 @@ def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoi
 def _atomic_save_onnx(model_proto, out: Path) -> None:
     import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from .files import atomic_path
+
+    with atomic_path(out) as tmp:
         onnx.save_model(model_proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # -------------------------------------------------------------------------------- parity

@@ -329,18 +329,10 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
                 if hasattr(mod, "source_metadata") else {})
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
-        import tempfile
+        from ditkit.runtime.files import atomic_path
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             torch.save(state, tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     else:
         raise ValueError(f"{out}: use a .safetensors or .pt/.pth file name")
 
