@@ -2,6 +2,7 @@
 
     ditkit sample model.safetensors --steps 50 --sampler heun --cfg 4 --classes 1,2,3,4 --out grid.png
     ditkit sample model.onnx --steps 50 --out grid.png            # the exported engine
+    ditkit sample latent-model.safetensors --vae vae/ --out grid.png  # decode latents
     ditkit export model.safetensors --out model.onnx --dynamic batch,resolution
     ditkit trt build model.onnx --profile 1x256x256/4x512x512/8x1024x1024 --precision fp16
     ditkit bench sample examples/tiny/tiny-hdit-neighborhood.yaml --resolutions 16 32
@@ -47,8 +48,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--autoencoder", default=None,
                    help="latent-space models: a local TorchScript file mapping latents "
                         "(B, C, h, w) to images in [-1, 1]")
-    p.add_argument("--latent-scale", type=float, default=0.18215,
-                   help="latents are divided by this before decoding (SD VAE: 0.18215)")
+    p.add_argument("--vae", default=None,
+                   help="latent-space models: a local diffusers AutoencoderKL folder "
+                        "(save_pretrained) that decodes the samples (pip install 'ditkit[vae]')")
+    p.add_argument("--latent-scale", type=float, default=None,
+                   help="latents are divided by this before decoding (default: the --vae "
+                        "config's scaling_factor; 0.18215 with --autoencoder)")
     p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
                    help="the objective, for a checkpoint that does not record one")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -257,14 +262,22 @@ def cmd_sample(args) -> int:
 
 
 def _to_images(x, spec, args):
-    """Pixel models: the samples. Latent models: decoded by ``--autoencoder``, else the latents
-    are saved as a tensor file next to ``--out`` and no image is written."""
+    """Pixel models: the samples. Latent models: decoded by ``--vae`` or ``--autoencoder``,
+    else the latents are saved as a tensor file next to ``--out`` and no image is written."""
     import torch
 
     from ditkit.cli import UsageError
 
     if spec.input.space != "latent":
+        if args.vae or args.autoencoder:
+            flag = "--vae" if args.vae else "--autoencoder"
+            raise UsageError(f"{flag}: {spec.name} is a pixel-space model (input.space: pixel); "
+                             "its samples are images already, drop the flag")
         return x
+    if args.vae is not None and args.autoencoder is not None:
+        raise UsageError("--vae and --autoencoder: give one decoder, not both")
+    if args.vae is not None:
+        return _decode_vae(x, spec, args)
     if args.autoencoder is None:
         latents = Path(args.out).with_suffix(".latents.pt")
         tmp = latents.with_name(f".{latents.name}.tmp")
@@ -272,9 +285,10 @@ def _to_images(x, spec, args):
         torch.save(x.cpu(), tmp)
         tmp.replace(latents)
         print(f"{spec.name} samples latents ({spec.input.channels} channels); no image was "
-              f"written because no --autoencoder was given (ditkit downloads nothing). "
-              f"Latents saved to {latents}; decode them with --autoencoder DECODER.pt "
-              "(a local TorchScript decoder).", file=sys.stderr)
+              f"written because no --autoencoder or --vae was given (ditkit downloads nothing). "
+              f"Latents saved to {latents}; decode them with --vae VAE_FOLDER (a local "
+              "diffusers AutoencoderKL) or --autoencoder DECODER.pt (TorchScript).",
+              file=sys.stderr)
         return None
     path = Path(args.autoencoder)
     if not path.is_file():
@@ -283,8 +297,31 @@ def _to_images(x, spec, args):
         decoder = torch.jit.load(str(path), map_location=args.device).eval()
     except Exception as err:
         raise UsageError(f"--autoencoder {path}: not a TorchScript file ({err})") from None
+    scale = 0.18215 if args.latent_scale is None else args.latent_scale
     with torch.no_grad():
-        return decoder(x / args.latent_scale).float().clamp(-1, 1)
+        return decoder(x / scale).float().clamp(-1, 1)
+
+
+def _decode_vae(x, spec, args):
+    """Latent samples -> images with a local diffusers AutoencoderKL."""
+    from ditkit.cli import UsageError
+
+    from .autoencoder import AutoencoderError, load_autoencoder
+
+    try:
+        vae = load_autoencoder(args.vae, device=args.device)
+    except AutoencoderError as err:
+        raise UsageError(f"--vae {err}") from None
+    if vae.latent_channels != spec.input.channels:
+        raise UsageError(f"--vae {args.vae}: the autoencoder has {vae.latent_channels} latent "
+                         f"channels but the model's input.channels is {spec.input.channels}; "
+                         "use the autoencoder the training latents were encoded with")
+    if vae.factor != spec.input.latent_factor:
+        print(f"note: the autoencoder downsamples by {vae.factor} but the spec's "
+              f"input.latent_factor is {spec.input.latent_factor}", file=sys.stderr)
+    if args.latent_scale is not None:
+        vae.scale = args.latent_scale
+    return vae.decode(x)
 
 
 # -------------------------------------------------------------------------------- export

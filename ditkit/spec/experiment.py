@@ -55,7 +55,38 @@ class ImageFolderData(Spec):
     flip: bool = True
 
 
-Data = Annotated[Union[DigitsData, ShapesData, ImageFolderData], Field(discriminator="kind")]
+class WebDatasetData(Spec):
+    """Tar shards in the webdataset layout: the members of one sample share a key (the name up
+    to the first dot of its file name), ``KEY.png`` / ``KEY.jpg`` ... holds the image and
+    ``KEY.cls`` the integer label (needed when the model is class-conditional). ``shards``: a
+    list of paths, a brace pattern (``data/shard-{000..099}.tar``) or a glob
+    (``data/*.tar``), relative to the experiment file. Each process reads its own shards;
+    samples are shuffled within a shard and shards are shuffled every epoch. Images are resized
+    and centre-cropped like ``image_folder``; ``flip``: random horizontal flips."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    shards: Annotated[str, Field(min_length=1)] | Annotated[
+        list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    flip: bool = True
+
+
+class LatentsData(Spec):
+    """Precomputed autoencoder latents (``ditkit encode`` writes them): ``.safetensors`` or
+    ``.npz`` shards holding ``latents`` ``(N, C, h, w)`` and, for class-conditional models,
+    ``labels`` ``(N,)``. ``path``: a folder (every shard in it), one file, a brace pattern or a
+    glob, relative to the experiment file. The model must be latent-space
+    (``input.space: latent``) with ``input.channels = C`` and ``input.resolution = (h, w)``.
+    ``scale`` multiplies the stored latents: 1 for ``ditkit encode`` shards (they are stored
+    already multiplied by the autoencoder's scaling factor), e.g. 0.18215 for raw SD-VAE
+    latents."""
+
+    kind: Literal["latents"] = "latents"
+    path: Annotated[str, Field(min_length=1)]
+    scale: PositiveFloat = 1.0
+
+
+Data = Annotated[Union[DigitsData, ShapesData, ImageFolderData, WebDatasetData, LatentsData],
+                 Field(discriminator="kind")]
 
 # ---------------------------------------------------------------- optimisation
 
@@ -262,6 +293,10 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
     if cls is not None and n_cls is not None and cls.count < n_cls:
         out.append(("model.conditioning.classes.count", f"{cls.count} classes but the "
                     f"{exp.data.kind} data has {n_cls}; set count: {n_cls}"))
+    if exp.data.kind == "latents" and spec.input.space != "latent":
+        out.append(("model.input.space", "latents data trains a latent-space model; set "
+                    "input.space: latent (with input.channels and input.resolution of the "
+                    "latents)"))
     if exp.training.label_dropout > 0 and cls is not None and not cls.null_class:
         out.append(("training.label_dropout", "label dropout needs a null class; set "
                     "model.conditioning.classes.null_class: true or label_dropout: 0"))
@@ -310,7 +345,8 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 __all__ = [
-    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "Data", "ConstantLR",
+    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData",
+    "LatentsData", "Data", "ConstantLR",
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
     "Logging", "Preview", "Evaluation", "resolve_experiment", "experiment_issues",
     "load_experiment", "experiment_from_data", "EXPERIMENT_VERSION",

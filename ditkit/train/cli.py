@@ -34,6 +34,39 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+    p = sub.add_parser("encode", help="images -> latent shards with a local AutoencoderKL",
+                       description="Encode images (an image folder, webdataset shards or "
+                       "`digits`) into latent shards for `data: {kind: latents}`, with a "
+                       "diffusers AutoencoderKL loaded from a local folder (pip install "
+                       "'ditkit[vae]'). Latents are stored multiplied by the autoencoder's "
+                       "scaling factor.")
+    p.add_argument("source", help="image folder (class = sub-folder), webdataset shards (.tar "
+                   "path, brace pattern or glob) or `digits`")
+    p.add_argument("--vae", required=True, help="local AutoencoderKL folder (save_pretrained)")
+    p.add_argument("--out", required=True, help="folder for latents-NNNNNN shards")
+    p.add_argument("--resolution", required=True,
+                   help="image H or HxW to resize/crop to (model input.resolution x the "
+                   "autoencoder's downsampling)")
+    p.add_argument("--batch", type=int, default=16, help="images per encoder call (default 16)")
+    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "npz"])
+    p.add_argument("--mode", default="mean", choices=["mean", "sample"],
+                   help="posterior mean (default) or a seeded sample of it")
+    p.add_argument("--seed", type=int, default=0, help="seed for --mode sample")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("shards", help="image folder -> webdataset tar shards",
+                       description="Write an image folder (class = sub-folder) as webdataset "
+                       "tar shards (KEY.png/.jpg + KEY.cls) for `data: {kind: webdataset}`.")
+    p.add_argument("folder", help="image folder (class = sub-folder, or flat: no labels)")
+    p.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_shards)
+
+
 def _usage(msg: str):
     from ditkit.cli import UsageError
 
@@ -51,16 +84,30 @@ def load_for_training(ref: str, steps: int | None = None):
         exp, run = E.load_experiment(path / "experiment.yaml"), path
     else:
         exp, run = E.load_experiment(path), None
-        if exp.data.kind == "image_folder" and not Path(exp.data.path).is_absolute():
-            data = exp.data.model_copy(update={"path": str((path.parent / exp.data.path)
-                                                           .resolve())})
-            exp = exp.model_copy(update={"data": data})
+        exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, path.parent)})
     if steps is not None:
         if steps <= 0:
             raise _usage(f"--steps {steps}: must be a positive number of steps")
         exp = exp.model_copy(update={"training": exp.training.model_copy(
             update={"steps": steps})})
     return exp, run
+
+
+def absolute_data_paths(data, base: Path):
+    """``data`` with its paths (folders, shard patterns) made absolute from ``base`` (the
+    experiment file's folder), so the run folder's experiment.yaml works from anywhere."""
+    import os
+
+    def fix(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(str(base.resolve()), p)
+
+    if data.kind in ("image_folder", "latents"):
+        return data.model_copy(update={"path": fix(data.path)})
+    if data.kind == "webdataset":
+        shards = fix(data.shards) if isinstance(data.shards, str) else [
+            fix(p) for p in data.shards]
+        return data.model_copy(update={"shards": shards})
+    return data
 
 
 def cmd_train(args) -> int:
@@ -132,4 +179,49 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({"checkpoint": str(path), **report.to_json()}, indent=2))
     else:
         print(f"{path}: {report.format()}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from ditkit.cli import parse_resolution
+    from ditkit.runtime.autoencoder import AutoencoderError
+
+    from .data import DataError
+    from .encode import encode_images
+
+    for flag, value in (("--batch", args.batch), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise _usage(f"{flag} {value}: must be positive")
+    try:
+        r = encode_images(args.source, args.vae, args.out, parse_resolution(args.resolution),
+                          batch_size=args.batch, shard_size=args.shard_size, fmt=args.format,
+                          mode=args.mode, seed=args.seed, device=args.device,
+                          progress=not args.no_progress)
+    except AutoencoderError as err:
+        raise _usage(f"--vae {err}") from None
+    except DataError as err:
+        raise _usage(str(err)) from None
+    c, h, w = r.latent_shape
+    print(f"encoded {r.count} images ({r.image_resolution[0]}x{r.image_resolution[1]}) into "
+          f"{len(r.shards)} shard(s) of {c}x{h}x{w} latents (x{r.scale_factor:g}) in {r.out}; "
+          f"train with data: {{kind: latents, path: {r.out}}} and model input: "
+          f"{{space: latent, channels: {c}, resolution: [{h}, {w}]}}")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from .data import DataError, image_folder_samples, write_shards
+
+    if args.shard_size < 1:
+        raise _usage(f"--shard-size {args.shard_size}: must be positive")
+    out = Path(args.out)
+    if out.is_dir() and any(out.glob("*.tar")):
+        raise _usage(f"--out {out} already holds .tar shards; choose an empty folder")
+    try:
+        paths = write_shards(image_folder_samples(args.folder), out, args.shard_size,
+                             progress=not args.no_progress)
+    except DataError as err:
+        raise _usage(str(err).replace("data.path: ", f"{args.folder}: ")) from None
+    print(f"wrote {len(paths)} shard(s) to {out}; train with data: {{kind: webdataset, "
+          f"shards: '{out}/shard-{{{0:06d}..{len(paths) - 1:06d}}}.tar'}}")
     return 0

@@ -8,6 +8,7 @@ folder, an unreadable image, no images) raise :class:`DataError` naming the path
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,25 @@ class ShapesDataset(ImageDataset):
 # -------------------------------------------------------------------------------- image folder
 
 
+def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tensor:
+    """An image file (path or binary file object) -> ``(channels, H, W)`` in [-1, 1]: resized
+    (bicubic) so it covers ``resolution``, then centre-cropped. Raises ``OSError`` /
+    ``ValueError`` for unreadable data."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        h, w = resolution
+        scale = max(h / im.height, w / im.width)
+        size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+        im = im.resize(size, Image.BICUBIC)
+        left, top = (size[0] - w) // 2, (size[1] - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
 class ImageFolder(ImageDataset):
     """Images under ``path`` (one sub-folder per class, or flat: unconditional)."""
 
@@ -169,30 +189,381 @@ class ImageFolder(ImageDataset):
         return len(self.files)
 
     def load(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         path, _ = self.files[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L")
-                h, w = self.resolution
-                scale = max(h / im.height, w / im.width)
-                size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-                im = im.resize(size, Image.BICUBIC)
-                left, top = (size[0] - w) // 2, (size[1] - h) // 2
-                im = im.crop((left, top, left + w, top + h))
-                arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
+            return load_image(path, self.resolution, self.channels)
         except (OSError, ValueError) as err:
             raise DataError(f"data.path: cannot read image {path}: {err}; remove or replace "
                             "the file") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(arr))
 
     def __getitem__(self, i: int):
         img = self.load(i)
         if self.flip and np.random.default_rng([self.flip_seed, i]).random() < 0.5:
             img = img.flip(-1)
         return img, torch.tensor(self.files[i][1])
+
+
+# -------------------------------------------------------------------------------- paths
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar``; ``{x,y}`` -> alternatives
+    (the brace patterns webdataset users write). Zero-padded when the first bound is."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.groups()
+        width = len(a) if a.startswith("0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        parts = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    else:
+        parts = body.split(",")
+    return [x for part in parts for x in expand_braces(head + part + tail)]
+
+
+def resolve_files(patterns: str | list[str], base: Path | None, field: str,
+                  what: str) -> list[Path]:
+    """Paths from a list / brace pattern / glob (relative to ``base``); every named file must
+    exist and every glob must match. Raises :class:`DataError` naming ``field``."""
+    import glob
+
+    out: list[Path] = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        for item in expand_braces(pattern):
+            path = Path(item)
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            if glob.has_magic(str(path)):
+                found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+                if not found:
+                    raise DataError(f"{field}: no {what} match {path} (relative paths start at "
+                                    "the experiment file's folder)")
+                out += found
+            elif not path.is_file():
+                raise DataError(f"{field}: no such {what.rstrip('s')}: {path} (relative paths "
+                                "start at the experiment file's folder)")
+            else:
+                out.append(path)
+    return out
+
+
+# -------------------------------------------------------------------------------- webdataset
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One sample of a tar shard: its key and where its members' bytes are in the file."""
+
+    key: str
+    image: tuple[str, int, int]
+    """(member name, data offset, size)"""
+    label: tuple[int, int] | None
+    """(data offset, size) of ``KEY.cls``"""
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
+
+
+def index_shard(path: Path) -> list[ShardSample]:
+    """The samples of one uncompressed tar shard, in file order (reads headers only)."""
+    import tarfile
+
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = _split_key(m.name)
+                groups.setdefault(key, {})[ext] = m
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"data.shards: {path} is not a readable tar file ({err}); shards must "
+                        "be uncompressed .tar files (see ditkit shards)") from None
+    samples = []
+    images = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+    for key, members in groups.items():
+        ext = next((e for e in members if e in images), None)
+        if ext is None:
+            raise DataError(f"data.shards: sample {key!r} in {path} has no image member "
+                            f"({', '.join('.' + e for e in images)}); members: "
+                            f"{', '.join(sorted(m.name for m in members.values()))}")
+        im = members[ext]
+        cls = members.get("cls")
+        samples.append(ShardSample(key, (im.name, im.offset_data, im.size),
+                                   (cls.offset_data, cls.size) if cls is not None else None))
+    if not samples:
+        raise DataError(f"data.shards: {path} holds no samples (KEY.png/KEY.jpg + KEY.cls)")
+    return samples
+
+
+def _is_tar(path: Path) -> bool:
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            tar.next()
+        return True
+    except (tarfile.TarError, OSError):
+        return False
+
+
+class WebDataset(ImageDataset):
+    """Images (+ ``.cls`` labels) in webdataset tar shards, read with random access inside a
+    shard. ``classes``: the model's class count (labels are required and checked against it),
+    ``None`` for an unconditional model (labels are ignored)."""
+
+    def __init__(self, spec: E.WebDatasetData, resolution: tuple[int, int], channels: int,
+                 base: Path | None = None, classes: int | None = None):
+        if channels not in (1, 3):
+            raise DataError(f"webdataset data gives 1 (L) or 3 (RGB) channels; the model's "
+                            f"input.channels is {channels}")
+        self.shards = resolve_files(spec.shards, base, "data.shards", "shards")
+        for path in self.shards:  # cheap up-front check (the first header); full index lazily
+            if not _is_tar(path):
+                raise DataError(f"data.shards: {path} is not a readable tar file; shards must "
+                                "be uncompressed .tar files (see ditkit shards)")
+        self.resolution, self.channels, self.flip = tuple(resolution), channels, spec.flip
+        self.num_classes = classes
+        self._index: dict[int, list[ShardSample]] = {}
+        self._file: tuple[int, object] | None = None
+
+    def samples(self, shard: int) -> list[ShardSample]:
+        if shard not in self._index:
+            self._index[shard] = index_shard(self.shards[shard])
+        return self._index[shard]
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._file is None or self._file[0] != shard:
+            if self._file is not None:
+                self._file[1].close()
+            self._file = (shard, open(self.shards[shard], "rb"))
+        f = self._file[1]
+        f.seek(offset)
+        return f.read(size)
+
+    def read(self, shard: int, j: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``j`` of shard ``shard`` (in file order): ``(image, label)``."""
+        import io
+
+        path, s = self.shards[shard], self.samples(shard)[j]
+        name, offset, size = s.image
+        try:
+            img = load_image(io.BytesIO(self._read(shard, offset, size)), self.resolution,
+                             self.channels)
+        except (OSError, ValueError) as err:
+            raise DataError(f"data.shards: cannot read image {name} in {path}: {err}; remove "
+                            "or replace that member") from None
+        label = 0
+        if self.num_classes is not None:
+            label = self.label(shard, j)
+            if label is None:
+                raise DataError(f"data.shards: sample {s.key!r} in {path} has no .cls label but "
+                                "the model is class-conditional (model.conditioning.classes); "
+                                "add KEY.cls members or remove conditioning.classes")
+            if not 0 <= label < self.num_classes:
+                raise DataError(f"data.shards: {s.key}.cls in {path} is label {label}, outside "
+                                f"[0, {self.num_classes}) of model.conditioning.classes.count")
+        if flip:
+            img = img.flip(-1)
+        return img, torch.tensor(label)
+
+    def label(self, shard: int, j: int) -> int | None:
+        """The ``.cls`` label of sample ``j`` of ``shard`` (``None`` when it has none)."""
+        s = self.samples(shard)[j]
+        if s.label is None:
+            return None
+        text = self._read(shard, *s.label)
+        try:
+            return int(text.decode().strip())
+        except ValueError:
+            raise DataError(f"data.shards: {s.key}.cls in {self.shards[shard]} is not an integer "
+                            f"label: {text[:40]!r}") from None
+
+    def __len__(self) -> int:
+        return sum(len(self.samples(i)) for i in range(len(self.shards)))
+
+    def __iter__(self):
+        """``(image, label or None)`` for every sample once, in shard and file order, without
+        flips (``ditkit encode``)."""
+        for i in range(len(self.shards)):
+            for j in range(len(self.samples(i))):
+                yield self.read(i, j)[0], self.label(i, j)
+
+
+def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str = "shard",
+                 progress: bool = False) -> list[Path]:
+    """Write ``samples`` -- ``(key, image, label)`` with ``image`` a PIL image, a path to an
+    image file or encoded bytes, ``label`` an int or ``None`` -- as webdataset tar shards
+    ``out/PREFIX-000000.tar`` ... of ``shard_size`` samples (PNG for PIL images; files are
+    stored as they are). Each shard is written atomically. Returns the shard paths."""
+    import io
+    import tarfile
+
+    from tqdm import tqdm
+
+    from ditkit.runtime.files import atomic_path
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size {shard_size}: must be positive")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    pending: list[tuple[str, bytes, str, int | None]] = []
+
+    def flush():
+        path = out / f"{prefix}-{len(paths):06d}.tar"
+        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, data, ext, label in pending:
+                members = [(f"{key}.{ext}", data)]
+                if label is not None:
+                    members.append((f"{key}.cls", str(int(label)).encode()))
+                for name, payload in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+        pending.clear()
+
+    for key, image, label in tqdm(samples, desc="shards", unit="img", disable=not progress):
+        if "." in key.rpartition("/")[2]:
+            raise ValueError(f"sample key {key!r}: keys must not contain a dot in their name "
+                             "(the first dot starts the extension)")
+        if isinstance(image, (str, Path)):
+            data, ext = Path(image).read_bytes(), Path(image).suffix.lower().lstrip(".")
+        elif isinstance(image, bytes):
+            data, ext = image, "png"
+        else:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            data, ext = buf.getvalue(), "png"
+        pending.append((key, data, "jpg" if ext == "jpeg" else ext, label))
+        if len(pending) == shard_size:
+            flush()
+    if pending:
+        flush()
+    return paths
+
+
+def image_folder_samples(root: str | Path):
+    """``(key, path, label)`` for every image of an image folder (labels: sorted sub-folders,
+    ``None`` for a flat folder) -- the input of :func:`write_shards`."""
+    ds = ImageFolder(E.ImageFolderData(path=str(root), flip=False), (1, 1), 3)
+    for i, (path, label) in enumerate(ds.files):
+        yield f"{i:08d}", path, (label if ds.num_classes is not None else None)
+
+
+# -------------------------------------------------------------------------------- latents
+
+LATENT_SUFFIXES = (".safetensors", ".npz")
+
+
+class LatentShards(ImageDataset):
+    """Latents ``(N, C, h, w)`` (+ ``labels``) from ``.safetensors`` / ``.npz`` shards,
+    multiplied by ``scale``. safetensors shards are memory-mapped and read row by row; npz
+    shards are loaded into memory. Shapes and labels are checked against the model spec."""
+
+    def __init__(self, spec: E.LatentsData, model, base: Path | None = None):
+        root = Path(spec.path)
+        if not root.is_absolute() and base is not None:
+            root = base / root
+        if root.is_dir():
+            files = sorted(p for p in root.iterdir() if p.suffix in LATENT_SUFFIXES)
+            if not files:
+                raise DataError(f"data.path: no latent shards ({', '.join(LATENT_SUFFIXES)}) "
+                                f"in {root}; write them with ditkit encode")
+        else:
+            files = resolve_files(str(root), None, "data.path", "latent shards")
+        bad = [p for p in files if p.suffix not in LATENT_SUFFIXES]
+        if bad:
+            raise DataError(f"data.path: {bad[0]} is not a latent shard (use "
+                            f"{' or '.join(LATENT_SUFFIXES)})")
+        cls = model.conditioning.classes
+        self.num_classes = cls.count if cls is not None else None
+        self.scale, self.files = spec.scale, files
+        self._arrays: dict[int, torch.Tensor] = {}
+        self._handles: dict[int, object] = {}
+        self._labels: list[torch.Tensor | None] = []
+        counts = []
+        want_c, want_hw = model.input.channels, tuple(model.input.resolution)
+        for k, path in enumerate(files):
+            shape, labels = self._open(k, path)
+            if len(shape) != 4:
+                raise DataError(f"data.path: `latents` in {path} has shape {list(shape)}; "
+                                "expected (N, C, h, w)")
+            n, c, h, w = shape
+            if c != want_c:
+                raise DataError(f"model.input.channels is {want_c} but the latents in {path} "
+                                f"have {c} channels; set input.channels: {c}")
+            if (h, w) != want_hw:
+                raise DataError(f"model.input.resolution is {list(want_hw)} but the latents in "
+                                f"{path} are {h}x{w}; set input.resolution: [{h}, {w}] (or "
+                                "encode images of the size the model needs)")
+            if labels is not None and labels.shape != (n,):
+                raise DataError(f"data.path: `labels` in {path} has shape {list(labels.shape)};"
+                                f" expected ({n},) to match the latents")
+            if self.num_classes is not None:
+                if labels is None:
+                    raise DataError(f"data.path: {path} has no `labels` but the model is "
+                                    "class-conditional (model.conditioning.classes); encode "
+                                    "labelled images or remove conditioning.classes")
+                if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                    raise DataError(f"data.path: labels in {path} span [{int(labels.min())}, "
+                                    f"{int(labels.max())}] but model.conditioning.classes.count"
+                                    f" is {self.num_classes}")
+            self._labels.append(labels)
+            counts.append(n)
+        self.offsets = np.cumsum([0] + counts)
+        if self.offsets[-1] == 0:
+            raise DataError(f"data.path: the latent shards under {root} hold no samples")
+
+    def _open(self, k: int, path: Path):
+        """``(latents shape, labels or None)``; keeps the shard open (or loaded)."""
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                f = safe_open(str(path), framework="pt")
+                keys = set(f.keys())
+                if "latents" not in keys:
+                    raise DataError(f"data.path: {path} has no `latents` tensor (keys: "
+                                    f"{', '.join(sorted(keys)) or 'none'})")
+                self._handles[k] = f
+                labels = f.get_tensor("labels").long() if "labels" in keys else None
+                return tuple(f.get_slice("latents").get_shape()), labels
+            with np.load(path) as z:
+                if "latents" not in z.files:
+                    raise DataError(f"data.path: {path} has no `latents` array (arrays: "
+                                    f"{', '.join(z.files) or 'none'})")
+                self._arrays[k] = torch.from_numpy(np.asarray(z["latents"], np.float32))
+                labels = (torch.from_numpy(np.asarray(z["labels"]).astype(np.int64))
+                          if "labels" in z.files else None)
+                return tuple(self._arrays[k].shape), labels
+        except DataError:
+            raise
+        except Exception as err:  # safetensors / zip / pickle errors of a damaged file
+            raise DataError(f"data.path: cannot read latent shard {path}: {err}") from None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        r = i - int(self.offsets[k])
+        if k in self._arrays:
+            z = self._arrays[k][r]
+        else:
+            z = self._handles[k].get_slice("latents")[r:r + 1][0]
+        labels = self._labels[k]
+        label = labels[r] if labels is not None and self.num_classes is not None else \
+            torch.tensor(0)
+        return z.float() * self.scale, label
 
 
 def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
@@ -206,6 +577,11 @@ def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
             return ShapesDataset(d, res, ch)
         case E.ImageFolderData() as d:
             return ImageFolder(d, res, ch, base)
+        case E.WebDatasetData() as d:
+            cls = spec.conditioning.classes
+            return WebDataset(d, res, ch, base, cls.count if cls is not None else None)
+        case E.LatentsData() as d:
+            return LatentShards(d, spec, base)
     raise DataError(f"data.kind {exp.data.kind!r} is not supported")
 
 
@@ -265,3 +641,93 @@ class BatchStream:
         items = [self.dataset[i] for i in idx]
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
+
+    def state(self) -> dict:
+        """The position, for checkpoints (the same on every rank)."""
+        return vars(self.position).copy()
+
+    def restore(self, state: dict) -> None:
+        self.position = Position(**state)
+
+
+@dataclass
+class ShardPosition:
+    """Where a shard stream is: the number of samples each rank has drawn (equal on every
+    rank, since every rank takes the same share of each global batch)."""
+
+    samples: int = 0
+
+
+class ShardStream:
+    """Batches from webdataset shards, split across ranks by shard: the shard sequence is
+    epoch after epoch of ``permutation(shards, seed, epoch)``, and rank ``r`` reads shards
+    ``r, r + world, r + 2 world, ...`` of it, each in its own seeded order (with seeded flips).
+    The position is the count of samples each rank has drawn; a resumed run walks the shard
+    sizes to the same shard and sample, so it draws exactly the batches the original would."""
+
+    def __init__(self, dataset: WebDataset, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, position: ShardPosition | None = None):
+        if batch_size % world:
+            raise ValueError(f"training.batch_size {batch_size} is not divisible by the "
+                             f"{world} processes")
+        if len(dataset.shards) < world:
+            raise DataError(f"data.shards: {len(dataset.shards)} shard(s) cannot be split "
+                            f"across {world} processes; write at least {world} shards")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world = rank, world
+        self._perm: tuple[int, np.ndarray] | None = None
+        self.restore(vars(position or ShardPosition()))
+
+    def _shard(self, j: int) -> tuple[int, int]:
+        """``(epoch, shard index)`` of this rank's ``j``-th shard."""
+        n = len(self.dataset.shards)
+        epoch, i = divmod(self.rank + self.world * j, n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+        return epoch, int(self._perm[1][i])
+
+    def _open(self, j: int) -> None:
+        epoch, shard = self._shard(j)
+        n = len(self.dataset.samples(shard))
+        rng = np.random.default_rng([self.seed, epoch, shard, 1])
+        order, flips = rng.permutation(n), rng.random(n) < 0.5
+        self._cur = (j, shard, order, flips & self.dataset.flip)
+
+    def state(self) -> dict:
+        return vars(self.position).copy()
+
+    def restore(self, state: dict) -> None:
+        self.position = ShardPosition(**state)
+        j, left = 0, self.position.samples
+        while True:
+            size = len(self.dataset.samples(self._shard(j)[1]))
+            if left < size:
+                break
+            left, j = left - size, j + 1
+        self._open(j)
+        self._within = left
+
+    def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share (``n / world``) of the next ``n`` global samples."""
+        images, labels = [], []
+        for _ in range(n // self.world):
+            j, shard, order, flips = self._cur
+            if self._within == len(order):
+                self._open(j + 1)
+                self._within = 0
+                j, shard, order, flips = self._cur
+            k = int(order[self._within])
+            img, label = self.dataset.read(shard, k, bool(flips[k]))
+            images.append(img)
+            labels.append(label)
+            self._within += 1
+            self.position.samples += 1
+        return torch.stack(images), torch.stack(labels)
+
+
+def make_stream(dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0,
+                world: int = 1) -> BatchStream | ShardStream:
+    """The batch stream for ``dataset``: shard-wise for webdataset, index-wise otherwise."""
+    if isinstance(dataset, WebDataset):
+        return ShardStream(dataset, batch_size, seed, rank, world)
+    return BatchStream(dataset, batch_size, seed, rank, world)

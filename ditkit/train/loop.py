@@ -37,7 +37,7 @@ from ditkit import spec as S
 from ditkit.spec.experiment import Experiment
 
 from . import checkpoints as C
-from .data import BatchStream, Position, make_dataset
+from .data import make_dataset, make_stream
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
 
@@ -270,7 +270,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     optimizer = torch.optim.AdamW(groups, lr=opt_spec.lr, betas=opt_spec.betas, eps=opt_spec.eps)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     dataset = make_dataset(exp, data_base)
-    stream = BatchStream(dataset, tr.batch_size, tr.seed, rank, world)
+    stream = make_stream(dataset, tr.batch_size, tr.seed, rank, world)
     gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1))
     if state is not None:
         model.load_state_dict(C.read_tensors(ckpt_dir / "model.safetensors"))
@@ -278,7 +278,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generators"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
-        stream.position = Position(**state["data_position"])
+        stream.restore(state["data_position"])
     net: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -310,7 +310,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             return None
         train_state = {"step": step, "world": world, "optimizer": optimizer.state_dict(),
                        "generators": gens, "torch_rng": rngs,
-                       "data_position": vars(stream.position).copy(),
+                       "data_position": stream.state(),
                        "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
         return C.write_checkpoint(ckpt_root, step, exp, model.state_dict(),
                                   ema_model.state_dict(), train_state, exp.checkpoint.keep_last)
