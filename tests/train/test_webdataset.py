@@ -215,3 +215,37 @@ def test_label_outside_the_model_classes_is_named(tmp_path):
     ds = WebDataset(E.WebDatasetData(shards=str(tmp_path / "noimg.tar")), (8, 8), 1)
     with pytest.raises(DataError, match="sample 'x' in .* has no image member"):
         ds.samples(0)
+
+
+@pytest.mark.slow  # 3 torchrun launches, ~50 s on 2 busy cores
+def test_torchrun_two_processes_on_shards_resume_exactly(tmp_path):
+    """Each of 2 gloo ranks reads its own shards; a 2-then-2-step run equals a 4-step run."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    _digit_shards(tmp_path / "wds", 32, 8)
+    data = tiny_experiment_data("edm", steps=4, training={"batch_size": 8},
+                                data={"kind": "webdataset", "shards": "wds/*.tar"},
+                                preview={"every": 0, "count": 10, "steps": 1})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: str, *extra: str) -> None:
+        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m",
+                               "ditkit.cli", "train", "exp.yaml", "--out", out, "--no-progress",
+                               *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("full")
+    run("part", "--steps", "2")
+    run("part", "--steps", "4", "--resume")
+    summary = json.loads((tmp_path / "part/summary.json").read_text())
+    assert summary["world"] == 2 and summary["ranks_identical"]
+    full = [r["loss"] for r in read_scalars(tmp_path / "full/scalars.csv")]
+    assert [r["loss"] for r in read_scalars(tmp_path / "part/scalars.csv")] == full
+    assert len(full) == 4
