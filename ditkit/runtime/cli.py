@@ -249,7 +249,10 @@ def cmd_sample(args) -> int:
     if images is None:
         return 0
     save_grid(images, args.out)
-    print(f"wrote {args.out} ({n} samples, {res[0]}x{res[1]}, {args.sampler}, {args.steps} "
+    shown = f"{res[0]}x{res[1]}"
+    if tuple(images.shape[-2:]) != tuple(res):
+        shown += f" latents decoded to {images.shape[-2]}x{images.shape[-1]}"
+    print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
           f"steps, cfg {args.cfg}, seed {args.seed})")
     if args.individual:
         from .images import image_grid

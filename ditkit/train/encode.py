@@ -116,7 +116,9 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
         shards.append(str(path))
 
     def flush(final: bool) -> None:
-        z = torch.cat(buf_z) if buf_z else torch.empty(0)
+        if len(buf_y) < shard_size and not (final and buf_y):
+            return  # concatenate only when a shard is full (no quadratic copying)
+        z = torch.cat(buf_z)
         while len(z) >= shard_size or (final and len(z)):
             write(z[:shard_size], buf_y[:shard_size])
             z = z[shard_size:]
