@@ -33,7 +33,6 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
-
     p = sub.add_parser("encode", help="images -> latent shards with a local AutoencoderKL",
                        description="Encode images (an image folder, webdataset shards or "
                        "`digits`) into latent shards for `data: {kind: latents}`, with a "
@@ -99,7 +98,7 @@ def absolute_data_paths(data, base: Path):
     import os
 
     def fix(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.join(str(base.resolve()), p)
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base.resolve(), p))
 
     if data.kind in ("image_folder", "latents"):
         return data.model_copy(update={"path": fix(data.path)})

@@ -84,8 +84,9 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
     vae = load_autoencoder(vae_path, device)
     h, w = resolution
     if h % vae.factor or w % vae.factor:
+        f = vae.factor
         raise DataError(f"--resolution {h}x{w}: must be a multiple of the autoencoder's "
-                        f"downsampling factor {vae.factor} (e.g. {h // vae.factor * vae.factor or vae.factor})")
+                        f"downsampling factor {f} (e.g. {max(f, h // f * f)}x{max(f, w // f * f)})")
     items, count, classes = image_source(source, resolution, vae.image_channels)
     if count == 0:
         raise DataError(f"{source}: no images to encode")
