@@ -20,9 +20,15 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="digits: label accuracy and Frechet distance of samples")
-    p.add_argument("checkpoint", help="a ditkit checkpoint (.safetensors) or a run folder "
-                   "(its newest checkpoint's EMA weights)")
+    p = sub.add_parser(
+        "evaluate", help="digits: label accuracy and Frechet distance; folders: FID",
+        description="With a checkpoint: sample digits and report label accuracy and a Frechet "
+        "distance (see ditkit.train.evaluate). With --real DIR --fake DIR: FID between two "
+        "folders of images through the standard Inception weights "
+        "(pt_inception-2015-12-05-6726825d.pth), which must be on disk: --fid-weights, "
+        "$DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+    p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
+                   "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--sampler", default="heun")
@@ -30,6 +36,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--grid", help="also write the first 100 samples as a PNG grid")
+    p.add_argument("--real", help="FID: folder of reference images (sub-folders included)")
+    p.add_argument("--fake", help="FID: folder of generated images")
+    p.add_argument("--fid-weights", help="FID: the Inception weights file (default: "
+                   "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
+                   "pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-batch", type=int, default=8, help="FID: images per Inception batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -103,12 +115,36 @@ def resolve_checkpoint(ref: str) -> Path:
     return path
 
 
+def cmd_fid(args) -> int:
+    from .fid import FIDError, fid_folders
+
+    if args.checkpoint is not None:
+        raise _usage("give either a checkpoint (digits evaluation) or --real DIR --fake DIR "
+                     "(FID between folders), not both")
+    if not (args.real and args.fake):
+        raise _usage("FID needs both --real DIR and --fake DIR")
+    if args.fid_batch <= 0:
+        raise _usage(f"--fid-batch {args.fid_batch}: must be positive")
+    try:
+        report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
+                             device=args.device, progress=not args.json)
+    except FIDError as err:
+        raise _usage(str(err)) from None
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ditkit.runtime.checkpoint import load_model
 
     from .evaluate import evaluate_model
     from .logs import image_grid, save_png
 
+    if args.real or args.fake:
+        return cmd_fid(args)
+    if args.checkpoint is None:
+        raise _usage("give a checkpoint or run folder (digits evaluation), or --real DIR "
+                     "--fake DIR (FID between two folders of images)")
     path = resolve_checkpoint(args.checkpoint)
     if args.count < 10:
         raise _usage(f"--count {args.count}: use at least 10 (one per class)")
