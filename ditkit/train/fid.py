@@ -196,6 +196,49 @@ def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None =
     return FIDReport(d, str(real), str(fake), len(f_real), len(f_fake), str(path))
 
 
-__all__ = ["fid_folders", "folder_features", "frechet_from_stats", "frechet_from_features",
-           "trace_sqrt_product", "sqrtm_psd", "gaussian", "load_inception", "default_weights_path", "FIDError",
-           "FIDReport", "ENV_VAR", "WEIGHTS_URL"]
+def to_inception_input(images: torch.Tensor) -> torch.Tensor:
+    """Model samples ``(N, C, H, W)`` in [-1, 1] -> ``(N, 3, 299, 299)`` in [0, 1], quantised
+    to 8 bits as if saved as PNG (what folder-based FID of the same samples would read)."""
+    import torch.nn.functional as F
+
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 255
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        raise FIDError(f"FID needs grey or RGB images; the samples have {x.shape[1]} channels")
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
+              steps: int = 20, sampler: str = "heun", cfg_scale: float = 1.0, seed: int = 1,
+              weights: str | Path | None = None, batch: int = 8, device: str = "cpu",
+              progress: bool = True, source: str = "model") -> FIDReport:
+    """FID between ``count`` samples of a pixel-space model (labels cycling over its classes
+    when class-conditional) and the images under ``real``."""
+    from tqdm import tqdm
+
+    from .loop import sample_images
+
+    if spec.input.space != "pixel":
+        raise FIDError("FID of a latent-space model needs its samples decoded to images; "
+                       "decode them, save them to a folder and use --real DIR --fake DIR")
+    image_files(real)
+    path = Path(weights).expanduser() if weights else default_weights_path()
+    net = load_inception(path, device)
+    f_real = folder_features(net, real, batch, device, progress)
+    images, _ = sample_images(model, spec, objective, count, steps, sampler, seed, cfg_scale,
+                              device, progress=progress)
+    x = to_inception_input(images)
+    f_fake = np.concatenate([net(x[i:i + batch].to(device)).double().cpu().numpy()
+                             for i in tqdm(range(0, len(x), batch), disable=not progress,
+                                           unit="batch", desc="inception samples")])
+    d = frechet_from_features(f_real, f_fake)
+    return FIDReport(d, str(real), f"{count} samples of {source}", len(f_real), len(f_fake),
+                     str(path))
+
+
+__all__ = ["fid_folders", "fid_model", "to_inception_input", "folder_features",
+           "frechet_from_stats", "frechet_from_features", "trace_sqrt_product", "sqrtm_psd",
+           "gaussian", "load_inception", "default_weights_path", "FIDError", "FIDReport",
+           "ENV_VAR", "WEIGHTS_URL"]

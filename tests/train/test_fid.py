@@ -14,8 +14,8 @@ from PIL import Image
 
 from ditkit.cli import main
 from ditkit.train.fid import (ENV_VAR, FIDError, fid_folders, folder_features,
-                              frechet_from_features, frechet_from_stats, gaussian, load_inception, sqrtm_psd,
-                              trace_sqrt_product)
+                              frechet_from_features, frechet_from_stats, gaussian,
+                              load_inception, sqrtm_psd, trace_sqrt_product)
 from ditkit.train.inception import FIDInception
 
 # (name, shape) from torchvision's Inception3 (which pytorch-fid patches and loads the file
@@ -112,7 +112,8 @@ def _images(folder, seed, smooth):
     for i in range(3):
         x = rng.uniform(size=(40, 40, 3))
         if smooth:
-            x = 0.3 + 0.7 * (x + np.roll(x, 1, 0) + np.roll(x, 1, 1) + np.roll(x, (1, 1), (0, 1))) / 4
+            x = x + np.roll(x, 1, 0) + np.roll(x, 1, 1) + np.roll(x, (1, 1), (0, 1))
+            x = 0.3 + 0.7 * x / 4
         Image.fromarray((x * 255).astype(np.uint8)).save(folder / f"{i}.png")
     return folder
 
@@ -178,6 +179,38 @@ def test_cli_fid_without_weights_exits_2_and_says_where_to_put_them(tmp_path, fi
     assert main(["evaluate", "--real", str(a), "--fake", str(tmp_path)]) == 2  # no images
     assert "no images" in capsys.readouterr().err
     assert main(["evaluate", "--real", str(a)]) == 2
-    assert "both --real DIR and --fake DIR" in capsys.readouterr().err
+    assert "FID needs --fake DIR (generated images) or a checkpoint" in capsys.readouterr().err
     with pytest.raises(FIDError, match="nowhere.pth"):
         fid_folders(a, b)
+
+
+def test_inception_input_from_samples():
+    from ditkit.train.fid import to_inception_input
+
+    x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
+    y = to_inception_input(x)
+    assert y.shape == (1, 3, 299, 299)
+    assert torch.equal(y[:, 0], y[:, 2])  # grey repeated into RGB
+    corners = y[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert torch.allclose(corners, torch.tensor([0.0, 128 / 255, 1.0, 1.0]))  # 8-bit, clamped
+    with pytest.raises(FIDError, match="grey or RGB"):
+        to_inception_input(torch.zeros(1, 4, 2, 2))
+
+
+def test_cli_fid_of_checkpoint_samples_against_a_folder(tmp_path, fid_setup, capsys):
+    from ditkit.train.loop import train
+
+    from .conftest import tiny_experiment
+
+    _, weights, a, _, _ = fid_setup
+    train(tiny_experiment(steps=2), tmp_path / "run", progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--real", str(a), "--count", "4",
+                 "--steps", "2", "--fid-weights", str(weights), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["real_count"], report["fake_count"]) == (3, 4)
+    assert report["fake"].startswith("4 samples of") and report["fake"].endswith(
+        "ema.safetensors")
+    assert np.isfinite(report["fid"]) and report["fid"] > 0
+    assert main(["evaluate", str(tmp_path / "run"), "--real", str(a), "--fake", str(a)]) == 2
+    assert "not both" in capsys.readouterr().err
