@@ -135,3 +135,42 @@ def test_fsdp2_mixed_precision_policy_follows_the_run_dtype():
     cuda = policy("cuda")
     assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert policy("cpu", param_dtype="bf16").param_dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_cli_fsdp2_bf16_params_on_cpu_and_resume(tmp_path):
+    """``ditkit train`` under torchrun with FSDP2 and bf16 compute (param_dtype) on CPU/gloo:
+    master weights stay fp32 in the checkpoint, and ``--resume`` from the middle checkpoint
+    repeats the uninterrupted losses exactly (two launches, ~1 min)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    data = tiny_experiment_data("edm", steps=6, checkpoint={"every": 3},
+                                distributed={"strategy": "fsdp2", "param_dtype": "bf16",
+                                             "reshard_after_forward": False})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(*extra):
+        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m",
+                               "ditkit.cli", "train", "exp.yaml", "--no-progress", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    launch("--out", "run")
+    rows = read_scalars(tmp_path / "run/scalars.csv")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    weights = C.read_tensors(tmp_path / "run/checkpoints/step-000006/model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step-000006")
+    csv = tmp_path / "resumed/scalars.csv"  # as if stopped after step 3: rows 4-6 must return
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:4]))
+    (tmp_path / "resumed/summary.json").unlink()
+    launch("--out", "resumed", "--resume")
+    assert (tmp_path / "resumed/checkpoints/step-000006/ema.safetensors").is_file()
+    resumed = [r["loss"] for r in read_scalars(tmp_path / "resumed/scalars.csv")]
+    assert resumed == losses
+    summary = json.loads((tmp_path / "resumed/summary.json").read_text())
+    assert summary["ranks_identical"] and summary["world"] == 2
