@@ -117,11 +117,8 @@ class Placement:
         opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(model, model_state, options=opts)
         set_model_state_dict(ema_model, ema_state, options=opts)
-        if all(isinstance(k, int) for k in optimizer_state.get("state", {})) and \
-                not self.sharded and optimizer_state.get("state"):
-            optimizer.load_state_dict(optimizer_state)  # a checkpoint from before names keys
-        else:
-            set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+        optimizer_state = _named_optimizer_state(model, optimizer, optimizer_state)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
 
     def sampling_model(self, ema_model: nn.Module,
                        factory: Callable[[], nn.Module]) -> nn.Module | None:
@@ -167,6 +164,19 @@ def shard(model: nn.Module, **options) -> nn.Module:
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           state: dict) -> dict:
+    """Checkpoints written before the state was keyed by name hold ``optimizer.state_dict()``
+    (parameters numbered in the order of ``optimizer.param_groups``): rename to names."""
+    groups = state.get("param_groups", [])
+    if not groups or not all(isinstance(i, int) for g in groups for i in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

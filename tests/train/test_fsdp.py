@@ -175,3 +175,37 @@ def test_cli_fsdp2_bf16_params_on_cpu_and_resume(tmp_path):
     assert resumed == losses
     summary = json.loads((tmp_path / "resumed/summary.json").read_text())
     assert summary["ranks_identical"] and summary["world"] == 2
+
+
+def test_optimizer_state_is_saved_by_name_and_old_numbered_state_still_loads(tmp_path):
+    """One process: the checkpoint's optimizer state is keyed by parameter name (the format
+    every strategy writes); a state saved the old way (``optimizer.state_dict()``, numbered)
+    resumes to the same optimizer."""
+    import copy
+
+    from ditkit.train.distributed import Placement
+    from ditkit.train.loop import param_groups
+
+    exp = tiny_experiment("edm")
+    torch.manual_seed(0)
+    model = build(exp.model_spec)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    place = Placement(exp, 1, 0, torch.device("cpu"))
+
+    def adamw(m):
+        return torch.optim.AdamW(param_groups(m, exp.optimizer), lr=1e-3)
+
+    opt = adamw(model)
+    x = torch.randn(2, 1, 8, 8)
+    model(x, torch.ones(2), torch.zeros(2, dtype=torch.long)).square().mean().backward()
+    opt.step()
+    m_sd, e_sd, o_sd = place.full_state(model, ema, opt)
+    names = {n for n, _ in model.named_parameters()}
+    assert set(o_sd["state"]) == names and set(m_sd) == set(model.state_dict())
+    for saved in (o_sd, opt.state_dict()):  # by name, and the old numbered format
+        fresh = build(exp.model_spec)
+        fresh_opt = adamw(fresh)
+        place.load(fresh, copy.deepcopy(fresh), fresh_opt, m_sd, e_sd, copy.deepcopy(saved))
+        for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+            assert torch.equal(p, q), n
+            assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"]), n
