@@ -158,11 +158,34 @@ class Precision(Spec):
 
 
 class Distributed(Spec):
-    """Used when launched by ``torchrun`` (``WORLD_SIZE`` > 1). ``backend: auto``: nccl on
-    CUDA, gloo on CPU."""
+    """How a ``torchrun`` launch (``WORLD_SIZE`` > 1) spreads the run; a single process ignores
+    it. ``backend: auto``: nccl on CUDA, gloo on CPU.
 
-    strategy: Literal["ddp"] = "ddp"
+    ``strategy: ddp`` -- data parallel: every process holds the whole model and optimizer and
+    gradients are averaged after each backward.
+
+    ``strategy: fsdp2`` -- fully sharded (``torch.distributed.fsdp.fully_shard``): each
+    transformer block, then the whole model, is sharded across the processes; each holds 1/N
+    of the weights, gradients, EMA and optimizer state and gathers a block's weights just in
+    time. Same numbers as DDP up to summation order. Checkpoints hold the full (gathered)
+    state either way, so they load into a plain model and resume under either strategy.
+    Its options (set only with fsdp2):
+
+    * ``param_dtype``: the dtype blocks compute in (weights are all-gathered in it); ``auto``:
+      bf16 when the run computes in bf16 (``precision.dtype: bf16``, or ``auto`` on CUDA),
+      else fp32. Master weights and optimizer state stay fp32.
+    * ``reduce_dtype``: the dtype gradients are averaged in.
+    * ``reshard_after_forward``: free the gathered weights after each block's forward (ZeRO-3,
+      least memory); ``false`` keeps them until the backward (less communication)."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    reshard_after_forward: bool = True
+
+
+FSDP2_OPTIONS = ("param_dtype", "reduce_dtype", "reshard_after_forward")
 
 
 class Checkpointing(Spec):
@@ -303,6 +326,11 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
     if exp.training.batch_size % exp.training.accumulate:
         out.append(("training.accumulate", f"{exp.training.accumulate} does not divide "
                     f"batch_size {exp.training.batch_size}"))
+    if exp.distributed.strategy != "fsdp2":
+        for name in FSDP2_OPTIONS:
+            if name in exp.distributed.model_fields_set:
+                out.append((f"distributed.{name}", "is an option of strategy fsdp2; remove it "
+                            "or set distributed.strategy: fsdp2"))
     if exp.evaluation.enabled and exp.data.kind != "digits":
         out.append(("evaluation.enabled", "the built-in evaluation is for `data: {kind: "
                     "digits}` only; set enabled: false"))

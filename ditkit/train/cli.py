@@ -10,7 +10,8 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train an experiment (YAML); torchrun for several processes",
                        description="Train an experiment spec. Under torchrun (WORLD_SIZE > 1) "
-                       "it runs DDP, gloo on CPU / nccl on CUDA; only rank 0 writes.")
+                       "it runs DDP or FSDP2 (the experiment's distributed.strategy), gloo on "
+                       "CPU / nccl on CUDA; only rank 0 writes.")
     p.add_argument("experiment", help="experiment file (.yaml/.json), or a run folder to resume")
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true",
@@ -20,9 +21,16 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="digits: label accuracy and Frechet distance of samples")
-    p.add_argument("checkpoint", help="a ditkit checkpoint (.safetensors) or a run folder "
-                   "(its newest checkpoint's EMA weights)")
+    p = sub.add_parser(
+        "evaluate", help="digits: label accuracy and Frechet distance; folders: FID",
+        description="With a checkpoint: sample digits and report label accuracy and a Frechet "
+        "distance (see ditkit.train.evaluate). With --real DIR --fake DIR: FID between two "
+        "folders of images through the standard Inception weights "
+        "(pt_inception-2015-12-05-6726825d.pth); with a checkpoint and --real DIR: FID of "
+        "--count samples against the folder. The weights must be on disk: --fid-weights, "
+        "$DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+    p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
+                   "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--sampler", default="heun")
@@ -30,6 +38,13 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--grid", help="also write the first 100 samples as a PNG grid")
+    p.add_argument("--real", help="FID: folder of reference images (sub-folders included); "
+                   "with a checkpoint, FID of --count samples against it")
+    p.add_argument("--fake", help="FID: folder of generated images")
+    p.add_argument("--fid-weights", help="FID: the Inception weights file (default: "
+                   "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
+                   "pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-batch", type=int, default=8, help="FID: images per Inception batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -149,22 +164,65 @@ def resolve_checkpoint(ref: str) -> Path:
     return path
 
 
-def cmd_evaluate(args) -> int:
+def cmd_fid(args) -> int:
+    """``--real DIR --fake DIR``: FID between folders; ``CHECKPOINT --real DIR``: FID of
+    ``--count`` samples of the checkpoint against the folder."""
+    from .fid import FIDError, fid_folders, fid_model
+
+    if args.fid_batch <= 0:
+        raise _usage(f"--fid-batch {args.fid_batch}: must be positive")
+    if not args.real:
+        raise _usage("FID needs --real DIR (reference images), and either --fake DIR or a "
+                     "checkpoint to sample from")
+    if args.checkpoint is not None and args.fake:
+        raise _usage("give either a checkpoint to sample from or --fake DIR, not both")
+    if args.checkpoint is None and not args.fake:
+        raise _usage("FID needs --fake DIR (generated images) or a checkpoint to sample from")
+    try:
+        if args.fake:
+            report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
+                                 device=args.device, progress=not args.json)
+        else:
+            if args.count < 2:
+                raise _usage(f"--count {args.count}: FID needs at least 2 samples")
+            model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
+            report = fid_model(model, ckpt.spec, ckpt.objective, args.real, count=args.count,
+                               steps=args.steps, sampler=args.sampler,
+                               cfg_scale=args.cfg_scale, seed=args.seed,
+                               weights=args.fid_weights, batch=args.fid_batch,
+                               device=args.device, progress=not args.json, source=str(path))
+    except FIDError as err:
+        raise _usage(str(err)) from None
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0
+
+
+def _load_for_sampling(ref: str, device: str):
     from ditkit.runtime.checkpoint import load_model
 
-    from .evaluate import evaluate_model
-    from .logs import image_grid, save_png
-
-    path = resolve_checkpoint(args.checkpoint)
-    if args.count < 10:
-        raise _usage(f"--count {args.count}: use at least 10 (one per class)")
+    path = resolve_checkpoint(ref)
     try:
-        model, ckpt = load_model(path, device=args.device)
+        model, ckpt = load_model(path, device=device)
     except ValueError as err:
         raise _usage(str(err)) from None
     if ckpt.objective is None:
         raise _usage(f"{path}: the checkpoint stores no objective (ditkit.objective metadata); "
                      "evaluate needs it to sample")
+    return model, ckpt, path
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_model
+    from .logs import image_grid, save_png
+
+    if args.real or args.fake:
+        return cmd_fid(args)
+    if args.checkpoint is None:
+        raise _usage("give a checkpoint or run folder (digits evaluation), or --real DIR "
+                     "--fake DIR (FID between two folders of images)")
+    if args.count < 10:
+        raise _usage(f"--count {args.count}: use at least 10 (one per class)")
+    model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
     try:
         report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective, count=args.count,
                                            steps=args.steps, sampler=args.sampler,

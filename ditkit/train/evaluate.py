@@ -85,15 +85,13 @@ class DigitsClassifier:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` of Gaussians fitted to rows."""
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` of Gaussians fitted to rows
+    (stable when features are constant: dead ReLU units make the covariances singular)."""
+    from .fid import frechet_from_stats
+
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    # tr (S_a S_b)^(1/2) = sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2))): symmetric, so stable even
-    # when features are constant (dead ReLU units make the covariances singular)
-    w, v = np.linalg.eigh(s_a)
-    half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(half @ s_b @ half), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * trace_sqrt)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return frechet_from_stats(mu_a, s_a, mu_b, s_b)
 
 
 def evaluate_samples(clf: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor

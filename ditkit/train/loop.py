@@ -2,8 +2,9 @@
 
 ``train(experiment, run_dir)`` builds the model, AdamW with parameter groups, the LR schedule
 and the EMA, then steps through deterministic batches with gradient accumulation and clipping.
-Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DDP (gloo on CPU, nccl on CUDA);
-each rank draws its own slice of every global batch and its own noise, and only rank 0 writes.
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DDP or FSDP2 (gloo on CPU, nccl on
+CUDA; :mod:`ditkit.train.distributed`); each rank draws its own slice of every global batch and
+its own noise, and only rank 0 writes.
 
 The run folder::
 
@@ -38,6 +39,7 @@ from ditkit.spec.experiment import Experiment
 
 from . import checkpoints as C
 from .data import make_dataset, make_stream
+from .distributed import Placement
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
 
@@ -219,7 +221,6 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     from tqdm import tqdm
 
     from ditkit.builder import build
-    from ditkit.runtime.checkpoint import model_hash
 
     run = Path(run)
     from ditkit.runtime.samplers import SAMPLERS
@@ -265,6 +266,8 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     ema_model = copy.deepcopy(model).requires_grad_(False)
     if exp.precision.activation_checkpointing:
         enable_activation_checkpointing(model)
+    placement = Placement(exp, world, rank, device)
+    net: nn.Module = placement.wrap(model, ema_model)  # FSDP2 shards model and EMA in place
     opt_spec = exp.optimizer
     groups = param_groups(model, opt_spec)
     optimizer = torch.optim.AdamW(groups, lr=opt_spec.lr, betas=opt_spec.betas, eps=opt_spec.eps)
@@ -273,17 +276,12 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     stream = make_stream(dataset, tr.batch_size, tr.seed, rank, world)
     gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1))
     if state is not None:
-        model.load_state_dict(C.read_tensors(ckpt_dir / "model.safetensors"))
-        ema_model.load_state_dict(C.read_tensors(ckpt_dir / "ema.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
+        placement.load(model, ema_model, optimizer,
+                       C.read_tensors(ckpt_dir / "model.safetensors"),
+                       C.read_tensors(ckpt_dir / "ema.safetensors"), state["optimizer"])
         gen.set_state(state["generators"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         stream.restore(state["data_position"])
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if exp.precision.compile:
         net = torch.compile(net)
     loss_fn = DiffusionLoss(exp.objective, spec)
@@ -306,14 +304,15 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     def save(step: int) -> Path:
         gens = _gather([gen.get_state()], world)
         rngs = _gather([torch.get_rng_state()], world)
+        model_state, ema_state, opt_state = placement.full_state(model, ema_model, optimizer)
         if rank != 0:
             return None
-        train_state = {"step": step, "world": world, "optimizer": optimizer.state_dict(),
+        train_state = {"step": step, "world": world, "optimizer": opt_state,
                        "generators": gens, "torch_rng": rngs,
                        "data_position": stream.state(),
                        "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
-        return C.write_checkpoint(ckpt_root, step, exp, model.state_dict(),
-                                  ema_model.state_dict(), train_state, exp.checkpoint.keep_last)
+        return C.write_checkpoint(ckpt_root, step, exp, model_state, ema_state, train_state,
+                                  exp.checkpoint.keep_last)
 
     step = start_step
     from ditkit.builder import use_backend
@@ -338,10 +337,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                 x0 = x0.to(device)
                 labels = labels.to(device) if classes is not None else None
                 labels = drop_labels(labels, tr.label_dropout, null_class, gen)
-                sync = k == tr.accumulate - 1 or world == 1
-                ctx = net.no_sync() if (world > 1 and not sync and hasattr(net, "no_sync")) \
-                    else contextlib.nullcontext()
-                with ctx:
+                with placement.no_sync(net, last=k == tr.accumulate - 1):
                     with autocast_for(exp, device):
                         loss, extras = loss_fn(net, x0, labels, gen, step)
                     (loss / tr.accumulate).backward()
@@ -361,12 +357,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                 raise TrainingError(f"loss is {loss_value} at step {step + 1}; training stopped "
                                     f"and nothing was saved for this step; {where}. Lower "
                                     "optimizer.lr or set optimizer.grad_clip.")
-            if opt_spec.grad_clip is not None:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                             opt_spec.grad_clip))
-            else:
-                gnorm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in model.parameters() if p.grad is not None])))
+            gnorm = placement.clip_gradients(model, opt_spec.grad_clip)
             optimizer.step()
             ema_update(ema_model, model, ema_decay(exp.ema, step))
             step += 1
@@ -385,9 +376,11 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             if step % exp.checkpoint.every == 0 or step == tr.steps:
                 last_ckpt = save(step) or last_ckpt
                 result.checkpoint = last_ckpt
-            if rank == 0 and (exp.preview.every and step % exp.preview.every == 0
-                              or step == tr.steps):
-                preview(ema_model, exp, run / "previews" / f"step-{step:06d}.png", device)
+            if exp.preview.every and step % exp.preview.every == 0 or step == tr.steps:
+                sampler_model = placement.sampling_model(ema_model, lambda: build(spec))
+                if rank == 0:
+                    preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
+                            device)
     finally:
         backend.__exit__(None, None, None)
         bar.close()
@@ -395,7 +388,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             scalars.close()
 
     result.wall_s = time.perf_counter() - t0
-    result.fingerprints = _gather([model_hash(model.state_dict())], world)
+    result.fingerprints = _gather([placement.fingerprint(model)], world)
     if rank == 0 and step == tr.steps:
         rows = read_scalars(run / "scalars.csv")
         if rows:

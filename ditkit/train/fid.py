@@ -1,0 +1,244 @@
+"""FID between two folders of images with the standard Inception weights, found locally.
+
+``fid_folders(real, fake)`` reads every image under each folder (recursively; RGB, values
+in [0, 1]), takes the 2048-d pool3 features of :class:`~ditkit.train.inception.FIDInception`
+(bilinear resize to 299, scaled to [-1, 1] -- pytorch-fid's preprocessing) and returns the
+Fréchet distance of the two Gaussians fitted to them. ditkit never downloads: the weights file
+``pt_inception-2015-12-05-6726825d.pth`` is looked up, in order, at ``--fid-weights``,
+``$DITKIT_FID_WEIGHTS`` and torch's hub cache (where pytorch-fid saves it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .inception import WEIGHTS_FILE, FIDInception, load_fid_inception
+
+ENV_VAR = "DITKIT_FID_WEIGHTS"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_FILE)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class FIDError(ValueError):
+    """A missing weights file, an empty or unreadable image folder: a usage error (exit 2)."""
+
+
+# ----------------------------------------------------------------- the Fréchet distance
+
+
+def sqrtm_psd(m: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(_clean(w))) @ v.T
+
+
+def _clean(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with round-off removed: those within ``n * eps`` of zero
+    (relative to the largest) are zeros of a singular matrix, and their square roots
+    (~1e-8 each) would otherwise add up to a bias."""
+    tol = max(float(np.abs(w).max()), 0.0) * len(w) * np.finfo(w.dtype).eps
+    return np.where(w > tol, w, 0.0)
+
+
+def trace_sqrt_product(s_a: np.ndarray, s_b: np.ndarray) -> float:
+    """``tr (S_a S_b)^(1/2)`` for covariances: the sum of the square roots of the eigenvalues
+    of the symmetric ``S_a^(1/2) S_b S_a^(1/2)`` (similar to ``S_a S_b``). Unlike
+    ``scipy.linalg.sqrtm(S_a @ S_b)`` it stays real and finite when the covariances are
+    singular (fewer images than 2048 features)."""
+    half = sqrtm_psd(s_a)
+    inner = half @ s_b @ half
+    w = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(_clean(w)).sum())
+
+
+def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    s_a, s_b = np.atleast_2d(s_a).astype(np.float64), np.atleast_2d(s_b).astype(np.float64)
+    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
+              - 2 * trace_sqrt_product(s_a, s_b))
+    return max(d, 0.0)
+
+
+def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance of the Gaussians fitted to the rows of ``a`` and ``b`` (unbiased
+    covariances). With fewer images than features it never forms the covariances: for centred
+    ``A``, ``B``, ``S_a S_b`` has the nonzero eigenvalues of ``M M^T`` with
+    ``M = A B^T / sqrt((n_a - 1)(n_b - 1))``, so ``tr (S_a S_b)^(1/2)`` is the sum of ``M``'s
+    singular values -- exact, symmetric and cheap (an ``n_a x n_b`` SVD, not two ``d x d``
+    eigendecompositions)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    (na, d), nb = a.shape, len(b)
+    if min(na, nb) < 2:
+        raise FIDError(f"need at least 2 images on each side to fit a covariance, got "
+                       f"{na} and {nb}")
+    if max(na, nb) >= d:
+        return frechet_from_stats(*gaussian(a), *gaussian(b))
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    m = (ca @ cb.T) / np.sqrt((na - 1) * (nb - 1))
+    trace_sqrt = np.linalg.svd(m, compute_uv=False).sum()
+    d2 = (((a.mean(0) - b.mean(0)) ** 2).sum() + (ca ** 2).sum() / (na - 1)
+          + (cb ** 2).sum() / (nb - 1) - 2 * trace_sqrt)
+    return max(float(d2), 0.0)
+
+
+def gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, like pytorch-fid) of feature rows."""
+    f = np.asarray(features, np.float64)
+    if len(f) < 2:
+        raise FIDError(f"need at least 2 images to fit a covariance, got {len(f)}")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+# ----------------------------------------------------------------- weights and images
+
+
+def default_weights_path() -> Path:
+    """``$DITKIT_FID_WEIGHTS``, else ``<torch hub dir>/checkpoints/<weights file>``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def missing_weights_message(path: Path) -> str:
+    return (f"FID needs the Inception weights {WEIGHTS_FILE}, which are not at {path}. "
+            "ditkit does not download them: fetch the file once on a machine with network "
+            f"access ({WEIGHTS_URL}) and put it at {default_weights_path()} -- or anywhere, "
+            f"then pass --fid-weights PATH or set {ENV_VAR}=PATH.")
+
+
+def load_inception(path: str | Path | None = None, device: str = "cpu") -> FIDInception:
+    path = Path(path).expanduser() if path else default_weights_path()
+    if not path.is_file():
+        raise FIDError(missing_weights_message(path))
+    try:
+        return load_fid_inception(path, device)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise FIDError(str(err)) from None
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FIDError(f"{folder}: no such folder of images")
+    files = sorted(p for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FIDError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
+                       "sub-folders included)")
+    return files
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """``(1, 3, 299, 299)`` RGB in [0, 1] (grey and palette images become RGB)."""
+    import torch.nn.functional as F
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as err:
+        raise FIDError(f"{path}: cannot read the image ({err})") from None
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    # resizing each image alone equals resizing it in a batch (and 299 -> 299 is exact)
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def folder_features(net: FIDInception, folder: str | Path, batch: int = 8,
+                    device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """``(N, 2048)`` pool3 features of every image under ``folder``."""
+    from tqdm import tqdm
+
+    files = image_files(folder)
+    out = []
+    for start in tqdm(range(0, len(files), batch), disable=not progress, unit="batch",
+                      desc=f"inception {Path(folder).name}"):
+        x = torch.cat([read_image(p) for p in files[start:start + batch]]).to(device)
+        out.append(net(x).double().cpu().numpy())
+    return np.concatenate(out)  # (N, FEATURES)
+
+
+@dataclass
+class FIDReport:
+    fid: float
+    real: str
+    fake: str
+    real_count: int
+    fake_count: int
+    weights: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        return (f"FID {self.fid:.3f} ({self.fake_count} images in {self.fake} vs "
+                f"{self.real_count} in {self.real})")
+
+
+def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None = None,
+                batch: int = 8, device: str = "cpu", progress: bool = True) -> FIDReport:
+    """FID between the images under ``real`` and those under ``fake``. Raises
+    :class:`FIDError` for missing weights, an empty folder or an unreadable image."""
+    image_files(real), image_files(fake)  # fail on a bad folder before loading weights
+    path = Path(weights).expanduser() if weights else default_weights_path()
+    net = load_inception(path, device)
+    f_real = folder_features(net, real, batch, device, progress)
+    f_fake = folder_features(net, fake, batch, device, progress)
+    d = frechet_from_features(f_real, f_fake)
+    return FIDReport(d, str(real), str(fake), len(f_real), len(f_fake), str(path))
+
+
+def to_inception_input(images: torch.Tensor) -> torch.Tensor:
+    """Model samples ``(N, C, H, W)`` in [-1, 1] -> ``(N, 3, 299, 299)`` in [0, 1], quantised
+    to 8 bits as if saved as PNG (what folder-based FID of the same samples would read)."""
+    import torch.nn.functional as F
+
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 255
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        raise FIDError(f"FID needs grey or RGB images; the samples have {x.shape[1]} channels")
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
+              steps: int = 20, sampler: str = "heun", cfg_scale: float = 1.0, seed: int = 1,
+              weights: str | Path | None = None, batch: int = 8, device: str = "cpu",
+              progress: bool = True, source: str = "model") -> FIDReport:
+    """FID between ``count`` samples of a pixel-space model (labels cycling over its classes
+    when class-conditional) and the images under ``real``."""
+    from tqdm import tqdm
+
+    from .loop import sample_images
+
+    if spec.input.space != "pixel":
+        raise FIDError("FID of a latent-space model needs its samples decoded to images; "
+                       "decode them, save them to a folder and use --real DIR --fake DIR")
+    image_files(real)
+    path = Path(weights).expanduser() if weights else default_weights_path()
+    net = load_inception(path, device)
+    f_real = folder_features(net, real, batch, device, progress)
+    images, _ = sample_images(model, spec, objective, count, steps, sampler, seed, cfg_scale,
+                              device, progress=progress)
+    x = to_inception_input(images)
+    f_fake = np.concatenate([net(x[i:i + batch].to(device)).double().cpu().numpy()
+                             for i in tqdm(range(0, len(x), batch), disable=not progress,
+                                           unit="batch", desc="inception samples")])
+    d = frechet_from_features(f_real, f_fake)
+    return FIDReport(d, str(real), f"{count} samples of {source}", len(f_real), len(f_fake),
+                     str(path))
+
+
+__all__ = ["fid_folders", "fid_model", "to_inception_input", "folder_features",
+           "frechet_from_stats", "frechet_from_features", "trace_sqrt_product", "sqrtm_psd",
+           "gaussian", "load_inception", "default_weights_path", "FIDError", "FIDReport",
+           "ENV_VAR", "WEIGHTS_URL"]
