@@ -138,11 +138,15 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
     from ditkit.builder.model import Block
 
+    def wrap(f):
+        def forward(x, cond, ctx=None):
+            # ctx (memory tokens, shared modulation) is passed through: MDiT/MPDiT blocks need it
+            return checkpoint(f, x, cond, ctx, use_reentrant=False)
+        return forward
+
     for m in model.modules():
         if isinstance(m, Block):
-            inner = m.forward
-            m.forward = (lambda f: lambda x, cond: checkpoint(f, x, cond, use_reentrant=False)
-                         )(inner)
+            m.forward = wrap(m.forward)
 
 
 def autocast_for(exp: Experiment, device: torch.device):
