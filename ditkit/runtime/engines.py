@@ -85,6 +85,13 @@ class OrtDenoiser:
                                for a in ("height", "width"))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # auxiliary conditioning inputs (name -> dims), as the graph declares them
+        self.aux = {i.name: int(i.shape[1]) for i in self.session.get_inputs()
+                    if i.name not in ("x", "sigma", "class_labels", "cfg_scale")}
+        # a graph exported with --cfg batches both passes itself (see samplers.Guided)
+        self.guides_inside = "cfg_scale" in self.input_names
+        cfg = json.loads(meta.get("ditkit.cfg", "{}"))
+        self.cfg_channels = cfg.get("channels")
         self.calls = 0
 
     @property
@@ -96,11 +103,27 @@ class OrtDenoiser:
 
     def denoise(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
                 **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x0, var_values | None)``; a ``--cfg`` graph runs with ``cfg_scale = 1`` (the
+        conditional output)."""
+        return self._run(x, sigma, class_labels, None, cond)
+
+    def guided(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale,
+               **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Classifier-free guidance inside a graph exported with ``--cfg``: one call, both
+        passes batched in the graph. ``scale``: a number or ``(B,)``."""
+        if not self.guides_inside:
+            raise ValueError(f"{self.path} was exported without --cfg (no cfg_scale input)")
+        if class_labels is None:
+            raise ValueError("classifier-free guidance needs class_labels")
+        return self._run(x, sigma, class_labels, scale, cond)
+
+    def _run(self, x, sigma, class_labels, scale, cond):
         from .export import check_shape
 
-        if cond:
-            raise ValueError(f"the ONNX graph takes no auxiliary inputs ({sorted(cond)}); they "
-                             "are zeros inside it")
+        unknown = sorted(set(cond) - set(self.aux))
+        if unknown:
+            raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
+                             f"{sorted(self.aux) or 'none'}")
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -115,6 +138,18 @@ class OrtDenoiser:
             feeds["class_labels"] = class_labels.to(x.device, torch.long)
         elif class_labels is not None:
             raise ValueError("class_labels given but the model has no class conditioning")
+        for name, dims in self.aux.items():  # a missing input is zeros, as in the model
+            value = cond.get(name)
+            value = (torch.zeros(b, dims, device=x.device) if value is None else
+                     torch.as_tensor(value, device=x.device).float())
+            if value.shape != (b, dims):
+                raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
+                                 f"{tuple(value.shape)}")
+            feeds[name] = value
+        if self.guides_inside:
+            w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
+                                device=x.device)
+            feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
         self.calls += 1
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)
