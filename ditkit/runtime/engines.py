@@ -52,6 +52,51 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
                                 providers=providers or ["CPUExecutionProvider"])
 
 
+def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
+                null_class: int | None, aux: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The inputs of an exported graph (named ``names``) as torch tensors on ``x``'s device:
+    ``sigma`` expanded to ``(B,)``, the null class for missing labels, zeros for missing
+    auxiliary inputs (as the model does), ``cfg_scale`` (1 = conditional) for a ``--cfg``
+    graph. Shared by the onnxruntime and TensorRT runners."""
+    unknown = sorted(set(cond) - set(aux))
+    if unknown:
+        raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
+                         f"{sorted(aux) or 'none'}")
+    b = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(b)
+    feeds = {"x": x.float(), "sigma": sigma.float()}
+    if "class_labels" in names:
+        if class_labels is None:
+            if null_class is None:
+                raise ValueError("this model needs class_labels (its spec has no null class)")
+            class_labels = torch.full((b,), null_class, dtype=torch.long)
+        feeds["class_labels"] = class_labels.to(x.device, torch.long)
+    elif class_labels is not None:
+        raise ValueError("class_labels given but the model has no class conditioning")
+    for name, dims in aux.items():
+        value = cond.get(name)
+        value = (torch.zeros(b, dims, device=x.device) if value is None else
+                 torch.as_tensor(value, device=x.device).float())
+        if value.shape != (b, dims):
+            raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
+                             f"{tuple(value.shape)}")
+        feeds[name] = value
+    if "cfg_scale" in names:
+        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
+                            device=x.device)
+        feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
+    return {k: v.contiguous() for k, v in feeds.items()}
+
+
+def aux_inputs(inputs) -> dict[str, int]:
+    """``{name: dims}`` of the auxiliary conditioning inputs among a graph's ``(name, shape)``
+    inputs (every input but x, sigma, class_labels and cfg_scale)."""
+    return {name: int(shape[1]) for name, shape in inputs
+            if name not in ("x", "sigma", "class_labels", "cfg_scale")}
+
+
 class OrtDenoiser:
     """A ``ditkit export`` ONNX file as a sampler denoiser: ``denoise(x, sigma, labels) ->
     (x0, var_values | None)``, plus ``noise_range`` and ``null_class`` from its metadata.
@@ -86,8 +131,7 @@ class OrtDenoiser:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # auxiliary conditioning inputs (name -> dims), as the graph declares them
-        self.aux = {i.name: int(i.shape[1]) for i in self.session.get_inputs()
-                    if i.name not in ("x", "sigma", "class_labels", "cfg_scale")}
+        self.aux = aux_inputs((i.name, i.shape) for i in self.session.get_inputs())
         # a graph exported with --cfg batches both passes itself (see samplers.Guided)
         self.guides_inside = "cfg_scale" in self.input_names
         cfg = json.loads(meta.get("ditkit.cfg", "{}"))
@@ -120,36 +164,9 @@ class OrtDenoiser:
     def _run(self, x, sigma, class_labels, scale, cond):
         from .export import check_shape
 
-        unknown = sorted(set(cond) - set(self.aux))
-        if unknown:
-            raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
-                             f"{sorted(self.aux) or 'none'}")
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
-        b = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        feeds = {"x": x.float(), "sigma": sigma.float()}
-        if "class_labels" in self.input_names:
-            if class_labels is None:
-                if self.null_class is None:
-                    raise ValueError("this model needs class_labels (its spec has no null class)")
-                class_labels = torch.full((b,), self.null_class, dtype=torch.long)
-            feeds["class_labels"] = class_labels.to(x.device, torch.long)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the model has no class conditioning")
-        for name, dims in self.aux.items():  # a missing input is zeros, as in the model
-            value = cond.get(name)
-            value = (torch.zeros(b, dims, device=x.device) if value is None else
-                     torch.as_tensor(value, device=x.device).float())
-            if value.shape != (b, dims):
-                raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
-                                 f"{tuple(value.shape)}")
-            feeds[name] = value
-        if self.guides_inside:
-            w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
-                                device=x.device)
-            feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
+        feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.input_names,
+                            null_class=self.null_class, aux=self.aux)
         self.calls += 1
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)
