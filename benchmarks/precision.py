@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp16", "bf16"])
     args = ap.parse_args()
     print("| spec | precision | opset | runtime | batch x H x W | max abs diff | output scale "
-          "| diff / scale |")
+          "| diff / max(1, scale) |")
     print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.specs:
