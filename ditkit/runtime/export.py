@@ -5,7 +5,9 @@ branch on a dimension, an example batch of 1) and still write a file that *claim
 ``torch.export.export`` with explicit :class:`torch.export.Dim` constraints instead fails loudly
 when the model specialises, and the ``ExportedProgram`` is then converted to ONNX.
 
-The exported graph is the whole denoiser (preconditioning included, in fp32):
+The exported graph is the whole denoiser (preconditioning included, in fp32; fp16 / bf16
+graphs run the network in the reduced type with the noise embeddings, RoPE and norm statistics
+in fp32 -- see ``ditkit.builder`` -- and the opset is raised when an op needs it for its type):
 
 =====================  ========================  =====================================
 input / output         shape                     meaning
@@ -14,6 +16,9 @@ input / output         shape                     meaning
 ``sigma``              ``(batch,)`` f32          the VE noise level
 ``class_labels``       ``(batch,)`` int64        only when the spec has classes (null
                                                  class = ``classes.count``)
+aux inputs             ``(batch, dims)`` f32     one per ``conditioning.aux`` entry, named
+                                                 as in the spec (zeros = not given)
+``cfg_scale``          ``(batch,)`` f32          only with ``cfg=True`` (guidance baked in)
 ``denoised``           ``(batch, C, H, W)`` f32  the x0 estimate
 ``var_values``         ``(batch, C, H, W)`` f32  only for learned-sigma DDPM models
 =====================  ========================  =====================================
