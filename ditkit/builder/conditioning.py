@@ -72,7 +72,10 @@ def sinusoidal_features(x: torch.Tensor, features: int, freq_min: float,
 class FourierEmbed(nn.Module):
     """Random Fourier features ``[cos 2pi x W^T, sin 2pi x W^T]`` then a bias-free Linear.
 
-    ``weight`` is a random buffer drawn at build time; it is part of the checkpoint."""
+    ``weight`` is a random buffer drawn at build time; it is part of the checkpoint. The
+    features are computed in (at least) fp32 whatever the model's dtype: ``2 pi x W`` reaches
+    hundreds of radians, which fp16 / bf16 cannot resolve, and ONNX opsets < 22 have no bf16
+    ``Cos`` / ``Sin``."""
 
     def __init__(self, in_features: int, width: int, std: float = 1.0):
         super().__init__()
@@ -81,7 +84,8 @@ class FourierEmbed(nn.Module):
         self.proj = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, width)
-        f = 2 * math.pi * x.to(self.weight.dtype) @ self.weight.T
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        f = 2 * math.pi * x.to(dtype) @ self.weight.to(dtype).T
         return self.proj(torch.cat([f.cos(), f.sin()], dim=-1).to(self.proj.weight.dtype))
 
 

@@ -9,7 +9,9 @@ from torch import nn
 
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dim. ``affine``: learned scale (+ bias for
-    LayerNorm). RMSNorm runs in at least fp32 (HDiT's ``rms_norm``), whatever the input dtype."""
+    LayerNorm). Both run in at least fp32 (HDiT's ``rms_norm``), whatever the input dtype: an
+    fp16 / bf16 input is cast in, normalised in fp32 and cast back (so fp16 / bf16 ONNX graphs
+    compute norm statistics in fp32 too)."""
 
     def __init__(self, dim: int, kind: str = "layer", eps: float = 1e-6, affine: bool = False):
         super().__init__()
@@ -27,9 +29,13 @@ class Norm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "layer":
-            return F.layer_norm(x, (self.dim,), self.scale, self.bias, self.eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
+        if self.kind == "layer":
+            if dtype == x.dtype:
+                return F.layer_norm(x, (self.dim,), self.scale, self.bias, self.eps)
+            # fp16 / bf16: statistics (and the whole op) in fp32, as autocast does
+            return F.layer_norm(x.to(dtype), (self.dim,), _to(self.scale, dtype),
+                                _to(self.bias, dtype), self.eps).to(x.dtype)
         xf = x.to(dtype)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.scale is not None:
@@ -38,3 +44,7 @@ class Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.dim}, eps={self.eps}, affine={self.scale is not None}"
+
+
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)

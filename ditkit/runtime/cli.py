@@ -68,7 +68,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("source", help="ditkit checkpoint (.safetensors), spec file or preset name "
                    "(a spec is exported with random weights)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 18, raised automatically when an op needs a newer "
+                        "one for the chosen precision)")
     p.add_argument("--dynamic", default="batch,resolution",
                    help="dynamic dims: batch, resolution, both (default) or 'none'")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -80,6 +82,12 @@ def add_parser(subparsers) -> None:
                         "fourier noise embeddings, ddpm_eps for sinusoidal ones)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity runs (the other checks always run)")
+    p.add_argument("--cfg", action="store_true",
+                   help="bake classifier-free guidance in: inputs x, sigma, class_labels, "
+                        "cfg_scale; the conditional and null-class passes run batched inside")
+    p.add_argument("--cfg-channels", type=int, default=None,
+                   help="with --cfg: guide only the first N channels (DiT: 3; default: the "
+                        "checkpoint's ditkit.cfg_channels metadata, else all)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
@@ -333,17 +341,21 @@ def _decode_vae(x, spec, args):
 def cmd_export(args) -> int:
     from ditkit.cli import UsageError, parse_resolution
 
-    from .export import DEFAULT_OPSET, ExportError, export_onnx
+    from .export import ExportError, export_onnx
 
     dynamic = () if args.dynamic == "none" else tuple(
         d.strip() for d in args.dynamic.split(",") if d.strip())
     model, objective, meta, h = _load(args.source, args.objective)
     extra = {k: v for k, v in meta.items() if k == "ditkit.cfg_channels"}
+    cfg_channels = args.cfg_channels
+    if args.cfg and cfg_channels is None and meta.get("ditkit.cfg_channels"):
+        cfg_channels = int(meta["ditkit.cfg_channels"])
     try:
-        result = export_onnx(model, objective, args.out, opset=args.opset or DEFAULT_OPSET,
+        result = export_onnx(model, objective, args.out, opset=args.opset,
                              dynamic=dynamic, precision=args.precision, target=args.target,
                              resolution=parse_resolution(args.resolution), checkpoint_hash=h,
-                             metadata=extra, check=not args.no_check, log=print)
+                             metadata=extra, check=not args.no_check, cfg=args.cfg,
+                             cfg_channels=cfg_channels, log=print)
     except ExportError as err:
         raise UsageError(str(err)) from None
     rule = result.rule

@@ -52,6 +52,51 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
                                 providers=providers or ["CPUExecutionProvider"])
 
 
+def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
+                null_class: int | None, aux: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The inputs of an exported graph (named ``names``) as torch tensors on ``x``'s device:
+    ``sigma`` expanded to ``(B,)``, the null class for missing labels, zeros for missing
+    auxiliary inputs (as the model does), ``cfg_scale`` (1 = conditional) for a ``--cfg``
+    graph. Shared by the onnxruntime and TensorRT runners."""
+    unknown = sorted(set(cond) - set(aux))
+    if unknown:
+        raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
+                         f"{sorted(aux) or 'none'}")
+    b = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(b)
+    feeds = {"x": x.float(), "sigma": sigma.float()}
+    if "class_labels" in names:
+        if class_labels is None:
+            if null_class is None:
+                raise ValueError("this model needs class_labels (its spec has no null class)")
+            class_labels = torch.full((b,), null_class, dtype=torch.long)
+        feeds["class_labels"] = class_labels.to(x.device, torch.long)
+    elif class_labels is not None:
+        raise ValueError("class_labels given but the model has no class conditioning")
+    for name, dims in aux.items():
+        value = cond.get(name)
+        value = (torch.zeros(b, dims, device=x.device) if value is None else
+                 torch.as_tensor(value, device=x.device).float())
+        if value.shape != (b, dims):
+            raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
+                             f"{tuple(value.shape)}")
+        feeds[name] = value
+    if "cfg_scale" in names:
+        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
+                            device=x.device)
+        feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
+    return {k: v.contiguous() for k, v in feeds.items()}
+
+
+def aux_inputs(inputs) -> dict[str, int]:
+    """``{name: dims}`` of the auxiliary conditioning inputs among a graph's ``(name, shape)``
+    inputs (every input but x, sigma, class_labels and cfg_scale)."""
+    return {name: int(shape[1]) for name, shape in inputs
+            if name not in ("x", "sigma", "class_labels", "cfg_scale")}
+
+
 class OrtDenoiser:
     """A ``ditkit export`` ONNX file as a sampler denoiser: ``denoise(x, sigma, labels) ->
     (x0, var_values | None)``, plus ``noise_range`` and ``null_class`` from its metadata.
@@ -85,6 +130,12 @@ class OrtDenoiser:
                                for a in ("height", "width"))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # auxiliary conditioning inputs (name -> dims), as the graph declares them
+        self.aux = aux_inputs((i.name, i.shape) for i in self.session.get_inputs())
+        # a graph exported with --cfg batches both passes itself (see samplers.Guided)
+        self.guides_inside = "cfg_scale" in self.input_names
+        cfg = json.loads(meta.get("ditkit.cfg", "{}"))
+        self.cfg_channels = cfg.get("channels")
         self.calls = 0
 
     @property
@@ -96,25 +147,26 @@ class OrtDenoiser:
 
     def denoise(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
                 **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x0, var_values | None)``; a ``--cfg`` graph runs with ``cfg_scale = 1`` (the
+        conditional output)."""
+        return self._run(x, sigma, class_labels, None, cond)
+
+    def guided(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale,
+               **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Classifier-free guidance inside a graph exported with ``--cfg``: one call, both
+        passes batched in the graph. ``scale``: a number or ``(B,)``."""
+        if not self.guides_inside:
+            raise ValueError(f"{self.path} was exported without --cfg (no cfg_scale input)")
+        if class_labels is None:
+            raise ValueError("classifier-free guidance needs class_labels")
+        return self._run(x, sigma, class_labels, scale, cond)
+
+    def _run(self, x, sigma, class_labels, scale, cond):
         from .export import check_shape
 
-        if cond:
-            raise ValueError(f"the ONNX graph takes no auxiliary inputs ({sorted(cond)}); they "
-                             "are zeros inside it")
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
-        b = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        feeds = {"x": x.float(), "sigma": sigma.float()}
-        if "class_labels" in self.input_names:
-            if class_labels is None:
-                if self.null_class is None:
-                    raise ValueError("this model needs class_labels (its spec has no null class)")
-                class_labels = torch.full((b,), self.null_class, dtype=torch.long)
-            feeds["class_labels"] = class_labels.to(x.device, torch.long)
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the model has no class conditioning")
+        feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.input_names,
+                            null_class=self.null_class, aux=self.aux)
         self.calls += 1
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)

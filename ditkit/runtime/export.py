@@ -5,7 +5,9 @@ branch on a dimension, an example batch of 1) and still write a file that *claim
 ``torch.export.export`` with explicit :class:`torch.export.Dim` constraints instead fails loudly
 when the model specialises, and the ``ExportedProgram`` is then converted to ONNX.
 
-The exported graph is the whole denoiser (preconditioning included, in fp32):
+The exported graph is the whole denoiser (preconditioning included, in fp32; fp16 / bf16
+graphs run the network in the reduced type with the noise embeddings, RoPE and norm statistics
+in fp32 -- see ``ditkit.builder`` -- and the opset is raised when an op needs it for its type):
 
 =====================  ========================  =====================================
 input / output         shape                     meaning
@@ -14,6 +16,9 @@ input / output         shape                     meaning
 ``sigma``              ``(batch,)`` f32          the VE noise level
 ``class_labels``       ``(batch,)`` int64        only when the spec has classes (null
                                                  class = ``classes.count``)
+aux inputs             ``(batch, dims)`` f32     one per ``conditioning.aux`` entry, named
+                                                 as in the spec (zeros = not given)
+``cfg_scale``          ``(batch,)`` f32          only with ``cfg=True`` (guidance baked in)
 ``denoised``           ``(batch, C, H, W)`` f32  the x0 estimate
 ``var_values``         ``(batch, C, H, W)`` f32  only for learned-sigma DDPM models
 =====================  ========================  =====================================
@@ -37,12 +42,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ditkit import spec as S
 
 from .denoiser import Denoiser
+from .samplers import cfg_combine
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OPSET = 18
@@ -185,9 +192,17 @@ class _Cast(nn.Module):
 
 
 class ExportGraph(nn.Module):
-    """``(x, sigma[, class_labels]) -> denoised[, var_values]`` -- what goes into the ONNX."""
+    """``(x, sigma[, class_labels][, aux...][, cfg_scale]) -> denoised[, var_values]`` -- what
+    goes into the ONNX.
 
-    def __init__(self, model: nn.Module, objective, precision: str = "fp32"):
+    Auxiliary conditioning inputs (``conditioning.aux``) are graph inputs named as in the
+    spec, ``(batch, dims)`` fp32. ``cfg=True`` bakes classifier-free guidance in: the graph
+    batches the conditional and the unconditional (null class) passes and returns
+    ``u + cfg_scale (c - u)`` (:func:`ditkit.runtime.samplers.cfg_combine`, the samplers'
+    formula; ``cfg_channels``: guide only the first N channels, DiT's 3)."""
+
+    def __init__(self, model: nn.Module, objective, precision: str = "fp32", *,
+                 cfg: bool = False, cfg_channels: int | None = None):
         super().__init__()
         dtype = PRECISIONS[precision]
         inner = (model if dtype == torch.float32 else  # a copy: the caller's model stays fp32
@@ -196,19 +211,54 @@ class ExportGraph(nn.Module):
         self.spec: S.ModelSpec = model.spec
         self.has_labels = self.spec.conditioning.classes is not None
         self.has_variance = Denoiser(model, objective).learned_variance
+        self.aux = [(a.name, a.dims) for a in self.spec.conditioning.aux]
+        taken = [a for a, _ in self.aux if a in _FIXED_INPUTS]
+        if taken:
+            raise ExportError(f"conditioning.aux name(s) {taken} clash with the graph's own "
+                              f"inputs {list(_FIXED_INPUTS)}; rename them in the spec")
+        self.cfg, self.cfg_channels = cfg, cfg_channels
+        if cfg:
+            classes = self.spec.conditioning.classes
+            if classes is None or not classes.null_class:
+                raise ExportError(f"--cfg: spec {self.spec.name} has no null class "
+                                  "(conditioning.classes.null_class), so there is no "
+                                  "unconditional pass to guide with; export without --cfg")
+            self.null_class = classes.count
+            c = self.spec.input.channels
+            if cfg_channels is not None and not 0 < cfg_channels <= c:
+                raise ExportError(f"--cfg-channels {cfg_channels}: must be in 1..{c} (the "
+                                  "model's input channels)")
+        elif cfg_channels is not None:
+            raise ExportError("--cfg-channels needs --cfg")
 
     def input_names(self) -> list[str]:
-        return ["x", "sigma"] + (["class_labels"] if self.has_labels else [])
+        return (["x", "sigma"] + (["class_labels"] if self.has_labels else [])
+                + [a for a, _ in self.aux] + (["cfg_scale"] if self.cfg else []))
 
     def output_names(self) -> list[str]:
         return ["denoised"] + (["var_values"] if self.has_variance else [])
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None):
-        x0, var = self.denoiser.denoise(x, sigma, class_labels)
+    def forward(self, *inputs: torch.Tensor):
+        named = dict(zip(self.input_names(), inputs))
+        x, sigma = named["x"], named["sigma"]
+        labels = named.get("class_labels")
+        cond = {a: named[a] for a, _ in self.aux}
+        if self.cfg:
+            null = torch.full_like(labels, self.null_class)
+            x0, var = self.denoiser.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                            torch.cat([labels, null]),
+                                            **{k: torch.cat([v, v]) for k, v in cond.items()})
+            b = x.shape[0]  # slices, not chunk(2): chunk guards the batch size
+            x0 = cfg_combine(x0[:b], x0[b:], named["cfg_scale"], self.cfg_channels)
+            var = var[:b] if var is not None else None
+        else:
+            x0, var = self.denoiser.denoise(x, sigma, labels, **cond)
         if self.has_variance:
             return x0, var
         return x0
+
+
+_FIXED_INPUTS = ("x", "sigma", "class_labels", "cfg_scale")
 
 
 # -------------------------------------------------------------------------------- export
@@ -243,19 +293,31 @@ def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
         labels = torch.randint(0, count, (batch,), generator=g)
         labels[-1] = count if spec.conditioning.classes.null_class else labels[-1]
         args.append(labels)
+    for _, dims in graph.aux:  # non-zero: a graph that drops them cannot pass
+        args.append(torch.randn(batch, dims, generator=g))
+    if graph.cfg:  # distinct scales, around the usual 1.5 - 5
+        args.append(1.0 + 4.0 * torch.rand(batch, generator=g))
     return tuple(args)
 
 
 def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
-                opset: int = DEFAULT_OPSET, dynamic: tuple[str, ...] = ("batch", "resolution"),
+                opset: int | None = None, dynamic: tuple[str, ...] = ("batch", "resolution"),
                 precision: str = "fp32", target: str = "onnxruntime",
                 resolution: tuple[int, int] | None = None, checkpoint_hash: str | None = None,
                 metadata: dict[str, str] | None = None, check: bool = True,
                 parity_resolutions: list[tuple[int, int]] | None = None,
-                parity_batches: tuple[int, int] = (1, 3), log=None) -> ExportResult:
+                parity_batches: tuple[int, int] = (1, 3), cfg: bool = False,
+                cfg_channels: int | None = None, log=None) -> ExportResult:
     """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
-    to ``out`` and run the checks (``check=False`` skips the parity runs only)."""
+    to ``out`` and run the checks (``check=False`` skips the parity runs only).
+
+    ``opset=None``: :data:`DEFAULT_OPSET`, raised automatically when an op in the graph needs
+    a newer opset for its element type (e.g. a bf16 op); an explicit ``opset`` is kept and
+    such an op is an error naming the opset that supports it. ``cfg``: bake classifier-free
+    guidance in (see :class:`ExportGraph`)."""
     start = time.perf_counter()
+    auto_opset = opset is None
+    opset = DEFAULT_OPSET if auto_opset else opset
     say = log or (lambda msg: None)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -271,16 +333,31 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     if rule is None:
         rule = (AxisRule(res[0], 1, res[0]), AxisRule(res[1], 1, res[1]))
 
-    graph = ExportGraph(model, objective, precision)
+    graph = ExportGraph(model, objective, precision, cfg=cfg, cfg_channels=cfg_channels)
     args = example_inputs(graph, 2, res)
     ep = _torch_export(graph, args, dynamic, rule, res)
     _probe(ep, graph, dynamic, rule, res)
     say(f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and "
         "resolutions)")
     out = Path(out)
-    meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
-                     metadata)
     model_proto = _to_onnx(ep, args, graph, opset)
+    missing = unsupported_types(model_proto, opset)
+    if missing and auto_opset and all(v is not None for _, _, v in missing):
+        needed = max(v for _, _, v in missing)
+        say(f"opset {opset} has no {_describe(missing)}: exporting at opset {needed}")
+        opset = needed
+        allow = allow_list(target, opset)
+        model_proto = _to_onnx(ep, args, graph, opset)
+        missing = unsupported_types(model_proto, opset)
+    if missing:
+        raise ExportError(f"opset {opset} has no {_describe(missing)} ({precision} graph); "
+                          + ("; ".join(f"{op} supports {t} from opset {v}" if v else
+                                       f"no opset up to {_max_opset()} supports {op} in {t}"
+                                       for op, t, v in missing))
+                          + ("; export with --opset N or leave --opset out to pick it "
+                             "automatically" if not auto_opset else ""))
+    meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
+                     metadata, graph)
     ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
     refused = [op for op in ops if op not in allow]
     if refused:
@@ -300,12 +377,13 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
         resolutions = parity_resolutions or parity_shapes(spec, rule, res, dynamic)
         batches = parity_batches if "batch" in dynamic else (2,)
         result.parity = check_parity(graph if precision == "fp32" else
-                                     ExportGraph(model.float(), objective, "fp32"),
+                                     ExportGraph(model.float(), objective, "fp32", cfg=cfg,
+                                                 cfg_channels=cfg_channels),
                                      out, resolutions, batches, TOLERANCE[precision])
         for p in result.parity:
             say(f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
                 f"{p['max_abs_diff']:.2e} (output scale {p['scale']:.2f}, tol "
-                f"{p['tolerance']:.0e})")
+                f"{p['tolerance']:.0e}; {p['runtime']})")
     result.seconds = time.perf_counter() - start
     return result
 
@@ -342,15 +420,16 @@ def _torch_export(graph: ExportGraph, args, dynamic, rule, res):
                 xdims[axis] = r.minimum + r.step * k
     shapes["x"] = xdims or None
     shapes["sigma"] = {0: batch} if batch is not None else None
-    if graph.has_labels:
-        shapes["class_labels"] = {0: batch} if batch is not None else None
+    for name in graph.input_names()[2:]:  # labels, aux inputs, cfg_scale: (batch, ...)
+        shapes[name] = {0: batch} if batch is not None else None
     backend = getattr(kernels, "exportable_backend", None)
     ctx = backend() if backend is not None else kernels.use_backend("gather")
     names = graph.input_names()
     try:
         with ctx, torch.no_grad():
-            return torch.export.export(graph, args, dynamic_shapes={n: shapes[n] for n in names},
-                                       strict=False)
+            # forward(*inputs): one entry (the varargs tuple) holding one spec per input
+            return torch.export.export(graph, args, dynamic_shapes=(
+                tuple(shapes[n] for n in names),), strict=False)
     except Exception as err:  # constraint violations, guards on a dynamic dim
         text = str(err).strip().splitlines()
         brief = "\n  ".join(text[:12])
@@ -434,10 +513,19 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
     for axis in (0, 2, 3):
         if not any(axis in declared[k] for k in dynamic) and not x[axis].HasField("dim_value"):
             raise ExportError(f"dimension {axis} of x should be static but is symbolic")
+    names = [i.name for i in model_proto.graph.input]
+    if names != graph.input_names():
+        raise ExportError(f"the ONNX graph's inputs are {names}, expected "
+                          f"{graph.input_names()} (an input was dropped as unused?)")
+    if "batch" in dynamic:
+        for name in names[1:]:
+            dim = inputs[name].type.tensor_type.shape.dim[0]
+            if not dim.dim_param or dim.HasField("dim_value"):
+                raise ExportError(f"the batch dimension of input {name} is not symbolic")
 
 
 def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
-              extra) -> dict[str, str]:
+              extra, graph: ExportGraph) -> dict[str, str]:
     from .checkpoint import OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
@@ -452,13 +540,74 @@ def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoi
         "ditkit.precision": precision,
         "ditkit.target": target,
         "ditkit.opset": str(opset),
-        "ditkit.io": json.dumps({"inputs": ["x", "sigma"] + (
-            ["class_labels"] if spec.conditioning.classes else []), "convention": "VE: x = x0 "
+        "ditkit.io": json.dumps({"inputs": graph.input_names(),
+                                 "outputs": graph.output_names(), "convention": "VE: x = x0 "
             "+ sigma * eps; outputs denoised (x0) [and var_values for learned-sigma DDPM]"}),
+        # auxiliary conditioning inputs, each (batch, dims) float32; zeros = "not given"
+        "ditkit.aux": json.dumps([{"name": a, "dims": d} for a, d in graph.aux]),
     }
+    if graph.cfg:
+        meta["ditkit.cfg"] = json.dumps({
+            "input": "cfg_scale", "channels": graph.cfg_channels, "null_class": graph.null_class,
+            "formula": "u + cfg_scale * (c - u), c/u = class_labels/null-class passes batched"})
+        # what the samplers' cfg_channels must be (the graph fixes it)
+        meta["ditkit.cfg_channels"] = str(graph.cfg_channels) if graph.cfg_channels else ""
     for k, v in (extra or {}).items():
         meta.setdefault(k, str(v))
+    if meta.get("ditkit.cfg_channels") == "":
+        del meta["ditkit.cfg_channels"]
     return meta
+
+
+def unsupported_types(model_proto, opset: int) -> list[tuple[str, str, int | None]]:
+    """``(op, element type, first opset that allows it or None)`` for every ``ai.onnx`` op of
+    the main graph whose input or output element type the op's schema at ``opset`` does not
+    allow (e.g. ``Cos`` in bf16 before opset 22). Types come from ONNX shape inference."""
+    from onnx import TensorProto, defs, shape_inference
+
+    inferred = shape_inference.infer_shapes(model_proto, check_type=False, strict_mode=False)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in g.initializer})
+
+    def allowed(op: str, version: int, io: str, index: int, elem: int) -> bool | None:
+        try:
+            schema = defs.get_schema(op, version, "")
+        except defs.SchemaError:
+            return None
+        formals = schema.inputs if io == "in" else schema.outputs
+        if not formals:
+            return None
+        type_str = formals[min(index, len(formals) - 1)].type_str
+        ok = next((c.allowed_type_strs for c in schema.type_constraints
+                   if c.type_param_str == type_str), [type_str])
+        return f"tensor({TensorProto.DataType.Name(elem).lower()})" in ok
+
+    found: dict[tuple[str, str], int | None] = {}
+    for node in g.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for io, names in (("in", node.input), ("out", node.output)):
+            for i, name in enumerate(names):
+                elem = types.get(name)
+                if not elem or allowed(node.op_type, opset, io, i, elem) is not False:
+                    continue
+                key = (node.op_type, TensorProto.DataType.Name(elem).lower())
+                if key not in found:
+                    found[key] = next((v for v in range(opset + 1, _max_opset() + 1)
+                                       if allowed(node.op_type, v, io, i, elem)), None)
+    return [(op, t, v) for (op, t), v in sorted(found.items())]
+
+
+def _max_opset() -> int:
+    from onnx import defs
+
+    return defs.onnx_opset_version()
+
+
+def _describe(missing) -> str:
+    return ", ".join(f"{op} for {t}" for op, t, _ in missing)
 
 
 def _atomic_save_onnx(model_proto, out: Path) -> None:
@@ -475,13 +624,16 @@ def _atomic_save_onnx(model_proto, out: Path) -> None:
 
 def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance: float
                  ) -> list[dict]:
-    """Run the ONNX file in onnxruntime (CPU) and eager fp32 on the same inputs; raise
-    :class:`ExportError` when ``max |diff| > tolerance * max(1, max |eager|)``."""
+    """Run the ONNX file and eager fp32 on the same inputs; raise :class:`ExportError` when
+    ``max |diff| > tolerance * max(1, max |eager|)``.
+
+    The file runs in onnxruntime (CPU). onnxruntime's CPU provider has no bf16 kernels for
+    ``Gemm`` / ``MatMul`` / ``Add`` ...; a graph it refuses for that reason runs in ONNX's own
+    reference evaluator (``onnx.reference``, numpy with ``ml_dtypes`` bf16) instead, and the
+    rows say which runtime ran (``runtime``)."""
     from ditkit.builder import use_backend
 
-    from .engines import ort_session
-
-    sess = ort_session(path, providers=["CPUExecutionProvider"])
+    run, runtime = _parity_runner(path)
     rows = []
     for res in resolutions:
         for b in batches:
@@ -490,16 +642,41 @@ def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance
                 ref = graph(*args)
             ref = ref if isinstance(ref, tuple) else (ref,)
             feeds = {n: a.numpy() for n, a in zip(graph.input_names(), args)}
-            got = sess.run(None, feeds)
-            diff = max(float((torch.from_numpy(g) - r.float()).abs().max())
-                       for g, r in zip(got, ref))
+            got = run(feeds)
+            diff = max(float((torch.from_numpy(np.asarray(g, dtype=np.float32))
+                              - r.float()).abs().max()) for g, r in zip(got, ref))
             scale = max(float(r.abs().max()) for r in ref)
             row = {"resolution": tuple(res), "batch": b, "max_abs_diff": diff, "scale": scale,
-                   "tolerance": tolerance}
+                   "tolerance": tolerance, "runtime": runtime}
             rows.append(row)
             if not diff <= tolerance * max(1.0, scale):
-                raise ExportError(f"onnxruntime output differs from eager at batch {b}, "
+                raise ExportError(f"{runtime} output differs from eager at batch {b}, "
                                   f"{res[0]}x{res[1]}: max |diff| {diff:.3e} > {tolerance:.0e} "
                                   f"x output scale {scale:.3f} ({path} was written; do not "
                                   "trust it)")
     return rows
+
+
+def _parity_runner(path: Path):
+    """``(run(feeds) -> outputs, runtime name)``: onnxruntime CPU, or ``onnx.reference`` for
+    a bf16 graph onnxruntime has no CPU kernels for."""
+    from .engines import ort_session
+
+    try:
+        sess = ort_session(path, providers=["CPUExecutionProvider"])
+        return (lambda feeds: sess.run(None, feeds)), "onnxruntime CPU"
+    except Exception as err:
+        text = str(err)
+        import onnx
+
+        proto = onnx.load(str(path))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if "NOT_IMPLEMENTED" not in text or meta.get("ditkit.precision") != "bf16":
+            raise
+        from onnx.reference import ReferenceEvaluator
+
+        op = text.split("implementation for ")[-1].split(" node")[0] if (
+            "implementation for " in text) else "some op"
+        ev = ReferenceEvaluator(proto)
+        return ((lambda feeds: ev.run(None, feeds)),
+                f"onnx.reference (onnxruntime CPU has no bf16 kernel for {op})")

@@ -107,8 +107,26 @@ def _abar(obj):
 # -------------------------------------------------------------------------------- guidance
 
 
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale,
+                channels: int | None = None) -> torch.Tensor:
+    """Classifier-free guidance ``u + w (c - u)`` (``w = 1``: the conditional output).
+
+    ``scale``: a number or a ``(B,)`` tensor (one scale per sample). ``channels``: guide only
+    the first ``channels`` channels; the rest come from the conditional output (DiT guides 3
+    of its 4 latent channels). Shared by the samplers and the exported CFG graph."""
+    if isinstance(scale, torch.Tensor) and scale.ndim == 1:
+        scale = scale.to(cond.dtype)[:, None, None, None]
+    g = uncond + scale * (cond - uncond)
+    if channels is not None:
+        g = torch.cat([g[:, :channels], cond[:, channels:]], dim=1)
+    return g
+
+
 class Guided:
-    """``(x, sigma) -> (x0, var)`` with the labels, conditioning and CFG bound in."""
+    """``(x, sigma) -> (x0, var)`` with the labels, conditioning and CFG bound in.
+
+    A denoiser with ``guides_inside = True`` (an ONNX graph exported with ``--cfg``) batches
+    the two passes itself: it gets ``denoiser.guided(x, sigma, labels, scale, **cond)``."""
 
     def __init__(self, denoiser, class_labels: torch.Tensor | None, cond: dict,
                  cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
@@ -122,6 +140,11 @@ class Guided:
             if getattr(denoiser, "null_class", None) is None:
                 raise ValueError("classifier-free guidance needs a model with a null class "
                                  "(conditioning.classes.null_class)")
+            inside = getattr(denoiser, "cfg_channels", None)
+            if getattr(denoiser, "guides_inside", False) and cfg_channels != inside:
+                raise ValueError(f"this graph was exported with CFG on "
+                                 f"{inside or 'all'} channels; sample with cfg_channels="
+                                 f"{inside} (got {cfg_channels}) or re-export it")
 
     def _guide_at(self, sigma: float) -> bool:
         if self.scale == 1.0:
@@ -137,14 +160,14 @@ class Guided:
         s = torch.full((b,), sigma, dtype=x.dtype, device=x.device)
         if not self._guide_at(sigma):
             return self.denoiser.denoise(x, s, self.labels, **self.cond)
+        if getattr(self.denoiser, "guides_inside", False):
+            return self.denoiser.guided(x, s, self.labels, self.scale, **self.cond)
         null = torch.full_like(self.labels, self.denoiser.null_class)
         cond = {k: torch.cat([v, v]) for k, v in self.cond.items()}
         x0, var = self.denoiser.denoise(torch.cat([x, x]), torch.cat([s, s]),
                                         torch.cat([self.labels, null]), **cond)
         c, u = x0.chunk(2)
-        g = u + self.scale * (c - u)
-        if self.channels is not None:
-            g = torch.cat([g[:, :self.channels], c[:, self.channels:]], dim=1)
+        g = cfg_combine(c, u, self.scale, self.channels)
         return g, (var.chunk(2)[0] if var is not None else None)
 
 

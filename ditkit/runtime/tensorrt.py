@@ -189,8 +189,10 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
                 c = network.get_input(names.index("x")).shape[1]
                 prof.set_shape("x", *[(s.batch, c, s.height, s.width)
                                       for s in (p.min, p.opt, p.max)])
-            else:  # sigma, class_labels: (batch,)
-                prof.set_shape(name, (p.min.batch,), (p.opt.batch,), (p.max.batch,))
+            else:  # sigma, class_labels, cfg_scale: (batch,); aux inputs: (batch, dims)
+                rest = tuple(network.get_input(names.index(name)).shape)[1:]
+                prof.set_shape(name, *[(b, *rest) for b in (p.min.batch, p.opt.batch,
+                                                            p.max.batch)])
         config.add_optimization_profile(prof)
 
     timing_path = cache / f"timing-{hashlib.sha256((trt.__version__ + gpu).encode()).hexdigest()[:16]}.cache"
@@ -259,6 +261,7 @@ class TrtDenoiser:
 
         from .checkpoint import spec_from_metadata
         from .denoiser import NoiseRange
+        from .engines import aux_inputs
 
         trt = _trt()
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -280,25 +283,29 @@ class TrtDenoiser:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict = {}
         self.stream = torch.cuda.Stream()
+        self.aux = aux_inputs((i.name, [d.dim_value for d in i.type.tensor_type.shape.dim])
+                              for i in proto.graph.input)
+        self.guides_inside = "cfg_scale" in self.names
+        self.cfg_channels = json.loads(meta.get("ditkit.cfg", "{}")).get("channels")
+
+    def guided(self, x, sigma, class_labels, scale, **cond):
+        """CFG inside an engine built from a ``--cfg`` graph (see ``OrtDenoiser.guided``)."""
+        if not self.guides_inside:
+            raise ValueError("this engine's graph was exported without --cfg")
+        return self._run(x, sigma, class_labels, scale, cond)
 
     def denoise(self, x, sigma, class_labels=None, **cond):
+        return self._run(x, sigma, class_labels, None, cond)
+
+    def _run(self, x, sigma, class_labels, scale, cond):
         import torch
 
+        from .engines import graph_feeds
         from .export import check_shape
 
-        if cond:
-            raise ValueError("the engine takes no auxiliary inputs")
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
-        b = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        feeds = {"x": x.float().contiguous(), "sigma": sigma.float().contiguous()}
-        if "class_labels" in self.names:
-            if class_labels is None:
-                class_labels = torch.full((b,), self.null_class, dtype=torch.long,
-                                          device=x.device)
-            feeds["class_labels"] = class_labels.to(x.device, torch.long).contiguous()
+        feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.names,
+                            null_class=self.null_class, aux=self.aux)
         key = tuple(x.shape)
         entry = self._graphs.get(key)
         if entry is None:

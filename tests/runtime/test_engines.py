@@ -56,8 +56,30 @@ def test_engine_refuses_shapes_outside_the_rule(hdit_export):
     ort = OrtDenoiser(hdit_export[1].path)
     with pytest.raises(ExportError, match="not divisible"):
         ort.denoise(torch.zeros(1, 3, 16, 18), torch.ones(1))
-    with pytest.raises(ValueError, match="auxiliary"):
-        ort.denoise(torch.zeros(1, 3, 16, 16), torch.ones(1), aug_cond=torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="unknown auxiliary input.*aug_cond"):
+        ort.denoise(torch.zeros(1, 3, 16, 16), torch.ones(1), aug=torch.zeros(1, 9))
+    with pytest.raises(ValueError, match=r"aug_cond: expected shape \(1, 9\)"):
+        ort.denoise(torch.zeros(1, 3, 16, 16), torch.ones(1), aug_cond=torch.zeros(1, 8))
+
+
+def test_ort_takes_real_aux_inputs(hdit_export):
+    """Non-zero auxiliary conditioning reaches the graph: ORT equals eager with the same
+    aux, and the aux changes the output (so it is not dropped or zeroed inside)."""
+    model, result, _ = hdit_export
+    ort = OrtDenoiser(result.path)
+    assert ort.aux == {"aug_cond": 9}
+    eager = Denoiser(model, S.EDMObjective())
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(3, 3, 16, 20, generator=g), torch.tensor([0.5, 2.0, 9.0])
+    labels, aug = torch.tensor([1, 4, 10]), torch.randn(3, 9, generator=g)
+    with torch.no_grad(), use_backend("gather"):
+        want = eager(x, sigma, labels, aug_cond=aug)
+        zero = eager(x, sigma, labels)
+    got = ort(x, sigma, labels, aug_cond=aug)
+    assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert float((want - zero).abs().max()) > 1e-2  # the aux input matters
+    assert float((ort(x, sigma, labels) - zero).abs().max()) <= 1e-4 * max(
+        1.0, float(zero.abs().max()))  # omitted = zeros, as in the model
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

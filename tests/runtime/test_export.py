@@ -48,7 +48,13 @@ def test_hdit_neighborhood_export_parity_and_metadata(hdit_export):
     rule = json.loads(meta["ditkit.resolution_rule"])
     # patch 2 x merge 2 = 4; kernel 3 needs >= 3 tokens at level 0 and 2x2 grids inside: 8
     assert rule["height"] == {"min": 8, "step": 4, "max": 8192}
-    assert [i.name for i in proto.graph.input] == ["x", "sigma", "class_labels"]
+    # the spec's auxiliary conditioning is a real graph input with a dynamic batch
+    assert [i.name for i in proto.graph.input] == ["x", "sigma", "class_labels", "aug_cond"]
+    aux = proto.graph.input[3].type.tensor_type.shape.dim
+    assert aux[0].dim_param and aux[1].dim_value == 9
+    assert json.loads(meta["ditkit.aux"]) == [{"name": "aug_cond", "dims": 9}]
+    assert json.loads(meta["ditkit.io"])["inputs"] == ["x", "sigma", "class_labels", "aug_cond"]
+    assert "ditkit.cfg" not in meta
 
 
 def test_dit_export_with_learned_sigma_outputs(dit_export):
