@@ -37,6 +37,7 @@ from ditkit import spec as S
 from ditkit.spec.experiment import Experiment
 
 from . import checkpoints as C
+from . import finetune
 from .data import BatchStream, Position, make_dataset
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
@@ -222,6 +223,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     from ditkit.runtime.checkpoint import model_hash
 
     run = Path(run)
+    exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
     from ditkit.runtime.samplers import SAMPLERS
 
     for where, name in (("preview.sampler", exp.preview.sampler),
@@ -262,6 +264,13 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     # model, EMA, optimizer, schedule --------------------------------------------------------
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
     model = build(spec).to(device)
+    ft_meta = None
+    if ft_plan is not None:  # adapted checkpoint weights in, all but `trainable` frozen
+        ft_record = finetune.apply(model, exp, ft_plan, load_weights=state is None,
+                                   seed=tr.seed)
+        ft_meta = finetune.metadata(ft_record)
+        if rank == 0:
+            C.write_json(run / "finetune.json", ft_record)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     if exp.precision.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -313,7 +322,8 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                        "data_position": vars(stream.position).copy(),
                        "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
         return C.write_checkpoint(ckpt_root, step, exp, model.state_dict(),
-                                  ema_model.state_dict(), train_state, exp.checkpoint.keep_last)
+                                  ema_model.state_dict(), train_state, exp.checkpoint.keep_last,
+                                  metadata=ft_meta)
 
     step = start_step
     from ditkit.builder import use_backend
