@@ -48,7 +48,7 @@ class Plan:
 
     def to_json(self, exp: Experiment) -> dict:
         ft = exp.finetune
-        return {"checkpoint": ft.checkpoint, "policy": S.to_data(ft.policy, full=True),
+        return {"checkpoint": ft.checkpoint, "policy": S.to_data(ft.policy),  # as written
                 "resolution": list(exp.model_spec.input.resolution),
                 "patterns": list(ft.trainable), "trainable": self.trainable,
                 "frozen_count": len(self.frozen),

@@ -159,3 +159,21 @@ def test_cli_bad_pattern_exits_2(tmp_path, source):
     assert proc.returncode == 2, proc.stderr
     assert "finetune.trainable.0" in proc.stderr and "levels.0.encoder.0.attn" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, source):
+    from ditkit.cli import main
+
+    path, _, _ = source
+    train(_exp(path, steps=2), tmp_path / "run", progress=False)
+    tuned = tmp_path / "run/checkpoints/step-000002/ema.safetensors"
+    out = tmp_path / "report"
+    assert main(["extrapolate", str(path), "--resolutions", "16", "--policies",
+                 "core_patch:factor=4", "--finetuned", str(tuned), "--steps", "1",
+                 "--samples", "2", "--no-measure", "--metrics", "none", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["policy"] for r in results["rows"]]
+    assert labels == ["core_patch:factor=4", "core_patch:factor=4 + fine-tune new (2 steps)"]
+    assert all(r["grid"] and (out / r["grid"]).is_file() for r in results["rows"])
+    assert main(["extrapolate", str(path), "--resolutions", "16", "--finetuned",
+                 str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
