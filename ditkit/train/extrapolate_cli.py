@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="images per grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--attention-backend", default="auto",
+                   help="neighborhood-attention kernel (ditkit.builder.use_backend): auto, "
+                        "gather, tiled, masked, flex, natten")
     p.add_argument("--no-measure", action="store_true", help="skip latency / memory")
     p.add_argument("--metrics", choices=("auto", "shapes", "digits", "none"), default="auto",
                    help="score samples with the digits/shapes classifier (auto: the data kind "
@@ -114,12 +117,22 @@ def cmd_extrapolate(args) -> int:
         evaluate = ResolutionMetrics(kind, classes)
     extra = [_finetuned_row(p, objective) for p in args.finetuned]
     out = Path(args.out)
-    rows = run(spec, tensors, objective, policies, resolutions, out, steps=args.steps,
-               sampler=args.sampler, seed=args.seed, samples=args.samples, device=args.device,
-               measure=not args.no_measure, curve=curve, evaluate=evaluate,
-               eval_count=args.eval_count, extra=extra,
-               eval_resolutions=[parse_resolution(r) for r in args.eval_resolutions]
-               if args.eval_resolutions is not None else None)
+    from ditkit.builder import use_backend
+
+    try:
+        backend = use_backend(args.attention_backend)
+        backend.__enter__()
+    except ValueError as err:
+        raise UsageError(f"--attention-backend: {err}") from None
+    try:
+        rows = run(spec, tensors, objective, policies, resolutions, out, steps=args.steps,
+                   sampler=args.sampler, seed=args.seed, samples=args.samples,
+                   device=args.device, measure=not args.no_measure, curve=curve,
+                   evaluate=evaluate, eval_count=args.eval_count, extra=extra,
+                   eval_resolutions=[parse_resolution(r) for r in args.eval_resolutions]
+                   if args.eval_resolutions is not None else None)
+    finally:
+        backend.__exit__(None, None, None)
     for r in rows:
         note = f"  ({r.error})" if r.error else ""
         lat = f"{r.latency_ms:8.1f} ms" if r.latency_ms is not None else " " * 11

@@ -170,6 +170,7 @@ def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, so
     out = tmp_path / "report"
     assert main(["extrapolate", str(path), "--resolutions", "16", "--policies",
                  "core_patch:factor=4", "--finetuned", str(tuned), "--steps", "1",
+                 "--attention-backend", "tiled",
                  "--samples", "2", "--no-measure", "--metrics", "none", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     labels = [r["policy"] for r in results["rows"]]
@@ -177,3 +178,5 @@ def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, so
     assert all(r["grid"] and (out / r["grid"]).is_file() for r in results["rows"])
     assert main(["extrapolate", str(path), "--resolutions", "16", "--finetuned",
                  str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
+    assert main(["extrapolate", str(path), "--resolutions", "16", "--attention-backend",
+                 "nope", "--no-measure", "--out", str(out)]) == 2
