@@ -238,10 +238,21 @@ def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, 
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
+    compact_png(out / name)
     metrics = {}
     if evaluate is not None and eval_count and labels is not None:
         metrics = evaluate(x.float().cpu(), labels.cpu())
     return name, metrics
+
+
+def compact_png(path: Path, colours: int = 256) -> None:
+    """Re-save a grid with an adaptive palette of ``colours`` (a third of the bytes for the
+    large grids, which a committed report keeps many of; the shapes have few colours)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colours)
+    small.save(path, optimize=True)
 
 
 def _cost_curves(spec, policies, resolutions):

@@ -120,3 +120,7 @@ def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
     assert "| accuracy | Fréchet |" in report
     assert "| 50.0% (90%) | 3.25 (1.50) |" in report and "| - | - |" in report
     assert rows[2].grid == "grids/tuned_core_32x32.png" and (tmp_path / rows[2].grid).is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / rows[2].grid) as im:  # palette PNG: a small committed report
+        assert im.mode == "P" and im.size[0] >= 64
