@@ -369,6 +369,7 @@ def load_experiment(path: str | Path) -> Experiment:
 __all__ = [
     "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "Data", "ConstantLR",
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
-    "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment", "experiment_issues",
+    "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
+    "experiment_issues",
     "load_experiment", "experiment_from_data", "EXPERIMENT_VERSION",
 ]

@@ -3,8 +3,8 @@ asked for, and do its samples look like real images to a classifier?
 
 A small MLP (scikit-learn, fixed seed: deterministic) is trained on half of the real images
 (``fit``): digits at the model's resolution and preprocessing; shapes rendered at the evaluated
-resolution and reduced to a fixed 32x32 grey input (:class:`ShapesClassifier` says why). For ``count`` class-conditional samples
-we report
+resolution and reduced to a fixed 32x32 grey input (:class:`ShapesClassifier` says why).
+For ``count`` class-conditional samples we report
 
 * ``accuracy``: the fraction the classifier labels as the requested class (for reference, its
   accuracy on the held-out real half, ``real_accuracy``);
