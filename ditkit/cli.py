@@ -144,8 +144,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ditkit.builder.bench",
     "ditkit.runtime.convert_cli",
     "ditkit.runtime.cli",
-    "ditkit.runtime.extrapolate_cli",
     "ditkit.train.cli",
+    "ditkit.train.extrapolate_cli",
 )
 
 

@@ -210,13 +210,15 @@ def adapt_spec(spec: S.ModelSpec, policy: S.Policy, resolution: tuple[int, int])
 
 
 def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
-          resolution: tuple[int, int], seed: int = 0) -> Adapted:
-    """Apply ``policy`` to a spec and its trained weights (a ``state_dict``)."""
+          resolution: tuple[int, int], seed: int = 0, device: str = "cpu") -> Adapted:
+    """Apply ``policy`` to a spec and its trained weights (a ``state_dict``). With
+    ``device="meta"`` (and meta tensors) it only works out the record: which tensors would be
+    carried, re-initialised, resized -- free for any model size."""
     resolution = tuple(resolution)
     new, plan, notes = POLICIES[policy.kind](spec, policy, resolution, list(tensors))
     new = _revalidate(new, f"{policy.kind} at {resolution[0]}x{resolution[1]}")
     torch.manual_seed(seed)
-    fresh = build(new).state_dict()
+    fresh = build(new, device=device).state_dict()
     out, carried, reinit, resized, derived = {}, set(), [], [], []
     table_kind = new.position.kind
     for key, value in fresh.items():

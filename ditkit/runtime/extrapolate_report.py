@@ -10,9 +10,8 @@ reference and fitted slopes).
 from __future__ import annotations
 
 import json
-import os
+import re
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,41 +75,40 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
     return best[1]
 
 
-class _PeakRSS:
-    """Peak resident memory of this process while the block runs (CPU), sampled every 2 ms."""
+def cpu_peak_bytes(fn) -> int | None:
+    """Peak bytes of CPU tensors alive at once while ``fn()`` runs, above what was alive before:
+    the running sum of PyTorch's CPU allocator events (allocations and frees, in time order),
+    recorded by ``torch.profiler`` with ``profile_memory``. Unlike the process's resident size
+    it sees memory the allocator reuses, and nothing outside tensors (Python objects, the
+    profiler itself). Reads the profiler's event tree (``experimental_event_tree``, an API
+    PyTorch marks experimental): ``None`` when that is unavailable."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self):
-        self.peak = self.base = self._rss()
-        self._stop = threading.Event()
+    try:
+        from torch._C._profiler import _EventType
 
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-        return False
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+    running = peak = 0
+    for _, size in sorted(allocs):
+        running += size
+        peak = max(peak, running)
+    return peak
 
 
 def measure_forward(model, spec: S.ModelSpec, resolution, device: str = "cpu",
-                    repeats: int = 3) -> tuple[float, float]:
-    """Median forward latency (ms) at batch 1 and peak memory above the baseline (MiB)."""
+                    repeats: int = 3) -> tuple[float, float | None]:
+    """Median forward latency (ms) at batch 1 and peak memory above the baseline (MiB): the
+    CUDA allocator's peak, or on a CPU :func:`cpu_peak_bytes` in one more (profiled) forward
+    that does not count towards the latency."""
     h, w = resolution
     x = torch.randn(1, spec.input.channels, h, w, device=device)
     sigma = torch.ones(1, device=device)
@@ -122,17 +120,17 @@ def measure_forward(model, spec: S.ModelSpec, resolution, device: str = "cpu",
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        with _PeakRSS() as rss:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(x, sigma, labels)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1000)
-    if device.startswith("cuda"):
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (rss.peak - rss.base) / 2**20
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x, sigma, labels)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1000)
+        if device.startswith("cuda"):
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak_bytes = cpu_peak_bytes(lambda: model(x, sigma, labels))
+            peak = None if peak_bytes is None else peak_bytes / 2**20
     return statistics.median(times), peak
 
 
@@ -153,8 +151,22 @@ class Row:
 def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Policy],
         resolutions: list[tuple[int, int]], out: Path, *, steps: int = 20,
         sampler: str = "heun", seed: int = 0, samples: int = 8, device: str = "cpu",
-        measure: bool = True, curve: list[tuple[int, int]] | None = None) -> list[Row]:
-    """Run every (policy, resolution), write the report into ``out`` and return the rows."""
+        measure: bool = True, curve: list[tuple[int, int]] | None = None,
+        evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
+        eval_resolutions: list[tuple[int, int]] | None = None) -> list[Row]:
+    """Run every (policy, resolution), write the report into ``out`` and return the rows.
+
+    ``evaluate``: an optional metrics hook ``(images, labels) -> dict`` (e.g.
+    ``ditkit.train.evaluate.ResolutionMetrics``; the runtime does not import the training
+    layer, so the caller passes it); it scores ``eval_count`` fixed-seed samples per cell (the
+    grid shows the first ``samples`` of them). ``extra``: further rows ``(label, spec,
+    tensors)`` of models already at their resolution (e.g. a fine-tuned adaptation), sampled
+    and measured like the policies' rows. ``eval_resolutions``: score only these (default:
+    all; sampling enough images for metrics is the slow part on a CPU)."""
+    scored = None if eval_resolutions is None else {tuple(r) for r in eval_resolutions}
+
+    def hook(res):
+        return evaluate if scored is None or tuple(res) in scored else None
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +196,24 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         if model is not None and measure:
             row.latency_ms, row.peak_mib = measure_forward(model, new_spec, res, device)
         if tensors is not None and objective is not None:
-            row.grid = _sample_grid(model, objective, new_spec, res, out, label, steps, sampler,
-                                    seed, samples, device)
+            row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out, label,
+                                                 steps, sampler, seed, samples, device,
+                                                 hook(res), eval_count)
+        rows.append(row)
+    for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
+                                         disable=not extra):
+        res = tuple(x_spec.input.resolution)
+        rep = describe(x_spec)
+        row = Row(label, res, rep.gmacs, rep.params)
+        model = build(x_spec, device=device)
+        model.load_state_dict(x_tensors)
+        model.eval()
+        if measure:
+            row.latency_ms, row.peak_mib = measure_forward(model, x_spec, res, device)
+        if objective is not None:
+            row.grid, row.metrics = _sample_grid(model, objective, x_spec, res, out, label,
+                                                 steps, sampler, seed, samples, device,
+                                                 hook(res), eval_count)
         rows.append(row)
 
     curves = _cost_curves(spec, policies, curve or resolutions)
@@ -193,19 +221,38 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     return rows
 
 
-def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, n, device):
+def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, n, device,
+                 evaluate=None, eval_count=0):
+    """Sample ``max(n, eval_count)`` images with a fixed seed (labels cycling through the
+    classes), save the first ``n`` as a grid; score all of them with ``evaluate``."""
     from ditkit.runtime.denoiser import Denoiser
     from ditkit.runtime.samplers import sample
 
     from .images import save_grid
 
     classes = spec.conditioning.classes
-    labels = torch.arange(n, device=device) % classes.count if classes else None
-    x = sample(Denoiser(model, objective), (n, spec.input.channels, *res), steps=steps,
+    total = max(n, eval_count if evaluate is not None else 0)
+    labels = torch.arange(total, device=device) % classes.count if classes else None
+    x = sample(Denoiser(model, objective), (total, spec.input.channels, *res), steps=steps,
                sampler=sampler, seed=seed, class_labels=labels, device=device)
-    name = f"grids/{label.replace(':', '_').replace(',', '_').replace('=', '-')}_{res[0]}x{res[1]}.png"
-    save_grid(x, out / name)
-    return name
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
+    name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
+    save_grid(x[:n], out / name)
+    compact_png(out / name)
+    metrics = {}
+    if evaluate is not None and eval_count and labels is not None:
+        metrics = evaluate(x.float().cpu(), labels.cpu())
+    return name, metrics
+
+
+def compact_png(path: Path, colours: int = 256) -> None:
+    """Re-save a grid with an adaptive palette of ``colours`` (a third of the bytes for the
+    large grids, which a committed report keeps many of; the shapes have few colours)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colours)
+    small.save(path, optimize=True)
 
 
 def _cost_curves(spec, policies, resolutions):
@@ -247,16 +294,37 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path) -> None:
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    scored = [r for r in rows if r.metrics]
     md = [f"# Resolution extrapolation: {spec.name}", "",
-          f"Trained at {spec.input.resolution[0]}x{spec.input.resolution[1]}. GMACs are forward "
-          "multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is the median of 3 "
-          "forwards at batch 1; memory is the peak above the baseline.", "",
-          "| policy | resolution | GMACs | params | latency ms | peak MiB | re-initialised | note |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+          f"Trained at {spec.input.resolution[0]}x{spec.input.resolution[1]}.",
+          "", "GMACs are forward multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is "
+          "the median of 3 forwards at batch 1; peak MiB is the most tensor memory alive at "
+          "once during one forward above what was alive before (CUDA: the allocator's peak; "
+          "CPU: PyTorch's allocator events under `torch.profiler`)."]
+    if scored:
+        n = scored[0].metrics.get("count")
+        md += ["", f"Metrics on {n} fixed-seed class-conditional samples per cell (labels "
+               "cycling through the classes): *accuracy* is the fraction a classifier trained on "
+               "real images at that resolution labels as the requested class (its accuracy on "
+               "held-out real images in brackets); *Fréchet* is the Fréchet distance between "
+               "the classifier's hidden features of the samples and of real images, with the "
+               f"same distance for {n} held-out real images in brackets (what a perfect "
+               "generator would score at this sample size)."]
+    head = "| policy | resolution | GMACs | params | latency ms | peak MiB | re-initialised |"
+    rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    if scored:
+        head += " accuracy | Fréchet |"
+        rule += " ---: | ---: |"
+    md += ["", head + " note |", rule + " --- |"]
     for r in rows:
-        md.append(f"| `{r.policy}` | {r.resolution[0]}x{r.resolution[1]} | {cell(r.gmacs, '.2f')} "
-                  f"| {r.params:,} | {cell(r.latency_ms, '.1f')} | {cell(r.peak_mib, '.1f')} "
-                  f"| {r.reinitialised} | {r.error or ''} |")
+        line = (f"| `{r.policy}` | {r.resolution[0]}x{r.resolution[1]} | {cell(r.gmacs, '.2f')} "
+                f"| {r.params:,} | {cell(r.latency_ms, '.1f')} | {cell(r.peak_mib, '.1f')} "
+                f"| {r.reinitialised} |")
+        if scored:
+            m = r.metrics
+            line += (f" {m['accuracy']:.1%} ({m['real_accuracy']:.0%}) | {m['frechet']:.2f} "
+                     f"({m['frechet_real']:.2f}) |" if m else " - | - |")
+        md.append(line + f" {r.error or ''} |")
     md += ["", "## Cost vs pixels (log-log slopes)", ""]
     md += [f"- {k}: GMACs slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]
     md += [f"- {k}: measured latency slope {s:.3f}"

@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      field_validator)
 
 from .components import Spec
 from .model import ModelSpec
 from .objective import EDMObjective, Objective
+from .policy import AsIs, Policy
 
 EXPERIMENT_VERSION = 1
 
@@ -225,6 +227,58 @@ class Evaluation(Spec):
     seed: NonNegativeInt = 1
 
 
+TRAINABLE_PRESETS = {
+    "new": "every tensor the policy re-initialised or replicated (new levels, resized merges)",
+    "patch": "the patch embedding, the head and every merge/split projection "
+             "(embed.*, head.*, levels.*.down.*, levels.*.up.*)",
+    "aggregate": "every block whose attention is `aggregate` (MDiT's aggregate blocks)",
+}
+"""Names usable in ``finetune.trainable`` besides patterns."""
+
+
+class Finetune(Spec):
+    """Fine-tune a trained checkpoint at another resolution: apply ``policy`` (the same policy
+    specs as ``ditkit extrapolate``) at ``resolution`` to the checkpoint's spec and weights,
+    then train only the parameters named by ``trainable``; everything else stays frozen
+    (bit-identical). ``model`` is the checkpoint's spec, as it was trained.
+
+    ``trainable`` entries: a glob over parameter names (``levels.0.down.*``), a regular
+    expression prefixed with ``re:`` (``re:levels\\.[01]\\.``), or a preset name
+    (``new``, ``patch``, ``aggregate``; see ``TRAINABLE_PRESETS``).
+    """
+
+    checkpoint: Annotated[str, Field(min_length=1)]
+    """The trained ditkit checkpoint (.safetensors; relative paths start at the experiment
+    file's folder). Only read when the run starts (not on --resume)."""
+    policy: Policy = Field(default_factory=AsIs)
+    resolution: tuple[PositiveInt, PositiveInt] | None = None
+    """Target resolution (default: the model's)."""
+    trainable: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)]
+    source_model: ModelSpec | None = None
+    """Filled by the trainer in the run's saved experiment: the checkpoint's spec before the
+    policy. When set, ``model`` is already the adapted spec (so a resumed run does not adapt
+    twice)."""
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("trainable")
+    @classmethod
+    def _patterns_compile(cls, value):
+        import re
+
+        for i, pat in enumerate(value):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as err:
+                    raise ValueError(f"entry {i} ({pat!r}) is not a valid regular expression: "
+                                     f"{err}") from None
+        return value
+
+
 class Experiment(Spec):
     """One training run, as data."""
 
@@ -244,6 +298,9 @@ class Experiment(Spec):
     logging: Logging = Field(default_factory=Logging)
     preview: Preview = Field(default_factory=Preview)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    finetune: Finetune | None = None
+    """Start from a trained checkpoint adapted to another resolution and train only part of
+    it (see :class:`Finetune`)."""
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -376,6 +433,7 @@ __all__ = [
     "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData",
     "LatentsData", "Data", "ConstantLR",
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
-    "Logging", "Preview", "Evaluation", "resolve_experiment", "experiment_issues",
+    "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
+    "experiment_issues",
     "load_experiment", "experiment_from_data", "EXPERIMENT_VERSION",
 ]

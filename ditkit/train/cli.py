@@ -99,6 +99,10 @@ def load_for_training(ref: str, steps: int | None = None):
     else:
         exp, run = E.load_experiment(path), None
         exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, path.parent)})
+        ft = exp.finetune
+        if ft is not None and ft.source_model is None and not Path(ft.checkpoint).is_absolute():
+            ft = ft.model_copy(update={"checkpoint": str((path.parent / ft.checkpoint).resolve())})
+            exp = exp.model_copy(update={"finetune": ft})
     if steps is not None:
         if steps <= 0:
             raise _usage(f"--steps {steps}: must be a positive number of steps")

@@ -38,6 +38,7 @@ from ditkit import spec as S
 from ditkit.spec.experiment import Experiment
 
 from . import checkpoints as C
+from . import finetune
 from .data import make_dataset, make_stream
 from .distributed import Placement
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
@@ -227,6 +228,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     from ditkit.builder import build
 
     run = Path(run)
+    exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
     from ditkit.runtime.samplers import SAMPLERS
 
     for where, name in (("preview.sampler", exp.preview.sampler),
@@ -267,6 +269,13 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     # model, EMA, optimizer, schedule --------------------------------------------------------
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
     model = build(spec).to(device)
+    ft_meta = None
+    if ft_plan is not None:  # adapted checkpoint weights in, all but `trainable` frozen
+        ft_record = finetune.apply(model, exp, ft_plan, load_weights=state is None,
+                                   seed=tr.seed)
+        ft_meta = finetune.metadata(ft_record)
+        if rank == 0:
+            C.write_json(run / "finetune.json", ft_record)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     if exp.precision.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -316,7 +325,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                        "data_position": stream.state(),
                        "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
         return C.write_checkpoint(ckpt_root, step, exp, model_state, ema_state, train_state,
-                                  exp.checkpoint.keep_last)
+                                  exp.checkpoint.keep_last, metadata=ft_meta)
 
     step = start_step
     from ditkit.builder import use_backend

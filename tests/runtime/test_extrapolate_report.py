@@ -77,3 +77,50 @@ def test_runner_samples_grids_from_a_checkpoint(tmp_path):
     assert add32.reinitialised > 0  # the new outer level is fresh, and the report says so
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Samples (fixed seed)" in report and "grids/add_levels_32x32.png" in report
+
+
+def test_cpu_peak_bytes_follows_the_allocator():
+    from ditkit.runtime.extrapolate_report import cpu_peak_bytes
+
+    def work():
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = torch.ones(2048, 1024)  # 8 MiB: 12 alive
+        del a
+        c = torch.ones(1024, 1024)  # 4 MiB reused: still 12 alive at most
+        return float(b[0, 0] + c[0, 0])
+
+    keep = torch.ones(4096, 1024)  # alive before: not counted
+    assert cpu_peak_bytes(work) == pytest.approx(12 * 2**20, rel=1e-3)
+    assert keep.numel()
+
+
+def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
+    from ditkit.runtime.extrapolate import adapt
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    tensors = build(spec).state_dict()
+    calls = []
+
+    def hook(images, labels):
+        calls.append((tuple(images.shape), labels.tolist()))
+        return {"accuracy": 0.5, "frechet": 3.25, "frechet_real": 1.5, "real_accuracy": 0.9,
+                "count": len(labels)}
+
+    tuned = adapt(spec, tensors, S.CorePatch(factor=4), (32, 32))
+    rows = run(spec, tensors, S.EDMObjective(), [S.AsIs()], [(16, 16), (32, 32)],
+               tmp_path, steps=1, samples=4, measure=False, evaluate=hook, eval_count=6,
+               eval_resolutions=[(32, 32)], extra=[("tuned core", tuned.spec, tuned.tensors)])
+    assert [(r.policy, r.resolution) for r in rows] == [
+        ("as_is", (16, 16)), ("as_is", (32, 32)), ("tuned core", (32, 32))]
+    assert rows[0].metrics == {} and rows[1].metrics["frechet"] == 3.25
+    classes = spec.conditioning.classes.count
+    assert calls == [((6, spec.input.channels, 32, 32), [i % classes for i in range(6)])] * 2
+    report = (tmp_path / "report.md").read_text()
+    assert "| accuracy | Fréchet |" in report
+    assert "| 50.0% (90%) | 3.25 (1.50) |" in report and "| - | - |" in report
+    assert rows[2].grid == "grids/tuned_core_32x32.png" and (tmp_path / rows[2].grid).is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / rows[2].grid) as im:  # palette PNG: a small committed report
+        assert im.mode == "P" and im.size[0] >= 64

@@ -30,3 +30,23 @@ def test_real_digits_pass_and_noise_fails():
     noise = torch.rand(500, 1, 16, 16) * 2 - 1
     bad = evaluate_samples(clf, noise, torch.arange(500) % 10)
     assert bad.accuracy < 0.3 and bad.frechet > 5 * real.frechet_real
+
+
+def test_shapes_classifier_scores_real_shapes_like_real_and_noise_badly():
+    from ditkit.train.data import shape_image
+    from ditkit.train.evaluate import ResolutionMetrics, ShapesClassifier
+
+    metrics = ResolutionMetrics("shapes", count=2000)
+    res = (16, 16)
+    # real shapes from another seed than the classifier's
+    real = torch.from_numpy(np.stack([shape_image(i, i % 10, res, 77) for i in range(100)]))
+    good = metrics(real, torch.arange(100) % 10)
+    clf = metrics._classifiers[res]
+    assert isinstance(clf, ShapesClassifier) and clf.resolution == res
+    assert clf.x_fit.shape == (1000, 16 * 16)  # grey, half of the real images
+    assert good["real_accuracy"] > 0.6 and good["accuracy"] > 0.5 and good["count"] == 100
+    assert good["frechet"] < 2 * good["frechet_real"] + 1
+    noise = metrics(torch.rand(100, 3, *res) * 2 - 1, torch.arange(100) % 10)
+    assert noise["accuracy"] < 0.25
+    assert noise["frechet"] > 5 * good["frechet"]
+    assert list(metrics._classifiers) == [res]  # one classifier per resolution, reused
