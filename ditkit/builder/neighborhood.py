@@ -142,54 +142,55 @@ class _GatherAttention(torch.autograd.Function):
         n, kk = idx.shape
         qs = (q * scale).reshape(-1, d)  # (B heads n, D), scaled once
         kf, vf = k.reshape(-1, d), v.reshape(-1, d)
-        flat = _flat_index(idx, b * nh)
+        flat = idx.flatten()
         out = torch.empty_like(qs)
         total = qs.shape[0]
+        # the attention weights (kk numbers a query, fewer bytes than q) when a backward follows
+        probs = qs.new_empty(total, 1, kk) if any(ctx.needs_input_grad) else None
         m = _chunk_queries(2 * kk * d * qs.element_size(), total)
         kbuf, vbuf = qs.new_empty(m * kk, d), qs.new_empty(m * kk, d)
         with _loop_threads(qs.device):
-            for a in range(0, total, m):
-                e = min(total, a + m)
-                rows = flat[a * kk:e * kk]
-                kn = torch.index_select(kf, 0, rows, out=kbuf[:(e - a) * kk]).view(e - a, kk, d)
-                vn = torch.index_select(vf, 0, rows, out=vbuf[:(e - a) * kk]).view(e - a, kk, d)
+            for a, e, base, rows in _chunks(flat, kk, b * nh, m):
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
                 p = torch.bmm(qs[a:e].unsqueeze(1), kn.transpose(1, 2)).softmax(-1)  # (m, 1, kk)
+                if probs is not None:
+                    probs[a:e] = p
                 torch.bmm(p, vn, out=out[a:e].unsqueeze(1))
-        ctx.save_for_backward(qs, kf, vf, flat)
-        ctx.scale, ctx.kk = scale, kk
+        ctx.save_for_backward(qs, kf, vf, flat, probs)
+        ctx.scale, ctx.kk, ctx.groups = scale, kk, b * nh
         return out.view_as(q)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qs, kf, vf, flat = ctx.saved_tensors
+        qs, kf, vf, flat, probs = ctx.saved_tensors  # flat: (n kk,) key rows of one grid
         kk, d = ctx.kk, qs.shape[-1]
         shape = grad_out.shape
         go = grad_out.reshape(-1, d).contiguous()  # (an expanded ones tensor after .sum())
         dq = torch.empty_like(qs)
-        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+        dkv = qs.new_zeros(qs.shape[0], 2 * d)  # gradients of k and v side by side: one scatter
         total = qs.shape[0]
         m = _chunk_queries(4 * kk * d * qs.element_size(), total)
         kbuf, vbuf = qs.new_empty(m * kk, d), qs.new_empty(m * kk, d)
-        dkbuf, dvbuf = qs.new_empty(m, kk, d), qs.new_empty(m, kk, d)
+        gbuf = qs.new_empty(m, kk, 2 * d)
         with _loop_threads(qs.device):
-            for a in range(0, total, m):
-                e = min(total, a + m)
-                rows = flat[a * kk:e * kk]
-                kn = torch.index_select(kf, 0, rows, out=kbuf[:(e - a) * kk]).view(e - a, kk, d)
-                vn = torch.index_select(vf, 0, rows, out=vbuf[:(e - a) * kk]).view(e - a, kk, d)
-                q1, g1 = qs[a:e].unsqueeze(1), go[a:e].unsqueeze(1)  # (m, 1, D)
-                p = torch.bmm(q1, kn.transpose(1, 2)).softmax(-1)  # (m, 1, kk)
-                dp = torch.bmm(g1, vn.transpose(1, 2))
+            for a, e, base, rows in _chunks(flat, kk, ctx.groups, m):
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
+                q1, g1, p = qs[a:e].unsqueeze(1), go[a:e].unsqueeze(1), probs[a:e]
+                dp = torch.bmm(g1, vn.transpose(1, 2))  # (m, 1, kk)
                 ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
                 dq[a:e] = torch.bmm(ds, kn).view(e - a, d)
-                # d logits / d k with q pre-scaled; d out / d v
-                dk.index_add_(0, rows, torch.mul(ds.view(e - a, kk, 1), q1, out=dkbuf[:e - a])
-                              .view(-1, d))
-                dv.index_add_(0, rows, torch.mul(p.view(e - a, kk, 1), g1, out=dvbuf[:e - a])
-                              .view(-1, d))
+                g = gbuf[:e - a]
+                torch.mul(ds.view(e - a, kk, 1), q1, out=g[..., :d])  # d logits/d k (q scaled)
+                torch.mul(p.view(e - a, kk, 1), g1, out=g[..., d:])  # d out / d v
+                dkv[base:].index_add_(0, rows, g.view(-1, 2 * d))
         dq.mul_(ctx.scale)
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+        dk, dv = dkv.view(*shape[:-1], 2 * d).split(d, -1)
+        return dq.view(shape), dk, dv, None, None
 
 
 @contextlib.contextmanager
@@ -206,11 +207,23 @@ def _loop_threads(device):
         torch.set_num_threads(before)
 
 
-def _flat_index(idx, groups):
-    """``(groups n kk,)`` rows of the ``(groups n, .)`` tables that each query reads."""
-    n = idx.shape[0]
-    offsets = torch.arange(0, groups * n, n, device=idx.device)
-    return (offsets[:, None] + idx.reshape(1, -1)).flatten()
+def _chunks(flat, kk, groups, m):
+    """Chunks ``(start, end, base, rows)`` of at most ``m`` queries over ``groups`` (batch x
+    heads) grids of ``n`` queries: queries ``start:end`` of the flat axis read the key rows
+    ``base + rows`` (``rows`` indexes the table sliced at ``base``). A chunk stays within one
+    grid, or holds whole grids when a grid is smaller than ``m``."""
+    n = flat.shape[0] // kk
+    if m < n:
+        for g in range(groups):
+            for a in range(0, n, m):
+                e = min(n, a + m)
+                yield g * n + a, g * n + e, g * n, flat[a * kk:e * kk]
+        return
+    per = m // n  # whole grids a chunk
+    rows = (torch.arange(per, device=flat.device)[:, None] * n + flat[None, :]).flatten()
+    for g in range(0, groups, per):
+        h = min(groups, g + per)
+        yield g * n, h * n, g * n, rows[:(h - g) * n * kk]
 
 
 def _chunk_queries(bytes_per_query: int, total: int) -> int:

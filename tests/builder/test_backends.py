@@ -291,16 +291,21 @@ def test_bench_summary_reports_speedups_and_memory_growth():
 
 @pytest.mark.parametrize("grid,kernel,dilation",
                          [((12, 17), (5, 3), (2, 1)), ((9, 9), (7, 7), (1, 1))])
-def test_chunked_gather_equals_the_one_pass_reference(grid, kernel, dilation, monkeypatch):
-    # chunks of 3 queries (the last one partial, chunks straddling batch and head boundaries)
-    monkeypatch.setattr(nb, "CHUNK_BYTES", 3 * 4 * kernel[0] * kernel[1] * 16 * 4)
+@pytest.mark.parametrize("grids_a_chunk", [0, 2.5])
+def test_chunked_gather_equals_the_one_pass_reference(grid, kernel, dilation, grids_a_chunk,
+                                                      monkeypatch):
+    # chunks of 3 queries within a grid (the last one partial), or of whole grids (2 per chunk
+    # in the forward, 1 in the backward; 6 grids = batch 2 x 3 heads)
+    queries = max(3, int(grids_a_chunk * grid[0] * grid[1]))
+    monkeypatch.setattr(nb, "CHUNK_BYTES", queries * 2 * kernel[0] * kernel[1] * 16 * 4)
     q, k, v = _qkv(grid, seed=11, grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     results = []
+    out_fn = nb.gather(q, k, v, kernel, dilation, 0.25).grad_fn.name()
     for fn in (nb.gather, nb.gather_reference):
         out = fn(q, k, v, kernel, dilation, 0.25)
-        results.append((out, *torch.autograd.grad((out * weight).sum(), (q, k, v))))
-    assert results[0][0].grad_fn.name().startswith("_GatherAttention")  # the chunked path ran
+        results.append((out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    assert out_fn.startswith("_GatherAttention")  # the chunked path ran
     for mine, ref in zip(*results):
         assert _max_err(mine, ref) <= 1e-5
 
@@ -332,7 +337,7 @@ def test_traced_path_equals_the_eager_path(backend, monkeypatch):
     for eager in (True, False):
         monkeypatch.setattr(nb, "_eager", lambda *t, _e=eager: _e)
         out = _run(backend, q, k, v, (5, 3), (2, 1))
-        results.append((out, *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+        results.append((out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v))))
     for mine, ref in zip(*results):
         assert _max_err(mine, ref) <= 1e-5
 
