@@ -5,8 +5,10 @@ D)``: each query attends to the ``kh x kw`` keys of its NATTEN neighborhood (see
 ``window_start_index``). Which one runs is chosen in ``kernels.py`` (``use_backend``); this file
 only computes.
 
-- ``gather``: gather each query's neighbours by index, O(n k^2) time and memory. Index arithmetic
-  only (no Python branch on H or W), so it exports to ONNX with dynamic sizes.
+- ``gather``: gather each query's neighbours by index, O(n k^2) time. Eager calls run in
+  cache-sized chunks with a recompute backward (``_GatherAttention``); traces get the one-pass
+  ``gather_reference``: index arithmetic only (no Python branch on H or W), so it exports to
+  ONNX with dynamic sizes.
 - ``tiled``: split the queries into tiles of ``T x T`` (per dilation group) and attend each tile
   to the ``(T + k - 1)^2`` keys around it through ``scaled_dot_product_attention`` with a mask:
   ~4x the FLOPs of ``gather`` at k=7, T=8, but dense batched matmuls. Exports as well.
