@@ -157,8 +157,8 @@ def _estimate_gib(backend, grid, kernel, batch, heads, d_head) -> float:
         span = (8 + kernel - 1) ** 2
         return (per_head * n * (3 * span / 64 * d_head + 2 * d_head + 3 * span) * 4
                 + n * span) / 2 ** 30
-    k2 = kernel * kernel  # gather: k^2 copies of k and v, their gradients, the scores
-    return (per_head * n * (k2 * (3 * d_head + 8) + 8 * d_head) * 4) / 2 ** 30
+    k2 = kernel * kernel  # gather: q, k, v, their gradients, the flat int64 index; chunks
+    return (per_head * n * (8 * d_head * 4 + k2 * 8) + 4 * (64 << 20)) / 2 ** 30
 
 
 def _free_gib() -> float:

@@ -5,8 +5,10 @@ D)``: each query attends to the ``kh x kw`` keys of its NATTEN neighborhood (see
 ``window_start_index``). Which one runs is chosen in ``kernels.py`` (``use_backend``); this file
 only computes.
 
-- ``gather``: gather each query's neighbours by index, O(n k^2) time and memory. Index arithmetic
-  only (no Python branch on H or W), so it exports to ONNX with dynamic sizes.
+- ``gather``: gather each query's neighbours by index, O(n k^2) time. Eager calls run in
+  cache-sized chunks with a recompute backward (``_GatherAttention``); traces get the one-pass
+  ``gather_reference``: index arithmetic only (no Python branch on H or W), so it exports to
+  ONNX with dynamic sizes.
 - ``tiled``: split the queries into tiles of ``T x T`` (per dilation group) and attend each tile
   to the ``(T + k - 1)^2`` keys around it through ``scaled_dot_product_attention`` with a mask:
   ~4x the FLOPs of ``gather`` at k=7, T=8, but dense batched matmuls. Exports as well.
@@ -18,10 +20,13 @@ only computes.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 #: query tile side of the ``tiled`` backend, per axis and per dilation group
 TILE = 8
@@ -57,18 +62,174 @@ def check_grid(hh, ww, kernel_size, dilation) -> None:
 # --------------------------------------------------------------------------------------------
 # gather
 
+#: working-set size of one chunk of the eager ``gather``/``tiled`` kernels (bytes of gathered
+#: keys and values): large enough that each op runs long, small enough to stay in the last-level
+#: cache and below the allocator's mmap threshold (no page faults on every call)
+CHUNK_BYTES = 8 << 20
+#: intra-op threads of those chunk loops on CPU (None: leave PyTorch's setting). Each op of a
+#: chunk lasts ~0.1 ms; on the shared 2-core machine this was measured on, splitting such an op
+#: across 2 threads cost 1-8 ms of thread synchronisation (5x slower overall than 1 thread)
+LOOP_THREADS: int | None = 1
+
+_plans: "OrderedDict[tuple, object]" = OrderedDict()
+
+
+def _cached(key, build):
+    """Index plans of concrete grids, built once (eager calls only; traces build them inline)."""
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = build()
+        while len(_plans) > 64:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    return plan
+
+
+def _eager(*tensors) -> bool:
+    """True outside traces (torch.export, torch.compile, TorchScript tracing) and fake/meta
+    tensors: only then may a kernel loop over chunks in Python and cache plans by size."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is not None and exporting():
+        return False
+    return all(t.device.type != "meta" and not isinstance(t, FakeTensor) for t in tensors)
+
+
+def gather_index(hh, ww, kernel_size, dilation, device) -> torch.Tensor:
+    """``(H W, kh kw)`` flat key index of each query's neighbourhood (row-major)."""
+    ih = window_start_index(hh, kernel_size[0], dilation[0], device)  # (H, kh)
+    iw = window_start_index(ww, kernel_size[1], dilation[1], device)  # (W, kw)
+    idx = ih[:, None, :, None] * ww + iw[None, :, None, :]  # (H, W, kh, kw)
+    return idx.reshape(hh * ww, kernel_size[0] * kernel_size[1])
+
 
 def gather(q, k, v, kernel_size, dilation, scale):
-    """Gather each query's ``kh x kw`` keys/values by a flat index; O(n k^2) time and memory."""
+    """Neighborhood attention by gathering each query's ``kh x kw`` keys/values; O(n k^2).
+
+    Eager calls run ``_GatherAttention``: queries in chunks of ~``CHUNK_BYTES`` of gathered keys
+    and values, and a backward that recomputes each chunk instead of storing the k^2 copies.
+    Traces (export, compile) get ``gather_reference``: the same arithmetic in one pass, no Python
+    branch on sizes."""
+    if not _eager(q, k, v):
+        return gather_reference(q, k, v, kernel_size, dilation, scale)
     b, nh, hh, ww, d = q.shape
-    ih = window_start_index(hh, kernel_size[0], dilation[0], q.device)  # (H, kh)
-    iw = window_start_index(ww, kernel_size[1], dilation[1], q.device)  # (W, kw)
-    idx = (ih[:, None, :, None] * ww + iw[None, :, None, :]).flatten()  # (H W kh kw,)
+    key = ("gather", hh, ww, tuple(kernel_size), tuple(dilation), str(q.device))
+    idx = _cached(key, lambda: gather_index(hh, ww, kernel_size, dilation, q.device))
+    return _GatherAttention.apply(q, k, v, idx, scale)
+
+
+def gather_reference(q, k, v, kernel_size, dilation, scale):
+    """One-pass ``gather`` (all k^2 neighbour copies at once): what traces and exports run."""
+    b, nh, hh, ww, d = q.shape
     kk = kernel_size[0] * kernel_size[1]
+    idx = gather_index(hh, ww, kernel_size, dilation, q.device).flatten()  # (H W kh kw,)
     k_nb = k.reshape(b, nh, hh * ww, d).index_select(2, idx).view(b, nh, hh, ww, kk, d)
     v_nb = v.reshape(b, nh, hh * ww, d).index_select(2, idx).view(b, nh, hh, ww, kk, d)
     logits = (q.unsqueeze(-2) @ k_nb.transpose(-1, -2)) * scale  # (B, heads, H, W, 1, kk)
     return (logits.softmax(-1) @ v_nb).squeeze(-2)  # (B, heads, H, W, D)
+
+
+class _GatherAttention(torch.autograd.Function):
+    """Chunked eager ``gather``. Queries of all batch entries and heads are one flat axis; a
+    chunk gathers its queries' keys and values into two buffers reused by every chunk (so the
+    working set stays in cache and no call page-faults fresh memory). Saves only q, k, v (and
+    the index): the backward regathers and recomputes the softmax per chunk and scatters the
+    key/value gradients with ``index_add_``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale):
+        b, nh, hh, ww, d = q.shape
+        n, kk = idx.shape
+        qs = (q * scale).reshape(-1, d)  # (B heads n, D), scaled once
+        kf, vf = k.reshape(-1, d), v.reshape(-1, d)
+        flat = idx.flatten()
+        out = torch.empty_like(qs)
+        total = qs.shape[0]
+        # the attention weights (kk numbers a query, fewer bytes than q) when a backward follows
+        probs = qs.new_empty(total, 1, kk) if any(ctx.needs_input_grad) else None
+        m = _chunk_queries(2 * kk * d * qs.element_size(), total)
+        kbuf, vbuf = qs.new_empty(m * kk, d), qs.new_empty(m * kk, d)
+        with _loop_threads(qs.device):
+            for a, e, base, rows in _chunks(flat, kk, b * nh, m):
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
+                p = torch.bmm(qs[a:e].unsqueeze(1), kn.transpose(1, 2)).softmax(-1)  # (m, 1, kk)
+                if probs is not None:
+                    probs[a:e] = p
+                torch.bmm(p, vn, out=out[a:e].unsqueeze(1))
+        ctx.save_for_backward(qs, kf, vf, flat, probs)
+        ctx.scale, ctx.kk, ctx.groups = scale, kk, b * nh
+        return out.view_as(q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qs, kf, vf, flat, probs = ctx.saved_tensors  # flat: (n kk,) key rows of one grid
+        kk, d = ctx.kk, qs.shape[-1]
+        shape = grad_out.shape
+        go = grad_out.reshape(-1, d).contiguous()  # (an expanded ones tensor after .sum())
+        dq = torch.empty_like(qs)
+        dkv = qs.new_zeros(qs.shape[0], 2 * d)  # gradients of k and v side by side: one scatter
+        total = qs.shape[0]
+        m = _chunk_queries(4 * kk * d * qs.element_size(), total)
+        kbuf, vbuf = qs.new_empty(m * kk, d), qs.new_empty(m * kk, d)
+        gbuf = qs.new_empty(m, kk, 2 * d)
+        with _loop_threads(qs.device):
+            for a, e, base, rows in _chunks(flat, kk, ctx.groups, m):
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
+                q1, g1, p = qs[a:e].unsqueeze(1), go[a:e].unsqueeze(1), probs[a:e]
+                dp = torch.bmm(g1, vn.transpose(1, 2))  # (m, 1, kk)
+                ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+                dq[a:e] = torch.bmm(ds, kn).view(e - a, d)
+                g = gbuf[:e - a]
+                torch.mul(ds.view(e - a, kk, 1), q1, out=g[..., :d])  # d logits/d k (q scaled)
+                torch.mul(p.view(e - a, kk, 1), g1, out=g[..., d:])  # d out / d v
+                dkv[base:].index_add_(0, rows, g.view(-1, 2 * d))
+        dq.mul_(ctx.scale)
+        dk, dv = dkv.view(*shape[:-1], 2 * d).split(d, -1)
+        return dq.view(shape), dk, dv, None, None
+
+
+@contextlib.contextmanager
+def _loop_threads(device):
+    """Run a chunk loop's ops on ``LOOP_THREADS`` intra-op threads on CPU (restored after)."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or LOOP_THREADS is None or LOOP_THREADS >= before:
+        yield
+        return
+    torch.set_num_threads(LOOP_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _chunks(flat, kk, groups, m):
+    """Chunks ``(start, end, base, rows)`` of at most ``m`` queries over ``groups`` (batch x
+    heads) grids of ``n`` queries: queries ``start:end`` of the flat axis read the key rows
+    ``base + rows`` (``rows`` indexes the table sliced at ``base``). A chunk stays within one
+    grid, or holds whole grids when a grid is smaller than ``m``."""
+    n = flat.shape[0] // kk
+    if m < n:
+        for g in range(groups):
+            for a in range(0, n, m):
+                e = min(n, a + m)
+                yield g * n + a, g * n + e, g * n, flat[a * kk:e * kk]
+        return
+    per = m // n  # whole grids a chunk
+    rows = (torch.arange(per, device=flat.device)[:, None] * n + flat[None, :]).flatten()
+    for g in range(0, groups, per):
+        h = min(groups, g + per)
+        yield g * n, h * n, g * n, rows[:(h - g) * n * kk]
+
+
+def _chunk_queries(bytes_per_query: int, total: int) -> int:
+    return max(1, min(total, CHUNK_BYTES // max(1, bytes_per_query)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,18 +277,15 @@ def _tile_plan(n, kernel: int, dilation: int, tile: int, device):
     return q_pos, k_pos, mask, tile_of, slot_of
 
 
-def tiled(q, k, v, kernel_size, dilation, scale, tile: int = TILE):
-    """Exact neighborhood attention per query tile against the tile plus its halo (SDPA+mask).
-
-    Tiles are the product of the row tiles of the two axes (``_tile_plan``); queries, keys and
-    values are gathered per tile by one flat index, attended with one batched SDPA call, and
-    scattered back by index."""
-    b, nh, hh, ww, d = q.shape
+def tiled_plan(hh, ww, kernel_size, dilation, tile, device):
+    """Flat indices of the ``tiled`` backend: ``q_idx`` ``(tiles T T,)`` and ``k_idx``
+    ``(tiles Lh Lw,)`` source positions of each tile's queries and keys, ``mask`` ``(tiles, T T,
+    Lh Lw)`` and ``where`` ``(H W,)``, the position of each source query among the tiled ones."""
     t = tile
-    qh, kh_pos, mh, tile_h, slot_h = _tile_plan(hh, kernel_size[0], dilation[0], t, q.device)
-    qw, kw_pos, mw, tile_w, slot_w = _tile_plan(ww, kernel_size[1], dilation[1], t, q.device)
+    qh, kh_pos, mh, tile_h, slot_h = _tile_plan(hh, kernel_size[0], dilation[0], t, device)
+    qw, kw_pos, mw, tile_w, slot_w = _tile_plan(ww, kernel_size[1], dilation[1], t, device)
     n_rw = qw.shape[0]
-    tau = torch.arange(qh.shape[0] * n_rw * t, device=q.device)[::t] // t  # (tiles,)
+    tau = torch.arange(qh.shape[0] * n_rw * t, device=device)[::t] // t  # (tiles,)
     rows = tau // n_rw  # (tiles,) row tile of each axis
     cols = tau - rows * n_rw
     q_idx = qh[rows][:, :, None] * ww + qw[cols][:, None, :]  # (tiles, T, T) flat source index
@@ -135,16 +293,45 @@ def tiled(q, k, v, kernel_size, dilation, scale, tile: int = TILE):
     mask = mh[rows][:, :, None, :, None] & mw[cols][:, None, :, None, :]  # (tiles, T,T, Lh,Lw)
     span = k_idx.shape[1] * k_idx.shape[2]
     mask = mask.reshape(-1, t * t, span)
-
-    def tiles(x, idx, length):  # (B, heads, H, W, D) -> (B heads, tiles, length, D)
-        x = x.reshape(b * nh, hh * ww, d).index_select(1, idx.flatten())
-        return x.view(b * nh, -1, length, d)  # 4-D: what ONNX's SDPA takes
-
-    out = F.scaled_dot_product_attention(tiles(q, q_idx, t * t), tiles(k, k_idx, span),
-                                         tiles(v, k_idx, span), attn_mask=mask, scale=scale)
     where = ((tile_h[:, None] * n_rw + tile_w[None, :]) * (t * t)
              + slot_h[:, None] * t + slot_w[None, :])  # (H, W) position among the tiled queries
-    out = out.reshape(b * nh, -1, d).index_select(1, where.flatten())
+    return q_idx.flatten(), k_idx.flatten(), mask, where.flatten()
+
+
+def _additive(plan, dtype):
+    """The plan with its boolean mask as an additive ``0 / -inf`` one (faster SDPA backward)."""
+    q_idx, k_idx, mask, where = plan
+    return q_idx, k_idx, torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")), where
+
+
+def tiled(q, k, v, kernel_size, dilation, scale, tile: int = TILE):
+    """Exact neighborhood attention per query tile against the tile plus its halo (SDPA+mask).
+
+    Tiles are the product of the row tiles of the two axes (``_tile_plan``); queries, keys and
+    values are gathered per tile by one flat index, attended with one batched SDPA call, and
+    scattered back by index. Eager calls reuse the index plan of a grid (``_cached``); traces
+    build it inline from the symbolic sizes."""
+    b, nh, hh, ww, d = q.shape
+    if _eager(q, k, v):
+        key = ("tiled", hh, ww, tuple(kernel_size), tuple(dilation), tile, str(q.device),
+               q.dtype)
+        q_idx, k_idx, mask, where = _cached(key, lambda: _additive(
+            tiled_plan(hh, ww, kernel_size, dilation, tile, q.device), q.dtype))
+    else:
+        q_idx, k_idx, mask, where = tiled_plan(hh, ww, kernel_size, dilation, tile, q.device)
+    tq, span = mask.shape[1], mask.shape[2]
+    # a 4-D mask lets PyTorch's fused CPU (flash) SDPA kernel run (a 3-D one falls back to the
+    # unfused math path: ~2x slower forward)
+    mask = mask.unsqueeze(0)
+
+    def tiles(x, idx, length):  # (B, heads, H, W, D) -> (B heads, tiles, length, D)
+        x = x.reshape(b * nh, hh * ww, d).index_select(1, idx)
+        return x.view(b * nh, -1, length, d)  # 4-D: what ONNX's SDPA takes
+
+    out = F.scaled_dot_product_attention(tiles(q, q_idx, tq), tiles(k, k_idx, span),
+                                         tiles(v, k_idx, span), attn_mask=mask, scale=scale)
+    out = out.reshape(b * nh, -1, d).index_select(1, where)
     return out.view(b, nh, hh, ww, d)
 
 

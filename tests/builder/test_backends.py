@@ -284,3 +284,72 @@ def test_bench_summary_reports_speedups_and_memory_growth():
     assert "gather fwd+bwd at 128x128: 30.0x faster than masked" in text
     assert "gather fwd+bwd peak memory 128x128 -> 256x256: x4.40 (tokens x4)" in text
     assert "skipped: needs ~99 GiB > 10 GiB" in text
+
+
+# ---- eager fast paths vs the traced (export) paths ----------------------------------------
+
+
+@pytest.mark.parametrize("grid,kernel,dilation",
+                         [((12, 17), (5, 3), (2, 1)), ((9, 9), (7, 7), (1, 1))])
+@pytest.mark.parametrize("grids_a_chunk", [0, 2.5])
+def test_chunked_gather_equals_the_one_pass_reference(grid, kernel, dilation, grids_a_chunk,
+                                                      monkeypatch):
+    # chunks of 3 queries within a grid (the last one partial), or of whole grids (2 per chunk
+    # in the forward, 1 in the backward; 6 grids = batch 2 x 3 heads)
+    queries = max(3, int(grids_a_chunk * grid[0] * grid[1]))
+    monkeypatch.setattr(nb, "CHUNK_BYTES", queries * 2 * kernel[0] * kernel[1] * 16 * 4)
+    q, k, v = _qkv(grid, seed=11, grad=True)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    out_fn = nb.gather(q, k, v, kernel, dilation, 0.25).grad_fn.name()
+    for fn in (nb.gather, nb.gather_reference):
+        out = fn(q, k, v, kernel, dilation, 0.25)
+        results.append((out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    assert out_fn.startswith("_GatherAttention")  # the chunked path ran
+    for mine, ref in zip(*results):
+        assert _max_err(mine, ref) <= 1e-5
+
+
+def test_gather_backward_accepts_an_expanded_gradient():
+    q, k, v = _qkv((8, 8), seed=12, grad=True)
+    nb.gather(q, k, v, (3, 3), (1, 1), 0.25).sum().backward()  # grad_out is expanded ones
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    nb.gather_reference(q, k, v, (3, 3), (1, 1), 0.25).sum().backward()
+    for mine, t in zip(grads, (q, k, v)):
+        assert _max_err(mine, t.grad) <= 1e-5
+
+
+def test_chunk_loops_restore_the_thread_count():
+    before = torch.get_num_threads()
+    q, k, v = _qkv((8, 8), seed=13, grad=True)
+    nb.gather(q, k, v, (3, 3), (1, 1), 0.25).sum().backward()
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("backend", ["gather", "tiled"])
+def test_traced_path_equals_the_eager_path(backend, monkeypatch):
+    # what export traces (no plan cache, boolean mask, one-pass gather) against the eager path
+    q, k, v = _qkv((13, 10), seed=14, grad=True)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(nb, "_eager", lambda *t, _e=eager: _e)
+        out = _run(backend, q, k, v, (5, 3), (2, 1))
+        results.append((out.detach(), *torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    for mine, ref in zip(*results):
+        assert _max_err(mine, ref) <= 1e-5
+
+
+def test_eager_detection_is_false_under_torch_export():
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(nb._eager(x))
+            return x + 1
+
+    assert nb._eager(torch.zeros(2))
+    torch.export.export(Probe(), (torch.zeros(2),))
+    assert seen and not any(seen)
