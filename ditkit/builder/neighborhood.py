@@ -67,9 +67,10 @@ def check_grid(hh, ww, kernel_size, dilation) -> None:
 #: cache and below the allocator's mmap threshold (no page faults on every call)
 CHUNK_BYTES = 8 << 20
 #: intra-op threads of those chunk loops on CPU (None: leave PyTorch's setting). Each op of a
-#: chunk lasts ~0.1 ms; on the shared 2-core machine this was measured on, splitting such an op
-#: across 2 threads cost 1-8 ms of thread synchronisation (5x slower overall than 1 thread)
-LOOP_THREADS: int | None = 1
+#: chunk lasts ~0.1 ms: on an idle machine PyTorch's threads help (2 cores: 46 ms fwd / 115 ms
+#: fwd+bwd at 128^2 against 66 / 232 ms on 1 thread), but on a machine shared with other busy
+#: jobs each split op waits 1-8 ms for a descheduled thread; there, 1 restores the speed
+LOOP_THREADS: int | None = None
 
 _plans: "OrderedDict[tuple, object]" = OrderedDict()
 

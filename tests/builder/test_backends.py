@@ -321,11 +321,25 @@ def test_gather_backward_accepts_an_expanded_gradient():
         assert _max_err(mine, t.grad) <= 1e-5
 
 
-def test_chunk_loops_restore_the_thread_count():
+def test_chunk_loops_restore_the_thread_count(monkeypatch):
     before = torch.get_num_threads()
-    q, k, v = _qkv((8, 8), seed=13, grad=True)
-    nb.gather(q, k, v, (3, 3), (1, 1), 0.25).sum().backward()
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(2)
+    seen = []
+    real_bmm = torch.bmm
+
+    def bmm(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_bmm(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(nb, "LOOP_THREADS", 1)
+        monkeypatch.setattr(torch, "bmm", bmm)
+        q, k, v = _qkv((8, 8), seed=13, grad=True)
+        nb.gather(q, k, v, (3, 3), (1, 1), 0.25).sum().backward()
+        assert seen and set(seen) == {1}  # the loops ran on LOOP_THREADS threads
+        assert torch.get_num_threads() == 2  # and the setting came back
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("backend", ["gather", "tiled"])
