@@ -9,9 +9,12 @@ reference and fitted slopes).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +78,26 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
     return best[1]
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null while the block runs: the profiler's C++ side prints
+    ``USDT ... profiler_start/stop`` lines there on every use, which would break the progress
+    bar. Python exceptions are unaffected (they are raised, not printed, inside the block)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded / captured)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_bytes(fn) -> int | None:
     """Peak bytes of CPU tensors alive at once while ``fn()`` runs, above what was alive before:
     the running sum of PyTorch's CPU allocator events (allocations and frees, in time order),
@@ -87,7 +110,8 @@ def cpu_peak_bytes(fn) -> int | None:
     try:
         from torch._C._profiler import _EventType
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:

@@ -124,3 +124,21 @@ def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
 
     with Image.open(tmp_path / rows[2].grid) as im:  # palette PNG: a small committed report
         assert im.mode == "P" and im.size[0] >= 64
+
+
+def test_cpu_peak_measure_keeps_stderr_clean():
+    """The profiler's native side prints USDT lines on fd 2; they must not reach the user (they
+    break the progress bar), while Python's own stderr still works afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from ditkit.runtime.extrapolate_report import cpu_peak_bytes\n"
+            "print(cpu_peak_bytes(lambda: torch.ones(1024, 1024) * 2))\n"
+            "print('after', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    # ones (4 MiB) and the product (4 MiB) are alive together, plus the scalar operand
+    assert 8 << 20 <= int(out.stdout.strip()) < (8 << 20) + 1024
+    assert out.stderr.strip() == "after"
