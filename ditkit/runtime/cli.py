@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from .files import atomic_path
+
 
 def add_parser(subparsers) -> None:
     from .samplers import SAMPLERS, SCHEDULES
@@ -206,8 +208,6 @@ def _labels(text: str | None, num: int | None, spec, seed: int):
 
 
 def cmd_sample(args) -> int:
-    import torch
-
     from ditkit.cli import UsageError, parse_resolution
     from ditkit.spec import SpecError
 
@@ -291,10 +291,8 @@ def _to_images(x, spec, args):
         return _decode_vae(x, spec, args)
     if args.autoencoder is None:
         latents = Path(args.out).with_suffix(".latents.pt")
-        tmp = latents.with_name(f".{latents.name}.tmp")
-        latents.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(x.cpu(), tmp)
-        tmp.replace(latents)
+        with atomic_path(latents) as tmp:
+            torch.save(x.cpu(), tmp)
         print(f"{spec.name} samples latents ({spec.input.channels} channels); no image was "
               f"written because no --autoencoder or --vae was given (ditkit downloads nothing). "
               f"Latents saved to {latents}; decode them with --vae VAE_FOLDER (a local "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_path
 
 
 def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 1,
@@ -37,11 +38,8 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     """Atomic PNG write (temporary file + rename)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int | None = None,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ditkit.runtime.files import atomic_path
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
 
@@ -120,6 +121,5 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")

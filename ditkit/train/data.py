@@ -7,7 +7,6 @@ folder, an unreadable image, no images) raise :class:`DataError` naming the path
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path

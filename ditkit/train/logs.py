@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ditkit.runtime.files import atomic_path
 from ditkit.runtime.images import image_grid, save_png  # noqa: F401  (re-exported)
 
 
@@ -25,12 +25,10 @@ class Scalars:
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        tmp = self.path.with_name(".scalars.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.tb = None
@@ -88,7 +86,6 @@ def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
