@@ -116,7 +116,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    text = json.dumps(S.json_schema(), indent=2) + "\n"
+    if args.experiment:
+        from ditkit.spec.experiment import Experiment
+
+        schema = S.json_schema(Experiment)
+    else:
+        schema = S.json_schema()
+    text = json.dumps(schema, indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
@@ -166,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="write the JSON Schema of the spec language")
     p.add_argument("--out", help="file to write (default: stdout)")
+    p.add_argument("--experiment", action="store_true",
+                   help="the schema of experiment files (`ditkit train`) instead of model specs")
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("presets", help="list the built-in preset names")

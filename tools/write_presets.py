@@ -32,6 +32,12 @@ def schema_text() -> str:
     return json.dumps(S.json_schema(), indent=2) + "\n"
 
 
+def experiment_schema_text() -> str:
+    from ditkit.spec.experiment import Experiment
+
+    return json.dumps(S.json_schema(Experiment), indent=2) + "\n"
+
+
 if __name__ == "__main__":
     for name in PRESETS:
         path = preset_path(name)
@@ -40,3 +46,5 @@ if __name__ == "__main__":
         print("wrote", path.relative_to(ROOT))
     (ROOT / "ditkit.schema.json").write_text(schema_text())
     print("wrote ditkit.schema.json")
+    (ROOT / "ditkit.experiment.schema.json").write_text(experiment_schema_text())
+    print("wrote ditkit.experiment.schema.json")

@@ -90,3 +90,48 @@ def test_cli_train_bad_data_folder_exits_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "data.path: no such folder" in err and "missing" in err
+
+
+def test_experiment_schema_file_is_current_and_knows_the_new_sections():
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    try:
+        from tools.write_presets import experiment_schema_text
+    finally:
+        sys.path.remove(str(root))
+    assert (root / "ditkit.experiment.schema.json").read_text() == experiment_schema_text(), \
+        "rerun `python tools/write_presets.py`"
+    schema = json.loads(experiment_schema_text())
+    assert schema["additionalProperties"] is False
+    assert {"finetune", "distributed", "data"} <= set(schema["properties"])
+    text = json.dumps(schema)
+    for word in ('"webdataset"', '"latents"', '"fsdp2"', '"trainable"', '"reshard_after_forward"'):
+        assert word in text
+
+
+@pytest.mark.parametrize("sections", [
+    {"distributed": {"strategy": "fsdp2", "param_dtype": "bf16", "reshard_after_forward": False}},
+    {"data": {"kind": "webdataset", "shards": ["a.tar", "b.tar"], "flip": False}},
+    {"finetune": {"checkpoint": "ckpt/ema.safetensors", "policy": {"kind": "core_patch",
+                  "factor": 4}, "resolution": [32, 32], "trainable": ["new", "re:levels\\.0\\."]}},
+], ids=["fsdp2", "webdataset", "finetune"])
+def test_new_sections_round_trip(sections):
+    exp = experiment_from_data(tiny_experiment_data(**sections))
+    for key, value in sections.items():
+        got = S.to_data(getattr(exp, key))
+        assert {k: got[k] for k in value} == {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()}
+    assert S.loads(S.dumps(exp), Experiment) == exp
+    assert S.loads(S.dumps(exp, "json"), Experiment) == exp
+
+
+def test_cli_schema_experiment(tmp_path, capsys):
+    out = tmp_path / "exp.schema.json"
+    assert main(["schema", "--experiment", "--out", str(out)]) == 0
+    import json
+
+    assert '"finetune"' in out.read_text()
+    assert '"finetune"' not in json.dumps(S.json_schema())  # the model-spec schema stays apart
