@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 from ditkit.spec.presets import PRESETS, preset
 
 
-class UsageError(Exception):
-    """Bad input: reported without a traceback, exit status 2."""
+UsageError = UserError  # the name the command modules use
 
 
 def load_spec(ref: str) -> S.ModelSpec:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
+from ditkit.errors import UserError
 
-class AutoencoderError(ValueError):
+
+
+class AutoencoderError(UserError):
     """The autoencoder cannot be loaded or used (missing package, folder, weights)."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ditkit.errors import UserError
 from ditkit import spec as S
 
 from .denoiser import Denoiser
@@ -60,7 +61,7 @@ MAX_SIDE = 8192  # largest exported H / W (pixels or latents)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be done or did not pass its checks (the message says which)."""
 
 

@@ -10,13 +10,14 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ditkit.errors import UserError
 from .components import Spec
 from .model import SPEC_VERSION, ModelSpec
 
 T = TypeVar("T", bound=BaseModel)
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec failed to load or validate. ``issues`` is a list of ``(field path, message)``."""
 
     def __init__(self, issues: list[tuple[str, str]], source: str = "spec"):

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ditkit.errors import UserError
 from ditkit.spec import experiment as E
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad training data (path, file, format): reported without a traceback."""
 
 

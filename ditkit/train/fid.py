@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditkit.errors import UserError
 from .inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
 ENV_VAR = "DITKIT_FID_WEIGHTS"
@@ -25,7 +26,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-class FIDError(ValueError):
+class FIDError(UserError):
     """A missing weights file, an empty or unreadable image folder: a usage error (exit 2)."""
 
 

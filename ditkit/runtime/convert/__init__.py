@@ -40,12 +40,13 @@ from typing import Callable, Mapping
 
 import torch
 
+from ditkit.errors import UserError
 from ditkit import spec as S
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The tensors do not fit the spec: every problem is listed in the message."""
 
     def __init__(self, source: str, missing: list[str], unexpected: list[str],
