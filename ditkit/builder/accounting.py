@@ -114,8 +114,13 @@ def count_macs(model: DiffusionTransformer,
     sigma = torch.ones(1, device=dev)
     labels = torch.zeros(1, dtype=torch.long, device=dev) if spec.conditioning.classes else None
     counter = FlopCounterMode(display=False)
-    with counter, kernels.count_attention() as attn, torch.no_grad():
-        model(x, sigma, labels)
+    hooks = _scope_hooks(model)
+    try:
+        with counter, kernels.count_attention() as attn, torch.no_grad():
+            model(x, sigma, labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
     out = {"total": counter.get_total_flops() / 2}
     for key, per_op in counter.get_flop_counts().items():
         parts = key.split(".")[1:]  # drop the root class name
@@ -123,3 +128,17 @@ def count_macs(model: DiffusionTransformer,
             name = f"levels.{parts[1]}"
             out[name] = out.get(name, 0) + sum(per_op.values()) / 2
     return out, dict(attn)
+
+
+def _scope_hooks(model: DiffusionTransformer) -> list:
+    """Forward pre-hooks that name the accounting scope (``levels.i``) as each part of level
+    ``i`` starts and clear it at the head, so the model's ``forward`` carries no accounting."""
+
+    def enter(name: str):
+        return lambda module, args: kernels.set_attention_scope(name)
+
+    hooks = [model.head.register_forward_pre_hook(enter(""))]
+    for i, level in enumerate(model.levels):
+        for part in level.children():
+            hooks.append(part.register_forward_pre_hook(enter(f"levels.{i}")))
+    return hooks

@@ -9,7 +9,14 @@ Layouts: global kernels take ``(B, heads, N, D)``; local kernels take ``(B, head
 Accounting: under ``count_attention()`` the kernels do not compute anything (the describe pass
 runs on the meta device); they record the multiply-adds of QK^T and AV from the shapes they were
 given -- global ``2 N^2 D`` per head, neighborhood ``2 N k^2 D``, shifted window ``2 N w^2 D`` --
-whatever kernel would have run.
+whatever kernel would have run, under the scope ``attention_scope`` names (set from outside the
+model's ``forward``: ``accounting.count_macs`` sets it from module hooks).
+
+torch.compile: the switch is plain attributes of one process-wide object (``_state``), set when
+a context is entered and restored when it exits. A kernel reads them as Python constants, so
+Dynamo folds the choice into the graph and guards on it: the model compiles to one graph, and a
+call under another backend (or export / counting mode) recompiles instead of running a stale
+graph. The state is process-wide, not per thread (Dynamo cannot trace a ``ContextVar``).
 
 Neighborhood backends (implemented in ``neighborhood.py``): ``gather``, ``tiled``, ``flex``,
 ``natten``, ``masked`` (tests only) and ``auto`` (natten on CUDA when installed, else flex on
@@ -21,7 +28,6 @@ cannot be exported is a clear error; a ``torch.export`` trace is detected as wel
 from __future__ import annotations
 
 import contextlib
-from contextvars import ContextVar
 from typing import Iterator
 
 import torch
@@ -32,17 +38,39 @@ from .neighborhood import neighborhood_mask, window_start_index
 
 __all__ = ["NEIGHBORHOOD_BACKENDS", "EXPORTABLE_BACKENDS", "use_backend", "exportable_backend",
            "current_backend", "is_exporting", "natten_available", "resolve_backend",
-           "count_attention", "attention_scope", "global_attention", "neighborhood_attention",
+           "count_attention", "attention_scope", "set_attention_scope", "global_attention", "neighborhood_attention",
            "neighborhood_mask", "window_start_index", "shifted_window_attention"]
 
 NEIGHBORHOOD_BACKENDS = ("auto", "gather", "tiled", "flex", "natten", "masked")
 #: backends whose graph exports (torch.export -> ONNX) with dynamic H and W
 EXPORTABLE_BACKENDS = ("gather", "tiled")
 
-_backend: ContextVar[str] = ContextVar("ditkit_neighborhood_backend", default="auto")
-_export: ContextVar[bool] = ContextVar("ditkit_attention_export", default=False)
-_counter: ContextVar[dict | None] = ContextVar("ditkit_attention_counter", default=None)
-_scope: ContextVar[str] = ContextVar("ditkit_attention_scope", default="")
+
+class _State:
+    """The switch: backend name, export flag, the MAC counter of ``count_attention`` (or None)
+    and the accounting scope. Read inside ``forward`` as constants (guarded by torch.compile),
+    written only by the context managers below."""
+
+    def __init__(self) -> None:
+        self.backend = "auto"
+        self.export = False
+        self.counter: dict | None = None
+        self.scope = ""
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def _set(**values) -> Iterator[None]:
+    before = {k: getattr(_state, k) for k in values}
+    for k, v in values.items():
+        setattr(_state, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(_state, k, v)
 
 
 def _check_choice(name: str, export: bool) -> None:
@@ -65,8 +93,7 @@ def use_backend(name: str, *, export: bool = False) -> Iterator[None]:
     ``export=True`` marks the block as an export trace: ``auto`` then resolves to ``gather``
     and a backend that cannot be exported is refused here, with the list of those that can."""
     _check_choice(name, export)
-    token, token_export = _backend.set(name), _export.set(export)
-    try:
+    with _set(backend=name, export=export):
         if export and name == "tiled":
             # the tile count ceil(n / 8) may be 1; without size-oblivious reasoning torch.export
             # would specialise on "it is not 1" and refuse grids smaller than 9 tokens
@@ -76,28 +103,25 @@ def use_backend(name: str, *, export: bool = False) -> Iterator[None]:
                 yield
         else:
             yield
-    finally:
-        _export.reset(token_export)
-        _backend.reset(token)
 
 
 def exportable_backend(name: str | None = None) -> contextlib.AbstractContextManager[None]:
     """Context for export code: ``name`` (default: the current choice if it exports, else
     ``auto``) with the export flag set. An explicit non-exportable ``name`` is a ValueError."""
     if name is None:
-        current = _backend.get()
+        current = _state.backend
         name = current if current in EXPORTABLE_BACKENDS else "auto"
     return use_backend(name, export=True)
 
 
 def current_backend() -> str:
     """The backend name selected by the innermost ``use_backend`` (``auto`` by default)."""
-    return _backend.get()
+    return _state.backend
 
 
 def is_exporting() -> bool:
     """Inside ``use_backend(..., export=True)`` or a ``torch.export`` trace."""
-    if _export.get():
+    if _state.export:
         return True
     check = getattr(torch.compiler, "is_exporting", None)
     return bool(check and check())
@@ -114,7 +138,7 @@ def natten_available() -> bool:
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend that runs on ``device``: ``auto`` is natten on CUDA when installed,
     else flex on CUDA, else gather; under export it is always an exportable one."""
-    name = _backend.get()
+    name = _state.backend
     if is_exporting():
         if name == "auto":
             return "gather"
@@ -133,28 +157,28 @@ def resolve_backend(device: torch.device) -> str:
 def count_attention() -> Iterator[dict]:
     """Record attention multiply-adds per scope instead of computing attention."""
     counts: dict[str, float] = {}
-    token = _counter.set(counts)
-    try:
+    with _set(counter=counts, scope=""):
         yield counts
-    finally:
-        _counter.reset(token)
 
 
-@contextlib.contextmanager
-def attention_scope(name: str) -> Iterator[None]:
-    token = _scope.set(name)
-    try:
-        yield
-    finally:
-        _scope.reset(token)
+def attention_scope(name: str) -> contextlib.AbstractContextManager[None]:
+    """Attribute the multiply-adds counted inside the block to ``name`` (e.g. ``levels.0``)."""
+    return _set(scope=name)
+
+
+def set_attention_scope(name: str) -> None:
+    """Attribute the multiply-adds counted from now on to ``name`` (for module hooks, which
+    cannot hold a ``with`` block open; ``count_attention`` restores the scope on exit)."""
+    _state.scope = name
 
 
 def _record(macs: int) -> bool:
-    counts = _counter.get()
+    """Under ``count_attention``: add ``macs`` to the current scope and return True (the caller
+    then computes nothing). Otherwise False, as a constant a compiled graph is guarded on."""
+    counts = _state.counter
     if counts is None:
         return False
-    key = _scope.get()
-    counts[key] = counts.get(key, 0) + macs
+    counts[_state.scope] = counts.get(_state.scope, 0) + macs
     return True
 
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from ditkit import spec as S
 
-from . import kernels
 from .aggregate import AggregateAttention
 from .attention import Attention
 from .conditioning import Conditioning
@@ -181,25 +180,22 @@ class DiffusionTransformer(nn.Module):
         if self.position is not None:
             h = self.position(h)
         skips = []
-        for i, level in enumerate(self.levels[:-1]):
-            with kernels.attention_scope(f"levels.{i}"):
-                h = level.encoder(h, c, ctx)
-                skips.append(h)
-                if isinstance(level.down, Repatch):
-                    h = level.down(x_in)  # fresh coarse patch embedding of the input
-                else:
-                    h = level.down(h)  # (B, h/f, w/f, D_{i+1})
-        with kernels.attention_scope(f"levels.{len(self.levels) - 1}"):
-            h = self.levels[-1].middle(h, c, ctx)
+        for level in self.levels[:-1]:
+            h = level.encoder(h, c, ctx)
+            skips.append(h)
+            if isinstance(level.down, Repatch):
+                h = level.down(x_in)  # fresh coarse patch embedding of the input
+            else:
+                h = level.down(h)  # (B, h/f, w/f, D_{i+1})
+        h = self.levels[-1].middle(h, c, ctx)
         for i in reversed(range(len(self.levels) - 1)):
             level = self.levels[i]
-            with kernels.attention_scope(f"levels.{i}"):
-                if isinstance(level.up, Upsample):
-                    h, ctx.prefix = level.up(h, ctx.prefix)
-                else:
-                    h = level.up(h)  # (B, h*f, w*f, D_i)
-                h = level.skip(h, skips[i])
-                h = level.decoder(h, c, ctx)
+            if isinstance(level.up, Upsample):
+                h, ctx.prefix = level.up(h, ctx.prefix)
+            else:
+                h = level.up(h)  # (B, h*f, w*f, D_i)
+            h = level.skip(h, skips[i])
+            h = level.decoder(h, c, ctx)
         if isinstance(self.head, SharedAdaLNHead):
             return self.head(h, c, ctx.shared)
         return self.head(h, c)  # (B, C_out, H, W); prefix tokens are dropped

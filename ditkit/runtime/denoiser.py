@@ -273,3 +273,57 @@ class Denoiser(nn.Module):
                 return (xt - t[:, None, None, None] * v).to(x.dtype), None
             case other:
                 assert_never(other)
+
+
+# -------------------------------------------------------------------------------- compile
+
+#: ``torch.compile`` modes ditkit passes through; ``auto`` picks one per device and use
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                 "max-autotune")
+
+
+def compile_mode(mode: str, device: torch.device | str, training: bool) -> str:
+    """The concrete mode of ``mode`` for a network on ``device``.
+
+    ``auto``: on CUDA, ``reduce-overhead`` for sampling (CUDA graphs replay one captured step:
+    a sampler calls the network with the same shapes every step) and
+    ``max-autotune-no-cudagraphs`` for training (tuned kernels; no graphs, whose static
+    buffers do not mix with a training step's changing autograd state); on CPU ``default``
+    (CUDA graphs and Triton autotuning do not apply)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode != "auto":
+        return mode
+    if torch.device(device).type != "cuda":
+        return "default"
+    return "max-autotune-no-cudagraphs" if training else "reduce-overhead"
+
+
+def compile_network(module: nn.Module, *, mode: str = "auto",
+                    device: torch.device | str = "cpu", training: bool = False) -> nn.Module:
+    """``torch.compile(module, fullgraph=True)``: every ditkit model traces to one graph (the
+    attention backend is a guarded constant, see ``builder.kernels``), so a graph break is a
+    bug and fails loudly instead of silently splitting the model."""
+    return torch.compile(module, fullgraph=True, mode=compile_mode(mode, device, training))
+
+
+def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
+                     device: torch.device | str = "cpu") -> "Denoiser":
+    """Compile ``denoiser.denoise`` (the objective's scalings and the network) into one graph
+    per sampling step, in place; returns the denoiser. Shapes are static per call site (a CFG
+    step doubles the batch and compiles once more). Under CUDA graphs (``reduce-overhead``)
+    each step starts a new graph replay and its outputs are cloned, because a sampler keeps
+    earlier steps' estimates (DPM-Solver++ history) that the next replay would overwrite."""
+    resolved = compile_mode(mode, device, training=False)
+    compiled = torch.compile(denoiser.denoise, fullgraph=True, mode=resolved, dynamic=False)
+    if resolved not in ("reduce-overhead", "max-autotune"):
+        denoiser.denoise = compiled
+        return denoiser
+
+    def denoise(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        x0, var = compiled(*args, **kwargs)
+        return x0.clone(), (var.clone() if var is not None else None)
+
+    denoiser.denoise = denoise
+    return denoiser
