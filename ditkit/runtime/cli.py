@@ -59,6 +59,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
                    help="the objective, for a checkpoint that does not record one")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
+                   help="torch.compile each step into one graph (checkpoints only); MODE: "
+                        "auto (reduce-overhead on CUDA), default, reduce-overhead, "
+                        "max-autotune-no-cudagraphs, max-autotune")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
@@ -121,6 +125,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--engines", default="eager,onnxruntime",
                    help="comma-separated from eager, compile, onnxruntime, tensorrt")
+    p.add_argument("--compile-mode", default="auto",
+                   help="torch.compile mode of the compile engine (auto: reduce-overhead on "
+                        "CUDA, default on CPU)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -211,7 +218,7 @@ def cmd_sample(args) -> int:
     from ditkit.cli import UsageError, parse_resolution
     from ditkit.spec import SpecError
 
-    from .denoiser import Denoiser
+    from .denoiser import COMPILE_MODES, Denoiser, compile_denoiser
     from .export import ExportError, check_shape
     from .samplers import sample
 
@@ -229,6 +236,11 @@ def cmd_sample(args) -> int:
         model, objective, meta, _ = _load(args.checkpoint, args.objective, args.device)
         den = Denoiser(model, objective)
         spec = model.spec
+        if args.compile is not None:
+            if args.compile not in COMPILE_MODES:
+                raise UsageError(f"--compile {args.compile}: choose one of "
+                                 f"{', '.join(COMPILE_MODES)}")
+            compile_denoiser(den, args.compile, args.device)
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
     labels, n = _labels(args.classes, args.num, spec, args.seed)
     try:
@@ -393,13 +405,18 @@ def cmd_bench_sample(args) -> int:
     bad = set(engines) - set(ENGINES)
     if bad:
         raise UsageError(f"--engines {','.join(sorted(bad))}: choose from {', '.join(ENGINES)}")
+    from .denoiser import COMPILE_MODES
+
+    if args.compile_mode not in COMPILE_MODES:
+        raise UsageError(f"--compile-mode {args.compile_mode}: choose from "
+                         f"{', '.join(COMPILE_MODES)}")
     model, objective, _, _ = _load(args.spec, None if Path(args.spec).suffix == ".safetensors"
                                    else "edm" if _noise(args.spec) == "fourier" else "ddpm_eps")
     resolutions = [parse_resolution(r) for r in args.resolutions] if args.resolutions else [
         tuple(model.spec.input.resolution)]
     rows = bench_sample(model, objective, resolutions, engines=engines, batch=args.batch,
                         repeats=args.repeats, device=args.device, threads=args.threads,
-                        log=lambda m: print(m, file=sys.stderr))
+                        log=lambda m: print(m, file=sys.stderr), compile_mode=args.compile_mode)
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

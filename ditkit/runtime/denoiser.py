@@ -299,23 +299,33 @@ def compile_mode(mode: str, device: torch.device | str, training: bool) -> str:
     return "max-autotune-no-cudagraphs" if training else "reduce-overhead"
 
 
+def _compile(fn, mode: str, device, training: bool, backend, fullgraph: bool = True,
+             dynamic: bool | None = None):
+    if backend is not None:  # a named Dynamo backend (tests, debugging): no mode applies
+        return torch.compile(fn, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=fullgraph, mode=compile_mode(mode, device, training),
+                         dynamic=dynamic)
+
+
 def compile_network(module: nn.Module, *, mode: str = "auto",
-                    device: torch.device | str = "cpu", training: bool = False) -> nn.Module:
+                    device: torch.device | str = "cpu", training: bool = False,
+                    fullgraph: bool = True, backend=None) -> nn.Module:
     """``torch.compile(module, fullgraph=True)``: every ditkit model traces to one graph (the
     attention backend is a guarded constant, see ``builder.kernels``), so a graph break is a
-    bug and fails loudly instead of silently splitting the model."""
-    return torch.compile(module, fullgraph=True, mode=compile_mode(mode, device, training))
+    bug and fails loudly instead of silently splitting the model. ``fullgraph=False`` is for
+    DDP, whose optimizer splits the graph at gradient buckets on purpose."""
+    return _compile(module, mode, device, training, backend, fullgraph)
 
 
 def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
-                     device: torch.device | str = "cpu") -> "Denoiser":
+                     device: torch.device | str = "cpu", backend=None) -> "Denoiser":
     """Compile ``denoiser.denoise`` (the objective's scalings and the network) into one graph
     per sampling step, in place; returns the denoiser. Shapes are static per call site (a CFG
     step doubles the batch and compiles once more). Under CUDA graphs (``reduce-overhead``)
     each step starts a new graph replay and its outputs are cloned, because a sampler keeps
     earlier steps' estimates (DPM-Solver++ history) that the next replay would overwrite."""
-    resolved = compile_mode(mode, device, training=False)
-    compiled = torch.compile(denoiser.denoise, fullgraph=True, mode=resolved, dynamic=False)
+    resolved = compile_mode(mode, device, training=False) if backend is None else backend
+    compiled = _compile(denoiser.denoise, mode, device, False, backend, dynamic=False)
     if resolved not in ("reduce-overhead", "max-autotune"):
         denoiser.denoise = compiled
         return denoiser

@@ -295,8 +295,11 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
         gen.set_state(state["generators"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         stream.restore(state["data_position"])
-    if exp.precision.compile:
-        net = torch.compile(net)
+    if exp.precision.compile:  # one graph (fullgraph) except under DDP's bucketed graphs
+        from ditkit.runtime.denoiser import compile_network
+
+        net = compile_network(net, device=device, training=True,
+                              fullgraph=placement.strategy != "ddp")
     loss_fn = DiffusionLoss(exp.objective, spec)
     classes = spec.conditioning.classes
     null_class = classes.count if classes is not None and classes.null_class else None
