@@ -244,7 +244,7 @@ def cmd_sample(args) -> int:
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
     labels, n = _labels(args.classes, args.num, spec, args.seed)
     try:
-        check_shape(spec, (n, spec.input.channels, *res), getattr(den, "rules", None),
+        check_shape(spec, (n, spec.input.channels, *res), den.rules,
                     "--resolution")
     except ExportError as err:
         raise UsageError(str(err)) from None

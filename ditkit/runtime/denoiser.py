@@ -208,8 +208,8 @@ class Denoiser(nn.Module):
         self.quantize = quantize  # DDPM: round the timestep to the nearest trained one
         spec: S.ModelSpec | None = getattr(model, "spec", None)
         self.channels = spec.input.channels if spec is not None else None
-        classes = spec.conditioning.classes if spec is not None else None
-        self.null_class = classes.count if classes is not None and classes.null_class else None
+        self.null_class = spec.null_label if spec is not None else None
+        self.guides_inside, self.cfg_channels, self.rules = False, None, None  # see protocols
         if isinstance(objective, S.DDPMObjective):
             # float64 and not a buffer, so ``.half()`` / ``.to(dtype)`` never rounds the table
             self.ddpm_sigmas = ddpm_sigmas(_alphas_cumprod(objective))
@@ -231,6 +231,10 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
                 **cond: torch.Tensor) -> torch.Tensor:
         return self.denoise(x, sigma, class_labels, **cond)[0]
+
+    def guided(self, x, sigma, class_labels, scale, **cond):
+        """Not in eager PyTorch: the sampler batches the two CFG passes itself."""
+        raise ValueError("an eager Denoiser guides through the sampler (guides_inside is False)")
 
     def denoise(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
                 **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

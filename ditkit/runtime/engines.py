@@ -121,8 +121,7 @@ class OrtDenoiser:
         self.objective = objective
         self.metadata = meta
         self.noise_range = NoiseRange.of(objective)
-        classes = spec.conditioning.classes
-        self.null_class = classes.count if classes is not None and classes.null_class else None
+        self.null_class = spec.null_label
         rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
         self.rules = None
         if rule:

@@ -219,12 +219,11 @@ class ExportGraph(nn.Module):
                               f"inputs {list(_FIXED_INPUTS)}; rename them in the spec")
         self.cfg, self.cfg_channels = cfg, cfg_channels
         if cfg:
-            classes = self.spec.conditioning.classes
-            if classes is None or not classes.null_class:
+            self.null_class = self.spec.null_label
+            if self.null_class is None:
                 raise ExportError(f"--cfg: spec {self.spec.name} has no null class "
                                   "(conditioning.classes.null_class), so there is no "
                                   "unconditional pass to guide with; export without --cfg")
-            self.null_class = classes.count
             c = self.spec.input.channels
             if cfg_channels is not None and not 0 < cfg_channels <= c:
                 raise ExportError(f"--cfg-channels {cfg_channels}: must be in 1..{c} (the "
@@ -292,7 +291,8 @@ def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
     if graph.has_labels:
         count = spec.conditioning.classes.count
         labels = torch.randint(0, count, (batch,), generator=g)
-        labels[-1] = count if spec.conditioning.classes.null_class else labels[-1]
+        if spec.null_label is not None:
+            labels[-1] = spec.null_label
         args.append(labels)
     for _, dims in graph.aux:  # non-zero: a graph that drops them cannot pass
         args.append(torch.randn(batch, dims, generator=g))

@@ -1,14 +1,10 @@
 """Samplers over any denoiser ``D(x, sigma) -> x0`` in the VE convention ``x = x0 + sigma eps``.
 
-A *denoiser* here is anything with
-
-- ``denoise(x, sigma, class_labels=None, **cond) -> (x0, var_values | None)`` (``sigma`` a
-  ``(B,)`` tensor; ``var_values`` are a learned-sigma DDPM model's extra channels),
-- ``noise_range`` (:class:`ditkit.runtime.denoiser.NoiseRange`: the trained sigma range and the
-  objective's own time), and ``null_class`` (the unconditional label, or ``None``):
-
-:class:`ditkit.runtime.denoiser.Denoiser` (eager PyTorch) and
-:class:`ditkit.runtime.engines.OrtDenoiser` (onnxruntime) both are, so one sampler drives both.
+A *denoiser* here is a :class:`ditkit.runtime.protocols.Denoiser`: ``denoise(x, sigma,
+class_labels=None, **cond) -> (x0, var_values | None)``, ``noise_range``, ``null_class`` and the
+CFG-inside-the-graph attributes. :class:`ditkit.runtime.denoiser.Denoiser` (eager PyTorch),
+:class:`ditkit.runtime.engines.OrtDenoiser` (onnxruntime) and
+:class:`ditkit.runtime.tensorrt.TrtDenoiser` implement it, so one sampler drives all three.
 
 Samplers (``SAMPLERS``): ``euler``, ``heun`` (EDM's 2nd order), ``ddim`` (``eta``: 0 is the
 deterministic DDIM = Euler on the VE ODE; 1 the ancestral one), ``ddpm`` (ancestral DDPM
@@ -35,6 +31,7 @@ from typing import Callable
 import torch
 
 from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+from .protocols import Denoiser
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde")
 SCHEDULES = ("native", "karras", "uniform")
@@ -128,7 +125,7 @@ class Guided:
     A denoiser with ``guides_inside = True`` (an ONNX graph exported with ``--cfg``) batches
     the two passes itself: it gets ``denoiser.guided(x, sigma, labels, scale, **cond)``."""
 
-    def __init__(self, denoiser, class_labels: torch.Tensor | None, cond: dict,
+    def __init__(self, denoiser: Denoiser, class_labels: torch.Tensor | None, cond: dict,
                  cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
                  cfg_channels: int | None = None):
         self.denoiser, self.labels, self.cond = denoiser, class_labels, cond
@@ -137,11 +134,11 @@ class Guided:
         if cfg_scale != 1.0:
             if class_labels is None:
                 raise ValueError("classifier-free guidance (cfg_scale != 1) needs class_labels")
-            if getattr(denoiser, "null_class", None) is None:
+            if denoiser.null_class is None:
                 raise ValueError("classifier-free guidance needs a model with a null class "
                                  "(conditioning.classes.null_class)")
-            inside = getattr(denoiser, "cfg_channels", None)
-            if getattr(denoiser, "guides_inside", False) and cfg_channels != inside:
+            inside = denoiser.cfg_channels
+            if denoiser.guides_inside and cfg_channels != inside:
                 raise ValueError(f"this graph was exported with CFG on "
                                  f"{inside or 'all'} channels; sample with cfg_channels="
                                  f"{inside} (got {cfg_channels}) or re-export it")
@@ -160,7 +157,7 @@ class Guided:
         s = torch.full((b,), sigma, dtype=x.dtype, device=x.device)
         if not self._guide_at(sigma):
             return self.denoiser.denoise(x, s, self.labels, **self.cond)
-        if getattr(self.denoiser, "guides_inside", False):
+        if self.denoiser.guides_inside:
             return self.denoiser.guided(x, s, self.labels, self.scale, **self.cond)
         null = torch.full_like(self.labels, self.denoiser.null_class)
         cond = {k: torch.cat([v, v]) for k, v in self.cond.items()}
@@ -174,7 +171,7 @@ class Guided:
 # -------------------------------------------------------------------------------- the loop
 
 
-def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
+def sample(denoiser: Denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
            class_labels=None, cfg_scale: float = 1.0, device="cpu", progress: bool = False,
            schedule: str = "native", sigmas: torch.Tensor | None = None,
            sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,

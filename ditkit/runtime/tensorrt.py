@@ -268,8 +268,7 @@ class TrtDenoiser:
         meta = {p.key: p.value for p in proto.metadata_props}
         self.spec, self.objective = spec_from_metadata(meta, str(onnx_path))
         self.noise_range = NoiseRange.of(self.objective)
-        classes = self.spec.conditioning.classes
-        self.null_class = classes.count if classes is not None and classes.null_class else None
+        self.null_class = self.spec.null_label
         self.rules = _rules_of(Path(onnx_path))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(
@@ -287,6 +286,10 @@ class TrtDenoiser:
                               for i in proto.graph.input)
         self.guides_inside = "cfg_scale" in self.names
         self.cfg_channels = json.loads(meta.get("ditkit.cfg", "{}")).get("channels")
+
+    @property
+    def learned_variance(self) -> bool:
+        return "var_values" in self.outputs
 
     def guided(self, x, sigma, class_labels, scale, **cond):
         """CFG inside an engine built from a ``--cfg`` graph (see ``OrtDenoiser.guided``)."""

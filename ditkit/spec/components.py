@@ -413,6 +413,16 @@ class Classes(Spec):
     inject: Literal["vector", "prefix", "memory"] = "vector"
     tokens: PositiveInt = 1
 
+    @property
+    def rows(self) -> int:
+        """Rows of the class embedding table: one per class, plus the null row."""
+        return self.count + int(self.null_class)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label that means "unconditional" (the last row), or None without a null row."""
+        return self.count if self.null_class else None
+
 
 class AuxInput(Spec):
     """An auxiliary conditioning vector passed to ``forward`` by keyword (e.g. HDiT's 9-d

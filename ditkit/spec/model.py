@@ -149,6 +149,13 @@ class ModelSpec(Spec):
     def out_channels(self) -> int:
         return self.input.channels * (2 if self.head.learned_sigma else 1)
 
+    @property
+    def null_label(self) -> int | None:
+        """The unconditional class label (classifier-free guidance), or None when the model has
+        no class conditioning or no null class."""
+        classes = self.conditioning.classes
+        return classes.null_label if classes is not None else None
+
     def factors(self) -> list[int]:
         """Down factor between level i and i+1 (a ``repatch`` down's factor is its patch size
         over the level's cumulative patch)."""

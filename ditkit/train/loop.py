@@ -302,7 +302,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                               fullgraph=placement.strategy != "ddp")
     loss_fn = DiffusionLoss(exp.objective, spec)
     classes = spec.conditioning.classes
-    null_class = classes.count if classes is not None and classes.null_class else None
+    null_class = spec.null_label
     micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
 
     scalars = None
