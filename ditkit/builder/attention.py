@@ -12,6 +12,7 @@ from torch import nn
 from . import kernels
 from .norm import Norm
 from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
+from .tags import NO_DECAY, tag
 
 
 class Attention(nn.Module):
@@ -44,6 +45,7 @@ class Attention(nn.Module):
             self.q_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
             self.k_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
         self.scale = nn.Parameter(torch.full((self.n_heads,), scale_init)) if logits == "cosine" else None
+        tag(self, "scale", NO_DECAY)
         self.rope_positions = rope_positions
         self.rope_position_scale = tuple(float(v) for v in rope_position_scale)
         rotated = int(round(rope_fraction * d_head))

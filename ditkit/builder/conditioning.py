@@ -9,6 +9,7 @@ from torch import nn
 
 from .fno import FNOEmbed
 from .norm import Norm
+from .tags import MAPPING, tag_module
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -165,6 +166,7 @@ class Conditioning(nn.Module):
             extra = sum(self.aux_dims[n] * f for n, (f, _, _) in self.aux_sinusoidal.items())
             self.noise = SinusoidalEmbed(width, **noise_args, extra_features=extra)
         self.mapping = MappingNetwork(width, *mapping) if mapping else None
+        tag_module(self, MAPPING)  # the whole conditioning path learns at the mapping LR
 
     def init_special(self) -> None:
         if self.class_embed is not None:

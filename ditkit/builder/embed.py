@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tags import NO_DECAY, tag
+
 
 def group(x: torch.Tensor, fh: int, fw: int) -> torch.Tensor:
     """(B, H, W, C) -> (B, H/fh, W/fw, fh*fw*C)."""
@@ -59,6 +61,7 @@ class SkipMerge(nn.Module):
         super().__init__()
         self.kind, self.init = kind, init
         self.fac = nn.Parameter(torch.full((1,), init)) if kind == "lerp" else None
+        tag(self, "fac", NO_DECAY)
         self.proj = nn.Linear(2 * d_model, d_model, bias=bias) if kind == "concat" else None
 
     def init_special(self) -> None:

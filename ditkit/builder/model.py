@@ -23,6 +23,7 @@ from .head import Head
 from .norm import Norm
 from .position import LearnedPosition, SincosPosition
 from .shared import SharedAdaLNHead, SharedModulation
+from .tags import tag_torch_layers
 from .upsample import ClassTokens, LinearSkip, Repatch, Upsample
 
 
@@ -353,8 +354,10 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
                      if isinstance(b.modulation, S.SharedAdaLNZero)}
     if shared_widths:
         shared = SharedModulation(cw, shared_widths.pop())
-    return DiffusionTransformer(spec, embed, position, conditioning, levels, head, shared,
-                                memory)
+    model = DiffusionTransformer(spec, embed, position, conditioning, levels, head, shared,
+                                 memory)
+    tag_torch_layers(model)  # biases and embedding tables: no weight decay
+    return model
 
 
 def _position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module | None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tags import NO_DECAY, tag
+
 
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dim. ``affine``: learned scale (+ bias for
@@ -21,6 +23,8 @@ class Norm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
         else:
             self.scale = self.bias = None
+        tag(self, "scale", NO_DECAY)
+        tag(self, "bias", NO_DECAY)
 
     def init_special(self) -> None:
         if self.scale is not None:

@@ -88,17 +88,18 @@ def init_distributed(exp: Experiment) -> Dist:
 
 
 def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
-    """AdamW groups: no weight decay on norms, scales, embeddings and biases (every parameter
-    with fewer than 2 dimensions, plus embedding tables); the mapping network (and the noise /
-    class embeddings feeding it) at ``lr * mapping_lr_scale``."""
+    """AdamW groups by the tags the builder set where each parameter was made
+    (``ditkit.builder.tags``): ``no_decay`` (norms, scales, biases, embedding tables) without
+    weight decay; ``mapping`` (the conditioning path) at ``lr * mapping_lr_scale``."""
+    from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags
+
+    tags = param_tags(model)
     groups: dict[tuple[bool, bool], list] = {}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim >= 2 and id(p) not in embeddings and "scale" not in name.split(".")[-1]
-        mapping = name.startswith("conditioning.")
-        groups.setdefault((decay, mapping), []).append(p)
+        t = tags.get(name, frozenset())
+        groups.setdefault((NO_DECAY not in t, MAPPING in t), []).append(p)
     out = []
     for (decay, mapping), params in sorted(groups.items()):
         out.append({"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
