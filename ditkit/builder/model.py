@@ -6,6 +6,7 @@ Every family (DiT, HDiT, ...) is this same graph with different arguments.
 
 from __future__ import annotations
 
+import contextlib
 from typing import assert_never
 
 import torch
@@ -220,21 +221,13 @@ def build(spec: S.ModelSpec, device: torch.device | str | None = None,
     """Compile a spec into a :class:`DiffusionTransformer`.
 
     ``device="meta"`` builds without memory (for ``describe`` of billion-parameter specs)."""
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _build(spec)
         if init:
             initialize(model, spec.init)
     if dtype is not None:
         model = model.to(dtype)
     return model
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _build(spec: S.ModelSpec) -> DiffusionTransformer:

@@ -257,10 +257,17 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
 
 def cost_curve(spec: S.ModelSpec, policy: S.Policy,
                resolutions: list[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:
-    """GMACs of the adapted spec at each resolution (measured on meta tensors)."""
+    """GMACs of the adapted spec at each resolution (measured on meta tensors); resolutions the
+    policy cannot reach (a SpecError) are left out."""
     from ditkit.builder import describe
 
-    return [(tuple(r), describe(adapt_spec(spec, policy, r)).gmacs) for r in resolutions]
+    points = []
+    for r in resolutions:
+        try:
+            points.append((tuple(r), describe(adapt_spec(spec, policy, r)).gmacs))
+        except S.SpecError:
+            continue
+    return points
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float:

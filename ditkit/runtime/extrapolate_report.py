@@ -25,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 from ditkit import spec as S
 from ditkit.builder import build, describe
 
-from .extrapolate import adapt, adapt_spec, loglog_slope
+from .extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 
 _POLICY = TypeAdapter(S.Policy)
 
@@ -282,18 +282,12 @@ def compact_png(path: Path, colours: int = 256) -> None:
 def _cost_curves(spec, policies, resolutions):
     curves = {}
     for policy in policies:
-        pts = []
-        for r in resolutions:
-            try:
-                pts.append((r, describe(adapt_spec(spec, policy, r)).gmacs))
-            except S.SpecError:
-                continue
+        pts = cost_curve(spec, policy, resolutions)
         if pts:
             curves[policy_label(policy)] = pts
     ref = dit_reference(spec)
-    curves[f"isotropic DiT ({ref.levels[0].d_model}x{ref.levels[0].middle})"] = [
-        (r, describe(adapt_spec(ref, S.AsIs(), r)).gmacs) for r in resolutions
-        if not ref.check_resolution(r)]
+    curves[f"isotropic DiT ({ref.levels[0].d_model}x{ref.levels[0].middle})"] = cost_curve(
+        ref, S.AsIs(), resolutions)
     return curves
 
 
