@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
@@ -192,6 +193,38 @@ class Remap:
         return self.out
 
 
+def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: str) -> None:
+    """A head count the weights cannot confirm (qkv is ``(3 D, D)`` for any count): refuse one
+    that does not divide the width, warn about one that differs from the preset of that width
+    (a wrong count converts silently into a different model)."""
+    if n_heads <= 0 or d_model % n_heads:
+        hint = (f" (the width-{d_model} {family} preset has {presets[d_model]})"
+                if d_model in presets else "")
+        raise ValueError(f"--heads {n_heads} does not divide the width {d_model}; use a "
+                         f"divisor{hint}")
+    if d_model in presets and presets[d_model] != n_heads:
+        warnings.warn(f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
+                      f"width-{d_model} {family} preset: the weights load either way, but the "
+                      "model computes something else; check the source's configuration",
+                      stacklevel=3)
+
+
+def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
+                    objective=None) -> str:
+    """sha256 over the tensors (:func:`ditkit.runtime.checkpoint.model_hash`), the spec and the
+    objective (canonical JSON): two conversions of the same weights with different ``--heads``
+    get different hashes."""
+    import hashlib
+
+    from ..checkpoint import model_hash
+
+    h = hashlib.sha256(model_hash(tensors).encode())
+    h.update(json.dumps(S.to_data(spec, full=True), sort_keys=True).encode())
+    if objective is not None:
+        h.update(json.dumps(objective.model_dump(mode="json"), sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def expected_shapes(spec: S.ModelSpec) -> dict[str, tuple[int, ...]]:
     """The ditkit ``state_dict()`` names and shapes of ``spec`` (built on the meta device: free
     for any size)."""
@@ -338,5 +371,5 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         raise ValueError(f"{out}: use a .safetensors or .pt/.pth file name")
 
 
-__all__ = ["ConversionError", "Remap", "expected_shapes", "read_source", "source_module",
+__all__ = ["ConversionError", "Remap", "check_heads", "conversion_hash", "expected_shapes", "read_source", "source_module",
            "source_names", "convert_state", "convert", "export", "DEFAULT_PREFERRED_KEYS"]
