@@ -165,8 +165,8 @@ def test_mpdit_conversion_records_the_rectified_flow(tmp_path):
     out = tmp_path / "m.safetensors"
     CV.convert(weights, "mpdit", out, n_heads=4)
     obj = load_checkpoint(out).objective
-    # train.py's argparse defaults: time_sampler lognormal, p_mean -0.4, p_std 0.1
-    assert obj == S.FlowObjective(time_sampling=S.LogitNormalTime(mean=-0.4, std=0.1),
+    # no args: the published recipe (script/train.sh: lognormal, p_mean 0, p_std 1.0)
+    assert obj == S.FlowObjective(time_sampling=S.LogitNormalTime(mean=0.0, std=1.0),
                                   time_scale=1.0)
     # a training checkpoint's args win
     state, _ = CV.read_source(weights)

@@ -242,8 +242,9 @@ def metadata(spec: S.ModelSpec) -> dict[str, str]:
 def objective(metadata: dict, spec: S.ModelSpec):
     """MPDiT trains a rectified flow (``OTFlow``): ``x_t = (1 - t) x0 + t eps``, velocity
     ``eps - x0``, the network gets ``t`` in [0, 1] itself (time scale 1). Times are
-    logit-normal (``time_sampler: lognormal``, ``p_mean`` / ``p_std``; train.py's defaults
-    -0.4 and 0.1) or uniform, read from a training checkpoint's ``args`` when present."""
+    logit-normal (``time_sampler: lognormal`` with ``p_mean`` / ``p_std``) or uniform, read
+    from a training checkpoint's ``args``; without them, the published recipe
+    (``script/train.sh``: lognormal, ``p_mean 0``, ``p_std 1.0``)."""
     args = {}
     if "args" in metadata:
         try:
@@ -254,6 +255,6 @@ def objective(metadata: dict, spec: S.ModelSpec):
     if args.get("time_sampler", "lognormal") == "uniform":
         sampling = S.UniformTime()
     else:
-        sampling = S.LogitNormalTime(mean=float(args.get("p_mean", -0.4)),
-                                     std=float(args.get("p_std", 0.1)))
+        sampling = S.LogitNormalTime(mean=float(args.get("p_mean", 0.0)),
+                                     std=float(args.get("p_std", 1.0)))
     return S.FlowObjective(time_sampling=sampling, time_scale=1.0)
