@@ -232,3 +232,24 @@ def test_printed_hash_covers_the_spec(tmp_path, capsys):
         ckpt = load_checkpoint(out)
         assert digests[-1] == CV.conversion_hash(ckpt.tensors, ckpt.spec, ckpt.objective)[:16]
     assert digests[0] != digests[1]  # same tensors, different models
+
+
+# ------------------------------------------------------------------ ditkit sample's range
+
+
+def test_cli_sample_uses_the_configs_sigma_range_and_the_flags(tmp_path, monkeypatch, capsys):
+    from ditkit.runtime import samplers
+
+    out = tmp_path / "h.safetensors"
+    CV.convert(_folder("hdit_global") / "weights.safetensors", "k-diffusion", out)
+    seen = []
+    real = samplers.karras_sigmas
+    monkeypatch.setattr(samplers, "karras_sigmas",
+                        lambda n, lo, hi, rho=7.0: seen.append((lo, hi)) or real(n, lo, hi, rho))
+    args = ["sample", str(out), "--steps", "2", "--num", "1", "--out", str(tmp_path / "g.png"),
+            "--no-progress"]
+    assert main(args) == 0
+    assert main(args + ["--sigma-min", "0.05", "--sigma-max", "20"]) == 0
+    assert seen == [(0.01, 160.0), (0.05, 20.0)]
+    assert main(args + ["--sigma-min", "30", "--sigma-max", "20"]) == 2
+    assert "sigma_min < sigma_max" in capsys.readouterr().err
