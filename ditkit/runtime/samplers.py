@@ -346,7 +346,7 @@ def _dpmpp_3m_sde(model, x, s, s_next, randn, state):
     elif x0_1 is not None:
         x = x + phi_2 * (x0 - x0_1) / (h_1 / h)
     if eta:
-        x = x + randn() * s_next * math.sqrt(-math.expm1(-2 * h * eta))
+        x = x + state["noise"](s, s_next) * s_next * math.sqrt(-math.expm1(-2 * h * eta))
     state.update(x0_1=x0, x0_2=x0_1, h_1=h, h_2=h_1)
     return x
 
@@ -387,6 +387,11 @@ class BrownianNoise:
             self._extend(a)
         if a not in self.points:
             raise ValueError(f"Brownian noise queried from sigma {a}, not on the path")
+        if a == self.lowest and b < a:  # one new increment: return the draw itself
+            z = self.randn()
+            self.points[b] = self.points[a] + math.sqrt(a - b) * z
+            self.lowest = b
+            return z
         self._extend(b)
         return (self.points[b] - self.points[a]) / math.sqrt(abs(a - b))
 

@@ -279,7 +279,82 @@ class RefDPMSolver:
         return x, n_accept
 
 
+def ref_euler(model, x, sigmas, noise):
+    for i in range(len(sigmas) - 1):
+        d = to_d(x, sigmas[i], model(x, sigmas[i]))
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def ref_heun(model, x, sigmas, noise):
+    for i in range(len(sigmas) - 1):
+        d = to_d(x, sigmas[i], model(x, sigmas[i]))
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def ref_dpmpp_2m(model, x, sigmas, noise):
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:  # first branch with t_next = inf: 0 * x + 1 * denoised
+            x = denoised
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+            h = t_next - t
+            if old_denoised is None:
+                x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised
+            else:
+                r = (t - (-math.log(sigmas[i - 1]))) / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+                x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def ref_dpmpp_3m_sde(model, x, sigmas, noise, eta=1.0):
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                d = (denoised - denoised_1) / r
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(
+                    -math.expm1(-2 * h * eta))
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
 REFERENCES = {
+    "euler": ref_euler, "heun": ref_heun, "dpmpp_2m": ref_dpmpp_2m,
+    "dpmpp_3m_sde": ref_dpmpp_3m_sde,
     "euler_ancestral": ref_euler_ancestral, "dpm_2": ref_dpm_2,
     "dpm_2_ancestral": ref_dpm_2_ancestral, "lms": ref_lms,
     "dpmpp_2s_ancestral": ref_dpmpp_2s_ancestral, "dpmpp_sde": ref_dpmpp_sde,
@@ -288,7 +363,8 @@ REFERENCES = {
 
 
 CASES = [(name, eta, cfg) for name in sorted(REFERENCES) for cfg in (1.0, 3.0)
-         for eta in ((None,) if name in ("dpm_2", "lms") else (None, 0.5))]
+         for eta in ((None,) if name in ("euler", "heun", "dpmpp_2m", "dpm_2", "lms")
+                     else (None, 0.5))]
 
 
 @pytest.mark.parametrize("name,eta,cfg", CASES)
@@ -400,6 +476,14 @@ def test_dpm_adaptive_error_follows_its_tolerance():
         nfes.append(model.evaluations)
     assert errs[1] < errs[0] / 10 and errs[1] < 2e-3, errs
     assert nfes[1] > nfes[0], nfes
+
+
+def test_brownian_noise_asked_once_per_step_is_the_generators_draws():
+    draws = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    it = iter(draws)
+    w = BrownianNoise(lambda: next(it))
+    got = [w(8.0, 4.0), w(4.0, 1.5), w(1.5, 0.25)]
+    assert all(torch.equal(g, d) for g, d in zip(got, draws))
 
 
 def test_brownian_noise_increments_add_up():
