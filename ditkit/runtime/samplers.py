@@ -223,7 +223,9 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     state: dict = {"eta": eta, "noise": noise_sampler or BrownianNoise(randn)}
     if sampler == "dpm_adaptive":
         with torch.no_grad():
-            return sample_dpm_adaptive(model, x, sig[0], sig[-2], state["noise"],
+            lo = sig[-2] if len(sig) > 2 else (
+                sigma_min if sigma_min is not None else denoiser.noise_range.sigma_min)
+            return sample_dpm_adaptive(model, x, sig[0], lo, state["noise"],
                                        eta=0.0 if eta is None else eta)
     step = _STEPPERS[sampler]
     n = len(sig) - 1
