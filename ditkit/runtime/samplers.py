@@ -34,12 +34,9 @@ from typing import Callable
 
 import torch
 
-from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES
 
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
-            "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-            "unipc", "dpm_adaptive")
-SCHEDULES = ("native", "karras", "uniform")
+from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 
 # -------------------------------------------------------------------------------- schedules
 

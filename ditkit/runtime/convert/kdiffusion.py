@@ -32,7 +32,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder.position import rope_frequencies
 
-from . import Remap, expected_shapes
+from .remap import Remap, expected_shapes
 
 SOURCE = "k-diffusion"
 PREFERRED_KEYS = ("model_ema", "model")
@@ -401,13 +401,13 @@ def _check_aug(spec: S.ModelSpec) -> None:
 
 
 def _check_family(spec: S.ModelSpec) -> None:
-    _check_aug(spec)
     if not isinstance(spec.conditioning.noise, S.FourierNoise):
         raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (its noise embedding is "
                          f"{spec.conditioning.noise.kind!r}, k-diffusion's is 'fourier')")
     if any(not isinstance(b.modulation, S.AdaScale) for _, _, _, b in spec.blocks()):
         raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (k-diffusion's blocks "
                          "use ada_scale modulation)")
+    _check_aug(spec)
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:

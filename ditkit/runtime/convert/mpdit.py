@@ -30,7 +30,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
-from . import Remap, check_heads, expected_shapes
+from .remap import Remap, check_heads, expected_shapes
 
 SOURCE = "mpdit"
 PREFERRED_KEYS = ("ema", "model")
