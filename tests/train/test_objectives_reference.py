@@ -257,7 +257,8 @@ def adm_training_losses(model, x_start, t, noise, cdf=adm_approx_standard_normal
     min_log, max_log = ex("posterior_log_variance_clipped"), ex("log_betas")
     frac = (var_values + 1) / 2
     model_log_variance = frac * max_log + (1 - frac) * min_log
-    pred_xstart = ex("sqrt_recip_alphas_cumprod") * x_t - ex("sqrt_recipm1_alphas_cumprod") * frozen_eps
+    pred_xstart = (ex("sqrt_recip_alphas_cumprod") * x_t
+                   - ex("sqrt_recipm1_alphas_cumprod") * frozen_eps)
     model_mean = ex("posterior_mean_coef1") * pred_xstart + ex("posterior_mean_coef2") * x_t
     true_mean = ex("posterior_mean_coef1") * x_start + ex("posterior_mean_coef2") * x_t
     true_log_variance_clipped = ex("posterior_log_variance_clipped")
