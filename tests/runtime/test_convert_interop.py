@@ -66,6 +66,20 @@ def test_kdiffusion_soft_min_snr_gamma_is_one_over_sigma_data_squared(sd):
     assert obj.sigma_min is None  # the config names no sampling range
 
 
+def test_kdiffusion_losses_ditkit_cannot_record_are_named():
+    base = {"type": "image_transformer_v2", "input_channels": 3, "input_size": [32, 32],
+            "patch_size": [2, 2], "depths": [1, 1], "widths": [32, 64], "sigma_data": 0.5}
+    for extra, needle in (({"loss_scales": 3}, "loss_scales 3"),
+                          ({"loss_config": "simple"}, "loss_config 'simple'"),
+                          ({"sigma_sample_density": {"type": "loglogistic"}}, "'loglogistic'")):
+        with pytest.warns(UserWarning, match=needle):
+            obj = KD.objective({"config": json.dumps({"model": {**base, **extra}})}, None)
+        assert isinstance(obj, S.EDMObjective) and obj.sigma_data == 0.5
+    with pytest.raises(ValueError, match="loss_weighting 'min-snr'"):
+        KD.objective({"config": json.dumps({"model": {**base, "loss_weighting": "min-snr"}})},
+                     None)
+
+
 # ------------------------------------------------------------------ --to k-diffusion
 
 
