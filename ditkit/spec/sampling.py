@@ -1,0 +1,12 @@
+"""The names of the samplers and step schedules (``ditkit.runtime.samplers`` implements them).
+
+They live in the spec layer so that specs, experiment files and the command line can check a
+name without importing torch; the runtime's dispatch is the implementation of this list.
+"""
+
+from __future__ import annotations
+
+SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
+            "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+            "unipc", "dpm_adaptive")
+SCHEDULES = ("native", "karras", "uniform")
