@@ -15,7 +15,7 @@ import torch
 
 if TYPE_CHECKING:
     from .denoiser import NoiseRange
-    from .export import AxisRule
+    from .graph_io import AxisRule
 
 
 @runtime_checkable
