@@ -313,13 +313,3 @@ def drop_labels(labels: torch.Tensor | None, rate: float, null_class: int | None
         return labels
     drop = torch.rand(labels.shape[0], generator=gen) < rate
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
-
-
-def drop_aux(cond: dict[str, torch.Tensor], rate: float, gen: torch.Generator
-             ) -> dict[str, torch.Tensor]:
-    """... and auxiliary conditioning vectors become zeros with probability ``rate``."""
-    out = {}
-    for name, value in cond.items():
-        keep = (torch.rand(value.shape[0], generator=gen) >= rate).to(value)
-        out[name] = value * keep.view(-1, *([1] * (value.ndim - 1)))
-    return out
