@@ -41,15 +41,16 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
     from ditkit.runtime.export import ExportError, export_onnx
 
     dynamic = () if args.dynamic == "none" else tuple(
         d.strip() for d in args.dynamic.split(",") if d.strip())
     model, objective, meta, h = load_model_source(args.source, args.objective)
-    extra = {k: v for k, v in meta.items() if k == "ditkit.cfg_channels"}
+    extra = {k: v for k, v in meta.items() if k == CFG_CHANNELS_KEY}
     cfg_channels = args.cfg_channels
-    if args.cfg and cfg_channels is None and meta.get("ditkit.cfg_channels"):
-        cfg_channels = int(meta["ditkit.cfg_channels"])
+    if args.cfg and cfg_channels is None:
+        cfg_channels = cfg_channels_of(meta)
     try:
         result = export_onnx(model, objective, args.out, opset=args.opset,
                              dynamic=dynamic, precision=args.precision, target=args.target,

@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ditkit.runtime.checkpoint import cfg_channels_of
     from ditkit.runtime.denoiser import COMPILE_MODES, Denoiser, compile_denoiser
     from ditkit.runtime.graph_io import ExportError, check_shape
     from ditkit.runtime.samplers import sample
@@ -102,8 +103,8 @@ def run(args) -> int:
     except ExportError as err:
         raise UsageError(str(err)) from None
     cfg_channels = args.cfg_channels
-    if cfg_channels is None and "ditkit.cfg_channels" in meta:
-        cfg_channels = int(meta["ditkit.cfg_channels"])
+    if cfg_channels is None:
+        cfg_channels = cfg_channels_of(meta)
     if args.cfg != 1.0 and labels is None:
         raise UsageError("--cfg needs --classes (guidance contrasts a class with the null class)")
     try:

@@ -57,16 +57,22 @@ class Checkpoint:
         """How many output channels classifier-free guidance acts on, when the source model's
         own CFG guided only some (DiT: 3 of its 4 latent channels; ``ditkit.cfg_channels``);
         ``None``: all of them, ditkit's default."""
-        value = self.metadata.get(CFG_CHANNELS_KEY)
-        if value is None:
-            return None
-        try:
-            n = int(value)
-        except ValueError:
-            raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} is not an integer") from None
-        if n <= 0:
-            raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} must be positive")
-        return n
+        return cfg_channels_of(self.metadata)
+
+
+def cfg_channels_of(metadata: Mapping[str, str]) -> int | None:
+    """The ``ditkit.cfg_channels`` entry of checkpoint / ONNX metadata, or None (all channels).
+    A value that is not a positive integer is a ValueError naming the key."""
+    value = metadata.get(CFG_CHANNELS_KEY)
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} is not an integer") from None
+    if n <= 0:
+        raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} must be positive")
+    return n
 
 
 # --------------------------------------------------------------------------------------------

@@ -490,7 +490,7 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
 
 def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
               extra, graph: ExportGraph) -> dict[str, str]:
-    from .checkpoint import OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
+    from .checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
         SPEC_KEY: json.dumps(S.to_data(spec, full=True), separators=(",", ":")),
@@ -515,11 +515,11 @@ def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoi
             "input": "cfg_scale", "channels": graph.cfg_channels, "null_class": graph.null_class,
             "formula": "u + cfg_scale * (c - u), c/u = class_labels/null-class passes batched"})
         # what the samplers' cfg_channels must be (the graph fixes it)
-        meta["ditkit.cfg_channels"] = str(graph.cfg_channels) if graph.cfg_channels else ""
+        meta[CFG_CHANNELS_KEY] = str(graph.cfg_channels) if graph.cfg_channels else ""
     for k, v in (extra or {}).items():
         meta.setdefault(k, str(v))
-    if meta.get("ditkit.cfg_channels") == "":
-        del meta["ditkit.cfg_channels"]
+    if meta.get(CFG_CHANNELS_KEY) == "":
+        del meta[CFG_CHANNELS_KEY]
     return meta
 
 

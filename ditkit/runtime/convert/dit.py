@@ -23,6 +23,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import DIT_SIZES
 
+from ..checkpoint import CFG_CHANNELS_KEY
 from .remap import Remap, check_heads, expected_shapes
 
 SOURCE = "dit"
@@ -164,7 +165,7 @@ def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str
 
 def metadata(spec: S.ModelSpec) -> dict[str, str]:
     """DiT's ``forward_with_cfg`` guides only the first 3 output channels."""
-    return {"ditkit.cfg_channels": "3"}
+    return {CFG_CHANNELS_KEY: "3"}
 
 
 def objective(metadata: dict, spec: S.ModelSpec):

@@ -30,6 +30,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
+from ..checkpoint import CFG_CHANNELS_KEY
 from .remap import Remap, check_heads, expected_shapes
 
 SOURCE = "mpdit"
@@ -236,7 +237,7 @@ def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str
 
 def metadata(spec: S.ModelSpec) -> dict[str, str]:
     """MPDiT's ``forward_with_cfg`` guides every output channel."""
-    return {"ditkit.cfg_channels": str(spec.out_channels)}
+    return {CFG_CHANNELS_KEY: str(spec.out_channels)}
 
 
 def objective(metadata: dict, spec: S.ModelSpec):
