@@ -1,4 +1,8 @@
-"""Feed-forward networks: GELU MLP, GEGLU, SwiGLU."""
+"""Feed-forward networks, one class per spec variant: GELU MLP, GEGLU, SwiGLU.
+
+All three are ``up -> activation -> dropout -> down`` with the same parameter names; gated
+kinds put ``2 d_ff`` outputs on ``up`` (value half first, then gate), as k-diffusion's
+``LinearGEGLU`` does."""
 
 from __future__ import annotations
 
@@ -8,17 +12,15 @@ from torch import nn
 
 
 class FeedForward(nn.Module):
-    """``up -> activation (gated: value * act(gate)) -> dropout -> down``.
+    """The shared frame; a subclass says how the hidden units are activated (``activate``)."""
 
-    Gated kinds put ``2 d_ff`` outputs on ``up`` (value half first, then gate), as
-    k-diffusion's ``LinearGEGLU`` does."""
+    gated = False
 
-    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu_mlp", bias: bool = True,
-                 approximate: str = "tanh", dropout: float = 0.0, zero_init_out: bool = False):
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True, dropout: float = 0.0,
+                 zero_init_out: bool = False):
         super().__init__()
-        self.kind, self.approximate, self.zero_init_out = kind, approximate, zero_init_out
-        gated = kind in ("geglu", "swiglu")
-        self.up = nn.Linear(d_model, d_ff * (2 if gated else 1), bias=bias)
+        self.zero_init_out = zero_init_out
+        self.up = nn.Linear(d_model, d_ff * (2 if self.gated else 1), bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
 
@@ -28,11 +30,39 @@ class FeedForward(nn.Module):
             if self.down.bias is not None:
                 nn.init.zeros_(self.down.bias)
 
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        h = self.up(x)
-        if self.kind == "gelu_mlp":
-            h = F.gelu(h, approximate=self.approximate)
-        else:
-            value, gate = h.chunk(2, dim=-1)
-            h = value * (F.gelu(gate) if self.kind == "geglu" else F.silu(gate))
-        return self.down(self.dropout(h))
+        return self.down(self.dropout(self.activate(self.up(x))))  # (B, H, W, C)
+
+
+class GeluMLP(FeedForward):
+    """``GELU(up x)`` (DiT: the tanh approximation)."""
+
+    def __init__(self, d_model: int, d_ff: int, approximate: str = "tanh", **kwargs):
+        super().__init__(d_model, d_ff, **kwargs)
+        self.approximate = approximate
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:  # (..., d_ff)
+        return F.gelu(h, approximate=self.approximate)
+
+
+class GEGLU(FeedForward):
+    """``value * GELU(gate)`` (HDiT)."""
+
+    gated = True
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:  # (..., 2 d_ff) -> (..., d_ff)
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class SwiGLU(FeedForward):
+    """``value * SiLU(gate)``."""
+
+    gated = True
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:  # (..., 2 d_ff) -> (..., d_ff)
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.silu(gate)

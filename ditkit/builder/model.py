@@ -19,7 +19,7 @@ from .attention import Attention
 from .conditioning import Conditioning
 from .cross_attention import CrossAttention
 from .embed import SkipMerge, TokenMerge, TokenSplit
-from .ffn import FeedForward
+from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
 from .head import Head
 from .norm import Norm
 from .position import LearnedPosition, SincosPosition
@@ -433,10 +433,18 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
                 zero_init_out=blk.zero_init_out)
         case other:
             assert_never(other)
-    f = blk.ffn
-    ffn = FeedForward(d_model, f.hidden(d_model), f.kind, bias=f.bias,
-                      approximate=getattr(f, "approximate", "none"), dropout=blk.dropout,
-                      zero_init_out=blk.zero_init_out)
+    ffn_args = {"bias": blk.ffn.bias, "dropout": blk.dropout,
+                "zero_init_out": blk.zero_init_out}
+    d_ff = blk.ffn.hidden(d_model)
+    match blk.ffn:
+        case S.GeluMLP(approximate=ap):
+            ffn = GeluMLP(d_model, d_ff, ap, **ffn_args)
+        case S.GEGLU():
+            ffn = GEGLU(d_model, d_ff, **ffn_args)
+        case S.SwiGLU():
+            ffn = SwiGLU(d_model, d_ff, **ffn_args)
+        case other:
+            assert_never(other)
     match blk.modulation:
         case S.AdaScale(activation=act):
             activation = act
