@@ -13,6 +13,7 @@ from torch import nn
 
 from . import kernels
 from .embed import group, ungroup
+from .init import zero_linear_
 from .norm import Norm
 from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
 
@@ -51,9 +52,7 @@ class AggregateAttention(nn.Module):
         if self.rope_freqs is not None:
             self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
         if self.zero_init_out:
-            nn.init.zeros_(self.out.weight)
-            if self.out.bias is not None:
-                nn.init.zeros_(self.out.bias)
+            zero_linear_(self.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         f = self.factor

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .init import zero_linear_
 from .norm import Norm
 
 
@@ -53,9 +54,7 @@ class CrossAttention(nn.Module):
         if self.null is not None:
             nn.init.normal_(self.null, std=0.02)
         if self.zero_init_out:
-            nn.init.zeros_(self.out.weight)
-            if self.out.bias is not None:
-                nn.init.zeros_(self.out.bias)
+            zero_linear_(self.out)
 
     def forward(self, x: torch.Tensor, memory: dict[str, torch.Tensor]) -> torch.Tensor:
         b, hh, ww, c = x.shape

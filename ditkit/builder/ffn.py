@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import zero_linear_
+
 
 class FeedForward(nn.Module):
     """The shared frame; a subclass says how the hidden units are activated (``activate``)."""
@@ -26,9 +28,7 @@ class FeedForward(nn.Module):
 
     def init_special(self) -> None:
         if self.zero_init_out:
-            nn.init.zeros_(self.down.weight)
-            if self.down.bias is not None:
-                nn.init.zeros_(self.down.bias)
+            zero_linear_(self.down)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
