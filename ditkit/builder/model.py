@@ -21,6 +21,7 @@ from .cross_attention import CrossAttention
 from .embed import SkipMerge, TokenMerge, TokenSplit
 from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
 from .head import Head
+from .init import zero_linear_
 from .norm import Norm
 from .position import LearnedPosition, SincosPosition
 from .shared import SharedAdaLNHead, SharedModulation
@@ -40,20 +41,20 @@ class Context:
 
 
 class Block(nn.Module):
-    """Pre-norm attention + pre-norm FFN, modulated by the conditioning vector.
+    """Pre-norm attention + pre-norm FFN; one subclass per modulation variant of the spec.
 
-    ``ada_ln_zero`` (DiT): ``SiLU(cond) -> Linear -> shift, scale, gate`` x2, zero-init.
-    ``ada_scale`` (HDiT AdaRMSNorm): ``Linear(act(cond)) -> 1 + scale`` x2 (no bias), zero-init.
-    ``shared_ada_ln_zero`` (MPDiT): ada_ln_zero's six vectors from the model's one shared
-    modulation network (``ctx.shared``). ``none``: plain pre-norm residual blocks.
     ``cross``: an optional cross-attention sub-layer (own pre-norm, unmodulated) between
-    attention and FFN, attending to ``ctx.memory``."""
+    attention and FFN, attending to ``ctx.memory``. A subclass sets ``chunks`` (vectors of
+    ``d_model`` its own modulation Linear makes from the conditioning vector, 0: none) and
+    ``modulation_bias``, and writes ``forward``."""
 
-    def __init__(self, d_model: int, cond_width: int, modulation: str, norm: S.Norm,
+    chunks = 0
+    modulation_bias = False
+
+    def __init__(self, d_model: int, cond_width: int, norm: S.Norm,
                  attention: nn.Module | None, ffn: FeedForward,
-                 cross: CrossAttention | None = None, activation: str = "none"):
+                 cross: CrossAttention | None = None):
         super().__init__()
-        self.modulation_kind, self.activation = modulation, activation
         n_attn = attention is not None
         self.attn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine) if n_attn else None
         self.attn = attention
@@ -61,49 +62,76 @@ class Block(nn.Module):
         self.cross = cross
         self.ffn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine)
         self.ffn = ffn
-        chunks = {"ada_ln_zero": 6, "ada_scale": 2, "none": 0, "shared_ada_ln_zero": 0}[modulation]
-        self.modulation = (nn.Linear(cond_width, chunks * d_model,
-                                     bias=modulation == "ada_ln_zero") if chunks else None)
+        self.modulation = (nn.Linear(cond_width, self.chunks * d_model,
+                                     bias=self.modulation_bias) if self.chunks else None)
 
     def init_special(self) -> None:
         if self.modulation is not None:
-            nn.init.zeros_(self.modulation.weight)
-            if self.modulation.bias is not None:
-                nn.init.zeros_(self.modulation.bias)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
-        kind = self.modulation_kind
-        if kind in ("ada_ln_zero", "shared_ada_ln_zero"):
-            if kind == "ada_ln_zero":
-                m = self.modulation(nn.functional.silu(cond))[:, None, None, :]  # (B, 1, 1, 6C)
-            else:
-                m = ctx.shared[:, None, None, :]
-            a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
-            if self.attn is not None:
-                x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift)
-            x = self._cross(x, ctx)
-            return x + f_gate * self.ffn(self.ffn_norm(x) * (1 + f_scale) + f_shift)
-        if kind == "ada_scale":
-            c = cond
-            if self.activation == "gelu":
-                c = nn.functional.gelu(c)
-            elif self.activation == "silu":
-                c = nn.functional.silu(c)
-            a_scale, f_scale = self.modulation(c)[:, None, None, :].chunk(2, dim=-1)
-            if self.attn is not None:
-                x = x + self.attn(self.attn_norm(x) * (1 + a_scale))
-            x = self._cross(x, ctx)
-            return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
-        if self.attn is not None:
-            x = x + self.attn(self.attn_norm(x))
-        x = self._cross(x, ctx)
-        return x + self.ffn(self.ffn_norm(x))
+            zero_linear_(self.modulation)
 
     def _cross(self, x: torch.Tensor, ctx: Context | None) -> torch.Tensor:
         if self.cross is None:
             return x
         return x + self.cross(self.cross_norm(x), ctx.memory)
+
+
+class PlainBlock(Block):
+    """``modulation: none``: plain pre-norm residual blocks."""
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x))
+        x = self._cross(x, ctx)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class AdaLNZeroBlock(Block):
+    """DiT's adaLN-Zero: ``SiLU(cond) -> Linear -> shift, scale, gate`` x2, zero-init."""
+
+    chunks, modulation_bias = 6, True
+
+    def vectors(self, cond: torch.Tensor, ctx: Context | None) -> torch.Tensor:
+        return self.modulation(nn.functional.silu(cond))  # (B, 6C)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+        m = self.vectors(cond, ctx)[:, None, None, :]  # (B, 1, 1, 6C)
+        a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
+        if self.attn is not None:
+            x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift)
+        x = self._cross(x, ctx)
+        return x + f_gate * self.ffn(self.ffn_norm(x) * (1 + f_scale) + f_shift)
+
+
+class SharedAdaLNZeroBlock(AdaLNZeroBlock):
+    """MPDiT: adaLN-Zero's six vectors from the model's one shared modulation network
+    (``ctx.shared``); no Linear of its own."""
+
+    chunks, modulation_bias = 0, False
+
+    def vectors(self, cond: torch.Tensor, ctx: Context | None) -> torch.Tensor:
+        return ctx.shared  # (B, 6C)
+
+
+class AdaScaleBlock(Block):
+    """HDiT's AdaRMSNorm: ``Linear(act(cond)) -> 1 + scale`` x2 (no bias), zero-init;
+    ``activation`` (``none``, ``gelu``, ``silu``) is applied to the conditioning vector first."""
+
+    chunks = 2
+    ACTIVATIONS = {"none": nn.Identity, "gelu": nn.GELU, "silu": nn.SiLU}
+
+    def __init__(self, *args, activation: str = "none", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = self.ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor,
+                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+        a_scale, f_scale = self.modulation(self.activation(cond))[:, None, None, :].chunk(2, -1)
+        if self.attn is not None:
+            x = x + self.attn(self.attn_norm(x) * (1 + a_scale))
+        x = self._cross(x, ctx)
+        return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
 
 
 class Stack(nn.ModuleList):
@@ -445,15 +473,18 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
             ffn = SwiGLU(d_model, d_ff, **ffn_args)
         case other:
             assert_never(other)
+    parts = (d_model, cond_width, blk.norm, attention, ffn, cross)
     match blk.modulation:
         case S.AdaScale(activation=act):
-            activation = act
-        case S.AdaLNZero() | S.SharedAdaLNZero() | S.NoModulation():
-            activation = "none"
+            return AdaScaleBlock(*parts, activation=act)
+        case S.AdaLNZero():
+            return AdaLNZeroBlock(*parts)
+        case S.SharedAdaLNZero():
+            return SharedAdaLNZeroBlock(*parts)
+        case S.NoModulation():
+            return PlainBlock(*parts)
         case other:
             assert_never(other)
-    return Block(d_model, cond_width, blk.modulation.kind, blk.norm, attention, ffn, cross,
-                 activation)
 
 
 def initialize(model: nn.Module, init: S.Init) -> None:
