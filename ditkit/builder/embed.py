@@ -50,32 +50,43 @@ class TokenSplit(nn.Module):
         return ungroup(self.proj(x), *self.factor)
 
 
-class SkipMerge(nn.Module):
-    """Merge the encoder skip into the upsampled decoder stream.
+class LerpSkip(nn.Module):
+    """``torch.lerp(skip, up, f) = (1 - f) skip + f up`` with a learned scalar ``f``
+    (k-diffusion's TokenSplit convention)."""
 
-    ``lerp``: ``torch.lerp(skip, up, f) = (1 - f) skip + f up`` with a learned scalar ``f``
-    (k-diffusion's TokenSplit convention); ``add``; ``concat``: ``Linear([up, skip])``;
-    ``none``: the skip is dropped."""
-
-    def __init__(self, kind: str, d_model: int, init: float = 0.5, bias: bool = True):
+    def __init__(self, init: float = 0.5):
         super().__init__()
-        self.kind, self.init = kind, init
-        self.fac = nn.Parameter(torch.full((1,), init)) if kind == "lerp" else None
+        self.init = init
+        self.fac = nn.Parameter(torch.full((1,), init))
         tag(self, "fac", NO_DECAY)
-        self.proj = nn.Linear(2 * d_model, d_model, bias=bias) if kind == "concat" else None
 
     def init_special(self) -> None:
-        if self.fac is not None:
-            nn.init.constant_(self.fac, self.init)
+        nn.init.constant_(self.fac, self.init)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        return torch.lerp(skip, x, self.fac.to(x.dtype))
+
+
+class AddSkip(nn.Module):
+    """``up + skip``."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        if self.kind == "lerp":
-            return torch.lerp(skip, x, self.fac.to(x.dtype))
-        if self.kind == "add":
-            return x + skip
-        if self.kind == "concat":
-            return self.proj(torch.cat([x, skip], dim=-1))
-        return x
+        return x + skip
 
-    def extra_repr(self) -> str:
-        return self.kind
+
+class ConcatSkip(nn.Module):
+    """``Linear([up, skip])``."""
+
+    def __init__(self, d_model: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(2 * d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([x, skip], dim=-1))  # (B, H, W, C)
+
+
+class NoSkip(nn.Module):
+    """The skip is dropped."""
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x

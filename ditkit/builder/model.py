@@ -18,7 +18,7 @@ from .aggregate import AggregateAttention
 from .attention import Attention
 from .conditioning import Conditioning
 from .cross_attention import CrossAttention
-from .embed import SkipMerge, TokenMerge, TokenSplit
+from .embed import AddSkip, ConcatSkip, LerpSkip, NoSkip, TokenMerge, TokenSplit
 from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
 from .head import Head
 from .init import zero_linear_
@@ -162,7 +162,7 @@ class Level(nn.Module):
 
     def __init__(self, encoder: Stack | None = None, decoder: Stack | None = None,
                  middle: Stack | None = None, down: nn.Module | None = None,
-                 up: nn.Module | None = None, skip: SkipMerge | None = None):
+                 up: nn.Module | None = None, skip: nn.Module | None = None):
         super().__init__()
         self.encoder, self.down, self.middle = encoder, down, middle
         self.up, self.skip, self.decoder = up, skip, decoder
@@ -348,13 +348,13 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
                 assert_never(other)
         match lvl.skip:
             case S.LerpSkip(init=fac):
-                skip = SkipMerge("lerp", lvl.d_model, init=fac)
+                skip = LerpSkip(init=fac)
             case S.AddSkip():
-                skip = SkipMerge("add", lvl.d_model)
+                skip = AddSkip()
             case S.ConcatSkip(bias=bias):
-                skip = SkipMerge("concat", lvl.d_model, bias=bias)
+                skip = ConcatSkip(lvl.d_model, bias=bias)
             case S.NoSkip():
-                skip = SkipMerge("none", lvl.d_model)
+                skip = NoSkip()
             case S.LinearSkip(bias=bias):
                 skip = LinearSkip(lvl.d_model, bias=bias)
             case other:
