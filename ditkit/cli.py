@@ -86,15 +86,84 @@ def format_report(report, spec: S.ModelSpec) -> str:
 # subcommands
 
 
+def _check_diagram(args) -> None:
+    if args.diagram:
+        from ditkit.builder.diagram_render import check_target
+
+        check_target(args.diagram)
+
+
 def cmd_describe(args) -> int:
     from ditkit.builder import describe
 
+    _check_diagram(args)
+    if args.other is not None:  # two specs: both tables, the differences, one picture
+        return _compare(load_spec(args.spec), load_spec(args.other), args.spec, args.other,
+                        parse_resolution(args.resolution), args, tables=True)
     spec = load_spec(args.spec)
     report = describe(spec, parse_resolution(args.resolution))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(format_report(report, spec))
+    if args.diagram:
+        from ditkit.builder.diagram_render import draw
+
+        draw(spec, args.diagram, report.resolution, report)
+        print(f"wrote {args.diagram}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    _check_diagram(args)
+    a = load_spec(args.a)
+    res = parse_resolution(args.resolution)
+    if args.policy:
+        if args.b is not None:
+            raise UsageError("diff: give a second spec B or --policy, not both")
+        if res is None:
+            raise UsageError("diff --policy needs --resolution, the target the policy adapts "
+                             "the spec to (e.g. --resolution 256)")
+        from ditkit.runtime.extrapolate import adapt_spec
+        from ditkit.runtime.extrapolate_report import parse_policy, policy_label
+
+        policy = parse_policy(args.policy)
+        b = adapt_spec(a, policy, res)
+        label_b = f"{policy_label(policy)} at {res[0]}x{res[1]}"
+        return _compare(a, b, args.a, label_b, None, args, res_b=res)
+    if args.b is None:
+        raise UsageError("diff: give a second spec B, or --policy P --resolution R to compare "
+                         "A with its adapted spec")
+    return _compare(a, load_spec(args.b), args.a, args.b, res, args)
+
+
+def _compare(a, b, label_a: str, label_b: str, res, args, res_b=None, tables=False) -> int:
+    """Print the field-by-field differences (and with ``tables`` both describe tables); draw
+    the comparison picture when ``--diagram`` asks for one."""
+    from ditkit.spec.diff import diff, format_diff
+
+    rows = diff(a, b)
+    res_b = res_b or res
+    reports = None
+    if tables or args.diagram:
+        from ditkit.builder import describe
+
+        reports = describe(a, res), describe(b, res_b)
+    if args.json:
+        out = {"a": label_a, "b": label_b, "changes": [r.to_json() for r in rows]}
+        if tables:
+            out["reports"] = [r.to_json() for r in reports]
+        print(json.dumps(out, indent=2))
+    else:
+        if tables:
+            print(format_report(reports[0], a) + "\n\n" + format_report(reports[1], b) + "\n")
+        print(format_diff(rows, label_a, label_b))
+    if args.diagram:
+        from ditkit.builder.diagram_render import draw_comparison
+
+        draw_comparison(a, b, args.diagram, reports[0].resolution, reports[1].resolution,
+                        label_a, label_b)
+        print(f"wrote {args.diagram}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -161,9 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("describe", help="per-level table of tokens, widths, params and GMACs")
     p.add_argument("spec", help="spec file (.yaml/.json) or preset name")
+    p.add_argument("other", nargs="?", help="a second spec: both tables, what differs, and "
+                                            "with --diagram both pictures, differences marked")
     p.add_argument("--resolution", help="input H or HxW (default: the spec's training one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--diagram", metavar="FILE", help="draw the architecture to FILE (.svg or "
+                                                     ".png; needs ditkit[diagram])")
     p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("diff", help="field-by-field differences of two specs, or of a spec "
+                                    "and its resolution-adapted spec (--policy)")
+    p.add_argument("a", help="spec file or preset name")
+    p.add_argument("b", nargs="?", help="the other spec (or use --policy)")
+    p.add_argument("--policy", help="compare A with A adapted by this extrapolation policy, "
+                                    "e.g. add_levels, local_core:kernel_size=7, core_patch")
+    p.add_argument("--resolution", help="with --policy: the target resolution; otherwise the "
+                                        "resolution both are drawn at")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--diagram", metavar="FILE", help="draw both, differences highlighted "
+                                                     "(.svg or .png; needs ditkit[diagram])")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("validate", help="validate spec files; exit 2 if any is invalid")
     p.add_argument("specs", nargs="+")

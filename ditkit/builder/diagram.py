@@ -77,6 +77,10 @@ class Element:
     """The component's ``kind`` (merge, repatch, split, upsample, lerp, ...) where it has one."""
     cross_attention: bool = False
     modulation: str | None = None
+    params: int | None = None
+    """Parameters of the level (``band`` only; ``None`` when drawn without measuring)."""
+    gmacs: float | None = None
+    """Forward multiply-adds of the level, in G (``band`` only)."""
     highlight: bool = False
 
     @property
@@ -233,6 +237,13 @@ def _classes_text(classes) -> tuple[str, ...]:
     return (f"{classes.count} classes{null}",) + how
 
 
+def _heads(block: S.Block, d_model: int) -> int:
+    """Attention heads of a block (aggregate attention declares its own count)."""
+    if isinstance(block.attention, S.AggregateAttention):
+        return block.attention.n_heads
+    return d_model // block.d_head
+
+
 def text_width(lines) -> float:
     """Width of the longest line in layout units (the renderer's font at ``CHAR`` a glyph)."""
     return CHAR * max((len(line) for line in lines), default=0)
@@ -262,16 +273,21 @@ def runs(blocks: list[S.Block]) -> list[tuple[int, int]]:
 
 
 def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
-           report=None) -> Diagram:
+           report=None, measure: bool = True) -> Diagram:
     """Place every part of ``spec`` (at ``resolution``, default its training one). ``report``:
     a :class:`ditkit.builder.Report` of the same spec and resolution (measured here when not
-    given) for the per-level parameters and GMACs."""
+    given) for the per-level parameters and GMACs; ``measure=False`` leaves them out (the
+    structure alone, no model is built)."""
     resolution = tuple(resolution or spec.input.resolution)
-    if report is None:
+    issues = spec.check_resolution(resolution, "--resolution")
+    if issues:
+        raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
+    if report is None and measure:
         from .accounting import describe
 
         report = describe(spec, resolution)
-    if tuple(report.resolution) != resolution or report.name != spec.name:
+    if report is not None and (tuple(report.resolution) != resolution
+                               or report.name != spec.name):
         raise ValueError(f"report is for {report.name} at {report.resolution}, not {spec.name} "
                          f"at {resolution}")
     placer = _Placer(spec, resolution, report)
@@ -316,10 +332,7 @@ class _Placer:
         boxes = []
         for k, (first, count) in enumerate(runs(blocks)):
             blk = blocks[first]
-            heads = "" if blk.attention.kind in ("none", "aggregate") else (
-                f"{d_model // blk.d_head} heads · ")
-            if isinstance(blk.attention, S.AggregateAttention):
-                heads = f"{blk.attention.n_heads} heads · "
+            heads = "" if blk.attention.kind == "none" else f"{_heads(blk, d_model)} heads · "
             cross = isinstance(blk.cross_attention, S.MemoryCrossAttention)
             lines = [attention_text(blk.attention)]
             if cross:
@@ -391,9 +404,10 @@ class _Placer:
         self._conditioning()
         total = self.report
         title = f"{spec.name} at {h}×{w}"
-        subtitle = (f"{_fmt_params(total.params)} params · {_fmt_gmacs(total.gmacs)} GMACs "
-                    "(multiply-adds, batch 1: the DiT paper's 'GFLOPs')")
-        other = total.other.get("embed, conditioning, head")
+        subtitle = "not measured" if total is None else (
+            f"{_fmt_params(total.params)} params · {_fmt_gmacs(total.gmacs)} GMACs "
+            "(multiply-adds, batch 1: the DiT paper's 'GFLOPs')")
+        other = None if total is None else total.other.get("embed, conditioning, head")
         notes = []
         if other:
             notes.append(f"embedding, conditioning, head: {_fmt_params(other['params'])} params,"
@@ -412,19 +426,24 @@ class _Placer:
                 members = [e for e in self.elements if e.level == i]
             x0 = min(e.x - e.w / 2 for e in members) - GAP / 2
             x1 = max(e.x + e.w / 2 for e in members) + GAP / 2
-            lv = self.report.levels[i]
+            lv = None if self.report is None else self.report.levels[i]
             gh, gw = self.grids[i]
-            nblocks = sum(len(self.spec.stack(i, s)) for s in STACKS)
-            heads = f"{lv.heads} heads" if lv.heads not in ("", "-") else "no heads"
+            d_model = self.spec.levels[i].d_model
+            blocks = [b for s in STACKS for b in self.spec.stack(i, s)]
+            counts = list(dict.fromkeys(str(_heads(b, d_model)) for b in blocks
+                                        if b.attention.kind != "none"))
+            heads = f"{'/'.join(counts)} heads" if counts else "no attention heads"
             lines = (f"level {i} · {gh}×{gw} tokens",
-                     f"d_model {lv.d_model} · {heads} · {nblocks} block"
-                     f"{'s' if nblocks != 1 else ''}",
-                     f"{_fmt_params(lv.params)} params · {_fmt_gmacs(lv.gmacs)} GMACs")
+                     f"d_model {d_model} · {heads} · {len(blocks)} block"
+                     f"{'s' if len(blocks) != 1 else ''}")
+            if lv is not None:
+                lines += (f"{_fmt_params(lv.params)} params · {_fmt_gmacs(lv.gmacs)} GMACs",)
             y0 = min(e.y - e.h / 2 for e in members) - 0.25
             y1 = max(e.y + e.h / 2 for e in members) + (1.0 if i == 0 else 0.45)
             self.elements.append(Element(
                 id=f"L{i}.band", kind="band", lines=lines, x=(x0 + x1) / 2,
-                y=(y0 + y1) / 2, w=x1 - x0, h=y1 - y0, level=i))
+                y=(y0 + y1) / 2, w=x1 - x0, h=y1 - y0, level=i,
+                params=None if lv is None else lv.params, gmacs=None if lv is None else lv.gmacs))
 
     def _conditioning(self) -> None:
         cond = self.spec.conditioning

@@ -9,9 +9,11 @@ a picture is drawn, so the command line starts without it.
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 from pathlib import Path
 
-from ditkit.errors import UserError
+from ditkit.errors import EnvironmentFault, UserError
 
 from .diagram import CHAR, LINE, Diagram, Element
 
@@ -52,6 +54,15 @@ def matplotlib_or_exit():
             from None
     matplotlib.use("Agg", force=True)
     return matplotlib
+
+
+def check_target(path: str | Path) -> Path:
+    """Fail early (before any measuring) on a diagram path ditkit cannot write, or when
+    matplotlib is missing."""
+    path = Path(path)
+    _format(path)
+    matplotlib_or_exit()
+    return path
 
 
 def _format(path: Path) -> str:
@@ -107,13 +118,28 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
                 ax.text(0.3, y, line, ha="left", va="center", family="DejaVu Sans Mono",
                         fontsize=FONT, color=HIGHLIGHT if line.startswith("≠") else "#222222")
                 y -= 0.42
-        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
         if fmt == "svg":
-            fig.savefig(path, format="svg", metadata={"Date": None, "Creator": None})
+            fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
         else:
-            fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+            fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
         plt.close(fig)
+    _write(path, buf.getvalue())
     return path
+
+
+def _write(path: Path, data: bytes) -> None:
+    """All or nothing: a temporary file beside ``path``, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise EnvironmentFault(f"could not write the diagram {path}: {err.strerror or err}; "
+                               "nothing else was changed") from None
 
 
 def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:
@@ -201,7 +227,8 @@ def _edge(ax, a: Element, b: Element, kind: str) -> None:
                                      shrinkA=0, shrinkB=0))
         return
     if kind == "cond":  # along a bus under the conditioning lane
-        bus = min(a.y - a.h / 2, b.y - b.h / 2) - 0.3
+        # one bus per destination, so two paths never run on top of each other
+        bus = min(a.y - a.h / 2, b.y - b.h / 2) - (0.45 if b.kind == "cond" else 0.25)
         colour = "#a8456f"
         ax.plot([a.x, a.x, b.x - 0.25], [a.y - a.h / 2, bus, bus], color=colour, lw=0.8,
                 zorder=2, solid_capstyle="butt")
@@ -253,3 +280,56 @@ def _legend(ax, d: Diagram, x: float, y: float) -> None:
     for k, note in enumerate(d.notes):
         ax.text(ax.get_xlim()[0] + 0.3, y - 0.45 - 0.35 * k, note, ha="left", va="center",
                 fontsize=FONT - 0.5, color="#555555")
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def draw(spec, path: str | Path, resolution: tuple[int, int] | None = None,
+         report=None) -> Diagram:
+    """Lay out ``spec`` (at ``resolution``) and render it to ``path``; returns the layout."""
+    from .diagram import layout
+
+    diagram = layout(spec, resolution, report)
+    render(diagram, path)
+    return diagram
+
+
+MAX_CHANGE_LINES = 24
+
+
+def change_lines(rows, limit: int = 110, max_lines: int = MAX_CHANGE_LINES) -> list[str]:
+    """The field-by-field differences as lines for the foot of a comparison picture."""
+    from ditkit.spec.diff import format_value
+
+    if not rows:
+        return ["no field differs"]
+    width = min(40, max(len(r.path) for r in rows))
+    room = max(12, (limit - width - 8) // 2)
+    lines = [f"{len(rows)} field(s) differ (a → b):"]
+    for r in rows[:max_lines]:
+        lines.append(f"≠ {r.path.ljust(width)}  {format_value(r.a, room)}  →  "
+                     f"{format_value(r.b, room)}")
+    if len(rows) > max_lines:
+        lines.append(f"... and {len(rows) - max_lines} more (ditkit diff prints them all)")
+    return lines
+
+
+def draw_comparison(a, b, path: str | Path, resolution_a: tuple[int, int] | None = None,
+                    resolution_b: tuple[int, int] | None = None, label_a: str = "a",
+                    label_b: str = "b"):
+    """Both specs, one above the other, with what differs highlighted on each, and the
+    differing fields listed underneath. Returns ``(layout a, layout b, rows)``."""
+    from dataclasses import replace
+
+    from ditkit.spec.diff import diff
+
+    from .diagram import compare
+
+    da, db = compare(a, b, resolution_a, resolution_b)
+    da = replace(da, title=f"{label_a}: {da.title}")
+    db = replace(db, title=f"{label_b}: {db.title}")
+    rows = diff(a, b)
+    render([da, db], path, change_lines(rows))
+    return da, db, rows

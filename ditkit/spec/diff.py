@@ -104,14 +104,19 @@ def diff(a: ModelSpec, b: ModelSpec) -> list[Change]:
     levels: list[Change] = []
     for ia, ib in align_levels(a, b):
         if ia is None:
-            levels.append(Change(f"levels[→{ib}]", MISSING, to_data(b.levels[ib]), None, ib))
+            levels.append(Change(f"levels[→{ib}]", MISSING, _set(b.levels[ib]), None, ib))
         elif ib is None:
-            levels.append(Change(f"levels[{ia}→]", to_data(a.levels[ia]), MISSING, ia, None))
+            levels.append(Change(f"levels[{ia}→]", _set(a.levels[ia]), MISSING, ia, None))
         else:
             name = f"levels[{ia}]" if ia == ib else f"levels[{ia}→{ib}]"
             _compare(name, da["levels"][ia], db["levels"][ib], levels, ia, ib)
     # the top-level fields keep the spec's own order, levels after them
     return rows + levels
+
+
+def _set(level) -> dict:
+    """A whole level as it would be written: its fields that are set (inherited ones left out)."""
+    return {k: v for k, v in to_data(level).items() if v is not None}
 
 
 def _keys(da: dict, db: dict) -> list[str]:
