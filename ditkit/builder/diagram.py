@@ -29,6 +29,8 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
+from pydantic import BaseModel
+
 from ditkit import spec as S
 from ditkit.spec.diff import align_levels
 
@@ -485,7 +487,7 @@ _MODS = {"ada_ln_zero": S.AdaLNZero(), "ada_scale": S.AdaScale(),
 
 
 def _plain(value) -> str:
-    return json.dumps(S.to_data(value, full=True) if hasattr(value, "model_fields") else value,
+    return json.dumps(S.to_data(value, full=True) if isinstance(value, BaseModel) else value,
                       sort_keys=True, default=str)
 
 
@@ -555,10 +557,10 @@ def mark_differences(diagram: Diagram, mine: dict[tuple, str], theirs: dict[tupl
 
 
 def compare(a: S.ModelSpec, b: S.ModelSpec, resolution_a=None, resolution_b=None,
-            report_a=None, report_b=None) -> tuple[Diagram, Diagram]:
+            report_a=None, report_b=None, measure: bool = True) -> tuple[Diagram, Diagram]:
     """The two layouts with what differs highlighted on each side."""
-    da = layout(a, resolution_a, report_a)
-    db = layout(b, resolution_b, report_b)
+    da = layout(a, resolution_a, report_a, measure)
+    db = layout(b, resolution_b, report_b, measure)
     pairs = align_levels(a, b)
     a_to_b = {ia: ib for ia, ib in pairs if ia is not None}
     b_to_a = {ib: ia for ia, ib in pairs if ib is not None}

@@ -318,7 +318,7 @@ def change_lines(rows, limit: int = 110, max_lines: int = MAX_CHANGE_LINES) -> l
 
 def draw_comparison(a, b, path: str | Path, resolution_a: tuple[int, int] | None = None,
                     resolution_b: tuple[int, int] | None = None, label_a: str = "a",
-                    label_b: str = "b"):
+                    label_b: str = "b", measure: bool = True):
     """Both specs, one above the other, with what differs highlighted on each, and the
     differing fields listed underneath. Returns ``(layout a, layout b, rows)``."""
     from dataclasses import replace
@@ -327,7 +327,7 @@ def draw_comparison(a, b, path: str | Path, resolution_a: tuple[int, int] | None
 
     from .diagram import compare
 
-    da, db = compare(a, b, resolution_a, resolution_b)
+    da, db = compare(a, b, resolution_a, resolution_b, measure=measure)
     da = replace(da, title=f"{label_a}: {da.title}")
     db = replace(db, title=f"{label_b}: {db.title}")
     rows = diff(a, b)
