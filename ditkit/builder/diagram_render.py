@@ -37,6 +37,7 @@ KIND_COLOURS = {
     "aux": ("#fdeef4", "#a8456f"), "mapping": ("#fdeef4", "#a8456f"),
     "cond": ("#f9dce8", "#a8456f"),
 }
+CONDITIONING = ("noise", "classes", "aux", "mapping", "cond")
 HIGHLIGHT = "#d62020"
 CROSS = "#c2185b"
 
@@ -77,7 +78,10 @@ def _style(mpl):
     with mpl.rc_context({
         "svg.hashsalt": "ditkit-diagram",
         "svg.fonttype": "none",
-        "font.family": "DejaVu Sans",
+        # measured with DejaVu Sans; a browser without it falls back to a sans-serif font
+        "font.family": "sans-serif",
+        "font.sans-serif": ["DejaVu Sans", "Verdana", "Arial", "Helvetica"],
+        "font.monospace": ["DejaVu Sans Mono", "Menlo", "Consolas", "Courier New"],
         "font.size": FONT,
         "path.simplify": False,
     }):
@@ -98,7 +102,7 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
     changes = list(changes or [])
     sizes = [d.bounds() for d in diagrams]
     width = max(x1 - x0 for x0, _, x1, _ in sizes) + 0.6
-    heights = [y1 - y0 + 2.4 for _, y0, _, y1 in sizes]  # + title, notes and legend
+    heights = [y1 - y0 + 3.2 for _, y0, _, y1 in sizes]  # + title, legend and notes
     text_h = 0.42 * len(changes) + (0.6 if changes else 0)
     total_h = sum(heights) + text_h
     with _style(mpl):
@@ -115,8 +119,8 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
             ax.set_ylim(0, text_h)
             y = text_h - 0.45
             for line in changes:
-                ax.text(0.3, y, line, ha="left", va="center", family="DejaVu Sans Mono",
-                        fontsize=FONT, color=HIGHLIGHT if line.startswith("≠") else "#222222")
+                ax.text(0.3, y, line, ha="left", va="center", family="monospace",
+                        fontsize=FONT, color=HIGHLIGHT if line.startswith(("≠", "    ")) else "#222222")
                 y -= 0.42
         buf = io.BytesIO()
         if fmt == "svg":
@@ -172,7 +176,7 @@ def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:
                             va="center", fontsize=FONT, zorder=1, weight="bold" if k == 0
                             else "normal", color="#222222" if k == 0 else "#333333")
     for edge in d.edges:
-        _edge(ax, centres[edge.src], centres[edge.dst], edge.kind)
+        _edge(ax, centres[edge.src], centres[edge.dst], edge.kind, d)
     for e in d.elements:
         if e.kind == "band":
             continue
@@ -211,10 +215,16 @@ def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:
         if e.kind == "blocks":
             ax.text(e.x + e.w / 2 - 0.06, e.y + e.h / 2 + 0.1, f"×{e.count}", ha="right",
                     va="bottom", fontsize=FONT + 0.5, weight="bold", zorder=5, color=edge)
-    _legend(ax, d, left + 0.3, y0 - 0.55)
+    _legend(ax, d, left + 0.3, y0 - 0.9)
 
 
-def _edge(ax, a: Element, b: Element, kind: str) -> None:
+def _between(d: Diagram, a: Element, b: Element) -> bool:
+    """Whether another element sits on the row between ``a`` and ``b``."""
+    return any(abs(e.y - a.y) < 1e-6 and min(a.x, b.x) < e.x < max(a.x, b.x)
+               for e in d.elements if e.kind != "band")
+
+
+def _edge(ax, a: Element, b: Element, kind: str, d: Diagram) -> None:
     from matplotlib.patches import FancyArrowPatch
 
     if kind == "skip":  # along the level's row, above the boxes
@@ -226,6 +236,8 @@ def _edge(ax, a: Element, b: Element, kind: str) -> None:
                                      color="#666666", linestyle=(0, (3, 2)), zorder=1,
                                      shrinkA=0, shrinkB=0))
         return
+    if kind == "cond" and abs(a.y - b.y) < 1e-6 and not _between(d, a, b):
+        kind = "flow"  # neighbours on the lane: a plain arrow
     if kind == "cond":  # along a bus under the conditioning lane
         # one bus per destination, so two paths never run on top of each other
         bus = min(a.y - a.h / 2, b.y - b.h / 2) - (0.45 if b.kind == "cond" else 0.25)
@@ -242,12 +254,13 @@ def _edge(ax, a: Element, b: Element, kind: str) -> None:
                                      color="#333333", connectionstyle="angle,angleA=-90,"
                                      "angleB=0,rad=0.3", shrinkA=0, shrinkB=1, zorder=2))
         return
+    colour = "#a8456f" if a.kind in CONDITIONING else "#333333"
     if abs(a.x - b.x) < 1e-6:  # a column (the innermost level's middle stack)
         start, end = (a.x, a.y - a.h / 2), (b.x, b.y + b.h / 2)
     else:
         start, end = (a.x + a.w / 2, a.y), (b.x - b.w / 2, b.y)
     ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=8, lw=0.9,
-                                 color="#333333", shrinkA=1, shrinkB=1, zorder=2))
+                                 color=colour, shrinkA=1, shrinkB=1, zorder=2))
 
 
 def _legend(ax, d: Diagram, x: float, y: float) -> None:
@@ -299,18 +312,23 @@ def draw(spec, path: str | Path, resolution: tuple[int, int] | None = None,
 MAX_CHANGE_LINES = 24
 
 
-def change_lines(rows, limit: int = 110, max_lines: int = MAX_CHANGE_LINES) -> list[str]:
-    """The field-by-field differences as lines for the foot of a comparison picture."""
+def change_lines(rows, limit: int = 120, max_lines: int = MAX_CHANGE_LINES) -> list[str]:
+    """The field-by-field differences as lines for the foot of a comparison picture: one line
+    per field, or the field and then its two values on their own lines when they are long."""
     from ditkit.spec.diff import format_value
 
     if not rows:
         return ["no field differs"]
     width = min(40, max(len(r.path) for r in rows))
-    room = max(12, (limit - width - 8) // 2)
     lines = [f"{len(rows)} field(s) differ (a → b):"]
     for r in rows[:max_lines]:
-        lines.append(f"≠ {r.path.ljust(width)}  {format_value(r.a, room)}  →  "
-                     f"{format_value(r.b, room)}")
+        a, b = format_value(r.a), format_value(r.b)
+        one = f"≠ {r.path.ljust(width)}  {a}  →  {b}"
+        if len(one) <= limit:
+            lines.append(one)
+        else:
+            lines += [f"≠ {r.path}", f"    a: {format_value(r.a, limit - 7)}",
+                      f"    b: {format_value(r.b, limit - 7)}"]
     if len(rows) > max_lines:
         lines.append(f"... and {len(rows) - max_lines} more (ditkit diff prints them all)")
     return lines
@@ -328,8 +346,12 @@ def draw_comparison(a, b, path: str | Path, resolution_a: tuple[int, int] | None
     from .diagram import compare
 
     da, db = compare(a, b, resolution_a, resolution_b, measure=measure)
-    da = replace(da, title=f"{label_a}: {da.title}")
-    db = replace(db, title=f"{label_b}: {db.title}")
+    da = replace(da, title=_titled("a", label_a, da.title, a.name))
+    db = replace(db, title=_titled("b", label_b, db.title, b.name))
     rows = diff(a, b)
     render([da, db], path, change_lines(rows))
     return da, db, rows
+
+
+def _titled(side: str, label: str, title: str, name: str) -> str:
+    return f"{side}: {title}" if label in (name, side) else f"{side}: {title}  ({label})"

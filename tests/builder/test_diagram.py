@@ -276,7 +276,8 @@ def test_local_core_highlights_the_core_attention(tmp_path):
     assert {e.id for e in db.highlighted()} == {"L1.middle.0"}
     assert db.element("L1.middle.0").attention == "neighborhood"
     text = (tmp_path / "d.svg").read_text()
-    assert "trained: hdit-imagenet-128" in text and "local_core: hdit-imagenet-128" in text
+    assert "a: hdit-imagenet-128 at 128×128  (trained)" in text
+    assert "b: hdit-imagenet-128 at 128×128  (local_core)" in text
     assert "levels[1].attention" in text and "differs from the other spec" in text
 
 
@@ -290,3 +291,21 @@ def test_a_block_default_change_highlights_the_blocks_that_inherit_it():
     # level 1's decoder overrides the ffn per block: it is the only stack left alone
     assert "L1.decoder.0" not in marked
     assert {e.id for e in db.find("blocks")} - {"L1.decoder.0"} <= marked
+
+
+# -------------------------------------------------------------------- README pictures
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_committed_diagrams_show_the_current_presets(name):
+    """``docs/diagrams/PRESET.svg`` (in the README) says what the layout of the preset says
+    today: every label of every element. Regenerate with
+    ``ditkit describe PRESET --diagram docs/diagrams/PRESET.svg``."""
+    from tests.conftest import ROOT
+
+    svg = (ROOT / "docs" / "diagrams" / f"{name}.svg").read_text()
+    d = layout(preset(name), measure=False)
+    for e in d.elements:
+        lines = e.lines[:2] if e.kind == "band" else e.lines
+        for line in lines:
+            assert line in svg, f"{e.id}: {line!r} missing; regenerate the diagram"
