@@ -70,3 +70,15 @@ def test_missing_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
     assert "pip install 'ditkit[diagram]'" in captured.err
     assert captured.out == ""  # refused before measuring anything
     assert not (tmp_path / "a.svg").exists()
+
+
+def test_diff_of_two_specs_starts_without_torch_or_matplotlib():
+    code = ("import sys; from ditkit.cli import main; "
+            f"status = main(['diff', '{TINY_GLOBAL}', '{TINY}']); "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules)); "
+            "sys.exit(status)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "levels[0].attention" in proc.stdout

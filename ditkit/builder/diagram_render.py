@@ -336,16 +336,18 @@ def change_lines(rows, limit: int = 120, max_lines: int = MAX_CHANGE_LINES) -> l
 
 def draw_comparison(a, b, path: str | Path, resolution_a: tuple[int, int] | None = None,
                     resolution_b: tuple[int, int] | None = None, label_a: str = "a",
-                    label_b: str = "b", measure: bool = True):
+                    label_b: str = "b", measure: bool = True, reports=None):
     """Both specs, one above the other, with what differs highlighted on each, and the
-    differing fields listed underneath. Returns ``(layout a, layout b, rows)``."""
+    differing fields listed underneath. ``reports``: the two specs' ``describe`` reports when
+    already measured. Returns ``(layout a, layout b, rows)``."""
     from dataclasses import replace
 
     from ditkit.spec.diff import diff
 
     from .diagram import compare
 
-    da, db = compare(a, b, resolution_a, resolution_b, measure=measure)
+    report_a, report_b = reports or (None, None)
+    da, db = compare(a, b, resolution_a, resolution_b, report_a, report_b, measure=measure)
     da = replace(da, title=_titled("a", label_a, da.title, a.name))
     db = replace(db, title=_titled("b", label_b, db.title, b.name))
     rows = diff(a, b)
