@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ditkit.errors import EnvironmentFault, UserError
 
-from .diagram import CHAR, LINE, Diagram, Element
+from .diagram import BOX_H, CHAR, LINE, Diagram, Element
 
 INCH = 0.45           # inches per layout unit (diagram.CHAR units fit one glyph)
 FONT = 7.5            # points, box text
@@ -227,14 +227,16 @@ def _between(d: Diagram, a: Element, b: Element) -> bool:
 def _edge(ax, a: Element, b: Element, kind: str, d: Diagram) -> None:
     from matplotlib.patches import FancyArrowPatch
 
-    if kind == "skip":  # along the level's row, above the boxes
-        y = a.y + a.h / 2 + 0.45
-        start, end = (a.x, y), (b.x, b.y + b.h / 2)
-        ax.add_patch(FancyArrowPatch(start, (b.x, y), arrowstyle="-", lw=0.9, color="#666666",
-                                     linestyle=(0, (3, 2)), zorder=1))
-        ax.add_patch(FancyArrowPatch((b.x, y), end, arrowstyle="-|>", mutation_scale=7, lw=0.9,
-                                     color="#666666", linestyle=(0, (3, 2)), zorder=1,
-                                     shrinkA=0, shrinkB=0))
+    if kind == "skip":  # up from the source, along the level's row above its boxes, down
+        y = b.y + BOX_H / 2 + 0.45
+        if a.y - a.h / 2 <= y <= a.y + a.h / 2:  # a transition beside the line: its side
+            xs, ys = [a.x + a.w / 2, b.x], [y, y]
+        else:
+            xs, ys = [a.x, a.x, b.x], [a.y + a.h / 2 if a.y < y else a.y - a.h / 2, y, y]
+        ax.plot(xs, ys, color="#666666", lw=0.9, linestyle=(0, (3, 2)), zorder=1)
+        ax.add_patch(FancyArrowPatch((b.x, y), (b.x, b.y + b.h / 2), arrowstyle="-|>",
+                                     mutation_scale=7, lw=0.9, color="#666666",
+                                     linestyle=(0, (3, 2)), zorder=1, shrinkA=0, shrinkB=0))
         return
     if kind == "cond" and abs(a.y - b.y) < 1e-6 and not _between(d, a, b):
         kind = "flow"  # neighbours on the lane: a plain arrow
