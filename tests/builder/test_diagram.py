@@ -229,6 +229,16 @@ def test_png_is_deterministic_and_page_sized(families, tmp_path):
     assert 600 < w < 1600 and 300 < h < 1200
 
 
+def test_layout_is_plain_data():
+    import json
+
+    d = layout(preset("mdit-b"), measure=False)
+    data = json.loads(json.dumps(d.to_json()))
+    kinds = [e["kind"] for e in data["elements"]]
+    assert kinds.count("band") == 2 and kinds.count("blocks") == 7
+    assert {"src": "L0.down", "dst": "L1.middle.0", "kind": "flow", "label": ""} in data["edges"]
+
+
 def test_resolution_changes_the_grids():
     d = layout(preset("hdit-imagenet-128"), (256, 256), measure=False)
     assert [b.lines[0] for b in d.find("band")] == ["level 0 · 64×64 tokens",
@@ -307,5 +317,7 @@ def test_committed_diagrams_show_the_current_presets(name):
     d = layout(preset(name), measure=False)
     for e in d.elements:
         lines = e.lines[:2] if e.kind == "band" else e.lines
+        if e.kind == "blocks":
+            lines += (f"×{e.count}",)
         for line in lines:
             assert line in svg, f"{e.id}: {line!r} missing; regenerate the diagram"
