@@ -465,7 +465,8 @@ class _Placer:
             if classes.inject == "vector":
                 sources.append(cid)
         for k, a in enumerate(cond.aux):
-            sources.append(put(f"cond.aux{k}", "aux", (f"aux {a.name}", f"{a.dims} dim{'s' if a.dims > 1 else ''},",
+            dims = f"{a.dims} dim{'s' if a.dims > 1 else ''},"
+            sources.append(put(f"cond.aux{k}", "aux", (f"aux {a.name}", dims,
                                                        f"{a.embed} features")))
         if cond.mapping is not None:
             mid = put("cond.mapping", "mapping", ("mapping network",

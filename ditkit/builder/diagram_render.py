@@ -119,8 +119,9 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
             ax.set_ylim(0, text_h)
             y = text_h - 0.45
             for line in changes:
+                changed = line.startswith(("≠", "    "))
                 ax.text(0.3, y, line, ha="left", va="center", family="monospace",
-                        fontsize=FONT, color=HIGHLIGHT if line.startswith(("≠", "    ")) else "#222222")
+                        fontsize=FONT, color=HIGHLIGHT if changed else "#222222")
                 y -= 0.42
         buf = io.BytesIO()
         if fmt == "svg":
