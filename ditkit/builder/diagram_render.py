@@ -1,5 +1,5 @@
-"""Render a :class:`ditkit.builder.diagram.Diagram` to SVG or PNG with matplotlib (Agg, no
-display). Deterministic: the same layout gives the same bytes (fixed SVG hash salt, no date or
+"""Render a :class:`ditkit.builder.diagram.Diagram` to SVG or PNG with matplotlib (a bare
+``Figure`` on the Agg canvas: no display, no pyplot state). Deterministic: the same layout gives the same bytes (fixed SVG hash salt, no date or
 creator in the metadata, text kept as text in the SVG).
 
 matplotlib is the ``diagram`` extra (``pip install ditkit[diagram]``); it is imported only when
@@ -47,13 +47,12 @@ LEGEND = (("global", "global"), ("neighborhood", "neighborhood"),
 
 
 def matplotlib_or_exit():
-    """Import matplotlib with the Agg backend, or raise a UserError that names the extra."""
+    """Import matplotlib, or raise a UserError that names the extra."""
     try:
         import matplotlib
     except ImportError:
         raise UserError("drawing diagrams needs matplotlib: pip install 'ditkit[diagram]'") \
             from None
-    matplotlib.use("Agg", force=True)
     return matplotlib
 
 
@@ -95,7 +94,7 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
     path = Path(path)
     fmt = _format(path)
     mpl = matplotlib_or_exit()
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if isinstance(diagrams, Diagram):
         diagrams = [diagrams]
@@ -106,7 +105,8 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
     text_h = 0.42 * len(changes) + (0.6 if changes else 0)
     total_h = sum(heights) + text_h
     with _style(mpl):
-        fig = plt.figure(figsize=(width * INCH, total_h * INCH))
+        # a bare Figure (Agg canvas), not pyplot: no global backend or figure registry touched
+        fig = Figure(figsize=(width * INCH, total_h * INCH))
         top = total_h
         for d, h, (x0, y0, x1, y1) in zip(diagrams, heights, sizes):
             ax = fig.add_axes((0, (top - h) / total_h, 1, h / total_h))
@@ -128,7 +128,6 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
             fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
         else:
             fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-        plt.close(fig)
     _write(path, buf.getvalue())
     return path
 
