@@ -60,6 +60,13 @@ def add_parser(subparsers) -> None:
                    help="the objective, for a checkpoint that does not record one")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--npz", default=None, metavar="FILE",
+                   help="write all --num samples to FILE.npz (uint8 NHWC arr_0 + labels arr_1, "
+                        "the ADM evaluator's format) instead of a grid; batched, resumable "
+                        "(rerun the same command), split across processes under torchrun")
+    p.add_argument("--batch", type=int, default=32,
+                   help="with --npz: samples per sampler call (default 32); chunk k uses seed "
+                        "SEED + k, so the samples depend on it (not on the process count)")
     p.set_defaults(func=cmd_sample)
 
     p = subparsers.add_parser(
@@ -218,6 +225,12 @@ def cmd_sample(args) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
     source = Path(args.checkpoint)
+    proc = None
+    if args.npz:  # under torchrun: join the process group first, it picks the device
+        from .npz import processes
+
+        proc = processes(args.device)
+        args.device = proc.device
     if source.suffix == ".onnx":
         from .engines import OrtDenoiser
 
@@ -241,6 +254,8 @@ def cmd_sample(args) -> int:
         cfg_channels = int(meta["ditkit.cfg_channels"])
     if args.cfg != 1.0 and labels is None:
         raise UsageError("--cfg needs --classes (guidance contrasts a class with the null class)")
+    if args.npz:
+        return _sample_npz(args, den, spec, res, labels, n, cfg_channels, proc)
     try:
         x = sample(den, (n, spec.input.channels, *res), steps=args.steps, sampler=args.sampler,
                    schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
@@ -270,6 +285,65 @@ def cmd_sample(args) -> int:
             save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
         print(f"wrote {n} images to {folder}/")
     return 0
+
+
+def _sample_npz(args, den, spec, res, labels, n, cfg_channels, proc) -> int:
+    """``--npz``: :func:`ditkit.runtime.npz.sample_npz` with the command's settings."""
+    from ditkit.cli import UsageError
+
+    from .npz import sample_npz
+
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: must be positive")
+    if Path(args.checkpoint).suffix not in (".safetensors", ".onnx"):
+        raise UsageError(f"--npz: {args.checkpoint} is a spec (random weights); give a "
+                         "checkpoint (.safetensors) or an exported .onnx file")
+    decode, identity = None, {"source": _identity(args.checkpoint)}
+    if spec.input.space == "latent":
+        from .autoencoder import latent_decoder
+
+        decode, dec_id = latent_decoder(spec.input.channels, vae=args.vae,
+                                        autoencoder=args.autoencoder,
+                                        latent_scale=args.latent_scale, device=args.device)
+        identity["decoder"] = dec_id
+    elif args.vae or args.autoencoder:
+        raise UsageError(f"{'--vae' if args.vae else '--autoencoder'}: {spec.name} is a "
+                         "pixel-space model; its samples are images already, drop the flag")
+    try:
+        result = sample_npz(den, args.npz, num=n, shape=(spec.input.channels, *res),
+                            steps=args.steps, sampler=args.sampler, seed=args.seed,
+                            batch=args.batch, class_labels=labels, cfg_scale=args.cfg,
+                            schedule=args.schedule, eta=args.eta,
+                            guidance_interval=_parse_interval(args.cfg_interval),
+                            cfg_channels=cfg_channels, decode=decode, identity=identity,
+                            proc=proc, progress=not args.no_progress)
+    finally:
+        proc.close()
+    if proc.main:
+        done = (f"{result.reused} of them drawn by an earlier run, " if result.reused else "")
+        extra = " + labels arr_1" if labels is not None else ""
+        print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}{args.sampler}, {args.steps} steps, cfg {args.cfg}, "
+              f"seed {args.seed}, batch {args.batch}, {proc.world} process(es))")
+    return 0
+
+
+def _identity(source: str) -> str:
+    """sha256 of a checkpoint's tensors (or of an ONNX file's bytes): what a resumed --npz run
+    must sample from."""
+    import hashlib
+
+    from .checkpoint import model_hash
+
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return model_hash(path)
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    return source  # a spec file or preset: random weights, named by the reference
 
 
 def _to_images(x, spec, args):
