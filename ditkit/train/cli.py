@@ -104,7 +104,10 @@ def load_for_training(ref: str, steps: int | None = None):
         exp, run = E.load_experiment(path / "experiment.yaml"), path
     else:
         exp, run = E.load_experiment(path), None
-        exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, path.parent)})
+        from .evaluation import absolute_paths
+
+        exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, path.parent),
+                                     "evaluation": absolute_paths(exp.evaluation, path.parent)})
         ft = exp.finetune
         if ft is not None and ft.source_model is None and not Path(ft.checkpoint).is_absolute():
             ft = ft.model_copy(update={"checkpoint": str((path.parent / ft.checkpoint).resolve())})
@@ -241,7 +244,7 @@ def cmd_evaluate(args) -> int:
         report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective, count=args.count,
                                            steps=args.steps, sampler=args.sampler,
                                            cfg_scale=args.cfg_scale, seed=args.seed,
-                                           device=args.device, progress=not args.json, k=k)
+                                           device=args.device, progress=not args.json)
     except ValueError as err:
         raise _usage(f"{path}: {err}") from None
     if args.grid:

@@ -43,6 +43,7 @@ from .data import make_dataset, make_stream
 from .distributed import Placement
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
+from .sampling import sample_images  # noqa: F401  (re-exported: previews sample with it)
 
 
 class TrainingError(RuntimeError):
@@ -57,6 +58,8 @@ class TrainResult:
     wall_s: float = 0.0
     checkpoint: Path | None = None
     fingerprints: list[str] = field(default_factory=list)
+    evaluation: dict | None = None
+    """The last ``evaluation:`` metrics (rank 0; see :mod:`ditkit.train.evaluation`)."""
 
 
 # -------------------------------------------------------------------------------- setup
@@ -158,41 +161,6 @@ def autocast_for(exp: Experiment, device: torch.device):
 
 
 # -------------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, steps: int,
-                  sampler: str, seed: int, cfg_scale: float, device: torch.device | str,
-                  labels: torch.Tensor | None = None, n_classes: int | None = None,
-                  batch: int = 250, progress: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
-    are given they cycle through the first ``n_classes`` classes (a class-conditional model).
-    Leaves the global RNG untouched."""
-    from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.samplers import sample
-
-    classes = spec.conditioning.classes
-    if labels is None and classes is not None:
-        labels = torch.arange(count) % (n_classes or classes.count)
-    denoiser = Denoiser(model, objective).to(device)
-    was_training = model.training
-    model.eval()
-    h, w = spec.input.resolution
-    out = []
-    rng = torch.get_rng_state()
-    try:
-        for i, start in enumerate(range(0, count, batch)):
-            n = min(batch, count - start)
-            lab = labels[start:start + n] if labels is not None else None
-            out.append(sample(denoiser, (n, spec.input.channels, h, w), steps=steps,
-                              sampler=sampler, seed=seed + i, class_labels=lab,
-                              cfg_scale=cfg_scale, device=str(device),
-                              progress=progress).float().cpu())
-    finally:
-        torch.set_rng_state(rng)
-        model.train(was_training)
-    return torch.cat(out), labels
 
 
 def _data_classes(exp: Experiment) -> int | None:
@@ -302,9 +270,11 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     null_class = classes.count if classes is not None and classes.null_class else None
     micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
 
+    evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
     if rank == 0:
         fields = ["step", "loss", "lr", "grad_norm", "img_per_s", "mse", "vb", "var"]
+        fields += evaluation.fields if evaluation is not None else []
         scalars = Scalars(run, fields, start_step if resume else None, exp.logging.tensorboard)
     bar = tqdm(total=tr.steps, initial=start_step, disable=not (progress and rank == 0),
                desc=exp.name, unit="it", dynamic_ncols=True)
@@ -394,6 +364,9 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                 if rank == 0:
                     preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
                             device)
+            if evaluation is not None and evaluation.due(step, tr.steps):
+                result.evaluation = evaluation(
+                    placement.sampling_model(ema_model, lambda: build(spec)), step, scalars)
     finally:
         backend.__exit__(None, None, None)
         bar.close()
@@ -413,6 +386,20 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             "rank_fingerprints": result.fingerprints,
             "ranks_identical": len(set(result.fingerprints)) == 1})
     return result
+
+
+def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
+                resume_step: int | None):
+    """The ``evaluation:`` block ready to run (``None`` when disabled); its files are checked
+    now, so a wrong path fails before the first step."""
+    from ditkit.errors import UserError
+
+    from .evaluation import RunEvaluation
+
+    try:
+        return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))
+    except UserError as err:  # stays a usage error (exit 2), named after the block
+        raise UserError(f"evaluation: {err}") from None
 
 
 def _gather(items: list, world: int) -> list:
