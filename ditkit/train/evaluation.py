@@ -146,7 +146,7 @@ class RunEvaluation:
         x = to_inception_input(images)
         feats = np.concatenate([self._net(x[i:i + ev.batch].to(self.device)).double().cpu()
                                 .numpy() for i in range(0, len(x), ev.batch)])
-        out = compare_features(self._ref, feats, ev.k or None)
+        out = compare_features(self._ref, feats, ev.k or None, str(self.device))
         return {"fid": out["fid"], "precision": out["precision"], "recall": out["recall"],
                 "k": out["k"], "reference_count": len(self._ref)}
 

@@ -245,7 +245,8 @@ class FIDReport:
                 f"{self.real_count} in {self.real})")
 
 
-def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3) -> dict:
+def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3,
+                     device: str = "cpu") -> dict:
     """``{fid, precision, recall, k}`` of two feature sets; precision and recall are ``None``
     when ``k`` is ``None`` or a set has ``k`` images or fewer."""
     from .metrics import precision_recall
@@ -253,7 +254,7 @@ def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3) 
     out = {"fid": frechet_from_features(f_real, f_fake), "precision": None, "recall": None,
            "k": None}
     if k is not None and min(len(f_real), len(f_fake)) > k:
-        out["precision"], out["recall"] = precision_recall(f_real, f_fake, k)
+        out["precision"], out["recall"] = precision_recall(f_real, f_fake, k, device=device)
         out["k"] = k
     return out
 
@@ -271,7 +272,7 @@ def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None =
     f_fake = source_features(net, fake, batch, device, progress)
     return FIDReport(real=str(real), fake=str(fake), real_count=len(f_real),
                      fake_count=len(f_fake), weights=str(path),
-                     **compare_features(f_real, f_fake, k))
+                     **compare_features(f_real, f_fake, k, device))
 
 
 def fid_sources(*args, **kwargs) -> FIDReport:
@@ -320,7 +321,7 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
                                            unit="batch", desc="inception samples")])
     return FIDReport(real=str(real), fake=f"{count} samples of {source}",
                      real_count=len(f_real), fake_count=len(f_fake), weights=str(path),
-                     **compare_features(f_real, f_fake, k))
+                     **compare_features(f_real, f_fake, k, device))
 
 
 __all__ = ["fid_folders", "fid_sources", "fid_model", "to_inception_input", "folder_features",
