@@ -322,8 +322,9 @@ def _sample_npz(args, den, spec, res, labels, n, cfg_channels, proc) -> int:
     if proc.main:
         done = (f"{result.reused} of them drawn by an earlier run, " if result.reused else "")
         extra = " + labels arr_1" if labels is not None else ""
-        print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}{args.sampler}, {args.steps} steps, cfg {args.cfg}, "
-              f"seed {args.seed}, batch {args.batch}, {proc.world} process(es))")
+        print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}"
+              f"{args.sampler}, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
+              f"batch {args.batch}, {proc.world} process(es))")
     return 0
 
 

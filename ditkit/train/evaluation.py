@@ -7,7 +7,8 @@ step it is :meth:`~RunEvaluation.due` it samples ``count`` images from the (whol
 with the block's fixed seed, computes the metrics (digits: label accuracy and Fréchet distance;
 a ``reference``: FID, precision, recall), writes them as an ``eval/...`` row of the run's
 scalars, rewrites ``eval.json`` (the latest metrics, the settings, and every evaluation so
-far) and ``samples.png`` (the first 100 samples, ten per row). The reference features are computed once per run and kept in memory.
+far) and ``samples.png`` (the first 100 samples, ten per row). The reference features are
+computed once per run and kept in memory.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from .data import make_dataset, make_stream
 from .distributed import Placement
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
-from .sampling import sample_images  # noqa: F401  (re-exported: previews sample with it)
+from .sampling import sample_images
 
 
 class TrainingError(RuntimeError):
