@@ -190,3 +190,18 @@ def test_torchrun_two_processes_equal_one(grey_ckpt, tmp_path):
     np.testing.assert_array_equal(one[0], two[0])
     np.testing.assert_array_equal(one[1], two[1])
     assert not parts_folder(tmp_path / "two.npz").exists()
+
+
+def test_non_finite_samples_stop_before_their_part_is_written(grey_ckpt, tmp_path):
+    den, _ = _den(grey_ckpt)
+    calls = []
+
+    def nan_in_second_chunk(x):
+        calls.append(1)
+        return x * float("nan") if len(calls) == 2 else x
+
+    out = tmp_path / "nan.npz"
+    with pytest.raises(NpzError, match=r"chunk 1 \(samples 2\.\.3, seed 1\) holds non-finite"):
+        sample_npz(den, out, num=4, shape=(1, 8, 8), steps=2, sampler="euler", batch=2,
+                   decode=nan_in_second_chunk, progress=False)
+    assert sorted(p.name for p in parts_folder(out).glob("part-*")) == ["part-000000.npz"]
