@@ -84,15 +84,15 @@ class Processes:
 def processes(device: str = "cpu") -> Processes:
     """Join the ``torchrun`` process group (gloo on CPU, nccl on CUDA) when ``WORLD_SIZE`` > 1;
     one process otherwise. Call it before loading the model: it picks the device."""
+    from .device import pick_device
+
+    dev = pick_device(str(device))  # cuda -> cuda:<LOCAL_RANK> (ditkit.runtime.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Processes(device=str(device))
+        return Processes(device=str(dev))
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     created = False
     if not dist.is_initialized():

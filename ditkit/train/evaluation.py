@@ -14,7 +14,6 @@ computed once per run and kept in memory.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditkit.spec.experiment import Evaluation, Experiment
+from ditkit.spec.experiment import Experiment
 
 from .checkpoints import write_json
 
@@ -30,18 +29,6 @@ EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
 DIGITS_FIELDS = ["eval/accuracy", "eval/frechet"]
 REFERENCE_FIELDS = ["eval/fid", "eval/precision", "eval/recall"]
-
-
-def absolute_paths(ev: Evaluation, base: Path) -> Evaluation:
-    """``ev`` with ``reference``, ``inception`` and ``vae`` made absolute from ``base`` (the
-    experiment file's folder), so the run folder's experiment.yaml works from anywhere."""
-    def fix(p: str | None) -> str | None:
-        if p is None or os.path.isabs(p):
-            return p
-        return os.path.normpath(os.path.join(base.resolve(), p))
-
-    return ev.model_copy(update={"reference": fix(ev.reference), "inception": fix(ev.inception),
-                                 "vae": fix(ev.vae)})
 
 
 class RunEvaluation:
@@ -100,7 +87,7 @@ class RunEvaluation:
         Returns the metrics on rank 0."""
         if ema_model is None or self.rank != 0:
             return None
-        from .sampling import sample_images
+        from ditkit.runtime.generate import sample_images
 
         ev, spec, t0 = self.ev, self.exp.model_spec, time.perf_counter()
         # sample_images leaves the global RNG alone: evaluating does not change the run
@@ -168,4 +155,4 @@ def _read_history(path: Path) -> list[dict]:
         history, list) else []
 
 
-__all__ = ["RunEvaluation", "absolute_paths", "EVAL_FILE"]
+__all__ = ["RunEvaluation", "EVAL_FILE", "SAMPLES_FILE"]

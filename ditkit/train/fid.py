@@ -303,7 +303,7 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
     folder or an ``.npz``)."""
     from tqdm import tqdm
 
-    from .sampling import sample_images
+    from ditkit.runtime.generate import sample_images
 
     if spec.input.space != "pixel":
         raise FIDError("FID of a latent-space model needs its samples decoded to images; "

@@ -43,7 +43,6 @@ from .data import make_dataset, make_stream
 from .distributed import Placement
 from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from .objectives import DiffusionLoss, drop_labels
-from .sampling import sample_images
 
 
 class TrainingError(RuntimeError):
@@ -175,6 +174,8 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     p, spec = exp.preview, exp.model_spec
     classes = spec.conditioning.classes
     n_cls = _data_classes(exp) or (classes.count if classes else None)
+    from ditkit.runtime.generate import sample_images
+
     images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.steps, p.sampler,
                               p.seed, p.cfg_scale, device, n_classes=n_cls)
     ncol = min(p.count, n_cls or 8)

@@ -14,8 +14,8 @@ from ditkit.cli import main
 from ditkit.errors import UserError
 from ditkit.runtime.npz import to_uint8, write_npz
 from ditkit.spec import SpecError
+from ditkit.spec.experiment import absolute_evaluation_paths
 from ditkit.train.data import digits_tensor
-from ditkit.train.evaluation import absolute_paths
 from ditkit.train.logs import read_scalars
 from ditkit.train.loop import train
 
@@ -96,7 +96,7 @@ def test_evaluation_spec_checks():
         tiny_experiment(evaluation={"every": 5})
     ev = tiny_experiment(evaluation={"enabled": True, "reference": "ref", "inception": "/w.pth"}
                          ).evaluation
-    fixed = absolute_paths(ev, Path("/data/exp"))
+    fixed = absolute_evaluation_paths(ev, Path("/data/exp"))
     assert (fixed.reference, fixed.inception, fixed.vae) == ("/data/exp/ref", "/w.pth", None)
 
 

@@ -1,6 +1,4 @@
-"""Samples from a model inside a training run: previews, evaluations and ``ditkit evaluate``
-all draw them through :func:`sample_images` (a fixed seed per batch, labels cycling over the
-classes, the global RNG left as it was)."""
+"""Batches of samples from a model, as evaluation and training previews draw them."""
 
 from __future__ import annotations
 
@@ -8,6 +6,9 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+
+from .denoiser import Denoiser
+from .samplers import sample
 
 
 @torch.no_grad()
@@ -19,9 +20,6 @@ def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, st
     """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
     are given they cycle through the first ``n_classes`` classes (a class-conditional model).
     Leaves the global RNG untouched."""
-    from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.samplers import sample
-
     classes = spec.conditioning.classes
     if labels is None and classes is not None:
         labels = torch.arange(count) % (n_classes or classes.count)
@@ -43,6 +41,3 @@ def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, st
         torch.set_rng_state(rng)
         model.train(was_training)
     return torch.cat(out), labels
-
-
-__all__ = ["sample_images"]
