@@ -252,14 +252,21 @@ def _settings(parts: Path, settings: dict, proc: Processes) -> None:
 
 
 def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
-    """A finished part: ``n`` uint8 RGB images and exactly the labels its chunk must hold."""
+    """A finished part: ``arr_0`` of ``n`` uint8 RGB images (its header is enough: parts are
+    renamed into place only once complete) and exactly the labels its chunk must hold."""
     if not path.is_file():
         return False
     try:
-        images, got = read_npz(path)
-    except NpzError:
+        with zipfile.ZipFile(path) as zf:
+            f, shape = _open_arr0(zf, path)
+            f.close()
+            got = None
+            if "arr_1.npy" in zf.namelist():
+                with zf.open("arr_1.npy") as g:
+                    got = np.lib.format.read_array(g, allow_pickle=False)
+    except (NpzError, zipfile.BadZipFile, OSError, ValueError):
         return False
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n or images.shape[-1] != 3:
+    if shape[0] != n or shape[-1] != 3:
         return False
     if labels is None:
         return got is None

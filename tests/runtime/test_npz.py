@@ -126,8 +126,13 @@ def test_interrupted_run_resumes_to_the_same_file(grey_ckpt, tmp_path):
     # other settings are refused, naming what changed
     with pytest.raises(NpzError, match=r"other settings \(seed: 3 -> 4\)"):
         sample_npz(den, out, **{**args, "seed": 4})
+    # a part that does not hold its chunk's labels is drawn again, not merged
+    part1 = parts / "part-000001.npz"
+    images1, _ = read_npz(part1)
+    with open(part1, "wb") as f:
+        np.savez(f, arr_0=images1, arr_1=np.array([9, 9]))
     result = sample_npz(den, out, **args)
-    assert (result.reused, result.drawn) == (4, 3)
+    assert (result.reused, result.drawn) == (2, 5)
     whole, resumed = read_npz(tmp_path / "whole.npz"), read_npz(out)
     np.testing.assert_array_equal(whole[0], resumed[0])
     np.testing.assert_array_equal(resumed[1], labels.numpy())
