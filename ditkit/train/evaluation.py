@@ -98,7 +98,8 @@ class RunEvaluation:
 
         scale = max(1, 32 // max(spec.input.resolution))
         grid = images if self._decode is None else self._decode(images[:100].to(self.device))
-        save_png(image_grid(grid[:100].cpu(), 10, scale=scale), self.run / SAMPLES_FILE)
+        save_png(image_grid(grid[:100].cpu(), min(10, len(grid)), scale=scale),
+                 self.run / SAMPLES_FILE)
         metrics: dict = {}
         if self.digits:
             metrics.update(self._digits(images, labels))

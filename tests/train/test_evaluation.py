@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ditkit.cli import main
 from ditkit.errors import UserError
 from ditkit.runtime.npz import to_uint8, write_npz
 from ditkit.spec import SpecError
-from ditkit.spec.experiment import absolute_evaluation_paths
+from ditkit.spec.experiment import absolute_evaluation_paths, experiment_from_data
 from ditkit.train.data import digits_tensor
 from ditkit.train.logs import read_scalars
 from ditkit.train.loop import train
 
 from .conftest import tiny_experiment
 from .test_fid import _random_weights
+from .test_latents import images, latents, vae_dir  # noqa: F401  (fixtures)
 
 DIGITS_EVAL = {"enabled": True, "every": 2, "count": 10, "steps": 2}
 
@@ -104,3 +106,27 @@ def _rgb_model() -> dict:
     from .conftest import tiny_model
 
     return {**tiny_model(), "input": {"channels": 3, "resolution": [8, 8]}}
+
+
+def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):
+    from PIL import Image
+
+    from .test_latents import _latent_exp_data
+
+    weights = _random_weights(tmp_path / "inception.pth")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    data = _latent_exp_data(latents, steps=2)
+    data["evaluation"] = {"enabled": True, "count": 2, "steps": 2, "k": 0,
+                          "reference": str(ref), "inception": str(weights)}
+    with pytest.raises(SpecError, match="evaluation.vae"):  # latents need their decoder
+        experiment_from_data(data)
+    data["evaluation"]["vae"] = str(vae_dir)
+    result = train(experiment_from_data(data), tmp_path / "run", progress=False)
+    m = result.evaluation  # 4-channel latents would be refused by the Inception input
+    assert np.isfinite(m["fid"]) and m["reference_count"] == 2 and m["precision"] is None
+    grid = Image.open(tmp_path / "run" / "samples.png")
+    assert grid.size == (2 * (16 * 4 + 1) + 1, 16 * 4 + 2)  # decoded 16x16, shown 4x
