@@ -167,6 +167,12 @@ def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: s
                             guidance_interval=parse_interval(args.cfg_interval),
                             cfg_channels=cfg_channels, decode=decode, identity=identity,
                             proc=proc, progress=not args.no_progress)
+    except ValueError as err:  # a sampler argument the model cannot take (as for a grid)
+        from ditkit.spec import SpecError
+
+        if isinstance(err, SpecError):
+            raise
+        raise UsageError(str(err)) from None
     finally:
         proc.close()
     if proc.main:
