@@ -3,7 +3,9 @@
 ``sample_npz`` draws ``num`` samples and writes ``arr_0``, uint8 ``(N, H, W, 3)`` (grey images
 are repeated into RGB), and, for class-conditional sampling, ``arr_1``: the int64 labels -- the
 layout of guided-diffusion's ``image_sample.py``. DiT's ``sample_ddp.py`` makes the same
-``arr_0``.
+``arr_0``. ``ditkit_settings`` records how the file was made (sampler, steps, seed, batch,
+guidance, the checkpoint's hash, the decoder) as JSON bytes, so the file describes itself;
+evaluators that read ``arr_0`` ignore it.
 
 **Chunks.** The ``num`` samples are cut into chunks of ``batch``; chunk ``k`` (samples
 ``k*batch ...``) is drawn with seed ``seed + k`` and its slice of the labels, so its images do
@@ -42,6 +44,7 @@ from ditkit.errors import UserError
 from .files import atomic_path
 
 SETTINGS = "settings.json"
+SETTINGS_KEY = "ditkit_settings"
 
 
 class NpzError(UserError):
@@ -117,10 +120,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def write_npz(path: str | os.PathLike, chunks: Iterator[np.ndarray], count: int,
-              labels: np.ndarray | None = None) -> tuple[int, int, int, int]:
+              labels: np.ndarray | None = None,
+              settings: dict | None = None) -> tuple[int, int, int, int]:
     """Stream uint8 ``(n, H, W, C)`` chunks into ``arr_0`` of an uncompressed ``.npz`` (as
-    ``np.savez`` writes it; zip64, so any size), plus ``labels`` as ``arr_1``; atomic. The
-    chunks must add up to ``count`` images of one size. Returns ``arr_0``'s shape."""
+    ``np.savez`` writes it; zip64, so any size), plus ``labels`` as ``arr_1`` and ``settings``
+    as ``ditkit_settings`` (JSON text as uint8 bytes: no pickle; :func:`npz_settings` reads
+    it); atomic. The chunks must add up to ``count`` images of one size. Returns ``arr_0``'s
+    shape."""
     chunks = iter(chunks)
     first = next(chunks, None)
     if first is None or first.ndim != 4 or first.dtype != np.uint8:
@@ -144,7 +150,22 @@ def write_npz(path: str | os.PathLike, chunks: Iterator[np.ndarray], count: int,
         if labels is not None:
             with zf.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(labels, np.int64), allow_pickle=False)
+        if settings is not None:
+            text = np.frombuffer(json.dumps(settings, sort_keys=True).encode(), np.uint8)
+            with zf.open(f"{SETTINGS_KEY}.npy", "w") as f:
+                np.lib.format.write_array(f, text, allow_pickle=False)
     return shape
+
+
+def npz_settings(path: str | os.PathLike) -> dict | None:
+    """The settings ``sample_npz`` recorded in an ``.npz`` (``None`` for other files)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if SETTINGS_KEY not in z.files:
+                return None
+            return json.loads(z[SETTINGS_KEY].tobytes().decode())
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise NpzError(f"{path}: unreadable settings ({err})") from None
 
 
 def _open_arr0(zf: zipfile.ZipFile, path) -> tuple:
@@ -359,10 +380,11 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
             for k, _, _ in chunks:
                 yield read_npz(parts / f"part-{k:06d}.npz")[0]
 
-        result.shape = write_npz(out, stream(), num, labels)
+        result.shape = write_npz(out, stream(), num, labels, settings)
         shutil.rmtree(parts)
     return result
 
 
-__all__ = ["sample_npz", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "to_uint8",
+__all__ = ["sample_npz", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
+           "to_uint8",
            "processes", "Processes", "parts_folder", "chunks_of", "NpzError", "NpzResult"]

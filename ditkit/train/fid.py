@@ -275,11 +275,6 @@ def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None =
                      **compare_features(f_real, f_fake, k, device))
 
 
-def fid_sources(*args, **kwargs) -> FIDReport:
-    """:func:`fid_folders` under the name that says either side may be an ``.npz``."""
-    return fid_folders(*args, **kwargs)
-
-
 def to_inception_input(images: torch.Tensor) -> torch.Tensor:
     """Model samples ``(N, C, H, W)`` in [-1, 1] -> ``(N, 3, 299, 299)`` in [0, 1], quantised
     to 8 bits as if saved as PNG (what folder-based FID of the same samples would read)."""
@@ -324,7 +319,7 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
                      **compare_features(f_real, f_fake, k, device))
 
 
-__all__ = ["fid_folders", "fid_sources", "fid_model", "to_inception_input", "folder_features",
+__all__ = ["fid_folders", "fid_model", "to_inception_input", "folder_features",
            "npz_features", "source_features", "check_source", "compare_features",
            "frechet_from_stats", "frechet_from_features", "trace_sqrt_product", "sqrtm_psd",
            "gaussian", "load_inception", "default_weights_path", "FIDError", "FIDReport",

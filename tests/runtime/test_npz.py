@@ -19,10 +19,10 @@ from PIL import Image
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.cli import main
-from ditkit.runtime.checkpoint import save_checkpoint
+from ditkit.runtime.checkpoint import model_hash, save_checkpoint
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.npz import (NpzError, iter_npz_images, npz_shape, parts_folder, read_npz,
-                                sample_npz, write_npz)
+from ditkit.runtime.npz import (NpzError, iter_npz_images, npz_settings, npz_shape,
+                                parts_folder, read_npz, sample_npz, write_npz)
 from tests.conftest import EXAMPLES, ROOT
 from tests.train.conftest import tiny_model
 
@@ -63,7 +63,7 @@ def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys
     assert "wrote" in capsys.readouterr().out
     assert not parts_folder(out).exists()  # merged, parts removed
     with zipfile.ZipFile(out) as zf:  # np.savez's layout: uncompressed .npy members
-        assert sorted(zf.namelist()) == ["arr_0.npy", "arr_1.npy"]
+        assert sorted(zf.namelist()) == ["arr_0.npy", "arr_1.npy", "ditkit_settings.npy"]
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
     with np.load(out, allow_pickle=False) as z:
         images, labels = z["arr_0"], z["arr_1"]
@@ -72,6 +72,10 @@ def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys
     assert labels.dtype == np.int64 and labels.shape == (5,)
     assert ((labels >= 0) & (labels < 10)).all()
     assert len({images[i].tobytes() for i in range(5)}) == 5  # every sample differs
+    settings = npz_settings(out)  # the file says how it was made
+    assert (settings["num"], settings["batch"], settings["steps"], settings["sampler"],
+            settings["seed"]) == (5, 2, 2, "euler", 0)
+    assert settings["source"] == model_hash(grey_ckpt)
     # chunk k is `ditkit sample` with seed k and that chunk's labels: compare with its PNGs
     for k, (start, n) in enumerate([(0, 2), (2, 2), (4, 1)]):
         folder = tmp_path / f"png{k}"
