@@ -229,6 +229,21 @@ def test_png_is_deterministic_and_page_sized(families, tmp_path):
     assert 600 < w < 1600 and 300 < h < 1200
 
 
+def test_no_skip_draws_no_skip_path():
+    from tests.conftest import EXAMPLES
+
+    data = S.to_data(S.load(EXAMPLES / "tiny" / "tiny-options.yaml"))
+    data["levels"][1]["skip"] = {"kind": "none"}
+    spec = S.validate(data)
+    d = layout(spec, measure=False)
+    _check_structure(spec, d)
+    assert [e.id for e in d.find("skip")] == ["L0.skip"]
+    assert d.element("L0.skip").lines == ("concat",)
+    assert not [e for e in d.edges if e.kind == "skip" and e.dst == "L1.skip"]
+    # the way up leads straight into level 1's decoder
+    assert any(e.src == "L1.up" and e.dst == "L1.decoder.0" for e in d.edges)
+
+
 def test_layout_is_plain_data():
     import json
 
