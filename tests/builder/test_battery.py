@@ -1,0 +1,125 @@
+"""One battery over every family, instead of a copy per paper.
+
+Every tiny example (each family's small model) goes through the same checks: it builds; its
+parameter count is what ``describe`` reports, level by level; the forward pass has the right
+shape at two resolutions; a checkpoint round trip gives bit-identical outputs; every
+neighborhood backend gives the same output; and (``-m slow``) its ONNX export passes the parity
+check. Every example spec at full size builds on the meta device with the same accounting."""
+
+import pytest
+import torch
+
+from ditkit import spec as S
+from ditkit.builder import build, describe, use_backend
+from ditkit.runtime.checkpoint import load_model, save_checkpoint
+from tests.conftest import EXAMPLES, example_specs, tiny_specs
+
+
+def _inputs(spec, batch=2, resolution=None, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    h, w = resolution or spec.input.resolution
+    x = torch.randn(batch, spec.input.channels, h, w, generator=g).to(device)
+    sigma = (torch.rand(batch, generator=g) + 0.5).to(device)
+    labels = (torch.arange(batch, device=device) % spec.conditioning.classes.count
+              if spec.conditioning.classes else None)
+    return x, sigma, labels
+
+
+def _perturbed(spec):
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _other_resolution(spec):
+    """A second valid resolution (a non-square one where the spec allows it)."""
+    h, w = spec.input.resolution
+    for cand in ((h, 2 * w), (2 * h, w), (2 * h, 2 * w)):
+        if not spec.check_resolution(cand):
+            return cand
+    return (h, w)
+
+
+def _parameter_accounting(spec, model):
+    report = describe(spec)
+    total = sum(p.numel() for p in model.parameters())
+    assert report.params == total
+    for i, level in enumerate(report.levels):
+        assert level.params == sum(p.numel() for n, p in model.named_parameters()
+                                   if n.startswith(f"levels.{i}."))
+    assert report.other["embed, conditioning, head"]["params"] == total - sum(
+        lv.params for lv in report.levels)
+
+
+#: one full-size example per family and structure (all of them: ``-m slow``)
+FAMILY_EXAMPLES = ["dit/dit-s-8", "hdit/hdit-imagenet-128", "mdit/mdit-b", "mpdit/mpdit-b",
+                   "mpdit/mpdit-xl-3level"]
+
+
+@pytest.mark.parametrize("name", FAMILY_EXAMPLES)
+def test_each_family_builds_on_meta_with_its_described_parameters(name):
+    spec = S.load(EXAMPLES / f"{name}.yaml")
+    _parameter_accounting(spec, build(spec, device="meta", init=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", example_specs(), ids=lambda p: p.stem)
+def test_every_example_builds_on_meta_with_its_described_parameters(path):
+    spec = S.load(path)
+    _parameter_accounting(spec, build(spec, device="meta", init=False))
+
+
+@pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.stem)
+def test_tiny_model_battery(path, tmp_path):
+    spec = S.load(path)
+    model = _perturbed(spec)
+    _parameter_accounting(spec, model)
+
+    # forward shape at the spec's resolution and at another valid one
+    outputs = {}
+    for res in (tuple(spec.input.resolution), _other_resolution(spec)):
+        x, sigma, labels = _inputs(spec, resolution=res)
+        with torch.no_grad():
+            out = model(x, sigma, labels)
+        assert out.shape == (2, spec.out_channels, *res)
+        assert torch.isfinite(out).all()
+        outputs[res] = out
+
+    # checkpoint round trip: same spec, same tensors, bit-identical output
+    path_ = tmp_path / "m.safetensors"
+    save_checkpoint(path_, model.state_dict(), spec)
+    loaded, _ = load_model(path_)
+    assert loaded.spec == spec
+    x, sigma, labels = _inputs(spec)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), outputs[tuple(spec.input.resolution)])
+
+    # backends: every neighborhood backend that runs on CPU gives the same output
+    if any(isinstance(b.attention, S.NeighborhoodAttention) for *_, b in spec.blocks()):
+        with torch.no_grad():
+            results = {}
+            for name in ("gather", "tiled", "masked", "flex"):
+                with use_backend(name):
+                    results[name] = model(x, sigma, labels)
+        scale = results["masked"].abs().max()
+        for name, out in results.items():
+            assert (out - results["masked"]).abs().max() <= 1e-5 * max(1.0, float(scale)), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.stem)
+def test_tiny_model_exports_with_parity(path, tmp_path):
+    from ditkit.runtime.export import export_onnx
+
+    spec = S.load(path)
+    objective = S.EDMObjective() if spec.conditioning.noise.kind == "fourier" else (
+        S.DDPMObjective() if spec.conditioning.noise.kind == "sinusoidal" else S.FlowObjective())
+    result = export_onnx(_perturbed(spec), objective, tmp_path / "m.onnx")
+    assert result.parity
+    for row in result.parity:
+        assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["scale"]), row
