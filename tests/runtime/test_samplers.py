@@ -25,6 +25,14 @@ class GaussianDenoiser:
         self.null_class = 10
         self.learned = learned
         self.calls = []
+        self.guides_inside, self.cfg_channels, self.rules = False, None, None  # the protocol
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.learned is not None
+
+    def guided(self, x, sigma, class_labels, scale, **cond):
+        raise ValueError("guides through the sampler")
 
     def denoise(self, x, sigma, class_labels=None, **cond):
         self.calls.append((x.shape[0], class_labels))
