@@ -17,16 +17,13 @@ from .tags import NO_DECAY, tag
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on ``(B, H, W, C)`` grids.
-
-    ``pattern``: ``global`` | ``neighborhood`` | ``shifted_window``. ``logits``: ``dot``
+    """Multi-head self-attention on ``(B, H, W, C)`` grids; a subclass per pattern of the spec
+    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``logits``: ``dot``
     (``q.k / sqrt(d_head)``) or ``cosine`` (HDiT: ``scale_h * cos(q, k)`` with a learned
     per-head ``scale`` initialised to ``scale_init``). The qkv channel layout is
     ``(3, heads, d_head)``, as in DiT (timm) and k-diffusion."""
 
-    def __init__(self, d_model: int, d_head: int, *, pattern: str = "global",
-                 kernel_size: tuple[int, int] = (7, 7), dilation: tuple[int, int] = (1, 1),
-                 window_size: int = 8, window_shift: int = 0, logits: str = "dot",
+    def __init__(self, d_model: int, d_head: int, *, logits: str = "dot",
                  scale_init: float = 10.0, cosine_eps: float = 1e-6, qk_norm: str = "none",
                  qk_norm_affine: bool = True, qk_norm_eps: float = 1e-6,
                  rope_fraction: float = 0.0, rope_positions: str = "normalized",
@@ -36,8 +33,6 @@ class Attention(nn.Module):
                  dropout: float = 0.0, zero_init_out: bool = False):
         super().__init__()
         self.d_head, self.n_heads = d_head, d_model // d_head
-        self.pattern, self.kernel_size, self.dilation = pattern, tuple(kernel_size), tuple(dilation)
-        self.window_size, self.window_shift = window_size, window_shift
         self.logits, self.cosine_eps, self.scale_init = logits, cosine_eps, scale_init
         self.zero_init_out = zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -86,16 +81,7 @@ class Attention(nn.Module):
             theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
             q, k = apply_rope(q, theta), apply_rope(k, theta)
 
-        if self.pattern == "global":
-            o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale)
-            o = o.view(b, self.n_heads, hh, ww, self.d_head)
-        elif self.pattern == "neighborhood":
-            o = kernels.neighborhood_attention(q, k, v, self.kernel_size, self.dilation, scale)
-        elif self.pattern == "shifted_window":
-            o = kernels.shifted_window_attention(q, k, v, self.window_size, self.window_shift,
-                                                 scale)
-        else:  # pragma: no cover - the builder never makes other patterns
-            raise ValueError(f"unknown attention pattern {self.pattern!r}")
+        o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
         return self.out(self.dropout(o))
 
@@ -108,8 +94,51 @@ class Attention(nn.Module):
         kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.cosine_eps))
         return qf.to(q.dtype), kf.to(k.dtype)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """The kernel call of the pattern: ``(B, heads, H, W, D)`` q, k, v -> same."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        extra = {"neighborhood": f", kernel={self.kernel_size}, dilation={self.dilation}",
-                 "shifted_window": f", window={self.window_size}, shift={self.window_shift}"}
-        return (f"{self.pattern}, heads={self.n_heads}, d_head={self.d_head}, "
-                f"logits={self.logits}{extra.get(self.pattern, '')}")
+        return f"heads={self.n_heads}, d_head={self.d_head}, logits={self.logits}"
+
+
+class GlobalAttention(Attention):
+    """Every token attends to every token of the grid (fused SDPA)."""
+
+    def attend(self, q, k, v, scale):
+        b, nh, hh, ww, d = q.shape
+        o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale)
+        return o.view(b, nh, hh, ww, d)
+
+
+class NeighborhoodAttention(Attention):
+    """Each token attends to its ``kernel_size`` NATTEN neighborhood (with ``dilation``),
+    through the backend ``kernels.use_backend`` selects."""
+
+    def __init__(self, d_model: int, d_head: int, kernel_size: tuple[int, int],
+                 dilation: tuple[int, int] = (1, 1), **kwargs):
+        super().__init__(d_model, d_head, **kwargs)
+        self.kernel_size, self.dilation = tuple(kernel_size), tuple(dilation)
+
+    def attend(self, q, k, v, scale):
+        return kernels.neighborhood_attention(q, k, v, self.kernel_size, self.dilation, scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel={self.kernel_size}, dilation={self.dilation}"
+
+
+class ShiftedWindowAttention(Attention):
+    """Swin-style windows of ``window_size``, rolled by ``window_shift`` (0: unshifted)."""
+
+    def __init__(self, d_model: int, d_head: int, window_size: int, window_shift: int = 0,
+                 **kwargs):
+        super().__init__(d_model, d_head, **kwargs)
+        self.window_size, self.window_shift = window_size, window_shift
+
+    def attend(self, q, k, v, scale):
+        return kernels.shifted_window_attention(q, k, v, self.window_size, self.window_shift,
+                                                scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window_size}, shift={self.window_shift}"

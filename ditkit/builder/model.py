@@ -15,7 +15,7 @@ from torch import nn
 from ditkit import spec as S
 
 from .aggregate import AggregateAttention
-from .attention import Attention
+from .attention import GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention
 from .conditioning import Conditioning
 from .cross_attention import CrossAttention
 from .embed import AddSkip, ConcatSkip, LerpSkip, NoSkip, TokenMerge, TokenSplit
@@ -395,59 +395,43 @@ def _position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module
 
 def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
            memory: tuple[str, ...] = ()) -> Block:
-    att_args: dict = {}
-    aggregate = None
-    match blk.attention:
-        case S.AggregateAttention(factor=fac, n_heads=nh):
-            pattern = None
-            aggregate = (fac, nh)
-        case S.NoAttention():
-            pattern = None
-        case S.GlobalAttention():
-            pattern = "global"
-        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
-            pattern = "neighborhood"
-            att_args = {"kernel_size": S.pair(k), "dilation": S.pair(d)}
-        case S.ShiftedWindowAttention(window_size=w, shift=shift):
-            pattern = "shifted_window"
-            att_args = {"window_size": w,
-                        "window_shift": w // 2 if shift == "alternate" and index % 2 else 0}
+    shape = {"qk_norm": blk.qk_norm.kind, "qk_norm_affine": blk.qk_norm.affine,
+             "qk_norm_eps": blk.qk_norm.eps, "bias": blk.attention_bias,
+             "dropout": blk.dropout, "zero_init_out": blk.zero_init_out}
+    match blk.rope:
+        case S.NoRope():
+            pass
+        case S.AxialRope() as r:
+            shape.update(rope_fraction=r.fraction, rope_positions=r.positions,
+                         rope_frequencies_layout=r.frequencies, rope_freq_min=r.freq_min,
+                         rope_freq_max=r.freq_max, rope_base=r.base,
+                         rope_position_scale=r.position_scale)
         case other:
             assert_never(other)
-    attention = None
-    if pattern is not None or aggregate is not None:
-        match blk.logits:
-            case S.DotLogits():
-                att_args.update(logits="dot")
-            case S.CosineLogits(scale_init=si, eps=eps):
-                att_args.update(logits="cosine", scale_init=si, cosine_eps=eps)
-            case other:
-                assert_never(other)
-        match blk.rope:
-            case S.NoRope():
-                pass
-            case S.AxialRope() as r:
-                att_args.update(rope_fraction=r.fraction, rope_positions=r.positions,
-                                rope_frequencies_layout=r.frequencies, rope_freq_min=r.freq_min,
-                                rope_freq_max=r.freq_max, rope_base=r.base,
-                                rope_position_scale=r.position_scale)
-            case other:
-                assert_never(other)
-    if aggregate is not None:
-        att_args.pop("logits")
-        for key in ("scale_init", "cosine_eps"):
-            att_args.pop(key, None)
-        attention = AggregateAttention(
-            d_model, blk.d_head, aggregate[1], aggregate[0], qk_norm=blk.qk_norm.kind,
-            qk_norm_affine=blk.qk_norm.affine, qk_norm_eps=blk.qk_norm.eps,
-            bias=blk.attention_bias, dropout=blk.dropout, zero_init_out=blk.zero_init_out,
-            **att_args)
-    elif pattern is not None:
-        attention = Attention(
-            d_model, blk.d_head, pattern=pattern, qk_norm=blk.qk_norm.kind,
-            qk_norm_affine=blk.qk_norm.affine, qk_norm_eps=blk.qk_norm.eps,
-            bias=blk.attention_bias, dropout=blk.dropout, zero_init_out=blk.zero_init_out,
-            **att_args)
+    logits: dict = {}  # self-attention on the grid only (aggregate attention is dot-product)
+    match blk.logits:
+        case S.DotLogits():
+            logits = {"logits": "dot"}
+        case S.CosineLogits(scale_init=si, eps=eps):
+            logits = {"logits": "cosine", "scale_init": si, "cosine_eps": eps}
+        case other:
+            assert_never(other)
+    match blk.attention:
+        case S.NoAttention():
+            attention = None
+        case S.AggregateAttention(factor=fac, n_heads=nh):
+            attention = AggregateAttention(d_model, blk.d_head, nh, fac, **shape)
+        case S.GlobalAttention():
+            attention = GlobalAttention(d_model, blk.d_head, **logits, **shape)
+        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
+            attention = NeighborhoodAttention(d_model, blk.d_head, S.pair(k), S.pair(d),
+                                              **logits, **shape)
+        case S.ShiftedWindowAttention(window_size=w, shift=shift):
+            attention = ShiftedWindowAttention(
+                d_model, blk.d_head, w, w // 2 if shift == "alternate" and index % 2 else 0,
+                **logits, **shape)
+        case other:
+            assert_never(other)
     cross = None
     match blk.cross_attention:
         case S.NoCrossAttention():
