@@ -37,12 +37,16 @@ class GlobalAttention(Spec):
     kind: Literal["global"] = "global"
 
 
+#: the neighborhood kernel when a spec or a family helper does not name one (HDiT's 7x7)
+DEFAULT_KERNEL_SIZE = 7
+
+
 class NeighborhoodAttention(Spec):
     """Each query attends to a k x k window around it (NATTEN semantics: the window shifts
     inward at the borders, so every query sees exactly k x k keys)."""
 
     kind: Literal["neighborhood"] = "neighborhood"
-    kernel_size: Size2 = 7
+    kernel_size: Size2 = DEFAULT_KERNEL_SIZE
     dilation: Size2 = 1
 
 

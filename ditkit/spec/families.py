@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 from .components import (
+    DEFAULT_KERNEL_SIZE,
     GEGLU,
     AdaLNHead as _AdaLNHead,
     AggregateAttention,
@@ -94,7 +95,7 @@ def hdit(
     local: Sequence[LocalKind] | None = None,
     n_global: int = 1,
     d_head: int = 64,
-    kernel_size: int = 7,
+    kernel_size: int = DEFAULT_KERNEL_SIZE,
     window_size: int = 8,
     patch: int = 4,
     channels: int = 3,
@@ -286,7 +287,7 @@ def mdit(
     core: int = 768,
     d_head: int = 64,
     aggregate_heads: int | None = None,
-    kernel_size: int = 7,
+    kernel_size: int = DEFAULT_KERNEL_SIZE,
     channels: int = 4,
     resolution: int = 32,
     classes: int | None = 1000,
