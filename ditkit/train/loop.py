@@ -11,7 +11,7 @@ The run folder::
     run/scalars.csv            step, loss, lr, grad_norm, img/s (+ objective extras)
     run/tensorboard/           the same scalars (when the tensorboard package is installed)
     run/previews/step-*.png    EMA samples with a fixed seed (one column per class)
-    run/checkpoints/step-*/    model + EMA safetensors, state.pt, experiment.yaml (atomic)
+    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle), experiment.yaml (atomic)
     run/experiment.yaml        the resolved experiment
     run/loss.png               the loss curve, written at the end
     run/summary.json           final step, wall time, throughput, checkpoint, rank fingerprints
