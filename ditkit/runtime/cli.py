@@ -217,6 +217,8 @@ def cmd_sample(args) -> int:
 
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
+    if args.num is not None and args.num < 1:
+        raise UsageError(f"--num {args.num}: use at least 1 sample")
     source = Path(args.checkpoint)
     if source.suffix == ".onnx":
         from .engines import OrtDenoiser

@@ -34,7 +34,16 @@ from typing import Callable
 
 import torch
 
+from ditkit.errors import UserError
+
 from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+
+MAX_STEPS = 10_000
+"""More noise levels than any sampler needs; ``DITKIT_NO_SIZE_LIMITS=1`` lifts it."""
+
+
+class SamplingError(UserError):
+    """Sampling cannot run with these arguments, or produced non-finite values."""
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde")
 SCHEDULES = ("native", "karras", "uniform")
@@ -189,7 +198,8 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     the same noise. ``noise`` overrides the initial unit Gaussian (scaled by the first sigma).
     ``sigmas`` overrides the schedule (descending, ending in 0)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_arguments(shape, steps, cfg_scale, sigmas)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     if sigmas is None:
@@ -220,11 +230,34 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     with torch.no_grad():
         for i in range(n):
             x = step(model, x, sig[i], sig[i + 1], randn, state)
+            if not bool(torch.isfinite(x).all()):  # stop at once rather than write garbage
+                bar.close()
+                raise SamplingError(
+                    f"sampling produced NaN/inf at step {i + 1} of {n} ({sampler}, sigma "
+                    f"{sig[i]:.6g} -> {sig[i + 1]:.6g}); the model or its weights give "
+                    "non-finite outputs at this noise level (check the checkpoint, lower "
+                    "--cfg, or sample in fp32)")
             if callback is not None:
                 callback(i, sig[i + 1], x)
             bar.update(1)
     bar.close()
     return x
+
+
+def _check_arguments(shape, steps, cfg_scale: float, sigmas) -> None:
+    """Arguments that would silently give garbage or exhaust memory are refused up front."""
+    from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
+
+    if shape[0] < 1:
+        raise SamplingError(f"number of samples {shape[0]}: use at least 1")
+    if not math.isfinite(float(cfg_scale)):
+        raise SamplingError(f"cfg scale {cfg_scale}: must be a finite number (1 = no guidance)")
+    if sigmas is None:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise SamplingError(f"steps {steps}: use a positive whole number")
+        if steps > MAX_STEPS and limits_enabled():
+            raise SamplingError(f"steps {steps}: more than {MAX_STEPS:,} noise levels; "
+                                f"{OVERRIDE_HINT}")
 
 
 def _progress(total: int, enabled: bool, desc: str):

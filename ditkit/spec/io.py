@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ditkit.errors import UserError
-from .components import Spec
+from .components import BOOL_NOT_NUMBER, Spec
 from .model import SPEC_VERSION, ModelSpec
 
 T = TypeVar("T", bound=BaseModel)
@@ -127,6 +127,11 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             for line in text.splitlines():
                 path, _, rest = line.partition(": ")
                 issues.append((path, rest))
+        elif typ == "value_error" and BOOL_NOT_NUMBER in msg:  # Spec's strict-number check
+            base = _path(loc, model)
+            for line in msg.removeprefix("Value error, ").splitlines():
+                name, _, rest = line.partition(": ")
+                issues.append((f"{base}.{name}" if base else name, rest))
         else:
             text = msg.removeprefix("Value error, ")
             got = e.get("input")
