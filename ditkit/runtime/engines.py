@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 
 from .denoiser import NoiseRange
 
@@ -48,8 +49,37 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts,
-                                providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own exception classes
+        raise onnx_error(path, err, providers) from None
+
+
+class OnnxModelError(UserError):
+    """An ONNX file that onnxruntime cannot load or run here."""
+
+
+def onnx_error(path: Path, err: Exception, providers: list) -> OnnxModelError:
+    """A one-line explanation of an onnxruntime failure to load/run ``path``."""
+    text = str(err)
+    kind = type(err).__name__
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    if kind == "InvalidProtobuf" or "Protobuf parsing failed" in text:
+        return OnnxModelError(f"{path}: not an ONNX model (the file does not parse as one); "
+                              "`ditkit export` writes ONNX files, `ditkit sample` also takes "
+                              "a .safetensors checkpoint")
+    if kind == "NotImplemented" or "NOT_IMPLEMENTED" in text:
+        bf16 = "bfloat16" in text or "bf16" in text.lower()
+        hint = ("this bf16 graph needs a runtime with bf16 kernels: onnxruntime CUDA "
+                "(--device cuda) or TensorRT; for onnxruntime on CPU export it with "
+                "--precision fp32" if bf16 or "CUDAExecutionProvider" not in names else
+                "export it with --precision fp32")
+        first = text.strip().splitlines()[0][:200] if text.strip() else kind
+        return OnnxModelError(f"{path}: onnxruntime ({', '.join(names)}) cannot run an "
+                              f"operation of this graph ({first}); {hint}")
+    first = text.strip().splitlines()[0][:300] if text.strip() else kind
+    return OnnxModelError(f"{path}: onnxruntime cannot load this model ({kind}: {first})")
 
 
 def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
@@ -171,8 +201,11 @@ class OrtDenoiser:
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)
         else:
-            raw = self.session.run(self.output_names,
-                                   {k: v.contiguous().cpu().numpy() for k, v in feeds.items()})
+            try:
+                raw = self.session.run(self.output_names, {k: v.contiguous().cpu().numpy()
+                                                           for k, v in feeds.items()})
+            except Exception as err:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED bf16 kernels
+                raise onnx_error(self.path, err, self.session.get_providers()) from None
             outs = [torch.from_numpy(r).to(x.dtype) for r in raw]
         return outs[0], (outs[1] if len(outs) > 1 else None)
 

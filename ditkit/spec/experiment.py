@@ -325,7 +325,7 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
         ref = exp.model
         path = Path(base or ".") / ref
         if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-            if not path.is_file():
+            if not path.exists():
                 raise SpecError([("model", f"no such model spec file: {path} (paths are relative "
                                   "to the experiment file)")], source)
             try:
@@ -417,15 +417,16 @@ def load_experiment(path: str | Path) -> Experiment:
     """Load, resolve and check an experiment file (YAML/JSON). Raises ``SpecError``."""
     import yaml
 
-    from .io import SpecError
+    from .io import SpecError, read_text
 
     path = Path(path)
-    if not path.is_file():
-        raise SpecError([("", f"no such file: {path}")], str(path))
+    text = read_text(path, "experiment")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
+    except RecursionError:
+        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], str(path)) from None
     return experiment_from_data(data, path.parent, str(path))
 
 

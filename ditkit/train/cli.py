@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run folder")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept an experiment that differs from the run's in "
+                        "what is trained (recorded in RUN/resume-changes.json)")
     p.add_argument("--steps", type=int, help="override training.steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,14 +133,16 @@ def absolute_data_paths(data, base: Path):
 
 def cmd_train(args) -> int:
     from .data import DataError
-    from .loop import TrainingError, train
+    from .loop import TrainingError, TrainingSetupError, train
 
     exp, run = load_for_training(args.experiment, args.steps)
     run = Path(args.out) if args.out else (run or Path("runs") / exp.name)
     try:
         result = train(exp, run, resume=args.resume, progress=not args.no_progress,
-                       device=args.device)
+                       device=args.device, allow_changes=args.allow_changes)
     except DataError as err:
+        raise _usage(str(err)) from None
+    except TrainingSetupError as err:  # the run cannot start as asked: exit 2
         raise _usage(str(err)) from None
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
