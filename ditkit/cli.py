@@ -156,7 +156,11 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ditkit", description=__doc__.splitlines()[0],
+        epilog="Every command also takes --no-size-limits (specs, batches and step counts "
+               "beyond the built-in size limits, for people who have the memory) and honours "
+               "DITKIT_DEBUG=1 (tracebacks instead of one-line errors).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("describe", help="per-level table of tokens, widths, params and GMACs")
@@ -193,13 +197,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ditkit.errors import EnvironmentFault
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--no-size-limits" in argv:  # accepted by every command: lifts ditkit.spec.limits
+        from ditkit.spec.limits import ENV
+
+        argv = [a for a in argv if a != "--no-size-limits"]
+        os.environ[ENV] = "1"
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("DITKIT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return args.func(args)
     except (S.SpecError, UsageError) as err:
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (EnvironmentFault, OSError) as err:
+        if debug:
+            raise
+        print(f"error: {_environment_message(err)}", file=sys.stderr)
+        return 1
+
+
+def _environment_message(err: OSError) -> str:
+    """One line for an environment fault (disk full, read-only, permissions)."""
+    from ditkit.runtime.files import environment_reason
+    from ditkit.errors import EnvironmentFault
+
+    if isinstance(err, EnvironmentFault):
+        return str(err)
+    reason = environment_reason(err) or (err.strerror or str(err))
+    where = err.filename if getattr(err, "filename", None) else "a file"
+    return f"{where}: {reason}; the operation stopped and nothing written earlier was lost"
 
 
 if __name__ == "__main__":

@@ -222,6 +222,9 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--steps {args.steps}: use at least 1")
     if args.num is not None and args.num < 1:
         raise UsageError(f"--num {args.num}: use at least 1 sample")
+    from .samplers import check_device
+
+    check_device(args.device)
     source = Path(args.checkpoint)
     if source.suffix == ".onnx":
         from .engines import OrtDenoiser

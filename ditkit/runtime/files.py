@@ -7,10 +7,49 @@ that shares them."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from ditkit.errors import EnvironmentFault
+
+_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.EIO: "an input/output error"}
+_FAULT_TEXT = (("No space left", "the disk is full"), ("StorageFull", "the disk is full"),
+               ("unexpected pos", "the disk is full (the write stopped short)"),
+               ("Read-only file system", "the file system is read-only"),
+               ("ReadOnlyFilesystem", "the file system is read-only"),
+               ("Permission denied", "permission denied"),
+               ("PermissionDenied", "permission denied"))
+
+
+def environment_reason(err: BaseException) -> str | None:
+    """Why the machine refused a write (disk full, read-only, permissions), or ``None`` when
+    ``err`` is not such a refusal. Understands ``OSError`` and the text of the errors that
+    safetensors and torch raise for the same conditions."""
+    if isinstance(err, EnvironmentFault):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in _FAULTS:
+        return _FAULTS[err.errno]
+    text = str(err)
+    for needle, reason in _FAULT_TEXT:
+        if needle in text:
+            return reason
+    return None
+
+
+def environment_fault(err: BaseException, what: str, kept: str = "nothing written earlier "
+                      "was lost") -> EnvironmentFault | None:
+    """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``."""
+    if isinstance(err, EnvironmentFault):
+        return err
+    reason = environment_reason(err)
+    if reason is None:
+        return None
+    return EnvironmentFault(f"{what} could not be written: {reason}; {kept}")
 
 
 def current_umask() -> int:
@@ -25,8 +64,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds the file is synced and
     renamed onto ``path``, when it fails the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    kept = (f"the previous {path.name} is untouched" if path.exists()
+            else "nothing written earlier was lost")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise (environment_fault(err, str(path), kept) or err) from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
     finally:
@@ -36,7 +80,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        fault = environment_fault(err, str(path), kept)
+        if fault is not None:
+            raise fault from None
         raise

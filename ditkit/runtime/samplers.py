@@ -200,7 +200,7 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     _check_arguments(shape, steps, cfg_scale, sigmas)
-    device = torch.device(device)
+    device = check_device(device)
     gen = torch.Generator().manual_seed(seed)
     if sigmas is None:
         sigmas = get_sigmas(denoiser.noise_range, steps, schedule, sigma_min=sigma_min,
@@ -242,6 +242,24 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
             bar.update(1)
     bar.close()
     return x
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; asking for CUDA where there is none is a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SamplingError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SamplingError(f"--device {device}: CUDA is not available here (this torch "
+                                f"build or machine has no usable GPU); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SamplingError(f"--device {device}: there are only "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        raise SamplingError(f"--device {device}: unsupported device type; use cpu or cuda")
+    return dev
 
 
 def _check_arguments(shape, steps, cfg_scale: float, sigmas) -> None:

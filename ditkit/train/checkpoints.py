@@ -89,12 +89,15 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
     """Write ``step-NNNNNN/`` atomically and prune to the newest ``keep_last``."""
     from ditkit.runtime.checkpoint import save_checkpoint
 
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:
+        raise _checkpoint_fault(err, final) from None
     try:
         meta = {"ditkit.step": str(step), "ditkit.experiment": exp.name, **(metadata or {})}
         spec, obj = exp.model_spec, exp.objective
@@ -115,12 +118,22 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            raise _checkpoint_fault(err, final) from None
         raise
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _checkpoint_fault(err: Exception, final: Path) -> Exception:
+    """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
+    from ditkit.runtime.files import environment_fault
+
+    return environment_fault(err, f"checkpoint {final}", "the earlier checkpoints are intact "
+                             "(resume from the newest with --resume)") or err
 
 
 # ------------------------------------------------------------------ training state, no pickle

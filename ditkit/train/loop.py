@@ -271,7 +271,12 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     rank, world = dist_info.rank, dist_info.world
     if device is None:
         device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    from ditkit.runtime.samplers import check_device
+
+    try:
+        device = check_device(device)
+    except UserError as err:
+        raise TrainingSetupError(str(err)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
