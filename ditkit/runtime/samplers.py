@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from ditkit.errors import UserError
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES
 
 from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 
@@ -44,9 +45,6 @@ MAX_STEPS = 10_000
 
 class SamplingError(UserError):
     """Sampling cannot run with these arguments, or produced non-finite values."""
-
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde")
-SCHEDULES = ("native", "karras", "uniform")
 
 # -------------------------------------------------------------------------------- schedules
 
