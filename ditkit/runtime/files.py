@@ -31,7 +31,7 @@ def environment_reason(err: BaseException) -> str | None:
     ``err`` is not such a refusal. Understands ``OSError`` and the text of the errors that
     safetensors and torch raise for the same conditions."""
     if isinstance(err, EnvironmentFault):
-        return str(err)
+        return getattr(err, "reason", None) or str(err)
     if isinstance(err, OSError) and err.errno in _FAULTS:
         return _FAULTS[err.errno]
     text = str(err)
@@ -43,13 +43,16 @@ def environment_reason(err: BaseException) -> str | None:
 
 def environment_fault(err: BaseException, what: str, kept: str = "nothing written earlier "
                       "was lost") -> EnvironmentFault | None:
-    """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``."""
-    if isinstance(err, EnvironmentFault):
+    """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``.
+    A fault made here for an inner file is restated for ``what`` (e.g. the whole checkpoint)."""
+    if isinstance(err, EnvironmentFault) and not hasattr(err, "reason"):
         return err
     reason = environment_reason(err)
     if reason is None:
         return None
-    return EnvironmentFault(f"{what} could not be written: {reason}; {kept}")
+    fault = EnvironmentFault(f"{what} could not be written: {reason}; {kept}")
+    fault.reason = reason
+    return fault
 
 
 def current_umask() -> int:
@@ -57,6 +60,11 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -77,6 +85,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         os.close(fd)
     try:
         yield tmp
+        honour_umask(tmp)  # again: some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

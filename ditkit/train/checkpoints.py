@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ditkit.errors import UserError
-from ditkit.runtime.files import atomic_path
+from ditkit.runtime.files import atomic_path, honour_umask
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
 
@@ -188,6 +188,7 @@ def _write_state(folder: Path, train_state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     data = {"format": STATE_FORMAT, "state": _flatten(train_state, tensors)}
     save_file(tensors, str(folder / STATE_TENSORS))
+    honour_umask(folder / STATE_TENSORS)  # safetensors writes 0600
     with open(folder / STATE_TENSORS, "rb") as f:
         os.fsync(f.fileno())
     with open(folder / STATE_JSON, "w") as f:
