@@ -26,7 +26,13 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default="heun", choices=SAMPLERS)
     p.add_argument("--schedule", default="native", choices=SCHEDULES)
     p.add_argument("--eta", type=float, default=None,
-                   help="ddim / dpmpp_3m_sde noise (default 0 / 1)")
+                   help="noise of the ancestral / SDE samplers (default 1; ddim and "
+                   "dpm_adaptive 0)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="lowest non-zero noise level (default: the objective's, e.g. a "
+                   "converted k-diffusion config's sigma_min)")
+    p.add_argument("--sigma-max", type=float, default=None,
+                   help="highest noise level (default: the objective's)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="classifier-free guidance scale (1 = the conditional model)")
     p.add_argument("--cfg-interval", default=None, metavar="LO,HI",
@@ -101,7 +107,8 @@ def run(args) -> int:
                    schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
                    cfg_scale=args.cfg, guidance_interval=parse_interval(args.cfg_interval),
                    cfg_channels=cfg_channels, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, sigma_min=args.sigma_min,
+                   sigma_max=args.sigma_max)
     except ValueError as err:
         if isinstance(err, SpecError):
             raise
