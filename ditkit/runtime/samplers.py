@@ -231,7 +231,20 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
         with torch.no_grad():
             lo = sig[-2] if len(sig) > 2 else (
                 sigma_min if sigma_min is not None else denoiser.noise_range.sigma_min)
-            return sample_dpm_adaptive(model, x, sig[0], lo, state["noise"],
+            calls = {"n": 0}
+
+            def finite_model(x, sigma):  # a NaN would stall its step-size control forever
+                calls["n"] += 1
+                out = model(x, sigma)
+                if not bool(torch.isfinite(out[0]).all()):
+                    raise SamplingError(
+                        f"sampling produced NaN/inf at model evaluation {calls['n']} "
+                        f"(dpm_adaptive, sigma {float(sigma):.6g}); the model or its weights "
+                        "give non-finite outputs at this noise level (check the checkpoint, "
+                        "lower --cfg, or sample in fp32)")
+                return out
+
+            return sample_dpm_adaptive(finite_model, x, sig[0], lo, state["noise"],
                                        eta=0.0 if eta is None else eta)
     step = _STEPPERS[sampler]
     n = len(sig) - 1
