@@ -169,6 +169,7 @@ def _exp(tmp_path, name="exp.yaml", **sections):
     ({"precision": {"attention_backend": "nope"}}, "unknown attention backend"),
     ({"preview": {"sampler": "nope"}}, "unknown sampler"),
     ({"training": {"batch_size": 10**12}}, "training.batch_size"),  # 15 GB in 60 s before
+    ({"preview": {"every": 1, "count": 10**12}}, "preview.count"),
 ])
 def test_train_setup_errors_exit_2_and_leave_no_run_folder(tmp_path, capsys, sections, needle):
     code, err = cli(capsys, "train", _exp(tmp_path, **sections), "--out",

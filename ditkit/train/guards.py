@@ -135,10 +135,19 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     micro = max(1, tr.batch_size // tr.accumulate // max(1, world))
     activations = micro * activation_bytes_per_sample(spec)
     need = weights + activations
-    if need <= have:
-        return []
     gib = 2**30
     where = "cuda" if device.type == "cuda" else "host RAM"
+    h, w = spec.input.resolution
+    per_sample = spec.input.channels * h * w * 4  # fp32 samples kept until the grid is made
+    for field, count in (("preview.count", exp.preview.count if exp.preview.every else 0),
+                         ("evaluation.count",
+                          exp.evaluation.count if exp.evaluation.enabled else 0)):
+        if count * per_sample > have:
+            return [(field, f"{count:,} samples of {spec.input.channels}x{h}x{w} need at least "
+                     f"{count * per_sample / gib:,.1f} GiB, more than the {have / gib:,.1f} GiB "
+                     f"of host RAM; lower {field}; {OVERRIDE_HINT}")]
+    if need <= have:
+        return []
     if activations >= weights:
         return [("training.batch_size", f"{tr.batch_size:,} samples per step need at least "
                  f"{need / gib:,.1f} GiB per process ({micro:,} per micro-batch), more than the "
