@@ -101,12 +101,13 @@ def onnx_error(path: Path, err: Exception, providers: list) -> OnnxModelError:
                               "`ditkit export` writes ONNX files, `ditkit sample` also takes "
                               "a .safetensors checkpoint")
     if kind == "NotImplemented" or "NOT_IMPLEMENTED" in text:
-        bf16 = "bfloat16" in text or "bf16" in text.lower()
-        hint = ("this bf16 graph needs a runtime with bf16 kernels: onnxruntime CUDA "
-                "(--device cuda) or TensorRT; for onnxruntime on CPU export it with "
-                "--precision fp32" if bf16 or "CUDAExecutionProvider" not in names else
-                "export it with --precision fp32")
         first = text.strip().splitlines()[0][:200] if text.strip() else kind
+        if _uses_bf16(path):
+            hint = ("it is a bf16 graph, and onnxruntime's CPU provider has no bf16 kernels: "
+                    "run it with onnxruntime CUDA (--device cuda, onnxruntime-gpu) or TensorRT, "
+                    "or export a graph for onnxruntime CPU with --precision fp32")
+        else:
+            hint = "export it with --precision fp32, or run it where that provider has the op"
         return OnnxModelError(f"{path}: onnxruntime ({', '.join(names)}) cannot run an "
                               f"operation of this graph ({first}); {hint}")
     first = text.strip().splitlines()[0][:300] if text.strip() else kind
@@ -194,3 +195,20 @@ def aux_inputs(inputs) -> dict[str, int]:
     inputs (every input but x, sigma, class_labels and cfg_scale)."""
     return {name: int(shape[1]) for name, shape in inputs
             if name not in ("x", "sigma", "class_labels", "cfg_scale")}
+
+
+def _uses_bf16(path: Path) -> bool:
+    """Whether the ONNX file's metadata or tensors say bfloat16."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - only a hint for a message
+        return False
+    if any(p.key == "ditkit.precision" and p.value == "bf16" for p in model.metadata_props):
+        return True
+    bf16 = onnx.TensorProto.BFLOAT16
+    g = model.graph
+    return (any(t.data_type == bf16 for t in g.initializer)
+            or any(v.type.tensor_type.elem_type == bf16
+                   for v in list(g.input) + list(g.output) + list(g.value_info)))
