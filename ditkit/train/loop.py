@@ -63,6 +63,8 @@ class TrainResult:
     wall_s: float = 0.0
     checkpoint: Path | None = None
     fingerprints: list[str] = field(default_factory=list)
+    evaluation: dict | None = None
+    """The last ``evaluation:`` metrics (rank 0; see :mod:`ditkit.train.evaluation`)."""
 
 
 # -------------------------------------------------------------------------------- setup
@@ -311,9 +313,11 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     null_class = classes.count if classes is not None and classes.null_class else None
     micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
 
+    evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
     if rank == 0:
         fields = ["step", "loss", "lr", "grad_norm", "img_per_s", "mse", "vb", "var"]
+        fields += evaluation.fields if evaluation is not None else []
         scalars = Scalars(run, fields, start_step if resume else None, exp.logging.tensorboard)
     bar = tqdm(total=tr.steps, initial=start_step, disable=not (progress and rank == 0),
                desc=exp.name, unit="it", dynamic_ncols=True)
@@ -404,6 +408,9 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 if rank == 0:
                     preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
                             device)
+            if evaluation is not None and evaluation.due(step, tr.steps):
+                result.evaluation = evaluation(
+                    placement.sampling_model(ema_model, lambda: build(spec)), step, scalars)
     finally:
         backend.__exit__(None, None, None)
         bar.close()
@@ -423,6 +430,20 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             "rank_fingerprints": result.fingerprints,
             "ranks_identical": len(set(result.fingerprints)) == 1})
     return result
+
+
+def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
+                resume_step: int | None):
+    """The ``evaluation:`` block ready to run (``None`` when disabled); its files are checked
+    now, so a wrong path fails before the first step."""
+    from ditkit.errors import UserError
+
+    from .evaluation import RunEvaluation
+
+    try:
+        return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))
+    except UserError as err:  # stays a usage error (exit 2), named after the block
+        raise UserError(f"evaluation: {err}") from None
 
 
 def _gather(items: list, world: int) -> list:
