@@ -22,9 +22,14 @@ from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 from ditkit.spec.io import read_text
 
-MAY_CHANGE = ("training.steps", "logging.", "checkpoint.", "preview.", "evaluation.")
+MAY_CHANGE = ("training.steps", "logging.", "checkpoint.", "preview.", "evaluation.",
+              "distributed.", "precision.compile", "precision.activation_checkpointing",
+              "precision.attention_backend")
 """Field paths (exact, or a section prefix ending in ``.``) a resumed run may change: total
-steps and what is logged, checkpointed, previewed or evaluated, never what is trained."""
+steps; what is logged, checkpointed, previewed or evaluated; and how the same training is
+placed and computed (DDP <-> FSDP2, compile, activation checkpointing, the attention kernel:
+runtime switches that give the same numbers within tolerance). Never what is trained: model,
+objective, data, batch, optimizer, schedule, EMA, seed, precision dtype."""
 
 
 class ResumeMismatch(UserError):
