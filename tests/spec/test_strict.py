@@ -187,3 +187,10 @@ def test_experiment_files_and_their_model_reference_get_the_same_checks(tmp_path
 def test_deeply_nested_yaml_is_an_error_not_a_crash():
     with pytest.raises(S.SpecError, match="YAML"):
         S.loads("[" * 5000 + "]" * 5000)
+
+
+def test_a_huge_file_is_not_read_as_a_spec(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"# " + b"x" * (spec_io.MAX_SPEC_BYTES + 10) + b"\n")
+    with pytest.raises(S.SpecError, match="too large for a spec file"):
+        S.load(path)
