@@ -6,13 +6,14 @@ import sys
 
 from ditkit.errors import UserError
 
-from .common import load_spec, parse_resolution
+from .common import add_set, load_spec, parse_resolution
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("validate", help="validate spec files; exit 2 if any is invalid")
     p.add_argument("specs", nargs="+", help="spec files, preset names or checkpoints")
     p.add_argument("--resolution", help="also check that the specs run at this resolution")
+    add_set(p, "specs")
     p.set_defaults(func=run)
 
 
@@ -23,7 +24,7 @@ def run(args) -> int:
     res = parse_resolution(args.resolution)
     for ref in args.specs:
         try:
-            spec = load_spec(ref)
+            spec = load_spec(ref, overrides=args.overrides)
             if res:
                 issues = spec.check_resolution(res, "--resolution")
                 if issues:
