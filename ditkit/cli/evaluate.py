@@ -1,5 +1,6 @@
 """``ditkit evaluate``: digits label accuracy and Frechet distance of a checkpoint's samples,
-or FID between folders (or of a checkpoint's samples against a folder)."""
+or FID, precision and recall between folders / ``.npz`` files (or of a checkpoint's samples
+against one)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ GUIDED_SCALE = 3.0  # the guided scale reported when neither --cfg-scale nor the
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="digits: label accuracy and Frechet distance; folders: FID",
+        "evaluate", help="digits: label accuracy and Frechet distance; folders or .npz: FID, "
+        "precision, recall",
         description="With a checkpoint: sample digits and report label accuracy and a Frechet "
         "distance (see ditkit.train.evaluate); without --cfg-scale, both unguided (scale 1) "
         "and guided (the run's evaluation.cfg_scale when its experiment.yaml gives one above "
-        f"1, else {GUIDED_SCALE:g}). With --real DIR --fake DIR: FID between two "
-        "folders of images through the standard Inception weights "
-        "(pt_inception-2015-12-05-6726825d.pth); with a checkpoint and --real DIR: FID of "
-        "--count samples against the folder. The weights must be on disk: --fid-weights, "
-        "$DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+        f"1, else {GUIDED_SCALE:g}). With --real REF --fake SAMPLES: FID, precision "
+        "and recall between two sets of images (folders or .npz files) through the standard "
+        "Inception weights (pt_inception-2015-12-05-6726825d.pth); with a checkpoint and "
+        "--real REF: the same for --count samples against REF (at --cfg-scale, default 1). "
+        "The weights must be on disk: --fid-weights, $DITKIT_FID_WEIGHTS, or torch's hub "
+        "cache (nothing is downloaded).")
     p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
                    "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
@@ -39,9 +42,14 @@ def add_parser(sub) -> None:
     add_progress(p)
     p.add_argument("--grid", help="also write the first 100 samples (of the last scale) as a "
                    "PNG grid, one column per class")
-    p.add_argument("--real", help="FID: folder of reference images (sub-folders included); "
-                   "with a checkpoint, FID of --count samples against it")
-    p.add_argument("--fake", help="FID: folder of generated images")
+    p.add_argument("--real", help="FID: reference images, a folder (sub-folders included) or "
+                   "an .npz (uint8 NHWC arr_0); with a checkpoint, FID of --count samples "
+                   "against it")
+    p.add_argument("--fake", help="FID: generated images, a folder or an .npz (ditkit sample "
+                   "--npz)")
+    p.add_argument("--pr-k", type=int, default=3, help="FID: also improved precision and "
+                   "recall with K-nearest-neighbour radii (default 3, as the ADM evaluator; "
+                   "0: FID only)")
     p.add_argument("--fid-weights", help="FID: the Inception weights file (default: "
                    "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
                    "pt_inception-2015-12-05-6726825d.pth)")
@@ -123,9 +131,12 @@ def run_fid(args) -> int:
 
     if args.fid_batch <= 0:
         raise UsageError(f"--fid-batch {args.fid_batch}: must be positive")
+    if args.pr_k < 0:
+        raise UsageError(f"--pr-k {args.pr_k}: use a positive K, or 0 for FID only")
+    k = args.pr_k or None
     if not args.real:
         raise UsageError("FID needs --real DIR (reference images), and either --fake DIR or a "
-                     "checkpoint to sample from")
+                         "checkpoint to sample from")
     if args.checkpoint is not None and args.fake:
         raise UsageError("give either a checkpoint to sample from or --fake DIR, not both")
     if args.checkpoint is None and not args.fake:
@@ -134,7 +145,8 @@ def run_fid(args) -> int:
     try:
         if args.fake:
             report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
-                                 device=args.device, progress=not (args.json or args.no_progress))
+                                 device=args.device,
+                                 progress=not (args.json or args.no_progress), k=k)
         else:
             if args.count < 2:
                 raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
@@ -144,7 +156,7 @@ def run_fid(args) -> int:
                                cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
                                seed=args.seed, weights=args.fid_weights, batch=args.fid_batch,
                                device=args.device, progress=not (args.json or args.no_progress),
-                               source=str(path))
+                               source=str(path), k=k)
     except FIDError as err:
         raise UsageError(str(err)) from None
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())

@@ -71,6 +71,7 @@ def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "loss" in r]  # evaluation rows hold only eval/... values
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
