@@ -119,8 +119,10 @@ def run(args) -> int:
     if args.grid:
         save_png(image_grid(images[:100], 10, scale=2), Path(args.grid))
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "settings": settings, "results": results},
-                         indent=2))
+        # the first result (unguided, or the scale asked for) at the top level, as before;
+        # every scale's report in "results"
+        print(json.dumps({"checkpoint": str(path), **results[0], "settings": settings,
+                          "results": results}, indent=2))
     return 0
 
 

@@ -198,6 +198,7 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
     assert out["checkpoint"].endswith("step-000002/ema.safetensors")
     assert out["settings"]["cfg_scales"] == [1.0] and out["settings"]["steps"] == 2
     [report] = out["results"]
+    assert {k: out[k] for k in report} == report  # the (only) result also at the top level
     assert report["count"] == 20 and 0 <= report["accuracy"] <= 1 and report["cfg_scale"] == 1
     assert report["frechet"] > report["frechet_real"] > 0  # 2 training steps: far from real
     assert (tmp_path / "g.png").is_file()
