@@ -307,6 +307,11 @@ def test_cuda_on_a_machine_without_it_is_one_line_exit_2(tmp_path):
         pytest.skip("this machine has CUDA; the branch is unit-tested in test_device.py")
     proc = run("describe", "hdit-imagenet-128")  # sanity: the machine runs commands
     assert proc.returncode == 0
-    proc = run("bench", "attention", "--device", "cuda", "--grids", "14", "--kernel", "3")
-    assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    for args in (["bench", "attention", "--device", "cuda", "--grids", "14", "--kernel", "3"],
+                 ["sample", "hdit-imagenet-128", "--device", "cuda", "--steps", "1"],
+                 ["sample", "hdit-imagenet-128", "--device", "gpu", "--steps", "1"]):
+        proc = run(*args)
+        assert proc.returncode == 2, args
+        assert ("no CUDA device is available" in proc.stderr
+                or "use cpu, cuda, cuda:N or auto" in proc.stderr), proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
