@@ -65,8 +65,17 @@ def read_scalars(path: Path) -> list[dict[str, float]]:
 
 
 def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """Loss per step (and a moving average) on a log scale, as a PNG."""
-    import matplotlib
+    """Loss per step (and a moving average) on a log scale, as a PNG. Skipped (with a note on
+    stderr) where matplotlib is not installed: it is an optional extra (``ditkit[diagram]``),
+    and a finished training run must not fail over its picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        print(f"note: {path} not drawn (matplotlib is not installed: pip install "
+              "'ditkit[diagram]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
