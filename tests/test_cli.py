@@ -59,6 +59,16 @@ def test_schema_subcommand(tmp_path):
     assert json.loads(out.read_text())["title"] == "ModelSpec"
 
 
+def test_validate_json_names_every_problem(tmp_path):
+    proc = run("validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "tests/data/bad-spec.yaml",
+               "--json")
+    assert proc.returncode == 2
+    out = json.loads(proc.stdout)
+    assert out["ok"] is False and [s["ok"] for s in out["specs"]] == [True, False]
+    fields = {p["field"] for p in out["specs"][1]["problems"]}
+    assert {"block.d_head", "levels[0].attention.kernel_size", "input.resolution"} <= fields
+
+
 def test_validate_all_examples():
     specs = sorted(str(p) for p in (ROOT / "examples").rglob("*.yaml")
                    if "experiments" not in p.parts)  # experiment specs: tests/train

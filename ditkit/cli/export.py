@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .common import (UsageError, add_set, add_threads, deprecated, load_model_source,
+from .common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
                      parse_resolution, setup_compute)
 
 
@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
                         "checkpoint's ditkit.cfg_channels metadata, else all)")
     add_set(p, "spec (spec files and presets only)")
     add_threads(p)
+    add_json(p, "print one JSON object (file, opset, dynamic dims, resolution rule, parity) "
+                "instead of the log")
     deprecated(p, "--cfg", "--bake-cfg", action="store_true")
     p.set_defaults(func=run)
 
@@ -62,10 +64,20 @@ def run(args) -> int:
                              dynamic=dynamic, precision=args.precision, target=args.target,
                              resolution=parse_resolution(args.resolution), checkpoint_hash=h,
                              metadata=extra, check=not args.no_check, cfg=args.bake_cfg,
-                             cfg_channels=cfg_channels, log=print)
+                             cfg_channels=cfg_channels, log=None if args.json else print)
     except ExportError as err:
         raise UsageError(str(err)) from None
     rule = result.rule
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "out": str(result.path), "opset": result.opset, "precision": result.precision,
+            "target": result.target, "dynamic": list(result.dynamic),
+            "resolution_rule": {name: {"min": r.minimum, "step": r.step, "max": r.maximum}
+                                for name, r in zip(("height", "width"), rule)},
+            "parity": result.parity, "seconds": round(result.seconds, 3)}, default=list))
+        return 0
     print(f"valid resolutions: height {rule[0].text()}, width {rule[1].text()} "
           f"(dynamic: {','.join(result.dynamic) or 'none'}); {result.seconds:.1f} s")
     return 0

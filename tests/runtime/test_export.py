@@ -169,9 +169,10 @@ def test_cli_export_checkpoint_then_sample_the_onnx(tmp_path, capsys):
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model.state_dict(), model.spec, objective=S.EDMObjective())
     out = tmp_path / "m.onnx"
-    assert main(["export", str(ckpt), "--out", str(out), "--no-check"]) == 0
-    text = capsys.readouterr().out
-    assert "valid resolutions: height multiple of 4, >= 8" in text
+    assert main(["export", str(ckpt), "--out", str(out), "--no-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json: one object, no log lines
+    assert report["out"] == str(out) and report["dynamic"] == ["batch", "resolution"]
+    assert report["resolution_rule"]["height"] == {"min": 8, "step": 4, "max": 8192}
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["ditkit.checkpoint_hash"] == model_hash(ckpt)
     grid = tmp_path / "g.png"
