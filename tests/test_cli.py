@@ -325,3 +325,19 @@ def test_cuda_on_a_machine_without_it_is_one_line_exit_2(tmp_path):
         assert ("no CUDA device is available" in proc.stderr
                 or "use cpu, cuda, cuda:N or auto" in proc.stderr), proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_list_syntax(capsys):
+    from ditkit.cli.common import list_arg, parse_list
+    from ditkit.cli.extrapolate import policy_list
+
+    assert parse_list(" 0, 1,,2 ") == ["0", "1", "2"]
+    assert list_arg(["32,48x64"], "--resolutions") == ["32", "48x64"]
+    assert capsys.readouterr().err == ""
+    assert list_arg(["32", "48x64"], "--resolutions") == ["32", "48x64"]  # the old form
+    assert "space-separated --resolutions values are deprecated" in capsys.readouterr().err
+    # a policy's own key=value options stay with it
+    assert policy_list(["as_is,core_patch:factor=4,level=0,local_core:kernel_size=7,add_levels"]
+                       ) == ["as_is", "core_patch:factor=4,level=0", "local_core:kernel_size=7",
+                             "add_levels"]
+    assert policy_list(["as_is", "add_levels"]) == ["as_is", "add_levels"]
