@@ -341,3 +341,17 @@ def test_one_list_syntax(capsys):
                        ) == ["as_is", "core_patch:factor=4,level=0", "local_core:kernel_size=7",
                              "add_levels"]
     assert policy_list(["as_is", "add_levels"]) == ["as_is", "add_levels"]
+
+
+def test_every_help_text_is_torch_free():
+    """Formatting every command's help (all parsers built) imports no torch."""
+    code = ("import sys\n"
+            "from ditkit.cli import build_parser\n"
+            "from ditkit.cli.docs import _commands\n"
+            "n = sum(len(p.format_help()) > 0 for _, p, _ in _commands(build_parser()))\n"
+            "print(n, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    count, torch_loaded = proc.stdout.split()
+    assert int(count) >= 16 and torch_loaded == "False"
