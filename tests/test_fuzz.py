@@ -169,7 +169,7 @@ def test_sample_arguments_exit_0_or_2(tiny_spec_file, tmp_path_factory, capsys, 
 
     out = tmp_path_factory.mktemp("s") / "g.png"
     args = ["sample", str(tiny_spec_file), "--out", str(out), "--objective", "edm",
-            "--no-progress", "--num", num, "--steps", steps, "--cfg", cfg]
+            "--no-progress", "--count", num, "--steps", steps, "--cfg-scale", cfg]
     if classes is not None:
         args += ["--classes", classes]
     with Bounded(30, 1024):

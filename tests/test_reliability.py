@@ -118,10 +118,10 @@ def test_a_bf16_onnx_on_onnxruntime_cpu_says_which_runtimes_can_run_it(tmp_path,
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--num", "0"], "--num 0"),                     # wrote 16 samples before
-    (["--num", "-3"], "--num -3"),
-    (["--cfg", "nan", "--classes", "1"], "cfg scale nan"),  # an all-black grid before
-    (["--cfg", "inf", "--classes", "1"], "cfg scale inf"),
+    (["--count", "0"], "--count 0"),                 # wrote 16 samples before
+    (["--count", "-3"], "--count -3"),
+    (["--cfg-scale", "nan", "--classes", "1"], "cfg scale nan"),  # an all-black grid before
+    (["--cfg-scale", "inf", "--classes", "1"], "cfg scale inf"),
     (["--steps", "100000000"], "steps 100000000"),   # 6 GB before
 ])
 def test_sample_arguments_that_gave_garbage_are_refused(tmp_path, capsys, args, needle):
@@ -283,7 +283,7 @@ def test_read_only_or_unwritable_output_exits_1(tmp_path, capsys, monkeypatch, c
     (tmp_path / "g.png").write_bytes(b"earlier")
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     code, err = cli(capsys, "sample", TINY, "--out", tmp_path / "g.png", "--steps", "1",
-                    "--num", "1", "--objective", "edm", "--no-progress")
+                    "--count", "1", "--objective", "edm", "--no-progress")
     assert code == 1 and reason in err and "untouched" in err and err.count("\n") == 1
     assert (tmp_path / "g.png").read_bytes() == b"earlier"
 
@@ -336,7 +336,7 @@ def test_a_run_folder_is_readable_by_the_group(tmp_path):
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DITKIT_DEBUG", "1")
     capsys.readouterr()
-    assert main(["sample", str(TINY), "--out", str(tmp_path / "g.png"), "--num", "0"]) == 2
+    assert main(["sample", str(TINY), "--out", str(tmp_path / "g.png"), "--count", "0"]) == 2
     assert "Traceback" in capsys.readouterr().err
 
 
