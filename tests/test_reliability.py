@@ -344,3 +344,13 @@ def test_tiny_model_fixture_is_valid():
     from ditkit import spec as S
 
     S.validate(tiny_model())
+
+
+def test_no_size_limits_flag_lifts_the_limits(tmp_path, capsys, monkeypatch):
+    data = tiny_model()
+    data["levels"][1]["d_model"] = 2**17  # ~170 B parameters by the estimate
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("DITKIT_NO_SIZE_LIMITS", "0")  # restored (unset) after the test
+    code, err = cli(capsys, "validate", tmp_path / "big.yaml")
+    assert code == 2 and "levels[1].d_model" in err and "--no-size-limits" in err
+    assert cli(capsys, "validate", tmp_path / "big.yaml", "--no-size-limits")[0] == 0
