@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ditkit.cli import main
 from tests.conftest import ROOT
 
@@ -71,3 +73,121 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "label accuracy" in proc.stdout and "Frechet distance" in proc.stdout
     assert (tmp_path / "demo" / "samples.png").is_file()
+
+
+# ------------------------------------------------------------------------------ fast start
+
+_PROBE = """
+import sys
+from ditkit.cli import main
+try:
+    status = main(sys.argv[1:])
+except SystemExit as stop:
+    status = stop.code
+heavy = sorted(m for m in ("torch", "onnx", "onnxruntime", "numpy") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["--version"], ["presets"], ["schema"], ["schema", "--experiment"],
+    ["validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "hdit-imagenet-128"],
+    ["sample", "--help"], ["train", "--help"],
+])
+def test_light_commands_do_not_import_torch(args):
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    heavy = proc.stderr.strip().splitlines()[-1]
+    assert heavy.startswith("HEAVY=")
+    assert "torch" not in heavy.split("=")[1].split(","), f"{args} imported {heavy}"
+
+
+def test_version_and_module_entry_point():
+    from ditkit import __version__
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"ditkit {__version__}"
+
+
+# ------------------------------------------------------------------------------ error boundary
+
+
+def test_error_boundary_maps_errors_to_exit_codes(capsys, monkeypatch):
+    import errno
+
+    from ditkit.cli.common import run_command
+    from ditkit.errors import EnvironmentFault, UserError
+    from ditkit.spec import SpecError
+
+    monkeypatch.delenv("DITKIT_DEBUG", raising=False)
+
+    def raising(exc):
+        def func(args):
+            raise exc
+        return func
+
+    class Args:
+        debug = False
+
+    assert run_command(lambda a: None, Args()) == 0
+    assert run_command(lambda a: 3, Args()) == 3
+    assert run_command(raising(UserError("--steps 0: must be positive")), Args()) == 2
+    assert capsys.readouterr().err == "error: --steps 0: must be positive\n"
+    assert run_command(raising(SpecError([("levels[0].d_model", "too small")], "x.yaml")),
+                       Args()) == 2
+    assert "levels[0].d_model" in capsys.readouterr().err
+    assert run_command(raising(EnvironmentFault("disk full writing run/ckpt")), Args()) == 1
+    assert capsys.readouterr().err == "error: disk full writing run/ckpt\n"
+    full = OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
+    assert run_command(raising(full), Args()) == 1
+    err = capsys.readouterr().err
+    assert err == "error: runs/x/model.safetensors: No space left on device\n"
+    assert run_command(raising(PermissionError(errno.EACCES, "Permission denied", "/ro")),
+                       Args()) == 1
+    # a bug is not an input error: its traceback stays
+    with pytest.raises(ZeroDivisionError):
+        run_command(raising(ZeroDivisionError("bug")), Args())
+    with pytest.raises(FileNotFoundError):  # ENOENT is not the machine refusing
+        run_command(raising(FileNotFoundError(errno.ENOENT, "gone", "x")), Args())
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec_version: 1\nname: x\n")
+    proc = run("describe", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run("--debug", "describe", str(bad))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "error:" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ the resolver
+
+
+def test_resolver_kinds(tmp_path):
+    from ditkit.cli.common import UsageError, resolve_source
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text("x")
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert resolve_source(str(spec)).kind == "file"
+    assert resolve_source("hdit-imagenet-128").kind == "preset"
+    assert resolve_source(str(ckpt)).kind == "checkpoint"
+    assert resolve_source(str(run_dir), ("run",)).kind == "run"
+    with pytest.raises(UsageError, match="presets:"):
+        resolve_source("no-such-thing")
+    with pytest.raises(UsageError, match="a run folder, but this takes"):
+        resolve_source(str(run_dir), ("file", "preset"))
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        resolve_source(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UsageError, match="a preset name"):  # a preset where only files go
+        resolve_source("hdit-imagenet-128", ("checkpoint", "run"))
+
+
+def test_run_folder_without_checkpoints_exits_2(tmp_path):
+    proc = run("evaluate", str(tmp_path))
+    assert proc.returncode == 2 and "no checkpoints" in proc.stderr

@@ -89,6 +89,37 @@ def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Re
                   other)
 
 
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def format_report(report: Report, spec: S.ModelSpec) -> str:
+    """The per-level table that ``ditkit describe`` prints."""
+    h, w = report.resolution
+    space = (f"latent {spec.input.channels}ch, image {h * spec.input.latent_factor}x"
+             f"{w * spec.input.latent_factor}" if spec.input.space == "latent"
+             else f"pixel {spec.input.channels}ch")
+    rows = [("level", "tokens", "d_model", "heads", "blocks", "attention", "params", "GMACs")]
+    for lv in report.levels:
+        rows.append((str(lv.index), f"{lv.grid[0]}x{lv.grid[1]}", str(lv.d_model), lv.heads,
+                     lv.blocks, lv.attention, _fmt_params(lv.params), f"{lv.gmacs:.2f}"))
+    for name, vals in report.other.items():
+        rows.append(("-", "", "", "", "", name, _fmt_params(vals["params"]),
+                     f"{vals['gmacs']:.2f}"))
+    rows.append(("total", "", "", "", "", "", _fmt_params(report.params), f"{report.gmacs:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{report.name} at {h}x{w} ({space})"]
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) if i < 6 else c.rjust(widths[i])
+                               for i, c in enumerate(r)).rstrip())
+        if k == 0 or k == len(rows) - 2:
+            lines.append("  ".join("-" * wd for wd in widths))
+    lines.append(f"params {report.params:,} ({report.trainable:,} trainable); "
+                 f"attention QK^T+AV {report.attention_gmacs:.2f} GMACs")
+    lines.append("GMACs: forward multiply-adds at batch 1, the DiT paper's 'GFLOPs' convention")
+    return "\n".join(lines)
+
+
 def _attention_label(att) -> str:
     match att:
         case S.NeighborhoodAttention(kernel_size=k, dilation=d):

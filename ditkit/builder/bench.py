@@ -8,13 +8,11 @@ peak memory above the inputs:
 - CPU: each (backend, grid) runs in a fresh subprocess, whose peak resident set (``ru_maxrss``)
   is read before and after the measured call -- PyTorch keeps no CPU allocation statistics.
 
-``bench`` is a group of subcommands. Other layers add theirs beside ``attention`` with
-``bench_group(subparsers).add_parser(NAME, ...)`` from their own ``add_parser``.
+The command is ``ditkit bench attention`` (``ditkit/cli/bench.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,39 +28,6 @@ from . import kernels
 
 DEFAULT_GRIDS = (32, 64, 128, 256)
 MODES = ("fwd", "fwd+bwd")
-
-
-def bench_group(subparsers) -> argparse._SubParsersAction:
-    """The sub-action of ``ditkit bench`` (created on first use), for any layer to extend."""
-    parser = subparsers.choices.get("bench")
-    if parser is None:
-        parser = subparsers.add_parser("bench", help="benchmarks (`ditkit bench -h` lists them)")
-        parser.set_defaults(func=lambda args: parser.print_help() or 2)
-        parser._ditkit_bench = parser.add_subparsers(dest="bench", metavar="BENCH")
-    return parser._ditkit_bench
-
-
-def add_parser(subparsers) -> None:
-    p = bench_group(subparsers).add_parser(
-        "attention", help="time and peak memory of the neighborhood-attention backends",
-        description=__doc__.splitlines()[0])
-    p.add_argument("--backends", default=None,
-                   help="comma-separated (default: gather,tiled,masked on CPU; "
-                        "natten,flex,gather,tiled,masked on CUDA)")
-    p.add_argument("--grids", default=",".join(map(str, DEFAULT_GRIDS)),
-                   help="square token-grid sides, comma-separated (default: 32,64,128,256)")
-    p.add_argument("--kernel", type=int, default=7)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--d-head", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
-    p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop timing a case after this many seconds (default: 20)")
-    p.add_argument("--memory-limit-gib", type=float, default=None,
-                   help="skip cases estimated to need more (default: half the free memory)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.set_defaults(func=cmd_attention)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,48 +243,8 @@ def _summary(by, backends, grids) -> list[str]:
     return out
 
 
-def cmd_attention(args) -> int:
-    from ditkit.cli import UsageError
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
-    default = "natten,flex,gather,tiled,masked" if device.type == "cuda" else "gather,tiled,masked"
-    backends = [b.strip() for b in (args.backends or default).split(",") if b.strip()]
-    for b in backends:
-        if b not in kernels.NEIGHBORHOOD_BACKENDS or b == "auto":
-            raise UsageError(f"--backends: unknown backend {b!r}; choose from "
-                             f"{', '.join(x for x in kernels.NEIGHBORHOOD_BACKENDS if x != 'auto')}")
-        if b == "natten" and not kernels.natten_available():
-            raise UsageError("--backends: natten is not installed; drop it or install natten")
-    try:
-        grids = [int(g) for g in args.grids.split(",")]
-    except ValueError:
-        grids = []
-    if not grids or min(grids) < args.kernel:
-        raise UsageError(f"--grids {args.grids!r}: comma-separated token-grid sides, each at "
-                         f"least the kernel ({args.kernel}), e.g. 32,64,128,256")
-    if args.kernel < 1 or args.kernel % 2 == 0:
-        raise UsageError(f"--kernel {args.kernel}: neighborhood kernels must be odd, e.g. 7")
-    rows = run(backends, grids, args.kernel, args.batch, args.heads, args.d_head, device,
-               args.repeats, args.max_seconds, args.memory_limit_gib)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({torch.get_num_threads()} threads)")
-    print(format_table(rows, name, args.kernel, args.heads, args.d_head, args.batch))
-    if args.json:
-        from pathlib import Path
-
-        path = Path(args.json)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-        tmp.replace(path)
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])
-    else:
-        from ditkit.cli import main
-
-        raise SystemExit(main(["bench", "attention", *sys.argv[1:]]))
+if __name__ == "__main__":  # the per-case subprocess of run() on CPU
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        raise SystemExit("usage: python -m ditkit.builder.bench --worker JSON "
+                         "(internal; the command is `ditkit bench attention`)")
+    _worker(sys.argv[2])

@@ -18,6 +18,7 @@ import torch
 from ditkit import spec as S
 
 from .denoiser import NoiseRange
+from .graph_io import aux_inputs, check_shape, graph_feeds, ort_session, rules_from_metadata
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -37,66 +38,6 @@ def default_providers(device: str | torch.device = "cpu") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None):
-    """An ``InferenceSession`` with full graph optimisation."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such ONNX file (write one with `ditkit export`)")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts,
-                                providers=providers or ["CPUExecutionProvider"])
-
-
-def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
-                null_class: int | None, aux: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The inputs of an exported graph (named ``names``) as torch tensors on ``x``'s device:
-    ``sigma`` expanded to ``(B,)``, the null class for missing labels, zeros for missing
-    auxiliary inputs (as the model does), ``cfg_scale`` (1 = conditional) for a ``--cfg``
-    graph. Shared by the onnxruntime and TensorRT runners."""
-    unknown = sorted(set(cond) - set(aux))
-    if unknown:
-        raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
-                         f"{sorted(aux) or 'none'}")
-    b = x.shape[0]
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(b)
-    feeds = {"x": x.float(), "sigma": sigma.float()}
-    if "class_labels" in names:
-        if class_labels is None:
-            if null_class is None:
-                raise ValueError("this model needs class_labels (its spec has no null class)")
-            class_labels = torch.full((b,), null_class, dtype=torch.long)
-        feeds["class_labels"] = class_labels.to(x.device, torch.long)
-    elif class_labels is not None:
-        raise ValueError("class_labels given but the model has no class conditioning")
-    for name, dims in aux.items():
-        value = cond.get(name)
-        value = (torch.zeros(b, dims, device=x.device) if value is None else
-                 torch.as_tensor(value, device=x.device).float())
-        if value.shape != (b, dims):
-            raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
-                             f"{tuple(value.shape)}")
-        feeds[name] = value
-    if "cfg_scale" in names:
-        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
-                            device=x.device)
-        feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
-    return {k: v.contiguous() for k, v in feeds.items()}
-
-
-def aux_inputs(inputs) -> dict[str, int]:
-    """``{name: dims}`` of the auxiliary conditioning inputs among a graph's ``(name, shape)``
-    inputs (every input but x, sigma, class_labels and cfg_scale)."""
-    return {name: int(shape[1]) for name, shape in inputs
-            if name not in ("x", "sigma", "class_labels", "cfg_scale")}
-
-
 class OrtDenoiser:
     """A ``ditkit export`` ONNX file as a sampler denoiser: ``denoise(x, sigma, labels) ->
     (x0, var_values | None)``, plus ``noise_range`` and ``null_class`` from its metadata.
@@ -106,7 +47,6 @@ class OrtDenoiser:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  providers: list | None = None, threads: int | None = None):
         from .checkpoint import spec_from_metadata
-        from .export import AxisRule
 
         self.path = Path(path)
         self.device = torch.device(device)
@@ -123,11 +63,7 @@ class OrtDenoiser:
         self.noise_range = NoiseRange.of(objective)
         classes = spec.conditioning.classes
         self.null_class = classes.count if classes is not None and classes.null_class else None
-        rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
-        self.rules = None
-        if rule:
-            self.rules = tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                               for a in ("height", "width"))
+        self.rules = rules_from_metadata(meta)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # auxiliary conditioning inputs (name -> dims), as the graph declares them
@@ -162,8 +98,6 @@ class OrtDenoiser:
         return self._run(x, sigma, class_labels, scale, cond)
 
     def _run(self, x, sigma, class_labels, scale, cond):
-        from .export import check_shape
-
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
         feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.input_names,
                             null_class=self.null_class, aux=self.aux)
@@ -195,127 +129,3 @@ class OrtDenoiser:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return [o.to(x.dtype) for o in outs]
-
-
-# -------------------------------------------------------------------------------- benchmark
-
-ENGINES = ("eager", "compile", "onnxruntime", "tensorrt")
-
-
-def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntime"),
-                 batch: int = 1, repeats: int = 10, device: str = "cpu",
-                 threads: int | None = None, log=None) -> list[dict]:
-    """Per-step latency (one denoiser evaluation at a fixed sigma, median of ``repeats`` after
-    2 warm-up calls) of each engine at each resolution. Peak memory: CUDA
-    ``max_memory_allocated``; on CPU the process's peak resident set after the engine ran (a
-    high-water mark: it never goes down, so later rows include earlier ones)."""
-    import resource
-    import statistics
-    import tempfile
-    import time
-
-    from ditkit.builder import use_backend
-
-    from .denoiser import Denoiser
-    from .export import export_onnx
-
-    say = log or (lambda m: None)
-    dev = torch.device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    threads = threads or torch.get_num_threads()
-    model = model.to(dev).eval()
-    eager = Denoiser(model, objective)
-    rows = []
-    tmp = tempfile.TemporaryDirectory(prefix="ditkit-bench-")
-    ort = None
-
-    def timed(fn, x, s, y):
-        for _ in range(2):
-            fn(x, s, y)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x, s, y)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return statistics.median(times) * 1e3, peak
-
-    for res in resolutions:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, model.spec.input.channels, *res, generator=g).to(dev)
-        s = torch.full((batch,), 2.0, device=dev)
-        classes = model.spec.conditioning.classes
-        y = torch.zeros(batch, dtype=torch.long, device=dev) if classes else None
-        for engine in engines:
-            row = {"engine": engine, "resolution": f"{res[0]}x{res[1]}", "batch": batch,
-                   "device": str(dev), "threads": threads, "ms_per_step": None,
-                   "peak_mib": None, "note": ""}
-            try:
-                with torch.no_grad(), use_backend("auto"):
-                    if engine == "eager":
-                        row["ms_per_step"], row["peak_mib"] = timed(
-                            lambda a, b, c: eager(a, b, c), x, s, y)
-                    elif engine == "compile":
-                        compiled = torch.compile(eager, dynamic=False)
-                        t0 = time.perf_counter()
-                        compiled(x, s, y)
-                        row["note"] = f"compile {time.perf_counter() - t0:.1f} s"
-                        row["ms_per_step"], row["peak_mib"] = timed(
-                            lambda a, b, c: compiled(a, b, c), x, s, y)
-                    elif engine == "onnxruntime":
-                        if ort is None:
-                            path = Path(tmp.name) / "model.onnx"
-                            say("exporting to ONNX for onnxruntime ...")
-                            export_onnx(model.cpu(), objective, path, check=False,
-                                        resolution=tuple(resolutions[0]))
-                            model.to(dev)
-                            ort = OrtDenoiser(path, device=dev, threads=threads)
-                        row["ms_per_step"], row["peak_mib"] = timed(
-                            lambda a, b, c: ort.denoise(a, b, c), x, s, y)
-                    elif engine == "tensorrt":
-                        from .tensorrt import TensorRTUnavailable, _trt
-
-                        try:
-                            _trt()
-                        except TensorRTUnavailable as err:
-                            row["note"] = str(err).split(":")[0]
-                            rows.append(row)
-                            continue
-                        row["note"] = "use `ditkit trt build` then TrtDenoiser (not automated)"
-                    else:
-                        raise ValueError(f"unknown engine {engine!r}; choose from "
-                                         f"{', '.join(ENGINES)}")
-            except ValueError:
-                raise
-            except Exception as err:  # an engine that cannot run here is a row, not a crash
-                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-            say(f"{engine} {row['resolution']}: {row['ms_per_step']} ms {row['note']}")
-            rows.append(row)
-    tmp.cleanup()
-    for row in rows:
-        base = next((r for r in rows if r["engine"] == "eager"
-                     and r["resolution"] == row["resolution"]), None)
-        row["vs_eager"] = (round(row["ms_per_step"] / base["ms_per_step"], 3)
-                           if base and base["ms_per_step"] and row["ms_per_step"] else None)
-    return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    head = ("engine", "resolution", "batch", "ms/step", "x eager", "peak MiB", "note")
-    lines = [head]
-    for r in rows:
-        lines.append((r["engine"], r["resolution"], str(r["batch"]),
-                      "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.2f}",
-                      "-" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}",
-                      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", r["note"]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)

@@ -46,42 +46,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditkit.errors import UserError
 from ditkit import spec as S
 
 from .denoiser import Denoiser
+from .graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
 from .samplers import cfg_combine
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OPSET = 18
-MAX_SIDE = 8192  # largest exported H / W (pixels or latents)
 
 # fp32 parity is the project's 1e-4; reduced precision is judged against fp32 eager with a
 # tolerance relative to the output scale (measured values are in the README)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
 
-class ExportError(UserError):
-    """An export that cannot be done or did not pass its checks (the message says which)."""
-
-
 # -------------------------------------------------------------------------------- shape rules
-
-
-@dataclass(frozen=True)
-class AxisRule:
-    """Valid sizes of one axis: ``minimum + k * step`` for ``k >= 0`` (up to ``maximum``)."""
-
-    minimum: int
-    step: int
-    maximum: int = MAX_SIDE
-
-    def valid(self, n: int) -> bool:
-        return self.minimum <= n <= self.maximum and (n - self.minimum) % self.step == 0
-
-    def text(self) -> str:
-        return (f"{self.minimum} + k*{self.step}" if self.minimum % self.step else
-                f"multiple of {self.step}, >= {self.minimum}")
 
 
 def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, AxisRule]:
@@ -113,22 +92,6 @@ def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, Axis
         lo = next(n for n in ok if n >= min(2 * step, ok[-1]))
         rules.append(AxisRule(lo, step))
     return rules[0], rules[1]
-
-
-def check_shape(spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | None = None,
-                where: str = "input") -> None:
-    """Raise :class:`ExportError` naming the rule if ``(B, C, H, W)`` is not valid."""
-    if len(shape) != 4 or shape[1] != spec.input.channels:
-        raise ExportError(f"{where}: expected (batch, {spec.input.channels}, H, W), got "
-                          f"{tuple(shape)}")
-    issues = spec.check_resolution((int(shape[2]), int(shape[3])), where)
-    if issues:
-        raise ExportError("; ".join(f"{p}: {m}" for p, m in issues))
-    if rules is not None:
-        for n, rule, name in zip(shape[2:], rules, ("height", "width")):
-            if not rule.valid(int(n)):
-                raise ExportError(f"{where}: {name} {n} is outside this model's rule "
-                                  f"({rule.text()}, <= {rule.maximum})")
 
 
 # -------------------------------------------------------------------------------- targets
@@ -661,8 +624,6 @@ def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance
 def _parity_runner(path: Path):
     """``(run(feeds) -> outputs, runtime name)``: onnxruntime CPU, or ``onnx.reference`` for
     a bf16 graph onnxruntime has no CPU kernels for."""
-    from .engines import ort_session
-
     try:
         sess = ort_session(path, providers=["CPUExecutionProvider"])
         return (lambda feeds: sess.run(None, feeds)), "onnxruntime CPU"

@@ -34,10 +34,9 @@ from typing import Callable
 
 import torch
 
-from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES
 
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde")
-SCHEDULES = ("native", "karras", "uniform")
+from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 
 # -------------------------------------------------------------------------------- schedules
 

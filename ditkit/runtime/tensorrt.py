@@ -235,15 +235,13 @@ def _refit(trt, logger, engine_path: Path, onnx_path: Path) -> bytes:
 def _rules_of(onnx_path: Path):
     import onnx
 
-    from .export import AxisRule
+    from .graph_io import rules_from_metadata
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     if "ditkit.resolution_rule" not in meta:
         raise ValueError(f"{onnx_path}: no ditkit metadata; export it with `ditkit export`")
-    rule = json.loads(meta["ditkit.resolution_rule"])
-    return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                 for a in ("height", "width"))
+    return rules_from_metadata(meta)
 
 
 # -------------------------------------------------------------------------------- runner
@@ -261,7 +259,7 @@ class TrtDenoiser:
 
         from .checkpoint import spec_from_metadata
         from .denoiser import NoiseRange
-        from .engines import aux_inputs
+        from .graph_io import aux_inputs
 
         trt = _trt()
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -300,8 +298,7 @@ class TrtDenoiser:
     def _run(self, x, sigma, class_labels, scale, cond):
         import torch
 
-        from .engines import graph_feeds
-        from .export import check_shape
+        from .graph_io import check_shape, graph_feeds
 
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
         feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.names,

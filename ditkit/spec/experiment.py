@@ -413,8 +413,8 @@ def experiment_from_data(data, base: str | Path | None = None,
     return resolve_experiment(validate(data, Experiment, source), base, source)
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Load, resolve and check an experiment file (YAML/JSON). Raises ``SpecError``."""
+def read_experiment_data(path: str | Path) -> dict:
+    """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
     import yaml
 
     from .io import SpecError
@@ -423,10 +423,92 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise SpecError([("", f"no such file: {path}")], str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
-    return experiment_from_data(data, path.parent, str(path))
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+                    ) -> Experiment:
+    """Load, resolve and check an experiment file (YAML/JSON), with ``--set`` style
+    ``overrides`` (``ditkit.spec.overrides``) applied before validation. Raises ``SpecError``."""
+    path = Path(path)
+    data = read_experiment_data(path)
+    source = str(path)
+    if overrides:
+        from .overrides import apply_overrides, touches
+
+        if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
+                overrides, "model"):
+            data = {**data, "model": _model_data(data["model"], path.parent, source)}
+        data = apply_overrides(data, overrides) if isinstance(data, dict) else data
+        source = f"{path} with --set {' '.join(overrides)}"
+    return experiment_from_data(data, path.parent, source)
+
+
+def _model_data(ref: str, base: Path, source: str) -> dict:
+    """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
+    ``--set model.x=v`` can change it."""
+    import yaml
+
+    from .io import SpecError, to_data
+    from .presets import PRESETS, preset
+
+    path = base / ref
+    if path.is_file():
+        return yaml.safe_load(path.read_text())
+    if ref in PRESETS:
+        return to_data(preset(ref))
+    raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name")], source)
+
+
+def absolute_data_paths(data: Data, base: str | Path) -> Data:
+    """``data`` with its paths (folders, shard patterns) made absolute from ``base`` (the
+    experiment file's folder), so the run folder's experiment.yaml works from anywhere."""
+    import os
+
+    root = Path(base).resolve()
+
+    def fix(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
+
+    if data.kind in ("image_folder", "latents"):
+        return data.model_copy(update={"path": fix(data.path)})
+    if data.kind == "webdataset":
+        shards = fix(data.shards) if isinstance(data.shards, str) else [
+            fix(p) for p in data.shards]
+        return data.model_copy(update={"shards": shards})
+    return data
+
+
+def experiment_with_absolute_paths(exp: Experiment, base: str | Path) -> Experiment:
+    """``exp`` with every path relative to ``base`` (data paths, a fine-tune checkpoint)
+    made absolute: the form a run folder records."""
+    exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, base)})
+    ft = exp.finetune
+    if ft is not None and ft.source_model is None and not Path(ft.checkpoint).is_absolute():
+        ft = ft.model_copy(update={"checkpoint": str((Path(base) / ft.checkpoint).resolve())})
+        exp = exp.model_copy(update={"finetune": ft})
+    return exp
+
+
+RUN_EXPERIMENT = "experiment.yaml"  # the resolved experiment a run folder records
+
+
+def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+                           ) -> tuple[Experiment, Path | None]:
+    """``(experiment, run folder or None)`` from an experiment file (its relative paths made
+    absolute) or a run folder (its recorded ``experiment.yaml``), with ``overrides`` applied
+    (see :func:`load_experiment`). Raises ``SpecError``."""
+    from .io import SpecError
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / RUN_EXPERIMENT).is_file():
+            raise SpecError([("", f"a folder, but not a run folder (no {RUN_EXPERIMENT})")],
+                            str(path))
+        return load_experiment(path / RUN_EXPERIMENT, overrides), path
+    return experiment_with_absolute_paths(load_experiment(path, overrides), path.parent), None
 
 
 __all__ = [
@@ -435,5 +517,6 @@ __all__ = [
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
     "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
     "experiment_issues",
-    "load_experiment", "experiment_from_data", "EXPERIMENT_VERSION",
+    "load_experiment", "read_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
+    "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
 ]

@@ -191,7 +191,7 @@ def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
                    ) -> tuple[DigitsReport, torch.Tensor, torch.Tensor]:
     """Sample ``count`` digits (labels cycling 0..9) and evaluate them:
     ``(report, images, labels)``."""
-    from .loop import sample_images
+    from ditkit.runtime.generate import sample_images
 
     if spec.conditioning.classes is None or spec.conditioning.classes.count < 10:
         raise ValueError("digits evaluation needs a model conditioned on (at least) 10 classes "

@@ -219,7 +219,7 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
     when class-conditional) and the images under ``real``."""
     from tqdm import tqdm
 
-    from .loop import sample_images
+    from ditkit.runtime.generate import sample_images
 
     if spec.input.space != "pixel":
         raise FIDError("FID of a latent-space model needs its samples decoded to images; "

@@ -160,41 +160,6 @@ def autocast_for(exp: Experiment, device: torch.device):
 # -------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
-def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, steps: int,
-                  sampler: str, seed: int, cfg_scale: float, device: torch.device | str,
-                  labels: torch.Tensor | None = None, n_classes: int | None = None,
-                  batch: int = 250, progress: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
-    are given they cycle through the first ``n_classes`` classes (a class-conditional model).
-    Leaves the global RNG untouched."""
-    from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.samplers import sample
-
-    classes = spec.conditioning.classes
-    if labels is None and classes is not None:
-        labels = torch.arange(count) % (n_classes or classes.count)
-    denoiser = Denoiser(model, objective).to(device)
-    was_training = model.training
-    model.eval()
-    h, w = spec.input.resolution
-    out = []
-    rng = torch.get_rng_state()
-    try:
-        for i, start in enumerate(range(0, count, batch)):
-            n = min(batch, count - start)
-            lab = labels[start:start + n] if labels is not None else None
-            out.append(sample(denoiser, (n, spec.input.channels, h, w), steps=steps,
-                              sampler=sampler, seed=seed + i, class_labels=lab,
-                              cfg_scale=cfg_scale, device=str(device),
-                              progress=progress).float().cpu())
-    finally:
-        torch.set_rng_state(rng)
-        model.train(was_training)
-    return torch.cat(out), labels
-
-
 def _data_classes(exp: Experiment) -> int | None:
     from ditkit.spec.experiment import DATA_CLASSES
 
@@ -207,6 +172,8 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     p, spec = exp.preview, exp.model_spec
     classes = spec.conditioning.classes
     n_cls = _data_classes(exp) or (classes.count if classes else None)
+    from ditkit.runtime.generate import sample_images
+
     images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.steps, p.sampler,
                               p.seed, p.cfg_scale, device, n_classes=n_cls)
     ncol = min(p.count, n_cls or 8)

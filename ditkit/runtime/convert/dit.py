@@ -23,7 +23,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import DIT_SIZES
 
-from . import Remap, expected_shapes
+from .remap import Remap, expected_shapes
 
 SOURCE = "dit"
 PREFERRED_KEYS = ("ema", "model")

@@ -30,7 +30,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder.position import rope_frequencies
 
-from . import Remap, expected_shapes
+from .remap import Remap, expected_shapes
 
 SOURCE = "k-diffusion"
 PREFERRED_KEYS = ("model_ema", "model")

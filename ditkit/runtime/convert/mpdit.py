@@ -29,7 +29,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
-from . import Remap, expected_shapes
+from .remap import Remap, expected_shapes
 
 SOURCE = "mpdit"
 PREFERRED_KEYS = ("ema", "model")

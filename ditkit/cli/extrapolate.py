@@ -1,14 +1,15 @@
 """``ditkit extrapolate``: sample, score and measure a model at resolutions it never saw.
 
-The runner itself is ``ditkit.runtime.extrapolate_report``; this command lives in the training
-layer because it may hand the runner the digits/shapes metrics of ``ditkit.train.evaluate``
-(imports point down: runtime never imports train).
+The runner is ``ditkit.runtime.extrapolate_report``; the command may hand it the digits/shapes
+metrics of ``ditkit.train.evaluate``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .common import UsageError, load_spec, parse_resolution
 
 
 def add_parser(sub) -> None:
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--finetuned", nargs="*", default=[], metavar="CKPT",
                    help="extra rows: checkpoints already at their resolution, e.g. from a "
                         "`finetune` run (labelled with their policy and trainable patterns)")
-    p.set_defaults(func=cmd_extrapolate)
+    p.set_defaults(func=run_extrapolate)
 
 
 def _data_kind(ckpt_path: Path) -> tuple[str | None, int]:
@@ -62,11 +63,9 @@ def _finetuned_row(path: str, objective):
     from pydantic import TypeAdapter
 
     from ditkit import spec as S
-    from ditkit.cli import UsageError
     from ditkit.runtime.checkpoint import load_checkpoint
     from ditkit.runtime.extrapolate_report import policy_label
-
-    from .finetune import METADATA_KEY
+    from ditkit.train.finetune import METADATA_KEY
 
     if not Path(path).is_file():
         raise UsageError(f"--finetuned {path}: no such checkpoint")
@@ -82,8 +81,7 @@ def _finetuned_row(path: str, objective):
     return label, ckpt.spec, ckpt.tensors
 
 
-def cmd_extrapolate(args) -> int:
-    from ditkit.cli import UsageError, load_spec, parse_resolution
+def run_extrapolate(args) -> int:
     from ditkit.runtime.extrapolate_report import parse_policy, run
 
     policies = [parse_policy(p) for p in args.policies]
@@ -109,7 +107,7 @@ def cmd_extrapolate(args) -> int:
         kind = None if args.metrics == "none" else args.metrics
     evaluate = None
     if kind in ("shapes", "digits") and objective is not None and args.eval_count:
-        from .evaluate import ResolutionMetrics
+        from ditkit.train.evaluate import ResolutionMetrics
 
         if spec.conditioning.classes is None:
             raise UsageError("--metrics: the scores need a class-conditional model; use "

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import UsageError, load_spec
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
         "convert", help="convert DiT / k-diffusion / MPDiT checkpoints to ditkit ones and back",
         description="Convert a checkpoint trained elsewhere into a self-describing ditkit "
                     "checkpoint (safetensors + spec), or a ditkit checkpoint back to its source "
@@ -38,10 +40,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ditkit.cli import UsageError, load_spec
-
-    from . import convert as C
-    from .checkpoint import load_checkpoint, model_hash
+    from ditkit.runtime import convert as C
+    from ditkit.runtime.checkpoint import load_checkpoint, model_hash
 
     out = Path(args.out)
     if args.source is not None:
@@ -49,7 +49,7 @@ def run(args) -> int:
             raise UsageError(f"--out {args.out}: a ditkit checkpoint is a .safetensors file")
         hints = {}
         if args.preset:
-            hints["preset"] = load_spec(args.preset)
+            hints["preset"] = load_spec(args.preset, "--preset")
         if args.heads is not None:
             if args.heads <= 0:
                 raise UsageError(f"--heads {args.heads}: use a positive number of heads")

@@ -1,0 +1,307 @@
+"""What every command shares: the source resolver, the argument-type parsers and the error
+boundary. Imports nothing heavy at module level (``ditkit --help`` must not import torch).
+
+- :func:`resolve_source` decides once what a command-line reference is: a spec/experiment
+  file, a preset name, a checkpoint (``.safetensors``), an exported ``.onnx`` or a run folder.
+  :func:`load_spec`, :func:`checkpoint_path`, :func:`load_experiment_source` and
+  :func:`load_model_source` are built on it.
+- :func:`parse_resolution` and friends turn argument text into values or raise
+  :class:`~ditkit.errors.UserError` naming the flag.
+- :func:`run_command` is the one place errors become exit codes (see its docstring).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ditkit.errors import EnvironmentFault, UserError
+
+UsageError = UserError  # the name the command modules use
+
+# --------------------------------------------------------------------------------- errors
+
+EXIT_OK, EXIT_FAULT, EXIT_USAGE = 0, 1, 2
+# OSErrors that are the machine's refusal, not a bug: reported in one line, exit 1
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.EDQUOT})
+
+
+def debug_enabled(args=None) -> bool:
+    """``--debug`` or ``DITKIT_DEBUG=1``: let tracebacks through."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("DITKIT_DEBUG", "") not in (
+        "", "0")
+
+
+def run_command(func: Callable, args) -> int:
+    """Run ``func(args)`` and map what it raises to an exit status, printing one line:
+
+    - :class:`UserError` (bad input: ``SpecError``, ``ExportError``, ... subclass it) -> 2,
+      ``error: <message>``;
+    - :class:`EnvironmentFault`, or an ``OSError`` whose errno is in
+      :data:`ENVIRONMENT_ERRNOS` (disk full, read-only, permission denied) -> 1;
+    - ``KeyboardInterrupt`` -> 130.
+
+    Anything else is a bug and keeps its traceback. With ``--debug`` / ``DITKIT_DEBUG=1`` the
+    mapped errors print their traceback too (same exit status). Other modules extend the
+    mapping here, in one place."""
+    debug = debug_enabled(args)
+    try:
+        status = func(args)
+        return EXIT_OK if status is None else int(status)
+    except UserError as err:
+        _report(err, debug)
+        return EXIT_USAGE
+    except OSError as err:
+        if not isinstance(err, EnvironmentFault) and err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        _report(err, debug)
+        return EXIT_FAULT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(err: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(err)
+    text = str(err)
+    if isinstance(err, OSError) and not isinstance(err, EnvironmentFault):
+        where = f"{err.filename}: " if err.filename else ""
+        text = f"{where}{err.strerror or text}"
+    print(f"error: {text}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------- sources
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+SOURCE_KINDS = ("file", "preset", "checkpoint", "onnx", "run")
+_KIND_TEXT = {"file": "a spec file", "preset": "a preset name",
+              "checkpoint": "a checkpoint (.safetensors)", "onnx": "an exported .onnx file",
+              "run": "a run folder"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a command-line reference names. ``kind`` is one of :data:`SOURCE_KINDS`."""
+
+    kind: str
+    ref: str
+    path: Path | None = None
+
+
+def resolve_source(ref: str, accept: tuple[str, ...] = ("file", "preset", "checkpoint"),
+                   what: str = "") -> Source:
+    """Decide whether ``ref`` is a file, a preset, a checkpoint, an ONNX file or a run folder,
+    by its suffix, then the file system, then the preset names; raise :class:`UserError`
+    when it is none of them or not one ``accept`` allows. ``what`` prefixes messages (a flag).
+    """
+    from ditkit.spec.presets import PRESETS
+
+    path = Path(ref)
+    name = f"{what} {ref}" if what else ref
+    if path.suffix == ".safetensors":
+        kind = "checkpoint"
+    elif path.suffix == ".onnx":
+        kind = "onnx"
+    elif path.suffix in SPEC_SUFFIXES:
+        kind = "file"
+    elif path.is_dir():
+        kind = "run"
+    elif path.exists():
+        kind = "file"
+    elif ref in PRESETS:
+        kind = "preset"
+    else:
+        first = [k for k in accept if k in ("file", "preset")]
+        rest = [k for k in accept if k not in first]
+        wanted = " or ".join(_KIND_TEXT[k] for k in first) + (
+            f", nor {_either(rest)}" if rest and first else _either(rest) if rest else "")
+        extra = f"; presets: {', '.join(PRESETS)}" if "preset" in accept else ""
+        raise UsageError(f"{name}: not {wanted}{extra}")
+    if kind not in accept:
+        raise UsageError(f"{name}: {_KIND_TEXT[kind]}, but this takes {_either(accept)}")
+    if kind == "preset":
+        return Source(kind, ref)
+    if kind in ("checkpoint", "onnx") and not path.is_file():
+        raise UsageError(f"{name}: no such {'checkpoint' if kind == 'checkpoint' else 'file'}")
+    return Source(kind, ref, path)
+
+
+def _either(kinds) -> str:
+    texts = [_KIND_TEXT[k] for k in kinds]
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " or " + texts[-1]
+
+
+def checkpoint_path(ref: str, what: str = "") -> Path:
+    """A checkpoint file, or the newest checkpoint's EMA weights in a run folder."""
+    src = resolve_source(ref, ("checkpoint", "run"), what)
+    if src.kind == "checkpoint":
+        return src.path
+    from ditkit.train.checkpoints import latest_checkpoint
+
+    found = latest_checkpoint(src.path / "checkpoints") or latest_checkpoint(src.path)
+    if found is None:
+        raise UsageError(f"{src.path}: no checkpoints (expected checkpoints/step-*/"
+                         "ema.safetensors)")
+    return found[1] / "ema.safetensors"
+
+
+def load_spec(ref: str, what: str = "", overrides: list[str] | tuple[str, ...] = ()):
+    """The model spec of a spec file, a preset, a checkpoint (the spec it carries) or a run
+    folder (its newest checkpoint's), with ``--set`` ``overrides`` applied and validated by
+    the spec schema."""
+    from ditkit import spec as S
+
+    src = resolve_source(ref, ("file", "preset", "checkpoint", "run"), what)
+    if src.kind == "preset":
+        from ditkit.spec.presets import preset
+
+        spec = preset(ref)
+    elif src.kind == "file":
+        spec = S.load(src.path)
+    else:
+        from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
+
+        path = checkpoint_path(ref, what)
+        try:
+            spec = spec_from_metadata(read_metadata(path), str(path))[0]
+        except ValueError as err:
+            if isinstance(err, UserError):
+                raise
+            raise UsageError(str(err)) from None
+    return override_spec(spec, overrides, ref)
+
+
+def override_spec(spec, overrides, source: str = "spec"):
+    """``spec`` with ``PATH=VALUE`` overrides applied, validated again (field-named errors)."""
+    if not overrides:
+        return spec
+    from ditkit import spec as S
+    from ditkit.spec.overrides import apply_overrides
+
+    data = apply_overrides(S.to_data(spec, full=True), overrides)
+    return S.validate(data, type(spec), f"{source} with --set {' '.join(overrides)}")
+
+
+def load_experiment_source(ref: str, overrides: list[str] | tuple[str, ...] = ()):
+    """``(experiment, run folder or None)`` from an experiment file or a run folder, with
+    ``--set`` overrides applied before validation."""
+    from ditkit.spec.experiment import load_experiment_or_run
+
+    resolve_source(ref, ("file", "run"))
+    return load_experiment_or_run(ref, overrides)
+
+
+def default_objective(spec, name: str | None = None):
+    """The objective named ``name``, or the usual one for the spec's noise embedding (with a
+    note on stderr): edm for fourier embeddings, ddpm_eps for sinusoidal ones."""
+    from ditkit import spec as S
+
+    if name is None:
+        name = "edm" if spec.conditioning.noise.kind == "fourier" else "ddpm_eps"
+        print(f"note: no objective recorded; using {name} (pass --objective to choose)",
+              file=sys.stderr)
+    return {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
+            "flow": S.FlowObjective}[name]()
+
+
+def load_model_source(ref: str, objective: str | None = None, device: str = "cpu",
+                      overrides: list[str] | tuple[str, ...] = ()):
+    """``(model, objective, metadata, checkpoint hash or None)`` from a checkpoint (or run
+    folder) or from a spec / preset (random weights; ``overrides`` apply to it)."""
+    src = resolve_source(ref, ("file", "preset", "checkpoint", "run"))
+    if src.kind in ("checkpoint", "run"):
+        if overrides:
+            raise UsageError(f"--set: {ref} is a checkpoint, whose weights fix the model; "
+                             "--set applies to spec files and presets")
+        from ditkit.runtime.checkpoint import load_model, model_hash
+
+        path = checkpoint_path(ref)
+        try:
+            model, ckpt = load_model(path, device=device)
+        except ValueError as err:
+            if isinstance(err, UserError):
+                raise
+            raise UsageError(str(err)) from None
+        obj = ckpt.objective or default_objective(ckpt.spec, objective)
+        return model, obj, ckpt.metadata, model_hash(ckpt.tensors)
+    from ditkit.builder import build
+
+    spec = load_spec(ref, overrides=overrides)
+    return build(spec, device=device).eval(), default_objective(spec, objective), {}, None
+
+
+# --------------------------------------------------------------------------------- arguments
+
+
+def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
+    """``H`` or ``HxW`` (also ``H,W``) -> ``(H, W)``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise UsageError(f"{flag} {text!r}: use H or HxW with positive integers, e.g. 256 "
+                         "or 256x512")
+    return (parts[0], parts[-1])
+
+
+def parse_list(text: str | None) -> list[str]:
+    """Comma-separated text -> its non-empty, stripped items."""
+    if text is None:
+        return []
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def parse_interval(text: str | None, flag: str = "--cfg-interval"):
+    """``LO,HI`` -> ``(lo, hi)`` with ``0 <= lo < hi``."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: use LO,HI (two sigmas), e.g. 0.3,5") from None
+    if not 0 <= lo < hi:
+        raise UsageError(f"{flag} {text!r}: need 0 <= LO < HI")
+    return lo, hi
+
+
+def positive(value: int | None, flag: str, allow_zero: bool = False) -> int | None:
+    """``value`` if it is positive (or zero with ``allow_zero``), else :class:`UserError`."""
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UsageError(f"{flag} {value}: must be {'0 or more' if allow_zero else 'positive'}")
+    return value
+
+
+def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str = "--classes"):
+    """``(labels tensor or None, number of samples)`` from ``--classes``: comma-separated
+    labels (repeated up to ``num``), ``random`` (seeded), or none (unconditional, 16)."""
+    import torch
+
+    classes = spec.conditioning.classes
+    if text is None:
+        return None, num or 16
+    if classes is None:
+        raise UsageError(f"{flag}: this model has no class conditioning (conditioning.classes)")
+    if text == "random":
+        n = num or 16
+        g = torch.Generator().manual_seed(seed + 1)
+        return torch.randint(0, classes.count, (n,), generator=g), n
+    try:
+        values = [int(v) for v in parse_list(text)]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: use comma-separated integers or 'random'") from None
+    bad = [v for v in values if not 0 <= v < classes.count]
+    if not values or bad:
+        raise UsageError(f"{flag}: labels must be in [0, {classes.count}); got "
+                         f"{bad or values}")
+    n = num or len(values)
+    return torch.tensor([values[i % len(values)] for i in range(n)]), n

@@ -1,0 +1,113 @@
+"""``ditkit evaluate``: digits label accuracy and Frechet distance of a checkpoint's samples,
+or FID between folders (or of a checkpoint's samples against a folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import UsageError, checkpoint_path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="digits: label accuracy and Frechet distance; folders: FID",
+        description="With a checkpoint: sample digits and report label accuracy and a Frechet "
+        "distance (see ditkit.train.evaluate). With --real DIR --fake DIR: FID between two "
+        "folders of images through the standard Inception weights "
+        "(pt_inception-2015-12-05-6726825d.pth); with a checkpoint and --real DIR: FID of "
+        "--count samples against the folder. The weights must be on disk: --fid-weights, "
+        "$DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+    p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
+                   "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
+    p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--grid", help="also write the first 100 samples as a PNG grid")
+    p.add_argument("--real", help="FID: folder of reference images (sub-folders included); "
+                   "with a checkpoint, FID of --count samples against it")
+    p.add_argument("--fake", help="FID: folder of generated images")
+    p.add_argument("--fid-weights", help="FID: the Inception weights file (default: "
+                   "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
+                   "pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-batch", type=int, default=8, help="FID: images per Inception batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ditkit.train.evaluate import evaluate_model
+    from ditkit.train.logs import image_grid, save_png
+
+    if args.real or args.fake:
+        return run_fid(args)
+    if args.checkpoint is None:
+        raise UsageError("give a checkpoint or run folder (digits evaluation), or --real DIR "
+                     "--fake DIR (FID between two folders of images)")
+    if args.count < 10:
+        raise UsageError(f"--count {args.count}: use at least 10 (one per class)")
+    model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
+    try:
+        report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective, count=args.count,
+                                           steps=args.steps, sampler=args.sampler,
+                                           cfg_scale=args.cfg_scale, seed=args.seed,
+                                           device=args.device, progress=not args.json)
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}") from None
+    if args.grid:
+        save_png(image_grid(images[:100], 10, scale=2), Path(args.grid))
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), **report.to_json()}, indent=2))
+    else:
+        print(f"{path}: {report.format()}")
+    return 0
+
+
+def run_fid(args) -> int:
+    """``--real DIR --fake DIR``: FID between folders; ``CHECKPOINT --real DIR``: FID of
+    ``--count`` samples of the checkpoint against the folder."""
+    from ditkit.train.fid import FIDError, fid_folders, fid_model
+
+    if args.fid_batch <= 0:
+        raise UsageError(f"--fid-batch {args.fid_batch}: must be positive")
+    if not args.real:
+        raise UsageError("FID needs --real DIR (reference images), and either --fake DIR or a "
+                     "checkpoint to sample from")
+    if args.checkpoint is not None and args.fake:
+        raise UsageError("give either a checkpoint to sample from or --fake DIR, not both")
+    if args.checkpoint is None and not args.fake:
+        raise UsageError("FID needs --fake DIR (generated images) or a checkpoint to sample from")
+    try:
+        if args.fake:
+            report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
+                                 device=args.device, progress=not args.json)
+        else:
+            if args.count < 2:
+                raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
+            model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
+            report = fid_model(model, ckpt.spec, ckpt.objective, args.real, count=args.count,
+                               steps=args.steps, sampler=args.sampler,
+                               cfg_scale=args.cfg_scale, seed=args.seed,
+                               weights=args.fid_weights, batch=args.fid_batch,
+                               device=args.device, progress=not args.json, source=str(path))
+    except FIDError as err:
+        raise UsageError(str(err)) from None
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0
+
+
+def _load_for_sampling(ref: str, device: str):
+    from ditkit.runtime.checkpoint import load_model
+
+    path = checkpoint_path(ref)
+    try:
+        model, ckpt = load_model(path, device=device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if ckpt.objective is None:
+        raise UsageError(f"{path}: the checkpoint stores no objective (ditkit.objective metadata); "
+                         "evaluate needs it to sample")
+    return model, ckpt, path

@@ -1,0 +1,181 @@
+"""``ditkit sample``: draw samples from a checkpoint (or an exported .onnx) into a PNG grid.
+
+    ditkit sample model.safetensors --steps 50 --sampler heun --cfg 4 --classes 1,2,3,4 --out grid.png
+    ditkit sample model.onnx --steps 50 --out grid.png            # the exported engine
+    ditkit sample latent-model.safetensors --vae vae/ --out grid.png  # decode latents
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES
+
+from .common import (UsageError, load_model_source, parse_interval, parse_labels,
+                     parse_resolution, resolve_source)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="draw samples from a checkpoint (or exported .onnx) into a PNG grid",
+        description="Sample a ditkit checkpoint (.safetensors) or an ONNX file written by "
+                    "`ditkit export`; writes a PNG grid (and optionally one PNG per sample).")
+    p.add_argument("checkpoint", help="ditkit checkpoint (.safetensors) or exported .onnx")
+    p.add_argument("--steps", type=int, default=50, help="number of noise levels (default 50)")
+    p.add_argument("--sampler", default="heun", choices=SAMPLERS)
+    p.add_argument("--schedule", default="native", choices=SCHEDULES)
+    p.add_argument("--eta", type=float, default=None,
+                   help="ddim / dpmpp_3m_sde noise (default 0 / 1)")
+    p.add_argument("--cfg", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = the conditional model)")
+    p.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+                   help="guide only for sigma in [LO, HI]")
+    p.add_argument("--cfg-channels", type=int, default=None,
+                   help="guide only the first N channels (DiT: 3; default: the checkpoint's "
+                        "ditkit.cfg_channels metadata, else all)")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated labels, one per sample (repeated to --num), or "
+                        "'random'; default: unconditional (the null class)")
+    p.add_argument("--num", type=int, default=None,
+                   help="number of samples (default: the number of --classes, else 16)")
+    p.add_argument("--resolution", default=None, help="H or HxW (default: the spec's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
+    p.add_argument("--individual", default=None, metavar="DIR",
+                   help="also write each sample as DIR/000000.png, ...")
+    p.add_argument("--autoencoder", default=None,
+                   help="latent-space models: a local TorchScript file mapping latents "
+                        "(B, C, h, w) to images in [-1, 1]")
+    p.add_argument("--vae", default=None,
+                   help="latent-space models: a local diffusers AutoencoderKL folder "
+                        "(save_pretrained) that decodes the samples (pip install 'ditkit[vae]')")
+    p.add_argument("--latent-scale", type=float, default=None,
+                   help="latents are divided by this before decoding (default: the --vae "
+                        "config's scaling_factor; 0.18215 with --autoencoder)")
+    p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
+                   help="the objective, for a checkpoint that does not record one")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ditkit.runtime.denoiser import Denoiser
+    from ditkit.runtime.graph_io import ExportError, check_shape
+    from ditkit.runtime.samplers import sample
+    from ditkit.spec import SpecError
+
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: use at least 1")
+    source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
+    if source.kind == "onnx":
+        from ditkit.runtime.engines import OrtDenoiser
+
+        den = OrtDenoiser(source.path, device=args.device)
+        spec, meta = den.spec, den.metadata
+    else:
+        model, objective, meta, _ = load_model_source(args.checkpoint, args.objective,
+                                                      args.device)
+        den = Denoiser(model, objective)
+        spec = model.spec
+    res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
+    labels, n = parse_labels(args.classes, args.num, spec, args.seed)
+    try:
+        check_shape(spec, (n, spec.input.channels, *res), getattr(den, "rules", None),
+                    "--resolution")
+    except ExportError as err:
+        raise UsageError(str(err)) from None
+    cfg_channels = args.cfg_channels
+    if cfg_channels is None and "ditkit.cfg_channels" in meta:
+        cfg_channels = int(meta["ditkit.cfg_channels"])
+    if args.cfg != 1.0 and labels is None:
+        raise UsageError("--cfg needs --classes (guidance contrasts a class with the null class)")
+    try:
+        x = sample(den, (n, spec.input.channels, *res), steps=args.steps, sampler=args.sampler,
+                   schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
+                   cfg_scale=args.cfg, guidance_interval=parse_interval(args.cfg_interval),
+                   cfg_channels=cfg_channels, device=args.device,
+                   progress=not args.no_progress)
+    except ValueError as err:
+        if isinstance(err, SpecError):
+            raise
+        raise UsageError(str(err)) from None
+    images = _to_images(x, spec, args)
+    from ditkit.runtime.images import save_grid, save_png
+
+    if images is None:
+        return 0
+    save_grid(images, args.out)
+    shown = f"{res[0]}x{res[1]}"
+    if tuple(images.shape[-2:]) != tuple(res):
+        shown += f" latents decoded to {images.shape[-2]}x{images.shape[-1]}"
+    print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
+          f"steps, cfg {args.cfg}, seed {args.seed})")
+    if args.individual:
+        from ditkit.runtime.images import image_grid
+
+        folder = Path(args.individual)
+        for i in range(n):
+            save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
+        print(f"wrote {n} images to {folder}/")
+    return 0
+
+
+def _to_images(x, spec, args):
+    """Pixel models: the samples. Latent models: decoded by ``--vae`` or ``--autoencoder``,
+    else the latents are saved as a tensor file next to ``--out`` and no image is written."""
+    import torch
+
+    if spec.input.space != "latent":
+        if args.vae or args.autoencoder:
+            flag = "--vae" if args.vae else "--autoencoder"
+            raise UsageError(f"{flag}: {spec.name} is a pixel-space model (input.space: pixel); "
+                             "its samples are images already, drop the flag")
+        return x
+    if args.vae is not None and args.autoencoder is not None:
+        raise UsageError("--vae and --autoencoder: give one decoder, not both")
+    if args.vae is not None:
+        return _decode_vae(x, spec, args)
+    if args.autoencoder is None:
+        latents = Path(args.out).with_suffix(".latents.pt")
+        from ditkit.runtime.files import atomic_path
+
+        with atomic_path(latents) as tmp:
+            torch.save(x.cpu(), tmp)
+        print(f"{spec.name} samples latents ({spec.input.channels} channels); no image was "
+              f"written because no --autoencoder or --vae was given (ditkit downloads nothing). "
+              f"Latents saved to {latents}; decode them with --vae VAE_FOLDER (a local "
+              "diffusers AutoencoderKL) or --autoencoder DECODER.pt (TorchScript).",
+              file=sys.stderr)
+        return None
+    path = Path(args.autoencoder)
+    if not path.is_file():
+        raise UsageError(f"--autoencoder {path}: no such file")
+    try:
+        decoder = torch.jit.load(str(path), map_location=args.device).eval()
+    except Exception as err:
+        raise UsageError(f"--autoencoder {path}: not a TorchScript file ({err})") from None
+    scale = 0.18215 if args.latent_scale is None else args.latent_scale
+    with torch.no_grad():
+        return decoder(x / scale).float().clamp(-1, 1)
+
+
+def _decode_vae(x, spec, args):
+    """Latent samples -> images with a local diffusers AutoencoderKL."""
+    from ditkit.runtime.autoencoder import AutoencoderError, load_autoencoder
+
+    try:
+        vae = load_autoencoder(args.vae, device=args.device)
+    except AutoencoderError as err:
+        raise UsageError(f"--vae {err}") from None
+    if vae.latent_channels != spec.input.channels:
+        raise UsageError(f"--vae {args.vae}: the autoencoder has {vae.latent_channels} latent "
+                         f"channels but the model's input.channels is {spec.input.channels}; "
+                         "use the autoencoder the training latents were encoded with")
+    if vae.factor != spec.input.latent_factor:
+        print(f"note: the autoencoder downsamples by {vae.factor} but the spec's "
+              f"input.latent_factor is {spec.input.latent_factor}", file=sys.stderr)
+    if args.latent_scale is not None:
+        vae.scale = args.latent_scale
+    return vae.decode(x)

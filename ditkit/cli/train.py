@@ -1,0 +1,54 @@
+"""``ditkit train``: train an experiment (YAML), or resume a run folder; ``torchrun`` for
+several processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import UsageError, load_experiment_source, positive
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an experiment (YAML); torchrun for several processes",
+                       description="Train an experiment spec. Under torchrun (WORLD_SIZE > 1) "
+                       "it runs DDP or FSDP2 (the experiment's distributed.strategy), gloo on "
+                       "CPU / nccl on CUDA; only rank 0 writes.")
+    p.add_argument("experiment", help="experiment file (.yaml/.json), or a run folder to resume")
+    p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the run folder")
+    p.add_argument("--steps", type=int, help="override training.steps")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ditkit.train.data import DataError
+    from ditkit.train.loop import TrainingError, train
+
+    exp, run = load_experiment_source(args.experiment)
+    if args.steps is not None:
+        positive(args.steps, "--steps")
+        exp = exp.model_copy(update={"training": exp.training.model_copy(
+            update={"steps": args.steps})})
+    run = Path(args.out) if args.out else (run or Path("runs") / exp.name)
+    try:
+        result = train(exp, run, resume=args.resume, progress=not args.no_progress,
+                       device=args.device)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.fingerprints and len(set(result.fingerprints)) > 1:
+        print(f"error: ranks ended with different weights: {result.fingerprints}",
+              file=sys.stderr)
+        return 1
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {exp.name} to step {result.step} in {result.wall_s:.1f} s; "
+              f"checkpoint {result.checkpoint}; outputs in {run}")
+    return 0

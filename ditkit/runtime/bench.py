@@ -1,0 +1,130 @@
+"""Per-step latency of one denoiser under each engine: eager, ``torch.compile``, onnxruntime
+(and whether TensorRT is available). ``ditkit bench sample`` prints these rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ENGINES = ("eager", "compile", "onnxruntime", "tensorrt")
+
+
+def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntime"),
+                 batch: int = 1, repeats: int = 10, device: str = "cpu",
+                 threads: int | None = None, log=None) -> list[dict]:
+    """Per-step latency (one denoiser evaluation at a fixed sigma, median of ``repeats`` after
+    2 warm-up calls) of each engine at each resolution. Peak memory: CUDA
+    ``max_memory_allocated``; on CPU the process's peak resident set after the engine ran (a
+    high-water mark: it never goes down, so later rows include earlier ones)."""
+    import resource
+    import statistics
+    import tempfile
+    import time
+
+    from ditkit.builder import use_backend
+
+    from .denoiser import Denoiser
+    from .engines import OrtDenoiser
+    from .export import export_onnx
+
+    say = log or (lambda m: None)
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    threads = threads or torch.get_num_threads()
+    model = model.to(dev).eval()
+    eager = Denoiser(model, objective)
+    rows = []
+    tmp = tempfile.TemporaryDirectory(prefix="ditkit-bench-")
+    ort = None
+
+    def timed(fn, x, s, y):
+        for _ in range(2):
+            fn(x, s, y)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x, s, y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return statistics.median(times) * 1e3, peak
+
+    for res in resolutions:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, model.spec.input.channels, *res, generator=g).to(dev)
+        s = torch.full((batch,), 2.0, device=dev)
+        classes = model.spec.conditioning.classes
+        y = torch.zeros(batch, dtype=torch.long, device=dev) if classes else None
+        for engine in engines:
+            row = {"engine": engine, "resolution": f"{res[0]}x{res[1]}", "batch": batch,
+                   "device": str(dev), "threads": threads, "ms_per_step": None,
+                   "peak_mib": None, "note": ""}
+            try:
+                with torch.no_grad(), use_backend("auto"):
+                    if engine == "eager":
+                        row["ms_per_step"], row["peak_mib"] = timed(
+                            lambda a, b, c: eager(a, b, c), x, s, y)
+                    elif engine == "compile":
+                        compiled = torch.compile(eager, dynamic=False)
+                        t0 = time.perf_counter()
+                        compiled(x, s, y)
+                        row["note"] = f"compile {time.perf_counter() - t0:.1f} s"
+                        row["ms_per_step"], row["peak_mib"] = timed(
+                            lambda a, b, c: compiled(a, b, c), x, s, y)
+                    elif engine == "onnxruntime":
+                        if ort is None:
+                            path = Path(tmp.name) / "model.onnx"
+                            say("exporting to ONNX for onnxruntime ...")
+                            export_onnx(model.cpu(), objective, path, check=False,
+                                        resolution=tuple(resolutions[0]))
+                            model.to(dev)
+                            ort = OrtDenoiser(path, device=dev, threads=threads)
+                        row["ms_per_step"], row["peak_mib"] = timed(
+                            lambda a, b, c: ort.denoise(a, b, c), x, s, y)
+                    elif engine == "tensorrt":
+                        from .tensorrt import TensorRTUnavailable, _trt
+
+                        try:
+                            _trt()
+                        except TensorRTUnavailable as err:
+                            row["note"] = str(err).split(":")[0]
+                            rows.append(row)
+                            continue
+                        row["note"] = "use `ditkit trt build` then TrtDenoiser (not automated)"
+                    else:
+                        raise ValueError(f"unknown engine {engine!r}; choose from "
+                                         f"{', '.join(ENGINES)}")
+            except ValueError:
+                raise
+            except Exception as err:  # an engine that cannot run here is a row, not a crash
+                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            say(f"{engine} {row['resolution']}: {row['ms_per_step']} ms {row['note']}")
+            rows.append(row)
+    tmp.cleanup()
+    for row in rows:
+        base = next((r for r in rows if r["engine"] == "eager"
+                     and r["resolution"] == row["resolution"]), None)
+        row["vs_eager"] = (round(row["ms_per_step"] / base["ms_per_step"], 3)
+                           if base and base["ms_per_step"] and row["ms_per_step"] else None)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = ("engine", "resolution", "batch", "ms/step", "x eager", "peak MiB", "note")
+    lines = [head]
+    for r in rows:
+        lines.append((r["engine"], r["resolution"], str(r["batch"]),
+                      "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.2f}",
+                      "-" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}",
+                      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", r["note"]))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,43 @@
+"""Batches of samples from a model, as evaluation and training previews draw them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditkit import spec as S
+
+from .denoiser import Denoiser
+from .samplers import sample
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, steps: int,
+                  sampler: str, seed: int, cfg_scale: float, device: torch.device | str,
+                  labels: torch.Tensor | None = None, n_classes: int | None = None,
+                  batch: int = 250, progress: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
+    are given they cycle through the first ``n_classes`` classes (a class-conditional model).
+    Leaves the global RNG untouched."""
+    classes = spec.conditioning.classes
+    if labels is None and classes is not None:
+        labels = torch.arange(count) % (n_classes or classes.count)
+    denoiser = Denoiser(model, objective).to(device)
+    was_training = model.training
+    model.eval()
+    h, w = spec.input.resolution
+    out = []
+    rng = torch.get_rng_state()
+    try:
+        for i, start in enumerate(range(0, count, batch)):
+            n = min(batch, count - start)
+            lab = labels[start:start + n] if labels is not None else None
+            out.append(sample(denoiser, (n, spec.input.channels, h, w), steps=steps,
+                              sampler=sampler, seed=seed + i, class_labels=lab,
+                              cfg_scale=cfg_scale, device=str(device),
+                              progress=progress).float().cpu())
+    finally:
+        torch.set_rng_state(rng)
+        model.train(was_training)
+    return torch.cat(out), labels
