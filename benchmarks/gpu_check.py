@@ -87,9 +87,10 @@ class Ctx:
 
         self.out, self.dry, self.deadline, self.report, self.stage = (out, dry, deadline, report,
                                                                       stage)
+        from ditkit.runtime.device import pick_device  # the commands' own --device rule
+
         self.cuda = torch.cuda.is_available() and not dry
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.cuda
-                       else torch.device("cpu"))
+        self.device = pick_device("cuda" if self.cuda else "cpu")
 
     def left(self) -> float:
         return self.deadline - time.time()

@@ -271,7 +271,8 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                 metadata: dict[str, str] | None = None, check: bool = True,
                 parity_resolutions: list[tuple[int, int]] | None = None,
                 parity_batches: tuple[int, int] = (1, 3), cfg: bool = False,
-                cfg_channels: int | None = None, log=None) -> ExportResult:
+                cfg_channels: int | None = None, attention_backend: str | None = None,
+                log=None) -> ExportResult:
     """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
     to ``out`` and run the checks (``check=False`` skips the parity runs only).
 
@@ -299,19 +300,21 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
 
     graph = ExportGraph(model, objective, precision, cfg=cfg, cfg_channels=cfg_channels)
     args = example_inputs(graph, 2, res)
-    ep = _torch_export(graph, args, dynamic, rule, res)
+    ep = _torch_export(graph, args, dynamic, rule, res,
+                       attention_backend or export_backend(target, precision))
     _probe(ep, graph, dynamic, rule, res)
     say(f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and "
         "resolutions)")
     out = Path(out)
-    model_proto = _to_onnx(ep, args, graph, opset)
+    fuse = target == "onnxruntime" and precision == "fp32"
+    model_proto = _to_onnx(ep, args, graph, opset, fuse)
     missing = unsupported_types(model_proto, opset)
     if missing and auto_opset and all(v is not None for _, _, v in missing):
         needed = max(v for _, _, v in missing)
         say(f"opset {opset} has no {_describe(missing)}: exporting at opset {needed}")
         opset = needed
         allow = allow_list(target, opset)
-        model_proto = _to_onnx(ep, args, graph, opset)
+        model_proto = _to_onnx(ep, args, graph, opset, fuse)
         missing = unsupported_types(model_proto, opset)
     if missing:
         raise ExportError(f"opset {opset} has no {_describe(missing)} ({precision} graph); "
@@ -364,7 +367,24 @@ def parity_shapes(spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple
     return [res, other]
 
 
-def _torch_export(graph: ExportGraph, args, dynamic, rule, res):
+def export_backend(target: str, precision: str) -> str | None:
+    """The neighborhood backend an export traces when the caller chose none (``auto``): for
+    onnxruntime fp32 graphs ``tiled`` -- dense tile x halo attention that onnxruntime runs as
+    one fused kernel (``ort_fusion``), 3-5x less memory traffic than ``gather``'s k^2 copies of
+    every key and value (measured in the README, "Sampling, export and engines"); otherwise
+    ``None``, i.e. ``kernels.exportable_backend()``'s own choice."""
+    from ditkit.builder import kernels
+
+    if kernels.current_backend() != "auto":
+        return None  # an explicit use_backend(...) around the export wins
+    return ORT_NEIGHBORHOOD_BACKEND if (target == "onnxruntime" and precision == "fp32") else None
+
+
+#: the neighborhood backend of onnxruntime fp32 exports (see ``export_backend``)
+ORT_NEIGHBORHOOD_BACKEND = "tiled"
+
+
+def _torch_export(graph: ExportGraph, args, dynamic, rule, res, backend_name=None):
     from torch.export import Dim
 
     from ditkit.builder import kernels
@@ -386,8 +406,7 @@ def _torch_export(graph: ExportGraph, args, dynamic, rule, res):
     shapes["sigma"] = {0: batch} if batch is not None else None
     for name in graph.input_names()[2:]:  # labels, aux inputs, cfg_scale: (batch, ...)
         shapes[name] = {0: batch} if batch is not None else None
-    backend = getattr(kernels, "exportable_backend", None)
-    ctx = backend() if backend is not None else kernels.use_backend("gather")
+    ctx = kernels.exportable_backend(backend_name)
     names = graph.input_names()
     try:
         with ctx, torch.no_grad():
@@ -430,9 +449,15 @@ def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
                 "on a size; fix it, or export with a fixed resolution (--dynamic batch)") from err
 
 
-def _to_onnx(ep, args, graph: ExportGraph, opset: int):
+def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = False):
     import logging
     import warnings
+
+    table = None
+    if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
+        from .ort_fusion import translation_table
+
+        table = translation_table()
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():
@@ -440,7 +465,8 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int):
         program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset,
                                     input_names=graph.input_names(),
                                     output_names=graph.output_names(), optimize=True,
-                                    verbose=False, external_data=False)
+                                    verbose=False, external_data=False,
+                                    custom_translation_table=table)
     return program.model_proto
 
 
