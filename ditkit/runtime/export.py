@@ -306,7 +306,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     say(f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and "
         "resolutions)")
     out = Path(out)
-    fuse = target == "onnxruntime" and precision == "fp32"
+    fuse = fuses_attention(target, precision)
     model_proto = _to_onnx(ep, args, graph, opset, fuse)
     missing = unsupported_types(model_proto, opset)
     if missing and auto_opset and all(v is not None for _, _, v in missing):
@@ -367,6 +367,16 @@ def parity_shapes(spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple
     return [res, other]
 
 
+#: the neighborhood backend of onnxruntime fp32 exports (see ``export_backend``)
+ORT_NEIGHBORHOOD_BACKEND = "tiled"
+
+
+def fuses_attention(target: str, precision: str) -> bool:
+    """Whether attention is written as onnxruntime's fused contrib op (``ort_fusion``): only
+    in fp32 graphs for onnxruntime (TensorRT does not know the op; its CPU kernel is fp32)."""
+    return target == "onnxruntime" and precision == "fp32"
+
+
 def export_backend(target: str, precision: str) -> str | None:
     """The neighborhood backend an export traces when the caller chose none (``auto``): for
     onnxruntime fp32 graphs ``tiled`` -- dense tile x halo attention that onnxruntime runs as
@@ -377,11 +387,7 @@ def export_backend(target: str, precision: str) -> str | None:
 
     if kernels.current_backend() != "auto":
         return None  # an explicit use_backend(...) around the export wins
-    return ORT_NEIGHBORHOOD_BACKEND if (target == "onnxruntime" and precision == "fp32") else None
-
-
-#: the neighborhood backend of onnxruntime fp32 exports (see ``export_backend``)
-ORT_NEIGHBORHOOD_BACKEND = "tiled"
+    return ORT_NEIGHBORHOOD_BACKEND if fuses_attention(target, precision) else None
 
 
 def _torch_export(graph: ExportGraph, args, dynamic, rule, res, backend_name=None):

@@ -91,3 +91,22 @@ def test_masked_attention_becomes_one_fused_node(tmp_path, additive):
         q, k, v, keep = inputs(a, tiles)
         ref = Masked(additive)(q, k, v, keep)
         assert np.abs(_run(sess, q, k, v, keep) - ref.numpy()).max() < 1e-5
+
+
+def test_only_fp32_onnxruntime_exports_fuse_and_trace_tiled():
+    from ditkit.builder import kernels
+    from ditkit.runtime.export import export_backend, fuses_attention
+
+    assert fuses_attention("onnxruntime", "fp32")
+    assert not fuses_attention("onnxruntime", "fp16") and not fuses_attention("onnxruntime", "bf16")
+    assert not fuses_attention("tensorrt-10.x", "fp32")
+    assert export_backend("onnxruntime", "fp32") == "tiled"
+    assert export_backend("tensorrt-10.8", "fp32") is None  # exportable_backend(): gather
+    with kernels.use_backend("gather"):  # an explicit choice around the export wins
+        assert export_backend("onnxruntime", "fp32") is None
+
+
+def test_the_onnxruntime_export_of_tiny_hdit_uses_the_fused_kernel(hdit_export):
+    ops = set(hdit_export[1].ops)
+    # global and neighborhood attention alike: no decomposed softmax left in the graph
+    assert "com.microsoft::MultiHeadAttention" in ops and "ai.onnx::Softmax" not in ops
