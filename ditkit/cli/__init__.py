@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (bench, convert, demo, describe, encode, evaluate, export, extrapolate, presets,
-               sample, schema, shards, train, trt, validate)
+from . import (bench, convert, demo, describe, diff, encode, evaluate, export, extrapolate,
+               presets, sample, schema, shards, train, trt, validate)
 from .common import run_command
 
 # the order of `ditkit --help`
-COMMANDS = (describe, validate, schema, presets, demo, bench, convert, sample, export, trt,
+COMMANDS = (describe, diff, validate, schema, presets, demo, bench, convert, sample, export, trt,
             train, evaluate, encode, shards, extrapolate)
 
 

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ditkit.runtime import convert as C
-    from ditkit.runtime.checkpoint import load_checkpoint, model_hash
+    from ditkit.runtime.checkpoint import load_checkpoint
 
     out = Path(args.out)
     if args.source is not None:
@@ -65,8 +65,9 @@ def run(args) -> int:
             raise UsageError(str(err)) from None
         ckpt = load_checkpoint(out)
         n = sum(t.numel() for t in ckpt.tensors.values())
+        digest = C.conversion_hash(ckpt.tensors, ckpt.spec, ckpt.objective)
         print(f"wrote {out}: {spec.name}, {len(ckpt.tensors)} tensors, {n:,} values, "
-              f"sha256 {model_hash(ckpt.tensors)[:16]}")
+              f"sha256 {digest[:16]} (weights, spec and objective)")
         return 0
     for name in ("preset", "heads", "classes", "key", "name"):
         if getattr(args, name) is not None:

@@ -1,5 +1,6 @@
 """``ditkit evaluate``: digits label accuracy and Frechet distance of a checkpoint's samples,
-or FID between folders (or of a checkpoint's samples against a folder)."""
+or FID, precision and recall between folders / ``.npz`` files (or of a checkpoint's samples
+against one)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from .common import UsageError, checkpoint_path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="digits: label accuracy and Frechet distance; folders: FID",
+        "evaluate", help="digits: label accuracy and Frechet distance; folders or .npz: FID, "
+        "precision, recall",
         description="With a checkpoint: sample digits and report label accuracy and a Frechet "
-        "distance (see ditkit.train.evaluate). With --real DIR --fake DIR: FID between two "
-        "folders of images through the standard Inception weights "
-        "(pt_inception-2015-12-05-6726825d.pth); with a checkpoint and --real DIR: FID of "
-        "--count samples against the folder. The weights must be on disk: --fid-weights, "
-        "$DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+        "distance (see ditkit.train.evaluate). With --real REF --fake SAMPLES: FID, precision "
+        "and recall between two sets of images (folders or .npz files) through the standard "
+        "Inception weights (pt_inception-2015-12-05-6726825d.pth); with a checkpoint and "
+        "--real REF: the same for --count samples against REF. The weights must be on disk: "
+        "--fid-weights, $DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
     p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
                    "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
@@ -27,9 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--grid", help="also write the first 100 samples as a PNG grid")
-    p.add_argument("--real", help="FID: folder of reference images (sub-folders included); "
-                   "with a checkpoint, FID of --count samples against it")
-    p.add_argument("--fake", help="FID: folder of generated images")
+    p.add_argument("--real", help="FID: reference images, a folder (sub-folders included) or "
+                   "an .npz (uint8 NHWC arr_0); with a checkpoint, FID of --count samples "
+                   "against it")
+    p.add_argument("--fake", help="FID: generated images, a folder or an .npz (ditkit sample "
+                   "--npz)")
+    p.add_argument("--pr-k", type=int, default=3, help="FID: also improved precision and "
+                   "recall with K-nearest-neighbour radii (default 3, as the ADM evaluator; "
+                   "0: FID only)")
     p.add_argument("--fid-weights", help="FID: the Inception weights file (default: "
                    "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
                    "pt_inception-2015-12-05-6726825d.pth)")
@@ -73,6 +80,9 @@ def run_fid(args) -> int:
 
     if args.fid_batch <= 0:
         raise UsageError(f"--fid-batch {args.fid_batch}: must be positive")
+    if args.pr_k < 0:
+        raise UsageError(f"--pr-k {args.pr_k}: use a positive K, or 0 for FID only")
+    k = args.pr_k or None
     if not args.real:
         raise UsageError("FID needs --real DIR (reference images), and either --fake DIR or a "
                      "checkpoint to sample from")
@@ -83,7 +93,7 @@ def run_fid(args) -> int:
     try:
         if args.fake:
             report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
-                                 device=args.device, progress=not args.json)
+                                 device=args.device, progress=not args.json, k=k)
         else:
             if args.count < 2:
                 raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
@@ -92,7 +102,8 @@ def run_fid(args) -> int:
                                steps=args.steps, sampler=args.sampler,
                                cfg_scale=args.cfg_scale, seed=args.seed,
                                weights=args.fid_weights, batch=args.fid_batch,
-                               device=args.device, progress=not args.json, source=str(path))
+                               device=args.device, progress=not args.json, source=str(path),
+                               k=k)
     except FIDError as err:
         raise UsageError(str(err)) from None
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())

@@ -3,6 +3,7 @@
     ditkit sample model.safetensors --steps 50 --sampler heun --cfg 4 --classes 1,2,3,4 --out grid.png
     ditkit sample model.onnx --steps 50 --out grid.png            # the exported engine
     ditkit sample latent-model.safetensors --vae vae/ --out grid.png  # decode latents
+    ditkit sample model.safetensors --num 50000 --classes random --npz samples.npz  # for FID
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ def add_parser(sub) -> None:
     p.add_argument("--sampler", default="heun", choices=SAMPLERS)
     p.add_argument("--schedule", default="native", choices=SCHEDULES)
     p.add_argument("--eta", type=float, default=None,
-                   help="ddim / dpmpp_3m_sde noise (default 0 / 1)")
+                   help="noise of the ancestral / SDE samplers (default 1; ddim and "
+                   "dpm_adaptive 0)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="lowest non-zero noise level (default: the objective's, e.g. a "
+                   "converted k-diffusion config's sigma_min)")
+    p.add_argument("--sigma-max", type=float, default=None,
+                   help="highest noise level (default: the objective's)")
     p.add_argument("--cfg", type=float, default=1.0,
                    help="classifier-free guidance scale (1 = the conditional model)")
     p.add_argument("--cfg-interval", default=None, metavar="LO,HI",
@@ -57,6 +64,13 @@ def add_parser(sub) -> None:
                    help="the objective, for a checkpoint that does not record one")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--npz", default=None, metavar="FILE",
+                   help="write all --num samples to FILE (uint8 NHWC arr_0 + labels arr_1, the "
+                        "ADM evaluator's format) instead of a grid; batched, resumable (rerun "
+                        "the same command), split across processes under torchrun")
+    p.add_argument("--batch", type=int, default=32,
+                   help="with --npz: samples per sampler call (default 32); chunk k uses seed "
+                        "SEED + k, so the samples depend on it (not on the process count)")
     p.set_defaults(func=run)
 
 
@@ -69,14 +83,24 @@ def run(args) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
+    proc = None
+    if args.npz:  # under torchrun: join the process group first, it picks the device
+        from ditkit.runtime.npz import processes
+
+        if source.kind not in ("checkpoint", "run", "onnx"):
+            raise UsageError(f"--npz: {args.checkpoint} is a spec (random weights); give a "
+                             "checkpoint, a run folder or an exported .onnx file")
+        proc = processes(args.device)
+        args.device = proc.device
+    model_hash = None
     if source.kind == "onnx":
         from ditkit.runtime.engines import OrtDenoiser
 
         den = OrtDenoiser(source.path, device=args.device)
         spec, meta = den.spec, den.metadata
     else:
-        model, objective, meta, _ = load_model_source(args.checkpoint, args.objective,
-                                                      args.device)
+        model, objective, meta, model_hash = load_model_source(args.checkpoint, args.objective,
+                                                               args.device)
         den = Denoiser(model, objective)
         spec = model.spec
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
@@ -91,12 +115,16 @@ def run(args) -> int:
         cfg_channels = int(meta["ditkit.cfg_channels"])
     if args.cfg != 1.0 and labels is None:
         raise UsageError("--cfg needs --classes (guidance contrasts a class with the null class)")
+    if args.npz:
+        return _run_npz(args, den, spec, res, labels, n, cfg_channels, proc,
+                        model_hash or _file_hash(source.path))
     try:
         x = sample(den, (n, spec.input.channels, *res), steps=args.steps, sampler=args.sampler,
                    schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
                    cfg_scale=args.cfg, guidance_interval=parse_interval(args.cfg_interval),
                    cfg_channels=cfg_channels, device=args.device,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, sigma_min=args.sigma_min,
+                   sigma_max=args.sigma_max)
     except ValueError as err:
         if isinstance(err, SpecError):
             raise
@@ -120,6 +148,58 @@ def run(args) -> int:
             save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
         print(f"wrote {n} images to {folder}/")
     return 0
+
+
+def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: str) -> int:
+    """``--npz``: :func:`ditkit.runtime.npz.sample_npz` with the command's settings."""
+    from ditkit.runtime.npz import sample_npz
+
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: must be positive")
+    decode, identity = None, {"source": source_hash}
+    if spec.input.space == "latent":
+        from ditkit.runtime.autoencoder import latent_decoder
+
+        decode, identity["decoder"] = latent_decoder(
+            spec.input.channels, vae=args.vae, autoencoder=args.autoencoder,
+            latent_scale=args.latent_scale, device=args.device)
+    elif args.vae or args.autoencoder:
+        raise UsageError(f"{'--vae' if args.vae else '--autoencoder'}: {spec.name} is a "
+                         "pixel-space model; its samples are images already, drop the flag")
+    try:
+        result = sample_npz(den, args.npz, num=n, shape=(spec.input.channels, *res),
+                            steps=args.steps, sampler=args.sampler, seed=args.seed,
+                            batch=args.batch, class_labels=labels, cfg_scale=args.cfg,
+                            schedule=args.schedule, eta=args.eta,
+                            guidance_interval=parse_interval(args.cfg_interval),
+                            cfg_channels=cfg_channels, decode=decode, identity=identity,
+                            proc=proc, progress=not args.no_progress)
+    except ValueError as err:  # a sampler argument the model cannot take (as for a grid)
+        from ditkit.spec import SpecError
+
+        if isinstance(err, SpecError):
+            raise
+        raise UsageError(str(err)) from None
+    finally:
+        proc.close()
+    if proc.main:
+        done = f"{result.reused} of them drawn by an earlier run, " if result.reused else ""
+        extra = " + labels arr_1" if labels is not None else ""
+        print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}"
+              f"{args.sampler}, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
+              f"batch {args.batch}, {proc.world} process(es))")
+    return 0
+
+
+def _file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (an ONNX file: what a resumed --npz run must sample from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _to_images(x, spec, args):

@@ -141,4 +141,41 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu",
                        image_channels=int(cfg.in_channels))
 
 
-__all__ = ["Autoencoder", "AutoencoderError", "load_autoencoder"]
+def latent_decoder(latent_channels: int, *, vae: str | Path | None = None,
+                   autoencoder: str | Path | None = None, latent_scale: float | None = None,
+                   device: str | torch.device = "cpu"):
+    """A function ``latents (B, C, h, w) -> images in [-1, 1]`` for a latent-space model's
+    samples, loaded once: ``vae`` a local diffusers AutoencoderKL folder (its config's
+    ``scaling_factor`` unless ``latent_scale``), or ``autoencoder`` a TorchScript file mapping
+    unscaled latents to images (latents divided by ``latent_scale``, default 0.18215).
+    Returns ``(decode, identity)``, ``identity`` naming the decoder (JSON data)."""
+    if (vae is None) == (autoencoder is None):
+        raise AutoencoderError("a latent-space model's samples need one decoder: a --vae "
+                               "folder or an --autoencoder TorchScript file")
+    if vae is not None:
+        ae = load_autoencoder(vae, device=device)
+        if ae.latent_channels != latent_channels:
+            raise AutoencoderError(f"{vae}: the autoencoder has {ae.latent_channels} latent "
+                                   f"channels but the model's input.channels is "
+                                   f"{latent_channels}; use the autoencoder the training "
+                                   "latents were encoded with")
+        if latent_scale is not None:
+            ae.scale = latent_scale
+        return ae.decode, {"vae": str(Path(vae).resolve()), "latent_scale": ae.scale}
+    path = Path(autoencoder)
+    if not path.is_file():
+        raise AutoencoderError(f"{path}: no such TorchScript file")
+    try:
+        net = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as err:  # noqa: BLE001 -- torch.jit raises many kinds
+        raise AutoencoderError(f"{path}: not a TorchScript file ({err})") from None
+    scale = 0.18215 if latent_scale is None else latent_scale
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return net(latents / scale).float().clamp(-1, 1)
+
+    return decode, {"autoencoder": str(path.resolve()), "latent_scale": scale}
+
+
+__all__ = ["Autoencoder", "AutoencoderError", "load_autoencoder", "latent_decoder"]

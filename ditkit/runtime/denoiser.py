@@ -143,6 +143,8 @@ class NoiseRange:
     @classmethod
     def of(cls, objective) -> "NoiseRange":
         match objective:
+            case S.EDMObjective(sigma_min=float() as lo, sigma_max=float() as hi):
+                return cls(objective, lo, hi)  # the recipe's own sampling range
             case S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma() as cs):
                 return cls(objective, cs.sigma_min, cs.sigma_max)
             case S.EDMObjective():

@@ -216,15 +216,39 @@ class Preview(Spec):
 
 
 class Evaluation(Spec):
-    """After training (digits only): label accuracy and Frechet distance of ``count``
-    class-conditional EMA samples; see ``ditkit evaluate``."""
+    """Metrics of ``count`` EMA samples (fixed seed, labels cycling over the classes), run by
+    ``ditkit train`` at the end -- and every ``every`` steps -- into ``eval.json`` and the
+    scalars (``eval/...`` columns of ``scalars.csv``, TensorBoard):
+
+    * ``data: {kind: digits}`` with a class-conditional model: label accuracy and a Fréchet
+      distance on a small classifier's features (``ditkit.train.evaluate``);
+    * ``reference`` (an image folder or an ``.npz`` with uint8 ``arr_0``): FID, and improved
+      precision / recall with ``k``-nearest-neighbour radii, on the Inception features of the
+      local weights file ``inception`` (default: ``$DITKIT_FID_WEIGHTS``, else torch's hub
+      cache; nothing is downloaded). Latent-space models are decoded with ``vae``.
+
+    Paths are relative to the experiment file."""
 
     enabled: bool = False
+    every: NonNegativeInt = 0
+    """Steps between evaluations during training (0: only at the end)."""
     count: PositiveInt = 500
     steps: PositiveInt = 20
     sampler: str = "heun"
     cfg_scale: NonNegativeFloat = 1.0
     seed: NonNegativeInt = 1
+    reference: Annotated[str, Field(min_length=1)] | None = None
+    """Reference images for FID / precision / recall: a folder or an ``.npz``."""
+    inception: Annotated[str, Field(min_length=1)] | None = None
+    """The FID Inception weights file (``pt_inception-2015-12-05-6726825d.pth``)."""
+    k: NonNegativeInt = 3
+    """Neighbours of precision / recall (3, as the ADM evaluator; 0: FID only)."""
+    batch: PositiveInt = 64
+    """Images per Inception / autoencoder call (the sampler draws 250 at a time, as
+    ``ditkit evaluate`` does, so both give the same samples)."""
+    vae: Annotated[str, Field(min_length=1)] | None = None
+    """Latent-space models with a ``reference``: the local AutoencoderKL folder that decodes
+    the samples."""
 
 
 TRAINABLE_PRESETS = {
@@ -388,12 +412,30 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
             if name in exp.distributed.model_fields_set:
                 out.append((f"distributed.{name}", "is an option of strategy fsdp2; remove it "
                             "or set distributed.strategy: fsdp2"))
-    if exp.evaluation.enabled and exp.data.kind != "digits":
-        out.append(("evaluation.enabled", "the built-in evaluation is for `data: {kind: "
-                    "digits}` only; set enabled: false"))
-    if exp.evaluation.enabled and cls is None:
-        out.append(("evaluation.enabled", "label accuracy needs a class-conditional model "
-                    "(model.conditioning.classes)"))
+    out += _evaluation_issues(exp.evaluation, exp.data.kind, spec)
+    return out
+
+
+def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list:
+    out = []
+    if not ev.enabled:
+        if ev.every:
+            out.append(("evaluation.every", "evaluations only run with enabled: true"))
+        return out
+    digits = data_kind == "digits" and spec.conditioning.classes is not None
+    if ev.reference is None and not digits:
+        why = ("label accuracy needs a class-conditional model (model.conditioning.classes)"
+               if data_kind == "digits" else
+               f"the built-in classifier metrics are for `data: {{kind: digits}}`, not "
+               f"{data_kind}")
+        out.append(("evaluation.reference", f"nothing to evaluate: {why}; set reference to "
+                    "an image folder or .npz for FID / precision / recall, or enabled: false"))
+    if ev.reference is not None and spec.input.space == "latent" and ev.vae is None:
+        out.append(("evaluation.vae", "a latent-space model's samples must be decoded for FID; "
+                    "set vae to the local AutoencoderKL folder the latents were encoded with"))
+    if ev.vae is not None and spec.input.space != "latent":
+        out.append(("evaluation.vae", "the model is pixel-space; its samples are images "
+                    "already, remove vae"))
     return out
 
 
@@ -481,10 +523,25 @@ def absolute_data_paths(data: Data, base: str | Path) -> Data:
     return data
 
 
+def absolute_evaluation_paths(ev: Evaluation, base: str | Path) -> Evaluation:
+    """``ev`` with ``reference``, ``inception`` and ``vae`` made absolute from ``base``."""
+    import os
+
+    root = Path(base).resolve()
+
+    def fix(p: str | None) -> str | None:
+        return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
+
+    return ev.model_copy(update={"reference": fix(ev.reference), "inception": fix(ev.inception),
+                                 "vae": fix(ev.vae)})
+
+
 def experiment_with_absolute_paths(exp: Experiment, base: str | Path) -> Experiment:
-    """``exp`` with every path relative to ``base`` (data paths, a fine-tune checkpoint)
-    made absolute: the form a run folder records."""
-    exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, base)})
+    """``exp`` with every path relative to ``base`` (data paths, a fine-tune checkpoint, the
+    evaluation's reference, weights and autoencoder) made absolute: the form a run folder
+    records."""
+    exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, base),
+                                 "evaluation": absolute_evaluation_paths(exp.evaluation, base)})
     ft = exp.finetune
     if ft is not None and ft.source_model is None and not Path(ft.checkpoint).is_absolute():
         ft = ft.model_copy(update={"checkpoint": str((Path(base) / ft.checkpoint).resolve())})
@@ -518,5 +575,5 @@ __all__ = [
     "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
     "experiment_issues",
     "load_experiment", "read_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
-    "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
+    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
 ]

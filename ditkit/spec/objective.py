@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      model_validator)
 
 from .components import Spec
 
@@ -26,10 +27,13 @@ class LogNormalSigma(Spec):
 
 
 class CosineInterpolatedSigma(Spec):
-    """HDiT / k-diffusion: the cosine schedule's log-SNR, shifted for the image size (shift
-    ``2 ln(d / image size)``) at a ``low_resolution`` and a ``high_resolution`` reference size
-    and interpolated between the two along the schedule; sigma clipped to
-    ``[sigma_min, sigma_max]``. ``high_resolution: null`` means the training resolution."""
+    """HDiT: k-diffusion's ``rand_cosine_interpolated`` (from simple diffusion). The cosine
+    schedule's log-SNR between ``sigma_max`` (u = 0) and ``sigma_min`` (u = 1), shifted by
+    ``2 ln(d / image size)`` for a reference size ``d``; the shift for ``d = low_resolution``
+    applies at the high-noise end (u = 0), the one for ``high_resolution`` at the low-noise end
+    (u = 1), linearly interpolated in between. The image size is the larger side of the model
+    input. ``high_resolution: null`` means that size (k-diffusion's ``noise_d_high`` default);
+    ``sigma_min`` / ``sigma_max`` are its ``min_value`` / ``max_value``."""
 
     kind: Literal["cosine_interpolated"] = "cosine_interpolated"
     sigma_min: PositiveFloat = 1e-3
@@ -69,7 +73,23 @@ class EDMObjective(Spec):
     sigma_data: PositiveFloat = 0.5
     weighting: Literal["karras", "snr", "min_snr", "soft_min_snr"] = "karras"
     gamma: PositiveFloat = 5.0
+    """``min_snr`` / ``soft_min_snr``. k-diffusion's (and HDiT's) ``soft-min-snr`` is
+    ``gamma = 1 / sigma_data^2`` (4 at sigma_data 0.5): write it out."""
     sigma_sampling: SigmaSampling = Field(default_factory=LogNormalSigma)
+    sigma_min: PositiveFloat | None = None
+    """The noise range samplers use by default (k-diffusion's ``model.sigma_min`` /
+    ``sigma_max``; HDiT: 1e-2 and 160). ``None``: the clip range of a ``cosine_interpolated``
+    density, else EDM's 0.002 / 80."""
+    sigma_max: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> "EDMObjective":
+        if (self.sigma_min is None) != (self.sigma_max is None):
+            raise ValueError("sigma_min and sigma_max: give both or neither")
+        if self.sigma_min is not None and not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max "
+                             f"{self.sigma_max}")
+        return self
 
 
 class DDPMObjective(Spec):
@@ -84,6 +104,10 @@ class DDPMObjective(Spec):
     beta_end: PositiveFloat = 0.02
     learned_sigma: bool = True
     lambda_vlb: NonNegativeFloat = 0.001
+    decoder_cdf: Literal["tanh", "exact"] = "tanh"
+    """The normal CDF in the t = 0 decoder term: ``tanh`` is ADM/DiT's
+    ``approx_standard_normal_cdf`` (so fine-tuning a DiT checkpoint continues its objective),
+    ``exact`` the true CDF (``torch.special.ndtr``)."""
 
 
 class X0Objective(Spec):

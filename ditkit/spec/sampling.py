@@ -6,5 +6,7 @@ name without importing torch; the runtime's dispatch is the implementation of th
 
 from __future__ import annotations
 
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde")
+SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
+            "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
+            "unipc", "dpm_adaptive")
 SCHEDULES = ("native", "karras", "uniform")

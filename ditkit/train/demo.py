@@ -51,16 +51,14 @@ def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
 
 
 def run_demo(exp, out: str | Path, *, log=print) -> DemoResult:
-    """Train ``exp`` on the CPU into ``out``, sample the EMA model, evaluate and write
-    ``samples.png`` and ``eval.json``. Raises ``ditkit.train.loop.TrainingError``."""
+    """Train ``exp`` on the CPU into ``out``; training ends with the experiment's evaluation
+    (``ditkit.train.evaluation``: ``samples.png``, ``eval.json``). Raises
+    ``ditkit.train.loop.TrainingError``."""
     import torch
 
-    from ditkit.builder import describe, format_report, use_backend
-    from ditkit.runtime.checkpoint import load_model
+    from ditkit.builder import describe, format_report
 
-    from .checkpoints import write_json
-    from .evaluate import evaluate_model
-    from .logs import image_grid, save_png
+    from .evaluate import DigitsReport
     from .loop import train
 
     t_start = time.perf_counter()
@@ -75,18 +73,15 @@ def run_demo(exp, out: str | Path, *, log=print) -> DemoResult:
     t_train = time.perf_counter() - t_start
 
     ev = exp.evaluation
-    model, _ = load_model(result.checkpoint / "ema.safetensors")
-    log(f"\nsampling {ev.count} digits from the EMA model ({ev.sampler}, {ev.steps} steps, "
-        f"cfg {ev.cfg_scale}) and evaluating them")
-    with use_backend(exp.precision.attention_backend):
-        report, images, _ = evaluate_model(model, spec, exp.objective, count=ev.count,
-                                           steps=ev.steps, sampler=ev.sampler,
-                                           cfg_scale=ev.cfg_scale, seed=ev.seed, device="cpu")
-    save_png(image_grid(images[:100], 10, scale=2), out / "samples.png")
+    if result.evaluation is None:  # train() runs the experiment's evaluation block
+        raise UserError(f"{DEMO_EXPERIMENT}: evaluation.enabled must be true for the demo")
+    m = result.evaluation
+    report = DigitsReport(count=ev.count, accuracy=m["accuracy"], frechet=m["frechet"],
+                          frechet_real=m["frechet_real"], real_accuracy=m["real_accuracy"],
+                          per_class_accuracy=m["per_class_accuracy"])
+    log(f"\nevaluated {ev.count} digits sampled from the final EMA model ({ev.sampler}, "
+        f"{ev.steps} steps, cfg {ev.cfg_scale}) in {m['seconds']:.0f} s")
     wall = time.perf_counter() - t_start
-    write_json(out / "eval.json", {**report.to_json(), "wall_s": wall, "train_s": t_train,
-                                   "threads": torch.get_num_threads(), "steps": tr.steps,
-                                   "checkpoint": str(result.checkpoint)})
     return DemoResult(report, result.checkpoint, out, wall, t_train)
 
 
@@ -96,7 +91,7 @@ def summary(r: DemoResult) -> str:
     return "\n".join([
         f"\n{report.format()}",
         f"per class: {', '.join(f'{k}: {a:.0%}' for k, a in enumerate(report.per_class_accuracy))}",
-        f"wall time {r.wall_s:.0f} s (training {r.train_s:.0f} s)",
+        f"wall time {r.wall_s:.0f} s (training and evaluation {r.train_s:.0f} s)",
         f"outputs: {out}/samples.png (one column per digit), {out}/previews/, {out}/loss.png, "
         f"{out}/eval.json, {r.checkpoint}/ema.safetensors",
         json.dumps({"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),

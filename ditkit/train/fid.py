@@ -1,9 +1,14 @@
-"""FID between two folders of images with the standard Inception weights, found locally.
+"""FID (and precision / recall) between two sets of images with the standard Inception
+weights, found locally.
 
-``fid_folders(real, fake)`` reads every image under each folder (recursively; RGB, values
+A set of images is a folder (every image under it, recursively) or an ``.npz`` whose ``arr_0``
+holds uint8 ``(N, H, W, 3)`` images -- what ``ditkit sample --npz`` writes and the ADM
+evaluator's reference batches hold (their precomputed statistics are not used: features are
+always computed here, from the images). ``fid_folders(real, fake)`` reads both (RGB, values
 in [0, 1]), takes the 2048-d pool3 features of :class:`~ditkit.train.inception.FIDInception`
 (bilinear resize to 299, scaled to [-1, 1] -- pytorch-fid's preprocessing) and returns the
-Fréchet distance of the two Gaussians fitted to them. ditkit never downloads: the weights file
+Fréchet distance of the two Gaussians fitted to them, plus improved precision and recall on
+the same features (:mod:`ditkit.train.metrics`). ditkit never downloads: the weights file
 ``pt_inception-2015-12-05-6726825d.pth`` is looked up, in order, at ``--fid-weights``,
 ``$DITKIT_FID_WEIGHTS`` and torch's hub cache (where pytorch-fid saves it).
 """
@@ -167,6 +172,55 @@ def folder_features(net: FIDInception, folder: str | Path, batch: int = 8,
     return np.concatenate(out)  # (N, FEATURES)
 
 
+@torch.no_grad()
+def npz_features(net: FIDInception, path: str | Path, batch: int = 8, device: str = "cpu",
+                 progress: bool = True) -> np.ndarray:
+    """``(N, 2048)`` pool3 features of ``arr_0`` (uint8 NHWC) of an ``.npz``, streamed."""
+    from tqdm import tqdm
+
+    from ditkit.runtime.npz import NpzError, iter_npz_images, npz_shape
+
+    try:
+        n = npz_shape(path)[0]
+        out = []
+        for chunk in tqdm(iter_npz_images(path, batch), total=-(-n // batch),
+                          disable=not progress, unit="batch", desc=f"inception {Path(path).name}"):
+            x = torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2).float() / 255  # (B, C, H, W)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            out.append(net(x.to(device)).double().cpu().numpy())
+    except NpzError as err:
+        raise FIDError(str(err)) from None
+    if not out:
+        raise FIDError(f"{path}: arr_0 holds no images")
+    return np.concatenate(out)  # (N, FEATURES)
+
+
+def check_source(source: str | Path) -> None:
+    """Fail early (before loading weights) on a source that is neither an image folder nor an
+    ``.npz`` of uint8 images."""
+    path = Path(source)
+    if path.suffix == ".npz":
+        from ditkit.runtime.npz import NpzError, npz_shape
+
+        if not path.is_file():
+            raise FIDError(f"{path}: no such .npz file")
+        try:
+            npz_shape(path)
+        except NpzError as err:
+            raise FIDError(str(err)) from None
+    else:
+        image_files(path)
+
+
+def source_features(net: FIDInception, source: str | Path, batch: int = 8,
+                    device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """Features of an image folder or of an ``.npz`` (``arr_0``)."""
+    if Path(source).suffix == ".npz":
+        return npz_features(net, source, batch, device, progress)
+    return folder_features(net, source, batch, device, progress)
+
+
 @dataclass
 class FIDReport:
     fid: float
@@ -175,26 +229,50 @@ class FIDReport:
     real_count: int
     fake_count: int
     weights: str
+    precision: float | None = None
+    """Improved precision and recall (:mod:`ditkit.train.metrics`) with ``k`` neighbours;
+    ``None`` when not asked for or a set has ``k`` images or fewer."""
+    recall: float | None = None
+    k: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
-        return (f"FID {self.fid:.3f} ({self.fake_count} images in {self.fake} vs "
+        pr = ("" if self.precision is None else
+              f", precision {self.precision:.4f}, recall {self.recall:.4f} (k={self.k})")
+        return (f"FID {self.fid:.3f}{pr} ({self.fake_count} images in {self.fake} vs "
                 f"{self.real_count} in {self.real})")
 
 
+def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3,
+                     device: str = "cpu") -> dict:
+    """``{fid, precision, recall, k}`` of two feature sets; precision and recall are ``None``
+    when ``k`` is ``None`` or a set has ``k`` images or fewer."""
+    from .metrics import precision_recall
+
+    out = {"fid": frechet_from_features(f_real, f_fake), "precision": None, "recall": None,
+           "k": None}
+    if k is not None and min(len(f_real), len(f_fake)) > k:
+        out["precision"], out["recall"] = precision_recall(f_real, f_fake, k, device=device)
+        out["k"] = k
+    return out
+
+
 def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None = None,
-                batch: int = 8, device: str = "cpu", progress: bool = True) -> FIDReport:
-    """FID between the images under ``real`` and those under ``fake``. Raises
+                batch: int = 8, device: str = "cpu", progress: bool = True,
+                k: int | None = 3) -> FIDReport:
+    """FID (and precision / recall with ``k`` neighbours; ``k=None``: FID only) between the
+    images of ``real`` and those of ``fake``, each an image folder or an ``.npz``. Raises
     :class:`FIDError` for missing weights, an empty folder or an unreadable image."""
-    image_files(real), image_files(fake)  # fail on a bad folder before loading weights
+    check_source(real), check_source(fake)  # fail on a bad source before loading weights
     path = Path(weights).expanduser() if weights else default_weights_path()
     net = load_inception(path, device)
-    f_real = folder_features(net, real, batch, device, progress)
-    f_fake = folder_features(net, fake, batch, device, progress)
-    d = frechet_from_features(f_real, f_fake)
-    return FIDReport(d, str(real), str(fake), len(f_real), len(f_fake), str(path))
+    f_real = source_features(net, real, batch, device, progress)
+    f_fake = source_features(net, fake, batch, device, progress)
+    return FIDReport(real=str(real), fake=str(fake), real_count=len(f_real),
+                     fake_count=len(f_fake), weights=str(path),
+                     **compare_features(f_real, f_fake, k, device))
 
 
 def to_inception_input(images: torch.Tensor) -> torch.Tensor:
@@ -214,32 +292,35 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
 def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
               steps: int = 20, sampler: str = "heun", cfg_scale: float = 1.0, seed: int = 1,
               weights: str | Path | None = None, batch: int = 8, device: str = "cpu",
-              progress: bool = True, source: str = "model") -> FIDReport:
-    """FID between ``count`` samples of a pixel-space model (labels cycling over its classes
-    when class-conditional) and the images under ``real``."""
+              progress: bool = True, source: str = "model", k: int | None = 3) -> FIDReport:
+    """FID (and precision / recall, ``k``) between ``count`` samples of a pixel-space model
+    (labels cycling over its classes when class-conditional) and the images of ``real`` (a
+    folder or an ``.npz``)."""
     from tqdm import tqdm
 
     from ditkit.runtime.generate import sample_images
 
     if spec.input.space != "pixel":
         raise FIDError("FID of a latent-space model needs its samples decoded to images; "
-                       "decode them, save them to a folder and use --real DIR --fake DIR")
-    image_files(real)
+                       "sample them into an .npz (ditkit sample CKPT --npz S.npz --vae VAE) and "
+                       "use --real REF --fake S.npz")
+    check_source(real)
     path = Path(weights).expanduser() if weights else default_weights_path()
     net = load_inception(path, device)
-    f_real = folder_features(net, real, batch, device, progress)
+    f_real = source_features(net, real, batch, device, progress)
     images, _ = sample_images(model, spec, objective, count, steps, sampler, seed, cfg_scale,
                               device, progress=progress)
     x = to_inception_input(images)
     f_fake = np.concatenate([net(x[i:i + batch].to(device)).double().cpu().numpy()
                              for i in tqdm(range(0, len(x), batch), disable=not progress,
                                            unit="batch", desc="inception samples")])
-    d = frechet_from_features(f_real, f_fake)
-    return FIDReport(d, str(real), f"{count} samples of {source}", len(f_real), len(f_fake),
-                     str(path))
+    return FIDReport(real=str(real), fake=f"{count} samples of {source}",
+                     real_count=len(f_real), fake_count=len(f_fake), weights=str(path),
+                     **compare_features(f_real, f_fake, k, device))
 
 
 __all__ = ["fid_folders", "fid_model", "to_inception_input", "folder_features",
+           "npz_features", "source_features", "check_source", "compare_features",
            "frechet_from_stats", "frechet_from_features", "trace_sqrt_product", "sqrtm_psd",
            "gaussian", "load_inception", "default_weights_path", "FIDError", "FIDReport",
            "ENV_VAR", "WEIGHTS_URL"]

@@ -65,12 +65,22 @@ def read_scalars(path: Path) -> list[dict[str, float]]:
 
 
 def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """Loss per step (and a moving average) on a log scale, as a PNG."""
-    import matplotlib
+    """Loss per step (and a moving average) on a log scale, as a PNG. Skipped (with a note on
+    stderr) where matplotlib is not installed: it is an optional extra (``ditkit[diagram]``),
+    and a finished training run must not fail over its picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        import sys
+
+        print(f"note: {path} not drawn (matplotlib is not installed: pip install "
+              "'ditkit[diagram]')", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "loss" in r]  # evaluation rows hold only eval/... values
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)

@@ -57,6 +57,8 @@ class TrainResult:
     wall_s: float = 0.0
     checkpoint: Path | None = None
     fingerprints: list[str] = field(default_factory=list)
+    evaluation: dict | None = None
+    """The last ``evaluation:`` metrics (rank 0; see :mod:`ditkit.train.evaluation`)."""
 
 
 # -------------------------------------------------------------------------------- setup
@@ -269,9 +271,11 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     null_class = classes.count if classes is not None and classes.null_class else None
     micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
 
+    evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
     if rank == 0:
         fields = ["step", "loss", "lr", "grad_norm", "img_per_s", "mse", "vb", "var"]
+        fields += evaluation.fields if evaluation is not None else []
         scalars = Scalars(run, fields, start_step if resume else None, exp.logging.tensorboard)
     bar = tqdm(total=tr.steps, initial=start_step, disable=not (progress and rank == 0),
                desc=exp.name, unit="it", dynamic_ncols=True)
@@ -361,6 +365,9 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                 if rank == 0:
                     preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
                             device)
+            if evaluation is not None and evaluation.due(step, tr.steps):
+                result.evaluation = evaluation(
+                    placement.sampling_model(ema_model, lambda: build(spec)), step, scalars)
     finally:
         backend.__exit__(None, None, None)
         bar.close()
@@ -380,6 +387,20 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             "rank_fingerprints": result.fingerprints,
             "ranks_identical": len(set(result.fingerprints)) == 1})
     return result
+
+
+def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
+                resume_step: int | None):
+    """The ``evaluation:`` block ready to run (``None`` when disabled); its files are checked
+    now, so a wrong path fails before the first step."""
+    from ditkit.errors import UserError
+
+    from .evaluation import RunEvaluation
+
+    try:
+        return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))
+    except UserError as err:  # stays a usage error (exit 2), named after the block
+        raise UserError(f"evaluation: {err}") from None
 
 
 def _gather(items: list, world: int) -> list:

@@ -200,3 +200,21 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
     assert report["checkpoint"].endswith("step-000002/ema.safetensors")
     assert (tmp_path / "g.png").is_file()
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+
+
+def test_loss_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from ditkit.train.logs import plot_loss
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    plot_loss([{"step": 1.0, "loss": 0.5}, {"step": 2.0, "loss": 0.4}], tmp_path / "loss.png")
+    assert not (tmp_path / "loss.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err

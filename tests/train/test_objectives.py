@@ -56,7 +56,7 @@ def test_loss_finite_and_decreasing(objective):
 # ---------------------------------------------------------------------------- DDPM hybrid loss
 
 
-def _hand_ddpm(x0, eps, t, eps_hat, v):
+def _hand_ddpm(x0, eps, t, eps_hat, v, cdf):
     """Improved-DDPM's hybrid loss for one scalar pixel, written out with numpy/math."""
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     alphas = 1 - betas
@@ -82,25 +82,34 @@ def _hand_ddpm(x0, eps, t, eps_hat, v):
         l_t = kl / math.log(2)
     else:  # decoder: P(x0 in its 1/255-wide bin) under N(mu_hat, var_hat)
         sd = math.exp(0.5 * logvar_hat)
-        cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
         p = cdf((x0 + 1 / 255 - mu_hat) / sd) - cdf((x0 - 1 / 255 - mu_hat) / sd)
         l_t = -math.log(p) / math.log(2)
     return l_simple + 0.001 * 1000 * l_t, l_simple, l_t, x_t
 
 
+def _exact_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def _tanh_cdf(z):  # ADM's approx_standard_normal_cdf
+    return 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+
 @pytest.mark.parametrize("t", [0, 1, 10, 500, 999])
-def test_ddpm_hybrid_loss_matches_direct_computation(t):
-    obj = S.DDPMObjective()
+@pytest.mark.parametrize("cdf", ["tanh", "exact"])
+def test_ddpm_hybrid_loss_matches_direct_computation(t, cdf):
+    obj = S.DDPMObjective(decoder_cdf=cdf)
     tables = DDPMTables(obj)
     x0, eps, eps_hat, v = 0.3, -0.7, -0.5, 0.25
-    want, want_simple, want_t, x_t = _hand_ddpm(x0, eps, t, eps_hat, v)
+    want, want_simple, want_t, x_t = _hand_ddpm(x0, eps, t, eps_hat, v,
+                                                _tanh_cdf if cdf == "tanh" else _exact_cdf)
     f = lambda a: torch.full((1, 1, 1, 1), a, dtype=torch.float64)  # noqa: E731
     out = torch.cat([f(eps_hat), f(v)], dim=1)
     loss, simple, l_t = ddpm_hybrid_loss(tables, obj, f(x0), f(x_t), torch.tensor([t]), f(eps),
                                          out)
     assert simple.item() == pytest.approx(want_simple, rel=1e-12)
-    assert l_t.item() == pytest.approx(want_t, rel=1e-6)
-    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert l_t.item() == pytest.approx(want_t, rel=1e-9)
+    assert loss.item() == pytest.approx(want, rel=1e-9)
     assert want_t > 0
 
 
@@ -124,8 +133,8 @@ def test_ddpm_vlb_gradient_reaches_only_the_variance_channels():
 def test_cosine_interpolated_sigma_spans_the_range_and_shifts_with_resolution():
     u = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     s = cosine_interpolated_sigma(u, 64, 64, 64, 0.5, 1e-3, 1e3)
-    assert s[0].item() == pytest.approx(1e-3, rel=1e-9)
-    assert s[2].item() == pytest.approx(1e3, rel=1e-9)
+    assert s[0].item() == pytest.approx(1e3, rel=1e-9)  # u = 0: the high-noise end
+    assert s[2].item() == pytest.approx(1e-3, rel=1e-9)
     # unshifted cosine schedule at u = 0.5: sigma_data * tan of the midpoint angle
     t_min, t_max = math.atan(1e-3 / 0.5), math.atan(1e3 / 0.5)
     assert s[1].item() == pytest.approx(0.5 * math.tan((t_min + t_max) / 2), rel=1e-9)

@@ -41,13 +41,29 @@ import torch
 
 from ditkit import spec as S
 
-from .remap import ConversionError, Remap, compact, expected_shapes  # noqa: F401
+from .remap import ConversionError, Remap, check_heads, compact, expected_shapes  # noqa: F401
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
 
 # --------------------------------------------------------------------------------------------
 # reading source files safely
+
+
+def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
+                    objective=None) -> str:
+    """sha256 over the tensors (:func:`ditkit.runtime.checkpoint.model_hash`), the spec and the
+    objective (canonical JSON): two conversions of the same weights with different ``--heads``
+    get different hashes."""
+    import hashlib
+
+    from ..checkpoint import model_hash
+
+    h = hashlib.sha256(model_hash(tensors).encode())
+    h.update(json.dumps(S.to_data(spec, full=True), sort_keys=True).encode())
+    if objective is not None:
+        h.update(json.dumps(objective.model_dump(mode="json"), sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PREFERRED_KEYS,
@@ -183,5 +199,6 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         raise ValueError(f"{out}: use a .safetensors or .pt/.pth file name")
 
 
-__all__ = ["ConversionError", "Remap", "expected_shapes", "read_source", "source_module",
-           "source_names", "convert_state", "convert", "export", "DEFAULT_PREFERRED_KEYS"]
+__all__ = ["ConversionError", "Remap", "check_heads", "conversion_hash", "expected_shapes",
+           "read_source", "source_module", "source_names", "convert_state", "convert", "export",
+           "DEFAULT_PREFERRED_KEYS"]

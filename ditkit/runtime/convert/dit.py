@@ -23,7 +23,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import DIT_SIZES
 
-from .remap import Remap, expected_shapes
+from .remap import Remap, check_heads, expected_shapes
 
 SOURCE = "dit"
 PREFERRED_KEYS = ("ema", "model")
@@ -70,8 +70,7 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
                              "weights (the qkv shape does not depend on it); pass --heads N (or "
                              "--preset NAME)")
         n_heads = _WIDTH_HEADS[d_model]
-    if d_model % n_heads:
-        raise ValueError(f"--heads {n_heads} does not divide the width {d_model}")
+    check_heads(n_heads, d_model, _WIDTH_HEADS, "DiT")
     ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / d_model
     out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out not in (channels, 2 * channels):

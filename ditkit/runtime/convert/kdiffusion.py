@@ -24,6 +24,8 @@ every n_heads-th log-spaced value) and are regenerated on export.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 
 import torch
 
@@ -129,9 +131,16 @@ def spec_from_config(model: dict, classes: int, name: str = "hdit") -> S.ModelSp
     return S.validate(data, S.ModelSpec, "k-diffusion config")
 
 
-def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0) -> dict:
-    """The k-diffusion config (``{"model": ..., "dataset": ...}``) of an HDiT-layout spec;
+def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0, objective=None) -> dict:
+    """The complete k-diffusion config (``model``, ``dataset``, ``optimizer``, ``lr_sched``,
+    ``ema_sched``: every key ``load_config``, ``make_model``, ``make_denoiser_wrapper``,
+    ``make_sample_density`` and ``sample.py`` read) of an HDiT-layout spec. The training part
+    comes from ``objective`` (an EDM objective; ``None``: EDM's defaults at ``sigma_data``);
     raises ``ValueError`` naming what k-diffusion cannot express."""
+    _check_aug(spec)
+    if objective is not None and not isinstance(objective, S.EDMObjective):
+        raise ValueError(f"k-diffusion trains with EDM preconditioning; this checkpoint's "
+                         f"objective is {objective.kind!r}")
     self_attns, d_ffs, dropout = [], [], []
     for i, lvl in enumerate(spec.levels):
         blocks = spec.stack(i, "middle" if i == len(spec.levels) - 1 else "encoder")
@@ -170,10 +179,20 @@ def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0) -> dict:
         "mapping_d_ff": int(round(cond.mapping.ratio * spec.cond_width)),
         "mapping_cond_dim": 0,
         "mapping_dropout_rate": cond.mapping.dropout,
-        "sigma_data": sigma_data,
+        "augment_wrapper": False,
+        "skip_stages": 0,
+        "has_variance": False,
+        "augment_prob": 0.0,
     }
+    model.update(_training_config(spec, objective, sigma_data))
     config = {"model": model,
-              "dataset": {"num_classes": cond.classes.count if cond.classes else 0}}
+              "dataset": {"type": "imagefolder", "num_classes": cond.classes.count if cond.classes
+                          else 0, "cond_dropout_rate": 0.1},
+              # load_config's image_transformer_v2 / global defaults, written out
+              "optimizer": {"type": "adamw", "lr": 5e-4, "betas": [0.9, 0.99], "eps": 1e-8,
+                            "weight_decay": 1e-4},
+              "lr_sched": {"type": "constant", "warmup": 0.0},
+              "ema_sched": {"type": "inverse", "power": 0.6667, "max_value": 0.9999}}
     m, classes = model_config({"config": json.dumps(config)})
     back = spec_from_config(m, classes, spec.name)
     differs = _differences(spec, back)
@@ -182,6 +201,36 @@ def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0) -> dict:
                          f"image_transformer_v2: it differs from that layout in "
                          f"{', '.join(differs)}")
     return config
+
+
+def _training_config(spec: S.ModelSpec, objective, sigma_data: float) -> dict:
+    """``sigma_data``, ``sigma_min`` / ``sigma_max``, the loss and the sigma density of an EDM
+    objective in k-diffusion's keys (the inverse of :func:`objective`)."""
+    obj = objective if objective is not None else S.EDMObjective(sigma_data=sigma_data)
+    sd = obj.sigma_data
+    if obj.weighting == "min_snr":
+        raise ValueError("k-diffusion has no min-snr weighting (only karras, snr, "
+                         "soft-min-snr); this checkpoint's objective uses min_snr")
+    if obj.weighting == "soft_min_snr" and not math.isclose(obj.gamma, 1 / sd**2, rel_tol=1e-9):
+        raise ValueError(f"k-diffusion's soft-min-snr is gamma = 1 / sigma_data^2 = {1 / sd**2:g}; "
+                         f"this checkpoint's objective has gamma {obj.gamma:g}")
+    from ditkit.runtime.denoiser import NoiseRange
+
+    rng = NoiseRange.of(obj)
+    out: dict = {"sigma_data": sd, "sigma_min": rng.sigma_min, "sigma_max": rng.sigma_max,
+                 "loss_config": "karras",
+                 "loss_weighting": {"karras": "karras", "snr": "snr",
+                                    "soft_min_snr": "soft-min-snr"}[obj.weighting],
+                 "loss_scales": 1}
+    match obj.sigma_sampling:
+        case S.LogNormalSigma(mean=mean, std=std):
+            out["sigma_sample_density"] = {"type": "lognormal", "mean": mean, "std": std}
+        case S.CosineInterpolatedSigma() as c:
+            size = max(spec.input.resolution)
+            out["sigma_sample_density"] = {
+                "type": "cosine-interpolated", "min_value": c.sigma_min, "max_value": c.sigma_max,
+                "noise_d_low": c.low_resolution, "noise_d_high": c.high_resolution or size}
+    return out
 
 
 def _differences(a: S.ModelSpec, b: S.ModelSpec) -> list[str]:
@@ -211,38 +260,63 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *,
     if preset is not None:
         return preset
     model, classes = model_config(metadata)
-    return spec_from_config(model, classes, name or "hdit-converted")
+    return spec_from_config(model, classes, name or metadata.get("ditkit.name")
+                            or "hdit-converted")
+
+
+_WEIGHTINGS = {"karras": "karras", "snr": "snr", "soft-min-snr": "soft_min_snr"}
 
 
 def objective(metadata: dict, spec: S.ModelSpec):
-    """EDM preconditioning with the config's ``sigma_data`` and loss weighting."""
+    """The config's training objective, as k-diffusion's ``make_denoiser_wrapper`` and
+    ``make_sample_density`` define it: EDM preconditioning with ``sigma_data``; the loss
+    weighting (``soft-min-snr`` is ``gamma = 1 / sigma_data^2``); the sigma density
+    (``lognormal`` or ``cosine-interpolated`` with its ``min(sigma_min, 1e-3)`` /
+    ``max(sigma_max, 1e3)`` clip range, ``noise_d_low`` 32, ``noise_d_high`` = the image
+    size); and ``sigma_min`` / ``sigma_max``, the range ``sample.py`` samples over."""
     try:
         model, _ = model_config(metadata)
     except ValueError:
         return None
-    weighting = {"karras": "karras", "snr": "snr", "min-snr": "min_snr",
-                 "soft-min-snr": "soft_min_snr"}.get(model.get("loss_weighting", "karras"))
-    args = {"sigma_data": float(model["sigma_data"])}
-    if weighting:
-        args["weighting"] = weighting
+    sd = float(model["sigma_data"])
+    name = model.get("loss_weighting", "karras")
+    if name not in _WEIGHTINGS:
+        raise ValueError(f"config.model.loss_weighting {name!r} is not one of k-diffusion's "
+                         f"{', '.join(_WEIGHTINGS)}")
+    if model.get("loss_config", "karras") != "karras":
+        warnings.warn(f"config.model.loss_config {model['loss_config']!r}: ditkit records the "
+                      "'karras' loss (the same denoiser for sampling; fine-tuning trains a "
+                      "different loss)", stacklevel=2)
+    if model.get("loss_scales", 1) != 1:
+        warnings.warn(f"config.model.loss_scales {model['loss_scales']}: ditkit has no DCT "
+                      "frequency weighting; fine-tuning uses loss_scales 1", stacklevel=2)
+    args: dict = {"sigma_data": sd, "weighting": _WEIGHTINGS[name]}
+    if name == "soft-min-snr":
+        args["gamma"] = 1 / sd**2
+    if "sigma_min" in model and "sigma_max" in model:
+        args["sigma_min"], args["sigma_max"] = float(model["sigma_min"]), float(model["sigma_max"])
     density = model.get("sigma_sample_density", {})
-    if density.get("type") == "lognormal":
+    kind = density.get("type")
+    if kind == "lognormal":
         args["sigma_sampling"] = S.LogNormalSigma(mean=density.get("mean", density.get("loc")),
                                                   std=density.get("std", density.get("scale")))
-    elif density.get("type") == "cosine-interpolated":
+    elif kind == "cosine-interpolated":
         sizes = model["input_size"]
         size = max(sizes) if isinstance(sizes, (list, tuple)) else sizes
-        if density.get("image_d", size) == size:
-            lo, hi = min(model.get("sigma_min", 1e-3), 1e-3), max(model.get("sigma_max", 1e3), 1e3)
-            values = {"sigma_min": density.get("min_value", lo),
-                      "sigma_max": density.get("max_value", hi),
-                      "low_resolution": density.get("noise_d_low", 32),
-                      "base_resolution": density.get("noise_d_low", 32),
-                      "high_resolution": density.get("noise_d_high")}
-            fields = S.CosineInterpolatedSigma.model_fields
-            if "high_resolution" in fields or values["high_resolution"] in (None, size):
-                args["sigma_sampling"] = S.CosineInterpolatedSigma(
-                    **{k: v for k, v in values.items() if k in fields})
+        if density.get("image_d", size) != size:
+            raise ValueError(f"config.model.sigma_sample_density.image_d "
+                             f"{density['image_d']} differs from the input size {size}; ditkit's "
+                             "cosine_interpolated density uses the input size")
+        high = density.get("noise_d_high", size)
+        args["sigma_sampling"] = S.CosineInterpolatedSigma(
+            sigma_min=density.get("min_value", min(model.get("sigma_min", 1e-3), 1e-3)),
+            sigma_max=density.get("max_value", max(model.get("sigma_max", 1e3), 1e3)),
+            low_resolution=density.get("noise_d_low", 32),
+            high_resolution=None if high == size else high)
+    elif kind is not None:
+        warnings.warn(f"config.model.sigma_sample_density.type {kind!r} has no ditkit "
+                      "equivalent (lognormal, cosine-interpolated); recorded EDM's log-normal "
+                      "density", stacklevel=2)
     return S.EDMObjective(**args)
 
 
@@ -251,9 +325,11 @@ def metadata(spec: S.ModelSpec) -> dict[str, str]:
 
 
 def source_metadata(spec: S.ModelSpec, objective=None) -> dict[str, str]:
-    """The ``config`` metadata of k-diffusion's inference safetensors."""
+    """The ``config`` metadata of k-diffusion's inference safetensors, plus the spec's name
+    under ``ditkit.name`` (k-diffusion ignores it; converting back restores the name)."""
     sigma_data = getattr(objective, "sigma_data", 1.0) if objective is not None else 1.0
-    return {"config": json.dumps(config_from_spec(spec, sigma_data), indent=4)}
+    config = config_from_spec(spec, sigma_data, objective)
+    return {"config": json.dumps(config, indent=4), "ditkit.name": spec.name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +387,19 @@ def _plain_pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_aug(spec: S.ModelSpec) -> None:
+    aux = {a.name: a for a in spec.conditioning.aux}
+    aug = aux.get("aug_cond")
+    if aug is None or aug.dims != 9 or aug.embed != "fourier":
+        have = ("none" if aug is None else f"a {aug.dims}-dimensional {aug.embed} one")
+        raise ValueError("k-diffusion's image_transformer_v2 requires a 9-dimensional aug_cond "
+                         f"input; this model has {have}")
+    others = sorted(set(aux) - {"aug_cond"})
+    if others:
+        raise ValueError("k-diffusion's image_transformer_v2 has one auxiliary input "
+                         f"(aug_cond); this model also has {', '.join(others)}")
+
+
 def _check_family(spec: S.ModelSpec) -> None:
     if not isinstance(spec.conditioning.noise, S.FourierNoise):
         raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (its noise embedding is "
@@ -318,6 +407,7 @@ def _check_family(spec: S.ModelSpec) -> None:
     if any(not isinstance(b.modulation, S.AdaScale) for _, _, _, b in spec.blocks()):
         raise ValueError(f"spec {spec.name!r} is not an HDiT-layout spec (k-diffusion's blocks "
                          "use ada_scale modulation)")
+    _check_aug(spec)
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:

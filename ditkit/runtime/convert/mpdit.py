@@ -21,6 +21,7 @@ rows are permuted. MPDiT's ``forward_with_cfg`` guides every channel (unlike DiT
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -29,7 +30,7 @@ import torch
 from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
-from .remap import Remap, expected_shapes
+from .remap import Remap, check_heads, expected_shapes
 
 SOURCE = "mpdit"
 PREFERRED_KEYS = ("ema", "model")
@@ -76,8 +77,7 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
             raise ValueError(f"cannot infer the heads of a width-{d_model} MPDiT from its "
                              "weights; pass n_heads (--heads N) or --preset NAME")
         n_heads = _WIDTH_HEADS[d_model]
-    if d_model % n_heads:
-        raise ValueError(f"n_heads {n_heads} does not divide the width {d_model}")
+    check_heads(n_heads, d_model, _WIDTH_HEADS, "MPDiT")
     if three:
         depths = (_count(state, "downsample_blocks"), _count(state, "upsample_blocks_lvl1"),
                   _count(state, "upsample_blocks_lvl2"))
@@ -237,3 +237,24 @@ def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str
 def metadata(spec: S.ModelSpec) -> dict[str, str]:
     """MPDiT's ``forward_with_cfg`` guides every output channel."""
     return {"ditkit.cfg_channels": str(spec.out_channels)}
+
+
+def objective(metadata: dict, spec: S.ModelSpec):
+    """MPDiT trains a rectified flow (``OTFlow``): ``x_t = (1 - t) x0 + t eps``, velocity
+    ``eps - x0``, the network gets ``t`` in [0, 1] itself (time scale 1). Times are
+    logit-normal (``time_sampler: lognormal`` with ``p_mean`` / ``p_std``) or uniform, read
+    from a training checkpoint's ``args``; without them, the published recipe
+    (``script/train.sh``: lognormal, ``p_mean 0``, ``p_std 1.0``)."""
+    args = {}
+    if "args" in metadata:
+        try:
+            args = json.loads(metadata["args"])
+        except (json.JSONDecodeError, TypeError):
+            args = {}
+        args = args if isinstance(args, dict) else {}
+    if args.get("time_sampler", "lognormal") == "uniform":
+        sampling = S.UniformTime()
+    else:
+        sampling = S.LogitNormalTime(mean=float(args.get("p_mean", 0.0)),
+                                     std=float(args.get("p_std", 1.0)))
+    return S.FlowObjective(time_sampling=sampling, time_scale=1.0)

@@ -6,6 +6,7 @@ dispatch do not import each other."""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -158,6 +159,22 @@ class Remap:
         if missing or unexpected or mismatched or self.other:
             raise ConversionError(self.source, missing, unexpected, mismatched, self.other)
         return self.out
+
+
+def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: str) -> None:
+    """A head count the weights cannot confirm (qkv is ``(3 D, D)`` for any count): refuse one
+    that does not divide the width, warn about one that differs from the preset of that width
+    (a wrong count converts silently into a different model)."""
+    if n_heads <= 0 or d_model % n_heads:
+        hint = (f" (the width-{d_model} {family} preset has {presets[d_model]})"
+                if d_model in presets else "")
+        raise ValueError(f"--heads {n_heads} does not divide the width {d_model}; use a "
+                         f"divisor{hint}")
+    if d_model in presets and presets[d_model] != n_heads:
+        warnings.warn(f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
+                      f"width-{d_model} {family} preset: the weights load either way, but the "
+                      "model computes something else; check the source's configuration",
+                      stacklevel=3)
 
 
 def expected_shapes(spec: S.ModelSpec) -> dict[str, tuple[int, ...]]:
