@@ -1,5 +1,5 @@
 """``benchmarks/gpu_check.py --dry-run``: every stage at toy sizes on CPU, so the prepared GPU
-script keeps running while no GPU is at hand (~25 s on 2 idle cores)."""
+script keeps running while no GPU is at hand (~21 s of CPU time for the dry run)."""
 
 from __future__ import annotations
 

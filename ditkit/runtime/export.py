@@ -463,7 +463,7 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
         from .ort_fusion import translation_table
 
-        table = translation_table()
+        table = translation_table() or None
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():

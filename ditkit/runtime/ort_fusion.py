@@ -49,12 +49,17 @@ def _mha_op():
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: aten SDPA -> MultiHeadAttention."""
+    """``custom_translation_table`` for ``torch.onnx.export``: aten SDPA -> MultiHeadAttention
+    (empty where this onnxscript lacks what it needs; the export is then unfused)."""
     import torch
-    from onnxscript import opset18 as op
-    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
 
-    mha = _mha_op()
+    try:  # onnxscript's internals: without them the export keeps the plain ONNX ops
+        from onnxscript import opset18 as op
+        from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+        mha = _mha_op()
+    except (ImportError, AttributeError, TypeError):
+        return {}
 
     def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0,
              is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False):
