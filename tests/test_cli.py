@@ -59,6 +59,16 @@ def test_schema_subcommand(tmp_path):
     assert json.loads(out.read_text())["title"] == "ModelSpec"
 
 
+def test_validate_json_names_every_problem(tmp_path):
+    proc = run("validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "tests/data/bad-spec.yaml",
+               "--json")
+    assert proc.returncode == 2
+    out = json.loads(proc.stdout)
+    assert out["ok"] is False and [s["ok"] for s in out["specs"]] == [True, False]
+    fields = {p["field"] for p in out["specs"][1]["problems"]}
+    assert {"block.d_head", "levels[0].attention.kernel_size", "input.resolution"} <= fields
+
+
 def test_validate_all_examples():
     specs = sorted(str(p) for p in (ROOT / "examples").rglob("*.yaml")
                    if "experiments" not in p.parts)  # experiment specs: tests/train
@@ -191,3 +201,157 @@ def test_resolver_kinds(tmp_path):
 def test_run_folder_without_checkpoints_exits_2(tmp_path):
     proc = run("evaluate", str(tmp_path))
     assert proc.returncode == 2 and "no checkpoints" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ vocabulary
+
+
+def _all_parsers():
+    import argparse
+
+    from ditkit.cli import build_parser
+    from ditkit.cli.docs import _commands
+
+    return [(name, p) for name, p, _ in _commands(build_parser())], argparse
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parsers, argparse = _all_parsers()
+    assert len(parsers) >= 16
+    for name, parser in parsers:
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]}: no help text"
+            default = action.default
+            if default not in (None, False, [], argparse.SUPPRESS) and not isinstance(
+                    action, argparse._HelpAction):
+                assert "default" in (action.help % {"default": default}
+                                     if "%(default)" in action.help else action.help) or \
+                    f"(default: {default})" in " ".join(text.split()), \
+                    f"{name} {action.option_strings[0]}: default {default!r} not in help"
+
+
+def test_one_vocabulary_across_commands():
+    """The same option names for the same things; no command keeps an old spelling visible."""
+    parsers, argparse = _all_parsers()
+    visible = {name: {o for a in p._actions if a.help != argparse.SUPPRESS
+                      for o in a.option_strings} for name, p in parsers}
+    for name, opts in visible.items():
+        assert not opts & {"--cfg", "--num", "--samples", "--eval-count"}, (name, opts)
+    computing = ["ditkit sample", "ditkit evaluate", "ditkit train", "ditkit extrapolate",
+                 "ditkit bench sample", "ditkit bench attention", "ditkit encode",
+                 "ditkit export", "ditkit demo"]
+    for name in computing:
+        assert "--threads" in visible[name], name
+    for name in computing[:-2] + ["ditkit encode"]:
+        assert "--device" in visible[name], name
+    for name in ["ditkit sample", "ditkit evaluate", "ditkit extrapolate", "ditkit train",
+                 "ditkit demo", "ditkit bench sample", "ditkit bench attention",
+                 "ditkit encode", "ditkit shards"]:
+        assert "--no-progress" in visible[name], name
+    for name in ["ditkit sample", "ditkit evaluate", "ditkit extrapolate"]:
+        parser = dict(parsers)[name]
+        sampler = next(a for a in parser._actions if "--sampler" in a.option_strings)
+        assert sampler.choices and "heun" in sampler.choices, name
+    for name, parser in parsers:
+        for a in parser._actions:
+            if "--device" in a.option_strings:
+                assert a.default == "auto", name
+            if "--json" in a.option_strings:  # a switch (the old bench FILE form is optional)
+                assert a.nargs in (0, "?"), name
+
+
+def test_readme_command_table_is_generated_from_the_parsers():
+    from ditkit.cli.docs import BEGIN, END, command_table
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    assert table == command_table(), "run: python -m ditkit.cli.docs README.md"
+
+
+def test_set_overrides_on_describe_and_validate(capsys):
+    assert main(["describe", "hdit-imagenet-128", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert main(["describe", "hdit-imagenet-128", "--set", "levels.0.d_model=256",
+                 "--json"]) == 0
+    smaller = json.loads(capsys.readouterr().out)
+    assert smaller["levels"][0]["d_model"] == 256 and smaller["params"] < base["params"]
+    proc = run("describe", "hdit-imagenet-128", "--set", "levels.0.d_modl=256")
+    assert proc.returncode == 2 and "levels[0].d_modl" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "--set",
+               "levels.0.attention.kernel_size=4")
+    assert proc.returncode == 2 and "kernel_size" in proc.stderr and "odd" in proc.stderr
+
+
+def test_train_with_set_records_the_resolved_experiment(tmp_path):
+    import yaml
+
+    exp = ROOT / "examples" / "experiments" / "demo-digits.yaml"
+    out = tmp_path / "run"
+    proc = run("train", str(exp), "--out", str(out), "--no-progress", "--steps", "1",
+               "--set", "training.batch_size=8", "--set", "optimizer.lr=3e-4",
+               "--set", "checkpoint.every=1", "--set", "preview.every=0",
+               "--set", "evaluation.enabled=false", "--device", "cpu", "--threads", "1",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["step"] == 1 and summary["run"] == str(out) and summary["threads"] == 1
+    assert summary["device"] == "cpu" and summary["checkpoint"].startswith(str(out))
+    recorded = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert recorded["training"]["batch_size"] == 8 and recorded["training"]["steps"] == 1
+    assert recorded["optimizer"]["lr"] == pytest.approx(3e-4)
+    assert isinstance(recorded["model"], dict)  # the model inlined: resolved
+    proc = run("train", str(exp), "--out", str(tmp_path / "bad"), "--set",
+               "training.batch_size=zero")
+    assert proc.returncode == 2 and "training.batch_size" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cuda_on_a_machine_without_it_is_one_line_exit_2(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the branch is unit-tested in test_device.py")
+    proc = run("describe", "hdit-imagenet-128")  # sanity: the machine runs commands
+    assert proc.returncode == 0
+    for args in (["bench", "attention", "--device", "cuda", "--grids", "14", "--kernel", "3"],
+                 ["sample", "hdit-imagenet-128", "--device", "cuda", "--steps", "1"],
+                 ["sample", "hdit-imagenet-128", "--device", "gpu", "--steps", "1"]):
+        proc = run(*args)
+        assert proc.returncode == 2, args
+        assert ("no CUDA device is available" in proc.stderr
+                or "use cpu, cuda, cuda:N or auto" in proc.stderr), proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_one_list_syntax(capsys):
+    from ditkit.cli.common import list_arg, parse_list
+    from ditkit.cli.extrapolate import policy_list
+
+    assert parse_list(" 0, 1,,2 ") == ["0", "1", "2"]
+    assert list_arg(["32,48x64"], "--resolutions") == ["32", "48x64"]
+    assert capsys.readouterr().err == ""
+    assert list_arg(["32", "48x64"], "--resolutions") == ["32", "48x64"]  # the old form
+    assert "space-separated --resolutions values are deprecated" in capsys.readouterr().err
+    # a policy's own key=value options stay with it
+    assert policy_list(["as_is,core_patch:factor=4,level=0,local_core:kernel_size=7,add_levels"]
+                       ) == ["as_is", "core_patch:factor=4,level=0", "local_core:kernel_size=7",
+                             "add_levels"]
+    assert policy_list(["as_is", "add_levels"]) == ["as_is", "add_levels"]
+
+
+def test_every_help_text_is_torch_free():
+    """Formatting every command's help (all parsers built) imports no torch."""
+    code = ("import sys\n"
+            "from ditkit.cli import build_parser\n"
+            "from ditkit.cli.docs import _commands\n"
+            "n = sum(len(p.format_help()) > 0 for _, p, _ in _commands(build_parser()))\n"
+            "print(n, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    count, torch_loaded = proc.stdout.split()
+    assert int(count) >= 16 and torch_loaded == "False"

@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (UsageError, load_model_source, parse_list, parse_resolution,
-                     resolve_source)
+from .common import (DEPRECATED_IN, UsageError, add_device, add_progress, add_set,
+                     add_threads, list_arg, load_model_source, parse_list, parse_resolution,
+                     resolve_source, setup_compute)
 
 DEFAULT_GRIDS = "32,64,128,256"
 
@@ -33,17 +34,16 @@ def add_parser(sub) -> None:
                         "natten,flex,gather,tiled,masked on CUDA)")
     p.add_argument("--grids", default=DEFAULT_GRIDS,
                    help="square token-grid sides, comma-separated (default: 32,64,128,256)")
-    p.add_argument("--kernel", type=int, default=7)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--d-head", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--kernel", type=int, default=7, help="neighborhood kernel size")
+    p.add_argument("--heads", type=int, default=2, help="attention heads")
+    p.add_argument("--d-head", type=int, default=64, help="dimensions per head")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop timing a case after this many seconds (default: 20)")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="skip cases estimated to need more (default: half the free memory)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    _common(p)
     p.set_defaults(func=run_attention)
 
     p = group.add_parser(
@@ -51,28 +51,51 @@ def add_parser(sub) -> None:
         description="Per denoiser evaluation (one sampling step), median of repeats.")
     p.add_argument("spec", help="spec file or preset (random weights), or a checkpoint")
     p.add_argument("--resolutions", nargs="+", default=None,
-                   help="H or HxW values (default: the spec's)")
-    p.add_argument("--batch", type=int, default=1)
+                   help="comma-separated H or HxW values (default: the spec's)")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--engines", default="eager,onnxruntime",
                    help="comma-separated from eager, compile, onnxruntime, tensorrt")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and onnxruntime alike (default: torch's)")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs (median)")
+    add_set(p, "spec (spec files and presets only)")
+    _common(p)
     p.set_defaults(func=run_sample)
 
 
+def _common(p) -> None:
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
+    p.add_argument("--json", nargs="?", const=True, default=False, metavar="FILE",
+                   help="print the rows as JSON instead of the table (a FILE argument, the "
+                        "old form, writes them there: deprecated, use --json > FILE)")
+
+
+def _write_json(args, rows) -> bool:
+    """``--json``: print the rows (True); ``--json FILE``: the deprecated form, also write
+    them to FILE and print the table (False)."""
+    from ditkit.runtime.files import atomic_path
+
+    if args.json is True:
+        print(json.dumps(rows, indent=2))
+        return True
+    if args.json:
+        print(f"ditkit: --json FILE is deprecated, use --json > FILE (goes in ditkit "
+              f"{DEPRECATED_IN})", file=sys.stderr)
+        with atomic_path(Path(args.json)) as tmp:
+            Path(tmp).write_text(json.dumps(rows, indent=2) + "\n")
+    return False
+
+
 def run_attention(args) -> int:
+    import os
+
     import torch
 
     from ditkit.builder import kernels
     from ditkit.builder.bench import format_table, run
-    from ditkit.runtime.files import atomic_path
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    device = torch.device(setup_compute(args))
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the per-case CPU subprocesses too
     default = "natten,flex,gather,tiled,masked" if device.type == "cuda" else "gather,tiled,masked"
     backends = parse_list(args.backends or default)
     choices = [x for x in kernels.NEIGHBORHOOD_BACKENDS if x != "auto"]
@@ -92,15 +115,14 @@ def run_attention(args) -> int:
     if args.kernel < 1 or args.kernel % 2 == 0:
         raise UsageError(f"--kernel {args.kernel}: neighborhood kernels must be odd, e.g. 7")
     rows = run(backends, grids, args.kernel, args.batch, args.heads, args.d_head, device,
-               args.repeats, args.max_seconds, args.memory_limit_gib)
+               args.repeats, args.max_seconds, args.memory_limit_gib,
+               progress=not (args.no_progress or args.json is True))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({torch.get_num_threads()} threads)")
-    print(format_table(rows, name, args.kernel, args.heads, args.d_head, args.batch))
-    if args.json:
-        from dataclasses import asdict
+    from dataclasses import asdict
 
-        with atomic_path(Path(args.json)) as tmp:
-            Path(tmp).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    if not _write_json(args, [asdict(r) for r in rows]):
+        print(format_table(rows, name, args.kernel, args.heads, args.d_head, args.batch))
     return 0
 
 
@@ -116,15 +138,17 @@ def run_sample(args) -> int:
     src = resolve_source(args.spec, ("file", "preset", "checkpoint", "run"))
     objective = None
     if src.kind in ("file", "preset"):
-        noise = load_spec(args.spec).conditioning.noise.kind
+        noise = load_spec(args.spec, overrides=args.overrides).conditioning.noise.kind
         objective = "edm" if noise == "fourier" else "ddpm_eps"
-    model, objective, _, _ = load_model_source(args.spec, objective)
-    resolutions = [parse_resolution(r, "--resolutions") for r in args.resolutions] \
+    setup_compute(args)
+    model, objective, _, _ = load_model_source(args.spec, objective, overrides=args.overrides)
+    resolutions = [parse_resolution(r, "--resolutions")
+                   for r in list_arg(args.resolutions, "--resolutions")] \
         if args.resolutions else [tuple(model.spec.input.resolution)]
+    quiet = args.no_progress or args.json is True
     rows = bench_sample(model, objective, resolutions, engines=engines, batch=args.batch,
                         repeats=args.repeats, device=args.device, threads=args.threads,
-                        log=lambda m: print(m, file=sys.stderr))
-    print(format_rows(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+                        log=None if quiet else (lambda m: print(m, file=sys.stderr)))
+    if not _write_json(args, rows):
+        print(format_rows(rows))
     return 0

@@ -12,6 +12,7 @@ boundary. Imports nothing heavy at module level (``ditkit --help`` must not impo
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -305,3 +306,111 @@ def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str =
                          f"{bad or values}")
     n = num or len(values)
     return torch.tensor([values[i % len(values)] for i in range(n)]), n
+
+
+# --------------------------------------------------------------------------------- vocabulary
+# One name per thing in every command (and the YAML field it mirrors):
+#   --cfg-scale  guidance scale (cfg_scale)      --count    number of samples (count)
+#   --sampler    sampler name (sampler)          --steps    sampler steps (steps)
+#   --seed       seed (seed)                     --device   cpu | cuda | cuda:N | auto
+#   --threads    CPU threads                     --out      the file or folder written
+#   --json       print one JSON object on stdout instead of the text report
+#   --no-progress  no progress bar               --set PATH=VALUE  override a spec field
+# Lists are comma-separated everywhere. Old spellings are hidden aliases that print one
+# deprecation line (DEPRECATED_IN) and keep working until the next version.
+
+
+DEPRECATED_IN = "0.2"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless the help text already states one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text
+                or "default" in text or action.option_strings == []
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` with :class:`HelpFormatter`; subcommand parsers inherit it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def deprecated(parser, old: str, new: str, **kwargs) -> None:
+    """Accept ``old`` as a hidden alias of the option ``new`` (same ``dest``): it works and
+    prints one line naming the new spelling."""
+    dest = next(a.dest for a in parser._actions if new in a.option_strings)
+    base = kwargs.pop("action", "store")
+
+    class Alias(argparse.Action):
+        def __call__(self, parser_, namespace, values, option_string=None):
+            print(f"ditkit: {old} is deprecated, use {new} ({old} goes in ditkit "
+                  f"{DEPRECATED_IN})", file=sys.stderr)
+            if base == "store_true":
+                values = True
+            setattr(namespace, dest, values)
+
+    if base == "store_true":
+        kwargs["nargs"] = 0
+    parser.add_argument(old, dest=f"_deprecated_{old.strip('-').replace('-', '_')}",
+                        action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                        **kwargs)
+
+
+def add_device(p, default: str = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help="cpu, cuda, cuda:N or auto (auto: cuda when available, else cpu; under "
+                        "torchrun cuda means the local rank's GPU)")
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $OMP_NUM_THREADS, else half the CPUs this "
+                        "process may use, divided among local torchrun ranks, 1 to 8)")
+
+
+def add_progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_json(p, what: str = "print one JSON object instead of the text report") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def add_set(p, what: str = "spec") -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help=f"override a field of the {what} (repeatable), e.g. "
+                        "training.batch_size=8 or levels.0.d_model=256; validated by the schema")
+
+
+def setup_compute(args) -> str:
+    """Apply ``--threads`` and resolve ``--device``; returns the device string
+    (``ditkit.runtime.device``)."""
+    from ditkit.runtime.device import pick_device, set_threads
+
+    args.threads = set_threads(getattr(args, "threads", None))
+    device = getattr(args, "device", None)
+    if device is not None:
+        args.device = str(pick_device(device))
+    return getattr(args, "device", "cpu")
+
+
+def list_arg(values, flag: str) -> list[str]:
+    """A comma-separated list option that used to take space-separated values (``nargs``):
+    both forms are read, the old one with a deprecation line."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    if len(values) > 1:
+        print(f"ditkit: space-separated {flag} values are deprecated, separate them with "
+              f"commas ({flag} {','.join(values)}); the old form goes in ditkit "
+              f"{DEPRECATED_IN}", file=sys.stderr)
+    return [item for v in values for item in parse_list(v)]

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from pathlib import Path
+
+from .common import (add_json, add_progress, add_set, add_threads, deprecated, load_spec,
+                     positive, setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -13,35 +18,38 @@ def add_parser(sub) -> None:
                    help="model spec to train instead of examples/tiny/tiny-hdit-digits.yaml "
                    "(1 or 3 channels, 10 classes)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
-    p.add_argument("--steps", type=int, default=None, help="override the training steps")
-    p.add_argument("--samples", type=int, default=None,
-                   help="override the number of evaluation samples (evaluation.count)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: a model this small gains little from "
-                   "more, and threads spin-waiting on a shared machine are several times slower)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (short for --set training.steps=N; default: the "
+                        "experiment's 1000)")
+    p.add_argument("--count", type=int, default=None,
+                   help="evaluation samples (short for --set evaluation.count=N; default: the "
+                        "experiment's 500)")
+    add_set(p, "demo experiment (examples/experiments/demo-digits.yaml)")
+    add_threads(p)
+    add_progress(p)
+    add_json(p, "print only the final JSON line of scores (the report goes to stderr)")
+    deprecated(p, "--samples", "--count", type=int)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
-
-    from ditkit.train.demo import demo_experiment, run_demo, summary
+    from ditkit.train.demo import demo_experiment, run_demo, summary, summary_json
     from ditkit.train.loop import TrainingError
 
-    from .common import UsageError, load_spec
-
+    positive(args.count, "--count")
     spec = load_spec(args.spec, "--spec") if args.spec else None
-    exp = demo_experiment(spec, args.steps, args.samples,
-                          source=f"demo experiment with {args.spec}")
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise UsageError(f"--threads {args.threads}: must be positive")
-        torch.set_num_threads(args.threads)
+    exp = demo_experiment(spec, args.steps, args.count,
+                          source=f"demo experiment with {args.spec}", overrides=args.overrides)
+    setup_compute(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
     try:
-        result = run_demo(exp, out)
+        result = run_demo(exp, out, log=log, progress=not args.no_progress)
     except TrainingError as err:
-        print(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
         return 1
-    print(summary(result))
+    if args.json:
+        print(json.dumps(summary_json(result)))
+    else:
+        print(summary(result))
     return 0

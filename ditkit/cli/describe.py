@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import load_spec, parse_resolution
+from .common import add_json, add_set, load_spec, parse_resolution
 
 
 def add_parser(sub) -> None:
@@ -15,9 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("other", nargs="?", help="a second spec: both tables, what differs, and "
                                             "with --diagram both pictures, differences marked")
     p.add_argument("--resolution", help="input H or HxW (default: the spec's training one)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--diagram", metavar="FILE", help="draw the architecture to FILE (.svg or "
                                                      ".png; needs ditkit[diagram])")
+    add_set(p, "spec (both specs when comparing)")
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -26,12 +27,13 @@ def run(args) -> int:
 
     check_diagram(args.diagram)  # before measuring anything
     if args.other is not None:
-        return compare(load_spec(args.spec), load_spec(args.other), args.spec, args.other,
+        return compare(load_spec(args.spec, overrides=args.overrides),
+                       load_spec(args.other, overrides=args.overrides), args.spec, args.other,
                        parse_resolution(args.resolution), None, args, tables=True)
 
     from ditkit.builder import describe, format_report
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, overrides=args.overrides)
     report = describe(spec, parse_resolution(args.resolution))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import UsageError, parse_resolution
+from .common import (UsageError, add_device, add_progress, add_threads, parse_resolution,
+                     setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -21,12 +22,14 @@ def add_parser(sub) -> None:
                    "autoencoder's downsampling)")
     p.add_argument("--batch", type=int, default=16, help="images per encoder call (default 16)")
     p.add_argument("--shard-size", type=int, default=4096, help="latents per shard")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "npz"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "npz"],
+                   help="shard file format")
     p.add_argument("--mode", default="mean", choices=["mean", "sample"],
                    help="posterior mean (default) or a seeded sample of it")
     p.add_argument("--seed", type=int, default=0, help="seed for --mode sample")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
     p.set_defaults(func=run)
 
 
@@ -38,6 +41,7 @@ def run(args) -> int:
     for flag, value in (("--batch", args.batch), ("--shard-size", args.shard_size)):
         if value < 1:
             raise UsageError(f"{flag} {value}: must be positive")
+    setup_compute(args)
     try:
         r = encode_images(args.source, args.vae, args.out, parse_resolution(args.resolution),
                           batch_size=args.batch, shard_size=args.shard_size, fmt=args.format,

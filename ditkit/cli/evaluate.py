@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import UsageError, checkpoint_path
+from ditkit.spec.sampling import SAMPLERS
+
+from .common import (UsageError, add_device, add_json, add_progress, add_threads,
+                     checkpoint_path, setup_compute)
+
+
+GUIDED_SCALE = 3.0  # the guided scale reported when neither --cfg-scale nor the run gives one
 
 
 def add_parser(sub) -> None:
@@ -15,20 +21,27 @@ def add_parser(sub) -> None:
         "evaluate", help="digits: label accuracy and Frechet distance; folders or .npz: FID, "
         "precision, recall",
         description="With a checkpoint: sample digits and report label accuracy and a Frechet "
-        "distance (see ditkit.train.evaluate). With --real REF --fake SAMPLES: FID, precision "
+        "distance (see ditkit.train.evaluate); without --cfg-scale, both unguided (scale 1) "
+        "and guided (the run's evaluation.cfg_scale when its experiment.yaml gives one above "
+        f"1, else {GUIDED_SCALE:g}). With --real REF --fake SAMPLES: FID, precision "
         "and recall between two sets of images (folders or .npz files) through the standard "
         "Inception weights (pt_inception-2015-12-05-6726825d.pth); with a checkpoint and "
-        "--real REF: the same for --count samples against REF. The weights must be on disk: "
-        "--fid-weights, $DITKIT_FID_WEIGHTS, or torch's hub cache (nothing is downloaded).")
+        "--real REF: the same for --count samples against REF (at --cfg-scale, default 1). "
+        "The weights must be on disk: --fid-weights, $DITKIT_FID_WEIGHTS, or torch's hub "
+        "cache (nothing is downloaded).")
     p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
                    "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--grid", help="also write the first 100 samples as a PNG grid")
+    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale (default: report unguided and guided, see above)")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed")
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
+    p.add_argument("--grid", help="also write the first 100 samples (of the last scale) as a "
+                   "PNG grid, one column per class")
     p.add_argument("--real", help="FID: reference images, a folder (sub-folders included) or "
                    "an .npz (uint8 NHWC arr_0); with a checkpoint, FID of --count samples "
                    "against it")
@@ -41,8 +54,31 @@ def add_parser(sub) -> None:
                    "$DITKIT_FID_WEIGHTS, else <torch hub dir>/checkpoints/"
                    "pt_inception-2015-12-05-6726825d.pth)")
     p.add_argument("--fid-batch", type=int, default=8, help="FID: images per Inception batch")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p)
     p.set_defaults(func=run)
+
+
+def guidance_scales(cfg_scale: float | None, spec, path: Path) -> list[float]:
+    """The scales to report: the one asked for, else 1 and a guided one (the run's
+    ``evaluation.cfg_scale`` when above 1, else :data:`GUIDED_SCALE`); only 1 for a model
+    without a null class (nothing to guide against)."""
+    if cfg_scale is not None:
+        return [cfg_scale]
+    classes = spec.conditioning.classes
+    if classes is None or not classes.null_class:
+        return [1.0]
+    guided = GUIDED_SCALE
+    for folder in (path.parent, *path.parents[:3]):
+        exp = folder / "experiment.yaml"
+        if exp.is_file():
+            import yaml
+
+            data = yaml.safe_load(exp.read_text()) or {}
+            scale = (data.get("evaluation") or {}).get("cfg_scale")
+            if isinstance(scale, (int, float)) and scale > 1:
+                guided = float(scale)
+            break
+    return [1.0, guided]
 
 
 def run(args) -> int:
@@ -53,23 +89,40 @@ def run(args) -> int:
         return run_fid(args)
     if args.checkpoint is None:
         raise UsageError("give a checkpoint or run folder (digits evaluation), or --real DIR "
-                     "--fake DIR (FID between two folders of images)")
+                         "--fake DIR (FID between two folders of images)")
     if args.count < 10:
         raise UsageError(f"--count {args.count}: use at least 10 (one per class)")
+    setup_compute(args)
     model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
-    try:
-        report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective, count=args.count,
-                                           steps=args.steps, sampler=args.sampler,
-                                           cfg_scale=args.cfg_scale, seed=args.seed,
-                                           device=args.device, progress=not args.json)
-    except ValueError as err:
-        raise UsageError(f"{path}: {err}") from None
+    scales = guidance_scales(args.cfg_scale, ckpt.spec, path)
+    settings = {"count": args.count, "sampler": args.sampler, "steps": args.steps,
+                "cfg_scales": scales, "seed": args.seed, "device": args.device,
+                "threads": args.threads}
+    if not args.json:
+        print(f"evaluating {path}: {args.count} samples (labels cycle 0..9), {args.sampler} "
+              f"{args.steps} steps, cfg-scale {' and '.join(f'{s:g}' for s in scales)}, seed "
+              f"{args.seed}, {args.device}, {args.threads} thread(s)", flush=True)
+    results = []
+    for scale in scales:
+        try:
+            report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective,
+                                               count=args.count, steps=args.steps,
+                                               sampler=args.sampler, cfg_scale=scale,
+                                               seed=args.seed, device=args.device,
+                                               progress=not (args.json or args.no_progress))
+        except ValueError as err:
+            raise UsageError(f"{path}: {err}") from None
+        results.append({"cfg_scale": scale, **report.to_json()})
+        if not args.json:
+            label = "unguided" if scale == 1 else "guided"
+            print(f"  cfg-scale {scale:g} ({label}): {report.format()}")
     if args.grid:
         save_png(image_grid(images[:100], 10, scale=2), Path(args.grid))
     if args.json:
-        print(json.dumps({"checkpoint": str(path), **report.to_json()}, indent=2))
-    else:
-        print(f"{path}: {report.format()}")
+        # the first result (unguided, or the scale asked for) at the top level, as before;
+        # every scale's report in "results"
+        print(json.dumps({"checkpoint": str(path), **results[0], "settings": settings,
+                          "results": results}, indent=2))
     return 0
 
 
@@ -85,25 +138,27 @@ def run_fid(args) -> int:
     k = args.pr_k or None
     if not args.real:
         raise UsageError("FID needs --real DIR (reference images), and either --fake DIR or a "
-                     "checkpoint to sample from")
+                         "checkpoint to sample from")
     if args.checkpoint is not None and args.fake:
         raise UsageError("give either a checkpoint to sample from or --fake DIR, not both")
     if args.checkpoint is None and not args.fake:
         raise UsageError("FID needs --fake DIR (generated images) or a checkpoint to sample from")
+    setup_compute(args)
     try:
         if args.fake:
             report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
-                                 device=args.device, progress=not args.json, k=k)
+                                 device=args.device,
+                                 progress=not (args.json or args.no_progress), k=k)
         else:
             if args.count < 2:
                 raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
             model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
             report = fid_model(model, ckpt.spec, ckpt.objective, args.real, count=args.count,
                                steps=args.steps, sampler=args.sampler,
-                               cfg_scale=args.cfg_scale, seed=args.seed,
-                               weights=args.fid_weights, batch=args.fid_batch,
-                               device=args.device, progress=not args.json, source=str(path),
-                               k=k)
+                               cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
+                               seed=args.seed, weights=args.fid_weights, batch=args.fid_batch,
+                               device=args.device, progress=not (args.json or args.no_progress),
+                               source=str(path), k=k)
     except FIDError as err:
         raise UsageError(str(err)) from None
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from .common import UsageError, load_model_source, parse_resolution
+from .common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
+                     parse_resolution, setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -22,7 +23,8 @@ def add_parser(sub) -> None:
                         "one for the chosen precision)")
     p.add_argument("--dynamic", default="batch,resolution",
                    help="dynamic dims: batch, resolution, both (default) or 'none'")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="type the network runs in")
     p.add_argument("--target", default="onnxruntime",
                    help="onnxruntime or tensorrt-10.x / tensorrt-10.N (op allow-list)")
     p.add_argument("--resolution", default=None, help="example H or HxW (default: the spec's)")
@@ -31,12 +33,17 @@ def add_parser(sub) -> None:
                         "fourier noise embeddings, ddpm_eps for sinusoidal ones)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity runs (the other checks always run)")
-    p.add_argument("--cfg", action="store_true",
+    p.add_argument("--bake-cfg", action="store_true",
                    help="bake classifier-free guidance in: inputs x, sigma, class_labels, "
                         "cfg_scale; the conditional and null-class passes run batched inside")
     p.add_argument("--cfg-channels", type=int, default=None,
-                   help="with --cfg: guide only the first N channels (DiT: 3; default: the "
+                   help="with --bake-cfg: guide only the first N channels (DiT: 3; default: the "
                         "checkpoint's ditkit.cfg_channels metadata, else all)")
+    add_set(p, "spec (spec files and presets only)")
+    add_threads(p)
+    add_json(p, "print one JSON object (file, opset, dynamic dims, resolution rule, parity) "
+                "instead of the log")
+    deprecated(p, "--cfg", "--bake-cfg", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -45,20 +52,32 @@ def run(args) -> int:
 
     dynamic = () if args.dynamic == "none" else tuple(
         d.strip() for d in args.dynamic.split(",") if d.strip())
-    model, objective, meta, h = load_model_source(args.source, args.objective)
+    setup_compute(args)
+    model, objective, meta, h = load_model_source(args.source, args.objective,
+                                                  overrides=args.overrides)
     extra = {k: v for k, v in meta.items() if k == "ditkit.cfg_channels"}
     cfg_channels = args.cfg_channels
-    if args.cfg and cfg_channels is None and meta.get("ditkit.cfg_channels"):
+    if args.bake_cfg and cfg_channels is None and meta.get("ditkit.cfg_channels"):
         cfg_channels = int(meta["ditkit.cfg_channels"])
     try:
         result = export_onnx(model, objective, args.out, opset=args.opset,
                              dynamic=dynamic, precision=args.precision, target=args.target,
                              resolution=parse_resolution(args.resolution), checkpoint_hash=h,
-                             metadata=extra, check=not args.no_check, cfg=args.cfg,
-                             cfg_channels=cfg_channels, log=print)
+                             metadata=extra, check=not args.no_check, cfg=args.bake_cfg,
+                             cfg_channels=cfg_channels, log=None if args.json else print)
     except ExportError as err:
         raise UsageError(str(err)) from None
     rule = result.rule
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "out": str(result.path), "opset": result.opset, "precision": result.precision,
+            "target": result.target, "dynamic": list(result.dynamic),
+            "resolution_rule": {name: {"min": r.minimum, "step": r.step, "max": r.maximum}
+                                for name, r in zip(("height", "width"), rule)},
+            "parity": result.parity, "seconds": round(result.seconds, 3)}, default=list))
+        return 0
     print(f"valid resolutions: height {rule[0].text()}, width {rule[1].text()} "
           f"(dynamic: {','.join(result.dynamic) or 'none'}); {result.seconds:.1f} s")
     return 0

@@ -7,29 +7,37 @@ metrics of ``ditkit.train.evaluate``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from .common import UsageError, load_spec, parse_resolution
+from ditkit.spec.sampling import SAMPLERS
+
+from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+                     checkpoint_path, deprecated, list_arg, load_spec, parse_resolution,
+                     positive, resolve_source, setup_compute)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "extrapolate", help="adapt a model to other resolutions under several policies; "
                             "write a report (grids, metrics, table, cost plot)")
-    p.add_argument("source", help="ditkit checkpoint (.safetensors: samples + costs), or a spec "
-                                  "file / preset name (costs and latency of random weights)")
-    p.add_argument("--resolutions", nargs="+", required=True, help="targets, H or HxW")
+    p.add_argument("source", help="checkpoint (.safetensors) or run folder (samples + costs), "
+                                  "or a spec file / preset name (costs and latency of random "
+                                  "weights)")
+    p.add_argument("--resolutions", nargs="+", required=True,
+                   help="targets, comma-separated H or HxW, e.g. 32,48x64")
     p.add_argument("--policies", nargs="+", default=["as_is"],
-                   help="as_is[:rope=keep|interpolate|extrapolate] local_core[:kernel_size=15] "
-                        "add_levels[:share_weights=true] core_patch[:factor=4,level=0]")
+                   help="comma-separated: as_is[:rope=keep|interpolate|extrapolate], "
+                        "local_core[:kernel_size=15], add_levels[:share_weights=true], "
+                        "core_patch[:factor=4,level=0]")
     p.add_argument("--out", default="extrapolation", help="report folder")
     p.add_argument("--curve", nargs="*", default=None,
-                   help="resolutions for the cost plot (default: --resolutions)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--samples", type=int, default=8, help="images per grid")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+                   help="comma-separated resolutions for the cost plot (default: "
+                        "--resolutions)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--grid-count", type=int, default=8, help="images per grid")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--attention-backend", default="auto",
                    help="neighborhood-attention kernel (ditkit.builder.use_backend): auto, "
                         "gather, tiled, masked, flex, natten")
@@ -37,14 +45,33 @@ def add_parser(sub) -> None:
     p.add_argument("--metrics", choices=("auto", "shapes", "digits", "none"), default="auto",
                    help="score samples with the digits/shapes classifier (auto: the data kind "
                         "of the experiment.yaml beside the checkpoint, if any)")
-    p.add_argument("--eval-count", type=int, default=100,
+    p.add_argument("--count", type=int, default=100,
                    help="samples scored per (policy, resolution) when metrics are on")
     p.add_argument("--eval-resolutions", nargs="*", default=None,
-                   help="score only these resolutions (default: all)")
+                   help="score only these resolutions, comma-separated (default: all)")
     p.add_argument("--finetuned", nargs="*", default=[], metavar="CKPT",
                    help="extra rows: checkpoints already at their resolution, e.g. from a "
                         "`finetune` run (labelled with their policy and trainable patterns)")
+    add_set(p, "spec (spec files and presets only)")
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
+    add_json(p, "print the rows as one JSON object instead of the table")
+    deprecated(p, "--samples", "--grid-count", type=int)
+    deprecated(p, "--eval-count", "--count", type=int)
     p.set_defaults(func=run_extrapolate)
+
+
+def policy_list(values) -> list[str]:
+    """Comma-separated policies; a ``key=value`` item continues the policy before it
+    (``core_patch:factor=4,level=0,as_is`` is two policies)."""
+    out: list[str] = []
+    for item in list_arg(values, "--policies"):
+        if "=" in item and ":" not in item and out:
+            out[-1] += f",{item}"
+        else:
+            out.append(item)
+    return out
 
 
 def _data_kind(ckpt_path: Path) -> tuple[str | None, int]:
@@ -84,36 +111,43 @@ def _finetuned_row(path: str, objective):
 def run_extrapolate(args) -> int:
     from ditkit.runtime.extrapolate_report import parse_policy, run
 
-    policies = [parse_policy(p) for p in args.policies]
-    resolutions = [parse_resolution(r) for r in args.resolutions]
-    curve = [parse_resolution(r) for r in args.curve] if args.curve else None
-    if args.eval_count < 0:
-        raise UsageError(f"--eval-count {args.eval_count}: use 0 (no metrics) or more")
+    policies = [parse_policy(p) for p in policy_list(args.policies)]
+    resolutions = [parse_resolution(r, "--resolutions")
+                   for r in list_arg(args.resolutions, "--resolutions")]
+    curve = [parse_resolution(r, "--curve") for r in list_arg(args.curve, "--curve")] \
+        if args.curve else None
+    positive(args.count, "--count", allow_zero=True)
+    positive(args.grid_count, "--grid-count")
     tensors = objective = None
     kind, classes = None, 10
-    if args.source.endswith(".safetensors"):
+    source = resolve_source(args.source, ("file", "preset", "checkpoint", "run"))
+    if source.kind in ("checkpoint", "run"):
         from ditkit.runtime.checkpoint import load_checkpoint
 
-        if not Path(args.source).is_file():
-            raise UsageError(f"{args.source}: no such checkpoint")
-        ckpt = load_checkpoint(args.source)
+        if args.overrides:
+            raise UsageError(f"--set: {args.source} is a checkpoint, whose weights fix the "
+                             "model; --set applies to spec files and presets")
+        path = checkpoint_path(args.source)
+        ckpt = load_checkpoint(path)
         spec, tensors, objective = ckpt.spec, ckpt.tensors, ckpt.objective
         if objective is None:
-            print("note: the checkpoint records no objective, so no samples are drawn")
-        kind, classes = _data_kind(Path(args.source))
+            print("note: the checkpoint records no objective, so no samples are drawn",
+                  file=sys.stderr)
+        kind, classes = _data_kind(path)
     else:
-        spec = load_spec(args.source)
+        spec = load_spec(args.source, overrides=args.overrides)
+    setup_compute(args)
     if args.metrics != "auto":
         kind = None if args.metrics == "none" else args.metrics
     evaluate = None
-    if kind in ("shapes", "digits") and objective is not None and args.eval_count:
+    if kind in ("shapes", "digits") and objective is not None and args.count:
         from ditkit.train.evaluate import ResolutionMetrics
 
         if spec.conditioning.classes is None:
             raise UsageError("--metrics: the scores need a class-conditional model; use "
                              "--metrics none")
         evaluate = ResolutionMetrics(kind, classes)
-    extra = [_finetuned_row(p, objective) for p in args.finetuned]
+    extra = [_finetuned_row(p, objective) for p in list_arg(args.finetuned, "--finetuned")]
     out = Path(args.out)
     from ditkit.builder import use_backend
 
@@ -124,13 +158,22 @@ def run_extrapolate(args) -> int:
         raise UsageError(f"--attention-backend: {err}") from None
     try:
         rows = run(spec, tensors, objective, policies, resolutions, out, steps=args.steps,
-                   sampler=args.sampler, seed=args.seed, samples=args.samples,
+                   sampler=args.sampler, seed=args.seed, samples=args.grid_count,
                    device=args.device, measure=not args.no_measure, curve=curve,
-                   evaluate=evaluate, eval_count=args.eval_count, extra=extra,
-                   eval_resolutions=[parse_resolution(r) for r in args.eval_resolutions]
-                   if args.eval_resolutions is not None else None)
+                   evaluate=evaluate, eval_count=args.count, extra=extra,
+                   eval_resolutions=[parse_resolution(r, "--eval-resolutions")
+                                     for r in list_arg(args.eval_resolutions,
+                                                       "--eval-resolutions")]
+                   if args.eval_resolutions is not None else None,
+                   progress=not (args.no_progress or args.json))
     finally:
         backend.__exit__(None, None, None)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"report": str(out / "report.md"), "rows": [asdict(r) for r in rows]},
+                         indent=2, default=str))
+        return 0
     for r in rows:
         note = f"  ({r.error})" if r.error else ""
         lat = f"{r.latency_ms:8.1f} ms" if r.latency_ms is not None else " " * 11

@@ -13,19 +13,22 @@ from pathlib import Path
 
 from ditkit.spec.sampling import SAMPLERS, SCHEDULES
 
-from .common import (UsageError, load_model_source, parse_interval, parse_labels,
-                     parse_resolution, resolve_source)
+from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+                     deprecated, load_model_source, parse_interval, parse_labels, parse_list,
+                     parse_resolution, positive, resolve_source, setup_compute)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sample", help="draw samples from a checkpoint (or exported .onnx) into a PNG grid",
-        description="Sample a ditkit checkpoint (.safetensors) or an ONNX file written by "
-                    "`ditkit export`; writes a PNG grid (and optionally one PNG per sample).")
-    p.add_argument("checkpoint", help="ditkit checkpoint (.safetensors) or exported .onnx")
-    p.add_argument("--steps", type=int, default=50, help="number of noise levels (default 50)")
-    p.add_argument("--sampler", default="heun", choices=SAMPLERS)
-    p.add_argument("--schedule", default="native", choices=SCHEDULES)
+        description="Sample a ditkit checkpoint (.safetensors), a run folder (its newest "
+                    "checkpoint), an ONNX file written by `ditkit export`, or a spec / preset "
+                    "(random weights); writes a PNG grid (and optionally one PNG per sample).")
+    p.add_argument("checkpoint", help="checkpoint (.safetensors), run folder, exported .onnx, "
+                   "or spec file / preset name (random weights)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (noise levels)")
+    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--schedule", default="native", choices=SCHEDULES, help="step schedule")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of the ancestral / SDE samplers (default 1; ddim and "
                    "dpm_adaptive 0)")
@@ -34,7 +37,7 @@ def add_parser(sub) -> None:
                    "converted k-diffusion config's sigma_min)")
     p.add_argument("--sigma-max", type=float, default=None,
                    help="highest noise level (default: the objective's)")
-    p.add_argument("--cfg", type=float, default=1.0,
+    p.add_argument("--cfg-scale", type=float, default=1.0,
                    help="classifier-free guidance scale (1 = the conditional model)")
     p.add_argument("--cfg-interval", default=None, metavar="LO,HI",
                    help="guide only for sigma in [LO, HI]")
@@ -42,13 +45,16 @@ def add_parser(sub) -> None:
                    help="guide only the first N channels (DiT: 3; default: the checkpoint's "
                         "ditkit.cfg_channels metadata, else all)")
     p.add_argument("--classes", default=None,
-                   help="comma-separated labels, one per sample (repeated to --num), or "
+                   help="comma-separated labels, one per sample (repeated to --count), or "
                         "'random'; default: unconditional (the null class)")
-    p.add_argument("--num", type=int, default=None,
+    p.add_argument("--count", type=int, default=None,
                    help="number of samples (default: the number of --classes, else 16)")
+    p.add_argument("--cols", type=int, default=None,
+                   help="grid columns (default: one per label of --classes, so each column "
+                        "is one class; a single class, random or no labels: a square grid)")
     p.add_argument("--resolution", default=None, help="H or HxW (default: the spec's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--out", default="grid.png", help="PNG grid to write")
     p.add_argument("--individual", default=None, metavar="DIR",
                    help="also write each sample as DIR/000000.png, ...")
     p.add_argument("--autoencoder", default=None,
@@ -62,15 +68,21 @@ def add_parser(sub) -> None:
                         "config's scaling_factor; 0.18215 with --autoencoder)")
     p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
                    help="the objective, for a checkpoint that does not record one")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--npz", default=None, metavar="FILE",
-                   help="write all --num samples to FILE (uint8 NHWC arr_0 + labels arr_1, the "
-                        "ADM evaluator's format) instead of a grid; batched, resumable (rerun "
-                        "the same command), split across processes under torchrun")
+                   help="write all --count samples to FILE (uint8 NHWC arr_0 + labels arr_1, "
+                        "the ADM evaluator's format) instead of a grid; batched, resumable "
+                        "(rerun the same command), split across processes under torchrun")
     p.add_argument("--batch", type=int, default=32,
                    help="with --npz: samples per sampler call (default 32); chunk k uses seed "
                         "SEED + k, so the samples depend on it (not on the process count)")
+    add_set(p, "spec (spec files and presets only)")
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
+    add_json(p, "print one JSON object (what was written, the settings) instead of the "
+                "text lines")
+    deprecated(p, "--cfg", "--cfg-scale", type=float)
+    deprecated(p, "--num", "--count", type=int)
     p.set_defaults(func=run)
 
 
@@ -82,6 +94,8 @@ def run(args) -> int:
 
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: use at least 1")
+    positive(args.count, "--count")
+    positive(args.cols, "--cols")
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
     proc = None
     if args.npz:  # under torchrun: join the process group first, it picks the device
@@ -92,19 +106,23 @@ def run(args) -> int:
                              "checkpoint, a run folder or an exported .onnx file")
         proc = processes(args.device)
         args.device = proc.device
+    setup_compute(args)
     model_hash = None
     if source.kind == "onnx":
         from ditkit.runtime.engines import OrtDenoiser
 
-        den = OrtDenoiser(source.path, device=args.device)
+        if args.overrides:
+            raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
+                             "files and presets")
+        den = OrtDenoiser(source.path, device=args.device, threads=args.threads)
         spec, meta = den.spec, den.metadata
     else:
-        model, objective, meta, model_hash = load_model_source(args.checkpoint, args.objective,
-                                                               args.device)
+        model, objective, meta, model_hash = load_model_source(
+            args.checkpoint, args.objective, args.device, args.overrides)
         den = Denoiser(model, objective)
         spec = model.spec
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
-    labels, n = parse_labels(args.classes, args.num, spec, args.seed)
+    labels, n = parse_labels(args.classes, args.count, spec, args.seed)
     try:
         check_shape(spec, (n, spec.input.channels, *res), getattr(den, "rules", None),
                     "--resolution")
@@ -113,15 +131,16 @@ def run(args) -> int:
     cfg_channels = args.cfg_channels
     if cfg_channels is None and "ditkit.cfg_channels" in meta:
         cfg_channels = int(meta["ditkit.cfg_channels"])
-    if args.cfg != 1.0 and labels is None:
-        raise UsageError("--cfg needs --classes (guidance contrasts a class with the null class)")
+    if args.cfg_scale != 1.0 and labels is None:
+        raise UsageError("--cfg-scale needs --classes (guidance contrasts a class with the null "
+                         "class)")
     if args.npz:
         return _run_npz(args, den, spec, res, labels, n, cfg_channels, proc,
                         model_hash or _file_hash(source.path))
     try:
         x = sample(den, (n, spec.input.channels, *res), steps=args.steps, sampler=args.sampler,
                    schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
-                   cfg_scale=args.cfg, guidance_interval=parse_interval(args.cfg_interval),
+                   cfg_scale=args.cfg_scale, guidance_interval=parse_interval(args.cfg_interval),
                    cfg_channels=cfg_channels, device=args.device,
                    progress=not args.no_progress, sigma_min=args.sigma_min,
                    sigma_max=args.sigma_max)
@@ -134,19 +153,34 @@ def run(args) -> int:
 
     if images is None:
         return 0
-    save_grid(images, args.out)
+    cols = args.cols
+    if cols is None and labels is not None and args.classes != "random":
+        listed = len(parse_list(args.classes))
+        if listed > 1:  # labels cycle through the list: each column holds one class
+            cols = min(n, listed)
+    save_grid(images, args.out, ncol=cols)
     shown = f"{res[0]}x{res[1]}"
     if tuple(images.shape[-2:]) != tuple(res):
         shown += f" latents decoded to {images.shape[-2]}x{images.shape[-1]}"
-    print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
-          f"steps, cfg {args.cfg}, seed {args.seed})")
+    if not args.json:
+        print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
+              f"steps, cfg-scale {args.cfg_scale}, seed {args.seed})")
     if args.individual:
         from ditkit.runtime.images import image_grid
 
         folder = Path(args.individual)
         for i in range(n):
             save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
-        print(f"wrote {n} images to {folder}/")
+        if not args.json:
+            print(f"wrote {n} images to {folder}/")
+    if args.json:
+        import json
+
+        print(json.dumps({"out": str(args.out), "individual": args.individual, "count": n,
+                          "resolution": list(res), "image": list(images.shape[-2:]),
+                          "sampler": args.sampler, "steps": args.steps,
+                          "cfg_scale": args.cfg_scale, "seed": args.seed,
+                          "device": args.device, "threads": args.threads}))
     return 0
 
 
@@ -169,7 +203,7 @@ def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: s
     try:
         result = sample_npz(den, args.npz, num=n, shape=(spec.input.channels, *res),
                             steps=args.steps, sampler=args.sampler, seed=args.seed,
-                            batch=args.batch, class_labels=labels, cfg_scale=args.cfg,
+                            batch=args.batch, class_labels=labels, cfg_scale=args.cfg_scale,
                             schedule=args.schedule, eta=args.eta,
                             guidance_interval=parse_interval(args.cfg_interval),
                             cfg_channels=cfg_channels, decode=decode, identity=identity,
@@ -186,7 +220,7 @@ def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: s
         done = f"{result.reused} of them drawn by an earlier run, " if result.reused else ""
         extra = " + labels arr_1" if labels is not None else ""
         print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}"
-              f"{args.sampler}, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
+              f"{args.sampler}, {args.steps} steps, cfg-scale {args.cfg_scale}, seed {args.seed}, "
               f"batch {args.batch}, {proc.world} process(es))")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, add_progress
 
 
 def add_parser(sub) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("folder", help="image folder (class = sub-folder, or flat: no labels)")
     p.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress(p)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import UsageError, load_experiment_source, positive
+from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+                     load_experiment_source, positive, setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -18,9 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run folder")
-    p.add_argument("--steps", type=int, help="override training.steps")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--steps", type=int, help="training steps (short for --set training.steps=N)")
+    add_set(p, "experiment; the run folder's experiment.yaml records the result")
+    add_device(p)
+    add_threads(p)
+    add_progress(p)
+    add_json(p, "print one JSON object (step, checkpoint, run folder, seconds) at the end")
     p.set_defaults(func=run)
 
 
@@ -28,11 +32,12 @@ def run(args) -> int:
     from ditkit.train.data import DataError
     from ditkit.train.loop import TrainingError, train
 
-    exp, run = load_experiment_source(args.experiment)
+    overrides = list(args.overrides)
     if args.steps is not None:
         positive(args.steps, "--steps")
-        exp = exp.model_copy(update={"training": exp.training.model_copy(
-            update={"steps": args.steps})})
+        overrides.append(f"training.steps={args.steps}")
+    exp, run = load_experiment_source(args.experiment, overrides)
+    setup_compute(args)
     run = Path(args.out) if args.out else (run or Path("runs") / exp.name)
     try:
         result = train(exp, run, resume=args.resume, progress=not args.no_progress,
@@ -48,7 +53,14 @@ def run(args) -> int:
         return 1
     import os
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and args.json:
+        import json
+
+        print(json.dumps({"experiment": exp.name, "step": result.step,
+                          "checkpoint": str(result.checkpoint), "run": str(run),
+                          "wall_s": round(result.wall_s, 3), "device": args.device,
+                          "threads": args.threads}))
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {exp.name} to step {result.step} in {result.wall_s:.1f} s; "
               f"checkpoint {result.checkpoint}; outputs in {run}")
     return 0

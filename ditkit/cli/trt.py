@@ -18,10 +18,12 @@ def add_parser(sub) -> None:
     b.add_argument("--profile", required=True, action="append",
                    help="MIN/OPT/MAX shapes, each BxH[xW] (e.g. 1x256/2x512/4x1024); "
                         "repeat for more profiles")
-    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="the engine's precision")
     b.add_argument("--out", default=None, help="engine file (default: next to the ONNX)")
     b.add_argument("--cache-dir", default=None, help="engine + timing cache folder")
-    b.add_argument("--workspace-gib", type=float, default=None)
+    b.add_argument("--workspace-gib", type=float, default=None,
+                   help="TensorRT workspace limit in GiB (default: TensorRT's)")
     b.add_argument("--refit-from", default=None,
                    help="an existing refittable engine: refit its weights from the ONNX instead "
                         "of rebuilding (same graph, new weights)")

@@ -1,1 +1,2 @@
-"""``ditkit.runtime``: samplers, export and engines (see the open issues)."""
+"""``ditkit.runtime``: denoisers, samplers, checkpoints, conversion, ONNX export, engines,
+resolution extrapolation, and the device / thread rule of every command."""

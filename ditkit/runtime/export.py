@@ -473,7 +473,33 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
                                     output_names=graph.output_names(), optimize=True,
                                     verbose=False, external_data=False,
                                     custom_translation_table=table)
-    return program.model_proto
+    proto = program.model_proto
+    name_dims(proto)
+    return proto
+
+
+DIM_NAMES = {0: "batch", 2: "height", 3: "width"}  # of x (B, C, H, W); outputs alike
+
+
+def name_dims(model_proto) -> dict[str, str]:
+    """Rename the exporter's symbolic dimensions (``s21``, ``4*s9``) of the graph's inputs and
+    outputs to ``batch``, ``height`` and ``width``, read off ``x`` (every ``(batch, ...)`` input
+    and the outputs share them), in place; the same names appear wherever the graph's value
+    infos carry the same symbol. Returns ``{old: new}``."""
+    inputs = {i.name: i for i in model_proto.graph.input}
+    if "x" not in inputs:
+        return {}
+    dims = inputs["x"].type.tensor_type.shape.dim
+    rename = {dims[axis].dim_param: name for axis, name in DIM_NAMES.items()
+              if axis < len(dims) and dims[axis].dim_param}
+    if not rename:
+        return {}
+    infos = [*model_proto.graph.input, *model_proto.graph.output, *model_proto.graph.value_info]
+    for info in infos:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+    return rename
 
 
 def _all_nodes(model_proto):

@@ -177,7 +177,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         sampler: str = "heun", seed: int = 0, samples: int = 8, device: str = "cpu",
         measure: bool = True, curve: list[tuple[int, int]] | None = None,
         evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
-        eval_resolutions: list[tuple[int, int]] | None = None) -> list[Row]:
+        eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True
+        ) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``evaluate``: an optional metrics hook ``(images, labels) -> dict`` (e.g.
@@ -197,7 +198,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     (out / "grids").mkdir(exist_ok=True)
     rows: list[Row] = []
     jobs = [(p, r) for p in policies for r in resolutions]
-    for policy, res in tqdm(jobs, desc="extrapolate", unit="run"):
+    for policy, res in tqdm(jobs, desc="extrapolate", unit="run", disable=not progress):
         label = policy_label(policy)
         try:
             new_spec = adapt_spec(spec, policy, res)
@@ -225,7 +226,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                                                  hook(res), eval_count)
         rows.append(row)
     for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
-                                         disable=not extra):
+                                         disable=not (extra and progress)):
         res = tuple(x_spec.input.resolution)
         rep = describe(x_spec)
         row = Row(label, res, rep.gmacs, rep.params)

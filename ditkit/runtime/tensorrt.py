@@ -64,11 +64,15 @@ class Profile:
 
 
 def parse_profile(text: str) -> Profile:
-    """``MIN/OPT/MAX`` with each ``BxH`` or ``BxHxW`` (e.g. ``1x256/2x512/4x1024x768``)."""
+    """``MIN/OPT/MAX`` with each ``BxH`` or ``BxHxW`` (e.g. ``1x256/2x512/4x1024x768``), or by
+    the names of the exported graph's dimensions: ``batch=1/2/4,height=256/512/1024`` (with
+    ``width=...``; a missing width is the height, a missing batch 1/1/1)."""
+    if "=" in text:
+        return _parse_named_profile(text)
     parts = text.split("/")
     if len(parts) != 3:
         raise ValueError(f"--profile {text!r}: use MIN/OPT/MAX, each BxH or BxHxW, e.g. "
-                         "1x256/2x512/4x1024")
+                         "1x256/2x512/4x1024, or batch=1/2/4,height=256/512/1024")
     shapes = []
     for part in parts:
         try:
@@ -78,7 +82,32 @@ def parse_profile(text: str) -> Profile:
         if len(nums) not in (2, 3) or min(nums) <= 0:
             raise ValueError(f"--profile {text!r}: {part!r} is not BxH or BxHxW")
         shapes.append(Shape(nums[0], nums[1], nums[-1]))
-    lo, opt, hi = shapes
+    return _ordered(text, *shapes)
+
+
+def _parse_named_profile(text: str) -> Profile:
+    values: dict[str, list[int]] = {}
+    for item in text.split(","):
+        name, _, spec = item.partition("=")
+        name = name.strip().lower()
+        if name not in ("batch", "height", "width") or name in values:
+            raise ValueError(f"--profile {text!r}: {name!r} is not one of batch, height, width "
+                             "(each once)")
+        try:
+            nums = [int(v) for v in spec.split("/")]
+        except ValueError:
+            nums = []
+        if len(nums) != 3 or min(nums) <= 0:
+            raise ValueError(f"--profile {text!r}: {name} needs MIN/OPT/MAX, e.g. 256/512/1024")
+        values[name] = nums
+    if "height" not in values:
+        raise ValueError(f"--profile {text!r}: give height=MIN/OPT/MAX")
+    batch = values.get("batch", [1, 1, 1])
+    width = values.get("width", values["height"])
+    return _ordered(text, *(Shape(batch[i], values["height"][i], width[i]) for i in range(3)))
+
+
+def _ordered(text: str, lo: Shape, opt: Shape, hi: Shape) -> Profile:
     for f in ("batch", "height", "width"):
         if not getattr(lo, f) <= getattr(opt, f) <= getattr(hi, f):
             raise ValueError(f"--profile {text!r}: {f} must satisfy min <= opt <= max")

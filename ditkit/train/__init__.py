@@ -1,1 +1,2 @@
-"""``ditkit.train``: experiment specs and the training loop (see the open issues)."""
+"""``ditkit.train``: experiments -> runs (data, objectives, loop, checkpoints, distributed,
+fine-tuning, evaluation, FID, the demo job)."""

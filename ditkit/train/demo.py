@@ -27,14 +27,16 @@ class DemoResult:
 
 
 def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
-                    samples: int | None = None, source: str = "demo experiment"):
-    """The demo experiment, with another model, step count or evaluation count."""
+                    samples: int | None = None, source: str = "demo experiment",
+                    overrides: list[str] | tuple[str, ...] = ()):
+    """The demo experiment, with another model, step count, evaluation count or ``--set``
+    overrides (``ditkit.spec.overrides``)."""
     from ditkit.spec.experiment import load_experiment, resolve_experiment
 
     if not DEMO_EXPERIMENT.is_file():
         raise UserError(f"the demo experiment {DEMO_EXPERIMENT} is missing (the demo runs from "
                         "a source checkout of ditkit)")
-    exp = load_experiment(DEMO_EXPERIMENT)
+    exp = load_experiment(DEMO_EXPERIMENT, overrides)
     if spec is not None:
         exp = resolve_experiment(exp.model_copy(update={"model": spec}), source=source)
     if steps is not None:
@@ -44,13 +46,13 @@ def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
             update={"steps": steps})})
     if samples is not None:
         if samples < 10:
-            raise UserError(f"--samples {samples}: use at least 10 (one per digit)")
+            raise UserError(f"--count {samples}: use at least 10 (one per digit)")
         exp = exp.model_copy(update={"evaluation": exp.evaluation.model_copy(
             update={"count": samples})})
     return exp
 
 
-def run_demo(exp, out: str | Path, *, log=print) -> DemoResult:
+def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoResult:
     """Train ``exp`` on the CPU into ``out``; training ends with the experiment's evaluation
     (``ditkit.train.evaluation``: ``samples.png``, ``eval.json``). Raises
     ``ditkit.train.loop.TrainingError``."""
@@ -69,7 +71,7 @@ def run_demo(exp, out: str | Path, *, log=print) -> DemoResult:
     log(f"\ntraining {spec.name} on digits ({tr.steps} steps, batch {tr.batch_size}, "
         f"{exp.objective.kind} objective) with {torch.get_num_threads()} CPU thread(s) "
         f"-> {out}")
-    result = train(exp, out, progress=True, device="cpu")
+    result = train(exp, out, progress=progress, device="cpu")
     t_train = time.perf_counter() - t_start
 
     ev = exp.evaluation
@@ -85,6 +87,13 @@ def run_demo(exp, out: str | Path, *, log=print) -> DemoResult:
     return DemoResult(report, result.checkpoint, out, wall, t_train)
 
 
+def summary_json(r: DemoResult) -> dict:
+    """The demo's headline numbers (the last line ``ditkit demo`` prints)."""
+    report = r.report
+    return {"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),
+            "frechet_real": round(report.frechet_real, 3), "wall_s": round(r.wall_s, 1)}
+
+
 def summary(r: DemoResult) -> str:
     """What ``ditkit demo`` prints at the end: the scores, times, outputs and one JSON line."""
     report, out = r.report, r.out
@@ -94,6 +103,5 @@ def summary(r: DemoResult) -> str:
         f"wall time {r.wall_s:.0f} s (training and evaluation {r.train_s:.0f} s)",
         f"outputs: {out}/samples.png (one column per digit), {out}/previews/, {out}/loss.png, "
         f"{out}/eval.json, {r.checkpoint}/ema.safetensors",
-        json.dumps({"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),
-                    "frechet_real": round(report.frechet_real, 3), "wall_s": round(r.wall_s, 1)}),
+        json.dumps(summary_json(r)),
     ])

@@ -207,9 +207,9 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                                 f"{', '.join(SAMPLERS)}")
     dist_info = init_distributed(exp)
     rank, world = dist_info.rank, dist_info.world
-    if device is None:
-        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    from ditkit.runtime.device import pick_device
+
+    device = pick_device(device or "auto")  # "cuda" -> cuda:<local rank>: set_device needs one
     if device.type == "cuda":
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training

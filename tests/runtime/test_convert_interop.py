@@ -260,7 +260,7 @@ def test_cli_sample_uses_the_configs_sigma_range_and_the_flags(tmp_path, monkeyp
     real = samplers.karras_sigmas
     monkeypatch.setattr(samplers, "karras_sigmas",
                         lambda n, lo, hi, rho=7.0: seen.append((lo, hi)) or real(n, lo, hi, rho))
-    args = ["sample", str(out), "--steps", "2", "--num", "1", "--out", str(tmp_path / "g.png"),
+    args = ["sample", str(out), "--steps", "2", "--count", "1", "--out", str(tmp_path / "g.png"),
             "--no-progress"]
     assert main(args) == 0
     assert main(args + ["--sigma-min", "0.05", "--sigma-max", "20"]) == 0

@@ -99,6 +99,15 @@ def test_profile_parsing_and_cache_key():
     for bad in ("1x16/2x32", "1x16/2x8/4x64", "ax16/2x32/4x64"):
         with pytest.raises(ValueError, match="--profile"):
             T.parse_profile(bad)
+    # the same profile by the exported graph's dimension names
+    named = T.parse_profile("batch=1/2/4,height=16/32/64,width=16/48/64")
+    assert named == p
+    assert T.parse_profile("height=16/32/64") == T.Profile(
+        T.Shape(1, 16, 16), T.Shape(1, 32, 32), T.Shape(1, 64, 64))
+    for bad in ("batch=1/2/4", "depth=1/2/3,height=16/32/64", "height=16/32",
+                "height=64/32/16"):
+        with pytest.raises(ValueError, match="--profile"):
+            T.parse_profile(bad)
     k = T.engine_cache_key("abc", [p], "fp16", "10.8.0", "H100 sm_90")
     assert k == T.engine_cache_key("abc", [p], "fp16", "10.8.0", "H100 sm_90")
     others = [T.engine_cache_key("abd", [p], "fp16", "10.8.0", "H100 sm_90"),
@@ -149,18 +158,25 @@ def test_trt_engine_matches_onnxruntime(hdit_export, tmp_path):
 
 
 def test_cli_bench_sample_eager(capsys, tmp_path):
+    import json
+
     from ditkit.cli import main
     from tests.conftest import EXAMPLES
 
-    out = tmp_path / "rows.json"
-    rc = main(["bench", "sample", str(EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml"),
-               "--resolutions", "16", "16x24", "--engines", "eager,tensorrt", "--repeats", "2",
-               "--json", str(out)])
+    spec = str(EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml")
+    rc = main(["bench", "sample", spec, "--resolutions", "16,16x24", "--engines",
+               "eager,tensorrt", "--repeats", "2", "--json"])
     assert rc == 0
-    text = capsys.readouterr().out
-    assert "eager" in text and "16x24" in text
-    import json
-
-    rows = json.loads(out.read_text())
+    rows = json.loads(capsys.readouterr().out)
     assert [r["engine"] for r in rows] == ["eager", "tensorrt"] * 2
+    assert [r["resolution"] for r in rows] == ["16x16", "16x16", "16x24", "16x24"]
     assert all(r["ms_per_step"] > 0 for r in rows if r["engine"] == "eager")
+    # the old forms (space-separated list, --json FILE) still work, with one line each
+    out = tmp_path / "rows.json"
+    assert main(["bench", "sample", spec, "--resolutions", "16", "16x24", "--engines", "eager",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "eager" in captured.out and "16x24" in captured.out  # the table
+    assert "space-separated --resolutions values are deprecated" in captured.err
+    assert "--json FILE is deprecated" in captured.err
+    assert [r["resolution"] for r in json.loads(out.read_text())] == ["16x16", "16x24"]

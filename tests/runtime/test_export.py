@@ -27,6 +27,12 @@ def _check_result(result, expect_outputs):
     assert x.name == "x"
     dims = x.type.tensor_type.shape.dim
     assert all(dims[a].dim_param and not dims[a].HasField("dim_value") for a in (0, 2, 3))
+    # named for people writing onnxruntime / TensorRT profiles (not the exporter's s21, 4*s9)
+    assert [dims[a].dim_param for a in (0, 2, 3)] == ["batch", "height", "width"]
+    for info in [*proto.graph.input[1:], *proto.graph.output]:
+        assert info.type.tensor_type.shape.dim[0].dim_param == "batch", info.name
+    for out in proto.graph.output:
+        assert [d.dim_param for d in out.type.tensor_type.shape.dim][2:] == ["height", "width"]
     spec = S.validate(json.loads({m.key: m.value for m in proto.metadata_props}["ditkit.spec"]))
     assert dims[1].dim_value == spec.input.channels  # channels stay static
     assert [o.name for o in proto.graph.output] == expect_outputs
@@ -166,13 +172,14 @@ def test_cli_export_checkpoint_then_sample_the_onnx(tmp_path, capsys):
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model.state_dict(), model.spec, objective=S.EDMObjective())
     out = tmp_path / "m.onnx"
-    assert main(["export", str(ckpt), "--out", str(out), "--no-check"]) == 0
-    text = capsys.readouterr().out
-    assert "valid resolutions: height multiple of 4, >= 8" in text
+    assert main(["export", str(ckpt), "--out", str(out), "--no-check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # --json: one object, no log lines
+    assert report["out"] == str(out) and report["dynamic"] == ["batch", "resolution"]
+    assert report["resolution_rule"]["height"] == {"min": 8, "step": 4, "max": 8192}
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["ditkit.checkpoint_hash"] == model_hash(ckpt)
     grid = tmp_path / "g.png"
-    assert main(["sample", str(out), "--steps", "2", "--classes", "1,2", "--cfg", "2",
+    assert main(["sample", str(out), "--steps", "2", "--classes", "1,2", "--cfg-scale", "2",
                  "--resolution", "8x12", "--out", str(grid), "--no-progress"]) == 0
     assert Image.open(grid).size[0] > 12
 

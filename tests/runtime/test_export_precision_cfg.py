@@ -243,7 +243,7 @@ def test_cli_export_cfg(tmp_path, capsys):
     save_checkpoint(ckpt, model.state_dict(), model.spec, objective=S.DDPMObjective(),
                     metadata={"ditkit.cfg_channels": "3"})
     out = tmp_path / "m.onnx"
-    assert main(["export", str(ckpt), "--out", str(out), "--cfg", "--no-check"]) == 0
+    assert main(["export", str(ckpt), "--out", str(out), "--bake-cfg", "--no-check"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["ditkit.cfg"])["channels"] == 3  # from the checkpoint
     assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"),

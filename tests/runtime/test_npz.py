@@ -58,7 +58,7 @@ def one_thread():
 
 def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(grey_ckpt), "--num", "5", "--batch", "2", "--classes", "random",
+    assert main(["sample", str(grey_ckpt), "--count", "5", "--batch", "2", "--classes", "random",
                  "--npz", str(out), *STEPS]) == 0
     assert "wrote" in capsys.readouterr().out
     assert not parts_folder(out).exists()  # merged, parts removed
@@ -80,7 +80,7 @@ def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys
     for k, (start, n) in enumerate([(0, 2), (2, 2), (4, 1)]):
         folder = tmp_path / f"png{k}"
         classes = ",".join(str(int(v)) for v in labels[start:start + n])
-        assert main(["sample", str(grey_ckpt), "--num", str(n), "--classes", classes,
+        assert main(["sample", str(grey_ckpt), "--count", str(n), "--classes", classes,
                      "--seed", str(k), "--out", str(tmp_path / "g.png"), "--individual",
                      str(folder), *STEPS]) == 0
         pngs = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
@@ -90,7 +90,7 @@ def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys
 
 def test_unconditional_npz_has_no_labels_and_streams(grey_ckpt, tmp_path):
     out = tmp_path / "u.npz"
-    assert main(["sample", str(grey_ckpt), "--num", "3", "--batch", "3", "--npz", str(out),
+    assert main(["sample", str(grey_ckpt), "--count", "3", "--batch", "3", "--npz", str(out),
                  *STEPS]) == 0
     images, labels = read_npz(out)
     assert labels is None and images.shape == (3, 8, 8, 3)
@@ -174,16 +174,16 @@ def test_latent_model_is_decoded_through_the_vae(tmp_path, capsys):
     save_checkpoint(ckpt, _perturbed(spec).state_dict(), spec, objective=S.DDPMObjective(
         learned_sigma=spec.head.learned_sigma))
     out = tmp_path / "d.npz"
-    assert main(["sample", str(ckpt), "--num", "2", "--npz", str(out), *STEPS]) == 2
+    assert main(["sample", str(ckpt), "--count", "2", "--npz", str(out), *STEPS]) == 2
     assert "one decoder" in capsys.readouterr().err
-    assert main(["sample", str(ckpt), "--num", "2", "--npz", str(out), "--vae", str(vae),
+    assert main(["sample", str(ckpt), "--count", "2", "--npz", str(out), "--vae", str(vae),
                  *STEPS]) == 0
     images, _ = read_npz(out)
     assert images.shape == (2, 16, 16, 3) and images.std() > 0  # factor-2 autoencoder
 
 
 def test_torchrun_two_processes_equal_one(grey_ckpt, tmp_path):
-    common = ["sample", str(grey_ckpt), "--num", "7", "--batch", "2", "--classes", "random",
+    common = ["sample", str(grey_ckpt), "--count", "7", "--batch", "2", "--classes", "random",
               "--seed", "5", *STEPS]
     assert main([*common, "--npz", str(tmp_path / "one.npz")]) == 0
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")

@@ -246,7 +246,7 @@ def test_cli_sample_writes_grid_and_individual_images(tmp_path, capsys):
 
     ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
     grid, folder = tmp_path / "grid.png", tmp_path / "each"
-    rc = main(["sample", str(ckpt), "--steps", "2", "--classes", "1,2,3", "--cfg", "2",
+    rc = main(["sample", str(ckpt), "--steps", "2", "--classes", "1,2,3", "--cfg-scale", "2",
                "--resolution", "16x24", "--out", str(grid), "--individual", str(folder),
                "--no-progress"])
     assert rc == 0
@@ -266,9 +266,11 @@ def test_cli_sample_latent_model_needs_a_local_autoencoder(tmp_path, capsys):
     grid = tmp_path / "grid.png"
     args = ["sample", str(ckpt), "--steps", "2", "--sampler", "ddpm", "--classes", "4",
             "--num", "2", "--cfg", "1.5", "--out", str(grid), "--no-progress"]
-    assert main(args) == 0
+    assert main(args) == 0  # the old spellings --num and --cfg still work, with one line each
     err = capsys.readouterr().err
     assert "no --autoencoder" in err and not grid.exists()
+    assert "--num is deprecated, use --count" in err
+    assert "--cfg is deprecated, use --cfg-scale" in err
     latents = torch.load(tmp_path / "grid.latents.pt")
     assert latents.shape == (2, 4, 8, 8)
 
@@ -285,7 +287,7 @@ def test_cli_sample_latent_model_needs_a_local_autoencoder(tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--classes", "10"], "labels must be in [0, 10)"),
     (["--resolution", "18"], "not divisible by patch x merges"),
-    (["--cfg", "3"], "--cfg needs --classes"),
+    (["--cfg-scale", "3"], "--cfg-scale needs --classes"),
     (["--steps", "0"], "--steps 0"),
     (["--cfg-interval", "5"], "LO,HI"),
 ])
@@ -298,3 +300,23 @@ def test_cli_sample_bad_input_exits_2(tmp_path, capsys, extra, message):
                "--no-progress", *extra])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_sample_grid_has_one_column_per_class(tmp_path, capsys):
+    from PIL import Image
+
+    from ditkit.cli import main
+
+    ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
+    grid = tmp_path / "grid.png"
+    base = ["sample", str(ckpt), "--steps", "1", "--resolution", "8", "--no-progress",
+            "--out", str(grid), "--seed", "3"]
+    # 5 classes, 10 samples: 5 columns (each one class) x 2 rows; 8 px images upscaled x8
+    assert main(base + ["--classes", "0,1,2,3,4", "--count", "10"]) == 0
+    cell = 8 * 8 + 1
+    assert Image.open(grid).size == (5 * cell + 1, 2 * cell + 1)
+    assert main(base + ["--classes", "0,1,2,3,4", "--count", "10", "--cols", "2"]) == 0
+    assert Image.open(grid).size == (2 * cell + 1, 5 * cell + 1)
+    assert main(base + ["--count", "9"]) == 0  # unconditional: square
+    assert Image.open(grid).size == (3 * cell + 1, 3 * cell + 1)
+    capsys.readouterr()

@@ -171,7 +171,7 @@ def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, so
     assert main(["extrapolate", str(path), "--resolutions", "16", "--policies",
                  "core_patch:factor=4", "--finetuned", str(tuned), "--steps", "1",
                  "--attention-backend", "tiled",
-                 "--samples", "2", "--no-measure", "--metrics", "none", "--out", str(out)]) == 0
+                 "--grid-count", "2", "--no-measure", "--metrics", "none", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     labels = [r["policy"] for r in results["rows"]]
     assert labels == ["core_patch:factor=4", "core_patch:factor=4 + fine-tune new (2 steps)"]

@@ -245,7 +245,7 @@ def test_encode_and_sample_errors_exit_2(tmp_path, vae_dir, images, capsys, monk
     assert "cannot load the AutoencoderKL" in capsys.readouterr().err
     # a pixel-space model has nothing to decode
     assert main(["sample", str(ROOT / "examples/tiny/tiny-hdit-pixel.yaml"), "--steps", "1",
-                 "--num", "1", "--vae", str(vae_dir), "--out", str(tmp_path / "g.png"),
+                 "--count", "1", "--vae", str(vae_dir), "--out", str(tmp_path / "g.png"),
                  "--no-progress", "--objective", "edm"]) == 2
     assert "pixel-space model" in capsys.readouterr().err
     # diffusers missing: the message says how to install it

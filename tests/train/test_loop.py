@@ -193,12 +193,21 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
     train(tiny_experiment(steps=2), tmp_path / "run", progress=False)
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "run"), "--count", "20", "--steps", "2",
-                 "--json", "--grid", str(tmp_path / "g.png")]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["count"] == 20 and 0 <= report["accuracy"] <= 1
+                 "--cfg-scale", "1", "--json", "--grid", str(tmp_path / "g.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checkpoint"].endswith("step-000002/ema.safetensors")
+    assert out["settings"]["cfg_scales"] == [1.0] and out["settings"]["steps"] == 2
+    [report] = out["results"]
+    assert {k: out[k] for k in report} == report  # the (only) result also at the top level
+    assert report["count"] == 20 and 0 <= report["accuracy"] <= 1 and report["cfg_scale"] == 1
     assert report["frechet"] > report["frechet_real"] > 0  # 2 training steps: far from real
-    assert report["checkpoint"].endswith("step-000002/ema.safetensors")
     assert (tmp_path / "g.png").is_file()
+    # no scale given: the settings are printed, then unguided and guided numbers
+    assert main(["evaluate", str(tmp_path / "run"), "--count", "10", "--steps", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "10 samples" in text and "heun 1 steps" in text and "seed 1" in text
+    assert "cfg-scale 1 (unguided): label accuracy" in text
+    assert "(guided): label accuracy" in text
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
 
 
