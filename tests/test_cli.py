@@ -153,7 +153,8 @@ def test_error_boundary_maps_errors_to_exit_codes(capsys, monkeypatch):
     full = OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
     assert run_command(raising(full), Args()) == 1
     err = capsys.readouterr().err
-    assert err == "error: runs/x/model.safetensors: No space left on device\n"
+    assert err == ("error: runs/x/model.safetensors: No space left on device; the command "
+                   "stopped there, nothing written earlier was lost\n")
     assert run_command(raising(PermissionError(errno.EACCES, "Permission denied", "/ro")),
                        Args()) == 1
     # a bug is not an input error: its traceback stays

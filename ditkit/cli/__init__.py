@@ -24,7 +24,10 @@ COMMANDS = (describe, diff, validate, schema, presets, demo, bench, convert, sam
 def build_parser() -> Parser:
     from ditkit import __version__
 
-    parser = Parser(prog="ditkit", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="ditkit", description=__doc__.splitlines()[0],
+        epilog="Every command also takes --no-size-limits: specs, batches and step counts "
+               "beyond the built-in size limits, for people who have the memory.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks for handled errors too (also DITKIT_DEBUG=1)")
@@ -36,6 +39,14 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--no-size-limits" in argv:  # accepted by every command: lifts ditkit.spec.limits
+        import os
+
+        from ditkit.spec.limits import ENV
+
+        argv = [a for a in argv if a != "--no-size-limits"]
+        os.environ[ENV] = "1"
     args = build_parser().parse_args(argv)
     return run_command(args.func, args)
 

@@ -63,6 +63,16 @@ def run_command(func: Callable, args) -> int:
             raise
         _report(err, debug)
         return EXIT_FAULT
+    except Exception as err:  # safetensors/torch report a full disk in their own types
+        from ditkit.runtime.files import environment_fault
+
+        fault = environment_fault(err, "an output file")
+        if fault is None:
+            raise
+        if debug:
+            traceback.print_exception(err)
+        print(f"error: {fault}", file=sys.stderr)
+        return EXIT_FAULT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -74,7 +84,8 @@ def _report(err: BaseException, debug: bool) -> None:
     text = str(err)
     if isinstance(err, OSError) and not isinstance(err, EnvironmentFault):
         where = f"{err.filename}: " if err.filename else ""
-        text = f"{where}{err.strerror or text}"
+        text = (f"{where}{err.strerror or text}; the command stopped there, nothing written "
+                "earlier was lost")
     print(f"error: {text}", file=sys.stderr)
 
 
@@ -148,8 +159,9 @@ def checkpoint_path(ref: str, what: str = "") -> Path:
 
     found = latest_checkpoint(src.path / "checkpoints") or latest_checkpoint(src.path)
     if found is None:
-        raise UsageError(f"{src.path}: no checkpoints (expected checkpoints/step-*/"
-                         "ema.safetensors)")
+        raise UsageError(f"{src.path}: a directory with no checkpoints, so not a run folder "
+                         "(expected checkpoints/step-*/ema.safetensors); give a spec file "
+                         "(.yaml/.json), a checkpoint (.safetensors) or a run folder")
     return found[1] / "ema.safetensors"
 
 

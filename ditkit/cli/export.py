@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                         "fourier noise embeddings, ddpm_eps for sinusoidal ones)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity runs (the other checks always run)")
+    p.add_argument("--perturb-zero-layers", action="store_true",
+                   help="an untrained spec's zero-initialised layers make parity trivial: "
+                        "also check an export of a copy with those weights perturbed")
     p.add_argument("--bake-cfg", action="store_true",
                    help="bake classifier-free guidance in: inputs x, sigma, class_labels, "
                         "cfg_scale; the conditional and null-class passes run batched inside")
@@ -64,7 +67,8 @@ def run(args) -> int:
                              dynamic=dynamic, precision=args.precision, target=args.target,
                              resolution=parse_resolution(args.resolution), checkpoint_hash=h,
                              metadata=extra, check=not args.no_check, cfg=args.bake_cfg,
-                             cfg_channels=cfg_channels, log=None if args.json else print)
+                             cfg_channels=cfg_channels, log=None if args.json else print,
+                             perturb_zero_layers=args.perturb_zero_layers)
     except ExportError as err:
         raise UsageError(str(err)) from None
     rule = result.rule

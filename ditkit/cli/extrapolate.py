@@ -82,8 +82,12 @@ def _data_kind(ckpt_path: Path) -> tuple[str | None, int]:
     exp = ckpt_path.parent / "experiment.yaml"
     if not exp.is_file():
         return None, 0
-    data = (yaml.safe_load(exp.read_text()) or {}).get("data") or {"kind": "digits"}
-    return data.get("kind"), int(data.get("classes", 10))
+    try:  # a hint only: a damaged experiment.yaml means "unknown", not a crash
+        data = (yaml.safe_load(exp.read_text(encoding="utf-8")) or {}).get("data") or {
+            "kind": "digits"}
+        return data.get("kind"), int(data.get("classes", 10))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, AttributeError, TypeError, ValueError):
+        return None, 0
 
 
 def _finetuned_row(path: str, objective):

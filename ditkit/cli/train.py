@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the run folder")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept an experiment that differs from the run's in "
+                        "what is trained (recorded in RUN/resume-changes.json)")
     p.add_argument("--steps", type=int, help="training steps (short for --set training.steps=N)")
     add_set(p, "experiment; the run folder's experiment.yaml records the result")
     add_device(p)
@@ -30,7 +33,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ditkit.train.data import DataError
-    from ditkit.train.loop import TrainingError, train
+    from ditkit.train.loop import TrainingError, TrainingSetupError, train
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -41,9 +44,11 @@ def run(args) -> int:
     run = Path(args.out) if args.out else (run or Path("runs") / exp.name)
     try:
         result = train(exp, run, resume=args.resume, progress=not args.no_progress,
-                       device=args.device)
+                       device=args.device, allow_changes=args.allow_changes)
     except DataError as err:
         raise UsageError(str(err)) from None
+    except TrainingSetupError:  # the run cannot start as asked: a UserError, exit 2
+        raise
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

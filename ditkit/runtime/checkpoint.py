@@ -30,6 +30,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 
 from .files import atomic_path
 
@@ -130,6 +131,10 @@ def _atomic_save(data: dict[str, torch.Tensor], meta: dict[str, str], path: Path
 # load
 
 
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used (damaged, non-finite weights)."""
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The raw safetensors metadata of ``path`` (a clear ``ValueError`` if it is not a
     safetensors file)."""
@@ -147,16 +152,35 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
                          "`ditkit convert --from dit|k-diffusion|mpdit`)") from None
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return sorted(k for k, t in tensors.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    allow_non_finite: bool = False) -> Checkpoint:
     """Read a ditkit checkpoint. The spec is validated (older ``spec_version``s migrated by
     :func:`ditkit.spec.migrate`); a file that is not a ditkit checkpoint raises ``ValueError``
-    (a :class:`ditkit.spec.SpecError` when its spec is invalid)."""
+    (a :class:`ditkit.spec.SpecError` when its spec is invalid). Weights holding NaN or inf are
+    refused (:class:`CheckpointError` naming the tensors) unless ``allow_non_finite``: sampling
+    them would silently give garbage."""
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_metadata(path)
     spec, objective = spec_from_metadata(meta, str(path))
-    tensors = load_file(str(path), device=str(device))
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as err:  # noqa: BLE001 - SafetensorError of a truncated/damaged file
+        raise CheckpointError(f"{path}: the tensors cannot be read ({err}); the file is "
+                              "damaged or truncated") from None
+    bad = [] if allow_non_finite else non_finite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({shown}); "
+                              "the weights are broken (a diverged run?): use an earlier "
+                              "checkpoint")
     free = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     return Checkpoint(spec=spec, tensors=tensors, objective=objective, metadata=free)
 
@@ -249,6 +273,6 @@ def model_hash(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) 
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "model_hash",
+__all__ = ["Checkpoint", "CheckpointError", "non_finite_tensors", "save_checkpoint", "load_checkpoint", "load_model", "model_hash",
            "read_metadata", "spec_from_metadata", "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY",
            "CFG_CHANNELS_KEY"]

@@ -18,7 +18,8 @@ import torch
 from ditkit import spec as S
 
 from .denoiser import NoiseRange
-from .graph_io import aux_inputs, check_shape, graph_feeds, ort_session, rules_from_metadata
+from .graph_io import (aux_inputs, check_shape, graph_feeds, onnx_error, ort_session,
+                       rules_from_metadata)
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -105,8 +106,11 @@ class OrtDenoiser:
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)
         else:
-            raw = self.session.run(self.output_names,
-                                   {k: v.contiguous().cpu().numpy() for k, v in feeds.items()})
+            try:
+                raw = self.session.run(self.output_names, {k: v.contiguous().cpu().numpy()
+                                                           for k, v in feeds.items()})
+            except Exception as err:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED bf16 kernels
+                raise onnx_error(self.path, err, self.session.get_providers()) from None
             outs = [torch.from_numpy(r).to(x.dtype) for r in raw]
         return outs[0], (outs[1] if len(outs) > 1 else None)
 

@@ -238,6 +238,8 @@ class ExportResult:
     rule: tuple[AxisRule, AxisRule]
     ops: list[str]
     parity: list[dict] = field(default_factory=list)
+    parity_note: str | None = None
+    """Set when the parity check compared outputs the network does not change (zero layers)."""
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -271,15 +273,19 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                 metadata: dict[str, str] | None = None, check: bool = True,
                 parity_resolutions: list[tuple[int, int]] | None = None,
                 parity_batches: tuple[int, int] = (1, 3), cfg: bool = False,
-                cfg_channels: int | None = None, attention_backend: str | None = None,
-                log=None) -> ExportResult:
+                cfg_channels: int | None = None, log=None,
+                perturb_zero_layers: bool = False,
+                attention_backend: str | None = None) -> ExportResult:
     """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
     to ``out`` and run the checks (``check=False`` skips the parity runs only).
 
     ``opset=None``: :data:`DEFAULT_OPSET`, raised automatically when an op in the graph needs
     a newer opset for its element type (e.g. a bf16 op); an explicit ``opset`` is kept and
     such an op is an error naming the opset that supports it. ``cfg``: bake classifier-free
-    guidance in (see :class:`ExportGraph`)."""
+    guidance in (see :class:`ExportGraph`). A model whose weight matrices include all-zero ones
+    (an untrained spec: zero-initialised output layers) makes parity trivial: the result says
+    so (``parity_note``), or with ``perturb_zero_layers`` a second export of a copy with those
+    weights perturbed is checked too (rows with ``perturbed: True``)."""
     start = time.perf_counter()
     auto_opset = opset is None
     opset = DEFAULT_OPSET if auto_opset else opset
@@ -351,8 +357,56 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
             say(f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
                 f"{p['max_abs_diff']:.2e} (output scale {p['scale']:.2f}, tol "
                 f"{p['tolerance']:.0e}; {p['runtime']})")
+        zeros = zero_weights(model)
+        if zeros and not perturb_zero_layers:  # an untrained spec: say what was compared
+            result.parity_note = (
+                f"{len(zeros)} weight matrices are all zero (zero-initialised layers of an "
+                "untrained model), so the network adds nothing to the output and the parity "
+                "above compared the graph's plumbing only, not its layers; export a trained "
+                "checkpoint, or pass --perturb-zero-layers to check a copy with those weights "
+                "perturbed")
+            say(result.parity_note)
+        elif zeros:
+            say(f"{len(zeros)} weight matrices are all zero (zero-initialised layers of an "
+                "untrained model); checking a copy with those weights perturbed")
+            result.parity += perturbed_parity(
+                model, objective, zeros, opset=opset, dynamic=dynamic, precision=precision,
+                target=target, resolution=resolution, parity_resolutions=parity_resolutions,
+                parity_batches=parity_batches, cfg=cfg, cfg_channels=cfg_channels,
+                attention_backend=attention_backend, say=say)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def zero_weights(model: nn.Module) -> list[str]:
+    """Names of the weight matrices (2+ dims) that are all zero."""
+    return [n for n, p in model.named_parameters()
+            if p.ndim >= 2 and p.is_floating_point() and not bool(p.detach().any())]
+
+
+def perturbed_parity(model: nn.Module, objective, names: list[str], *, say, **options
+                     ) -> list[dict]:
+    """Parity rows of the same export made from a copy of ``model`` whose ``names`` weights
+    hold small seeded random values (the rows carry ``perturbed: True``)."""
+    import copy
+    import tempfile
+
+    twin = copy.deepcopy(model)
+    params = dict(twin.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in names:
+            p = params[n]
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    with tempfile.TemporaryDirectory(prefix="ditkit-parity-") as tmp:
+        twin_result = export_onnx(twin, objective, Path(tmp) / "perturbed.onnx", check=True,
+                                  **options)
+    rows = [{**row, "perturbed": True} for row in twin_result.parity]
+    for p in rows:
+        say(f"parity (zero layers perturbed) {p['batch']}x{p['resolution'][0]}x"
+            f"{p['resolution'][1]}: max |diff| {p['max_abs_diff']:.2e} (output scale "
+            f"{p['scale']:.2f}, tol {p['tolerance']:.0e}; {p['runtime']})")
+    return rows
 
 
 def parity_shapes(spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple[int, int],

@@ -1,12 +1,70 @@
-"""Atomic file writes: a failure never leaves a half-written file or damages an existing one."""
+"""Atomic file writes: a failure never leaves a half-written file or damages an existing one.
+
+The finished file gets the permissions any other tool would give it (``0666`` less the umask):
+``mkstemp`` makes its temporary file ``0600``, which would hide run folders from the group
+that shares them."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from ditkit.errors import EnvironmentFault
+
+_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.EIO: "an input/output error"}
+_FAULT_TEXT = (("No space left", "the disk is full"), ("StorageFull", "the disk is full"),
+               ("unexpected pos", "the disk is full (the write stopped short)"),
+               ("Read-only file system", "the file system is read-only"),
+               ("ReadOnlyFilesystem", "the file system is read-only"),
+               ("Permission denied", "permission denied"),
+               ("PermissionDenied", "permission denied"))
+
+
+def environment_reason(err: BaseException) -> str | None:
+    """Why the machine refused a write (disk full, read-only, permissions), or ``None`` when
+    ``err`` is not such a refusal. Understands ``OSError`` and the text of the errors that
+    safetensors and torch raise for the same conditions."""
+    if isinstance(err, EnvironmentFault):
+        return getattr(err, "reason", None) or str(err)
+    if isinstance(err, OSError) and err.errno in _FAULTS:
+        return _FAULTS[err.errno]
+    text = str(err)
+    for needle, reason in _FAULT_TEXT:
+        if needle in text:
+            return reason
+    return None
+
+
+def environment_fault(err: BaseException, what: str, kept: str = "nothing written earlier "
+                      "was lost") -> EnvironmentFault | None:
+    """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``.
+    A fault made here for an inner file is restated for ``what`` (e.g. the whole checkpoint)."""
+    if isinstance(err, EnvironmentFault) and not hasattr(err, "reason"):
+        return err
+    reason = environment_reason(err)
+    if reason is None:
+        return None
+    fault = EnvironmentFault(f"{what} could not be written: {reason}; {kept}")
+    fault.reason = reason
+    return fault
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -14,15 +72,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds the file is synced and
     renamed onto ``path``, when it fails the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    kept = (f"the previous {path.name} is untouched" if path.exists()
+            else "nothing written earlier was lost")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise (environment_fault(err, str(path), kept) or err) from None
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp
+        honour_umask(tmp)  # again: some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        fault = environment_fault(err, str(path), kept)
+        if fault is not None:
+            raise fault from None
         raise

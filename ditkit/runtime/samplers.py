@@ -34,9 +34,17 @@ from typing import Callable
 
 import torch
 
+from ditkit.errors import UserError
 from ditkit.spec.sampling import SAMPLERS, SCHEDULES
 
 from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+
+MAX_STEPS = 10_000
+"""More noise levels than any sampler needs; ``DITKIT_NO_SIZE_LIMITS=1`` lifts it."""
+
+
+class SamplingError(UserError):
+    """Sampling cannot run with these arguments, or produced non-finite values."""
 
 # -------------------------------------------------------------------------------- schedules
 
@@ -193,8 +201,9 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     steps between the first and the last non-zero sigma (``steps`` only sets that range's
     schedule) and, like k-diffusion's, returns the sample at the last non-zero sigma."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    device = torch.device(device)
+        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_arguments(shape, steps, cfg_scale, sigmas)
+    device = check_device(device)
     gen = torch.Generator().manual_seed(seed)
     if sigmas is None:
         sigmas = get_sigmas(denoiser.noise_range, steps, schedule, sigma_min=sigma_min,
@@ -222,7 +231,20 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
         with torch.no_grad():
             lo = sig[-2] if len(sig) > 2 else (
                 sigma_min if sigma_min is not None else denoiser.noise_range.sigma_min)
-            return sample_dpm_adaptive(model, x, sig[0], lo, state["noise"],
+            calls = {"n": 0}
+
+            def finite_model(x, sigma):  # a NaN would stall its step-size control forever
+                calls["n"] += 1
+                out = model(x, sigma)
+                if not bool(torch.isfinite(out[0]).all()):
+                    raise SamplingError(
+                        f"sampling produced NaN/inf at model evaluation {calls['n']} "
+                        f"(dpm_adaptive, sigma {float(sigma):.6g}); the model or its weights "
+                        "give non-finite outputs at this noise level (check the checkpoint, "
+                        "lower --cfg, or sample in fp32)")
+                return out
+
+            return sample_dpm_adaptive(finite_model, x, sig[0], lo, state["noise"],
                                        eta=0.0 if eta is None else eta)
     step = _STEPPERS[sampler]
     n = len(sig) - 1
@@ -230,11 +252,52 @@ def sample(denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
     with torch.no_grad():
         for i in range(n):
             x = step(model, x, sig[i], sig[i + 1], randn, state)
+            if not bool(torch.isfinite(x).all()):  # stop at once rather than write garbage
+                bar.close()
+                raise SamplingError(
+                    f"sampling produced NaN/inf at step {i + 1} of {n} ({sampler}, sigma "
+                    f"{sig[i]:.6g} -> {sig[i + 1]:.6g}); the model or its weights give "
+                    "non-finite outputs at this noise level (check the checkpoint, lower "
+                    "--cfg, or sample in fp32)")
             if callback is not None:
                 callback(i, sig[i + 1], x)
             bar.update(1)
     bar.close()
     return x
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; asking for CUDA where there is none is a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SamplingError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SamplingError(f"--device {device}: CUDA is not available here (this torch "
+                                f"build or machine has no usable GPU); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SamplingError(f"--device {device}: there are only "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        raise SamplingError(f"--device {device}: unsupported device type; use cpu or cuda")
+    return dev
+
+
+def _check_arguments(shape, steps, cfg_scale: float, sigmas) -> None:
+    """Arguments that would silently give garbage or exhaust memory are refused up front."""
+    from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
+
+    if shape[0] < 1:
+        raise SamplingError(f"number of samples {shape[0]}: use at least 1")
+    if not math.isfinite(float(cfg_scale)):
+        raise SamplingError(f"cfg scale {cfg_scale}: must be a finite number (1 = no guidance)")
+    if sigmas is None:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise SamplingError(f"steps {steps}: use a positive whole number")
+        if steps > MAX_STEPS and limits_enabled():
+            raise SamplingError(f"steps {steps}: more than {MAX_STEPS:,} noise levels; "
+                                f"{OVERRIDE_HINT}")
 
 
 def _progress(total: int, enabled: bool, desc: str):

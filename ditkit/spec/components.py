@@ -9,13 +9,45 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+BOOL_NOT_NUMBER = "true/false is not a number here"
+
+
+def _admits_bool(annotation) -> bool:
+    """Whether a field's annotation accepts ``True``/``False`` (``bool`` or a Literal of one)."""
+    import typing
+
+    if annotation is bool or annotation is typing.Any or isinstance(annotation, bool):
+        return True
+    return any(_admits_bool(a) for a in typing.get_args(annotation))
 
 
 class Spec(BaseModel):
-    """Base class: frozen, unknown keys are errors, no arbitrary types."""
+    """Base class: frozen, unknown keys are errors, no arbitrary types. Numbers are strict: a
+    YAML ``true``/``false`` is not a number (pydantic would read it as 1/0), and ``.inf`` /
+    ``.nan`` are refused everywhere."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
+                              allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data):
+        if not isinstance(data, dict):
+            return data
+        bad = []
+        for name, value in data.items():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if (field is not None and any(isinstance(v, bool) for v in items)
+                    and not _admits_bool(field.annotation)):
+                bad.append(f"{name}: {BOOL_NOT_NUMBER}; write a number (YAML reads "
+                           "true/false/yes/no/on/off as booleans)")
+        if bad:
+            raise ValueError("\n".join(bad))
+        return data
 
 
 Size2 = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]

@@ -349,7 +349,7 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
         ref = exp.model
         path = Path(base or ".") / ref
         if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-            if not path.is_file():
+            if not path.exists():
                 raise SpecError([("model", f"no such model spec file: {path} (paths are relative "
                                   "to the experiment file)")], source)
             try:
@@ -459,15 +459,16 @@ def read_experiment_data(path: str | Path) -> dict:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
     import yaml
 
-    from .io import SpecError
+    from .io import SpecError, read_text
 
     path = Path(path)
-    if not path.is_file():
-        raise SpecError([("", f"no such file: {path}")], str(path))
+    text = read_text(path, "experiment")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
+    except RecursionError:
+        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], str(path)) from None
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
@@ -496,9 +497,14 @@ def _model_data(ref: str, base: Path, source: str) -> dict:
     from .io import SpecError, to_data
     from .presets import PRESETS, preset
 
+    from .io import read_text
+
     path = base / ref
     if path.is_file():
-        return yaml.safe_load(path.read_text())
+        try:
+            return yaml.safe_load(read_text(path, "spec"))
+        except yaml.YAMLError as err:
+            raise SpecError([("model", f"{path}: not valid YAML/JSON: {err}")], source) from None
     if ref in PRESETS:
         return to_data(preset(ref))
     raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name")], source)

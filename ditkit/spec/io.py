@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ditkit.errors import UserError
-from .components import Spec
+from .components import BOOL_NOT_NUMBER, Spec
 from .model import SPEC_VERSION, ModelSpec
 
 T = TypeVar("T", bound=BaseModel)
@@ -127,6 +127,11 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             for line in text.splitlines():
                 path, _, rest = line.partition(": ")
                 issues.append((path, rest))
+        elif typ == "value_error" and BOOL_NOT_NUMBER in msg:  # Spec's strict-number check
+            base = _path(loc, model)
+            for line in msg.removeprefix("Value error, ").splitlines():
+                name, _, rest = line.partition(": ")
+                issues.append((f"{base}.{name}" if base else name, rest))
         else:
             text = msg.removeprefix("Value error, ")
             got = e.get("input")
@@ -158,15 +163,76 @@ def loads(text: str, model: type[T] = ModelSpec, source: str = "spec") -> T:  # 
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError([("", f"not valid YAML/JSON: {err}")], source) from None
+    except RecursionError:
+        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], source) from None
     return validate(data, model, source)
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+MAX_SPEC_BYTES = 16 * 2**20
+"""A spec or experiment file is a few KB; anything this large is not one."""
+
+
+def _binary_kind(path: Path, head: bytes) -> str | None:
+    """What a binary file probably is, from its name and first bytes (no parsing)."""
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x04",
+                                                    b"\x80\x05")):
+        return ("a PyTorch checkpoint (a pickle, which ditkit never loads); turn it "
+                "into a ditkit checkpoint with `ditkit convert --from dit|k-diffusion|mpdit "
+                f"{path.name} --out model.safetensors`, then use that")
+    if suffix == ".safetensors":
+        return "a safetensors file; give it to the command as a checkpoint, not as a spec"
+    if suffix == ".onnx":
+        return "an ONNX model; `ditkit sample` runs it, other commands need a spec or checkpoint"
+    if head.startswith(b"\x89PNG") or head[:3] == b"\xff\xd8\xff":
+        return "an image"
+    return None
+
+
+def read_text(path: str | Path, what: str = "spec") -> str:
+    """The text of a spec/experiment file, or one clear error: a folder, a missing file, an
+    unreadable file (:class:`ditkit.errors.EnvironmentFault`), a binary file (a PyTorch
+    checkpoint is named as such, with the ``ditkit convert`` command), text that is not UTF-8."""
+    from ditkit.errors import EnvironmentFault
+
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError([("", f"{path} is a directory, not a {what} file; give the "
+                              f"{what} file (.yaml/.json) inside it")], str(path))
+    if not path.exists():
+        raise SpecError([("", f"no such file: {path}")], str(path))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except PermissionError:
+        raise EnvironmentFault(f"{path}: permission denied; cannot read the {what} file "
+                               "(check its permissions)") from None
+    except OSError as err:
+        raise EnvironmentFault(f"{path}: cannot read the {what} file: "
+                               f"{err.strerror or err}") from None
+    kind = _binary_kind(path, raw[:8])
+    if kind is not None and (b"\0" in raw[:4096] or path.suffix.lower() in TORCH_SUFFIXES
+                             or path.suffix.lower() in (".safetensors", ".onnx")):
+        raise SpecError([("", f"not a {what} file (YAML/JSON text) but {kind}")], str(path))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([("", f"{size:,} bytes is too large for a {what} file (YAML/JSON "
+                              f"text of at most {MAX_SPEC_BYTES // 2**20} MiB)")], str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError([("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
+                              f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
+    if "\0" in text:
+        raise SpecError([("", f"not a text file (it contains NUL bytes); a {what} file is "
+                              "YAML or JSON text")], str(path))
+    return text
 
 
 def load(path: str | Path, model: type[T] = ModelSpec) -> T:  # type: ignore[assignment]
     """Load a spec from a ``.yaml``/``.yml``/``.json`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([("", f"no such file: {path}")], str(path))
-    return loads(path.read_text(), model, str(path))
+    return loads(read_text(path, "spec"), model, str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +297,6 @@ def json_schema(model: type[BaseModel] = ModelSpec) -> dict:
 
 
 __all__ = [
-    "SpecError", "validate", "loads", "load", "dumps", "dump", "to_data", "json_schema",
+    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data", "json_schema",
     "migrate", "MIGRATIONS", "Spec",
 ]

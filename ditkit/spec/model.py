@@ -221,12 +221,20 @@ class ModelSpec(Spec):
     def check_resolution(self, resolution: tuple[int, int],
                          field: str = "resolution") -> list[tuple[str, str]]:
         """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
-        return _resolution_issues(self, tuple(resolution), field)
+        from .limits import resolution_issues
+
+        return (resolution_issues(self, tuple(resolution), field)
+                or _resolution_issues(self, tuple(resolution), field))
 
     # ---------------------------------------------------------------- validation
 
     @model_validator(mode="after")
     def _validate(self) -> "ModelSpec":
+        from .limits import size_issues
+
+        issues = size_issues(self)  # first: the other checks expand the stacks of blocks
+        if issues:
+            raise ValueError("\n".join(f"{path}: {msg}" for path, msg in issues))
         issues = _structure_issues(self)
         issues += _resolution_issues(self, self.input.resolution, "input.resolution")
         if issues:

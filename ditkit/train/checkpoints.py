@@ -5,8 +5,15 @@
 * ``model.safetensors`` and ``ema.safetensors``: ditkit checkpoints
   (:func:`ditkit.runtime.checkpoint.save_checkpoint`: the spec and the objective in the
   metadata), so ``ditkit sample .../ema.safetensors`` needs nothing else;
-* ``state.pt``: the optimizer, LR scheduler, every rank's RNG states and the data position;
+* ``state.json`` + ``state.safetensors``: the optimizer, LR scheduler, every rank's RNG states
+  and the data position. The JSON holds the structure and every plain value; each tensor in it is
+  a reference (``{"__tensor__": "t0"}``) into the safetensors file. Neither format can run code,
+  so a run folder somebody hands you is safe to resume (nothing is unpickled);
 * ``experiment.yaml``: the resolved experiment (model inlined).
+
+Checkpoints written before this format hold ``state.pt`` (a torch pickle). :func:`read_state`
+converts such a folder once, reading it with ``torch.load(weights_only=True)`` (tensors and plain
+containers only; no code runs), and refuses one that needs anything else.
 
 The folder is first written as ``.step-000500.tmp`` and renamed when complete, so a crash at any
 moment leaves either the previous checkpoints alone or a complete new one; the newest complete
@@ -24,11 +31,22 @@ from pathlib import Path
 
 import torch
 
-from ditkit.runtime.files import atomic_path
+from ditkit.errors import UserError
+from ditkit.runtime.files import atomic_path, honour_umask
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_JSON, STATE_TENSORS, LEGACY_STATE = "state.json", "state.safetensors", "state.pt"
+STATE_FORMAT = "ditkit.train-state/1"
+
+
+class UnsafeStateError(UserError):
+    """A checkpoint's training state cannot be read without trusting a pickle."""
+
+
+def has_state(path: Path) -> bool:
+    return (path / STATE_JSON).is_file() or (path / LEGACY_STATE).is_file()
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -42,7 +60,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     out = []
     for p in root.iterdir():
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state.pt").is_file():
+        if m and p.is_dir() and has_state(p):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -71,12 +89,15 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
     """Write ``step-NNNNNN/`` atomically and prune to the newest ``keep_last``."""
     from ditkit.runtime.checkpoint import save_checkpoint
 
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as err:
+        raise _checkpoint_fault(err, final) from None
     try:
         meta = {"ditkit.step": str(step), "ditkit.experiment": exp.name, **(metadata or {})}
         spec, obj = exp.model_spec, exp.objective
@@ -85,10 +106,7 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
         save_checkpoint(tmp / "ema.safetensors", ema_state, spec, objective=obj,
                         metadata={**meta, "ditkit.weights": "ema"})
         (tmp / "experiment.yaml").write_text(dumps(exp))
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(train_state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_state(tmp, train_state)
         _fsync_dir(tmp)
         if final.exists():  # rewriting a step (a resumed run): swap, then drop the old one
             old = root / f".{final.name}.old"
@@ -100,17 +118,145 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            raise _checkpoint_fault(err, final) from None
         raise
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _checkpoint_fault(err: Exception, final: Path) -> Exception:
+    """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
+    from ditkit.runtime.files import environment_fault
+
+    return environment_fault(err, f"checkpoint {final}", "the earlier checkpoints are intact "
+                             "(resume from the newest with --resume)") or err
+
+
+# ------------------------------------------------------------------ training state, no pickle
+
+
+def _flatten(obj, tensors: dict[str, torch.Tensor]):
+    """``obj`` as JSON-ready data; tensors go to ``tensors`` and are replaced by references.
+    Tuples and dicts with non-string keys are tagged so they come back as they were."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _flatten(v, tensors) for k, v in obj.items()}
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"training state: dict key {k!r} is not a str or int")
+            items.append([k, _flatten(v, tensors)])
+        return {"__items__": items}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"training state: cannot store a {type(obj).__name__} without pickle")
+
+
+def _unflatten(obj, tensors: dict[str, torch.Tensor], where: str):
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if set(obj) == {"__tensor__"}:
+        key = obj["__tensor__"]
+        if key not in tensors:
+            raise UnsafeStateError(f"{where}: tensor {key!r} is missing from {STATE_TENSORS}; "
+                                   "the checkpoint is damaged, resume from an earlier one")
+        return tensors[key]
+    if set(obj) == {"__tuple__"}:
+        return tuple(_unflatten(v, tensors, where) for v in obj["__tuple__"])
+    if set(obj) == {"__items__"}:
+        return {k: _unflatten(v, tensors, where) for k, v in obj["__items__"]}
+    return {k: _unflatten(v, tensors, where) for k, v in obj.items()}
+
+
+def _write_state(folder: Path, train_state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    data = {"format": STATE_FORMAT, "state": _flatten(train_state, tensors)}
+    save_file(tensors, str(folder / STATE_TENSORS))
+    honour_umask(folder / STATE_TENSORS)  # safetensors writes 0600
+    with open(folder / STATE_TENSORS, "rb") as f:
+        os.fsync(f.fileno())
+    with open(folder / STATE_JSON, "w") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_new_state(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = str(path / STATE_JSON)
+    try:
+        data = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (ValueError, SafetensorError, FileNotFoundError) as err:
+        raise UnsafeStateError(f"{where}: the training state cannot be read ({err}); the "
+                               "checkpoint is damaged, resume from an earlier one") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise UnsafeStateError(f"{where}: not a ditkit training state (format "
+                               f"{data.get('format') if isinstance(data, dict) else None!r}, "
+                               f"expected {STATE_FORMAT!r})")
+    state = _unflatten(data["state"], tensors, where)
+    if not isinstance(state, dict):
+        raise UnsafeStateError(f"{where}: the training state is not a mapping")
+    return state
+
+
+def convert_legacy_state(path: Path) -> dict:
+    """Rewrite an old ``state.pt`` as ``state.json`` + ``state.safetensors`` (once), reading it
+    with ``torch.load(weights_only=True)``: only tensors and plain containers load, nothing
+    runs. A pickle that needs anything else is refused and left untouched."""
+    legacy = path / LEGACY_STATE
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means we will not trust it
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsafeStateError(
+            f"{legacy}: an old-format training state that cannot be read safely ({first[:200]}); "
+            "ditkit never unpickles arbitrary objects, so this checkpoint cannot be resumed. "
+            "Its weights (model.safetensors, ema.safetensors) are still usable, e.g. as "
+            "finetune.checkpoint of a new run") from None
+    if not isinstance(state, dict):
+        raise UnsafeStateError(f"{legacy}: the training state is not a mapping; cannot resume")
+    tmp = path / f".{STATE_JSON}.convert"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_state(tmp, state)
+        os.replace(tmp / STATE_TENSORS, path / STATE_TENSORS)
+        os.replace(tmp / STATE_JSON, path / STATE_JSON)  # last: its presence marks success
+        _fsync_dir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    legacy.unlink()
+    return state
+
+
 def read_state(path: Path) -> dict:
-    """The training state of a checkpoint folder (``state.pt``)."""
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    """The training state of a checkpoint folder (``state.json`` + ``state.safetensors``; an old
+    ``state.pt`` is converted once, see :func:`convert_legacy_state`). Never unpickles."""
+    if (path / STATE_JSON).is_file():
+        return _read_new_state(path)
+    if (path / LEGACY_STATE).is_file():
+        return convert_legacy_state(path)
+    raise UnsafeStateError(f"{path}: no training state ({STATE_JSON}) in this checkpoint")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ folder, an unreadable image, no images) raise :class:`DataError` naming the path
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,11 +399,15 @@ class WebDataset(ImageDataset):
 
 
 def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str = "shard",
-                 progress: bool = False) -> list[Path]:
+                 progress: bool = False, check_images: bool = True) -> list[Path]:
     """Write ``samples`` -- ``(key, image, label)`` with ``image`` a PIL image, a path to an
     image file or encoded bytes, ``label`` an int or ``None`` -- as webdataset tar shards
     ``out/PREFIX-000000.tar`` ... of ``shard_size`` samples (PNG for PIL images; files are
-    stored as they are). Each shard is written atomically. Returns the shard paths."""
+    stored as they are). Each shard is written atomically. Returns the shard paths.
+
+    ``check_images``: decode every file or bytes image first; a corrupt one is a
+    :class:`DataError` naming it, and the shards written so far are removed (no half dataset;
+    tests turn it off to make deliberately broken shards)."""
     import io
     import tarfile
 
@@ -431,24 +436,45 @@ def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str =
         paths.append(path)
         pending.clear()
 
-    for key, image, label in tqdm(samples, desc="shards", unit="img", disable=not progress):
-        if "." in key.rpartition("/")[2]:
-            raise ValueError(f"sample key {key!r}: keys must not contain a dot in their name "
-                             "(the first dot starts the extension)")
-        if isinstance(image, (str, Path)):
-            data, ext = Path(image).read_bytes(), Path(image).suffix.lower().lstrip(".")
-        elif isinstance(image, bytes):
-            data, ext = image, "png"
-        else:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            data, ext = buf.getvalue(), "png"
-        pending.append((key, data, "jpg" if ext == "jpeg" else ext, label))
-        if len(pending) == shard_size:
+    try:
+        for key, image, label in tqdm(samples, desc="shards", unit="img", disable=not progress):
+            if "." in key.rpartition("/")[2]:
+                raise ValueError(f"sample key {key!r}: keys must not contain a dot in their "
+                                 "name (the first dot starts the extension)")
+            if isinstance(image, (str, Path)):
+                data, ext = Path(image).read_bytes(), Path(image).suffix.lower().lstrip(".")
+                if check_images:
+                    _check_image(data, str(image))
+            elif isinstance(image, bytes):
+                data, ext = image, "png"
+                if check_images:
+                    _check_image(data, f"sample {key!r}")
+            else:
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                data, ext = buf.getvalue(), "png"
+            pending.append((key, data, "jpg" if ext == "jpeg" else ext, label))
+            if len(pending) == shard_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
+    except BaseException:  # no half dataset: the shards of this call go too
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     return paths
+
+
+def _check_image(data: bytes, name: str) -> None:
+    """Decode ``data`` fully (a truncated or corrupt file fails here, not in training)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+        raise DataError(f"data.path: {name} is not a readable image ({err}); fix or remove "
+                        "it, nothing was written") from None
 
 
 def image_folder_samples(root: str | Path):

@@ -188,7 +188,14 @@ def load_fid_inception(path, device: str | torch.device = "cpu") -> FIDInception
     """The network with the weights file at ``path`` loaded strictly (a file saved without
     BatchNorm's ``num_batches_tracked`` counters, which eval mode never reads, is accepted).
     Raises ``ValueError`` naming the mismatch for a file of another network."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: tensors and plain containers only; a pickle of anything else is refused
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, zip/EOF errors of other files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f"{path}: not a PyTorch weights file that can be read safely "
+                         f"({first}); ditkit reads --fid-weights with "
+                         f"torch.load(weights_only=True) and never unpickles other objects. "
+                         f"Give the {WEIGHTS_FILE} file") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
     net = FIDInception()

@@ -11,7 +11,7 @@ The run folder::
     run/scalars.csv            step, loss, lr, grad_norm, img/s (+ objective extras)
     run/tensorboard/           the same scalars (when the tensorboard package is installed)
     run/previews/step-*.png    EMA samples with a fixed seed (one column per class)
-    run/checkpoints/step-*/    model + EMA safetensors, state.pt, experiment.yaml (atomic)
+    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle), experiment.yaml (atomic)
     run/experiment.yaml        the resolved experiment
     run/loss.png               the loss curve, written at the end
     run/summary.json           final step, wall time, throughput, checkpoint, rank fingerprints
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 
 from . import checkpoints as C
@@ -47,6 +48,11 @@ from .objectives import DiffusionLoss, drop_labels
 
 class TrainingError(RuntimeError):
     """The run stopped (non-finite loss, nothing to resume): reported without a traceback."""
+
+
+class TrainingSetupError(TrainingError, UserError):
+    """The run cannot start as asked (an unknown sampler or backend, nothing to resume, a run
+    folder that already holds a run, more memory than the device has): exit status 2."""
 
 
 @dataclass
@@ -188,52 +194,88 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
 
 def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: bool = True,
           data_base: Path | None = None, stop_after: int | None = None,
-          device: str | None = None) -> TrainResult:
+          device: str | None = None, allow_changes: bool = False) -> TrainResult:
     """Train ``exp`` (resolved) into the folder ``run``. ``stop_after``: stop (without a final
     checkpoint) after this many optimizer steps of *this invocation* (tests). ``data_base``:
-    the folder relative data paths start at."""
+    the folder relative data paths start at. ``allow_changes``: on ``resume``, accept an
+    experiment that differs from the run's in what is trained (recorded in the run folder).
+
+    A run that fails before its first optimizer step leaves no run folder behind (when this
+    call created it)."""
+    import shutil
+
+    run = Path(run)
+    created = None  # the outermost folder this call creates (run itself or a parent)
+    for folder in [run, *run.parents]:
+        if folder.exists():
+            break
+        created = folder
+    done = {"steps": 0}
+    try:
+        return _train(exp, run, resume=resume, progress=progress, data_base=data_base,
+                      stop_after=stop_after, device=device, allow_changes=allow_changes,
+                      done=done)
+    except BaseException:
+        if created is not None and done["steps"] == 0 and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
+           data_base: Path | None, stop_after: int | None, device: str | None,
+           allow_changes: bool, done: dict) -> TrainResult:
     from tqdm import tqdm
 
     from ditkit.builder import build
 
-    run = Path(run)
     exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
     from ditkit.runtime.samplers import SAMPLERS
 
     for where, name in (("preview.sampler", exp.preview.sampler),
                         ("evaluation.sampler", exp.evaluation.sampler)):
         if name not in SAMPLERS:
-            raise TrainingError(f"{where}: unknown sampler {name!r}; use one of "
+            raise TrainingSetupError(f"{where}: unknown sampler {name!r}; use one of "
                                 f"{', '.join(SAMPLERS)}")
     dist_info = init_distributed(exp)
     rank, world = dist_info.rank, dist_info.world
     from ditkit.runtime.device import pick_device
 
-    device = pick_device(device or "auto")  # "cuda" -> cuda:<local rank>: set_device needs one
+    try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
+        device = pick_device(device if device is not None else "auto")
+    except UserError as err:
+        raise TrainingSetupError(str(err)) from None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
     ckpt_root = run / "checkpoints"
+    from .guards import compare_for_resume, memory_issues, record_changes
+
+    too_big = memory_issues(exp, world, device)
+    if too_big:
+        raise TrainingSetupError("; ".join(f"{f}: {m}" for f, m in too_big))
 
     start_step, state = 0, None
     if resume:
         found = C.latest_checkpoint(ckpt_root)
         if found is None:
-            raise TrainingError(f"--resume: no complete checkpoint under {ckpt_root}; start "
-                                "without --resume")
+            raise TrainingSetupError(f"--resume: no complete checkpoint under {ckpt_root}; "
+                                     "start without --resume")
         start_step, ckpt_dir = found
+        changes = compare_for_resume(ckpt_dir, exp, run, start_step, allow_changes)
         state = C.read_state(ckpt_dir)
         if state["world"] != world:
             raise TrainingError(f"--resume: the checkpoint was written by {state['world']} "
                                 f"process(es) but this run has {world}; resume with the same "
                                 "number of processes")
     elif C.latest_checkpoint(ckpt_root) is not None:
-        raise TrainingError(f"{run} already holds checkpoints; pass --resume to continue it or "
-                            "choose a new --out folder")
+        raise TrainingSetupError(f"{run} already holds checkpoints; pass --resume to continue "
+                                 "it or choose a new --out folder")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "previews").mkdir(exist_ok=True)
         (run / "experiment.yaml").write_text(S.dumps(exp))
+        if state is not None:
+            record_changes(run, start_step, changes)
 
     # model, EMA, optimizer, schedule --------------------------------------------------------
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
@@ -305,7 +347,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
         backend = use_backend(exp.precision.attention_backend)
         backend.__enter__()
     except ValueError as err:
-        raise TrainingError(f"precision.attention_backend: {err}") from None
+        raise TrainingSetupError(f"precision.attention_backend: {err}") from None
     try:
         while step < tr.steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -345,6 +387,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             optimizer.step()
             ema_update(ema_model, model, ema_decay(exp.ema, step))
             step += 1
+            done["steps"] += 1
             result.step = step
             result.losses.append(loss_value)
             window_imgs += tr.batch_size

@@ -182,7 +182,8 @@ def test_bad_shards_exit_2_with_the_field(tmp_path, capsys, case, message):
     elif case == "no_labels":
         _digit_shards(wds, 8, 4, labelled=False)
     elif case == "bad_member":
-        write_shards([("d0000", _digit(0)[0], 0), ("d0001", b"not a png", 1)], wds, 1)
+        write_shards([("d0000", _digit(0)[0], 0), ("d0001", b"not a png", 1)], wds, 1,
+                     check_images=False)
         shards = str(wds / "*.tar")
     else:
         _digit_shards(wds, 4, 4)

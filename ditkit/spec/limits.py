@@ -1,0 +1,170 @@
+"""Size limits checked while a spec validates, before anything is built or allocated.
+
+``validate`` must not accept a spec that ``build`` cannot build: ``d_model: 1000000000000``
+or ``encoder: 1000000000`` would validate and then exhaust memory (or overflow a tensor size)
+the moment something builds it. These checks estimate, from the spec's fields alone (no torch,
+no building), the parameter count, the number of blocks and the token grids, and refuse a spec
+beyond what any one machine can hold, naming the field that makes it so.
+
+The estimates are deliberately rough (within a small factor of ``ditkit describe``, which
+measures the built modules) and the limits generous; people who really have the memory turn the
+check off with ``DITKIT_NO_SIZE_LIMITS=1`` (the ``--no-size-limits`` flag of the command line
+sets it), or in Python with :func:`no_size_limits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+MAX_PARAMS = 50e9
+"""Parameters (~200 GB in fp32, more than one accelerator holds)."""
+MAX_BLOCKS = 10_000
+MAX_TOKENS = 2**24
+"""Tokens in one level's grid (16.8 M: a 4096x4096 grid)."""
+MAX_WIDTH = 2**20
+"""Any single width (``d_model``, ``d_ff``, conditioning width, embedding rows)."""
+ENV = "DITKIT_NO_SIZE_LIMITS"
+OVERRIDE_HINT = f"if you really have the memory, set {ENV}=1 (or pass --no-size-limits)"
+
+
+def limits_enabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def no_size_limits() -> Iterator[None]:
+    """Validate specs without the size limits inside this block."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def _stack_blocks(value, level_fields: dict, default_block) -> list[tuple[int, object]]:
+    """``[(count, ffn spec)]`` of one stack without expanding it into a list of blocks."""
+    if value is None:
+        return []
+    base_ffn = level_fields.get("ffn") or default_block.ffn
+    if isinstance(value, int):
+        return [(value, base_ffn)]
+    return [(o.repeat, o.ffn or base_ffn) for o in value]
+
+
+def _ffn_width(ffn, d: float) -> float:
+    d_ff = getattr(ffn, "d_ff", None)
+    return float(d_ff) if d_ff is not None else float(getattr(ffn, "ratio", 4.0)) * d
+
+
+spec_estimates: dict[int, float] = {}
+
+
+def estimated_params(spec) -> float:
+    """A rough parameter count from the spec's fields alone (no building): blocks (attention,
+    FFN, modulation), class embeddings and the mapping network. For memory guards only;
+    ``ditkit describe`` gives the measured count."""
+    with _limits_on():
+        size_issues(spec)
+    return spec_estimates.pop(id(spec))
+
+
+@contextlib.contextmanager
+def _limits_on() -> Iterator[None]:
+    before = os.environ.pop(ENV, None)
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.environ[ENV] = before
+
+
+def activation_bytes_per_sample(spec, resolution: tuple[int, int] | None = None) -> float:
+    """A lower bound of the activation memory one training sample needs: every block keeps at
+    least its input and its output (fp32) for the backward pass."""
+    grids = spec.token_grids(resolution)
+    total = 0.0
+    for i, lvl in enumerate(spec.levels):
+        count = sum(c for which in ("encoder", "middle", "decoder")
+                    for c, _ in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block))
+        total += count * grids[i][0] * grids[i][1] * lvl.d_model * 4 * 2
+    return total
+
+
+def size_issues(spec) -> list[tuple[str, str]]:
+    """``[(field, message)]`` for a spec too large to build (empty when the limits are off)."""
+    if not limits_enabled():
+        return []
+    issues: list[tuple[str, str]] = []
+    cond = spec.conditioning
+    cw = float(cond.width or spec.levels[0].d_model)
+    contributors: list[tuple[float, str]] = []
+
+    def width(path: str, value: float) -> None:
+        if value > MAX_WIDTH and path not in (p for p, _ in issues):
+            issues.append((path, f"{value:.4g} is larger than any model can hold (limit "
+                                 f"{MAX_WIDTH:,}); {OVERRIDE_HINT}"))
+
+    if cond.width is not None:
+        width("conditioning.width", cond.width)
+    blocks_total = 0
+    for i, lvl in enumerate(spec.levels):
+        d = float(lvl.d_model)
+        width(f"levels[{i}].d_model", d)
+        fields = lvl.overrides()
+        for which in ("encoder", "middle", "decoder"):
+            for count, ffn in _stack_blocks(getattr(lvl, which), fields, spec.block):
+                blocks_total += count
+                d_ff = _ffn_width(ffn, d)
+                if d_ff > MAX_WIDTH and d <= MAX_WIDTH:
+                    where = f"levels[{i}].ffn" if "ffn" in fields else "block.ffn"
+                    width(f"{where}.ratio", d_ff)
+                per_block = 4 * d * d + 3 * d * d_ff + 6 * d * cw
+                contributors.append((count * per_block, f"levels[{i}].d_model"
+                                     if d * d >= d * d_ff / 4 else f"levels[{i}].{which}"))
+    if blocks_total > MAX_BLOCKS:
+        issues.append(("levels", f"{blocks_total:,} blocks in all (limit {MAX_BLOCKS:,}); "
+                                 f"lower the encoder/middle/decoder counts; {OVERRIDE_HINT}"))
+    if cond.classes is not None:
+        width("conditioning.classes.count", cond.classes.count)
+        contributors.append((float(cond.classes.count) * cw, "conditioning.classes.count"))
+    if cond.mapping is not None:
+        m = cond.mapping
+        contributors.append((m.depth * 3 * m.ratio * cw * cw, "conditioning.mapping.ratio"))
+        width("conditioning.mapping.ratio", m.ratio * cw)
+    total = sum(c for c, _ in contributors)
+    spec_estimates[id(spec)] = total
+    if total > MAX_PARAMS and not issues:
+        field = max(contributors)[1]
+        issues.append((field, f"the model would have about {total:.3g} parameters (limit "
+                              f"{MAX_PARAMS:.3g}); make it smaller; {OVERRIDE_HINT}"))
+    h, w = spec.input.resolution
+    ph, pw = (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else \
+        spec.patch.size
+    tokens = (h // ph) * (w // pw)
+    if tokens > MAX_TOKENS:
+        issues.append(("input.resolution", f"{h}x{w} with patch {ph}x{pw} makes {tokens:,} "
+                                           f"tokens (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}"))
+    return issues
+
+
+def resolution_issues(spec, resolution: tuple[int, int], field: str) -> list[tuple[str, str]]:
+    """The token limit for a resolution asked for at run time (``--resolution``)."""
+    if not limits_enabled():
+        return []
+    ph, pw = (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else \
+        spec.patch.size
+    tokens = (resolution[0] // ph) * (resolution[1] // pw)
+    if tokens > MAX_TOKENS:
+        return [(field, f"{resolution[0]}x{resolution[1]} makes {tokens:,} tokens at the "
+                        f"outer level (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}")]
+    return []
+
+
+__all__ = ["size_issues", "estimated_params", "activation_bytes_per_sample", "resolution_issues", "no_size_limits", "limits_enabled", "MAX_PARAMS",
+           "MAX_BLOCKS", "MAX_TOKENS", "MAX_WIDTH", "ENV"]
