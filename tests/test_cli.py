@@ -79,10 +79,17 @@ def test_validate_all_examples():
 
 def test_demo_runs(tmp_path):
     # a shortened demo (the full one trains for minutes): 2 steps, 20 evaluation samples
-    proc = run("demo", "--steps", "2", "--samples", "20", "--out", str(tmp_path / "demo"))
+    proc = run("demo", "--steps", "2", "--count", "20", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr
     assert "label accuracy" in proc.stdout and "Frechet distance" in proc.stdout
     assert (tmp_path / "demo" / "samples.png").is_file()
+    # guided (the experiment's scale) and unguided numbers, both printed and both on disk
+    assert "without guidance: label accuracy" in proc.stdout
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    unguided = json.loads((tmp_path / "demo" / "eval-unguided.json").read_text())
+    assert unguided["count"] == 20
+    assert final["unguided_accuracy"] == round(unguided["accuracy"], 4)
+    assert {"accuracy", "frechet", "unguided_frechet"} <= final.keys()
 
 
 # ------------------------------------------------------------------------------ fast start

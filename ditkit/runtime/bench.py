@@ -48,16 +48,19 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(x, s, y)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        return statistics.median(times) * 1e3, peak
+        # process CPU time: on a machine shared with other jobs, the wall time of a step grows
+        # with the time its threads wait for a core; with 1 thread the CPU time does not
+        return statistics.median(times) * 1e3, peak, round(statistics.median(cpu) * 1e3, 3)
 
     for res in resolutions:
         g = torch.Generator().manual_seed(0)
@@ -68,11 +71,11 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
         for engine in engines:
             row = {"engine": engine, "resolution": f"{res[0]}x{res[1]}", "batch": batch,
                    "device": str(dev), "threads": threads, "ms_per_step": None,
-                   "peak_mib": None, "note": ""}
+                   "cpu_ms_per_step": None, "peak_mib": None, "note": ""}
             try:
                 with torch.no_grad(), use_backend("auto"):
                     if engine == "eager":
-                        row["ms_per_step"], row["peak_mib"] = timed(
+                        row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: eager(a, b, c), x, s, y)
                     elif engine == "compile":  # one graph per step (fullgraph)
                         compiled = compile_denoiser(Denoiser(model, objective), compile_mode,
@@ -81,7 +84,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                         compiled.denoise(x, s, y)
                         row["note"] = (f"compile {time.perf_counter() - t0:.1f} s, mode "
                                        f"{compile_mode_of(compile_mode, dev, False)}")
-                        row["ms_per_step"], row["peak_mib"] = timed(
+                        row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: compiled.denoise(a, b, c), x, s, y)
                     elif engine == "onnxruntime":
                         if ort is None:
@@ -91,7 +94,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                                         resolution=tuple(resolutions[0]))
                             model.to(dev)
                             ort = OrtDenoiser(path, device=dev, threads=threads)
-                        row["ms_per_step"], row["peak_mib"] = timed(
+                        row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: ort.denoise(a, b, c), x, s, y)
                     elif engine == "tensorrt":
                         from .tensorrt import TensorRTUnavailable, _trt
@@ -118,16 +121,21 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                      and r["resolution"] == row["resolution"]), None)
         row["vs_eager"] = (round(row["ms_per_step"] / base["ms_per_step"], 3)
                            if base and base["ms_per_step"] and row["ms_per_step"] else None)
+        row["cpu_vs_eager"] = (round(row["cpu_ms_per_step"] / base["cpu_ms_per_step"], 3)
+                               if base and base.get("cpu_ms_per_step")
+                               and row.get("cpu_ms_per_step") else None)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = ("engine", "resolution", "batch", "ms/step", "x eager", "peak MiB", "note")
+    head = ("engine", "resolution", "batch", "ms/step", "x eager", "CPU x eager", "peak MiB",
+            "note")
     lines = [head]
     for r in rows:
         lines.append((r["engine"], r["resolution"], str(r["batch"]),
                       "-" if r["ms_per_step"] is None else f"{r['ms_per_step']:.2f}",
                       "-" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}",
+                      "-" if r.get("cpu_vs_eager") is None else f"{r['cpu_vs_eager']:.2f}",
                       "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}", r["note"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]

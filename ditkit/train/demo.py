@@ -24,6 +24,7 @@ class DemoResult:
     out: Path
     wall_s: float
     train_s: float
+    unguided: object = None  # the same evaluation without guidance (cfg 1), when it differs
 
 
 def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
@@ -83,22 +84,51 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
                           per_class_accuracy=m["per_class_accuracy"])
     log(f"\nevaluated {ev.count} digits sampled from the final EMA model ({ev.sampler}, "
         f"{ev.steps} steps, cfg {ev.cfg_scale}) in {m['seconds']:.0f} s")
+    unguided = None
+    if ev.cfg_scale != 1.0:  # guidance hides a weak conditional model: report both
+        unguided = _evaluate_unguided(exp, result.checkpoint, progress)
+        log(f"evaluated {ev.count} digits without guidance (cfg 1.0): "
+            f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}")
+        from .checkpoints import write_json
+
+        write_json(out / "eval-unguided.json", unguided.to_json())
     wall = time.perf_counter() - t_start
-    return DemoResult(report, result.checkpoint, out, wall, t_train)
+    return DemoResult(report, result.checkpoint, out, wall, t_train, unguided)
+
+
+def _evaluate_unguided(exp, checkpoint: Path, progress: bool):
+    """The experiment's evaluation (same count, sampler, steps and seed) at guidance scale 1."""
+    from ditkit.builder import use_backend
+    from ditkit.runtime.checkpoint import load_model
+
+    from .evaluate import evaluate_model
+
+    ev = exp.evaluation
+    model, _ = load_model(checkpoint / "ema.safetensors")
+    with use_backend(exp.precision.attention_backend):
+        report, _, _ = evaluate_model(model, exp.model_spec, exp.objective, count=ev.count,
+                                      steps=ev.steps, sampler=ev.sampler, cfg_scale=1.0,
+                                      seed=ev.seed, device="cpu", progress=progress)
+    return report
 
 
 def summary_json(r: DemoResult) -> dict:
     """The demo's headline numbers (the last line ``ditkit demo`` prints)."""
     report = r.report
-    return {"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),
-            "frechet_real": round(report.frechet_real, 3), "wall_s": round(r.wall_s, 1)}
+    out = {"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),
+           "frechet_real": round(report.frechet_real, 3), "wall_s": round(r.wall_s, 1)}
+    if r.unguided is not None:
+        out["unguided_accuracy"] = round(r.unguided.accuracy, 4)
+        out["unguided_frechet"] = round(r.unguided.frechet, 3)
+    return out
 
 
 def summary(r: DemoResult) -> str:
     """What ``ditkit demo`` prints at the end: the scores, times, outputs and one JSON line."""
     report, out = r.report, r.out
+    guided = [] if r.unguided is None else [f"without guidance: {r.unguided.format()}"]
     return "\n".join([
-        f"\n{report.format()}",
+        f"\n{report.format()}", *guided,
         f"per class: {', '.join(f'{k}: {a:.0%}' for k, a in enumerate(report.per_class_accuracy))}",
         f"wall time {r.wall_s:.0f} s (training and evaluation {r.train_s:.0f} s)",
         f"outputs: {out}/samples.png (one column per digit), {out}/previews/, {out}/loss.png, "
