@@ -152,44 +152,6 @@ def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, name
     return {k: v.contiguous() for k, v in feeds.items()}
 
 
-def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
-                null_class: int | None, aux: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The inputs of an exported graph (named ``names``) as torch tensors on ``x``'s device:
-    ``sigma`` expanded to ``(B,)``, the null class for missing labels, zeros for missing
-    auxiliary inputs (as the model does), ``cfg_scale`` (1 = conditional) for a ``--cfg``
-    graph. Shared by the onnxruntime and TensorRT runners."""
-    unknown = sorted(set(cond) - set(aux))
-    if unknown:
-        raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
-                         f"{sorted(aux) or 'none'}")
-    b = x.shape[0]
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(b)
-    feeds = {"x": x.float(), "sigma": sigma.float()}
-    if "class_labels" in names:
-        if class_labels is None:
-            if null_class is None:
-                raise ValueError("this model needs class_labels (its spec has no null class)")
-            class_labels = torch.full((b,), null_class, dtype=torch.long)
-        feeds["class_labels"] = class_labels.to(x.device, torch.long)
-    elif class_labels is not None:
-        raise ValueError("class_labels given but the model has no class conditioning")
-    for name, dims in aux.items():
-        value = cond.get(name)
-        value = (torch.zeros(b, dims, device=x.device) if value is None else
-                 torch.as_tensor(value, device=x.device).float())
-        if value.shape != (b, dims):
-            raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
-                             f"{tuple(value.shape)}")
-        feeds[name] = value
-    if "cfg_scale" in names:
-        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
-                            device=x.device)
-        feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
-    return {k: v.contiguous() for k, v in feeds.items()}
-
-
 def aux_inputs(inputs) -> dict[str, int]:
     """``{name: dims}`` of the auxiliary conditioning inputs among a graph's ``(name, shape)``
     inputs (every input but x, sigma, class_labels and cfg_scale)."""
