@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from .fno import FNOEmbed
 from .norm import Norm
 from .tags import MAPPING, tag_module
 
@@ -90,6 +89,16 @@ class FourierEmbed(nn.Module):
         return self.proj(torch.cat([f.cos(), f.sin()], dim=-1).to(self.proj.weight.dtype))
 
 
+class FourierNoiseEmbed(FourierEmbed):
+    """HDiT's noise embedding: sigma -> Fourier features of ``ln(sigma) / 4``."""
+
+    def __init__(self, width: int, std: float = 1.0):
+        super().__init__(1, width, std)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, width)
+        return super().forward(torch.log(sigma)[:, None] / 4)
+
+
 class MappingBlock(nn.Module):
     """Residual ``RMSNorm -> GEGLU up -> dropout -> down (zero-init)``."""
 
@@ -127,26 +136,22 @@ class MappingNetwork(nn.Module):
 class Conditioning(nn.Module):
     """``noise_level`` (+ class labels, + auxiliary vectors) -> ``(B, width)``.
 
-    ``noise_kind``: ``sinusoidal`` takes ``noise_level`` as a timestep; ``fourier`` takes sigma
-    and embeds ``ln(sigma) / 4``; ``fno`` takes a flow time. Embeddings are summed, then
-    optionally mapped. Missing labels use the null class; missing auxiliary inputs are zeros.
+    ``noise``: the module for the spec's noise embedding, chosen by ``build()``
+    (:class:`SinusoidalEmbed` takes ``noise_level`` as a timestep, :class:`FourierNoiseEmbed`
+    takes sigma, :class:`~ditkit.builder.fno.FNOEmbed` a flow time); sinusoidal auxiliary
+    features are passed to it as ``extra`` (only a :class:`SinusoidalEmbed` built with
+    ``extra_features`` accepts them). Embeddings are summed, then optionally mapped. Missing labels use the null class; missing auxiliary inputs are zeros.
 
     ``class_inject``: ``vector`` sums the class embedding into the vector; ``memory`` keeps it
     as a separate token (:meth:`class_vector`, for cross-attention); ``prefix`` holds
     ``class_tokens`` (:class:`~ditkit.builder.upsample.ClassTokens`) instead."""
 
-    def __init__(self, width: int, noise_kind: str, noise_args: dict, classes: int | None,
+    def __init__(self, width: int, noise: nn.Module, classes: int | None,
                  null_class: bool, aux: list[tuple[str, int, float]],
                  mapping: tuple[int, int, float] | None, embedding_std: float,
                  class_inject: str = "vector", class_tokens: nn.Module | None = None):
         super().__init__()
-        self.width, self.noise_kind = width, noise_kind
-        if noise_kind == "sinusoidal":
-            self.noise = SinusoidalEmbed(width, **noise_args)
-        elif noise_kind == "fno":
-            self.noise = FNOEmbed(width, **noise_args)
-        else:
-            self.noise = FourierEmbed(1, width, **noise_args)
+        self.width, self.noise = width, noise
         self.classes, self.null_class, self.embedding_std = classes, null_class, embedding_std
         self.class_inject = class_inject
         self.class_embed = (nn.Embedding(classes + int(null_class), width)
@@ -162,9 +167,6 @@ class Conditioning(nn.Module):
                                for n, o in opts.items() if o.get("embed") == "sinusoidal"}
         self.aux = nn.ModuleDict({a[0]: FourierEmbed(a[1], width, a[2]) for a in aux
                                   if a[0] not in self.aux_sinusoidal})
-        if self.aux_sinusoidal:
-            extra = sum(self.aux_dims[n] * f for n, (f, _, _) in self.aux_sinusoidal.items())
-            self.noise = SinusoidalEmbed(width, **noise_args, extra_features=extra)
         self.mapping = MappingNetwork(width, *mapping) if mapping else None
         tag_module(self, MAPPING)  # the whole conditioning path learns at the mapping LR
 
@@ -188,9 +190,7 @@ class Conditioning(nn.Module):
                 keep = torch.rand(b, 1, device=value.device) >= self.aux_dropout[name]
                 value = value * keep
             values[name] = value
-        if self.noise_kind == "fourier":
-            emb = self.noise(torch.log(noise_level)[:, None] / 4)
-        elif self.aux_sinusoidal:
+        if self.aux_sinusoidal:
             extra = torch.cat([sinusoidal_features(values[n], *args)
                                for n, args in self.aux_sinusoidal.items()], dim=-1)
             emb = self.noise(noise_level, extra)

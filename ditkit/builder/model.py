@@ -16,10 +16,11 @@ from ditkit import spec as S
 
 from .aggregate import AggregateAttention
 from .attention import GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention
-from .conditioning import Conditioning
+from .conditioning import Conditioning, FourierNoiseEmbed, SinusoidalEmbed
 from .cross_attention import CrossAttention
 from .embed import AddSkip, ConcatSkip, LerpSkip, NoSkip, TokenMerge, TokenSplit
 from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
+from .fno import FNOEmbed
 from .head import Head
 from .init import zero_linear_
 from .norm import Norm
@@ -277,13 +278,12 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     cond = spec.conditioning
     match cond.noise:
         case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act):
-            noise_kind, noise_args = "sinusoidal", {"frequency_dim": fd, "max_period": mp,
-                                                     "scale": sc, "activation": act}
+            extra = sum(a.dims * a.features for a in cond.aux if a.embed == "sinusoidal")
+            noise = SinusoidalEmbed(cw, fd, mp, sc, act, extra_features=extra)
         case S.FourierNoise(std=std):
-            noise_kind, noise_args = "fourier", {"std": std}
+            noise = FourierNoiseEmbed(cw, std)
         case S.FNONoise(points=pts, modes=modes, width=w, depth=depth):
-            noise_kind, noise_args = "fno", {"points": pts, "modes": modes, "width": w,
-                                             "depth": depth}
+            noise = FNOEmbed(cw, pts, modes, w, depth)
         case other:
             assert_never(other)
     classes = cond.classes
@@ -295,7 +295,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     if cond.mapping is not None:
         mapping = (cond.mapping.depth, int(round(cond.mapping.ratio * cw)), cond.mapping.dropout)
     conditioning = Conditioning(
-        cw, noise_kind, noise_args,
+        cw, noise,
         classes=cond.classes.count if cond.classes else None,
         null_class=bool(cond.classes and cond.classes.null_class),
         aux=[(a.name, a.dims, a.std, {"embed": a.embed, "features": a.features,
