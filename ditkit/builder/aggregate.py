@@ -12,45 +12,29 @@ import torch
 from torch import nn
 
 from . import kernels
+from .attention import AttentionConfig, QKRope
 from .embed import group, ungroup
 from .init import zero_linear_
-from .norm import Norm
-from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
 
 
-class AggregateAttention(nn.Module):
+class AggregateAttention(QKRope):
     """``(B, H, W, C) -> (B, H, W, C)``: group by ``factor``, attend with ``n_heads`` heads of
-    ``d_head`` on the coarse grid, project back and ungroup."""
+    ``cfg.d_head`` on the coarse grid, project back and ungroup. Logits are dot-product
+    (``cfg.logits`` is not used)."""
 
-    def __init__(self, d_model: int, d_head: int, n_heads: int, factor: int = 2, *,
-                 qk_norm: str = "none", qk_norm_affine: bool = True, qk_norm_eps: float = 1e-6,
-                 rope_fraction: float = 0.0, rope_positions: str = "integer",
-                 rope_frequencies_layout: str = "geometric", rope_freq_min: float = 3.14159,
-                 rope_freq_max: float = 31.4159, rope_base: float = 10000.0,
-                 rope_position_scale: tuple[float, float] = (1.0, 1.0), bias: bool = False,
-                 dropout: float = 0.0, zero_init_out: bool = False):
+    def __init__(self, cfg: AttentionConfig, n_heads: int, factor: int = 2):
         super().__init__()
+        d_head = cfg.d_head
         self.factor, self.d_head, self.n_heads = factor, d_head, n_heads
-        self.zero_init_out = zero_init_out
-        d_in, inner = d_model * factor * factor, n_heads * d_head
-        self.qkv = nn.Linear(d_in, 3 * inner, bias=bias)
-        self.q_norm = self.k_norm = None
-        if qk_norm != "none":
-            self.q_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-            self.k_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-        self.rope_positions = rope_positions
-        self.rope_position_scale = tuple(float(v) for v in rope_position_scale)
-        rotated = int(round(rope_fraction * d_head))
-        self._rope_args = (n_heads, rotated, rope_frequencies_layout, rope_freq_min,
-                           rope_freq_max, rope_base)
-        self.register_buffer("rope_freqs", rope_frequencies(*self._rope_args) if rotated else None,
-                             persistent=False)
-        self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(inner, d_in, bias=bias)
+        self.zero_init_out = cfg.zero_init_out
+        d_in, inner = cfg.d_model * factor * factor, n_heads * d_head
+        self.qkv = nn.Linear(d_in, 3 * inner, bias=cfg.bias)
+        self._setup_qk(cfg, n_heads)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(inner, d_in, bias=cfg.bias)
 
     def init_special(self) -> None:
-        if self.rope_freqs is not None:
-            self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
+        self._init_rope()
         if self.zero_init_out:
             zero_linear_(self.out)
 
@@ -60,14 +44,7 @@ class AggregateAttention(nn.Module):
         b, hh, ww, _ = g.shape
         qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_freqs is not None:
-            pos = grid_positions(hh, ww, self.rope_positions, x.device)
-            if self.rope_position_scale != (1.0, 1.0):
-                pos = pos * pos.new_tensor(self.rope_position_scale)
-            theta = rope_angles(self.rope_freqs.float(), pos)
-            q, k = apply_rope(q, theta), apply_rope(k, theta)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww)
         o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
                                      self.d_head ** -0.5)
         o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)

@@ -6,8 +6,12 @@ so every kernel / backend in ``kernels.py`` sees the same q, k, v and gives the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from ditkit import spec as S
 
 from . import kernels
 from .init import zero_linear_
@@ -16,50 +20,96 @@ from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
 from .tags import NO_DECAY, tag
 
 
-class Attention(nn.Module):
+@dataclass(frozen=True)
+class AttentionConfig:
+    """What every attention module of a block shares, built once by ``build()``'s ``_block``:
+    widths, QK norm, logits, RoPE (the spec's own ``QKNorm`` / ``Logits`` / ``Rope`` values),
+    projection bias, output dropout and zero-initialised output projection."""
+
+    d_model: int
+    d_head: int
+    qk_norm: S.QKNorm = S.QKNorm()
+    logits: S.DotLogits | S.CosineLogits = S.DotLogits()
+    rope: S.NoRope | S.AxialRope = S.NoRope()
+    bias: bool = True
+    dropout: float = 0.0
+    zero_init_out: bool = False
+
+
+class QKRope(nn.Module):
+    """The q / k shaping every attention module shares: per-head QK norm (``q_norm``,
+    ``k_norm``) and axial RoPE on a ``(H, W)`` grid (``rope_freqs``, derived from the spec and
+    so kept out of checkpoints). Mixed into :class:`Attention` and the aggregate attention;
+    ``_setup_qk`` registers the same parameter names either way."""
+
+    def _setup_qk(self, cfg: AttentionConfig, n_heads: int, *, rope: bool = True) -> None:
+        """QK norms, then (``rope``) the RoPE frequencies for ``n_heads`` heads."""
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm.kind != "none":
+            n = cfg.qk_norm
+            self.q_norm = Norm(cfg.d_head, n.kind, n.eps, n.affine)
+            self.k_norm = Norm(cfg.d_head, n.kind, n.eps, n.affine)
+        if not rope:
+            return
+        r = cfg.rope
+        rotated = int(round(r.fraction * cfg.d_head)) if isinstance(r, S.AxialRope) else 0
+        self._rope_args = ((n_heads, rotated, r.frequencies, r.freq_min, r.freq_max, r.base)
+                           if rotated else None)
+        self.rope_positions = r.positions if rotated else "normalized"
+        self.rope_position_scale = (tuple(float(v) for v in r.position_scale) if rotated
+                                    else (1.0, 1.0))
+        self.register_buffer("rope_freqs",
+                             rope_frequencies(*self._rope_args) if rotated else None,
+                             persistent=False)
+
+    def _init_rope(self) -> None:
+        if self.rope_freqs is not None:
+            self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
+
+    def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def _rope(self, q: torch.Tensor, k: torch.Tensor,
+              hh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE)."""
+        if self.rope_freqs is None:
+            return q, k
+        pos = grid_positions(hh, ww, self.rope_positions, q.device)
+        if self.rope_position_scale != (1.0, 1.0):
+            pos = pos * pos.new_tensor(self.rope_position_scale)
+        theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
+        return apply_rope(q, theta), apply_rope(k, theta)
+
+
+class Attention(QKRope):
     """Multi-head self-attention on ``(B, H, W, C)`` grids; a subclass per pattern of the spec
-    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``logits``: ``dot``
-    (``q.k / sqrt(d_head)``) or ``cosine`` (HDiT: ``scale_h * cos(q, k)`` with a learned
-    per-head ``scale`` initialised to ``scale_init``). The qkv channel layout is
+    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``cfg.logits``:
+    ``dot`` (``q.k / sqrt(d_head)``) or ``cosine`` (HDiT: ``scale_h * cos(q, k)`` with a
+    learned per-head ``scale`` initialised to ``scale_init``). The qkv channel layout is
     ``(3, heads, d_head)``, as in DiT (timm) and k-diffusion."""
 
-    def __init__(self, d_model: int, d_head: int, *, logits: str = "dot",
-                 scale_init: float = 10.0, cosine_eps: float = 1e-6, qk_norm: str = "none",
-                 qk_norm_affine: bool = True, qk_norm_eps: float = 1e-6,
-                 rope_fraction: float = 0.0, rope_positions: str = "normalized",
-                 rope_frequencies_layout: str = "log_spaced", rope_freq_min: float = 3.14159,
-                 rope_freq_max: float = 31.4159, rope_base: float = 10000.0,
-                 rope_position_scale: tuple[float, float] = (1.0, 1.0), bias: bool = True,
-                 dropout: float = 0.0, zero_init_out: bool = False):
+    def __init__(self, cfg: AttentionConfig):
         super().__init__()
+        d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
-        self.logits, self.cosine_eps, self.scale_init = logits, cosine_eps, scale_init
-        self.zero_init_out = zero_init_out
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.q_norm = self.k_norm = None
-        if qk_norm != "none":
-            self.q_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-            self.k_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-        self.scale = nn.Parameter(torch.full((self.n_heads,), scale_init)) if logits == "cosine" else None
+        cosine = isinstance(cfg.logits, S.CosineLogits)
+        self.logits = cfg.logits.kind
+        self.cosine_eps = cfg.logits.eps if cosine else 1e-6
+        self.scale_init = cfg.logits.scale_init if cosine else 10.0
+        self.zero_init_out = cfg.zero_init_out
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
+        self._setup_qk(cfg, self.n_heads)
+        self.scale = nn.Parameter(torch.full((self.n_heads,), self.scale_init)) if cosine else None
         tag(self, "scale", NO_DECAY)
-        self.rope_positions = rope_positions
-        self.rope_position_scale = tuple(float(v) for v in rope_position_scale)
-        rotated = int(round(rope_fraction * d_head))
-        self.register_buffer(
-            "rope_freqs",
-            rope_frequencies(self.n_heads, rotated, rope_frequencies_layout, rope_freq_min,
-                             rope_freq_max, rope_base) if rotated else None,
-            persistent=False)  # derived from the spec, so not part of a checkpoint
-        self._rope_args = (self.n_heads, rotated, rope_frequencies_layout, rope_freq_min,
-                           rope_freq_max, rope_base)
-        self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(d_model, d_model, bias=cfg.bias)
 
     def init_special(self) -> None:
         if self.scale is not None:
             nn.init.constant_(self.scale, self.scale_init)
-        if self.rope_freqs is not None:
-            self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
+        self._init_rope()
         if self.zero_init_out:
             zero_linear_(self.out)
 
@@ -67,19 +117,13 @@ class Attention(nn.Module):
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._norm_qk(q, k)
         if self.scale is not None:
             q, k = self._cosine(q, k)
             scale = 1.0
         else:
             scale = self.d_head ** -0.5
-        if self.rope_freqs is not None:
-            pos = grid_positions(hh, ww, self.rope_positions, x.device)
-            if self.rope_position_scale != (1.0, 1.0):
-                pos = pos * pos.new_tensor(self.rope_position_scale)
-            theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
-            q, k = apply_rope(q, theta), apply_rope(k, theta)
+        q, k = self._rope(q, k, hh, ww)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
@@ -116,9 +160,9 @@ class NeighborhoodAttention(Attention):
     """Each token attends to its ``kernel_size`` NATTEN neighborhood (with ``dilation``),
     through the backend ``kernels.use_backend`` selects."""
 
-    def __init__(self, d_model: int, d_head: int, kernel_size: tuple[int, int],
-                 dilation: tuple[int, int] = (1, 1), **kwargs):
-        super().__init__(d_model, d_head, **kwargs)
+    def __init__(self, cfg: AttentionConfig, kernel_size: tuple[int, int],
+                 dilation: tuple[int, int] = (1, 1)):
+        super().__init__(cfg)
         self.kernel_size, self.dilation = tuple(kernel_size), tuple(dilation)
 
     def attend(self, q, k, v, scale):
@@ -131,9 +175,8 @@ class NeighborhoodAttention(Attention):
 class ShiftedWindowAttention(Attention):
     """Swin-style windows of ``window_size``, rolled by ``window_shift`` (0: unshifted)."""
 
-    def __init__(self, d_model: int, d_head: int, window_size: int, window_shift: int = 0,
-                 **kwargs):
-        super().__init__(d_model, d_head, **kwargs)
+    def __init__(self, cfg: AttentionConfig, window_size: int, window_shift: int = 0):
+        super().__init__(cfg)
         self.window_size, self.window_shift = window_size, window_shift
 
     def attend(self, q, k, v, scale):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .attention import AttentionConfig, QKRope
 from .init import zero_linear_
-from .norm import Norm
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -28,26 +28,23 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(QKRope):
     """Queries from the grid ``(B, H, W, C)``; keys / values from ``memory`` (a dict of
-    ``(B, cond_width)`` vectors, one token each) plus an optional learned null token."""
+    ``(B, cond_width)`` vectors, one token each) plus an optional learned null token. Logits
+    are dot-product and there is no RoPE (``cfg.logits`` / ``cfg.rope`` are not used)."""
 
-    def __init__(self, d_model: int, d_head: int, cond_width: int, sources: list[str],
-                 null_token: bool = True, qk_norm: str = "none", qk_norm_affine: bool = True,
-                 qk_norm_eps: float = 1e-6, bias: bool = False, dropout: float = 0.0,
-                 zero_init_out: bool = False):
+    def __init__(self, cfg: AttentionConfig, cond_width: int, sources: list[str],
+                 null_token: bool = True):
         super().__init__()
+        d_model, d_head, bias = cfg.d_model, cfg.d_head, cfg.bias
         self.d_head, self.n_heads, self.sources = d_head, d_model // d_head, list(sources)
-        self.zero_init_out = zero_init_out
+        self.zero_init_out = cfg.zero_init_out
         self.q = nn.Linear(d_model, d_model, bias=bias)
         self.kv = nn.ModuleDict({s: nn.Linear(cond_width, 2 * d_model, bias=bias)
                                  for s in self.sources})
         self.null = nn.Parameter(torch.zeros(2, d_model)) if null_token else None
-        self.q_norm = self.k_norm = None
-        if qk_norm != "none":
-            self.q_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-            self.k_norm = Norm(d_head, qk_norm, qk_norm_eps, qk_norm_affine)
-        self.dropout = nn.Dropout(dropout)
+        self._setup_qk(cfg, self.n_heads, rope=False)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
     def init_special(self) -> None:
@@ -70,8 +67,7 @@ class CrossAttention(nn.Module):
         k = torch.cat(keys, 1).view(b, -1, self.n_heads, self.d_head).transpose(1, 2)
         v = torch.cat(values, 1).view(b, -1, self.n_heads, self.d_head).transpose(1, 2)
         q = self.q(x).view(b, hh * ww, self.n_heads, self.d_head).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._norm_qk(q, k)
         o = cross_attention(q, k, v, self.d_head ** -0.5)  # (B, heads, N, D)
         o = o.transpose(1, 2).reshape(b, hh, ww, c)
         return self.out(self.dropout(o))

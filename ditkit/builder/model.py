@@ -15,7 +15,8 @@ from torch import nn
 from ditkit import spec as S
 
 from .aggregate import AggregateAttention
-from .attention import GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention
+from .attention import (AttentionConfig, GlobalAttention, NeighborhoodAttention,
+                        ShiftedWindowAttention)
 from .conditioning import Conditioning, FourierNoiseEmbed, SinusoidalEmbed
 from .cross_attention import CrossAttention
 from .embed import AddSkip, ConcatSkip, LerpSkip, NoSkip, TokenMerge, TokenSplit
@@ -395,41 +396,20 @@ def _position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module
 
 def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
            memory: tuple[str, ...] = ()) -> Block:
-    shape = {"qk_norm": blk.qk_norm.kind, "qk_norm_affine": blk.qk_norm.affine,
-             "qk_norm_eps": blk.qk_norm.eps, "bias": blk.attention_bias,
-             "dropout": blk.dropout, "zero_init_out": blk.zero_init_out}
-    match blk.rope:
-        case S.NoRope():
-            pass
-        case S.AxialRope() as r:
-            shape.update(rope_fraction=r.fraction, rope_positions=r.positions,
-                         rope_frequencies_layout=r.frequencies, rope_freq_min=r.freq_min,
-                         rope_freq_max=r.freq_max, rope_base=r.base,
-                         rope_position_scale=r.position_scale)
-        case other:
-            assert_never(other)
-    logits: dict = {}  # self-attention on the grid only (aggregate attention is dot-product)
-    match blk.logits:
-        case S.DotLogits():
-            logits = {"logits": "dot"}
-        case S.CosineLogits(scale_init=si, eps=eps):
-            logits = {"logits": "cosine", "scale_init": si, "cosine_eps": eps}
-        case other:
-            assert_never(other)
+    cfg = AttentionConfig(d_model, blk.d_head, blk.qk_norm, blk.logits, blk.rope,
+                          blk.attention_bias, blk.dropout, blk.zero_init_out)
     match blk.attention:
         case S.NoAttention():
             attention = None
         case S.AggregateAttention(factor=fac, n_heads=nh):
-            attention = AggregateAttention(d_model, blk.d_head, nh, fac, **shape)
+            attention = AggregateAttention(cfg, nh, fac)
         case S.GlobalAttention():
-            attention = GlobalAttention(d_model, blk.d_head, **logits, **shape)
+            attention = GlobalAttention(cfg)
         case S.NeighborhoodAttention(kernel_size=k, dilation=d):
-            attention = NeighborhoodAttention(d_model, blk.d_head, S.pair(k), S.pair(d),
-                                              **logits, **shape)
+            attention = NeighborhoodAttention(cfg, S.pair(k), S.pair(d))
         case S.ShiftedWindowAttention(window_size=w, shift=shift):
             attention = ShiftedWindowAttention(
-                d_model, blk.d_head, w, w // 2 if shift == "alternate" and index % 2 else 0,
-                **logits, **shape)
+                cfg, w, w // 2 if shift == "alternate" and index % 2 else 0)
         case other:
             assert_never(other)
     cross = None
@@ -438,11 +418,7 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
             pass
         case S.MemoryCrossAttention(null_token=null, time_token=time_token):
             sources = [s for s in memory if s != "time" or time_token]
-            cross = CrossAttention(
-                d_model, blk.d_head, cond_width, sources, null_token=null,
-                qk_norm=blk.qk_norm.kind, qk_norm_affine=blk.qk_norm.affine,
-                qk_norm_eps=blk.qk_norm.eps, bias=blk.attention_bias, dropout=blk.dropout,
-                zero_init_out=blk.zero_init_out)
+            cross = CrossAttention(cfg, cond_width, sources, null_token=null)
         case other:
             assert_never(other)
     ffn_args = {"bias": blk.ffn.bias, "dropout": blk.dropout,

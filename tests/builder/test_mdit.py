@@ -10,6 +10,7 @@ from ditkit import spec as S
 from ditkit.builder import build, kernels
 from ditkit.builder.accounting import describe
 from ditkit.builder.aggregate import AggregateAttention
+from ditkit.builder.attention import AttentionConfig
 from ditkit.builder.cross_attention import CrossAttention
 from ditkit.spec.families import mdit
 from ditkit.spec.presets import preset
@@ -82,7 +83,7 @@ def test_mdit_0_0_0_l_is_the_isotropic_model():
 def test_aggregate_attention_matches_a_direct_computation():
     torch.manual_seed(0)
     d, d_head, heads, f = 8, 4, 3, 2
-    att = AggregateAttention(d, d_head, heads, f)
+    att = AggregateAttention(AttentionConfig(d, d_head, bias=False), heads, f)
     x = torch.randn(2, 4, 6, d)
     with torch.no_grad():
         out = att(x)
@@ -100,8 +101,8 @@ def test_aggregate_attention_matches_a_direct_computation():
 
 def test_cross_attention_uses_null_class_and_time_tokens_and_counts_macs():
     torch.manual_seed(0)
-    ca = CrossAttention(8, 4, 6, ["label", "time"], null_token=True, qk_norm="layer",
-                        qk_norm_affine=False)
+    cfg = AttentionConfig(8, 4, S.QKNorm(kind="layer", affine=False), bias=False)
+    ca = CrossAttention(cfg, 6, ["label", "time"], null_token=True)
     ca.init_special()
     x = torch.randn(2, 3, 5, 8)
     mem = {"label": torch.randn(2, 6), "time": torch.randn(2, 6)}
