@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ditkit import spec as S
+
 from .norm import Norm
 from .tags import MAPPING, tag_module
 
@@ -140,22 +142,23 @@ class Conditioning(nn.Module):
     (:class:`SinusoidalEmbed` takes ``noise_level`` as a timestep, :class:`FourierNoiseEmbed`
     takes sigma, :class:`~ditkit.builder.fno.FNOEmbed` a flow time); sinusoidal auxiliary
     features are passed to it as ``extra`` (only a :class:`SinusoidalEmbed` built with
-    ``extra_features`` accepts them). Embeddings are summed, then optionally mapped. Missing labels use the null class; missing auxiliary inputs are zeros.
+    ``extra_features`` accepts them). Embeddings are summed, then optionally mapped. Missing
+    labels use the null class; missing auxiliary inputs are zeros.
 
-    ``class_inject``: ``vector`` sums the class embedding into the vector; ``memory`` keeps it
+    ``classes.inject``: ``vector`` sums the class embedding into the vector; ``memory`` keeps it
     as a separate token (:meth:`class_vector`, for cross-attention); ``prefix`` holds
     ``class_tokens`` (:class:`~ditkit.builder.upsample.ClassTokens`) instead."""
 
-    def __init__(self, width: int, noise: nn.Module, classes: int | None,
-                 null_class: bool, aux: list[tuple[str, int, float]],
-                 mapping: tuple[int, int, float] | None, embedding_std: float,
-                 class_inject: str = "vector", class_tokens: nn.Module | None = None):
+    def __init__(self, width: int, noise: nn.Module, classes: S.Classes | None,
+                 aux: list[tuple[str, int, float]], mapping: tuple[int, int, float] | None,
+                 embedding_std: float, class_tokens: nn.Module | None = None):
         super().__init__()
-        self.width, self.noise = width, noise
-        self.classes, self.null_class, self.embedding_std = classes, null_class, embedding_std
-        self.class_inject = class_inject
-        self.class_embed = (nn.Embedding(classes + int(null_class), width)
-                            if classes and class_inject != "prefix" else None)
+        self.width, self.noise, self.embedding_std = width, noise, embedding_std
+        self.classes = classes.count if classes else None
+        self.null_class = bool(classes and classes.null_class)
+        self.class_inject = classes.inject if classes else "vector"
+        self.class_embed = (nn.Embedding(classes.rows, width)
+                            if classes and classes.inject != "prefix" else None)
         self.class_tokens = class_tokens
         self.aux_names = [a[0] for a in aux]
         self.aux_dims = {a[0]: a[1] for a in aux}

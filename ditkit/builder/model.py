@@ -290,21 +290,18 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     classes = cond.classes
     class_tokens = None
     if classes is not None and classes.inject == "prefix":
-        class_tokens = ClassTokens(classes.count, classes.null_class, classes.tokens, d0,
-                                   spec.init.embedding_std)
+        class_tokens = ClassTokens(classes, d0, spec.init.embedding_std)
     mapping = None
     if cond.mapping is not None:
         mapping = (cond.mapping.depth, int(round(cond.mapping.ratio * cw)), cond.mapping.dropout)
     conditioning = Conditioning(
-        cw, noise,
-        classes=cond.classes.count if cond.classes else None,
-        null_class=bool(cond.classes and cond.classes.null_class),
+        cw, noise, classes,
         aux=[(a.name, a.dims, a.std, {"embed": a.embed, "features": a.features,
                                       "freq_min": a.freq_min, "freq_max": a.freq_max,
                                       "dropout": a.dropout}) for a in cond.aux],
         mapping=mapping,
         embedding_std=spec.init.embedding_std,
-        class_inject=classes.inject if classes else "vector", class_tokens=class_tokens)
+        class_tokens=class_tokens)
     memory = ()
     if any(isinstance(b.cross_attention, S.MemoryCrossAttention) for *_, b in spec.blocks()):
         memory = ("label", "time") if classes and classes.inject == "memory" else ("time",)

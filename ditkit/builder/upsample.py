@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditkit import spec as S
+
 from .embed import TokenMerge, ungroup
 from .norm import Norm
 
@@ -71,11 +73,11 @@ class ClassTokens(nn.Module):
     """``tokens`` learned tokens per class (a ``(classes + null, tokens * d)`` table, MPDiT's
     layout), looked up and viewed as ``(B, tokens, d)``."""
 
-    def __init__(self, classes: int, null_class: bool, tokens: int, d_model: int,
-                 std: float = 0.02):
+    def __init__(self, classes: S.Classes, d_model: int, std: float = 0.02):
         super().__init__()
-        self.classes, self.null_class, self.tokens, self.std = classes, null_class, tokens, std
-        self.table = nn.Embedding(classes + int(null_class), tokens * d_model)
+        self.classes, self.null_class = classes.count, classes.null_class
+        self.tokens, self.std = classes.tokens, std
+        self.table = nn.Embedding(classes.rows, classes.tokens * d_model)
 
     def init_special(self) -> None:
         nn.init.normal_(self.table.weight, std=self.std)

@@ -146,8 +146,7 @@ def run_sample(args) -> int:
     src = resolve_source(args.spec, ("file", "preset", "checkpoint", "run"))
     objective = None
     if src.kind in ("file", "preset"):
-        noise = load_spec(args.spec, overrides=args.overrides).conditioning.noise.kind
-        objective = "edm" if noise == "fourier" else "ddpm_eps"
+        objective = load_spec(args.spec, overrides=args.overrides).default_objective
     setup_compute(args)
     model, objective, _, _ = load_model_source(args.spec, objective, overrides=args.overrides)
     resolutions = [parse_resolution(r, "--resolutions")

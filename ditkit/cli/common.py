@@ -217,7 +217,7 @@ def default_objective(spec, name: str | None = None):
     from ditkit import spec as S
 
     if name is None:
-        name = "edm" if spec.conditioning.noise.kind == "fourier" else "ddpm_eps"
+        name = spec.default_objective
         print(f"note: no objective recorded; using {name} (pass --objective to choose)",
               file=sys.stderr)
     return {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,

@@ -150,6 +150,12 @@ class ModelSpec(Spec):
         return self.input.channels * (2 if self.head.learned_sigma else 1)
 
     @property
+    def default_objective(self) -> str:
+        """The objective to assume when a checkpoint records none: ``edm`` for a Fourier noise
+        embedding (it takes sigma), ``ddpm_eps`` otherwise (it takes a timestep)."""
+        return "edm" if self.conditioning.noise.kind == "fourier" else "ddpm_eps"
+
+    @property
     def null_label(self) -> int | None:
         """The unconditional class label (classifier-free guidance), or None when the model has
         no class conditioning or no null class."""
