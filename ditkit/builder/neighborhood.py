@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ditkit.spec import neighborhood_misfits
+
 #: query tile side of the ``tiled`` backend, per axis and per dilation group
 TILE = 8
 #: the tile side in ``torch.export`` traces (the ONNX form): onnxruntime runs each tile as one
@@ -54,13 +56,14 @@ def window_start_index(length: int | torch.SymInt, kernel: int, dilation: int,
 
 
 def check_grid(hh, ww, kernel_size, dilation) -> None:
-    """NATTEN's constraint ``kernel * dilation <= size`` per axis (checked on concrete sizes)."""
-    for axis, n, k, d in (("height", hh, kernel_size[0], dilation[0]),
-                          ("width", ww, kernel_size[1], dilation[1])):
-        if isinstance(n, int) and n < k * d:
-            raise ValueError(
-                f"neighborhood attention: token grid {axis} {n} is smaller than kernel {k} x "
-                f"dilation {d} = {k * d}; use a larger input, a smaller kernel_size or dilation")
+    """Raise on the first axis breaking NATTEN's ``kernel * dilation <= size``
+    (:func:`ditkit.spec.neighborhood_misfits`; checked on concrete sizes)."""
+    misfits = neighborhood_misfits((hh, ww), kernel_size, dilation)
+    if misfits:
+        axis, n, k, d = misfits[0]
+        raise ValueError(
+            f"neighborhood attention: token grid {axis} {n} is smaller than kernel {k} x "
+            f"dilation {d} = {k * d}; use a larger input, a smaller kernel_size or dilation")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``ditkit.spec``: typed, frozen, torch-free model specs (pydantic v2)."""
 
 from .components import *  # noqa: F401,F403  (the component variants are the spec language)
-from .components import pair
+from .components import neighborhood_misfits, pair
 from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
 from .families import mdit, mpdit
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
@@ -12,7 +12,8 @@ from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, Fl
 
 __all__ = [
     "ModelSpec", "Level", "Block", "BlockOverride", "SPEC_VERSION", "SpecError", "load",
-    "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair", "dit",
+    "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair",
+    "neighborhood_misfits", "dit",
     "hdit", "mdit", "mpdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256",
     "Objective",
     "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",

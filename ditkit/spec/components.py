@@ -59,6 +59,16 @@ def pair(value: Size2) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def neighborhood_misfits(grid, kernel_size: tuple[int, int],
+                         dilation: tuple[int, int]) -> list[tuple[str, int, int, int]]:
+    """NATTEN's constraint ``kernel * dilation <= size`` per axis, the one place it is written:
+    ``(axis, size, kernel, dilation)`` for each axis of the ``(height, width)`` ``grid`` that
+    breaks it. Sizes that are not ints (symbolic while tracing) are not checked."""
+    return [(axis, n, k, d) for axis, n, k, d in zip(("height", "width"), grid, kernel_size,
+                                                     dilation)
+            if isinstance(n, int) and n < k * d]
+
+
 # --------------------------------------------------------------------------------------------
 # attention pattern: which tokens a query sees
 

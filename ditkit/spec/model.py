@@ -53,6 +53,7 @@ from .components import (
     Skip,
     Spec,
     LinearHead,
+    neighborhood_misfits,
     pair,
 )
 
@@ -419,12 +420,12 @@ def _resolution_issues(
         att = blk.attention
         where = spec.origin(i, which, j, "attention")
         if isinstance(att, NeighborhoodAttention):
-            for k, d, g in zip(pair(att.kernel_size), pair(att.dilation), (gh, gw)):
-                if k * d > g:
-                    out.append((f"{where}.kernel_size",
-                                f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
-                                f"of levels[{i}] at {h}x{w}; use a kernel <= "
-                                f"{_largest_odd(g // d)} or a larger resolution"))
+            for _, g, k, d in neighborhood_misfits((gh, gw), pair(att.kernel_size),
+                                                   pair(att.dilation)):
+                out.append((f"{where}.kernel_size",
+                            f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
+                            f"of levels[{i}] at {h}x{w}; use a kernel <= "
+                            f"{_largest_odd(g // d)} or a larger resolution"))
         if isinstance(att, AggregateAttention):
             if gh % att.factor or gw % att.factor:
                 out.append((f"{where}.factor",
