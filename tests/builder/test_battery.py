@@ -4,7 +4,9 @@ Every tiny example (each family's small model) goes through the same checks: it 
 parameter count is what ``describe`` reports, level by level; the forward pass has the right
 shape at two resolutions; a checkpoint round trip gives bit-identical outputs; every
 neighborhood backend gives the same output; and (``-m slow``) its ONNX export passes the parity
-check. Every example spec at full size builds on the meta device with the same accounting."""
+check. Every example spec at full size builds on the meta device with the same accounting.
+The class-conditioned tiny models (MDiT's class token in cross-attention, MPDiT's prefix class
+tokens) learn to separate two labels, and an omitted label is the null class."""
 
 import pytest
 import torch
@@ -123,3 +125,36 @@ def test_tiny_model_exports_with_parity(path, tmp_path):
     assert result.parity
     for row in result.parity:
         assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["scale"]), row
+
+
+#: (tiny example, input size, noise level, smallest mean output gap between the two labels)
+_CLASS_CONDITIONED = [("tiny-mdit", 16, 300.0, 0.3),  # cross-attention to a class token
+                      ("tiny-mpdit", 8, 0.5, 0.5)]  # prefix class tokens
+
+
+@pytest.mark.parametrize("name,size,level,gap", _CLASS_CONDITIONED,
+                         ids=[c[0] for c in _CLASS_CONDITIONED])
+def test_class_conditioning_responds_to_the_label_after_training(name, size, level, gap):
+    """One input, two labels trained to opposite targets: the outputs separate by label, and
+    omitted labels are the null class (label 10)."""
+    torch.manual_seed(0)
+    model = build(S.load(EXAMPLES / "tiny" / f"{name}.yaml"))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.randn(1, 4, size, size).expand(8, -1, -1, -1)  # one input: only the label differs
+    y = torch.arange(8) % 2
+    target = torch.where(y[:, None, None, None] == 0, 1.0, -1.0).expand_as(x)
+    t = torch.full((8,), level)
+    for _ in range(15):
+        loss = (model(x, t, y) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        a = model(x[:1], t[:1], torch.tensor([0]))
+        b = model(x[:1], t[:1], torch.tensor([1]))
+        null = model(x[:1], t[:1])  # omitted labels -> the null class
+        null_explicit = model(x[:1], t[:1], torch.tensor([10]))
+    assert (a - b).abs().mean() > gap  # the two labels were trained to opposite targets
+    assert a.mean() > b.mean()
+    torch.testing.assert_close(null, null_explicit, atol=0, rtol=0)
+    assert not torch.allclose(null, a)

@@ -88,31 +88,6 @@ def test_tiny_mpdit_forward_backward(name):
     assert dead == [f"conditioning.noise.spectral.{last}.weights_imag"], dead
 
 
-def test_prefix_class_tokens_respond_to_the_label_after_training():
-    torch.manual_seed(0)
-    spec = S.load(EXAMPLES / "tiny" / "tiny-mpdit.yaml")
-    model = build(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.randn(1, 4, 8, 8).expand(8, -1, -1, -1)  # one input: only the label differs
-    y = torch.arange(8) % 2
-    target = torch.where(y[:, None, None, None] == 0, 1.0, -1.0).expand_as(x)
-    t = torch.full((8,), 0.5)
-    for _ in range(15):
-        loss = (model(x, t, y) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        a = model(x[:1], t[:1], torch.tensor([0]))
-        b = model(x[:1], t[:1], torch.tensor([1]))
-        null = model(x[:1], t[:1])  # omitted labels -> the null class
-        null_explicit = model(x[:1], t[:1], torch.tensor([10]))
-    assert (a - b).abs().mean() > 0.5  # the two labels were trained to opposite targets
-    assert a.mean() > b.mean()
-    torch.testing.assert_close(null, null_explicit, atol=0, rtol=0)
-    assert not torch.allclose(null, a)
-
-
 def test_fno_embedding_is_smooth_in_t_and_exports():
     torch.manual_seed(0)
     emb = FNOEmbed(64)
