@@ -158,3 +158,37 @@ def test_class_conditioning_responds_to_the_label_after_training(name, size, lev
     assert a.mean() > b.mean()
     torch.testing.assert_close(null, null_explicit, atol=0, rtol=0)
     assert not torch.allclose(null, a)
+
+
+#: (tiny example, noise levels, std that replaces its zero initialisations)
+_GRADIENT_CASES = [("tiny-mdit", (10.0, 500.0), 0.05), ("tiny-mpdit", (0.2, 0.7), 0.02),
+                   ("tiny-mpdit-3level", (0.2, 0.7), 0.02)]
+
+
+@pytest.mark.parametrize("name,levels,std", _GRADIENT_CASES, ids=[c[0] for c in _GRADIENT_CASES])
+def test_every_parameter_gets_a_gradient(name, levels, std):
+    """With the zero initialisations replaced (so gradients reach every block), one backward
+    pass gives every trainable parameter a nonzero gradient."""
+    torch.manual_seed(0)
+    spec = S.load(EXAMPLES / "tiny" / f"{name}.yaml")
+    model = build(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.abs().sum():
+                p.normal_(0, std)
+    h = spec.input.resolution[0]
+    x = torch.randn(2, 4, h, h)
+    out = model(x, torch.tensor(levels), torch.tensor([1, 3]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum()]
+    expected = []
+    if isinstance(spec.conditioning.noise, S.FNONoise):
+        # the FNO's output is mean-pooled: only the DC mode of its last spectral layer reaches
+        # it, and the DC coefficient of a real signal has no imaginary part (the reference's
+        # design)
+        expected = [f"conditioning.noise.spectral.{spec.conditioning.noise.depth - 1}"
+                    ".weights_imag"]
+    assert dead == expected, dead
