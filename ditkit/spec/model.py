@@ -426,18 +426,17 @@ def _resolution_issues(
                             f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
                             f"of levels[{i}] at {h}x{w}; use a kernel <= "
                             f"{_largest_odd(g // d)} or a larger resolution"))
-        if isinstance(att, AggregateAttention):
-            if gh % att.factor or gw % att.factor:
-                out.append((f"{where}.factor",
-                            f"aggregate factor {att.factor} does not divide the {gh}x{gw} token "
-                            f"grid of levels[{i}] at {h}x{w}; the grid must be divisible by "
-                            f"{att.factor} (use a resolution whose levels[{i}] grid is a "
-                            f"multiple of {att.factor})"))
-        if isinstance(att, ShiftedWindowAttention):
-            if gh % att.window_size or gw % att.window_size:
-                out.append((f"{where}.window_size",
-                            f"window {att.window_size} does not tile the {gh}x{gw} token grid of "
-                            f"levels[{i}] at {h}x{w}; use a divisor of both sides"))
+        if isinstance(att, AggregateAttention) and (gh % att.factor or gw % att.factor):
+            f = att.factor
+            out.append((f"{where}.factor", f"aggregate factor {f} does not divide the "
+                        f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; the grid must be "
+                        f"divisible by {f} (use a resolution whose levels[{i}] grid is a "
+                        f"multiple of {f})"))
+        if isinstance(att, ShiftedWindowAttention) and (gh % att.window_size
+                                                         or gw % att.window_size):
+            out.append((f"{where}.window_size", f"window {att.window_size} does not tile the "
+                        f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; use a divisor of "
+                        "both sides"))
     return _dedupe(out)
 
 
