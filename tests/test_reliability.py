@@ -354,3 +354,26 @@ def test_no_size_limits_flag_lifts_the_limits(tmp_path, capsys, monkeypatch):
     code, err = cli(capsys, "validate", tmp_path / "big.yaml")
     assert code == 2 and "levels[1].d_model" in err and "--no-size-limits" in err
     assert cli(capsys, "validate", tmp_path / "big.yaml", "--no-size-limits")[0] == 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--sigma-min", "-1"], "--sigma-min -1.0: use a positive, finite noise level"),
+    (["--sigma-max", "nan"], "--sigma-max nan: use a positive, finite noise level"),
+    (["--sigma-min", "5", "--sigma-max", "1"], "--sigma-min 5.0 must be below --sigma-max 1.0"),
+])
+def test_sample_sigma_range_flags_are_checked_by_name(args, says, capsys, tmp_path):
+    from ditkit.cli import main
+
+    rc = main(["sample", "examples/tiny/tiny-dit.yaml", *args, "--steps", "2",
+               "--out", str(tmp_path / "g.png")])
+    assert rc == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_evaluate_a_file_where_a_folder_is_expected_says_so(tmp_path, capsys):
+    from ditkit.cli import main
+
+    stray = tmp_path / "real.yaml"
+    stray.write_bytes(b"\x00\x01not images")
+    assert main(["evaluate", "--real", str(stray), "--fake", str(stray)]) == 2
+    assert "is a file, not a folder of images or an .npz" in capsys.readouterr().err

@@ -101,6 +101,13 @@ def run(args) -> int:
         raise UsageError(f"--steps {args.steps}: use at least 1")
     positive(args.count, "--count")
     positive(args.cols, "--cols")
+    for flag, value in (("--sigma-min", args.sigma_min), ("--sigma-max", args.sigma_max)):
+        if value is not None and not 0 < value < float("inf"):
+            raise UsageError(f"{flag} {value}: use a positive, finite noise level")
+    if args.sigma_min is not None and args.sigma_max is not None \
+            and args.sigma_min >= args.sigma_max:
+        raise UsageError(f"--sigma-min {args.sigma_min} must be below --sigma-max "
+                         f"{args.sigma_max}")
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
     proc = None
     if args.npz:  # under torchrun: join the process group first, it picks the device

@@ -133,7 +133,9 @@ def load_inception(path: str | Path | None = None, device: str = "cpu") -> FIDIn
 def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FIDError(f"{folder}: no such folder of images")
+        what = ("is a file, not a folder of images or an .npz of uint8 images (arr_0)"
+                if folder.is_file() else "no such folder of images")
+        raise FIDError(f"{folder}: {what}")
     files = sorted(p for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
