@@ -482,36 +482,33 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: float) -> str:
+    text = f"- **{head}:** best `{best}`"
+    if not tests:
+        return text
+    t = tests[0]
+    sig = "significant" if t["p"] < alpha else "not significant"
+    ties = [x["policy"] for x in tests if x["p"] >= alpha]
+    text += f"; {runner_up(t, sig)}"
+    return text + (". Not significantly different from it (p ≥ 0.05): "
+                   + ", ".join(f"`{x}`" for x in ties) + "." if ties else
+                   "; better than every other row at p < 0.05.")
+
+
 def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
-    lines = []
-    tests = c["accuracy_tests"]
-    ties = [t["policy"] for t in tests if t["p"] >= alpha]
-    text = f"- **{h}x{w}, accuracy:** best `{c['best_accuracy']}`"
-    if tests:
-        t = tests[0]
-        sig = "significant" if t["p"] < alpha else "not significant"
-        text += (f"; ahead of the runner-up `{t['policy']}` by {100 * t['difference']:.1f} "
-                 f"points ({sig}, McNemar {_p(t['p'])}, {c['count']} paired samples)")
-        text += (". Not significantly different from it (p ≥ 0.05): "
-                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
-                 "; better than every other row at p < 0.05.")
-    lines.append(text)
-    tests = c["frechet_tests"]
-    ties = [t["policy"] for t in tests if t["p"] >= alpha]
-    text = f"- **{h}x{w}, Fréchet:** best `{c['best_frechet']}`"
-    if tests:
-        t = tests[0]
-        sig = "significant" if t["p"] < alpha else "not significant"
-        text += (f"; the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
-                 f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, paired "
-                 f"bootstrap {_p(t['p'])})")
-        text += (". Not significantly different from it (p ≥ 0.05): "
-                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
-                 "; better than every other row at p < 0.05.")
-    lines.append(text)
-    return lines
+    acc = _comparison_line(
+        f"{h}x{w}, accuracy", c["best_accuracy"], c["accuracy_tests"],
+        lambda t, sig: (f"ahead of the runner-up `{t['policy']}` by "
+                        f"{100 * t['difference']:.1f} points ({sig}, McNemar {_p(t['p'])}, "
+                        f"{c['count']} paired samples)"), alpha)
+    fd = _comparison_line(
+        f"{h}x{w}, Fréchet", c["best_frechet"], c["frechet_tests"],
+        lambda t, sig: (f"the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
+                        f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, "
+                        f"paired bootstrap {_p(t['p'])})"), alpha)
+    return [acc, fd]
 
 
 def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | None = None,

@@ -19,7 +19,7 @@ stage ditkit extrapolate runs/shapes --metrics shapes \
     --resolutions 16,32,64 \
     --policies as_is,as_is:rope=extrapolate,local_core:kernel_size=3,add_levels,add_levels:share_weights=true,core_patch \
     --finetuned runs/ft-core-patch,runs/ft-add-levels,runs/ft-all \
-    --count 500 --count-at 64=100 --sampler dpmpp_2m --steps 20 --grid-count 20 \
+    --count 500 --count-at 64=100 --sampler dpmpp_2m --steps 20 --grid-count 10 \
     --latency-batch 32 --attention-backend tiled --threads "$THREADS" --no-progress \
     --out "$OUT"
 echo "== total $SECONDS s" >&2
