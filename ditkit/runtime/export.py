@@ -515,9 +515,9 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
 
     table = None
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
-        from .ort_fusion import translation_table
+        from .ort_fusion import gelu_translation, translation_table
 
-        table = translation_table() or None
+        table = {**translation_table(), **gelu_translation()} or None
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():
@@ -529,6 +529,10 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
                                     custom_translation_table=table)
     proto = program.model_proto
     name_dims(proto)
+    if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes
+        from .ort_fusion import optimize_graph
+
+        optimize_graph(proto)
     return proto
 
 

@@ -92,3 +92,257 @@ def translation_table() -> dict:
         return op.Reshape(out, op.Shape(query))
 
     return {torch.ops.aten.scaled_dot_product_attention.default: sdpa}
+
+
+
+def gelu_translation() -> dict:
+    """``aten.gelu`` (exact, ``approximate="none"``) -> ``com.microsoft::Gelu``: one pass
+    instead of onnxscript's ``Div, Erf, Add, Mul, Mul`` (an order onnxruntime's own Gelu fusion
+    does not recognise). The tanh form keeps onnxscript's translation."""
+    import torch
+
+    try:
+        import onnxscript
+        from onnx.defs import OpSchema
+        from onnxscript.function_libs.torch_lib.ops.nn import aten_gelu
+    except (ImportError, AttributeError):
+        return {}
+    param = OpSchema.FormalParameter
+    schema = OpSchema("Gelu", DOMAIN, 1, inputs=[param("X", "T")], outputs=[param("Y", "T")],
+                      type_constraints=[("T", ["tensor(float)"], "float tensors")])
+    gelu_op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "Gelu", schema)
+
+    def gelu(self, approximate: str = "none"):
+        if approximate != "none":
+            return aten_gelu(self, approximate)
+        return gelu_op(self)
+
+    return {torch.ops.aten.gelu.default: gelu}
+
+
+# ------------------------------------------------------------------------ graph rewrites
+#
+# Exact rewrites of the exported graph into forms onnxruntime's CPU provider runs in fewer
+# passes. They keep every node a standard ONNX op (the file still passes ``onnx.checker``):
+#
+# - RMSNorm ``x * rsqrt(mean(x^2) + eps)`` is written by the exporter as ``Pow, ReduceMean,
+#   Add, Sqrt, Reciprocal, Mul``, which onnxruntime does not fuse; rewritten as ``..., Sqrt,
+#   Div(x, .), Mul(., ones)``, its ``SimplifiedLayerNormFusion`` makes it one
+#   ``SimplifiedLayerNormalization`` kernel when the session loads. Cosine attention's
+#   ``q * (s * rsqrt(sum(q^2) + eps))`` is the same op: ``rsqrt(sum + eps) = D^-1/2
+#   rsqrt(mean + eps / D)``, so it becomes the fused norm, scaled by ``D^-1/2`` (its weight)
+#   and then by ``s``.
+# - ``MatMul(x, W)`` followed by a ``Split`` of its last axis (GEGLU's value / gate) becomes one
+#   ``MatMul`` per part with the matching columns of ``W``: the same products, without the
+#   copy the ``Split`` makes.
+
+
+def optimize_graph(model_proto) -> dict[str, int]:
+    """Apply the rewrites above to ``model_proto`` in place; returns how many of each."""
+    counts = {"rms_norm": 0, "cosine_norm": 0, "split_matmul": 0}
+    g = _Graph(model_proto.graph)
+    for node in list(model_proto.graph.node):
+        if node.op_type == "Mul":
+            kind = _rewrite_norm(g, node)
+            if kind:
+                counts[kind] += 1
+        elif node.op_type == "Split":
+            counts["split_matmul"] += _rewrite_split_matmul(g, node)
+    _drop_dead(model_proto.graph)
+    return counts
+
+
+class _Graph:
+    """Producer / consumer maps, small constants and value shapes of an ONNX graph."""
+
+    def __init__(self, graph):
+        import numpy as np
+        from onnx import numpy_helper
+
+        self.graph, self.np, self.numpy_helper = graph, np, numpy_helper
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+        self.inits = {i.name: i for i in graph.initializer}
+        self.consts = {name: numpy_helper.to_array(i) for name, i in self.inits.items()
+                       if int(np.prod(i.dims)) <= 16}
+        for n in graph.node:
+            if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.shapes = {}
+        for v in [*graph.input, *graph.value_info, *graph.output]:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                                       for d in v.type.tensor_type.shape.dim]
+        self.fresh = 0
+
+    def node(self, name, op_type):
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op_type else None
+
+    def scalar(self, name):
+        v = self.consts.get(name)
+        return float(v.reshape(-1)[0]) if v is not None and v.size == 1 else None
+
+    def name(self, base: str) -> str:
+        self.fresh += 1
+        return f"ortfuse_{base}_{self.fresh}"
+
+    def constant(self, base: str, array):
+        from onnx import numpy_helper
+
+        name = self.name(base)
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def replace(self, old, new_nodes) -> None:
+        """Put ``new_nodes`` where ``old`` was (keeps the graph topologically sorted)."""
+        nodes = self.graph.node
+        at = next(i for i, n in enumerate(nodes) if n is old)
+        del nodes[at]
+        for k, n in enumerate(new_nodes):
+            nodes.insert(at + k, n)
+        for n in new_nodes:
+            for o in n.output:
+                self.producer[o] = n
+
+
+def _last_axis_reduce(g: _Graph, node, x: str) -> bool:
+    """Whether a Reduce* ``node`` reduces only the last axis of ``x``, keeping dims."""
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if axes is None and len(node.input) > 1:
+        v = g.consts.get(node.input[1])
+        axes = None if v is None else [int(a) for a in v.reshape(-1)]
+    keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+    rank = len(g.shapes.get(x) or [])
+    return bool(keep) and axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1)
+
+
+def _inv_rms(g: _Graph, r: str):
+    """``(x, reduce op, eps)`` when ``r`` is ``Reciprocal(Sqrt(Add(Reduce(Pow(x, 2)), eps)))``
+    over the last axis of ``x``; else None."""
+    rec = g.node(r, "Reciprocal")
+    sqrt = rec and g.node(rec.input[0], "Sqrt")
+    add = sqrt and g.node(sqrt.input[0], "Add")
+    if not add:
+        return None
+    for red_in, eps_in in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+        eps = g.scalar(eps_in)
+        red = g.producer.get(red_in)
+        if eps is None or red is None or red.op_type not in ("ReduceMean", "ReduceSum"):
+            continue
+        pow_ = g.node(red.input[0], "Pow")
+        if pow_ is None or g.scalar(pow_.input[1]) != 2.0:
+            continue
+        x = pow_.input[0]
+        if _last_axis_reduce(g, red, x):
+            return x, red.op_type, eps
+    return None
+
+
+def _rewrite_norm(g: _Graph, mul) -> str | None:
+    np = g.np
+    a, b = mul.input
+    for x, other in ((a, b), (b, a)):
+        found = _inv_rms(g, other)  # x * rsqrt(mean(x^2) + eps)
+        scale = None
+        if found is None:  # x * (s * rsqrt(sum(x^2) + eps))
+            inner = g.node(other, "Mul")
+            if inner is None:
+                continue
+            for r, s in ((inner.input[0], inner.input[1]), (inner.input[1], inner.input[0])):
+                found = _inv_rms(g, r)
+                if found is not None:
+                    scale = s
+                    break
+        if found is None or found[0] != x:
+            continue
+        _, reduce, eps = found
+        dim = (g.shapes.get(x) or [None])[-1]
+        if not dim:
+            return None
+        if (reduce == "ReduceSum") != (scale is not None):
+            return None  # a pattern these rewrites do not cover
+        from onnx import helper
+
+        weight = np.ones(dim, np.float32)
+        if reduce == "ReduceSum":  # sum(x^2) + eps = D (mean(x^2) + eps / D)
+            eps, weight = eps / dim, weight * np.float32(dim ** -0.5)
+        two = g.constant("two", np.array(2.0, np.float32))
+        axes = g.constant("axes", np.array([-1], np.int64))
+        eps_c = g.constant("eps", np.array(eps, np.float32))
+        w = g.constant("weight", weight)
+        p, m, e, s, d = (g.name(k) for k in ("pow", "mean", "add", "sqrt", "div"))
+        out = mul.output[0]
+        normed = g.name("normed") if scale is not None else out
+        nodes = [helper.make_node("Pow", [x, two], [p]),
+                 helper.make_node("ReduceMean", [p, axes], [m], keepdims=1),
+                 helper.make_node("Add", [m, eps_c], [e]),
+                 helper.make_node("Sqrt", [e], [s]),
+                 helper.make_node("Div", [x, s], [d]),
+                 helper.make_node("Mul", [d, w], [normed])]
+        if scale is not None:
+            nodes.append(helper.make_node("Mul", [normed, scale], [out]))
+        g.replace(mul, nodes)
+        return "rms_norm" if scale is None else "cosine_norm"
+    return None
+
+
+def _rewrite_split_matmul(g: _Graph, split) -> int:
+    np, nh = g.np, g.numpy_helper
+    y = split.input[0]
+    mm = g.node(y, "MatMul")
+    if mm is None or len(g.consumers.get(y, [])) != 1 or y in g.outputs:
+        return 0
+    w_init = g.inits.get(mm.input[1])
+    rank = len(g.shapes.get(y) or [])
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+    if w_init is None or len(w_init.dims) != 2 or rank < 2 or axis not in (-1, rank - 1):
+        return 0
+    n = len(split.output)
+    cols = w_init.dims[1]
+    if len(split.input) > 1 and split.input[1]:
+        sizes = g.consts.get(split.input[1])
+        if sizes is None:
+            return 0
+        sizes = [int(v) for v in sizes.reshape(-1)]
+    elif cols % n == 0:
+        sizes = [cols // n] * n
+    else:
+        return 0
+    if sum(sizes) != cols:
+        return 0
+    from onnx import helper
+
+    w = nh.to_array(w_init)
+    nodes, start = [], 0
+    for out, size in zip(split.output, sizes):
+        part = g.constant("weight", np.ascontiguousarray(w[:, start:start + size]))
+        nodes.append(helper.make_node("MatMul", [mm.input[0], part], [out]))
+        start += size
+    g.replace(split, nodes)
+    return 1
+
+
+def _drop_dead(graph) -> None:
+    """Remove nodes none of whose outputs are used, then unused initializers."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    names = used | {o for n in graph.node for o in n.output}
+    infos = [v for v in graph.value_info if v.name in names]
+    if len(infos) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
