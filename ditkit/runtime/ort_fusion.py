@@ -346,3 +346,43 @@ def _drop_dead(graph) -> None:
     if len(infos) != len(graph.value_info):
         del graph.value_info[:]
         graph.value_info.extend(infos)
+
+
+# ------------------------------------------------------------------------ int8 (opt-in)
+
+INT8_NOTE = ("int8 dynamic: linear-layer MatMul weights int8 per output channel, activations "
+             "uint8 per tensor at run time (onnxruntime.quantization.quantize_dynamic); "
+             "attention, norms and everything else fp32")
+
+
+def quantize_int8(model_proto):
+    """The fp32 graph with every ``MatMul`` by a weight (the linear layers) quantized
+    dynamically to int8 (``onnxruntime.quantization.quantize_dynamic``, weights per output
+    channel); attention (``MultiHeadAttention``), norms, ``Gemm`` of the conditioning MLP and
+    everything else stay fp32. An approximation, opt-in (``ditkit export --quantize int8``):
+    the export checks it against fp32 eager at ``export.INT8_TOLERANCE``."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weights = {i.name for i in model_proto.graph.initializer}
+    nodes = [n.name for n in model_proto.graph.node
+             if n.op_type == "MatMul" and n.input[1] in weights]
+    if not nodes:
+        return model_proto
+    quiet = logging.getLogger()  # quantize_dynamic warns through the root logger
+    level = quiet.level
+    with tempfile.TemporaryDirectory(prefix="ditkit-int8-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quiet.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(model_proto, out, op_types_to_quantize=["MatMul"],
+                         nodes_to_quantize=nodes, per_channel=True,
+                             weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True})
+        finally:
+            quiet.setLevel(level)
+        return onnx.load(str(out))
