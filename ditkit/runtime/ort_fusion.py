@@ -286,6 +286,8 @@ def _rewrite_norm(g: _Graph, mul) -> str | None:
                  helper.make_node("Mul", [d, w], [normed])]
         if scale is not None:
             nodes.append(helper.make_node("Mul", [normed, scale], [out]))
+        for n in nodes:
+            n.name = g.name(n.op_type.lower())
         g.replace(mul, nodes)
         return "rms_norm" if scale is None else "cosine_norm"
     return None
@@ -321,7 +323,8 @@ def _rewrite_split_matmul(g: _Graph, split) -> int:
     nodes, start = [], 0
     for out, size in zip(split.output, sizes):
         part = g.constant("weight", np.ascontiguousarray(w[:, start:start + size]))
-        nodes.append(helper.make_node("MatMul", [mm.input[0], part], [out]))
+        nodes.append(helper.make_node("MatMul", [mm.input[0], part], [out],
+                                      name=g.name("matmul")))
         start += size
     g.replace(split, nodes)
     return 1
@@ -350,16 +353,18 @@ def _drop_dead(graph) -> None:
 
 # ------------------------------------------------------------------------ int8 (opt-in)
 
-INT8_NOTE = ("int8 dynamic: linear-layer MatMul weights int8 per output channel, activations "
-             "uint8 per tensor at run time (onnxruntime.quantization.quantize_dynamic); "
+INT8_NOTE = ("int8 dynamic: the token-wise linear layers' MatMul weights int8 per output "
+             "channel, activations uint8 per tensor at run time (onnxruntime.quantization."
+             "quantize_dynamic); patch embedding, output projection, conditioning MLP, "
              "attention, norms and everything else fp32")
 
 
 def quantize_int8(model_proto):
-    """The fp32 graph with every ``MatMul`` by a weight (the linear layers) quantized
-    dynamically to int8 (``onnxruntime.quantization.quantize_dynamic``, weights per output
-    channel); attention (``MultiHeadAttention``), norms, ``Gemm`` of the conditioning MLP and
-    everything else stay fp32. An approximation, opt-in (``ditkit export --quantize int8``):
+    """The fp32 graph with the token-wise linear layers (``MatMul`` of a ``(B, H, W, C)``
+    input by a weight) quantized dynamically to int8 (``onnxruntime.quantization.
+    quantize_dynamic``, weights per output channel, activations per tensor); the first and
+    last of them (patch embedding, output projection), the conditioning MLP, attention
+    (``MultiHeadAttention``), norms and everything else stay fp32. An approximation, opt-in (``ditkit export --quantize int8``):
     the export checks it against fp32 eager at ``export.INT8_TOLERANCE``."""
     import logging
     import tempfile
@@ -368,9 +373,18 @@ def quantize_int8(model_proto):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weights = {i.name for i in model_proto.graph.initializer}
-    nodes = [n.name for n in model_proto.graph.node
-             if n.op_type == "MatMul" and n.input[1] in weights]
+    graph = model_proto.graph
+    weights = {i.name for i in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    for k, n in enumerate(graph.node):  # quantize_dynamic picks nodes by name
+        n.name = n.name or f"ortfuse_node_{k}"
+    # token-wise linear layers only ((B, H, W, C) inputs): the conditioning MLP's (B, C) rows
+    # cost nothing and feed every modulation; the first (patch embedding) and the last
+    # (output projection) touch pixels and stay fp32 too
+    tokens = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
+              and ranks.get(n.input[0], 0) >= 3]
+    nodes = tokens[1:-1]
     if not nodes:
         return model_proto
     quiet = logging.getLogger()  # quantize_dynamic warns through the root logger
