@@ -75,3 +75,13 @@ def test_int8_is_refused_outside_fp32_onnxruntime_exports(tmp_path, kw):
         export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx", quantize="int8", **kw)
     with pytest.raises(ExportError, match="only quantization is int8"):
         export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx", quantize="int4")
+
+
+def test_the_command_line_refuses_int8_outside_fp32_onnxruntime_in_one_line(tmp_path, capsys):
+    from ditkit.cli import main
+
+    code = main(["export", "examples/tiny/tiny-hdit-neighborhood.yaml", "--out",
+                 str(tmp_path / "a.onnx"), "--precision", "fp16", "--quantize", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--quantize int8 is for fp32 onnxruntime exports" in err
+    assert "Traceback" not in err and not (tmp_path / "a.onnx").exists()
