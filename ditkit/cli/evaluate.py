@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ditkit.spec.sampling import SAMPLERS
+from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 from .common import (UsageError, add_device, add_json, add_progress, add_threads,
                      checkpoint_path, setup_compute)
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                    "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
     p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="guidance scale (default: report unguided and guided, see above)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed")

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ditkit.spec.sampling import SAMPLERS
+from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
                      checkpoint_path, deprecated, list_arg, load_spec, parse_resolution,
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                    help="comma-separated resolutions for the cost plot (default: "
                         "--resolutions)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
     p.add_argument("--grid-count", type=int, default=8, help="images per grid")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--attention-backend", default="auto",
@@ -47,6 +47,11 @@ def add_parser(sub) -> None:
                         "of the experiment.yaml beside the checkpoint, if any)")
     p.add_argument("--count", type=int, default=100,
                    help="samples scored per (policy, resolution) when metrics are on")
+    p.add_argument("--count-at", nargs="+", default=None, metavar="RES=N",
+                   help="a different --count at some resolutions, comma-separated, e.g. "
+                        "64=200 (fewer where each sample costs more)")
+    p.add_argument("--bootstrap", type=int, default=300,
+                   help="bootstrap rounds for the Fréchet intervals and paired tests")
     p.add_argument("--eval-resolutions", nargs="*", default=None,
                    help="score only these resolutions, comma-separated (default: all)")
     p.add_argument("--finetuned", nargs="*", default=[], metavar="CKPT",
@@ -121,6 +126,13 @@ def run_extrapolate(args) -> int:
     curve = [parse_resolution(r, "--curve") for r in list_arg(args.curve, "--curve")] \
         if args.curve else None
     positive(args.count, "--count", allow_zero=True)
+    positive(args.bootstrap, "--bootstrap")
+    count_at = {}
+    for item in list_arg(args.count_at, "--count-at") if args.count_at else []:
+        res_text, eq, n_text = item.partition("=")
+        if not eq or not n_text.strip().isdigit():
+            raise UsageError(f"--count-at {item!r}: expected RES=N, e.g. 64=200 or 64x48=100")
+        count_at[parse_resolution(res_text, "--count-at")] = int(n_text)
     positive(args.grid_count, "--grid-count")
     tensors = objective = None
     kind, classes = None, 10
@@ -169,7 +181,8 @@ def run_extrapolate(args) -> int:
                                      for r in list_arg(args.eval_resolutions,
                                                        "--eval-resolutions")]
                    if args.eval_resolutions is not None else None,
-                   progress=not (args.no_progress or args.json))
+                   progress=not (args.no_progress or args.json), count_at=count_at,
+                   bootstrap=args.bootstrap)
     finally:
         backend.__exit__(None, None, None)
     if args.json:
@@ -181,8 +194,11 @@ def run_extrapolate(args) -> int:
     for r in rows:
         note = f"  ({r.error})" if r.error else ""
         lat = f"{r.latency_ms:8.1f} ms" if r.latency_ms is not None else " " * 11
-        score = (f"  acc {r.metrics['accuracy']:.1%} FD {r.metrics['frechet']:.2f}"
-                 if r.metrics else "")
+        score = ""
+        if r.metrics:
+            lo, hi = r.metrics.get("accuracy_ci", (float("nan"),) * 2)
+            score = (f"  acc {r.metrics['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+                     f"FD {r.metrics['frechet']:.2f}")
         print(f"{r.policy:28s} {r.resolution[0]:>5}x{r.resolution[1]:<5} {r.gmacs:10.2f} GMACs"
               f" {lat}{score}{note}")
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")

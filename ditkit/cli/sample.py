@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ditkit.spec.sampling import SAMPLERS, SCHEDULES
+from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
                      deprecated, load_model_source, parse_interval, parse_labels, parse_list,
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint (.safetensors), run folder, exported .onnx, "
                    "or spec file / preset name (random weights)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (noise levels)")
-    p.add_argument("--sampler", default="heun", choices=SAMPLERS, help="sampler")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
     p.add_argument("--schedule", default="native", choices=SCHEDULES, help="step schedule")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of the ancestral / SDE samplers (default 1; ddim and "

@@ -166,6 +166,13 @@ def _core_patch(spec, policy: S.CorePatch, resolution, keys):
                             f"{len(spec.levels) - 1} transition(s) between levels")], "core_patch")
     f0 = spec.levels[i].down.factor
     f = policy.factor
+    if f == "auto":
+        (h0, w0), (h, w) = spec.input.resolution, resolution
+        if h * w0 != w * h0 or h % h0:
+            raise S.SpecError([("policy.factor", f"factor auto needs {h}x{w} to be a whole "
+                                f"multiple of the trained {h0}x{w0} with the same aspect; give "
+                                "an explicit factor")], "core_patch")
+        f = f0 * (h // h0)
     if f % f0:
         raise S.SpecError([("policy.factor", f"factor {f} must be a multiple of the trained "
                             f"factor {f0}")], "core_patch")

@@ -23,6 +23,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
+from ditkit.spec.sampling import DEFAULT_SAMPLER
 from ditkit.builder import build, describe
 
 from .extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
@@ -170,14 +171,18 @@ class Row:
     reinitialised: int = 0
     metrics: dict = field(default_factory=dict)
     error: str | None = None
+    same_as: str | None = None
+    """Set when the row's model is bit-identical to the trained one at the training
+    resolution and it reuses that row's samples and scores."""
 
 
 def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Policy],
         resolutions: list[tuple[int, int]], out: Path, *, steps: int = 20,
-        sampler: str = "heun", seed: int = 0, samples: int = 8, device: str = "cpu",
+        sampler: str = DEFAULT_SAMPLER, seed: int = 0, samples: int = 8, device: str = "cpu",
         measure: bool = True, curve: list[tuple[int, int]] | None = None,
         evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
-        eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True
+        eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
+        count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300
         ) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
@@ -187,8 +192,25 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     grid shows the first ``samples`` of them). ``extra``: further rows ``(label, spec,
     tensors)`` of models already at their resolution (e.g. a fine-tuned adaptation), sampled
     and measured like the policies' rows. ``eval_resolutions``: score only these (default:
-    all; sampling enough images for metrics is the slow part on a CPU)."""
+    all; sampling enough images for metrics is the slow part on a CPU). ``count_at``: a
+    different count for some resolutions (e.g. fewer at 4x, where each sample costs 16x).
+
+    Every policy is also run at the training resolution against the trained model
+    (:func:`noop_check`); a row there whose outputs are bit-identical to the trained model's
+    reuses the samples and scores of the first such row instead of drawing them again. Scored
+    rows get 95% intervals (Wilson for accuracy, a ``bootstrap`` percentile interval for the
+    Fréchet distance), and the rows of each resolution are compared on the same samples
+    (:func:`compare`)."""
     scored = None if eval_resolutions is None else {tuple(r) for r in eval_resolutions}
+    count_at = {tuple(k): v for k, v in (count_at or {}).items()}
+    trained_res = tuple(spec.input.resolution)
+    base_tensors = tensors
+    if base_tensors is None:
+        torch.manual_seed(seed)
+        base_tensors = build(spec, device="cpu").state_dict()
+    noop = {policy_label(p): noop_check(spec, base_tensors, p, seed=seed) for p in policies}
+    paired: dict[int, dict] = {}
+    identical_cell: dict = {}
 
     def hook(res):
         return evaluate if scored is None or tuple(res) in scored else None
@@ -221,9 +243,24 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         if model is not None and measure:
             row.latency_ms, row.peak_mib = measure_forward(model, new_spec, res, device)
         if tensors is not None and objective is not None:
-            row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out, label,
-                                                 steps, sampler, seed, samples, device,
-                                                 hook(res), eval_count)
+            same = res == trained_res and noop[label]["status"] == "identical"
+            if same and identical_cell:
+                row.grid, row.metrics = identical_cell["grid"], dict(identical_cell["metrics"])
+                row.same_as = identical_cell["policy"]
+                if identical_cell["paired"] is not None:
+                    paired[len(rows)] = identical_cell["paired"]
+            else:
+                row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out,
+                                                     label, steps, sampler, seed, samples,
+                                                     device, hook(res),
+                                                     count_at.get(res, eval_count))
+                per = row.metrics.pop("per_sample", None)
+                if per is not None:
+                    paired[len(rows)] = per
+                    _intervals(row, per, bootstrap, seed)
+                if same:
+                    identical_cell.update(grid=row.grid, metrics=row.metrics, policy=label,
+                                          paired=per)
         rows.append(row)
     for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
                                          disable=not (extra and progress)):
@@ -238,12 +275,107 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         if objective is not None:
             row.grid, row.metrics = _sample_grid(model, objective, x_spec, res, out, label,
                                                  steps, sampler, seed, samples, device,
-                                                 hook(res), eval_count)
+                                                 hook(res), count_at.get(res, eval_count))
+            per = row.metrics.pop("per_sample", None)
+            if per is not None:
+                paired[len(rows)] = per
+                _intervals(row, per, bootstrap, seed)
         rows.append(row)
 
     curves = _cost_curves(spec, policies, curve or resolutions)
-    _write_report(spec, rows, curves, out)
+    comparisons = compare(rows, paired, bootstrap, seed)
+    _write_report(spec, rows, curves, out, noop=noop, comparisons=comparisons,
+                  sampling={"sampler": sampler, "steps": steps, "seed": seed})
     return rows
+
+
+def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0) -> dict:
+    """Is ``policy`` a no-op at the training resolution? Adapt the trained weights to the
+    training resolution and compare the network's outputs with the trained model's on fixed
+    inputs (batch 3, noise levels 0.1, 1 and 10, labels 0-2). ``status``: ``identical`` (every
+    output bit equal), ``no-op`` (equal to float rounding: ``max |diff| <= 1e-5 max |out|``, e.g.
+    another attention kernel over the same keys), ``changes the model``, or ``invalid`` (the
+    policy cannot be applied there)."""
+    res = tuple(spec.input.resolution)
+    try:
+        adapted = adapt(spec, tensors, policy, res, seed=seed)
+    except (S.SpecError, ValueError) as err:
+        detail = "; ".join(f"{p}: {m}" for p, m in err.issues) if isinstance(
+            err, S.SpecError) else str(err)
+        return {"status": "invalid", "max_abs_diff": None, "detail": detail}
+    base = build(spec, device="cpu")
+    base.load_state_dict(tensors)
+    new = build(adapted.spec, device="cpu")
+    new.load_state_dict(adapted.tensors)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, spec.input.channels, *res, generator=gen)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    classes = spec.conditioning.classes
+    labels = torch.arange(3) % classes.count if classes else None
+    with torch.no_grad():
+        a = base.eval()(x, sigma, labels)
+        b = new.eval()(x, sigma, labels)
+    diff = float((a - b).abs().max())
+    scale = float(a.abs().max())
+    if diff == 0.0:
+        status = "identical"
+    elif diff <= 1e-5 * max(scale, 1e-12):
+        status = "no-op"
+    else:
+        status = "changes the model"
+    return {"status": status, "max_abs_diff": diff, "output_scale": scale,
+            "reinitialised": len(adapted.record["reinitialised"])}
+
+
+def _intervals(row: Row, per: dict, rounds: int, seed: int) -> None:
+    from .stats import bootstrap_frechet, wilson_interval
+
+    correct = per["correct"]
+    row.metrics["accuracy_ci"] = list(wilson_interval(int(correct.sum()), len(correct)))
+    row.metrics["frechet_ci"] = list(bootstrap_frechet(per["features"], per["frechet"],
+                                                       rounds=rounds, seed=seed))
+
+
+def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: int = 0
+            ) -> list[dict]:
+    """Per resolution, the best row by accuracy and by Fréchet distance and paired tests of
+    every other row against it on the same samples (same seed, same labels): McNemar's exact
+    test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
+    row's samples (bit-identical models) are left out."""
+    from .stats import mcnemar_p, paired_frechet_difference
+
+    out = []
+    by_res: dict = {}
+    for i, per in paired.items():
+        if rows[i].same_as is None:
+            by_res.setdefault(rows[i].resolution, []).append(i)
+    for res, idx in by_res.items():
+        counts = {len(paired[i]["correct"]) for i in idx}
+        if len(idx) < 2 or len(counts) != 1:
+            continue
+        best_acc = max(idx, key=lambda i: (rows[i].metrics["accuracy"],
+                                           -rows[i].metrics["frechet"]))
+        best_fd = min(idx, key=lambda i: (rows[i].metrics["frechet"],
+                                          -rows[i].metrics["accuracy"]))
+        acc_tests, fd_tests = [], []
+        for i in idx:
+            if i != best_acc:
+                acc_tests.append({"policy": rows[i].policy,
+                                  "difference": rows[best_acc].metrics["accuracy"]
+                                  - rows[i].metrics["accuracy"],
+                                  "p": mcnemar_p(paired[best_acc]["correct"],
+                                                 paired[i]["correct"])})
+            if i != best_fd:
+                t = paired_frechet_difference(paired[i]["features"], paired[best_fd]["features"],
+                                              paired[best_fd]["frechet"], rounds, seed)
+                fd_tests.append({"policy": rows[i].policy, "difference": t["difference"],
+                                 "interval": list(t["interval"]), "p": t["p"]})
+        acc_tests.sort(key=lambda t: t["difference"])
+        fd_tests.sort(key=lambda t: t["difference"])
+        out.append({"resolution": list(res), "count": counts.pop(),
+                    "best_accuracy": rows[best_acc].policy, "accuracy_tests": acc_tests,
+                    "best_frechet": rows[best_fd].policy, "frechet_tests": fd_tests})
+    return out
 
 
 def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, n, device,
@@ -298,41 +430,134 @@ def _slope(points) -> float | None:
     return loglog_slope([r[0] * r[1] for r, _ in points], [g for _, g in points])
 
 
-def _write_report(spec, rows: list[Row], curves: dict, out: Path) -> None:
+OVERHEAD_FACTOR = 1.5
+"""A latency point is compute-bound when its milliseconds per GMAC are within this factor of the
+policy's best (lowest) ms/GMAC; above it, fixed per-call overhead dominates."""
+
+
+def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
+    """The log-log slope of measured latency vs pixels over the *compute-bound* points only.
+
+    ``points``: ``(resolution, latency_ms, gmacs)``. A tiny model's batch-1 forward at a small
+    resolution is dominated by per-call overhead (Python, kernel launches), so its time barely
+    grows with the work and a slope through it says nothing about scaling. A point counts as
+    compute-bound when its ms per GMAC is within :data:`OVERHEAD_FACTOR` of the best of the
+    policy's points; the slope is fitted when at least two such points span a 4x range of
+    pixels, else it is ``None`` and the curve is overhead-bound."""
+    pts = [(r, ms, g) for r, ms, g in points if ms and g and g > 0]
+    if len(pts) < 2:
+        return {"slope": None, "compute_bound": [], "overhead_bound": [list(r) for r, *_ in pts]}
+    best = min(ms / g for _, ms, g in pts)
+    bound = [(r, ms) for r, ms, g in pts if ms / g <= OVERHEAD_FACTOR * best]
+    over = [list(r) for r, ms, g in pts if ms / g > OVERHEAD_FACTOR * best]
+    pixels = [r[0] * r[1] for r, _ in bound]
+    slope = None
+    if len(bound) >= 2 and max(pixels) >= 4 * min(pixels):
+        slope = loglog_slope(pixels, [ms for _, ms in bound])
+    return {"slope": slope, "compute_bound": [list(r) for r, _ in bound],
+            "overhead_bound": over}
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _acc_cell(m: dict) -> str:
+    ci = m.get("accuracy_ci")
+    band = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
+    return f"{_pct(m['accuracy'])}%{band} ({m['real_accuracy']:.0%})"
+
+
+def _fd_cell(m: dict) -> str:
+    ci = m.get("frechet_ci")
+    band = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return f"{m['frechet']:.2f}{band} ({m['frechet_real']:.2f})"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
+    """Plain sentences for one resolution's :func:`compare` entry."""
+    h, w = c["resolution"]
+    lines = []
+    tests = c["accuracy_tests"]
+    ties = [t["policy"] for t in tests if t["p"] >= alpha]
+    text = f"- **{h}x{w}, accuracy:** best `{c['best_accuracy']}`"
+    if tests:
+        t = tests[0]
+        sig = "significant" if t["p"] < alpha else "not significant"
+        text += (f"; ahead of the runner-up `{t['policy']}` by {100 * t['difference']:.1f} "
+                 f"points ({sig}, McNemar {_p(t['p'])}, {c['count']} paired samples)")
+        text += (". Not significantly different from it (p ≥ 0.05): "
+                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
+                 "; better than every other row at p < 0.05.")
+    lines.append(text)
+    tests = c["frechet_tests"]
+    ties = [t["policy"] for t in tests if t["p"] >= alpha]
+    text = f"- **{h}x{w}, Fréchet:** best `{c['best_frechet']}`"
+    if tests:
+        t = tests[0]
+        sig = "significant" if t["p"] < alpha else "not significant"
+        text += (f"; the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
+                 f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, paired "
+                 f"bootstrap {_p(t['p'])})")
+        text += (". Not significantly different from it (p ≥ 0.05): "
+                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
+                 "; better than every other row at p < 0.05.")
+    lines.append(text)
+    return lines
+
+
+def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | None = None,
+                  comparisons: list[dict] | None = None, sampling: dict | None = None) -> None:
+    noop, comparisons, sampling = noop or {}, comparisons or [], sampling or {}
     latency = {}
     for r in rows:
         if r.latency_ms is not None:
-            latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms))
-    results = {"spec": spec.name, "rows": [asdict(r) for r in rows],
+            latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms, r.gmacs))
+    lat = {k: latency_slope(v) for k, v in latency.items()}
+    results = {"spec": spec.name, "trained_resolution": list(spec.input.resolution),
+               "sampling": sampling, "rows": [asdict(r) for r in rows],
+               "noop_at_training_resolution": noop, "comparisons": comparisons,
                "curves": {k: [[list(r), g] for r, g in v] for k, v in curves.items()},
                "slopes": {k: _slope(v) for k, v in curves.items()},
-               "latency_slopes": {k: _slope(v) for k, v in latency.items()}}
+               "latency_slopes": {k: v["slope"] for k, v in lat.items()},
+               "latency_fit": lat}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     plot = _plot(curves, out / "cost.png")
 
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    h0, w0 = spec.input.resolution
     scored = [r for r in rows if r.metrics]
-    md = [f"# Resolution extrapolation: {spec.name}", "",
-          f"Trained at {spec.input.resolution[0]}x{spec.input.resolution[1]}.",
-          "", "GMACs are forward multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is "
-          "the median of 3 forwards at batch 1; peak MiB is the most tensor memory alive at "
-          "once during one forward above what was alive before (CUDA: the allocator's peak; "
-          "CPU: PyTorch's allocator events under `torch.profiler`)."]
+    md = [f"# Resolution extrapolation: {spec.name}", "", f"Trained at {h0}x{w0}."]
+    if sampling:
+        md[-1] += (f" Samples: `{sampling.get('sampler')}`, {sampling.get('steps')} steps, "
+                   f"seed {sampling.get('seed')}, no guidance.")
+    md += ["", "GMACs are forward multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is "
+           "the median of 3 forwards at batch 1; peak MiB is the most tensor memory alive at "
+           "once during one forward above what was alive before (CUDA: the allocator's peak; "
+           "CPU: PyTorch's allocator events under `torch.profiler`)."]
     if scored:
-        n = scored[0].metrics.get("count")
-        md += ["", f"Metrics on {n} fixed-seed class-conditional samples per cell (labels "
-               "cycling through the classes): *accuracy* is the fraction a classifier trained on "
-               "real images at that resolution labels as the requested class (its accuracy on "
-               "held-out real images in brackets); *Fréchet* is the Fréchet distance between "
-               "the classifier's hidden features of the samples and of real images, with the "
-               f"same distance for {n} held-out real images in brackets (what a perfect "
-               "generator would score at this sample size)."]
+        counts = sorted({(r.resolution, r.metrics.get("count")) for r in scored})
+        md += ["", "Metrics on fixed-seed class-conditional samples (labels cycling through the "
+               "classes; the same noise and labels for every row of a resolution, so rows are "
+               "compared pair by pair): " + ", ".join(f"{n} per cell at {h}x{w}"
+                                                     for (h, w), n in counts) + ". *Accuracy* "
+               "is the fraction a classifier trained on real images at that resolution labels as "
+               "the requested class, with its 95% Wilson interval and, in brackets, the "
+               "classifier's accuracy on held-out real images. *Fréchet* is the Fréchet "
+               "distance between the classifier's hidden features of the samples and of real "
+               "images, with a 95% bootstrap interval (resampling the samples) and, in brackets, "
+               "the same distance for as many held-out real images (what a perfect generator "
+               "would score at this sample size)."]
     head = "| policy | resolution | GMACs | params | latency ms | peak MiB | re-initialised |"
     rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
     if scored:
-        head += " accuracy | Fréchet |"
+        head += " accuracy % [95% CI] (real) | Fréchet [95% CI] (real) |"
         rule += " ---: | ---: |"
     md += ["", head + " note |", rule + " --- |"]
     for r in rows:
@@ -341,13 +566,43 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path) -> None:
                 f"| {r.reinitialised} |")
         if scored:
             m = r.metrics
-            line += (f" {m['accuracy']:.1%} ({m['real_accuracy']:.0%}) | {m['frechet']:.2f} "
-                     f"({m['frechet_real']:.2f}) |" if m else " - | - |")
-        md.append(line + f" {r.error or ''} |")
+            line += f" {_acc_cell(m)} | {_fd_cell(m)} |" if m else " - | - |"
+        note = r.error or (f"bit-identical to the trained model: the samples of `{r.same_as}`"
+                           if r.same_as else "")
+        md.append(line + f" {note} |")
+    if noop:
+        md += ["", "## Each policy at the training resolution", "",
+               f"Every policy applied at {h0}x{w0} and compared with the trained model on fixed "
+               "inputs (batch 3, σ = 0.1, 1, 10): *identical* means every output bit is equal; "
+               "*no-op* equal to float rounding (≤ 1e-5 of the output's scale); anything else "
+               "is marked.", "", "| policy | at the training resolution | max abs difference |",
+               "| --- | --- | ---: |"]
+        for label, chk in noop.items():
+            status = chk["status"]
+            shown = {"identical": "identical (exact no-op)", "no-op": "no-op (float rounding)",
+                     "changes the model": "**NOT a no-op: changes the model**",
+                     "invalid": f"**cannot be applied**: {chk.get('detail', '')}"}[status]
+            md.append(f"| `{label}` | {shown} | {cell(chk.get('max_abs_diff'), '.3g')} |")
+    if comparisons:
+        md += ["", "## Which policy is best", "",
+               "Per resolution, over the rows scored there (zero-shot policies and fine-tuned "
+               "checkpoints), each compared with the best on the same samples: McNemar's exact "
+               "test for accuracy, a paired bootstrap of the Fréchet difference (significant: "
+               "p < 0.05, two-sided, not corrected for the number of rows)."]
+        md += [""] + [line for c in comparisons for line in comparison_lines(c)]
     md += ["", "## Cost vs pixels (log-log slopes)", ""]
     md += [f"- {k}: GMACs slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]
-    md += [f"- {k}: measured latency slope {s:.3f}"
-           for k, s in results["latency_slopes"].items() if s is not None]
+    for k, v in lat.items():
+        over = ", ".join(f"{h}x{w}" for h, w in v["overhead_bound"])
+        if v["slope"] is not None:
+            span = " to ".join(f"{h}x{w}" for h, w in (v["compute_bound"][0],
+                                                       v["compute_bound"][-1]))
+            md.append(f"- {k}: measured latency slope {v['slope']:.3f} over the compute-bound "
+                      f"points ({span})" + (f"; overhead-bound at {over}" if over else ""))
+        elif v["compute_bound"] or over:
+            md.append(f"- {k}: latency overhead-bound" + (f" at {over}" if over else "")
+                      + " (no latency slope: batch-1 time of a tiny model is per-call "
+                      "overhead, not compute)")
     if plot:
         md += ["", "![cost](cost.png)"]
     grids = [r for r in rows if r.grid]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
+from ditkit.spec.sampling import DEFAULT_SAMPLER
 
 from .files import atomic_path
 
@@ -295,7 +296,7 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
 
 
 def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, int, int],
-               steps: int, sampler: str = "heun", seed: int = 0, batch: int = 32,
+               steps: int, sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch: int = 32,
                class_labels: torch.Tensor | np.ndarray | None = None, cfg_scale: float = 1.0,
                schedule: str = "native", eta: float | None = None,
                guidance_interval: tuple[float, float] | None = None,

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ditkit.errors import UserError
-from ditkit.spec.sampling import SAMPLERS, SCHEDULES
+from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 from .protocols import Denoiser
@@ -178,7 +178,7 @@ class Guided:
 # -------------------------------------------------------------------------------- the loop
 
 
-def sample(denoiser: Denoiser, shape, *, steps: int, sampler: str = "heun", seed: int = 0,
+def sample(denoiser: Denoiser, shape, *, steps: int, sampler: str = DEFAULT_SAMPLER, seed: int = 0,
            class_labels=None, cfg_scale: float = 1.0, device="cpu", progress: bool = False,
            schedule: str = "native", sigmas: torch.Tensor | None = None,
            sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,

@@ -20,6 +20,7 @@ from .components import Spec
 from .model import ModelSpec
 from .objective import EDMObjective, Objective
 from .policy import AsIs, Policy
+from .sampling import DEFAULT_SAMPLER
 
 EXPERIMENT_VERSION = 1
 
@@ -210,7 +211,7 @@ class Preview(Spec):
     """Steps between previews (0: only at the end)."""
     count: PositiveInt = 40
     steps: PositiveInt = 20
-    sampler: str = "heun"
+    sampler: str = DEFAULT_SAMPLER
     cfg_scale: NonNegativeFloat = 1.0
     seed: NonNegativeInt = 0
 
@@ -234,7 +235,7 @@ class Evaluation(Spec):
     """Steps between evaluations during training (0: only at the end)."""
     count: PositiveInt = 500
     steps: PositiveInt = 20
-    sampler: str = "heun"
+    sampler: str = DEFAULT_SAMPLER
     cfg_scale: NonNegativeFloat = 1.0
     seed: NonNegativeInt = 1
     reference: Annotated[str, Field(min_length=1)] | None = None

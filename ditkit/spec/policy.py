@@ -53,7 +53,10 @@ class CorePatch(Spec):
 
     kind: Literal["core_patch"] = "core_patch"
     level: NonNegativeInt = 0
-    factor: PositiveInt = 4
+    factor: PositiveInt | Literal["auto"] = "auto"
+    """The new merge factor, or ``auto``: the trained factor times the resolution ratio, so the
+    inner levels keep exactly their trained grid (and at the training resolution the policy is
+    a no-op)."""
 
 
 Policy = Annotated[Union[AsIs, LocalCore, AddLevels, CorePatch], Field(discriminator="kind")]

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ditkit.spec.sampling import DEFAULT_SAMPLER
+
 from .data import digits_tensor
 
 
@@ -168,25 +170,38 @@ def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 1
 
 class ResolutionMetrics:
     """A metrics hook for the extrapolation runner: ``hook(images, labels) -> dict`` with
-    accuracy, Fréchet distance and the matched real-vs-real Fréchet distance. One classifier
-    per resolution, built on first use."""
+    accuracy, Fréchet distance and the matched real-vs-real Fréchet distance, and under
+    ``per_sample`` what the runner's confidence intervals and paired tests need: which samples
+    were classified right, their features and the Fréchet distance to the reference
+    (:class:`ditkit.runtime.stats.FrechetToReference`). One classifier per resolution, built
+    on first use."""
 
     def __init__(self, data_kind: str, classes: int = 10, **classifier_args):
         self.data_kind, self.classes, self.args = data_kind, classes, classifier_args
         self._classifiers: dict[tuple[int, int], ImageClassifier] = {}
+        self._references: dict = {}
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         res = tuple(images.shape[-2:])
         if res not in self._classifiers:
             self._classifiers[res] = classifier_for(self.data_kind, res, self.classes,
                                                     **self.args)
-        r = evaluate_samples(self._classifiers[res], images, labels, matched_reference=True)
+        clf = self._classifiers[res]
+        r = evaluate_samples(clf, images, labels, matched_reference=True)
+        if res not in self._references:
+            from ditkit.runtime.stats import FrechetToReference
+
+            ref = clf.features(clf.x_fit)
+            self._references[res] = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
+        x = clf.prepare(images)
+        paired = {"correct": clf.predict(x) == labels.cpu().numpy(),
+                  "features": clf.features(x), "frechet": self._references[res]}
         return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
-                "real_accuracy": r.real_accuracy, "count": r.count}
+                "real_accuracy": r.real_accuracy, "count": r.count, "per_sample": paired}
 
 
 def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
-                   sampler: str = "heun", cfg_scale: float = 1.0, seed: int = 1,
+                   sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
                    device: str = "cpu", progress: bool = False
                    ) -> tuple[DigitsReport, torch.Tensor, torch.Tensor]:
     """Sample ``count`` digits (labels cycling 0..9) and evaluate them:

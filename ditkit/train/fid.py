@@ -23,6 +23,10 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
+from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.runtime.stats import (  # noqa: F401 (re-exported)
+    _clean, frechet_from_stats, sqrtm_psd, trace_sqrt_product)
+
 from .inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
 ENV_VAR = "DITKIT_FID_WEIGHTS"
@@ -38,38 +42,8 @@ class FIDError(UserError):
 # ----------------------------------------------------------------- the Fréchet distance
 
 
-def sqrtm_psd(m: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric positive semi-definite matrix."""
-    w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(_clean(w))) @ v.T
-
-
-def _clean(w: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a PSD matrix with round-off removed: those within ``n * eps`` of zero
-    (relative to the largest) are zeros of a singular matrix, and their square roots
-    (~1e-8 each) would otherwise add up to a bias."""
-    tol = max(float(np.abs(w).max()), 0.0) * len(w) * np.finfo(w.dtype).eps
-    return np.where(w > tol, w, 0.0)
-
-
-def trace_sqrt_product(s_a: np.ndarray, s_b: np.ndarray) -> float:
-    """``tr (S_a S_b)^(1/2)`` for covariances: the sum of the square roots of the eigenvalues
-    of the symmetric ``S_a^(1/2) S_b S_a^(1/2)`` (similar to ``S_a S_b``). Unlike
-    ``scipy.linalg.sqrtm(S_a @ S_b)`` it stays real and finite when the covariances are
-    singular (fewer images than 2048 features)."""
-    half = sqrtm_psd(s_a)
-    inner = half @ s_b @ half
-    w = np.linalg.eigvalsh((inner + inner.T) / 2)
-    return float(np.sqrt(_clean(w)).sum())
-
-
-def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
-    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
-    s_a, s_b = np.atleast_2d(s_a).astype(np.float64), np.atleast_2d(s_b).astype(np.float64)
-    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
-              - 2 * trace_sqrt_product(s_a, s_b))
-    return max(d, 0.0)
+# The matrix functions live in ``ditkit.runtime.stats`` (the extrapolation runner uses them
+# too); they are re-exported here.
 
 
 def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
@@ -292,7 +266,7 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
-              steps: int = 20, sampler: str = "heun", cfg_scale: float = 1.0, seed: int = 1,
+              steps: int = 20, sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
               weights: str | Path | None = None, batch: int = 8, device: str = "cpu",
               progress: bool = True, source: str = "model", k: int | None = 3) -> FIDReport:
     """FID (and precision / recall, ``k``) between ``count`` samples of a pixel-space model

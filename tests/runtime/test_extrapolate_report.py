@@ -117,7 +117,7 @@ def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
     classes = spec.conditioning.classes.count
     assert calls == [((6, spec.input.channels, 32, 32), [i % classes for i in range(6)])] * 2
     report = (tmp_path / "report.md").read_text()
-    assert "| accuracy | Fréchet |" in report
+    assert "| accuracy % [95% CI] (real) | Fréchet [95% CI] (real) |" in report
     assert "| 50.0% (90%) | 3.25 (1.50) |" in report and "| - | - |" in report
     assert rows[2].grid == "grids/tuned_core_32x32.png" and (tmp_path / rows[2].grid).is_file()
     from PIL import Image
@@ -142,3 +142,107 @@ def test_cpu_peak_measure_keeps_stderr_clean():
     # ones (4 MiB) and the product (4 MiB) are alive together, plus the scalar operand
     assert 8 << 20 <= int(out.stdout.strip()) < (8 << 20) + 1024
     assert out.stderr.strip() == "after"
+
+
+def test_noop_check_tells_exact_no_ops_from_policies_that_change_the_model():
+    from ditkit.runtime.extrapolate_report import noop_check
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    tensors = build(spec).state_dict()
+    # perturbed: the zero-initialised output layers would make every model output zero
+    tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in tensors.items()}
+    assert noop_check(spec, tensors, S.AsIs())["status"] == "identical"
+    assert noop_check(spec, tensors, S.AddLevels())["status"] == "identical"
+    auto = noop_check(spec, tensors, S.CorePatch())  # factor auto: the trained factor here
+    assert auto["status"] == "identical"
+    fixed = noop_check(spec, tensors, S.CorePatch(factor=4))  # a 4x4 merge at 16x16
+    assert fixed["status"] == "changes the model" and fixed["max_abs_diff"] > 1e-3
+    bad = noop_check(spec, tensors, S.CorePatch(level=5))
+    assert bad["status"] == "invalid" and "transition 5" in bad["detail"]
+
+
+def test_core_patch_auto_keeps_the_core_grid_at_every_multiple():
+    from ditkit.runtime.extrapolate import adapt_spec
+
+    spec = S.load(TINY)  # trained at 16x16, merge 2
+    f0 = spec.levels[0].down.factor
+    assert adapt_spec(spec, S.CorePatch(), (32, 32)).levels[0].down.factor == 2 * f0
+    assert adapt_spec(spec, S.CorePatch(), (64, 64)).levels[0].down.factor == 4 * f0
+    with pytest.raises(S.SpecError, match="whole multiple"):
+        adapt_spec(spec, S.CorePatch(), (24, 24))
+
+
+def test_latency_slope_is_fitted_over_compute_bound_points_only():
+    from ditkit.runtime.extrapolate_report import latency_slope
+
+    # 16^2 costs 10 ms for 0.01 GMACs (1000 ms/GMAC: overhead); the rest ~ 100 ms/GMAC
+    pts = [((16, 16), 10.0, 0.01), ((32, 32), 4.0, 0.04), ((64, 64), 16.0, 0.16),
+           ((128, 128), 64.0, 0.64)]
+    fit = latency_slope(pts)
+    assert fit["overhead_bound"] == [[16, 16]]
+    assert fit["compute_bound"] == [[32, 32], [64, 64], [128, 128]]
+    assert fit["slope"] == pytest.approx(1.0)
+    flat = latency_slope([((16, 16), 5.0, 0.01), ((32, 32), 5.5, 0.04), ((64, 64), 6.0, 0.16)])
+    assert flat["slope"] is None and flat["compute_bound"] == [[64, 64]]
+
+
+def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_path):
+    import numpy as np
+
+    from ditkit.runtime.stats import FrechetToReference
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in build(spec).state_dict().items()}
+    ref = np.random.default_rng(0).normal(size=(300, 3))
+    fd = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
+    calls = []
+
+    def hook(images, labels):  # "correct" when the sample's mean is positive: differs by model
+        calls.append(tuple(images.shape))
+        correct = images.flatten(1).mean(1).numpy() > 0
+        feats = images.flatten(1)[:, :3].double().numpy()
+        return {"accuracy": float(correct.mean()), "frechet": fd(feats), "frechet_real": 0.1,
+                "real_accuracy": 0.9, "count": len(labels),
+                "per_sample": {"correct": correct, "features": feats, "frechet": fd}}
+
+    policies = [S.AsIs(), S.CorePatch(), S.CorePatch(factor=4)]
+    rows = run(spec, tensors, S.EDMObjective(), policies, [(16, 16), (32, 32)], tmp_path,
+               steps=1, samples=2, measure=False, evaluate=hook, eval_count=40,
+               count_at={(32, 32): 30}, bootstrap=50)
+    by = {(r.policy, r.resolution): r for r in rows}
+    # core_patch (auto) is bit-identical at 16x16: its cell reuses as_is's samples
+    assert by[("core_patch", (16, 16))].same_as == "as_is"
+    assert by[("core_patch", (16, 16))].metrics == by[("as_is", (16, 16))].metrics
+    assert calls.count((40, 3, 16, 16)) == 2 and calls.count((30, 3, 32, 32)) == 3
+    m = by[("as_is", (32, 32))].metrics
+    lo, hi = m["accuracy_ci"]
+    assert lo <= m["accuracy"] <= hi and m["count"] == 30
+    assert m["frechet_ci"][0] <= m["frechet_ci"][1]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["noop_at_training_resolution"]["core_patch:factor=4"]["status"] == \
+        "changes the model"
+    comp = {tuple(c["resolution"]): c for c in results["comparisons"]}
+    assert comp[(32, 32)]["count"] == 30 and len(comp[(32, 32)]["accuracy_tests"]) == 2
+    best = max((r for r in rows if r.resolution == (32, 32)),
+               key=lambda r: (r.metrics["accuracy"], -r.metrics["frechet"]))
+    assert comp[(32, 32)]["best_accuracy"] == best.policy
+    # at 16x16 the identical core_patch row is not compared with itself
+    c16 = comp[(16, 16)]
+    assert {t["policy"] for t in c16["accuracy_tests"]} | {c16["best_accuracy"]} == {
+        "as_is", "core_patch:factor=4"} and len(c16["accuracy_tests"]) == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "**NOT a no-op: changes the model**" in report
+    assert "identical (exact no-op)" in report and "## Which policy is best" in report
+    assert f"- **32x32, accuracy:** best `{best.policy}`" in report
+
+
+def test_cli_count_at_is_checked():
+    r = subprocess.run([sys.executable, "-m", "ditkit.cli", "extrapolate", str(TINY),
+                        "--resolutions", "32", "--count-at", "32:5", "--no-measure"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--count-at '32:5': expected RES=N" in r.stderr
+    assert "Traceback" not in r.stderr

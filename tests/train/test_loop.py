@@ -205,7 +205,7 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
     # no scale given: the settings are printed, then unguided and guided numbers
     assert main(["evaluate", str(tmp_path / "run"), "--count", "10", "--steps", "1"]) == 0
     text = capsys.readouterr().out
-    assert "10 samples" in text and "heun 1 steps" in text and "seed 1" in text
+    assert "10 samples" in text and "dpmpp_2m 1 steps" in text and "seed 1" in text
     assert "cfg-scale 1 (unguided): label accuracy" in text
     assert "(guided): label accuracy" in text
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
