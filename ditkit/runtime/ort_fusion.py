@@ -1,4 +1,5 @@
-"""Attention as one onnxruntime kernel in graphs exported for onnxruntime.
+"""Attention as one onnxruntime kernel in graphs exported for onnxruntime (and, below, GELU
+and RMSNorm in forms onnxruntime fuses, GEGLU without its split copy, the opt-in int8 export).
 
 ``torch.onnx`` writes ``scaled_dot_product_attention`` as separate ONNX nodes (MatMul, Mul,
 Softmax, MatMul, and a Where for a boolean mask), so onnxruntime materialises every score
@@ -17,7 +18,7 @@ export for onnxruntime maps the aten op onto it (``translation_table``):
 
 Only fp32 graphs for the onnxruntime target use it (TensorRT and other runtimes do not know
 the contrib op; onnxruntime's CPU kernel is fp32). Parity with eager is checked by the export
-like any other graph.
+like any other graph. Kernel timings behind these choices: ``benchmarks/ort_kernels.py``.
 """
 
 from __future__ import annotations
@@ -364,8 +365,9 @@ def quantize_int8(model_proto):
     input by a weight) quantized dynamically to int8 (``onnxruntime.quantization.
     quantize_dynamic``, weights per output channel, activations per tensor); the first and
     last of them (patch embedding, output projection), the conditioning MLP, attention
-    (``MultiHeadAttention``), norms and everything else stay fp32. An approximation, opt-in (``ditkit export --quantize int8``):
-    the export checks it against fp32 eager at ``export.INT8_TOLERANCE``."""
+    (``MultiHeadAttention``), norms and everything else stay fp32. An approximation, opt-in
+    (``ditkit export --quantize int8``): the export checks it against fp32 eager at
+    ``export.INT8_TOLERANCE``."""
     import logging
     import tempfile
     from pathlib import Path
