@@ -135,12 +135,14 @@ def gelu_translation() -> dict:
 #   and then by ``s``.
 # - ``MatMul(x, W)`` followed by a ``Split`` of its last axis (GEGLU's value / gate) becomes one
 #   ``MatMul`` per part with the matching columns of ``W``: the same products, without the
-#   copy the ``Split`` makes.
+#   copy the ``Split`` makes. Attention's ``qkv`` projection (``MatMul``, ``Reshape`` to
+#   ``(B, H, W, 3, heads, D)``, ``Transpose`` to ``(3, B, heads, H, W, D)``, three ``Slice`` +
+#   ``Squeeze``) likewise becomes three ``MatMul``s, each reshaped and transposed on its own.
 
 
 def optimize_graph(model_proto) -> dict[str, int]:
     """Apply the rewrites above to ``model_proto`` in place; returns how many of each."""
-    counts = {"rms_norm": 0, "cosine_norm": 0, "split_matmul": 0}
+    counts = {"rms_norm": 0, "cosine_norm": 0, "split_matmul": 0, "qkv_matmul": 0}
     g = _Graph(model_proto.graph)
     for node in list(model_proto.graph.node):
         if node.op_type == "Mul":
@@ -149,6 +151,8 @@ def optimize_graph(model_proto) -> dict[str, int]:
                 counts[kind] += 1
         elif node.op_type == "Split":
             counts["split_matmul"] += _rewrite_split_matmul(g, node)
+        elif node.op_type == "Transpose":
+            counts["qkv_matmul"] += _rewrite_qkv(g, node)
     _drop_dead(model_proto.graph)
     return counts
 
@@ -328,6 +332,55 @@ def _rewrite_split_matmul(g: _Graph, split) -> int:
                                       name=g.name("matmul")))
         start += size
     g.replace(split, nodes)
+    return 1
+
+
+def _rewrite_qkv(g: _Graph, transpose) -> int:
+    np, nh = g.np, g.numpy_helper
+    from onnx import helper
+
+    perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+    reshape = g.node(transpose.input[0], "Reshape")
+    mm = reshape and g.node(reshape.input[0], "MatMul")
+    shape = reshape and g.node(reshape.input[1], "Concat")
+    if (perm != [3, 0, 4, 1, 2, 5] or mm is None or shape is None or len(shape.input) != 6
+            or g.scalar(shape.input[3]) != 3 or mm.input[1] not in g.inits
+            or len(g.consumers.get(mm.output[0], [])) != 1
+            or len(g.consumers.get(reshape.output[0], [])) != 1):
+        return 0
+    parts = {}  # index along the "3" axis -> the Squeeze that yields it
+    for sl in g.consumers.get(transpose.output[0], []):
+        if sl.op_type != "Slice" or len(sl.input) < 4:
+            return 0
+        start, end, axes = (g.consts.get(n) for n in sl.input[1:4])
+        steps = g.consts.get(sl.input[4]) if len(sl.input) > 4 and sl.input[4] else None
+        users = g.consumers.get(sl.output[0], [])
+        if (start is None or end is None or axes is None or axes.reshape(-1).tolist() != [0]
+                or (steps is not None and steps.reshape(-1).tolist() != [1])
+                or end.reshape(-1)[0] != start.reshape(-1)[0] + 1 or len(users) != 1
+                or users[0].op_type != "Squeeze" or sl.output[0] in g.outputs):
+            return 0
+        sq = users[0]
+        sq_axes = g.consts.get(sq.input[1]) if len(sq.input) > 1 else None
+        if sq_axes is None or sq_axes.reshape(-1).tolist() != [0]:
+            return 0
+        parts[int(start.reshape(-1)[0])] = sq
+    w = nh.to_array(g.inits[mm.input[1]])
+    if sorted(parts) != [0, 1, 2] or w.ndim != 2 or w.shape[1] % 3:
+        return 0
+    width = w.shape[1] // 3
+    dims = g.name("qkv_shape")
+    nodes = [helper.make_node("Concat", [shape.input[i] for i in (0, 1, 2, 4, 5)], [dims],
+                              axis=0, name=g.name("concat"))]
+    for i, sq in sorted(parts.items()):
+        part = g.constant("weight", np.ascontiguousarray(w[:, i * width:(i + 1) * width]))
+        y, r = g.name("qkv"), g.name("qkv_view")
+        nodes += [helper.make_node("MatMul", [mm.input[0], part], [y], name=g.name("matmul")),
+                  helper.make_node("Reshape", [y, dims], [r], name=g.name("reshape")),
+                  helper.make_node("Transpose", [r], [sq.output[0]], perm=[0, 3, 1, 2, 4],
+                                   name=g.name("transpose"))]
+        sq.output[0] = g.name("unused")  # the old path is dead from here on
+    g.replace(transpose, nodes)
     return 1
 
 

@@ -161,7 +161,7 @@ def test_norms_and_gelu_are_rewritten_into_kernels_onnxruntime_fuses(tmp_path):
         proto = torch.onnx.export(ep, (x,), dynamo=True, opset_version=18, optimize=True,
                                   custom_translation_table=gelu_translation()).model_proto
     counts = optimize_graph(proto)
-    assert counts == {"rms_norm": 2, "cosine_norm": 1, "split_matmul": 1}
+    assert counts == {"rms_norm": 2, "cosine_norm": 1, "split_matmul": 1, "qkv_matmul": 0}
     onnx.checker.check_model(proto, full_check=True)
     ops = {(n.domain or "ai.onnx") + "::" + n.op_type for n in proto.graph.node}
     assert "com.microsoft::Gelu" in ops and "ai.onnx::Reciprocal" not in ops
@@ -184,3 +184,49 @@ def test_the_tiny_hdit_export_has_no_unfused_gelu_or_cosine_sum_left(hdit_export
     ops = set(hdit_export[1].ops)  # its parity with eager (1e-4) is checked by the export
     assert "com.microsoft::Gelu" in ops
     assert "ai.onnx::Erf" not in ops and "ai.onnx::ReduceSum" not in ops
+
+
+class Qkv(torch.nn.Module):
+    """``Attention.forward``'s qkv split: one projection viewed as (B, H, W, 3, heads, D),
+    permuted to (3, B, heads, H, W, D) and unbound."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(24, 72, bias=False)
+
+    def forward(self, x):  # (B, H, W, 24)
+        b, hh, ww, _ = x.shape
+        q, k, v = self.qkv(x).view(b, hh, ww, 3, 2, 12).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return q * k.sin() + v.cos()
+
+
+def test_the_qkv_projection_becomes_three_matmuls_without_a_split(tmp_path):
+    from torch.export import Dim
+
+    from ditkit.runtime.ort_fusion import optimize_graph
+
+    torch.manual_seed(0)
+    module = Qkv().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, 24, generator=g)
+    h, w = Dim("h", min=2, max=64), Dim("w", min=2, max=64)
+    ep = torch.export.export(module, (x,), dynamic_shapes=({1: h, 2: w},))
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(ep, (x,), dynamo=True, opset_version=18,
+                                  optimize=True).model_proto
+    assert optimize_graph(proto)["qkv_matmul"] == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMul") == 3 and "Slice" not in ops and "Split" not in ops
+    path = tmp_path / "qkv.onnx"
+    import onnx
+
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((2, 5, 6, 24), (2, 3, 8, 24)):
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = module(x)
+        assert np.abs(_run(sess, x) - ref.numpy()).max() < 1e-5
