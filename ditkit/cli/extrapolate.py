@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
                    help="neighborhood-attention kernel (ditkit.builder.use_backend): auto, "
                         "gather, tiled, masked, flex, natten")
     p.add_argument("--no-measure", action="store_true", help="skip latency / memory")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="batch of the timed forwards (a larger batch makes a small model's "
+                        "time compute-bound, so its slope means something)")
     p.add_argument("--metrics", choices=("auto", "shapes", "digits", "none"), default="auto",
                    help="score samples with the digits/shapes classifier (auto: the data kind "
                         "of the experiment.yaml beside the checkpoint, if any)")
@@ -55,8 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-resolutions", nargs="*", default=None,
                    help="score only these resolutions, comma-separated (default: all)")
     p.add_argument("--finetuned", nargs="*", default=[], metavar="CKPT",
-                   help="extra rows: checkpoints already at their resolution, e.g. from a "
-                        "`finetune` run (labelled with their policy and trainable patterns)")
+                   help="extra rows: checkpoints (or run folders) already at their resolution, "
+                        "e.g. from a `finetune` run (labelled with their policy and trainable patterns)")
     add_set(p, "spec (spec files and presets only)")
     add_device(p)
     add_threads(p)
@@ -103,8 +106,7 @@ def _finetuned_row(path: str, objective):
     from ditkit.runtime.extrapolate_report import policy_label
     from ditkit.train.finetune import METADATA_KEY
 
-    if not Path(path).is_file():
-        raise UsageError(f"--finetuned {path}: no such checkpoint")
+    path = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder
     ckpt = load_checkpoint(path)
     meta = ckpt.metadata.get(METADATA_KEY)
     if meta:
@@ -127,6 +129,7 @@ def run_extrapolate(args) -> int:
         if args.curve else None
     positive(args.count, "--count", allow_zero=True)
     positive(args.bootstrap, "--bootstrap")
+    positive(args.latency_batch, "--latency-batch")
     count_at = {}
     for item in list_arg(args.count_at, "--count-at") if args.count_at else []:
         res_text, eq, n_text = item.partition("=")
@@ -182,7 +185,7 @@ def run_extrapolate(args) -> int:
                                                        "--eval-resolutions")]
                    if args.eval_resolutions is not None else None,
                    progress=not (args.no_progress or args.json), count_at=count_at,
-                   bootstrap=args.bootstrap)
+                   bootstrap=args.bootstrap, latency_batch=args.latency_batch)
     finally:
         backend.__exit__(None, None, None)
     if args.json:

@@ -130,14 +130,15 @@ def cpu_peak_bytes(fn) -> int | None:
 
 
 def measure_forward(model, spec: S.ModelSpec, resolution, device: str = "cpu",
-                    repeats: int = 3) -> tuple[float, float | None]:
-    """Median forward latency (ms) at batch 1 and peak memory above the baseline (MiB): the
+                    repeats: int = 3, batch: int = 1) -> tuple[float, float | None]:
+    """Median forward latency (ms) at ``batch`` and peak memory above the baseline (MiB): the
     CUDA allocator's peak, or on a CPU :func:`cpu_peak_bytes` in one more (profiled) forward
     that does not count towards the latency."""
     h, w = resolution
-    x = torch.randn(1, spec.input.channels, h, w, device=device)
-    sigma = torch.ones(1, device=device)
-    labels = torch.zeros(1, dtype=torch.long, device=device) if spec.conditioning.classes else None
+    x = torch.randn(batch, spec.input.channels, h, w, device=device)
+    sigma = torch.ones(batch, device=device)
+    labels = (torch.zeros(batch, dtype=torch.long, device=device)
+              if spec.conditioning.classes else None)
     times = []
     with torch.no_grad():
         model(x, sigma, labels)  # warm-up
@@ -182,8 +183,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         measure: bool = True, curve: list[tuple[int, int]] | None = None,
         evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
         eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
-        count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300
-        ) -> list[Row]:
+        count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300,
+        latency_batch: int = 1) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``evaluate``: an optional metrics hook ``(images, labels) -> dict`` (e.g.
@@ -241,7 +242,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
             torch.manual_seed(seed)
             model = build(new_spec, device=device).eval()
         if model is not None and measure:
-            row.latency_ms, row.peak_mib = measure_forward(model, new_spec, res, device)
+            row.latency_ms, row.peak_mib = measure_forward(model, new_spec, res, device,
+                                                           batch=latency_batch)
         if tensors is not None and objective is not None:
             same = res == trained_res and noop[label]["status"] == "identical"
             if same and identical_cell:
@@ -271,7 +273,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         model.load_state_dict(x_tensors)
         model.eval()
         if measure:
-            row.latency_ms, row.peak_mib = measure_forward(model, x_spec, res, device)
+            row.latency_ms, row.peak_mib = measure_forward(model, x_spec, res, device,
+                                                           batch=latency_batch)
         if objective is not None:
             row.grid, row.metrics = _sample_grid(model, objective, x_spec, res, out, label,
                                                  steps, sampler, seed, samples, device,
@@ -285,7 +288,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     curves = _cost_curves(spec, policies, curve or resolutions)
     comparisons = compare(rows, paired, bootstrap, seed)
     _write_report(spec, rows, curves, out, noop=noop, comparisons=comparisons,
-                  sampling={"sampler": sampler, "steps": steps, "seed": seed})
+                  sampling={"sampler": sampler, "steps": steps, "seed": seed},
+                  latency_batch=latency_batch)
     return rows
 
 
@@ -478,40 +482,38 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: float) -> str:
+    text = f"- **{head}:** best `{best}`"
+    if not tests:
+        return text
+    t = tests[0]
+    sig = "significant" if t["p"] < alpha else "not significant"
+    ties = [x["policy"] for x in tests if x["p"] >= alpha]
+    text += f"; {runner_up(t, sig)}"
+    return text + (". Not significantly different from it (p ≥ 0.05): "
+                   + ", ".join(f"`{x}`" for x in ties) + "." if ties else
+                   "; better than every other row at p < 0.05.")
+
+
 def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
-    lines = []
-    tests = c["accuracy_tests"]
-    ties = [t["policy"] for t in tests if t["p"] >= alpha]
-    text = f"- **{h}x{w}, accuracy:** best `{c['best_accuracy']}`"
-    if tests:
-        t = tests[0]
-        sig = "significant" if t["p"] < alpha else "not significant"
-        text += (f"; ahead of the runner-up `{t['policy']}` by {100 * t['difference']:.1f} "
-                 f"points ({sig}, McNemar {_p(t['p'])}, {c['count']} paired samples)")
-        text += (". Not significantly different from it (p ≥ 0.05): "
-                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
-                 "; better than every other row at p < 0.05.")
-    lines.append(text)
-    tests = c["frechet_tests"]
-    ties = [t["policy"] for t in tests if t["p"] >= alpha]
-    text = f"- **{h}x{w}, Fréchet:** best `{c['best_frechet']}`"
-    if tests:
-        t = tests[0]
-        sig = "significant" if t["p"] < alpha else "not significant"
-        text += (f"; the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
-                 f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, paired "
-                 f"bootstrap {_p(t['p'])})")
-        text += (". Not significantly different from it (p ≥ 0.05): "
-                 + ", ".join(f"`{x}`" for x in ties) + "." if ties else
-                 "; better than every other row at p < 0.05.")
-    lines.append(text)
-    return lines
+    acc = _comparison_line(
+        f"{h}x{w}, accuracy", c["best_accuracy"], c["accuracy_tests"],
+        lambda t, sig: (f"ahead of the runner-up `{t['policy']}` by "
+                        f"{100 * t['difference']:.1f} points ({sig}, McNemar {_p(t['p'])}, "
+                        f"{c['count']} paired samples)"), alpha)
+    fd = _comparison_line(
+        f"{h}x{w}, Fréchet", c["best_frechet"], c["frechet_tests"],
+        lambda t, sig: (f"the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
+                        f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, "
+                        f"paired bootstrap {_p(t['p'])})"), alpha)
+    return [acc, fd]
 
 
 def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | None = None,
-                  comparisons: list[dict] | None = None, sampling: dict | None = None) -> None:
+                  comparisons: list[dict] | None = None, sampling: dict | None = None,
+                  latency_batch: int = 1) -> None:
     noop, comparisons, sampling = noop or {}, comparisons or [], sampling or {}
     latency = {}
     for r in rows:
@@ -524,7 +526,7 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                "curves": {k: [[list(r), g] for r, g in v] for k, v in curves.items()},
                "slopes": {k: _slope(v) for k, v in curves.items()},
                "latency_slopes": {k: v["slope"] for k, v in lat.items()},
-               "latency_fit": lat}
+               "latency_fit": lat, "latency_batch": latency_batch}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     plot = _plot(curves, out / "cost.png")
 
@@ -538,7 +540,8 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
         md[-1] += (f" Samples: `{sampling.get('sampler')}`, {sampling.get('steps')} steps, "
                    f"seed {sampling.get('seed')}, no guidance.")
     md += ["", "GMACs are forward multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is "
-           "the median of 3 forwards at batch 1; peak MiB is the most tensor memory alive at "
+           f"the median of 3 forwards at batch {latency_batch}; peak MiB (same batch) is the "
+           "most tensor memory alive at "
            "once during one forward above what was alive before (CUDA: the allocator's peak; "
            "CPU: PyTorch's allocator events under `torch.profiler`)."]
     if scored:
@@ -599,10 +602,11 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                                                        v["compute_bound"][-1]))
             md.append(f"- {k}: measured latency slope {v['slope']:.3f} over the compute-bound "
                       f"points ({span})" + (f"; overhead-bound at {over}" if over else ""))
-        elif v["compute_bound"] or over:
-            md.append(f"- {k}: latency overhead-bound" + (f" at {over}" if over else "")
-                      + " (no latency slope: batch-1 time of a tiny model is per-call "
-                      "overhead, not compute)")
+        elif len(v["compute_bound"]) + len(v["overhead_bound"]) >= 2:
+            md.append(f"- {k}: no latency slope: " + (
+                f"overhead-bound at {over} (time per GMAC more than {OVERHEAD_FACTOR}x the "
+                "best point's: per-call overhead, not compute)" if over else
+                "the compute-bound points span less than 4x in pixels"))
     if plot:
         md += ["", "![cost](cost.png)"]
     grids = [r for r in rows if r.grid]

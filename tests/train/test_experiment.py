@@ -135,3 +135,23 @@ def test_cli_schema_experiment(tmp_path, capsys):
 
     assert '"finetune"' in out.read_text()
     assert '"finetune"' not in json.dumps(S.json_schema())  # the model-spec schema stays apart
+
+
+def test_showcase_finetunes_start_from_the_base_runs_final_checkpoint():
+    """examples/experiments/shapes-showcase.sh trains shapes-extrapolate.yaml into runs/shapes,
+    then the three fine-tunes: each must name that run's last checkpoint, its model, 2x its
+    resolution and the same budget."""
+    base = load_experiment(next(p for p in EXPERIMENTS if p.name == "shapes-extrapolate.yaml"))
+    fts = [p for p in EXPERIMENTS if p.name.startswith("shapes-finetune-")]
+    assert len(fts) == 3
+    script = (EXPERIMENTS[0].parent / "shapes-showcase.sh").read_text()
+    budgets = set()
+    for path in fts:
+        ft = load_experiment(path)
+        assert Path(ft.finetune.checkpoint).as_posix().endswith(
+            f"runs/shapes/checkpoints/step-{base.training.steps:06d}/ema.safetensors")
+        assert ft.model_spec == base.model_spec
+        assert list(ft.finetune.resolution) == [2 * r for r in base.model_spec.input.resolution]
+        budgets.add((ft.training.steps, ft.training.batch_size))
+        assert path.name in script or path.stem.removeprefix("shapes-finetune-") in script
+    assert len(budgets) == 1
