@@ -369,6 +369,10 @@ def _rewrite_qkv(g: _Graph, transpose) -> int:
     if sorted(parts) != [0, 1, 2] or w.ndim != 2 or w.shape[1] % 3:
         return 0
     width = w.shape[1] // 3
+    heads, d_head = g.scalar(shape.input[4]), g.scalar(shape.input[5])
+    if (len(g.shapes.get(mm.output[0]) or [0] * 4) != 4 or heads is None or d_head is None
+            or heads * d_head != width):
+        return 0  # the Reshape must split only the last axis, as (3, heads, D)
     dims = g.name("qkv_shape")
     nodes = [helper.make_node("Concat", [shape.input[i] for i in (0, 1, 2, 4, 5)], [dims],
                               axis=0, name=g.name("concat"))]
