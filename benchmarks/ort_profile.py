@@ -1,7 +1,7 @@
 """Where onnxruntime spends its time: op-type totals of one denoiser evaluation.
 
     python benchmarks/ort_profile.py [--spec SPEC] [--resolutions 128 256] [--threads 1]
-        [--backend gather|tiled] [--repeats 3] [--torch]
+        [--backend gather|tiled] [--repeats 3] [--torch] [--quantize int8]
 
 Exports the spec (random weights, fp32, dynamic batch and resolution) with the chosen exportable
 neighborhood backend, runs it in onnxruntime with ``SessionOptions.enable_profiling`` and prints,
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--nodes", type=int, default=0, help="also list the N slowest nodes")
     ap.add_argument("--torch", action="store_true", help="also profile eager torch")
+    ap.add_argument("--quantize", default=None, choices=["int8"],
+                    help="profile the opt-in int8 export instead of the fp32 one")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -65,7 +67,7 @@ def main() -> None:
     path = Path(tmp.name) / "model.onnx"
     with kernels.use_backend(args.backend):
         export_onnx(model, S.EDMObjective(), path, check=False,
-                    resolution=(args.resolutions[0],) * 2)
+                    resolution=(args.resolutions[0],) * 2, quantize=args.quantize)
     for r in args.resolutions:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads

@@ -54,7 +54,8 @@ def add_parser(sub) -> None:
                    help="comma-separated H or HxW values (default: the spec's)")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--engines", default="eager,onnxruntime",
-                   help="comma-separated from eager, compile, onnxruntime, tensorrt")
+                   help="comma-separated from eager, compile, onnxruntime, onnxruntime-int8 "
+                        "(int8 linear layers, an approximation), tensorrt")
     p.add_argument("--compile-mode", default="auto",
                    help="torch.compile mode of the compile engine (auto: reduce-overhead on "
                         "CUDA, default on CPU)")

@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg-channels", type=int, default=None,
                    help="with --bake-cfg: guide only the first N channels (DiT: 3; default: the "
                         "checkpoint's ditkit.cfg_channels metadata, else all)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="opt-in, fp32 onnxruntime exports: run the linear layers' MatMuls in "
+                        "int8 (dynamic quantization; faster on CPUs with VNNI/AMX, not exact: "
+                        "parity is checked at 1e-1 of the output scale)")
     add_set(p, "spec (spec files and presets only)")
     add_threads(p)
     add_json(p, "print one JSON object (file, opset, dynamic dims, resolution rule, parity) "
@@ -69,7 +73,8 @@ def run(args) -> int:
                              resolution=parse_resolution(args.resolution), checkpoint_hash=h,
                              metadata=extra, check=not args.no_check, cfg=args.bake_cfg,
                              cfg_channels=cfg_channels, log=None if args.json else print,
-                             perturb_zero_layers=args.perturb_zero_layers)
+                             perturb_zero_layers=args.perturb_zero_layers,
+                             quantize=args.quantize)
     except ExportError as err:
         raise UsageError(str(err)) from None
     rule = result.rule

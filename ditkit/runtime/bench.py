@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("eager", "compile", "onnxruntime", "tensorrt")
+ENGINES = ("eager", "compile", "onnxruntime", "onnxruntime-int8", "tensorrt")
 
 
 def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntime"),
@@ -18,7 +18,9 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     2 warm-up calls) of each engine at each resolution; the ``compile`` engine compiles each
     step into one graph in ``compile_mode`` (``runtime.denoiser.compile_mode``). Peak memory: CUDA
     ``max_memory_allocated``; on CPU the process's peak resident set after the engine ran (a
-    high-water mark: it never goes down, so later rows include earlier ones)."""
+    high-water mark: it never goes down, so later rows include earlier ones).
+    ``onnxruntime-int8``: the same export with ``quantize="int8"`` (linear layers in int8; an
+    approximation, opt-in)."""
     import resource
     import statistics
     import tempfile
@@ -40,7 +42,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     eager = Denoiser(model, objective)
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="ditkit-bench-")
-    ort = None
+    sessions: dict[str, object] = {}
 
     def timed(fn, x, s, y):
         for _ in range(2):
@@ -86,14 +88,17 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                                        f"{compile_mode_of(compile_mode, dev, False)}")
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: compiled.denoise(a, b, c), x, s, y)
-                    elif engine == "onnxruntime":
-                        if ort is None:
-                            path = Path(tmp.name) / "model.onnx"
-                            say("exporting to ONNX for onnxruntime ...")
+                    elif engine in ("onnxruntime", "onnxruntime-int8"):
+                        if engine not in sessions:
+                            int8 = engine.endswith("int8")
+                            path = Path(tmp.name) / f"{engine}.onnx"
+                            say(f"exporting to ONNX for {engine} ...")
                             export_onnx(model.cpu(), objective, path, check=False,
-                                        resolution=tuple(resolutions[0]))
+                                        resolution=tuple(resolutions[0]),
+                                        quantize="int8" if int8 else None)
                             model.to(dev)
-                            ort = OrtDenoiser(path, device=dev, threads=threads)
+                            sessions[engine] = OrtDenoiser(path, device=dev, threads=threads)
+                        ort = sessions[engine]
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: ort.denoise(a, b, c), x, s, y)
                     elif engine == "tensorrt":

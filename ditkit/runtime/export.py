@@ -58,6 +58,9 @@ DEFAULT_OPSET = 18
 # fp32 parity is the project's 1e-4; reduced precision is judged against fp32 eager with a
 # tolerance relative to the output scale (measured values are in the README)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+# ``quantize="int8"`` (int8 linear layers, opt-in): max |diff| vs fp32 eager relative to the
+# output scale, as for fp16 / bf16 (measured values are in the README)
+INT8_TOLERANCE = 1e-1
 
 
 # -------------------------------------------------------------------------------- shape rules
@@ -275,7 +278,8 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                 parity_batches: tuple[int, int] = (1, 3), cfg: bool = False,
                 cfg_channels: int | None = None, log=None,
                 perturb_zero_layers: bool = False,
-                attention_backend: str | None = None) -> ExportResult:
+                attention_backend: str | None = None,
+                quantize: str | None = None) -> ExportResult:
     """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
     to ``out`` and run the checks (``check=False`` skips the parity runs only).
 
@@ -285,7 +289,9 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     guidance in (see :class:`ExportGraph`). A model whose weight matrices include all-zero ones
     (an untrained spec: zero-initialised output layers) makes parity trivial: the result says
     so (``parity_note``), or with ``perturb_zero_layers`` a second export of a copy with those
-    weights perturbed is checked too (rows with ``perturbed: True``)."""
+    weights perturbed is checked too (rows with ``perturbed: True``). ``quantize="int8"``
+    (fp32 onnxruntime exports only, opt-in): the linear layers' MatMuls run in int8
+    (``ort_fusion.quantize_int8``; not exact: parity is checked at :data:`INT8_TOLERANCE`)."""
     start = time.perf_counter()
     auto_opset = opset is None
     opset = DEFAULT_OPSET if auto_opset else opset
@@ -296,6 +302,11 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     if unknown:
         raise ExportError(f"--dynamic {','.join(sorted(unknown))}: choose from batch, resolution")
     allow = allow_list(target, opset)  # an unknown target fails before any work
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r}: the only quantization is int8")
+    if quantize and not fuses_attention(target, precision):
+        raise ExportError(f"--quantize int8 is for fp32 onnxruntime exports (got --precision "
+                          f"{precision}, --target {target}); drop --quantize or export those")
     spec: S.ModelSpec = model.spec
     model = model.eval()
     rule = resolution_rule(spec) if "resolution" in dynamic else None
@@ -331,6 +342,11 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                              "automatically" if not auto_opset else ""))
     meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
                      metadata, graph)
+    if quantize:
+        from .ort_fusion import INT8_NOTE, quantize_int8
+
+        meta["ditkit.quantize"] = INT8_NOTE
+        model_proto = quantize_int8(model_proto)
     ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
     refused = [op for op in ops if op not in allow]
     if refused:
@@ -352,7 +368,8 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
         result.parity = check_parity(graph if precision == "fp32" else
                                      ExportGraph(model.float(), objective, "fp32", cfg=cfg,
                                                  cfg_channels=cfg_channels),
-                                     out, resolutions, batches, TOLERANCE[precision])
+                                     out, resolutions, batches,
+                                     INT8_TOLERANCE if quantize else TOLERANCE[precision])
         for p in result.parity:
             say(f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
                 f"{p['max_abs_diff']:.2e} (output scale {p['scale']:.2f}, tol "
@@ -373,7 +390,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                 model, objective, zeros, opset=opset, dynamic=dynamic, precision=precision,
                 target=target, resolution=resolution, parity_resolutions=parity_resolutions,
                 parity_batches=parity_batches, cfg=cfg, cfg_channels=cfg_channels,
-                attention_backend=attention_backend, say=say)
+                attention_backend=attention_backend, quantize=quantize, say=say)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -515,9 +532,9 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
 
     table = None
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
-        from .ort_fusion import translation_table
+        from .ort_fusion import gelu_translation, translation_table
 
-        table = translation_table() or None
+        table = {**translation_table(), **gelu_translation()} or None
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     with warnings.catch_warnings():
@@ -529,6 +546,10 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
                                     custom_translation_table=table)
     proto = program.model_proto
     name_dims(proto)
+    if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes
+        from .ort_fusion import optimize_graph
+
+        optimize_graph(proto)
     return proto
 
 
