@@ -449,8 +449,8 @@ def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
     policy's points; the slope is fitted when at least two such points span a 4x range of
     pixels, else it is ``None`` and the curve is overhead-bound."""
     pts = [(r, ms, g) for r, ms, g in points if ms and g and g > 0]
-    if len(pts) < 2:
-        return {"slope": None, "compute_bound": [], "overhead_bound": [list(r) for r, *_ in pts]}
+    if len(pts) < 2:  # one point: nothing to fit, and nothing to compare its ms/GMAC with
+        return {"slope": None, "compute_bound": [], "overhead_bound": []}
     best = min(ms / g for _, ms, g in pts)
     bound = [(r, ms) for r, ms, g in pts if ms / g <= OVERHEAD_FACTOR * best]
     over = [list(r) for r, ms, g in pts if ms / g > OVERHEAD_FACTOR * best]
@@ -557,6 +557,15 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                "images, with a 95% bootstrap interval (resampling the samples) and, in brackets, "
                "the same distance for as many held-out real images (what a perfect generator "
                "would score at this sample size)."]
+    base = next((r for r in scored if tuple(r.resolution) == (h0, w0) and r.same_as is None
+                 and r.policy == "as_is"), None)
+    if base is not None:
+        m = base.metrics
+        ratio = m["accuracy"] / m["real_accuracy"] if m["real_accuracy"] else float("nan")
+        md += ["", f"**The trained model at its training resolution** ({h0}x{w0}, `as_is`): "
+               f"{_pct(m['accuracy'])}% label accuracy, {ratio:.0%} of the real-image "
+               f"classifier's {_pct(m['real_accuracy'])}%; Fréchet {m['frechet']:.2f} against "
+               f"{m['frechet_real']:.2f} for real images. Every other row is this model adapted."]
     head = "| policy | resolution | GMACs | params | latency ms | peak MiB | re-initialised |"
     rule = "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
     if scored:

@@ -186,6 +186,8 @@ def test_latency_slope_is_fitted_over_compute_bound_points_only():
     assert fit["slope"] == pytest.approx(1.0)
     flat = latency_slope([((16, 16), 5.0, 0.01), ((32, 32), 5.5, 0.04), ((64, 64), 6.0, 0.16)])
     assert flat["slope"] is None and flat["compute_bound"] == [[64, 64]]
+    one = latency_slope([((32, 32), 5.0, 0.04)])  # a fine-tuned row: one resolution
+    assert one == {"slope": None, "compute_bound": [], "overhead_bound": []}
 
 
 def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_path):
@@ -237,6 +239,10 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "**NOT a no-op: changes the model**" in report
     assert "identical (exact no-op)" in report and "## Which policy is best" in report
+    base = by[("as_is", (16, 16))].metrics
+    assert (f"**The trained model at its training resolution** (16x16, `as_is`): "
+            f"{100 * base['accuracy']:.1f}% label accuracy, "
+            f"{base['accuracy'] / 0.9:.0%} of the real-image classifier's 90.0%") in report
     assert f"- **32x32, accuracy:** best `{best.policy}`" in report
 
 
