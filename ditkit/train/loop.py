@@ -202,7 +202,9 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     experiment that differs from the run's in what is trained (recorded in the run folder).
 
     A run that fails before its first optimizer step leaves no run folder behind (when this
-    call created it)."""
+    call created it). Under torchrun, a process group this call creates is destroyed when it
+    returns (after a barrier) or fails; a caller that runs collectives of its own around
+    ``train`` initialises the group first, and then keeps it."""
     import shutil
 
     run = Path(run)
@@ -212,14 +214,26 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
             break
         created = folder
     done = {"steps": 0}
+    import torch.distributed as tdist
+
+    # under torchrun this call creates the process group (init_distributed); it also takes it
+    # down, so gloo's threads are joined before the interpreter exits (left to the exit, the
+    # destructor race ended a rank with "terminate called without an active exception")
+    owns_group = tdist.is_available() and not tdist.is_initialized()
     try:
-        return _train(exp, run, resume=resume, progress=progress, data_base=data_base,
-                      stop_after=stop_after, device=device, allow_changes=allow_changes,
-                      done=done)
+        result = _train(exp, run, resume=resume, progress=progress, data_base=data_base,
+                        stop_after=stop_after, device=device, allow_changes=allow_changes,
+                        done=done)
     except BaseException:
         if created is not None and done["steps"] == 0 and int(os.environ.get("RANK", "0")) == 0:
             shutil.rmtree(created, ignore_errors=True)
+        if owns_group and tdist.is_initialized():
+            tdist.destroy_process_group()
         raise
+    if owns_group and tdist.is_initialized():
+        tdist.barrier()  # every rank is done with its collectives
+        tdist.destroy_process_group()
+    return result
 
 
 def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,

@@ -31,6 +31,9 @@ def fork(src: Path, dst: Path, drop_step: int) -> None:
 
 def main(folder: Path) -> None:
     torch.set_num_threads(1)
+    # the worker runs collectives of its own between the train() calls, so it owns the process
+    # group (train() takes down only a group it created itself)
+    dist.init_process_group("gloo")
     ddp, fsdp = load_experiment(folder / "ddp.yaml"), load_experiment(folder / "fsdp2.yaml")
     out = {}
     for name, exp in (("ddp", ddp), ("fsdp2", fsdp)):
