@@ -53,11 +53,7 @@ def _trace_sqrt_with_half(half_a: np.ndarray, s_b: np.ndarray) -> float:
 
 def frechet_from_stats(mu_a, s_a, mu_b, s_b) -> float:
     """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``."""
-    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
-    s_a, s_b = np.atleast_2d(s_a).astype(np.float64), np.atleast_2d(s_b).astype(np.float64)
-    d = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
-              - 2 * trace_sqrt_product(s_a, s_b))
-    return max(d, 0.0)
+    return FrechetToReference(mu_a, s_a).distance(mu_b, s_b)
 
 
 class FrechetToReference:
@@ -70,12 +66,17 @@ class FrechetToReference:
         self.half = sqrtm_psd(self.s)
         self.trace = float(np.trace(self.s))
 
-    def __call__(self, features: np.ndarray) -> float:
-        f = np.asarray(features, np.float64)
-        mu, s = f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+    def distance(self, mu, s) -> float:
+        """The distance of the Gaussian ``(mu, s)`` to the reference."""
+        mu = np.asarray(mu, np.float64)
+        s = np.atleast_2d(s).astype(np.float64)
         d = (((mu - self.mu) ** 2).sum() + self.trace + np.trace(s)
              - 2 * _trace_sqrt_with_half(self.half, s))
         return max(float(d), 0.0)
+
+    def __call__(self, features: np.ndarray) -> float:
+        f = np.asarray(features, np.float64)
+        return self.distance(f.mean(0), np.cov(f, rowvar=False))
 
 
 # ----------------------------------------------------------------- intervals and tests

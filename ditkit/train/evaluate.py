@@ -137,22 +137,29 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_from_stats(mu_a, s_a, mu_b, s_b)
 
 
+def classify(clf: ImageClassifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's predicted labels and hidden features of ``images``."""
+    x = clf.prepare(images)
+    return clf.predict(x), clf.features(x)
+
+
 def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
-                     matched_reference: bool = False) -> DigitsReport:
+                     matched_reference: bool = False,
+                     classified: tuple[np.ndarray, np.ndarray] | None = None) -> DigitsReport:
     """Accuracy and Fréchet distance of ``images`` asked to show ``labels``. The reference
     ``frechet_real`` uses the whole held-out real half, or with ``matched_reference`` only as
     many held-out images as there are samples (the Fréchet distance of a small set is biased
-    upwards, so a small sample is compared with an equally small real set)."""
-    x = clf.prepare(images)
+    upwards, so a small sample is compared with an equally small real set). ``classified``:
+    :func:`classify`'s result for ``images``, when the caller has it already."""
+    pred, features = classified if classified is not None else classify(clf, images)
     labels = labels.cpu().numpy()
-    pred = clf.predict(x)
     per_class = [float((pred[labels == k] == k).mean()) if (labels == k).any() else float("nan")
                  for k in range(clf.n_classes)]
     ref = clf.features(clf.x_fit)
     held = clf.x_held[:len(labels)] if matched_reference else clf.x_held
     return DigitsReport(
         count=len(labels), accuracy=float((pred == labels).mean()),
-        frechet=frechet_distance(clf.features(x), ref),
+        frechet=frechet_distance(features, ref),
         frechet_real=frechet_distance(clf.features(held), ref),
         real_accuracy=clf.real_accuracy, per_class_accuracy=per_class)
 
@@ -187,15 +194,16 @@ class ResolutionMetrics:
             self._classifiers[res] = classifier_for(self.data_kind, res, self.classes,
                                                     **self.args)
         clf = self._classifiers[res]
-        r = evaluate_samples(clf, images, labels, matched_reference=True)
+        pred, features = classify(clf, images)
+        r = evaluate_samples(clf, images, labels, matched_reference=True,
+                             classified=(pred, features))
         if res not in self._references:
             from ditkit.runtime.stats import FrechetToReference
 
             ref = clf.features(clf.x_fit)
             self._references[res] = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
-        x = clf.prepare(images)
-        paired = {"correct": clf.predict(x) == labels.cpu().numpy(),
-                  "features": clf.features(x), "frechet": self._references[res]}
+        paired = {"correct": pred == labels.cpu().numpy(), "features": features,
+                  "frechet": self._references[res]}
         return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
                 "real_accuracy": r.real_accuracy, "count": r.count, "per_sample": paired}
 
