@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt
 
 from .components import Spec
 
@@ -46,6 +46,15 @@ class AddLevels(Spec):
     share_weights: bool = False
 
 
+def _merge_factor(value):
+    """``auto`` or a whole number >= 1, checked before the union so that a bad value gets one
+    message instead of one per branch."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 1):
+        return value
+    raise ValueError(f"a whole number >= 1 or auto, got {value!r}")
+
+
 class CorePatch(Spec):
     """MDiT appendix J: enlarge the merge factor of transition ``level`` (e.g. 2 -> 4) so the
     inner levels keep their token grid; the merge/split projections are re-initialised by
@@ -53,7 +62,7 @@ class CorePatch(Spec):
 
     kind: Literal["core_patch"] = "core_patch"
     level: NonNegativeInt = 0
-    factor: PositiveInt | Literal["auto"] = "auto"
+    factor: Annotated[PositiveInt | Literal["auto"], BeforeValidator(_merge_factor)] = "auto"
     """The new merge factor, or ``auto``: the trained factor times the resolution ratio, so the
     inner levels keep exactly their trained grid (and at the training resolution the policy is
     a no-op)."""

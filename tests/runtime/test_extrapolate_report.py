@@ -20,6 +20,15 @@ def test_parse_policy():
     assert parse_policy("local_core:kernel_size=5") == S.LocalCore(kernel_size=5)
     assert parse_policy("add_levels:share_weights=true") == S.AddLevels(share_weights=True)
     assert parse_policy("core_patch:factor=4,level=0") == S.CorePatch(factor=4, level=0)
+    assert parse_policy("core_patch") == parse_policy("core_patch:factor=auto") == \
+        S.CorePatch(factor="auto")
+    assert S.loads(S.dumps(S.CorePatch()), S.CorePatch) == S.CorePatch()
+    for bad in ("big", "0"):  # one message naming the field, not one per union branch
+        with pytest.raises(S.SpecError) as err:
+            parse_policy(f"core_patch:factor={bad}")
+        assert len(err.value.issues) == 1
+        assert "core_patch.factor" in err.value.issues[0][0]
+        assert "a whole number >= 1 or auto" in err.value.issues[0][1]
     with pytest.raises(S.SpecError, match="kernel_size"):
         parse_policy("local_core:kernel_size=big")
     with pytest.raises(S.SpecError):
