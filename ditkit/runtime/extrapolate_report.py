@@ -445,15 +445,22 @@ def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
     ``points``: ``(resolution, latency_ms, gmacs)``. A tiny model's batch-1 forward at a small
     resolution is dominated by per-call overhead (Python, kernel launches), so its time barely
     grows with the work and a slope through it says nothing about scaling. A point counts as
-    compute-bound when its ms per GMAC is within :data:`OVERHEAD_FACTOR` of the best of the
-    policy's points; the slope is fitted when at least two such points span a 4x range of
-    pixels, else it is ``None`` and the curve is overhead-bound."""
+    overhead-bound when it does *less* work than the policy's most efficient point (lowest ms
+    per GMAC) and its ms per GMAC is more than :data:`OVERHEAD_FACTOR` times that best. A point
+    doing *more* work that runs slower per GMAC is not overhead: it is what the larger size
+    really costs (memory traffic, attention the GMAC count under-weights), so it stays in the
+    fit. The slope is fitted when at least two compute-bound points span a 4x range of pixels,
+    else it is ``None``."""
     pts = [(r, ms, g) for r, ms, g in points if ms and g and g > 0]
     if len(pts) < 2:  # one point: nothing to fit, and nothing to compare its ms/GMAC with
         return {"slope": None, "compute_bound": [], "overhead_bound": []}
-    best = min(ms / g for _, ms, g in pts)
-    bound = [(r, ms) for r, ms, g in pts if ms / g <= OVERHEAD_FACTOR * best]
-    over = [list(r) for r, ms, g in pts if ms / g > OVERHEAD_FACTOR * best]
+    best_ms, best_g = min(((ms / g, g) for _, ms, g in pts))
+
+    def overhead(ms: float, g: float) -> bool:
+        return g < best_g and ms / g > OVERHEAD_FACTOR * best_ms
+
+    bound = [(r, ms) for r, ms, g in pts if not overhead(ms, g)]
+    over = [list(r) for r, ms, g in pts if overhead(ms, g)]
     pixels = [r[0] * r[1] for r, _ in bound]
     slope = None
     if len(bound) >= 2 and max(pixels) >= 4 * min(pixels):

@@ -2,10 +2,12 @@
 # The resolution-extrapolation showcase (README, "A trained model at resolutions it never saw"):
 # train the shapes model at 16x16, fine-tune three adaptations at 32x32 with the same small
 # budget, then sample, score and measure every policy at 16x16, 32x32 (2x) and 64x64 (4x) into
-# docs/extrapolation/. Run from the repository root; THREADS (default 1) CPU threads; each
-# stage's wall time is printed.
+# docs/extrapolation/. Run from the repository root; THREADS (default 2) CPU threads; each
+# stage's wall time is printed. 40 minutes on an idle 2-core machine at 2 threads; on a machine
+# where another job holds a core use THREADS=1 (a 2-thread PyTorch team stalls whenever one of
+# its threads is descheduled), which takes longer.
 set -euo pipefail
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}
 OUT=${OUT:-docs/extrapolation}
 stage() { local t0=$SECONDS; "$@"; echo "== $((SECONDS - t0)) s: ${*:1:3}" >&2; }
 

@@ -195,6 +195,11 @@ def test_latency_slope_is_fitted_over_compute_bound_points_only():
     assert fit["slope"] == pytest.approx(1.0)
     flat = latency_slope([((16, 16), 5.0, 0.01), ((32, 32), 5.5, 0.04), ((64, 64), 6.0, 0.16)])
     assert flat["slope"] is None and flat["compute_bound"] == [[64, 64]]
+    # the biggest size runs slower per GMAC than the mid one (memory-bound attention): that is
+    # real scaling cost, fitted, not called overhead
+    steep = latency_slope([((16, 16), 10.0, 0.04), ((32, 32), 20.0, 0.08), ((64, 64), 240.0, 0.2)])
+    assert steep["overhead_bound"] == [] and len(steep["compute_bound"]) == 3
+    assert steep["slope"] > 1.0
     one = latency_slope([((32, 32), 5.0, 0.04)])  # a fine-tuned row: one resolution
     assert one == {"slope": None, "compute_bound": [], "overhead_bound": []}
 
