@@ -1,4 +1,5 @@
-"""``ditkit evaluate``: digits label accuracy and Frechet distance of a checkpoint's samples,
+"""``ditkit evaluate``: label accuracy and Frechet distance of a checkpoint's samples (digits or
+shapes, after the run's data),
 or FID, precision and recall between folders / ``.npz`` files (or of a checkpoint's samples
 against one)."""
 
@@ -14,14 +15,49 @@ from .common import (UsageError, add_device, add_json, add_progress, add_threads
 
 
 GUIDED_SCALE = 3.0  # the guided scale reported when neither --cfg-scale nor the run gives one
+LABELLED = ("digits", "shapes")  # ditkit.spec.experiment.LABELLED_DATA; a test holds them equal
+
+
+def run_experiment(path: Path) -> tuple[Path | None, dict]:
+    """The ``experiment.yaml`` nearest above a checkpoint (its own folder, the run's, up to
+    three levels) and its data, read as plain YAML (``{}`` when none or unreadable)."""
+    for folder in (path.parent, *path.parents[:3]):
+        exp = folder / "experiment.yaml"
+        if exp.is_file():
+            import yaml
+
+            try:
+                data = yaml.safe_load(exp.read_text())
+            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                return exp, {}
+            return exp, data if isinstance(data, dict) else {}
+    return None, {}
+
+
+def label_data(choice: str, path: Path) -> tuple[str, int]:
+    """The data whose classifier scores the samples, and its class count: ``--data`` when
+    given, else the run's ``data.kind`` (digits when no experiment.yaml is found). A run on
+    other data has no built-in classifier: a usage error that says what to use instead."""
+    exp, data = run_experiment(path)
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    kind = section.get("kind", "digits") if choice == "auto" else choice
+    if kind not in LABELLED:
+        raise UsageError(f"{exp}: data.kind is {kind!r}; label accuracy needs a built-in "
+                         "classifier (digits or shapes). Use --data digits|shapes if the model "
+                         "draws those, or FID: --real REF")
+    classes = section.get("classes", 10) if kind == "shapes" else 10
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= 10:
+        classes = 10
+    return kind, classes
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="digits: label accuracy and Frechet distance; folders or .npz: FID, "
-        "precision, recall",
-        description="With a checkpoint: sample digits and report label accuracy and a Frechet "
-        "distance (see ditkit.train.evaluate); without --cfg-scale, both unguided (scale 1) "
+        "evaluate", help="digits or shapes: label accuracy and Frechet distance; folders or "
+        ".npz: FID, precision, recall",
+        description="With a checkpoint: sample the run's data (digits or shapes: --data, "
+        "default the data.kind of the run's experiment.yaml) and report label accuracy and a "
+        "Frechet distance on a classifier of real images (see ditkit.train.evaluate); without --cfg-scale, both unguided (scale 1) "
         "and guided (the run's evaluation.cfg_scale when its experiment.yaml gives one above "
         f"1, else {GUIDED_SCALE:g}). With --real REF --fake SAMPLES: FID, precision "
         "and recall between two sets of images (folders or .npz files) through the standard "
@@ -31,7 +67,11 @@ def add_parser(sub) -> None:
         "cache (nothing is downloaded).")
     p.add_argument("checkpoint", nargs="?", help="a ditkit checkpoint (.safetensors) or a run "
                    "folder (its newest checkpoint's EMA weights); omit it for --real/--fake FID")
-    p.add_argument("--count", type=int, default=500, help="samples (labels cycle 0..9)")
+    p.add_argument("--count", type=int, default=500,
+                   help="samples (labels cycle over the classes)")
+    p.add_argument("--data", choices=("auto", *LABELLED), default="auto",
+                   help="which real images the classifier learns: auto (the run's "
+                   "experiment.yaml data.kind; digits when there is none), digits or shapes")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
     p.add_argument("--cfg-scale", type=float, default=None,
@@ -68,16 +108,10 @@ def guidance_scales(cfg_scale: float | None, spec, path: Path) -> list[float]:
     if classes is None or not classes.null_class:
         return [1.0]
     guided = GUIDED_SCALE
-    for folder in (path.parent, *path.parents[:3]):
-        exp = folder / "experiment.yaml"
-        if exp.is_file():
-            import yaml
-
-            data = yaml.safe_load(exp.read_text()) or {}
-            scale = (data.get("evaluation") or {}).get("cfg_scale")
-            if isinstance(scale, (int, float)) and scale > 1:
-                guided = float(scale)
-            break
+    section = run_experiment(path)[1].get("evaluation")
+    scale = section.get("cfg_scale") if isinstance(section, dict) else None
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1:
+        guided = float(scale)
     return [1.0, guided]
 
 
@@ -88,19 +122,23 @@ def run(args) -> int:
     if args.real or args.fake:
         return run_fid(args)
     if args.checkpoint is None:
-        raise UsageError("give a checkpoint or run folder (digits evaluation), or --real DIR "
-                         "--fake DIR (FID between two folders of images)")
-    if args.count < 10:
-        raise UsageError(f"--count {args.count}: use at least 10 (one per class)")
+        raise UsageError("give a checkpoint or run folder (digits / shapes evaluation), or "
+                         "--real DIR --fake DIR (FID between two folders of images)")
+    if args.count < 1:
+        raise UsageError(f"--count {args.count}: use at least one sample per class")
     setup_compute(args)
     model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
+    data, classes = label_data(args.data, path)
+    if args.count < classes:
+        raise UsageError(f"--count {args.count}: use at least {classes} (one per class of the "
+                         f"{data})")
     scales = guidance_scales(args.cfg_scale, ckpt.spec, path)
-    settings = {"count": args.count, "sampler": args.sampler, "steps": args.steps,
+    settings = {"data": data, "count": args.count, "sampler": args.sampler, "steps": args.steps,
                 "cfg_scales": scales, "seed": args.seed, "device": args.device,
                 "threads": args.threads}
     if not args.json:
-        print(f"evaluating {path}: {args.count} samples (labels cycle 0..9), {args.sampler} "
-              f"{args.steps} steps, cfg-scale {' and '.join(f'{s:g}' for s in scales)}, seed "
+        print(f"evaluating {path} on {data}: {args.count} samples (labels cycle "
+              f"0..{classes - 1}), {args.sampler} {args.steps} steps, cfg-scale {' and '.join(f'{s:g}' for s in scales)}, seed "
               f"{args.seed}, {args.device}, {args.threads} thread(s)", flush=True)
     results = []
     for scale in scales:
@@ -109,7 +147,8 @@ def run(args) -> int:
                                                count=args.count, steps=args.steps,
                                                sampler=args.sampler, cfg_scale=scale,
                                                seed=args.seed, device=args.device,
-                                               progress=not (args.json or args.no_progress))
+                                               progress=not (args.json or args.no_progress),
+                                               data=data, classes=classes)
         except ValueError as err:
             raise UsageError(f"{path}: {err}") from None
         results.append({"cfg_scale": scale, **report.to_json()})

@@ -29,6 +29,11 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # ---------------------------------------------------------------- data
 
 
+LABELLED_DATA = ("digits", "shapes")
+"""Data kinds with a built-in classifier (``ditkit.train.evaluate``): label accuracy and a
+Fréchet distance need no reference images."""
+
+
 class DigitsData(Spec):
     """scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10 classes), resized
     bilinearly to the model's resolution and scaled to [-1, 1]. Grey is repeated when the
@@ -221,8 +226,9 @@ class Evaluation(Spec):
     ``ditkit train`` at the end -- and every ``every`` steps -- into ``eval.json`` and the
     scalars (``eval/...`` columns of ``scalars.csv``, TensorBoard):
 
-    * ``data: {kind: digits}`` with a class-conditional model: label accuracy and a Fréchet
-      distance on a small classifier's features (``ditkit.train.evaluate``);
+    * ``data: {kind: digits}`` or ``{kind: shapes}`` with a class-conditional model: label
+      accuracy and a Fréchet distance on a small classifier's features, trained on that data's
+      real images (``ditkit.train.evaluate``);
     * ``reference`` (an image folder or an ``.npz`` with uint8 ``arr_0``): FID, and improved
       precision / recall with ``k``-nearest-neighbour radii, on the Inception features of the
       local weights file ``inception`` (default: ``$DITKIT_FID_WEIGHTS``, else torch's hub
@@ -423,12 +429,12 @@ def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list:
         if ev.every:
             out.append(("evaluation.every", "evaluations only run with enabled: true"))
         return out
-    digits = data_kind == "digits" and spec.conditioning.classes is not None
-    if ev.reference is None and not digits:
+    labelled = data_kind in LABELLED_DATA and spec.conditioning.classes is not None
+    if ev.reference is None and not labelled:
         why = ("label accuracy needs a class-conditional model (model.conditioning.classes)"
-               if data_kind == "digits" else
-               f"the built-in classifier metrics are for `data: {{kind: digits}}`, not "
-               f"{data_kind}")
+               if data_kind in LABELLED_DATA else
+               f"the built-in classifier metrics are for `data: {{kind: digits}}` or "
+               f"`{{kind: shapes}}`, not {data_kind}")
         out.append(("evaluation.reference", f"nothing to evaluate: {why}; set reference to "
                     "an image folder or .npz for FID / precision / recall, or enabled: false"))
     if ev.reference is not None and spec.input.space == "latent" and ev.vae is None:

@@ -21,27 +21,34 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ditkit.spec.experiment import LABELLED_DATA
 from ditkit.spec.sampling import DEFAULT_SAMPLER
 
 from .data import digits_tensor
 
 
+
+
 @dataclass
-class DigitsReport:
+class LabelReport:
     count: int
     accuracy: float
     frechet: float
     frechet_real: float
     real_accuracy: float
     per_class_accuracy: list[float]
+    data: str = "digits"
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
         return (f"label accuracy {self.accuracy:.1%} of {self.count} samples "
-                f"(classifier on held-out real digits: {self.real_accuracy:.1%}); "
+                f"(classifier on held-out real {self.data}: {self.real_accuracy:.1%}); "
                 f"Frechet distance {self.frechet:.2f} (real vs real: {self.frechet_real:.2f})")
+
+
+DigitsReport = LabelReport  # the name it had when only the digits were evaluated
 
 
 class ImageClassifier:
@@ -145,7 +152,7 @@ def classify(clf: ImageClassifier, images: torch.Tensor) -> tuple[np.ndarray, np
 
 def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
                      matched_reference: bool = False,
-                     classified: tuple[np.ndarray, np.ndarray] | None = None) -> DigitsReport:
+                     classified: tuple[np.ndarray, np.ndarray] | None = None) -> LabelReport:
     """Accuracy and Fréchet distance of ``images`` asked to show ``labels``. The reference
     ``frechet_real`` uses the whole held-out real half, or with ``matched_reference`` only as
     many held-out images as there are samples (the Fréchet distance of a small set is biased
@@ -157,11 +164,12 @@ def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.T
                  for k in range(clf.n_classes)]
     ref = clf.features(clf.x_fit)
     held = clf.x_held[:len(labels)] if matched_reference else clf.x_held
-    return DigitsReport(
+    return LabelReport(
         count=len(labels), accuracy=float((pred == labels).mean()),
         frechet=frechet_distance(features, ref),
         frechet_real=frechet_distance(clf.features(held), ref),
-        real_accuracy=clf.real_accuracy, per_class_accuracy=per_class)
+        real_accuracy=clf.real_accuracy, per_class_accuracy=per_class,
+        data="shapes" if isinstance(clf, ShapesClassifier) else "digits")
 
 
 def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 10,
@@ -210,19 +218,23 @@ class ResolutionMetrics:
 
 def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
                    sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
-                   device: str = "cpu", progress: bool = False
-                   ) -> tuple[DigitsReport, torch.Tensor, torch.Tensor]:
-    """Sample ``count`` digits (labels cycling 0..9) and evaluate them:
+                   device: str = "cpu", progress: bool = False, data: str = "digits",
+                   classes: int = 10) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
+    """Sample ``count`` images of ``data`` (``digits`` or ``shapes``; labels cycling over its
+    ``classes``) and evaluate them with that data's classifier at the model's resolution:
     ``(report, images, labels)``."""
     from ditkit.runtime.generate import sample_images
 
-    if spec.conditioning.classes is None or spec.conditioning.classes.count < 10:
-        raise ValueError("digits evaluation needs a model conditioned on (at least) 10 classes "
-                         "(conditioning.classes.count)")
+    if data not in LABELLED_DATA:
+        raise ValueError(f"no built-in label evaluation for data kind {data!r}: use digits or "
+                         "shapes (or FID with --real)")
+    if spec.conditioning.classes is None or spec.conditioning.classes.count < classes:
+        raise ValueError(f"{data} evaluation needs a model conditioned on (at least) {classes} "
+                         "classes (conditioning.classes.count)")
     if spec.input.channels not in (1, 3):
-        raise ValueError(f"digits evaluation needs 1 or 3 input channels, the model has "
+        raise ValueError(f"{data} evaluation needs 1 or 3 input channels, the model has "
                          f"{spec.input.channels}")
-    clf = DigitsClassifier(tuple(spec.input.resolution))
+    clf = classifier_for(data, tuple(spec.input.resolution), classes)
     images, labels = sample_images(model, spec, objective, count, steps, sampler, seed,
-                                   cfg_scale, device, n_classes=10, progress=progress)
+                                   cfg_scale, device, n_classes=classes, progress=progress)
     return evaluate_samples(clf, images, labels), images, labels

@@ -5,7 +5,7 @@ the first step it checks what an evaluation will need -- the reference images, t
 weights, the autoencoder -- so a wrong path fails at once, not after hours of training. At each
 step it is :meth:`~RunEvaluation.due` it samples ``count`` images from the (whole) EMA model
 with the block's fixed seed, computes the metrics (digits: label accuracy and Fréchet distance;
-a ``reference``: FID, precision, recall), writes them as an ``eval/...`` row of the run's
+shapes likewise, with their own classifier; a ``reference``: FID, precision, recall), writes them as an ``eval/...`` row of the run's
 scalars, rewrites ``eval.json`` (the latest metrics, the settings, and every evaluation so
 far) and ``samples.png`` (the first 100 samples, ten per row). The reference features are
 computed once per run and kept in memory.
@@ -39,7 +39,10 @@ class RunEvaluation:
         self.exp, self.ev, self.run, self.device = exp, exp.evaluation, Path(run), device
         self.rank, self.n_classes = rank, n_classes
         spec = exp.model_spec
-        self.digits = exp.data.kind == "digits" and spec.conditioning.classes is not None
+        from .evaluate import LABELLED_DATA
+
+        # label accuracy needs a built-in classifier of the data (digits, shapes)
+        self.digits = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
         self.fields = (DIGITS_FIELDS if self.digits else []) + (
             REFERENCE_FIELDS if self.ev.reference else [])
         self.history: list[dict] = []
@@ -114,10 +117,12 @@ class RunEvaluation:
         return entry
 
     def _digits(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        from .evaluate import DigitsClassifier, evaluate_samples
+        from .evaluate import classifier_for, evaluate_samples
 
         if self._clf is None:
-            self._clf = DigitsClassifier(tuple(self.exp.model_spec.input.resolution))
+            data = self.exp.data
+            self._clf = classifier_for(data.kind, tuple(self.exp.model_spec.input.resolution),
+                                       getattr(data, "classes", 10))
         r = evaluate_samples(self._clf, images, labels)
         return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
                 "real_accuracy": r.real_accuracy, "per_class_accuracy": r.per_class_accuracy}

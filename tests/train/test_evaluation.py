@@ -91,9 +91,13 @@ def test_a_missing_reference_fails_before_training(tmp_path):
 
 
 def test_evaluation_spec_checks():
-    with pytest.raises(SpecError, match=r"evaluation.reference.*not shapes"):
+    # the shapes have a built-in classifier now, as the digits do ...
+    tiny_experiment(data={"kind": "shapes", "classes": 10}, evaluation={"enabled": True},
+                    model=_rgb_model())
+    # ... for a class-conditional model only
+    with pytest.raises(SpecError, match=r"evaluation.reference.*class-conditional"):
         tiny_experiment(data={"kind": "shapes", "classes": 10}, evaluation={"enabled": True},
-                        model=_rgb_model())
+                        model={**_rgb_model(), "conditioning": {"width": 32}})
     with pytest.raises(SpecError, match=r"evaluation.every.*enabled: true"):
         tiny_experiment(evaluation={"every": 5})
     ev = tiny_experiment(evaluation={"enabled": True, "reference": "ref", "inception": "/w.pth"}
@@ -130,3 +134,36 @@ def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):
     assert np.isfinite(m["fid"]) and m["reference_count"] == 2 and m["precision"] is None
     grid = Image.open(tmp_path / "run" / "samples.png")
     assert grid.size == (2 * (16 * 4 + 1) + 1, 16 * 4 + 2)  # decoded 16x16, shown 4x
+
+
+def test_a_shapes_run_is_scored_by_the_shapes_classifier_in_train_and_evaluate(tmp_path, capsys):
+    """`ditkit evaluate` of a shapes run used to score it with the *digits* classifier (about
+    10%, chance); now the run's data picks the classifier, in training and on the command
+    line, and a run on data with no built-in classifier is refused in one line."""
+    from ditkit.cli.evaluate import LABELLED
+    from ditkit.spec.experiment import LABELLED_DATA
+    from ditkit.train.evaluate import DigitsClassifier, ShapesClassifier
+
+    assert LABELLED == LABELLED_DATA
+    exp = tiny_experiment(steps=2, model=_rgb_model(),
+                          data={"kind": "shapes", "count": 40, "classes": 4},
+                          evaluation={"enabled": True, "count": 8, "steps": 2})
+    run = tmp_path / "run"
+    final = train(exp, run, progress=False).evaluation
+    shapes_real = ShapesClassifier((8, 8), 4).real_accuracy
+    assert final["real_accuracy"] == shapes_real
+    assert shapes_real != DigitsClassifier((8, 8)).real_accuracy
+    cli = _cli_json(capsys, "evaluate", str(run), "--count", "8", "--steps", "2")
+    assert cli["data"] == "shapes" and cli["settings"]["data"] == "shapes"
+    assert cli["real_accuracy"] == shapes_real and len(cli["per_class_accuracy"]) == 4
+    assert cli["accuracy"] == final["accuracy"]  # same seed, labels cycling over the 4 classes
+    forced = _cli_json(capsys, "evaluate", str(run), "--count", "10", "--steps", "2",
+                       "--data", "digits", "--cfg-scale", "1")
+    assert forced["data"] == "digits" and len(forced["per_class_accuracy"]) == 10
+    # a run on other data: no classifier to score it with -> exit 2, one line naming the field
+    for exp_file in run.rglob("experiment.yaml"):  # the run's, and each checkpoint's copy
+        exp_file.write_text(exp_file.read_text().replace("kind: shapes", "kind: webdataset"))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--count", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.kind is 'webdataset'" in err and "--data" in err and len(err.splitlines()) == 1
