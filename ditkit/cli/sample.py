@@ -53,6 +53,11 @@ def add_parser(sub) -> None:
                    help="grid columns (default: one per label of --classes, so each column "
                         "is one class; a single class, random or no labels: a square grid)")
     p.add_argument("--resolution", default=None, help="H or HxW (default: the spec's)")
+    p.add_argument("--policy", default=None,
+                   help="adapt the model to --resolution first, as `ditkit extrapolate` does: "
+                   "as_is (the default: the same weights on a bigger grid), core_patch, "
+                   "add_levels[:share_weights=true], local_core:kernel_size=K, "
+                   "as_is:rope=extrapolate")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--out", default="grid.png", help="PNG grid to write")
     p.add_argument("--individual", default=None, metavar="DIR",
@@ -126,11 +131,17 @@ def run(args) -> int:
         if args.overrides:
             raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
                              "files and presets")
+        if args.policy is not None:
+            raise UsageError("--policy: an exported .onnx graph is fixed; adapt the checkpoint "
+                             "(ditkit sample CHECKPOINT --policy ...) or export the adapted model")
         den = OrtDenoiser(source.path, device=args.device, threads=args.threads)
         spec, meta = den.spec, den.metadata
     else:
         model, objective, meta, model_hash = load_model_source(
             args.checkpoint, args.objective, args.device, args.overrides)
+        if args.policy is not None:
+            model = adapted_model(model, args.policy, parse_resolution(args.resolution)
+                                  or tuple(model.spec.input.resolution), args.device)
         den = Denoiser(model, objective)
         spec = model.spec
         if args.compile is not None:
@@ -310,3 +321,18 @@ def _decode_vae(x, spec, args):
     if args.latent_scale is not None:
         vae.scale = args.latent_scale
     return vae.decode(x)
+
+
+def adapted_model(model, text: str, resolution: tuple[int, int], device: str):
+    """``model`` adapted to ``resolution`` under the policy ``text`` (``ditkit.runtime.extrapolate.
+    adapt``: carried weights exactly, new ones initialised with seed 0, as in the report)."""
+    from ditkit.builder import build
+    from ditkit.runtime.extrapolate import adapt
+    from ditkit.runtime.extrapolate_report import parse_policy
+
+    policy = parse_policy(text, flag="--policy")
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    adapted = adapt(model.spec, tensors, policy, tuple(resolution))
+    new = build(adapted.spec, device=device)
+    new.load_state_dict(adapted.tensors)
+    return new.eval()

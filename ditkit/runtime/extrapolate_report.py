@@ -31,9 +31,9 @@ from .extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 _POLICY = TypeAdapter(S.Policy)
 
 
-def parse_policy(text: str) -> S.Policy:
+def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     """``kind[:key=value[,key=value]]``, e.g. ``local_core:kernel_size=15``,
-    ``as_is:rope=extrapolate``, ``add_levels:share_weights=true``."""
+    ``as_is:rope=extrapolate``, ``add_levels:share_weights=true``; errors name ``flag``."""
     import yaml
 
     kind, _, rest = text.partition(":")
@@ -41,13 +41,13 @@ def parse_policy(text: str) -> S.Policy:
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise S.SpecError([("--policies", f"{text!r}: expected key=value after the kind, "
+            raise S.SpecError([(flag, f"{text!r}: expected key=value after the kind, "
                                 f"e.g. local_core:kernel_size=15")])
         data[key.strip()] = yaml.safe_load(value)
     try:
         return _POLICY.validate_python(data)
     except ValidationError as err:
-        issues = [(f"--policies {text}: " + ".".join(str(p) for p in e["loc"]),
+        issues = [(f"{flag} {text}: " + ".".join(str(p) for p in e["loc"]),
                    e["msg"]) for e in err.errors(include_url=False)]
         raise S.SpecError(issues, "policy") from None
 
