@@ -264,6 +264,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                     identical_cell.update(grid=row.grid, metrics=row.metrics, policy=label,
                                           paired=per)
         rows.append(row)
+    n_policy_rows = len(rows)
     for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
                                          disable=not (extra and progress)):
         res = tuple(x_spec.input.resolution)
@@ -287,6 +288,14 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
 
     curves = _cost_curves(spec, policies, curve or resolutions)
     comparisons = compare(rows, paired, bootstrap, seed)
+    # where fine-tuned rows take part, also rank the zero-shot policies among themselves:
+    # "which policy to use without training" is a question of its own
+    tuned_res = {rows[i].resolution for i in paired if i >= n_policy_rows}
+    zero_shot = {i: p for i, p in paired.items()
+                 if i < n_policy_rows and rows[i].resolution in tuned_res}
+    comparisons += compare(rows, zero_shot, bootstrap, seed, scope="zero-shot")
+    comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1],
+                                    c["scope"] != "all"))
     _write_report(spec, rows, curves, out, noop=noop, comparisons=comparisons,
                   sampling={"sampler": sampler, "steps": steps, "seed": seed},
                   latency_batch=latency_batch)
@@ -340,12 +349,13 @@ def _intervals(row: Row, per: dict, rounds: int, seed: int) -> None:
                                                        rounds=rounds, seed=seed))
 
 
-def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: int = 0
-            ) -> list[dict]:
+def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: int = 0,
+            scope: str = "all") -> list[dict]:
     """Per resolution, the best row by accuracy and by Fréchet distance and paired tests of
     every other row against it on the same samples (same seed, same labels): McNemar's exact
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
-    row's samples (bit-identical models) are left out."""
+    row's samples (bit-identical models) are left out. ``scope`` labels the entries (``all``
+    rows, or ``zero-shot`` when the caller passes only the policies' rows)."""
     from .stats import mcnemar_p, paired_frechet_difference
 
     out = []
@@ -376,7 +386,7 @@ def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: i
                                  "interval": list(t["interval"]), "p": t["p"]})
         acc_tests.sort(key=lambda t: t["difference"])
         fd_tests.sort(key=lambda t: t["difference"])
-        out.append({"resolution": list(res), "count": counts.pop(),
+        out.append({"resolution": list(res), "scope": scope, "count": counts.pop(),
                     "best_accuracy": rows[best_acc].policy, "accuracy_tests": acc_tests,
                     "best_frechet": rows[best_fd].policy, "frechet_tests": fd_tests})
     return out
@@ -505,13 +515,14 @@ def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: 
 def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
+    only = ", zero-shot policies only" if c.get("scope") == "zero-shot" else ""
     acc = _comparison_line(
-        f"{h}x{w}, accuracy", c["best_accuracy"], c["accuracy_tests"],
+        f"{h}x{w}{only}, accuracy", c["best_accuracy"], c["accuracy_tests"],
         lambda t, sig: (f"ahead of the runner-up `{t['policy']}` by "
                         f"{100 * t['difference']:.1f} points ({sig}, McNemar {_p(t['p'])}, "
                         f"{c['count']} paired samples)"), alpha)
     fd = _comparison_line(
-        f"{h}x{w}, Fréchet", c["best_frechet"], c["frechet_tests"],
+        f"{h}x{w}{only}, Fréchet", c["best_frechet"], c["frechet_tests"],
         lambda t, sig: (f"the runner-up `{t['policy']}` is {t['difference']:.2f} higher (95% "
                         f"interval [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}], {sig}, "
                         f"paired bootstrap {_p(t['p'])})"), alpha)
@@ -607,7 +618,9 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                "Per resolution, over the rows scored there (zero-shot policies and fine-tuned "
                "checkpoints), each compared with the best on the same samples: McNemar's exact "
                "test for accuracy, a paired bootstrap of the Fréchet difference (significant: "
-               "p < 0.05, two-sided, not corrected for the number of rows)."]
+               "p < 0.05, two-sided, not corrected for the number of rows). Where fine-tuned "
+               "rows take part, the zero-shot policies are also ranked among themselves "
+               "(*zero-shot policies only*): the choice without any training."]
         md += [""] + [line for c in comparisons for line in comparison_lines(c)]
     md += ["", "## Cost vs pixels (log-log slopes)", ""]
     md += [f"- {k}: GMACs slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]

@@ -9,6 +9,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build
+from ditkit.runtime.extrapolate import adapt
 from ditkit.runtime.extrapolate_report import dit_reference, parse_policy, run
 from tests.conftest import ROOT
 
@@ -226,14 +227,19 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
                 "per_sample": {"correct": correct, "features": feats, "frechet": fd}}
 
     policies = [S.AsIs(), S.CorePatch(), S.CorePatch(factor=4)]
+    # a "fine-tuned" row at 32x32: core_patch's adapted model, its weights nudged
+    tuned = adapt(spec, tensors, S.CorePatch(), (32, 32))
+    tuned_tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+                     for k, v in tuned.tensors.items()}
     rows = run(spec, tensors, S.EDMObjective(), policies, [(16, 16), (32, 32)], tmp_path,
                steps=1, samples=2, measure=False, evaluate=hook, eval_count=40,
-               count_at={(32, 32): 30}, bootstrap=50)
+               count_at={(32, 32): 30}, bootstrap=50,
+               extra=[("core_patch + fine-tune", tuned.spec, tuned_tensors)])
     by = {(r.policy, r.resolution): r for r in rows}
     # core_patch (auto) is bit-identical at 16x16: its cell reuses as_is's samples
     assert by[("core_patch", (16, 16))].same_as == "as_is"
     assert by[("core_patch", (16, 16))].metrics == by[("as_is", (16, 16))].metrics
-    assert calls.count((40, 3, 16, 16)) == 2 and calls.count((30, 3, 32, 32)) == 3
+    assert calls.count((40, 3, 16, 16)) == 2 and calls.count((30, 3, 32, 32)) == 4
     m = by[("as_is", (32, 32))].metrics
     lo, hi = m["accuracy_ci"]
     assert lo <= m["accuracy"] <= hi and m["count"] == 30
@@ -241,11 +247,18 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["noop_at_training_resolution"]["core_patch:factor=4"]["status"] == \
         "changes the model"
-    comp = {tuple(c["resolution"]): c for c in results["comparisons"]}
-    assert comp[(32, 32)]["count"] == 30 and len(comp[(32, 32)]["accuracy_tests"]) == 2
-    best = max((r for r in rows if r.resolution == (32, 32)),
-               key=lambda r: (r.metrics["accuracy"], -r.metrics["frechet"]))
+    comp = {tuple(c["resolution"]): c for c in results["comparisons"] if c["scope"] == "all"}
+    assert comp[(32, 32)]["count"] == 30 and len(comp[(32, 32)]["accuracy_tests"]) == 3
+    key = lambda r: (r.metrics["accuracy"], -r.metrics["frechet"])  # noqa: E731
+    best = max((r for r in rows if r.resolution == (32, 32)), key=key)
     assert comp[(32, 32)]["best_accuracy"] == best.policy
+    # the zero-shot policies ranked among themselves, only where a fine-tuned row takes part
+    zero = [c for c in results["comparisons"] if c["scope"] == "zero-shot"]
+    assert [c["resolution"] for c in zero] == [[32, 32]]
+    best_zero = max((r for r in rows[:len(policies) * 2] if r.resolution == (32, 32)), key=key)
+    assert zero[0]["best_accuracy"] == best_zero.policy
+    assert len(zero[0]["accuracy_tests"]) == 2
+    assert "core_patch + fine-tune" not in {t["policy"] for t in zero[0]["accuracy_tests"]}
     # at 16x16 the identical core_patch row is not compared with itself
     c16 = comp[(16, 16)]
     assert {t["policy"] for t in c16["accuracy_tests"]} | {c16["best_accuracy"]} == {
@@ -258,6 +271,7 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
             f"{100 * base['accuracy']:.1f}% label accuracy, "
             f"{base['accuracy'] / 0.9:.0%} of the real-image classifier's 90.0%") in report
     assert f"- **32x32, accuracy:** best `{best.policy}`" in report
+    assert f"- **32x32, zero-shot policies only, accuracy:** best `{best_zero.policy}`" in report
 
 
 def test_cli_count_at_is_checked():
