@@ -57,8 +57,9 @@ def add_parser(sub) -> None:
         ".npz: FID, precision, recall",
         description="With a checkpoint: sample the run's data (digits or shapes: --data, "
         "default the data.kind of the run's experiment.yaml) and report label accuracy and a "
-        "Frechet distance on a classifier of real images (see ditkit.train.evaluate); without --cfg-scale, both unguided (scale 1) "
-        "and guided (the run's evaluation.cfg_scale when its experiment.yaml gives one above "
+        "Frechet distance on a classifier of real images (see ditkit.train.evaluate); "
+        "without --cfg-scale, both unguided (scale 1) and guided (the run's "
+        "evaluation.cfg_scale when its experiment.yaml gives one above "
         f"1, else {GUIDED_SCALE:g}). With --real REF --fake SAMPLES: FID, precision "
         "and recall between two sets of images (folders or .npz files) through the standard "
         "Inception weights (pt_inception-2015-12-05-6726825d.pth); with a checkpoint and "
@@ -137,8 +138,9 @@ def run(args) -> int:
                 "cfg_scales": scales, "seed": args.seed, "device": args.device,
                 "threads": args.threads}
     if not args.json:
+        shown = " and ".join(f"{s:g}" for s in scales)
         print(f"evaluating {path} on {data}: {args.count} samples (labels cycle "
-              f"0..{classes - 1}), {args.sampler} {args.steps} steps, cfg-scale {' and '.join(f'{s:g}' for s in scales)}, seed "
+              f"0..{classes - 1}), {args.sampler} {args.steps} steps, cfg-scale {shown}, seed "
               f"{args.seed}, {args.device}, {args.threads} thread(s)", flush=True)
     results = []
     for scale in scales:

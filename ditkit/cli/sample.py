@@ -132,8 +132,9 @@ def run(args) -> int:
             raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
                              "files and presets")
         if args.policy is not None:
-            raise UsageError("--policy: an exported .onnx graph is fixed; adapt the checkpoint "
-                             "(ditkit sample CHECKPOINT --policy ...) or export the adapted model")
+            raise UsageError("--policy: an exported .onnx graph is fixed; adapt the "
+                             "checkpoint (ditkit sample CHECKPOINT --policy ...) or export the "
+                             "adapted model")
         den = OrtDenoiser(source.path, device=args.device, threads=args.threads)
         spec, meta = den.spec, den.metadata
     else:
@@ -324,8 +325,9 @@ def _decode_vae(x, spec, args):
 
 
 def adapted_model(model, text: str, resolution: tuple[int, int], device: str):
-    """``model`` adapted to ``resolution`` under the policy ``text`` (``ditkit.runtime.extrapolate.
-    adapt``: carried weights exactly, new ones initialised with seed 0, as in the report)."""
+    """``model`` adapted to ``resolution`` under the policy ``text``
+    (:func:`ditkit.runtime.extrapolate.adapt`: carried weights exactly, new ones initialised
+    with seed 0, as in the report)."""
     from ditkit.builder import build
     from ditkit.runtime.extrapolate import adapt
     from ditkit.runtime.extrapolate_report import parse_policy

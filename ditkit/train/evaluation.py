@@ -5,10 +5,10 @@ the first step it checks what an evaluation will need -- the reference images, t
 weights, the autoencoder -- so a wrong path fails at once, not after hours of training. At each
 step it is :meth:`~RunEvaluation.due` it samples ``count`` images from the (whole) EMA model
 with the block's fixed seed, computes the metrics (digits: label accuracy and Fréchet distance;
-shapes likewise, with their own classifier; a ``reference``: FID, precision, recall), writes them as an ``eval/...`` row of the run's
-scalars, rewrites ``eval.json`` (the latest metrics, the settings, and every evaluation so
-far) and ``samples.png`` (the first 100 samples, ten per row). The reference features are
-computed once per run and kept in memory.
+shapes likewise, with their own classifier; a ``reference``: FID, precision, recall), writes
+them as an ``eval/...`` row of the run's scalars, rewrites ``eval.json`` (the latest metrics,
+the settings, and every evaluation so far) and ``samples.png`` (the first 100 samples, ten
+per row). The reference features are computed once per run and kept in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .checkpoints import write_json
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
-DIGITS_FIELDS = ["eval/accuracy", "eval/frechet"]
+LABEL_FIELDS = ["eval/accuracy", "eval/frechet"]
 REFERENCE_FIELDS = ["eval/fid", "eval/precision", "eval/recall"]
 
 
@@ -42,8 +42,8 @@ class RunEvaluation:
         from .evaluate import LABELLED_DATA
 
         # label accuracy needs a built-in classifier of the data (digits, shapes)
-        self.digits = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
-        self.fields = (DIGITS_FIELDS if self.digits else []) + (
+        self.labelled = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
+        self.fields = (LABEL_FIELDS if self.labelled else []) + (
             REFERENCE_FIELDS if self.ev.reference else [])
         self.history: list[dict] = []
         self._net = self._decode = self._ref = self._clf = None
@@ -104,8 +104,8 @@ class RunEvaluation:
         save_png(image_grid(grid[:100].cpu(), min(10, len(grid)), scale=scale),
                  self.run / SAMPLES_FILE)
         metrics: dict = {}
-        if self.digits:
-            metrics.update(self._digits(images, labels))
+        if self.labelled:
+            metrics.update(self._labels(images, labels))
         if ev.reference is not None:
             metrics.update(self._reference(images))
         entry = {"step": step, **metrics, "seconds": time.perf_counter() - t0}
@@ -116,7 +116,7 @@ class RunEvaluation:
         write_json(self.run / EVAL_FILE, self.report())
         return entry
 
-    def _digits(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    def _labels(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         from .evaluate import classifier_for, evaluate_samples
 
         if self._clf is None:
