@@ -58,8 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-resolutions", nargs="*", default=None,
                    help="score only these resolutions, comma-separated (default: all)")
     p.add_argument("--finetuned", nargs="*", default=[], metavar="CKPT",
-                   help="extra rows: checkpoints (or run folders) already at their resolution, "
-                        "e.g. from a `finetune` run (labelled with their policy and trainable patterns)")
+                   help="extra rows: checkpoints (or run folders) already at their "
+                        "resolution, e.g. from a `finetune` run (labelled with their policy "
+                        "and trainable patterns)")
     add_set(p, "spec (spec files and presets only)")
     add_device(p)
     add_threads(p)

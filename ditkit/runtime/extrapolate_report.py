@@ -23,8 +23,8 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
-from ditkit.spec.sampling import DEFAULT_SAMPLER
 from ditkit.builder import build, describe
+from ditkit.spec.sampling import DEFAULT_SAMPLER
 
 from .extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 
@@ -215,6 +215,16 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
 
     def hook(res):
         return evaluate if scored is None or tuple(res) in scored else None
+
+    def keep_scores(row: Row) -> dict | None:
+        """Move the hook's per-sample scores out of the row's metrics into ``paired`` (under
+        the index the row will get) and give the row its intervals."""
+        per = row.metrics.pop("per_sample", None)
+        if per is not None:
+            paired[len(rows)] = per
+            _intervals(row, per, bootstrap, seed)
+        return per
+
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -226,8 +236,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         try:
             new_spec = adapt_spec(spec, policy, res)
         except S.SpecError as err:
-            rows.append(Row(label, res, float("nan"), 0, error="; ".join(
-                f"{p}: {m}" for p, m in err.issues)))
+            rows.append(Row(label, res, float("nan"), 0, error=_issues_text(err)))
             continue
         rep = describe(new_spec)
         row = Row(label, res, rep.gmacs, rep.params)
@@ -256,10 +265,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                                                      label, steps, sampler, seed, samples,
                                                      device, hook(res),
                                                      count_at.get(res, eval_count))
-                per = row.metrics.pop("per_sample", None)
-                if per is not None:
-                    paired[len(rows)] = per
-                    _intervals(row, per, bootstrap, seed)
+                per = keep_scores(row)
                 if same:
                     identical_cell.update(grid=row.grid, metrics=row.metrics, policy=label,
                                           paired=per)
@@ -280,10 +286,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
             row.grid, row.metrics = _sample_grid(model, objective, x_spec, res, out, label,
                                                  steps, sampler, seed, samples, device,
                                                  hook(res), count_at.get(res, eval_count))
-            per = row.metrics.pop("per_sample", None)
-            if per is not None:
-                paired[len(rows)] = per
-                _intervals(row, per, bootstrap, seed)
+            keep_scores(row)
         rows.append(row)
 
     curves = _cost_curves(spec, policies, curve or resolutions)
@@ -302,6 +305,10 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     return rows
 
 
+def _issues_text(err: S.SpecError) -> str:
+    return "; ".join(f"{p}: {m}" for p, m in err.issues)
+
+
 def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0) -> dict:
     """Is ``policy`` a no-op at the training resolution? Adapt the trained weights to the
     training resolution and compare the network's outputs with the trained model's on fixed
@@ -313,8 +320,7 @@ def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0
     try:
         adapted = adapt(spec, tensors, policy, res, seed=seed)
     except (S.SpecError, ValueError) as err:
-        detail = "; ".join(f"{p}: {m}" for p, m in err.issues) if isinstance(
-            err, S.SpecError) else str(err)
+        detail = _issues_text(err) if isinstance(err, S.SpecError) else str(err)
         return {"status": "invalid", "max_abs_diff": None, "detail": detail}
     base = build(spec, device="cpu")
     base.load_state_dict(tensors)
@@ -445,8 +451,9 @@ def _slope(points) -> float | None:
 
 
 OVERHEAD_FACTOR = 1.5
-"""A latency point is compute-bound when its milliseconds per GMAC are within this factor of the
-policy's best (lowest) ms/GMAC; above it, fixed per-call overhead dominates."""
+"""A latency point smaller than the policy's most efficient one is overhead-bound when its
+milliseconds per GMAC exceed that best (lowest) ms/GMAC by more than this factor: fixed
+per-call overhead, not compute, dominates it (:func:`latency_slope`)."""
 
 
 def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:

@@ -27,8 +27,6 @@ from ditkit.spec.sampling import DEFAULT_SAMPLER
 from .data import digits_tensor
 
 
-
-
 @dataclass
 class LabelReport:
     count: int
@@ -54,6 +52,8 @@ DigitsReport = LabelReport  # the name it had when only the digits were evaluate
 class ImageClassifier:
     """A deterministic MLP (scikit-learn, fixed seed) on real images, grey and flattened at
     ``input_size``; half of the real images fit it (``x_fit``), half are held out."""
+
+    data = "images"  # what the real images are, for reports (each subclass names its own)
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: tuple[int, int],
                  n_classes: int, hidden: int = 64, seed: int = 0, max_iter: int = 500):
@@ -98,6 +98,8 @@ class ImageClassifier:
 class DigitsClassifier(ImageClassifier):
     """The MLP on real digits at ``resolution`` (grey, [-1, 1])."""
 
+    data = "digits"
+
     def __init__(self, resolution: tuple[int, int], hidden: int = 64, seed: int = 0):
         x, y = digits_tensor(tuple(resolution), 1)
         self.resolution = tuple(resolution)
@@ -121,6 +123,8 @@ class ShapesClassifier(ImageClassifier):
 
     ``count`` real images (half fit the classifier, half are held out) use ``seed``, which by
     default differs from the training data's seed 0."""
+
+    data = "shapes"
 
     def __init__(self, resolution: tuple[int, int], classes: int = 10, count: int = 3000,
                  input_size: int = 32, hidden: int = 64, seed: int = 1234):
@@ -168,8 +172,7 @@ def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.T
         count=len(labels), accuracy=float((pred == labels).mean()),
         frechet=frechet_distance(features, ref),
         frechet_real=frechet_distance(clf.features(held), ref),
-        real_accuracy=clf.real_accuracy, per_class_accuracy=per_class,
-        data="shapes" if isinstance(clf, ShapesClassifier) else "digits")
+        real_accuracy=clf.real_accuracy, per_class_accuracy=per_class, data=clf.data)
 
 
 def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 10,

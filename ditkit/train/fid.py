@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.spec.sampling import DEFAULT_SAMPLER
 from ditkit.runtime.stats import (  # noqa: F401 (re-exported)
     _clean, frechet_from_stats, sqrtm_psd, trace_sqrt_product)
+from ditkit.spec.sampling import DEFAULT_SAMPLER
 
 from .inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
@@ -266,9 +266,10 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
-              steps: int = 20, sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
-              weights: str | Path | None = None, batch: int = 8, device: str = "cpu",
-              progress: bool = True, source: str = "model", k: int | None = 3) -> FIDReport:
+              steps: int = 20, sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0,
+              seed: int = 1, weights: str | Path | None = None, batch: int = 8,
+              device: str = "cpu", progress: bool = True, source: str = "model",
+              k: int | None = 3) -> FIDReport:
     """FID (and precision / recall, ``k``) between ``count`` samples of a pixel-space model
     (labels cycling over its classes when class-conditional) and the images of ``real`` (a
     folder or an ``.npz``)."""
