@@ -54,8 +54,10 @@ def add_parser(sub) -> None:
                    help="comma-separated H or HxW values (default: the spec's)")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--engines", default="eager,onnxruntime",
-                   help="comma-separated from eager, compile, onnxruntime, onnxruntime-int8 "
-                        "(int8 linear layers, an approximation), tensorrt")
+                   help="comma-separated from eager, eager-bf16 (autocast), compile, "
+                        "onnxruntime, onnxruntime-int8 (int8 linear layers, an approximation), "
+                        "onnxruntime-openvino, onnxruntime-openvino-bf16 (the OpenVINO "
+                        "execution provider in f32 / bf16, an approximation), tensorrt")
     p.add_argument("--compile-mode", default="auto",
                    help="torch.compile mode of the compile engine (auto: reduce-overhead on "
                         "CUDA, default on CPU)")

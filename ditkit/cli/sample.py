@@ -84,6 +84,11 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=32,
                    help="with --npz: samples per sampler call (default 32); chunk k uses seed "
                         "SEED + k, so the samples depend on it (not on the process count)")
+    p.add_argument("--ort-provider", default="cpu", metavar="PROVIDER",
+                   help="with an exported .onnx file on the CPU: cpu (onnxruntime's kernels, "
+                        "default), openvino (the OpenVINO execution provider, f32) or "
+                        "openvino-bf16 (bf16 on the CPU's AMX units, an approximation); needs "
+                        "pip install onnxruntime-ep-openvino")
     add_set(p, "spec (spec files and presets only)")
     add_device(p)
     add_threads(p)
@@ -113,7 +118,14 @@ def run(args) -> int:
             and args.sigma_min >= args.sigma_max:
         raise UsageError(f"--sigma-min {args.sigma_min} must be below --sigma-max "
                          f"{args.sigma_max}")
+    from ditkit.runtime.ort_providers import check_provider
+
+    check_provider(args.ort_provider)
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
+    if args.ort_provider != "cpu" and source.kind != "onnx":
+        raise UsageError(f"--ort-provider {args.ort_provider}: picks how onnxruntime runs an "
+                         f"exported .onnx file; {args.checkpoint} is not one (export it with "
+                         "`ditkit export`, or drop --ort-provider)")
     proc = None
     if args.npz:  # under torchrun: join the process group first, it picks the device
         from ditkit.runtime.npz import processes
@@ -135,7 +147,8 @@ def run(args) -> int:
             raise UsageError("--policy: an exported .onnx graph is fixed; adapt the "
                              "checkpoint (ditkit sample CHECKPOINT --policy ...) or export the "
                              "adapted model")
-        den = OrtDenoiser(source.path, device=args.device, threads=args.threads)
+        den = OrtDenoiser(source.path, device=args.device, threads=args.threads,
+                          ort_provider=args.ort_provider)
         spec, meta = den.spec, den.metadata
     else:
         model, objective, meta, model_hash = load_model_source(

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("eager", "compile", "onnxruntime", "onnxruntime-int8", "tensorrt")
+ENGINES = ("eager", "eager-bf16", "compile", "onnxruntime", "onnxruntime-int8",
+           "onnxruntime-openvino", "onnxruntime-openvino-bf16", "tensorrt")
+#: the onnxruntime engines: (quantization of the exported file, execution provider on the CPU)
+ORT_ENGINES = {"onnxruntime": (None, "cpu"), "onnxruntime-int8": ("int8", "cpu"),
+               "onnxruntime-openvino": (None, "openvino"),
+               "onnxruntime-openvino-bf16": (None, "openvino-bf16")}
 
 
 def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntime"),
@@ -20,7 +25,10 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     ``max_memory_allocated``; on CPU the process's peak resident set after the engine ran (a
     high-water mark: it never goes down, so later rows include earlier ones).
     ``onnxruntime-int8``: the same export with ``quantize="int8"`` (linear layers in int8; an
-    approximation, opt-in)."""
+    approximation, opt-in). ``onnxruntime-openvino[-bf16]``: the fp32 export run by onnxruntime
+    with the OpenVINO execution provider in f32 (or bf16, an approximation;
+    ``ort_providers``). ``eager-bf16``: eager under ``torch.autocast`` to bf16, the reduced-
+    precision baseline to compare ``onnxruntime-openvino-bf16`` with."""
     import resource
     import statistics
     import tempfile
@@ -31,6 +39,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     from .denoiser import Denoiser, compile_denoiser
     from .denoiser import compile_mode as compile_mode_of
     from .engines import OrtDenoiser
+    from .ort_providers import ProviderError
     from .export import export_onnx
 
     say = log or (lambda m: None)
@@ -43,6 +52,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="ditkit-bench-")
     sessions: dict[str, object] = {}
+    files: dict[str | None, Path] = {}  # one export per quantization, shared by providers
 
     def timed(fn, x, s, y):
         for _ in range(2):
@@ -79,6 +89,12 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                     if engine == "eager":
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: eager(a, b, c), x, s, y)
+                    elif engine == "eager-bf16":
+                        def bf16(a, b, c):
+                            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                                return eager(a, b, c)
+                        row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
+                            bf16, x, s, y)
                     elif engine == "compile":  # one graph per step (fullgraph)
                         compiled = compile_denoiser(Denoiser(model, objective), compile_mode,
                                                     dev)
@@ -88,16 +104,23 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                                        f"{compile_mode_of(compile_mode, dev, False)}")
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: compiled.denoise(a, b, c), x, s, y)
-                    elif engine in ("onnxruntime", "onnxruntime-int8"):
-                        if engine not in sessions:
-                            int8 = engine.endswith("int8")
-                            path = Path(tmp.name) / f"{engine}.onnx"
+                    elif engine in ORT_ENGINES:
+                        quantize, provider = ORT_ENGINES[engine]
+                        if quantize not in files:
+                            files[quantize] = Path(tmp.name) / f"{quantize or 'fp32'}.onnx"
                             say(f"exporting to ONNX for {engine} ...")
-                            export_onnx(model.cpu(), objective, path, check=False,
-                                        resolution=tuple(resolutions[0]),
-                                        quantize="int8" if int8 else None)
+                            export_onnx(model.cpu(), objective, files[quantize], check=False,
+                                        resolution=tuple(resolutions[0]), quantize=quantize)
                             model.to(dev)
-                            sessions[engine] = OrtDenoiser(path, device=dev, threads=threads)
+                        if engine not in sessions:
+                            try:
+                                sessions[engine] = OrtDenoiser(files[quantize], device=dev,
+                                                               threads=threads,
+                                                               ort_provider=provider)
+                            except ProviderError as err:  # like tensorrt: a row that says why
+                                row["note"] = str(err)
+                                rows.append(row)
+                                continue
                         ort = sessions[engine]
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: ort.denoise(a, b, c), x, s, y)

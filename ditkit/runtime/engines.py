@@ -43,16 +43,25 @@ class OrtDenoiser:
     """A ``ditkit export`` ONNX file as a sampler denoiser: ``denoise(x, sigma, labels) ->
     (x0, var_values | None)``, plus ``noise_range`` and ``null_class`` from its metadata.
 
-    ``device``: where the torch tensors the sampler passes live (``cpu`` or ``cuda[:i]``)."""
+    ``device``: where the torch tensors the sampler passes live (``cpu`` or ``cuda[:i]``).
+    ``ort_provider``: on the CPU, which execution provider runs the graph (``cpu``,
+    ``openvino``, ``openvino-bf16``: :mod:`ditkit.runtime.ort_providers`)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
-                 providers: list | None = None, threads: int | None = None):
+                 providers: list | None = None, threads: int | None = None,
+                 ort_provider: str = "cpu"):
         from .checkpoint import spec_from_metadata
+        from .ort_providers import ProviderError, check_provider
 
         self.path = Path(path)
         self.device = torch.device(device)
-        self.session = ort_session(self.path, providers or default_providers(self.device),
-                                   threads)
+        self.ort_provider = check_provider(ort_provider)
+        if ort_provider != "cpu" and (providers or self.device.type != "cpu"):
+            raise ProviderError(f"--ort-provider {ort_provider} runs the graph on the CPU; "
+                                f"drop it or use --device cpu (got {self.device})")
+        if not providers and self.device.type != "cpu":
+            providers = default_providers(self.device)
+        self.session = ort_session(self.path, providers, threads, cpu_provider=ort_provider)
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         spec, objective = spec_from_metadata(meta, str(self.path))
         if objective is None:

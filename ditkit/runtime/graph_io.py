@@ -69,9 +69,14 @@ def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | Non
                  for a in ("height", "width"))
 
 
-def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None):
-    """An ``InferenceSession`` with full graph optimisation."""
+def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None,
+                cpu_provider: str = "cpu"):
+    """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
+    ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
+    (:mod:`ditkit.runtime.ort_providers`)."""
     import onnxruntime as ort
+
+    from .ort_providers import add_provider
 
     path = Path(path)
     if not path.is_file():
@@ -80,11 +85,14 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    providers = providers or ["CPUExecutionProvider"]
+    if not providers:
+        providers = add_provider(opts, cpu_provider, threads)
     try:
+        if providers is None:  # the options carry the provider (a plugin EP)
+            return ort.InferenceSession(str(path), sess_options=opts)
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exception classes
-        raise onnx_error(path, err, providers) from None
+        raise onnx_error(path, err, providers or [cpu_provider]) from None
 
 
 class OnnxModelError(UserError):
