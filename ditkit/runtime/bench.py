@@ -39,7 +39,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     from .denoiser import Denoiser, compile_denoiser
     from .denoiser import compile_mode as compile_mode_of
     from .engines import OrtDenoiser
-    from .ort_providers import ProviderError
+    from .ort_providers import ProviderError, check_available
     from .export import export_onnx
 
     say = log or (lambda m: None)
@@ -106,6 +106,13 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                             lambda a, b, c: compiled.denoise(a, b, c), x, s, y)
                     elif engine in ORT_ENGINES:
                         quantize, provider = ORT_ENGINES[engine]
+                        if engine not in sessions:
+                            try:  # before the export: like tensorrt, a row that says why
+                                check_available(provider)
+                            except ProviderError as err:
+                                row["note"] = str(err)
+                                rows.append(row)
+                                continue
                         if quantize not in files:
                             files[quantize] = Path(tmp.name) / f"{quantize or 'fp32'}.onnx"
                             say(f"exporting to ONNX for {engine} ...")
@@ -113,14 +120,9 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                                         resolution=tuple(resolutions[0]), quantize=quantize)
                             model.to(dev)
                         if engine not in sessions:
-                            try:
-                                sessions[engine] = OrtDenoiser(files[quantize], device=dev,
-                                                               threads=threads,
-                                                               ort_provider=provider)
-                            except ProviderError as err:  # like tensorrt: a row that says why
-                                row["note"] = str(err)
-                                rows.append(row)
-                                continue
+                            sessions[engine] = OrtDenoiser(files[quantize], device=dev,
+                                                           threads=threads,
+                                                           ort_provider=provider)
                         ort = sessions[engine]
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: ort.denoise(a, b, c), x, s, y)

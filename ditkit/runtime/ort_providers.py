@@ -99,6 +99,14 @@ def openvino_config(name: str, device, threads: int | None) -> dict[str, str]:
     return {"load_config": json.dumps({"CPU": cpu})}
 
 
+def check_available(name: str) -> None:
+    """Raise :class:`ProviderError` unless provider ``name`` can run here (the plugin loads,
+    and for bf16 the CPU has it); cheap: no session is created."""
+    check_provider(name)
+    if name != "cpu":
+        openvino_config(name, openvino_cpu_device(f"--ort-provider {name}"), None)
+
+
 def add_provider(opts, name: str, threads: int | None) -> list[str] | None:
     """Put provider ``name`` on the session options ``opts``; return the ``providers`` list to
     pass to ``InferenceSession`` (``None`` when the options already carry the provider)."""
