@@ -205,8 +205,9 @@ def run(args) -> int:
     if tuple(images.shape[-2:]) != tuple(res):
         shown += f" latents decoded to {images.shape[-2]}x{images.shape[-1]}"
     if not args.json:
+        engine = "" if args.ort_provider == "cpu" else f", onnxruntime {args.ort_provider}"
         print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
-              f"steps, cfg-scale {args.cfg_scale}, seed {args.seed})")
+              f"steps, cfg-scale {args.cfg_scale}, seed {args.seed}{engine})")
     if args.individual:
         from ditkit.runtime.images import image_grid
 
@@ -222,7 +223,8 @@ def run(args) -> int:
                           "resolution": list(res), "image": list(images.shape[-2:]),
                           "sampler": args.sampler, "steps": args.steps,
                           "cfg_scale": args.cfg_scale, "seed": args.seed,
-                          "device": args.device, "threads": args.threads}))
+                          "device": args.device, "threads": args.threads,
+                          "ort_provider": args.ort_provider if source.kind == "onnx" else None}))
     return 0
 
 
@@ -233,6 +235,8 @@ def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: s
     if args.batch < 1:
         raise UsageError(f"--batch {args.batch}: must be positive")
     decode, identity = None, {"source": source_hash}
+    if args.ort_provider != "cpu":  # bf16 draws differ from f32 ones: a resume must match
+        identity["ort_provider"] = args.ort_provider
     if spec.input.space == "latent":
         from ditkit.runtime.autoencoder import latent_decoder
 

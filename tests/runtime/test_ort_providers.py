@@ -157,3 +157,46 @@ def test_bench_sample_reports_a_missing_plugin_as_a_row(monkeypatch):
     eager, ov = rows
     assert eager["ms_per_step"] > 0
     assert ov["ms_per_step"] is None and "pip install onnxruntime-ep-openvino" in ov["note"]
+
+
+@needs_openvino
+def test_sample_records_the_provider_and_an_npz_resume_must_use_the_same_one(
+        hdit_export, tmp_path, capsys, monkeypatch):
+    import json
+
+    from ditkit.cli import main
+
+    onnx = str(hdit_export[1].path)
+    code = main(["sample", onnx, "--ort-provider", "openvino", "--steps", "2", "--count", "2",
+                 "--out", str(tmp_path / "g.png"), "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["ort_provider"] == "openvino" and (tmp_path / "g.png").is_file()
+
+    import ditkit.runtime.samplers as samplers
+
+    npz = str(tmp_path / "s.npz")
+    base = ["sample", onnx, "--npz", npz, "--count", "4", "--batch", "2", "--steps", "2",
+            "--no-progress"]
+    real, calls = samplers.sample, []
+
+    def stop_in_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(samplers, "sample", stop_in_the_second_chunk)
+    try:
+        main([*base, "--ort-provider", "openvino-bf16"])
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(samplers, "sample", real)
+    assert len(calls) == 2  # stopped in its second chunk: one part is on disk
+    capsys.readouterr()
+    # the interrupted bf16 run is not continued in f32: the draws would differ
+    code = main([*base, "--ort-provider", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ort_provider: 'openvino-bf16' -> None" in err
+    assert "Traceback" not in err
+    assert main([*base, "--ort-provider", "openvino-bf16"]) == 0
+    assert "2 of them drawn by an earlier run" in capsys.readouterr().out
