@@ -113,13 +113,13 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                                 row["note"] = str(err)
                                 rows.append(row)
                                 continue
-                        if quantize not in files:
-                            files[quantize] = Path(tmp.name) / f"{quantize or 'fp32'}.onnx"
-                            say(f"exporting to ONNX for {engine} ...")
-                            export_onnx(model.cpu(), objective, files[quantize], check=False,
-                                        resolution=tuple(resolutions[0]), quantize=quantize)
-                            model.to(dev)
-                        if engine not in sessions:
+                            if quantize not in files:  # one export per quantization
+                                files[quantize] = Path(tmp.name) / f"{quantize or 'fp32'}.onnx"
+                                say(f"exporting to ONNX for {engine} ...")
+                                export_onnx(model.cpu(), objective, files[quantize],
+                                            check=False, resolution=tuple(resolutions[0]),
+                                            quantize=quantize)
+                                model.to(dev)
                             sessions[engine] = OrtDenoiser(files[quantize], device=dev,
                                                            threads=threads,
                                                            ort_provider=provider)

@@ -263,11 +263,11 @@ def _settings(parts: Path, settings: dict, proc: Processes) -> None:
         except ValueError:
             old = None
         if old != settings:
-            keys = list(settings) + [k for k in old if k not in settings] \
-                if isinstance(old, dict) else []
-            diff = ([f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys
-                     if old.get(k) != settings.get(k)] if isinstance(old, dict)
-                    else ["unreadable"])
+            diff = ["unreadable"]
+            if isinstance(old, dict):  # keys on either side: a setting may be new or gone
+                keys = [*settings, *(k for k in old if k not in settings)]
+                diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys
+                        if old.get(k) != settings.get(k)]
             raise NpzError(f"{parts} holds samples drawn with other settings ({'; '.join(diff)}"
                            f"); rerun with the earlier settings to continue, or delete {parts} "
                            "to start over")
