@@ -58,6 +58,7 @@ class Autocast:
 def main() -> None:
     from ditkit import spec as S
     from ditkit.cli.common import load_model_source, parse_list
+    from ditkit.errors import UserError
     from ditkit.runtime.bench import ORT_ENGINES
     from ditkit.runtime.denoiser import Denoiser, NoiseRange
     from ditkit.runtime.engines import OrtDenoiser
@@ -84,7 +85,10 @@ def main() -> None:
         ap.error(f"--engines {','.join(sorted(unknown))}: choose from {', '.join(ENGINES)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, objective, _, _ = load_model_source(args.source)
+    try:
+        model, objective, _, _ = load_model_source(args.source)
+    except UserError as err:  # a missing or unreadable source: one line, exit 2
+        ap.error(str(err))
     model = model.eval()
     perturbed = zero_weights(model)
     if perturbed:  # an untrained spec: give the zero-initialised layers small weights
