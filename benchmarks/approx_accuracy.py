@@ -59,11 +59,11 @@ def main() -> None:
     from ditkit import spec as S
     from ditkit.cli.common import load_model_source, parse_list
     from ditkit.errors import UserError
-    from ditkit.runtime.bench import ORT_ENGINES
+    from ditkit.deploy.bench import ORT_ENGINES
     from ditkit.runtime.denoiser import Denoiser, NoiseRange
-    from ditkit.runtime.engines import OrtDenoiser
-    from ditkit.runtime.export import export_onnx, zero_weights
-    from ditkit.runtime.ort_providers import ProviderError
+    from ditkit.deploy.engines import OrtDenoiser
+    from ditkit.deploy.export import export_onnx, zero_weights
+    from ditkit.deploy.ort_providers import ProviderError
     from ditkit.runtime.samplers import sample
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -159,8 +159,8 @@ def main() -> None:
 def classify(args, spec, engines: dict, res) -> None:
     """``--count`` samples per engine, the same seeds and labels, scored by the classifier."""
     from ditkit.runtime.samplers import sample
-    from ditkit.runtime.stats import wilson_interval
-    from ditkit.train.evaluate import classifier_for, evaluate_samples
+    from ditkit.evaluate.stats import wilson_interval
+    from ditkit.evaluate.classifier import classifier_for, evaluate_samples
 
     clf = classifier_for(args.classify, tuple(res))
     labels = torch.arange(args.count) % clf.n_classes

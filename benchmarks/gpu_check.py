@@ -87,7 +87,7 @@ class Ctx:
 
         self.out, self.dry, self.deadline, self.report, self.stage = (out, dry, deadline, report,
                                                                       stage)
-        from ditkit.runtime.device import pick_device  # the commands' own --device rule
+        from ditkit.device import pick_device  # the commands' own --device rule
 
         self.cuda = torch.cuda.is_available() and not dry
         self.device = pick_device("cuda" if self.cuda else "cpu")
@@ -499,7 +499,7 @@ def stage_onnx(ctx: Ctx) -> None:
 
     from ditkit import spec as S
     from ditkit.builder import build
-    from ditkit.runtime.export import export_onnx
+    from ditkit.deploy.export import export_onnx
 
     try:
         import onnxruntime as ort
@@ -565,7 +565,7 @@ def _ort_case(ctx, engine, providers, onnx_path, spec, res, model, objective) ->
 
     from ditkit import spec as S
     from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.engines import OrtDenoiser
+    from ditkit.deploy.engines import OrtDenoiser
 
     row = dict(engine=engine, model=spec.name, resolution=f"{res}x{res}", batch=1,
                ms_per_step=None, max_abs_diff_vs_eager=None, note="")
@@ -592,7 +592,7 @@ def _ort_case(ctx, engine, providers, onnx_path, spec, res, model, objective) ->
 def _trt_case(ctx, onnx_path, spec, res) -> None:
     import torch
 
-    from ditkit.runtime.tensorrt import TrtDenoiser, build_engine, parse_profile
+    from ditkit.deploy.tensorrt import TrtDenoiser, build_engine, parse_profile
 
     row = dict(engine="tensorrt", model=spec.name, resolution=f"{res}x{res}", batch=1,
                ms_per_step=None, note="")

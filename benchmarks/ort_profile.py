@@ -23,7 +23,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, kernels
-from ditkit.runtime.export import export_onnx
+from ditkit.deploy.export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build
-from ditkit.runtime.bench import bench_sample
+from ditkit.deploy.bench import bench_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

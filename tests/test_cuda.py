@@ -134,8 +134,8 @@ def test_onnxruntime_io_binding_on_cuda(cuda, tmp_path):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                     "(install onnxruntime-gpu)")
-    from ditkit.runtime.engines import OrtDenoiser
-    from ditkit.runtime.export import export_onnx
+    from ditkit.deploy.engines import OrtDenoiser
+    from ditkit.deploy.export import export_onnx
 
     model = perturbed("tiny-hdit-neighborhood")
     path = tmp_path / "m.onnx"

@@ -1,5 +1,6 @@
-"""Imports only point down: spec <- builder <- runtime <- train <- cli (DESIGN.md), function-level
-imports included, and no ditkit module imports another in a circle."""
+"""Imports only point down (DESIGN.md): the ground (``errors``, ``files``, ``device``) <- spec <-
+builder <- runtime <- deploy <- data <- evaluate <- train <- cli, function-level imports included,
+and no ditkit module imports another in a circle."""
 
 import ast
 
@@ -8,7 +9,8 @@ import pytest
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "ditkit"
-LAYERS = ("spec", "builder", "runtime", "train", "cli")
+LAYERS = ("spec", "builder", "runtime", "deploy", "data", "evaluate", "train", "cli")
+GROUND = ("errors.py", "files.py", "device.py")  # the ground floor: imports only itself
 BELOW = {layer: LAYERS[:i] for i, layer in enumerate(LAYERS)}
 
 
@@ -60,9 +62,9 @@ def _layer(name: str) -> str | None:
 def test_cli_is_a_package_on_top():
     assert (PACKAGE / "cli" / "__init__.py").is_file() and (PACKAGE / "cli" / "common.py").is_file()
     assert not (PACKAGE / "cli.py").exists()
-    # every module of ditkit belongs to a layer (the package's own __init__ and errors.py,
-    # which import nothing of ditkit, excepted)
-    loose = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "errors.py")]
+    # every module of ditkit belongs to a layer or to the ground floor (the package's own
+    # __init__, the front door, excepted)
+    loose = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", *GROUND)]
     assert not loose, f"modules outside the layers: {loose}"
 
 
@@ -78,10 +80,17 @@ def test_a_layer_imports_only_the_layers_below(layer):
     assert not bad, "\n".join(bad)
 
 
-def test_the_loose_modules_import_no_layer():
-    for name in ("__init__.py", "errors.py"):
-        imports = [n for n in _ditkit_imports(PACKAGE / name) if n.startswith("ditkit")]
+def test_the_ground_floor_imports_only_the_ground():
+    ground = {f"ditkit.{n[:-3]}" for n in GROUND}
+    for name in GROUND:
+        imports = [n for n in _ditkit_imports(PACKAGE / name)
+                   if n.startswith("ditkit") and n not in ground]
         assert imports == [], f"ditkit/{name} imports {imports}"
+
+
+def test_the_package_init_imports_no_layer_at_import_time():
+    imports = [n for n in _ditkit_imports(PACKAGE / "__init__.py") if n.startswith("ditkit")]
+    assert imports == [], f"ditkit/__init__.py imports {imports}"
 
 
 def _graph() -> dict[str, set[str]]:

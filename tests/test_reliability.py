@@ -302,7 +302,7 @@ def test_an_unreadable_spec_exits_1(tmp_path, capsys, monkeypatch):
 
 
 def test_written_files_honour_the_umask(tmp_path):
-    from ditkit.runtime.files import atomic_path
+    from ditkit.files import atomic_path
 
     old = os.umask(0o002)
     try:

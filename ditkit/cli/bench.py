@@ -3,7 +3,7 @@
 - ``ditkit bench attention``: time and peak memory of each neighborhood-attention backend
   (``ditkit.builder.bench``).
 - ``ditkit bench sample``: per-step latency and peak memory of eager, torch.compile and
-  onnxruntime (``ditkit.runtime.bench``).
+  onnxruntime (``ditkit.deploy.bench``).
 
 Another benchmark is one more ``group.add_parser(...)`` in :func:`add_parser`.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (DEPRECATED_IN, UsageError, add_device, add_progress, add_set,
+from ditkit.cli.common import (DEPRECATED_IN, UsageError, add_device, add_progress, add_set,
                      add_threads, list_arg, load_model_source, parse_list, parse_resolution,
                      resolve_source, setup_compute)
 
@@ -79,7 +79,7 @@ def _common(p) -> None:
 def _write_json(args, rows) -> bool:
     """``--json``: print the rows (True); ``--json FILE``: the deprecated form, also write
     them to FILE and print the table (False)."""
-    from ditkit.runtime.files import atomic_path
+    from ditkit.files import atomic_path
 
     if args.json is True:
         print(json.dumps(rows, indent=2))
@@ -133,9 +133,9 @@ def run_attention(args) -> int:
 
 
 def run_sample(args) -> int:
-    from ditkit.runtime.bench import ENGINES, bench_sample, format_rows
+    from ditkit.deploy.bench import ENGINES, bench_sample, format_rows
 
-    from .common import load_spec
+    from ditkit.cli.common import load_spec
 
     engines = parse_list(args.engines)
     bad = set(engines) - set(ENGINES)

@@ -64,7 +64,7 @@ def run_command(func: Callable, args) -> int:
         _report(err, debug)
         return EXIT_FAULT
     except Exception as err:  # safetensors/torch report a full disk in their own types
-        from ditkit.runtime.files import environment_fault
+        from ditkit.files import environment_fault
 
         fault = environment_fault(err, "an output file")
         if fault is None:
@@ -404,8 +404,8 @@ def add_set(p, what: str = "spec") -> None:
 
 def setup_compute(args) -> str:
     """Apply ``--threads`` and resolve ``--device``; returns the device string
-    (``ditkit.runtime.device``)."""
-    from ditkit.runtime.device import pick_device, set_threads
+    (``ditkit.device``)."""
+    from ditkit.device import pick_device, set_threads
 
     args.threads = set_threads(getattr(args, "threads", None))
     device = getattr(args, "device", None)

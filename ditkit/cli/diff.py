@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import UsageError, load_spec, parse_resolution
+from ditkit.cli.common import UsageError, load_spec, parse_resolution
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,7 @@ def run(args) -> int:
             raise UsageError("diff --policy needs --resolution, the target the policy adapts "
                              "the spec to (e.g. --resolution 256)")
         from ditkit.runtime.extrapolate import adapt_spec
-        from ditkit.runtime.extrapolate_report import parse_policy, policy_label
+        from ditkit.evaluate.report import parse_policy, policy_label
 
         policy = parse_policy(args.policy)
         b = adapt_spec(a, policy, res)

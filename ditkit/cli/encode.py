@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import (UsageError, add_device, add_progress, add_threads, parse_resolution,
+from ditkit.cli.common import (UsageError, add_device, add_progress, add_threads, parse_resolution,
                      setup_compute)
 
 
@@ -35,8 +35,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ditkit.runtime.autoencoder import AutoencoderError
-    from ditkit.train.data import DataError
-    from ditkit.train.encode import encode_images
+    from ditkit.data.datasets import DataError
+    from ditkit.data.encode import encode_images
 
     for flag, value in (("--batch", args.batch), ("--shard-size", args.shard_size)):
         if value < 1:

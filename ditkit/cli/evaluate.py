@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
 
-from .common import (UsageError, add_device, add_json, add_progress, add_threads,
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_threads,
                      checkpoint_path, setup_compute)
 
 
@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
         ".npz: FID, precision, recall",
         description="With a checkpoint: sample the run's data (digits or shapes: --data, "
         "default the data.kind of the run's experiment.yaml) and report label accuracy and a "
-        "Frechet distance on a classifier of real images (see ditkit.train.evaluate); "
+        "Frechet distance on a classifier of real images (see ditkit.evaluate.classifier); "
         "without --cfg-scale, both unguided (scale 1) and guided (the run's "
         "evaluation.cfg_scale when its experiment.yaml gives one above "
         f"1, else {GUIDED_SCALE:g}). With --real REF --fake SAMPLES: FID, precision "
@@ -117,7 +117,7 @@ def guidance_scales(cfg_scale: float | None, spec, path: Path) -> list[float]:
 
 
 def run(args) -> int:
-    from ditkit.train.evaluate import evaluate_model
+    from ditkit.evaluate.classifier import evaluate_model
     from ditkit.train.logs import image_grid, save_png
 
     if args.real or args.fake:
@@ -170,7 +170,7 @@ def run(args) -> int:
 def run_fid(args) -> int:
     """``--real DIR --fake DIR``: FID between folders; ``CHECKPOINT --real DIR``: FID of
     ``--count`` samples of the checkpoint against the folder."""
-    from ditkit.train.fid import FIDError, fid_folders, fid_model
+    from ditkit.evaluate.fid import FIDError, fid_folders, fid_model
 
     if args.fid_batch <= 0:
         raise UsageError(f"--fid-batch {args.fid_batch}: must be positive")

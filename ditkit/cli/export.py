@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
+from ditkit.cli.common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
                      parse_resolution, setup_compute)
 
 
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
-    from ditkit.runtime.export import ExportError, export_onnx
+    from ditkit.deploy.export import ExportError, export_onnx
 
     dynamic = () if args.dynamic == "none" else tuple(
         d.strip() for d in args.dynamic.split(",") if d.strip())

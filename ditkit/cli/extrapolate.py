@@ -1,7 +1,7 @@
 """``ditkit extrapolate``: sample, score and measure a model at resolutions it never saw.
 
-The runner is ``ditkit.runtime.extrapolate_report``; the command may hand it the digits/shapes
-metrics of ``ditkit.train.evaluate``.
+The runner is ``ditkit.evaluate.report``; the command may hand it the digits/shapes
+metrics of ``ditkit.evaluate.classifier``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
 
-from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
                      checkpoint_path, deprecated, list_arg, load_spec, parse_resolution,
                      positive, resolve_source, setup_compute)
 
@@ -104,7 +104,7 @@ def _finetuned_row(path: str, objective):
 
     from ditkit import spec as S
     from ditkit.runtime.checkpoint import load_checkpoint
-    from ditkit.runtime.extrapolate_report import policy_label
+    from ditkit.evaluate.report import policy_label
     from ditkit.train.finetune import METADATA_KEY
 
     path = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder
@@ -121,7 +121,7 @@ def _finetuned_row(path: str, objective):
 
 
 def run_extrapolate(args) -> int:
-    from ditkit.runtime.extrapolate_report import parse_policy, run
+    from ditkit.evaluate.report import parse_policy, run
 
     policies = [parse_policy(p) for p in policy_list(args.policies)]
     resolutions = [parse_resolution(r, "--resolutions")
@@ -161,7 +161,7 @@ def run_extrapolate(args) -> int:
         kind = None if args.metrics == "none" else args.metrics
     evaluate = None
     if kind in ("shapes", "digits") and objective is not None and args.count:
-        from ditkit.train.evaluate import ResolutionMetrics
+        from ditkit.evaluate.classifier import ResolutionMetrics
 
         if spec.conditioning.classes is None:
             raise UsageError("--metrics: the scores need a class-conditional model; use "

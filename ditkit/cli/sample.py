@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
-from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
                      deprecated, load_model_source, parse_interval, parse_labels, parse_list,
                      parse_resolution, positive, resolve_source, setup_compute)
 
@@ -103,7 +103,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ditkit.runtime.checkpoint import cfg_channels_of
     from ditkit.runtime.denoiser import COMPILE_MODES, Denoiser, compile_denoiser
-    from ditkit.runtime.graph_io import ExportError, check_shape
+    from ditkit.deploy.graph_io import ExportError, check_shape
     from ditkit.runtime.samplers import sample
     from ditkit.spec import SpecError
 
@@ -118,7 +118,7 @@ def run(args) -> int:
             and args.sigma_min >= args.sigma_max:
         raise UsageError(f"--sigma-min {args.sigma_min} must be below --sigma-max "
                          f"{args.sigma_max}")
-    from ditkit.runtime.ort_providers import check_provider
+    from ditkit.deploy.ort_providers import check_provider
 
     check_provider(args.ort_provider)
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
@@ -128,7 +128,7 @@ def run(args) -> int:
                          "`ditkit export`, or drop --ort-provider)")
     proc = None
     if args.npz:  # under torchrun: join the process group first, it picks the device
-        from ditkit.runtime.npz import processes
+        from ditkit.evaluate.npz import processes
 
         if source.kind not in ("checkpoint", "run", "onnx"):
             raise UsageError(f"--npz: {args.checkpoint} is a spec (random weights); give a "
@@ -138,7 +138,7 @@ def run(args) -> int:
     setup_compute(args)
     model_hash = None
     if source.kind == "onnx":
-        from ditkit.runtime.engines import OrtDenoiser
+        from ditkit.deploy.engines import OrtDenoiser
 
         if args.overrides:
             raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
@@ -229,8 +229,8 @@ def run(args) -> int:
 
 
 def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: str) -> int:
-    """``--npz``: :func:`ditkit.runtime.npz.sample_npz` with the command's settings."""
-    from ditkit.runtime.npz import sample_npz
+    """``--npz``: :func:`ditkit.evaluate.npz.sample_npz` with the command's settings."""
+    from ditkit.evaluate.npz import sample_npz
 
     if args.batch < 1:
         raise UsageError(f"--batch {args.batch}: must be positive")
@@ -299,7 +299,7 @@ def _to_images(x, spec, args):
         return _decode_vae(x, spec, args)
     if args.autoencoder is None:
         latents = Path(args.out).with_suffix(".latents.pt")
-        from ditkit.runtime.files import atomic_path
+        from ditkit.files import atomic_path
 
         with atomic_path(latents) as tmp:
             torch.save(x.cpu(), tmp)
@@ -347,7 +347,7 @@ def adapted_model(model, text: str, resolution: tuple[int, int], device: str):
     with seed 0, as in the report)."""
     from ditkit.builder import build
     from ditkit.runtime.extrapolate import adapt
-    from ditkit.runtime.extrapolate_report import parse_policy
+    from ditkit.evaluate.report import parse_policy
 
     policy = parse_policy(text, flag="--policy")
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import UsageError, add_progress
+from ditkit.cli.common import UsageError, add_progress
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.train.data import DataError, image_folder_samples, write_shards
+    from ditkit.data.datasets import DataError, image_folder_samples, write_shards
 
     if args.shard_size < 1:
         raise UsageError(f"--shard-size {args.shard_size}: must be positive")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
                      load_experiment_source, positive, setup_compute)
 
 
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.train.data import DataError
+    from ditkit.data.datasets import DataError
     from ditkit.train.loop import TrainingError, TrainingSetupError, train
 
     overrides = list(args.overrides)

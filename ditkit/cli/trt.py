@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def run_build(args) -> int:
-    from ditkit.runtime import tensorrt as T
+    from ditkit.deploy import tensorrt as T
 
     try:
         profiles = [T.parse_profile(p) for p in args.profile]

@@ -1,2 +1,2 @@
-"""``ditkit.runtime``: denoisers, samplers, checkpoints, conversion, ONNX export, engines,
-resolution extrapolation, and the device / thread rule of every command."""
+"""``ditkit.runtime``: inference — objectives' denoisers, samplers, checkpoints, conversion,
+resolution extrapolation policies, autoencoders and image files."""

@@ -32,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from ditkit import spec as S
 from ditkit.errors import UserError
 
-from .files import atomic_path
+from ditkit.files import atomic_path
 
 SPEC_KEY = "ditkit.spec"
 VERSION_KEY = "ditkit.spec_version"

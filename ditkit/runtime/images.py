@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 
-from .files import atomic_path
+from ditkit.files import atomic_path
 
 
 def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 1,

@@ -1,8 +1,8 @@
 """What a sampler needs from a denoiser, as a ``typing.Protocol``.
 
 Three classes implement it: :class:`ditkit.runtime.denoiser.Denoiser` (eager PyTorch, optionally
-``torch.compile``-d), :class:`ditkit.runtime.engines.OrtDenoiser` (an exported ONNX graph in
-onnxruntime) and :class:`ditkit.runtime.tensorrt.TrtDenoiser` (a TensorRT engine). The samplers
+``torch.compile``-d), :class:`ditkit.deploy.engines.OrtDenoiser` (an exported ONNX graph in
+onnxruntime) and :class:`ditkit.deploy.tensorrt.TrtDenoiser` (a TensorRT engine). The samplers
 read these attributes directly; a class missing one fails the conformance test
 (``tests/runtime/test_protocols.py``), not a sampling run.
 """
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from .denoiser import NoiseRange
-    from .graph_io import AxisRule
+    from ditkit.runtime.denoiser import NoiseRange
+    from ditkit.runtime.shape_rule import AxisRule
 
 
 @runtime_checkable

@@ -3,8 +3,8 @@
 A *denoiser* here is a :class:`ditkit.runtime.protocols.Denoiser`: ``denoise(x, sigma,
 class_labels=None, **cond) -> (x0, var_values | None)``, ``noise_range``, ``null_class`` and the
 CFG-inside-the-graph attributes. :class:`ditkit.runtime.denoiser.Denoiser` (eager PyTorch),
-:class:`ditkit.runtime.engines.OrtDenoiser` (onnxruntime) and
-:class:`ditkit.runtime.tensorrt.TrtDenoiser` implement it, so one sampler drives all three.
+:class:`ditkit.deploy.engines.OrtDenoiser` (onnxruntime) and
+:class:`ditkit.deploy.tensorrt.TrtDenoiser` implement it, so one sampler drives all three.
 
 Samplers (``SAMPLERS``): ``euler``, ``heun`` (EDM's 2nd order), ``ddim`` (``eta``: 0 is the
 deterministic DDIM = Euler on the VE ODE; 1 the ancestral one), ``ddpm`` (ancestral DDPM
@@ -33,8 +33,8 @@ import torch
 from ditkit.errors import UserError
 from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
-from .denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
-from .protocols import Denoiser
+from ditkit.runtime.denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+from ditkit.runtime.protocols import Denoiser
 
 MAX_STEPS = 10_000
 """More noise levels than any sampler needs; ``DITKIT_NO_SIZE_LIMITS=1`` lifts it."""
@@ -103,7 +103,7 @@ def get_sigmas(noise_range: NoiseRange, steps: int, schedule: str = "native", *,
 
 
 def _abar(obj):
-    from .denoiser import ddpm_alphas_cumprod
+    from ditkit.runtime.denoiser import ddpm_alphas_cumprod
 
     return ddpm_alphas_cumprod(obj.steps, obj.beta_start, obj.beta_end)
 

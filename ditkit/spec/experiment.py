@@ -16,11 +16,11 @@ from typing import Annotated, Literal, Union
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       field_validator)
 
-from .components import Spec
-from .model import ModelSpec
-from .objective import EDMObjective, Objective
-from .policy import AsIs, Policy
-from .sampling import DEFAULT_SAMPLER
+from ditkit.spec.components import Spec
+from ditkit.spec.model import ModelSpec
+from ditkit.spec.objective import EDMObjective, Objective
+from ditkit.spec.policy import AsIs, Policy
+from ditkit.spec.sampling import DEFAULT_SAMPLER
 
 EXPERIMENT_VERSION = 1
 
@@ -30,7 +30,7 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 LABELLED_DATA = ("digits", "shapes")
-"""Data kinds with a built-in classifier (``ditkit.train.evaluate``): label accuracy and a
+"""Data kinds with a built-in classifier (``ditkit.evaluate.classifier``): label accuracy and a
 Fréchet distance need no reference images."""
 
 
@@ -228,7 +228,7 @@ class Evaluation(Spec):
 
     * ``data: {kind: digits}`` or ``{kind: shapes}`` with a class-conditional model: label
       accuracy and a Fréchet distance on a small classifier's features, trained on that data's
-      real images (``ditkit.train.evaluate``);
+      real images (``ditkit.evaluate.classifier``);
     * ``reference`` (an image folder or an ``.npz`` with uint8 ``arr_0``): FID, and improved
       precision / recall with ``k``-nearest-neighbour radii, on the Inception features of the
       local weights file ``inception`` (default: ``$DITKIT_FID_WEIGHTS``, else torch's hub
@@ -349,8 +349,8 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
                        source: str = "experiment") -> Experiment:
     """Inline a model reference (a path relative to ``base``, or a preset name) and check that
     the parts of the experiment fit together. Raises :class:`ditkit.spec.SpecError`."""
-    from .io import SpecError, load
-    from .presets import PRESETS, preset
+    from ditkit.spec.io import SpecError, load
+    from ditkit.spec.presets import PRESETS, preset
 
     if isinstance(exp.model, str):
         ref = exp.model
@@ -450,7 +450,7 @@ def experiment_from_data(data, base: str | Path | None = None,
                          source: str = "experiment") -> Experiment:
     """Validate plain data into a resolved experiment. An inline model is validated as a
     model spec first, so its problems are reported as ``model.<field>``."""
-    from .io import SpecError, validate
+    from ditkit.spec.io import SpecError, validate
 
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         try:
@@ -466,7 +466,7 @@ def read_experiment_data(path: str | Path) -> dict:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
     import yaml
 
-    from .io import SpecError, read_text
+    from ditkit.spec.io import SpecError, read_text
 
     path = Path(path)
     text = read_text(path, "experiment")
@@ -486,7 +486,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     data = read_experiment_data(path)
     source = str(path)
     if overrides:
-        from .overrides import apply_overrides, touches
+        from ditkit.spec.overrides import apply_overrides, touches
 
         if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
                 overrides, "model"):
@@ -501,10 +501,10 @@ def _model_data(ref: str, base: Path, source: str) -> dict:
     ``--set model.x=v`` can change it."""
     import yaml
 
-    from .io import SpecError, to_data
-    from .presets import PRESETS, preset
+    from ditkit.spec.io import SpecError, to_data
+    from ditkit.spec.presets import PRESETS, preset
 
-    from .io import read_text
+    from ditkit.spec.io import read_text
 
     path = base / ref
     if path.is_file():
@@ -570,7 +570,7 @@ def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, .
     """``(experiment, run folder or None)`` from an experiment file (its relative paths made
     absolute) or a run folder (its recorded ``experiment.yaml``), with ``overrides`` applied
     (see :func:`load_experiment`). Raises ``SpecError``."""
-    from .io import SpecError
+    from ditkit.spec.io import SpecError
 
     path = Path(path)
     if path.is_dir():

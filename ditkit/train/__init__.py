@@ -1,2 +1,2 @@
-"""``ditkit.train``: experiments -> runs (data, objectives, loop, checkpoints, distributed,
-fine-tuning, evaluation, FID, the demo job)."""
+"""``ditkit.train``: experiments -> runs (objectives' losses, loop, checkpoints, distributed,
+fine-tuning, the evaluation hook of a run, the demo job)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ditkit.errors import UserError
-from ditkit.runtime.files import atomic_path, honour_umask
+from ditkit.files import atomic_path, honour_umask
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
 
@@ -130,7 +130,7 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
 
 def _checkpoint_fault(err: Exception, final: Path) -> Exception:
     """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
-    from ditkit.runtime.files import environment_fault
+    from ditkit.files import environment_fault
 
     return environment_fault(err, f"checkpoint {final}", "the earlier checkpoints are intact "
                              "(resume from the newest with --resume)") or err

@@ -1,7 +1,7 @@
 """The demo job (``ditkit demo``): train the tiny HDiT of ``examples/tiny/tiny-hdit-digits.yaml``
 on scikit-learn's handwritten digits on the CPU (``examples/experiments/demo-digits.yaml``),
 with a progress bar and preview grids, then sample the final EMA model and evaluate the samples
-(label accuracy and Frechet distance, see ``ditkit.train.evaluate``)."""
+(label accuracy and Frechet distance, see ``ditkit.evaluate.classifier``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DEMO_EXPERIMENT = EXAMPLES / "experiments" / "demo-digits.yaml"
 
 @dataclass
 class DemoResult:
-    report: object  # ditkit.train.evaluate.EvalReport
+    report: object  # ditkit.evaluate.classifier.EvalReport
     checkpoint: Path
     out: Path
     wall_s: float
@@ -61,8 +61,8 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
 
     from ditkit.builder import describe, format_report
 
-    from .evaluate import DigitsReport
-    from .loop import train
+    from ditkit.evaluate.classifier import DigitsReport
+    from ditkit.train.loop import train
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -89,7 +89,7 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
         unguided = _evaluate_unguided(exp, result.checkpoint, progress)
         log(f"evaluated {ev.count} digits without guidance (cfg 1.0): "
             f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}")
-        from .checkpoints import write_json
+        from ditkit.train.checkpoints import write_json
 
         write_json(out / "eval-unguided.json", unguided.to_json())
     wall = time.perf_counter() - t_start
@@ -101,7 +101,7 @@ def _evaluate_unguided(exp, checkpoint: Path, progress: bool):
     from ditkit.builder import use_backend
     from ditkit.runtime.checkpoint import load_model
 
-    from .evaluate import evaluate_model
+    from ditkit.evaluate.classifier import evaluate_model
 
     ev = exp.evaluation
     model, _ = load_model(checkpoint / "ema.safetensors")

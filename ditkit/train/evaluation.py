@@ -23,7 +23,7 @@ from torch import nn
 
 from ditkit.spec.experiment import Experiment
 
-from .checkpoints import write_json
+from ditkit.train.checkpoints import write_json
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
@@ -39,7 +39,7 @@ class RunEvaluation:
         self.exp, self.ev, self.run, self.device = exp, exp.evaluation, Path(run), device
         self.rank, self.n_classes = rank, n_classes
         spec = exp.model_spec
-        from .evaluate import LABELLED_DATA
+        from ditkit.evaluate.classifier import LABELLED_DATA
 
         # label accuracy needs a built-in classifier of the data (digits, shapes)
         self.labelled = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
@@ -71,7 +71,7 @@ class RunEvaluation:
         ev = self.ev
         if ev.reference is None:
             return
-        from .fid import check_source, load_inception
+        from ditkit.evaluate.fid import check_source, load_inception
 
         check_source(ev.reference)
         self._net = load_inception(ev.inception, str(self.device))
@@ -97,7 +97,7 @@ class RunEvaluation:
         images, labels = sample_images(ema_model, spec, self.exp.objective, ev.count, ev.steps,
                                        ev.sampler, ev.seed, ev.cfg_scale, self.device,
                                        n_classes=self.n_classes)
-        from .logs import image_grid, save_png
+        from ditkit.train.logs import image_grid, save_png
 
         scale = max(1, 32 // max(spec.input.resolution))
         grid = images if self._decode is None else self._decode(images[:100].to(self.device))
@@ -117,7 +117,7 @@ class RunEvaluation:
         return entry
 
     def _labels(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        from .evaluate import classifier_for, evaluate_samples
+        from ditkit.evaluate.classifier import classifier_for, evaluate_samples
 
         if self._clf is None:
             data = self.exp.data
@@ -128,7 +128,7 @@ class RunEvaluation:
                 "real_accuracy": r.real_accuracy, "per_class_accuracy": r.per_class_accuracy}
 
     def _reference(self, images: torch.Tensor) -> dict:
-        from .fid import compare_features, source_features, to_inception_input
+        from ditkit.evaluate.fid import compare_features, source_features, to_inception_input
 
         ev = self.ev
         if self._ref is None:

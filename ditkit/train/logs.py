@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditkit.runtime.files import atomic_path
+from ditkit.files import atomic_path
 from ditkit.runtime.images import image_grid, save_png  # noqa: F401  (re-exported)
 
 

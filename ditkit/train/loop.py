@@ -38,12 +38,12 @@ from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 
-from . import checkpoints as C
-from . import finetune
-from .data import make_dataset, make_stream
-from .distributed import Placement
-from .logs import Scalars, image_grid, plot_loss, read_scalars, save_png
-from .objectives import DiffusionLoss, drop_labels
+from ditkit.train import checkpoints as C
+from ditkit.train import finetune
+from ditkit.data.datasets import make_dataset, make_stream
+from ditkit.train.distributed import Placement
+from ditkit.train.logs import Scalars, image_grid, plot_loss, read_scalars, save_png
+from ditkit.train.objectives import DiffusionLoss, drop_labels
 
 
 class TrainingError(RuntimeError):
@@ -253,7 +253,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                                 f"{', '.join(SAMPLERS)}")
     dist_info = init_distributed(exp)
     rank, world = dist_info.rank, dist_info.world
-    from ditkit.runtime.device import pick_device
+    from ditkit.device import pick_device
 
     try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
         device = pick_device(device if device is not None else "auto")
@@ -263,7 +263,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
     ckpt_root = run / "checkpoints"
-    from .guards import compare_for_resume, memory_issues, record_changes
+    from ditkit.train.guards import compare_for_resume, memory_issues, record_changes
 
     too_big = memory_issues(exp, world, device)
     if too_big:
@@ -456,7 +456,7 @@ def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
     now, so a wrong path fails before the first step."""
     from ditkit.errors import UserError
 
-    from .evaluation import RunEvaluation
+    from ditkit.train.evaluation import RunEvaluation
 
     try:
         return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))

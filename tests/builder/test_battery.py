@@ -116,7 +116,7 @@ def test_tiny_model_battery(path, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.stem)
 def test_tiny_model_exports_with_parity(path, tmp_path):
-    from ditkit.runtime.export import export_onnx
+    from ditkit.deploy.export import export_onnx
 
     spec = S.load(path)
     objective = S.EDMObjective() if spec.conditioning.noise.kind == "fourier" else (

@@ -7,7 +7,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import model_hash
-from ditkit.runtime.export import export_onnx
+from ditkit.deploy.export import export_onnx
 from tests.conftest import EXAMPLES
 
 TINY = EXAMPLES / "tiny"

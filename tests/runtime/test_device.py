@@ -1,11 +1,11 @@
-"""The one ``--device`` / ``--threads`` rule (ditkit.runtime.device), CUDA branches included:
+"""The one ``--device`` / ``--threads`` rule (ditkit.device), CUDA branches included:
 the decision is a pure function, and ``pick_device`` is fed a monkeypatched ``torch.cuda``."""
 
 import pytest
 import torch
 
 from ditkit.errors import UserError
-from ditkit.runtime import device as D
+from ditkit import device as D
 
 
 @pytest.mark.parametrize("text, available, count, rank, expected", [

@@ -6,8 +6,8 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import use_backend
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.engines import OrtDenoiser
-from ditkit.runtime.export import ExportError
+from ditkit.deploy.engines import OrtDenoiser
+from ditkit.deploy.export import ExportError
 from ditkit.runtime.samplers import sample
 
 
@@ -89,7 +89,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 # -------------------------------------------------------------------------------- TensorRT
 
-from ditkit.runtime import tensorrt as T  # noqa: E402
+from ditkit.deploy import tensorrt as T  # noqa: E402
 
 
 def test_profile_parsing_and_cache_key():

@@ -12,7 +12,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import model_hash
-from ditkit.runtime.export import (ExportError, allow_list, check_shape, export_onnx,
+from ditkit.deploy.export import (ExportError, allow_list, check_shape, export_onnx,
                                    resolution_rule)
 from tests.conftest import EXAMPLES
 from tests.runtime.conftest import perturbed

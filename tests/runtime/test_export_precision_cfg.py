@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, shape_inference
 from ditkit import spec as S
 from ditkit.builder import build, use_backend
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.engines import OrtDenoiser
-from ditkit.runtime.export import TOLERANCE, ExportError, ExportGraph, export_onnx, unsupported_types
+from ditkit.deploy.engines import OrtDenoiser
+from ditkit.deploy.export import TOLERANCE, ExportError, ExportGraph, export_onnx, unsupported_types
 from ditkit.runtime.samplers import Guided, sample
 from tests.conftest import EXAMPLES
 from tests.runtime.conftest import perturbed

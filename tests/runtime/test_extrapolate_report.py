@@ -10,7 +10,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.extrapolate import adapt
-from ditkit.runtime.extrapolate_report import dit_reference, parse_policy, run
+from ditkit.evaluate.report import dit_reference, parse_policy, run
 from tests.conftest import ROOT
 
 TINY = ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml"
@@ -90,7 +90,7 @@ def test_runner_samples_grids_from_a_checkpoint(tmp_path):
 
 
 def test_cpu_peak_bytes_follows_the_allocator():
-    from ditkit.runtime.extrapolate_report import cpu_peak_bytes
+    from ditkit.evaluate.report import cpu_peak_bytes
 
     def work():
         a = torch.ones(1024, 1024)  # 4 MiB
@@ -143,7 +143,7 @@ def test_cpu_peak_measure_keeps_stderr_clean():
     import sys
 
     code = ("import sys, torch\n"
-            "from ditkit.runtime.extrapolate_report import cpu_peak_bytes\n"
+            "from ditkit.evaluate.report import cpu_peak_bytes\n"
             "print(cpu_peak_bytes(lambda: torch.ones(1024, 1024) * 2))\n"
             "print('after', file=sys.stderr)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -155,7 +155,7 @@ def test_cpu_peak_measure_keeps_stderr_clean():
 
 
 def test_noop_check_tells_exact_no_ops_from_policies_that_change_the_model():
-    from ditkit.runtime.extrapolate_report import noop_check
+    from ditkit.evaluate.report import noop_check
 
     spec = S.load(TINY)
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def test_core_patch_auto_keeps_the_core_grid_at_every_multiple():
 
 
 def test_latency_slope_is_fitted_over_compute_bound_points_only():
-    from ditkit.runtime.extrapolate_report import latency_slope
+    from ditkit.evaluate.report import latency_slope
 
     # 16^2 costs 10 ms for 0.01 GMACs (1000 ms/GMAC: overhead); the rest ~ 100 ms/GMAC
     pts = [((16, 16), 10.0, 0.01), ((32, 32), 4.0, 0.04), ((64, 64), 16.0, 0.16),
@@ -208,7 +208,7 @@ def test_latency_slope_is_fitted_over_compute_bound_points_only():
 def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_path):
     import numpy as np
 
-    from ditkit.runtime.stats import FrechetToReference
+    from ditkit.evaluate.stats import FrechetToReference
 
     spec = S.load(TINY)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from ditkit.builder import build
 from ditkit.cli import main
 from ditkit.runtime.checkpoint import model_hash, save_checkpoint
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.npz import (NpzError, iter_npz_images, npz_settings, npz_shape,
+from ditkit.evaluate.npz import (NpzError, iter_npz_images, npz_settings, npz_shape,
                                 parts_folder, read_npz, sample_npz, write_npz)
 from tests.conftest import EXAMPLES, ROOT
 from tests.train.conftest import tiny_model

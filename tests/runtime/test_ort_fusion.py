@@ -1,5 +1,5 @@
 """Attention exported for onnxruntime as its fused ``com.microsoft::MultiHeadAttention`` kernel
-(``ditkit/runtime/ort_fusion.py``): same numbers as PyTorch's SDPA, with and without the masks
+(``ditkit/deploy/ort_fusion.py``): same numbers as PyTorch's SDPA, with and without the masks
 the ``tiled`` neighborhood backend passes, at sizes other than the traced ones."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from ditkit.runtime.ort_fusion import translation_table  # noqa: E402
+from ditkit.deploy.ort_fusion import translation_table  # noqa: E402
 
 
 class Global(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_masked_attention_becomes_one_fused_node(tmp_path, additive):
 
 def test_only_fp32_onnxruntime_exports_fuse_and_trace_tiled():
     from ditkit.builder import kernels
-    from ditkit.runtime.export import export_backend, fuses_attention
+    from ditkit.deploy.export import export_backend, fuses_attention
 
     assert fuses_attention("onnxruntime", "fp32")
     assert not fuses_attention("onnxruntime", "fp16") and not fuses_attention("onnxruntime", "bf16")
@@ -145,7 +145,7 @@ def test_norms_and_gelu_are_rewritten_into_kernels_onnxruntime_fuses(tmp_path):
     import onnx
     from torch.export import Dim
 
-    from ditkit.runtime.ort_fusion import gelu_translation, optimize_graph
+    from ditkit.deploy.ort_fusion import gelu_translation, optimize_graph
 
     torch.manual_seed(0)
     module = NormGelu().eval()
@@ -203,7 +203,7 @@ class Qkv(torch.nn.Module):
 def test_the_qkv_projection_becomes_three_matmuls_without_a_split(tmp_path):
     from torch.export import Dim
 
-    from ditkit.runtime.ort_fusion import optimize_graph
+    from ditkit.deploy.ort_fusion import optimize_graph
 
     torch.manual_seed(0)
     module = Qkv().eval()

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from ditkit import spec as S  # noqa: E402
-from ditkit.runtime.export import INT8_TOLERANCE, ExportError, export_onnx  # noqa: E402
+from ditkit.deploy.export import INT8_TOLERANCE, ExportError, export_onnx  # noqa: E402
 
 from .conftest import TINY  # noqa: E402
 
@@ -22,7 +22,7 @@ def untrained(name: str = "tiny-hdit-neighborhood"):
     (as the export's own ``perturb_zero_layers`` check does), so the network changes the
     output."""
     from ditkit.builder import build
-    from ditkit.runtime.export import zero_weights
+    from ditkit.deploy.export import zero_weights
 
     torch.manual_seed(0)
     model = build(S.load(TINY / f"{name}.yaml")).eval()
@@ -36,8 +36,8 @@ def untrained(name: str = "tiny-hdit-neighborhood"):
 def test_int8_export_runs_within_its_tolerance_and_is_not_the_fp32_graph(tmp_path):
     import onnx
 
-    from ditkit.runtime.engines import OrtDenoiser
-    from ditkit.runtime.export import ExportGraph, example_inputs
+    from ditkit.deploy.engines import OrtDenoiser
+    from ditkit.deploy.export import ExportGraph, example_inputs
 
     model = untrained()
     path = tmp_path / "int8.onnx"

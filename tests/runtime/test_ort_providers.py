@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from ditkit import spec as S  # noqa: E402
-from ditkit.runtime import ort_providers as P  # noqa: E402
-from ditkit.runtime.engines import OrtDenoiser  # noqa: E402
+from ditkit.deploy import ort_providers as P  # noqa: E402
+from ditkit.deploy.engines import OrtDenoiser  # noqa: E402
 
 from .conftest import TINY  # noqa: E402
 
@@ -34,7 +34,7 @@ needs_openvino = pytest.mark.skipif(
 
 
 def reference(model, shape=(2, 16, 20), seed=3):
-    from ditkit.runtime.export import ExportGraph, example_inputs
+    from ditkit.deploy.export import ExportGraph, example_inputs
 
     graph = ExportGraph(model, S.EDMObjective())
     x, sigma, labels, aux = example_inputs(graph, shape[0], shape[1:], seed=seed)
@@ -132,7 +132,7 @@ def test_the_command_line_refuses_bad_providers_in_one_line(tmp_path, capsys, ar
 @needs_openvino
 def test_bench_sample_times_the_openvino_and_bf16_engines_beside_eager():
     from ditkit.builder import build
-    from ditkit.runtime.bench import bench_sample
+    from ditkit.deploy.bench import bench_sample
 
     torch.manual_seed(0)
     model = build(S.load(TINY / "tiny-hdit-neighborhood.yaml")).eval()
@@ -147,7 +147,7 @@ def test_bench_sample_times_the_openvino_and_bf16_engines_beside_eager():
 
 def test_bench_sample_reports_a_missing_plugin_as_a_row(monkeypatch):
     from ditkit.builder import build
-    from ditkit.runtime.bench import bench_sample
+    from ditkit.deploy.bench import bench_sample
 
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime import protocols
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.engines import OrtDenoiser
-from ditkit.runtime.tensorrt import TrtDenoiser
+from ditkit.deploy.engines import OrtDenoiser
+from ditkit.deploy.tensorrt import TrtDenoiser
 from tests.conftest import EXAMPLES
 
 DATA = sorted(protocols.Denoiser.__annotations__)

@@ -97,7 +97,7 @@ def test_every_sampler_is_guarded(denoiser):
 
 
 def test_zero_initialised_layers_are_found():
-    from ditkit.runtime.export import zero_weights
+    from ditkit.deploy.export import zero_weights
 
     model = build(S.validate(tiny_model()))  # zero_init_out: true
     zeros = zero_weights(model)
@@ -112,7 +112,7 @@ def test_zero_initialised_layers_are_found():
 @pytest.mark.slow
 def test_export_of_an_untrained_spec_says_parity_compared_zeros(tmp_path):
     """(slow: two exports) The note, and the perturbed check that makes parity meaningful."""
-    from ditkit.runtime.export import export_onnx
+    from ditkit.deploy.export import export_onnx
 
     model = build(S.validate(tiny_model()))
     plain = export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx")

@@ -1,11 +1,11 @@
-"""Intervals and paired tests of ``ditkit.runtime.stats`` against values worked out by hand."""
+"""Intervals and paired tests of ``ditkit.evaluate.stats`` against values worked out by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from ditkit.runtime.stats import (FrechetToReference, bootstrap_frechet, frechet_from_stats,
+from ditkit.evaluate.stats import (FrechetToReference, bootstrap_frechet, frechet_from_stats,
                                   mcnemar_p, paired_frechet_difference, wilson_interval)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ditkit.spec import experiment as E
-from ditkit.train.data import (BatchStream, DataError, ImageFolder, Position, ShapesDataset,
+from ditkit.data.datasets import (BatchStream, DataError, ImageFolder, Position, ShapesDataset,
                                TensorImages, digits_tensor)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditkit.train.data import digits_tensor
-from ditkit.train.evaluate import DigitsClassifier, evaluate_samples, frechet_distance
+from ditkit.data.datasets import digits_tensor
+from ditkit.evaluate.classifier import DigitsClassifier, evaluate_samples, frechet_distance
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -33,8 +33,8 @@ def test_real_digits_pass_and_noise_fails():
 
 
 def test_shapes_classifier_scores_real_shapes_like_real_and_noise_badly():
-    from ditkit.train.data import shape_image
-    from ditkit.train.evaluate import ResolutionMetrics, ShapesClassifier
+    from ditkit.data.datasets import shape_image
+    from ditkit.evaluate.classifier import ResolutionMetrics, ShapesClassifier
 
     metrics = ResolutionMetrics("shapes", count=2000)
     res = (16, 16)

@@ -13,10 +13,10 @@ import pytest
 
 from ditkit.cli import main
 from ditkit.errors import UserError
-from ditkit.runtime.npz import to_uint8, write_npz
+from ditkit.evaluate.npz import to_uint8, write_npz
 from ditkit.spec import SpecError
 from ditkit.spec.experiment import absolute_evaluation_paths, experiment_from_data
-from ditkit.train.data import digits_tensor
+from ditkit.data.datasets import digits_tensor
 from ditkit.train.logs import read_scalars
 from ditkit.train.loop import train
 
@@ -142,7 +142,7 @@ def test_a_shapes_run_is_scored_by_the_shapes_classifier_in_train_and_evaluate(t
     line, and a run on data with no built-in classifier is refused in one line."""
     from ditkit.cli.evaluate import LABELLED
     from ditkit.spec.experiment import LABELLED_DATA
-    from ditkit.train.evaluate import DigitsClassifier, ShapesClassifier
+    from ditkit.evaluate.classifier import DigitsClassifier, ShapesClassifier
 
     assert LABELLED == LABELLED_DATA
     exp = tiny_experiment(steps=2, model=_rgb_model(),

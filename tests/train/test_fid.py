@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from ditkit.cli import main
-from ditkit.train.fid import (ENV_VAR, FIDError, fid_folders, folder_features,
+from ditkit.evaluate.fid import (ENV_VAR, FIDError, fid_folders, folder_features,
                               frechet_from_features, frechet_from_stats, gaussian,
                               load_inception, sqrtm_psd, trace_sqrt_product)
-from ditkit.train.inception import FIDInception
+from ditkit.evaluate.inception import FIDInception
 
 # (name, shape) from torchvision's Inception3 (which pytorch-fid patches and loads the file
 # into strictly): BasicConv2d = conv (no bias) + bn; num_classes 1008, aux_logits=False
@@ -185,7 +185,7 @@ def test_cli_fid_without_weights_exits_2_and_says_where_to_put_them(tmp_path, fi
 
 
 def test_inception_input_from_samples():
-    from ditkit.train.fid import to_inception_input
+    from ditkit.evaluate.fid import to_inception_input
 
     x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
     y = to_inception_input(x)

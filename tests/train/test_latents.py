@@ -15,7 +15,7 @@ import yaml
 
 from ditkit.cli import main
 from ditkit.spec import experiment as E
-from ditkit.train.data import DataError, LatentShards, write_shards
+from ditkit.data.datasets import DataError, LatentShards, write_shards
 
 from ..tiny_vae import save_tiny_vae
 from .conftest import tiny_experiment_data, tiny_model
@@ -119,7 +119,7 @@ def test_encode_sample_mode_npz_and_webdataset_source(tmp_path, vae_dir, images)
 
 
 def test_digits_source_gives_labelled_rgb_images():
-    from ditkit.train.encode import image_source
+    from ditkit.data.encode import image_source
 
     items, count, classes = image_source("digits", (16, 16), 3)
     img, label = next(items)

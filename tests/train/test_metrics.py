@@ -13,8 +13,8 @@ from scipy.spatial.distance import cdist
 
 from ditkit.cli import main
 from ditkit.errors import UserError
-from ditkit.runtime.npz import write_npz
-from ditkit.train.metrics import inside, knn_radii, precision_recall
+from ditkit.evaluate.npz import write_npz
+from ditkit.evaluate.metrics import inside, knn_radii, precision_recall
 
 from .test_fid import _random_weights
 

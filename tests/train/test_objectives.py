@@ -11,7 +11,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, use_backend
-from ditkit.train.data import digits_tensor
+from ditkit.data.datasets import digits_tensor
 from ditkit.train.loop import param_groups
 from ditkit.train.objectives import (DDPMTables, DiffusionLoss, cosine_interpolated_sigma,
                                      ddpm_hybrid_loss, drop_labels, edm_weight)

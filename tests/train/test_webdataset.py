@@ -14,7 +14,7 @@ import yaml
 
 from ditkit.cli import main
 from ditkit.spec import experiment as E
-from ditkit.train.data import (DataError, ShardStream, WebDataset, digits_arrays,
+from ditkit.data.datasets import (DataError, ShardStream, WebDataset, digits_arrays,
                                expand_braces, make_stream, write_shards)
 from ditkit.train.logs import read_scalars
 from ditkit.train.loop import train

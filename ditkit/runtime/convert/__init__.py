@@ -41,7 +41,7 @@ import torch
 
 from ditkit import spec as S
 
-from .remap import ConversionError, Remap, check_heads, compact, expected_shapes  # noqa: F401
+from ditkit.runtime.convert.remap import ConversionError, Remap, check_heads, compact, expected_shapes  # noqa: F401
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
@@ -57,7 +57,7 @@ def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
     get different hashes."""
     import hashlib
 
-    from ..checkpoint import model_hash
+    from ditkit.runtime.checkpoint import model_hash
 
     h = hashlib.sha256(model_hash(tensors).encode())
     h.update(json.dumps(S.to_data(spec, full=True), sort_keys=True).encode())
@@ -130,7 +130,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
 
 
 def _sources() -> dict[str, ModuleType]:
-    from . import dit, kdiffusion, mpdit
+    from ditkit.runtime.convert import dit, kdiffusion, mpdit
 
     return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit}
 
@@ -158,7 +158,7 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
             key: str | None = None, **hints) -> S.ModelSpec:
     """Read a ``source``-format checkpoint at ``path`` and write a ditkit checkpoint at
     ``out``. Returns the spec."""
-    from ..checkpoint import save_checkpoint
+    from ditkit.runtime.checkpoint import save_checkpoint
 
     mod = source_module(source)
     preferred = getattr(mod, "PREFERRED_KEYS", DEFAULT_PREFERRED_KEYS)
@@ -180,7 +180,7 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     """Write a ditkit checkpoint back in the ``to`` format: ``.safetensors`` (with the
     module's ``source_metadata``) or a ``torch.save``d plain state dict (``.pt``/``.pth``)."""
-    from ..checkpoint import _atomic_save, load_checkpoint
+    from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint
 
     mod = source_module(to)
     ckpt = load_checkpoint(path)
@@ -191,7 +191,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
                 if hasattr(mod, "source_metadata") else {})
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
-        from ditkit.runtime.files import atomic_path
+        from ditkit.files import atomic_path
 
         with atomic_path(out) as tmp:
             torch.save(state, tmp)

@@ -154,7 +154,7 @@ def gpu_identity() -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from .files import atomic_path
+    from ditkit.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -264,7 +264,7 @@ def _refit(trt, logger, engine_path: Path, onnx_path: Path) -> bytes:
 def _rules_of(onnx_path: Path):
     import onnx
 
-    from .graph_io import rules_from_metadata
+    from ditkit.deploy.graph_io import rules_from_metadata
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -286,9 +286,9 @@ class TrtDenoiser:
         import onnx
         import torch
 
-        from .checkpoint import spec_from_metadata
-        from .denoiser import NoiseRange
-        from .graph_io import aux_inputs
+        from ditkit.runtime.checkpoint import spec_from_metadata
+        from ditkit.runtime.denoiser import NoiseRange
+        from ditkit.deploy.graph_io import aux_inputs
 
         trt = _trt()
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -330,7 +330,7 @@ class TrtDenoiser:
     def _run(self, x, sigma, class_labels, scale, cond):
         import torch
 
-        from .graph_io import check_shape, graph_feeds
+        from ditkit.deploy.graph_io import check_shape, graph_feeds
 
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
         feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.names,
@@ -385,7 +385,7 @@ def compile_torch_tensorrt(denoiser, example_shape, precision: str = "fp16"):
                                   "torch-tensorrt` matching your torch)") from None
     import torch
 
-    from .export import ExportGraph, example_inputs
+    from ditkit.deploy.export import ExportGraph, example_inputs
 
     graph = ExportGraph(denoiser.model, denoiser.objective).cuda().eval()
     args = tuple(a.cuda() for a in example_inputs(graph, example_shape[0],

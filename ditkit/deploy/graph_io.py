@@ -3,8 +3,8 @@
 Shared by the exporter (``export``), the onnxruntime engine (``engines``) and the TensorRT
 runner (``tensorrt``), so none of those imports another for these pieces (no import cycle):
 
-- :class:`AxisRule` and :func:`check_shape`: the valid ``(B, C, H, W)`` of a graph;
-  :func:`rules_from_metadata` reads the rule an exported file carries.
+- :class:`AxisRule` and :func:`check_shape` (from :mod:`ditkit.runtime.shape_rule`): the valid
+  ``(B, C, H, W)`` of a graph; :func:`rules_from_metadata` reads the rule a file carries.
 - :func:`graph_feeds` / :func:`aux_inputs`: the named inputs of a graph as torch tensors.
 - :func:`ort_session`: an onnxruntime session with full graph optimisation.
 """
@@ -20,63 +20,19 @@ import torch
 from ditkit import spec as S
 from ditkit.errors import UserError
 
-MAX_SIDE = 8192  # largest exported H / W (pixels or latents)
-
-
-class ExportError(UserError):
-    """An export that cannot be done or did not pass its checks (the message says which)."""
-
-
-@dataclass(frozen=True)
-class AxisRule:
-    """Valid sizes of one axis: ``minimum + k * step`` for ``k >= 0`` (up to ``maximum``)."""
-
-    minimum: int
-    step: int
-    maximum: int = MAX_SIDE
-
-    def valid(self, n: int) -> bool:
-        return self.minimum <= n <= self.maximum and (n - self.minimum) % self.step == 0
-
-    def text(self) -> str:
-        return (f"{self.minimum} + k*{self.step}" if self.minimum % self.step else
-                f"multiple of {self.step}, >= {self.minimum}")
-
-
-def check_shape(spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | None = None,
-                where: str = "input") -> None:
-    """Raise :class:`ExportError` naming the rule if ``(B, C, H, W)`` is not valid."""
-    if len(shape) != 4 or shape[1] != spec.input.channels:
-        raise ExportError(f"{where}: expected (batch, {spec.input.channels}, H, W), got "
-                          f"{tuple(shape)}")
-    issues = spec.check_resolution((int(shape[2]), int(shape[3])), where)
-    if issues:
-        raise ExportError("; ".join(f"{p}: {m}" for p, m in issues))
-    if rules is not None:
-        for n, rule, name in zip(shape[2:], rules, ("height", "width")):
-            if not rule.valid(int(n)):
-                raise ExportError(f"{where}: {name} {n} is outside this model's rule "
-                                  f"({rule.text()}, <= {rule.maximum})")
-
-
-def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | None:
-    """The ``(height, width)`` rule recorded in an exported file's ``ditkit.resolution_rule``
-    metadata, or ``None`` when it records none."""
-    rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
-    if not rule:
-        return None
-    return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                 for a in ("height", "width"))
+# the shape rule lives on the runtime floor (the samplers' denoiser contract names it)
+from ditkit.runtime.shape_rule import (  # noqa: F401,E402
+    MAX_SIDE, AxisRule, ExportError, check_shape, rules_from_metadata)
 
 
 def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None,
                 cpu_provider: str = "cpu"):
     """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
     ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
-    (:mod:`ditkit.runtime.ort_providers`)."""
+    (:mod:`ditkit.deploy.ort_providers`)."""
     import onnxruntime as ort
 
-    from .ort_providers import add_provider
+    from ditkit.deploy.ort_providers import add_provider
 
     path = Path(path)
     if not path.is_file():

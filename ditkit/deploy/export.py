@@ -48,9 +48,9 @@ from torch import nn
 
 from ditkit import spec as S
 
-from .denoiser import Denoiser
-from .graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
-from .samplers import cfg_combine
+from ditkit.runtime.denoiser import Denoiser
+from ditkit.deploy.graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
+from ditkit.runtime.samplers import cfg_combine
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OPSET = 18
@@ -343,7 +343,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
                      metadata, graph)
     if quantize:
-        from .ort_fusion import INT8_NOTE, quantize_int8
+        from ditkit.deploy.ort_fusion import INT8_NOTE, quantize_int8
 
         meta["ditkit.quantize"] = INT8_NOTE
         model_proto = quantize_int8(model_proto)
@@ -532,7 +532,7 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
 
     table = None
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
-        from .ort_fusion import gelu_translation, translation_table
+        from ditkit.deploy.ort_fusion import gelu_translation, translation_table
 
         table = {**translation_table(), **gelu_translation()} or None
 
@@ -547,7 +547,7 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
     proto = program.model_proto
     name_dims(proto)
     if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes
-        from .ort_fusion import optimize_graph
+        from ditkit.deploy.ort_fusion import optimize_graph
 
         optimize_graph(proto)
     return proto
@@ -623,7 +623,7 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
 
 def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
               extra, graph: ExportGraph) -> dict[str, str]:
-    from .checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
+    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
         SPEC_KEY: json.dumps(S.to_data(spec, full=True), separators=(",", ":")),
@@ -710,7 +710,7 @@ def _describe(missing) -> str:
 def _atomic_save_onnx(model_proto, out: Path) -> None:
     import onnx
 
-    from .files import atomic_path
+    from ditkit.files import atomic_path
 
     with atomic_path(out) as tmp:
         onnx.save_model(model_proto, tmp)

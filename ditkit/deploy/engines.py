@@ -17,8 +17,8 @@ import torch
 
 from ditkit import spec as S
 
-from .denoiser import NoiseRange
-from .graph_io import (aux_inputs, check_shape, graph_feeds, onnx_error, ort_session,
+from ditkit.runtime.denoiser import NoiseRange
+from ditkit.deploy.graph_io import (aux_inputs, check_shape, graph_feeds, onnx_error, ort_session,
                        rules_from_metadata)
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -45,13 +45,13 @@ class OrtDenoiser:
 
     ``device``: where the torch tensors the sampler passes live (``cpu`` or ``cuda[:i]``).
     ``ort_provider``: on the CPU, which execution provider runs the graph (``cpu``,
-    ``openvino``, ``openvino-bf16``: :mod:`ditkit.runtime.ort_providers`)."""
+    ``openvino``, ``openvino-bf16``: :mod:`ditkit.deploy.ort_providers`)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  providers: list | None = None, threads: int | None = None,
                  ort_provider: str = "cpu"):
-        from .checkpoint import spec_from_metadata
-        from .ort_providers import ProviderError, check_provider
+        from ditkit.runtime.checkpoint import spec_from_metadata
+        from ditkit.deploy.ort_providers import ProviderError, check_provider
 
         self.path = Path(path)
         self.device = torch.device(device)

@@ -413,7 +413,7 @@ def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str =
 
     from tqdm import tqdm
 
-    from ditkit.runtime.files import atomic_path
+    from ditkit.files import atomic_path
 
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size}: must be positive")

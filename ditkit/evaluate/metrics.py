@@ -12,7 +12,7 @@ counts as inside (``<=``). ADM computes the distances in float16 (float32 where 
 overflows); here they are float64, so a point within round-off of a boundary may be counted
 differently -- precision and recall can differ from ADM's in the last digits.
 
-Features come in as numpy arrays (:mod:`ditkit.train.fid` computes them); the distances run in
+Features come in as numpy arrays (:mod:`ditkit.evaluate.fid` computes them); the distances run in
 torch on the given device.
 """
 

@@ -24,7 +24,7 @@ import torch
 from ditkit.spec.experiment import LABELLED_DATA
 from ditkit.spec.sampling import DEFAULT_SAMPLER
 
-from .data import digits_tensor
+from ditkit.data.datasets import digits_tensor
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ImageClassifier:
 
     def prepare(self, images: torch.Tensor) -> np.ndarray:
         """``(N, C, H, W)`` images in [-1, 1] -> flat grey arrays at ``input_size``."""
-        from .data import resize_images
+        from ditkit.data.datasets import resize_images
 
         x = images.detach().float().cpu().clamp(-1, 1)
         if x.shape[1] != 1:
@@ -113,7 +113,7 @@ class DigitsClassifier(ImageClassifier):
 
 
 class ShapesClassifier(ImageClassifier):
-    """The MLP on real procedural shapes (``ditkit.train.data.shape_image``), rendered at the
+    """The MLP on real procedural shapes (``ditkit.data.datasets.shape_image``), rendered at the
     *evaluated* ``resolution`` -- shapes exist at any size, so the real reference is exact
     there, not an upsampled 32x32 image -- then reduced (antialiased) to grey at
     ``min(resolution, input_size)``. The fixed classifier input keeps the cost and the
@@ -128,7 +128,7 @@ class ShapesClassifier(ImageClassifier):
 
     def __init__(self, resolution: tuple[int, int], classes: int = 10, count: int = 3000,
                  input_size: int = 32, hidden: int = 64, seed: int = 1234):
-        from .data import shape_image
+        from ditkit.data.datasets import shape_image
 
         self.resolution = tuple(resolution)
         x = torch.from_numpy(np.stack([shape_image(i, i % classes, self.resolution, seed)
@@ -141,7 +141,7 @@ class ShapesClassifier(ImageClassifier):
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` of Gaussians fitted to rows
     (stable when features are constant: dead ReLU units make the covariances singular)."""
-    from .fid import frechet_from_stats
+    from ditkit.evaluate.fid import frechet_from_stats
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -191,7 +191,7 @@ class ResolutionMetrics:
     accuracy, Fréchet distance and the matched real-vs-real Fréchet distance, and under
     ``per_sample`` what the runner's confidence intervals and paired tests need: which samples
     were classified right, their features and the Fréchet distance to the reference
-    (:class:`ditkit.runtime.stats.FrechetToReference`). One classifier per resolution, built
+    (:class:`ditkit.evaluate.stats.FrechetToReference`). One classifier per resolution, built
     on first use."""
 
     def __init__(self, data_kind: str, classes: int = 10, **classifier_args):
@@ -209,7 +209,7 @@ class ResolutionMetrics:
         r = evaluate_samples(clf, images, labels, matched_reference=True,
                              classified=(pred, features))
         if res not in self._references:
-            from ditkit.runtime.stats import FrechetToReference
+            from ditkit.evaluate.stats import FrechetToReference
 
             ref = clf.features(clf.x_fit)
             self._references[res] = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))

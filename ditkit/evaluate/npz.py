@@ -42,7 +42,7 @@ import torch
 from ditkit.errors import UserError
 from ditkit.spec.sampling import DEFAULT_SAMPLER
 
-from .files import atomic_path
+from ditkit.files import atomic_path
 
 SETTINGS = "settings.json"
 SETTINGS_KEY = "ditkit_settings"
@@ -88,9 +88,9 @@ class Processes:
 def processes(device: str = "cpu") -> Processes:
     """Join the ``torchrun`` process group (gloo on CPU, nccl on CUDA) when ``WORLD_SIZE`` > 1;
     one process otherwise. Call it before loading the model: it picks the device."""
-    from .device import pick_device
+    from ditkit.device import pick_device
 
-    dev = pick_device(str(device))  # cuda -> cuda:<LOCAL_RANK> (ditkit.runtime.device)
+    dev = pick_device(str(device))  # cuda -> cuda:<LOCAL_RANK> (ditkit.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Processes(device=str(dev))
@@ -313,7 +313,7 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     latent samples to images in [-1, 1]; ``identity`` (JSON data: the checkpoint's hash, the
     decoder) joins the settings a resumed run must match. Collective under ``torchrun``:
     every process calls it with the same arguments (``proc`` from :func:`processes`)."""
-    from .samplers import sample
+    from ditkit.runtime.samplers import sample
 
     proc = proc or Processes(device=str(device))
     out = Path(out)

@@ -26,7 +26,7 @@ from ditkit import spec as S
 from ditkit.builder import build, describe
 from ditkit.spec.sampling import DEFAULT_SAMPLER
 
-from .extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
+from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 
 _POLICY = TypeAdapter(S.Policy)
 
@@ -188,7 +188,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``evaluate``: an optional metrics hook ``(images, labels) -> dict`` (e.g.
-    ``ditkit.train.evaluate.ResolutionMetrics``; the runtime does not import the training
+    ``ditkit.evaluate.classifier.ResolutionMetrics``; the runtime does not import the training
     layer, so the caller passes it); it scores ``eval_count`` fixed-seed samples per cell (the
     grid shows the first ``samples`` of them). ``extra``: further rows ``(label, spec,
     tensors)`` of models already at their resolution (e.g. a fine-tuned adaptation), sampled
@@ -347,7 +347,7 @@ def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0
 
 
 def _intervals(row: Row, per: dict, rounds: int, seed: int) -> None:
-    from .stats import bootstrap_frechet, wilson_interval
+    from ditkit.evaluate.stats import bootstrap_frechet, wilson_interval
 
     correct = per["correct"]
     row.metrics["accuracy_ci"] = list(wilson_interval(int(correct.sum()), len(correct)))
@@ -362,7 +362,7 @@ def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: i
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
     row's samples (bit-identical models) are left out. ``scope`` labels the entries (``all``
     rows, or ``zero-shot`` when the caller passes only the policies' rows)."""
-    from .stats import mcnemar_p, paired_frechet_difference
+    from ditkit.evaluate.stats import mcnemar_p, paired_frechet_difference
 
     out = []
     by_res: dict = {}
@@ -405,7 +405,7 @@ def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, 
     from ditkit.runtime.denoiser import Denoiser
     from ditkit.runtime.samplers import sample
 
-    from .images import save_grid
+    from ditkit.runtime.images import save_grid
 
     classes = spec.conditioning.classes
     total = max(n, eval_count if evaluate is not None else 0)

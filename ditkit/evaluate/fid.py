@@ -5,10 +5,10 @@ A set of images is a folder (every image under it, recursively) or an ``.npz`` w
 holds uint8 ``(N, H, W, 3)`` images -- what ``ditkit sample --npz`` writes and the ADM
 evaluator's reference batches hold (their precomputed statistics are not used: features are
 always computed here, from the images). ``fid_folders(real, fake)`` reads both (RGB, values
-in [0, 1]), takes the 2048-d pool3 features of :class:`~ditkit.train.inception.FIDInception`
+in [0, 1]), takes the 2048-d pool3 features of :class:`~ditkit.evaluate.inception.FIDInception`
 (bilinear resize to 299, scaled to [-1, 1] -- pytorch-fid's preprocessing) and returns the
 Fréchet distance of the two Gaussians fitted to them, plus improved precision and recall on
-the same features (:mod:`ditkit.train.metrics`). ditkit never downloads: the weights file
+the same features (:mod:`ditkit.evaluate.metrics`). ditkit never downloads: the weights file
 ``pt_inception-2015-12-05-6726825d.pth`` is looked up, in order, at ``--fid-weights``,
 ``$DITKIT_FID_WEIGHTS`` and torch's hub cache (where pytorch-fid saves it).
 """
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.runtime.stats import (  # noqa: F401 (re-exported)
+from ditkit.evaluate.stats import (  # noqa: F401 (re-exported)
     _clean, frechet_from_stats, sqrtm_psd, trace_sqrt_product)
 from ditkit.spec.sampling import DEFAULT_SAMPLER
 
-from .inception import WEIGHTS_FILE, FIDInception, load_fid_inception
+from ditkit.evaluate.inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
 ENV_VAR = "DITKIT_FID_WEIGHTS"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -42,7 +42,7 @@ class FIDError(UserError):
 # ----------------------------------------------------------------- the Fréchet distance
 
 
-# The matrix functions live in ``ditkit.runtime.stats`` (the extrapolation runner uses them
+# The matrix functions live in ``ditkit.evaluate.stats`` (the extrapolation runner uses them
 # too); they are re-exported here.
 
 
@@ -154,7 +154,7 @@ def npz_features(net: FIDInception, path: str | Path, batch: int = 8, device: st
     """``(N, 2048)`` pool3 features of ``arr_0`` (uint8 NHWC) of an ``.npz``, streamed."""
     from tqdm import tqdm
 
-    from ditkit.runtime.npz import NpzError, iter_npz_images, npz_shape
+    from ditkit.evaluate.npz import NpzError, iter_npz_images, npz_shape
 
     try:
         n = npz_shape(path)[0]
@@ -177,7 +177,7 @@ def check_source(source: str | Path) -> None:
     ``.npz`` of uint8 images."""
     path = Path(source)
     if path.suffix == ".npz":
-        from ditkit.runtime.npz import NpzError, npz_shape
+        from ditkit.evaluate.npz import NpzError, npz_shape
 
         if not path.is_file():
             raise FIDError(f"{path}: no such .npz file")
@@ -206,7 +206,7 @@ class FIDReport:
     fake_count: int
     weights: str
     precision: float | None = None
-    """Improved precision and recall (:mod:`ditkit.train.metrics`) with ``k`` neighbours;
+    """Improved precision and recall (:mod:`ditkit.evaluate.metrics`) with ``k`` neighbours;
     ``None`` when not asked for or a set has ``k`` images or fewer."""
     recall: float | None = None
     k: int | None = None
@@ -225,7 +225,7 @@ def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3,
                      device: str = "cpu") -> dict:
     """``{fid, precision, recall, k}`` of two feature sets; precision and recall are ``None``
     when ``k`` is ``None`` or a set has ``k`` images or fewer."""
-    from .metrics import precision_recall
+    from ditkit.evaluate.metrics import precision_recall
 
     out = {"fid": frechet_from_features(f_real, f_fake), "precision": None, "recall": None,
            "k": None}

@@ -21,7 +21,7 @@ import torch
 
 from ditkit.spec import experiment as E
 
-from .data import (IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
+from ditkit.data.datasets import (IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
                    digits_tensor)
 
 
@@ -72,7 +72,7 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
     from tqdm import tqdm
 
     from ditkit.runtime.autoencoder import load_autoencoder
-    from ditkit.runtime.files import atomic_path
+    from ditkit.files import atomic_path
 
     if fmt not in ("safetensors", "npz"):
         raise DataError(f"--format {fmt!r}: use safetensors or npz")

@@ -36,11 +36,11 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
 
     from ditkit.builder import use_backend
 
-    from .denoiser import Denoiser, compile_denoiser
-    from .denoiser import compile_mode as compile_mode_of
-    from .engines import OrtDenoiser
-    from .ort_providers import ProviderError, check_available
-    from .export import export_onnx
+    from ditkit.runtime.denoiser import Denoiser, compile_denoiser
+    from ditkit.runtime.denoiser import compile_mode as compile_mode_of
+    from ditkit.deploy.engines import OrtDenoiser
+    from ditkit.deploy.ort_providers import ProviderError, check_available
+    from ditkit.deploy.export import export_onnx
 
     say = log or (lambda m: None)
     dev = torch.device(device)
@@ -127,7 +127,7 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             lambda a, b, c: ort.denoise(a, b, c), x, s, y)
                     elif engine == "tensorrt":
-                        from .tensorrt import TensorRTUnavailable, _trt
+                        from ditkit.deploy.tensorrt import TensorRTUnavailable, _trt
 
                         try:
                             _trt()
