@@ -14,6 +14,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, kernels
+from tests.perturb import perturb
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (torch.onnx dynamo export)")
@@ -36,9 +37,7 @@ def _model(name: str):
     spec = S.load(EXAMPLES / name)
     torch.manual_seed(0)
     model = build(spec).eval()
-    with torch.no_grad():  # move off the zero init so attention shapes the output
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model)  # move off the zero init so attention shapes the output
     return spec, _Denoise(model)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ditkit.builder import kernels
 from ditkit.builder import neighborhood as nb
+from tests.perturb import perturb
 
 GRIDS = [(7, 7), (12, 17), (31, 9)]
 KERNELS = [(3, 3), (5, 5), (7, 7), (7, 3)]
@@ -136,9 +137,7 @@ def test_rope_cosine_and_qk_norm_give_the_same_model_output_on_every_backend():
     spec = S.load("examples/tiny/tiny-hdit-neighborhood.yaml")
     torch.manual_seed(0)
     model = build(spec)
-    with torch.no_grad():
-        for p in model.parameters():  # leave the zero init so the attention path matters
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model)  # leave the zero init so the attention path matters
     x, sigma = torch.randn(2, 3, 16, 24), torch.tensor([0.5, 2.0])
     outs, grads = {}, {}
     for backend in ("masked", "gather", "tiled"):

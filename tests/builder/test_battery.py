@@ -1,9 +1,9 @@
 """One battery over every family, instead of a copy per paper.
 
-Every tiny example (each family's small model) goes through the same checks: it builds; its
-parameter count is what ``describe`` reports, level by level; the forward pass has the right
-shape at two resolutions; a checkpoint round trip gives bit-identical outputs; every
-neighborhood backend gives the same output; and (``-m slow``) its ONNX export passes the parity
+Every tiny example (each family's small model) goes through the same checks, each its own test
+so one failure hides no other: its parameter count is what ``describe`` reports, level by level;
+the forward pass has the right shape at two resolutions; a checkpoint round trip gives
+bit-identical outputs; every neighborhood backend gives the same output; and (``-m slow``) its ONNX export passes the parity
 check. Every example spec at full size builds on the meta device with the same accounting.
 The class-conditioned tiny models (MDiT's class token in cross-attention, MPDiT's prefix class
 tokens) learn to separate two labels, and an omitted label is the null class."""
@@ -15,6 +15,7 @@ from ditkit import spec as S
 from ditkit.builder import build, describe, use_backend
 from ditkit.runtime.checkpoint import load_model, save_checkpoint
 from tests.conftest import EXAMPLES, example_specs, tiny_specs
+from tests.perturb import perturb
 
 
 def _inputs(spec, batch=2, resolution=None, device="cpu"):
@@ -30,12 +31,7 @@ def _inputs(spec, batch=2, resolution=None, device="cpu"):
 def _perturbed(spec):
     torch.manual_seed(0)
     model = build(spec).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return perturb(model, seed=1, trainable_only=True)
 
 
 def _other_resolution(spec):
@@ -76,41 +72,58 @@ def test_every_example_builds_on_meta_with_its_described_parameters(path):
     _parameter_accounting(spec, build(spec, device="meta", init=False))
 
 
-@pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.stem)
-def test_tiny_model_battery(path, tmp_path):
+TINY = pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.stem)
+
+
+@TINY
+def test_tiny_model_parameters_are_what_describe_reports(path):
+    spec = S.load(path)
+    _parameter_accounting(spec, _perturbed(spec))
+
+
+@TINY
+def test_tiny_model_forward_shape_at_two_resolutions(path):
     spec = S.load(path)
     model = _perturbed(spec)
-    _parameter_accounting(spec, model)
-
-    # forward shape at the spec's resolution and at another valid one
-    outputs = {}
     for res in (tuple(spec.input.resolution), _other_resolution(spec)):
         x, sigma, labels = _inputs(spec, resolution=res)
         with torch.no_grad():
             out = model(x, sigma, labels)
         assert out.shape == (2, spec.out_channels, *res)
         assert torch.isfinite(out).all()
-        outputs[res] = out
 
-    # checkpoint round trip: same spec, same tensors, bit-identical output
+
+@TINY
+def test_tiny_model_checkpoint_round_trip_is_bit_identical(path, tmp_path):
+    spec = S.load(path)
+    model = _perturbed(spec)
+    x, sigma, labels = _inputs(spec)
+    with torch.no_grad():
+        before = model(x, sigma, labels)
     path_ = tmp_path / "m.safetensors"
     save_checkpoint(path_, model.state_dict(), spec)
     loaded, _ = load_model(path_)
     assert loaded.spec == spec
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), before)
+
+
+@pytest.mark.parametrize("path", [p for p in tiny_specs() if any(
+    isinstance(b.attention, S.NeighborhoodAttention) for *_, b in S.load(p).blocks())],
+    ids=lambda p: p.stem)
+def test_tiny_model_neighborhood_backends_agree(path):
+    """Every neighborhood backend that runs on CPU gives the same output."""
+    spec = S.load(path)
+    model = _perturbed(spec)
     x, sigma, labels = _inputs(spec)
     with torch.no_grad():
-        assert torch.equal(loaded(x, sigma, labels), outputs[tuple(spec.input.resolution)])
-
-    # backends: every neighborhood backend that runs on CPU gives the same output
-    if any(isinstance(b.attention, S.NeighborhoodAttention) for *_, b in spec.blocks()):
-        with torch.no_grad():
-            results = {}
-            for name in ("gather", "tiled", "masked", "flex"):
-                with use_backend(name):
-                    results[name] = model(x, sigma, labels)
-        scale = results["masked"].abs().max()
-        for name, out in results.items():
-            assert (out - results["masked"]).abs().max() <= 1e-5 * max(1.0, float(scale)), name
+        results = {}
+        for name in ("gather", "tiled", "masked", "flex"):
+            with use_backend(name):
+                results[name] = model(x, sigma, labels)
+    scale = results["masked"].abs().max()
+    for name, out in results.items():
+        assert (out - results["masked"]).abs().max() <= 1e-5 * max(1.0, float(scale)), name
 
 
 @pytest.mark.slow
@@ -172,10 +185,7 @@ def test_every_parameter_gets_a_gradient(name, levels, std):
     torch.manual_seed(0)
     spec = S.load(EXAMPLES / "tiny" / f"{name}.yaml")
     model = build(spec)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.abs().sum():
-                p.normal_(0, std)
+    perturb(model, std, trainable_only=True, only_zero=True)
     h = spec.input.resolution[0]
     x = torch.randn(2, 4, h, h)
     out = model(x, torch.tensor(levels), torch.tensor([1, 3]))

@@ -6,6 +6,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from tests.conftest import example_specs, tiny_specs
+from tests.perturb import perturb
 
 
 @pytest.mark.parametrize("path", example_specs(), ids=lambda p: p.name)
@@ -35,11 +36,7 @@ def _inputs(spec, batch=2, seed=0, resolution=None):
 
 def _perturb(model, seed=1):
     """Zero-initialised tensors would hide bugs; give every parameter some noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb(model, seed=seed, trainable_only=True)
 
 
 @pytest.mark.parametrize("path", tiny_specs(), ids=lambda p: p.name)

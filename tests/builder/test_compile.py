@@ -12,6 +12,7 @@ from torch._dynamo.backends.common import aot_autograd
 from ditkit import spec as S
 from ditkit.builder import build, kernels
 from tests.conftest import EXAMPLES, tiny_specs
+from tests.perturb import perturb
 
 #: one preset of each family and structure (the DiT sizes differ only in widths and depth)
 PRESETS = ["dit-s-8", "hdit-imagenet-128", "hdit-imagenet-256", "hdit-ffhq-1024", "mdit-b",
@@ -31,10 +32,7 @@ def _inputs(spec, batch=2, device="cpu"):
 
 def _perturb(model):
     """Zero-initialised output layers would make every gradient but the head's zero."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb(model, seed=1)
 
 
 def _explain(model, *args):

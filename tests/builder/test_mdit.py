@@ -15,13 +15,11 @@ from ditkit.builder.cross_attention import CrossAttention
 from ditkit.spec.families import mdit
 from ditkit.spec.presets import preset
 from tests.conftest import EXAMPLES
+from tests.perturb import perturb
 
 
 def _randomise_zero_inits(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.abs().sum():
-                p.normal_(0, 0.05)
+    perturb(model, trainable_only=True, only_zero=True)
 
 
 ISOTROPIC = """

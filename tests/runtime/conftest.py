@@ -9,6 +9,7 @@ from ditkit.builder import build
 from ditkit.runtime.checkpoint import model_hash
 from ditkit.deploy.export import export_onnx
 from tests.conftest import EXAMPLES
+from tests.perturb import perturb
 
 TINY = EXAMPLES / "tiny"
 
@@ -17,12 +18,7 @@ def perturbed(name: str, seed: int = 0):
     """A tiny model whose zero-initialised layers are not zero (so the output depends on every
     input); the fixed sin-cos table is left as it is."""
     torch.manual_seed(seed)
-    model = build(S.load(TINY / f"{name}.yaml")).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "position" not in n:
-                p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturb(build(S.load(TINY / f"{name}.yaml")).eval(), skip=("position",))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime import checkpoint as C
 from tests.conftest import EXAMPLES
+from tests.perturb import perturb
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,7 @@ def hdit_spec() -> S.ModelSpec:
 def hdit_model(hdit_spec):
     torch.manual_seed(0)
     model = build(hdit_spec)
-    with torch.no_grad():  # make zero-initialised outputs non-trivial
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model)  # make zero-initialised outputs non-trivial
     return model.eval()
 
 

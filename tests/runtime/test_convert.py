@@ -21,6 +21,7 @@ from ditkit.runtime.convert import dit as DIT
 from ditkit.runtime.convert import kdiffusion as KD
 from ditkit.spec.presets import preset
 from tests.conftest import EXAMPLES, FIXTURES
+from tests.perturb import perturb
 
 DIT_FIXTURES = ["dit_tiny"]
 HDIT_FIXTURES = ["hdit_global", "hdit_neighborhood", "hdit_shifted_window"]
@@ -466,9 +467,7 @@ def test_paper_size_model_round_trip(name, source, tmp_path):
     spec = preset(name)
     torch.manual_seed(0)
     model = build(spec).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model, 0.02)
     mod = CV.source_module(source)
     state = mod.from_ditkit(model.state_dict(), spec)
     if source == "dit":

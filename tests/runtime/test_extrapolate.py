@@ -7,6 +7,7 @@ from ditkit import spec as S
 from ditkit.builder import build, describe
 from ditkit.builder.embed import TokenMerge, TokenSplit
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
+from tests.perturb import perturb
 
 TINY = "examples/tiny/tiny-hdit-neighborhood.yaml"
 
@@ -14,10 +15,7 @@ TINY = "examples/tiny/tiny-hdit-neighborhood.yaml"
 def _trained(spec, seed=0):
     torch.manual_seed(seed)
     model = build(spec)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.state_dict()
+    return perturb(model).state_dict()
 
 
 def test_hdit_add_levels_costs_match_table_1():

@@ -12,6 +12,7 @@ from ditkit.builder import build
 from ditkit.runtime.extrapolate import adapt
 from ditkit.evaluate.report import dit_reference, parse_policy, run
 from tests.conftest import ROOT
+from tests.perturb import perturb
 
 TINY = ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml"
 
@@ -292,9 +293,7 @@ def test_sample_policy_adapts_the_checkpoint_before_sampling(tmp_path):
     spec = S.load(TINY)
     torch.manual_seed(0)
     model = build(spec)
-    with torch.no_grad():  # zero-initialised output layers would make every sample alike
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    perturb(model, 0.02)  # zero-initialised output layers would make every sample alike
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model.state_dict(), spec)
     h, w = spec.input.resolution

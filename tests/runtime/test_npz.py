@@ -25,18 +25,14 @@ from ditkit.evaluate.npz import (NpzError, iter_npz_images, npz_settings, npz_sh
                                 parts_folder, read_npz, sample_npz, write_npz)
 from tests.conftest import EXAMPLES, ROOT
 from tests.train.conftest import tiny_model
+from tests.perturb import perturb
 
 STEPS = ["--steps", "2", "--sampler", "euler", "--no-progress"]
 
 
 def _perturbed(spec, seed=0):
     torch.manual_seed(seed)
-    model = build(spec).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "position" not in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return perturb(build(spec).eval(), 0.1, skip=("position",))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from ditkit.runtime.denoiser import Denoiser, NoiseRange, ddpm_alphas_cumprod, d
 from ditkit.runtime.samplers import (SAMPLERS, Guided, ancestral_split, get_sigmas,
                                      karras_sigmas, sample, spaced_timesteps)
 from tests.conftest import EXAMPLES
+from tests.perturb import perturb
 
 MU, SD = 0.3, 0.5
 
@@ -194,9 +195,7 @@ def test_cfg_is_one_batched_pass_with_the_guidance_formula():
 def test_cfg_on_a_built_model_batched_equals_separate_passes():
     torch.manual_seed(0)
     model = build(S.load(EXAMPLES / "tiny" / "tiny-hdit-global.yaml")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # leave the zero-init: outputs depend on labels
+    perturb(model)  # leave the zero-init: outputs depend on labels
     d = Denoiser(model, S.EDMObjective())
     labels = torch.tensor([1, 7])
     kw = dict(steps=3, sampler="heun", seed=0, class_labels=labels)

@@ -21,6 +21,7 @@ from ditkit.train.checkpoints import read_tensors
 from ditkit.train.loop import train
 
 from .conftest import tiny_experiment_data, tiny_model
+from tests.perturb import perturb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,8 +32,7 @@ def source(tmp_path):
     spec = S.validate(tiny_model())
     torch.manual_seed(3)
     model = build(spec)
-    for p in model.parameters():  # zero-initialised outputs would hide frozen/trainable mixups
-        p.data.add_(0.01 * torch.randn_like(p))
+    perturb(model, 0.01)  # zero-initialised outputs would hide frozen/trainable mixups
     path = tmp_path / "source.safetensors"
     save_checkpoint(path, model.state_dict(), spec, objective=S.EDMObjective())
     return path, spec, model.state_dict()
