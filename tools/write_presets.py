@@ -22,7 +22,7 @@ def preset_path(name: str) -> Path:
 def render(name: str) -> str:
     fn = PRESETS[name]
     label = getattr(fn, "__name__", name)
-    if label == "<lambda>":
+    if label in ("<lambda>", name):  # dit(size, patch) through functools.partial
         size, patch = name.split("-")[1:]
         label = f"dit({size!r}, {patch})"
     return HEADER.format(fn=label) + S.dumps(fn())

@@ -7,7 +7,7 @@ its own fields. Everything here is frozen, inert data (no torch).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 BOOL_NOT_NUMBER = "true/false is not a number here"
 
 
-def _admits_bool(annotation) -> bool:
+def _admits_bool(annotation: Any) -> bool:
     """Whether a field's annotation accepts ``True``/``False`` (``bool`` or a Literal of one)."""
     import typing
 
@@ -34,7 +34,7 @@ class Spec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, data):
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         bad = []
@@ -59,7 +59,7 @@ def pair(value: Size2) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def neighborhood_misfits(grid, kernel_size: tuple[int, int],
+def neighborhood_misfits(grid: tuple[int, int] | list[int], kernel_size: tuple[int, int],
                          dilation: tuple[int, int]) -> list[tuple[str, int, int, int]]:
     """NATTEN's constraint ``kernel * dilation <= size`` per axis, the one place it is written:
     ``(axis, size, kernel, dilation)`` for each axis of the ``(height, width)`` ``grid`` that

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .io import to_data
-from .model import ModelSpec
+from .model import Level, ModelSpec
 
 
 class _Missing:
@@ -31,7 +31,7 @@ class _Missing:
 
     _instance = None
 
-    def __new__(cls):
+    def __new__(cls) -> _Missing:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -58,7 +58,7 @@ class Change:
     level_a: int | None = None
     level_b: int | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "a": _json_value(self.a), "b": _json_value(self.b),
                 "level_a": self.level_a, "level_b": self.level_b}
 
@@ -88,7 +88,7 @@ def align_levels(a: ModelSpec, b: ModelSpec) -> list[tuple[int | None, int | Non
     return pairs
 
 
-def _level_key(level) -> str:
+def _level_key(level: Level) -> str:
     return json.dumps(to_data(level, full=True), sort_keys=True)
 
 
@@ -104,6 +104,7 @@ def diff(a: ModelSpec, b: ModelSpec) -> list[Change]:
     levels: list[Change] = []
     for ia, ib in align_levels(a, b):
         if ia is None:
+            assert ib is not None  # align_levels never pairs two gaps
             levels.append(Change(f"levels[→{ib}]", MISSING, _set(b.levels[ib]), None, ib))
         elif ib is None:
             levels.append(Change(f"levels[{ia}→]", _set(a.levels[ia]), MISSING, ia, None))
@@ -114,12 +115,12 @@ def diff(a: ModelSpec, b: ModelSpec) -> list[Change]:
     return rows + levels
 
 
-def _set(level) -> dict:
+def _set(level: Level) -> dict[str, Any]:
     """A whole level as it would be written: its fields that are set (inherited ones left out)."""
     return {k: v for k, v in to_data(level).items() if v is not None}
 
 
-def _keys(da: dict, db: dict) -> list[str]:
+def _keys(da: dict[str, Any], db: dict[str, Any]) -> list[str]:
     return list(da) + [k for k in db if k not in da]
 
 

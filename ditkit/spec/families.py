@@ -6,9 +6,10 @@ They are ordinary code (loops, arithmetic) so YAML can stay declarative; the YAM
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 from .components import (
+    Attention,
     DEFAULT_KERNEL_SIZE,
     GEGLU,
     AdaLNHead as _AdaLNHead,
@@ -48,7 +49,7 @@ from .components import (
 )
 from .model import Block, BlockOverride, Level, ModelSpec
 
-DIT_SIZES = {  # name: (depth, d_model, n_heads) -- DiT paper, Table 1
+DIT_SIZES: dict[str, tuple[int, int, int]] = {  # name: (depth, d_model, n_heads) -- DiT paper, Table 1
     "s": (12, 384, 6),
     "b": (12, 768, 12),
     "l": (24, 1024, 16),
@@ -57,7 +58,7 @@ DIT_SIZES = {  # name: (depth, d_model, n_heads) -- DiT paper, Table 1
 
 
 def dit(
-    size: Literal["s", "b", "l", "xl"] = "xl",
+    size: str = "xl",  # one of DIT_SIZES (any case)
     patch: int = 2,
     *,
     channels: int = 4,
@@ -122,12 +123,13 @@ def hdit(
     dropout = list(dropout) if dropout is not None else [0.0] * n
     levels = []
     for i, (w, d, kind) in enumerate(zip(widths, depths, kinds)):
-        attention = {
+        attentions: dict[str, Attention] = {
             "neighborhood": NeighborhoodAttention(kernel_size=kernel_size),
             "shifted_window": ShiftedWindowAttention(window_size=window_size),
             "global": GlobalAttention(),
-        }[kind]
-        extra = {"dropout": dropout[i]} if dropout[i] else {}
+        }
+        attention = attentions[kind]
+        extra: dict[str, Any] = {"dropout": dropout[i]} if dropout[i] else {}
         if i < n - 1:
             levels.append(Level(d_model=w, encoder=d, decoder=d, attention=attention,
                                 down=Merge(factor=2), skip=LerpSkip(), **extra))
@@ -319,6 +321,7 @@ def mdit(
     if l:
         core_stack.append(BlockOverride(repeat=l, cross_attention=std.cross_attention,
                                         modulation=std.modulation))
+    levels: tuple[Level, ...]
     if m == 0 and n == 0:
         levels = (Level(d_model=core, middle=tuple(core_stack), attention=GlobalAttention()),)
         patch = 2

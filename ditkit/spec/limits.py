@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from .model import Block, ModelSpec
 
 MAX_PARAMS = 50e9
 """Parameters (~200 GB in fp32, more than one accelerator holds)."""
@@ -47,7 +50,8 @@ def no_size_limits() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def _stack_blocks(value, level_fields: dict, default_block) -> list[tuple[int, object]]:
+def _stack_blocks(value: Any, level_fields: dict[str, Any],
+                  default_block: Block) -> list[tuple[int, Any]]:
     """``[(count, ffn spec)]`` of one stack without expanding it into a list of blocks."""
     if value is None:
         return []
@@ -57,7 +61,7 @@ def _stack_blocks(value, level_fields: dict, default_block) -> list[tuple[int, o
     return [(o.repeat, o.ffn or base_ffn) for o in value]
 
 
-def _ffn_width(ffn, d: float) -> float:
+def _ffn_width(ffn: Any, d: float) -> float:
     d_ff = getattr(ffn, "d_ff", None)
     return float(d_ff) if d_ff is not None else float(getattr(ffn, "ratio", 4.0)) * d
 
@@ -65,7 +69,7 @@ def _ffn_width(ffn, d: float) -> float:
 spec_estimates: dict[int, float] = {}
 
 
-def estimated_params(spec) -> float:
+def estimated_params(spec: ModelSpec) -> float:
     """A rough parameter count from the spec's fields alone (no building): blocks (attention,
     FFN, modulation), class embeddings and the mapping network. For memory guards only;
     ``ditkit describe`` gives the measured count."""
@@ -84,7 +88,7 @@ def _limits_on() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def activation_bytes_per_sample(spec, resolution: tuple[int, int] | None = None) -> float:
+def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None) -> float:
     """A lower bound of the activation memory one training sample needs: every block keeps at
     least its input and its output (fp32) for the backward pass."""
     grids = spec.token_grids(resolution)
@@ -96,7 +100,7 @@ def activation_bytes_per_sample(spec, resolution: tuple[int, int] | None = None)
     return total
 
 
-def size_issues(spec) -> list[tuple[str, str]]:
+def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
     """``[(field, message)]`` for a spec too large to build (empty when the limits are off)."""
     if not limits_enabled():
         return []
@@ -153,7 +157,7 @@ def size_issues(spec) -> list[tuple[str, str]]:
     return issues
 
 
-def resolution_issues(spec, resolution: tuple[int, int], field: str) -> list[tuple[str, str]]:
+def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str) -> list[tuple[str, str]]:
     """The token limit for a resolution asked for at run time (``--resolution``)."""
     if not limits_enabled():
         return []

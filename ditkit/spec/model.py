@@ -9,7 +9,8 @@ overridden per level (any block field set on the level) and per block (a list of
 from __future__ import annotations
 
 import math
-from typing import Annotated, Iterator, Literal
+from functools import partial
+from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -57,7 +58,7 @@ from .components import (
     pair,
 )
 
-SPEC_VERSION = 1
+SPEC_VERSION: Literal[1] = 1
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -98,7 +99,7 @@ class _BlockFields(Spec):
     zero_init_out: bool | None = None
     cross_attention: CrossAttention | None = None
 
-    def overrides(self) -> dict:
+    def overrides(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in Block.model_fields if getattr(self, k) is not None}
 
 
@@ -237,8 +238,8 @@ class ModelSpec(Spec):
         """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
         from .limits import resolution_issues
 
-        return (resolution_issues(self, tuple(resolution), field)
-                or _resolution_issues(self, tuple(resolution), field))
+        hw = (int(resolution[0]), int(resolution[1]))
+        return resolution_issues(self, hw, field) or _resolution_issues(self, hw, field)
 
     # ---------------------------------------------------------------- validation
 
@@ -289,7 +290,7 @@ def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
 
     out += _family_issues(spec)
     for i, which, j, blk in spec.blocks():
-        where = lambda field: spec.origin(i, which, j, field)  # noqa: E731
+        where = partial(spec.origin, i, which, j)
         d_model = spec.levels[i].d_model
         if isinstance(blk.attention, AggregateAttention):
             if not isinstance(blk.logits, DotLogits):
@@ -395,6 +396,7 @@ def _family_issues(spec: ModelSpec) -> list[tuple[str, str]]:
                     "`cross_attention: {kind: memory}`; none has one"))
     for i, w, j, b in cross:
         c = b.cross_attention
+        assert isinstance(c, MemoryCrossAttention)  # the filter above
         has_class = classes is not None and classes.inject == "memory"
         if not (c.null_token or c.time_token or has_class):
             out.append((spec.origin(i, w, j, "cross_attention"), "cross-attention has no "

@@ -40,11 +40,11 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     return [int(k) if k.isdigit() else k for k in keys], value
 
 
-def _text(keys) -> str:
+def _text(keys: list[str | int]) -> str:
     return ".".join(str(k) for k in keys)
 
 
-def set_path(data: dict, keys: list[str | int], value: Any) -> None:
+def set_path(data: dict[str, Any], keys: list[str | int], value: Any) -> None:
     """Set ``data[keys[0]][keys[1]]... = value`` in place; missing mappings are created (the
     schema then names an unknown field), list indices must exist."""
     node: Any = data
@@ -79,7 +79,8 @@ def set_path(data: dict, keys: list[str | int], value: Any) -> None:
             raise SpecError([(_text(keys[:depth]), "is not a mapping or list")], SOURCE)
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+def apply_overrides(data: dict[str, Any],
+                    overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A copy of the plain ``data`` with every ``PATH=VALUE`` of ``overrides`` applied in
     order."""
     out = copy.deepcopy(data)
@@ -89,6 +90,6 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
-def touches(overrides, prefix: str) -> bool:
+def touches(overrides: list[str] | tuple[str, ...], prefix: str) -> bool:
     """Whether any override's path starts with the field ``prefix``."""
     return any(parse_override(o)[0][0] == prefix for o in overrides)

@@ -6,7 +6,7 @@ runtime (``ditkit.runtime.extrapolate``) applies it to the weights too. Pure dat
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveInt
 
@@ -46,7 +46,7 @@ class AddLevels(Spec):
     share_weights: bool = False
 
 
-def _merge_factor(value):
+def _merge_factor(value: Any) -> Any:
     """``auto`` or a whole number >= 1, checked before the union so that a bad value gets one
     message instead of one per branch."""
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)

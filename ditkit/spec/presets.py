@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from .families import (DIT_SIZES, dit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256,
@@ -9,8 +10,7 @@ from .families import (DIT_SIZES, dit, hdit_ffhq_1024, hdit_imagenet_128, hdit_i
 from .model import ModelSpec
 
 PRESETS: dict[str, Callable[[], ModelSpec]] = {
-    **{f"dit-{size}-{p}": (lambda size=size, p=p: dit(size, p))
-       for size in DIT_SIZES for p in (2, 4, 8)},
+    **{f"dit-{size}-{p}": partial(dit, size, p) for size in DIT_SIZES for p in (2, 4, 8)},
     "hdit-imagenet-128": hdit_imagenet_128,
     "hdit-ffhq-1024": hdit_ffhq_1024,
     "hdit-imagenet-256": hdit_imagenet_256,
