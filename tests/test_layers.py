@@ -30,7 +30,7 @@ def _ditkit_imports(path):
     literal name counts too (a registry of strings is an import)."""
     tree = ast.parse(path.read_text())
     package = path.relative_to(ROOT).parent.parts  # ("ditkit", "runtime", ...)
-    for node in ast.walk(tree):
+    for node in _walk_runtime(tree):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -48,6 +48,19 @@ def _ditkit_imports(path):
                 node.func, "id", None)) == "import_module" and node.args
               and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             yield node.args[0].value
+
+
+def _walk_runtime(tree):
+    """``ast.walk`` without the ``if TYPE_CHECKING:`` blocks (annotations only: never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if (isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute))
+                and ast.unparse(node.test).endswith("TYPE_CHECKING")):
+            todo.extend(node.orelse)
+            continue
+        yield node
+        todo.extend(ast.iter_child_nodes(node))
 
 
 def _files():
