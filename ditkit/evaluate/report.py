@@ -668,7 +668,7 @@ def _plot(curves: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for name, pts in curves.items():
         if not pts:
             continue
@@ -681,31 +681,46 @@ def _plot(curves: dict, path: Path) -> bool:
     ax.set_xlabel("pixels (H x W)")
     ax.set_ylabel("GMACs per forward (batch 1)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9, loc="upper left", frameon=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
 def _html(markdown: str) -> str:
-    """A minimal Markdown -> HTML for the report's own constructs (headings, lists, tables,
-    images), so the report opens in a browser without extra packages."""
+    """A minimal Markdown -> HTML for the report's own constructs (headings, paragraphs, lists,
+    tables, images, code, **strong** and *emphasis*), so the report opens in a browser as a page
+    without extra packages. Figures are shown at their natural size up to the page width."""
     import html
     import re
 
     def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:320px">',
-                      text)
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+        text = html.escape(text, quote=False)
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)",
+                      r'<img alt="\1" src="\2" style="max-width:100%;height:auto">', text)
+        text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+        parts = re.split(r"(`[^`]+`)", text)  # no emphasis inside code spans
+        for i, part in enumerate(parts):
+            if part.startswith("`") and part.endswith("`") and len(part) > 1:
+                parts[i] = f"<code>{part[1:-1]}</code>"
+                continue
+            part = re.sub(r"\*\*(?=\S)(.+?)(?<=\S)\*\*", r"<strong>\1</strong>", part)
+            part = re.sub(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])", r"<em>\1</em>",
+                          part)
+            parts[i] = part
+        return "".join(parts)
 
-    out, table = ["<!doctype html><meta charset=utf-8><title>ditkit extrapolation</title>",
-                  "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
-                  "td,th{border:1px solid #ccc;padding:4px}table{border-collapse:collapse}</style>"], []
+    out = ["<!doctype html><meta charset=utf-8><title>ditkit extrapolation</title>",
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em;"
+           "line-height:1.45}td,th{border:1px solid #ccc;padding:4px 6px}"
+           "table{border-collapse:collapse;margin:.6em 0}th{background:#f3f3f3}"
+           "img{display:block;margin:.5em 0}code{background:#f3f3f3;padding:0 3px}</style>"]
+    table: list[list[str]] = []
+    in_list = False
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if not all(set(c) <= set("-: ") for c in cells):
                 table.append(cells)
             continue
@@ -715,10 +730,16 @@ def _html(markdown: str) -> str:
             out += ["<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body]
             out.append("</table>")
             table = []
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             out.append(f"<h{level}>{inline(line.lstrip('# '))}</h{level}>")
         elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
             out.append(f"<li>{inline(line[2:])}</li>")
         elif line:
             out.append(f"<p>{inline(line)}</p>")

@@ -12,6 +12,7 @@ from ditkit.builder import build
 from ditkit.runtime.extrapolate import adapt
 from ditkit.evaluate.report import dit_reference, parse_policy, run
 from tests.conftest import ROOT
+from tests.evaluate.test_report_html import check_report_html
 from tests.perturb import perturb
 
 TINY = ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml"
@@ -60,6 +61,7 @@ def test_runner_writes_report_for_random_weights(tmp_path):
     for name in ("report.md", "report.html", "cost.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| `core_patch:factor=4` | 32x32 |" in (tmp_path / "report.md").read_text()
+    check_report_html(tmp_path)
 
 
 def test_cli_bad_policy_exits_2(tmp_path):
@@ -273,6 +275,7 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
             f"{base['accuracy'] / 0.9:.0%} of the real-image classifier's 90.0%") in report
     assert f"- **32x32, accuracy:** best `{best.policy}`" in report
     assert f"- **32x32, zero-shot policies only, accuracy:** best `{best_zero.policy}`" in report
+    check_report_html(tmp_path)  # the strong claims above read as a page
 
 
 def test_cli_count_at_is_checked():
