@@ -56,7 +56,7 @@ class Model:
     ``checkpoint_hash`` its weights' sha256 (recorded in exported files).
 
     >>> import ditkit
-    >>> m = ditkit.load("dit-s-8")
+    >>> m = ditkit.load("dit-s-8", overrides=["levels.0.middle=2"])
     >>> m.spec.name, m.objective.kind, m.checkpoint is None
     ('dit-s-8', 'ddpm_eps', True)
     """
@@ -125,7 +125,7 @@ def load(source: Source | Model, *, objective: str | None = None, device: str = 
     for a source that records none (a spec: the usual one for its noise embedding).
 
     >>> import ditkit
-    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]"])
+    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]", "levels.0.middle=2"])
     >>> type(m.network).__name__, m.spec.input.resolution
     ('DiffusionTransformer', (16, 16))
     """
@@ -171,7 +171,7 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
     weights on a bigger grid; see :func:`adapt`). ``device``: default the network's.
 
     >>> import ditkit
-    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]"])
+    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]", "levels.0.middle=2"])
     >>> x = ditkit.sample(m, labels=[1, 2], steps=2, seed=0)
     >>> tuple(x.shape)
     (2, 4, 16, 16)
@@ -283,7 +283,7 @@ def export(model: Model | Source | "torch.nn.Module", path: PathLike, *,
     MatMuls (fp32 only, approximate). Needs ``pip install 'ditkit[onnx]'``.
 
     >>> import ditkit, tempfile
-    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]"])
+    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]", "levels.0.middle=2"])
     >>> result = ditkit.export(m, tempfile.mkdtemp() + "/m.onnx", check=False)
     >>> result.path.suffix, result.dynamic
     ('.onnx', ('batch', 'resolution'))
@@ -310,7 +310,7 @@ def adapt(model: Model | Source | "torch.nn.Module", resolution: int | tuple[int
     ``core_patch:factor=4``. Returns a new :class:`Model` (same objective and metadata).
 
     >>> import ditkit
-    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]"])
+    >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]", "levels.0.middle=2"])
     >>> ditkit.adapt(m, resolution=32).spec.input.resolution
     (32, 32)
     """
