@@ -332,7 +332,7 @@ def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str =
 # deprecation line (DEPRECATED_IN) and keep working until the next version.
 
 
-DEPRECATED_IN = "0.2"
+DEPRECATED_IN = "0.3"  # the old spellings still work in 0.2.x (CHANGELOG.md)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
