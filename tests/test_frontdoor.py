@@ -159,3 +159,12 @@ def test_a_network_from_build_samples_with_the_usual_objective():
     x = ditkit.sample(net, steps=2, count=2, seed=0)
     y = ditkit.sample(ditkit.load(TINY), steps=2, count=2, seed=0)  # load: seed-0 weights
     assert torch.equal(x, y)
+
+
+def test_export_without_the_onnx_extra_names_the_pip_line(tmp_path, monkeypatch):
+    from ditkit.errors import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` fails
+    with pytest.raises(MissingExtra, match=r"pip install 'ditkit\[onnx\]'"):
+        ditkit.export(TINY, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

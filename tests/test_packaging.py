@@ -59,6 +59,7 @@ def _version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
+@pytest.mark.slow  # ~5 s idle, 12 s on a loaded machine; .ci/run runs it
 def test_build_makes_a_wheel_and_an_sdist_with_the_demo_and_one_version(dist):
     version = _version()
     wheel = dist / f"ditkit-{version}-py3-none-any.whl"
