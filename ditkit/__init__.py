@@ -15,7 +15,8 @@ preset name, a spec object), does what the command of the same name does, and re
 
 ``import ditkit`` is cheap: torch (and pydantic) are imported by the first function that needs
 them. Bad input raises :class:`ditkit.errors.UserError` (a ``ValueError``) whose message names
-the argument and the fix.
+the argument and the fix. ``ditkit.DEMO`` is the path of the demo's experiment (the tiny HDiT on
+scikit-learn's digits), which ships inside the package.
 """
 
 from __future__ import annotations
@@ -342,7 +343,11 @@ def __getattr__(name: str):
 
 
 def _is_spec(value) -> bool:
-    return type(value).__name__ == "ModelSpec" and hasattr(value, "levels")
+    if isinstance(value, (str, os.PathLike)):
+        return False
+    from ditkit.spec import ModelSpec
+
+    return isinstance(value, ModelSpec)
 
 
 def _model(value) -> Model:
