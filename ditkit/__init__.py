@@ -100,7 +100,7 @@ def build(spec: Source, *, device: str = "cpu", seed: int | None = None) -> "tor
     anything :func:`load_spec` takes. The module's ``forward(x, sigma_or_t, class_labels)``
     takes the network's raw inputs; :func:`load` pairs it with its objective for sampling.
 
-    >>> import ditkit, torch
+    >>> import ditkit
     >>> net = ditkit.build(ditkit.load_spec("dit-s-8"), seed=0)
     >>> sum(p.numel() for p in net.parameters()) > 10**7
     True

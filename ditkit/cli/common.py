@@ -220,8 +220,11 @@ def default_objective(spec, name: str | None = None):
         name = spec.default_objective
         print(f"note: no objective recorded; using {name} (pass --objective to choose)",
               file=sys.stderr)
-    return {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
-            "flow": S.FlowObjective}[name]()
+    table = {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
+             "flow": S.FlowObjective}
+    if name not in table:
+        raise UsageError(f"objective {name!r}: choose one of {', '.join(table)}")
+    return table[name]()
 
 
 def load_model_source(ref: str, objective: str | None = None, device: str = "cpu",
