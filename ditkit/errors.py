@@ -23,3 +23,51 @@ class UserError(DitkitError, ValueError):
 
 class EnvironmentFault(DitkitError, OSError):
     """The environment refused an operation (disk, permissions); one line, exit status 1."""
+
+
+# --------------------------------------------------------------------------------- extras
+#: the ``pip install 'ditkit[EXTRA]'`` extra (pyproject.toml) that brings each optional module
+EXTRAS = {
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "onnxruntime_ep_openvino": "openvino",
+    "natten": "natten",
+    "diffusers": "vae",
+    "matplotlib": "diagram",
+    "tensorrt": "tensorrt", "torch_tensorrt": "tensorrt",
+}
+# natten compiles against the installed torch: pip must not build it in an isolated env
+_PIP_FLAGS = {"natten": " --no-build-isolation"}
+
+
+class MissingExtra(UserError):
+    """An optional package is not installed; the message names the ``pip install`` line."""
+
+
+def install_hint(module: str) -> str:
+    """The ``pip install`` line that brings ``module`` (its extra, or ``ditkit[all]``)."""
+    top = module.partition(".")[0]
+    extra = EXTRAS.get(top, "all")
+    return f"pip install{_PIP_FLAGS.get(top, '')} 'ditkit[{extra}]'"
+
+
+def missing_text(module: str, what: str) -> str:
+    """``<module> is not installed (<what> needs it): pip install 'ditkit[...]'``."""
+    return f"{module.partition('.')[0]} is not installed ({what} needs it): " \
+           f"{install_hint(module)}"
+
+
+def require(module: str, what: str, error: type[Exception] = MissingExtra):
+    """Import and return the optional ``module``, or raise ``error`` (default
+    :class:`MissingExtra`) whose message names what needed it and the ``pip install`` line.
+    One helper for every optional import (onnx, onnxruntime, natten, diffusers, matplotlib,
+    tensorrt, openvino), so the advice is the same everywhere. An ``ImportError`` raised
+    *inside* an installed package (a broken install) is not hidden."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        top = module.partition(".")[0]
+        if err.name is not None and err.name.partition(".")[0] != top:
+            raise
+        raise error(missing_text(module, what)) from None

@@ -1,6 +1,7 @@
 """Imports only point down (DESIGN.md): the ground (``errors``, ``files``, ``device``) <- spec <-
 builder <- runtime <- deploy <- data <- evaluate <- train <- cli, function-level imports included,
-and no ditkit module imports another in a circle."""
+and no ditkit module imports another in a circle. The front door (``ditkit/__init__``) sits on
+top and imports lazily."""
 
 import ast
 
@@ -101,9 +102,33 @@ def test_the_ground_floor_imports_only_the_ground():
         assert imports == [], f"ditkit/{name} imports {imports}"
 
 
-def test_the_package_init_imports_no_layer_at_import_time():
-    imports = [n for n in _ditkit_imports(PACKAGE / "__init__.py") if n.startswith("ditkit")]
-    assert imports == [], f"ditkit/__init__.py imports {imports}"
+def test_the_front_door_is_on_top_and_imports_lazily():
+    """ditkit/__init__ (the Python front door) may call every floor, but only from inside its
+    functions (or for annotations under ``TYPE_CHECKING``), so ``import ditkit`` stays cheap;
+    and no module below it imports the front door (``__version__`` excepted)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    eager = []
+    for node in tree.body:  # module-level statements only; function bodies run when called
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node):
+            if isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+                break
+            names = ([a.name for a in sub.names] if isinstance(sub, ast.Import) else
+                     [sub.module or ""] if isinstance(sub, ast.ImportFrom) else [])
+            eager += [n for n in names if n.startswith("ditkit")]
+    assert eager == [], f"ditkit/__init__.py imports {eager} when it is imported"
+    bad = []
+    for path in _files():
+        if path == PACKAGE / "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "ditkit" and not node.level:
+                bad += [f"{path.relative_to(ROOT)}: from ditkit import {a.name}"
+                        for a in node.names if a.name != "__version__"
+                        and not _is_module(f"ditkit.{a.name}")]
+    assert not bad, "\n".join(bad)
+
 
 
 def _graph() -> dict[str, set[str]]:

@@ -48,12 +48,9 @@ LEGEND = (("global", "global"), ("neighborhood", "neighborhood"),
 
 def matplotlib_or_exit():
     """Import matplotlib, or raise a UserError that names the extra."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("drawing diagrams needs matplotlib: pip install 'ditkit[diagram]'") \
-            from None
-    return matplotlib
+    from ditkit.errors import require
+
+    return require("matplotlib", "drawing diagrams")
 
 
 def check_target(path: str | Path) -> Path:

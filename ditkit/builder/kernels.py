@@ -82,8 +82,10 @@ def _check_choice(name: str, export: bool) -> None:
                          f"dynamic sizes); for export use one of "
                          f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'")
     if name == "natten" and not natten_available():
-        raise RuntimeError("attention backend 'natten' requested but natten is not installed; "
-                           "`pip install natten --no-build-isolation` or use backend 'gather'")
+        from ditkit.errors import missing_text
+
+        raise RuntimeError(missing_text("natten", "attention backend 'natten'")
+                           + "; or use backend 'gather'")
 
 
 @contextlib.contextmanager

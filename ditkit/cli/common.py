@@ -220,8 +220,11 @@ def default_objective(spec, name: str | None = None):
         name = spec.default_objective
         print(f"note: no objective recorded; using {name} (pass --objective to choose)",
               file=sys.stderr)
-    return {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
-            "flow": S.FlowObjective}[name]()
+    table = {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
+             "flow": S.FlowObjective}
+    if name not in table:
+        raise UsageError(f"objective {name!r}: choose one of {', '.join(table)}")
+    return table[name]()
 
 
 def load_model_source(ref: str, objective: str | None = None, device: str = "cpu",
@@ -332,7 +335,7 @@ def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str =
 # deprecation line (DEPRECATED_IN) and keep working until the next version.
 
 
-DEPRECATED_IN = "0.2"
+DEPRECATED_IN = "0.3"  # the old spellings still work in 0.2.x (CHANGELOG.md)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -15,7 +15,7 @@ from .common import (add_json, add_progress, add_set, add_threads, deprecated, l
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny HDiT on digits (CPU), sample and evaluate it")
     p.add_argument("--spec", default=None,
-                   help="model spec to train instead of examples/tiny/tiny-hdit-digits.yaml "
+                   help="model spec to train instead of the demo's tiny-hdit-digits "
                    "(1 or 3 channels, 10 classes)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
     p.add_argument("--steps", type=int, default=None,
@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--count", type=int, default=None,
                    help="evaluation samples (short for --set evaluation.count=N; default: the "
                         "experiment's 500)")
-    add_set(p, "demo experiment (examples/experiments/demo-digits.yaml)")
+    add_set(p, "demo experiment (examples/experiments/demo-digits.yaml; shipped in the "
+               "package as ditkit/train/assets/demo-digits.yaml)")
     add_threads(p)
     add_progress(p)
     add_json(p, "print only the final JSON line of scores (the report goes to stderr)")

@@ -343,15 +343,9 @@ def _decode_vae(x, spec, args):
 
 def adapted_model(model, text: str, resolution: tuple[int, int], device: str):
     """``model`` adapted to ``resolution`` under the policy ``text``
-    (:func:`ditkit.runtime.extrapolate.adapt`: carried weights exactly, new ones initialised
-    with seed 0, as in the report)."""
-    from ditkit.builder import build
-    from ditkit.runtime.extrapolate import adapt
+    (:func:`ditkit.runtime.extrapolate.adapt_model`: carried weights exactly, new ones
+    initialised with seed 0, as in the report)."""
+    from ditkit.runtime.extrapolate import adapt_model
     from ditkit.evaluate.report import parse_policy
 
-    policy = parse_policy(text, flag="--policy")
-    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    adapted = adapt(model.spec, tensors, policy, tuple(resolution))
-    new = build(adapted.spec, device=device)
-    new.load_state_dict(adapted.tensors)
-    return new.eval()
+    return adapt_model(model, parse_policy(text, flag="--policy"), resolution, device)

@@ -26,8 +26,9 @@ _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int6
 
 def default_providers(device: str | torch.device = "cpu") -> list[str]:
     """CUDA (then CPU) on a CUDA device when onnxruntime has it; CPU otherwise."""
-    import onnxruntime as ort
+    from ditkit.errors import require
 
+    ort = require("onnxruntime", "running an exported .onnx file")
     available = ort.get_available_providers()
     if torch.device(device).type == "cuda":
         order = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]

@@ -298,6 +298,11 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     say = log or (lambda msg: None)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    from ditkit.errors import require
+
+    for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
+        require(module, "exporting to ONNX" if module != "onnxruntime" else
+                "the export's parity check (check=False / --no-check skips it)")
     unknown = set(dynamic) - {"batch", "resolution"}
     if unknown:
         raise ExportError(f"--dynamic {','.join(sorted(unknown))}: choose from batch, resolution")

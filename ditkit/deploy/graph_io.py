@@ -30,7 +30,9 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
     """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
     ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
     (:mod:`ditkit.deploy.ort_providers`)."""
-    import onnxruntime as ort
+    from ditkit.errors import require
+
+    ort = require("onnxruntime", "running an exported .onnx file")
 
     from ditkit.deploy.ort_providers import add_provider
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from ditkit.errors import UserError
+from ditkit.errors import UserError, require
 
 #: the values of ``--ort-provider``
 CPU_PROVIDERS = ("cpu", "openvino", "openvino-bf16")
@@ -56,11 +56,7 @@ def openvino_cpu_device(flag: str = "--ort-provider openvino"):
     if not hasattr(ort, "register_execution_provider_library"):
         raise ProviderError(f"{flag}: needs onnxruntime >= 1.23 (plugin execution providers); "
                             f"this is {ort.__version__}: pip install -U onnxruntime")
-    try:
-        import onnxruntime_ep_openvino as plugin
-    except ImportError:
-        raise ProviderError(f"{flag}: the OpenVINO plugin is not installed: pip install "
-                            f"{PLUGIN_PACKAGE} (or ditkit[openvino])") from None
+    plugin = require("onnxruntime_ep_openvino", flag, ProviderError)
     name = plugin.get_ep_name()
     if not _cpu_devices(name):
         try:

@@ -34,10 +34,12 @@ def _trt():
     try:
         import tensorrt as trt
     except ImportError:
+        from ditkit.errors import missing_text
+
         raise TensorRTUnavailable(
-            "TensorRT is not installed: `pip install tensorrt` (NVIDIA's wheels, TensorRT 10) on "
-            "a machine with a CUDA GPU; `ditkit export --target tensorrt-10.x` still writes an "
-            "ONNX file TensorRT's parser accepts") from None
+            missing_text("tensorrt", "building a TensorRT 10 engine on a CUDA GPU")
+            + "; `ditkit export --target tensorrt-10.x` still writes an ONNX file TensorRT's "
+            "parser accepts") from None
     if not trt.__version__.startswith("10."):
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} found; ditkit targets TensorRT 10")
     return trt
@@ -381,8 +383,10 @@ def compile_torch_tensorrt(denoiser, example_shape, precision: str = "fp16"):
     try:
         import torch_tensorrt
     except ImportError:
-        raise TensorRTUnavailable("torch_tensorrt is not installed (`pip install "
-                                  "torch-tensorrt` matching your torch)") from None
+        from ditkit.errors import missing_text
+
+        raise TensorRTUnavailable(missing_text("torch_tensorrt", "the torch_tensorrt engine")
+                                  + " (torch-tensorrt must match your torch)") from None
     import torch
 
     from ditkit.deploy.export import ExportGraph, example_inputs

@@ -645,6 +645,10 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                 "the compute-bound points span less than 4x in pixels"))
     if plot:
         md += ["", "![cost](cost.png)"]
+    else:
+        from ditkit.errors import missing_text
+
+        md += ["", f"(no cost plot: {missing_text('matplotlib', 'the cost plot')})"]
     grids = [r for r in rows if r.grid]
     if grids:
         md += ["", "## Samples (fixed seed)", ""]

@@ -85,12 +85,9 @@ class Autoencoder:
 
 
 def _import_autoencoder_kl():
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as err:
-        raise AutoencoderError(f"the autoencoder needs the diffusers package ({err}); install "
-                               "it with: pip install 'ditkit[vae]'") from None
-    return AutoencoderKL
+    from ditkit.errors import require
+
+    return require("diffusers", "the autoencoder (--vae)", AutoencoderError).AutoencoderKL
 
 
 def _config_folder(path: Path) -> tuple[Path, str | None]:

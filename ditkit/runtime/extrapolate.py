@@ -283,3 +283,15 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     ly = torch.tensor(ys, dtype=torch.float64).log()
     lx = lx - lx.mean()
     return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
+
+
+def adapt_model(model: torch.nn.Module, policy: S.Policy, resolution: tuple[int, int],
+                device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
+    """A built model (``model.spec`` set) adapted to ``resolution`` under ``policy``, built
+    and loaded, in ``eval()`` mode: carried weights exactly, new ones initialised with ``seed``
+    (:func:`adapt`)."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    adapted = adapt(model.spec, tensors, policy, tuple(resolution), seed=seed)
+    new = build(adapted.spec, device=device)
+    new.load_state_dict(adapted.tensors)
+    return new.eval()

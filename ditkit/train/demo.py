@@ -1,7 +1,11 @@
-"""The demo job (``ditkit demo``): train the tiny HDiT of ``examples/tiny/tiny-hdit-digits.yaml``
-on scikit-learn's handwritten digits on the CPU (``examples/experiments/demo-digits.yaml``),
-with a progress bar and preview grids, then sample the final EMA model and evaluate the samples
-(label accuracy and Frechet distance, see ``ditkit.evaluate.classifier``)."""
+"""The demo job (``ditkit demo``): train the tiny HDiT of ``tiny-hdit-digits.yaml`` on
+scikit-learn's handwritten digits on the CPU (``demo-digits.yaml``), with a progress bar and
+preview grids, then sample the final EMA model and evaluate the samples (label accuracy and
+Frechet distance, see ``ditkit.evaluate.classifier``).
+
+Both files ship inside the package (``ditkit/train/assets/``), so an installed wheel runs the
+demo; ``examples/experiments/demo-digits.yaml`` and ``examples/tiny/tiny-hdit-digits.yaml`` are
+the same experiment in a source checkout (a test keeps them equal)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from pathlib import Path
 from ditkit import spec as S
 from ditkit.errors import UserError
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-DEMO_EXPERIMENT = EXAMPLES / "experiments" / "demo-digits.yaml"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_EXPERIMENT = ASSETS / "demo-digits.yaml"
 
 
 @dataclass
@@ -35,8 +39,9 @@ def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
     from ditkit.spec.experiment import load_experiment, resolve_experiment
 
     if not DEMO_EXPERIMENT.is_file():
-        raise UserError(f"the demo experiment {DEMO_EXPERIMENT} is missing (the demo runs from "
-                        "a source checkout of ditkit)")
+        raise UserError(f"the demo experiment {DEMO_EXPERIMENT} is missing from this "
+                        "installation of ditkit; reinstall it (pip install --force-reinstall "
+                        "ditkit)")
     exp = load_experiment(DEMO_EXPERIMENT, overrides)
     if spec is not None:
         exp = resolve_experiment(exp.model_copy(update={"model": spec}), source=source)

@@ -73,8 +73,10 @@ def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None
     except ImportError:
         import sys
 
-        print(f"note: {path} not drawn (matplotlib is not installed: pip install "
-              "'ditkit[diagram]')", file=sys.stderr)
+        from ditkit.errors import missing_text
+
+        print(f"note: {path} not drawn: {missing_text('matplotlib', 'the loss plot')}",
+              file=sys.stderr)
         return
 
     matplotlib.use("Agg")

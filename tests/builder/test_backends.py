@@ -209,7 +209,8 @@ def test_exportable_backend_keeps_an_exportable_choice_and_replaces_others():
 
 def test_natten_requested_but_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "natten_available", lambda: False)
-    with pytest.raises(RuntimeError, match="natten is not installed; `pip install natten"):
+    with pytest.raises(RuntimeError, match=r"natten is not installed .*pip install "
+                       r"--no-build-isolation 'ditkit\[natten\]'"):
         with kernels.use_backend("natten"):
             pass
 

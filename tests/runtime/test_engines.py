@@ -135,7 +135,7 @@ def test_trt_build_without_tensorrt_is_a_clear_error(hdit_export, capsys):
 
     rc = main(["trt", "build", str(hdit_export[1].path), "--profile", "1x16/2x16/4x32"])
     assert rc == 2
-    assert "TensorRT is not installed" in capsys.readouterr().err
+    assert "tensorrt is not installed" in capsys.readouterr().err
 
 
 def test_trt_engine_matches_onnxruntime(hdit_export, tmp_path):

@@ -96,12 +96,12 @@ def test_a_missing_plugin_names_the_package(hdit_export, monkeypatch, capsys, tm
     from ditkit.cli import main
 
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # import fails
-    with pytest.raises(P.ProviderError, match="pip install onnxruntime-ep-openvino"):
+    with pytest.raises(P.ProviderError, match=r"pip install 'ditkit\[openvino\]'"):
         OrtDenoiser(hdit_export[1].path, ort_provider="openvino")
     code = main(["sample", str(hdit_export[1].path), "--ort-provider", "openvino",
                  "--steps", "2", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "pip install onnxruntime-ep-openvino" in err
+    assert code == 2 and "pip install 'ditkit[openvino]'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g.png").exists()
 
@@ -156,7 +156,7 @@ def test_bench_sample_reports_a_missing_plugin_as_a_row(monkeypatch):
                         engines=("eager", "onnxruntime-openvino"), repeats=1, threads=1)
     eager, ov = rows
     assert eager["ms_per_step"] > 0
-    assert ov["ms_per_step"] is None and "pip install onnxruntime-ep-openvino" in ov["note"]
+    assert ov["ms_per_step"] is None and "pip install 'ditkit[openvino]'" in ov["note"]
 
 
 @needs_openvino

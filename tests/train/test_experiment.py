@@ -31,6 +31,19 @@ def test_demo_experiment_uses_the_tiny_digits_spec():
                                     / "examples/tiny/tiny-hdit-digits.yaml")
 
 
+def test_the_packaged_demo_experiment_is_the_examples_one():
+    """``ditkit demo`` runs the copy shipped in the package (an installed wheel has no
+    examples/); it must stay the experiment examples/ documents."""
+    from ditkit.train.demo import DEMO_EXPERIMENT
+
+    root = Path(__file__).resolve().parents[2]
+    assert DEMO_EXPERIMENT.is_relative_to(root / "ditkit")
+    packaged = load_experiment(DEMO_EXPERIMENT)
+    example = load_experiment(root / "examples/experiments/demo-digits.yaml")
+    assert packaged == example
+    assert packaged.model_spec == S.load(root / "examples/tiny/tiny-hdit-digits.yaml")
+
+
 @pytest.mark.parametrize("change, path, fragment", [
     ({"optimizer": {"lr": -1}}, "optimizer.lr", "greater than 0"),
     ({"trainig": {"steps": 3}}, "trainig", "did you mean `training`"),
