@@ -1,7 +1,9 @@
-"""The README's command table, generated from the parsers (``tests/test_cli.py`` keeps the
-README in sync).
+"""The command reference, generated from the parsers: the documentation site builds its
+*Command reference* page from :func:`command_reference` (``docs/gen_reference.py``), so a
+command or flag that changes changes the page. :func:`command_table` is the one-row-per-command
+summary; ``python -m ditkit.cli.docs FILE`` rewrites it between the markers in ``FILE``.
 
-    python -m ditkit.cli.docs README.md     # rewrite the table between the markers
+    python -m ditkit.cli.docs FILE.md     # rewrite the table between the markers
 """
 
 from __future__ import annotations
@@ -60,6 +62,63 @@ def command_table(parser: argparse.ArgumentParser | None = None) -> str:
         opts = ", ".join(f"`{o}`" for o in _options(sub))
         rows.append(f"| `{_synopsis(name, sub)}` | {text.replace('|', '/')} | {opts} |")
     return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _option_rows(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()
+    rows = []
+    for a in parser._actions:
+        if a.help == argparse.SUPPRESS or "-h" in a.option_strings:
+            continue
+        if a.option_strings:
+            flags = ", ".join(f"`{o}`" for o in a.option_strings)
+            if a.nargs == 0:
+                value = ""
+            else:
+                meta = a.metavar or (("{" + ",".join(map(str, a.choices)) + "}") if a.choices
+                                     else a.dest.upper())
+                value = f"`{meta if isinstance(meta, str) else ' '.join(meta)}`"
+        else:
+            flags = f"`{(a.metavar or a.dest).upper()}`" + (" (optional)" if a.nargs == "?"
+                                                            else "")
+            value = "one or more" if a.nargs in ("+", "*") else ""
+        text = formatter._expand_help(a) if a.help else ""
+        default = ""
+        if (a.option_strings and a.nargs != 0 and a.default not in (None, argparse.SUPPRESS)
+                and "default" not in text):
+            default = f" (default: `{a.default}`)"
+        rows.append(f"| {flags} | {value} | {_cell(text)}{default} |")
+    return rows
+
+
+def command_reference(parser: argparse.ArgumentParser | None = None) -> str:
+    """Markdown for every command: its synopsis, what it does and every option with its help."""
+    if parser is None:
+        from ditkit.cli import build_parser
+
+        parser = build_parser()
+    out = ["## Every command at a glance", "", command_table(parser), ""]
+    out += ["## Options of `ditkit` itself", "", "| option | value | meaning |",
+            "| --- | --- | --- |", *_option_rows(parser), ""]
+    if parser.epilog:
+        out += [_cell(parser.epilog), ""]
+    for name, sub, text in _commands(parser):
+        out += [f"## `{name}`", "", _cell(sub.description or text) + ("" if (sub.description or
+                                                                             text).endswith(".")
+                                                                     else "."), ""]
+        usage = " ".join(sub.format_usage().split())
+        usage = usage.removeprefix("usage: ")
+        out += ["```text", usage, "```", ""]
+        rows = _option_rows(sub)
+        if rows:
+            out += ["| argument | value | meaning |", "| --- | --- | --- |", *rows, ""]
+        if sub.epilog:
+            out += [_cell(sub.epilog), ""]
+    return "\n".join(out)
 
 
 def replace_table(text: str, table: str) -> str:
