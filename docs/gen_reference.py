@@ -86,7 +86,7 @@ def anchor(model: type) -> str:
 
 
 def render_type(annotation, link) -> str:
-    """A short, readable type: ``int``, ``"a" or "b"``, ``[int, int]``, ``list of [Level](#level)``."""
+    """A short, readable type: ``int``, ``"a" or "b"``, ``[int, int]``, ``list of [X](#x)``."""
     if annotation is type(None):
         return "null"
     if annotation is typing.Any:
@@ -232,9 +232,10 @@ def model_section(model: type[BaseModel], paths: list[str], link) -> str:
                 and len(typing.get_args(field.annotation)) == 1:
             continue
         desc = field.description or docs.get(name, "")
+        bounds = ", ".join(constraints(props.get(name, {})))
         rows.append(f"| `{name}` | {_cell(render_type(field.annotation, link))} | "
-                    f"{_cell(_default(field))} | {_cell(', '.join(constraints(props.get(name, {}))))}"
-                    f" | {_cell(_md_doc(desc) if desc else '')} |")
+                    f"{_cell(_default(field))} | {_cell(bounds)} | "
+                    f"{_cell(_md_doc(desc) if desc else '')} |")
     if rows:
         out += ["| field | type | default | constraints | description |",
                 "| --- | --- | --- | --- | --- |", *rows, ""]
