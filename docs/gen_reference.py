@@ -350,4 +350,5 @@ def main() -> None:
     print(f"wrote {len(generated)} pages under {out}")
 
 
-main()
+if __name__ == "__main__" or _editor() is not None:  # by hand, or by mkdocs-gen-files
+    main()

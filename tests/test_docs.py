@@ -23,6 +23,7 @@ breaks this test, not the reader.
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import os
 import re
@@ -349,3 +350,56 @@ def test_the_collector_reads_markers_commands_and_flags():
                                       "--out r --resume\n")
     assert _commands_in(torchrun) == [["train", "e.yaml", "--out", "r", "--resume"]]
     assert flag_problems(["train", "e.yaml", "--out", "r", "--resume"]) == []
+
+
+# --------------------------------------------------- the generated references and the nav
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", DOCS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_spec_reference_has_every_class_and_field_with_defaults_and_bounds():
+    from ditkit.spec import ModelSpec, NeighborhoodAttention
+    from ditkit.spec.experiment import Distributed, Experiment
+
+    gen = _load_script("gen_reference")
+    pages = gen.pages()
+    spec, exp = pages["reference/spec.md"], pages["reference/experiment.md"]
+    for model in gen.walk(ModelSpec):
+        assert f"### {model.__name__} {{#{model.__name__.lower()}}}" in spec, model
+        for name in model.model_fields:
+            assert f"| `{name}` |" in spec or name == "kind", (model, name)
+    section = spec.split("### NeighborhoodAttention", 1)[1].split("\n### ", 1)[0]
+    assert "`kind: neighborhood`" in section and "`levels[i].attention`" in section
+    assert "| `kernel_size` | int or [int, int] | `7` | > 0 |" in section
+    assert "### AggregateAttention" in spec and "| `factor` | int | `2` | ≥ 2 |" in spec
+    for model in (Experiment, Distributed):
+        assert f"### {model.__name__} " in exp
+    assert "| `batch_size` | int | `64` | > 0 | Global batch" in exp  # the docstring under it
+    assert "[ModelSpec](spec.md#modelspec)" in exp  # cross-page links
+    assert "### AsIs " in pages["reference/policy.md"] and "### AsIs " not in exp
+    schema = json.loads(pages["reference/ditkit.schema.json"])
+    assert schema["title"] == "ModelSpec" and "NeighborhoodAttention" in schema["$defs"]
+
+
+def test_the_guides_nav_adds_new_pages_and_drops_missing_ones(tmp_path):
+    hooks = _load_script("hooks")
+    (tmp_path / "guides").mkdir()
+    (tmp_path / "guides" / "training.md").write_text("# Training\n")
+    (tmp_path / "guides" / "bring-your-config.md").write_text("intro\n# Bring your config\n")
+    (tmp_path / "guides" / "preemption.md").write_text("no heading\n")
+    (tmp_path / "index.md").write_text("# Home\n")
+    nav = [{"Home": "index.md"}, {"Spec": [{"Reference": "reference/spec.md"}]},
+           {"Guides": [{"Training": "guides/training.md"}, {"Gone": "guides/gone.md"}]}]
+    config = hooks.on_config({"docs_dir": str(tmp_path), "nav": nav})
+    assert config["nav"] == [
+        {"Home": "index.md"}, {"Spec": [{"Reference": "reference/spec.md"}]},
+        {"Guides": [{"Training": "guides/training.md"},
+                    {"Bring your config": "guides/bring-your-config.md"},
+                    {"Preemption": "guides/preemption.md"}]}]
