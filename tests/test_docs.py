@@ -301,20 +301,35 @@ def _check_yaml(block: Block, folder: Path) -> None:
 # ---------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("block", _params())
-def test_doc_block(block: Block, page_dir: Path):
-    if "skip" in block.markers:
-        pytest.skip(block.markers["skip"] or "marked skip")
+_DONE: set[str] = set()
+
+
+def _execute(block: Block, folder: Path) -> None:
     if "file" in block.markers:
-        (page_dir / block.markers["file"]).write_text(block.code)
-    with _cwd(page_dir):
+        (folder / block.markers["file"]).write_text(block.code)
+    with _cwd(folder):
         if block.lang == "python":
             ns = _NAMESPACES.setdefault(block.page, {"__name__": "__docs__"})
             exec(compile(block.code, block.id, "exec"), ns)
         elif block.lang == "bash":
             _run_bash(block)
         else:
-            _check_yaml(block, page_dir)
+            _check_yaml(block, folder)
+    _DONE.add(block.id)
+
+
+@pytest.mark.parametrize("block", _params())
+def test_doc_block(block: Block, page_dir: Path):
+    if "skip" in block.markers:
+        pytest.skip(block.markers["skip"] or "marked skip")
+    # a block may use what earlier blocks of its page made (`-m slow` deselects those)
+    for earlier in blocks_of(block.page):
+        if earlier.line >= block.line:
+            break
+        if (earlier.lang in RUN_LANGS and earlier.id not in _DONE
+                and not {"skip", "slow"} & set(earlier.markers)):
+            _execute(earlier, page_dir)
+    _execute(block, page_dir)
 
 
 # ------------------------------------------------------------------- the README and the site
