@@ -218,6 +218,10 @@ def model_section(model: type[BaseModel], paths: list[str], link) -> str:
     schema = model.model_json_schema()
     props = schema.get("properties", {})
     docs = _field_docs(model)
+    from ditkit.spec.model import Block
+
+    inherited = set(Block.model_fields) if model is not Block and all(
+        n in model.model_fields for n in Block.model_fields) else set()
     out = [f"### {model.__name__} {{#{anchor(model)}}}", ""]
     kind = model.model_fields.get("kind")
     if kind is not None and typing.get_origin(kind.annotation) is typing.Literal:
@@ -232,6 +236,9 @@ def model_section(model: type[BaseModel], paths: list[str], link) -> str:
                 and len(typing.get_args(field.annotation)) == 1:
             continue
         desc = field.description or docs.get(name, "")
+        if not desc and name in inherited:
+            desc = (f"Overrides `block.{name}` for these blocks (see [Block](#block)); "
+                    "unset: inherited.")
         bounds = ", ".join(constraints(props.get(name, {})))
         rows.append(f"| `{name}` | {_cell(render_type(field.annotation, link))} | "
                     f"{_cell(_default(field))} | {_cell(bounds)} | "
