@@ -1,4 +1,4 @@
-"""torch.compile (inductor, one graph) against eager on CPU, for the README.
+"""torch.compile (inductor, one graph) against eager on CPU, for docs/guides/deployment.md.
 
     OMP_NUM_THREADS=1 python benchmarks/compile.py [--spec tiny-hdit-shapes]
         [--resolutions 64 128] [--batch 2] [--repeats 3] [--threads 1]

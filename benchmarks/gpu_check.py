@@ -28,7 +28,7 @@ with the ``eager`` backend, ``pytest --collect-only``); what needs CUDA is recor
 "skipped: no CUDA". CI runs it (``tests/test_gpu_check.py``) so the script does not rot.
 
 Works with torch >= 2.6 (the GPU image these checks were prepared for has 2.11); on a machine
-without pydantic see ``benchmarks/fetch_gpu_wheels.sh`` and the README ("GPU check").
+without pydantic see ``benchmarks/fetch_gpu_wheels.sh`` and docs/guides/gpu-check.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Single-kernel timings behind the onnxruntime rewrites (README, "onnxruntime at high
+"""Single-kernel timings behind the onnxruntime rewrites (docs/measurements.md, "onnxruntime at high
 resolution"): CPU time per call, 1 thread by default, median of ``--repeats``.
 
     python benchmarks/ort_kernels.py [--threads 1] [--repeats 10]

@@ -1,4 +1,4 @@
-"""fp16 / bf16 ONNX export tolerance vs eager fp32, for the README.
+"""fp16 / bf16 ONNX export tolerance vs eager fp32, for docs/guides/deployment.md.
 
     python benchmarks/precision.py [--specs tiny-dit tiny-hdit-neighborhood] [--precisions fp16 bf16]
 

@@ -1,4 +1,4 @@
-"""CPU benchmark for the README: onnxruntime vs eager per-step latency, tiny HDiT.
+"""CPU benchmark for docs/measurements.md: onnxruntime vs eager per-step latency, tiny HDiT.
 
     python benchmarks/sample.py [--resolutions 32 64] [--threads 1] [--repeats 20]
 

@@ -34,7 +34,7 @@ from ditkit.spec import neighborhood_misfits
 TILE = 8
 #: the tile side in ``torch.export`` traces (the ONNX form): onnxruntime runs each tile as one
 #: small fused attention, and 4x4 tiles against their (4 + k - 1)^2 halo move ~2x fewer keys
-#: per query than 8x8 ones at k = 7 (measured: 6-11 % faster at 256^2-512^2 pixels, README)
+#: per query than 8x8 ones at k = 7 (measured: 6-11 % faster at 256^2-512^2 pixels, docs/measurements.md)
 EXPORT_TILE = 4
 
 

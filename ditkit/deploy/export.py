@@ -56,10 +56,10 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 DEFAULT_OPSET = 18
 
 # fp32 parity is the project's 1e-4; reduced precision is judged against fp32 eager with a
-# tolerance relative to the output scale (measured values are in the README)
+# tolerance relative to the output scale (measured values: docs/guides/deployment.md)
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 # ``quantize="int8"`` (int8 linear layers, opt-in): max |diff| vs fp32 eager relative to the
-# output scale, as for fp16 / bf16 (measured values are in the README)
+# output scale, as for fp16 / bf16 (measured values: docs/guides/deployment.md)
 INT8_TOLERANCE = 1e-1
 
 
@@ -457,7 +457,7 @@ def export_backend(target: str, precision: str) -> str | None:
     """The neighborhood backend an export traces when the caller chose none (``auto``): for
     onnxruntime fp32 graphs ``tiled`` -- dense tile x halo attention that onnxruntime runs as
     one fused kernel (``ort_fusion``), 3-5x less memory traffic than ``gather``'s k^2 copies of
-    every key and value (measured in the README, "Sampling, export and engines"); otherwise
+    every key and value (measured in docs/measurements.md, "Sampling engines on CPU"); otherwise
     ``None``, i.e. ``kernels.exportable_backend()``'s own choice."""
     from ditkit.builder import kernels
 

@@ -455,7 +455,9 @@ class Classes(Spec):
     ``cross_attention: {kind: memory}`` blocks attend to (MDiT)."""
 
     count: PositiveInt
+    """Number of classes; labels are 0 .. count - 1."""
     null_class: bool = True
+    """An extra "unconditional" label (= ``count``) for classifier-free guidance."""
     inject: Literal["vector", "prefix", "memory"] = "vector"
     tokens: PositiveInt = 1
 
@@ -496,7 +498,9 @@ class Mapping(Spec):
     Its width is the conditioning width."""
 
     depth: Annotated[int, Field(ge=0)] = 1
+    """Residual GEGLU blocks."""
     ratio: PositiveFloat = 3.0
+    """Hidden width of each block as a multiple of the conditioning width."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
@@ -505,10 +509,15 @@ class Conditioning(Spec):
     by. ``width``: the conditioning vector's width (``null`` = the outermost ``d_model``)."""
 
     width: PositiveInt | None = None
+    """The conditioning vector's width (``null``: the outermost level's ``d_model``)."""
     noise: Noise = Field(default_factory=SinusoidalNoise)
+    """How the noise level (a timestep, sigma or flow time) is embedded."""
     classes: Classes | None = None
+    """Class labels (``null``: an unconditional model)."""
     aux: tuple[AuxInput, ...] = ()
+    """Auxiliary inputs, each passed to ``forward`` by its name."""
     mapping: Mapping | None = None
+    """A mapping network after the sum of the embeddings (``null``: none, as in DiT)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +531,7 @@ class LinearHead(Spec):
     norm: Norm = Field(default_factory=lambda: Norm(kind="rms", affine=True))
     bias: bool = False
     learned_sigma: bool = False
+    """Double the output channels: the second half predicts the variance (DiT / ADM)."""
 
 
 class AdaLNHead(Spec):

@@ -67,16 +67,25 @@ class Block(Spec):
     """One transformer block: (modulated) pre-norm attention, then (modulated) pre-norm FFN."""
 
     attention: Attention = Field(default_factory=GlobalAttention)
+    """Which tokens a query sees (global, neighborhood, shifted window, aggregate, none)."""
     d_head: PositiveInt = 64
+    """Width of one attention head; the head count is derived: ``d_model / d_head``."""
     logits: Logits = Field(default_factory=DotLogits)
+    """How attention logits are formed: scaled dot product or cosine similarity."""
     qk_norm: QKNorm = Field(default_factory=QKNorm)
+    """A norm on queries and keys before the logits (MDiT's QK LayerNorm)."""
     rope: Rope = Field(default_factory=NoRope)
+    """Rotary position encoding on part of each head."""
     attention_bias: bool = True
     """Biases on the q/k/v and output projections."""
     norm: Norm = Field(default_factory=Norm)
+    """The pre-norm of each sub-layer."""
     modulation: Modulation = Field(default_factory=AdaLNZero)
+    """How the conditioning vector enters the block (adaLN-Zero, AdaRMSNorm scale, none)."""
     ffn: FFN = Field(default_factory=GeluMLP)
+    """The feed-forward sub-layer."""
     dropout: Dropout = 0.0
+    """Dropout rate in attention and FFN (training only)."""
     zero_init_out: bool = False
     """Zero-initialise the attention and FFN output projections (HDiT; DiT gates instead)."""
     cross_attention: CrossAttention = Field(default_factory=NoCrossAttention)
@@ -107,6 +116,7 @@ class BlockOverride(_BlockFields):
     """A run of ``repeat`` blocks that override some block fields."""
 
     repeat: PositiveInt = 1
+    """How many consecutive blocks this entry stands for."""
 
 
 Stack = NonNegativeInt | tuple[BlockOverride, ...]
@@ -117,29 +127,44 @@ class Level(_BlockFields):
     """One level of the hierarchy. Block fields set here apply to all of its blocks."""
 
     d_model: PositiveInt
+    """Token width at this level."""
     encoder: Stack | None = None
+    """Blocks on the way in (outer levels): a count or a list of block overrides."""
     decoder: Stack | None = None
+    """Blocks on the way back out (outer levels), separate from the encoder's."""
     middle: Stack | None = None
+    """Blocks of the innermost level: a count or a list of block overrides."""
     down: Down | None = None
+    """How tokens go to the next (inner) level: ``merge`` or ``repatch``."""
     up: Up | None = None
     """How the inner level's tokens come back (default: ``split``, the inverse of ``merge``)."""
     skip: Skip | None = None
+    """How the encoder's output is merged with what comes back up (lerp, add, concat, ...)."""
 
 
 class ModelSpec(Spec):
     """A diffusion transformer, as data."""
 
     spec_version: Literal[1] = SPEC_VERSION
+    """The version of the spec language; older versions are migrated on load."""
     name: Annotated[str, Field(min_length=1)] = "model"
     description: str = ""
     input: Input = Field(default_factory=Input)
+    """What the model is fed: channels, pixel or latent space, training resolution."""
     patch: Patch = Field(default_factory=Patch)
+    """The outer patch embedding."""
     position: Position = Field(default_factory=NoPosition)
+    """An absolute position encoding added once, after the patch embedding."""
     conditioning: Conditioning = Field(default_factory=Conditioning)
+    """Noise level, classes and auxiliary inputs, and the mapping network that mixes them."""
     block: Block = Field(default_factory=Block)
+    """Defaults for every block; levels and block overrides change them."""
     levels: Annotated[tuple[Level, ...], Field(min_length=1)]
+    """The levels of token grids, outer to inner."""
     head: Head = Field(default_factory=LinearHead)
+    """The output layer."""
     init: Init = Field(default_factory=Init)
+    """Weight initialisation."""
 
     # ---------------------------------------------------------------- derived quantities
 

@@ -14,5 +14,5 @@ SCHEDULES = ("native", "karras", "uniform")
 DEFAULT_SAMPLER = "dpmpp_2m"
 """The sampler of previews, evaluations and every sampling command unless one is named. DPM++ 2M
 is a second-order multistep method with one network evaluation per step: at 20 steps it scored
-the same as Heun at 20 steps (39 evaluations) in the demo's ablation (README, *The demo,
-measured*), so it gives the same quality at half the time."""
+the same as Heun at 20 steps (39 evaluations) in the demo's ablation (docs/measurements.md,
+*The demo*), so it gives the same quality at half the time."""

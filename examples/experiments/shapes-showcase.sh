@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The resolution-extrapolation showcase (README, "A trained model at resolutions it never saw"):
+# The resolution-extrapolation showcase (docs/guides/extrapolation.md, "A trained model at resolutions it never saw"):
 # train the shapes model at 16x16, fine-tune three adaptations at 32x32 with the same small
 # budget, then sample, score and measure every policy at 16x16, 32x32 (2x) and 64x64 (4x) into
 # docs/extrapolation/. Run from the repository root; THREADS (default 2) CPU threads; each

@@ -48,7 +48,7 @@ def test_dit_xl_2(families):
     assert "+ sincos pos." in d.element("patch").lines
     assert "+ learned σ" in d.element("head").lines
     assert d.element("output").lines == ("output", "32×32×8")  # eps and sigma
-    # DiT paper, Table 4: DiT-XL/2 675M params, 118.64 Gflops (README: 675,129,632 / 118.62)
+    # DiT paper, Table 4: DiT-XL/2 675M params, 118.64 Gflops (docs/spec/index.md: 675,129,632 / 118.62)
     assert d.subtitle.startswith("675.1M params · 118.6 GMACs")
 
 
@@ -69,7 +69,7 @@ def test_hdit_imagenet_128(families):
         "noise", "classes", "aux", "mapping", "cond"]
     assert d.element("cond.aux0").lines[0] == "aux aug_cond"
     assert "Fourier features" in d.element("cond.noise").lines
-    # HDiT paper, Table 6: 117.0M params, 31 GFLOPs (README: 117,003,805 / 31.37)
+    # HDiT paper, Table 6: 117.0M params, 31 GFLOPs (docs/spec/index.md: 117,003,805 / 31.37)
     assert d.subtitle.startswith("117.0M params · 31.4 GMACs")
     # per level: describe's numbers, and they add up with the rest to the total
     assert [b.params for b in bands] == [lv.params for lv in report.levels]
@@ -318,12 +318,12 @@ def test_a_block_default_change_highlights_the_blocks_that_inherit_it():
     assert {e.id for e in db.find("blocks")} - {"L1.decoder.0"} <= marked
 
 
-# -------------------------------------------------------------------- README pictures
+# -------------------------------------------------------------------- docs pictures
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_committed_diagrams_show_the_current_presets(name):
-    """``docs/diagrams/PRESET.svg`` (in the README) says what the layout of the preset says
+    """``docs/diagrams/PRESET.svg`` (in the docs) says what the layout of the preset says
     today: every label of every element. Regenerate with
     ``ditkit describe PRESET --diagram docs/diagrams/PRESET.svg``."""
     from tests.conftest import ROOT

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # FSDP2) can differ in its last bits -- and it enters only through the clip coefficient.
 # 1e-6 relative admits that and nothing else: averaging with a wrong factor, a missed
 # gradient sync under accumulation or a wrong shard all move the loss by > 1e-3 within a step.
-# (Measured: bitwise equal -- see README, section training.)
+# (Measured: bitwise equal -- see docs/guides/distributed.md.)
 RTOL = 1e-6
 
 
