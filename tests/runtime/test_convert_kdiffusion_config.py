@@ -298,3 +298,15 @@ def test_against_k_diffusion_itself_when_importable():
             model = kconfig.make_model(kconfig.load_config(copy.deepcopy(config)))
         want = sum(p.numel() for p in model.parameters())
         assert KC.parameter_count(KC.translate(config, experiment=False).spec) == want, name
+
+
+@pytest.mark.parametrize("name,preset_name", [("ffhq_1024", "hdit-ffhq-1024"),
+                                              ("imagenet_128", "hdit-imagenet-128")])
+def test_paper_configs_convert_to_ditkits_hdit_presets(name, preset_name):
+    """The HDiT paper's models written as k-diffusion configs are ditkit's presets, field for
+    field (the presets were written from the paper's Table 6 independently)."""
+    from ditkit.spec.diff import diff
+    from ditkit.spec.presets import preset
+
+    spec = KC.translate(CONFIGS[name], experiment=False).spec
+    assert [c.path for c in diff(spec, preset(preset_name))] == ["name", "description"]
