@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ditkit.errors import EnvironmentFault
 
-from .common import UsageError, load_spec
+from .common import UsageError, checkpoint_path, load_spec
 
 
 def add_parser(sub) -> None:
@@ -96,7 +96,10 @@ def run(args) -> int:
             raise UsageError(f"--{name} applies to --from only")
     try:
         C.source_module(args.target)
-        C.export(args.checkpoint, args.target, out)
+        source = args.checkpoint
+        if args.target == "diffusers":  # a run folder: its newest EMA weights
+            source = checkpoint_path(args.checkpoint, "CHECKPOINT")
+        C.export(source, args.target, out)
     except EnvironmentFault:
         raise
     except (ValueError, OSError) as err:

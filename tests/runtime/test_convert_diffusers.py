@@ -116,6 +116,7 @@ def test_from_diffusers_output_equals_diffusers(tmp_path):
                  str(out)]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt.spec.conditioning.noise.frequency_shift == 1
+    assert ckpt.spec.name == "dit-d2-w32-p2"  # diffusers wrote it: the name says its shape
     assert ckpt.objective == S.DDPMObjective(learned_sigma=True)
     ours = build(ckpt.spec).eval()
     ours.load_state_dict(ckpt.tensors)

@@ -458,6 +458,8 @@ def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
     from ..checkpoint import save_checkpoint
 
     state, config = read_folder(path)
+    if name is None:  # a folder ditkit wrote keeps the spec's name in the weights' metadata
+        name = _written_name(Path(path))
     spec = preset if preset is not None else spec_from_config(config, name=name)
     tensors = from_diffusers(state, spec)
     learned = spec.head.learned_sigma if isinstance(spec.head, S.AdaLNHead) else False
@@ -465,6 +467,16 @@ def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
                     metadata={"ditkit.converted_from": SOURCE,
                               "ditkit.source_file": Path(path).name})
     return spec
+
+
+def _written_name(folder: Path) -> str | None:
+    from safetensors import safe_open
+
+    for f in (folder / WEIGHTS, folder / "transformer" / WEIGHTS):
+        if f.is_file():
+            with contextlib.suppress(Exception), safe_open(str(f), framework="pt") as fh:
+                return (fh.metadata() or {}).get("ditkit.name")
+    return None
 
 
 def export_folder(path: str | os.PathLike, out: str | os.PathLike) -> None:
