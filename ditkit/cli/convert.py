@@ -19,8 +19,8 @@ from .common import UsageError, checkpoint_path, load_spec
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "convert", help="convert DiT / k-diffusion / MPDiT / diffusers checkpoints to ditkit ones and "
-        "back; k-diffusion configs to specs",
+        "convert", help="convert DiT / k-diffusion / MPDiT / diffusers checkpoints to ditkit "
+        "ones and back; k-diffusion configs to specs",
         description="Convert a checkpoint trained elsewhere into a self-describing ditkit "
                     "checkpoint (safetensors + spec), or a ditkit checkpoint back to its source "
                     "format. .pt/.pth files are read with torch.load(weights_only=True).")

@@ -20,7 +20,7 @@ from ditkit.spec.diff import diff
 from ditkit.spec.presets import preset
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
-from diffusers import DiTTransformer2DModel  # noqa: E402
+from diffusers import DiTTransformer2DModel
 
 
 def _tiny(learned_sigma=True, classes=10, **block) -> S.ModelSpec:
@@ -272,3 +272,13 @@ def test_per_block_embedders_that_differ_are_refused(tmp_path):
     state[key] = state[key] + 1
     with pytest.raises(ConversionError, match="differs from transformer_blocks.0"):
         DF.from_diffusers(state, DF.spec_from_config(config))
+
+
+def test_diffusers_timestep_embedding_is_refused_by_the_dit_reference_layout():
+    """The other way round: DiT's reference code computes the unshifted embedding, so a model
+    in diffusers' layout must not be written as a facebookresearch/DiT checkpoint."""
+    from ditkit.runtime.convert import dit as DIT
+
+    spec = _tiny()
+    with pytest.raises(ValueError, match="frequency_shift"):
+        DIT.from_ditkit(_random_model(spec).state_dict(), spec)

@@ -19,7 +19,7 @@ def blocks(path: Path) -> list[tuple[str, str]]:
     """``(language, code)`` of every runnable fenced block (python / bash) not marked skip."""
     text = path.read_text()
     out = []
-    for m in re.finditer(r"(<!-- skip:[^\n]*-->\n)?```(python|bash)\n(.*?)```", text, re.S):
+    for m in re.finditer(r"(<!-- skip:[^\n]*-->\n)?```(python|bash)\n(.*?)```", text, re.DOTALL):
         if not m.group(1):
             out.append((m.group(2), m.group(3)))
     return out
@@ -32,7 +32,7 @@ def run_blocks(path: Path, folder: Path) -> list[str]:
     for lang, code in blocks(path):
         cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo",
                                                                       "pipefail", "-c", code]
-        r = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True,
+        r = subprocess.run(cmd, check=False, cwd=folder, env=env, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, f"{path.name} block failed:\n{code}\n{r.stdout}\n{r.stderr}"
         outputs.append(r.stdout)

@@ -47,7 +47,7 @@ class Row:
 @dataclass(frozen=True)
 class Translation:
     spec: S.ModelSpec
-    experiment: "object"  # ditkit.spec.experiment.Experiment (model: the spec inline)
+    experiment: object  # ditkit.spec.experiment.Experiment (model: the spec inline)
     rows: tuple[Row, ...]
 
     def table(self) -> str:
@@ -494,5 +494,13 @@ def parameter_count(spec: S.ModelSpec) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["KDiffusionConfigError", "Row", "Translation", "translate", "read_config",
-           "convert_config", "parameter_count", "MAPPING_LR_SCALE"]
+__all__ = [
+    "MAPPING_LR_SCALE",
+    "KDiffusionConfigError",
+    "Row",
+    "Translation",
+    "convert_config",
+    "parameter_count",
+    "read_config",
+    "translate",
+]
