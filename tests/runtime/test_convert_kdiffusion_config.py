@@ -310,3 +310,22 @@ def test_paper_configs_convert_to_ditkits_hdit_presets(name, preset_name):
 
     spec = KC.translate(CONFIGS[name], experiment=False).spec
     assert [c.path for c in diff(spec, preset(preset_name))] == ["name", "description"]
+
+
+def test_checkpoint_conversion_keeps_per_level_kernel_and_window_sizes():
+    """The checkpoint path reads the same keys (a checkpoint's config metadata): a kernel
+    or window size that differs per level must not take level 0's (it changes no tensor
+    shape, so the weights would load into the wrong model silently)."""
+    config = {"model": {"type": "image_transformer_v2", "input_channels": 3,
+                        "input_size": [64, 64], "patch_size": [2, 2], "depths": [1, 1, 1, 1],
+                        "widths": [32, 64, 64, 64], "mapping_width": 32,
+                        "self_attns": [{"type": "neighborhood", "d_head": 16, "kernel_size": 3},
+                                       {"type": "neighborhood", "d_head": 16, "kernel_size": 5},
+                                       {"type": "shifted-window", "d_head": 16,
+                                        "window_size": 4},
+                                       {"type": "shifted-window", "d_head": 16,
+                                        "window_size": 2}]}}
+    spec = KD.infer_spec({}, {"config": json.dumps(config)})
+    atts = [spec.stack(i, "middle" if i == 3 else "encoder")[0].attention for i in range(4)]
+    assert [S.pair(a.kernel_size)[0] for a in atts[:2]] == [3, 5]
+    assert [a.window_size for a in atts[2:]] == [4, 2]

@@ -90,7 +90,11 @@ def _refuse(key: str, value, why: str) -> KDiffusionConfigError:
 # model
 
 
-def _attention_data(i: int, sa: dict) -> dict:
+def _check_attention(i: int, sa) -> None:
+    """Refuse a ``self_attns`` entry ditkit cannot map, by its key (the mapping itself is
+    :func:`.kdiffusion.spec_from_config`'s)."""
+    if not isinstance(sa, dict):
+        raise _refuse(f"model.self_attns[{i}]", sa, "each entry is an object with a type")
     kind = sa.get("type")
     known = {"global": {"type", "d_head"}, "neighborhood": {"type", "d_head", "kernel_size"},
              "shifted-window": {"type", "d_head", "window_size"}}
@@ -102,14 +106,9 @@ def _attention_data(i: int, sa: dict) -> dict:
     if extra:
         raise _refuse(f"model.self_attns[{i}]", sa, f"unknown keys {', '.join(extra)} for a "
                       f"{kind} attention")
-    if kind == "global":
-        return {"kind": "global"}
-    if kind == "neighborhood":
-        return {"kind": "neighborhood", "kernel_size": int(sa.get("kernel_size", 7))}
-    if "window_size" not in sa:
+    if kind == "shifted-window" and "window_size" not in sa:
         raise _refuse(f"model.self_attns[{i}]", sa, "a shifted-window attention needs "
                       "window_size (k-diffusion has no default for it)")
-    return {"kind": "shifted_window", "window_size": int(sa["window_size"])}
 
 
 def model_spec(config: dict, name: str) -> tuple[S.ModelSpec, list[Row]]:
@@ -125,6 +124,8 @@ def model_spec(config: dict, name: str) -> tuple[S.ModelSpec, list[Row]]:
                    if key == "mapping_cond_dim" else
                    "a learned-variance output has no ditkit objective for k-diffusion models")
             raise _refuse(f"model.{key}", raw[key], why)
+    for i, sa in enumerate(raw.get("self_attns") or []):
+        _check_attention(i, sa)
     try:
         model, classes = KD.model_config({"config": json.dumps(config)})
         spec = KD.spec_from_config(model, classes, name)
@@ -132,15 +133,8 @@ def model_spec(config: dict, name: str) -> tuple[S.ModelSpec, list[Row]]:
         raise
     except ValueError as err:
         raise KDiffusionConfigError(f"k-diffusion config: {err}") from None
-    # per-level attention (spec_from_config takes one kernel / window size for every level)
     data = S.to_data(spec, full=False)
     data["description"] = "converted from a k-diffusion image_transformer_v2 config"
-    last = len(spec.levels) - 1
-    for i, sa in enumerate(model["self_attns"]):
-        want = _attention_data(i, sa)
-        have = spec.stack(i, "middle" if i == last else "encoder")[0].attention
-        if S.to_data(have, full=False) != want and S.to_data(have, full=True) != want:
-            data["levels"][i]["attention"] = want
     try:
         spec = S.validate(data, S.ModelSpec, "k-diffusion config")
     except S.SpecError as err:
