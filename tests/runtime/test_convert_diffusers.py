@@ -282,3 +282,14 @@ def test_diffusers_timestep_embedding_is_refused_by_the_dit_reference_layout():
     spec = _tiny()
     with pytest.raises(ValueError, match="frequency_shift"):
         DIT.from_ditkit(_random_model(spec).state_dict(), spec)
+
+
+def test_writing_over_a_folder_replaces_it_and_leaves_nothing_beside_it(tmp_path):
+    spec = _tiny()
+    out = tmp_path / "dit"
+    DF.write_folder(_random_model(spec, seed=0).state_dict(), spec, out)
+    first = (out / DF.WEIGHTS).read_bytes()
+    DF.write_folder(_random_model(spec, seed=1).state_dict(), spec, out)
+    assert (out / DF.WEIGHTS).read_bytes() != first
+    assert sorted(os.listdir(tmp_path)) == ["dit"]
+    assert sorted(os.listdir(out)) == ["config.json", DF.WEIGHTS]

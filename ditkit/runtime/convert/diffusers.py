@@ -384,7 +384,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     it is synced and the folder replaces ``path`` (an existing folder is swapped out and then
     removed); when it fails, the temporary folder is removed and ``path`` is untouched. The
     folder counterpart of :func:`ditkit.runtime.files.atomic_path`."""
-    from ditkit.runtime.files import environment_fault, honour_umask
+    from ditkit.runtime.files import current_umask, environment_fault, honour_umask
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -403,9 +403,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             honour_umask(f)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            old = path.parent / f".{path.name}.{os.getpid()}.old"
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if path.exists():  # swapped out under a fresh name, removed once the new one is in
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as err:
@@ -420,12 +420,6 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    from ditkit.runtime.files import current_umask
-
-    return current_umask()
 
 
 def write_folder(tensors: dict[str, torch.Tensor], spec: S.ModelSpec,
