@@ -293,3 +293,40 @@ def test_writing_over_a_folder_replaces_it_and_leaves_nothing_beside_it(tmp_path
     assert (out / DF.WEIGHTS).read_bytes() != first
     assert sorted(os.listdir(tmp_path)) == ["dit"]
     assert sorted(os.listdir(out)) == ["config.json", DF.WEIGHTS]
+
+
+def test_shifted_timestep_features_are_diffusers_own():
+    """``frequency_shift: 1`` computes what diffusers' DiT embeds (its own function, bit for
+    bit); 0 (DiT's reference) is another embedding, not a rounding difference."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from ditkit.builder.conditioning import timestep_features
+
+    t = torch.tensor([0, 1, 17, 500, 999])
+    theirs = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
+    assert torch.equal(timestep_features(t, 256, shift=1), theirs)
+    assert (timestep_features(t, 256) - theirs).abs().max() > 0.1
+
+
+def test_pipeline_folders_and_sharded_weights_are_read(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    spec = _tiny()
+    DF.write_folder(_random_model(spec).state_dict(), spec, tmp_path / "pipe" / "transformer")
+    state, config = DF.read_folder(tmp_path / "pipe")  # DiTPipeline layout: transformer/
+    assert config["num_layers"] == 2
+    # the same tensors in two shards with an index (save_pretrained's layout for big models)
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_text(json.dumps(config))
+    keys = sorted(state)
+    parts = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+             "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in parts.items():
+        save_file({k: state[k] for k in part}, str(shard / name))
+    index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
+    (shard / (DF.WEIGHTS + ".index.json")).write_text(json.dumps(index))
+    again, _ = DF.read_folder(shard)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+    ref = load_file(str(tmp_path / "pipe" / "transformer" / DF.WEIGHTS))
+    assert ref.keys() == state.keys()
