@@ -13,11 +13,13 @@ from .norm import Norm
 from .tags import MAPPING, tag_module
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """DiT's sinusoidal features, ``[cos(t f), sin(t f)]`` with ``f_k = max_period^(-k/half)``."""
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                      shift: int = 0) -> torch.Tensor:
+    """DiT's sinusoidal features, ``[cos(t f), sin(t f)]`` with ``f_k = max_period^(-k/half)``
+    (``shift`` 1: ``-k/(half - 1)``, diffusers' ``downscale_freq_shift``)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=t.device) / half)
+                                                           device=t.device) / (half - shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -33,9 +35,11 @@ class SinusoidalEmbed(nn.Module):
     (sinusoidal auxiliary inputs) before the first Linear."""
 
     def __init__(self, width: int, frequency_dim: int = 256, max_period: float = 10000.0,
-                 scale: float = 1.0, activation: str = "silu", extra_features: int = 0):
+                 scale: float = 1.0, activation: str = "silu", extra_features: int = 0,
+                 frequency_shift: int = 0):
         super().__init__()
         self.frequency_dim, self.max_period, self.scale = frequency_dim, max_period, scale
+        self.frequency_shift = frequency_shift
         self.activation = activation
         gated = activation == "geglu"
         self.fc1 = nn.Linear(frequency_dim + extra_features, width * (2 if gated else 1))
@@ -48,7 +52,8 @@ class SinusoidalEmbed(nn.Module):
 
     def forward(self, t: torch.Tensor,
                 extra: torch.Tensor | None = None) -> torch.Tensor:  # (B,) -> (B, width)
-        feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period)
+        feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period,
+                                  self.frequency_shift)
         if extra is not None:
             feats = torch.cat([feats, extra.to(feats.dtype)], dim=-1)
         h = self.fc1(feats.to(self.fc1.weight.dtype))

@@ -278,9 +278,11 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
 
     cond = spec.conditioning
     match cond.noise:
-        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act):
+        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act,
+                               frequency_shift=shift):
             extra = sum(a.dims * a.features for a in cond.aux if a.embed == "sinusoidal")
-            noise = SinusoidalEmbed(cw, fd, mp, sc, act, extra_features=extra)
+            noise = SinusoidalEmbed(cw, fd, mp, sc, act, extra_features=extra,
+                                    frequency_shift=shift)
         case S.FourierNoise(std=std):
             noise = FourierNoiseEmbed(cw, std)
         case S.FNONoise(points=pts, modes=modes, width=w, depth=depth):

@@ -418,6 +418,10 @@ class SinusoidalNoise(Spec):
     max_period: PositiveFloat = 10000.0
     scale: PositiveFloat = 1.0
     activation: Literal["silu", "geglu"] = "silu"
+    frequency_shift: Literal[0, 1] = 0
+    """``f_k = max_period^(-k / (half - frequency_shift))``: 0 is DiT's reference code, 1 is
+    diffusers' ``downscale_freq_shift=1``, which its ``DiTTransformer2DModel`` hard-codes (a
+    different embedding: a DiT trained with one computes something else with the other)."""
 
 
 class FourierNoise(Spec):

@@ -25,6 +25,9 @@ default ``("ema", "model_ema", "model")``), ``metadata(spec) -> dict[str, str]``
 safetensors file), and
 ``objective(metadata, spec)`` (the training objective, when the source format implies one).
 
+A folder format (diffusers) exposes ``convert_folder(path, out, **hints)`` and
+``export_folder(path, out)`` instead, and :func:`convert` / :func:`export` hand over to them.
+
 Dispatch is the explicit dict :data:`SOURCES`; there is no registry.
 """
 
@@ -130,9 +133,10 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
 
 
 def _sources() -> dict[str, ModuleType]:
-    from ditkit.runtime.convert import dit, kdiffusion, mpdit
+    from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
 
-    return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit}
+    return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit,
+            diffusers.SOURCE: diffusers}
 
 
 def source_module(name: str) -> ModuleType:
@@ -161,6 +165,8 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     from ditkit.runtime.checkpoint import save_checkpoint
 
     mod = source_module(source)
+    if hasattr(mod, "convert_folder"):  # a folder format (diffusers)
+        return mod.convert_folder(path, out, **hints)
     preferred = getattr(mod, "PREFERRED_KEYS", DEFAULT_PREFERRED_KEYS)
     state, meta = read_source(path, preferred, key)
     if "ditkit.spec" in meta:
@@ -183,6 +189,8 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint
 
     mod = source_module(to)
+    if hasattr(mod, "export_folder"):  # a folder format (diffusers)
+        return mod.export_folder(path, out)
     ckpt = load_checkpoint(path)
     state = mod.from_ditkit(ckpt.tensors, ckpt.spec)
     out = Path(out)

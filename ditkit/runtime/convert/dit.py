@@ -134,6 +134,9 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("DiT's head is ada_ln")
     if not isinstance(spec.conditioning.noise, S.SinusoidalNoise):
         problems.append("DiT's noise embedding is sinusoidal")
+    if getattr(spec.conditioning.noise, "frequency_shift", 0):
+        problems.append("DiT's timestep embedding has conditioning.noise.frequency_shift 0 "
+                        "(this model uses diffusers' shifted one)")
     if problems:
         raise ValueError(f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
 

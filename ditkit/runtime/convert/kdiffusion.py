@@ -125,6 +125,11 @@ def spec_from_config(model: dict, classes: int, name: str = "hdit") -> S.ModelSp
     for i, lvl in enumerate(data["levels"]):
         if heads[i] != heads[0]:
             lvl["d_head"] = heads[i]
+        sa = model["self_attns"][i]  # hdit() above takes one kernel / window for all levels
+        if sa["type"] == "neighborhood" and int(sa.get("kernel_size", 7)) != kernels[0]:
+            lvl["attention"] = {"kind": "neighborhood", "kernel_size": int(sa["kernel_size"])}
+        if sa["type"] == "shifted-window" and int(sa["window_size"]) != windows[0]:
+            lvl["attention"] = {"kind": "shifted_window", "window_size": int(sa["window_size"])}
         d_ff = int(model["d_ffs"][i])
         if d_ff != 3 * widths[i]:
             lvl["ffn"] = {"kind": "geglu", "d_ff": d_ff, "bias": False}

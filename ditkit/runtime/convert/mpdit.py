@@ -153,6 +153,9 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("MPDiT's classes are prefix tokens")
     if not (isinstance(spec.head, S.AdaLNHead) and spec.head.shared):
         problems.append("MPDiT's head is a shared ada_ln head")
+    if getattr(spec.conditioning.noise, "frequency_shift", 0):
+        problems.append("MPDiT's timestep embedding has conditioning.noise.frequency_shift 0 "
+                        "(this model uses diffusers' shifted one)")
     if problems:
         raise ValueError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
 
