@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ditkit.spec.experiment import LABELLED_DATA
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
 
 from ditkit.data.datasets import digits_tensor
 
@@ -219,13 +219,14 @@ class ResolutionMetrics:
                 "real_accuracy": r.real_accuracy, "count": r.count, "per_sample": paired}
 
 
-def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
-                   sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
-                   device: str = "cpu", progress: bool = False, data: str = "digits",
-                   classes: int = 10) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
+def evaluate_model(model, spec, objective, *, count: int = 500,
+                   sampling: Sampling = EVALUATION_DEFAULTS, device: str = "cpu",
+                   progress: bool = False, data: str = "digits", classes: int = 10
+                   ) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
     """Sample ``count`` images of ``data`` (``digits`` or ``shapes``; labels cycling over its
-    ``classes``) and evaluate them with that data's classifier at the model's resolution:
-    ``(report, images, labels)``."""
+    ``classes``) with the settings ``sampling`` (default: 20 steps, seed 1, as an
+    experiment's evaluation) and evaluate them with that data's classifier at the model's
+    resolution: ``(report, images, labels)``."""
     from ditkit.runtime.generate import sample_images
 
     if data not in LABELLED_DATA:
@@ -238,6 +239,6 @@ def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
         raise ValueError(f"{data} evaluation needs 1 or 3 input channels, the model has "
                          f"{spec.input.channels}")
     clf = classifier_for(data, tuple(spec.input.resolution), classes)
-    images, labels = sample_images(model, spec, objective, count, steps, sampler, seed,
-                                   cfg_scale, device, n_classes=classes, progress=progress)
+    images, labels = sample_images(model, spec, objective, count, sampling, device,
+                                   n_classes=classes, progress=progress)
     return evaluate_samples(clf, images, labels), images, labels
