@@ -100,13 +100,22 @@ class Sampling(Spec):
         return data
 
     def describe(self) -> str:
-        """One short line: ``dpmpp_2m, 50 steps, cfg-scale 1.0, seed 0`` (+ what differs from
-        the defaults)."""
+        """One short line: ``dpmpp_2m, 50 steps, cfg-scale 1.0, seed 0`` (+ :meth:`extras`)."""
         text = f"{self.sampler}, {self.steps} steps, cfg-scale {self.cfg_scale}, seed {self.seed}"
-        extra = [f"{name.replace('_', '-')} {getattr(self, name)}"
-                 for name in ("schedule", "eta", "sigma_min", "sigma_max", "rho")
-                 if getattr(self, name) != type(self).model_fields[name].default]
-        return ", ".join([text, *extra])
+        return ", ".join([text, *self.extras()])
+
+    def extras(self) -> list[str]:
+        """The settings besides sampler, steps, cfg scale and seed that differ from their
+        defaults, as ``["schedule karras", "sigma-min 0.1"]`` (command-line spelling)."""
+        out = []
+        for name in ("schedule", "eta", "sigma_min", "sigma_max", "rho", "cfg_interval",
+                     "cfg_channels"):
+            value = getattr(self, name)
+            if value != type(self).model_fields[name].default:
+                if isinstance(value, tuple):
+                    value = ",".join(str(v) for v in value)
+                out.append(f"{name.replace('_', '-')} {value}")
+        return out
 
 
 PREVIEW_SAMPLING = {"steps": 20, "seed": 0}
