@@ -62,6 +62,15 @@ class Sampling(Spec):
     seed: NonNegativeInt = 0
     """Seed of the initial noise and of every stochastic step."""
 
+    @field_validator("sampler", "schedule", mode="before")
+    @classmethod
+    def _known_name(cls, value, info):
+        names = SAMPLERS if info.field_name == "sampler" else SCHEDULES
+        if isinstance(value, str) and value not in names:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of "
+                             f"{', '.join(names)}")
+        return value
+
     @field_validator("cfg_interval")
     @classmethod
     def _interval_ordered(cls, value):

@@ -63,7 +63,7 @@ def test_a_finite_run_is_untouched(denoiser):
     ({"cfg_scale": float("nan")}, SpecError, r"cfg_scale: .*finite"),
     ({"cfg_scale": float("inf")}, SpecError, r"cfg_scale: .*finite"),
     ({"steps": 0}, SpecError, r"steps: .*greater than 0"),
-    ({"sampler": "magic"}, SpecError, r"sampler: Input should be 'euler'"),
+    ({"sampler": "magic"}, SpecError, r"sampler: unknown sampler .magic.; choose one of euler"),
     ({"eta": -0.5}, SpecError, r"eta: .*greater than or equal to 0"),
     ({"sigma_min": 2.0, "sigma_max": 1.0}, SpecError, r"sigma_min: .*below sigma_max"),
     # the sampler refuses what is valid data but too much to run
