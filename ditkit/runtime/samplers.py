@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ditkit.errors import UserError
-from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
 from ditkit.runtime.denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 from ditkit.runtime.protocols import Denoiser

@@ -76,7 +76,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     A ``_orig_mod.`` (torch.compile) or ``module.`` (DDP) prefix on every key is stripped."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ConversionError(f"{path}: no such file")
     meta: dict[str, str] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -87,18 +87,18 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
                 meta = dict(f.metadata() or {})
             obj = load_file(str(path))
         except Exception as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+            raise ConversionError(f"{path}: not a readable safetensors file ({err})") from None
     else:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"{path}: cannot be read safely with torch.load(weights_only=True) "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); re-save "
-                             "it as a plain state dict or as .safetensors") from None
+            raise ConversionError(f"{path}: cannot be read safely with torch.load(weights_only=True) "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); re-save "
+                                  "it as a plain state dict or as .safetensors") from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict or a dict of them, got "
-                         f"{type(obj).__name__}")
+        raise ConversionError(f"{path}: expected a state dict or a dict of them, got "
+                              f"{type(obj).__name__}")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for name in ("config", "args"):
             value = obj.get(name)
@@ -111,14 +111,14 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
         if chosen is None:
             entries = ", ".join(f"{k!r}" for k in obj)
             want = f"entry {key!r}" if key else "one of " + ", ".join(preferred)
-            raise ValueError(f"{path}: a dict with entries {entries} but no {want} holding "
-                             "a state dict; pick one with --key")
+            raise ConversionError(f"{path}: a dict with entries {entries} but no {want} holding "
+                                  "a state dict; pick one with --key")
         obj = obj[chosen]
         meta["ditkit.source_key"] = chosen
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped = [k for k in obj if k not in state]
     if dropped:
-        raise ValueError(f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}")
+        raise ConversionError(f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}")
     for prefix in ("_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -138,7 +138,7 @@ def _sources() -> dict[str, ModuleType]:
 def source_module(name: str) -> ModuleType:
     sources = _sources()
     if name not in sources:
-        raise ValueError(f"unknown source format {name!r}; known: {', '.join(sources)}")
+        raise ConversionError(f"unknown source format {name!r}; known: {', '.join(sources)}")
     return sources[name]
 
 
@@ -164,8 +164,8 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     preferred = getattr(mod, "PREFERRED_KEYS", DEFAULT_PREFERRED_KEYS)
     state, meta = read_source(path, preferred, key)
     if "ditkit.spec" in meta:
-        raise ValueError(f"{path} is already a ditkit checkpoint (it carries its spec); use it "
-                         f"as it is, or write it in another format with --to {source}")
+        raise ConversionError(f"{path} is already a ditkit checkpoint (it carries its spec); use it "
+                              f"as it is, or write it in another format with --to {source}")
     tensors, spec = convert_state(source, state, meta, **hints)
     extra = {"ditkit.converted_from": source, "ditkit.source_file": Path(path).name}
     if "ditkit.source_key" in meta:
@@ -196,7 +196,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         with atomic_path(out) as tmp:
             torch.save(state, tmp)
     else:
-        raise ValueError(f"{out}: use a .safetensors or .pt/.pth file name")
+        raise ConversionError(f"{out}: use a .safetensors or .pt/.pth file name")
 
 
 __all__ = ["ConversionError", "Remap", "check_heads", "conversion_hash", "expected_shapes",

@@ -168,8 +168,8 @@ def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: 
     if n_heads <= 0 or d_model % n_heads:
         hint = (f" (the width-{d_model} {family} preset has {presets[d_model]})"
                 if d_model in presets else "")
-        raise ValueError(f"--heads {n_heads} does not divide the width {d_model}; use a "
-                         f"divisor{hint}")
+        raise ConversionError(f"--heads {n_heads} does not divide the width {d_model}; use a "
+                              f"divisor{hint}")
     if d_model in presets and presets[d_model] != n_heads:
         warnings.warn(f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
                       f"width-{d_model} {family} preset: the weights load either way, but the "
