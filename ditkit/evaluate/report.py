@@ -26,12 +26,13 @@ from ditkit import spec as S
 from ditkit.builder import build, describe
 from ditkit.spec.sampling import Sampling
 
-REPORT_SAMPLING = Sampling(steps=20, seed=0)
-"""What the extrapolation report samples with unless told otherwise."""
-
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 
 _POLICY = TypeAdapter(S.Policy)
+
+
+REPORT_SAMPLING = Sampling(steps=20, seed=0)
+"""What the extrapolation report samples with unless told otherwise."""
 
 
 def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
@@ -272,7 +273,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                     paired[len(rows)] = identical_cell["paired"]
             else:
                 row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out,
-                                                     label, sampling, samples, device, hook(res),
+                                                     label, sampling, samples, device,
+                                                     hook(res),
                                                      count_at.get(res, eval_count))
                 per = keep_scores(row)
                 if same:
@@ -555,7 +557,8 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
             latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms, r.gmacs))
     lat = {k: latency_slope(v) for k, v in latency.items()}
     results = {"spec": spec.name, "trained_resolution": list(spec.input.resolution),
-               "sampling": sampling.recorded() if sampling else {}, "rows": [asdict(r) for r in rows],
+               "sampling": sampling.recorded() if sampling else {},
+               "rows": [asdict(r) for r in rows],
                "noop_at_training_resolution": noop, "comparisons": comparisons,
                "curves": {k: [[list(r), g] for r, g in v] for k, v in curves.items()},
                "slopes": {k: _slope(v) for k, v in curves.items()},
