@@ -21,7 +21,7 @@ from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
 from ditkit.spec.policy import AsIs, Policy
 from ditkit.spec.sampling import (EVALUATION_SAMPLING, PREVIEW_SAMPLING, Sampling,
-                                  legacy_sampling)
+                                  fold_flat_keys, legacy_sampling)
 
 EXPERIMENT_VERSION = 1
 
@@ -500,9 +500,23 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
                 overrides, "model"):
             data = {**data, "model": _model_data(data["model"], path.parent, source)}
-        data = apply_overrides(data, overrides) if isinstance(data, dict) else data
+        if isinstance(data, dict):
+            data = _fold_sampling(data, only_old=True)
+            data = _fold_sampling(apply_overrides(data, overrides))
         source = f"{path} with --set {' '.join(overrides)}"
     return experiment_from_data(data, path.parent, source)
+
+
+def _fold_sampling(data: dict, only_old: bool = False) -> dict:
+    """``data`` with the flat sampling keys of ``preview`` / ``evaluation`` folded into their
+    ``sampling`` mappings (:func:`ditkit.spec.sampling.fold_flat_keys`); ``only_old``: only in
+    sections written entirely in the older flat form."""
+    out = dict(data)
+    for name in ("preview", "evaluation"):
+        section = out.get(name)
+        if isinstance(section, dict) and not (only_old and "sampling" in section):
+            out[name] = fold_flat_keys(section)
+    return out
 
 
 def _model_data(ref: str, base: Path, source: str) -> dict:

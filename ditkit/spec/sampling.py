@@ -157,5 +157,22 @@ def legacy_sampling(data: Any, defaults: dict[str, Any]) -> Any:
     return data
 
 
-__all__ = ["Sampling", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
+def fold_flat_keys(section: Any) -> Any:
+    """A ``preview`` / ``evaluation`` mapping with its flat sampling keys moved into its
+    ``sampling`` mapping, replacing keys of the same name there. ``--set`` overrides use it:
+    before they apply (an older file's flat keys become the mapping, so
+    ``--set preview.sampling.steps=5`` changes them) and after (so the older spelling
+    ``--set preview.steps=5`` still works)."""
+    if not isinstance(section, dict):
+        return section
+    flat = {k: v for k, v in section.items() if k in Sampling.model_fields}
+    if not flat:
+        return section
+    out = {k: v for k, v in section.items() if k not in flat}
+    given = out.get("sampling")
+    out["sampling"] = {**(given if isinstance(given, dict) else {}), **flat}
+    return out
+
+
+__all__ = ["Sampling", "fold_flat_keys", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
            "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]

@@ -82,6 +82,19 @@ def test_example_experiments_load_unchanged():
     assert demo.evaluation.sampling == Sampling(steps=20, cfg_scale=3.0, seed=1)
 
 
+@pytest.mark.parametrize("override", ["preview.steps=5", "preview.sampling.steps=5"])
+def test_set_overrides_reach_the_sampling_in_either_spelling(override, tmp_path):
+    old = ROOT / "examples/experiments/demo-digits.yaml"  # the flat form
+    new = tmp_path / "new.yaml"
+    text = old.read_text().replace("../tiny/", f"{ROOT}/examples/tiny/")
+    new.write_text("\n".join(
+        "preview: {every: 500, count: 40, sampling: {cfg_scale: 3.0}}"
+        if line.startswith("preview:") else line for line in text.splitlines()))
+    for path in (old, new):
+        exp = load_experiment(path, [override])
+        assert exp.preview.sampling == Sampling(steps=5, cfg_scale=3.0, seed=0), path
+
+
 # -------------------------------------------------------------------------------- command line
 
 
