@@ -475,6 +475,8 @@ def sampling_from_args(args, **fixed):
         given = getattr(args, name, None)
         shown = f" {given}" if given is not None and name not in fixed else ""
         message = message.split(" (got ")[0]
+        for field, other in SAMPLING_FLAGS.items():  # "below sigma_max 1.0" in flag words
+            message = re.sub(rf"\b{field}\b", other, message)
         raise UsageError(f"{flag}{shown}: {message}") from None
 
 

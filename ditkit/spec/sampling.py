@@ -10,6 +10,7 @@ experiment files and the command line can check it without importing torch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
@@ -71,6 +72,16 @@ class Sampling(Spec):
                              f"{', '.join(names)}")
         return value
 
+    @field_validator("sigma_min", "sigma_max", "cfg_scale", mode="before")
+    @classmethod
+    def _finite(cls, value, info):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if info.field_name == "cfg_scale" and not math.isfinite(value):
+                raise ValueError("must be a finite number (1 = no guidance)")
+            if info.field_name != "cfg_scale" and not 0 < value < math.inf:
+                raise ValueError("use a positive, finite noise level")
+        return value
+
     @field_validator("cfg_interval")
     @classmethod
     def _interval_ordered(cls, value):
@@ -82,8 +93,8 @@ class Sampling(Spec):
     def _sigmas_ordered(self):
         if (self.sigma_min is not None and self.sigma_max is not None
                 and not self.sigma_min < self.sigma_max):
-            raise ValueError(f"sigma_min: {self.sigma_min} must be below sigma_max "
-                             f"{self.sigma_max}; swap them or leave one unset")
+            raise ValueError(f"sigma_min: must be below sigma_max {self.sigma_max}; swap them "
+                             "or leave one unset")
         return self
 
     @classmethod

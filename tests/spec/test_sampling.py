@@ -38,9 +38,10 @@ def test_defaults_and_a_round_trip():
     ({"eta": -0.1}, "eta", "greater than or equal to 0"),
     ({"eta": float("inf")}, "eta", "finite"),
     ({"steps": 0}, "steps", "greater than 0"),
-    ({"sigma_min": 0.0}, "sigma_min", "greater than 0"),
-    ({"sigma_min": 3.0, "sigma_max": 2.0}, "sigma_min", "below sigma_max 2.0"),
-    ({"cfg_scale": float("nan")}, "cfg_scale", "finite"),
+    ({"sigma_min": 0.0}, "sigma_min", "use a positive, finite noise level"),
+    ({"sigma_max": float("inf")}, "sigma_max", "use a positive, finite noise level"),
+    ({"sigma_min": 3.0, "sigma_max": 2.0}, "sigma_min", "must be below sigma_max 2.0"),
+    ({"cfg_scale": float("nan")}, "cfg_scale", "must be a finite number (1 = no guidance)"),
     ({"cfg_interval": (5.0, 1.0)}, "cfg_interval", "0 <= lo < hi"),
     ({"cfg_channels": 0}, "cfg_channels", "greater than 0"),
     ({"seed": -1}, "seed", "greater than or equal to 0"),
@@ -127,7 +128,8 @@ def test_every_sampling_command_has_the_whole_group():
 @pytest.mark.parametrize("argv, needle", [
     (["--steps", "0"], "--steps 0: Input should be greater than 0"),
     (["--eta", "-1"], "--eta -1.0: Input should be greater than or equal to 0"),
-    (["--sigma-min", "2", "--sigma-max", "1"], "--sigma-min 2.0: 2.0 must be below"),
+    (["--sigma-min", "2", "--sigma-max", "1"], "--sigma-min 2.0: must be below --sigma-max 1.0"),
+    (["--sigma-max", "nan"], "--sigma-max nan: use a positive, finite noise level"),
     (["--cfg-interval", "5"], "--cfg-interval '5': use LO,HI"),
     (["--seed", "-3"], "--seed -3:"),
 ])
