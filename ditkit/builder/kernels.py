@@ -33,6 +33,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ditkit.errors import UserError
+
 from . import neighborhood as _nb
 from .neighborhood import neighborhood_mask, window_start_index
 
@@ -73,14 +75,18 @@ def _set(**values) -> Iterator[None]:
             setattr(_state, k, v)
 
 
+class BackendError(UserError):
+    """An attention backend name that does not exist, or cannot do what was asked."""
+
+
 def _check_choice(name: str, export: bool) -> None:
     if name not in NEIGHBORHOOD_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of "
-                         f"{', '.join(NEIGHBORHOOD_BACKENDS)}")
+        raise BackendError(f"unknown attention backend {name!r}; choose one of "
+                           f"{', '.join(NEIGHBORHOOD_BACKENDS)}")
     if export and name not in EXPORTABLE_BACKENDS + ("auto",):
-        raise ValueError(f"attention backend {name!r} cannot be exported (no ONNX graph with "
-                         f"dynamic sizes); for export use one of "
-                         f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'")
+        raise BackendError(f"attention backend {name!r} cannot be exported (no ONNX graph with "
+                           f"dynamic sizes); for export use one of "
+                           f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'")
     if name == "natten" and not natten_available():
         from ditkit.errors import missing_text
 

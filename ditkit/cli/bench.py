@@ -14,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from ditkit.cli.common import (DEPRECATED_IN, UsageError, add_device, add_progress, add_set,
-                     add_threads, list_arg, load_model_source, parse_list, parse_resolution,
-                     resolve_source, setup_compute)
+from ditkit.cli.common import (DEPRECATED_IN, UsageError, add_device, add_progress,
+                               add_sampling, add_set, add_threads, list_arg, load_model_source,
+                               numbers, parse_list, parse_resolution, resolve_source,
+                               sampling_from_args, setup_compute)
 
 DEFAULT_GRIDS = "32,64,128,256"
 
@@ -48,7 +49,10 @@ def add_parser(sub) -> None:
 
     p = group.add_parser(
         "sample", help="per-step latency and peak memory: eager, torch.compile, onnxruntime",
-        description="Per denoiser evaluation (one sampling step), median of repeats.")
+        description="Per sampling step (one denoiser evaluation; the guided pair with "
+                    "--cfg-scale other than 1), median of repeats. The sampling flags are those "
+                    "of `ditkit sample`; --cfg-scale, --cfg-channels and --seed change what a "
+                    "step computes.")
     p.add_argument("spec", help="spec file or preset (random weights), or a checkpoint")
     p.add_argument("--resolutions", nargs="+", default=None,
                    help="comma-separated H or HxW values (default: the spec's)")
@@ -62,6 +66,8 @@ def add_parser(sub) -> None:
                    help="torch.compile mode of the compile engine (auto: reduce-overhead on "
                         "CUDA, default on CPU)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs (median)")
+    add_sampling(p, steps=50, seed=0,
+                 cfg_channels_help="with --cfg-scale: guide only the first N channels")
     add_set(p, "spec (spec files and presets only)")
     _common(p)
     p.set_defaults(func=run_sample)
@@ -111,10 +117,7 @@ def run_attention(args) -> int:
                              f"{', '.join(choices)}")
         if b == "natten" and not kernels.natten_available():
             raise UsageError("--backends: natten is not installed; drop it or install natten")
-    try:
-        grids = [int(g) for g in parse_list(args.grids)]
-    except ValueError:
-        grids = []
+    grids = numbers(",".join(parse_list(args.grids))) or []
     if not grids or min(grids) < args.kernel:
         raise UsageError(f"--grids {args.grids!r}: comma-separated token-grid sides, each at "
                          f"least the kernel ({args.kernel}), e.g. 32,64,128,256")
@@ -137,6 +140,7 @@ def run_sample(args) -> int:
 
     from ditkit.cli.common import load_spec
 
+    sampling = sampling_from_args(args)
     engines = parse_list(args.engines)
     bad = set(engines) - set(ENGINES)
     if bad:
@@ -156,7 +160,8 @@ def run_sample(args) -> int:
                    for r in list_arg(args.resolutions, "--resolutions")] \
         if args.resolutions else [tuple(model.spec.input.resolution)]
     quiet = args.no_progress or args.json is True
-    rows = bench_sample(model, objective, resolutions, engines=engines, batch=args.batch,
+    rows = bench_sample(model, objective, resolutions, sampling, engines=engines,
+                        batch=args.batch,
                         repeats=args.repeats, device=args.device, threads=args.threads,
                         log=None if quiet else (lambda m: print(m, file=sys.stderr)),
                         compile_mode=args.compile_mode)

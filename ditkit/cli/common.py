@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -182,12 +183,7 @@ def load_spec(ref: str, what: str = "", overrides: list[str] | tuple[str, ...] =
         from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
 
         path = checkpoint_path(ref, what)
-        try:
-            spec = spec_from_metadata(read_metadata(path), str(path))[0]
-        except ValueError as err:
-            if isinstance(err, UserError):
-                raise
-            raise UsageError(str(err)) from None
+        spec = spec_from_metadata(read_metadata(path), str(path))[0]
     return override_spec(spec, overrides, ref)
 
 
@@ -239,12 +235,7 @@ def load_model_source(ref: str, objective: str | None = None, device: str = "cpu
         from ditkit.runtime.checkpoint import load_model, model_hash
 
         path = checkpoint_path(ref)
-        try:
-            model, ckpt = load_model(path, device=device)
-        except ValueError as err:
-            if isinstance(err, UserError):
-                raise
-            raise UsageError(str(err)) from None
+        model, ckpt = load_model(path, device=device)  # CheckpointError / SpecError
         obj = ckpt.objective or default_objective(ckpt.spec, objective)
         return model, obj, ckpt.metadata, model_hash(ckpt.tensors)
     from ditkit.builder import build
@@ -255,15 +246,26 @@ def load_model_source(ref: str, objective: str | None = None, device: str = "cpu
 
 # --------------------------------------------------------------------------------- arguments
 
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def numbers(text: str, kind: type = int) -> list | None:
+    """The comma-separated numbers of ``text`` as ``kind`` (``int`` or ``float``; decimal
+    notation only, so no ``inf`` or ``nan``), or ``None`` when an item is not one (argument
+    text is checked by its form here, not by catching the errors of ``int()``)."""
+    pattern = _INT if kind is int else _FLOAT
+    items = [item.strip() for item in text.split(",")]
+    if not all(pattern.fullmatch(item) for item in items):
+        return None
+    return [kind(item) for item in items]
+
 
 def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
     """``H`` or ``HxW`` (also ``H,W``) -> ``(H, W)``; ``None`` stays ``None``."""
     if text is None:
         return None
-    try:
-        parts = [int(p) for p in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        parts = []
+    parts = numbers(text.lower().replace("x", ",")) or []
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise UsageError(f"{flag} {text!r}: use H or HxW with positive integers, e.g. 256 "
                          "or 256x512")
@@ -281,10 +283,10 @@ def parse_interval(text: str | None, flag: str = "--cfg-interval"):
     """``LO,HI`` -> ``(lo, hi)`` with ``0 <= lo < hi``."""
     if text is None:
         return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: use LO,HI (two sigmas), e.g. 0.3,5") from None
+    values = numbers(text, float)
+    if values is None or len(values) != 2:
+        raise UsageError(f"{flag} {text!r}: use LO,HI (two sigmas), e.g. 0.3,5")
+    lo, hi = values
     if not 0 <= lo < hi:
         raise UsageError(f"{flag} {text!r}: need 0 <= LO < HI")
     return lo, hi
@@ -311,10 +313,9 @@ def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str =
         n = num or 16
         g = torch.Generator().manual_seed(seed + 1)
         return torch.randint(0, classes.count, (n,), generator=g), n
-    try:
-        values = [int(v) for v in parse_list(text)]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: use comma-separated integers or 'random'") from None
+    values = numbers(",".join(parse_list(text)))
+    if values is None:
+        raise UsageError(f"{flag} {text!r}: use comma-separated integers or 'random'")
     bad = [v for v in values if not 0 <= v < classes.count]
     if not values or bad:
         raise UsageError(f"{flag}: labels must be in [0, {classes.count}); got "
@@ -403,6 +404,83 @@ def add_set(p, what: str = "spec") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help=f"override a field of the {what} (repeatable), e.g. "
                         "training.batch_size=8 or levels.0.d_model=256; validated by the schema")
+
+
+# --------------------------------------------------------------------------------- sampling
+# Every command that samples takes the same flags, one per field of the Sampling spec, and
+# builds its Sampling with sampling_from_args: a flag cannot be honoured by one code path and
+# dropped by another.
+
+SAMPLING_FLAGS = {"sampler": "--sampler", "steps": "--steps", "schedule": "--schedule",
+                  "eta": "--eta", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
+                  "rho": "--rho", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval",
+                  "cfg_channels": "--cfg-channels", "seed": "--seed"}
+"""Sampling spec field -> its command-line flag (``dest`` is the field name)."""
+
+
+def add_sampling(p, *, steps: int = 50, seed: int = 0, cfg_scale_help: str | None = None,
+                 cfg_channels_help: str | None = None) -> None:
+    """The sampling flags (:data:`SAMPLING_FLAGS`) as one argument group. ``steps`` and
+    ``seed`` are the command's defaults; the other defaults are the Sampling spec's.
+    ``cfg_scale_help`` replaces the default help of ``--cfg-scale`` (and then its default is
+    ``None``: the command decides)."""
+    from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling
+
+    field = Sampling.model_fields
+    g = p.add_argument_group("sampling", "how the samples are drawn (the fields of "
+                             "ditkit.spec.sampling.Sampling)")
+    g.add_argument("--sampler", default=field["sampler"].default, choices=SAMPLERS,
+                   help="sampler")
+    g.add_argument("--steps", type=int, default=steps, help="sampler steps (noise levels)")
+    g.add_argument("--schedule", default=field["schedule"].default, choices=SCHEDULES,
+                   help="step schedule: native (the model family's), karras (EDM's "
+                        "rho-spaced sigmas) or uniform (in the objective's time)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="noise of the ancestral / SDE samplers (default 1; ddim and "
+                        "dpm_adaptive 0)")
+    g.add_argument("--sigma-min", type=float, default=None,
+                   help="lowest non-zero noise level (default: the objective's, e.g. a "
+                        "converted k-diffusion config's sigma_min)")
+    g.add_argument("--sigma-max", type=float, default=None,
+                   help="highest noise level (default: the objective's)")
+    g.add_argument("--rho", type=float, default=field["rho"].default,
+                   help="exponent of the karras schedule")
+    if cfg_scale_help is None:
+        g.add_argument("--cfg-scale", type=float, default=field["cfg_scale"].default,
+                       help="classifier-free guidance scale (1 = the conditional model)")
+    else:
+        g.add_argument("--cfg-scale", type=float, default=None, help=cfg_scale_help)
+    g.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+                   help="guide only for sigma in [LO, HI] (default: every step)")
+    g.add_argument("--cfg-channels", type=int, default=None,
+                   help=cfg_channels_help or "guide only the first N channels (DiT: 3; "
+                                             "default: all)")
+    g.add_argument("--seed", type=int, default=seed, help="seed of the noise")
+
+
+def sampling_from_args(args, **fixed):
+    """The :class:`~ditkit.spec.sampling.Sampling` of the flags :func:`add_sampling` added,
+    with ``fixed`` fields set by the command (e.g. one guidance scale of several). A value
+    the spec refuses is a :class:`UserError` that names the flag."""
+    from ditkit.spec import SpecError
+    from ditkit.spec.sampling import Sampling
+
+    data = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    data["cfg_interval"] = parse_interval(args.cfg_interval)
+    data = {k: v for k, v in data.items() if v is not None}  # unset: the spec's default
+    data.update(fixed)
+    try:
+        return Sampling.of(**data)
+    except SpecError as err:
+        path, message = err.issues[0]
+        name = path.split(".")[0]
+        flag = SAMPLING_FLAGS.get(name, name)
+        given = getattr(args, name, None)
+        shown = f" {given}" if given is not None and name not in fixed else ""
+        message = message.split(" (got ")[0]
+        for field, other in SAMPLING_FLAGS.items():  # "below sigma_max 1.0" in flag words
+            message = re.sub(rf"\b{field}\b", other, message)
+        raise UsageError(f"{flag}{shown}: {message}") from None
 
 
 def setup_compute(args) -> str:

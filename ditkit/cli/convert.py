@@ -78,13 +78,8 @@ def run(args) -> int:
             hints["classes"] = args.classes
         if args.name:
             hints["name"] = args.name
-        try:
-            C.source_module(args.source)
-            spec = C.convert(args.checkpoint, args.source, out, key=args.key, **hints)
-        except EnvironmentFault:
-            raise
-        except (ValueError, OSError) as err:
-            raise UsageError(str(err)) from None
+        C.source_module(args.source)  # ConversionError / SpecError say what is wrong
+        spec = C.convert(args.checkpoint, args.source, out, key=args.key, **hints)
         ckpt = load_checkpoint(out)
         n = sum(t.numel() for t in ckpt.tensors.values())
         digest = C.conversion_hash(ckpt.tensors, ckpt.spec, ckpt.objective)
@@ -94,16 +89,11 @@ def run(args) -> int:
     for name in ("preset", "heads", "classes", "key", "name"):
         if getattr(args, name) is not None:
             raise UsageError(f"--{name} applies to --from only")
-    try:
-        C.source_module(args.target)
-        source = args.checkpoint
-        if args.target == "diffusers":  # a run folder: its newest EMA weights
-            source = checkpoint_path(args.checkpoint, "CHECKPOINT")
-        C.export(source, args.target, out)
-    except EnvironmentFault:
-        raise
-    except (ValueError, OSError) as err:
-        raise UsageError(str(err)) from None
+    C.source_module(args.target)
+    source = args.checkpoint
+    if args.target == "diffusers":  # a run folder: its newest EMA weights
+        source = checkpoint_path(args.checkpoint, "CHECKPOINT")
+    C.export(source, args.target, out)
     print(f"wrote {out} ({args.target} layout)")
     return 0
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
-
-from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_threads,
-                     checkpoint_path, setup_compute)
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
+                               add_threads, checkpoint_path, sampling_from_args,
+                               setup_compute)
 
 
 GUIDED_SCALE = 3.0  # the guided scale reported when neither --cfg-scale nor the run gives one
@@ -73,11 +72,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", choices=("auto", *LABELLED), default="auto",
                    help="which real images the classifier learns: auto (the run's "
                    "experiment.yaml data.kind; digits when there is none), digits or shapes")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="guidance scale (default: report unguided and guided, see above)")
-    p.add_argument("--seed", type=int, default=1, help="sampling seed")
+    add_sampling(p, steps=20, seed=1,
+                 cfg_scale_help="guidance scale (default: report unguided and guided, see "
+                                "above; FID: 1)")
     add_device(p)
     add_threads(p)
     add_progress(p)
@@ -110,7 +107,9 @@ def guidance_scales(cfg_scale: float | None, spec, path: Path) -> list[float]:
         return [1.0]
     guided = GUIDED_SCALE
     section = run_experiment(path)[1].get("evaluation")
-    scale = section.get("cfg_scale") if isinstance(section, dict) else None
+    section = section if isinstance(section, dict) else {}
+    nested = section.get("sampling")  # evaluation: {sampling: {cfg_scale: ...}}, or flat (older)
+    scale = (nested if isinstance(nested, dict) else section).get("cfg_scale")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1:
         guided = float(scale)
     return [1.0, guided]
@@ -127,6 +126,7 @@ def run(args) -> int:
                          "--real DIR --fake DIR (FID between two folders of images)")
     if args.count < 1:
         raise UsageError(f"--count {args.count}: use at least one sample per class")
+    base = sampling_from_args(args, cfg_scale=1.0)  # the scales are settled below
     setup_compute(args)
     model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
     data, classes = label_data(args.data, path)
@@ -134,25 +134,22 @@ def run(args) -> int:
         raise UsageError(f"--count {args.count}: use at least {classes} (one per class of the "
                          f"{data})")
     scales = guidance_scales(args.cfg_scale, ckpt.spec, path)
-    settings = {"data": data, "count": args.count, "sampler": args.sampler, "steps": args.steps,
-                "cfg_scales": scales, "seed": args.seed, "device": args.device,
-                "threads": args.threads}
+    settings = {"data": data, "count": args.count, "sampler": base.sampler, "steps": base.steps,
+                "cfg_scales": scales, "seed": base.seed, "device": args.device,
+                "threads": args.threads, "sampling": base.recorded()}
     if not args.json:
         shown = " and ".join(f"{s:g}" for s in scales)
+        extras = "".join(f", {e}" for e in base.extras())
         print(f"evaluating {path} on {data}: {args.count} samples (labels cycle "
-              f"0..{classes - 1}), {args.sampler} {args.steps} steps, cfg-scale {shown}, seed "
-              f"{args.seed}, {args.device}, {args.threads} thread(s)", flush=True)
+              f"0..{classes - 1}), {base.sampler} {base.steps} steps, cfg-scale {shown}, seed "
+              f"{base.seed}{extras}, {args.device}, {args.threads} thread(s)", flush=True)
     results = []
     for scale in scales:
-        try:
-            report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective,
-                                               count=args.count, steps=args.steps,
-                                               sampler=args.sampler, cfg_scale=scale,
-                                               seed=args.seed, device=args.device,
-                                               progress=not (args.json or args.no_progress),
-                                               data=data, classes=classes)
-        except ValueError as err:
-            raise UsageError(f"{path}: {err}") from None
+        report, images, _ = evaluate_model(model, ckpt.spec, ckpt.objective, count=args.count,
+                                           sampling=sampling_from_args(args, cfg_scale=scale),
+                                           device=args.device,
+                                           progress=not (args.json or args.no_progress),
+                                           data=data, classes=classes)
         results.append({"cfg_scale": scale, **report.to_json()})
         if not args.json:
             label = "unguided" if scale == 1 else "guided"
@@ -170,7 +167,7 @@ def run(args) -> int:
 def run_fid(args) -> int:
     """``--real DIR --fake DIR``: FID between folders; ``CHECKPOINT --real DIR``: FID of
     ``--count`` samples of the checkpoint against the folder."""
-    from ditkit.evaluate.fid import FIDError, fid_folders, fid_model
+    from ditkit.evaluate.fid import fid_folders, fid_model
 
     if args.fid_batch <= 0:
         raise UsageError(f"--fid-batch {args.fid_batch}: must be positive")
@@ -185,23 +182,20 @@ def run_fid(args) -> int:
     if args.checkpoint is None and not args.fake:
         raise UsageError("FID needs --fake DIR (generated images) or a checkpoint to sample from")
     setup_compute(args)
-    try:
-        if args.fake:
-            report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
-                                 device=args.device,
-                                 progress=not (args.json or args.no_progress), k=k)
-        else:
-            if args.count < 2:
-                raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
-            model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
-            report = fid_model(model, ckpt.spec, ckpt.objective, args.real, count=args.count,
-                               steps=args.steps, sampler=args.sampler,
-                               cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale,
-                               seed=args.seed, weights=args.fid_weights, batch=args.fid_batch,
-                               device=args.device, progress=not (args.json or args.no_progress),
-                               source=str(path), k=k)
-    except FIDError as err:
-        raise UsageError(str(err)) from None
+    if args.fake:
+        report = fid_folders(args.real, args.fake, args.fid_weights, batch=args.fid_batch,
+                             device=args.device,
+                             progress=not (args.json or args.no_progress), k=k)
+    else:
+        if args.count < 2:
+            raise UsageError(f"--count {args.count}: FID needs at least 2 samples")
+        sampling = sampling_from_args(
+            args, cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale)
+        model, ckpt, path = _load_for_sampling(args.checkpoint, args.device)
+        report = fid_model(model, ckpt.spec, ckpt.objective, args.real, count=args.count,
+                           sampling=sampling, weights=args.fid_weights, batch=args.fid_batch,
+                           device=args.device, progress=not (args.json or args.no_progress),
+                           source=str(path), k=k)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
     return 0
 
@@ -210,10 +204,7 @@ def _load_for_sampling(ref: str, device: str):
     from ditkit.runtime.checkpoint import load_model
 
     path = checkpoint_path(ref)
-    try:
-        model, ckpt = load_model(path, device=device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    model, ckpt = load_model(path, device=device)  # a CheckpointError says what is wrong
     if ckpt.objective is None:
         raise UsageError(f"{path}: the checkpoint stores no objective (ditkit.objective metadata); "
                          "evaluate needs it to sample")

@@ -10,11 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS
-
-from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
-                     checkpoint_path, deprecated, list_arg, load_spec, parse_resolution,
-                     positive, resolve_source, setup_compute)
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
+                               add_set, add_threads, checkpoint_path, deprecated, list_arg,
+                               load_spec, parse_resolution, positive, resolve_source,
+                               sampling_from_args, setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -34,10 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--curve", nargs="*", default=None,
                    help="comma-separated resolutions for the cost plot (default: "
                         "--resolutions)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
+    add_sampling(p, steps=20, seed=0)
     p.add_argument("--grid-count", type=int, default=8, help="images per grid")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--attention-backend", default="auto",
                    help="neighborhood-attention kernel (ditkit.builder.use_backend): auto, "
                         "gather, tiled, masked, flex, natten")
@@ -123,6 +120,7 @@ def _finetuned_row(path: str, objective):
 def run_extrapolate(args) -> int:
     from ditkit.evaluate.report import parse_policy, run
 
+    sampling = sampling_from_args(args)
     policies = [parse_policy(p) for p in policy_list(args.policies)]
     resolutions = [parse_resolution(r, "--resolutions")
                    for r in list_arg(args.resolutions, "--resolutions")]
@@ -171,14 +169,11 @@ def run_extrapolate(args) -> int:
     out = Path(args.out)
     from ditkit.builder import use_backend
 
+    backend = use_backend(args.attention_backend)  # a BackendError names the choices
+    backend.__enter__()
     try:
-        backend = use_backend(args.attention_backend)
-        backend.__enter__()
-    except ValueError as err:
-        raise UsageError(f"--attention-backend: {err}") from None
-    try:
-        rows = run(spec, tensors, objective, policies, resolutions, out, steps=args.steps,
-                   sampler=args.sampler, seed=args.seed, samples=args.grid_count,
+        rows = run(spec, tensors, objective, policies, resolutions, out, sampling,
+                   samples=args.grid_count,
                    device=args.device, measure=not args.no_measure, curve=curve,
                    evaluate=evaluate, eval_count=args.count, extra=extra,
                    eval_resolutions=[parse_resolution(r, "--eval-resolutions")

@@ -1,21 +1,23 @@
 """``ditkit sample``: draw samples from a checkpoint (or an exported .onnx) into a PNG grid.
 
-    ditkit sample model.safetensors --steps 50 --sampler heun --cfg 4 --classes 1,2,3,4 --out grid.png
+    ditkit sample model.safetensors --steps 50 --sampler heun --cfg-scale 4 --classes 1,2,3,4
     ditkit sample model.onnx --steps 50 --out grid.png            # the exported engine
     ditkit sample latent-model.safetensors --vae vae/ --out grid.png  # decode latents
-    ditkit sample model.safetensors --num 50000 --classes random --npz samples.npz  # for FID
+    ditkit sample model.safetensors --count 50000 --classes random --npz samples.npz  # for FID
+
+It parses the flags, builds one :class:`~ditkit.spec.sampling.Sampling` (the shared group of
+:func:`ditkit.cli.common.add_sampling`) and calls the library: :mod:`ditkit.runtime.draw`
+for a grid, :func:`ditkit.evaluate.npz.sample_npz` for ``--npz``. Both get the same Sampling.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
-
-from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_set, add_threads,
-                     deprecated, load_model_source, parse_interval, parse_labels, parse_list,
-                     parse_resolution, positive, resolve_source, setup_compute)
+from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
+                               add_set, add_threads, deprecated, load_model_source,
+                               parse_labels, parse_list, parse_resolution, positive,
+                               resolve_source, sampling_from_args, setup_compute)
 
 
 def add_parser(sub) -> None:
@@ -26,24 +28,9 @@ def add_parser(sub) -> None:
                     "(random weights); writes a PNG grid (and optionally one PNG per sample).")
     p.add_argument("checkpoint", help="checkpoint (.safetensors), run folder, exported .onnx, "
                    "or spec file / preset name (random weights)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (noise levels)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler")
-    p.add_argument("--schedule", default="native", choices=SCHEDULES, help="step schedule")
-    p.add_argument("--eta", type=float, default=None,
-                   help="noise of the ancestral / SDE samplers (default 1; ddim and "
-                   "dpm_adaptive 0)")
-    p.add_argument("--sigma-min", type=float, default=None,
-                   help="lowest non-zero noise level (default: the objective's, e.g. a "
-                   "converted k-diffusion config's sigma_min)")
-    p.add_argument("--sigma-max", type=float, default=None,
-                   help="highest noise level (default: the objective's)")
-    p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale (1 = the conditional model)")
-    p.add_argument("--cfg-interval", default=None, metavar="LO,HI",
-                   help="guide only for sigma in [LO, HI]")
-    p.add_argument("--cfg-channels", type=int, default=None,
-                   help="guide only the first N channels (DiT: 3; default: the checkpoint's "
-                        "ditkit.cfg_channels metadata, else all)")
+    add_sampling(p, steps=50, seed=0,
+                 cfg_channels_help="guide only the first N channels (DiT: 3; default: the "
+                                   "checkpoint's ditkit.cfg_channels metadata, else all)")
     p.add_argument("--classes", default=None,
                    help="comma-separated labels, one per sample (repeated to --count), or "
                         "'random'; default: unconditional (the null class)")
@@ -58,7 +45,6 @@ def add_parser(sub) -> None:
                    "as_is (the default: the same weights on a bigger grid), core_patch, "
                    "add_levels[:share_weights=true], local_core:kernel_size=K, "
                    "as_is:rope=extrapolate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--out", default="grid.png", help="PNG grid to write")
     p.add_argument("--individual", default=None, metavar="DIR",
                    help="also write each sample as DIR/000000.png, ...")
@@ -101,25 +87,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.runtime.checkpoint import cfg_channels_of
-    from ditkit.runtime.denoiser import COMPILE_MODES, Denoiser, compile_denoiser
-    from ditkit.deploy.graph_io import ExportError, check_shape
-    from ditkit.runtime.samplers import sample
-    from ditkit.spec import SpecError
+    from ditkit.deploy.ort_providers import check_provider
+    from ditkit.runtime.draw import cfg_channels_from, decoder_for, draw
+    from ditkit.runtime.shape_rule import check_shape
 
-    if args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: use at least 1")
+    sampling = sampling_from_args(args)
     positive(args.count, "--count")
     positive(args.cols, "--cols")
-    for flag, value in (("--sigma-min", args.sigma_min), ("--sigma-max", args.sigma_max)):
-        if value is not None and not 0 < value < float("inf"):
-            raise UsageError(f"{flag} {value}: use a positive, finite noise level")
-    if args.sigma_min is not None and args.sigma_max is not None \
-            and args.sigma_min >= args.sigma_max:
-        raise UsageError(f"--sigma-min {args.sigma_min} must be below --sigma-max "
-                         f"{args.sigma_max}")
-    from ditkit.deploy.ort_providers import check_provider
-
+    positive(args.batch, "--batch")
     check_provider(args.ort_provider)
     source = resolve_source(args.checkpoint, ("checkpoint", "run", "onnx", "file", "preset"))
     if args.ort_provider != "cpu" and source.kind != "onnx":
@@ -136,9 +111,34 @@ def run(args) -> int:
         proc = processes(args.device)
         args.device = proc.device
     setup_compute(args)
-    model_hash = None
+    den, spec, meta, source_hash = _denoiser(args, source)
+    res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
+    labels, n = parse_labels(args.classes, args.count, spec, sampling.seed)
+    check_shape(spec, (n, spec.input.channels, *res), den.rules, "--resolution")
+    if sampling.cfg_scale != 1.0 and labels is None:
+        raise UsageError("--cfg-scale needs --classes (guidance contrasts a class with the null "
+                         "class)")
+    sampling = cfg_channels_from(sampling, meta)
+    decode, decoder = decoder_for(spec, vae=args.vae, autoencoder=args.autoencoder,
+                                  latent_scale=args.latent_scale, device=args.device,
+                                  required=bool(args.npz))
+    if args.npz:
+        return _run_npz(args, den, spec, res, labels, n, sampling, decode, decoder, proc,
+                        source_hash)
+    images = draw(den, spec, sampling, count=n, resolution=res, class_labels=labels,
+                  decode=decode, device=args.device, progress=not args.no_progress)
+    if spec.input.space == "latent" and decode is None:
+        return _kept_latents(images, spec, args.out)
+    _write(args, images, spec, res, labels, n, sampling, source.kind)
+    return 0
+
+
+def _denoiser(args, source):
+    """``(denoiser, spec, metadata, source hash)`` of the command's source: an exported graph
+    under onnxruntime, or a checkpoint / spec (``--policy``, ``--compile``) in eager PyTorch."""
     if source.kind == "onnx":
         from ditkit.deploy.engines import OrtDenoiser
+        from ditkit.runtime.draw import file_sha256
 
         if args.overrides:
             raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
@@ -149,203 +149,90 @@ def run(args) -> int:
                              "adapted model")
         den = OrtDenoiser(source.path, device=args.device, threads=args.threads,
                           ort_provider=args.ort_provider)
-        spec, meta = den.spec, den.metadata
-    else:
-        model, objective, meta, model_hash = load_model_source(
-            args.checkpoint, args.objective, args.device, args.overrides)
-        if args.policy is not None:
-            model = adapted_model(model, args.policy, parse_resolution(args.resolution)
-                                  or tuple(model.spec.input.resolution), args.device)
-        den = Denoiser(model, objective)
-        spec = model.spec
-        if args.compile is not None:
-            if args.compile not in COMPILE_MODES:
-                raise UsageError(f"--compile {args.compile}: choose one of "
-                                 f"{', '.join(COMPILE_MODES)}")
-            compile_denoiser(den, args.compile, args.device)
-    res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
-    labels, n = parse_labels(args.classes, args.count, spec, args.seed)
-    try:
-        check_shape(spec, (n, spec.input.channels, *res), den.rules,
-                    "--resolution")
-    except ExportError as err:
-        raise UsageError(str(err)) from None
-    cfg_channels = args.cfg_channels
-    if cfg_channels is None:
-        cfg_channels = cfg_channels_of(meta)
-    if args.cfg_scale != 1.0 and labels is None:
-        raise UsageError("--cfg-scale needs --classes (guidance contrasts a class with the null "
-                         "class)")
-    if args.npz:
-        return _run_npz(args, den, spec, res, labels, n, cfg_channels, proc,
-                        model_hash or _file_hash(source.path))
-    try:
-        x = sample(den, (n, spec.input.channels, *res), steps=args.steps, sampler=args.sampler,
-                   schedule=args.schedule, eta=args.eta, seed=args.seed, class_labels=labels,
-                   cfg_scale=args.cfg_scale, guidance_interval=parse_interval(args.cfg_interval),
-                   cfg_channels=cfg_channels, device=args.device,
-                   progress=not args.no_progress, sigma_min=args.sigma_min,
-                   sigma_max=args.sigma_max)
-    except ValueError as err:
-        if isinstance(err, SpecError):
-            raise
-        raise UsageError(str(err)) from None
-    images = _to_images(x, spec, args)
-    from ditkit.runtime.images import save_grid, save_png
+        return den, den.spec, den.metadata, file_sha256(source.path) if args.npz else None
+    from ditkit.runtime.denoiser import COMPILE_MODES, Denoiser, compile_denoiser
 
-    if images is None:
-        return 0
+    model, objective, meta, model_hash = load_model_source(
+        args.checkpoint, args.objective, args.device, args.overrides)
+    if args.policy is not None:
+        from ditkit.evaluate.report import parse_policy
+        from ditkit.runtime.extrapolate import adapt_model
+
+        model = adapt_model(model, parse_policy(args.policy, flag="--policy"),
+                            parse_resolution(args.resolution)
+                            or tuple(model.spec.input.resolution), args.device)
+    den = Denoiser(model, objective)
+    if args.compile is not None:
+        if args.compile not in COMPILE_MODES:
+            raise UsageError(f"--compile {args.compile}: choose one of "
+                             f"{', '.join(COMPILE_MODES)}")
+        compile_denoiser(den, args.compile, args.device)
+    return den, model.spec, meta, model_hash
+
+
+def _kept_latents(latents, spec, out) -> int:
+    """A latent-space model with no decoder: keep the latents next to ``--out``, say how to
+    decode them."""
+    from ditkit.runtime.draw import save_latents
+
+    path = save_latents(latents, out)
+    print(f"{spec.name} samples latents ({spec.input.channels} channels); no image was "
+          f"written because no --autoencoder or --vae was given (ditkit downloads nothing). "
+          f"Latents saved to {path}; decode them with --vae VAE_FOLDER (a local "
+          "diffusers AutoencoderKL) or --autoencoder DECODER.pt (TorchScript).",
+          file=sys.stderr)
+    return 0
+
+
+def _write(args, images, spec, res, labels, n, sampling, kind) -> None:
+    """The grid (one column per listed class), the single PNGs, the report line or JSON."""
+    from ditkit.runtime.draw import save_images
+
     cols = args.cols
     if cols is None and labels is not None and args.classes != "random":
         listed = len(parse_list(args.classes))
         if listed > 1:  # labels cycle through the list: each column holds one class
             cols = min(n, listed)
-    save_grid(images, args.out, ncol=cols)
+    save_images(images, args.out, ncol=cols, individual=args.individual)
     shown = f"{res[0]}x{res[1]}"
     if tuple(images.shape[-2:]) != tuple(res):
         shown += f" latents decoded to {images.shape[-2]}x{images.shape[-1]}"
-    if not args.json:
-        engine = "" if args.ort_provider == "cpu" else f", onnxruntime {args.ort_provider}"
-        print(f"wrote {args.out} ({n} samples, {shown}, {args.sampler}, {args.steps} "
-              f"steps, cfg-scale {args.cfg_scale}, seed {args.seed}{engine})")
-    if args.individual:
-        from ditkit.runtime.images import image_grid
-
-        folder = Path(args.individual)
-        for i in range(n):
-            save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
-        if not args.json:
-            print(f"wrote {n} images to {folder}/")
     if args.json:
         import json
 
         print(json.dumps({"out": str(args.out), "individual": args.individual, "count": n,
                           "resolution": list(res), "image": list(images.shape[-2:]),
-                          "sampler": args.sampler, "steps": args.steps,
-                          "cfg_scale": args.cfg_scale, "seed": args.seed,
+                          "sampler": sampling.sampler, "steps": sampling.steps,
+                          "cfg_scale": sampling.cfg_scale, "seed": sampling.seed,
+                          "sampling": sampling.recorded(),
                           "device": args.device, "threads": args.threads,
-                          "ort_provider": args.ort_provider if source.kind == "onnx" else None}))
-    return 0
+                          "ort_provider": args.ort_provider if kind == "onnx" else None}))
+        return
+    engine = "" if args.ort_provider == "cpu" else f", onnxruntime {args.ort_provider}"
+    print(f"wrote {args.out} ({n} samples, {shown}, {sampling.describe()}{engine})")
+    if args.individual:
+        print(f"wrote {n} images to {args.individual}/")
 
 
-def _run_npz(args, den, spec, res, labels, n, cfg_channels, proc, source_hash: str) -> int:
-    """``--npz``: :func:`ditkit.evaluate.npz.sample_npz` with the command's settings."""
+def _run_npz(args, den, spec, res, labels, n, sampling, decode, decoder, proc,
+             source_hash: str) -> int:
+    """``--npz``: :func:`ditkit.evaluate.npz.sample_npz` with the command's Sampling."""
     from ditkit.evaluate.npz import sample_npz
 
-    if args.batch < 1:
-        raise UsageError(f"--batch {args.batch}: must be positive")
-    decode, identity = None, {"source": source_hash}
+    identity = {"source": source_hash}
     if args.ort_provider != "cpu":  # bf16 draws differ from f32 ones: a resume must match
         identity["ort_provider"] = args.ort_provider
-    if spec.input.space == "latent":
-        from ditkit.runtime.autoencoder import latent_decoder
-
-        decode, identity["decoder"] = latent_decoder(
-            spec.input.channels, vae=args.vae, autoencoder=args.autoencoder,
-            latent_scale=args.latent_scale, device=args.device)
-    elif args.vae or args.autoencoder:
-        raise UsageError(f"{'--vae' if args.vae else '--autoencoder'}: {spec.name} is a "
-                         "pixel-space model; its samples are images already, drop the flag")
+    if decoder:
+        identity["decoder"] = decoder
     try:
-        result = sample_npz(den, args.npz, num=n, shape=(spec.input.channels, *res),
-                            steps=args.steps, sampler=args.sampler, seed=args.seed,
-                            batch=args.batch, class_labels=labels, cfg_scale=args.cfg_scale,
-                            schedule=args.schedule, eta=args.eta,
-                            guidance_interval=parse_interval(args.cfg_interval),
-                            cfg_channels=cfg_channels, decode=decode, identity=identity,
-                            proc=proc, progress=not args.no_progress)
-    except ValueError as err:  # a sampler argument the model cannot take (as for a grid)
-        from ditkit.spec import SpecError
-
-        if isinstance(err, SpecError):
-            raise
-        raise UsageError(str(err)) from None
+        result = sample_npz(den, args.npz, sampling, num=n, shape=(spec.input.channels, *res),
+                            batch=args.batch, class_labels=labels, decode=decode,
+                            identity=identity, proc=proc, progress=not args.no_progress)
     finally:
         proc.close()
     if proc.main:
         done = f"{result.reused} of them drawn by an earlier run, " if result.reused else ""
         extra = " + labels arr_1" if labels is not None else ""
         print(f"wrote {args.npz}: arr_0 {result.shape} uint8{extra} ({n} samples, {done}"
-              f"{args.sampler}, {args.steps} steps, cfg-scale {args.cfg_scale}, seed {args.seed}, "
-              f"batch {args.batch}, {proc.world} process(es))")
+              f"{sampling.describe()}, batch {args.batch}, {proc.world} process(es))")
     return 0
-
-
-def _file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (an ONNX file: what a resumed --npz run must sample from)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _to_images(x, spec, args):
-    """Pixel models: the samples. Latent models: decoded by ``--vae`` or ``--autoencoder``,
-    else the latents are saved as a tensor file next to ``--out`` and no image is written."""
-    import torch
-
-    if spec.input.space != "latent":
-        if args.vae or args.autoencoder:
-            flag = "--vae" if args.vae else "--autoencoder"
-            raise UsageError(f"{flag}: {spec.name} is a pixel-space model (input.space: pixel); "
-                             "its samples are images already, drop the flag")
-        return x
-    if args.vae is not None and args.autoencoder is not None:
-        raise UsageError("--vae and --autoencoder: give one decoder, not both")
-    if args.vae is not None:
-        return _decode_vae(x, spec, args)
-    if args.autoencoder is None:
-        latents = Path(args.out).with_suffix(".latents.pt")
-        from ditkit.files import atomic_path
-
-        with atomic_path(latents) as tmp:
-            torch.save(x.cpu(), tmp)
-        print(f"{spec.name} samples latents ({spec.input.channels} channels); no image was "
-              f"written because no --autoencoder or --vae was given (ditkit downloads nothing). "
-              f"Latents saved to {latents}; decode them with --vae VAE_FOLDER (a local "
-              "diffusers AutoencoderKL) or --autoencoder DECODER.pt (TorchScript).",
-              file=sys.stderr)
-        return None
-    path = Path(args.autoencoder)
-    if not path.is_file():
-        raise UsageError(f"--autoencoder {path}: no such file")
-    try:
-        decoder = torch.jit.load(str(path), map_location=args.device).eval()
-    except Exception as err:
-        raise UsageError(f"--autoencoder {path}: not a TorchScript file ({err})") from None
-    scale = 0.18215 if args.latent_scale is None else args.latent_scale
-    with torch.no_grad():
-        return decoder(x / scale).float().clamp(-1, 1)
-
-
-def _decode_vae(x, spec, args):
-    """Latent samples -> images with a local diffusers AutoencoderKL."""
-    from ditkit.runtime.autoencoder import AutoencoderError, load_autoencoder
-
-    try:
-        vae = load_autoencoder(args.vae, device=args.device)
-    except AutoencoderError as err:
-        raise UsageError(f"--vae {err}") from None
-    if vae.latent_channels != spec.input.channels:
-        raise UsageError(f"--vae {args.vae}: the autoencoder has {vae.latent_channels} latent "
-                         f"channels but the model's input.channels is {spec.input.channels}; "
-                         "use the autoencoder the training latents were encoded with")
-    if vae.factor != spec.input.latent_factor:
-        print(f"note: the autoencoder downsamples by {vae.factor} but the spec's "
-              f"input.latent_factor is {spec.input.latent_factor}", file=sys.stderr)
-    if args.latent_scale is not None:
-        vae.scale = args.latent_scale
-    return vae.decode(x)
-
-
-def adapted_model(model, text: str, resolution: tuple[int, int], device: str):
-    """``model`` adapted to ``resolution`` under the policy ``text``
-    (:func:`ditkit.runtime.extrapolate.adapt_model`: carried weights exactly, new ones
-    initialised with seed 0, as in the report)."""
-    from ditkit.runtime.extrapolate import adapt_model
-    from ditkit.evaluate.report import parse_policy
-
-    return adapt_model(model, parse_policy(text, flag="--policy"), resolution, device)

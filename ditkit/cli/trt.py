@@ -38,7 +38,7 @@ def run_build(args) -> int:
         path = T.build_engine(args.onnx, profiles, precision=args.precision, out=args.out,
                               cache_dir=args.cache_dir, workspace_gib=args.workspace_gib,
                               refit_from=args.refit_from, log=print)
-    except (T.TensorRTUnavailable, ValueError) as err:
+    except T.TensorRTUnavailable as err:  # TensorRTError is a UserError already
         raise UsageError(str(err)) from None
     print(f"engine: {path}")
     return 0

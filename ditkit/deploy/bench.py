@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ditkit.spec.sampling import Sampling
+
 ENGINES = ("eager", "eager-bf16", "compile", "onnxruntime", "onnxruntime-int8",
            "onnxruntime-openvino", "onnxruntime-openvino-bf16", "tensorrt")
 #: the onnxruntime engines: (quantization of the exported file, execution provider on the CPU)
@@ -15,12 +17,21 @@ ORT_ENGINES = {"onnxruntime": (None, "cpu"), "onnxruntime-int8": ("int8", "cpu")
                "onnxruntime-openvino-bf16": (None, "openvino-bf16")}
 
 
-def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntime"),
-                 batch: int = 1, repeats: int = 10, device: str = "cpu",
-                 threads: int | None = None, log=None, compile_mode: str = "auto"
-                 ) -> list[dict]:
-    """Per-step latency (one denoiser evaluation at a fixed sigma, median of ``repeats`` after
-    2 warm-up calls) of each engine at each resolution; the ``compile`` engine compiles each
+BENCH_SIGMA = 2.0
+"""The noise level every timed step is evaluated at (the network's cost does not depend on
+it)."""
+
+
+def bench_sample(model, objective, resolutions, sampling: Sampling | None = None, *,
+                 engines=("eager", "onnxruntime"), batch: int = 1, repeats: int = 10,
+                 device: str = "cpu", threads: int | None = None, log=None,
+                 compile_mode: str = "auto", **settings) -> list[dict]:
+    """Per-step latency (the network work of one sampler step at sigma :data:`BENCH_SIGMA`,
+    median of ``repeats`` after 2 warm-up calls) of each engine at each resolution.
+    ``sampling`` (a :class:`ditkit.spec.sampling.Sampling`, or its fields one by one as
+    ``settings``) sets what a step is: with ``cfg_scale != 1`` it is the guided pair of passes
+    (twice the batch, on ``cfg_channels``), as a sampler runs it; its ``seed`` draws the input
+    noise. Class-conditional models get label 0. The ``compile`` engine compiles each
     step into one graph in ``compile_mode`` (``runtime.denoiser.compile_mode``). Peak memory: CUDA
     ``max_memory_allocated``; on CPU the process's peak resident set after the engine ran (a
     high-water mark: it never goes down, so later rows include earlier ones).
@@ -42,6 +53,9 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
     from ditkit.deploy.ort_providers import ProviderError, check_available
     from ditkit.deploy.export import export_onnx
 
+    from ditkit.runtime.samplers import Guided
+
+    sampling = Sampling.of(sampling, **settings)
     say = log or (lambda m: None)
     dev = torch.device(device)
     if threads:
@@ -74,10 +88,15 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
         # with the time its threads wait for a core; with 1 thread the CPU time does not
         return statistics.median(times) * 1e3, peak, round(statistics.median(cpu) * 1e3, 3)
 
+    def step(den):
+        """One sampler step's network work on ``den`` (the guided pair under CFG)."""
+        guided = Guided(den, y, {}, sampling.cfg_scale, None, sampling.cfg_channels)
+        return lambda a, b, c: guided(a, BENCH_SIGMA)
+
     for res in resolutions:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(sampling.seed)
         x = torch.randn(batch, model.spec.input.channels, *res, generator=g).to(dev)
-        s = torch.full((batch,), 2.0, device=dev)
+        s = torch.full((batch,), BENCH_SIGMA, device=dev)
         classes = model.spec.conditioning.classes
         y = torch.zeros(batch, dtype=torch.long, device=dev) if classes else None
         for engine in engines:
@@ -88,22 +107,24 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                 with torch.no_grad(), use_backend("auto"):
                     if engine == "eager":
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
-                            lambda a, b, c: eager(a, b, c), x, s, y)
+                            step(eager), x, s, y)
                     elif engine == "eager-bf16":
+                        eager_step = step(eager)
+
                         def bf16(a, b, c):
                             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                                return eager(a, b, c)
+                                return eager_step(a, b, c)
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             bf16, x, s, y)
                     elif engine == "compile":  # one graph per step (fullgraph)
                         compiled = compile_denoiser(Denoiser(model, objective), compile_mode,
                                                     dev)
                         t0 = time.perf_counter()
-                        compiled.denoise(x, s, y)
+                        step(compiled)(x, s, y)
                         row["note"] = (f"compile {time.perf_counter() - t0:.1f} s, mode "
                                        f"{compile_mode_of(compile_mode, dev, False)}")
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
-                            lambda a, b, c: compiled.denoise(a, b, c), x, s, y)
+                            step(compiled), x, s, y)
                     elif engine in ORT_ENGINES:
                         quantize, provider = ORT_ENGINES[engine]
                         if engine not in sessions:
@@ -123,9 +144,8 @@ def bench_sample(model, objective, resolutions, *, engines=("eager", "onnxruntim
                             sessions[engine] = OrtDenoiser(files[quantize], device=dev,
                                                            threads=threads,
                                                            ort_provider=provider)
-                        ort = sessions[engine]
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
-                            lambda a, b, c: ort.denoise(a, b, c), x, s, y)
+                            step(sessions[engine]), x, s, y)
                     elif engine == "tensorrt":
                         from ditkit.deploy.tensorrt import TensorRTUnavailable, _trt
 

@@ -18,8 +18,8 @@ import torch
 from ditkit import spec as S
 
 from ditkit.runtime.denoiser import NoiseRange
-from ditkit.deploy.graph_io import (aux_inputs, check_shape, graph_feeds, onnx_error, ort_session,
-                       rules_from_metadata)
+from ditkit.deploy.graph_io import (ExportError, aux_inputs, check_shape, graph_feeds,
+                                    onnx_error, ort_session, rules_from_metadata)
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -66,8 +66,8 @@ class OrtDenoiser:
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         spec, objective = spec_from_metadata(meta, str(self.path))
         if objective is None:
-            raise ValueError(f"{self.path}: no ditkit.objective in its metadata_props; "
-                             "re-export it with `ditkit export`")
+            raise ExportError(f"{self.path}: no ditkit.objective in its metadata_props; "
+                              "re-export it with `ditkit export`")
         self.spec: S.ModelSpec = spec
         self.objective = objective
         self.metadata = meta
@@ -102,9 +102,9 @@ class OrtDenoiser:
         """Classifier-free guidance inside a graph exported with ``--cfg``: one call, both
         passes batched in the graph. ``scale``: a number or ``(B,)``."""
         if not self.guides_inside:
-            raise ValueError(f"{self.path} was exported without --cfg (no cfg_scale input)")
+            raise ExportError(f"{self.path} was exported without --cfg (no cfg_scale input)")
         if class_labels is None:
-            raise ValueError("classifier-free guidance needs class_labels")
+            raise ExportError("classifier-free guidance needs class_labels")
         return self._run(x, sigma, class_labels, scale, cond)
 
     def _run(self, x, sigma, class_labels, scale, cond):

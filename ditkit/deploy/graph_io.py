@@ -38,7 +38,7 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such ONNX file (write one with `ditkit export`)")
+        raise ExportError(f"{path}: no such ONNX file (write one with `ditkit export`)")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -88,8 +88,8 @@ def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, name
     graph. Shared by the onnxruntime and TensorRT runners."""
     unknown = sorted(set(cond) - set(aux))
     if unknown:
-        raise ValueError(f"unknown auxiliary input(s) {unknown}; this graph takes "
-                         f"{sorted(aux) or 'none'}")
+        raise ExportError(f"unknown auxiliary input(s) {unknown}; this graph takes "
+                          f"{sorted(aux) or 'none'}")
     b = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if sigma.ndim == 0:
@@ -98,18 +98,18 @@ def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, name
     if "class_labels" in names:
         if class_labels is None:
             if null_class is None:
-                raise ValueError("this model needs class_labels (its spec has no null class)")
+                raise ExportError("this model needs class_labels (its spec has no null class)")
             class_labels = torch.full((b,), null_class, dtype=torch.long)
         feeds["class_labels"] = class_labels.to(x.device, torch.long)
     elif class_labels is not None:
-        raise ValueError("class_labels given but the model has no class conditioning")
+        raise ExportError("class_labels given but the model has no class conditioning")
     for name, dims in aux.items():
         value = cond.get(name)
         value = (torch.zeros(b, dims, device=x.device) if value is None else
                  torch.as_tensor(value, device=x.device).float())
         if value.shape != (b, dims):
-            raise ValueError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
-                             f"{tuple(value.shape)}")
+            raise ExportError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
+                              f"{tuple(value.shape)}")
         feeds[name] = value
     if "cfg_scale" in names:
         w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,

@@ -25,9 +25,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ditkit.errors import UserError
+
 
 class TensorRTUnavailable(RuntimeError):
     """``tensorrt`` (or a CUDA device) is missing."""
+
+
+class TensorRTError(UserError):
+    """A build profile, ONNX file or engine request that cannot work (the message says why)."""
 
 
 def _trt():
@@ -73,8 +79,8 @@ def parse_profile(text: str) -> Profile:
         return _parse_named_profile(text)
     parts = text.split("/")
     if len(parts) != 3:
-        raise ValueError(f"--profile {text!r}: use MIN/OPT/MAX, each BxH or BxHxW, e.g. "
-                         "1x256/2x512/4x1024, or batch=1/2/4,height=256/512/1024")
+        raise TensorRTError(f"--profile {text!r}: use MIN/OPT/MAX, each BxH or BxHxW, e.g. "
+                            "1x256/2x512/4x1024, or batch=1/2/4,height=256/512/1024")
     shapes = []
     for part in parts:
         try:
@@ -82,7 +88,7 @@ def parse_profile(text: str) -> Profile:
         except ValueError:
             nums = []
         if len(nums) not in (2, 3) or min(nums) <= 0:
-            raise ValueError(f"--profile {text!r}: {part!r} is not BxH or BxHxW")
+            raise TensorRTError(f"--profile {text!r}: {part!r} is not BxH or BxHxW")
         shapes.append(Shape(nums[0], nums[1], nums[-1]))
     return _ordered(text, *shapes)
 
@@ -93,17 +99,17 @@ def _parse_named_profile(text: str) -> Profile:
         name, _, spec = item.partition("=")
         name = name.strip().lower()
         if name not in ("batch", "height", "width") or name in values:
-            raise ValueError(f"--profile {text!r}: {name!r} is not one of batch, height, width "
-                             "(each once)")
+            raise TensorRTError(f"--profile {text!r}: {name!r} is not one of batch, height, width "
+                                "(each once)")
         try:
             nums = [int(v) for v in spec.split("/")]
         except ValueError:
             nums = []
         if len(nums) != 3 or min(nums) <= 0:
-            raise ValueError(f"--profile {text!r}: {name} needs MIN/OPT/MAX, e.g. 256/512/1024")
+            raise TensorRTError(f"--profile {text!r}: {name} needs MIN/OPT/MAX, e.g. 256/512/1024")
         values[name] = nums
     if "height" not in values:
-        raise ValueError(f"--profile {text!r}: give height=MIN/OPT/MAX")
+        raise TensorRTError(f"--profile {text!r}: give height=MIN/OPT/MAX")
     batch = values.get("batch", [1, 1, 1])
     width = values.get("width", values["height"])
     return _ordered(text, *(Shape(batch[i], values["height"][i], width[i]) for i in range(3)))
@@ -112,7 +118,7 @@ def _parse_named_profile(text: str) -> Profile:
 def _ordered(text: str, lo: Shape, opt: Shape, hi: Shape) -> Profile:
     for f in ("batch", "height", "width"):
         if not getattr(lo, f) <= getattr(opt, f) <= getattr(hi, f):
-            raise ValueError(f"--profile {text!r}: {f} must satisfy min <= opt <= max")
+            raise TensorRTError(f"--profile {text!r}: {f} must satisfy min <= opt <= max")
     return Profile(lo, opt, hi)
 
 
@@ -121,8 +127,8 @@ def check_profile(profile: Profile, rules) -> None:
     for s in (profile.min, profile.opt, profile.max):
         for n, rule, name in ((s.height, rules[0], "height"), (s.width, rules[1], "width")):
             if not rule.valid(n):
-                raise ValueError(f"--profile: {name} {n} is not a valid size for this model "
-                                 f"({rule.text()})")
+                raise TensorRTError(f"--profile: {name} {n} is not a valid size for this model "
+                                    f"({rule.text()})")
 
 
 # -------------------------------------------------------------------------------- cache
@@ -172,9 +178,9 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
     """Build (or take from the engine cache, or refit) a TensorRT engine for ``onnx_path``."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise ValueError(f"{onnx_path}: no such ONNX file (write one with `ditkit export`)")
+        raise TensorRTError(f"{onnx_path}: no such ONNX file (write one with `ditkit export`)")
     if not profiles:
-        raise ValueError("give at least one --profile MIN/OPT/MAX")
+        raise TensorRTError("give at least one --profile MIN/OPT/MAX")
     rules = _rules_of(onnx_path)
     for p in profiles:
         check_profile(p, rules)
@@ -202,8 +208,8 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (re-export "
-                         "with --target tensorrt-10.N for your TensorRT minor version)")
+        raise TensorRTError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (re-export "
+                            "with --target tensorrt-10.N for your TensorRT minor version)")
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
@@ -234,7 +240,7 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
         f"on {gpu} ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ValueError(f"TensorRT failed to build an engine for {onnx_path} (see its log)")
+        raise TensorRTError(f"TensorRT failed to build an engine for {onnx_path} (see its log)")
     data = bytes(serialized)
     _atomic_write(timing_path, bytes(config.get_timing_cache().serialize()))
     _atomic_write(cached, data)
@@ -246,20 +252,20 @@ def _refit(trt, logger, engine_path: Path, onnx_path: Path) -> bytes:
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
-        raise ValueError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
+        raise TensorRTError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
     if not engine.refittable:
-        raise ValueError(f"{engine_path}: built without REFIT; rebuild it with `ditkit trt "
-                         "build` (which sets it)")
+        raise TensorRTError(f"{engine_path}: built without REFIT; rebuild it with `ditkit trt "
+                            "build` (which sets it)")
     refitter = trt.Refitter(engine, logger)
     onnx_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not onnx_refitter.refit_from_file(str(onnx_path)):
         errors = "; ".join(str(onnx_refitter.get_error(i))
                            for i in range(onnx_refitter.num_errors))
-        raise ValueError(f"cannot refit {engine_path} from {onnx_path}: {errors} (the graphs "
-                         "differ; build a new engine)")
+        raise TensorRTError(f"cannot refit {engine_path} from {onnx_path}: {errors} (the graphs "
+                            "differ; build a new engine)")
     if not refitter.refit_cuda_engine():
-        raise ValueError(f"refitting {engine_path} failed (missing weights: "
-                         f"{refitter.get_missing_weights()})")
+        raise TensorRTError(f"refitting {engine_path} failed (missing weights: "
+                            f"{refitter.get_missing_weights()})")
     return bytes(engine.serialize())
 
 
@@ -271,7 +277,7 @@ def _rules_of(onnx_path: Path):
     proto = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     if "ditkit.resolution_rule" not in meta:
-        raise ValueError(f"{onnx_path}: no ditkit metadata; export it with `ditkit export`")
+        raise TensorRTError(f"{onnx_path}: no ditkit metadata; export it with `ditkit export`")
     return rules_from_metadata(meta)
 
 
@@ -303,7 +309,7 @@ class TrtDenoiser:
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(
             Path(engine_path).read_bytes())
         if self.engine is None:
-            raise ValueError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
+            raise TensorRTError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
         self.context = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in self.names
@@ -323,7 +329,7 @@ class TrtDenoiser:
     def guided(self, x, sigma, class_labels, scale, **cond):
         """CFG inside an engine built from a ``--cfg`` graph (see ``OrtDenoiser.guided``)."""
         if not self.guides_inside:
-            raise ValueError("this engine's graph was exported without --cfg")
+            raise TensorRTError("this engine's graph was exported without --cfg")
         return self._run(x, sigma, class_labels, scale, cond)
 
     def denoise(self, x, sigma, class_labels=None, **cond):

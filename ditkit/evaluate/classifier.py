@@ -21,10 +21,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ditkit.errors import UserError
 from ditkit.spec.experiment import LABELLED_DATA
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
 
 from ditkit.data.datasets import digits_tensor
+
+
+class EvaluationError(UserError):
+    """Samples or a model the built-in classifiers cannot score (the message says why)."""
 
 
 @dataclass
@@ -107,8 +112,8 @@ class DigitsClassifier(ImageClassifier):
 
     def prepare(self, images: torch.Tensor) -> np.ndarray:
         if tuple(images.shape[-2:]) != self.resolution:
-            raise ValueError(f"samples are {tuple(images.shape[-2:])}, the classifier was "
-                             f"trained at {self.resolution}")
+            raise EvaluationError(f"samples are {tuple(images.shape[-2:])}, the classifier "
+                                  f"was trained at {self.resolution}")
         return super().prepare(images)
 
 
@@ -183,7 +188,8 @@ def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 1
         return DigitsClassifier(tuple(resolution))
     if data_kind == "shapes":
         return ShapesClassifier(tuple(resolution), classes, **args)
-    raise ValueError(f"no built-in evaluation for data kind {data_kind!r}; use digits or shapes")
+    raise EvaluationError(f"no built-in evaluation for data kind {data_kind!r}; use digits or "
+                          "shapes")
 
 
 class ResolutionMetrics:
@@ -219,25 +225,26 @@ class ResolutionMetrics:
                 "real_accuracy": r.real_accuracy, "count": r.count, "per_sample": paired}
 
 
-def evaluate_model(model, spec, objective, *, count: int = 500, steps: int = 20,
-                   sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0, seed: int = 1,
-                   device: str = "cpu", progress: bool = False, data: str = "digits",
-                   classes: int = 10) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
+def evaluate_model(model, spec, objective, *, count: int = 500,
+                   sampling: Sampling = EVALUATION_DEFAULTS, device: str = "cpu",
+                   progress: bool = False, data: str = "digits", classes: int = 10
+                   ) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
     """Sample ``count`` images of ``data`` (``digits`` or ``shapes``; labels cycling over its
-    ``classes``) and evaluate them with that data's classifier at the model's resolution:
-    ``(report, images, labels)``."""
+    ``classes``) with the settings ``sampling`` (default: 20 steps, seed 1, as an
+    experiment's evaluation) and evaluate them with that data's classifier at the model's
+    resolution: ``(report, images, labels)``."""
     from ditkit.runtime.generate import sample_images
 
     if data not in LABELLED_DATA:
-        raise ValueError(f"no built-in label evaluation for data kind {data!r}: use digits or "
-                         "shapes (or FID with --real)")
+        raise EvaluationError(f"no built-in label evaluation for data kind {data!r}: use "
+                              "digits or shapes (or FID with --real)")
     if spec.conditioning.classes is None or spec.conditioning.classes.count < classes:
-        raise ValueError(f"{data} evaluation needs a model conditioned on (at least) {classes} "
-                         "classes (conditioning.classes.count)")
+        raise EvaluationError(f"{data} evaluation needs a model conditioned on (at least) "
+                              f"{classes} classes (conditioning.classes.count)")
     if spec.input.channels not in (1, 3):
-        raise ValueError(f"{data} evaluation needs 1 or 3 input channels, the model has "
-                         f"{spec.input.channels}")
+        raise EvaluationError(f"{data} evaluation needs 1 or 3 input channels, the model "
+                              f"has {spec.input.channels}")
     clf = classifier_for(data, tuple(spec.input.resolution), classes)
-    images, labels = sample_images(model, spec, objective, count, steps, sampler, seed,
-                                   cfg_scale, device, n_classes=classes, progress=progress)
+    images, labels = sample_images(model, spec, objective, count, sampling, device,
+                                   n_classes=classes, progress=progress)
     return evaluate_samples(clf, images, labels), images, labels

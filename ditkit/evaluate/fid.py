@@ -25,7 +25,7 @@ import torch
 from ditkit.errors import UserError
 from ditkit.evaluate.stats import (  # noqa: F401 (re-exported)
     _clean, frechet_from_stats, sqrtm_psd, trace_sqrt_product)
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
 
 from ditkit.evaluate.inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
@@ -266,13 +266,13 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
-              steps: int = 20, sampler: str = DEFAULT_SAMPLER, cfg_scale: float = 1.0,
-              seed: int = 1, weights: str | Path | None = None, batch: int = 8,
-              device: str = "cpu", progress: bool = True, source: str = "model",
-              k: int | None = 3) -> FIDReport:
+              sampling: Sampling = EVALUATION_DEFAULTS, weights: str | Path | None = None,
+              batch: int = 8, device: str = "cpu", progress: bool = True,
+              source: str = "model", k: int | None = 3) -> FIDReport:
     """FID (and precision / recall, ``k``) between ``count`` samples of a pixel-space model
-    (labels cycling over its classes when class-conditional) and the images of ``real`` (a
-    folder or an ``.npz``)."""
+    drawn with the settings ``sampling`` (default: 20 steps, seed 1, as an experiment's
+    evaluation; labels cycling over its classes when class-conditional) and the images of
+    ``real`` (a folder or an ``.npz``)."""
     from tqdm import tqdm
 
     from ditkit.runtime.generate import sample_images
@@ -285,8 +285,8 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
     path = Path(weights).expanduser() if weights else default_weights_path()
     net = load_inception(path, device)
     f_real = source_features(net, real, batch, device, progress)
-    images, _ = sample_images(model, spec, objective, count, steps, sampler, seed, cfg_scale,
-                              device, progress=progress)
+    images, _ = sample_images(model, spec, objective, count, sampling, device,
+                              progress=progress)
     x = to_inception_input(images)
     f_fake = np.concatenate([net(x[i:i + batch].to(device)).double().cpu().numpy()
                              for i in tqdm(range(0, len(x), batch), disable=not progress,

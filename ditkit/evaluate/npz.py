@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ditkit.errors import UserError
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import Sampling
 
 from ditkit.files import atomic_path
 
@@ -298,22 +298,24 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
     return got is not None and np.array_equal(got, labels)
 
 
-def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, int, int],
-               steps: int, sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch: int = 32,
-               class_labels: torch.Tensor | np.ndarray | None = None, cfg_scale: float = 1.0,
-               schedule: str = "native", eta: float | None = None,
-               guidance_interval: tuple[float, float] | None = None,
-               cfg_channels: int | None = None,
+def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = None, *, num: int,
+               shape: tuple[int, int, int], batch: int = 32,
+               class_labels: torch.Tensor | np.ndarray | None = None,
                decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                identity: dict | None = None, proc: Processes | None = None,
-               device: str = "cpu", progress: bool = True) -> NpzResult:
-    """Draw ``num`` samples of ``shape`` ``(C, H, W)`` from ``denoiser`` (the sampler
-    arguments are those of :func:`ditkit.runtime.samplers.sample`) into the ``.npz`` ``out``;
-    see the module docstring for chunks, resuming and processes. ``decode`` maps a batch of
-    latent samples to images in [-1, 1]; ``identity`` (JSON data: the checkpoint's hash, the
-    decoder) joins the settings a resumed run must match. Collective under ``torchrun``:
-    every process calls it with the same arguments (``proc`` from :func:`processes`)."""
+               device: str = "cpu", progress: bool = True, **settings) -> NpzResult:
+    """Draw ``num`` samples of ``shape`` ``(C, H, W)`` from ``denoiser`` with the settings
+    ``sampling`` (a :class:`ditkit.spec.sampling.Sampling`; ``settings`` are its fields given
+    one by one, as for :func:`ditkit.runtime.samplers.sample`) into the ``.npz`` ``out``;
+    chunk ``k`` uses seed ``sampling.seed + k``. See the module docstring for chunks, resuming
+    and processes: every sampling setting is recorded, so a resume with any other one is
+    refused. ``decode`` maps a batch of latent samples to images in [-1, 1]; ``identity``
+    (JSON data: the checkpoint's hash, the decoder) joins the settings a resumed run must
+    match. Collective under ``torchrun``: every process calls it with the same arguments
+    (``proc`` from :func:`processes`)."""
     from ditkit.runtime.samplers import sample
+
+    sampling = Sampling.of(sampling, **settings)
 
     proc = proc or Processes(device=str(device))
     out = Path(out)
@@ -327,11 +329,8 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
         if len(labels) != num:
             raise NpzError(f"{len(labels)} class labels for {num} samples; give one per sample")
     parts = parts_folder(out)
-    settings = {"num": num, "batch": batch, "shape": list(shape), "steps": steps,
-                "sampler": sampler, "schedule": schedule, "eta": eta, "seed": seed,
-                "cfg_scale": cfg_scale, "guidance_interval": list(guidance_interval or []) or None,
-                "cfg_channels": cfg_channels, "labels_sha256": _labels_hash(labels),
-                **(identity or {})}
+    settings = {"num": num, "batch": batch, "shape": list(shape), **sampling.recorded(),
+                "labels_sha256": _labels_hash(labels), **(identity or {})}
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if proc.main:
         parts.mkdir(parents=True, exist_ok=True)
@@ -355,15 +354,14 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     try:
         for k, start, n in todo:
             y = lab(start, n)
-            x = sample(denoiser, (n, *shape), steps=steps, sampler=sampler, seed=seed + k,
+            x = sample(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
                        class_labels=None if y is None else torch.from_numpy(y),
-                       cfg_scale=cfg_scale, schedule=schedule, eta=eta,
-                       guidance_interval=guidance_interval, cfg_channels=cfg_channels,
                        device=proc.device)
             if decode is not None:
                 x = decode(x)
             if not torch.isfinite(x).all():
-                raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed {seed + k}) "
+                raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed "
+                               f"{sampling.seed + k}) "
                                "holds non-finite values; nothing was written for it")
             images = to_uint8(x)
             with atomic_path(parts / f"part-{k:06d}.npz") as tmp, open(tmp, "wb") as f:

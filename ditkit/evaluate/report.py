@@ -24,11 +24,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import Sampling
 
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 
 _POLICY = TypeAdapter(S.Policy)
+
+
+REPORT_SAMPLING = Sampling(steps=20, seed=0)
+"""What the extrapolation report samples with unless told otherwise."""
 
 
 def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
@@ -178,14 +182,19 @@ class Row:
 
 
 def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Policy],
-        resolutions: list[tuple[int, int]], out: Path, *, steps: int = 20,
-        sampler: str = DEFAULT_SAMPLER, seed: int = 0, samples: int = 8, device: str = "cpu",
+        resolutions: list[tuple[int, int]], out: Path, sampling: Sampling | None = None, *,
+        samples: int = 8, device: str = "cpu",
         measure: bool = True, curve: list[tuple[int, int]] | None = None,
         evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
         eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
         count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300,
-        latency_batch: int = 1) -> list[Row]:
+        latency_batch: int = 1, **settings) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
+
+    ``sampling``: how the grids and scored images are drawn (default :data:`REPORT_SAMPLING`:
+    20 steps of the default sampler, seed 0); ``settings`` are :class:`Sampling` fields given
+    one by one (``steps=2``). Its seed also seeds the random weights of new tensors, the
+    no-op check and the bootstrap.
 
     ``evaluate``: an optional metrics hook ``(images, labels) -> dict`` (e.g.
     ``ditkit.evaluate.classifier.ResolutionMetrics``; the runtime does not import the training
@@ -202,6 +211,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     rows get 95% intervals (Wilson for accuracy, a ``bootstrap`` percentile interval for the
     Fréchet distance), and the rows of each resolution are compared on the same samples
     (:func:`compare`)."""
+    sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
+    seed = sampling.seed
     scored = None if eval_resolutions is None else {tuple(r) for r in eval_resolutions}
     count_at = {tuple(k): v for k, v in (count_at or {}).items()}
     trained_res = tuple(spec.input.resolution)
@@ -262,8 +273,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                     paired[len(rows)] = identical_cell["paired"]
             else:
                 row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out,
-                                                     label, steps, sampler, seed, samples,
-                                                     device, hook(res),
+                                                     label, sampling, samples, device,
+                                                     hook(res),
                                                      count_at.get(res, eval_count))
                 per = keep_scores(row)
                 if same:
@@ -284,7 +295,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                                                            batch=latency_batch)
         if objective is not None:
             row.grid, row.metrics = _sample_grid(model, objective, x_spec, res, out, label,
-                                                 steps, sampler, seed, samples, device,
+                                                 sampling, samples, device,
                                                  hook(res), count_at.get(res, eval_count))
             keep_scores(row)
         rows.append(row)
@@ -300,7 +311,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1],
                                     c["scope"] != "all"))
     _write_report(spec, rows, curves, out, noop=noop, comparisons=comparisons,
-                  sampling={"sampler": sampler, "steps": steps, "seed": seed},
+                  sampling=sampling,
                   latency_batch=latency_batch)
     return rows
 
@@ -398,7 +409,7 @@ def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: i
     return out
 
 
-def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, n, device,
+def _sample_grid(model, objective, spec, res, out, label, sampling: Sampling, n, device,
                  evaluate=None, eval_count=0):
     """Sample ``max(n, eval_count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``n`` as a grid; score all of them with ``evaluate``."""
@@ -410,8 +421,8 @@ def _sample_grid(model, objective, spec, res, out, label, steps, sampler, seed, 
     classes = spec.conditioning.classes
     total = max(n, eval_count if evaluate is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
-    x = sample(Denoiser(model, objective), (total, spec.input.channels, *res), steps=steps,
-               sampler=sampler, seed=seed, class_labels=labels, device=device)
+    x = sample(Denoiser(model, objective), (total, spec.input.channels, *res), sampling,
+               class_labels=labels, device=device)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
@@ -537,16 +548,17 @@ def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
 
 
 def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | None = None,
-                  comparisons: list[dict] | None = None, sampling: dict | None = None,
+                  comparisons: list[dict] | None = None, sampling: Sampling | None = None,
                   latency_batch: int = 1) -> None:
-    noop, comparisons, sampling = noop or {}, comparisons or [], sampling or {}
+    noop, comparisons = noop or {}, comparisons or []
     latency = {}
     for r in rows:
         if r.latency_ms is not None:
             latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms, r.gmacs))
     lat = {k: latency_slope(v) for k, v in latency.items()}
     results = {"spec": spec.name, "trained_resolution": list(spec.input.resolution),
-               "sampling": sampling, "rows": [asdict(r) for r in rows],
+               "sampling": sampling.recorded() if sampling else {},
+               "rows": [asdict(r) for r in rows],
                "noop_at_training_resolution": noop, "comparisons": comparisons,
                "curves": {k: [[list(r), g] for r, g in v] for k, v in curves.items()},
                "slopes": {k: _slope(v) for k, v in curves.items()},
@@ -562,8 +574,12 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
     scored = [r for r in rows if r.metrics]
     md = [f"# Resolution extrapolation: {spec.name}", "", f"Trained at {h0}x{w0}."]
     if sampling:
-        md[-1] += (f" Samples: `{sampling.get('sampler')}`, {sampling.get('steps')} steps, "
-                   f"seed {sampling.get('seed')}, no guidance.")
+        md[-1] += f" Samples: `{sampling.sampler}`, {sampling.steps} steps, seed {sampling.seed}"
+        md[-1] += (", no guidance" if sampling.cfg_scale == 1.0 else
+                   f", cfg-scale {sampling.cfg_scale}")
+        if sampling.extras():  # a schedule, sigma range, eta, ... of its own
+            md[-1] += f" ({', '.join(sampling.extras())})"
+        md[-1] += "."
     md += ["", "GMACs are forward multiply-adds at batch 1 (the DiT paper's GFLOPs); latency is "
            f"the median of 3 forwards at batch {latency_batch}; peak MiB (same batch) is the "
            "most tensor memory alive at "

@@ -70,9 +70,9 @@ def cfg_channels_of(metadata: Mapping[str, str]) -> int | None:
     try:
         n = int(value)
     except ValueError:
-        raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} is not an integer") from None
+        raise CheckpointError(f"metadata {CFG_CHANNELS_KEY}={value!r} is not an integer") from None
     if n <= 0:
-        raise ValueError(f"metadata {CFG_CHANNELS_KEY}={value!r} must be positive")
+        raise CheckpointError(f"metadata {CFG_CHANNELS_KEY}={value!r} must be positive")
     return n
 
 
@@ -142,20 +142,20 @@ class CheckpointError(UserError):
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The raw safetensors metadata of ``path`` (a clear ``ValueError`` if it is not a
+    """The raw safetensors metadata of ``path`` (a clear :class:`CheckpointError` if it is not a
     safetensors file)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:  # SafetensorError / OSError: not a safetensors file
-        raise ValueError(f"{path}: not a safetensors file ({err}); a ditkit checkpoint is a "
-                         "safetensors file written by ditkit (convert others with "
-                         "`ditkit convert --from dit|k-diffusion|mpdit`)") from None
+        raise CheckpointError(f"{path}: not a safetensors file ({err}); a ditkit checkpoint is a "
+                              "safetensors file written by ditkit (convert others with "
+                              "`ditkit convert --from dit|k-diffusion|mpdit`)") from None
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -198,8 +198,8 @@ def spec_from_metadata(meta: Mapping[str, str], source: str = "checkpoint"):
         hint = (" It looks like a k-diffusion checkpoint: `ditkit convert --from k-diffusion`."
                 if "config" in meta else
                 " Convert a DiT/k-diffusion/MPDiT checkpoint with `ditkit convert --from ...`.")
-        raise ValueError(f"{source}: not a ditkit checkpoint (no `{SPEC_KEY}` in its "
-                         f"metadata).{hint}")
+        raise CheckpointError(f"{source}: not a ditkit checkpoint (no `{SPEC_KEY}` in its "
+                              f"metadata).{hint}")
     try:
         data = json.loads(meta[SPEC_KEY])
     except json.JSONDecodeError as err:
@@ -242,15 +242,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         result = model.load_state_dict(ckpt.tensors, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{path}: tensors do not match the stored spec: {err}") from None
+        raise CheckpointError(f"{path}: tensors do not match the stored spec: {err}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing: {', '.join(result.missing_keys)}")
     if result.unexpected_keys:
         problems.append(f"unexpected: {', '.join(result.unexpected_keys)}")
     if problems:
-        raise ValueError(f"{path}: tensors do not match the stored spec "
-                         f"({'; '.join(problems)})")
+        raise CheckpointError(f"{path}: tensors do not match the stored spec "
+                              f"({'; '.join(problems)})")
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, ckpt

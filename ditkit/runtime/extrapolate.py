@@ -18,9 +18,14 @@ import torch.nn.functional as F
 
 from ditkit import spec as S
 from ditkit.builder import build
+from ditkit.errors import UserError
 
 Plan = dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]
 """new key -> (old key, optional tensor transform)."""
+
+
+class AdaptError(UserError):
+    """A policy that cannot carry these trained weights to the new spec."""
 
 
 @dataclass
@@ -249,13 +254,13 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
         old_key, fn = source
         tensor = tensors[old_key] if fn is None else fn(tensors[old_key])
         if tensor.shape != value.shape:
-            raise ValueError(f"{policy.kind}: {old_key} {tuple(tensors[old_key].shape)} cannot "
+            raise AdaptError(f"{policy.kind}: {old_key} {tuple(tensors[old_key].shape)} cannot "
                              f"fill {key} {tuple(value.shape)}")
         out[key] = tensor.clone()
         carried.add(old_key)
     dropped = sorted(set(tensors) - carried)
     if dropped:
-        raise ValueError(f"{policy.kind} would drop trained tensors {dropped}")
+        raise AdaptError(f"{policy.kind} would drop trained tensors {dropped}")
     record = {"policy": S.to_data(policy, full=True), "from_resolution": list(spec.input.resolution),
               "to_resolution": list(resolution), "reinitialised": reinit, "resized": resized,
               "derived": derived, **notes}

@@ -6,20 +6,22 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.spec.sampling import Sampling
 
 from .denoiser import Denoiser
 from .samplers import sample
 
 
 @torch.no_grad()
-def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, steps: int,
-                  sampler: str, seed: int, cfg_scale: float, device: torch.device | str,
+def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int,
+                  sampling: Sampling, device: torch.device | str,
                   labels: torch.Tensor | None = None, n_classes: int | None = None,
                   batch: int = 250, progress: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``count`` samples from ``model`` with ``ditkit.runtime.samplers``; unless ``labels``
-    are given they cycle through the first ``n_classes`` classes (a class-conditional model).
-    Leaves the global RNG untouched."""
+    """``count`` samples from ``model`` with ``ditkit.runtime.samplers`` and the settings
+    ``sampling``; batch ``i`` uses seed ``sampling.seed + i``. Unless ``labels`` are given they
+    cycle through the first ``n_classes`` classes (a class-conditional model). Leaves the
+    global RNG untouched."""
     classes = spec.conditioning.classes
     if labels is None and classes is not None:
         labels = torch.arange(count) % (n_classes or classes.count)
@@ -33,9 +35,8 @@ def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int, st
         for i, start in enumerate(range(0, count, batch)):
             n = min(batch, count - start)
             lab = labels[start:start + n] if labels is not None else None
-            out.append(sample(denoiser, (n, spec.input.channels, h, w), steps=steps,
-                              sampler=sampler, seed=seed + i, class_labels=lab,
-                              cfg_scale=cfg_scale, device=str(device),
+            out.append(sample(denoiser, (n, spec.input.channels, h, w), sampling,
+                              seed=sampling.seed + i, class_labels=lab, device=str(device),
                               progress=progress).float().cpu())
     finally:
         torch.set_rng_state(rng)

@@ -19,7 +19,7 @@ flow -> uniform in ``t``). Every schedule ends with ``sigma = 0``.
 
 Classifier-free guidance batches the conditional and unconditional passes into one call:
 ``D = D_u + w (D_c - D_u)`` (``w = 1`` is the conditional model), optionally only for sigmas
-inside ``guidance_interval`` and only on the first ``cfg_channels`` channels (DiT guides 3 of
+inside ``cfg_interval`` and only on the first ``cfg_channels`` channels (DiT guides 3 of
 its 4 latent channels; the rest come from the conditional pass).
 """
 
@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ditkit.errors import UserError
-from ditkit.spec.sampling import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
 from ditkit.runtime.denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
 from ditkit.runtime.protocols import Denoiser
@@ -68,7 +68,8 @@ def uniform_sigmas(steps: int, noise_range: NoiseRange, sigma_min: float, sigma_
 def spaced_timesteps(total: int, steps: int) -> list[int]:
     """DiT / ADM ``space_timesteps(total, [steps])``: ``round(i (total-1)/(steps-1))``."""
     if steps > total:
-        raise ValueError(f"steps {steps} is more than the model's {total} DDPM timesteps")
+        raise SamplingError(f"steps {steps} is more than the model's {total} DDPM timesteps; "
+                            "use fewer steps or another schedule")
     if steps == 1:
         return [0]
     stride = (total - 1) / (steps - 1)
@@ -83,13 +84,15 @@ def get_sigmas(noise_range: NoiseRange, steps: int, schedule: str = "native", *,
     from ditkit import spec as S
 
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise SamplingError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise SamplingError(f"unknown schedule {schedule!r}; choose one of "
+                            f"{', '.join(SCHEDULES)}")
     lo = noise_range.sigma_min if sigma_min is None else sigma_min
     hi = noise_range.sigma_max if sigma_max is None else sigma_max
     if not 0 < lo < hi:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi}")
+        raise SamplingError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi} (sigma_min / "
+                            "sigma_max default to the objective's noise range)")
     obj = noise_range.objective
     if schedule == "native":
         if isinstance(obj, S.DDPMObjective) and sigma_min is None and sigma_max is None:
@@ -140,13 +143,13 @@ class Guided:
         self.evaluations = 0
         if cfg_scale != 1.0:
             if class_labels is None:
-                raise ValueError("classifier-free guidance (cfg_scale != 1) needs class_labels")
+                raise SamplingError("classifier-free guidance (cfg_scale != 1) needs class_labels")
             if denoiser.null_class is None:
-                raise ValueError("classifier-free guidance needs a model with a null class "
+                raise SamplingError("classifier-free guidance needs a model with a null class "
                                  "(conditioning.classes.null_class)")
             inside = denoiser.cfg_channels
             if denoiser.guides_inside and cfg_channels != inside:
-                raise ValueError(f"this graph was exported with CFG on "
+                raise SamplingError(f"this graph was exported with CFG on "
                                  f"{inside or 'all'} channels; sample with cfg_channels="
                                  f"{inside} (got {cfg_channels}) or re-export it")
 
@@ -178,46 +181,54 @@ class Guided:
 # -------------------------------------------------------------------------------- the loop
 
 
-def sample(denoiser: Denoiser, shape, *, steps: int, sampler: str = DEFAULT_SAMPLER, seed: int = 0,
-           class_labels=None, cfg_scale: float = 1.0, device="cpu", progress: bool = False,
-           schedule: str = "native", sigmas: torch.Tensor | None = None,
-           sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-           eta: float | None = None, guidance_interval: tuple[float, float] | None = None,
-           cfg_channels: int | None = None, cond: dict | None = None,
-           noise: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class_labels=None,
+           cond: dict | None = None, device="cpu", progress: bool = False,
+           sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+           dtype: torch.dtype = torch.float32,
            callback: Callable[[int, float, torch.Tensor], None] | None = None,
-           noise_sampler: Callable[[float, float], torch.Tensor] | None = None) -> torch.Tensor:
-    """Draw samples of ``shape`` ``(B, C, H, W)``: returns the final ``x0`` (no clamping).
+           noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
+           **settings) -> torch.Tensor:
+    """Draw samples of ``shape`` ``(B, C, H, W)`` with the settings ``sampling`` (a
+    :class:`ditkit.spec.sampling.Sampling`; default: its defaults): returns the final ``x0``
+    (no clamping). ``settings`` are :class:`Sampling` fields given one by one
+    (``sample(d, shape, steps=20, sampler="heun")``) and replace those of ``sampling``; they
+    are validated by the spec (:class:`ditkit.spec.SpecError` names the field).
+
+    The rest is what one call samples, not how: ``class_labels`` (one label or one per
+    sample), ``cond`` (extra conditioning tensors), ``device``, ``dtype``, ``progress``.
 
     Reproducible: all randomness (the initial noise and any per-step noise) comes from one CPU
-    ``torch.Generator`` seeded with ``seed``, so torch and ORT models and CPU and GPU runs see
-    the same noise. ``noise`` overrides the initial unit Gaussian (scaled by the first sigma).
-    ``sigmas`` overrides the schedule (descending, ending in 0). ``noise_sampler(sigma,
+    ``torch.Generator`` seeded with ``sampling.seed``, so torch and ORT models and CPU and GPU
+    runs see the same noise. ``noise`` overrides the initial unit Gaussian (scaled by the first
+    sigma). ``sigmas`` overrides the schedule (descending, ending in 0). ``noise_sampler(sigma,
     sigma_next)`` replaces the stochastic samplers' per-step noise (default: a Brownian path in
     sigma from the same generator, :class:`BrownianNoise`). ``dpm_adaptive`` picks its own
     steps between the first and the last non-zero sigma (``steps`` only sets that range's
     schedule) and, like k-diffusion's, returns the sample at the last non-zero sigma."""
-    if sampler not in SAMPLERS:
-        raise SamplingError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    _check_arguments(shape, steps, cfg_scale, sigmas)
+    sampling = Sampling.of(sampling, **settings)
+    sampler, steps, eta = sampling.sampler, sampling.steps, sampling.eta
+    sigma_min = sampling.sigma_min
+    _check_arguments(shape, steps, sigmas)
     device = check_device(device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(sampling.seed)
     if sigmas is None:
-        sigmas = get_sigmas(denoiser.noise_range, steps, schedule, sigma_min=sigma_min,
-                            sigma_max=sigma_max, rho=rho)
+        sigmas = get_sigmas(denoiser.noise_range, steps, sampling.schedule,
+                            sigma_min=sigma_min, sigma_max=sampling.sigma_max,
+                            rho=sampling.rho)
     sig = [float(v) for v in sigmas]
     if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] != 0:
-        raise ValueError("sigmas must be strictly descending and end with 0")
+        raise SamplingError("sigmas must be strictly descending and end with 0")
     b = shape[0]
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, dtype=torch.long).to(device)
         if class_labels.ndim == 0:
             class_labels = class_labels.expand(b)
         if class_labels.shape != (b,):
-            raise ValueError(f"class_labels must be one label or {b} labels, got "
-                             f"{tuple(class_labels.shape)}")
+            raise SamplingError(f"class_labels must be one label or {b} labels, got "
+                                f"{tuple(class_labels.shape)}")
     cond = {k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in (cond or {}).items()}
-    model = Guided(denoiser, class_labels, cond, cfg_scale, guidance_interval, cfg_channels)
+    model = Guided(denoiser, class_labels, cond, sampling.cfg_scale, sampling.cfg_interval,
+                   sampling.cfg_channels)
 
     def randn() -> torch.Tensor:
         return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device, dtype)
@@ -281,17 +292,13 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def _check_arguments(shape, steps, cfg_scale: float, sigmas) -> None:
+def _check_arguments(shape, steps: int, sigmas) -> None:
     """Arguments that would silently give garbage or exhaust memory are refused up front."""
     from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
 
     if shape[0] < 1:
         raise SamplingError(f"number of samples {shape[0]}: use at least 1")
-    if not math.isfinite(float(cfg_scale)):
-        raise SamplingError(f"cfg scale {cfg_scale}: must be a finite number (1 = no guidance)")
-    if sigmas is None:
-        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-            raise SamplingError(f"steps {steps}: use a positive whole number")
+    if sigmas is None:  # steps >= 1 and the other settings: checked by the Sampling spec
         if steps > MAX_STEPS and limits_enabled():
             raise SamplingError(f"steps {steps}: more than {MAX_STEPS:,} noise levels; "
                                 f"{OVERRIDE_HINT}")

@@ -7,6 +7,7 @@ from .families import mdit, mpdit
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
 from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
+from .sampling import Sampling
 from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, FlowObjective,
                         LogitNormalTime, LogNormalSigma, Objective, UniformTime, X0Objective)
 
@@ -18,5 +19,5 @@ __all__ = [
     "Objective",
     "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",
     "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime", "Policy", "AsIs", "LocalCore",
-    "AddLevels", "CorePatch",
+    "AddLevels", "CorePatch", "Sampling",
 ]

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      field_validator)
+                      field_validator, model_validator)
 
 from ditkit.spec.components import Spec
 from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
 from ditkit.spec.policy import AsIs, Policy
-from ditkit.spec.sampling import DEFAULT_SAMPLER
+from ditkit.spec.sampling import (EVALUATION_SAMPLING, PREVIEW_SAMPLING, Sampling,
+                                  fold_flat_keys, legacy_sampling)
 
 EXPERIMENT_VERSION = 1
 
@@ -215,10 +216,14 @@ class Preview(Spec):
     every: NonNegativeInt = 1000
     """Steps between previews (0: only at the end)."""
     count: PositiveInt = 40
-    steps: PositiveInt = 20
-    sampler: str = DEFAULT_SAMPLER
-    cfg_scale: NonNegativeFloat = 1.0
-    seed: NonNegativeInt = 0
+    sampling: Sampling = Field(default_factory=lambda: Sampling(**PREVIEW_SAMPLING))
+    """How the previews are sampled (default: 20 steps of the default sampler, seed 0; keys
+    left out of a ``sampling`` mapping take these defaults)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_sampling_keys(cls, data):  # preview: {steps: 10, sampler: heun} (older files)
+        return legacy_sampling(data, PREVIEW_SAMPLING)
 
 
 class Evaluation(Spec):
@@ -240,10 +245,9 @@ class Evaluation(Spec):
     every: NonNegativeInt = 0
     """Steps between evaluations during training (0: only at the end)."""
     count: PositiveInt = 500
-    steps: PositiveInt = 20
-    sampler: str = DEFAULT_SAMPLER
-    cfg_scale: NonNegativeFloat = 1.0
-    seed: NonNegativeInt = 1
+    sampling: Sampling = Field(default_factory=lambda: Sampling(**EVALUATION_SAMPLING))
+    """How the evaluated images are sampled (default: 20 steps of the default sampler, seed
+    1; keys left out of a ``sampling`` mapping take these defaults)."""
     reference: Annotated[str, Field(min_length=1)] | None = None
     """Reference images for FID / precision / recall: a folder or an ``.npz``."""
     inception: Annotated[str, Field(min_length=1)] | None = None
@@ -256,6 +260,11 @@ class Evaluation(Spec):
     vae: Annotated[str, Field(min_length=1)] | None = None
     """Latent-space models with a ``reference``: the local AutoencoderKL folder that decodes
     the samples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_sampling_keys(cls, data):  # evaluation: {steps: 10, seed: 2} (older files)
+        return legacy_sampling(data, EVALUATION_SAMPLING)
 
 
 TRAINABLE_PRESETS = {
@@ -491,9 +500,23 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
                 overrides, "model"):
             data = {**data, "model": _model_data(data["model"], path.parent, source)}
-        data = apply_overrides(data, overrides) if isinstance(data, dict) else data
+        if isinstance(data, dict):
+            data = _fold_sampling(data, only_old=True)
+            data = _fold_sampling(apply_overrides(data, overrides))
         source = f"{path} with --set {' '.join(overrides)}"
     return experiment_from_data(data, path.parent, source)
+
+
+def _fold_sampling(data: dict, only_old: bool = False) -> dict:
+    """``data`` with the flat sampling keys of ``preview`` / ``evaluation`` folded into their
+    ``sampling`` mappings (:func:`ditkit.spec.sampling.fold_flat_keys`); ``only_old``: only in
+    sections written entirely in the older flat form."""
+    out = dict(data)
+    for name in ("preview", "evaluation"):
+        section = out.get(name)
+        if isinstance(section, dict) and not (only_old and "sampling" in section):
+            out[name] = fold_flat_keys(section)
+    return out
 
 
 def _model_data(ref: str, base: Path, source: str) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ditkit import spec as S
 from ditkit.errors import UserError
+from ditkit.spec.sampling import Sampling
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_EXPERIMENT = ASSETS / "demo-digits.yaml"
@@ -87,10 +88,11 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
     report = DigitsReport(count=ev.count, accuracy=m["accuracy"], frechet=m["frechet"],
                           frechet_real=m["frechet_real"], real_accuracy=m["real_accuracy"],
                           per_class_accuracy=m["per_class_accuracy"])
-    log(f"\nevaluated {ev.count} digits sampled from the final EMA model ({ev.sampler}, "
-        f"{ev.steps} steps, cfg {ev.cfg_scale}) in {m['seconds']:.0f} s")
+    log(f"\nevaluated {ev.count} digits sampled from the final EMA model "
+        f"({ev.sampling.sampler}, {ev.sampling.steps} steps, cfg {ev.sampling.cfg_scale}) in "
+        f"{m['seconds']:.0f} s")
     unguided = None
-    if ev.cfg_scale != 1.0:  # guidance hides a weak conditional model: report both
+    if ev.sampling.cfg_scale != 1.0:  # guidance hides a weak conditional model: report both
         unguided = _evaluate_unguided(exp, result.checkpoint, progress)
         log(f"evaluated {ev.count} digits without guidance (cfg 1.0): "
             f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}")
@@ -112,8 +114,8 @@ def _evaluate_unguided(exp, checkpoint: Path, progress: bool):
     model, _ = load_model(checkpoint / "ema.safetensors")
     with use_backend(exp.precision.attention_backend):
         report, _, _ = evaluate_model(model, exp.model_spec, exp.objective, count=ev.count,
-                                      steps=ev.steps, sampler=ev.sampler, cfg_scale=1.0,
-                                      seed=ev.seed, device="cpu", progress=progress)
+                                      sampling=Sampling.of(ev.sampling, cfg_scale=1.0),
+                                      device="cpu", progress=progress)
     return report
 
 

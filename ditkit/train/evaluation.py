@@ -94,9 +94,8 @@ class RunEvaluation:
 
         ev, spec, t0 = self.ev, self.exp.model_spec, time.perf_counter()
         # sample_images leaves the global RNG alone: evaluating does not change the run
-        images, labels = sample_images(ema_model, spec, self.exp.objective, ev.count, ev.steps,
-                                       ev.sampler, ev.seed, ev.cfg_scale, self.device,
-                                       n_classes=self.n_classes)
+        images, labels = sample_images(ema_model, spec, self.exp.objective, ev.count,
+                                       ev.sampling, self.device, n_classes=self.n_classes)
         from ditkit.train.logs import image_grid, save_png
 
         scale = max(1, 32 // max(spec.input.resolution))

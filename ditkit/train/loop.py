@@ -183,8 +183,8 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     n_cls = _data_classes(exp) or (classes.count if classes else None)
     from ditkit.runtime.generate import sample_images
 
-    images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.steps, p.sampler,
-                              p.seed, p.cfg_scale, device, n_classes=n_cls)
+    images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.sampling, device,
+                              n_classes=n_cls)
     ncol = min(p.count, n_cls or 8)
     scale = max(1, 64 // max(spec.input.resolution))
     save_png(image_grid(images, ncol, scale=scale), path)
@@ -244,13 +244,6 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     from ditkit.builder import build
 
     exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
-    from ditkit.runtime.samplers import SAMPLERS
-
-    for where, name in (("preview.sampler", exp.preview.sampler),
-                        ("evaluation.sampler", exp.evaluation.sampler)):
-        if name not in SAMPLERS:
-            raise TrainingSetupError(f"{where}: unknown sampler {name!r}; use one of "
-                                f"{', '.join(SAMPLERS)}")
     dist_info = init_distributed(exp)
     rank, world = dist_info.rank, dist_info.world
     from ditkit.device import pick_device

@@ -43,7 +43,7 @@ def test_compiled_sampling_with_cfg_equals_eager_and_compiles_once_per_batch_sha
         return gm.forward
 
     kwargs = dict(steps=3, sampler="heun", seed=0, class_labels=torch.tensor([1, 2]),
-                  cfg_scale=3.0, guidance_interval=(0.5, 5.0))
+                  cfg_scale=3.0, cfg_interval=(0.5, 5.0))
     shape = (2, 4, 8, 8)
     eager = sample(Denoiser(model, S.DDPMObjective()), shape, **kwargs)
     torch._dynamo.reset()

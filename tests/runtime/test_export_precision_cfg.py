@@ -194,7 +194,7 @@ def test_sampling_with_the_cfg_graph_equals_eager_sampling(dit_cfg):
     ort = OrtDenoiser(result.path)
     eager = Denoiser(model, S.DDPMObjective())
     kw = dict(steps=5, sampler="ddpm", seed=4, class_labels=[1, 2], cfg_scale=3.0,
-              cfg_channels=3, guidance_interval=(0.5, 50.0))
+              cfg_channels=3, cfg_interval=(0.5, 50.0))
     a = sample(eager, (2, 4, 8, 8), **kw)
     b = sample(ort, (2, 4, 8, 8), **kw)
     assert ort.calls == 5  # one graph call per evaluation, guided or not

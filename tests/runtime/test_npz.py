@@ -140,6 +140,49 @@ def test_interrupted_run_resumes_to_the_same_file(grey_ckpt, tmp_path):
         sample_npz(den, out, **args)
 
 
+def test_every_sampling_flag_reaches_the_npz_and_its_resume_settings(grey_ckpt, tmp_path):
+    """Issue 26: `--npz` once ignored --sigma-min/--sigma-max. Both paths now take one
+    Sampling, so the sigma flags change the file, chunk 0 equals the grid path's samples with
+    the same flags, and a resume with other sigma flags is refused."""
+    base = ["sample", str(grey_ckpt), "--count", "2", "--batch", "1", "--classes", "3",
+            "--seed", "5", *STEPS]
+    sigmas = ["--sigma-min", "0.5", "--sigma-max", "5"]
+    plain, narrow = tmp_path / "plain.npz", tmp_path / "narrow.npz"
+    assert main(base + ["--npz", str(plain)]) == 0
+    assert main(base + sigmas + ["--npz", str(narrow)]) == 0
+    a, b = read_npz(plain)[0], read_npz(narrow)[0]
+    assert not np.array_equal(a, b)  # the flags changed the samples
+    settings = npz_settings(narrow)
+    assert (settings["sigma_min"], settings["sigma_max"]) == (0.5, 5.0)
+    assert npz_settings(plain)["sigma_min"] is None
+    # chunk 0 (seed 5) is the grid path's sample with the same flags
+    folder = tmp_path / "png"
+    assert main(["sample", str(grey_ckpt), "--count", "1", "--classes", "3", "--seed", "5",
+                 *STEPS, *sigmas, "--out", str(tmp_path / "g.png"),
+                 "--individual", str(folder)]) == 0
+    png = np.asarray(Image.open(folder / "000000.png").convert("RGB"))
+    np.testing.assert_array_equal(b[0], png)
+    # an interrupted run records the sigmas; a resume with others is refused, naming them
+    den, _ = _den(grey_ckpt)
+    args = dict(num=4, shape=(1, 8, 8), steps=2, sampler="euler", batch=2, progress=False,
+                sigma_min=0.5, sigma_max=5.0)
+
+    def stop_on_second(x, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return x
+
+    out = tmp_path / "resumed.npz"
+    with pytest.raises(KeyboardInterrupt):
+        sample_npz(den, out, decode=stop_on_second, **args)
+    with pytest.raises(NpzError, match=r"other settings \(sigma_min: 0\.5 -> 0\.2\)"):
+        sample_npz(den, out, **{**args, "sigma_min": 0.2})
+    with pytest.raises(NpzError, match=r"sigma_max: 5\.0 -> None"):
+        sample_npz(den, out, **{**args, "sigma_max": None})
+    assert sample_npz(den, out, **args).reused == 2  # the same sigmas continue it
+
+
 def test_write_npz_streams_and_reader_refuses_non_images(tmp_path):
     rng = np.random.default_rng(0)
     chunks = [rng.integers(0, 256, (n, 4, 6, 3), dtype=np.uint8) for n in (3, 1, 2)]

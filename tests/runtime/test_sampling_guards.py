@@ -11,6 +11,7 @@ from ditkit.builder import build
 from ditkit.errors import UserError
 from ditkit.runtime.denoiser import Denoiser
 from ditkit.runtime.samplers import SAMPLERS, SamplingError, sample
+from ditkit.spec import SpecError
 from ditkit.spec.limits import no_size_limits
 
 from ..train.conftest import tiny_model
@@ -57,18 +58,22 @@ def test_a_finite_run_is_untouched(denoiser):
     assert torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"cfg_scale": float("nan")}, "cfg scale nan"),
-    ({"cfg_scale": float("inf")}, "cfg scale inf"),
-    ({"steps": 0}, "steps 0"),
-    ({"steps": 10**8}, "more than 10,000"),
-    ({"sampler": "magic"}, "unknown sampler"),
+@pytest.mark.parametrize("kwargs, error, needle", [
+    # the Sampling spec refuses these, naming the field
+    ({"cfg_scale": float("nan")}, SpecError, r"cfg_scale: must be a finite number"),
+    ({"cfg_scale": float("inf")}, SpecError, r"cfg_scale: must be a finite number"),
+    ({"steps": 0}, SpecError, r"steps: .*greater than 0"),
+    ({"sampler": "magic"}, SpecError, r"sampler: unknown sampler .magic.; choose one of euler"),
+    ({"eta": -0.5}, SpecError, r"eta: .*greater than or equal to 0"),
+    ({"sigma_min": 2.0, "sigma_max": 1.0}, SpecError, r"sigma_min: .*below sigma_max"),
+    # the sampler refuses what is valid data but too much to run
+    ({"steps": 10**8}, SamplingError, "more than 10,000"),
 ])
-def test_arguments_that_give_garbage_are_refused(denoiser, kwargs, needle):
+def test_arguments_that_give_garbage_are_refused(denoiser, kwargs, error, needle):
     args = {"steps": 2, "sampler": "euler", **kwargs}
-    with pytest.raises(SamplingError, match=needle):
+    with pytest.raises(error, match=needle):
         sample(denoiser, (1, 1, 8, 8), class_labels=[0], **args)
-    assert issubclass(SamplingError, UserError)
+    assert issubclass(error, UserError)
 
 
 def test_zero_samples_are_refused(denoiser):

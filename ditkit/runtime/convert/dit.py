@@ -24,7 +24,7 @@ from ditkit import spec as S
 from ditkit.spec.families import DIT_SIZES
 
 from ..checkpoint import CFG_CHANNELS_KEY
-from .remap import Remap, check_heads, expected_shapes
+from .remap import ConversionInputError, Remap, check_heads, expected_shapes
 
 SOURCE = "dit"
 PREFERRED_KEYS = ("ema", "model")
@@ -35,7 +35,7 @@ _WIDTH_HEADS = {d_model: n_heads for _, d_model, n_heads in DIT_SIZES.values()}
 def _block_count(state: dict) -> int:
     ids = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if ids != set(range(len(ids))):
-        raise ValueError(f"DiT blocks are not numbered 0..n-1: found {sorted(ids)}")
+        raise ConversionInputError(f"DiT blocks are not numbered 0..n-1: found {sorted(ids)}")
     return len(ids)
 
 
@@ -53,38 +53,38 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
             "blocks.0.mlp.fc1.weight"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise ValueError("not a DiT state dict (missing " + ", ".join(missing) + "); pass "
-                         "--preset NAME to name the spec, or check --from")
+        raise ConversionInputError("not a DiT state dict (missing " + ", ".join(missing) + "); pass "
+                                   "--preset NAME to name the spec, or check --from")
     w = state["x_embedder.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
-        raise ValueError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is "
-                         "(D, C, p, p)")
+        raise ConversionInputError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is "
+                                   "(D, C, p, p)")
     d_model, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     tokens = int(state["pos_embed"].shape[1])
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
-        raise ValueError(f"pos_embed has {tokens} tokens, not a square grid")
+        raise ConversionInputError(f"pos_embed has {tokens} tokens, not a square grid")
     depth = _block_count(state)
     if n_heads is None:
         if d_model not in _WIDTH_HEADS:
-            raise ValueError(f"cannot infer the number of heads of a width-{d_model} DiT from its "
-                             "weights (the qkv shape does not depend on it); pass --heads N (or "
-                             "--preset NAME)")
+            raise ConversionInputError(f"cannot infer the number of heads of a width-{d_model} DiT from its "
+                                       "weights (the qkv shape does not depend on it); pass --heads N (or "
+                                       "--preset NAME)")
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "DiT")
     ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / d_model
     out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out not in (channels, 2 * channels):
-        raise ValueError(f"final_layer.linear produces {out} channels per pixel; DiT's is "
-                         f"{channels} or {2 * channels} (learned sigma)")
+        raise ConversionInputError(f"final_layer.linear produces {out} channels per pixel; DiT's is "
+                                   f"{channels} or {2 * channels} (learned sigma)")
     cond = S.Conditioning()
     table = state.get("y_embedder.embedding_table.weight")
     if table is not None:
         rows = int(table.shape[0])
         count = classes if classes is not None else rows - 1
         if rows not in (count, count + 1):
-            raise ValueError(f"y_embedder has {rows} rows; with --classes {count} it needs "
-                             f"{count} or {count + 1} (with the null label)")
+            raise ConversionInputError(f"y_embedder has {rows} rows; with --classes {count} it needs "
+                                       f"{count} or {count + 1} (with the null label)")
         cond = S.Conditioning(classes=S.Classes(count=count, null_class=rows == count + 1))
     size = next((s for s, (d, w_, h) in DIT_SIZES.items()
                  if (d, w_, h) == (depth, d_model, n_heads)), None)
@@ -138,7 +138,7 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("DiT's timestep embedding has conditioning.noise.frequency_shift 0 "
                         "(this model uses diffusers' shifted one)")
     if problems:
-        raise ValueError(f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
+        raise ConversionInputError(f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
 from ..checkpoint import CFG_CHANNELS_KEY
-from .remap import Remap, check_heads, expected_shapes
+from .remap import ConversionInputError, Remap, check_heads, expected_shapes
 
 SOURCE = "mpdit"
 PREFERRED_KEYS = ("ema", "model")
@@ -42,7 +42,7 @@ _WIDTH_HEADS = {768: 12, 1152: 16}  # MPDiT-B, MPDiT-XL
 def _count(state: dict, prefix: str) -> int:
     ids = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
     if ids != set(range(len(ids))):
-        raise ValueError(f"MPDiT {prefix} are not numbered 0..n-1: found {sorted(ids)}")
+        raise ConversionInputError(f"MPDiT {prefix} are not numbered 0..n-1: found {sorted(ids)}")
     return len(ids)
 
 
@@ -65,8 +65,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
             "final_layer.linear.weight"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise ValueError("not an MPDiT state dict with skip embeddings (missing "
-                         + ", ".join(missing) + "); pass --preset NAME or check --from")
+        raise ConversionInputError("not an MPDiT state dict with skip embeddings (missing "
+                                   + ", ".join(missing) + "); pass --preset NAME or check --from")
     coarse, fine = state["x_embedder.proj.weight"], state[fine_key]
     d_model, channels = int(coarse.shape[0]), int(coarse.shape[1])
     patches = [int(coarse.shape[-1])]
@@ -75,8 +75,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     patches.append(int(fine.shape[-1]))
     if n_heads is None:
         if d_model not in _WIDTH_HEADS:
-            raise ValueError(f"cannot infer the heads of a width-{d_model} MPDiT from its "
-                             "weights; pass n_heads (--heads N) or --preset NAME")
+            raise ConversionInputError(f"cannot infer the heads of a width-{d_model} MPDiT from its "
+                                       "weights; pass n_heads (--heads N) or --preset NAME")
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "MPDiT")
     if three:
@@ -138,7 +138,7 @@ def _layout(spec: S.ModelSpec) -> dict:
              "pos_embed_lvl2", None),
             ("upsampler_lvl1", "linear_skip_lvl1", "upsample_blocks_lvl1", "x_embedder",
              "pos_embed_lvl1", "pos_embed")]}
-    raise ValueError(f"MPDiT has 2 or 3 stages; spec {spec.name!r} has {n} levels")
+    raise ConversionInputError(f"MPDiT has 2 or 3 stages; spec {spec.name!r} has {n} levels")
 
 
 def _check_family(spec: S.ModelSpec) -> None:
@@ -157,7 +157,7 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("MPDiT's timestep embedding has conditioning.noise.frequency_shift 0 "
                         "(this model uses diffusers' shifted one)")
     if problems:
-        raise ValueError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
+        raise ConversionInputError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
 
 
 def _pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:

@@ -15,6 +15,11 @@ from ditkit import spec as S
 from ditkit.errors import UserError
 
 
+class ConversionInputError(UserError):
+    """A source file, format, option or spec that conversion cannot use (the message says
+    which and what to do)."""
+
+
 class ConversionError(UserError):
     """The tensors do not fit the spec: every problem is listed in the message."""
 
@@ -168,8 +173,8 @@ def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: 
     if n_heads <= 0 or d_model % n_heads:
         hint = (f" (the width-{d_model} {family} preset has {presets[d_model]})"
                 if d_model in presets else "")
-        raise ValueError(f"--heads {n_heads} does not divide the width {d_model}; use a "
-                         f"divisor{hint}")
+        raise ConversionInputError(f"--heads {n_heads} does not divide the width {d_model}; use a "
+                                   f"divisor{hint}")
     if d_model in presets and presets[d_model] != n_heads:
         warnings.warn(f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
                       f"width-{d_model} {family} preset: the weights load either way, but the "
