@@ -181,10 +181,9 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
 
     from ditkit.errors import UserError
     from ditkit.runtime.checkpoint import cfg_channels_of
-    from ditkit.deploy.graph_io import ExportError, check_shape
     from ditkit.runtime.samplers import sample as _sample
-    from ditkit.spec import SpecError
-    from ditkit.spec.sampling import DEFAULT_SAMPLER
+    from ditkit.runtime.shape_rule import check_shape
+    from ditkit.spec.sampling import DEFAULT_SAMPLER, Sampling
 
     m = _model(model)
     spec = m.spec
@@ -203,20 +202,14 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
                         "class)")
     res = _resolution(resolution) or tuple(spec.input.resolution)
     den = m.denoiser()
-    try:
-        check_shape(spec, (n, spec.input.channels, *res), den.rules, "resolution")
-        x = _sample(den, (n, spec.input.channels, *res), steps=steps,
-                    sampler=sampler or DEFAULT_SAMPLER, schedule=schedule, eta=eta, seed=seed,
-                    class_labels=class_labels, cfg_scale=cfg_scale,
-                    guidance_interval=cfg_interval, cfg_channels=cfg_channels_of(m.metadata),
-                    device=device, progress=progress, sigma_min=sigma_min,
-                    sigma_max=sigma_max, rho=rho)
-    except ExportError as err:
-        raise UserError(str(err)) from None
-    except ValueError as err:
-        if isinstance(err, (SpecError, UserError)):
-            raise
-        raise UserError(str(err)) from None
+    sampling = Sampling.of(None, sampler=sampler or DEFAULT_SAMPLER, steps=steps,
+                           schedule=schedule, eta=eta, sigma_min=sigma_min,
+                           sigma_max=sigma_max, rho=rho, cfg_scale=cfg_scale,
+                           cfg_interval=cfg_interval, cfg_channels=cfg_channels_of(m.metadata),
+                           seed=seed)
+    check_shape(spec, (n, spec.input.channels, *res), den.rules, "resolution")
+    x = _sample(den, (n, spec.input.channels, *res), sampling, class_labels=class_labels,
+                device=device, progress=progress)
     if out is not None:
         if spec.input.space == "latent":
             raise UserError(f"out: {spec.name} samples latents, not images; decode them first "
