@@ -464,18 +464,10 @@ def experiment_from_data(data, base: str | Path | None = None,
 
 def read_experiment_data(path: str | Path) -> dict:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
-    import yaml
-
-    from .io import SpecError, read_text
+    from .io import load_yaml, read_text
 
     path = Path(path)
-    text = read_text(path, "experiment")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
-    except RecursionError:
-        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], str(path)) from None
+    return load_yaml(read_text(path, "experiment"), str(path))
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
@@ -499,19 +491,15 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 def _model_data(ref: str, base: Path, source: str) -> dict:
     """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
     ``--set model.x=v`` can change it."""
-    import yaml
-
-    from .io import SpecError, to_data
+    from .io import SpecError, load_yaml, read_text, to_data
     from .presets import PRESETS, preset
 
-    from .io import read_text
-
     path = base / ref
-    if path.is_file():
+    if path.is_file() or path.exists() and not path.is_dir():  # a FIFO is refused, not read
         try:
-            return yaml.safe_load(read_text(path, "spec"))
-        except yaml.YAMLError as err:
-            raise SpecError([("model", f"{path}: not valid YAML/JSON: {err}")], source) from None
+            return load_yaml(read_text(path, "spec"), str(path))
+        except SpecError as err:
+            raise SpecError([("model", f"{path}: {m}") for _, m in err.issues], source) from None
     if ref in PRESETS:
         return to_data(preset(ref))
     raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name")], source)

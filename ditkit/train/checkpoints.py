@@ -201,9 +201,13 @@ def _read_new_state(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular, open_regular
+
     where = str(path / STATE_JSON)
+    check_regular(path / STATE_TENSORS, "training state")
     try:
-        data = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        with open_regular(path / STATE_JSON, "training state") as f:
+            data = json.loads(f.read().decode("utf-8"))
         tensors = load_file(str(path / STATE_TENSORS))
     except (ValueError, SafetensorError, FileNotFoundError) as err:
         raise UnsafeStateError(f"{where}: the training state cannot be read ({err}); the "
@@ -262,6 +266,9 @@ def read_state(path: Path) -> dict:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular
+
+    check_regular(path, "checkpoint")
     return load_file(str(path))
 
 
