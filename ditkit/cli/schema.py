@@ -26,7 +26,9 @@ def run(args) -> int:
         schema = S.json_schema()
     text = json.dumps(schema, indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        from ditkit.runtime.files import write_text
+
+        write_text(args.out, text)
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
