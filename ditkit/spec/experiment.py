@@ -456,10 +456,26 @@ def experiment_from_data(data, base: str | Path | None = None,
         try:
             model = validate(data["model"], ModelSpec, source)
         except SpecError as err:
-            raise SpecError([(f"model.{p}" if p else "model", m) for p, m in err.issues],
-                            source) from None
+            issues = [(f"model.{p}" if p else "model", m) for p, m in err.issues]
+            try:  # the other sections' problems too, in one report
+                validate({**data, "model": "<invalid>"}, Experiment, source)
+            except SpecError as rest:
+                issues += rest.issues
+            raise SpecError(issues, source) from None
         data = {**data, "model": model}
     return resolve_experiment(validate(data, Experiment, source), base, source)
+
+
+def is_experiment_data(data) -> bool:
+    """Whether plain data read from a file is an experiment rather than a model spec: an
+    experiment has a ``model`` key (a model spec never has one) or only experiment sections."""
+    if not isinstance(data, dict) or not data:
+        return False
+    if "model" in data:
+        return True
+    own = set(Experiment.model_fields) - set(ModelSpec.model_fields)
+    return bool(set(data) & own) and not set(data) & (set(ModelSpec.model_fields) - set(
+        Experiment.model_fields))
 
 
 def read_experiment_data(path: str | Path) -> dict:
@@ -575,6 +591,6 @@ __all__ = [
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
     "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
     "experiment_issues",
-    "load_experiment", "read_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
+    "load_experiment", "read_experiment_data", "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
     "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
 ]
