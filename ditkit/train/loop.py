@@ -420,6 +420,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     result = TrainResult(run, start_step)
     t0 = time.perf_counter()
     last_ckpt: Path | None = C.latest_checkpoint(ckpt_root)[1] if resume else None
+    result.checkpoint = last_ckpt
     window_t, window_imgs = time.perf_counter(), 0
     model.train()
 

@@ -250,13 +250,20 @@ def test_torchrun_max_restarts_finishes_a_preempted_ddp_run_bit_identically(tmp_
     (tmp_path / "worker.py").write_text(TORCHRUN_WORKER)
 
     def launch(out: str, rows: int, restarts: int) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
              "2", "--max-restarts", str(restarts), "worker.py", "train",
              "exp.yaml", "--out", out, "--resume", "auto", "--no-progress", "--threads", "1",
              str(rows), str(tmp_path / out)],
-            cwd=tmp_path, env=_env(KILL_WITH=kill_with), capture_output=True, text=True,
-            timeout=540)
+            cwd=tmp_path, env=_env(KILL_WITH=kill_with), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out_, err = proc.communicate(timeout=500)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers, no orphans
+            out_, err = proc.communicate()
+            pytest.fail(f"torchrun did not finish: {err[-3000:]}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out_, err)
 
     ref = launch("ref", 10**9, 0)  # never reaches the kill: uninterrupted
     assert ref.returncode == 0, ref.stderr[-3000:]
