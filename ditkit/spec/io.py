@@ -204,7 +204,7 @@ def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
     duplicate key or absurd nesting is a :class:`SpecError` naming ``source`` (and ``field``,
     the path of the text inside a larger file, if any)."""
     try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
     except DuplicateKeyError as err:
         raise SpecError([(field, str(err))], source) from None
     except yaml.YAMLError as err:

@@ -31,7 +31,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         raise SpecError([("", f"{text!r}: write PATH=VALUE, e.g. training.batch_size=8 or "
                           "levels.0.d_model=256")], SOURCE)
     try:
-        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None  # noqa: S506
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise SpecError([(path, f"value {raw!r} is not valid YAML ({err.problem})")],
                         SOURCE) from None

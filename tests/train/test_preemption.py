@@ -158,7 +158,7 @@ SECTIONS = dict(checkpoint={"every": 1000, "keep_last": 2})  # no periodic check
 def _check_stopped_then_resume(tmp_path, capsys) -> None:
     """After a stop signal: a checkpoint at the step reached, scalars up to it; then
     ``--resume auto`` (the CLI, in this process) ends bit-identical to an uninterrupted run."""
-    stopped, ckpt = C.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    stopped = C.latest_checkpoint(tmp_path / "run" / "checkpoints")[0]
     assert 3 <= stopped < STEPS  # the steps done so far are kept, not thrown away
     assert read_scalars(tmp_path / "run" / "scalars.csv")[-1]["step"] == stopped
     capsys.readouterr()
@@ -177,7 +177,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_is_bit_identical(tmp_path,
     proc = _cli("train", "exp.yaml", "--out", "run", "--no-progress", cwd=tmp_path)
     _wait_for_rows(tmp_path / "run", 3, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    err = proc.communicate(timeout=120)[1]
     assert proc.returncode == EXIT_PREEMPTED == 75, err
     assert "SIGTERM: stopped at step" in err and "--resume auto" in err
     assert "Traceback" not in err
