@@ -268,7 +268,7 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-TEMPORARY = re.compile(r"^\.step-\d{6,}\..*\.(tmp|old)$")
+TEMPORARY = re.compile(r"^\.step-\d{6,}(\..+)?\.(tmp|old)$")  # old fixed names too
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
