@@ -151,7 +151,7 @@ def test_resume_auto_starts_a_new_run_and_continues_an_old_one(tmp_path):
     assert _same_weights(ref.checkpoint, again.checkpoint)
 
 
-STEPS = 30
+STEPS = 12
 SECTIONS = dict(checkpoint={"every": 1000, "keep_last": 2})  # no periodic checkpoint
 
 
