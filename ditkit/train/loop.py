@@ -284,10 +284,15 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
         created = folder
     main_rank = int(os.environ.get("RANK", "0")) == 0
     lock = acquire(run) if main_rank else None  # before anything is read or written
-    if lock is not None:
-        C.remove_stale_temporaries(run / "checkpoints")  # of a killed run; we are the writer
-    if resume == "auto":
-        resume = C.latest_checkpoint(run / "checkpoints") is not None
+    try:
+        if lock is not None:
+            C.remove_stale_temporaries(run / "checkpoints")  # a killed run's; we are the writer
+        if resume == "auto":
+            resume = C.latest_checkpoint(run / "checkpoints") is not None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     done = {"steps": 0}
     import torch.distributed as tdist
 
