@@ -585,6 +585,8 @@ def test_duplicate_keys_are_an_error_naming_both_lines(tmp_path, capsys, where):
         code, err = cli(capsys, command[0], tmp_path / "f.yaml", *command[1:])
         assert code == 2 and "duplicate key" in err, err
         assert f"lines {lines[0]} and {lines[1]}" in err, err
+        if where != "model of an experiment":  # the field path of the key
+            assert f"  {'name' if where == 'spec' else 'training'}: duplicate key" in err, err
     assert not (tmp_path / "run").exists()
 
 

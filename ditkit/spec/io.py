@@ -199,11 +199,48 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _first_duplicate(node, path: str = "", seen: set | None = None):
+    """``(field path, key, first mark, second mark)`` of the first key written twice in a
+    composed YAML node tree, or ``None`` (merge keys excepted; aliases visited once)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                ident = (key_node.tag, key_node.value)
+                if ident in keys:
+                    return (f"{path}.{key_node.value}" if path else str(key_node.value),
+                            key_node.value, keys[ident], key_node.start_mark)
+                keys[ident] = key_node.start_mark
+                child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            else:
+                child = path
+            found = _first_duplicate(value_node, child, seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _first_duplicate(item, f"{path}[{i}]", seen)
+            if found:
+                return found
+    return None
+
+
 def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
     """Plain data from YAML (JSON is YAML) text with :class:`StrictLoader`; a syntax error, a
     duplicate key or absurd nesting is a :class:`SpecError` naming ``source`` (and ``field``,
     the path of the text inside a larger file, if any)."""
     try:
+        found = _first_duplicate(yaml.compose(text, Loader=yaml.SafeLoader))
+        if found:  # named by its field path (the loader below would name the lines only)
+            where, key, first, second = found
+            err = DuplicateKeyError(key, first, second)
+            raise SpecError([(".".join(p for p in (field, where) if p), str(err))], source)
         return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
     except DuplicateKeyError as err:
         raise SpecError([(field, str(err))], source) from None
