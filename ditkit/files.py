@@ -67,6 +67,12 @@ def honour_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) into ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds the file is synced and

@@ -70,11 +70,14 @@ def test_validate_json_names_every_problem(tmp_path):
 
 
 def test_validate_all_examples():
-    specs = sorted(str(p) for p in (ROOT / "examples").rglob("*.yaml")
-                   if "experiments" not in p.parts)  # experiment specs: tests/train
+    """Specs and experiment files alike (an experiment is validated as one, model included)."""
+    specs = sorted(str(p) for p in (ROOT / "examples").rglob("*.yaml"))
+    experiments = [p for p in specs if "/experiments/" in p]
+    assert experiments
     proc = run("validate", *specs)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok ") == len(specs)
+    assert proc.stdout.count("(experiment ") == len(experiments)
 
 
 def test_demo_runs(tmp_path):

@@ -198,3 +198,85 @@ def test_many_mutated_model_specs(data):
 @given(mutated(tiny_experiment_data("edm", 10)))
 def test_many_mutated_experiments(data):
     _check_experiment(data)
+
+
+# ------------------------------------------------------------------ issue 27: hostile files
+
+
+def _scalar_key_lines(text: str) -> list[int]:
+    """Indices of ``key: scalar`` lines (not list items): duplicating one keeps the YAML valid."""
+    import re
+
+    return [i for i, line in enumerate(text.splitlines())
+            if re.match(r"^\s*[A-Za-z_]\w*: \S", line)]
+
+
+@FAST
+@given(st.sampled_from(["spec", "experiment"]), st.data())
+def test_a_key_written_twice_anywhere_is_refused_naming_both_lines(tmp_path_factory, capsys,
+                                                                   kind, data):
+    from ditkit.cli import main
+
+    base = tiny_model() if kind == "spec" else tiny_experiment_data("edm", 10)
+    lines = yaml.safe_dump(base, sort_keys=False, default_flow_style=False).splitlines()
+    i = data.draw(st.sampled_from(_scalar_key_lines("\n".join(lines))))
+    lines.insert(i + 1, lines[i])
+    path = tmp_path_factory.mktemp("dup") / f"{kind}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    with Bounded(20, 512):
+        assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    key = lines[i].strip().split(":")[0]
+    assert f"duplicate key `{key}` on lines {i + 1} and {i + 2}" in err, err
+
+
+def _not_a_file(kind: str, folder) -> str:
+    """A path of ``kind`` in ``folder``: what a hostile or careless user may pass as input."""
+    import os
+    import socket
+
+    path = folder / "input.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(folder / "s.yaml"))
+        s.close()
+        path = folder / "s.yaml"
+    elif kind == "device":
+        return "/dev/zero"  # endless: reading it would never end
+    elif kind == "link to fifo":
+        os.mkfifo(folder / "fifo")
+        path.symlink_to(folder / "fifo")
+    elif kind == "folder":
+        path.mkdir()
+    return str(path)
+
+
+@settings(FAST, max_examples=12)
+@given(st.sampled_from(["fifo", "socket", "device", "link to fifo", "folder"]),
+       st.sampled_from(["validate", "describe", "train", "sample", "export"]))
+def test_inputs_that_are_not_regular_files_exit_2_without_blocking(tmp_path_factory, capsys,
+                                                                    kind, command):
+    import faulthandler
+    import sys
+
+    from ditkit.cli import main
+
+    folder = tmp_path_factory.mktemp("nf")
+    path = _not_a_file(kind, folder)
+    extra = {"train": ["--out", str(folder / "run")], "sample": ["--out", str(folder / "g.png")],
+             "export": ["--out", str(folder / "m.onnx")]}.get(command, [])
+    capsys.readouterr()
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)  # never forever
+    try:
+        with Bounded(20, 512):
+            code = main([command, path, *extra])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert ("directory" in err or "folder" in err) if kind == "folder" else (
+        "not a regular file" in err), err
+    assert not (folder / "run").exists() and not (folder / "g.png").exists()

@@ -377,3 +377,219 @@ def test_evaluate_a_file_where_a_folder_is_expected_says_so(tmp_path, capsys):
     stray.write_bytes(b"\x00\x01not images")
     assert main(["evaluate", "--real", str(stray), "--fake", str(stray)]) == 2
     assert "is a file, not a folder of images or an .npz" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 27: hostile files
+# Batteries over classes of input, so a new command is covered by construction: every option
+# that names an output is exercised with symlinks planted at every path it writes (or listed
+# below with why not), and every command that reads a file is given a FIFO.
+
+OUTPUT_OPTIONS = ("--out", "--diagram", "--grid", "--npz", "--samples")
+TINY_EXP = ROOT / "examples" / "experiments" / "demo-digits.yaml"
+
+
+def _train_args(tmp_path: Path, out: Path) -> list:
+    exp = tmp_path / "exp.yaml"
+    if not exp.exists():
+        exp.write_text(yaml.safe_dump(tiny_experiment_data(
+            "edm", 2, checkpoint={"every": 2}, preview={"every": 2, "count": 2, "steps": 1})))
+    return ["train", exp, "--out", out, "--no-progress"]
+
+
+# (command, option) -> arguments writing to OUT (a file or folder path)
+WRITERS = {
+    ("describe", "--diagram"): lambda t, out: ["describe", TINY, "--diagram", out],
+    ("diff", "--diagram"): lambda t, out: ["diff", TINY, ROOT / "examples/tiny/tiny-dit.yaml",
+                                           "--diagram", out],
+    ("schema", "--out"): lambda t, out: ["schema", "--out", out],
+    ("sample", "--out"): lambda t, out: ["sample", TINY, "--out", out, "--objective", "edm",
+                                         "--steps", "1", "--count", "2", "--no-progress"],
+    ("train", "--out"): _train_args,
+}
+NOT_EXERCISED = {  # every one of these writes through ditkit.files.atomic_path
+    ("demo", "--out"): "a full demo run (minutes)", ("demo", "--samples"): "as demo --out",
+    ("convert", "--out"): "needs a foreign checkpoint; _atomic_save / atomic_path",
+    ("sample", "--npz"): "npz parts and settings through atomic_path (tests/runtime/test_npz)",
+    ("export", "--out"): "onnx export (tens of seconds); graph_io writes through atomic_path",
+    ("evaluate", "--grid"): "needs a trained checkpoint; save_png is atomic",
+    ("encode", "--out"): "needs an autoencoder folder; shards through atomic_path",
+    ("shards", "--out"): "needs an image folder; write_shard through atomic_path",
+    ("extrapolate", "--out"): "a report of many samples (minutes); results/report/plots "
+                              "through atomic_path",
+    ("extrapolate", "--samples"): "as extrapolate --out",
+}
+
+
+def test_every_output_option_is_in_the_symlink_battery():
+    from ditkit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    found = {(name, opt) for name, p in sub.choices.items() for a in p._actions
+             for opt in a.option_strings if opt in OUTPUT_OPTIONS}
+    assert found == set(WRITERS) | set(NOT_EXERCISED), (
+        f"new output options: {found - set(WRITERS) - set(NOT_EXERCISED)}; add them to WRITERS")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("case", sorted(WRITERS), ids=lambda c: f"{c[0]}{c[1]}")
+def test_no_write_follows_a_planted_symlink(tmp_path, capsys, case):
+    """Run the command once to learn what it writes; run it again with a symlink planted at
+    every one of those paths and at the fixed temporary names ditkit used to use
+    (``.NAME.tmp``): every link target is untouched, every output a regular file."""
+    pytest.importorskip("matplotlib")
+    make = WRITERS[case]
+    suffix = ".svg" if case[1] == "--diagram" else ".png" if case[0] == "sample" else (
+        ".json" if case[0] == "schema" else "")
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    code, err = cli(capsys, *make(tmp_path, first / f"out{suffix}"))
+    assert code == 0, err
+    out = first / f"out{suffix}"
+    written = _files(out) if out.is_dir() else [Path(out.name)]
+    # checkpoints: fresh folders (mkdtemp) renamed into place; the lock: a planted link there
+    # is refused outright (tests/train/test_preemption.py)
+    written = [p for p in written if "checkpoints" not in p.parts and p.name != ".lock"]
+    assert written
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    target = second / f"out{suffix}"
+    base = target if out.is_dir() else second
+    for i, rel in enumerate(written):
+        for path in (base / rel, (base / rel).with_name(f".{rel.name}.tmp")):
+            victim = victims / f"{i}-{path.name}"
+            victim.write_text("precious\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.symlink_to(victim)
+    code, err = cli(capsys, *make(tmp_path, target))
+    assert code == 0, err
+    assert all(v.read_text() == "precious\n" for v in victims.iterdir())
+    for rel in written:
+        assert (base / rel).is_file() and not (base / rel).is_symlink(), rel
+
+
+def test_resume_does_not_write_through_a_symlinked_run_experiment(tmp_path, capsys):
+    """Issue 27: RUN/experiment.yaml was rewritten in place on --resume, so a link there
+    rewrote the user's own experiment file."""
+    run = tmp_path / "run"
+    args = _train_args(tmp_path, run)
+    assert cli(capsys, *args)[0] == 0
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((run / "experiment.yaml").read_text() + "# my notes\n")
+    (run / "experiment.yaml").unlink()
+    (run / "experiment.yaml").symlink_to(mine)
+    before = mine.read_text()
+    assert cli(capsys, *args, "--resume", "--steps", "3")[0] == 0
+    assert mine.read_text() == before
+    assert not (run / "experiment.yaml").is_symlink()
+
+
+class NoHang:
+    """A hang fails loudly (traceback, process exit) instead of blocking the suite forever."""
+
+    def __enter__(self):
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
+
+    def __exit__(self, *exc):
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    def make(name: str) -> Path:
+        path = tmp_path / name
+        os.mkfifo(path)
+        return path
+    return make
+
+
+FIFO_READERS = [  # (arguments with {fifo}, the fifo's name)
+    (["validate", "{fifo}"], "spec.yaml"),
+    (["describe", "{fifo}"], "spec.yaml"),
+    (["diff", "{fifo}", str(TINY)], "spec.yaml"),
+    (["sample", "{fifo}", "--out", "{tmp}/g.png"], "spec.yaml"),
+    (["sample", "{fifo}", "--out", "{tmp}/g.png"], "model.safetensors"),
+    (["describe", "{fifo}"], "model.safetensors"),
+    (["export", "{fifo}", "--out", "{tmp}/m.onnx"], "spec.yaml"),
+    (["train", "{fifo}", "--out", "{tmp}/run"], "exp.yaml"),
+    (["validate", "{fifo}"], "exp.yaml"),
+    (["validate", "{fifo}"], "no-suffix"),
+]
+
+
+@pytest.mark.parametrize("args, name", FIFO_READERS, ids=lambda v: str(v))
+def test_a_named_pipe_is_refused_not_read(tmp_path, capsys, fifo, args, name):
+    """Issue 27: a FIFO given as a spec/experiment/checkpoint hung forever."""
+    path = fifo(name)
+    with NoHang():
+        code, err = cli(capsys, *[a.format(fifo=path, tmp=tmp_path) for a in args])
+    assert code == 2 and "named pipe" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_an_experiments_model_that_is_a_named_pipe(tmp_path, capsys, fifo, command):
+    fifo("model.yaml")
+    data = tiny_experiment_data(steps=2)
+    data["model"] = "model.yaml"
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    with NoHang():
+        code, err = cli(capsys, command, tmp_path / "exp.yaml", *(
+            ["--out", tmp_path / "run"] if command == "train" else []))
+    assert code == 2 and "model" in err and "named pipe" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_folder_whose_state_is_a_named_pipe(run_dir, tmp_path, capsys, fifo):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    step = C.latest_checkpoint(run / "checkpoints")[1]
+    (step / C.STATE_TENSORS).unlink()
+    os.mkfifo(step / C.STATE_TENSORS)
+    with NoHang():
+        code, err = cli(capsys, "train", run, "--resume", "--steps", "3", "--no-progress")
+    assert code == 2 and "named pipe" in err, err
+
+
+@pytest.mark.parametrize("where", ["spec", "experiment", "model of an experiment"])
+def test_duplicate_keys_are_an_error_naming_both_lines(tmp_path, capsys, where):
+    spec_text = yaml.safe_dump(tiny_model(), sort_keys=False)
+    if where == "spec":
+        text = spec_text.replace("name: test-tiny\n", "name: test-tiny\nname: other\n")
+        (tmp_path / "f.yaml").write_text(text)
+        lines = (1, 2)
+    else:
+        data = tiny_experiment_data(steps=2)
+        if where == "model of an experiment":
+            (tmp_path / "model.yaml").write_text(spec_text + "patch: {size: 4}\n")
+            data["model"] = "model.yaml"
+            lines = (spec_text.splitlines().index("patch:") + 1, len(spec_text.splitlines()) + 1)
+        text = yaml.safe_dump(data, sort_keys=False)
+        if where == "experiment":
+            text += "training: {steps: 3}\n"
+            lines = (text.splitlines().index("training:") + 1, len(text.splitlines()))
+        (tmp_path / "f.yaml").write_text(text)
+    for command in (["validate"], ["train", "--out", tmp_path / "run"]):
+        if command[0] == "train" and where == "spec":
+            continue
+        code, err = cli(capsys, command[0], tmp_path / "f.yaml", *command[1:])
+        assert code == 2 and "duplicate key" in err, err
+        assert f"lines {lines[0]} and {lines[1]}" in err, err
+        if where != "model of an experiment":  # the field path of the key
+            assert f"  {'name' if where == 'spec' else 'training'}: duplicate key" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_duplicate_keys_in_a_set_value_are_an_error(capsys):
+    code, err = cli(capsys, "validate", TINY, "--set", "patch={size: 1, size: 2}")
+    assert code == 2 and "duplicate key `size`" in err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 
 from ditkit.errors import EnvironmentFault, UserError
@@ -130,17 +129,14 @@ def render(diagrams: Diagram | list[Diagram], path: str | Path,
 
 
 def _write(path: Path, data: bytes) -> None:
-    """All or nothing: a temporary file beside ``path``, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """All or nothing, through a fresh uniquely named temporary file (a symlink planted at a
+    fixed temporary name cannot redirect the write), renamed over ``path``."""
+    from ditkit.spec.io import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise EnvironmentFault(f"could not write the diagram {path}: {err.strerror or err}; "
-                               "nothing else was changed") from None
+        write_atomic(path, data)
+    except EnvironmentFault as err:
+        raise EnvironmentFault(f"could not write the diagram: {err}") from None
 
 
 def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:

@@ -141,6 +141,11 @@ def resolve_source(ref: str, accept: tuple[str, ...] = ("file", "preset", "check
         raise UsageError(f"{name}: {_KIND_TEXT[kind]}, but this takes {_either(accept)}")
     if kind == "preset":
         return Source(kind, ref)
+    if kind in ("checkpoint", "onnx", "file"):  # a FIFO or device: refused, never opened
+        from ditkit.spec.io import check_regular
+
+        check_regular(path, {"checkpoint": "checkpoint", "onnx": "ONNX model",
+                             "file": "spec or experiment"}[kind])
     if kind in ("checkpoint", "onnx") and not path.is_file():
         raise UsageError(f"{name}: no such {'checkpoint' if kind == 'checkpoint' else 'file'}")
     return Source(kind, ref, path)

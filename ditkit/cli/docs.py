@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     path = Path(argv[0])
-    path.write_text(replace_table(path.read_text(), command_table()))
+    from ditkit.files import write_text
+
+    write_text(path, replace_table(path.read_text(), command_table()))
     print(f"wrote the command table into {path}")
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -26,7 +25,9 @@ def run(args) -> int:
         schema = S.json_schema()
     text = json.dumps(schema, indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        from ditkit.files import write_text
+
+        write_text(args.out, text)
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

@@ -1,8 +1,14 @@
 """``ditkit train``: train an experiment (YAML), or resume a run folder; ``torchrun`` for
-several processes."""
+several processes.
+
+Exit status: 0 done; 2 bad input, or the run folder is in use by another process; 1 the run
+failed (a non-finite loss, the machine refused); 75 (``EXIT_PREEMPTED``) stopped by SIGTERM or
+SIGUSR1 after writing a checkpoint: run the same command with ``--resume auto`` to continue."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,10 +21,14 @@ def add_parser(sub) -> None:
                        description="Train an experiment spec. Under torchrun (WORLD_SIZE > 1) "
                        "it runs DDP or FSDP2 (the experiment's distributed.strategy), gloo on "
                        "CPU / nccl on CUDA; only rank 0 writes.")
-    p.add_argument("experiment", help="experiment file (.yaml/.json), or a run folder to resume")
+    p.add_argument("experiment", nargs="?",
+                   help="experiment file (.yaml/.json), or a run folder to resume")
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in the run folder")
+    p.add_argument("--resume", nargs="?", action=ResumeAction, default=False, metavar="auto",
+                   help="continue from the newest complete checkpoint in the run folder; "
+                        "--resume auto: continue when there is one, else start (for jobs a "
+                        "scheduler or torchrun --max-restarts restarts after preemption; "
+                        "SIGTERM/SIGUSR1 checkpoint and exit 75)")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept an experiment that differs from the run's in "
                         "what is trained (recorded in RUN/resume-changes.json)")
@@ -31,9 +41,31 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+class ResumeAction(argparse.Action):
+    """``--resume`` (True) or ``--resume auto``. ``--resume RUN`` (the experiment given right
+    after the flag, as before ``auto`` existed) still means ``--resume`` with ``RUN``."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value is None or value == "auto":
+            namespace.resume = value or True
+        else:
+            namespace.resume = True
+            namespace.resume_positional = value
+
+
 def run(args) -> int:
     from ditkit.data.datasets import DataError
-    from ditkit.train.loop import TrainingError, TrainingSetupError, train
+    from ditkit.train.loop import (EXIT_PREEMPTED, Preempted, TrainingError, TrainingSetupError,
+                                   train)
+
+    stray = getattr(args, "resume_positional", None)
+    if stray is not None:
+        if args.experiment is not None:
+            raise UsageError(f"--resume {stray}: --resume takes no value but `auto`; give the "
+                             f"experiment once ({args.experiment})")
+        args.experiment = stray
+    if args.experiment is None:
+        raise UsageError("train: give an experiment file (.yaml/.json) or a run folder")
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -49,6 +81,10 @@ def run(args) -> int:
         raise UsageError(str(err)) from None
     except TrainingSetupError:  # the run cannot start as asked: a UserError, exit 2
         raise
+    except Preempted as err:  # checkpointed; the scheduler (or torchrun) restarts it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ditkit train: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -56,7 +92,6 @@ def run(args) -> int:
         print(f"error: ranks ended with different weights: {result.fingerprints}",
               file=sys.stderr)
         return 1
-    import os
 
     if int(os.environ.get("RANK", "0")) == 0 and args.json:
         import json

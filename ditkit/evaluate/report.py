@@ -27,6 +27,7 @@ from ditkit.builder import build, describe
 from ditkit.spec.sampling import Sampling
 
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
+from ditkit.files import atomic_path, write_text
 
 _POLICY = TypeAdapter(S.Policy)
 
@@ -440,7 +441,8 @@ def compact_png(path: Path, colours: int = 256) -> None:
 
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(colours)
-    small.save(path, optimize=True)
+    with atomic_path(path) as tmp:
+        small.save(tmp, format="PNG", optimize=True)
 
 
 def _cost_curves(spec, policies, resolutions):
@@ -564,7 +566,7 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
                "slopes": {k: _slope(v) for k, v in curves.items()},
                "latency_slopes": {k: v["slope"] for k, v in lat.items()},
                "latency_fit": lat, "latency_batch": latency_batch}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     plot = _plot(curves, out / "cost.png")
 
     def cell(v, fmt):
@@ -676,8 +678,8 @@ def _write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | N
             md.append(f"| `{pol}` | " + " | ".join(
                 f"![{pol} {h}x{w}]({cells[(h, w)]})" if (h, w) in cells else "-"
                 for h, w in res_list) + " |")
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html("\n".join(md)))
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    write_text(out / "report.html", _html("\n".join(md)))
 
 
 def _plot(curves: dict, path: Path) -> bool:
@@ -703,7 +705,8 @@ def _plot(curves: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", frameon=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
 

@@ -146,7 +146,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     safetensors file)."""
     from safetensors import safe_open
 
+    from ditkit.spec.io import check_regular
+
     path = Path(path)
+    check_regular(path, "checkpoint")  # a FIFO would block safetensors' open forever
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:

@@ -465,26 +465,34 @@ def experiment_from_data(data, base: str | Path | None = None,
         try:
             model = validate(data["model"], ModelSpec, source)
         except SpecError as err:
-            raise SpecError([(f"model.{p}" if p else "model", m) for p, m in err.issues],
-                            source) from None
+            issues = [(f"model.{p}" if p else "model", m) for p, m in err.issues]
+            try:  # the other sections' problems too, in one report
+                validate({**data, "model": "<invalid>"}, Experiment, source)
+            except SpecError as rest:
+                issues += rest.issues
+            raise SpecError(issues, source) from None
         data = {**data, "model": model}
     return resolve_experiment(validate(data, Experiment, source), base, source)
 
 
+def is_experiment_data(data) -> bool:
+    """Whether plain data read from a file is an experiment rather than a model spec: an
+    experiment has a ``model`` key (a model spec never has one) or only experiment sections."""
+    if not isinstance(data, dict) or not data:
+        return False
+    if "model" in data:
+        return True
+    own = set(Experiment.model_fields) - set(ModelSpec.model_fields)
+    return bool(set(data) & own) and not set(data) & (set(ModelSpec.model_fields) - set(
+        Experiment.model_fields))
+
+
 def read_experiment_data(path: str | Path) -> dict:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
-    import yaml
-
-    from ditkit.spec.io import SpecError, read_text
+    from .io import load_yaml, read_text
 
     path = Path(path)
-    text = read_text(path, "experiment")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError([("", f"not valid YAML/JSON: {err}")], str(path)) from None
-    except RecursionError:
-        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], str(path)) from None
+    return load_yaml(read_text(path, "experiment"), str(path))
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
@@ -522,19 +530,15 @@ def _fold_sampling(data: dict, only_old: bool = False) -> dict:
 def _model_data(ref: str, base: Path, source: str) -> dict:
     """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
     ``--set model.x=v`` can change it."""
-    import yaml
-
-    from ditkit.spec.io import SpecError, to_data
-    from ditkit.spec.presets import PRESETS, preset
-
-    from ditkit.spec.io import read_text
+    from .io import SpecError, load_yaml, read_text, to_data
+    from .presets import PRESETS, preset
 
     path = base / ref
-    if path.is_file():
+    if path.is_file() or path.exists() and not path.is_dir():  # a FIFO is refused, not read
         try:
-            return yaml.safe_load(read_text(path, "spec"))
-        except yaml.YAMLError as err:
-            raise SpecError([("model", f"{path}: not valid YAML/JSON: {err}")], source) from None
+            return load_yaml(read_text(path, "spec"), str(path))
+        except SpecError as err:
+            raise SpecError([("model", f"{path}: {m}") for _, m in err.issues], source) from None
     if ref in PRESETS:
         return to_data(preset(ref))
     raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name")], source)
@@ -610,6 +614,6 @@ __all__ = [
     "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
     "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
     "experiment_issues",
-    "load_experiment", "read_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
+    "load_experiment", "read_experiment_data", "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
     "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
 ]

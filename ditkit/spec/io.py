@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ditkit.errors import UserError
-from .components import BOOL_NOT_NUMBER, Spec
-from .model import SPEC_VERSION, ModelSpec
+from ditkit.files import atomic_path
+from ditkit.errors import EnvironmentFault, UserError
+from ditkit.spec.components import BOOL_NOT_NUMBER, Spec
+from ditkit.spec.model import SPEC_VERSION, ModelSpec
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -157,15 +161,99 @@ def validate(data: Any, model: type[T] = ModelSpec, source: str = "spec") -> T: 
         raise SpecError(_issues_from(err, model), source) from None
 
 
+# --------------------------------------------------------------------------------------------
+# YAML without silent surprises: a key written twice is an error, not "the last one wins"
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping holds the same key twice (YAML would keep the last one silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
+        self.key, self.lines = key, (first.line + 1, second.line + 1)
+        super().__init__(None, None, f"duplicate key `{key}` on lines {first.line + 1} and "
+                         f"{second.line + 1}; YAML would silently keep only the second, so "
+                         "remove one of them", second)
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's ``SafeLoader`` (plain data, nothing constructed from tags) that refuses a key
+    written twice in one mapping, naming both lines. Keys brought in by a merge (``<<:``) may
+    be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                        key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _first_duplicate(node, path: str = "", seen: set | None = None):
+    """``(field path, key, first mark, second mark)`` of the first key written twice in a
+    composed YAML node tree, or ``None`` (merge keys excepted; aliases visited once)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                ident = (key_node.tag, key_node.value)
+                if ident in keys:
+                    return (f"{path}.{key_node.value}" if path else str(key_node.value),
+                            key_node.value, keys[ident], key_node.start_mark)
+                keys[ident] = key_node.start_mark
+                child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            else:
+                child = path
+            found = _first_duplicate(value_node, child, seen)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _first_duplicate(item, f"{path}[{i}]", seen)
+            if found:
+                return found
+    return None
+
+
+def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
+    """Plain data from YAML (JSON is YAML) text with :class:`StrictLoader`; a syntax error, a
+    duplicate key or absurd nesting is a :class:`SpecError` naming ``source`` (and ``field``,
+    the path of the text inside a larger file, if any)."""
+    try:
+        found = _first_duplicate(yaml.compose(text, Loader=yaml.SafeLoader))
+        if found:  # named by its field path (the loader below would name the lines only)
+            where, key, first, second = found
+            err = DuplicateKeyError(key, first, second)
+            raise SpecError([(".".join(p for p in (field, where) if p), str(err))], source)
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
+    except DuplicateKeyError as err:
+        raise SpecError([(field, str(err))], source) from None
+    except yaml.YAMLError as err:
+        raise SpecError([(field, f"not valid YAML/JSON: {err}")], source) from None
+    except RecursionError:
+        raise SpecError([(field, "not valid YAML/JSON: nested too deeply")], source) from None
+
+
 def loads(text: str, model: type[T] = ModelSpec, source: str = "spec") -> T:  # type: ignore[assignment]
     """Parse YAML (JSON is YAML) text into a spec."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError([("", f"not valid YAML/JSON: {err}")], source) from None
-    except RecursionError:
-        raise SpecError([("", "not valid YAML/JSON: nested too deeply")], source) from None
-    return validate(data, model, source)
+    return validate(load_yaml(text, source), model, source)
 
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -194,7 +282,6 @@ def read_text(path: str | Path, what: str = "spec") -> str:
     """The text of a spec/experiment file, or one clear error: a folder, a missing file, an
     unreadable file (:class:`ditkit.errors.EnvironmentFault`), a binary file (a PyTorch
     checkpoint is named as such, with the ``ditkit convert`` command), text that is not UTF-8."""
-    from ditkit.errors import EnvironmentFault
 
     path = Path(path)
     if path.is_dir():
@@ -203,9 +290,11 @@ def read_text(path: str | Path, what: str = "spec") -> str:
     if not path.exists():
         raise SpecError([("", f"no such file: {path}")], str(path))
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, what) as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(MAX_SPEC_BYTES + 1)
+    except SpecError:
+        raise
     except PermissionError:
         raise EnvironmentFault(f"{path}: permission denied; cannot read the {what} file "
                                "(check its permissions)") from None
@@ -228,6 +317,50 @@ def read_text(path: str | Path, what: str = "spec") -> str:
         raise SpecError([("", f"not a text file (it contains NUL bytes); a {what} file is "
                               "YAML or JSON text")], str(path))
     return text
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISDIR, "a directory"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``st_mode`` ``mode`` is when it is not a regular file, else ``None``."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((text for test, text in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def check_regular(path: str | os.PathLike, what: str = "input") -> None:
+    """Refuse (:class:`SpecError`, exit 2) a ``path`` that exists but is not a regular file
+    (a FIFO, a device, a socket, a folder): reading one would block forever or never end.
+    Symbolic links to regular files are fine; a missing file is left to the caller."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    kind = not_regular(mode)
+    if kind is not None:
+        raise SpecError([("", f"{path} is {kind}, not a regular file; give the {what} as a "
+                              "plain file")], str(path))
+
+
+def open_regular(path: str | os.PathLike, what: str = "input"):
+    """``open(path, "rb")`` for a regular file only. The file is opened non-blocking and its
+    type checked on the open descriptor, so a FIFO (or a file swapped for one after a check)
+    never blocks: it is a :class:`SpecError` naming what it is."""
+    check_regular(path, what)
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
+    try:
+        kind = not_regular(os.fstat(f.fileno()).st_mode)
+        if kind is not None:
+            raise SpecError([("", f"{path} is {kind}, not a regular file; give the {what} as a "
+                                  "plain file")], str(path))
+        os.set_blocking(f.fileno(), True)
+        return f
+    except BaseException:
+        f.close()
+        raise
 
 
 def load(path: str | Path, model: type[T] = ModelSpec) -> T:  # type: ignore[assignment]
@@ -284,9 +417,20 @@ def dumps(spec: BaseModel, format: str = "yaml", full: bool = False) -> str:
 
 
 def dump(spec: BaseModel, path: str | Path, full: bool = False) -> None:
+    """Write ``spec`` to ``path`` (JSON for ``.json``, else YAML), atomically."""
     path = Path(path)
     fmt = "json" if path.suffix == ".json" else "yaml"
-    path.write_text(dumps(spec, fmt, full))
+    write_atomic(path, dumps(spec, fmt, full).encode())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` into ``path`` all or nothing, through the ground floor's
+    :func:`ditkit.files.atomic_path` (a unique temporary name created exclusively, so a
+    planted symlink is never followed; synced, then renamed over ``path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 
 
 def json_schema(model: type[BaseModel] = ModelSpec) -> dict:
@@ -298,5 +442,6 @@ def json_schema(model: type[BaseModel] = ModelSpec) -> dict:
 
 __all__ = [
     "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data", "json_schema",
-    "migrate", "MIGRATIONS", "Spec",
+    "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader", "DuplicateKeyError",
+    "check_regular", "open_regular", "write_atomic",
 ]

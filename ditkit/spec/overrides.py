@@ -14,7 +14,7 @@ import copy
 import re
 from typing import Any
 
-from .io import SpecError
+from .io import SpecError, StrictLoader
 
 SOURCE = "--set"
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -31,7 +31,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         raise SpecError([("", f"{text!r}: write PATH=VALUE, e.g. training.batch_size=8 or "
                           "levels.0.d_model=256")], SOURCE)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise SpecError([(path, f"value {raw!r} is not valid YAML ({err.problem})")],
                         SOURCE) from None

@@ -15,10 +15,12 @@ Checkpoints written before this format hold ``state.pt`` (a torch pickle). :func
 converts such a folder once, reading it with ``torch.load(weights_only=True)`` (tensors and plain
 containers only; no code runs), and refuses one that needs anything else.
 
-The folder is first written as ``.step-000500.tmp`` and renamed when complete, so a crash at any
-moment leaves either the previous checkpoints alone or a complete new one; the newest complete
-folder is the one ``--resume`` uses. Older folders beyond ``keep_last`` are removed only after a
-new one is in place.
+The folder is first written as ``.step-000500.<unique>.tmp`` (a fresh name per write, made with
+``mkdtemp``, so two writers or a planted symlink cannot collide with it) and renamed when
+complete, so a crash at any moment leaves either the previous checkpoints alone or a complete new
+one; the newest complete folder is the one ``--resume`` uses. Older folders beyond ``keep_last``
+are removed only after a new one is in place. Leftover temporary folders of a killed run are
+removed by :func:`remove_stale_temporaries` (called while holding the run's lock).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ditkit.errors import UserError
-from ditkit.files import atomic_path, honour_umask
+from ditkit.files import atomic_path, current_umask, write_text
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
 
@@ -90,12 +93,10 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
     from ditkit.runtime.checkpoint import save_checkpoint
 
     final = step_dir(root, step)
-    tmp = root / f".{final.name}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
     except OSError as err:
         raise _checkpoint_fault(err, final) from None
     try:
@@ -105,14 +106,12 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
                         metadata={**meta, "ditkit.weights": "model"})
         save_checkpoint(tmp / "ema.safetensors", ema_state, spec, objective=obj,
                         metadata={**meta, "ditkit.weights": "ema"})
-        (tmp / "experiment.yaml").write_text(dumps(exp))
+        write_text(tmp / "experiment.yaml", dumps(exp))
         _write_state(tmp, train_state)
         _fsync_dir(tmp)
         if final.exists():  # rewriting a step (a resumed run): swap, then drop the old one
-            old = root / f".{final.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old)  # onto the fresh empty folder
             os.replace(tmp, final)
             shutil.rmtree(old)
         else:
@@ -187,23 +186,22 @@ def _write_state(folder: Path, train_state: dict) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     data = {"format": STATE_FORMAT, "state": _flatten(train_state, tensors)}
-    save_file(tensors, str(folder / STATE_TENSORS))
-    honour_umask(folder / STATE_TENSORS)  # safetensors writes 0600
-    with open(folder / STATE_TENSORS, "rb") as f:
-        os.fsync(f.fileno())
-    with open(folder / STATE_JSON, "w") as f:
-        f.write(json.dumps(data) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_path(folder / STATE_TENSORS) as tmp:  # synced, mode fixed (safetensors: 0600)
+        save_file(tensors, tmp)
+    write_text(folder / STATE_JSON, json.dumps(data) + "\n")
 
 
 def _read_new_state(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular, open_regular
+
     where = str(path / STATE_JSON)
+    check_regular(path / STATE_TENSORS, "training state")
     try:
-        data = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        with open_regular(path / STATE_JSON, "training state") as f:
+            data = json.loads(f.read().decode("utf-8"))
         tensors = load_file(str(path / STATE_TENSORS))
     except (ValueError, SafetensorError, FileNotFoundError) as err:
         raise UnsafeStateError(f"{where}: the training state cannot be read ({err}); the "
@@ -234,10 +232,7 @@ def convert_legacy_state(path: Path) -> dict:
             "finetune.checkpoint of a new run") from None
     if not isinstance(state, dict):
         raise UnsafeStateError(f"{legacy}: the training state is not a mapping; cannot resume")
-    tmp = path / f".{STATE_JSON}.convert"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=f".{STATE_JSON}.", suffix=".convert"))
     try:
         _write_state(tmp, state)
         os.replace(tmp / STATE_TENSORS, path / STATE_TENSORS)
@@ -262,10 +257,27 @@ def read_state(path: Path) -> dict:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular
+
+    check_regular(path, "checkpoint")
     return load_file(str(path))
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+TEMPORARY = re.compile(r"^\.step-\d{6,}(\..+)?\.(tmp|old)$")  # old fixed names too
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove the half-written ``.step-*.tmp`` / ``.old`` folders a killed run left under
+    ``root``; only safe while holding the run's lock (no other writer). Returns them."""
+    if not root.is_dir():
+        return []
+    gone = [p for p in root.iterdir() if TEMPORARY.match(p.name) and p.is_dir()
+            and not p.is_symlink()]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ class Scalars:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        self.file = open(self.path, "a", newline="")
+        # the file was just replaced by ours; appending never follows a link planted since
+        self.file = open(self.path, "a", newline="",
+                         opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.tb = None
         if tensorboard:

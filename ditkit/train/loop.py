@@ -18,7 +18,13 @@ The run folder::
 
 ``resume=True`` restores the newest complete checkpoint (weights, EMA, optimizer, scheduler,
 every rank's generators and the data position), so the continued run computes the same losses
-as one that never stopped.
+as one that never stopped; ``resume="auto"`` does so when the folder has a checkpoint and
+starts afresh otherwise (what a job restarted by a scheduler wants).
+
+One process writes a run folder: rank 0 holds ``RUN/.lock`` for the whole run
+(:mod:`ditkit.train.runlock`). SIGTERM or SIGUSR1 (a cluster's preemption notice) finishes the
+current step, writes a checkpoint and raises :class:`Preempted`; the command line exits with
+:data:`EXIT_PREEMPTED`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import nn
 
 from ditkit import spec as S
 from ditkit.errors import UserError
+from ditkit.files import write_text
 from ditkit.spec.experiment import Experiment
 
 from ditkit.train import checkpoints as C
@@ -48,6 +55,59 @@ from ditkit.train.objectives import DiffusionLoss, drop_labels
 
 class TrainingError(RuntimeError):
     """The run stopped (non-finite loss, nothing to resume): reported without a traceback."""
+
+
+EXIT_PREEMPTED = 75
+"""Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (``EX_TEMPFAIL``
+of sysexits.h: try again). Not 0, so ``torchrun --max-restarts`` and schedulers restart it;
+not 143, so it is told apart from a process killed before it could save."""
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(TrainingError):
+    """A stop signal arrived: the run wrote a checkpoint at the step boundary and stopped.
+    ``train --resume auto`` continues it, bit-identically."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name}: stopped at step {step} after writing the checkpoint "
+                         f"{checkpoint}; run the same command with --resume auto to continue")
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 set a flag that the loop reads at the next step boundary. A second
+    signal of the same kind kills at once (the default action). Installed only in the main
+    thread (Python delivers signals there); the previous handlers come back on exit."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.received: str | None = None
+        self._old: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.received == name:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
 
 
 class TrainingSetupError(TrainingError, UserError):
@@ -193,13 +253,18 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
 # -------------------------------------------------------------------------------- the loop
 
 
-def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: bool = True,
+def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
+          progress: bool = True,
           data_base: Path | None = None, stop_after: int | None = None,
           device: str | None = None, allow_changes: bool = False) -> TrainResult:
     """Train ``exp`` (resolved) into the folder ``run``. ``stop_after``: stop (without a final
     checkpoint) after this many optimizer steps of *this invocation* (tests). ``data_base``:
     the folder relative data paths start at. ``allow_changes``: on ``resume``, accept an
     experiment that differs from the run's in what is trained (recorded in the run folder).
+    ``resume="auto"``: resume when ``run`` holds a complete checkpoint, else start.
+
+    Rank 0 holds the run folder's lock (:func:`ditkit.train.runlock.acquire`) until it returns;
+    a second writer fails at once with :class:`~ditkit.train.runlock.RunLockedError`.
 
     A run that fails before its first optimizer step leaves no run folder behind (when this
     call created it). Under torchrun, a process group this call creates is destroyed when it
@@ -207,12 +272,27 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
     ``train`` initialises the group first, and then keeps it."""
     import shutil
 
+    from ditkit.train.runlock import acquire
+
+    if resume not in (True, False, "auto"):
+        raise TrainingSetupError(f"resume: {resume!r}; use True, False or 'auto'")
     run = Path(run)
     created = None  # the outermost folder this call creates (run itself or a parent)
     for folder in [run, *run.parents]:
         if folder.exists():
             break
         created = folder
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    lock = acquire(run) if main_rank else None  # before anything is read or written
+    try:
+        if lock is not None:
+            C.remove_stale_temporaries(run / "checkpoints")  # a killed run's; we are the writer
+        if resume == "auto":
+            resume = C.latest_checkpoint(run / "checkpoints") is not None
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     done = {"steps": 0}
     import torch.distributed as tdist
 
@@ -225,11 +305,14 @@ def train(exp: Experiment, run: str | Path, *, resume: bool = False, progress: b
                         stop_after=stop_after, device=device, allow_changes=allow_changes,
                         done=done)
     except BaseException:
-        if created is not None and done["steps"] == 0 and int(os.environ.get("RANK", "0")) == 0:
+        if created is not None and done["steps"] == 0 and main_rank:
             shutil.rmtree(created, ignore_errors=True)
         if owns_group and tdist.is_initialized():
             tdist.destroy_process_group()
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     if owns_group and tdist.is_initialized():
         tdist.barrier()  # every rank is done with its collectives
         tdist.destroy_process_group()
@@ -281,7 +364,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "previews").mkdir(exist_ok=True)
-        (run / "experiment.yaml").write_text(S.dumps(exp))
+        write_text(run / "experiment.yaml", S.dumps(exp))  # a planted symlink is replaced
         if state is not None:
             record_changes(run, start_step, changes)
 
@@ -335,6 +418,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     result = TrainResult(run, start_step)
     t0 = time.perf_counter()
     last_ckpt: Path | None = C.latest_checkpoint(ckpt_root)[1] if resume else None
+    result.checkpoint = last_ckpt
     window_t, window_imgs = time.perf_counter(), 0
     model.train()
 
@@ -352,6 +436,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                                   exp.checkpoint.keep_last, metadata=ft_meta)
 
     step = start_step
+    saved_step = start_step if resume else None
     from ditkit.builder import use_backend
 
     try:
@@ -359,6 +444,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         backend.__enter__()
     except ValueError as err:
         raise TrainingSetupError(f"precision.attention_backend: {err}") from None
+    signals = _StopSignals()
     try:
         while step < tr.steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -382,11 +468,14 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 for name, v in extras.items():
                     extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
             loss_value = loss_sum / tr.accumulate
+            stop_seen = False  # a stop signal on any rank, agreed by every rank
             if world > 1:
                 import torch.distributed as dist
 
-                dist.all_reduce(loss_value)
-                loss_value /= world
+                both = torch.stack([loss_value, torch.tensor(
+                    float(signals.received is not None), dtype=torch.float64)])
+                dist.all_reduce(both)  # one collective: the mean loss and the stop flag
+                loss_value, stop_seen = both[0] / world, bool(both[1] > 0)
             loss_value = float(loss_value)
             if not math.isfinite(loss_value):
                 where = (f"the last good checkpoint is {last_ckpt} (continue with --resume)"
@@ -413,7 +502,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
             if step % exp.checkpoint.every == 0 or step == tr.steps:
                 last_ckpt = save(step) or last_ckpt
-                result.checkpoint = last_ckpt
+                result.checkpoint, saved_step = last_ckpt, step
             if exp.preview.every and step % exp.preview.every == 0 or step == tr.steps:
                 sampler_model = placement.sampling_model(ema_model, lambda: build(spec))
                 if rank == 0:
@@ -422,7 +511,14 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             if evaluation is not None and evaluation.due(step, tr.steps):
                 result.evaluation = evaluation(
                     placement.sampling_model(ema_model, lambda: build(spec)), step, scalars)
+            if (stop_seen or world == 1 and signals.received) and step < tr.steps:
+                if saved_step != step:  # preempted: keep every step done so far
+                    last_ckpt = save(step) or last_ckpt
+                    result.checkpoint, saved_step = last_ckpt, step
+                raise Preempted(signals.received or "a stop signal on another rank", step,
+                                last_ckpt)
     finally:
+        signals.restore()
         backend.__exit__(None, None, None)
         bar.close()
         if scalars is not None:
