@@ -21,6 +21,15 @@ from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t,  # 
                                       ddpm_t_to_sigma, edm_scalings, flow_sigma_to_t,
                                       flow_t_to_sigma, v_scalings)
 
+__all__ = [
+    "Denoiser", "NoiseRange", "COMPILE_MODES", "compile_mode", "compile_network",
+    "compile_denoiser",
+    # re-exported from runtime.schedules
+    "cosine_alpha_sigma", "cosine_sigma_to_t", "cosine_t_to_sigma", "ddpm_alphas_cumprod",
+    "ddpm_betas", "ddpm_sigma_to_t", "ddpm_sigmas", "ddpm_step_log_variance", "ddpm_t_to_sigma",
+    "edm_scalings", "flow_sigma_to_t", "flow_t_to_sigma", "v_scalings",
+]
+
 NoiseRange = Objective
 """The old name of what samplers read from a denoiser (``noise_range``): the objective itself,
 which owns the noise range, ``sigma <-> t`` and the native schedule. ``NoiseRange.of(spec)``

@@ -23,6 +23,14 @@ from ditkit.runtime.objectives import (DDPMTables, approx_standard_normal_cdf,  
 from ditkit.runtime.schedules import (cosine_interpolated_sigma, edm_weight,  # noqa: F401
                                       sample_sigma, sample_time)
 
+__all__ = [
+    "DiffusionLoss", "drop_labels",
+    # re-exported from the runtime, where the objectives live
+    "DDPMTables", "approx_standard_normal_cdf", "ddpm_hybrid_loss", "ddpm_vlb_terms",
+    "discretized_gaussian_log_likelihood", "normal_kl", "cosine_interpolated_sigma",
+    "edm_weight", "sample_sigma", "sample_time",
+]
+
 
 def _randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=like.dtype)
@@ -61,14 +69,8 @@ class DiffusionLoss:
                    noise: torch.Tensor, level: torch.Tensor, step: int = 0, **cond: torch.Tensor
                    ) -> tuple[torch.Tensor, dict[str, float]]:
         """``((B,) losses, {name: float})`` for the given noise and noise levels (see
-        :meth:`draw`): the objective's loss.
-
-        - ``edm``: k-diffusion's ``Denoiser.loss``, written as a weight on the x0 error:
-          ``||F - (x0 - c_skip x) / c_out||^2 w_k = ||D - x0||^2 w_k / c_out^2``.
-        - ``ddpm_eps``: ADM/DiT's ``training_losses`` (``mse`` + ``vb``).
-        - ``x0``: MDiT's min-SNR x0 loss (+ the variance regulariser).
-        - ``flow``: MPDiT's ``OTFlow.loss`` with ``l2`` loss and uniform reweighting.
-        - ``v``: the squared error of ``v = alpha eps - sigma_t x0`` (Salimans & Ho)."""
+        :meth:`draw`): the objective's :meth:`~ditkit.runtime.objectives.Objective.loss` (each
+        class's docstring names the paper's recipe it follows)."""
         return self.objective.loss(model, x0, labels, noise, level, step, **cond)
 
 
