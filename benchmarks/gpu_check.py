@@ -523,8 +523,7 @@ def stage_onnx(ctx: Ctx) -> None:
     if ctx.dry:
         spec = spec.model_copy(update={"levels": [spec.levels[0].model_copy(
             update={"middle": 1})]})
-    objective = S.EDMObjective() if spec.conditioning.noise.kind == "fourier" else (
-        S.DDPMObjective())
+    objective = spec.default_objective
     torch.manual_seed(0)
     model = build(spec).eval()
     tmp = tempfile.TemporaryDirectory(prefix="gpu-check-")

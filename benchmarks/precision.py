@@ -45,8 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.specs:
             spec = S.load(ROOT / "examples/tiny" / f"{name}.yaml")
-            objective = (S.EDMObjective() if spec.conditioning.noise.kind == "fourier"
-                         else S.DDPMObjective())
+            objective = spec.default_objective
             for precision in args.precisions:
                 result = export_onnx(perturbed(name), objective, Path(tmp) / "m.onnx",
                                      precision=precision)

@@ -212,26 +212,28 @@ def load_experiment_source(ref: str, overrides: list[str] | tuple[str, ...] = ()
     return load_experiment_or_run(ref, overrides)
 
 
-def default_objective(spec, name: str | None = None):
-    """The objective named ``name``, or the usual one for the spec's noise embedding (with a
-    note on stderr): edm for fourier embeddings, ddpm_eps for sinusoidal ones."""
+def default_objective(spec, objective=None):
+    """``objective`` (a kind such as ``edm``, or an objective spec), or the spec's own default
+    (``ModelSpec.default_objective``) with a note on stderr."""
     from ditkit import spec as S
 
-    if name is None:
-        name = spec.default_objective
-        print(f"note: no objective recorded; using {name} (pass --objective to choose)",
-              file=sys.stderr)
-    table = {"edm": S.EDMObjective, "ddpm_eps": S.DDPMObjective, "x0": S.X0Objective,
-             "flow": S.FlowObjective}
-    if name not in table:
-        raise UsageError(f"objective {name!r}: choose one of {', '.join(table)}")
-    return table[name]()
+    if objective is None:
+        objective = spec.default_objective
+        print(f"note: no objective recorded; using {objective.kind} (pass --objective to "
+              "choose)", file=sys.stderr)
+    if isinstance(objective, str):
+        if objective not in S.OBJECTIVE_KINDS:
+            raise UsageError(f"objective {objective!r}: choose one of "
+                             f"{', '.join(S.OBJECTIVE_KINDS)}")
+        return S.objective_of_kind(objective)
+    return objective
 
 
-def load_model_source(ref: str, objective: str | None = None, device: str = "cpu",
+def load_model_source(ref: str, objective=None, device: str = "cpu",
                       overrides: list[str] | tuple[str, ...] = ()):
     """``(model, objective, metadata, checkpoint hash or None)`` from a checkpoint (or run
-    folder) or from a spec / preset (random weights; ``overrides`` apply to it)."""
+    folder) or from a spec / preset (random weights; ``overrides`` apply to it). ``objective``
+    (a kind or an objective spec) applies where the source records none."""
     src = resolve_source(ref, ("file", "preset", "checkpoint", "run"))
     if src.kind in ("checkpoint", "run"):
         if overrides:

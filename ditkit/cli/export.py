@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from ditkit.spec.objective import OBJECTIVE_KINDS
+
 from ditkit.cli.common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
                      parse_resolution, setup_compute)
 
@@ -28,9 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default="onnxruntime",
                    help="onnxruntime or tensorrt-10.x / tensorrt-10.N (op allow-list)")
     p.add_argument("--resolution", default=None, help="example H or HxW (default: the spec's)")
-    p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
-                   help="objective when the source does not record one (default: edm for "
-                        "fourier noise embeddings, ddpm_eps for sinusoidal ones)")
+    p.add_argument("--objective", default=None, choices=OBJECTIVE_KINDS,
+                   help="objective when the source does not record one (default: the one the "
+                        "model's noise embedding is made for: edm for fourier, flow for fno, "
+                        "ddpm_eps for sinusoidal)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime parity runs (the other checks always run)")
     p.add_argument("--perturb-zero-layers", action="store_true",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from ditkit.spec.objective import OBJECTIVE_KINDS
+
 from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
                                add_set, add_threads, deprecated, load_model_source,
                                parse_labels, parse_list, parse_resolution, positive,
@@ -57,8 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--latent-scale", type=float, default=None,
                    help="latents are divided by this before decoding (default: the --vae "
                         "config's scaling_factor; 0.18215 with --autoencoder)")
-    p.add_argument("--objective", default=None, choices=["edm", "ddpm_eps", "x0", "flow"],
-                   help="the objective, for a checkpoint that does not record one")
+    p.add_argument("--objective", default=None, choices=OBJECTIVE_KINDS,
+                   help="the objective, for a checkpoint that does not record one (default: "
+                        "the one the model's noise embedding is made for)")
     p.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE",
                    help="torch.compile each step into one graph (not for .onnx); MODE: auto "
                         "(reduce-overhead on CUDA), default, reduce-overhead, "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from ditkit.runtime.denoiser import NoiseRange
+    from ditkit.runtime.objectives import Objective
     from ditkit.runtime.shape_rule import AxisRule
 
 
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 class Denoiser(Protocol):
     """``D(x, sigma) -> x0`` in the VE convention, plus what samplers and CFG need to know."""
 
-    #: the trained sigma range and the objective's own time (schedules are built from it)
-    noise_range: NoiseRange
+    #: the model's objective (:mod:`ditkit.runtime.objectives`): the trained sigma range, its
+    #: own time and native schedule (schedules are built from it)
+    noise_range: Objective
     #: the label that means "unconditional" (classifier-free guidance), or None
     null_class: int | None
     #: True for a graph exported with ``--cfg``: CFG runs inside :meth:`guided`, one call

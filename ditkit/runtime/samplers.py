@@ -14,8 +14,8 @@ ADM/DiT, else ``beta_tilde``), ``dpmpp_2m`` (DPM-Solver++ 2M) and ``dpmpp_3m_sde
 
 Step schedules (``SCHEDULES``): ``karras`` (EDM's rho-spaced sigmas), ``uniform`` (uniform in the
 objective's own time: DDPM timestep, cosine / flow ``t``, EDM ``sigma``), ``native`` (what the
-model family samples with: EDM -> karras, DDPM -> DiT's evenly spaced integer timesteps, x0 /
-flow -> uniform in ``t``). Every schedule ends with ``sigma = 0``.
+model family samples with, as its objective says: EDM -> karras, DDPM -> DiT's evenly spaced
+integer timesteps, x0 / flow / v -> uniform in ``t``). Every schedule ends with ``sigma = 0``.
 
 Classifier-free guidance batches the conditional and unconditional passes into one call:
 ``D = D_u + w (D_c - D_u)`` (``w = 1`` is the conditional model), optionally only for sigmas
@@ -33,15 +33,17 @@ import torch
 from ditkit.errors import UserError
 from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
-from ditkit.runtime.denoiser import NoiseRange, ddpm_sigmas, ddpm_step_log_variance
+from ditkit.runtime.objectives import Objective
+from ditkit.runtime.schedules import (  # noqa: F401
+    SamplingError, ddpm_step_log_variance, spaced_timesteps)
 from ditkit.runtime.protocols import Denoiser
 
 MAX_STEPS = 10_000
 """More noise levels than any sampler needs; ``DITKIT_NO_SIZE_LIMITS=1`` lifts it."""
 
 
-class SamplingError(UserError):
-    """Sampling cannot run with these arguments, or produced non-finite values."""
+# SamplingError (sampling cannot run with these arguments, or produced non-finite values) lives
+# with the schedules, which raise it too
 
 # -------------------------------------------------------------------------------- schedules
 
@@ -55,7 +57,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-def uniform_sigmas(steps: int, noise_range: NoiseRange, sigma_min: float, sigma_max: float
+def uniform_sigmas(steps: int, noise_range: Objective, sigma_min: float, sigma_max: float
                    ) -> torch.Tensor:
     """Uniform in the objective's own time between ``sigma_max`` and ``sigma_min``, then 0."""
     ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64)
@@ -65,24 +67,12 @@ def uniform_sigmas(steps: int, noise_range: NoiseRange, sigma_min: float, sigma_
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-def spaced_timesteps(total: int, steps: int) -> list[int]:
-    """DiT / ADM ``space_timesteps(total, [steps])``: ``round(i (total-1)/(steps-1))``."""
-    if steps > total:
-        raise SamplingError(f"steps {steps} is more than the model's {total} DDPM timesteps; "
-                            "use fewer steps or another schedule")
-    if steps == 1:
-        return [0]
-    stride = (total - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
-
-
-def get_sigmas(noise_range: NoiseRange, steps: int, schedule: str = "native", *,
+def get_sigmas(noise_range: Objective, steps: int, schedule: str = "native", *,
                sigma_min: float | None = None, sigma_max: float | None = None,
                rho: float = 7.0) -> torch.Tensor:
     """``steps + 1`` descending float64 sigmas ending in 0 (``steps`` model evaluations for
-    first-order samplers)."""
-    from ditkit import spec as S
-
+    first-order samplers). ``noise_range`` is the denoiser's objective: it gives the default
+    range, its own time (``uniform``) and what ``native`` means."""
     if steps < 1:
         raise SamplingError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
@@ -93,22 +83,15 @@ def get_sigmas(noise_range: NoiseRange, steps: int, schedule: str = "native", *,
     if not 0 < lo < hi:
         raise SamplingError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi} (sigma_min / "
                             "sigma_max default to the objective's noise range)")
-    obj = noise_range.objective
     if schedule == "native":
-        if isinstance(obj, S.DDPMObjective) and sigma_min is None and sigma_max is None:
-            table = ddpm_sigmas(_abar(obj))
-            ts = spaced_timesteps(obj.steps, steps)[::-1]
-            return torch.cat([table[ts], table.new_zeros(1)])
-        schedule = "karras" if isinstance(obj, S.EDMObjective) else "uniform"
+        own = noise_range.native_sigmas(steps) if sigma_min is None and sigma_max is None \
+            else None
+        if own is not None:
+            return own
+        schedule = noise_range.native_schedule
     if schedule == "karras":
         return karras_sigmas(steps, lo, hi, rho)
     return uniform_sigmas(steps, noise_range, lo, hi)
-
-
-def _abar(obj):
-    from ditkit.runtime.denoiser import ddpm_alphas_cumprod
-
-    return ddpm_alphas_cumprod(obj.steps, obj.beta_start, obj.beta_end)
 
 
 # -------------------------------------------------------------------------------- guidance

@@ -8,16 +8,17 @@ from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_da
 from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
 from .sampling import Sampling
-from .objective import (CosineInterpolatedSigma, DDPMObjective, EDMObjective, FlowObjective,
-                        LogitNormalTime, LogNormalSigma, Objective, UniformTime, X0Objective)
+from .objective import (OBJECTIVE_KINDS, CosineInterpolatedSigma, DDPMObjective, EDMObjective,
+                        FlowObjective, LogitNormalTime, LogNormalSigma, Objective, ObjectiveSpec,
+                        UniformTime, VObjective, X0Objective, objective_of_kind)
 
 __all__ = [
     "ModelSpec", "Level", "Block", "BlockOverride", "SPEC_VERSION", "SpecError", "load",
     "loads", "dump", "dumps", "to_data", "validate", "json_schema", "migrate", "pair",
     "neighborhood_misfits", "dit",
     "hdit", "mdit", "mpdit", "hdit_imagenet_128", "hdit_ffhq_1024", "hdit_imagenet_256",
-    "Objective",
-    "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "LogNormalSigma",
+    "Objective", "ObjectiveSpec", "OBJECTIVE_KINDS", "objective_of_kind",
+    "EDMObjective", "DDPMObjective", "X0Objective", "FlowObjective", "VObjective", "LogNormalSigma",
     "CosineInterpolatedSigma", "LogitNormalTime", "UniformTime", "Policy", "AsIs", "LocalCore",
     "AddLevels", "CorePatch", "Sampling",
 ]

@@ -389,19 +389,7 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
     """Cross-field problems of a resolved experiment: ``[(field path, message)]``."""
     spec = exp.model_spec
     out: list[tuple[str, str]] = []
-    obj = exp.objective
-    learned = spec.head.learned_sigma
-    if obj.kind == "ddpm_eps":
-        if spec.conditioning.noise.kind != "sinusoidal":
-            out.append(("model.conditioning.noise.kind", "the ddpm_eps objective feeds integer "
-                        "timesteps from 0 (DiT); use `noise: {kind: sinusoidal}` (fourier "
-                        "embeds ln(sigma) and needs a positive noise level)"))
-        if obj.learned_sigma != learned:
-            out.append(("objective.learned_sigma", f"is {obj.learned_sigma} but the model's "
-                        f"head.learned_sigma is {learned}; set both the same"))
-    elif learned:
-        out.append(("model.head.learned_sigma", f"the {obj.kind} objective predicts no "
-                    "variance; set head.learned_sigma: false (or use kind: ddpm_eps)"))
+    out.extend(exp.objective.model_issues(spec))
     ch = DATA_CHANNELS.get(exp.data.kind)
     if ch is not None and spec.input.channels not in (ch, 3 if ch == 1 else ch):
         out.append(("data.kind", f"{exp.data.kind} images have {ch} channel(s) but the model's "

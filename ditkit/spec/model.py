@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, assert_never
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -19,6 +19,7 @@ from .components import (
     AggregateAttention,
     CrossAttention,
     FNONoise,
+    FourierNoise,
     SinusoidalNoise,
     LinearSkip,
     Merge,
@@ -57,6 +58,7 @@ from .components import (
     neighborhood_misfits,
     pair,
 )
+from .objective import DDPMObjective, EDMObjective, FlowObjective, ObjectiveSpec
 
 SPEC_VERSION: Literal[1] = 1
 
@@ -177,10 +179,22 @@ class ModelSpec(Spec):
         return self.input.channels * (2 if self.head.learned_sigma else 1)
 
     @property
-    def default_objective(self) -> str:
-        """The objective to assume when a checkpoint records none: ``edm`` for a Fourier noise
-        embedding (it takes sigma), ``ddpm_eps`` otherwise (it takes a timestep)."""
-        return "edm" if self.conditioning.noise.kind == "fourier" else "ddpm_eps"
+    def default_objective(self) -> "ObjectiveSpec":
+        """The objective a model of this spec is assumed to have when nothing says otherwise
+        (a checkpoint that records none, a spec sampled or exported with random weights): the
+        one its noise embedding is made for. ``fourier`` embeds ``ln(sigma)`` -> ``edm``;
+        ``fno`` takes a flow time in [0, 1] -> ``flow`` (MPDiT); ``sinusoidal`` takes a
+        timestep -> ``ddpm_eps`` (DiT), with a learned variance exactly when the head has one.
+        The one place this is decided: the command line and the tests ask here."""
+        match self.conditioning.noise:
+            case FourierNoise():
+                return EDMObjective()
+            case FNONoise():
+                return FlowObjective()
+            case SinusoidalNoise():
+                return DDPMObjective(learned_sigma=self.head.learned_sigma)
+            case other:
+                assert_never(other)
 
     @property
     def null_label(self) -> int | None:

@@ -8,10 +8,10 @@ variance-exploding convention ``x = x0 + sigma * eps`` unless a field says other
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      model_validator)
+                      TypeAdapter, model_validator)
 
 from .components import Spec
 
@@ -63,7 +63,25 @@ TimeSampling = Annotated[Union[LogitNormalTime, UniformTime], Field(discriminato
 # ---------------------------------------------------------------- objectives
 
 
-class EDMObjective(Spec):
+class ObjectiveSpec(Spec):
+    """What every objective variant answers about the model it trains (the spec-level half of
+    an objective; ``ditkit.runtime.objectives`` holds the torch half)."""
+
+    @property
+    def predicts_variance(self) -> bool:
+        """The network also outputs a learned variance (a second set of channels)."""
+        return False
+
+    def model_issues(self, model) -> list[tuple[str, str]]:
+        """``[(field path, message)]`` where ``model`` (a ``ModelSpec``) cannot be trained
+        with this objective."""
+        if model.head.learned_sigma and not self.predicts_variance:
+            return [("model.head.learned_sigma", f"the {self.kind} objective predicts no "
+                     "variance; set head.learned_sigma: false (or use kind: ddpm_eps)")]
+        return []
+
+
+class EDMObjective(ObjectiveSpec):
     """EDM / k-diffusion preconditioning: ``D(x, s) = c_skip x + c_out F(c_in x, c_noise)``
     with ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in =
     1/sqrt(s^2+sd^2)``; the network gets sigma itself (its noise embedding takes ``ln(s)/4``).
@@ -92,7 +110,7 @@ class EDMObjective(Spec):
         return self
 
 
-class DDPMObjective(Spec):
+class DDPMObjective(ObjectiveSpec):
     """DiT / ADM: epsilon prediction on a discrete ``steps``-step linear beta schedule; the
     network gets the integer timestep. ``learned_sigma``: the second half of the output
     channels interpolates log-variance between beta and beta-tilde; trained with
@@ -109,8 +127,23 @@ class DDPMObjective(Spec):
     ``approx_standard_normal_cdf`` (so fine-tuning a DiT checkpoint continues its objective),
     ``exact`` the true CDF (``torch.special.ndtr``)."""
 
+    @property
+    def predicts_variance(self) -> bool:
+        return self.learned_sigma
 
-class X0Objective(Spec):
+    def model_issues(self, model) -> list[tuple[str, str]]:
+        out = []
+        if model.conditioning.noise.kind != "sinusoidal":
+            out.append(("model.conditioning.noise.kind", "the ddpm_eps objective feeds integer "
+                        "timesteps from 0 (DiT); use `noise: {kind: sinusoidal}` (fourier "
+                        "embeds ln(sigma) and needs a positive noise level)"))
+        if self.learned_sigma != model.head.learned_sigma:
+            out.append(("objective.learned_sigma", f"is {self.learned_sigma} but the model's "
+                        f"head.learned_sigma is {model.head.learned_sigma}; set both the same"))
+        return out
+
+
+class X0Objective(ObjectiveSpec):
     """MDiT: x0 prediction on a (continuous) cosine schedule ``alpha = cos(pi t / 2)``, with
     Min-SNR-gamma weighting and the variance-matching regulariser ``lambda_var`` (switched off
     after ``var_off_after`` steps when set). The network gets ``t * 1000``."""
@@ -122,7 +155,7 @@ class X0Objective(Spec):
     var_off_after: NonNegativeInt | None = None
 
 
-class FlowObjective(Spec):
+class FlowObjective(ObjectiveSpec):
     """Rectified flow: ``x_t = (1 - t) x0 + t eps``, the network predicts the velocity
     ``eps - x0`` and gets ``t`` (scaled by ``time_scale``). As a VE denoiser:
     ``sigma = t / (1 - t)``, ``x_t = (1 - t) (x0 + sigma eps)``."""
@@ -132,5 +165,35 @@ class FlowObjective(Spec):
     time_scale: PositiveFloat = 1.0
 
 
-Objective = Annotated[Union[EDMObjective, DDPMObjective, X0Objective, FlowObjective],
+class VObjective(ObjectiveSpec):
+    """v-prediction (Salimans & Ho 2022, "Progressive distillation"): on the variance-preserving
+    cosine schedule ``z_t = alpha x0 + sigma_t eps`` (``alpha = cos(pi t / 2)``, ``sigma_t =
+    sin(pi t / 2)``) the network predicts ``v = alpha eps - sigma_t x0`` and gets ``t``
+    (scaled by ``time_scale``); the loss is the plain squared error of ``v`` (the paper's
+    "SNR + 1" weighting of the x0 error). As a VE denoiser (``sigma = tan(pi t / 2)``) this is
+    ``D = c_skip x + c_out F(c_in x)`` with ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = -s
+    sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``; ``sigma_data`` 1 is the paper's
+    parameterisation exactly (k-diffusion's ``VDenoiser``). Training draws ``t`` from
+    ``time_sampling`` in ``[1e-3, 1 - 1e-3]``."""
+
+    kind: Literal["v"] = "v"
+    sigma_data: PositiveFloat = 1.0
+    time_sampling: TimeSampling = Field(default_factory=UniformTime)
+    time_scale: PositiveFloat = 1000.0
+
+
+Objective = Annotated[Union[EDMObjective, DDPMObjective, X0Objective, FlowObjective, VObjective],
                       Field(discriminator="kind")]
+
+_ADAPTER: TypeAdapter = TypeAdapter(Objective)
+
+OBJECTIVE_KINDS: tuple[str, ...] = tuple(
+    cls.model_fields["kind"].default for cls in get_args(get_args(Objective)[0]))
+"""Every objective ``kind``, in the union's order (the command line's ``--objective`` choices)."""
+
+
+def objective_of_kind(kind: str) -> ObjectiveSpec:
+    """The objective ``kind`` with its default fields (``ValueError`` names the kinds)."""
+    if kind not in OBJECTIVE_KINDS:
+        raise ValueError(f"objective kind {kind!r}: choose one of {', '.join(OBJECTIVE_KINDS)}")
+    return _ADAPTER.validate_python({"kind": kind})

@@ -132,8 +132,7 @@ def test_tiny_model_exports_with_parity(path, tmp_path):
     from ditkit.deploy.export import export_onnx
 
     spec = S.load(path)
-    objective = S.EDMObjective() if spec.conditioning.noise.kind == "fourier" else (
-        S.DDPMObjective() if spec.conditioning.noise.kind == "sinusoidal" else S.FlowObjective())
+    objective = spec.default_objective
     result = export_onnx(_perturbed(spec), objective, tmp_path / "m.onnx")
     assert result.parity
     for row in result.parity:

@@ -12,7 +12,8 @@ from tests.runtime.conftest import perturbed
 OBJECTIVES = {"edm": (S.EDMObjective(), "tiny-hdit-neighborhood"),
               "ddpm_eps": (S.DDPMObjective(), "tiny-dit"),
               "x0": (S.X0Objective(), "tiny-hdit-global"),
-              "flow": (S.FlowObjective(), "tiny-mdit")}
+              "flow": (S.FlowObjective(), "tiny-mdit"),
+              "v": (S.VObjective(), "tiny-mdit")}
 
 
 def _inputs(spec, batch=2):

@@ -135,7 +135,8 @@ def test_opset_23_attention_is_refused_for_old_tensorrt(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,objective", [
     ("tiny-hdit-global", S.EDMObjective()), ("tiny-hdit-shifted-window", S.EDMObjective()),
-    ("tiny-mdit", S.X0Objective()), ("tiny-mpdit", S.FlowObjective())])
+    ("tiny-mdit", S.X0Objective()), ("tiny-mpdit", S.FlowObjective()),
+    ("tiny-mdit", S.VObjective())])
 def test_other_families_export_with_parity(tmp_path, name, objective):
     result = export_onnx(perturbed(name), objective, tmp_path / f"{name}.onnx")
     _check_result(result, ["denoised"])

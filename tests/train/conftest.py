@@ -36,6 +36,7 @@ OBJECTIVES = {
     "ddpm_eps": ({"kind": "ddpm_eps"}, "sinusoidal", True),
     "x0": ({"kind": "x0", "lambda_var": 0.05}, "fourier", False),
     "flow": ({"kind": "flow"}, "fourier", False),
+    "v": ({"kind": "v"}, "sinusoidal", False),
 }
 
 

@@ -294,7 +294,9 @@ def test_ddpm_exact_cdf_is_an_option_and_differs_at_t0_only():
     got, _ = exact.per_sample(net, x0, None, noise, T_VALUES)
     want = adm_training_losses(net, x0, T_VALUES, noise, cdf=torch.special.ndtr)
     torch.testing.assert_close(got, want["loss"], rtol=1e-12, atol=0)
-    tanh = adm_training_losses(net, x0, T_VALUES, noise)["loss"]
+    # the same implementation with the tanh CDF: only the t = 0 decoder term may change (the
+    # reference's own float ops differ from ditkit's in the last bit at t > 0)
+    tanh, _ = DiffusionLoss(S.DDPMObjective(), SPEC).per_sample(net, x0, None, noise, T_VALUES)
     rel = ((got - tanh).abs() / tanh)
     assert rel[:2].min() > 1e-5 and rel[2:].max() == 0  # the t = 0 decoder term only
 
