@@ -8,7 +8,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.builder.accounting import describe
-from ditkit.builder.fno import FNOEmbed
+from ditkit.builder.conditioning import FNOEmbed
 from tests.conftest import EXAMPLES
 
 

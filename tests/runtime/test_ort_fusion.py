@@ -122,10 +122,10 @@ class NormGelu(torch.nn.Module):
     def __init__(self):
         super().__init__()
         from ditkit.builder.ffn import GEGLU, GeluMLP
-        from ditkit.builder.norm import Norm
+        from ditkit.builder.norm import RMSNorm
 
-        self.norm = Norm(24, "rms")
-        self.head_norm = Norm(24, "rms", affine=True)
+        self.norm = RMSNorm(24)
+        self.head_norm = RMSNorm(24, affine=True)
         self.ffn = GEGLU(24, 40, bias=False)
         self.mlp = GeluMLP(24, 16, approximate="tanh")
         self.s = torch.nn.Parameter(torch.tensor([3.0, 7.0]))
