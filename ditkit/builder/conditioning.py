@@ -147,8 +147,9 @@ class FNOEmbed(nn.Module):
     """``noise: fno`` (MPDiT): a Fourier neural operator over a small 1-D grid around the flow
     time -- a learned smooth function of t (the grid is shifted by t, then mixed by truncated
     spectral convolutions), so nearby times get nearby embeddings whatever the frequency
-    content the model needs. ``t -> grid(points in [-1, 1]) + t -> Linear(1, width) -> depth x (spectral conv +
-    pointwise conv, GELU between) -> mean over the grid -> Linear(width, out)``."""
+    content the model needs: ``t -> grid(points in [-1, 1]) + t -> Linear(1, width) -> depth x
+    (spectral conv + pointwise conv, GELU between) -> mean over the grid -> Linear(width,
+    out)``."""
 
     def __init__(self, out_width: int, points: int = 32, modes: int = 16, width: int = 32,
                  depth: int = 3):

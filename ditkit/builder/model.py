@@ -1,7 +1,10 @@
 """The one generic model: embed -> levels down -> middle -> levels up -> head.
 
-``build(spec)`` is the only place that reads a spec; the modules below take plain arguments.
-Every family (DiT, HDiT, ...) is this same graph with different arguments.
+``build(spec)`` is the only entry that reads a spec: it walks the levels and calls each
+component family's exhaustive ``match`` in the family's own file (``build_attention``,
+``build_ffn``, ``build_down`` / ``build_up``, ``build_skip``, ``build_head``,
+``build_conditioning``, ``build_position``); the modules take plain arguments and never branch
+again on a kind. Every family (DiT, HDiT, ...) is this same graph with different arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ditkit import spec as S
 from .attention import AttentionConfig, build_attention
 from .conditioning import Conditioning, build_conditioning
 from .cross_attention import CrossAttention
-from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
+from .ffn import FeedForward, build_ffn
 from .heads import Head, build_head
 from .init import zero_linear_
 from .norm import make_norm
@@ -25,6 +28,7 @@ from .position import build_position
 from .skips import build_skip
 from .tags import tag_torch_layers
 from .transitions import TokenMerge, build_down, build_up
+
 
 class Context:
     """Per-forward state the blocks share besides the conditioning vector: the shared adaLN
@@ -341,18 +345,7 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
             cross = CrossAttention(cfg, cond_width, sources, null_token=null)
         case other:
             assert_never(other)
-    ffn_args = {"bias": blk.ffn.bias, "dropout": blk.dropout,
-                "zero_init_out": blk.zero_init_out}
-    d_ff = blk.ffn.hidden(d_model)
-    match blk.ffn:
-        case S.GeluMLP(approximate=ap):
-            ffn = GeluMLP(d_model, d_ff, ap, **ffn_args)
-        case S.GEGLU():
-            ffn = GEGLU(d_model, d_ff, **ffn_args)
-        case S.SwiGLU():
-            ffn = SwiGLU(d_model, d_ff, **ffn_args)
-        case other:
-            assert_never(other)
+    ffn = build_ffn(blk, d_model)
     parts = (d_model, cond_width, blk.norm, attention, ffn, cross)
     match blk.modulation:
         case S.AdaScale(activation=act):

@@ -184,7 +184,8 @@ def _moves(spec: S.ModelSpec) -> list[Move]:
         moves += [Move(f"t_embedder.fc1.{p}", f"conditioning.noise.proj.{p}") for p in wb]
         for i in range(spec.conditioning.noise.depth):
             moves += [Move(f"t_embedder.conv{i}.weights_{p}",
-                           f"conditioning.noise.spectral.{i}.weights_{p}") for p in ("real", "imag")]
+                           f"conditioning.noise.spectral.{i}.weights_{p}")
+                      for p in ("real", "imag")]
             moves += [Move(f"t_embedder.w{i}.{p}", f"conditioning.noise.pointwise.{i}.{p}")
                       for p in wb]
     else:
