@@ -88,11 +88,46 @@ class QKRope(nn.Module):
         return apply_rope(q, theta), apply_rope(k, theta)
 
 
+class DotLogits(nn.Module):
+    """``logits: dot``: ``q . k / sqrt(d_head)``."""
+
+    def __init__(self, d_head: int):
+        super().__init__()
+        self.factor = d_head ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return q, k, self.factor
+
+
+class CosineLogits(nn.Module):
+    """``logits: cosine`` (HDiT): ``gain_h * cos(q, k)``. q and k are scaled to norm
+    ``sqrt(gain)`` each (in fp32), so ``q . k = gain * cos(q, k)`` and the kernel's scale is 1.
+    ``gain`` is the attention module's learned per-head ``scale``."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        s = gain.to(dtype).sqrt()[:, None, None, None]  # (heads, 1, 1, 1)
+        qf, kf = q.to(dtype), k.to(dtype)
+        qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.eps))
+        kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
+        return qf.to(q.dtype), kf.to(k.dtype), 1.0
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class Attention(QKRope):
     """Multi-head self-attention on ``(B, H, W, C)`` grids; a subclass per pattern of the spec
-    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``cfg.logits``:
-    ``dot`` (``q.k / sqrt(d_head)``) or ``cosine`` (HDiT: ``scale_h * cos(q, k)`` with a
-    learned per-head ``scale`` initialised to ``scale_init``). The qkv channel layout is
+    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``logits``:
+    :class:`DotLogits` or :class:`CosineLogits` (HDiT: ``scale_h * cos(q, k)`` with a learned
+    per-head ``scale`` initialised to ``scale_init``, held here so checkpoints keep
+    ``attn.scale``). The qkv channel layout is
     ``(3, heads, d_head)``, as in DiT (timm) and k-diffusion."""
 
     def __init__(self, cfg: AttentionConfig):
@@ -100,8 +135,7 @@ class Attention(QKRope):
         d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
         cosine = isinstance(cfg.logits, S.CosineLogits)
-        self.logits = cfg.logits.kind
-        self.cosine_eps = cfg.logits.eps if cosine else 1e-6
+        self.logits = CosineLogits(cfg.logits.eps) if cosine else DotLogits(d_head)
         self.scale_init = cfg.logits.scale_init if cosine else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
@@ -123,25 +157,12 @@ class Attention(QKRope):
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
         q, k = self._norm_qk(q, k)
-        if self.scale is not None:
-            q, k = self._cosine(q, k)
-            scale = 1.0
-        else:
-            scale = self.d_head ** -0.5
+        q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
         q, k = self._rope(q, k, hh, ww)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
         return self.out(self.dropout(o))
-
-    def _cosine(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale q and k to norm sqrt(scale) each (in fp32), so q.k = scale * cos(q, k)."""
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        s = self.scale.to(dtype).sqrt()[:, None, None, None]  # (heads, 1, 1, 1)
-        qf, kf = q.to(dtype), k.to(dtype)
-        qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.cosine_eps))
-        kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.cosine_eps))
-        return qf.to(q.dtype), kf.to(k.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -149,7 +170,7 @@ class Attention(QKRope):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, d_head={self.d_head}, logits={self.logits}"
+        return f"heads={self.n_heads}, d_head={self.d_head}"
 
 
 class GlobalAttention(Attention):

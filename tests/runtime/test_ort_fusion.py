@@ -133,7 +133,7 @@ class NormGelu(torch.nn.Module):
     def forward(self, x):  # (B, H, W, 24)
         h = self.norm(x)
         q = h.view(*h.shape[:3], 2, 12)
-        s = self.s.sqrt()[:, None]  # Attention._cosine's form, per head
+        s = self.s.sqrt()[:, None]  # CosineLogits's form, per head
         q = q * (s * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6))
         return self.head_norm(x + self.ffn(q.flatten(3)) + self.mlp(h))
 
