@@ -19,6 +19,7 @@ from ditkit import spec as S
 
 from . import kernels
 from .model import DiffusionTransformer, build
+from .presentation import attention_text
 
 
 @dataclass
@@ -70,7 +71,7 @@ def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Re
         kinds, heads = [], []
         for which in ("encoder", "middle", "decoder"):
             for blk in spec.stack(i, which):
-                kinds.append(_attention_label(blk.attention))
+                kinds.append(attention_text(blk.attention).column)
                 heads.append("-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
         levels.append(LevelReport(
             index=i, grid=grids[i], d_model=lvl.d_model, heads="/".join(dict.fromkeys(heads)),
@@ -118,19 +119,6 @@ def format_report(report: Report, spec: S.ModelSpec) -> str:
                  f"attention QK^T+AV {report.attention_gmacs:.2f} GMACs")
     lines.append("GMACs: forward multiply-adds at batch 1, the DiT paper's 'GFLOPs' convention")
     return "\n".join(lines)
-
-
-def _attention_label(att) -> str:
-    match att:
-        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
-            kh, kw = S.pair(k)
-            dh, dw = S.pair(d)
-            dil = "" if (dh, dw) == (1, 1) else f" dil {dh}x{dw}"
-            return f"neighborhood {kh}x{kw}{dil}"
-        case S.ShiftedWindowAttention(window_size=w):
-            return f"shifted_window {w}"
-        case _:
-            return att.kind
 
 
 def count_macs(model: DiffusionTransformer,

@@ -1,12 +1,16 @@
-"""Self-attention over a token grid: projections, QK norm, cosine logits, RoPE, then a kernel.
+"""Self-attention over a token grid, one class per attention kind of the spec: projections,
+QK norm, cosine logits, RoPE, then a kernel.
 
 Everything that shapes q and k (QK norm, cosine scaling, RoPE) happens here, before the kernel,
 so every kernel / backend in ``kernels.py`` sees the same q, k, v and gives the same numbers.
+:func:`build_attention` is the one place a spec's ``attention`` picks its class (adding an
+attention kind: ``docs/guides/add-an-attention-kind.md``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import assert_never
 
 import torch
 from torch import nn
@@ -15,9 +19,10 @@ from ditkit import spec as S
 
 from . import kernels
 from .init import zero_linear_
-from .norm import Norm
+from .norm import make_norm
 from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
 from .tags import NO_DECAY, tag
+from .transitions import group, ungroup
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,8 @@ class QKRope(nn.Module):
         self.q_norm = self.k_norm = None
         if cfg.qk_norm.kind != "none":
             n = cfg.qk_norm
-            self.q_norm = Norm(cfg.d_head, n.kind, n.eps, n.affine)
-            self.k_norm = Norm(cfg.d_head, n.kind, n.eps, n.affine)
+            self.q_norm = make_norm(n.kind, cfg.d_head, n.eps, n.affine)
+            self.k_norm = make_norm(n.kind, cfg.d_head, n.eps, n.affine)
         if not rope:
             return
         r = cfg.rope
@@ -83,11 +88,46 @@ class QKRope(nn.Module):
         return apply_rope(q, theta), apply_rope(k, theta)
 
 
+class DotLogits(nn.Module):
+    """``logits: dot``: ``q . k / sqrt(d_head)``."""
+
+    def __init__(self, d_head: int):
+        super().__init__()
+        self.factor = d_head ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return q, k, self.factor
+
+
+class CosineLogits(nn.Module):
+    """``logits: cosine`` (HDiT): ``gain_h * cos(q, k)``. q and k are scaled to norm
+    ``sqrt(gain)`` each (in fp32), so ``q . k = gain * cos(q, k)`` and the kernel's scale is 1.
+    ``gain`` is the attention module's learned per-head ``scale``."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        s = gain.to(dtype).sqrt()[:, None, None, None]  # (heads, 1, 1, 1)
+        qf, kf = q.to(dtype), k.to(dtype)
+        qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.eps))
+        kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
+        return qf.to(q.dtype), kf.to(k.dtype), 1.0
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
 class Attention(QKRope):
     """Multi-head self-attention on ``(B, H, W, C)`` grids; a subclass per pattern of the spec
-    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``cfg.logits``:
-    ``dot`` (``q.k / sqrt(d_head)``) or ``cosine`` (HDiT: ``scale_h * cos(q, k)`` with a
-    learned per-head ``scale`` initialised to ``scale_init``). The qkv channel layout is
+    (global, neighborhood, shifted window) makes the kernel call (``attend``). ``logits``:
+    :class:`DotLogits` or :class:`CosineLogits` (HDiT: ``scale_h * cos(q, k)`` with a learned
+    per-head ``scale`` initialised to ``scale_init``, held here so checkpoints keep
+    ``attn.scale``). The qkv channel layout is
     ``(3, heads, d_head)``, as in DiT (timm) and k-diffusion."""
 
     def __init__(self, cfg: AttentionConfig):
@@ -95,8 +135,7 @@ class Attention(QKRope):
         d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
         cosine = isinstance(cfg.logits, S.CosineLogits)
-        self.logits = cfg.logits.kind
-        self.cosine_eps = cfg.logits.eps if cosine else 1e-6
+        self.logits = CosineLogits(cfg.logits.eps) if cosine else DotLogits(d_head)
         self.scale_init = cfg.logits.scale_init if cosine else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
@@ -118,25 +157,12 @@ class Attention(QKRope):
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
         q, k = self._norm_qk(q, k)
-        if self.scale is not None:
-            q, k = self._cosine(q, k)
-            scale = 1.0
-        else:
-            scale = self.d_head ** -0.5
+        q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
         q, k = self._rope(q, k, hh, ww)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
         return self.out(self.dropout(o))
-
-    def _cosine(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale q and k to norm sqrt(scale) each (in fp32), so q.k = scale * cos(q, k)."""
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        s = self.scale.to(dtype).sqrt()[:, None, None, None]  # (heads, 1, 1, 1)
-        qf, kf = q.to(dtype), k.to(dtype)
-        qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.cosine_eps))
-        kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.cosine_eps))
-        return qf.to(q.dtype), kf.to(k.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -144,7 +170,7 @@ class Attention(QKRope):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, d_head={self.d_head}, logits={self.logits}"
+        return f"heads={self.n_heads}, d_head={self.d_head}"
 
 
 class GlobalAttention(Attention):
@@ -185,3 +211,67 @@ class ShiftedWindowAttention(Attention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window_size}, shift={self.window_shift}"
+
+
+class AggregateAttention(QKRope):
+    """MDiT's aggregate attention: self-attention on a ``factor x`` coarser grid inside a block.
+
+    ``(B, H, W, C) -> (B, H, W, C)``: the normed grid is grouped ``f x f`` (pixel unshuffle;
+    channels ordered (row, col, channel) as everywhere in ditkit), q / k / v come from
+    non-square projections ``f^2 d_model -> n_heads d_head``, global attention runs on the
+    coarse grid (RoPE positions are the coarse grid's), and the output projection
+    ``n_heads d_head -> f^2 d_model`` is ungrouped back to the input grid. The block's FFN stays
+    at the input grid, so only attention pays for the wider view. Logits are dot-product
+    (``cfg.logits`` is not used)."""
+
+    def __init__(self, cfg: AttentionConfig, n_heads: int, factor: int = 2):
+        super().__init__()
+        d_head = cfg.d_head
+        self.factor, self.d_head, self.n_heads = factor, d_head, n_heads
+        self.zero_init_out = cfg.zero_init_out
+        d_in, inner = cfg.d_model * factor * factor, n_heads * d_head
+        self.qkv = nn.Linear(d_in, 3 * inner, bias=cfg.bias)
+        self._setup_qk(cfg, n_heads)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(inner, d_in, bias=cfg.bias)
+
+    def init_special(self) -> None:
+        self._init_rope()
+        if self.zero_init_out:
+            zero_linear_(self.out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        f = self.factor
+        g = group(x, f, f)  # (B, H/f, W/f, f^2 C)
+        b, hh, ww, _ = g.shape
+        qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww)
+        o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
+                                     self.d_head ** -0.5)
+        o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)
+        o = self.out(self.dropout(o.reshape(b, hh, ww, -1)))  # (B, h, w, f^2 C)
+        return ungroup(o, f, f)  # (B, H, W, C)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, heads={self.n_heads}, d_head={self.d_head}"
+
+
+def build_attention(attention: S.Attention, cfg: AttentionConfig,
+                    index: int) -> nn.Module | None:
+    """The module of a block's ``attention`` (None: the block has no attention sub-layer).
+    ``index``: the block's position in its level (shifted windows alternate with it)."""
+    match attention:
+        case S.NoAttention():
+            return None
+        case S.AggregateAttention(factor=fac, n_heads=nh):
+            return AggregateAttention(cfg, nh, fac)
+        case S.GlobalAttention():
+            return GlobalAttention(cfg)
+        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
+            return NeighborhoodAttention(cfg, S.pair(k), S.pair(d))
+        case S.ShiftedWindowAttention(window_size=w, shift=shift):
+            return ShiftedWindowAttention(
+                cfg, w, w // 2 if shift == "alternate" and index % 2 else 0)
+        case other:
+            assert_never(other)

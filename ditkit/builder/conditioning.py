@@ -1,15 +1,28 @@
-"""Conditioning: noise level, class label and auxiliary inputs -> one vector per sample."""
+"""Conditioning: noise level, class label and auxiliary inputs -> one vector per sample.
+
+One class per spec variant, chosen by :func:`build_conditioning`:
+
+- the noise embedding (``conditioning.noise``): :class:`SinusoidalEmbed` (DiT; its gated form
+  :class:`GatedSinusoidalEmbed`, MDiT), :class:`FourierNoiseEmbed` (HDiT), :class:`FNOEmbed`
+  (MPDiT). Each is called as ``noise(noise_level, extra)``; ``extra`` holds the sinusoidal
+  features of auxiliary inputs, which only the sinusoidal embeddings take (the spec checks it);
+- the class injection (``conditioning.classes.inject``): :class:`ClassVector` (summed into the
+  vector), :class:`ClassMemory` (a token for cross-attention), :class:`ClassTokens` (prefix
+  tokens beside the grid), or :class:`NoClasses`.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import assert_never
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ditkit import spec as S
 
-from .norm import Norm
+from .norm import RMSNorm
 from .tags import MAPPING, tag_module
 
 
@@ -28,41 +41,46 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0,
 
 
 class SinusoidalEmbed(nn.Module):
-    """DiT's TimestepEmbedder: sinusoidal features -> Linear -> SiLU -> Linear.
+    """``noise: {kind: sinusoidal}`` (DiT's TimestepEmbedder): sinusoidal features -> Linear ->
+    SiLU -> Linear. ``extra_features``: width of the auxiliary features concatenated after the
+    timestep features before the first Linear."""
 
-    ``activation="geglu"``: the first Linear has ``2 width`` outputs, ``value * GELU(gate)``
-    (MDiT). ``extra_features``: width of features concatenated after the timestep features
-    (sinusoidal auxiliary inputs) before the first Linear."""
+    gated = False
 
     def __init__(self, width: int, frequency_dim: int = 256, max_period: float = 10000.0,
-                 scale: float = 1.0, activation: str = "silu", extra_features: int = 0,
-                 frequency_shift: int = 0):
+                 scale: float = 1.0, extra_features: int = 0, frequency_shift: int = 0):
         super().__init__()
         self.frequency_dim, self.max_period, self.scale = frequency_dim, max_period, scale
         self.frequency_shift = frequency_shift
-        self.activation = activation
-        gated = activation == "geglu"
-        self.fc1 = nn.Linear(frequency_dim + extra_features, width * (2 if gated else 1))
-        self.act = nn.SiLU()
+        self.fc1 = nn.Linear(frequency_dim + extra_features, width * (2 if self.gated else 1))
         self.fc2 = nn.Linear(width, width)
 
     def init_special(self) -> None:
         nn.init.normal_(self.fc1.weight, std=0.02)
         nn.init.normal_(self.fc2.weight, std=0.02)
 
+    def activate(self, h: torch.Tensor) -> torch.Tensor:  # (B, width)
+        return F.silu(h)
+
     def forward(self, t: torch.Tensor,
-                extra: torch.Tensor | None = None) -> torch.Tensor:  # (B,) -> (B, width)
+                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period,
                                   self.frequency_shift)
-        if extra is not None:
-            feats = torch.cat([feats, extra.to(feats.dtype)], dim=-1)
+        for e in extra:  # (B, features) per sinusoidal auxiliary input
+            feats = torch.cat([feats, e.to(feats.dtype)], dim=-1)
         h = self.fc1(feats.to(self.fc1.weight.dtype))
-        if self.activation == "geglu":
-            value, gate = h.chunk(2, dim=-1)
-            h = value * nn.functional.gelu(gate)
-        else:
-            h = self.act(h)
-        return self.fc2(h)
+        return self.fc2(self.activate(h))
+
+
+class GatedSinusoidalEmbed(SinusoidalEmbed):
+    """``noise: {kind: sinusoidal, activation: geglu}`` (MDiT): the first Linear has
+    ``2 width`` outputs, ``value * GELU(gate)``."""
+
+    gated = True
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:  # (B, 2 width) -> (B, width)
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate)
 
 
 def sinusoidal_features(x: torch.Tensor, features: int, freq_min: float,
@@ -97,13 +115,142 @@ class FourierEmbed(nn.Module):
 
 
 class FourierNoiseEmbed(FourierEmbed):
-    """HDiT's noise embedding: sigma -> Fourier features of ``ln(sigma) / 4``."""
+    """``noise: fourier`` (HDiT): sigma -> Fourier features of ``ln(sigma) / 4``."""
 
     def __init__(self, width: int, std: float = 1.0):
         super().__init__(1, width, std)
 
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, width)
+    def forward(self, sigma: torch.Tensor,
+                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         return super().forward(torch.log(sigma)[:, None] / 4)
+
+
+class SpectralConv1d(nn.Module):
+    """Keep the lowest ``modes`` rFFT coefficients, mix channels per mode with a complex weight
+    ``(in, out, modes)`` (stored as real and imaginary parts), inverse rFFT. Runs in fp32."""
+
+    def __init__(self, channels: int, modes: int):
+        super().__init__()
+        self.modes = modes
+        self.weights_real = nn.Parameter(torch.randn(channels, channels, modes))
+        self.weights_imag = nn.Parameter(torch.randn(channels, channels, modes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, N) -> (B, C, N)
+        n = x.shape[-1]
+        xf = torch.fft.rfft(x.float(), dim=-1)[..., :self.modes]  # (B, C, modes)
+        re, im = xf.real, xf.imag
+        wr, wi = self.weights_real.float(), self.weights_imag.float()
+        out_re = torch.einsum("bim,iom->bom", re, wr) - torch.einsum("bim,iom->bom", im, wi)
+        out_im = torch.einsum("bim,iom->bom", re, wi) + torch.einsum("bim,iom->bom", im, wr)
+        pad = n // 2 + 1 - self.modes
+        spec = torch.complex(F.pad(out_re, (0, pad)), F.pad(out_im, (0, pad)))
+        return torch.fft.irfft(spec, n=n, dim=-1).to(x.dtype)
+
+
+class FNOEmbed(nn.Module):
+    """``noise: fno`` (MPDiT): a Fourier neural operator over a small 1-D grid around the flow
+    time -- a learned smooth function of t (the grid is shifted by t, then mixed by truncated
+    spectral convolutions), so nearby times get nearby embeddings whatever the frequency
+    content the model needs: ``t -> grid(points in [-1, 1]) + t -> Linear(1, width) -> depth x
+    (spectral conv + pointwise conv, GELU between) -> mean over the grid -> Linear(width,
+    out)``."""
+
+    def __init__(self, out_width: int, points: int = 32, modes: int = 16, width: int = 32,
+                 depth: int = 3):
+        super().__init__()
+        self.points = points
+        self.lift = nn.Linear(1, width)
+        self.spectral = nn.ModuleList(SpectralConv1d(width, modes) for _ in range(depth))
+        self.pointwise = nn.ModuleList(nn.Conv1d(width, width, 1) for _ in range(depth))
+        self.proj = nn.Linear(width, out_width)
+
+    def init_special(self) -> None:
+        for s in self.spectral:
+            nn.init.normal_(s.weights_real)
+            nn.init.normal_(s.weights_imag)
+
+    def forward(self, t: torch.Tensor,
+                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, out_width)
+        grid = torch.linspace(-1, 1, self.points, device=t.device, dtype=torch.float32)
+        grid = grid[None, :] + t.float()[:, None]  # (B, points)
+        h = self.lift(grid[..., None].to(self.lift.weight.dtype)).transpose(1, 2)  # (B, W, N)
+        last = len(self.spectral) - 1
+        for i, (spec, point) in enumerate(zip(self.spectral, self.pointwise)):
+            h = spec(h) + point(h)
+            if i < last:
+                h = F.gelu(h)
+        return self.proj(h.mean(dim=-1))  # (B, out_width)
+
+
+# --------------------------------------------------------------------------------------------
+# class labels
+
+
+class ClassVector(nn.Embedding):
+    """``classes.inject: vector`` (DiT, HDiT): the class embedding is summed into the vector."""
+
+    def reset(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def add(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # (B, width)
+        return emb + self(labels)
+
+    def memory(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class ClassMemory(ClassVector):
+    """``classes.inject: memory`` (MDiT): the class embedding is a token of the
+    cross-attention memory (``label``), not part of the vector."""
+
+    def add(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return emb
+
+    def memory(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"label": self(labels)}  # (B, width)
+
+
+class NoClasses(nn.Module):
+    """No class embedding in the vector or the memory: no classes, or ``inject: prefix``
+    (the labels become :class:`ClassTokens`)."""
+
+    def reset(self, std: float) -> None:
+        pass
+
+    def add(self, emb: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return emb
+
+    def memory(self, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class ClassTokens(nn.Module):
+    """``classes.inject: prefix`` (MPDiT): ``tokens`` learned tokens per class (a ``(classes +
+    null, tokens * d)`` table, MPDiT's layout), looked up and viewed as ``(B, tokens, d)``."""
+
+    def __init__(self, classes: S.Classes, d_model: int, std: float = 0.02):
+        super().__init__()
+        self.classes, self.null_class = classes.count, classes.null_class
+        self.tokens, self.std = classes.tokens, std
+        self.table = nn.Embedding(classes.rows, classes.tokens * d_model)
+
+    def init_special(self) -> None:
+        nn.init.normal_(self.table.weight, std=self.std)
+
+    def forward(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        e = self.table(labels)  # (B, T * D)
+        return e.view(e.shape[0], self.tokens, -1).to(dtype)  # (B, T, D)
+
+
+class NoClassTokens(nn.Module):
+    """No prefix tokens (``inject`` is not ``prefix``)."""
+
+    def forward(self, labels: torch.Tensor | None, dtype: torch.dtype) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# the conditioning vector
 
 
 class MappingBlock(nn.Module):
@@ -111,7 +258,7 @@ class MappingBlock(nn.Module):
 
     def __init__(self, width: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.norm = Norm(width, "rms", eps=1e-6, affine=True)
+        self.norm = RMSNorm(width, eps=1e-6, affine=True)
         self.up = nn.Linear(width, 2 * d_ff, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.down = nn.Linear(d_ff, width, bias=False)
@@ -129,9 +276,9 @@ class MappingNetwork(nn.Module):
 
     def __init__(self, width: int, depth: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
-        self.in_norm = Norm(width, "rms", eps=1e-6, affine=True)
+        self.in_norm = RMSNorm(width, eps=1e-6, affine=True)
         self.blocks = nn.ModuleList(MappingBlock(width, d_ff, dropout) for _ in range(depth))
-        self.out_norm = Norm(width, "rms", eps=1e-6, affine=True)
+        self.out_norm = RMSNorm(width, eps=1e-6, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_norm(x)
@@ -143,44 +290,34 @@ class MappingNetwork(nn.Module):
 class Conditioning(nn.Module):
     """``noise_level`` (+ class labels, + auxiliary vectors) -> ``(B, width)``.
 
-    ``noise``: the module for the spec's noise embedding, chosen by ``build()``
-    (:class:`SinusoidalEmbed` takes ``noise_level`` as a timestep, :class:`FourierNoiseEmbed`
-    takes sigma, :class:`~ditkit.builder.fno.FNOEmbed` a flow time); sinusoidal auxiliary
-    features are passed to it as ``extra`` (only a :class:`SinusoidalEmbed` built with
-    ``extra_features`` accepts them). Embeddings are summed, then optionally mapped. Missing
-    labels use the null class; missing auxiliary inputs are zeros.
-
-    ``classes.inject``: ``vector`` sums the class embedding into the vector; ``memory`` keeps it
-    as a separate token (:meth:`class_vector`, for cross-attention); ``prefix`` holds
-    ``class_tokens`` (:class:`~ditkit.builder.upsample.ClassTokens`) instead."""
+    ``noise``: the noise embedding module; ``class_embed``: the class injection
+    (:class:`ClassVector`, :class:`ClassMemory` or :class:`NoClasses`), ``class_tokens``:
+    :class:`ClassTokens` or :class:`NoClassTokens`; ``aux``: a :class:`FourierEmbed` per
+    Fourier auxiliary input (summed into the vector); ``aux_sinusoidal``: ``name -> (features,
+    freq_min, freq_max)`` of the sinusoidal ones (features given to the noise embedding).
+    Embeddings are summed, then optionally mapped. Missing labels use the null class; missing
+    auxiliary inputs are zeros."""
 
     def __init__(self, width: int, noise: nn.Module, classes: S.Classes | None,
-                 aux: list[tuple[str, int, float]], mapping: tuple[int, int, float] | None,
-                 embedding_std: float, class_tokens: nn.Module | None = None):
+                 class_embed: nn.Module, class_tokens: nn.Module, aux: nn.ModuleDict,
+                 aux_sinusoidal: dict[str, tuple[int, float, float]],
+                 aux_dims: dict[str, int], aux_dropout: dict[str, float],
+                 mapping: nn.Module | None, embedding_std: float):
         super().__init__()
         self.width, self.noise, self.embedding_std = width, noise, embedding_std
         self.classes = classes.count if classes else None
         self.null_class = bool(classes and classes.null_class)
-        self.class_inject = classes.inject if classes else "vector"
-        self.class_embed = (nn.Embedding(classes.rows, width)
-                            if classes and classes.inject != "prefix" else None)
+        self.class_embed = class_embed
         self.class_tokens = class_tokens
-        self.aux_names = [a[0] for a in aux]
-        self.aux_dims = {a[0]: a[1] for a in aux}
-        # optional 4th entry: {"embed": "sinusoidal", "features", "freq_min", "freq_max",
-        # "dropout"} (MDiT); plain (name, dims, std) triples are HDiT's Fourier embeddings
-        opts = {a[0]: (a[3] if len(a) > 3 else {}) for a in aux}
-        self.aux_dropout = {n: float(o.get("dropout", 0.0)) for n, o in opts.items()}
-        self.aux_sinusoidal = {n: (o["features"], o["freq_min"], o["freq_max"])
-                               for n, o in opts.items() if o.get("embed") == "sinusoidal"}
-        self.aux = nn.ModuleDict({a[0]: FourierEmbed(a[1], width, a[2]) for a in aux
-                                  if a[0] not in self.aux_sinusoidal})
-        self.mapping = MappingNetwork(width, *mapping) if mapping else None
+        self.aux_names = list(aux_dims)
+        self.aux_dims, self.aux_dropout = dict(aux_dims), dict(aux_dropout)
+        self.aux_sinusoidal = dict(aux_sinusoidal)
+        self.aux = aux
+        self.mapping = mapping
         tag_module(self, MAPPING)  # the whole conditioning path learns at the mapping LR
 
     def init_special(self) -> None:
-        if self.class_embed is not None:
-            nn.init.normal_(self.class_embed.weight, std=self.embedding_std)
+        self.class_embed.reset(self.embedding_std)
 
     def forward(self, noise_level: torch.Tensor, class_labels: torch.Tensor | None = None,
                 **aux: torch.Tensor) -> torch.Tensor:
@@ -198,18 +335,12 @@ class Conditioning(nn.Module):
                 keep = torch.rand(b, 1, device=value.device) >= self.aux_dropout[name]
                 value = value * keep
             values[name] = value
-        if self.aux_sinusoidal:
-            extra = torch.cat([sinusoidal_features(values[n], *args)
-                               for n, args in self.aux_sinusoidal.items()], dim=-1)
-            emb = self.noise(noise_level, extra)
-        else:
-            emb = self.noise(noise_level)
+        extra = [sinusoidal_features(values[n], *args) for n, args in self.aux_sinusoidal.items()]
+        emb = self.noise(noise_level, extra)  # (B, width)
         class_labels = self.labels(class_labels, b, noise_level.device)
-        if class_labels is not None and self.class_inject == "vector":
-            emb = emb + self.class_embed(class_labels)
-        for name in self.aux_names:
-            if name not in self.aux_sinusoidal:
-                emb = emb + self.aux[name](values[name].to(emb.dtype))
+        emb = self.class_embed.add(emb, class_labels)
+        for name, embed in self.aux.items():
+            emb = emb + embed(values[name].to(emb.dtype))
         return self.mapping(emb) if self.mapping is not None else emb
 
     def labels(self, class_labels: torch.Tensor | None, b: int,
@@ -225,5 +356,59 @@ class Conditioning(nn.Module):
             class_labels = torch.full((b,), self.classes, dtype=torch.long, device=device)
         return class_labels
 
-    def class_vector(self, class_labels: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, width)
-        return self.class_embed(class_labels)
+
+def build_noise(cond: S.Conditioning, width: int) -> nn.Module:
+    """The module of ``conditioning.noise``."""
+    match cond.noise:
+        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act,
+                               frequency_shift=shift):
+            extra = sum(a.dims * a.features for a in cond.aux if a.embed == "sinusoidal")
+            match act:
+                case "silu":
+                    return SinusoidalEmbed(width, fd, mp, sc, extra_features=extra,
+                                           frequency_shift=shift)
+                case "geglu":
+                    return GatedSinusoidalEmbed(width, fd, mp, sc, extra_features=extra,
+                                                frequency_shift=shift)
+                case other:
+                    assert_never(other)
+        case S.FourierNoise(std=std):
+            return FourierNoiseEmbed(width, std)
+        case S.FNONoise(points=pts, modes=modes, width=w, depth=depth):
+            return FNOEmbed(width, pts, modes, w, depth)
+        case other:
+            assert_never(other)
+
+
+def build_conditioning(spec: S.ModelSpec) -> Conditioning:
+    """``spec.conditioning`` as a module. Modules are made in a fixed order (noise, class
+    tokens, class embedding, auxiliary embeddings, mapping): construction draws from the RNG,
+    and a spec must build the same weights from the same seed."""
+    cond, cw = spec.conditioning, spec.cond_width
+    noise = build_noise(cond, cw)
+    classes = cond.classes
+    inject = classes.inject if classes is not None else None
+    class_tokens = (ClassTokens(classes, spec.levels[0].d_model, spec.init.embedding_std)
+                    if inject == "prefix" else NoClassTokens())
+    match inject:
+        case "vector":
+            class_embed = ClassVector(classes.rows, cw)
+        case "memory":
+            class_embed = ClassMemory(classes.rows, cw)
+        case "prefix" | None:
+            class_embed = NoClasses()
+        case other:
+            assert_never(other)
+    aux = nn.ModuleDict({a.name: FourierEmbed(a.dims, cw, a.std) for a in cond.aux
+                         if a.embed == "fourier"})
+    mapping = None
+    if cond.mapping is not None:
+        mapping = MappingNetwork(cw, cond.mapping.depth, int(round(cond.mapping.ratio * cw)),
+                                 cond.mapping.dropout)
+    return Conditioning(
+        cw, noise, classes, class_embed, class_tokens, aux,
+        aux_sinusoidal={a.name: (a.features, a.freq_min, a.freq_max) for a in cond.aux
+                        if a.embed == "sinusoidal"},
+        aux_dims={a.name: a.dims for a in cond.aux},
+        aux_dropout={a.name: a.dropout for a in cond.aux},
+        mapping=mapping, embedding_std=spec.init.embedding_std)

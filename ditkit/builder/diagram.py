@@ -34,6 +34,8 @@ from pydantic import BaseModel
 from ditkit import spec as S
 from ditkit.spec.diff import align_levels
 
+from .presentation import attention_heads, attention_text
+
 # layout units (the renderer maps them to inches)
 ROW = 2.5          # vertical distance between two levels
 GAP = 0.35         # horizontal gap between neighbours
@@ -138,23 +140,6 @@ class Diagram:
 # labels
 
 
-def attention_text(att) -> str:
-    match att:
-        case S.GlobalAttention():
-            return "global attention"
-        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
-            kh, kw = S.pair(k)
-            dh, dw = S.pair(d)
-            return f"neighborhood {kh}×{kw}" + ("" if (dh, dw) == (1, 1) else f" dil {dh}×{dw}")
-        case S.ShiftedWindowAttention(window_size=w, shift=shift):
-            return f"shifted window {w}×{w}" + (" (alt.)" if shift == "alternate" else "")
-        case S.AggregateAttention(factor=f, n_heads=n):
-            return f"aggregate {f}×{f}"
-        case S.NoAttention():
-            return "no attention"
-    raise AssertionError(att)
-
-
 def modulation_text(mod) -> str:
     match mod:
         case S.AdaLNZero():
@@ -237,13 +222,6 @@ def _classes_text(classes) -> tuple[str, ...]:
         case _:
             raise AssertionError(classes.inject)
     return (f"{classes.count} classes{null}",) + how
-
-
-def _heads(block: S.Block, d_model: int) -> int:
-    """Attention heads of a block (aggregate attention declares its own count)."""
-    if isinstance(block.attention, S.AggregateAttention):
-        return block.attention.n_heads
-    return d_model // block.d_head
 
 
 def text_width(lines) -> float:
@@ -334,9 +312,10 @@ class _Placer:
         boxes = []
         for k, (first, count) in enumerate(runs(blocks)):
             blk = blocks[first]
-            heads = "" if blk.attention.kind == "none" else f"{_heads(blk, d_model)} heads · "
+            n_heads = attention_heads(blk.attention, d_model, blk.d_head)
+            heads = "" if n_heads is None else f"{n_heads} heads · "
             cross = isinstance(blk.cross_attention, S.MemoryCrossAttention)
-            lines = [attention_text(blk.attention)]
+            lines = [attention_text(blk.attention).box]
             if cross:
                 lines.append("+ cross-attention")
             lines.append(heads + modulation_text(blk.modulation))
@@ -432,8 +411,8 @@ class _Placer:
             gh, gw = self.grids[i]
             d_model = self.spec.levels[i].d_model
             blocks = [b for s in STACKS for b in self.spec.stack(i, s)]
-            counts = list(dict.fromkeys(str(_heads(b, d_model)) for b in blocks
-                                        if b.attention.kind != "none"))
+            counts = list(dict.fromkeys(str(n) for b in blocks if (n := attention_heads(
+                b.attention, d_model, b.d_head)) is not None))
             heads = f"{'/'.join(counts)} heads" if counts else "no attention heads"
             lines = (f"level {i} · {gh}×{gw} tokens",
                      f"d_model {d_model} · {heads} · {len(blocks)} block"

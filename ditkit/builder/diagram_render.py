@@ -15,18 +15,12 @@ from pathlib import Path
 from ditkit.errors import EnvironmentFault, UserError
 
 from .diagram import BOX_H, CHAR, LINE, Diagram, Element
+from .presentation import ATTENTION_LOOKS, LOOK_OF_KIND, kind_of
 
 INCH = 0.45           # inches per layout unit (diagram.CHAR units fit one glyph)
 FONT = 7.5            # points, box text
 DPI = 110             # PNG
 
-ATTENTION_COLOURS = {  # fill, edge
-    "global": ("#d6e4f5", "#3b6ea8"),
-    "neighborhood": ("#d8eedb", "#3c8a4a"),
-    "shifted_window": ("#fbe3c8", "#c0701c"),
-    "aggregate": ("#e6dcf3", "#7650a8"),
-    "none": ("#ececec", "#7a7a7a"),
-}
 KIND_COLOURS = {
     "input": ("#ffffff", "#555555"), "output": ("#ffffff", "#555555"),
     "patch": ("#fff4c2", "#a08000"), "head": ("#fff4c2", "#a08000"),
@@ -39,11 +33,6 @@ KIND_COLOURS = {
 CONDITIONING = ("noise", "classes", "aux", "mapping", "cond")
 HIGHLIGHT = "#d62020"
 CROSS = "#c2185b"
-
-LEGEND = (("global", "global"), ("neighborhood", "neighborhood"),
-          ("shifted_window", "shifted window"), ("aggregate", "aggregate"),
-          ("none", "no attention"))
-
 
 def matplotlib_or_exit():
     """Import matplotlib, or raise a UserError that names the extra."""
@@ -174,7 +163,8 @@ def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:
         if e.kind == "band":
             continue
         if e.kind == "blocks":
-            fill, edge = ATTENTION_COLOURS[e.attention]
+            look = LOOK_OF_KIND[e.attention]
+            fill, edge = look.fill, look.edge
         else:
             fill, edge = KIND_COLOURS[e.kind]
         lw = 0.8
@@ -266,14 +256,13 @@ def _legend(ax, d: Diagram, x: float, y: float) -> None:
         return x + CHAR * len(s) + 0.5
 
     used = {e.attention for e in d.find("blocks")}
-    for key, name in LEGEND:
-        if key not in used:
+    for cls, look in ATTENTION_LOOKS.items():
+        if kind_of(cls) not in used:
             continue
-        fill, edge = ATTENTION_COLOURS[key]
         ax.add_patch(FancyBboxPatch((x, y - 0.15), 0.45, 0.3, boxstyle="round,pad=0,"
-                                    "rounding_size=0.05", facecolor=fill, edgecolor=edge,
-                                    lw=0.8))
-        x = text(x + 0.55, name)
+                                    "rounding_size=0.05", facecolor=look.fill,
+                                    edgecolor=look.edge, lw=0.8))
+        x = text(x + 0.55, look.legend)
     if any(e.cross_attention for e in d.elements):
         ax.add_patch(Rectangle((x, y - 0.15), 0.12, 0.3, facecolor=CROSS, edgecolor="none"))
         x = text(x + 0.22, "cross-attention")

@@ -6,9 +6,13 @@ kinds put ``2 d_ff`` outputs on ``up`` (value half first, then gate), as k-diffu
 
 from __future__ import annotations
 
+from typing import assert_never
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ditkit import spec as S
 
 from .init import zero_linear_
 
@@ -66,3 +70,18 @@ class SwiGLU(FeedForward):
     def activate(self, h: torch.Tensor) -> torch.Tensor:  # (..., 2 d_ff) -> (..., d_ff)
         value, gate = h.chunk(2, dim=-1)
         return value * F.silu(gate)
+
+
+def build_ffn(blk: S.Block, d_model: int) -> FeedForward:
+    """The module of a block's ``ffn`` (dropout and zero-init from the block)."""
+    args = {"bias": blk.ffn.bias, "dropout": blk.dropout, "zero_init_out": blk.zero_init_out}
+    d_ff = blk.ffn.hidden(d_model)
+    match blk.ffn:
+        case S.GeluMLP(approximate=ap):
+            return GeluMLP(d_model, d_ff, ap, **args)
+        case S.GEGLU():
+            return GEGLU(d_model, d_ff, **args)
+        case S.SwiGLU():
+            return SwiGLU(d_model, d_ff, **args)
+        case other:
+            assert_never(other)

@@ -1,7 +1,10 @@
 """The one generic model: embed -> levels down -> middle -> levels up -> head.
 
-``build(spec)`` is the only place that reads a spec; the modules below take plain arguments.
-Every family (DiT, HDiT, ...) is this same graph with different arguments.
+``build(spec)`` is the only entry that reads a spec: it walks the levels and calls each
+component family's exhaustive ``match`` in the family's own file (``build_attention``,
+``build_ffn``, ``build_down`` / ``build_up``, ``build_skip``, ``build_head``,
+``build_conditioning``, ``build_position``); the modules take plain arguments and never branch
+again on a kind. Every family (DiT, HDiT, ...) is this same graph with different arguments.
 """
 
 from __future__ import annotations
@@ -14,21 +17,17 @@ from torch import nn
 
 from ditkit import spec as S
 
-from .aggregate import AggregateAttention
-from .attention import (AttentionConfig, GlobalAttention, NeighborhoodAttention,
-                        ShiftedWindowAttention)
-from .conditioning import Conditioning, FourierNoiseEmbed, SinusoidalEmbed
+from .attention import AttentionConfig, build_attention
+from .conditioning import Conditioning, build_conditioning
 from .cross_attention import CrossAttention
-from .embed import AddSkip, ConcatSkip, LerpSkip, NoSkip, TokenMerge, TokenSplit
-from .ffn import GEGLU, FeedForward, GeluMLP, SwiGLU
-from .fno import FNOEmbed
-from .head import Head
+from .ffn import FeedForward, build_ffn
+from .heads import Head, build_head
 from .init import zero_linear_
-from .norm import Norm
-from .position import LearnedPosition, SincosPosition
-from .shared import SharedAdaLNHead, SharedModulation
+from .norm import make_norm
+from .position import build_position
+from .skips import build_skip
 from .tags import tag_torch_layers
-from .upsample import ClassTokens, LinearSkip, Repatch, Upsample
+from .transitions import TokenMerge, build_down, build_up
 
 
 class Context:
@@ -58,11 +57,11 @@ class Block(nn.Module):
                  cross: CrossAttention | None = None):
         super().__init__()
         n_attn = attention is not None
-        self.attn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine) if n_attn else None
+        self.attn_norm = make_norm(norm.kind, d_model, norm.eps, norm.affine) if n_attn else None
         self.attn = attention
-        self.cross_norm = Norm(d_model, norm.kind, norm.eps, norm.affine) if cross else None
+        self.cross_norm = make_norm(norm.kind, d_model, norm.eps, norm.affine) if cross else None
         self.cross = cross
-        self.ffn_norm = Norm(d_model, norm.kind, norm.eps, norm.affine)
+        self.ffn_norm = make_norm(norm.kind, d_model, norm.eps, norm.affine)
         self.ffn = ffn
         self.modulation = (nn.Linear(cond_width, self.chunks * d_model,
                                      bias=self.modulation_bias) if self.chunks else None)
@@ -136,6 +135,40 @@ class AdaScaleBlock(Block):
         return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
 
 
+class SharedModulation(nn.Module):
+    """Shared adaLN (MPDiT): one modulation network for the whole model. DiT gives every block
+    its own ``SiLU -> Linear(cond, 6 d)``; MPDiT computes the six shift / scale / gate vectors
+    once per forward and every block (and the final layer, which takes the FFN's shift and
+    scale) reuses them -- 6 d^2 parameters instead of 6 d^2 per block. Zero-initialised."""
+
+    def __init__(self, cond_width: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Linear(cond_width, 6 * d_model)
+
+    def init_special(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:  # (B, cw) -> (B, 6 D)
+        return self.proj(nn.functional.silu(cond))
+
+
+class Memory(nn.Module):
+    """The cross-attention memory (MDiT): the conditioning vector after GELU as the ``time``
+    token, plus what the class injection adds (``label`` for ``inject: memory``)."""
+
+    def forward(self, cond: torch.Tensor,
+                classes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"time": nn.functional.gelu(cond), **classes}  # each (B, cond_width)
+
+
+class NoMemory(nn.Module):
+    """No block has cross-attention: no memory is made."""
+
+    def forward(self, cond: torch.Tensor, classes: dict[str, torch.Tensor]) -> None:
+        return None
+
+
 class Stack(nn.ModuleList):
     """Blocks in order. With class prefix tokens (``ctx.prefix``), the grid is flattened and
     the tokens are prepended, so the blocks see one ``(B, 1, T + H W, C)`` sequence (global
@@ -178,12 +211,12 @@ class DiffusionTransformer(nn.Module):
     def __init__(self, spec: S.ModelSpec, embed: TokenMerge, position: nn.Module | None,
                  conditioning: Conditioning, levels: list[Level], head: Head,
                  shared_modulation: SharedModulation | None = None,
-                 memory: tuple[str, ...] = ()):
+                 memory: nn.Module | None = None):
         super().__init__()
         self.spec = spec
         self.embed, self.position, self.conditioning = embed, position, conditioning
         self.shared_modulation = shared_modulation
-        self.memory_sources = memory
+        self.memory = memory if memory is not None else NoMemory()
         self.levels = nn.ModuleList(levels)
         self.head = head
 
@@ -200,12 +233,8 @@ class DiffusionTransformer(nn.Module):
         ctx = Context()
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
-        if self.conditioning.class_tokens is not None:
-            ctx.prefix = self.conditioning.class_tokens(labels).to(x.dtype)  # (B, T, D)
-        if self.memory_sources:
-            ctx.memory = {"time": nn.functional.gelu(c)}
-            if "label" in self.memory_sources:
-                ctx.memory["label"] = self.conditioning.class_vector(labels)
+        ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None
+        ctx.memory = self.memory(c, self.conditioning.class_embed.memory(labels))
 
         x_in = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         h = self.embed(x_in)  # (B, h, w, D0)
@@ -215,22 +244,14 @@ class DiffusionTransformer(nn.Module):
         for level in self.levels[:-1]:
             h = level.encoder(h, c, ctx)
             skips.append(h)
-            if isinstance(level.down, Repatch):
-                h = level.down(x_in)  # fresh coarse patch embedding of the input
-            else:
-                h = level.down(h)  # (B, h/f, w/f, D_{i+1})
+            h = level.down(h, x_in)  # (B, h/f, w/f, D_{i+1})
         h = self.levels[-1].middle(h, c, ctx)
         for i in reversed(range(len(self.levels) - 1)):
             level = self.levels[i]
-            if isinstance(level.up, Upsample):
-                h, ctx.prefix = level.up(h, ctx.prefix)
-            else:
-                h = level.up(h)  # (B, h*f, w*f, D_i)
+            h, ctx.prefix = level.up(h, ctx.prefix)  # (B, h*f, w*f, D_i)
             h = level.skip(h, skips[i])
             h = level.decoder(h, c, ctx)
-        if isinstance(self.head, SharedAdaLNHead):
-            return self.head(h, c, ctx.shared)
-        return self.head(h, c)  # (B, C_out, H, W); prefix tokens are dropped
+        return self.head(h, c, ctx.shared)  # (B, C_out, H, W); prefix tokens are dropped
 
     def _check_input(self, x: torch.Tensor) -> None:
         spec = self.spec
@@ -261,53 +282,20 @@ def build(spec: S.ModelSpec, device: torch.device | str | None = None,
 
 
 def _build(spec: S.ModelSpec) -> DiffusionTransformer:
+    # modules are made in forward order: construction draws from the RNG (PyTorch's default
+    # init, Fourier features), so the order is part of what a seed builds
     cw = spec.cond_width
-    ph, pw = S.pair(spec.patch.size)
     d0 = spec.levels[0].d_model
-    embed = TokenMerge(spec.input.channels, d0, (ph, pw), bias=spec.patch.bias)
-    grid0 = spec.token_grids()[0]
-    match spec.position:
-        case S.NoPosition():
-            position = None
-        case S.SincosPosition(max_period=mp):
-            position = SincosPosition(grid0, d0, mp)
-        case S.LearnedPosition(init_std=std):
-            position = LearnedPosition(grid0, d0, std)
-        case other:
-            assert_never(other)
-
-    cond = spec.conditioning
-    match cond.noise:
-        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act,
-                               frequency_shift=shift):
-            extra = sum(a.dims * a.features for a in cond.aux if a.embed == "sinusoidal")
-            noise = SinusoidalEmbed(cw, fd, mp, sc, act, extra_features=extra,
-                                    frequency_shift=shift)
-        case S.FourierNoise(std=std):
-            noise = FourierNoiseEmbed(cw, std)
-        case S.FNONoise(points=pts, modes=modes, width=w, depth=depth):
-            noise = FNOEmbed(cw, pts, modes, w, depth)
-        case other:
-            assert_never(other)
-    classes = cond.classes
-    class_tokens = None
-    if classes is not None and classes.inject == "prefix":
-        class_tokens = ClassTokens(classes, d0, spec.init.embedding_std)
-    mapping = None
-    if cond.mapping is not None:
-        mapping = (cond.mapping.depth, int(round(cond.mapping.ratio * cw)), cond.mapping.dropout)
-    conditioning = Conditioning(
-        cw, noise, classes,
-        aux=[(a.name, a.dims, a.std, {"embed": a.embed, "features": a.features,
-                                      "freq_min": a.freq_min, "freq_max": a.freq_max,
-                                      "dropout": a.dropout}) for a in cond.aux],
-        mapping=mapping,
-        embedding_std=spec.init.embedding_std,
-        class_tokens=class_tokens)
-    memory = ()
+    embed = TokenMerge(spec.input.channels, d0, S.pair(spec.patch.size), bias=spec.patch.bias)
+    position = build_position(spec.position, spec.token_grids()[0], d0)
+    conditioning = build_conditioning(spec)
+    classes = spec.conditioning.classes
+    memory_sources: tuple[str, ...] = ()
+    memory = None
     if any(isinstance(b.cross_attention, S.MemoryCrossAttention) for *_, b in spec.blocks()):
-        memory = ("label", "time") if classes and classes.inject == "memory" else ("time",)
-    factors = spec.factors()
+        memory_sources = (("label", "time") if classes and classes.inject == "memory"
+                          else ("time",))
+        memory = Memory()
 
     levels = []
     last = len(spec.levels) - 1
@@ -318,7 +306,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
             nonlocal index
             blocks = []
             for blk in spec.stack(i, which):
-                blocks.append(_block(blk, lvl.d_model, cw, index, memory))
+                blocks.append(_block(blk, lvl.d_model, cw, index, memory_sources))
                 index += 1
             return Stack(blocks)
 
@@ -327,49 +315,11 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
             continue
         encoder = make_stack("encoder")
         decoder = make_stack("decoder")
-        nxt = spec.levels[i + 1].d_model
-        f = factors[i]
-        match lvl.down:
-            case S.Merge(bias=bias):
-                down = TokenMerge(lvl.d_model, nxt, (f, f), bias=bias)
-            case S.Repatch(patch_size=p, bias=bias, position=pos):
-                coarse = spec.token_grids()[i + 1]
-                down = Repatch(spec.input.channels, nxt, p, bias, _position(pos, coarse, nxt))
-            case other:
-                assert_never(other)
-        match lvl.up:
-            case None | S.Split():
-                split_bias = lvl.down.bias
-                up = TokenSplit(nxt, lvl.d_model, (f, f), bias=split_bias)
-            case S.Upsample(bias=bias, approximate=ap, norm=n, position=pos):
-                up = Upsample(lvl.d_model, f, bias, ap, n.kind, n.eps, n.affine,
-                              _position(pos, spec.token_grids()[i], lvl.d_model))
-            case other:
-                assert_never(other)
-        match lvl.skip:
-            case S.LerpSkip(init=fac):
-                skip = LerpSkip(init=fac)
-            case S.AddSkip():
-                skip = AddSkip()
-            case S.ConcatSkip(bias=bias):
-                skip = ConcatSkip(lvl.d_model, bias=bias)
-            case S.NoSkip():
-                skip = NoSkip()
-            case S.LinearSkip(bias=bias):
-                skip = LinearSkip(lvl.d_model, bias=bias)
-            case other:
-                assert_never(other)
+        down, up = build_down(spec, i), build_up(spec, i)
+        skip = build_skip(lvl.skip, lvl.d_model)
         levels.append(Level(encoder=encoder, decoder=decoder, down=down, up=up, skip=skip))
 
-    match spec.head:
-        case S.AdaLNHead(shared=True) as h:
-            head = SharedAdaLNHead(d0, spec.out_channels, (ph, pw), h.norm.kind, h.norm.eps,
-                                   h.norm.affine, h.bias)
-        case S.LinearHead() | S.AdaLNHead() as h:
-            head = Head(h.kind, d0, cw, spec.out_channels, (ph, pw), h.norm.kind, h.norm.eps,
-                        h.norm.affine, h.bias)
-        case other:
-            assert_never(other)
+    head = build_head(spec)
     shared = None
     shared_widths = {spec.levels[i].d_model for i, _, _, b in spec.blocks()
                      if isinstance(b.modulation, S.SharedAdaLNZero)}
@@ -381,36 +331,11 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     return model
 
 
-def _position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module | None:
-    match pos:
-        case S.NoPosition():
-            return None
-        case S.SincosPosition(max_period=mp):
-            return SincosPosition(grid, d_model, mp)
-        case S.LearnedPosition(init_std=std):
-            return LearnedPosition(grid, d_model, std)
-        case other:
-            assert_never(other)
-
-
 def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
            memory: tuple[str, ...] = ()) -> Block:
     cfg = AttentionConfig(d_model, blk.d_head, blk.qk_norm, blk.logits, blk.rope,
                           blk.attention_bias, blk.dropout, blk.zero_init_out)
-    match blk.attention:
-        case S.NoAttention():
-            attention = None
-        case S.AggregateAttention(factor=fac, n_heads=nh):
-            attention = AggregateAttention(cfg, nh, fac)
-        case S.GlobalAttention():
-            attention = GlobalAttention(cfg)
-        case S.NeighborhoodAttention(kernel_size=k, dilation=d):
-            attention = NeighborhoodAttention(cfg, S.pair(k), S.pair(d))
-        case S.ShiftedWindowAttention(window_size=w, shift=shift):
-            attention = ShiftedWindowAttention(
-                cfg, w, w // 2 if shift == "alternate" and index % 2 else 0)
-        case other:
-            assert_never(other)
+    attention = build_attention(blk.attention, cfg, index)
     cross = None
     match blk.cross_attention:
         case S.NoCrossAttention():
@@ -420,18 +345,7 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
             cross = CrossAttention(cfg, cond_width, sources, null_token=null)
         case other:
             assert_never(other)
-    ffn_args = {"bias": blk.ffn.bias, "dropout": blk.dropout,
-                "zero_init_out": blk.zero_init_out}
-    d_ff = blk.ffn.hidden(d_model)
-    match blk.ffn:
-        case S.GeluMLP(approximate=ap):
-            ffn = GeluMLP(d_model, d_ff, ap, **ffn_args)
-        case S.GEGLU():
-            ffn = GEGLU(d_model, d_ff, **ffn_args)
-        case S.SwiGLU():
-            ffn = SwiGLU(d_model, d_ff, **ffn_args)
-        case other:
-            assert_never(other)
+    ffn = build_ffn(blk, d_model)
     parts = (d_model, cond_width, blk.norm, attention, ffn, cross)
     match blk.modulation:
         case S.AdaScale(activation=act):

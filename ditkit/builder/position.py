@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import assert_never
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ditkit import spec as S
 
 
 def sincos_table(h: int, w: int, dim: int, max_period: float = 10000.0,
@@ -66,6 +69,19 @@ class LearnedPosition(nn.Module):
             table = F.interpolate(table.permute(2, 0, 1)[None], size=(x.shape[1], x.shape[2]),
                                   mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
         return x + table.to(x.dtype)
+
+
+def build_position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.Module | None:
+    """The absolute position table of a spec's ``position`` on ``grid`` (None: no table)."""
+    match pos:
+        case S.NoPosition():
+            return None
+        case S.SincosPosition(max_period=mp):
+            return SincosPosition(grid, d_model, mp)
+        case S.LearnedPosition(init_std=std):
+            return LearnedPosition(grid, d_model, std)
+        case other:
+            assert_never(other)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from ditkit import spec as S
 from ditkit.builder import build, kernels
 from ditkit.builder.accounting import describe
-from ditkit.builder.aggregate import AggregateAttention
-from ditkit.builder.attention import AttentionConfig
+from ditkit.builder.attention import AggregateAttention, AttentionConfig
 from ditkit.builder.cross_attention import CrossAttention
 from ditkit.spec.families import mdit
 from ditkit.spec.presets import preset

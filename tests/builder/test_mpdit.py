@@ -8,7 +8,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.builder.accounting import describe
-from ditkit.builder.fno import FNOEmbed
+from ditkit.builder.conditioning import FNOEmbed
 from tests.conftest import EXAMPLES
 
 
@@ -140,13 +140,13 @@ def test_three_stage_layout_round_trips_through_the_mpditv2_names():
 
 def test_upsampler_rows_follow_mpdit_pixel_shuffle_order():
     """A source proj row (d, p, q) must land on ditkit's (p, q, d)."""
-    from ditkit.runtime.convert.mpdit import _shuffle_to_ditkit, _shuffle_to_source
+    from ditkit.runtime.convert.mpdit import _shuffle
 
     d, f = 3, 2
     rows = torch.arange(d * f * f, dtype=torch.float32)  # source index = d_ * 4 + p * 2 + q
-    out = _shuffle_to_ditkit(f)(rows)
+    out = _shuffle(f).to_ditkit(rows)
     for p in range(f):
         for q in range(f):
             for d_ in range(d):
                 assert out[(p * f + q) * d + d_] == d_ * f * f + p * f + q
-    assert torch.equal(_shuffle_to_source(f)(out), rows)
+    assert torch.equal(_shuffle(f).to_source(out), rows)

@@ -8,8 +8,8 @@ from torch import nn
 
 from ditkit import spec as S
 from ditkit.builder import build
-from ditkit.builder import model as model_module
-from ditkit.builder.norm import Norm
+from ditkit.builder import heads as heads_module
+from ditkit.builder.norm import LayerNorm, Norm
 from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags, tag
 from ditkit.train.loop import param_groups
 from tests.conftest import EXAMPLES, example_specs
@@ -47,15 +47,15 @@ def test_a_new_module_kind_lands_in_the_right_groups_without_touching_train(monk
             super().__init__()
             self.gain = nn.Parameter(torch.ones(d))
             tag(self, "gain", NO_DECAY)
-            self.norm = Norm(d, "layer", affine=True)
+            self.norm = LayerNorm(d, affine=True)
             self.proj = nn.Linear(d, d)
 
-    class GainHead(model_module.Head):
+    class GainHead(heads_module.LinearHead):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.extra = Gain(8)
 
-    monkeypatch.setattr(model_module, "Head", GainHead)
+    monkeypatch.setattr(heads_module, "LinearHead", GainHead)
     model = build(S.load(EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml"))
     got = _groups_by_name(model)
     assert got["head.extra.gain"] == (0.0, 1e-3)

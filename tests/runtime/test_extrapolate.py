@@ -5,7 +5,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
-from ditkit.builder.embed import TokenMerge, TokenSplit
+from ditkit.builder.transitions import TokenMerge, TokenSplit
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 from tests.perturb import perturb
 

@@ -122,10 +122,10 @@ class NormGelu(torch.nn.Module):
     def __init__(self):
         super().__init__()
         from ditkit.builder.ffn import GEGLU, GeluMLP
-        from ditkit.builder.norm import Norm
+        from ditkit.builder.norm import RMSNorm
 
-        self.norm = Norm(24, "rms")
-        self.head_norm = Norm(24, "rms", affine=True)
+        self.norm = RMSNorm(24)
+        self.head_norm = RMSNorm(24, affine=True)
         self.ffn = GEGLU(24, 40, bias=False)
         self.mlp = GeluMLP(24, 16, approximate="tanh")
         self.s = torch.nn.Parameter(torch.tensor([3.0, 7.0]))
@@ -133,7 +133,7 @@ class NormGelu(torch.nn.Module):
     def forward(self, x):  # (B, H, W, 24)
         h = self.norm(x)
         q = h.view(*h.shape[:3], 2, 12)
-        s = self.s.sqrt()[:, None]  # Attention._cosine's form, per head
+        s = self.s.sqrt()[:, None]  # CosineLogits's form, per head
         q = q * (s * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + 1e-6))
         return self.head_norm(x + self.ffn(q.flatten(3)) + self.mlp(h))
 

@@ -18,6 +18,12 @@ Each source format is one module in this package that exposes:
     the inverse, back to the source key layout; ``from_ditkit(to_ditkit(s, spec), spec)`` must
     equal ``s`` bit for bit (derived buffers the source stores are regenerated).
 
+A format module declares each tensor's move once -- a list of :class:`~.remap.Move` (a copy,
+or a layout change with its inverse, :class:`~.remap.Transform`), :class:`~.remap.Concat`
+and :class:`~.remap.Derived` -- and gets both functions from :func:`~.remap.to_ditkit` and
+:func:`~.remap.from_ditkit`, which run the list forward and backward through a
+:class:`Remap`.
+
 Optional: ``PREFERRED_KEYS`` (entries of a training dict to take the weights from, in order;
 default ``("ema", "model_ema", "model")``), ``metadata(spec) -> dict[str, str]`` (what
 :func:`convert` records in the ditkit checkpoint, e.g. ``ditkit.cfg_channels``),

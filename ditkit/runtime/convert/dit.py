@@ -24,7 +24,8 @@ from ditkit import spec as S
 from ditkit.spec.families import DIT_SIZES
 
 from ..checkpoint import CFG_CHANNELS_KEY
-from .remap import ConversionInputError, Remap, check_heads, expected_shapes
+from . import remap
+from .remap import ConversionInputError, Move, Transform, check_heads, expected_shapes
 
 SOURCE = "dit"
 PREFERRED_KEYS = ("ema", "model")
@@ -105,23 +106,33 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     )
 
 
-def _pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
-    """(DiT key, ditkit key) for every tensor copied unchanged."""
-    pairs = [("x_embedder.proj.bias", "embed.proj.bias")]
-    pairs += [(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
+def _moves(spec: S.ModelSpec) -> list[Move]:
+    """Every tensor's move, declared once: ``to_ditkit`` runs them forward, ``from_ditkit``
+    backward."""
+    grid = spec.token_grids()[0]
+    ph, pw = S.pair(spec.patch.size)
+    c = spec.input.channels
+    moves = [
+        Move("x_embedder.proj.weight", "embed.proj.weight", Transform(  # Conv2d (D, C, p, p)
+            lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),  # (D, p*p*C): (row, col, c)
+            lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous())),
+        Move("pos_embed", "position.table", Transform(  # (1, T, D) <-> (h, w, D)
+            lambda t: t.reshape(*grid, t.shape[-1]), lambda t: t.reshape(1, -1, t.shape[-1]))),
+        Move("x_embedder.proj.bias", "embed.proj.bias")]
+    moves += [Move(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
               for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")]
     if spec.conditioning.classes is not None:
-        pairs.append(("y_embedder.embedding_table.weight", "conditioning.class_embed.weight"))
+        moves.append(Move("y_embedder.embedding_table.weight", "conditioning.class_embed.weight"))
     for i in range(len(spec.stack(0, "middle"))):
         for src, dst in (("adaLN_modulation.1", "modulation"), ("attn.qkv", "attn.qkv"),
                          ("attn.proj", "attn.out"), ("mlp.fc1", "ffn.up"),
                          ("mlp.fc2", "ffn.down")):
             for p in ("weight", "bias"):
-                pairs.append((f"blocks.{i}.{src}.{p}", f"levels.0.middle.{i}.{dst}.{p}"))
+                moves.append(Move(f"blocks.{i}.{src}.{p}", f"levels.0.middle.{i}.{dst}.{p}"))
     for src, dst in (("adaLN_modulation.1", "modulation.1"), ("linear", "proj")):
         for p in ("weight", "bias"):
-            pairs.append((f"final_layer.{src}.{p}", f"head.{dst}.{p}"))
-    return pairs
+            moves.append(Move(f"final_layer.{src}.{p}", f"head.{dst}.{p}"))
+    return moves
 
 
 def _check_family(spec: S.ModelSpec) -> None:
@@ -143,27 +154,12 @@ def _check_family(spec: S.ModelSpec) -> None:
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(state, SOURCE, expected_shapes(spec))
-    grid = spec.token_grids()[0]
-    r.move("x_embedder.proj.weight", "embed.proj.weight",
-           lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))  # (D, p*p*C): (row, col, c)
-    r.move("pos_embed", "position.table", lambda t: t.reshape(*grid, t.shape[-1]))
-    for src, dst in _pairs(spec):
-        r.move(src, dst)
-    return r.finish()
+    return remap.to_ditkit(_moves(spec), state, SOURCE, expected_shapes(spec))
 
 
 def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(tensors, f"ditkit -> {SOURCE}")
-    ph, pw = S.pair(spec.patch.size)
-    c = spec.input.channels
-    r.move("embed.proj.weight", "x_embedder.proj.weight",
-           lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous())
-    r.move("position.table", "pos_embed", lambda t: t.reshape(1, -1, t.shape[-1]))
-    for src, dst in _pairs(spec):
-        r.move(dst, src)
-    return r.finish()
+    return remap.from_ditkit(_moves(spec), tensors, SOURCE)
 
 
 def metadata(spec: S.ModelSpec) -> dict[str, str]:

@@ -32,7 +32,8 @@ import torch
 from ditkit import spec as S
 from ditkit.builder.position import rope_frequencies
 
-from .remap import ConversionInputError, Remap, expected_shapes
+from . import remap
+from .remap import Concat, ConversionInputError, Derived, Move, expected_shapes
 
 SOURCE = "k-diffusion"
 PREFERRED_KEYS = ("model_ema", "model")
@@ -361,8 +362,10 @@ def _freqs(blk: S.Block, d_model: int) -> torch.Tensor | None:
                             r.frequencies, r.freq_min, r.freq_max, r.base)
 
 
-def _plain_pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
-    """(k-diffusion key, ditkit key) of every tensor copied unchanged."""
+def _moves(spec: S.ModelSpec) -> list[Move | Concat | Derived]:
+    """Every tensor's move, declared once: ``to_ditkit`` runs them forward, ``from_ditkit``
+    backward. Copies first, then per layer the two AdaRMSNorm projections (one ditkit
+    ``modulation`` Linear) and the RoPE frequencies (derived from the spec)."""
     pairs = [("patch_in.proj.weight", "embed.proj.weight"),
              ("time_emb.weight", "conditioning.noise.weight"),
              ("time_in_proj.weight", "conditioning.noise.proj.weight"),
@@ -389,7 +392,19 @@ def _plain_pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
                      ("ff.up_proj.weight", "ffn.up.weight"),
                      ("ff.down_proj.weight", "ffn.down.weight")):
             pairs.append((f"{src}.{a}", f"{dst}.{b}"))
-    return pairs
+    moves: list[Move | Concat | Derived] = [Move(a, b) for a, b in pairs]
+    for src, dst, d_model, _, blk in _layers(spec):
+        moves.append(Concat((f"{src}.self_attn.norm.linear.weight",
+                             f"{src}.ff.norm.linear.weight"), f"{dst}.modulation.weight"))
+        freqs = _freqs(blk, d_model)
+        if freqs is not None:
+            moves.append(Derived(
+                f"{src}.self_attn.pos_emb.freqs", freqs, dtype_of=f"{dst}.attn.qkv.weight",
+                wrong_shape="the spec's RoPE needs {shape} (heads, d_head * fraction / 4)",
+                wrong_value="{source} differs from the RoPE frequencies ditkit derives for "
+                            + dst + " (max abs diff {diff:.3g}); this checkpoint's RoPE layout "
+                            "is not k-diffusion's log-spaced one"))
+    return moves
 
 
 def _check_aug(spec: S.ModelSpec) -> None:
@@ -417,43 +432,9 @@ def _check_family(spec: S.ModelSpec) -> None:
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(state, SOURCE, expected_shapes(spec))
-    for src, dst in _plain_pairs(spec):
-        r.move(src, dst)
-    for src, dst, d_model, _, blk in _layers(spec):
-        r.concat([f"{src}.self_attn.norm.linear.weight", f"{src}.ff.norm.linear.weight"],
-                 f"{dst}.modulation.weight")
-        want = _freqs(blk, d_model)
-        key = f"{src}.self_attn.pos_emb.freqs"
-        if want is None:
-            continue
-        got = r.take(key)
-        if got is None:
-            continue
-        if got.shape != want.shape:
-            r.mismatched.append(f"{key}: got {tuple(got.shape)}, the spec's RoPE needs "
-                                f"{tuple(want.shape)} (heads, d_head * fraction / 4)")
-        elif not torch.equal(got, want.to(got.dtype)):  # fp16 inference files: rounded
-            r.problem(f"{key} differs from the RoPE frequencies ditkit derives for {dst} "
-                      f"(max abs diff {(got.float() - want).abs().max().item():.3g}); this "
-                      "checkpoint's RoPE layout is not k-diffusion's log-spaced one")
-    return r.finish()
+    return remap.to_ditkit(_moves(spec), state, SOURCE, expected_shapes(spec))
 
 
 def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(tensors, f"ditkit -> {SOURCE}")
-    for src, dst in _plain_pairs(spec):
-        r.move(dst, src)
-    for src, dst, d_model, _, blk in _layers(spec):
-        m = r.take(f"{dst}.modulation.weight")
-        if m is not None:
-            a, f = m.chunk(2, dim=0)
-            r.put(f"{src}.self_attn.norm.linear.weight", a.contiguous())
-            r.put(f"{src}.ff.norm.linear.weight", f.contiguous())
-        freqs = _freqs(blk, d_model)
-        if freqs is not None:  # regenerated, in the dtype the checkpoint's weights have
-            like = tensors.get(f"{dst}.attn.qkv.weight")
-            dtype = like.dtype if like is not None else freqs.dtype
-            r.put(f"{src}.self_attn.pos_emb.freqs", freqs.to(dtype))
-    return r.finish()
+    return remap.from_ditkit(_moves(spec), tensors, SOURCE)

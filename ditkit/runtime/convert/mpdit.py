@@ -31,7 +31,8 @@ from ditkit import spec as S
 from ditkit.spec.families import mpdit
 
 from ..checkpoint import CFG_CHANNELS_KEY
-from .remap import ConversionInputError, Remap, check_heads, expected_shapes
+from . import remap
+from .remap import ConversionInputError, Move, Transform, check_heads, expected_shapes
 
 SOURCE = "mpdit"
 PREFERRED_KEYS = ("ema", "model")
@@ -98,30 +99,31 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
                  description="converted from a quandao10/MPDiT checkpoint")
 
 
-def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (D, p*p*C): (row, col, c)
-
-
-def _linear_to_conv(c: int):
-    def fn(w: torch.Tensor) -> torch.Tensor:
+def _patch(c: int) -> Transform:
+    """A Conv2d patch weight ``(D, C, p, p)`` <-> a Linear over ``(row, col, c)``."""
+    def to_source(w: torch.Tensor) -> torch.Tensor:
         p = math.isqrt(w.shape[1] // c)
         return w.reshape(w.shape[0], p, p, c).permute(0, 3, 1, 2).contiguous()
-    return fn
+    return Transform(lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), to_source)
 
 
-def _shuffle_to_ditkit(f: int):
-    """Rows ``(d, p, q)`` -> ``(p, q, d)`` of the upsampler's proj weight / bias."""
-    def fn(t: torch.Tensor) -> torch.Tensor:
+def _shuffle(f: int) -> Transform:
+    """Rows ``(d, p, q)`` (MPDiT) <-> ``(p, q, d)`` (ditkit) of the upsampler's proj weight /
+    bias."""
+    def to_ditkit(t: torch.Tensor) -> torch.Tensor:
         d = t.shape[0] // (f * f)
         return t.reshape(d, f, f, *t.shape[1:]).movedim(0, 2).reshape(t.shape).contiguous()
-    return fn
 
-
-def _shuffle_to_source(f: int):
-    def fn(t: torch.Tensor) -> torch.Tensor:
+    def to_source(t: torch.Tensor) -> torch.Tensor:
         d = t.shape[0] // (f * f)
         return t.reshape(f, f, d, *t.shape[1:]).movedim(2, 0).reshape(t.shape).contiguous()
-    return fn
+    return Transform(to_ditkit, to_source)
+
+
+def _table(grid: tuple[int, int]) -> Transform:
+    """A position table ``(1, T, D)`` <-> ``(h, w, D)``."""
+    return Transform(lambda t: t.reshape(*grid, t.shape[-1]),
+                     lambda t: t.reshape(1, -1, t.shape[-1]))
 
 
 def _layout(spec: S.ModelSpec) -> dict:
@@ -160,82 +162,63 @@ def _check_family(spec: S.ModelSpec) -> None:
         raise ConversionInputError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
 
 
-def _pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
-    """(MPDiT key, ditkit key) for every tensor copied unchanged."""
+def _moves(spec: S.ModelSpec) -> list[Move]:
+    """Every tensor's move, declared once: ``to_ditkit`` runs them forward, ``from_ditkit``
+    backward."""
     lay = _layout(spec)
+    grids, factors = spec.token_grids(), spec.factors()
+    patch = _patch(spec.input.channels)
     wb = ("weight", "bias")
-    pairs = [(f"{lay['fine_embed']}.proj.bias", "embed.proj.bias"),
-             ("y_embedder.embedding_table.weight", "conditioning.class_tokens.table.weight")]
-    pairs += [(f"time_modulation.1.{p}", f"shared_modulation.proj.{p}") for p in wb]
-    pairs += [(f"final_layer.linear.{p}", f"head.proj.{p}") for p in wb]
+    moves = [Move(f"{lay['fine_embed']}.proj.weight", "embed.proj.weight", patch)]
+    for i, (up, _, _, emb, up_pos, down_pos) in enumerate(lay["levels"]):
+        moves.append(Move(f"{emb}.proj.weight", f"levels.{i}.down.embed.proj.weight", patch))
+        moves += [Move(f"{up}.proj.{p}", f"levels.{i}.up.proj.{p}", _shuffle(factors[i]))
+                  for p in wb]
+        moves.append(Move(up_pos, f"levels.{i}.up.position.table", _table(grids[i])))
+        if down_pos is not None:
+            moves.append(Move(down_pos, f"levels.{i}.down.position.table", _table(grids[i + 1])))
+
+    moves += [Move(f"{lay['fine_embed']}.proj.bias", "embed.proj.bias"),
+              Move("y_embedder.embedding_table.weight", "conditioning.class_tokens.table.weight")]
+    moves += [Move(f"time_modulation.1.{p}", f"shared_modulation.proj.{p}") for p in wb]
+    moves += [Move(f"final_layer.linear.{p}", f"head.proj.{p}") for p in wb]
     if isinstance(spec.conditioning.noise, S.FNONoise):
-        pairs += [(f"t_embedder.fc0.{p}", f"conditioning.noise.lift.{p}") for p in wb]
-        pairs += [(f"t_embedder.fc1.{p}", f"conditioning.noise.proj.{p}") for p in wb]
+        moves += [Move(f"t_embedder.fc0.{p}", f"conditioning.noise.lift.{p}") for p in wb]
+        moves += [Move(f"t_embedder.fc1.{p}", f"conditioning.noise.proj.{p}") for p in wb]
         for i in range(spec.conditioning.noise.depth):
-            pairs += [(f"t_embedder.conv{i}.weights_{p}", f"conditioning.noise.spectral.{i}."
-                       f"weights_{p}") for p in ("real", "imag")]
-            pairs += [(f"t_embedder.w{i}.{p}", f"conditioning.noise.pointwise.{i}.{p}")
+            moves += [Move(f"t_embedder.conv{i}.weights_{p}",
+                           f"conditioning.noise.spectral.{i}.weights_{p}")
+                      for p in ("real", "imag")]
+            moves += [Move(f"t_embedder.w{i}.{p}", f"conditioning.noise.pointwise.{i}.{p}")
                       for p in wb]
     else:
-        pairs += [(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
+        moves += [Move(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
                   for i, j in ((0, 1), (2, 2)) for p in wb]
 
     def blocks(src: str, dst: str, n: int) -> None:
         for i in range(n):
             for a, b in (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.out"),
                          ("mlp.fc1", "ffn.up"), ("mlp.fc2", "ffn.down")):
-                pairs.extend((f"{src}.{i}.{a}.{p}", f"{dst}.{i}.{b}.{p}") for p in wb)
+                moves.extend(Move(f"{src}.{i}.{a}.{p}", f"{dst}.{i}.{b}.{p}") for p in wb)
 
     last = len(spec.levels) - 1
     blocks("downsample_blocks", f"levels.{last}.middle", len(spec.stack(last, "middle")))
     for i, (up, skip, fine, emb, _, _) in enumerate(lay["levels"]):
         blocks(fine, f"levels.{i}.decoder", len(spec.stack(i, "decoder")))
-        pairs += [(f"{up}.refine.{p}", f"levels.{i}.up.refine.{p}") for p in wb]
-        pairs += [(f"{skip}.{p}", f"levels.{i}.skip.proj.{p}") for p in wb]
-        pairs.append((f"{emb}.proj.bias", f"levels.{i}.down.embed.proj.bias"))
-    return pairs
+        moves += [Move(f"{up}.refine.{p}", f"levels.{i}.up.refine.{p}") for p in wb]
+        moves += [Move(f"{skip}.{p}", f"levels.{i}.skip.proj.{p}") for p in wb]
+        moves.append(Move(f"{emb}.proj.bias", f"levels.{i}.down.embed.proj.bias"))
+    return moves
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(state, SOURCE, expected_shapes(spec))
-    lay = _layout(spec)
-    grids = spec.token_grids()
-    factors = spec.factors()
-    r.move(f"{lay['fine_embed']}.proj.weight", "embed.proj.weight", _conv_to_linear)
-    for i, (up, _, _, emb, up_pos, down_pos) in enumerate(lay["levels"]):
-        r.move(f"{emb}.proj.weight", f"levels.{i}.down.embed.proj.weight", _conv_to_linear)
-        for p in ("weight", "bias"):
-            r.move(f"{up}.proj.{p}", f"levels.{i}.up.proj.{p}", _shuffle_to_ditkit(factors[i]))
-        r.move(up_pos, f"levels.{i}.up.position.table",
-               lambda t, g=grids[i]: t.reshape(*g, t.shape[-1]))
-        if down_pos is not None:
-            r.move(down_pos, f"levels.{i}.down.position.table",
-                   lambda t, g=grids[i + 1]: t.reshape(*g, t.shape[-1]))
-    for src, dst in _pairs(spec):
-        r.move(src, dst)
-    return r.finish()
+    return remap.to_ditkit(_moves(spec), state, SOURCE, expected_shapes(spec))
 
 
 def from_ditkit(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     _check_family(spec)
-    r = Remap(tensors, f"ditkit -> {SOURCE}")
-    lay = _layout(spec)
-    factors = spec.factors()
-    c = spec.input.channels
-    r.move("embed.proj.weight", f"{lay['fine_embed']}.proj.weight", _linear_to_conv(c))
-    for i, (up, _, _, emb, up_pos, down_pos) in enumerate(lay["levels"]):
-        r.move(f"levels.{i}.down.embed.proj.weight", f"{emb}.proj.weight", _linear_to_conv(c))
-        for p in ("weight", "bias"):
-            r.move(f"levels.{i}.up.proj.{p}", f"{up}.proj.{p}", _shuffle_to_source(factors[i]))
-        r.move(f"levels.{i}.up.position.table", up_pos,
-               lambda t: t.reshape(1, -1, t.shape[-1]))
-        if down_pos is not None:
-            r.move(f"levels.{i}.down.position.table", down_pos,
-                   lambda t: t.reshape(1, -1, t.shape[-1]))
-    for src, dst in _pairs(spec):
-        r.move(dst, src)
-    return r.finish()
+    return remap.from_ditkit(_moves(spec), tensors, SOURCE)
 
 
 def metadata(spec: S.ModelSpec) -> dict[str, str]:

@@ -1,13 +1,16 @@
 """The pieces every format module of :mod:`ditkit.runtime.convert` uses: :class:`Remap`, which
-moves tensors between key layouts and collects every problem, :class:`ConversionError`, and
-:func:`expected_shapes`. A module of its own so that the format modules and the package's
-dispatch do not import each other."""
+moves tensors between key layouts and collects every problem, :class:`ConversionError`,
+:func:`expected_shapes`, and the move declarations (:class:`Move`, :class:`Concat`,
+:class:`Derived` with their :class:`Transform`) from which :func:`to_ditkit` and
+:func:`from_ditkit` derive both directions of a conversion. A module of its own so that the
+format modules and the package's dispatch do not import each other."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -142,6 +145,14 @@ class Remap:
             shapes = ", ".join(f"{k} {_shape(p.shape)}" for k, p in zip(keys, parts))
             self.mismatched.append(f"cannot concatenate {shapes} into {name}")
 
+    def split(self, key: str, names: Sequence[str], dim: int = 0) -> None:
+        """The inverse of :meth:`concat`: ``state[key]`` cut into ``len(names)`` equal parts."""
+        t = self.take(key)
+        if t is None:
+            return
+        for name, part in zip(names, t.chunk(len(names), dim=dim)):
+            self.put(name, part.contiguous(), key)
+
     def problem(self, message: str) -> None:
         self.other.append(message)
 
@@ -164,6 +175,105 @@ class Remap:
         if missing or unexpected or mismatched or self.other:
             raise ConversionError(self.source, missing, unexpected, mismatched, self.other)
         return self.out
+
+
+# --------------------------------------------------------------------------------------------
+# moves, declared once per tensor: both directions follow
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A tensor layout change and its inverse: ``to_ditkit(source tensor)`` and
+    ``to_source(ditkit tensor)``; ``to_source(to_ditkit(t))`` must equal ``t`` bit for bit."""
+
+    to_ditkit: Callable[[torch.Tensor], torch.Tensor]
+    to_source: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Move:
+    """The tensor at source key ``source`` is ditkit's ``target`` (after ``transform``, a copy
+    without one)."""
+
+    source: str
+    target: str
+    transform: Transform | None = None
+
+    def forward(self, r: Remap) -> None:
+        r.move(self.source, self.target, self.transform and self.transform.to_ditkit)
+
+    def backward(self, r: Remap) -> None:
+        r.move(self.target, self.source, self.transform and self.transform.to_source)
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Source tensors ``sources`` (equal sizes along ``dim``) are one ditkit tensor
+    ``target``, concatenated in that order."""
+
+    sources: tuple[str, ...]
+    target: str
+    dim: int = 0
+
+    def forward(self, r: Remap) -> None:
+        r.concat(list(self.sources), self.target, self.dim)
+
+    def backward(self, r: Remap) -> None:
+        r.split(self.target, self.sources, self.dim)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A source tensor ditkit does not store because the spec determines it (``value``): read
+    and checked against ``value`` on the way in, regenerated in the dtype of ditkit's
+    ``dtype_of`` tensor on the way out. ``wrong_shape`` (with ``{shape}``, the one needed) and
+    ``wrong_value`` (with ``{source}`` and ``{diff}``, the largest difference) say what a
+    source that does not match means."""
+
+    source: str
+    value: torch.Tensor
+    dtype_of: str
+    wrong_shape: str
+    wrong_value: str
+
+    def forward(self, r: Remap) -> None:
+        got = r.take(self.source)
+        if got is None:
+            return
+        want = self.value
+        if got.shape != want.shape:
+            r.mismatched.append(f"{self.source}: got {tuple(got.shape)}, "
+                                + self.wrong_shape.format(shape=tuple(want.shape)))
+        elif not torch.equal(got, want.to(got.dtype)):  # fp16 inference files: rounded
+            diff = (got.float() - want).abs().max().item()
+            r.problem(self.wrong_value.format(source=self.source, diff=diff))
+
+    def backward(self, r: Remap) -> None:
+        like = r.state.get(self.dtype_of)
+        dtype = like.dtype if like is not None else self.value.dtype
+        r.put(self.source, self.value.to(dtype))
+
+
+Declaration = Move | Concat | Derived
+
+
+def to_ditkit(moves: Sequence[Declaration], state: Mapping[str, torch.Tensor], source: str,
+              expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Source tensors -> ditkit's, by ``moves`` in order; every problem in one
+    :class:`ConversionError`."""
+    r = Remap(state, source, expected)
+    for m in moves:
+        m.forward(r)
+    return r.finish()
+
+
+def from_ditkit(moves: Sequence[Declaration], tensors: Mapping[str, torch.Tensor],
+                source: str) -> dict[str, torch.Tensor]:
+    """ditkit tensors -> the source layout: the same ``moves``, each inverted."""
+    r = Remap(tensors, f"ditkit -> {source}")
+    for m in moves:
+        m.backward(r)
+    return r.finish()
 
 
 def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: str) -> None:
