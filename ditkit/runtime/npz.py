@@ -298,6 +298,28 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
     return got is not None and np.array_equal(got, labels)
 
 
+def draw_chunk(denoiser, k: int, start: int, n: int, labels: np.ndarray | None, *,
+               shape: tuple[int, int, int], steps: int, sampler: str, seed: int,
+               cfg_scale: float, schedule: str, eta: float | None,
+               guidance_interval: tuple[float, float] | None, cfg_channels: int | None,
+               decode: Callable[[torch.Tensor], torch.Tensor] | None,
+               device: str) -> torch.Tensor:
+    """Chunk ``k`` of :func:`sample_npz` (samples ``start .. start + n - 1``, seed ``seed +
+    k``) on ``device``, decoded when ``decode`` is given; a non-finite value is an error."""
+    from .samplers import sample
+
+    x = sample(denoiser, (n, *shape), steps=steps, sampler=sampler, seed=seed + k,
+               class_labels=None if labels is None else torch.from_numpy(labels),
+               cfg_scale=cfg_scale, schedule=schedule, eta=eta,
+               guidance_interval=guidance_interval, cfg_channels=cfg_channels, device=device)
+    if decode is not None:
+        x = decode(x)
+    if not torch.isfinite(x).all():
+        raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed {seed + k}) "
+                       "holds non-finite values; nothing was written for it")
+    return x
+
+
 def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, int, int],
                steps: int, sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch: int = 32,
                class_labels: torch.Tensor | np.ndarray | None = None, cfg_scale: float = 1.0,
@@ -313,8 +335,6 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     latent samples to images in [-1, 1]; ``identity`` (JSON data: the checkpoint's hash, the
     decoder) joins the settings a resumed run must match. Collective under ``torchrun``:
     every process calls it with the same arguments (``proc`` from :func:`processes`)."""
-    from .samplers import sample
-
     proc = proc or Processes(device=str(device))
     out = Path(out)
     if num < 1 or batch < 1:
@@ -355,16 +375,10 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     try:
         for k, start, n in todo:
             y = lab(start, n)
-            x = sample(denoiser, (n, *shape), steps=steps, sampler=sampler, seed=seed + k,
-                       class_labels=None if y is None else torch.from_numpy(y),
-                       cfg_scale=cfg_scale, schedule=schedule, eta=eta,
-                       guidance_interval=guidance_interval, cfg_channels=cfg_channels,
-                       device=proc.device)
-            if decode is not None:
-                x = decode(x)
-            if not torch.isfinite(x).all():
-                raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed {seed + k}) "
-                               "holds non-finite values; nothing was written for it")
+            x = draw_chunk(denoiser, k, start, n, y, shape=shape, steps=steps, sampler=sampler,
+                           seed=seed, cfg_scale=cfg_scale, schedule=schedule, eta=eta,
+                           guidance_interval=guidance_interval, cfg_channels=cfg_channels,
+                           decode=decode, device=proc.device)
             images = to_uint8(x)
             with atomic_path(parts / f"part-{k:06d}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **({"arr_0": images} if y is None else {"arr_0": images, "arr_1": y}))
@@ -389,6 +403,6 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     return result
 
 
-__all__ = ["sample_npz", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
+__all__ = ["sample_npz", "draw_chunk", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
            "to_uint8",
            "processes", "Processes", "parts_folder", "chunks_of", "NpzError", "NpzResult"]

@@ -190,6 +190,52 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     save_png(image_grid(images, ncol, scale=scale), path)
 
 
+# -------------------------------------------------------------------------------- one step
+
+
+def accumulate_gradients(net: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement,
+                         loss_fn: DiffusionLoss, stream, exp: Experiment,
+                         gen: torch.Generator, step: int, device: torch.device
+                         ) -> tuple[float, dict[str, float]]:
+    """The forward and backward passes of one optimizer step: ``training.accumulate``
+    micro-batches from ``stream`` moved to ``device``, label dropout from ``gen``, the loss
+    under the run's autocast, gradients reduced across processes on the last micro-batch only.
+    Returns the mean loss over every process and the objective's extra scalars."""
+    tr, spec = exp.training, exp.model_spec
+    micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    extras_sum: dict[str, float] = {}
+    for k in range(tr.accumulate):
+        x0, labels = stream.next(micro)
+        x0 = x0.to(device)
+        labels = labels.to(device) if spec.conditioning.classes is not None else None
+        labels = drop_labels(labels, tr.label_dropout, spec.null_label, gen)
+        with placement.no_sync(net, last=k == tr.accumulate - 1):
+            with autocast_for(exp, device):
+                loss, extras = loss_fn(net, x0, labels, gen, step)
+            (loss / tr.accumulate).backward()
+        loss_sum += loss.detach().double().cpu()
+        for name, v in extras.items():
+            extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
+    loss_value = loss_sum / tr.accumulate
+    if placement.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(loss_value)
+        loss_value /= placement.world
+    return float(loss_value), extras_sum
+
+
+def optimizer_step(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                   placement: Placement, exp: Experiment, step: int) -> float:
+    """Clip the gradients, step AdamW, update the EMA; returns the gradient norm."""
+    gnorm = placement.clip_gradients(model, exp.optimizer.grad_clip)
+    optimizer.step()
+    ema_update(ema_model, model, ema_decay(exp.ema, step))
+    return gnorm
+
+
 # -------------------------------------------------------------------------------- the loop
 
 
@@ -327,10 +373,6 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         net = compile_network(net, device=device, training=True,
                               fullgraph=placement.strategy != "ddp")
     loss_fn = DiffusionLoss(exp.objective, spec)
-    classes = spec.conditioning.classes
-    null_class = spec.null_label
-    micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
-
     evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
     if rank == 0:
@@ -373,37 +415,15 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             factor = lr_factor(opt_spec.schedule, step, tr.steps)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            extras_sum: dict[str, float] = {}
-            for k in range(tr.accumulate):
-                x0, labels = stream.next(micro)
-                x0 = x0.to(device)
-                labels = labels.to(device) if classes is not None else None
-                labels = drop_labels(labels, tr.label_dropout, null_class, gen)
-                with placement.no_sync(net, last=k == tr.accumulate - 1):
-                    with autocast_for(exp, device):
-                        loss, extras = loss_fn(net, x0, labels, gen, step)
-                    (loss / tr.accumulate).backward()
-                loss_sum += loss.detach().double().cpu()
-                for name, v in extras.items():
-                    extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
-            loss_value = loss_sum / tr.accumulate
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(loss_value)
-                loss_value /= world
-            loss_value = float(loss_value)
+            loss_value, extras_sum = accumulate_gradients(
+                net, optimizer, placement, loss_fn, stream, exp, gen, step, device)
             if not math.isfinite(loss_value):
                 where = (f"the last good checkpoint is {last_ckpt} (continue with --resume)"
                          if last_ckpt else "no checkpoint was written before it")
                 raise TrainingError(f"loss is {loss_value} at step {step + 1}; training stopped "
                                     f"and nothing was saved for this step; {where}. Lower "
                                     "optimizer.lr or set optimizer.grad_clip.")
-            gnorm = placement.clip_gradients(model, opt_spec.grad_clip)
-            optimizer.step()
-            ema_update(ema_model, model, ema_decay(exp.ema, step))
+            gnorm = optimizer_step(model, ema_model, optimizer, placement, exp, step)
             step += 1
             done["steps"] += 1
             result.step = step
