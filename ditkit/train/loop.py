@@ -81,7 +81,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(exp: Experiment) -> Dist:
+def init_distributed(exp: Experiment, device: torch.device) -> Dist:
+    """Join the ``torchrun`` process group; ``backend: auto`` follows the device this process
+    trains on (nccl on CUDA, gloo on the CPU -- a ``--device cpu`` run on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -89,7 +91,7 @@ def init_distributed(exp: Experiment) -> Dist:
 
     backend = exp.distributed.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -297,14 +299,14 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         if name not in SAMPLERS:
             raise TrainingSetupError(f"{where}: unknown sampler {name!r}; use one of "
                                 f"{', '.join(SAMPLERS)}")
-    dist_info = init_distributed(exp)
-    rank, world = dist_info.rank, dist_info.world
     from ditkit.runtime.device import pick_device
 
     try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
         device = pick_device(device if device is not None else "auto")
     except UserError as err:
         raise TrainingSetupError(str(err)) from None
+    dist_info = init_distributed(exp, device)
+    rank, world = dist_info.rank, dist_info.world
     if device.type == "cuda":
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
