@@ -35,7 +35,8 @@ IDS = ([f"{kind}/{p.stem}" for p in tiny_specs() for kind in ("train", "npz")]
 def results() -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.fake_cuda", "--json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"the harness printed no results (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])

@@ -403,6 +403,7 @@ def sample_npz(denoiser, out: str | os.PathLike, *, num: int, shape: tuple[int, 
     return result
 
 
-__all__ = ["sample_npz", "draw_chunk", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
+__all__ = ["sample_npz", "draw_chunk",
+           "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
            "to_uint8",
            "processes", "Processes", "parts_folder", "chunks_of", "NpzError", "NpzResult"]
