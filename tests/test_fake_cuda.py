@@ -6,7 +6,7 @@ autocast region not in bf16 fails here.
 
 The harness changes process-wide state of PyTorch that cannot be undone (a CUDA device guard
 on a CPU-only build), so it runs once, in a child process, and every check is one test here.
-About 40 s of CPU time in all on a loaded 2-core machine (most of it the fake tensors'
+About 35 s of CPU time in all on a loaded 2-core machine (most of it the fake tensors'
 bookkeeping: about 1 ms per operator)."""
 
 from __future__ import annotations
