@@ -46,6 +46,10 @@ DEVICE = torch.device("cuda", 0)
 _installed = False
 
 
+class Unavailable(RuntimeError):
+    """This PyTorch build cannot host the fake CUDA device."""
+
+
 class _CudaGuard(torch._C._acc.DeviceGuard):
     """A device guard that does nothing, of device type CUDA."""
 
@@ -59,9 +63,13 @@ def install() -> None:
     if _installed or torch.cuda._is_compiled():
         _installed = True
         return
-    registry = (ctypes.c_void_p * 21).in_dll(
-        ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
-        "_ZN3c104impl26device_guard_impl_registryE")
+    try:
+        registry = (ctypes.c_void_p * 21).in_dll(
+            ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
+            "_ZN3c104impl26device_guard_impl_registryE")
+    except (OSError, ValueError) as err:  # another platform's library name or symbol
+        raise Unavailable(f"cannot register a CUDA device guard in this PyTorch build "
+                          f"({err})") from None
     cuda, private = 1, 20  # c10::DeviceType::CUDA, ::PrivateUse1
     if registry[cuda] is None:
         if registry[private] is not None:
@@ -639,6 +647,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
     torch.set_num_threads(1)
+    try:
+        install()
+    except Unavailable as err:
+        print(json.dumps({"_unavailable": str(err)}) if args.json else err)
+        return 0
     results = run(args.ids or None)
     if args.json:
         print(json.dumps(results))
