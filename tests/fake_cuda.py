@@ -355,10 +355,12 @@ def check_forward(name: str, backend: str = "gather") -> None:
                     f"Linear outputs {probe.linear_dtypes} (autocast={autocast}), want {want}")
 
 
-def check_train_step(name: str, objective: str, accumulate: int = 1) -> None:
+def check_train_step(name: str, objective: str, accumulate: int = 1,
+                     precision: dict | None = None) -> None:
     """One optimizer step as ``ditkit train`` takes it (``loop.accumulate_gradients`` and
     ``loop.optimizer_step``): data to the device, label dropout, the objective's loss under
-    the run's autocast, backward (:func:`backward_standin`), clipping, AdamW, EMA."""
+    the run's autocast, backward (:func:`backward_standin`), clipping, AdamW, EMA.
+    ``precision``: the experiment's block (default ``dtype: auto``: bf16 on CUDA)."""
     import copy
 
     from ditkit.builder import use_backend
@@ -368,11 +370,15 @@ def check_train_step(name: str, objective: str, accumulate: int = 1) -> None:
 
     spec = load_spec(name, null_class=False)
     exp = experiment(spec, objective, training={"batch_size": 2 * accumulate, "steps": 2,
-                                                "label_dropout": 0.5, "accumulate": accumulate})
+                                                "label_dropout": 0.5, "accumulate": accumulate},
+                     precision=precision or {})
+    want = torch.float32 if exp.precision.dtype == "fp32" else torch.bfloat16
     stream = _stream(exp)
     with fake_cuda() as mode, use_backend("gather"), standin_backward() as losses:
         model = build_on_device(spec)
         ema = copy.deepcopy(model).requires_grad_(False)
+        if exp.precision.activation_checkpointing:
+            loop.enable_activation_checkpointing(model)
         placement = Placement(exp, 1, 0, DEVICE)
         net = placement.wrap(model, ema)
         # foreach: what AdamW picks for CUDA tensors (it cannot tell that fake ones are)
@@ -387,8 +393,8 @@ def check_train_step(name: str, objective: str, accumulate: int = 1) -> None:
                 "autocast_for was not asked for the device")
         _expect(probe.calls == accumulate and probe.devices == {DEVICE},
                 f"forward outputs on {probe.devices}")
-        _expect(probe.linear_dtypes == {torch.bfloat16},
-                f"Linear outputs in {probe.linear_dtypes}: precision auto on CUDA is bf16")
+        _expect(probe.linear_dtypes == {want},
+                f"Linear outputs in {probe.linear_dtypes}, want {want} ({exp.precision})")
         _expect(len(losses) == accumulate and all(
             is_fake_cuda(l) and l.dtype == torch.float32 and l.ndim == 0 for l in losses),
             f"the loss is {[(l.device, l.dtype, tuple(l.shape)) for l in losses]}")
@@ -605,6 +611,9 @@ def all_checks() -> dict[str, tuple]:
     for obj in ("edm", "x0", "flow"):
         checks[f"train/{base}/{obj}"] = (check_train_step, base, obj)
     checks[f"train/{base}/accumulate2"] = (check_train_step, base, "ddpm_eps", 2)
+    checks[f"train/{base}/fp32"] = (check_train_step, base, "ddpm_eps", 1, {"dtype": "fp32"})
+    checks[f"train/{base}/checkpointing"] = (check_train_step, base, "ddpm_eps", 1,
+                                             {"activation_checkpointing": True})
     for sampler in SAMPLERS:
         checks[f"sample/{base}/{sampler}"] = (check_sampling, base, sampler)
     checks[f"hooks/{base}"] = (check_hooks, base, None)

@@ -26,7 +26,8 @@ SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_
             "dpmpp_2m_sde", "unipc", "dpm_adaptive")
 CANARIES = ("cpu_tensor", "host_sync", "cpu_round_trip", "fp32_in_autocast")
 IDS = ([f"{kind}/{p.stem}" for p in tiny_specs() for kind in ("train", "npz")]
-       + [f"train/tiny-dit/{o}" for o in ("edm", "x0", "flow", "accumulate2")]
+       + [f"train/tiny-dit/{o}" for o in ("edm", "x0", "flow", "accumulate2", "fp32",
+                                                  "checkpointing")]
        + [f"sample/tiny-dit/{s}" for s in SAMPLERS] + ["hooks/tiny-dit"]
        + [f"canary/{c}" for c in CANARIES] + ["distributed/ddp-plan", "distributed/fsdp2-plan"])
 
