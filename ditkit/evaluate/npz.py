@@ -298,6 +298,25 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
     return got is not None and np.array_equal(got, labels)
 
 
+def draw_chunk(denoiser, k: int, start: int, n: int, labels: np.ndarray | None, *,
+               shape: tuple[int, int, int], sampling: Sampling,
+               decode: Callable[[torch.Tensor], torch.Tensor] | None,
+               device: str) -> torch.Tensor:
+    """Chunk ``k`` of :func:`sample_npz` (samples ``start .. start + n - 1``, seed
+    ``sampling.seed + k``) on ``device``, decoded when ``decode`` is given; a non-finite value
+    is an error."""
+    from ditkit.runtime.samplers import sample
+
+    x = sample(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
+               class_labels=None if labels is None else torch.from_numpy(labels), device=device)
+    if decode is not None:
+        x = decode(x)
+    if not torch.isfinite(x).all():
+        raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed {sampling.seed + k}) "
+                       "holds non-finite values; nothing was written for it")
+    return x
+
+
 def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = None, *, num: int,
                shape: tuple[int, int, int], batch: int = 32,
                class_labels: torch.Tensor | np.ndarray | None = None,
@@ -313,8 +332,6 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     (JSON data: the checkpoint's hash, the decoder) joins the settings a resumed run must
     match. Collective under ``torchrun``: every process calls it with the same arguments
     (``proc`` from :func:`processes`)."""
-    from ditkit.runtime.samplers import sample
-
     sampling = Sampling.of(sampling, **settings)
 
     proc = proc or Processes(device=str(device))
@@ -354,15 +371,8 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     try:
         for k, start, n in todo:
             y = lab(start, n)
-            x = sample(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
-                       class_labels=None if y is None else torch.from_numpy(y),
-                       device=proc.device)
-            if decode is not None:
-                x = decode(x)
-            if not torch.isfinite(x).all():
-                raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed "
-                               f"{sampling.seed + k}) "
-                               "holds non-finite values; nothing was written for it")
+            x = draw_chunk(denoiser, k, start, n, y, shape=shape, sampling=sampling,
+                           decode=decode, device=proc.device)
             images = to_uint8(x)
             with atomic_path(parts / f"part-{k:06d}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **({"arr_0": images} if y is None else {"arr_0": images, "arr_1": y}))
@@ -387,6 +397,7 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     return result
 
 
-__all__ = ["sample_npz", "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
+__all__ = ["sample_npz", "draw_chunk",
+           "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
            "to_uint8",
            "processes", "Processes", "parts_folder", "chunks_of", "NpzError", "NpzResult"]

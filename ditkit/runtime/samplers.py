@@ -258,21 +258,17 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
 
 
 def check_device(device) -> torch.device:
-    """``device`` as a ``torch.device``; asking for CUDA where there is none is a clear error."""
+    """``device`` as a ``torch.device`` by the one rule of every command
+    (:func:`ditkit.device.pick_device`: ``cuda`` is ``cuda:<LOCAL_RANK>``, ``auto`` the
+    GPU when there is one); asking for CUDA where there is none is a clear error."""
+    from ditkit.device import DeviceError, pick_device
+
+    if str(device) == "meta":  # shape-only runs
+        return torch.device("meta")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise SamplingError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SamplingError(f"--device {device}: CUDA is not available here (this torch "
-                                f"build or machine has no usable GPU); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SamplingError(f"--device {device}: there are only "
-                                f"{torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "meta"):
-        raise SamplingError(f"--device {device}: unsupported device type; use cpu or cuda")
-    return dev
+        return pick_device(str(device))
+    except DeviceError as err:
+        raise SamplingError(str(err)) from None
 
 
 def _check_arguments(shape, steps: int, sigmas) -> None:

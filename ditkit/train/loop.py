@@ -141,7 +141,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(exp: Experiment) -> Dist:
+def init_distributed(exp: Experiment, device: torch.device) -> Dist:
+    """Join the ``torchrun`` process group; ``backend: auto`` follows the device this process
+    trains on (nccl on CUDA, gloo on the CPU -- a ``--device cpu`` run on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -149,7 +151,7 @@ def init_distributed(exp: Experiment) -> Dist:
 
     backend = exp.distributed.backend
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -250,6 +252,56 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     save_png(image_grid(images, ncol, scale=scale), path)
 
 
+# -------------------------------------------------------------------------------- one step
+
+
+def accumulate_gradients(net: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement,
+                         loss_fn: DiffusionLoss, stream, exp: Experiment,
+                         gen: torch.Generator, step: int, device: torch.device, *,
+                         stop_requested: bool = False) -> tuple[float, dict[str, float], bool]:
+    """The forward and backward passes of one optimizer step: ``training.accumulate``
+    micro-batches from ``stream`` moved to ``device``, label dropout from ``gen``, the loss
+    under the run's autocast, gradients reduced across processes on the last micro-batch only.
+    Returns the mean loss over every process, the objective's extra scalars, and whether any
+    process asked to stop (``stop_requested``: this one got SIGTERM / SIGUSR1), agreed by every
+    process in the same collective as the loss."""
+    tr, spec = exp.training, exp.model_spec
+    micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    extras_sum: dict[str, float] = {}
+    for k in range(tr.accumulate):
+        x0, labels = stream.next(micro)
+        x0 = x0.to(device)
+        labels = labels.to(device) if spec.conditioning.classes is not None else None
+        labels = drop_labels(labels, tr.label_dropout, spec.null_label, gen)
+        with placement.no_sync(net, last=k == tr.accumulate - 1):
+            with autocast_for(exp, device):
+                loss, extras = loss_fn(net, x0, labels, gen, step)
+            (loss / tr.accumulate).backward()
+        loss_sum += loss.detach().double().cpu()
+        for name, v in extras.items():
+            extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
+    loss_value = loss_sum / tr.accumulate
+    stop_seen = stop_requested
+    if placement.world > 1:
+        import torch.distributed as dist
+
+        both = torch.stack([loss_value, torch.tensor(float(stop_requested), dtype=torch.float64)])
+        dist.all_reduce(both)  # one collective: the mean loss and the stop flag
+        loss_value, stop_seen = both[0] / placement.world, bool(both[1] > 0)
+    return float(loss_value), extras_sum, stop_seen
+
+
+def optimizer_step(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                   placement: Placement, exp: Experiment, step: int) -> float:
+    """Clip the gradients, step AdamW, update the EMA; returns the gradient norm."""
+    gnorm = placement.clip_gradients(model, exp.optimizer.grad_clip)
+    optimizer.step()
+    ema_update(ema_model, model, ema_decay(exp.ema, step))
+    return gnorm
+
+
 # -------------------------------------------------------------------------------- the loop
 
 
@@ -327,14 +379,14 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     from ditkit.builder import build
 
     exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
-    dist_info = init_distributed(exp)
-    rank, world = dist_info.rank, dist_info.world
     from ditkit.device import pick_device
 
     try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
         device = pick_device(device if device is not None else "auto")
     except UserError as err:
         raise TrainingSetupError(str(err)) from None
+    dist_info = init_distributed(exp, device)
+    rank, world = dist_info.rank, dist_info.world
     if device.type == "cuda":
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
@@ -403,10 +455,6 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         net = compile_network(net, device=device, training=True,
                               fullgraph=placement.strategy != "ddp")
     loss_fn = DiffusionLoss(exp.objective, spec)
-    classes = spec.conditioning.classes
-    null_class = spec.null_label
-    micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
-
     evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
     if rank == 0:
@@ -452,40 +500,16 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             factor = lr_factor(opt_spec.schedule, step, tr.steps)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            extras_sum: dict[str, float] = {}
-            for k in range(tr.accumulate):
-                x0, labels = stream.next(micro)
-                x0 = x0.to(device)
-                labels = labels.to(device) if classes is not None else None
-                labels = drop_labels(labels, tr.label_dropout, null_class, gen)
-                with placement.no_sync(net, last=k == tr.accumulate - 1):
-                    with autocast_for(exp, device):
-                        loss, extras = loss_fn(net, x0, labels, gen, step)
-                    (loss / tr.accumulate).backward()
-                loss_sum += loss.detach().double().cpu()
-                for name, v in extras.items():
-                    extras_sum[name] = extras_sum.get(name, 0.0) + v / tr.accumulate
-            loss_value = loss_sum / tr.accumulate
-            stop_seen = False  # a stop signal on any rank, agreed by every rank
-            if world > 1:
-                import torch.distributed as dist
-
-                both = torch.stack([loss_value, torch.tensor(
-                    float(signals.received is not None), dtype=torch.float64)])
-                dist.all_reduce(both)  # one collective: the mean loss and the stop flag
-                loss_value, stop_seen = both[0] / world, bool(both[1] > 0)
-            loss_value = float(loss_value)
+            loss_value, extras_sum, stop_seen = accumulate_gradients(
+                net, optimizer, placement, loss_fn, stream, exp, gen, step, device,
+                stop_requested=signals.received is not None)
             if not math.isfinite(loss_value):
                 where = (f"the last good checkpoint is {last_ckpt} (continue with --resume)"
                          if last_ckpt else "no checkpoint was written before it")
                 raise TrainingError(f"loss is {loss_value} at step {step + 1}; training stopped "
                                     f"and nothing was saved for this step; {where}. Lower "
                                     "optimizer.lr or set optimizer.grad_clip.")
-            gnorm = placement.clip_gradients(model, opt_spec.grad_clip)
-            optimizer.step()
-            ema_update(ema_model, model, ema_decay(exp.ema, step))
+            gnorm = optimizer_step(model, ema_model, optimizer, placement, exp, step)
             step += 1
             done["steps"] += 1
             result.step = step

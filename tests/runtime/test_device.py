@@ -74,3 +74,53 @@ def test_set_threads(monkeypatch):
             D.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the samplers and the training loop take their device from the same rule
+
+
+def _cuda(monkeypatch, count: int, local_rank: str | None = None):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: count > 0)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: count)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+
+def test_sampler_device_cuda_is_the_local_rank_gpu(monkeypatch):
+    from ditkit.runtime.samplers import check_device
+
+    _cuda(monkeypatch, 2, "1")
+    assert check_device("cuda") == torch.device("cuda", 1)
+    assert check_device("auto") == torch.device("cuda", 1)
+    assert check_device("cuda:0") == torch.device("cuda", 0)
+    assert check_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_sampler_device_without_cuda_is_a_sampling_error(monkeypatch):
+    from ditkit.runtime.samplers import SamplingError, check_device
+
+    _cuda(monkeypatch, 0)
+    assert check_device("auto") == torch.device("cpu")
+    with pytest.raises(SamplingError, match="--device cuda: no CUDA device"):
+        check_device("cuda")
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("cuda:1", "nccl")])
+def test_torchrun_backend_follows_the_training_device(monkeypatch, device, backend):
+    import torch.distributed as dist
+
+    from ditkit.spec.experiment import Experiment
+    from ditkit.train.loop import init_distributed
+
+    _cuda(monkeypatch, 2)  # a GPU machine: a --device cpu run must still use gloo
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda b: calls.append(b))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = init_distributed(Experiment(model="tiny-dit"), torch.device(device))
+    assert calls == [backend] and (info.rank, info.world, info.local_rank) == (1, 2, 1)
