@@ -286,7 +286,7 @@ def _train_case(ctx, spec, objective, batch, compiled, warmup, steps, row) -> No
     import torch
 
     from ditkit.builder import build, kernels
-    from ditkit.train.objectives import DiffusionLoss
+    from ditkit.training.objectives import DiffusionLoss
 
     dev = ctx.device
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # only for annotations: importing ditkit must not import torc
     from ditkit.deploy.export import ExportResult
     from ditkit.spec import ModelSpec, Objective, Policy
     from ditkit.spec.experiment import Experiment
-    from ditkit.train.loop import TrainResult
+    from ditkit.training.loop import TrainResult
 
 __version__ = "0.2.0"
 
@@ -239,7 +239,7 @@ def train(experiment: PathLike | "Experiment", out: PathLike | None = None, *,
     2
     """
     from ditkit.errors import UserError
-    from ditkit.train.loop import train as _train
+    from ditkit.training.loop import train as _train
 
     overrides = list(overrides)
     if steps is not None:
@@ -326,7 +326,7 @@ def adapt(model: Model | Source | "torch.nn.Module", resolution: int | tuple[int
 def __getattr__(name: str):
     # ``ditkit.DEMO``: the demo experiment shipped inside the package (a path), looked up lazily
     if name == "DEMO":
-        from ditkit.train.demo import DEMO_EXPERIMENT
+        from ditkit.training.demo import DEMO_EXPERIMENT
 
         return DEMO_EXPERIMENT
     raise AttributeError(f"module 'ditkit' has no attribute {name!r}")

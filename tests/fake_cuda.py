@@ -364,9 +364,9 @@ def check_train_step(name: str, objective: str, accumulate: int = 1,
     import copy
 
     from ditkit.builder import use_backend
-    from ditkit.train import loop
-    from ditkit.train.distributed import Placement
-    from ditkit.train.objectives import DiffusionLoss
+    from ditkit.training import loop
+    from ditkit.training.distributed import Placement
+    from ditkit.training.objectives import DiffusionLoss
 
     spec = load_spec(name, null_class=False)
     exp = experiment(spec, objective, training={"batch_size": 2 * accumulate, "steps": 2,
@@ -466,7 +466,7 @@ def check_hooks(name: str, tmp: str) -> None:
     from pathlib import Path
 
     from ditkit.builder import use_backend
-    from ditkit.train import evaluation, logs, loop
+    from ditkit.training import evaluation, logs, loop
 
     spec = load_spec(name, null_class=False)
     exp = experiment(spec, native_objective(name),
@@ -496,7 +496,7 @@ def check_distributed_plan(strategy: str) -> None:
     and gradient sync skipped on all but the last micro-batch."""
     import copy
 
-    from ditkit.train import distributed
+    from ditkit.training import distributed
 
     spec = load_spec("tiny-dit", null_class=False)
     exp = experiment(spec, "ddpm_eps", distributed={"strategy": strategy})

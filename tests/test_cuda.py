@@ -70,7 +70,7 @@ def test_model_on_cuda_equals_cpu(cuda):
 
 
 def test_bf16_training_step_on_cuda(cuda):
-    from ditkit.train.objectives import DiffusionLoss
+    from ditkit.training.objectives import DiffusionLoss
 
     model = perturbed("tiny-hdit-neighborhood").to(cuda).train()
     spec = model.spec

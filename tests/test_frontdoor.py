@@ -169,3 +169,11 @@ def test_export_without_the_onnx_extra_names_the_pip_line(tmp_path, monkeypatch)
     with pytest.raises(MissingExtra, match=r"pip install 'ditkit\[onnx\]'"):
         ditkit.export(TINY, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_front_doors_train_is_not_shadowed_by_a_subpackage():
+    """``ditkit.train`` is the function even after the training floor is imported (a
+    subpackage named ``train`` would replace the attribute on first import)."""
+    import ditkit.training.loop  # noqa: F401
+
+    assert callable(ditkit.train) and ditkit.train.__module__ == "ditkit"

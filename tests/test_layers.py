@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "ditkit"
-LAYERS = ("spec", "builder", "runtime", "deploy", "data", "evaluate", "train", "cli")
+LAYERS = ("spec", "builder", "runtime", "deploy", "data", "evaluate", "training", "cli")
 GROUND = ("errors.py", "files.py", "device.py")  # the ground floor: imports only itself
 BELOW = {layer: LAYERS[:i] for i, layer in enumerate(LAYERS)}
 

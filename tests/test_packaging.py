@@ -67,8 +67,8 @@ def test_build_makes_a_wheel_and_an_sdist_with_the_demo_and_one_version(dist):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = email.message_from_bytes(z.read(f"ditkit-{version}.dist-info/METADATA"))
-    assert {"ditkit/train/assets/demo-digits.yaml",
-            "ditkit/train/assets/tiny-hdit-digits.yaml", "ditkit/py.typed"} <= names
+    assert {"ditkit/training/assets/demo-digits.yaml",
+            "ditkit/training/assets/tiny-hdit-digits.yaml", "ditkit/py.typed"} <= names
     assert meta["Version"] == version
     requires = meta.get_all("Requires-Dist")
     core = {re.split(r"[<>=;\[ ]", r)[0].lower() for r in requires if "extra ==" not in r}

@@ -18,8 +18,8 @@ import yaml
 
 from ditkit.cli import main
 from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
-from ditkit.train import checkpoints as C
-from ditkit.train.loop import train
+from ditkit.training import checkpoints as C
+from ditkit.training.loop import train
 
 from .train.conftest import tiny_experiment, tiny_experiment_data, tiny_model
 
@@ -451,7 +451,7 @@ def test_no_write_follows_a_planted_symlink(tmp_path, capsys, case):
     out = first / f"out{suffix}"
     written = _files(out) if out.is_dir() else [Path(out.name)]
     # checkpoints: fresh folders (mkdtemp) renamed into place; the lock: a planted link there
-    # is refused outright (tests/train/test_preemption.py)
+    # is refused outright (tests/training/test_preemption.py)
     written = [p for p in written if "checkpoints" not in p.parts and p.name != ".lock"]
     assert written
     victims = tmp_path / "victims"

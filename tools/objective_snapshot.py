@@ -21,7 +21,7 @@ def write(path: str) -> None:
     from ditkit.builder import build
     from ditkit.runtime.denoiser import Denoiser, NoiseRange
     from ditkit.runtime.samplers import SAMPLERS, get_sigmas, sample
-    from ditkit.train.objectives import DiffusionLoss
+    from ditkit.training.objectives import DiffusionLoss
 
     torch.manual_seed(0)
     dit = build(S.load("examples/tiny/tiny-dit.yaml")).eval()          # learned sigma, sinusoidal

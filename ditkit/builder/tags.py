@@ -3,7 +3,7 @@
 A module tags its own parameters in ``__init__`` (``tag(self, "scale", NO_DECAY)``; a whole
 sub-tree with ``tag_module``), and ``build()`` tags the parameters of PyTorch's own layers once
 (``tag_torch_layers``: every bias and every embedding table), so a new module kind made of
-``nn.Linear`` layers needs nothing more. ``ditkit.train`` groups by these tags
+``nn.Linear`` layers needs nothing more. ``ditkit.training`` groups by these tags
 (``param_groups``) and never looks at a parameter's name or shape.
 
 Tags live on the module that owns the parameter (``module._ditkit_tags``: parameter name ->

@@ -161,7 +161,7 @@ def checkpoint_path(ref: str, what: str = "") -> Path:
     src = resolve_source(ref, ("checkpoint", "run"), what)
     if src.kind == "checkpoint":
         return src.path
-    from ditkit.train.checkpoints import latest_checkpoint
+    from ditkit.training.checkpoints import latest_checkpoint
 
     found = latest_checkpoint(src.path / "checkpoints") or latest_checkpoint(src.path)
     if found is None:

@@ -1,5 +1,5 @@
 """``ditkit demo``: train the tiny HDiT on digits (CPU), sample and evaluate it
-(the job itself is ``ditkit.train.demo``)."""
+(the job itself is ``ditkit.training.demo``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                    help="evaluation samples (short for --set evaluation.count=N; default: the "
                         "experiment's 500)")
     add_set(p, "demo experiment (examples/experiments/demo-digits.yaml; shipped in the "
-               "package as ditkit/train/assets/demo-digits.yaml)")
+               "package as ditkit/training/assets/demo-digits.yaml)")
     add_threads(p)
     add_progress(p)
     add_json(p, "print only the final JSON line of scores (the report goes to stderr)")
@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.train.demo import demo_experiment, run_demo, summary, summary_json
-    from ditkit.train.loop import TrainingError
+    from ditkit.training.demo import demo_experiment, run_demo, summary, summary_json
+    from ditkit.training.loop import TrainingError
 
     positive(args.count, "--count")
     spec = load_spec(args.spec, "--spec") if args.spec else None

@@ -117,7 +117,7 @@ def guidance_scales(cfg_scale: float | None, spec, path: Path) -> list[float]:
 
 def run(args) -> int:
     from ditkit.evaluate.classifier import evaluate_model
-    from ditkit.train.logs import image_grid, save_png
+    from ditkit.training.logs import image_grid, save_png
 
     if args.real or args.fake:
         return run_fid(args)

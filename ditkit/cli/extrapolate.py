@@ -102,7 +102,7 @@ def _finetuned_row(path: str, objective):
     from ditkit import spec as S
     from ditkit.runtime.checkpoint import load_checkpoint
     from ditkit.evaluate.report import policy_label
-    from ditkit.train.finetune import METADATA_KEY
+    from ditkit.training.finetune import METADATA_KEY
 
     path = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder
     ckpt = load_checkpoint(path)

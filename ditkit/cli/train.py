@@ -55,7 +55,7 @@ class ResumeAction(argparse.Action):
 
 def run(args) -> int:
     from ditkit.data.datasets import DataError
-    from ditkit.train.loop import (EXIT_PREEMPTED, Preempted, TrainingError, TrainingSetupError,
+    from ditkit.training.loop import (EXIT_PREEMPTED, Preempted, TrainingError, TrainingSetupError,
                                    train)
 
     stray = getattr(args, "resume_positional", None)

@@ -2,7 +2,7 @@
 
 The objective decides how a network's raw output becomes a denoised estimate, so it travels
 with every checkpoint: ``ditkit.runtime`` wraps any model as one denoiser ``D(x, sigma, ...)``
-from this spec, and ``ditkit.train`` turns it into a loss. Noise levels are sigma in the
+from this spec, and ``ditkit.training`` turns it into a loss. Noise levels are sigma in the
 variance-exploding convention ``x = x0 + sigma * eps`` unless a field says otherwise.
 """
 

@@ -11,7 +11,7 @@ from ditkit.builder import build
 from ditkit.builder import heads as heads_module
 from ditkit.builder.norm import LayerNorm, Norm
 from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags, tag
-from ditkit.train.loop import param_groups
+from ditkit.training.loop import param_groups
 from tests.conftest import EXAMPLES, example_specs
 
 OPT = S.experiment.Optimizer(lr=1e-3, weight_decay=0.1, mapping_lr_scale=0.5)

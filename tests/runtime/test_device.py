@@ -112,7 +112,7 @@ def test_torchrun_backend_follows_the_training_device(monkeypatch, device, backe
     import torch.distributed as dist
 
     from ditkit.spec.experiment import Experiment
-    from ditkit.train.loop import init_distributed
+    from ditkit.training.loop import init_distributed
 
     _cuda(monkeypatch, 2)  # a GPU machine: a --device cpu run must still use gloo
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -17,7 +17,7 @@ from ditkit.runtime.samplers import sample
 from ditkit.runtime.shape_rule import ExportError
 from ditkit.spec.sampling import Sampling
 from tests.conftest import EXAMPLES
-from tests.train.conftest import tiny_model
+from tests.training.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")

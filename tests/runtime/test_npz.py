@@ -24,7 +24,7 @@ from ditkit.runtime.denoiser import Denoiser
 from ditkit.evaluate.npz import (NpzError, iter_npz_images, npz_settings, npz_shape,
                                 parts_folder, read_npz, sample_npz, write_npz)
 from tests.conftest import EXAMPLES, ROOT
-from tests.train.conftest import tiny_model
+from tests.training.conftest import tiny_model
 from tests.perturb import perturb
 
 STEPS = ["--steps", "2", "--sampler", "euler", "--no-progress"]

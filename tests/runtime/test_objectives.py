@@ -16,7 +16,7 @@ from ditkit.errors import UserError
 from ditkit.runtime.denoiser import Denoiser
 from ditkit.runtime.objectives import Objective, objective_of
 from ditkit.runtime.samplers import SAMPLERS, get_sigmas, sample
-from ditkit.train.objectives import DiffusionLoss
+from ditkit.training.objectives import DiffusionLoss
 from tests.conftest import EXAMPLES, example_specs
 from tests.runtime.test_samplers import MU, SD, GaussianDenoiser
 
@@ -75,7 +75,7 @@ def test_objective_kinds_are_dispatched_in_one_factory_only():
     assert len(found[("ditkit/runtime/objectives.py", "objective_of")]) == len(SPEC_CLASSES)
     # the denoiser, the loss and the samplers do not even name the spec classes
     for rel in ("ditkit/runtime/denoiser.py", "ditkit/runtime/samplers.py",
-                "ditkit/train/objectives.py"):
+                "ditkit/training/objectives.py"):
         text = (ROOT / rel).read_text()
         assert not [c for c in SPEC_CLASSES if c in text], rel
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ditkit.errors import UserError
-from ditkit.train import checkpoints as C
-from ditkit.train.logs import read_scalars
-from ditkit.train.loop import train
+from ditkit.training import checkpoints as C
+from ditkit.training.logs import read_scalars
+from ditkit.training.loop import train
 
 from .conftest import tiny_experiment
 

@@ -1,7 +1,7 @@
 """Each objective pinned to the reference implementation's own loss, on identical inputs.
 
 The expected values are written here from the published definitions, independently of
-``ditkit.train.objectives``:
+``ditkit.training.objectives``:
 
 - k-diffusion ``utils.rand_cosine_interpolated`` (HDiT's sigma density) and
   ``layers.Denoiser.loss`` with its ``karras`` / ``snr`` / ``soft-min-snr`` weightings;
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
-from ditkit.train.objectives import DiffusionLoss, cosine_interpolated_sigma
+from ditkit.training.objectives import DiffusionLoss, cosine_interpolated_sigma
 
 SPEC = S.ModelSpec.model_validate({
     "name": "ref", "input": {"channels": 2, "resolution": [8, 8]}, "patch": {"size": 2},

@@ -6,7 +6,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build
-from ditkit.train.loop import enable_activation_checkpointing
+from ditkit.training.loop import enable_activation_checkpointing
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny"
 

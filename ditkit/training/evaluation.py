@@ -23,7 +23,7 @@ from torch import nn
 
 from ditkit.spec.experiment import Experiment
 
-from ditkit.train.checkpoints import write_json
+from ditkit.training.checkpoints import write_json
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
@@ -96,7 +96,7 @@ class RunEvaluation:
         # sample_images leaves the global RNG alone: evaluating does not change the run
         images, labels = sample_images(ema_model, spec, self.exp.objective, ev.count,
                                        ev.sampling, self.device, n_classes=self.n_classes)
-        from ditkit.train.logs import image_grid, save_png
+        from ditkit.training.logs import image_grid, save_png
 
         scale = max(1, 32 // max(spec.input.resolution))
         grid = images if self._decode is None else self._decode(images[:100].to(self.device))

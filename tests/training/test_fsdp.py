@@ -17,8 +17,8 @@ import yaml
 
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import load_model
-from ditkit.train import checkpoints as C
-from ditkit.train.logs import read_scalars
+from ditkit.training import checkpoints as C
+from ditkit.training.logs import read_scalars
 
 from .conftest import tiny_experiment, tiny_experiment_data
 
@@ -126,7 +126,7 @@ def test_fsdp2_options_need_strategy_fsdp2():
 
 
 def test_fsdp2_mixed_precision_policy_follows_the_run_dtype():
-    from ditkit.train.distributed import Placement
+    from ditkit.training.distributed import Placement
 
     def policy(device, **dist):
         exp = tiny_experiment(distributed={"strategy": "fsdp2", **dist})
@@ -183,8 +183,8 @@ def test_optimizer_state_is_saved_by_name_and_old_numbered_state_still_loads(tmp
     resumes to the same optimizer."""
     import copy
 
-    from ditkit.train.distributed import Placement
-    from ditkit.train.loop import param_groups
+    from ditkit.training.distributed import Placement
+    from ditkit.training.loop import param_groups
 
     exp = tiny_experiment("edm")
     torch.manual_seed(0)

@@ -16,9 +16,9 @@ from ditkit.builder import build
 from ditkit.runtime.checkpoint import load_checkpoint, load_model, save_checkpoint
 from ditkit.runtime.extrapolate import adapt
 from ditkit.spec.experiment import experiment_from_data
-from ditkit.train import finetune
-from ditkit.train.checkpoints import read_tensors
-from ditkit.train.loop import train
+from ditkit.training import finetune
+from ditkit.training.checkpoints import read_tensors
+from ditkit.training.loop import train
 
 from .conftest import tiny_experiment_data, tiny_model
 from tests.perturb import perturb

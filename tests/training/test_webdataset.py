@@ -16,8 +16,8 @@ from ditkit.cli import main
 from ditkit.spec import experiment as E
 from ditkit.data.datasets import (DataError, ShardStream, WebDataset, digits_arrays,
                                expand_braces, make_stream, write_shards)
-from ditkit.train.logs import read_scalars
-from ditkit.train.loop import train
+from ditkit.training.logs import read_scalars
+from ditkit.training.loop import train
 
 from .conftest import tiny_experiment, tiny_experiment_data
 

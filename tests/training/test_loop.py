@@ -19,10 +19,10 @@ import yaml
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import load_checkpoint, load_model
-from ditkit.train import checkpoints as C
-from ditkit.train import loop
-from ditkit.train.logs import read_scalars
-from ditkit.train.loop import TrainingError, lr_factor, param_groups, train
+from ditkit.training import checkpoints as C
+from ditkit.training import loop
+from ditkit.training.logs import read_scalars
+from ditkit.training.loop import TrainingError, lr_factor, param_groups, train
 
 from .conftest import tiny_experiment, tiny_experiment_data
 
@@ -215,7 +215,7 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
 def test_loss_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
     import builtins
 
-    from ditkit.train.logs import plot_loss
+    from ditkit.training.logs import plot_loss
 
     real_import = builtins.__import__
 

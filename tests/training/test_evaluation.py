@@ -17,8 +17,8 @@ from ditkit.evaluate.npz import to_uint8, write_npz
 from ditkit.spec import SpecError
 from ditkit.spec.experiment import absolute_evaluation_paths, experiment_from_data
 from ditkit.data.datasets import digits_tensor
-from ditkit.train.logs import read_scalars
-from ditkit.train.loop import train
+from ditkit.training.logs import read_scalars
+from ditkit.training.loop import train
 
 from .conftest import tiny_experiment
 from .test_fid import _random_weights

@@ -6,7 +6,7 @@ from a trained checkpoint, applies a resolution policy to its spec and weights
 what the policy says is re-initialised), freezes everything that ``trainable`` does not name,
 and trains the rest through the ordinary loop (``ditkit train``).
 
-Two steps, both called from :func:`ditkit.train.loop.train`:
+Two steps, both called from :func:`ditkit.training.loop.train`:
 
 * :func:`prepare` (before anything is written): the *effective* experiment -- ``model`` becomes
   the adapted spec, ``finetune.source_model`` the checkpoint's spec -- and the resolved

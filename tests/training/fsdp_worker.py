@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ditkit.spec.experiment import load_experiment
-from ditkit.train.loop import train
+from ditkit.training.loop import train
 
 
 def fork(src: Path, dst: Path, drop_step: int) -> None:

@@ -12,8 +12,8 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build, use_backend
 from ditkit.data.datasets import digits_tensor
-from ditkit.train.loop import param_groups
-from ditkit.train.objectives import (DDPMTables, DiffusionLoss, cosine_interpolated_sigma,
+from ditkit.training.loop import param_groups
+from ditkit.training.objectives import (DDPMTables, DiffusionLoss, cosine_interpolated_sigma,
                                      ddpm_hybrid_loss, drop_labels, edm_weight)
 
 from .conftest import OBJECTIVES, tiny_experiment
@@ -177,7 +177,7 @@ def test_v_objective_trains_checkpoints_and_samples_with_every_sampler(tmp_path)
     from ditkit.runtime.checkpoint import load_model
     from ditkit.runtime.denoiser import Denoiser
     from ditkit.runtime.samplers import SAMPLERS, sample
-    from ditkit.train.loop import train
+    from ditkit.training.loop import train
 
     exp = tiny_experiment("v", steps=40, preview={"every": 40, "count": 4, "steps": 3})
     assert exp.objective == S.VObjective()

@@ -3,7 +3,7 @@
 ``train(experiment, run_dir)`` builds the model, AdamW with parameter groups, the LR schedule
 and the EMA, then steps through deterministic batches with gradient accumulation and clipping.
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DDP or FSDP2 (gloo on CPU, nccl on
-CUDA; :mod:`ditkit.train.distributed`); each rank draws its own slice of every global batch and
+CUDA; :mod:`ditkit.training.distributed`); each rank draws its own slice of every global batch and
 its own noise, and only rank 0 writes.
 
 The run folder::
@@ -22,7 +22,7 @@ as one that never stopped; ``resume="auto"`` does so when the folder has a check
 starts afresh otherwise (what a job restarted by a scheduler wants).
 
 One process writes a run folder: rank 0 holds ``RUN/.lock`` for the whole run
-(:mod:`ditkit.train.runlock`). SIGTERM or SIGUSR1 (a cluster's preemption notice) finishes the
+(:mod:`ditkit.training.runlock`). SIGTERM or SIGUSR1 (a cluster's preemption notice) finishes the
 current step, writes a checkpoint and raises :class:`Preempted`; the command line exits with
 :data:`EXIT_PREEMPTED`.
 """
@@ -45,12 +45,12 @@ from ditkit.errors import UserError
 from ditkit.files import write_text
 from ditkit.spec.experiment import Experiment
 
-from ditkit.train import checkpoints as C
-from ditkit.train import finetune
+from ditkit.training import checkpoints as C
+from ditkit.training import finetune
 from ditkit.data.datasets import make_dataset, make_stream
-from ditkit.train.distributed import Placement
-from ditkit.train.logs import Scalars, image_grid, plot_loss, read_scalars, save_png
-from ditkit.train.objectives import DiffusionLoss, drop_labels
+from ditkit.training.distributed import Placement
+from ditkit.training.logs import Scalars, image_grid, plot_loss, read_scalars, save_png
+from ditkit.training.objectives import DiffusionLoss, drop_labels
 
 
 class TrainingError(RuntimeError):
@@ -124,7 +124,7 @@ class TrainResult:
     checkpoint: Path | None = None
     fingerprints: list[str] = field(default_factory=list)
     evaluation: dict | None = None
-    """The last ``evaluation:`` metrics (rank 0; see :mod:`ditkit.train.evaluation`)."""
+    """The last ``evaluation:`` metrics (rank 0; see :mod:`ditkit.training.evaluation`)."""
 
 
 # -------------------------------------------------------------------------------- setup
@@ -315,8 +315,8 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
     experiment that differs from the run's in what is trained (recorded in the run folder).
     ``resume="auto"``: resume when ``run`` holds a complete checkpoint, else start.
 
-    Rank 0 holds the run folder's lock (:func:`ditkit.train.runlock.acquire`) until it returns;
-    a second writer fails at once with :class:`~ditkit.train.runlock.RunLockedError`.
+    Rank 0 holds the run folder's lock (:func:`ditkit.training.runlock.acquire`) until it returns;
+    a second writer fails at once with :class:`~ditkit.training.runlock.RunLockedError`.
 
     A run that fails before its first optimizer step leaves no run folder behind (when this
     call created it). Under torchrun, a process group this call creates is destroyed when it
@@ -324,7 +324,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
     ``train`` initialises the group first, and then keeps it."""
     import shutil
 
-    from ditkit.train.runlock import acquire
+    from ditkit.training.runlock import acquire
 
     if resume not in (True, False, "auto"):
         raise TrainingSetupError(f"resume: {resume!r}; use True, False or 'auto'")
@@ -391,7 +391,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
     ckpt_root = run / "checkpoints"
-    from ditkit.train.guards import compare_for_resume, memory_issues, record_changes
+    from ditkit.training.guards import compare_for_resume, memory_issues, record_changes
 
     too_big = memory_issues(exp, world, device)
     if too_big:
@@ -569,7 +569,7 @@ def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
     now, so a wrong path fails before the first step."""
     from ditkit.errors import UserError
 
-    from ditkit.train.evaluation import RunEvaluation
+    from ditkit.training.evaluation import RunEvaluation
 
     try:
         return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))

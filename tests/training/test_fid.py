@@ -198,7 +198,7 @@ def test_inception_input_from_samples():
 
 
 def test_cli_fid_of_checkpoint_samples_against_a_folder(tmp_path, fid_setup, capsys):
-    from ditkit.train.loop import train
+    from ditkit.training.loop import train
 
     from .conftest import tiny_experiment
 

@@ -19,10 +19,10 @@ import yaml
 
 from ditkit.cli import main
 from ditkit.runtime.checkpoint import load_checkpoint
-from ditkit.train import checkpoints as C
-from ditkit.train import runlock
-from ditkit.train.logs import read_scalars
-from ditkit.train.loop import EXIT_PREEMPTED, train
+from ditkit.training import checkpoints as C
+from ditkit.training import runlock
+from ditkit.training.logs import read_scalars
+from ditkit.training.loop import EXIT_PREEMPTED, train
 
 from .conftest import tiny_experiment, tiny_experiment_data
 
@@ -86,7 +86,7 @@ def test_a_killed_holder_leaves_no_lock_and_resume_takes_over(tmp_path):
     run = tmp_path / "run"
     train(tiny_experiment("edm", 4, checkpoint={"every": 2}), run, progress=False, stop_after=2)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ditkit.train.runlock import acquire; "
+        [sys.executable, "-c", "import sys, time; from ditkit.training.runlock import acquire; "
          f"acquire({str(run)!r}); print('held', flush=True); time.sleep(600)"],
         env=_env(), stdout=subprocess.PIPE, text=True)
     try:

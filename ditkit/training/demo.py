@@ -3,7 +3,7 @@ scikit-learn's handwritten digits on the CPU (``demo-digits.yaml``), with a prog
 preview grids, then sample the final EMA model and evaluate the samples (label accuracy and
 Frechet distance, see ``ditkit.evaluate.classifier``).
 
-Both files ship inside the package (``ditkit/train/assets/``), so an installed wheel runs the
+Both files ship inside the package (``ditkit/training/assets/``), so an installed wheel runs the
 demo; ``examples/experiments/demo-digits.yaml`` and ``examples/tiny/tiny-hdit-digits.yaml`` are
 the same experiment in a source checkout (a test keeps them equal)."""
 
@@ -61,14 +61,14 @@ def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
 
 def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoResult:
     """Train ``exp`` on the CPU into ``out``; training ends with the experiment's evaluation
-    (``ditkit.train.evaluation``: ``samples.png``, ``eval.json``). Raises
-    ``ditkit.train.loop.TrainingError``."""
+    (``ditkit.training.evaluation``: ``samples.png``, ``eval.json``). Raises
+    ``ditkit.training.loop.TrainingError``."""
     import torch
 
     from ditkit.builder import describe, format_report
 
     from ditkit.evaluate.classifier import DigitsReport
-    from ditkit.train.loop import train
+    from ditkit.training.loop import train
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -96,7 +96,7 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
         unguided = _evaluate_unguided(exp, result.checkpoint, progress)
         log(f"evaluated {ev.count} digits without guidance (cfg 1.0): "
             f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}")
-        from ditkit.train.checkpoints import write_json
+        from ditkit.training.checkpoints import write_json
 
         write_json(out / "eval-unguided.json", unguided.to_json())
     wall = time.perf_counter() - t_start

@@ -34,7 +34,7 @@ def test_demo_experiment_uses_the_tiny_digits_spec():
 def test_the_packaged_demo_experiment_is_the_examples_one():
     """``ditkit demo`` runs the copy shipped in the package (an installed wheel has no
     examples/); it must stay the experiment examples/ documents."""
-    from ditkit.train.demo import DEMO_EXPERIMENT
+    from ditkit.training.demo import DEMO_EXPERIMENT
 
     root = Path(__file__).resolve().parents[2]
     assert DEMO_EXPERIMENT.is_relative_to(root / "ditkit")

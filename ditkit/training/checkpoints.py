@@ -41,7 +41,7 @@ from ditkit.spec.experiment import Experiment
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "state.json", "state.safetensors", "state.pt"
-STATE_FORMAT = "ditkit.train-state/1"
+STATE_FORMAT = "ditkit.training-state/1"
 
 
 class UnsafeStateError(UserError):
