@@ -36,6 +36,19 @@ class DeviceError(UserError):
     """A ``--device`` that names no usable device."""
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 matrix or vector units (``amx_bf16`` or ``avx512_bf16`` in
+    ``/proc/cpuinfo``): where it has none, bf16 autocast runs in emulation, slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return False
+    flags = set(re.findall(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo))
+    return bool(flags)
+
+
 def local_rank(environ=None) -> int:
     """The process's local rank under ``torchrun`` (``LOCAL_RANK``), else 0."""
     env = os.environ if environ is None else environ

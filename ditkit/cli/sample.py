@@ -66,6 +66,10 @@ def add_parser(sub) -> None:
                    help="torch.compile each step into one graph (not for .onnx); MODE: auto "
                         "(reduce-overhead on CUDA), default, reduce-overhead, "
                         "max-autotune-no-cudagraphs, max-autotune")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="eager PyTorch only: bf16 runs the network under bf16 autocast (the "
+                        "CPU's AMX / AVX-512-BF16 units, a GPU's tensor cores): an "
+                        "approximation, recorded in --npz settings (default fp32)")
     p.add_argument("--npz", default=None, metavar="FILE",
                    help="write all --count samples to FILE (uint8 NHWC arr_0 + labels arr_1, "
                         "the ADM evaluator's format) instead of a grid; batched, resumable "
@@ -146,6 +150,10 @@ def _denoiser(args, source):
         if args.overrides:
             raise UsageError("--set: an exported .onnx graph is fixed; --set applies to spec "
                              "files and presets")
+        if args.precision != "fp32":
+            raise UsageError(f"--precision {args.precision}: applies to eager PyTorch; an "
+                             ".onnx graph has its precision (export --precision, or "
+                             "--ort-provider openvino-bf16 on the CPU)")
         if args.policy is not None:
             raise UsageError("--policy: an exported .onnx graph is fixed; adapt the "
                              "checkpoint (ditkit sample CHECKPOINT --policy ...) or export the "
@@ -164,7 +172,14 @@ def _denoiser(args, source):
         model = adapt_model(model, parse_policy(args.policy, flag="--policy"),
                             parse_resolution(args.resolution)
                             or tuple(model.spec.input.resolution), args.device)
-    den = Denoiser(model, objective)
+    if args.precision == "bf16" and str(args.device).startswith("cpu"):
+        from ditkit.device import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            print("note: this CPU has no bf16 units (amx_bf16 / avx512_bf16); --precision bf16 "
+                  "would be emulated and slower, sampling in fp32", file=sys.stderr)
+            args.precision = "fp32"
+    den = Denoiser(model, objective, precision=args.precision)
     if args.compile is not None:
         if args.compile not in COMPILE_MODES:
             raise UsageError(f"--compile {args.compile}: choose one of "
@@ -225,6 +240,8 @@ def _run_npz(args, den, spec, res, labels, n, sampling, decode, decoder, proc,
     identity = {"source": source_hash}
     if args.ort_provider != "cpu":  # bf16 draws differ from f32 ones: a resume must match
         identity["ort_provider"] = args.ort_provider
+    if getattr(den, "precision", "fp32") != "fp32":
+        identity["precision"] = den.precision
     if decoder:
         identity["decoder"] = decoder
     try:

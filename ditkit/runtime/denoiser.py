@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 from ditkit.runtime.objectives import Objective, as_sigma, objective_of
 # the schedule maps, importable from here as before (their home is ``runtime.schedules``)
 from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t,  # noqa: F401
@@ -38,6 +39,15 @@ is :func:`~ditkit.runtime.objectives.objective_of`."""
 # -------------------------------------------------------------------------------- denoiser
 
 
+#: the precisions an eager denoiser runs its network in (``bf16``: autocast, an approximation
+#: that uses the CPU's bf16 units where it has them, and a GPU's tensor cores)
+PRECISIONS = ("fp32", "bf16")
+
+
+class DenoiserError(UserError):
+    """A denoiser setting that cannot be used."""
+
+
 class Denoiser(nn.Module):
     """``D(x, sigma, class_labels=None, **cond) -> x0`` for a model trained with ``objective``.
 
@@ -47,9 +57,13 @@ class Denoiser(nn.Module):
     work. ``null_class`` is the label that means "unconditional" (for classifier-free
     guidance), or ``None`` when the model has no class conditioning."""
 
-    def __init__(self, model: nn.Module, objective, quantize: bool = False):
+    def __init__(self, model: nn.Module, objective, quantize: bool = False,
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise DenoiserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.model = model
+        self.precision = precision  # bf16: the network under autocast, x0 returned in fp32
         self.noise_range = objective_of(objective)
         self.objective = self.noise_range.spec
         self.quantize = quantize  # DDPM: round the timestep to the nearest trained one
@@ -83,8 +97,13 @@ class Denoiser(nn.Module):
                 **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x0, var_values)``; ``var_values`` is the learned-sigma channels of a DDPM model
         (``(B, C, H, W)`` in [-1, 1]) or ``None``."""
-        return self.noise_range.denoise(self.model, x, as_sigma(sigma, x), class_labels,
-                                        quantize=self.quantize, **cond)
+        if self.precision == "fp32":
+            return self.noise_range.denoise(self.model, x, as_sigma(sigma, x), class_labels,
+                                            quantize=self.quantize, **cond)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            x0, var = self.noise_range.denoise(self.model, x, as_sigma(sigma, x), class_labels,
+                                               quantize=self.quantize, **cond)
+        return x0.float(), None if var is None else var.float()
 
 
 # -------------------------------------------------------------------------------- compile
