@@ -37,6 +37,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
+from ditkit.device import cpu_has_bf16
 
 MODES = ("forward", "sample", "train")
 MODE_FACTOR = {"forward": 1.0, "sample": 2.0, "train": 3.0}  # x forward MACs at batch B
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
              "bf16": matmul_peak(torch.bfloat16, args.peak_size, args.repeats)}
     peak = peaks[args.precision]
     print(f"# roofline: {spec.name}, {args.precision}, {args.threads} thread(s)\n")
-    print(f"matmul peak ({args.peak_size}², best of {args.repeats}): fp32 {peaks['fp32']:.0f} "
-          f"GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x)\n")
+    print(f"matmul peak ({args.peak_size}², best of {args.repeats}): fp32 {peaks['fp32']:.3g} "
+          f"GFLOP/s, bf16 {peaks['bf16']:.3g} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x"
+          + ("" if cpu_has_bf16() else "; this CPU has no bf16 units: bf16 is emulated") + ")\n")
     model = build(spec)
     model.train()
     rows = []
@@ -176,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                     row["top_ops"] = profile_top(fn)
                 rows.append(row)
 
-    print(f"| resolution | batch | mode | ms | GFLOP | GFLOP/s | share of {args.precision} peak "
-          "| share of fp32 peak |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    bf16 = args.precision == "bf16"
+    print("| resolution | batch | mode | ms | GFLOP | GFLOP/s | share of fp32 peak |"
+          + (" share of bf16 peak |" if bf16 else ""))
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if bf16 else ""))
     for r in rows:
         print(f"| {r['resolution'][0]}² | {r['batch']} | {r['mode']} | {r['ms']:.1f} | "
-              f"{r['gflop']:.2f} | {r['gflops']:.0f} | {r['share_of_peak']:.2f} | "
-              f"{r['share_of_fp32_peak']:.2f} |")
+              f"{r['gflop']:.3g} | {r['gflops']:.3g} | {r['share_of_fp32_peak']:.2f} |"
+              + (f" {r['share_of_peak']:.2f} |" if bf16 else ""))
     if args.profile:
         for r in rows:
             print(f"\n## top operators: {r['resolution'][0]}², batch {r['batch']}, {r['mode']}\n")
