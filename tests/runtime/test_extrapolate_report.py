@@ -319,3 +319,28 @@ def test_sample_policy_adapts_the_checkpoint_before_sampling(tmp_path):
     assert main(["sample", str(onnx), "--policy", "core_patch", "--count", "1"]) == 2
     assert main(["sample", str(ckpt), "--policy", "core_patch", "--resolution",
                  f"{h + 8}x{w}", "--count", "1"]) == 2  # factor auto: not a whole multiple
+
+
+@pytest.mark.slow  # ~18 s on a loaded 2-core machine: the cost curves and the classifier
+def test_cli_scores_with_the_classifier_of_the_runs_data(tmp_path):
+    """`ditkit extrapolate CKPT` beside an experiment.yaml of digits scores every cell with the
+    digits classifier (the command hands the runner a ClassifierScorer built from the data
+    kind)."""
+    from ditkit.cli import main
+    from ditkit.runtime.checkpoint import save_checkpoint
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    model = build(spec)
+    perturb(model, 0.02)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, model.state_dict(), spec, objective=S.EDMObjective())
+    (tmp_path / "experiment.yaml").write_text("data: {kind: digits, classes: 10}\n")
+    args = ["extrapolate", str(ckpt), "--resolutions", "16", "--steps", "1", "--count", "12",
+            "--grid-count", "2", "--no-measure", "--bootstrap", "20", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "scored")]) == 0
+    (row,) = json.loads((tmp_path / "scored/results.json").read_text())["rows"]
+    assert row["grid"]
+    m = row["metrics"]
+    assert m["count"] == 12 and 0 <= m["accuracy"] <= 1 and m["real_accuracy"] > 0.8
+    assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
