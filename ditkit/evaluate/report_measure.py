@@ -26,6 +26,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
+from ditkit.evaluate.stats import FrechetToReference
 from ditkit.files import atomic_path
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve
 from ditkit.spec.sampling import Sampling
@@ -59,7 +60,7 @@ class PerSample:
 
     correct: np.ndarray
     features: np.ndarray
-    frechet: object
+    frechet: FrechetToReference
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,7 @@ def measure(spec: S.ModelSpec, tensors: dict | None, objective,
         model = None
         if tensors is not None:
             adapted = adapt(spec, tensors, policy, res, seed=seed)
-            row.reinitialised = len(adapted.record["reinitialised"])
+            row = replace(row, reinitialised=len(adapted.record["reinitialised"]))
             model = _loaded(adapted.spec, adapted.tensors, plan.device)
         elif plan.time:
             torch.manual_seed(seed)
@@ -416,8 +417,8 @@ def measure(spec: S.ModelSpec, tensors: dict | None, objective,
             same = res == trained_res and noop[label]["status"] == "identical"
             if same and identical is not None:
                 first, per = identical
-                row.grid, row.metrics, row.same_as = first.grid, dict(first.metrics), \
-                    first.policy
+                row = replace(row, grid=first.grid, metrics=dict(first.metrics),
+                              same_as=first.policy)
             else:
                 grid, found = sample_grid(model, objective, new_spec, res, out, label, plan)
                 row = _scored(row, grid, found)
