@@ -19,7 +19,9 @@ the parts' public names, so ``from ditkit.evaluate.report import run, parse_poli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -27,9 +29,9 @@ from ditkit import spec as S
 from ditkit.evaluate import report_measure
 from ditkit.evaluate.report_compare import (OVERHEAD_FACTOR, compare, compare_scopes, compared,
                                             latency_slope, with_intervals)
-from ditkit.evaluate.report_measure import (ClassifierScorer, Measured, PerSample, Plan, Row,
-                                            Scorer, Scores, compact_png, cost_curves,
-                                            cpu_peak_bytes, dit_reference, measure,
+from ditkit.evaluate.report_measure import (ClassifierScorer, ExtraRow, Measured, PerSample,
+                                            Plan, Row, Scorer, Scores, Tensors, compact_png,
+                                            cost_curves, cpu_peak_bytes, dit_reference, measure,
                                             measure_forward, noop_check)
 from ditkit.evaluate.report_write import _html, comparison_lines, write_report
 from ditkit.spec.sampling import Sampling
@@ -74,15 +76,16 @@ def policy_label(policy: S.Policy) -> str:
     return policy.kind + (f":{args}" if args else "")
 
 
-def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Policy],
+def run(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective | None,
+        policies: list[S.Policy],
         resolutions: list[tuple[int, int]], out: Path, sampling: Sampling | None = None, *,
         samples: int = 8, device: str = "cpu",
         measure: bool = True, curve: list[tuple[int, int]] | None = None,
         scorer: Scorer | None = None, eval_count: int = 0,
-        extra: list[tuple[str, S.ModelSpec, dict]] = (),
+        extra: Sequence[ExtraRow] = (),
         eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
         count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300,
-        latency_batch: int = 1, **settings) -> list[Row]:
+        latency_batch: int = 1, **settings: Any) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``sampling``: how the grids and scored images are drawn (default :data:`REPORT_SAMPLING`:
@@ -107,9 +110,9 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
     plan = Plan(sampling, grid_count=samples, device=device, time=measure,
                 latency_batch=latency_batch, scorer=scorer, count=eval_count,
-                count_at={tuple(k): v for k, v in (count_at or {}).items()},
+                count_at={(k[0], k[1]): v for k, v in (count_at or {}).items()},
                 scored=None if eval_resolutions is None
-                else frozenset(tuple(r) for r in eval_resolutions),
+                else frozenset((r[0], r[1]) for r in eval_resolutions),
                 progress=progress)
     labelled = [(policy_label(p), p) for p in policies]
     # ``measure`` (the flag) shadows the function here: reach the part through its module

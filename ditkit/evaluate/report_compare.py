@@ -9,9 +9,11 @@ latency against pixels. Nothing here measures or writes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
-from ditkit.evaluate.report_measure import Measured, PerSample, Row
+from ditkit.evaluate.report_measure import Measured, PerSample, Resolution, Row
 from ditkit.runtime.extrapolate import loglog_slope
 
 
@@ -36,7 +38,7 @@ def with_intervals(rows: list[Row], scores: dict[int, PerSample], rounds: int = 
 
 
 def compare(rows: list[Row], paired: dict[int, PerSample], rounds: int = 300, seed: int = 0,
-            scope: str = "all") -> list[dict]:
+            scope: str = "all") -> list[dict[str, Any]]:
     """Per resolution, the best row by accuracy and by Fréchet distance and paired tests of
     every other row against it on the same samples (same seed, same labels): McNemar's exact
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
@@ -45,7 +47,7 @@ def compare(rows: list[Row], paired: dict[int, PerSample], rounds: int = 300, se
     from ditkit.evaluate.stats import mcnemar_p, paired_frechet_difference
 
     out = []
-    by_res: dict = {}
+    by_res: dict[Resolution, list[int]] = {}
     for i in paired:
         if rows[i].same_as is None:
             by_res.setdefault(rows[i].resolution, []).append(i)
@@ -78,7 +80,7 @@ def compare(rows: list[Row], paired: dict[int, PerSample], rounds: int = 300, se
 
 
 def compare_scopes(rows: list[Row], scores: dict[int, PerSample], n_policy_rows: int,
-                   rounds: int = 300, seed: int = 0) -> list[dict]:
+                   rounds: int = 300, seed: int = 0) -> list[dict[str, Any]]:
     """:func:`compare` over all rows, and -- at the resolutions where fine-tuned (extra) rows,
     those from index ``n_policy_rows`` on, take part -- over the zero-shot policies alone:
     "which policy to use without training" is a question of its own. Sorted by pixels, the
@@ -94,13 +96,13 @@ def compare_scopes(rows: list[Row], scores: dict[int, PerSample], n_policy_rows:
 
 
 def compared(measured: Measured, rounds: int = 300, seed: int = 0
-             ) -> tuple[list[Row], list[dict]]:
+             ) -> tuple[list[Row], list[dict[str, Any]]]:
     """The measured rows with their intervals, and :func:`compare_scopes`'s entries."""
     rows = with_intervals(measured.rows, measured.scores, rounds, seed)
     return rows, compare_scopes(rows, measured.scores, measured.n_policy_rows, rounds, seed)
 
 
-def slope(points) -> float | None:
+def slope(points: Sequence[tuple[Resolution, float]]) -> float | None:
     """The log-log slope of a cost curve ``[(resolution, gmacs), ...]`` against pixels."""
     if len(points) < 2:
         return None
@@ -113,7 +115,7 @@ milliseconds per GMAC exceed that best (lowest) ms/GMAC by more than this factor
 per-call overhead, not compute, dominates it (:func:`latency_slope`)."""
 
 
-def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
+def latency_slope(points: Sequence[tuple[Resolution, float, float]]) -> dict[str, Any]:
     """The log-log slope of measured latency vs pixels over the *compute-bound* points only.
 
     ``points``: ``(resolution, latency_ms, gmacs)``. A tiny model's batch-1 forward at a small
@@ -135,7 +137,7 @@ def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
 
     bound = [(r, ms) for r, ms, g in pts if not overhead(ms, g)]
     over = [list(r) for r, ms, g in pts if overhead(ms, g)]
-    pixels = [r[0] * r[1] for r, _ in bound]
+    pixels: list[float] = [r[0] * r[1] for r, _ in bound]
     fitted = None
     if len(bound) >= 2 and max(pixels) >= 4 * min(pixels):
         fitted = loglog_slope(pixels, [ms for _, ms in bound])
@@ -143,9 +145,9 @@ def latency_slope(points: list[tuple[tuple[int, int], float, float]]) -> dict:
             "overhead_bound": over}
 
 
-def latency_fits(rows: list[Row]) -> dict[str, dict]:
+def latency_fits(rows: list[Row]) -> dict[str, dict[str, Any]]:
     """:func:`latency_slope` per policy label over the rows with a latency."""
-    latency: dict[str, list] = {}
+    latency: dict[str, list[tuple[Resolution, float, float]]] = {}
     for r in rows:
         if r.latency_ms is not None:
             latency.setdefault(r.policy, []).append((r.resolution, r.latency_ms, r.gmacs))

@@ -17,9 +17,10 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ from ditkit.evaluate.stats import FrechetToReference
 from ditkit.files import atomic_path
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve
 from ditkit.spec.sampling import Sampling
+
+Resolution = tuple[int, int]
+Tensors = dict[str, torch.Tensor]
+ExtraRow = tuple[str, S.ModelSpec, Tensors]
+"""A row of a model already at its resolution: ``(label, spec, tensors)``."""
 
 
 # --- rows and scores: the data passed from measure to compare to write ---------------------
@@ -45,7 +51,7 @@ class Row:
     peak_mib: float | None = None
     grid: str | None = None
     reinitialised: int = 0
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     same_as: str | None = None
     """Set when the row's model is bit-identical to the trained one at the training
@@ -76,7 +82,7 @@ class Scores:
     count: int
     per_sample: PerSample | None = None
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """The row's ``metrics`` (what results.json and report.md show)."""
         return {"accuracy": self.accuracy, "frechet": self.frechet,
                 "frechet_real": self.frechet_real, "real_accuracy": self.real_accuracy,
@@ -96,7 +102,7 @@ class ClassifierScorer:
     classes) of :mod:`ditkit.evaluate.classifier`, one classifier per resolution, trained on
     first use on real images of that resolution."""
 
-    def __init__(self, data: str, classes: int = 10, **classifier_args):
+    def __init__(self, data: str, classes: int = 10, **classifier_args: Any) -> None:
         from ditkit.evaluate.classifier import ResolutionMetrics
 
         self.data, self.classes = data, classes
@@ -122,15 +128,15 @@ class Plan:
     latency_batch: int = 1
     scorer: Scorer | None = None
     count: int = 0
-    count_at: dict = field(default_factory=dict)
-    scored: frozenset | None = None
+    count_at: dict[Resolution, int] = field(default_factory=dict)
+    scored: frozenset[Resolution] | None = None
     progress: bool = True
 
-    def scorer_at(self, res) -> Scorer | None:
-        return self.scorer if self.scored is None or tuple(res) in self.scored else None
+    def scorer_at(self, res: Resolution) -> Scorer | None:
+        return self.scorer if self.scored is None or res in self.scored else None
 
-    def count_for(self, res) -> int:
-        return self.count_at.get(tuple(res), self.count)
+    def count_for(self, res: Resolution) -> int:
+        return self.count_at.get(res, self.count)
 
 
 @dataclass
@@ -140,8 +146,8 @@ class Measured:
 
     rows: list[Row]
     scores: dict[int, PerSample]
-    noop: dict[str, dict]
-    curves: dict
+    noop: dict[str, dict[str, Any]]
+    curves: dict[str, list[tuple[Resolution, float]]]
     n_policy_rows: int
 
 
@@ -154,7 +160,7 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
     target = describe(spec).params
     inner = spec.levels[-1]
     d_head = spec.stack(len(spec.levels) - 1, "middle")[0].d_head if inner.middle else 64
-    best = None
+    best: tuple[int, S.ModelSpec] | None = None
     for depth in range(1, 49):
         cand = S.ModelSpec(
             name=f"dit-like-{spec.name}", input=spec.input, patch=spec.patch,
@@ -166,11 +172,12 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
             best = (n, cand)
         if n > target:
             break
+    assert best is not None  # depth 1 is always a candidate
     return best[1]
 
 
 def cost_curves(spec: S.ModelSpec, policies: list[tuple[str, S.Policy]],
-                resolutions: list[tuple[int, int]]) -> dict:
+                resolutions: list[Resolution]) -> dict[str, list[tuple[Resolution, float]]]:
     """GMACs per resolution for each labelled policy, and for :func:`dit_reference`."""
     curves = {}
     for label, policy in policies:
@@ -184,7 +191,7 @@ def cost_curves(spec: S.ModelSpec, policies: list[tuple[str, S.Policy]],
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced():
+def _native_stderr_silenced() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null while the block runs: the profiler's C++ side prints
     ``USDT ... profiler_start/stop`` lines there on every use, which would break the progress
     bar. Python exceptions are unaffected (they are raised, not printed, inside the block)."""
@@ -203,7 +210,7 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def cpu_peak_bytes(fn) -> int | None:
+def cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     """Peak bytes of CPU tensors alive at once while ``fn()`` runs, above what was alive before:
     the running sum of PyTorch's CPU allocator events (allocations and frees, in time order),
     recorded by ``torch.profiler`` with ``profile_memory``. Unlike the process's resident size
@@ -233,7 +240,8 @@ def cpu_peak_bytes(fn) -> int | None:
     return peak
 
 
-def measure_forward(model, spec: S.ModelSpec, resolution, device: str = "cpu",
+def measure_forward(model: torch.nn.Module, spec: S.ModelSpec, resolution: Resolution,
+                    device: str = "cpu",
                     repeats: int = 3, batch: int = 1) -> tuple[float, float | None]:
     """Median forward latency (ms) at ``batch`` and peak memory above the baseline (MiB): the
     CUDA allocator's peak, or on a CPU :func:`cpu_peak_bytes` in one more (profiled) forward
@@ -244,6 +252,7 @@ def measure_forward(model, spec: S.ModelSpec, resolution, device: str = "cpu",
     labels = (torch.zeros(batch, dtype=torch.long, device=device)
               if spec.conditioning.classes else None)
     times = []
+    peak: float | None
     with torch.no_grad():
         model(x, sigma, labels)  # warm-up
         if device.startswith("cuda"):
@@ -271,14 +280,15 @@ def issues_text(err: S.SpecError) -> str:
     return "; ".join(f"{p}: {m}" for p, m in err.issues)
 
 
-def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0) -> dict:
+def noop_check(spec: S.ModelSpec, tensors: Tensors, policy: S.Policy, seed: int = 0
+               ) -> dict[str, Any]:
     """Is ``policy`` a no-op at the training resolution? Adapt the trained weights to the
     training resolution and compare the network's outputs with the trained model's on fixed
     inputs (batch 3, noise levels 0.1, 1 and 10, labels 0-2). ``status``: ``identical`` (every
     output bit equal), ``no-op`` (equal to float rounding: ``max |diff| <= 1e-5 max |out|``, e.g.
     another attention kernel over the same keys), ``changes the model``, or ``invalid`` (the
     policy cannot be applied there)."""
-    res = tuple(spec.input.resolution)
+    res = (spec.input.resolution[0], spec.input.resolution[1])
     try:
         adapted = adapt(spec, tensors, policy, res, seed=seed)
     except (S.SpecError, ValueError) as err:
@@ -311,8 +321,8 @@ def noop_check(spec: S.ModelSpec, tensors: dict, policy: S.Policy, seed: int = 0
 # --- samples ----------------------------------------------------------------------------------
 
 
-def sample_grid(model, objective, spec: S.ModelSpec, res, out: Path, label: str,
-                plan: Plan) -> tuple[str, Scores | None]:
+def sample_grid(model: torch.nn.Module, objective: S.Objective, spec: S.ModelSpec,
+                res: Resolution, out: Path, label: str, plan: Plan) -> tuple[str, Scores | None]:
     """Sample ``max(grid_count, count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``grid_count`` as a grid, score all of them with the plan's
     scorer at ``res`` (if any): ``(grid path relative to out, scores or None)``."""
@@ -350,13 +360,14 @@ def compact_png(path: Path, colours: int = 256) -> None:
 # --- the cells --------------------------------------------------------------------------------
 
 
-def _loaded(spec: S.ModelSpec, tensors: dict, device: str):
+def _loaded(spec: S.ModelSpec, tensors: Tensors, device: str) -> torch.nn.Module:
     model = build(spec, device=device)
     model.load_state_dict(tensors)
     return model.eval()
 
 
-def _timed(row: Row, model, spec: S.ModelSpec, res, plan: Plan) -> Row:
+def _timed(row: Row, model: torch.nn.Module | None, spec: S.ModelSpec, res: Resolution,
+           plan: Plan) -> Row:
     if model is None or not plan.time:
         return row
     latency, peak = measure_forward(model, spec, res, plan.device, batch=plan.latency_batch)
@@ -368,10 +379,10 @@ def _scored(row: Row, grid: str, scores: Scores | None) -> Row:
     return replace(row, grid=grid, metrics=metrics)
 
 
-def measure(spec: S.ModelSpec, tensors: dict | None, objective,
-            policies: list[tuple[str, S.Policy]], resolutions: list[tuple[int, int]],
-            out: Path, plan: Plan, extra=(), curve: list[tuple[int, int]] | None = None
-            ) -> Measured:
+def measure(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective | None,
+            policies: list[tuple[str, S.Policy]], resolutions: list[Resolution],
+            out: Path, plan: Plan, extra: Sequence[ExtraRow] = (),
+            curve: list[Resolution] | None = None) -> Measured:
     """Measure every labelled policy at every resolution, then every ``extra`` row ``(label,
     spec, tensors)`` of a model already at its resolution (e.g. a fine-tuned adaptation).
 
@@ -394,7 +405,7 @@ def measure(spec: S.ModelSpec, tensors: dict | None, objective,
     rows: list[Row] = []
     scores: dict[int, PerSample] = {}
     identical: tuple[Row, PerSample | None] | None = None  # the first bit-identical cell
-    jobs = [(label, p, tuple(r)) for label, p in policies for r in resolutions]
+    jobs = [(label, p, (r[0], r[1])) for label, p in policies for r in resolutions]
     for label, policy, res in tqdm(jobs, desc="extrapolate", unit="run",
                                    disable=not plan.progress):
         try:
@@ -420,6 +431,7 @@ def measure(spec: S.ModelSpec, tensors: dict | None, objective,
                 row = replace(row, grid=first.grid, metrics=dict(first.metrics),
                               same_as=first.policy)
             else:
+                assert model is not None  # weights were given
                 grid, found = sample_grid(model, objective, new_spec, res, out, label, plan)
                 row = _scored(row, grid, found)
                 per = found.per_sample if found is not None else None
@@ -431,7 +443,7 @@ def measure(spec: S.ModelSpec, tensors: dict | None, objective,
     n_policy_rows = len(rows)
     for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
                                          disable=not (extra and plan.progress)):
-        res = tuple(x_spec.input.resolution)
+        res = (x_spec.input.resolution[0], x_spec.input.resolution[1])
         rep = describe(x_spec)
         model = _loaded(x_spec, x_tensors, plan.device)
         row = _timed(Row(label, res, rep.gmacs, rep.params), model, x_spec, res, plan)

@@ -6,26 +6,31 @@ and the log-log cost plot, from the rows and comparisons (:mod:`ditkit.evaluate.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ditkit.evaluate.report_compare import OVERHEAD_FACTOR, latency_fits, slope
-from ditkit.evaluate.report_measure import Row
+from ditkit import spec as S
+from ditkit.evaluate.report_measure import Resolution, Row
 from ditkit.files import atomic_path, write_text
 from ditkit.spec.sampling import Sampling
+
+Curves = dict[str, list[tuple[Resolution, float]]]
 
 
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-def _acc_cell(m: dict) -> str:
+def _acc_cell(m: dict[str, Any]) -> str:
     ci = m.get("accuracy_ci")
     band = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
     return f"{_pct(m['accuracy'])}%{band} ({m['real_accuracy']:.0%})"
 
 
-def _fd_cell(m: dict) -> str:
+def _fd_cell(m: dict[str, Any]) -> str:
     ci = m.get("frechet_ci")
     band = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
     return f"{m['frechet']:.2f}{band} ({m['frechet_real']:.2f})"
@@ -35,7 +40,8 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: float) -> str:
+def _comparison_line(head: str, best: str, tests: list[dict[str, Any]],
+                     runner_up: Callable[[dict[str, Any], str], str], alpha: float) -> str:
     text = f"- **{head}:** best `{best}`"
     if not tests:
         return text
@@ -48,7 +54,7 @@ def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: 
                    "; better than every other row at p < 0.05.")
 
 
-def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
+def comparison_lines(c: dict[str, Any], alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
     only = ", zero-shot policies only" if c.get("scope") == "zero-shot" else ""
@@ -65,14 +71,16 @@ def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
     return [acc, fd]
 
 
-def write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | None = None,
-                 comparisons: list[dict] | None = None, sampling: Sampling | None = None,
+def write_report(spec: S.ModelSpec, rows: list[Row], curves: Curves, out: Path,
+                 noop: dict[str, dict[str, Any]] | None = None,
+                 comparisons: list[dict[str, Any]] | None = None,
+                 sampling: Sampling | None = None,
                  latency_batch: int = 1) -> None:
     """Write ``results.json``, ``report.md``, ``report.html`` and ``cost.png`` (when matplotlib
     is installed) into ``out`` for the rows of ``spec``'s report."""
     noop, comparisons = noop or {}, comparisons or []
     lat = latency_fits(rows)
-    results = {"spec": spec.name, "trained_resolution": list(spec.input.resolution),
+    results: dict[str, Any] = {"spec": spec.name, "trained_resolution": list(spec.input.resolution),
                "sampling": sampling.recorded() if sampling else {},
                "rows": [asdict(r) for r in rows],
                "noop_at_training_resolution": noop, "comparisons": comparisons,
@@ -83,7 +91,7 @@ def write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | No
     write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     plot = _plot(curves, out / "cost.png")
 
-    def cell(v, fmt):
+    def cell(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     h0, w0 = spec.input.resolution
@@ -196,7 +204,7 @@ def write_report(spec, rows: list[Row], curves: dict, out: Path, noop: dict | No
     write_text(out / "report.html", _html("\n".join(md)))
 
 
-def _plot(curves: dict, path: Path) -> bool:
+def _plot(curves: Curves, path: Path) -> bool:
     try:
         import matplotlib
 
