@@ -1,7 +1,7 @@
 """``ditkit extrapolate``: sample, score and measure a model at resolutions it never saw.
 
-The runner is ``ditkit.evaluate.report``; the command may hand it the digits/shapes
-metrics of ``ditkit.evaluate.classifier``.
+The runner is ``ditkit.evaluate.report``; the command may hand it a
+``ClassifierScorer`` of the run's data kind (digits or shapes) to score the samples.
 """
 
 from __future__ import annotations
@@ -157,14 +157,14 @@ def run_extrapolate(args) -> int:
     setup_compute(args)
     if args.metrics != "auto":
         kind = None if args.metrics == "none" else args.metrics
-    evaluate = None
+    scorer = None
     if kind in ("shapes", "digits") and objective is not None and args.count:
-        from ditkit.evaluate.classifier import ResolutionMetrics
+        from ditkit.evaluate.report import ClassifierScorer
 
         if spec.conditioning.classes is None:
             raise UsageError("--metrics: the scores need a class-conditional model; use "
                              "--metrics none")
-        evaluate = ResolutionMetrics(kind, classes)
+        scorer = ClassifierScorer(kind, classes)
     extra = [_finetuned_row(p, objective) for p in list_arg(args.finetuned, "--finetuned")]
     out = Path(args.out)
     from ditkit.builder import use_backend
@@ -175,7 +175,7 @@ def run_extrapolate(args) -> int:
         rows = run(spec, tensors, objective, policies, resolutions, out, sampling,
                    samples=args.grid_count,
                    device=args.device, measure=not args.no_measure, curve=curve,
-                   evaluate=evaluate, eval_count=args.count, extra=extra,
+                   scorer=scorer, eval_count=args.count, extra=extra,
                    eval_resolutions=[parse_resolution(r, "--eval-resolutions")
                                      for r in list_arg(args.eval_resolutions,
                                                        "--eval-resolutions")]

@@ -193,9 +193,10 @@ def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 1
 
 
 class ResolutionMetrics:
-    """A metrics hook for the extrapolation runner: ``hook(images, labels) -> dict`` with
-    accuracy, Fréchet distance and the matched real-vs-real Fréchet distance, and under
-    ``per_sample`` what the runner's confidence intervals and paired tests need: which samples
+    """Scores per resolution, ``metrics(images, labels) -> dict``, with accuracy, Fréchet
+    distance and the matched real-vs-real Fréchet distance, and under ``per_sample`` what the
+    extrapolation report's confidence intervals and paired tests need (its
+    ``ClassifierScorer`` turns this dict into typed ``Scores``): which samples
     were classified right, their features and the Fréchet distance to the reference
     (:class:`ditkit.evaluate.stats.FrechetToReference`). One classifier per resolution, built
     on first use."""

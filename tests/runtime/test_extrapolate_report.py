@@ -10,7 +10,7 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.extrapolate import adapt
-from ditkit.evaluate.report import dit_reference, parse_policy, run
+from ditkit.evaluate.report import PerSample, Scores, dit_reference, parse_policy, run
 from tests.conftest import ROOT
 from tests.evaluate.test_report_html import check_report_html
 from tests.perturb import perturb
@@ -115,14 +115,15 @@ def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
     tensors = build(spec).state_dict()
     calls = []
 
-    def hook(images, labels):
-        calls.append((tuple(images.shape), labels.tolist()))
-        return {"accuracy": 0.5, "frechet": 3.25, "frechet_real": 1.5, "real_accuracy": 0.9,
-                "count": len(labels)}
+    class Fixed:  # a Scorer with fixed scores and no per-sample data
+        def score(self, images, labels):
+            calls.append((tuple(images.shape), labels.tolist()))
+            return Scores(accuracy=0.5, frechet=3.25, frechet_real=1.5, real_accuracy=0.9,
+                          count=len(labels))
 
     tuned = adapt(spec, tensors, S.CorePatch(factor=4), (32, 32))
     rows = run(spec, tensors, S.EDMObjective(), [S.AsIs()], [(16, 16), (32, 32)],
-               tmp_path, steps=1, samples=4, measure=False, evaluate=hook, eval_count=6,
+               tmp_path, steps=1, samples=4, measure=False, scorer=Fixed(), eval_count=6,
                eval_resolutions=[(32, 32)], extra=[("tuned core", tuned.spec, tuned.tensors)])
     assert [(r.policy, r.resolution) for r in rows] == [
         ("as_is", (16, 16)), ("as_is", (32, 32)), ("tuned core", (32, 32))]
@@ -221,13 +222,14 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     fd = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
     calls = []
 
-    def hook(images, labels):  # "correct" when the sample's mean is positive: differs by model
-        calls.append(tuple(images.shape))
-        correct = images.flatten(1).mean(1).numpy() > 0
-        feats = images.flatten(1)[:, :3].double().numpy()
-        return {"accuracy": float(correct.mean()), "frechet": fd(feats), "frechet_real": 0.1,
-                "real_accuracy": 0.9, "count": len(labels),
-                "per_sample": {"correct": correct, "features": feats, "frechet": fd}}
+    class SignScorer:  # "correct" when the sample's mean is positive: differs by model
+        def score(self, images, labels):
+            calls.append(tuple(images.shape))
+            correct = images.flatten(1).mean(1).numpy() > 0
+            feats = images.flatten(1)[:, :3].double().numpy()
+            return Scores(accuracy=float(correct.mean()), frechet=fd(feats), frechet_real=0.1,
+                          real_accuracy=0.9, count=len(labels),
+                          per_sample=PerSample(correct=correct, features=feats, frechet=fd))
 
     policies = [S.AsIs(), S.CorePatch(), S.CorePatch(factor=4)]
     # a "fine-tuned" row at 32x32: core_patch's adapted model, its weights nudged
@@ -235,7 +237,7 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     tuned_tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
                      for k, v in tuned.tensors.items()}
     rows = run(spec, tensors, S.EDMObjective(), policies, [(16, 16), (32, 32)], tmp_path,
-               steps=1, samples=2, measure=False, evaluate=hook, eval_count=40,
+               steps=1, samples=2, measure=False, scorer=SignScorer(), eval_count=40,
                count_at={(32, 32): 30}, bootstrap=50,
                extra=[("core_patch + fine-tune", tuned.spec, tuned_tensors)])
     by = {(r.policy, r.resolution): r for r in rows}
@@ -317,3 +319,28 @@ def test_sample_policy_adapts_the_checkpoint_before_sampling(tmp_path):
     assert main(["sample", str(onnx), "--policy", "core_patch", "--count", "1"]) == 2
     assert main(["sample", str(ckpt), "--policy", "core_patch", "--resolution",
                  f"{h + 8}x{w}", "--count", "1"]) == 2  # factor auto: not a whole multiple
+
+
+@pytest.mark.slow  # ~18 s on a loaded 2-core machine: the cost curves and the classifier
+def test_cli_scores_with_the_classifier_of_the_runs_data(tmp_path):
+    """`ditkit extrapolate CKPT` beside an experiment.yaml of digits scores every cell with the
+    digits classifier (the command hands the runner a ClassifierScorer built from the data
+    kind)."""
+    from ditkit.cli import main
+    from ditkit.runtime.checkpoint import save_checkpoint
+
+    spec = S.load(TINY)
+    torch.manual_seed(0)
+    model = build(spec)
+    perturb(model, 0.02)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, model.state_dict(), spec, objective=S.EDMObjective())
+    (tmp_path / "experiment.yaml").write_text("data: {kind: digits, classes: 10}\n")
+    args = ["extrapolate", str(ckpt), "--resolutions", "16", "--steps", "1", "--count", "12",
+            "--grid-count", "2", "--no-measure", "--bootstrap", "20", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "scored")]) == 0
+    (row,) = json.loads((tmp_path / "scored/results.json").read_text())["rows"]
+    assert row["grid"]
+    m = row["metrics"]
+    assert m["count"] == 12 and 0 <= m["accuracy"] <= 1 and m["real_accuracy"] > 0.8
+    assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
