@@ -20,7 +20,8 @@ from ditkit import spec as S
 from . import kernels
 from .init import zero_linear_
 from .norm import make_norm
-from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
+from .position import (apply_rope, grid_positions, rope_angles, rope_frequencies,
+                       scaled_rope_frequencies)
 from .tags import NO_DECAY, tag
 from .transitions import group, ungroup
 
@@ -63,13 +64,24 @@ class QKRope(nn.Module):
         self.rope_positions = r.positions if rotated else "normalized"
         self.rope_position_scale = (tuple(float(v) for v in r.position_scale) if rotated
                                     else (1.0, 1.0))
+        self.rope_scaling = (r.scaling if rotated and not isinstance(r.scaling, S.NoRopeScaling)
+                             else None)
         self.register_buffer("rope_freqs",
                              rope_frequencies(*self._rope_args) if rotated else None,
                              persistent=False)
+        # (2, heads, r/4) row and column frequencies under the policy's rescaling (NTK / YaRN)
+        self.register_buffer("rope_freqs_scaled", self._scaled(self.rope_freqs),
+                             persistent=False)
+
+    def _scaled(self, freqs: torch.Tensor | None) -> torch.Tensor | None:
+        if freqs is None or self.rope_scaling is None:
+            return None
+        return scaled_rope_frequencies(freqs, self.rope_scaling)
 
     def _init_rope(self) -> None:
         if self.rope_freqs is not None:
             self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
+            self.rope_freqs_scaled = self._scaled(self.rope_freqs)
 
     def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_norm is not None:
@@ -84,16 +96,20 @@ class QKRope(nn.Module):
         pos = grid_positions(hh, ww, self.rope_positions, q.device)
         if self.rope_position_scale != (1.0, 1.0):
             pos = pos * pos.new_tensor(self.rope_position_scale)
-        theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
+        if self.rope_freqs_scaled is not None:  # (heads, H, W, r/2)
+            theta = rope_angles(self.rope_freqs_scaled[0].float(), pos,
+                                self.rope_freqs_scaled[1].float())
+        else:
+            theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
         return apply_rope(q, theta), apply_rope(k, theta)
 
 
 class DotLogits(nn.Module):
     """``logits: dot``: ``q . k / sqrt(d_head)``."""
 
-    def __init__(self, d_head: int):
+    def __init__(self, d_head: int, factor: float = 1.0):
         super().__init__()
-        self.factor = d_head ** -0.5
+        self.factor = d_head ** -0.5 * factor
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor | None,
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -103,11 +119,12 @@ class DotLogits(nn.Module):
 class CosineLogits(nn.Module):
     """``logits: cosine`` (HDiT): ``gain_h * cos(q, k)``. q and k are scaled to norm
     ``sqrt(gain)`` each (in fp32), so ``q . k = gain * cos(q, k)`` and the kernel's scale is 1.
-    ``gain`` is the attention module's learned per-head ``scale``."""
+    ``gain`` is the attention module's learned per-head ``scale``; ``factor`` (1 as trained) is
+    the kernel's scale, a constant a resolution policy may set."""
 
-    def __init__(self, eps: float = 1e-6):
+    def __init__(self, eps: float = 1e-6, factor: float = 1.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.factor = eps, factor
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
@@ -116,7 +133,7 @@ class CosineLogits(nn.Module):
         qf, kf = q.to(dtype), k.to(dtype)
         qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.eps))
         kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
-        return qf.to(q.dtype), kf.to(k.dtype), 1.0
+        return qf.to(q.dtype), kf.to(k.dtype), self.factor
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -135,7 +152,8 @@ class Attention(QKRope):
         d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
         cosine = isinstance(cfg.logits, S.CosineLogits)
-        self.logits = CosineLogits(cfg.logits.eps) if cosine else DotLogits(d_head)
+        self.logits = (CosineLogits(cfg.logits.eps, cfg.logits.factor) if cosine
+                       else DotLogits(d_head, cfg.logits.factor))
         self.scale_init = cfg.logits.scale_init if cosine else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
@@ -222,7 +240,7 @@ class AggregateAttention(QKRope):
     coarse grid (RoPE positions are the coarse grid's), and the output projection
     ``n_heads d_head -> f^2 d_model`` is ungrouped back to the input grid. The block's FFN stays
     at the input grid, so only attention pays for the wider view. Logits are dot-product
-    (``cfg.logits`` is not used)."""
+    (of ``cfg.logits`` only the policies' constant ``factor`` is used)."""
 
     def __init__(self, cfg: AttentionConfig, n_heads: int, factor: int = 2):
         super().__init__()
@@ -232,6 +250,7 @@ class AggregateAttention(QKRope):
         d_in, inner = cfg.d_model * factor * factor, n_heads * d_head
         self.qkv = nn.Linear(d_in, 3 * inner, bias=cfg.bias)
         self._setup_qk(cfg, n_heads)
+        self.logit_factor = cfg.logits.factor  # 1 as trained; set by resolution policies
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(inner, d_in, bias=cfg.bias)
 
@@ -248,7 +267,7 @@ class AggregateAttention(QKRope):
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
         q, k = self._rope(*self._norm_qk(q, k), hh, ww)
         o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
-                                     self.d_head ** -0.5)
+                                     self.d_head ** -0.5 * self.logit_factor)
         o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)
         o = self.out(self.dropout(o.reshape(b, hh, ww, -1)))  # (B, h, w, f^2 C)
         return ungroup(o, f, f)  # (B, H, W, C)

@@ -115,10 +115,13 @@ def rope_frequencies(n_heads: int, rotated: int, layout: str, freq_min: float,
     return freqs[None].expand(n_heads, per_axis).contiguous()
 
 
-def rope_angles(freqs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """freqs (heads, r/4), pos (H, W, 2) -> angles (heads, H, W, r/2): row angles then col."""
+def rope_angles(freqs: torch.Tensor, pos: torch.Tensor,
+                freqs_col: torch.Tensor | None = None) -> torch.Tensor:
+    """freqs (heads, r/4), pos (H, W, 2) -> angles (heads, H, W, r/2): row angles then col
+    (``freqs_col``: other frequencies for the columns; default the same)."""
     th = pos[None, :, :, 0:1] * freqs[:, None, None, :]
-    tw = pos[None, :, :, 1:2] * freqs[:, None, None, :]
+    fc = freqs if freqs_col is None else freqs_col
+    tw = pos[None, :, :, 1:2] * fc[:, None, None, :]
     return torch.cat([th, tw], dim=-1)
 
 
@@ -133,3 +136,41 @@ def apply_rope(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     y1 = (x1f * cos - x2f * sin).to(x.dtype)
     y2 = (x2f * cos + x1f * sin).to(x.dtype)
     return torch.cat([y1, y2, rest], dim=-1)
+
+
+def scaled_rope_frequencies(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
+    """``(2, heads, r/4)`` (row, col) frequencies of ``freqs`` ``(heads, r/4)`` under a RoPE
+    ``scaling`` (formulas: :class:`ditkit.spec.NtkScaling`, :class:`ditkit.spec.YarnScaling`),
+    computed in float64.
+
+    NTK-aware: ``w' = w * s^(-g)``, ``g = (ln w_max - ln w) / (ln w_max - ln w_min)`` over the
+    layer's frequencies (the highest kept, the lowest divided by ``s``; for the geometric layout
+    ``base' = base * s^(m/(m-1))``, the per-axis form of ``base * s^(d/(d-2))``).
+    YaRN: ``r = L w / 2 pi``; ``gamma = clamp((r - alpha) / (beta - alpha), 0, 1)``;
+    ``w' = (1 - gamma) w / s + gamma w``."""
+    w = freqs.to(torch.float64)
+    axes = []
+    match scaling:
+        case S.NoRopeScaling():
+            return torch.stack([freqs, freqs])
+        case S.NtkScaling(scale=scale):
+            lo, hi = w.min().log(), w.max().log()
+            g = (hi - w.log()) / (hi - lo) if hi > lo else torch.zeros_like(w)
+            for s in scale:
+                axes.append(w * float(s) ** -g)
+        case S.YarnScaling(alpha=alpha, beta=beta, scale=scale, trained_length=length):
+            for s, L in zip(scale, length):
+                r = L * w / (2 * math.pi)
+                gamma = ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+                axes.append((1 - gamma) * w / s + gamma * w)
+        case other:
+            assert_never(other)
+    return torch.stack(axes).to(freqs.dtype)
+
+
+def yarn_logit_factor(scale: tuple[float, float]) -> float:
+    """YaRN's attention temperature on the logits: ``1/t = (0.1 ln s + 1)^2`` (the paper's
+    ``sqrt(1/t) = 0.1 ln s + 1`` on q and k each), ``s`` the geometric mean of the axes'
+    scales; 1 for ``s <= 1``."""
+    s = math.sqrt(scale[0] * scale[1])
+    return (0.1 * math.log(s) + 1.0) ** 2 if s > 1.0 else 1.0
