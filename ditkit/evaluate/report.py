@@ -77,7 +77,9 @@ def policy_label(policy: S.Policy) -> str:
         return v
 
     data = {k: v for k, v in S.to_data(policy).items() if k != "kind"}
-    args = ",".join(f"{k}={show(v)}" for k, v in data.items())
+    options = ("rope_scaling", "attention_scaling")  # shared by every kind: after its own
+    order = sorted(data, key=lambda k: (k in options, options.index(k) if k in options else 0))
+    args = ",".join(f"{k}={show(data[k])}" for k in order)
     return policy.kind + (f":{args}" if args else "")
 
 
