@@ -155,7 +155,7 @@ def scaled_rope_frequencies(freqs: torch.Tensor, scaling: S.RopeScaling) -> torc
             return torch.stack([freqs, freqs])
         case S.NtkScaling(scale=scale):
             lo, hi = w.min().log(), w.max().log()
-            g = (hi - w.log()) / (hi - lo) if hi > lo else torch.zeros_like(w)
+            g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)  # one frequency: g = 0, kept
             for s in scale:
                 axes.append(w * float(s) ** -g)
         case S.YarnScaling(alpha=alpha, beta=beta, scale=scale, trained_length=length):
