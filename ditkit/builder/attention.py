@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 
 from . import kernels
 from .init import zero_linear_
 from .norm import make_norm
-from .position import (apply_rope, grid_positions, rope_angles, rope_frequencies,
+from .position import (apply_rope, dynamic_rope_frequencies, dynamic_yarn_temperature,
+                       grid_positions, ramp_weights, rope_angles, rope_frequencies,
                        scaled_rope_frequencies)
 from .tags import NO_DECAY, tag
 from .transitions import group, ungroup
@@ -66,6 +68,8 @@ class QKRope(nn.Module):
                                     else (1.0, 1.0))
         self.rope_scaling = (r.scaling if rotated and not isinstance(r.scaling, S.NoRopeScaling)
                              else None)
+        self.rope_dynamic = (self.rope_scaling is not None
+                             and self.rope_scaling.time_exponent is not None)
         self.register_buffer("rope_freqs",
                              rope_frequencies(*self._rope_args) if rotated else None,
                              persistent=False)
@@ -74,8 +78,12 @@ class QKRope(nn.Module):
                              persistent=False)
 
     def _scaled(self, freqs: torch.Tensor | None) -> torch.Tensor | None:
+        """Static scaling: the rescaled (row, col) frequencies; noise-dependent: the per
+        frequency ramp weights the forward combines with each sample's scale."""
         if freqs is None or self.rope_scaling is None:
             return None
+        if self.rope_dynamic:
+            return ramp_weights(freqs, self.rope_scaling)
         return scaled_rope_frequencies(freqs, self.rope_scaling)
 
     def _init_rope(self) -> None:
@@ -88,14 +96,30 @@ class QKRope(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor,
-              hh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE)."""
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE); ``noise``: the
+        samples' noise fractions ``(B,)``, read by noise-dependent scaling only."""
         if self.rope_freqs is None:
             return q, k
         pos = grid_positions(hh, ww, self.rope_positions, q.device)
         if self.rope_position_scale != (1.0, 1.0):
             pos = pos * pos.new_tensor(self.rope_position_scale)
+        if self.rope_dynamic:
+            if noise is None:
+                raise UserError("noise-dependent RoPE scaling (time_exponent) needs the noise "
+                                "level: a sigma (noise: fourier) or flow-time (noise: fno) "
+                                "input; drop time_exponent for this model")
+            fr = dynamic_rope_frequencies(self.rope_freqs.float(), self.rope_freqs_scaled.float(),
+                                          self.rope_scaling, noise)  # (2, B, heads, r/4)
+            th = pos[None, None, :, :, 0:1] * fr[0][:, :, None, None, :]
+            tw = pos[None, None, :, :, 1:2] * fr[1][:, :, None, None, :]
+            theta = torch.cat([th, tw], dim=-1)  # (B, heads, H, W, r/2)
+            q, k = apply_rope(q, theta), apply_rope(k, theta)
+            if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
+                temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,) on the logits
+                q = q * temp.to(q.dtype)[:, None, None, None, None]
+            return q, k
         if self.rope_freqs_scaled is not None:  # (heads, H, W, r/2)
             theta = rope_angles(self.rope_freqs_scaled[0].float(), pos,
                                 self.rope_freqs_scaled[1].float())
@@ -170,13 +194,13 @@ class Attention(QKRope):
         if self.zero_init_out:
             zero_linear_(self.out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
         q, k = self._norm_qk(q, k)
         q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
-        q, k = self._rope(q, k, hh, ww)
+        q, k = self._rope(q, k, hh, ww, ctx.noise if ctx is not None else None)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
@@ -259,13 +283,14 @@ class AggregateAttention(QKRope):
         if self.zero_init_out:
             zero_linear_(self.out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         f = self.factor
         g = group(x, f, f)  # (B, H/f, W/f, f^2 C)
         b, hh, ww, _ = g.shape
         qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
-        q, k = self._rope(*self._norm_qk(q, k), hh, ww)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww,
+                          ctx.noise if ctx is not None else None)
         o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
                                      self.d_head ** -0.5 * self.logit_factor)
         o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)

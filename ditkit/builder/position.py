@@ -174,3 +174,47 @@ def yarn_logit_factor(scale: tuple[float, float]) -> float:
     scales; 1 for ``s <= 1``."""
     s = math.sqrt(scale[0] * scale[1])
     return (0.1 * math.log(s) + 1.0) ** 2 if s > 1.0 else 1.0
+
+
+def ramp_weights(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
+    """``(2, heads, r/4)`` per axis, how much of the rescaling each frequency takes, for the
+    noise-dependent form (:func:`dynamic_rope_frequencies`): NTK's ``g`` (0 at the highest
+    frequency, 1 at the lowest), YaRN's ``1 - gamma`` (1: interpolated, 0: kept)."""
+    w = freqs.to(torch.float64)
+    match scaling:
+        case S.NtkScaling():
+            lo, hi = w.min().log(), w.max().log()
+            g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)
+            return torch.stack([g, g]).to(freqs.dtype)
+        case S.YarnScaling(alpha=alpha, beta=beta, trained_length=length):
+            return torch.stack([1 - ((L * w / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1)
+                                for L in length]).to(freqs.dtype)
+        case _:
+            raise TypeError(f"no noise-dependent form of {scaling.kind}")
+
+
+def dynamic_rope_frequencies(freqs: torch.Tensor, ramp: torch.Tensor,
+                             scaling: S.NtkScaling | S.YarnScaling,
+                             t: torch.Tensor) -> torch.Tensor:
+    """``(2, B, heads, r/4)`` row / column frequencies for noise fractions ``t`` ``(B,)``: the
+    scale ``s(t) = s^(t^time_exponent)`` per sample (:class:`ditkit.spec.NtkScaling`).
+    NTK: ``w' = w * s(t)^(-g)``; YaRN: ``w' = (1 - gamma) w / s(t) + gamma w``."""
+    kappa = t.float().clamp(0, 1) ** scaling.time_exponent  # (B,)
+    out = []
+    for axis, s in enumerate(scaling.scale):
+        log_s = kappa[:, None, None] * math.log(s)  # (B, 1, 1): ln s(t)
+        rw = ramp[axis][None]  # (1, heads, r/4)
+        if isinstance(scaling, S.NtkScaling):
+            out.append(freqs[None] * torch.exp(-rw * log_s))
+        else:
+            out.append(freqs[None] * (rw * torch.exp(-log_s) + (1 - rw)))
+    return torch.stack(out)
+
+
+def dynamic_yarn_temperature(scaling: S.YarnScaling, t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` YaRN's temperature per sample as one factor on the logits (applied to q):
+    ``(0.1 ln s(t) + 1)^2`` (the paper's ``sqrt(1/t)`` on q and on k), ``s`` the axes'
+    geometric mean, ``s(t) = s^(t^time_exponent)``."""
+    s = math.sqrt(scaling.scale[0] * scaling.scale[1])
+    kappa = t.float().clamp(0, 1) ** scaling.time_exponent
+    return (0.1 * kappa * math.log(max(s, 1.0)) + 1.0) ** 2

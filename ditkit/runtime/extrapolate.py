@@ -273,6 +273,11 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
 
     if policy.rope_scaling.kind == "none" and policy.attention_scaling == "none":
         return new
+    if (getattr(policy.rope_scaling, "time_exponent", None) is not None
+            and isinstance(spec.conditioning.noise, S.SinusoidalNoise)):
+        raise S.SpecError([("policy.rope_scaling.time_exponent", "noise-dependent scaling needs "
+                            "the noise level as sigma (noise: fourier) or flow time (noise: fno); "
+                            "this model takes a timestep: drop time_exponent")], policy.kind)
     old_grids, new_grids = spec.token_grids(), new.token_grids()
     shift = len(new.levels) - len(spec.levels)
     for i, grid in enumerate(new_grids):
@@ -286,7 +291,8 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
             rope = _scale_rope(block.rope, policy.rope_scaling, old, grid)
             if rope is not block.rope:
                 out["rope"] = rope
-                if isinstance(rope.scaling, S.YarnScaling) and rope.scaling.temperature:
+                if (isinstance(rope.scaling, S.YarnScaling) and rope.scaling.temperature
+                        and rope.scaling.time_exponent is None):  # else per sample, in attention
                     factor *= yarn_logit_factor(rope.scaling.scale)
             if policy.attention_scaling == "entropy":
                 n0, n1 = _attended(block, old), _attended(block, grid)

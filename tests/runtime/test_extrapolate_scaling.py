@@ -23,6 +23,7 @@ def _flat_spec() -> S.ModelSpec:
     patch 2 -> an 8x8 trained grid."""
     return S.ModelSpec(
         input=S.Input(channels=3, resolution=(16, 16)), patch=S.Patch(size=2),
+        conditioning=S.Conditioning(noise=S.FourierNoise()),
         block=S.Block(d_head=32, rope=S.AxialRope(fraction=0.5, positions="integer",
                                                    frequencies="geometric", base=BASE)),
         levels=(S.Level(d_model=64, middle=1),))
@@ -138,6 +139,7 @@ def test_options_compose_with_core_patch_only_where_the_grid_changes():
 @pytest.mark.parametrize("text", [
     "as_is:rope_scaling=ntk,attention_scaling=entropy",
     "as_is:rope_scaling=yarn",
+    "as_is:rope_scaling=ntk(time_exponent=1.0)",
     "local_core:kernel_size=3,rope_scaling=ntk,attention_scaling=entropy",
     "core_patch:rope_scaling=yarn(beta=16.0),attention_scaling=entropy",
     "add_levels:share_weights=True,rope_scaling=yarn,attention_scaling=entropy",
@@ -189,14 +191,62 @@ def test_derived_fields_belong_to_the_model_spec_not_the_policy():
 
 
 @pytest.mark.slow
-def test_scaled_policy_exports_to_onnx_within_parity(tmp_path):
+@pytest.mark.parametrize("text", ["as_is:rope_scaling=yarn,attention_scaling=entropy",
+                                  "as_is:rope_scaling=ntk(time_exponent=1.0)"])
+def test_scaled_policy_exports_to_onnx_within_parity(tmp_path, text):
     from ditkit.deploy.export import export_onnx
 
     spec = S.load("examples/tiny/tiny-hdit-global.yaml")
     torch.manual_seed(0)
     model = perturb(build(spec)).eval()
-    policy = parse_policy("as_is:rope_scaling=yarn,attention_scaling=entropy")
+    policy = parse_policy(text)
     adapted = adapt_model(model, policy, (32, 32))
     result = export_onnx(adapted, S.EDMObjective(), tmp_path / "m.onnx")
     assert result.parity
     assert all(p["max_abs_diff"] <= 1e-4 * max(1, p["scale"]) for p in result.parity)
+
+
+# ------------------------------------------------------------------ noise-dependent scaling
+
+
+def test_time_aware_ntk_scale_follows_each_samples_noise_fraction():
+    from ditkit.builder.model import Context
+
+    policy = parse_policy("as_is:rope_scaling=ntk(time_exponent=2.0)")
+    attn, blk = _adapted_attention(policy, (32, 16))
+    j = torch.arange(M, dtype=torch.float64)
+    x = torch.randn(3, 16, 8, 64)
+    t = torch.tensor([1.0, 0.5, 0.0])  # pure noise, half, clean
+    with torch.no_grad():
+        out = attn(x, Context(noise=t))
+        for b, tb in enumerate(t.tolist()):
+            s_t = 2.0 ** (tb ** 2.0)  # s(t) = s^(t^gamma), rows only (columns keep s = 1)
+            freqs_row = (BASE * s_t ** (M / (M - 1))) ** (-j / M)
+            ref = _reference_attention(attn, x[b:b + 1], freqs_row, BASE ** (-j / M), 1.0)
+            torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_time_aware_yarn_is_static_yarn_at_pure_noise_and_plain_when_clean():
+    from ditkit.builder.model import Context
+
+    static, _ = _adapted_attention(parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0)"),
+                                   (32, 32))
+    dynamic, blk = _adapted_attention(
+        parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0,time_exponent=1.0)"), (32, 32))
+    assert blk.logits.factor == 1.0  # the temperature goes per sample, inside the attention
+    j = torch.arange(M, dtype=torch.float64)
+    x = torch.randn(2, 16, 16, 64)
+    with torch.no_grad():
+        out = dynamic(x, Context(noise=torch.tensor([1.0, 0.0])))
+        torch.testing.assert_close(out[:1], static(x[:1]), atol=1e-5, rtol=1e-5)
+        plain = _reference_attention(dynamic, x[1:], BASE ** (-j / M), BASE ** (-j / M), 1.0)
+        torch.testing.assert_close(out[1:], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_fraction_of_a_sigma_input_and_timestep_models_refused():
+    model = build(S.load(TINY))
+    frac = model.conditioning.noise.fraction(torch.tensor([1.0, 3.0]))
+    assert frac.tolist() == [0.5, 0.75]  # sigma / (1 + sigma)
+    dit = S.load("examples/tiny/tiny-dit.yaml")  # a timestep input: no noise fraction
+    with pytest.raises(S.SpecError, match="drop time_exponent"):
+        adapt_spec(dit, parse_policy("as_is:rope_scaling=ntk(time_exponent=1.0)"), (64, 64))
