@@ -246,10 +246,11 @@ class YarnScaling(Spec):
     """Noise-level-dependent (time-aware) scaling, DyPE-style (Issachar et al. 2025, "DyPE:
     Dynamic Position Extrapolation for Ultra High Resolution Diffusion"; ditkit's own
     parametrisation): a sample at noise fraction ``t`` (1 = pure noise, 0 = clean; ``t =
-    sigma / (1 + sigma)`` for a sigma input, the flow time for an FNO input) uses the scale (and temperature of)
-    ``s(t) = s^(t^time_exponent)``: the full rescaling at high noise, where the coarse layout
-    forms and low frequencies must stay in the trained range, easing to none (the trained
-    frequencies at the trained spacing) as ``t -> 0``, where detail forms. None: static."""
+    sigma / (1 + sigma)`` for a sigma input, the flow time for an FNO input) uses the scale
+    (and YaRN's temperature of) ``s(t) = s^(t^time_exponent)``: the full rescaling at high
+    noise, where the coarse layout forms and low frequencies must stay in the trained range,
+    easing to none (the trained frequencies at the trained spacing) as ``t -> 0``, where
+    detail forms. None: static."""
 
     @model_validator(mode="after")
     def _ramp(self) -> "YarnScaling":
