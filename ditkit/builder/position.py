@@ -199,7 +199,7 @@ def dynamic_rope_frequencies(freqs: torch.Tensor, ramp: torch.Tensor,
     """``(2, B, heads, r/4)`` row / column frequencies for noise fractions ``t`` ``(B,)``: the
     scale ``s(t) = s^(t^time_exponent)`` per sample (:class:`ditkit.spec.NtkScaling`).
     NTK: ``w' = w * s(t)^(-g)``; YaRN: ``w' = (1 - gamma) w / s(t) + gamma w``."""
-    kappa = t.float().clamp(0, 1) ** scaling.time_exponent  # (B,)
+    kappa = t.float() ** scaling.time_exponent  # (B,); t in [0, 1] (Context.noise)
     out = []
     for axis, s in enumerate(scaling.scale):
         log_s = kappa[:, None, None] * math.log(s)  # (B, 1, 1): ln s(t)
@@ -216,5 +216,5 @@ def dynamic_yarn_temperature(scaling: S.YarnScaling, t: torch.Tensor) -> torch.T
     ``(0.1 ln s(t) + 1)^2`` (the paper's ``sqrt(1/t)`` on q and on k), ``s`` the axes'
     geometric mean, ``s(t) = s^(t^time_exponent)``."""
     s = math.sqrt(scaling.scale[0] * scaling.scale[1])
-    kappa = t.float().clamp(0, 1) ** scaling.time_exponent
+    kappa = t.float() ** scaling.time_exponent
     return (0.1 * kappa * math.log(max(s, 1.0)) + 1.0) ** 2
