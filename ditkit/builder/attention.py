@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 
 from . import kernels
 from .init import zero_linear_
 from .norm import make_norm
-from .position import apply_rope, grid_positions, rope_angles, rope_frequencies
+from .position import (apply_rope, dynamic_rope_frequencies, dynamic_yarn_temperature,
+                       grid_positions, ramp_weights, rope_angles, rope_frequencies,
+                       scaled_rope_frequencies)
 from .tags import NO_DECAY, tag
 from .transitions import group, ungroup
 
@@ -63,37 +66,74 @@ class QKRope(nn.Module):
         self.rope_positions = r.positions if rotated else "normalized"
         self.rope_position_scale = (tuple(float(v) for v in r.position_scale) if rotated
                                     else (1.0, 1.0))
+        self.rope_scaling = (r.scaling if rotated and not isinstance(r.scaling, S.NoRopeScaling)
+                             else None)
+        self.rope_dynamic = (self.rope_scaling is not None
+                             and self.rope_scaling.time_exponent is not None)
         self.register_buffer("rope_freqs",
                              rope_frequencies(*self._rope_args) if rotated else None,
                              persistent=False)
+        # (2, heads, r/4) row and column frequencies under the policy's rescaling (NTK / YaRN)
+        self.register_buffer("rope_freqs_scaled", self._scaled(self.rope_freqs),
+                             persistent=False)
+
+    def _scaled(self, freqs: torch.Tensor | None) -> torch.Tensor | None:
+        """Static scaling: the rescaled (row, col) frequencies; noise-dependent: the per
+        frequency ramp weights the forward combines with each sample's scale."""
+        if freqs is None or self.rope_scaling is None:
+            return None
+        if self.rope_dynamic:
+            return ramp_weights(freqs, self.rope_scaling)
+        return scaled_rope_frequencies(freqs, self.rope_scaling)
 
     def _init_rope(self) -> None:
         if self.rope_freqs is not None:
             self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
+            self.rope_freqs_scaled = self._scaled(self.rope_freqs)
 
     def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor,
-              hh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE)."""
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE); ``noise``: the
+        samples' noise fractions ``(B,)``, read by noise-dependent scaling only."""
         if self.rope_freqs is None:
             return q, k
         pos = grid_positions(hh, ww, self.rope_positions, q.device)
         if self.rope_position_scale != (1.0, 1.0):
             pos = pos * pos.new_tensor(self.rope_position_scale)
-        theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
+        if self.rope_dynamic:
+            if noise is None:
+                raise UserError("noise-dependent RoPE scaling (time_exponent) needs the noise "
+                                "level: a sigma (noise: fourier) or flow-time (noise: fno) "
+                                "input; drop time_exponent for this model")
+            fr = dynamic_rope_frequencies(self.rope_freqs.float(), self.rope_freqs_scaled.float(),
+                                          self.rope_scaling, noise)  # (2, B, heads, r/4)
+            th = pos[None, None, :, :, 0:1] * fr[0][:, :, None, None, :]
+            tw = pos[None, None, :, :, 1:2] * fr[1][:, :, None, None, :]
+            theta = torch.cat([th, tw], dim=-1)  # (B, heads, H, W, r/2)
+            q, k = apply_rope(q, theta), apply_rope(k, theta)
+            if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
+                temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,) on the logits
+                q = q * temp.to(q.dtype)[:, None, None, None, None]
+            return q, k
+        if self.rope_freqs_scaled is not None:  # (heads, H, W, r/2)
+            theta = rope_angles(self.rope_freqs_scaled[0].float(), pos,
+                                self.rope_freqs_scaled[1].float())
+        else:
+            theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
         return apply_rope(q, theta), apply_rope(k, theta)
 
 
 class DotLogits(nn.Module):
     """``logits: dot``: ``q . k / sqrt(d_head)``."""
 
-    def __init__(self, d_head: int):
+    def __init__(self, d_head: int, factor: float = 1.0):
         super().__init__()
-        self.factor = d_head ** -0.5
+        self.factor = d_head ** -0.5 * factor
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor | None,
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -103,11 +143,12 @@ class DotLogits(nn.Module):
 class CosineLogits(nn.Module):
     """``logits: cosine`` (HDiT): ``gain_h * cos(q, k)``. q and k are scaled to norm
     ``sqrt(gain)`` each (in fp32), so ``q . k = gain * cos(q, k)`` and the kernel's scale is 1.
-    ``gain`` is the attention module's learned per-head ``scale``."""
+    ``gain`` is the attention module's learned per-head ``scale``; ``factor`` (1 as trained) is
+    the kernel's scale, a constant a resolution policy may set."""
 
-    def __init__(self, eps: float = 1e-6):
+    def __init__(self, eps: float = 1e-6, factor: float = 1.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.factor = eps, factor
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
@@ -116,7 +157,7 @@ class CosineLogits(nn.Module):
         qf, kf = q.to(dtype), k.to(dtype)
         qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.eps))
         kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
-        return qf.to(q.dtype), kf.to(k.dtype), 1.0
+        return qf.to(q.dtype), kf.to(k.dtype), self.factor
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -135,7 +176,8 @@ class Attention(QKRope):
         d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
         cosine = isinstance(cfg.logits, S.CosineLogits)
-        self.logits = CosineLogits(cfg.logits.eps) if cosine else DotLogits(d_head)
+        self.logits = (CosineLogits(cfg.logits.eps, cfg.logits.factor) if cosine
+                       else DotLogits(d_head, cfg.logits.factor))
         self.scale_init = cfg.logits.scale_init if cosine else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
@@ -152,13 +194,13 @@ class Attention(QKRope):
         if self.zero_init_out:
             zero_linear_(self.out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
         q, k = self._norm_qk(q, k)
         q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
-        q, k = self._rope(q, k, hh, ww)
+        q, k = self._rope(q, k, hh, ww, ctx.noise if ctx is not None else None)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
@@ -222,7 +264,7 @@ class AggregateAttention(QKRope):
     coarse grid (RoPE positions are the coarse grid's), and the output projection
     ``n_heads d_head -> f^2 d_model`` is ungrouped back to the input grid. The block's FFN stays
     at the input grid, so only attention pays for the wider view. Logits are dot-product
-    (``cfg.logits`` is not used)."""
+    (of ``cfg.logits`` only the policies' constant ``factor`` is used)."""
 
     def __init__(self, cfg: AttentionConfig, n_heads: int, factor: int = 2):
         super().__init__()
@@ -232,6 +274,7 @@ class AggregateAttention(QKRope):
         d_in, inner = cfg.d_model * factor * factor, n_heads * d_head
         self.qkv = nn.Linear(d_in, 3 * inner, bias=cfg.bias)
         self._setup_qk(cfg, n_heads)
+        self.logit_factor = cfg.logits.factor  # 1 as trained; set by resolution policies
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(inner, d_in, bias=cfg.bias)
 
@@ -240,15 +283,16 @@ class AggregateAttention(QKRope):
         if self.zero_init_out:
             zero_linear_(self.out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         f = self.factor
         g = group(x, f, f)  # (B, H/f, W/f, f^2 C)
         b, hh, ww, _ = g.shape
         qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
-        q, k = self._rope(*self._norm_qk(q, k), hh, ww)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww,
+                          ctx.noise if ctx is not None else None)
         o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
-                                     self.d_head ** -0.5)
+                                     self.d_head ** -0.5 * self.logit_factor)
         o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)
         o = self.out(self.dropout(o.reshape(b, hh, ww, -1)))  # (B, h, w, f^2 C)
         return ungroup(o, f, f)  # (B, H, W, C)

@@ -62,6 +62,11 @@ class SinusoidalEmbed(nn.Module):
     def activate(self, h: torch.Tensor) -> torch.Tensor:  # (B, width)
         return F.silu(h)
 
+    def fraction(self, t: torch.Tensor) -> None:
+        """A timestep's noise fraction needs the objective's schedule, which the network does
+        not know: none (noise-dependent RoPE scaling refuses these models)."""
+        return None
+
     def forward(self, t: torch.Tensor,
                 extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period,
@@ -124,6 +129,11 @@ class FourierNoiseEmbed(FourierEmbed):
                 extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         return super().forward(torch.log(sigma)[:, None] / 4)
 
+    def fraction(self, sigma: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,) in [0, 1)
+        """The noise fraction ``sigma / (1 + sigma)`` (the rectified-flow time of sigma)."""
+        sigma = sigma.float()
+        return sigma / (1 + sigma)
+
 
 class SpectralConv1d(nn.Module):
     """Keep the lowest ``modes`` rFFT coefficients, mix channels per mode with a complex weight
@@ -168,6 +178,10 @@ class FNOEmbed(nn.Module):
         for s in self.spectral:
             nn.init.normal_(s.weights_real)
             nn.init.normal_(s.weights_imag)
+
+    def fraction(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
+        """The noise fraction: the flow time itself (``time_scale`` 1 assumed), in [0, 1]."""
+        return t.float().clamp(0.0, 1.0)
 
     def forward(self, t: torch.Tensor,
                 extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, out_width)

@@ -33,12 +33,14 @@ from .transitions import TokenMerge, build_down, build_up
 class Context:
     """Per-forward state the blocks share besides the conditioning vector: the shared adaLN
     vector ``(B, 6 D)``, the cross-attention memory (``{name: (B, cond_width)}``) and the class
-    prefix tokens ``(B, T, D)`` that travel beside the grid (updated as they pass blocks)."""
+    prefix tokens ``(B, T, D)`` that travel beside the grid (updated as they pass blocks) and
+    the noise fraction ``(B,)`` in [0, 1] (None where the noise input has none), which
+    noise-dependent RoPE scaling reads."""
 
-    __slots__ = ("shared", "memory", "prefix")
+    __slots__ = ("shared", "memory", "prefix", "noise")
 
-    def __init__(self, shared=None, memory=None, prefix=None):
-        self.shared, self.memory, self.prefix = shared, memory, prefix
+    def __init__(self, shared=None, memory=None, prefix=None, noise=None):
+        self.shared, self.memory, self.prefix, self.noise = shared, memory, prefix, noise
 
 
 class Block(nn.Module):
@@ -82,7 +84,7 @@ class PlainBlock(Block):
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
         if self.attn is not None:
-            x = x + self.attn(self.attn_norm(x))
+            x = x + self.attn(self.attn_norm(x), ctx)
         x = self._cross(x, ctx)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -100,7 +102,7 @@ class AdaLNZeroBlock(Block):
         m = self.vectors(cond, ctx)[:, None, None, :]  # (B, 1, 1, 6C)
         a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
         if self.attn is not None:
-            x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift)
+            x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift, ctx)
         x = self._cross(x, ctx)
         return x + f_gate * self.ffn(self.ffn_norm(x) * (1 + f_scale) + f_shift)
 
@@ -130,7 +132,7 @@ class AdaScaleBlock(Block):
                 ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
         a_scale, f_scale = self.modulation(self.activation(cond))[:, None, None, :].chunk(2, -1)
         if self.attn is not None:
-            x = x + self.attn(self.attn_norm(x) * (1 + a_scale))
+            x = x + self.attn(self.attn_norm(x) * (1 + a_scale), ctx)
         x = self._cross(x, ctx)
         return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
 
@@ -230,7 +232,7 @@ class DiffusionTransformer(nn.Module):
             noise_level = noise_level.expand(b)
         labels = self.conditioning.labels(class_labels, b, x.device)
         c = self.conditioning(noise_level, labels, **cond)  # (B, cond_width)
-        ctx = Context()
+        ctx = Context(noise=self.conditioning.noise.fraction(noise_level))
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
         ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None

@@ -115,10 +115,13 @@ def rope_frequencies(n_heads: int, rotated: int, layout: str, freq_min: float,
     return freqs[None].expand(n_heads, per_axis).contiguous()
 
 
-def rope_angles(freqs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """freqs (heads, r/4), pos (H, W, 2) -> angles (heads, H, W, r/2): row angles then col."""
+def rope_angles(freqs: torch.Tensor, pos: torch.Tensor,
+                freqs_col: torch.Tensor | None = None) -> torch.Tensor:
+    """freqs (heads, r/4), pos (H, W, 2) -> angles (heads, H, W, r/2): row angles then col
+    (``freqs_col``: other frequencies for the columns; default the same)."""
     th = pos[None, :, :, 0:1] * freqs[:, None, None, :]
-    tw = pos[None, :, :, 1:2] * freqs[:, None, None, :]
+    fc = freqs if freqs_col is None else freqs_col
+    tw = pos[None, :, :, 1:2] * fc[:, None, None, :]
     return torch.cat([th, tw], dim=-1)
 
 
@@ -133,3 +136,85 @@ def apply_rope(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     y1 = (x1f * cos - x2f * sin).to(x.dtype)
     y2 = (x2f * cos + x1f * sin).to(x.dtype)
     return torch.cat([y1, y2, rest], dim=-1)
+
+
+def scaled_rope_frequencies(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
+    """``(2, heads, r/4)`` (row, col) frequencies of ``freqs`` ``(heads, r/4)`` under a RoPE
+    ``scaling`` (formulas: :class:`ditkit.spec.NtkScaling`, :class:`ditkit.spec.YarnScaling`),
+    computed in float64.
+
+    NTK-aware: ``w' = w * s^(-g)``, ``g = (ln w_max - ln w) / (ln w_max - ln w_min)`` over the
+    layer's frequencies (the highest kept, the lowest divided by ``s``; for the geometric layout
+    ``base' = base * s^(m/(m-1))``, the per-axis form of ``base * s^(d/(d-2))``).
+    YaRN: ``r = L w / 2 pi``; ``gamma = clamp((r - alpha) / (beta - alpha), 0, 1)``;
+    ``w' = (1 - gamma) w / s + gamma w``."""
+    w = freqs.to(torch.float64)
+    axes = []
+    match scaling:
+        case S.NoRopeScaling():
+            return torch.stack([freqs, freqs])
+        case S.NtkScaling(scale=scale):
+            lo, hi = w.min().log(), w.max().log()
+            g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)  # one frequency: g = 0, kept
+            for s in scale:
+                axes.append(w * float(s) ** -g)
+        case S.YarnScaling(alpha=alpha, beta=beta, scale=scale, trained_length=length):
+            for s, L in zip(scale, length):
+                r = L * w / (2 * math.pi)
+                gamma = ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+                axes.append((1 - gamma) * w / s + gamma * w)
+        case other:
+            assert_never(other)
+    return torch.stack(axes).to(freqs.dtype)
+
+
+def yarn_logit_factor(scale: tuple[float, float]) -> float:
+    """YaRN's attention temperature on the logits: ``1/t = (0.1 ln s + 1)^2`` (the paper's
+    ``sqrt(1/t) = 0.1 ln s + 1`` on q and k each), ``s`` the geometric mean of the axes'
+    scales; 1 for ``s <= 1``."""
+    s = math.sqrt(scale[0] * scale[1])
+    return (0.1 * math.log(s) + 1.0) ** 2 if s > 1.0 else 1.0
+
+
+def ramp_weights(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
+    """``(2, heads, r/4)`` per axis, how much of the rescaling each frequency takes, for the
+    noise-dependent form (:func:`dynamic_rope_frequencies`): NTK's ``g`` (0 at the highest
+    frequency, 1 at the lowest), YaRN's ``1 - gamma`` (1: interpolated, 0: kept)."""
+    w = freqs.to(torch.float64)
+    match scaling:
+        case S.NtkScaling():
+            lo, hi = w.min().log(), w.max().log()
+            g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)
+            return torch.stack([g, g]).to(freqs.dtype)
+        case S.YarnScaling(alpha=alpha, beta=beta, trained_length=length):
+            return torch.stack([1 - ((L * w / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1)
+                                for L in length]).to(freqs.dtype)
+        case _:
+            raise TypeError(f"no noise-dependent form of {scaling.kind}")
+
+
+def dynamic_rope_frequencies(freqs: torch.Tensor, ramp: torch.Tensor,
+                             scaling: S.NtkScaling | S.YarnScaling,
+                             t: torch.Tensor) -> torch.Tensor:
+    """``(2, B, heads, r/4)`` row / column frequencies for noise fractions ``t`` ``(B,)``: the
+    scale ``s(t) = s^(t^time_exponent)`` per sample (:class:`ditkit.spec.NtkScaling`).
+    NTK: ``w' = w * s(t)^(-g)``; YaRN: ``w' = (1 - gamma) w / s(t) + gamma w``."""
+    kappa = t.float() ** scaling.time_exponent  # (B,); t in [0, 1] (Context.noise)
+    out = []
+    for axis, s in enumerate(scaling.scale):
+        log_s = kappa[:, None, None] * math.log(s)  # (B, 1, 1): ln s(t)
+        rw = ramp[axis][None]  # (1, heads, r/4)
+        if isinstance(scaling, S.NtkScaling):
+            out.append(freqs[None] * torch.exp(-rw * log_s))
+        else:
+            out.append(freqs[None] * (rw * torch.exp(-log_s) + (1 - rw)))
+    return torch.stack(out)
+
+
+def dynamic_yarn_temperature(scaling: S.YarnScaling, t: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` YaRN's temperature per sample as one factor on the logits (applied to q):
+    ``(0.1 ln s(t) + 1)^2`` (the paper's ``sqrt(1/t)`` on q and on k), ``s`` the axes'
+    geometric mean, ``s(t) = s^(t^time_exponent)``."""
+    s = math.sqrt(scaling.scale[0] * scaling.scale[1])
+    kappa = t.float() ** scaling.time_exponent
+    return (0.1 * kappa * math.log(max(s, 1.0)) + 1.0) ** 2

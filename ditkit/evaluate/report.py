@@ -51,17 +51,26 @@ REPORT_SAMPLING = Sampling(steps=20, seed=0)
 
 def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     """``kind[:key=value[,key=value]]``, e.g. ``local_core:kernel_size=15``,
-    ``as_is:rope=extrapolate``, ``add_levels:share_weights=true``; errors name ``flag``."""
+    ``as_is:rope=extrapolate``, ``add_levels:share_weights=true``,
+    ``core_patch:rope_scaling=ntk,attention_scaling=entropy``, ``as_is:rope_scaling=yarn(beta=16)``
+    (a nested option's fields in parentheses, as :func:`policy_label` writes them); errors name
+    ``flag``."""
     import yaml
 
+    def items(rest: str) -> dict:
+        out: dict = {}
+        for item in filter(None, re.split(r",(?![^()]*\))", rest)):  # commas outside (...)
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise S.SpecError([(flag, f"{text!r}: expected key=value after the kind, "
+                                    f"e.g. local_core:kernel_size=15")])
+            nested = re.fullmatch(r"\s*(\w+)\((.*)\)\s*", value)  # yarn(beta=16)
+            out[key.strip()] = ({"kind": nested[1], **items(nested[2])} if nested
+                                else yaml.safe_load(value))
+        return out
+
     kind, _, rest = text.partition(":")
-    data: dict = {"kind": kind}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise S.SpecError([(flag, f"{text!r}: expected key=value after the kind, "
-                                f"e.g. local_core:kernel_size=15")])
-        data[key.strip()] = yaml.safe_load(value)
+    data: dict = {"kind": kind, **items(rest)}
     try:
         return _POLICY.validate_python(data)
     except ValidationError as err:
@@ -71,8 +80,19 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
 
 
 def policy_label(policy: S.Policy) -> str:
+    """``kind:key=value,...`` with the non-default fields; a nested option (``rope_scaling``)
+    shows as its kind, with its own non-default fields in parentheses: ``rope_scaling=ntk``,
+    ``rope_scaling=yarn(beta=16)``."""
+    def show(v):
+        if isinstance(v, dict):
+            inner = ",".join(f"{k}={x}" for k, x in v.items() if k != "kind")
+            return v.get("kind", "") + (f"({inner})" if inner else "")
+        return v
+
     data = {k: v for k, v in S.to_data(policy).items() if k != "kind"}
-    args = ",".join(f"{k}={v}" for k, v in data.items())
+    options = ("rope_scaling", "attention_scaling")  # shared by every kind: after its own
+    order = sorted(data, key=lambda k: (k in options, options.index(k) if k in options else 0))
+    args = ",".join(f"{k}={show(data[k])}" for k in order)
     return policy.kind + (f":{args}" if args else "")
 
 

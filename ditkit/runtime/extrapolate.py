@@ -207,6 +207,106 @@ def _core_patch(spec, policy: S.CorePatch, resolution, keys):
     return new, plan, {"replicated": replicated, "fine_tune": replicated}
 
 
+# --------------------------------------------------------------------------------------------
+# options every policy takes: RoPE frequency scaling and attention entropy scaling
+
+
+def _map_level_blocks(spec: S.ModelSpec, i: int, fn) -> S.ModelSpec:
+    """Set the ``rope`` and ``logits`` of level ``i`` (and of each of its block overrides) to
+    ``fn(block)`` -> ``{field: value}``, ``block`` the resolved block of that scope; the
+    model-wide ``block`` defaults stay as they are."""
+    lvl = spec.levels[i]
+    base = spec.block.model_copy(update=lvl.overrides())
+    update = dict(fn(base))
+    for which in ("encoder", "decoder", "middle"):
+        stack = getattr(lvl, which)
+        if isinstance(stack, tuple):
+            update[which] = tuple(o.model_copy(update=fn(base.model_copy(update=o.overrides())))
+                                  for o in stack)
+    levels = list(spec.levels)
+    levels[i] = lvl.model_copy(update=update)
+    return spec.model_copy(update={"levels": tuple(levels)})
+
+
+def _attended(block: S.Block, grid: tuple[int, int]) -> int:
+    """Tokens one query attends to under ``block``'s attention on a ``grid``."""
+    match block.attention:
+        case S.GlobalAttention():
+            return grid[0] * grid[1]
+        case S.AggregateAttention(factor=f):
+            return (grid[0] // f) * (grid[1] // f)
+        case S.NeighborhoodAttention(kernel_size=k):
+            kh, kw = S.pair(k)
+            return min(kh, grid[0]) * min(kw, grid[1])
+        case S.ShiftedWindowAttention(window_size=w):
+            return min(w, grid[0]) * min(w, grid[1])
+        case _:  # no attention
+            return 1
+
+
+def _scale_rope(rope: S.Rope, scaling: S.RopeScaling, old: tuple[int, int],
+                new: tuple[int, int]) -> S.Rope:
+    """The level's RoPE at grid ``new`` (trained at ``old``) under ``scaling``: positions at the
+    trained spacing (normalised ones scaled up by the grid ratio), frequencies rescaled."""
+    if not isinstance(rope, S.AxialRope) or isinstance(scaling, S.NoRopeScaling):
+        return rope
+    s = (new[0] / old[0], new[1] / old[1])
+    ps = rope.position_scale
+    if rope.positions == "normalized":
+        length = (2.0 * ps[0], 2.0 * ps[1])
+        ps = (ps[0] * s[0], ps[1] * s[1])
+    else:
+        length = (old[0] * ps[0], old[1] * ps[1])
+    derived = {"scale": s}
+    if "trained_length" in type(scaling).model_fields:
+        derived["trained_length"] = length
+    return rope.model_copy(update={"position_scale": ps,
+                                   "scaling": scaling.model_copy(update=derived)})
+
+
+def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.ModelSpec:
+    """``policy.rope_scaling`` and ``policy.attention_scaling`` on ``new`` (the policy's spec at
+    its target resolution), level by level, wherever a level's grid differs from the grid of
+    the trained level it comes from (``add_levels``: new outer levels come from level 0). At
+    the trained grid nothing changes, so the options are no-ops at the training resolution."""
+    from ditkit.builder.position import yarn_logit_factor
+
+    if policy.rope_scaling.kind == "none" and policy.attention_scaling == "none":
+        return new
+    if (getattr(policy.rope_scaling, "time_exponent", None) is not None
+            and isinstance(spec.conditioning.noise, S.SinusoidalNoise)):
+        raise S.SpecError([("policy.rope_scaling.time_exponent", "noise-dependent scaling needs "
+                            "the noise level as sigma (noise: fourier) or flow time (noise: fno); "
+                            "this model takes a timestep: drop time_exponent")], policy.kind)
+    old_grids, new_grids = spec.token_grids(), new.token_grids()
+    shift = len(new.levels) - len(spec.levels)
+    for i, grid in enumerate(new_grids):
+        old = old_grids[max(i - shift, 0)]
+        if grid == old:
+            continue
+
+        def fn(block: S.Block, old=old, grid=grid) -> dict:
+            out = {}
+            factor = 1.0
+            rope = _scale_rope(block.rope, policy.rope_scaling, old, grid)
+            if rope is not block.rope:
+                out["rope"] = rope
+                if (isinstance(rope.scaling, S.YarnScaling) and rope.scaling.temperature
+                        and rope.scaling.time_exponent is None):  # else per sample, in attention
+                    factor *= yarn_logit_factor(rope.scaling.scale)
+            if policy.attention_scaling == "entropy":
+                n0, n1 = _attended(block, old), _attended(block, grid)
+                if n0 > 1 and n1 != n0:
+                    factor *= math.log(n1) / math.log(n0)
+            if factor != 1.0:
+                out["logits"] = block.logits.model_copy(
+                    update={"factor": block.logits.factor * factor})
+            return out
+
+        new = _map_level_blocks(new, i, fn)
+    return new
+
+
 POLICIES = {"as_is": _as_is, "local_core": _local_core, "add_levels": _add_levels,
             "core_patch": _core_patch}
 
@@ -218,6 +318,7 @@ POLICIES = {"as_is": _as_is, "local_core": _local_core, "add_levels": _add_level
 def adapt_spec(spec: S.ModelSpec, policy: S.Policy, resolution: tuple[int, int]) -> S.ModelSpec:
     """The spec of ``policy`` at ``resolution`` (validated like any spec)."""
     new, _, _ = POLICIES[policy.kind](spec, policy, tuple(resolution), [])
+    new = apply_options(spec, new, policy)
     return _revalidate(new, f"{policy.kind} at {resolution[0]}x{resolution[1]}")
 
 
@@ -228,6 +329,7 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
     carried, re-initialised, resized -- free for any model size."""
     resolution = tuple(resolution)
     new, plan, notes = POLICIES[policy.kind](spec, policy, resolution, list(tensors))
+    new = apply_options(spec, new, policy)
     new = _revalidate(new, f"{policy.kind} at {resolution[0]}x{resolution[1]}")
     torch.manual_seed(seed)
     fresh = build(new, device=device).state_dict()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt,
+                      model_validator)
 
 
 BOOL_NOT_NUMBER = "true/false is not a number here"
@@ -134,6 +135,9 @@ class DotLogits(Spec):
     """``q . k / sqrt(d_head)``."""
 
     kind: Literal["dot"] = "dot"
+    factor: PositiveFloat = 1.0
+    """A constant on the logits: 1 as trained; resolution policies set it (attention entropy
+    scaling ``log n'/log n``, YaRN's temperature ``(0.1 ln s + 1)^2``)."""
 
 
 class CosineLogits(Spec):
@@ -143,6 +147,9 @@ class CosineLogits(Spec):
     kind: Literal["cosine"] = "cosine"
     scale_init: PositiveFloat = 10.0
     eps: PositiveFloat = 1e-6
+    factor: PositiveFloat = 1.0
+    """A constant on the logits (``factor * scale * cos``): 1 as trained; resolution policies
+    set it (attention entropy scaling, YaRN's temperature)."""
 
 
 Logits = Annotated[Union[DotLogits, CosineLogits], Field(discriminator="kind")]
@@ -184,6 +191,85 @@ class NoRope(Spec):
     kind: Literal["none"] = "none"
 
 
+class NoRopeScaling(Spec):
+    """RoPE frequencies as trained."""
+
+    kind: Literal["none"] = "none"
+
+
+class NtkScaling(Spec):
+    """NTK-aware scaling (bloc97, 2023): raise the RoPE base so the lowest frequency is
+    interpolated by the scale ``s`` while the highest is kept. For the usual
+    ``theta_j = base^(-2j/d)`` this is ``base' = base * s^(d/(d-2))``. ditkit's axial RoPE has
+    ``m = rotated/4`` frequencies per axis (geometric: ``base^(-j/m)``; log-spaced:
+    log-uniform in [freq_min, freq_max)), so the same rule reads, per axis and frequency,
+    ``w' = w * s^(-g)`` with ``g = (ln w_max - ln w) / (ln w_max - ln w_min)`` over the rotary
+    frequencies of the layer: ``g = 0`` at the highest frequency (kept), ``g = 1`` at the
+    lowest (divided by ``s``). For the geometric layout this is exactly
+    ``base' = base * s^(m/(m-1))``. Positions keep the trained spacing (extrapolated).
+
+    ``scale``: (row, col) ratio of the new to the trained token grid; policies derive it per
+    level (leave it out in a policy)."""
+
+    kind: Literal["ntk"] = "ntk"
+    scale: tuple[PositiveFloat, PositiveFloat] | None = None
+    time_exponent: PositiveFloat | None = None
+    """Noise-level-dependent (time-aware) scaling, DyPE-style (Issachar et al. 2025, "DyPE:
+    Dynamic Position Extrapolation for Ultra High Resolution Diffusion"; ditkit's own
+    parametrisation): a sample at noise fraction ``t`` (1 = pure noise, 0 = clean; ``t =
+    sigma / (1 + sigma)`` for a sigma input, the flow time for an FNO input) uses the scale
+    ``s(t) = s^(t^time_exponent)``: the full rescaling at high noise, where the coarse layout
+    forms and low frequencies must stay in the trained range, easing to none (the trained
+    frequencies at the trained spacing) as ``t -> 0``, where detail forms. None: static."""
+
+
+class YarnScaling(Spec):
+    """YaRN (Peng et al. 2023): per frequency, a ramp between interpolation (``w / s``) and
+    extrapolation (``w``) by the number of turns ``r = L / lambda = L w / 2 pi`` the frequency
+    makes over the trained length ``L``: ``gamma(r) = 0`` for ``r < alpha``, ``1`` for
+    ``r > beta``, ``(r - alpha) / (beta - alpha)`` between, and
+    ``w' = (1 - gamma) w / s + gamma w``. With ``temperature`` the logits are multiplied by
+    ``1/t`` where ``sqrt(1/t) = 0.1 ln s + 1`` (on the block's ``logits.factor``; ``s`` is the
+    geometric mean of the two axes' scales). The paper's LLaMA values are alpha = 1, beta = 32.
+
+    ``scale`` and ``trained_length`` ((row, col): the span of the trained positions, in the
+    positions' units: the trained grid for integer positions, 2 for normalised ones, times the
+    trained ``position_scale``) are derived per level by the policies (leave them out there)."""
+
+    kind: Literal["yarn"] = "yarn"
+    alpha: PositiveFloat = 1.0
+    beta: PositiveFloat = 32.0
+    temperature: bool = True
+    scale: tuple[PositiveFloat, PositiveFloat] | None = None
+    trained_length: tuple[PositiveFloat, PositiveFloat] | None = None
+    time_exponent: PositiveFloat | None = None
+    """Noise-level-dependent (time-aware) scaling, DyPE-style (Issachar et al. 2025, "DyPE:
+    Dynamic Position Extrapolation for Ultra High Resolution Diffusion"; ditkit's own
+    parametrisation): a sample at noise fraction ``t`` (1 = pure noise, 0 = clean; ``t =
+    sigma / (1 + sigma)`` for a sigma input, the flow time for an FNO input) uses the scale
+    (and YaRN's temperature of) ``s(t) = s^(t^time_exponent)``: the full rescaling at high
+    noise, where the coarse layout forms and low frequencies must stay in the trained range,
+    easing to none (the trained frequencies at the trained spacing) as ``t -> 0``, where
+    detail forms. None: static."""
+
+    @model_validator(mode="after")
+    def _ramp(self) -> "YarnScaling":
+        if self.alpha >= self.beta:
+            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta}): the ramp "
+                             "runs from alpha to beta turns over the trained length")
+        return self
+
+
+def _scaling_kind(value: Any) -> Any:
+    """``ntk`` is short for ``{kind: ntk}`` (the ``--policies`` text syntax)."""
+    return {"kind": value} if isinstance(value, str) else value
+
+
+RopeScaling = Annotated[Union[NoRopeScaling, NtkScaling, YarnScaling],
+                        Field(discriminator="kind"), BeforeValidator(_scaling_kind)]
+"""How RoPE frequencies are rescaled for a grid larger than the trained one."""
+
+
 class AxialRope(Spec):
     """2-D axial RoPE: a ``fraction`` of each head's channels is rotated, half of those by the
     row position and half by the column position.
@@ -207,6 +293,20 @@ class AxialRope(Spec):
     freq_max: PositiveFloat = 10.0 * math.pi
     base: PositiveFloat = 10000.0
     position_scale: tuple[PositiveFloat, PositiveFloat] = (1.0, 1.0)
+    scaling: RopeScaling = Field(default_factory=NoRopeScaling)
+    """A frequency rescaling for a larger grid (NTK-aware, YaRN); set by resolution policies'
+    ``rope_scaling`` option, with the scale derived per level."""
+
+    @model_validator(mode="after")
+    def _scaling_complete(self) -> "AxialRope":
+        sc = self.scaling
+        missing = [n for n in ("scale", "trained_length") if n in type(sc).model_fields
+                   and getattr(sc, n) is None]
+        if missing:
+            raise ValueError(f"scaling {sc.kind} needs {' and '.join(missing)} (row, col) in a "
+                             "model spec; a policy's rope_scaling derives them from the "
+                             "resolution")
+        return self
 
 
 Rope = Annotated[Union[NoRope, AxialRope], Field(discriminator="kind")]
