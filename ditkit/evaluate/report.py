@@ -19,6 +19,7 @@ the parts' public names, so ``from ditkit.evaluate.report import run, parse_poli
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
