@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
-                               add_set, add_threads, checkpoint_path, deprecated, list_arg,
-                               load_spec, parse_resolution, positive, resolve_source,
+                               add_set, add_stages, add_threads, checkpoint_path, deprecated, list_arg,
+                               load_spec, parse_resolution, parse_stages_flag, positive, resolve_source,
                                sampling_from_args, setup_compute)
 
 
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
                    help="comma-separated resolutions for the cost plot (default: "
                         "--resolutions)")
     add_sampling(p, steps=20, seed=0)
+    add_stages(p, single=False)
     p.add_argument("--grid-count", type=int, default=8, help="images per grid")
     p.add_argument("--attention-backend", default="auto",
                    help="neighborhood-attention kernel (ditkit.builder.use_backend): auto, "
@@ -121,6 +122,8 @@ def run_extrapolate(args) -> int:
     from ditkit.evaluate.report import parse_policy, run
 
     sampling = sampling_from_args(args)
+    chains = [sampling_from_args(args, stages=parse_stages_flag(text)).stages
+              for text in (args.stages or [])]
     policies = [parse_policy(p) for p in policy_list(args.policies)]
     resolutions = [parse_resolution(r, "--resolutions")
                    for r in list_arg(args.resolutions, "--resolutions")]
@@ -181,7 +184,8 @@ def run_extrapolate(args) -> int:
                                                        "--eval-resolutions")]
                    if args.eval_resolutions is not None else None,
                    progress=not (args.no_progress or args.json), count_at=count_at,
-                   bootstrap=args.bootstrap, latency_batch=args.latency_batch)
+                   bootstrap=args.bootstrap, latency_batch=args.latency_batch,
+                   multistage=chains)
     finally:
         backend.__exit__(None, None, None)
     if args.json:

@@ -16,6 +16,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ditkit.builder import build, describe
 from ditkit.spec.sampling import Sampling
 
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
+from ditkit.runtime.schedules import SamplingError
 from ditkit.files import atomic_path, write_text
 
 _POLICY = TypeAdapter(S.Policy)
@@ -180,6 +182,9 @@ class Row:
     same_as: str | None = None
     """Set when the row's model is bit-identical to the trained one at the training
     resolution and it reuses that row's samples and scores."""
+    kind: str = "single-pass"
+    """``single-pass`` (sampled at its resolution directly) or ``multi-stage`` (drafted
+    small, enlarged and refined: ``ditkit.runtime.multistage``)."""
 
 
 def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Policy],
@@ -189,7 +194,8 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         evaluate=None, eval_count: int = 0, extra: list[tuple[str, S.ModelSpec, dict]] = (),
         eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
         count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300,
-        latency_batch: int = 1, **settings) -> list[Row]:
+        latency_batch: int = 1, multistage: Sequence[Sequence] = (),
+        **settings) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``sampling``: how the grids and scored images are drawn (default :data:`REPORT_SAMPLING`:
@@ -211,8 +217,16 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
     reuses the samples and scores of the first such row instead of drawing them again. Scored
     rows get 95% intervals (Wilson for accuracy, a ``bootstrap`` percentile interval for the
     Fréchet distance), and the rows of each resolution are compared on the same samples
-    (:func:`compare`)."""
+    (:func:`compare`).
+
+    ``multistage``: stage chains (each a sequence of :class:`ditkit.spec.sampling.Stage`);
+    each adds a ``multi-stage`` row per policy at its last stage's resolution, sampled with
+    those stages by the policy's model for that resolution, compared with the single-pass rows
+    of that resolution in a scope of its own (``single-pass vs multi-stage``)."""
     sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
+    chains = [Sampling.of(sampling, stages=tuple(c)) for c in multistage]
+    sampling = Sampling.of(sampling, stages=())  # the single-pass rows'
+    multi_jobs = [(p, c) for p in policies for c in chains]
     seed = sampling.seed
     scored = None if eval_resolutions is None else {tuple(r) for r in eval_resolutions}
     count_at = {tuple(k): v for k, v in (count_at or {}).items()}
@@ -283,6 +297,32 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                                           paired=per)
         rows.append(row)
     n_policy_rows = len(rows)
+    for policy, chain in tqdm(multi_jobs, desc="multi-stage", unit="run",
+                              disable=not (multi_jobs and progress)):
+        res = tuple(chain.stages[-1].resolution)
+        label = f"{policy_label(policy)} + stages {','.join(s.text() for s in chain.stages)}"
+        try:
+            new_spec = adapt_spec(spec, policy, res)
+        except S.SpecError as err:
+            rows.append(Row(label, res, float("nan"), 0, error=_issues_text(err),
+                            kind="multi-stage"))
+            continue
+        rep = describe(new_spec)
+        row = Row(label, res, rep.gmacs, rep.params, kind="multi-stage")
+        if tensors is not None and objective is not None:
+            adapted = adapt(spec, tensors, policy, res, seed=seed)
+            row.reinitialised = len(adapted.record["reinitialised"])
+            model = build(adapted.spec, device=device)
+            model.load_state_dict(adapted.tensors)
+            model.eval()
+            try:
+                row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out,
+                                                     label, chain, samples, device, hook(res),
+                                                     count_at.get(res, eval_count))
+            except SamplingError as err:  # a stage the adapted model cannot sample
+                row.error = str(err)
+            keep_scores(row)
+        rows.append(row)
     for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
                                          disable=not (extra and progress)):
         res = tuple(x_spec.input.resolution)
@@ -302,15 +342,20 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
         rows.append(row)
 
     curves = _cost_curves(spec, policies, curve or resolutions)
-    comparisons = compare(rows, paired, bootstrap, seed)
+    single = {i: p for i, p in paired.items() if rows[i].kind == "single-pass"}
+    comparisons = compare(rows, single, bootstrap, seed)
+    multi_res = {r.resolution for r in rows if r.kind == "multi-stage"}
+    comparisons += compare(rows, {i: p for i, p in paired.items()
+                                  if rows[i].resolution in multi_res}, bootstrap, seed,
+                           scope="single-pass vs multi-stage")
     # where fine-tuned rows take part, also rank the zero-shot policies among themselves:
     # "which policy to use without training" is a question of its own
-    tuned_res = {rows[i].resolution for i in paired if i >= n_policy_rows}
+    tuned_res = {rows[i].resolution for i in single if i >= n_policy_rows}
     zero_shot = {i: p for i, p in paired.items()
                  if i < n_policy_rows and rows[i].resolution in tuned_res}
     comparisons += compare(rows, zero_shot, bootstrap, seed, scope="zero-shot")
     comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1],
-                                    c["scope"] != "all"))
+                                    c["scope"] != "all", c["scope"]))
     _write_report(spec, rows, curves, out, noop=noop, comparisons=comparisons,
                   sampling=sampling,
                   latency_batch=latency_batch)
@@ -415,15 +460,15 @@ def _sample_grid(model, objective, spec, res, out, label, sampling: Sampling, n,
     """Sample ``max(n, eval_count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``n`` as a grid; score all of them with ``evaluate``."""
     from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.samplers import sample
+    from ditkit.runtime.multistage import sample_staged
 
     from ditkit.runtime.images import save_grid
 
     classes = spec.conditioning.classes
     total = max(n, eval_count if evaluate is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
-    x = sample(Denoiser(model, objective), (total, spec.input.channels, *res), sampling,
-               class_labels=labels, device=device)
+    x = sample_staged(Denoiser(model, objective), (total, spec.input.channels, *res),
+                      sampling, class_labels=labels, device=device)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
@@ -535,7 +580,8 @@ def _comparison_line(head: str, best: str, tests: list[dict], runner_up, alpha: 
 def comparison_lines(c: dict, alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
-    only = ", zero-shot policies only" if c.get("scope") == "zero-shot" else ""
+    only = {"zero-shot": ", zero-shot policies only",
+            "single-pass vs multi-stage": ", single-pass vs multi-stage"}.get(c.get("scope"), "")
     acc = _comparison_line(
         f"{h}x{w}{only}, accuracy", c["best_accuracy"], c["accuracy_tests"],
         lambda t, sig: (f"ahead of the runner-up `{t['policy']}` by "
