@@ -117,8 +117,14 @@ def run(args) -> int:
         proc = processes(args.device)
         args.device = proc.device
     setup_compute(args)
-    if sampling.stages and args.resolution is None:  # the last stage is the output's size
-        args.resolution = "x".join(str(v) for v in sampling.stages[-1].resolution)
+    if sampling.stages:  # the last stage is the output's size
+        last = "x".join(str(v) for v in sampling.stages[-1].resolution)
+        if args.resolution is None:
+            args.resolution = last
+        elif parse_resolution(args.resolution) != tuple(sampling.stages[-1].resolution):
+            raise UsageError(f"--resolution {args.resolution}: the last of --stages samples "
+                             f"{last}; end --stages at the output resolution or drop "
+                             "--resolution")
     den, spec, meta, source_hash = _denoiser(args, source)
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
     labels, n = parse_labels(args.classes, args.count, spec, sampling.seed)
