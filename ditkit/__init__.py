@@ -206,10 +206,7 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
         raise UserError("cfg_scale: guidance needs labels (it contrasts a class with the null "
                         "class)")
     if isinstance(stages, str):
-        try:
-            stages = parse_stages(stages, flag="stages")
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        stages = parse_stages(stages, flag="stages")
     stages = tuple(stages or ())
     last = stages[-1] if stages else None
     if last is not None and resolution is None:

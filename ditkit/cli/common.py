@@ -513,13 +513,10 @@ def add_stages(p, *, single: bool = True) -> None:
 
 def parse_stages_flag(text: str | None, flag: str = "--stages"):
     """``--stages`` text as stage data (validated later by the Sampling spec); a malformed
-    item is a :class:`UsageError`."""
+    item is a :class:`ditkit.errors.UserError`."""
     from ditkit.spec.sampling import parse_stages
 
-    try:
-        return parse_stages(text, flag)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    return parse_stages(text, flag)
 
 
 def setup_compute(args) -> str:

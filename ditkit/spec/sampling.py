@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
 
+from ditkit.errors import UserError
 from ditkit.spec.components import Spec
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
@@ -89,7 +90,7 @@ def parse_stages(text: str | None, flag: str = "--stages") -> tuple[Stage, ...] 
     (``RES`` is ``N`` or ``HxW``; a ``:bicubic`` / ``:nearest`` part picks the upsampling),
     e.g. ``8,16:2.0,32:1.0:10``: draft at 8x8 from pure noise, re-noise to sigma 2 at 16x16,
     then to sigma 1 at 32x32 with 10 steps. ``None`` for ``None``; a bad item is a
-    ``ValueError`` naming it and the form."""
+    :class:`ditkit.errors.UserError` naming it and the form."""
     if text is None:
         return None
     form = (f"{flag}: write comma-separated RES[:SIGMA[:STEPS]] items, e.g. 8,16:2.0 "
@@ -100,7 +101,7 @@ def parse_stages(text: str | None, flag: str = "--stages") -> tuple[Stage, ...] 
         mode = [p for p in parts[1:] if p in UPSAMPLE_MODES]
         numbers = [p for p in parts[1:] if p not in UPSAMPLE_MODES]
         if not parts[0] or len(numbers) > 2 or len(mode) > 1:
-            raise ValueError(f"{form}; got {item.strip()!r}")
+            raise UserError(f"{form}; got {item.strip()!r}")
         try:
             size = [int(v) for v in parts[0].lower().split("x")]
             if len(size) not in (1, 2):
@@ -108,7 +109,7 @@ def parse_stages(text: str | None, flag: str = "--stages") -> tuple[Stage, ...] 
             sigma = float(numbers[0]) if numbers and numbers[0] else None
             steps = int(numbers[1]) if len(numbers) > 1 and numbers[1] else None
         except ValueError:
-            raise ValueError(f"{form}; got {item.strip()!r}") from None
+            raise UserError(f"{form}; got {item.strip()!r}") from None
         data: dict[str, Any] = {"resolution": size * 2 if len(size) == 1 else size}
         if sigma is not None:
             data["sigma"] = sigma
