@@ -29,6 +29,7 @@ from ditkit.spec.sampling import Sampling
 
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve, loglog_slope
 from ditkit.runtime.schedules import SamplingError
+from ditkit.runtime.shape_rule import ExportError, check_shape
 from ditkit.files import atomic_path, write_text
 
 _POLICY = TypeAdapter(S.Policy)
@@ -319,7 +320,7 @@ def run(spec: S.ModelSpec, tensors: dict | None, objective, policies: list[S.Pol
                 row.grid, row.metrics = _sample_grid(model, objective, new_spec, res, out,
                                                      label, chain, samples, device, hook(res),
                                                      count_at.get(res, eval_count))
-            except SamplingError as err:  # a stage the adapted model cannot sample
+            except (SamplingError, ExportError) as err:  # a stage the model cannot sample
                 row.error = str(err)
             keep_scores(row)
         rows.append(row)
@@ -468,7 +469,8 @@ def _sample_grid(model, objective, spec, res, out, label, sampling: Sampling, n,
     total = max(n, eval_count if evaluate is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
     x = sample_staged(Denoiser(model, objective), (total, spec.input.channels, *res),
-                      sampling, class_labels=labels, device=device)
+                      sampling, class_labels=labels, device=device,
+                      check=lambda s: check_shape(spec, s, None, "--stages"))
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)

@@ -91,7 +91,8 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     rules = getattr(denoiser, "rules", None)
     x = sample_staged(denoiser, shape, sampling, class_labels=class_labels, device=device,
                       progress=progress,
-                      check=lambda s: check_shape(spec, s, rules, "--resolution"))
+                      check=lambda s: check_shape(spec, s, rules, "--stages" if sampling.stages
+                                                  else "--resolution"))
     return x if decode is None else decode(x)
 
 
