@@ -82,8 +82,8 @@ def test_extrapolate_reports_single_pass_and_multi_stage_rows(digits_run, tmp_pa
 
 def test_stages_on_random_weights(tmp_path, capsys):
     """The same flags on a spec file (random weights): fast, in the default suite."""
-    got = sample_json(capsys, DIGITS_SPEC, "--objective", "edm", "--stages", "8,16:2.0:1:nearest", "--count", "2",
-                      "--out", str(tmp_path / "g.png"))
+    got = sample_json(capsys, DIGITS_SPEC, "--objective", "edm", "--stages",
+                      "8,16:2.0:1:nearest", "--count", "2", "--out", str(tmp_path / "g.png"))
     assert got["resolution"] == [16, 16]
     assert got["sampling"]["stages"][1]["upsample"] == "nearest"
     assert main(["extrapolate", DIGITS_SPEC, "--resolutions", "16", "--stages", "8:1",

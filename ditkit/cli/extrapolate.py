@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
-                               add_set, add_stages, add_threads, checkpoint_path, deprecated, list_arg,
-                               load_spec, parse_resolution, parse_stages_flag, positive, resolve_source,
-                               sampling_from_args, setup_compute)
+                               add_set, add_stages, add_threads, checkpoint_path, deprecated,
+                               list_arg, load_spec, parse_resolution, parse_stages_flag,
+                               positive, resolve_source, sampling_from_args, setup_compute)
 
 
 def add_parser(sub) -> None:

@@ -19,7 +19,7 @@ stage ``k``'s sampler uses :func:`stage_seed` ``(seed, k)`` and its re-noise tha
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +43,19 @@ def stage_sigmas(denoiser, sampling: Sampling, stage: Stage) -> torch.Tensor:
     ``stage.sigma`` to 0 (the sampling's schedule kind and ``sigma_min``)."""
     objective = denoiser.noise_range
     lo = sampling.sigma_min if sampling.sigma_min is not None else objective.sigma_min
-    if not stage.sigma > lo:
+    sigma = stage.sigma
+    if sigma is None:  # the Sampling spec requires it on every stage after the first
+        raise SamplingError("stages: a refinement stage needs a sigma to re-noise to")
+    if not sigma > lo:
         raise SamplingError(f"stages: sigma {stage.sigma:g} is not above the lowest noise "
                             f"level {lo:g}; re-noise to a higher sigma")
-    if stage.sigma > objective.sigma_max * (1 + 1e-6):
+    if sigma > objective.sigma_max * (1 + 1e-6):
         raise SamplingError(f"stages: sigma {stage.sigma:g} is above the model's highest "
                             f"noise level {objective.sigma_max:g}; use a lower one (the "
                             "first stage already starts from pure noise)")
     sigmas = get_sigmas(objective, stage.steps or sampling.steps, sampling.schedule,
-                        sigma_min=lo, sigma_max=stage.sigma, rho=sampling.rho).clone()
-    sigmas[0] = stage.sigma  # exactly the stage's level, whatever the schedule's rounding
+                        sigma_min=lo, sigma_max=sigma, rho=sampling.rho).clone()
+    sigmas[0] = sigma  # exactly the stage's level, whatever the schedule's rounding
     return sigmas
 
 
@@ -98,21 +101,24 @@ def sample_staged(denoiser, shape, sampling: Sampling, *, class_labels=None,
         if check is not None:
             check(stage_shape)
         seed = stage_seed(sampling.seed, k)
-        run = Sampling.of(one_pass, seed=seed,
-                          **({"steps": stage.steps} if stage.steps is not None else {}))
+        changes: dict[str, Any] = {"seed": seed}
+        if stage.steps is not None:
+            changes["steps"] = stage.steps
+        run = Sampling.of(one_pass, **changes)
         noise = sigmas = None
         if x is not None:
             sigmas = stage_sigmas(denoiser, sampling, stage)
             gen = torch.Generator().manual_seed((seed + 1) % (1 << 63))  # not the sampler's
             eps = torch.randn(stage_shape, generator=gen, dtype=torch.float32)
             start = enlarge(x, stage.resolution, stage.upsample).float().cpu()
-            noise = start / stage.sigma + eps  # sample() starts at noise * sigmas[0]
+            noise = start / float(sigmas[0]) + eps  # sample() starts at noise * sigmas[0]
         x = sample(denoiser, stage_shape, run, class_labels=class_labels, cond=cond,
                    device=device, progress=progress, dtype=dtype, sigmas=sigmas, noise=noise,
                    progress_label=(f"stage {k + 1}/{len(sampling.stages)} "
                                    f"{stage.resolution[0]}x{stage.resolution[1]}"))
         if on_stage is not None:
             on_stage(k, x)
+    assert x is not None  # stages is not empty
     return x
 
 

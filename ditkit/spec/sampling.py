@@ -85,8 +85,9 @@ class Stage(Spec):
         return out
 
 
-def parse_stages(text: str | None, flag: str = "--stages") -> tuple[Stage, ...] | None:
-    """Stages from their command-line spelling: comma-separated ``RES[:SIGMA[:STEPS]]``
+def parse_stages(text: str | None, flag: str = "--stages"
+                 ) -> tuple[dict[str, Any], ...] | None:
+    """The fields of each :class:`Stage` from their command-line spelling: comma-separated ``RES[:SIGMA[:STEPS]]``
     (``RES`` is ``N`` or ``HxW``; a ``:bicubic`` / ``:nearest`` part picks the upsampling),
     e.g. ``8,16:2.0,32:1.0:10``: draft at 8x8 from pure noise, re-noise to sigma 2 at 16x16,
     then to sigma 1 at 32x32 with 10 steps. ``None`` for ``None``; a bad item is a
@@ -118,7 +119,7 @@ def parse_stages(text: str | None, flag: str = "--stages") -> tuple[Stage, ...] 
         if mode:
             data["upsample"] = mode[0]
         stages.append(data)
-    return tuple(stages)  # type: ignore[return-value]  (validated by Sampling)
+    return tuple(stages)  # the fields of each Stage; Sampling validates them
 
 
 class Sampling(Spec):
@@ -300,5 +301,6 @@ def fold_flat_keys(section: Any) -> Any:
     return out
 
 
-__all__ = ["Sampling", "Stage", "parse_stages", "UPSAMPLE_MODES", "fold_flat_keys", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
+__all__ = ["Sampling", "Stage", "parse_stages", "UPSAMPLE_MODES", "fold_flat_keys", "SAMPLERS",
+           "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
            "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]
