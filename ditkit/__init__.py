@@ -156,6 +156,7 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
            cfg_interval: tuple[float, float] | None = None, seed: int = 0,
            resolution: int | tuple[int, int] | None = None, device: str | None = None,
            out: PathLike | None = None, cols: int | None = None,
+           stages: "Sequence | str | None" = None,
            progress: bool = False) -> "torch.Tensor":
     """Draw ``count`` samples; returns a ``(count, C, H, W)`` float tensor, about [-1, 1]
     (not clamped; a latent-space model returns latents). ``labels``: one class label per
@@ -170,6 +171,10 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
     ``cfg_scale`` (classifier-free guidance; needs labels), ``cfg_interval`` (guide only for
     sigma in it), ``seed``. ``resolution``: sample another size than the spec's (the same
     weights on a bigger grid; see :func:`adapt`). ``device``: default the network's.
+    ``stages``: multi-stage sampling (draft small, enlarge, re-noise, refine; the guide
+    *Multi-stage sampling*): ``Stage`` objects, mappings of their fields, or the command
+    line's string ``"8,16:2.0"``; the last stage's resolution is the output's (``resolution``
+    defaults to it).
 
     >>> import ditkit
     >>> m = ditkit.load("dit-s-8", overrides=["input.resolution=[16,16]", "levels.0.middle=2"])
@@ -181,9 +186,9 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
 
     from ditkit.errors import UserError
     from ditkit.runtime.checkpoint import cfg_channels_of
-    from ditkit.runtime.samplers import sample as _sample
+    from ditkit.runtime.multistage import sample_staged
     from ditkit.runtime.shape_rule import check_shape
-    from ditkit.spec.sampling import DEFAULT_SAMPLER, Sampling
+    from ditkit.spec.sampling import DEFAULT_SAMPLER, Sampling, parse_stages
 
     m = _model(model)
     spec = m.spec
@@ -200,16 +205,23 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
     if cfg_scale != 1.0 and class_labels is None:
         raise UserError("cfg_scale: guidance needs labels (it contrasts a class with the null "
                         "class)")
+    if isinstance(stages, str):
+        stages = parse_stages(stages, flag="stages")
+    stages = tuple(stages or ())
+    last = stages[-1] if stages else None
+    if last is not None and resolution is None:
+        last = last.resolution if hasattr(last, "resolution") else last.get("resolution")
+        resolution = tuple(last) if isinstance(last, (list, tuple)) else last
     res = _resolution(resolution) or tuple(spec.input.resolution)
     den = m.denoiser()
     sampling = Sampling.of(None, sampler=sampler or DEFAULT_SAMPLER, steps=steps,
                            schedule=schedule, eta=eta, sigma_min=sigma_min,
                            sigma_max=sigma_max, rho=rho, cfg_scale=cfg_scale,
                            cfg_interval=cfg_interval, cfg_channels=cfg_channels_of(m.metadata),
-                           seed=seed)
-    check_shape(spec, (n, spec.input.channels, *res), den.rules, "resolution")
-    x = _sample(den, (n, spec.input.channels, *res), sampling, class_labels=class_labels,
-                device=device, progress=progress)
+                           seed=seed, stages=stages)
+    x = sample_staged(den, (n, spec.input.channels, *res), sampling, class_labels=class_labels,
+                      device=device, progress=progress,
+                      check=lambda s: check_shape(spec, s, den.rules, "resolution"))
     if out is not None:
         if spec.input.space == "latent":
             raise UserError(f"out: {spec.name} samples latents, not images; decode them first "

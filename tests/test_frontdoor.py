@@ -177,3 +177,20 @@ def test_the_front_doors_train_is_not_shadowed_by_a_subpackage():
     import ditkit.training.loop  # noqa: F401
 
     assert callable(ditkit.train) and ditkit.train.__module__ == "ditkit"
+
+
+def test_sample_with_stages():
+    import torch
+
+    import ditkit
+
+    m = ditkit.load(str(ROOT / "examples" / "tiny" / "tiny-hdit-digits.yaml"))
+    x = ditkit.sample(m, labels=[1, 2], steps=2, seed=4, stages="8,16:2.0:1")
+    assert tuple(x.shape[-2:]) == (16, 16)  # the last stage's resolution
+    same = ditkit.sample(m, labels=[1, 2], steps=2, seed=4,
+                         stages=[{"resolution": 8}, {"resolution": 16, "sigma": 2.0, "steps": 1}])
+    assert torch.equal(x, same)
+    plain = ditkit.sample(m, labels=[1, 2], steps=2, seed=4)
+    assert torch.equal(plain, ditkit.sample(m, labels=[1, 2], steps=2, seed=4, stages="8"))
+    with pytest.raises(UserError, match="stages"):
+        ditkit.sample(m, labels=[1], steps=2, stages="8,16")

@@ -474,20 +474,49 @@ def sampling_from_args(args, **fixed):
 
     data = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     data["cfg_interval"] = parse_interval(args.cfg_interval)
+    if isinstance(getattr(args, "stages", None), str):  # commands with add_stages(single=True)
+        data["stages"] = parse_stages_flag(args.stages)
     data = {k: v for k, v in data.items() if v is not None}  # unset: the spec's default
     data.update(fixed)
     try:
         return Sampling.of(**data)
     except SpecError as err:
         path, message = err.issues[0]
-        name = path.split(".")[0]
-        flag = SAMPLING_FLAGS.get(name, name)
+        name = path.split(".")[0].split("[")[0]
+        flag = {**SAMPLING_FLAGS, "stages": "--stages"}.get(name, name)
         given = getattr(args, name, None)
+        if name == "stages":  # which stage and field: the path says it
+            message = f"{path}: {message}"
         shown = f" {given}" if given is not None and name not in fixed else ""
         message = message.split(" (got ")[0]
         for field, other in SAMPLING_FLAGS.items():  # "below sigma_max 1.0" in flag words
             message = re.sub(rf"\b{field}\b", other, message)
         raise UsageError(f"{flag}{shown}: {message}") from None
+
+
+STAGES_HELP = ("multi-stage sampling: comma-separated RES[:SIGMA[:STEPS]] stages, RES = N or "
+               "HxW, e.g. 8,16:2.0,32:1.0:10 = draft at 8x8 from pure noise, enlarge "
+               "(bicubic; add :nearest to a stage for nearest) and re-noise to sigma 2.0 at "
+               "16x16, then to sigma 1.0 at 32x32 with 10 steps; the last stage is the output "
+               "resolution (guide: Multi-stage sampling)")
+
+
+def add_stages(p, *, single: bool = True) -> None:
+    """``--stages``: one stage chain (``single``) or several, each its own report row."""
+    if single:
+        p.add_argument("--stages", default=None, metavar="STAGES", help=STAGES_HELP)
+    else:
+        p.add_argument("--stages", nargs="+", default=None, metavar="STAGES",
+                       help=STAGES_HELP.replace("multi-stage sampling:", "multi-stage rows, "
+                                                "one per policy and space-separated chain:"))
+
+
+def parse_stages_flag(text: str | None, flag: str = "--stages"):
+    """``--stages`` text as stage data (validated later by the Sampling spec); a malformed
+    item is a :class:`ditkit.errors.UserError`."""
+    from ditkit.spec.sampling import parse_stages
+
+    return parse_stages(text, flag)
 
 
 def setup_compute(args) -> str:

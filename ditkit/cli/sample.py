@@ -4,6 +4,7 @@
     ditkit sample model.onnx --steps 50 --out grid.png            # the exported engine
     ditkit sample latent-model.safetensors --vae vae/ --out grid.png  # decode latents
     ditkit sample model.safetensors --count 50000 --classes random --npz samples.npz  # for FID
+    ditkit sample run/ --stages 8,16:2.0 --policy as_is   # draft at 8x8, refine at 16x16
 
 It parses the flags, builds one :class:`~ditkit.spec.sampling.Sampling` (the shared group of
 :func:`ditkit.cli.common.add_sampling`) and calls the library: :mod:`ditkit.runtime.draw`
@@ -17,7 +18,7 @@ import sys
 from ditkit.spec.objective import OBJECTIVE_KINDS
 
 from ditkit.cli.common import (UsageError, add_device, add_json, add_progress, add_sampling,
-                               add_set, add_threads, deprecated, load_model_source,
+                               add_set, add_stages, add_threads, deprecated, load_model_source,
                                parse_labels, parse_list, parse_resolution, positive,
                                resolve_source, sampling_from_args, setup_compute)
 
@@ -41,7 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cols", type=int, default=None,
                    help="grid columns (default: one per label of --classes, so each column "
                         "is one class; a single class, random or no labels: a square grid)")
-    p.add_argument("--resolution", default=None, help="H or HxW (default: the spec's)")
+    p.add_argument("--resolution", default=None,
+                   help="H or HxW (default: the last of --stages, else the spec's)")
+    add_stages(p)
     p.add_argument("--policy", default=None,
                    help="adapt the model to --resolution first, as `ditkit extrapolate` does: "
                    "as_is (the default: the same weights on a bigger grid), core_patch, "
@@ -118,6 +121,14 @@ def run(args) -> int:
         proc = processes(args.device)
         args.device = proc.device
     setup_compute(args)
+    if sampling.stages:  # the last stage is the output's size
+        last = "x".join(str(v) for v in sampling.stages[-1].resolution)
+        if args.resolution is None:
+            args.resolution = last
+        elif parse_resolution(args.resolution) != tuple(sampling.stages[-1].resolution):
+            raise UsageError(f"--resolution {args.resolution}: the last of --stages samples "
+                             f"{last}; end --stages at the output resolution or drop "
+                             "--resolution")
     den, spec, meta, source_hash = _denoiser(args, source)
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
     labels, n = parse_labels(args.classes, args.count, spec, sampling.seed)

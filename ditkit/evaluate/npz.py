@@ -305,10 +305,11 @@ def draw_chunk(denoiser, k: int, start: int, n: int, labels: np.ndarray | None, 
     """Chunk ``k`` of :func:`sample_npz` (samples ``start .. start + n - 1``, seed
     ``sampling.seed + k``) on ``device``, decoded when ``decode`` is given; a non-finite value
     is an error."""
-    from ditkit.runtime.samplers import sample
+    from ditkit.runtime.multistage import sample_staged
 
-    x = sample(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
-               class_labels=None if labels is None else torch.from_numpy(labels), device=device)
+    x = sample_staged(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
+                      class_labels=None if labels is None else torch.from_numpy(labels),
+                      device=device)
     if decode is not None:
         x = decode(x)
     if not torch.isfinite(x).all():

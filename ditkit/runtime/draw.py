@@ -23,7 +23,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.runtime.autoencoder import AutoencoderError, latent_decoder
-from ditkit.runtime.samplers import sample
+from ditkit.runtime.multistage import sample_staged
 from ditkit.runtime.shape_rule import check_shape
 from ditkit.spec.sampling import Sampling
 
@@ -84,12 +84,15 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     """``count`` samples of ``spec`` at ``resolution`` (default: the spec's) from
     ``denoiser`` with ``sampling``, decoded by ``decode`` when given: images ``(N, C, H, W)``
     in [-1, 1] (a latent-space model without ``decode``: its latents). The shape is checked
-    against the model's (or the exported graph's) resolution rule first."""
+    against the model's (or the exported graph's) resolution rule first (with ``stages``:
+    each stage's shape; :mod:`ditkit.runtime.multistage`)."""
     res = tuple(resolution or spec.input.resolution)
     shape = (count, spec.input.channels, *res)
-    check_shape(spec, shape, getattr(denoiser, "rules", None), "--resolution")
-    x = sample(denoiser, shape, sampling, class_labels=class_labels, device=device,
-               progress=progress)
+    rules = getattr(denoiser, "rules", None)
+    x = sample_staged(denoiser, shape, sampling, class_labels=class_labels, device=device,
+                      progress=progress,
+                      check=lambda s: check_shape(spec, s, rules, "--stages" if sampling.stages
+                                                  else "--resolution"))
     return x if decode is None else decode(x)
 
 

@@ -9,7 +9,7 @@ from ditkit import spec as S
 from ditkit.spec.sampling import Sampling
 
 from .denoiser import Denoiser
-from .samplers import sample
+from .multistage import sample_staged
 
 
 @torch.no_grad()
@@ -29,15 +29,17 @@ def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int,
     was_training = model.training
     model.eval()
     h, w = spec.input.resolution
+    if sampling.stages:  # multi-stage: the output is the last stage's size
+        h, w = sampling.stages[-1].resolution
     out = []
     rng = torch.get_rng_state()
     try:
         for i, start in enumerate(range(0, count, batch)):
             n = min(batch, count - start)
             lab = labels[start:start + n] if labels is not None else None
-            out.append(sample(denoiser, (n, spec.input.channels, h, w), sampling,
-                              seed=sampling.seed + i, class_labels=lab, device=str(device),
-                              progress=progress).float().cpu())
+            out.append(sample_staged(denoiser, (n, spec.input.channels, h, w), sampling,
+                                     seed=sampling.seed + i, class_labels=lab,
+                                     device=str(device), progress=progress).float().cpu())
     finally:
         torch.set_rng_state(rng)
         model.train(was_training)

@@ -170,7 +170,7 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
            dtype: torch.dtype = torch.float32,
            callback: Callable[[int, float, torch.Tensor], None] | None = None,
            noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
-           **settings) -> torch.Tensor:
+           progress_label: str | None = None, **settings) -> torch.Tensor:
     """Draw samples of ``shape`` ``(B, C, H, W)`` with the settings ``sampling`` (a
     :class:`ditkit.spec.sampling.Sampling`; default: its defaults): returns the final ``x0``
     (no clamping). ``settings`` are :class:`Sampling` fields given one by one
@@ -178,7 +178,8 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
     are validated by the spec (:class:`ditkit.spec.SpecError` names the field).
 
     The rest is what one call samples, not how: ``class_labels`` (one label or one per
-    sample), ``cond`` (extra conditioning tensors), ``device``, ``dtype``, ``progress``.
+    sample), ``cond`` (extra conditioning tensors), ``device``, ``dtype``, ``progress`` (and
+    ``progress_label``, shown in the bar after the sampler's name).
 
     Reproducible: all randomness (the initial noise and any per-step noise) comes from one CPU
     ``torch.Generator`` seeded with ``sampling.seed``, so torch and ORT models and CPU and GPU
@@ -189,6 +190,9 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
     steps between the first and the last non-zero sigma (``steps`` only sets that range's
     schedule) and, like k-diffusion's, returns the sample at the last non-zero sigma."""
     sampling = Sampling.of(sampling, **settings)
+    if sampling.stages:
+        raise SamplingError("stages: this is one sampling pass; multi-stage settings run "
+                            "through ditkit.runtime.multistage.sample_staged")
     sampler, steps, eta = sampling.sampler, sampling.steps, sampling.eta
     sigma_min = sampling.sigma_min
     _check_arguments(shape, steps, sigmas)
@@ -239,7 +243,8 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
                                        eta=0.0 if eta is None else eta)
     step = _STEPPERS[sampler]
     n = len(sig) - 1
-    bar = _progress(n, progress, sampler)
+    bar = _progress(n, progress, sampler if progress_label is None
+                    else f"{sampler}, {progress_label}")
     with torch.no_grad():
         for i in range(n):
             x = step(model, x, sig[i], sig[i + 1], randn, state)

@@ -266,6 +266,15 @@ class Evaluation(Spec):
     def _flat_sampling_keys(cls, data):  # evaluation: {steps: 10, seed: 2} (older files)
         return legacy_sampling(data, EVALUATION_SAMPLING)
 
+    @field_validator("sampling")
+    @classmethod
+    def _one_pass(cls, value):
+        if value.stages:
+            raise ValueError("stages: the metrics score samples at the model's own resolution; "
+                             "drop the stages here (multi-stage sampling is for `ditkit sample`"
+                             " and `ditkit extrapolate --stages`)")
+        return value
+
 
 TRAINABLE_PRESETS = {
     "new": "every tensor the policy re-initialised or replicated (new levels, resized merges)",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
 
+from ditkit.errors import UserError
 from ditkit.spec.components import Spec
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
@@ -29,8 +30,96 @@ is a second-order multistep method with one network evaluation per step: at 20 s
 the same as Heun at 20 steps (39 evaluations) in the demo's ablation (docs/measurements.md,
 *The demo*), so it gives the same quality at half the time."""
 
+UPSAMPLE_MODES = ("bicubic", "nearest")
+"""How a multi-stage run enlarges one stage's sample for the next (:class:`Stage`)."""
+
 SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]
 ScheduleName = Literal[SCHEDULES]  # type: ignore[valid-type]
+
+
+class Stage(Spec):
+    """One stage of multi-stage sampling (SDEdit-style refinement, DemoFusion's progressive
+    upscaling): sample at ``resolution``; every stage after the first starts from the previous
+    stage's result, enlarged to ``resolution`` (``upsample``) and re-noised to ``sigma``, and
+    samples from ``sigma`` down to 0 in ``steps`` steps."""
+
+    resolution: tuple[PositiveInt, PositiveInt]
+    """Height and width of this stage's samples (an int: a square)."""
+    sigma: PositiveFloat | None = None
+    """The noise level this stage re-noises to and starts from (the first stage: unset, it
+    starts from pure noise at the schedule's top). Lower keeps more of the draft."""
+    steps: PositiveInt | None = None
+    """This stage's noise levels (``None``: the sampling's ``steps``)."""
+    upsample: Literal[UPSAMPLE_MODES] = "bicubic"  # type: ignore[valid-type]
+    """How the previous stage's sample is enlarged: ``bicubic`` (smooth; the default) or
+    ``nearest`` (blocky, keeps values exactly)."""
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _square(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)
+        return value
+
+    @field_validator("sigma", mode="before")
+    @classmethod
+    def _finite_sigma(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and not 0 < value < math.inf:
+            raise ValueError("use a positive, finite noise level (e.g. 2.0); leave it unset "
+                             "on the first stage")
+        return value
+
+    def text(self) -> str:
+        """The command-line spelling of this stage (:func:`parse_stages` reads it back)."""
+        h, w = self.resolution
+        out = str(h) if h == w else f"{h}x{w}"
+        if self.sigma is not None:
+            out += f":{self.sigma:g}"
+            if self.steps is not None:
+                out += f":{self.steps}"
+        elif self.steps is not None:
+            out += f"::{self.steps}"
+        if self.upsample != "bicubic":
+            out += f":{self.upsample}"
+        return out
+
+
+def parse_stages(text: str | None, flag: str = "--stages"
+                 ) -> tuple[dict[str, Any], ...] | None:
+    """The fields of each :class:`Stage` from their command-line spelling: comma-separated ``RES[:SIGMA[:STEPS]]``
+    (``RES`` is ``N`` or ``HxW``; a ``:bicubic`` / ``:nearest`` part picks the upsampling),
+    e.g. ``8,16:2.0,32:1.0:10``: draft at 8x8 from pure noise, re-noise to sigma 2 at 16x16,
+    then to sigma 1 at 32x32 with 10 steps. ``None`` for ``None``; a bad item is a
+    :class:`ditkit.errors.UserError` naming it and the form."""
+    if text is None:
+        return None
+    form = (f"{flag}: write comma-separated RES[:SIGMA[:STEPS]] items, e.g. 8,16:2.0 "
+            "(draft at 8x8, then re-noise to sigma 2.0 at 16x16)")
+    stages = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        mode = [p for p in parts[1:] if p in UPSAMPLE_MODES]
+        numbers = [p for p in parts[1:] if p not in UPSAMPLE_MODES]
+        if not parts[0] or len(numbers) > 2 or len(mode) > 1:
+            raise UserError(f"{form}; got {item.strip()!r}")
+        try:
+            size = [int(v) for v in parts[0].lower().split("x")]
+            if len(size) not in (1, 2):
+                raise ValueError
+            sigma = float(numbers[0]) if numbers and numbers[0] else None
+            steps = int(numbers[1]) if len(numbers) > 1 and numbers[1] else None
+        except ValueError:
+            raise UserError(f"{form}; got {item.strip()!r}") from None
+        data: dict[str, Any] = {"resolution": size * 2 if len(size) == 1 else size}
+        if sigma is not None:
+            data["sigma"] = sigma
+        if steps is not None:
+            data["steps"] = steps
+        if mode:
+            data["upsample"] = mode[0]
+        stages.append(data)
+    return tuple(stages)  # the fields of each Stage; Sampling validates them
 
 
 class Sampling(Spec):
@@ -62,6 +151,10 @@ class Sampling(Spec):
     """Guide only the first N channels (DiT: 3 of 4 latent channels; ``None``: all)."""
     seed: NonNegativeInt = 0
     """Seed of the initial noise and of every stochastic step."""
+    stages: tuple[Stage, ...] = ()
+    """Multi-stage sampling (``ditkit.runtime.multistage``): draft at the first stage's
+    resolution, then refine at each next one (enlarge, re-noise to its ``sigma``, sample). The
+    last stage's resolution is the output's. Empty: one pass at the requested resolution."""
 
     @field_validator("sampler", "schedule", mode="before")
     @classmethod
@@ -97,6 +190,23 @@ class Sampling(Spec):
                              "or leave one unset")
         return self
 
+    @model_validator(mode="after")
+    def _stages_chain(self):
+        for i, stage in enumerate(self.stages):
+            if i == 0 and stage.sigma is not None:
+                raise ValueError(f"stages[0].sigma: the first stage starts from pure noise; "
+                                 f"drop its sigma {stage.sigma:g} (or add a draft stage "
+                                 "before it)")
+            if i > 0 and stage.sigma is None:
+                raise ValueError(f"stages[{i}].sigma: a refinement stage needs the noise level "
+                                 "to re-noise the previous stage's sample to, e.g. 2.0")
+            if i > 0 and any(a < b for a, b in zip(stage.resolution,
+                                                     self.stages[i - 1].resolution)):
+                raise ValueError(f"stages[{i}].resolution: {list(stage.resolution)} is smaller "
+                                 f"than stage {i - 1}'s {list(self.stages[i - 1].resolution)}; "
+                                 "stages go from small to large")
+        return self
+
     @classmethod
     def of(cls, base: "Sampling | None" = None, source: str = "sampling", **changes: Any
            ) -> "Sampling":
@@ -117,6 +227,8 @@ class Sampling(Spec):
         """Every setting as JSON data (what an ``.npz`` and a report record)."""
         data = self.model_dump(mode="json")
         data["cfg_interval"] = list(self.cfg_interval) if self.cfg_interval else None
+        if not self.stages:  # one pass: recorded as before multi-stage sampling existed
+            del data["stages"]
         return data
 
     def describe(self) -> str:
@@ -129,8 +241,12 @@ class Sampling(Spec):
         defaults, as ``["schedule karras", "sigma-min 0.1"]`` (command-line spelling)."""
         out = []
         for name in ("schedule", "eta", "sigma_min", "sigma_max", "rho", "cfg_interval",
-                     "cfg_channels"):
+                     "cfg_channels", "stages"):
             value = getattr(self, name)
+            if name == "stages":
+                if value:
+                    out.append("stages " + ",".join(stage.text() for stage in value))
+                continue
             if value != type(self).model_fields[name].default:
                 if isinstance(value, tuple):
                     value = ",".join(str(v) for v in value)
@@ -185,5 +301,6 @@ def fold_flat_keys(section: Any) -> Any:
     return out
 
 
-__all__ = ["Sampling", "fold_flat_keys", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
+__all__ = ["Sampling", "Stage", "parse_stages", "UPSAMPLE_MODES", "fold_flat_keys", "SAMPLERS",
+           "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
            "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]
