@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ditkit.errors import EnvironmentFault
+from ditkit.errors import DitkitError, EnvironmentFault
 
 _FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -26,15 +26,22 @@ _FAULT_TEXT = (("No space left", "the disk is full"), ("StorageFull", "the disk 
                ("PermissionDenied", "permission denied"))
 
 
-def environment_reason(err: BaseException) -> str | None:
+def environment_reason(err: BaseException, paths: tuple = ()) -> str | None:
     """Why the machine refused a write (disk full, read-only, permissions), or ``None`` when
     ``err`` is not such a refusal. Understands ``OSError`` and the text of the errors that
-    safetensors and torch raise for the same conditions."""
+    safetensors and torch raise for the same conditions (a ``RuntimeError`` or
+    ``SafetensorError`` with no errno), with ``paths`` (the files being written) taken out of
+    the text first: a file named ``No space left.onnx`` is no full disk."""
     if isinstance(err, EnvironmentFault):
         return getattr(err, "reason", None) or str(err)
-    if isinstance(err, OSError) and err.errno in _FAULTS:
-        return _FAULTS[err.errno]
+    if isinstance(err, OSError) and err.errno is not None:
+        return _FAULTS.get(err.errno)  # by its number only: the text holds file names
+    if isinstance(err, (DitkitError, ValueError, TypeError, KeyError)):
+        return None  # ditkit's own (and the user's) errors are never the machine's refusal
     text = str(err)
+    for name in (getattr(err, "filename", None), getattr(err, "filename2", None), *paths):
+        if name:
+            text = text.replace(str(name), "")
     for needle, reason in _FAULT_TEXT:
         if needle in text:
             return reason
@@ -42,12 +49,12 @@ def environment_reason(err: BaseException) -> str | None:
 
 
 def environment_fault(err: BaseException, what: str, kept: str = "nothing written earlier "
-                      "was lost") -> EnvironmentFault | None:
+                      "was lost", paths: tuple = ()) -> EnvironmentFault | None:
     """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``.
     A fault made here for an inner file is restated for ``what`` (e.g. the whole checkpoint)."""
     if isinstance(err, EnvironmentFault) and not hasattr(err, "reason"):
         return err
-    reason = environment_reason(err)
+    reason = environment_reason(err, (what, *paths))
     if reason is None:
         return None
     fault = EnvironmentFault(f"{what} could not be written: {reason}; {kept}")
@@ -99,7 +106,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        fault = environment_fault(err, str(path), kept)
+        fault = environment_fault(err, str(path), kept, (tmp, os.path.basename(tmp), path.name))
         if fault is not None:
             raise fault from None
         raise

@@ -108,6 +108,9 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     if not isinstance(obj, Mapping):
         raise ConversionInputError(f"{path}: expected a state dict or a dict of them, got "
                                    f"{type(obj).__name__}")
+    if key is not None and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionInputError(f"--key {key}: {path} is a plain state dict (tensors only, no "
+                                   "entry holding one); drop --key")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for name in ("config", "args"):
             value = obj.get(name)
@@ -185,6 +188,12 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     if hasattr(mod, "metadata"):
         extra.update(mod.metadata(spec))
     objective = mod.objective(meta, spec) if hasattr(mod, "objective") else None
+    broken = [name for name, t in tensors.items() if t.is_floating_point()
+              and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ConversionInputError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values "
+                                   f"(first: {broken[0]}); nothing was written. Convert a "
+                                   "checkpoint saved before the training diverged")
     save_checkpoint(out, tensors, spec, objective=objective, metadata=extra)
     return spec
 
