@@ -85,8 +85,11 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     ``denoiser`` with ``sampling``, decoded by ``decode`` when given: images ``(N, C, H, W)``
     in [-1, 1] (a latent-space model without ``decode``: its latents). The shape is checked
     against the model's (or the exported graph's) resolution rule first."""
+    from ditkit.spec.limits import check_sample_size
+
     res = tuple(resolution or spec.input.resolution)
     shape = (count, spec.input.channels, *res)
+    check_sample_size(spec, count, res)  # before anything is allocated
     check_shape(spec, shape, getattr(denoiser, "rules", None), "--resolution")
     x = sample(denoiser, shape, sampling, class_labels=class_labels, device=device,
                progress=progress)
