@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ditkit.errors import DitkitError, EnvironmentFault
+from ditkit.errors import DitkitError, EnvironmentFault, UserError
 
 _FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -80,17 +80,40 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse, as a :class:`UserError`, an output path that cannot become a file: a folder,
+    a dangling symbolic link (the user meant its target, which is missing), or a path below
+    something that is a file."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path}: a symbolic link to {os.readlink(path)}, which does not "
+                        "exist; give the real path of the file to write, or remove the link")
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; give the path of a file to write")
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise UserError(f"{path}: {parent} is a file, not a folder; give a path "
+                                "inside a folder")
+            break
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; when the block succeeds the file is synced and
     renamed onto ``path``, when it fails the temporary file is removed."""
     path = Path(path)
+    check_output(path)
     kept = (f"the previous {path.name} is untouched" if path.exists()
             else "nothing written earlier was lost")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.EEXIST):
+            check_output(path)  # a parent turned out to be a file
+            raise UserError(f"{path}: a part of this path is not a folder; give a path "
+                            "inside a folder") from None
         raise (environment_fault(err, str(path), kept) or err) from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
