@@ -21,7 +21,7 @@ from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
 from ditkit.training import checkpoints as C
 from ditkit.training.loop import train
 
-from .train.conftest import tiny_experiment, tiny_experiment_data, tiny_model
+from .training.conftest import tiny_experiment, tiny_experiment_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny" / "tiny-hdit-digits.yaml"

@@ -673,7 +673,13 @@ class BatchStream:
         return vars(self.position).copy()
 
     def restore(self, state: dict) -> None:
-        self.position = Position(**state)
+        position = Position(**state)
+        if position.offset >= len(self.dataset):  # a damaged state: never a silent other run
+            raise DataError(f"the checkpoint's data position (epoch {position.epoch}, offset "
+                            f"{position.offset}) is past the end of the dataset "
+                            f"({len(self.dataset)} samples); the data or the checkpoint "
+                            "changed, resume from an earlier checkpoint")
+        self.position = position
 
 
 @dataclass
