@@ -24,7 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 from ditkit import spec as S  # noqa: E402
 from ditkit.spec.experiment import experiment_from_data  # noqa: E402
 
-from .train.conftest import tiny_experiment_data, tiny_model  # noqa: E402
+from .training.conftest import tiny_experiment_data, tiny_model  # noqa: E402
 
 import ditkit.builder  # noqa: E402,F401  (imported once here, not timed inside a property)
 
