@@ -39,7 +39,7 @@ REPORT_SAMPLING = Sampling(steps=20, seed=0)
 def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     """``kind[:key=value[,key=value]]``, e.g. ``local_core:kernel_size=15``,
     ``as_is:rope=extrapolate``, ``add_levels:share_weights=true``; errors name ``flag``."""
-    import yaml
+    from ditkit.spec.io import load_yaml
 
     kind, _, rest = text.partition(":")
     data: dict = {"kind": kind}
@@ -48,7 +48,7 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
         if not eq:
             raise S.SpecError([(flag, f"{text!r}: expected key=value after the kind, "
                                 f"e.g. local_core:kernel_size=15")])
-        data[key.strip()] = yaml.safe_load(value)
+        data[key.strip()] = load_yaml(value, "policy", f"{flag} {key.strip()}")
     try:
         return _POLICY.validate_python(data)
     except ValidationError as err:

@@ -246,7 +246,8 @@ def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
     except DuplicateKeyError as err:
         raise SpecError([(field, str(err))], source) from None
     except yaml.YAMLError as err:
-        raise SpecError([(field, f"not valid YAML/JSON: {err}")], source) from None
+        raise SpecError([(field, f"not valid YAML/JSON: {_yaml_problem(err)}")],
+                        source) from None
     except RecursionError:
         raise SpecError([(field, "not valid YAML/JSON: nested too deeply")], source) from None
     except ValueError as err:  # int(): more digits than sys.get_int_max_str_digits()
@@ -257,6 +258,17 @@ def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
         raise SpecError([(field, f"nested {depth} levels deep (limit {MAX_NESTING}); no spec "
                                  "or experiment is nested like that")], source)
     return data
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's text spans lines)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 MAX_NESTING = 64

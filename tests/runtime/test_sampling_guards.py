@@ -14,7 +14,7 @@ from ditkit.runtime.samplers import SAMPLERS, SamplingError, sample
 from ditkit.spec import SpecError
 from ditkit.spec.limits import no_size_limits
 
-from ..train.conftest import tiny_model
+from ..training.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
