@@ -75,6 +75,29 @@ def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
     return h.hexdigest()
 
 
+def _check_unpacked_size(path: Path) -> None:
+    """A ``.pt`` is a zip archive; its entries' sizes, read from the directory before anything
+    is unpacked, estimate the memory ``torch.load`` needs. ``torch.save`` stores entries
+    uncompressed, so an archive that unpacks to far more than its size on disk (a compressed
+    storage) is checked against the run-time memory limit, as any other size."""
+    import zipfile
+
+    from ditkit.spec.limits import check_run_bytes, gib
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (non-zip) format: torch.load refuses or reads it by itself
+    try:
+        with zipfile.ZipFile(path) as zf:
+            unpacked = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ConversionInputError(f"{path}: not a readable PyTorch archive ({err})") from None
+    on_disk = path.stat().st_size
+    limit = max(4 * on_disk, 2**26) if unpacked > 4 * on_disk + 2**20 else None
+    check_run_bytes(unpacked, str(path), f"unpacking {gib(on_disk)} on disk (compressed "
+                    "entries, which torch.save never writes)" if limit else "reading it",
+                    **({"limit": limit} if limit else {}))
+
+
 def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PREFERRED_KEYS,
                 key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, string metadata)`` of a ``.safetensors`` file or a ``.pt``/``.pth``/
@@ -98,6 +121,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
         except Exception as err:
             raise ConversionInputError(f"{path}: not a readable safetensors file ({err})") from None
     else:
+        _check_unpacked_size(path)
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
