@@ -371,3 +371,24 @@ def test_a_data_position_past_the_dataset_is_refused_on_resume(stopped, tmp_path
     with pytest.raises(DataError, match="past the end of the dataset"):
         train(exp.model_copy(update={"training": exp.training.model_copy(
             update={"steps": 4})}), tmp_path / "run", progress=False, resume=True)
+
+
+def test_a_damaged_scalars_csv_on_resume_is_one_line(stopped, tmp_path):
+    from ditkit.errors import UserError
+
+    exp, _ = stopped
+    (tmp_path / "run" / "scalars.csv").write_bytes(b"step,loss\n\xff\xfe,1\nnot-a-step,2\n")
+    with pytest.raises(UserError, match=r"scalars\.csv: damaged .*move it aside"):
+        train(exp.model_copy(update={"training": exp.training.model_copy(
+            update={"steps": 4})}), tmp_path / "run", progress=False, resume=True)
+
+
+def test_nan_fid_weights_are_refused(tmp_path):
+    from ditkit.evaluate.inception import FIDInception, load_fid_inception
+
+    state = FIDInception().state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][(0,) * state[name].ndim] = float("nan")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=f"NaN or infinite values \\(first: {name}\\)"):
+        load_fid_inception(tmp_path / "w.pth")
