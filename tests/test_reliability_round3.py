@@ -392,3 +392,12 @@ def test_nan_fid_weights_are_refused(tmp_path):
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ValueError, match=f"NaN or infinite values \\(first: {name}\\)"):
         load_fid_inception(tmp_path / "w.pth")
+
+
+@pytest.mark.slow
+def test_export_opset_1_prints_no_library_traceback(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    code, err = cli(capsys, "export", TINY, "--opset", "1", "--out", tmp_path / "m.onnx",
+                    "--objective", "edm")
+    assert code == 2 and "opset 1 has no" in one_line(err)
+    assert "version conversion" not in err and not (tmp_path / "m.onnx").exists()
