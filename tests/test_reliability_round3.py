@@ -154,7 +154,8 @@ def test_npz_headers_are_checked_against_the_file(tmp_path):
     from ditkit.evaluate.npz import NpzError, iter_npz_images, read_npz
 
     _npz_with_header(tmp_path / "huge.npz", (2**20, 2**20, 2**11, 3), b"\0" * 100)  # 6 TiB
-    with pytest.raises(NpzError, match=r"claims .* but the file holds \d+ bytes; the file is damaged"):
+    with pytest.raises(NpzError, match=r"claims .* but the file holds \d+ bytes; the file is "
+                                       r"damaged"):
         read_npz(tmp_path / "huge.npz")
     with pytest.raises(NpzError, match="claims"):
         next(iter_npz_images(tmp_path / "huge.npz"))
@@ -273,7 +274,7 @@ def test_individual_that_is_a_file(tmp_path, capsys):
                                        ("inf", "finite")])
 def test_eta_is_range_checked(tmp_path, capsys, eta, says):
     code, err = cli(capsys, "sample", TINY, "--eta", eta, "--out", tmp_path / "g.png", *FAST)
-    assert code == 2 and f"--eta" in err and says in err
+    assert code == 2 and "--eta" in err and says in err
     assert not (tmp_path / "g.png").exists()
 
 

@@ -51,7 +51,8 @@ def run_command(func: Callable, args) -> int:
 
     The mapping is by type, never by the words of a message: a library error that means bad
     input or a refusing machine (YAML, PIL, ONNX, safetensors on a full disk) is turned into
-    a typed error where it arises. Anything else is a bug and keeps its traceback. With ``--debug`` / ``DITKIT_DEBUG=1`` the
+    a typed error where it arises. Anything else is a bug and keeps its traceback. With
+    ``--debug`` / ``DITKIT_DEBUG=1`` the
     mapped errors print their traceback too (same exit status). Other modules extend the
     mapping here, in one place."""
     debug = debug_enabled(args)

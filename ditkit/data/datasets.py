@@ -496,8 +496,6 @@ def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str =
 
 def _check_image(data: bytes, name: str) -> None:
     """Decode ``data`` fully (a truncated or corrupt file fails here, not in training)."""
-    from PIL import Image
-
     try:
         with open_image(io.BytesIO(data)) as im:
             im.load()

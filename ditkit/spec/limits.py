@@ -200,7 +200,8 @@ def check_run_bytes(estimate: float, field: str, what: str,
                            f"(limit {gib(limit)}); use a smaller value; {OVERRIDE_HINT}")
 
 
-def inference_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None) -> float:
+def inference_bytes_per_sample(spec: ModelSpec,
+                               resolution: tuple[int, int] | None = None) -> float:
     """A rough lower bound of the memory one sample takes in one denoiser call (fp32): at
     the widest level, a block's input, output, attention projections and FFN hidden values,
     plus the sampler's copies of the image (x, noise, denoised, derivatives)."""
@@ -259,6 +260,8 @@ def grid_bytes(count: int, cols: int, height: int, width: int) -> float:
     return 2.0 * (rows * (height + 1) + 1) * (cols * (width + 1) + 1) * 3
 
 
-__all__ = ["check_run_bytes", "check_sample_size", "sample_bytes", "grid_bytes", "inference_bytes_per_sample",
-           "MAX_RUN_BYTES", "RunSizeError", "gib", "size_issues", "estimated_params", "activation_bytes_per_sample", "resolution_issues", "no_size_limits", "limits_enabled", "MAX_PARAMS",
-           "MAX_BLOCKS", "MAX_TOKENS", "MAX_WIDTH", "ENV"]
+__all__ = ["check_run_bytes", "check_sample_size", "sample_bytes", "grid_bytes",
+           "inference_bytes_per_sample", "MAX_RUN_BYTES", "RunSizeError", "gib", "size_issues",
+           "estimated_params", "activation_bytes_per_sample", "resolution_issues",
+           "no_size_limits", "limits_enabled", "MAX_PARAMS", "MAX_BLOCKS", "MAX_TOKENS",
+           "MAX_WIDTH", "ENV"]
