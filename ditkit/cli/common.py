@@ -49,7 +49,10 @@ def run_command(func: Callable, args) -> int:
       :data:`ENVIRONMENT_ERRNOS` (disk full, read-only, permission denied) -> 1;
     - ``KeyboardInterrupt`` -> 130.
 
-    Anything else is a bug and keeps its traceback. With ``--debug`` / ``DITKIT_DEBUG=1`` the
+    The mapping is by type, never by the words of a message: a library error that means bad
+    input or a refusing machine (YAML, PIL, ONNX, safetensors on a full disk) is turned into
+    a typed error where it arises. Anything else is a bug and keeps its traceback. With
+    ``--debug`` / ``DITKIT_DEBUG=1`` the
     mapped errors print their traceback too (same exit status). Other modules extend the
     mapping here, in one place."""
     debug = debug_enabled(args)
@@ -63,16 +66,6 @@ def run_command(func: Callable, args) -> int:
         if not isinstance(err, EnvironmentFault) and err.errno not in ENVIRONMENT_ERRNOS:
             raise
         _report(err, debug)
-        return EXIT_FAULT
-    except Exception as err:  # safetensors/torch report a full disk in their own types
-        from ditkit.files import environment_fault
-
-        fault = environment_fault(err, "an output file")
-        if fault is None:
-            raise
-        if debug:
-            traceback.print_exception(err)
-        print(f"error: {fault}", file=sys.stderr)
         return EXIT_FAULT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

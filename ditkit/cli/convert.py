@@ -54,6 +54,24 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    """Convert; on any error the ``--out`` this run made (file or folder) is removed, so a
+    failed conversion never leaves a checkpoint behind."""
+    out = Path(args.out)
+    existed = out.exists() or out.is_symlink()
+    try:
+        return _run(args)
+    except BaseException:
+        if not existed and (out.exists() or out.is_symlink()):
+            import shutil
+
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+        raise
+
+
+def _run(args) -> int:
     from ditkit.runtime import convert as C
     from ditkit.runtime.checkpoint import load_checkpoint
 

@@ -131,6 +131,7 @@ def run(args) -> int:
                              "--resolution")
     den, spec, meta, source_hash = _denoiser(args, source)
     res = parse_resolution(args.resolution) or tuple(spec.input.resolution)
+    _check_size(args, spec, res)
     labels, n = parse_labels(args.classes, args.count, spec, sampling.seed)
     check_shape(spec, (n, spec.input.channels, *res), den.rules, "--resolution")
     if sampling.cfg_scale != 1.0 and labels is None:
@@ -149,6 +150,19 @@ def run(args) -> int:
         return _kept_latents(images, spec, args.out)
     _write(args, images, spec, res, labels, n, sampling, source.kind)
     return 0
+
+
+def _check_size(args, spec, res) -> None:
+    """The memory of --count, --resolution and --batch, estimated before the labels or any
+    sample is allocated (ditkit.spec.limits; --no-size-limits lifts it)."""
+    from ditkit.spec.limits import check_sample_size
+
+    listed = parse_list(args.classes) if args.classes not in (None, "random") else []
+    n = args.count or len(listed) or 16
+    if args.npz:
+        check_sample_size(spec, n, res, batch=args.batch, keep=False)
+    else:
+        check_sample_size(spec, n, res)
 
 
 def _denoiser(args, source):

@@ -7,6 +7,7 @@ folder, an unreadable image, no images) raise :class:`DataError` naming the path
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from dataclasses import dataclass
@@ -136,13 +137,41 @@ class ShapesDataset(ImageDataset):
 # -------------------------------------------------------------------------------- image folder
 
 
+class ImageTooLarge(DataError):
+    """An image whose header claims more pixels than PIL's decompression-bomb limit."""
+
+
+@contextlib.contextmanager
+def open_image(source):
+    """``PIL.Image.open(source)`` with the decompression-bomb guard as a typed error: an image
+    claiming more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (twice that: PIL only warns
+    between) raises :class:`ImageTooLarge` (a ``ValueError``) with the size, before it is
+    decoded. ``DITKIT_NO_SIZE_LIMITS=1`` (``--no-size-limits``) lifts it, as the spec limits."""
+    from PIL import Image
+
+    from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
+
+    before = Image.MAX_IMAGE_PIXELS
+    if not limits_enabled():
+        Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(source) as im:
+            yield im
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"{str(err).split(', could be')[0]} (about "
+                            f"{Image.MAX_IMAGE_PIXELS * 4 / 2**30:.2g}+ GiB decoded); "
+                            f"{OVERRIDE_HINT}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tensor:
     """An image file (path or binary file object) -> ``(channels, H, W)`` in [-1, 1]: resized
     (bicubic) so it covers ``resolution``, then centre-cropped. Raises ``OSError`` /
     ``ValueError`` for unreadable data."""
     from PIL import Image
 
-    with Image.open(source) as im:
+    with open_image(source) as im:
         im = im.convert("RGB" if channels == 3 else "L")
         h, w = resolution
         scale = max(h / im.height, w / im.width)
@@ -467,10 +496,8 @@ def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str =
 
 def _check_image(data: bytes, name: str) -> None:
     """Decode ``data`` fully (a truncated or corrupt file fails here, not in training)."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data)) as im:
             im.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
         raise DataError(f"data.path: {name} is not a readable image ({err}); fix or remove "
@@ -673,7 +700,13 @@ class BatchStream:
         return vars(self.position).copy()
 
     def restore(self, state: dict) -> None:
-        self.position = Position(**state)
+        position = Position(**state)
+        if position.offset >= len(self.dataset):  # a damaged state: never a silent other run
+            raise DataError(f"the checkpoint's data position (epoch {position.epoch}, offset "
+                            f"{position.offset}) is past the end of the dataset "
+                            f"({len(self.dataset)} samples); the data or the checkpoint "
+                            "changed, resume from an earlier checkpoint")
+        self.position = position
 
 
 @dataclass

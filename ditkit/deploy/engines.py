@@ -73,14 +73,20 @@ class OrtDenoiser:
         self.metadata = meta
         self.noise_range = NoiseRange.of(objective)
         self.null_class = spec.null_label
-        self.rules = rules_from_metadata(meta)
+        try:
+            self.rules = rules_from_metadata(meta)
+            cfg = json.loads(meta.get("ditkit.cfg", "{}"))
+            if not isinstance(cfg, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as err:  # UserError is a ValueError
+            raise ExportError(f"{self.path}: damaged ditkit metadata ({err}); re-export it "
+                              "with `ditkit export`") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # auxiliary conditioning inputs (name -> dims), as the graph declares them
         self.aux = aux_inputs((i.name, i.shape) for i in self.session.get_inputs())
         # a graph exported with --cfg batches both passes itself (see samplers.Guided)
         self.guides_inside = "cfg_scale" in self.input_names
-        cfg = json.loads(meta.get("ditkit.cfg", "{}"))
         self.cfg_channels = cfg.get("channels")
         self.calls = 0
 

@@ -542,6 +542,9 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
         table = {**translation_table(), **gelu_translation()} or None
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    # a version conversion that fails logs its traceback there; the graph is then checked
+    # for ops the opset lacks and that is reported as one ExportError (unsupported_types)
+    logging.getLogger("onnxscript.version_converter").setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset,

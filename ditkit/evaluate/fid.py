@@ -121,12 +121,14 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_image(path: Path) -> torch.Tensor:
     """``(1, 3, 299, 299)`` RGB in [0, 1] (grey and palette images become RGB)."""
     import torch.nn.functional as F
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from ditkit.data.datasets import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise FIDError(f"{path}: cannot read the image ({err})") from None
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]
     # resizing each image alone equals resizing it in a batch (and 299 -> 299 is exact)

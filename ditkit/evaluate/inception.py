@@ -213,6 +213,11 @@ def load_fid_inception(path, device: str | torch.device = "cpu") -> FIDInception
                                      ("wrong shape", wrong)) if keys]
         raise ValueError(f"{path}: not the FID Inception weights ({WEIGHTS_FILE}); "
                          + "; ".join(parts))
+    broken = sorted(k for k, v in state.items() if v.is_floating_point()
+                    and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise ValueError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values (first: "
+                         f"{broken[0]}); the file is damaged, give an intact {WEIGHTS_FILE}")
     net.load_state_dict(state, strict=True)
     return net.to(device).eval().requires_grad_(False)
 

@@ -46,6 +46,7 @@ from ditkit.files import atomic_path
 
 SETTINGS = "settings.json"
 SETTINGS_KEY = "ditkit_settings"
+RUN_KEY = "ditkit_run"
 
 
 class NpzError(UserError):
@@ -182,6 +183,16 @@ def _open_arr0(zf: zipfile.ZipFile, path) -> tuple:
         f.close()
         raise NpzError(f"{path}: arr_0 must be uint8 images (N, H, W, 3) as the ADM evaluator "
                        f"reads them; got {dtype} {shape}{' (Fortran order)' if fortran else ''}")
+    if min(shape) < 1:
+        f.close()
+        raise NpzError(f"{path}: arr_0 has shape {tuple(shape)}: no images or images of no "
+                       "pixels; an .npz of samples holds (N, H, W, 3) with every size positive")
+    claimed = int(np.prod(shape, dtype=object))
+    held = zf.getinfo("arr_0.npy").file_size
+    if claimed > held:  # the header is read before any buffer is made from it
+        f.close()
+        raise NpzError(f"{path}: arr_0's header claims {tuple(shape)} ({claimed:,} bytes) but "
+                       f"the file holds {held:,} bytes; the file is damaged")
     return f, tuple(shape)
 
 
@@ -191,6 +202,8 @@ def npz_shape(path: str | os.PathLike) -> tuple[int, int, int, int]:
         with zipfile.ZipFile(path) as zf:
             f, shape = _open_arr0(zf, path)
             f.close()
+    except NpzError:
+        raise
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise NpzError(f"{path}: not a readable .npz ({err})") from None
     return shape
@@ -217,6 +230,7 @@ def iter_npz_images(path: str | os.PathLike, batch: int = 64) -> Iterator[np.nda
 
 def read_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """``(arr_0, arr_1 or None)`` of a small file, with ``allow_pickle=False``."""
+    npz_shape(path)  # the header against the file's size, before numpy allocates from it
     try:
         with np.load(path, allow_pickle=False) as z:
             images = z["arr_0"]
@@ -276,21 +290,49 @@ def _settings(parts: Path, settings: dict, proc: Processes) -> None:
             Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _part_ok(path: Path, n: int, labels: np.ndarray | None) -> bool:
+class ForeignPart(NpzError):
+    """A part file of another run (or of none) found in a run's parts folder."""
+
+
+def run_id(settings: dict) -> str:
+    """The identity of a run's settings, written into each of its part files."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _part_ok(path: Path, n: int, labels: np.ndarray | None, run: str | None = None) -> bool:
     """A finished part: ``arr_0`` of ``n`` uint8 RGB images (its header is enough: parts are
-    renamed into place only once complete) and exactly the labels its chunk must hold."""
+    renamed into place only once complete), exactly the labels its chunk must hold and this
+    run's identity (``run``, see :func:`run_id`). A part without one is drawn again; a part
+    that carries another run's is refused (:class:`ForeignPart`): never merged, nor
+    silently replaced."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise NpzError(f"{path}: not a regular file; delete it (parts are written by "
+                       "ditkit sample --npz only)")
     if not path.is_file():
         return False
     try:
         with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            owner = None
+            if f"{RUN_KEY}.npy" in names:
+                with zf.open(f"{RUN_KEY}.npy") as g:
+                    owner = np.lib.format.read_array(g, allow_pickle=False).tobytes().decode()
+            if owner is None and run is not None:
+                return False  # no identity (damaged, or an older ditkit's): drawn again
+            if run is not None and owner != run:
+                raise ForeignPart(f"{path} was drawn by another run (other settings, checkpoint or "
+                               f"labels); it is not merged. Delete it, or the whole "
+                               f"{path.parent}, to draw it again")
             f, shape = _open_arr0(zf, path)
             f.close()
             got = None
-            if "arr_1.npy" in zf.namelist():
+            if "arr_1.npy" in names:
                 with zf.open("arr_1.npy") as g:
                     got = np.lib.format.read_array(g, allow_pickle=False)
-    except (NpzError, zipfile.BadZipFile, OSError, ValueError):
-        return False
+    except ForeignPart:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError):
+        return False  # damaged (NpzError included): drawn again
     if shape[0] != n or shape[-1] != 3:
         return False
     if labels is None:
@@ -346,7 +388,15 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
         labels = np.asarray(torch.as_tensor(class_labels).cpu(), dtype=np.int64).reshape(-1)
         if len(labels) != num:
             raise NpzError(f"{len(labels)} class labels for {num} samples; give one per sample")
+    from ditkit.spec.limits import KEPT_PER_SAMPLE, check_run_bytes
+
+    c, h, w = shape
+    check_run_bytes(num * KEPT_PER_SAMPLE + min(batch, num) * c * h * w * 4 * 8,
+                    f"--count {num}", f"{num:,} samples in batches of {batch}")
     parts = parts_folder(out)
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise NpzError(f"{parts}: not a folder (a symbolic link or a file); the parts of "
+                       f"{out} are written to a real folder there: remove it and rerun")
     settings = {"num": num, "batch": batch, "shape": list(shape), **sampling.recorded(),
                 "labels_sha256": _labels_hash(labels), **(identity or {})}
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
@@ -360,8 +410,9 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     def lab(start: int, n: int):
         return None if labels is None else labels[start:start + n]
 
+    run = run_id(settings)
     todo = [c for c in mine if not _part_ok(parts / f"part-{c[0]:06d}.npz", c[2],
-                                            lab(c[1], c[2]))]
+                                            lab(c[1], c[2]), run)]
     reused = sum(n for _, _, n in mine) - sum(n for _, _, n in todo)
     from tqdm.auto import tqdm
 
@@ -376,7 +427,10 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
                            decode=decode, device=proc.device)
             images = to_uint8(x)
             with atomic_path(parts / f"part-{k:06d}.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, **({"arr_0": images} if y is None else {"arr_0": images, "arr_1": y}))
+                arrays = {"arr_0": images, RUN_KEY: np.frombuffer(run.encode(), np.uint8)}
+                if y is not None:
+                    arrays["arr_1"] = y
+                np.savez(f, **arrays)
             bar.update(n)
     finally:
         bar.close()

@@ -56,7 +56,7 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     ``core_patch:rope_scaling=ntk,attention_scaling=entropy``, ``as_is:rope_scaling=yarn(beta=16)``
     (a nested option's fields in parentheses, as :func:`policy_label` writes them); errors name
     ``flag``."""
-    import yaml
+    from ditkit.spec.io import load_yaml
 
     def items(rest: str) -> dict:
         out: dict = {}
@@ -67,7 +67,7 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
                                     f"e.g. local_core:kernel_size=15")])
             nested = re.fullmatch(r"\s*(\w+)\((.*)\)\s*", value)  # yarn(beta=16)
             out[key.strip()] = ({"kind": nested[1], **items(nested[2])} if nested
-                                else yaml.safe_load(value))
+                                else load_yaml(value, "policy", f"{flag} {key.strip()}"))
         return out
 
     kind, _, rest = text.partition(":")

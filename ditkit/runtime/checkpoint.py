@@ -205,11 +205,13 @@ def spec_from_metadata(meta: Mapping[str, str], source: str = "checkpoint"):
                               f"metadata).{hint}")
     try:
         data = json.loads(meta[SPEC_KEY])
-    except json.JSONDecodeError as err:
-        raise S.SpecError([(SPEC_KEY, f"metadata is not valid JSON: {err}")], source) from None
+    except (ValueError, RecursionError) as err:  # bad JSON, a 5000-digit number, deep nesting
+        raise S.SpecError([(SPEC_KEY, f"metadata is not valid JSON: "
+                                      f"{str(err).split(';')[0] or 'nested too deeply'}")],
+                          source) from None
     if isinstance(data, dict) and VERSION_KEY in meta and "spec_version" not in data:
         try:
-            data["spec_version"] = int(meta[VERSION_KEY])
+            data["spec_version"] = int(meta[VERSION_KEY][:20])
         except ValueError:
             raise S.SpecError([(VERSION_KEY, f"{meta[VERSION_KEY]!r} is not an integer")],
                               source) from None
@@ -223,8 +225,9 @@ def spec_from_metadata(meta: Mapping[str, str], source: str = "checkpoint"):
 def _objective_from(text: str, source: str):
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise S.SpecError([(OBJECTIVE_KEY, f"metadata is not valid JSON: {err}")],
+    except (ValueError, RecursionError) as err:
+        raise S.SpecError([(OBJECTIVE_KEY, f"metadata is not valid JSON: "
+                                           f"{str(err).split(';')[0] or 'nested too deeply'}")],
                           source) from None
     try:
         return _OBJECTIVE.validate_python(data)

@@ -86,8 +86,11 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     in [-1, 1] (a latent-space model without ``decode``: its latents). The shape is checked
     against the model's (or the exported graph's) resolution rule first (with ``stages``:
     each stage's shape; :mod:`ditkit.runtime.multistage`)."""
+    from ditkit.spec.limits import check_sample_size
+
     res = tuple(resolution or spec.input.resolution)
     shape = (count, spec.input.channels, *res)
+    check_sample_size(spec, count, res)  # before anything is allocated
     rules = getattr(denoiser, "rules", None)
     x = sample_staged(denoiser, shape, sampling, class_labels=class_labels, device=device,
                       progress=progress,

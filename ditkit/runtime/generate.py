@@ -22,7 +22,10 @@ def sample_images(model: nn.Module, spec: S.ModelSpec, objective, count: int,
     ``sampling``; batch ``i`` uses seed ``sampling.seed + i``. Unless ``labels`` are given they
     cycle through the first ``n_classes`` classes (a class-conditional model). Leaves the
     global RNG untouched."""
-    classes = spec.conditioning.classes
+    from ditkit.spec.limits import check_sample_size
+
+    check_sample_size(spec, count, batch=batch)  # every sample is kept: refused before
+    classes = spec.conditioning.classes          # anything is allocated
     if labels is None and classes is not None:
         labels = torch.arange(count) % (n_classes or classes.count)
     denoiser = Denoiser(model, objective).to(device)

@@ -15,7 +15,13 @@ def image_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 1,
                scale: int = 1) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` uint8 on a
     white background; 1-channel images are shown grey, more than 3 channels keep the first 3."""
-    ncol = ncol or max(1, math.ceil(math.sqrt(images.shape[0])))
+    from ditkit.spec.limits import check_run_bytes, grid_bytes
+
+    n = images.shape[0]
+    field = f"--cols {ncol}" if ncol else f"--count {n}"
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    check_run_bytes(grid_bytes(n, ncol, images.shape[-2] * scale, images.shape[-1] * scale),
+                    field, f"a grid of {n:,} image(s) in {ncol:,} column(s)")
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)

@@ -52,8 +52,14 @@ def check_shape(spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | Non
 def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | None:
     """The ``(height, width)`` rule recorded in an exported file's ``ditkit.resolution_rule``
     metadata, or ``None`` when it records none."""
-    rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
-    if not rule:
-        return None
-    return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                 for a in ("height", "width"))
+    from ditkit.errors import UserError
+
+    try:
+        rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
+        if not rule:
+            return None
+        return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
+                     for a in ("height", "width"))
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise UserError(f"metadata ditkit.resolution_rule is damaged ({type(err).__name__}: "
+                        f"{str(err)[:120]}); re-export the model with `ditkit export`") from None

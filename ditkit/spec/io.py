@@ -242,13 +242,54 @@ def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
             where, key, first, second = found
             err = DuplicateKeyError(key, first, second)
             raise SpecError([(".".join(p for p in (field, where) if p), str(err))], source)
-        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
+        data = yaml.load(text, Loader=StrictLoader)  # a SafeLoader subclass
     except DuplicateKeyError as err:
         raise SpecError([(field, str(err))], source) from None
     except yaml.YAMLError as err:
-        raise SpecError([(field, f"not valid YAML/JSON: {err}")], source) from None
+        raise SpecError([(field, f"not valid YAML/JSON: {_yaml_problem(err)}")],
+                        source) from None
     except RecursionError:
         raise SpecError([(field, "not valid YAML/JSON: nested too deeply")], source) from None
+    except ValueError as err:  # int(): more digits than sys.get_int_max_str_digits()
+        raise SpecError([(field, f"a value could not be read ({str(err).split(';')[0]}); "
+                                 "no spec field takes a number that long")], source) from None
+    depth = nesting_depth(data)
+    if depth > MAX_NESTING:
+        raise SpecError([(field, f"nested {depth} levels deep (limit {MAX_NESTING}); no spec "
+                                 "or experiment is nested like that")], source)
+    return data
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's text spans lines)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
+MAX_NESTING = 64
+"""Lists and mappings inside each other; a spec or experiment needs fewer than 10."""
+
+
+def nesting_depth(data: Any) -> int:
+    """How deeply lists and mappings nest in ``data`` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    seen: set[int] = set()
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            return depth
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def loads(text: str, model: type[T] = ModelSpec, source: str = "spec") -> T:  # type: ignore[assignment]

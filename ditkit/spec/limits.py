@@ -18,6 +18,8 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ditkit.errors import UserError
+
 if TYPE_CHECKING:
     from .model import Block, ModelSpec
 
@@ -170,5 +172,96 @@ def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str) 
     return []
 
 
-__all__ = ["size_issues", "estimated_params", "activation_bytes_per_sample", "resolution_issues", "no_size_limits", "limits_enabled", "MAX_PARAMS",
-           "MAX_BLOCKS", "MAX_TOKENS", "MAX_WIDTH", "ENV"]
+# ----------------------------------------------------------------------------- run-time sizes
+# The spec limits above hold for what a spec can say; these hold for the sizes given at run
+# time (--count, --cols, --resolution, --batch, a file's header). Each is checked against an
+# estimate before anything is allocated, so "--count 1000000000" is one line, not a
+# MemoryError after a minute of swapping.
+
+MAX_RUN_BYTES = 8 * 2**30
+"""Memory one run-time request may need (8 GiB); more is refused unless the limits are off."""
+
+
+def gib(n: float) -> str:
+    """``n`` bytes in words: ``"12.3 GiB"``, ``"512 MiB"``."""
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+class RunSizeError(UserError):
+    """A size given at run time would need more memory than :data:`MAX_RUN_BYTES`."""
+
+
+def check_run_bytes(estimate: float, field: str, what: str,
+                    limit: float = MAX_RUN_BYTES) -> None:
+    """Raise :class:`RunSizeError` naming ``field`` (a flag, a file) when ``what`` would
+    need about ``estimate`` bytes, more than ``limit`` (nothing when the limits are off)."""
+    if limits_enabled() and estimate > limit:
+        raise RunSizeError(f"{field}: {what} would need about {gib(estimate)} of memory "
+                           f"(limit {gib(limit)}); use a smaller value; {OVERRIDE_HINT}")
+
+
+def inference_bytes_per_sample(spec: ModelSpec,
+                               resolution: tuple[int, int] | None = None) -> float:
+    """A rough lower bound of the memory one sample takes in one denoiser call (fp32): at
+    the widest level, a block's input, output, attention projections and FFN hidden values,
+    plus the sampler's copies of the image (x, noise, denoised, derivatives)."""
+    grids = spec.token_grids(resolution)
+    h, w = resolution or spec.input.resolution
+    peak = 0.0
+    for i, lvl in enumerate(spec.levels):
+        d = float(lvl.d_model)
+        stacks = [ffn for which in ("encoder", "middle", "decoder")
+                  for _, ffn in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block)]
+        d_ff = max((_ffn_width(f, d) for f in stacks), default=4 * d)
+        peak = max(peak, grids[i][0] * grids[i][1] * (6 * d + 2 * d_ff) * 4)
+    return peak + 8 * spec.input.channels * h * w * 4
+
+
+KEPT_PER_SAMPLE = 72
+"""Bytes of bookkeeping per sample when samples stream to a file (its label as a Python int
+and as int64, its share of the chunk list)."""
+
+
+def sample_bytes(spec: ModelSpec, count: int, resolution: tuple[int, int] | None = None,
+                 batch: int | None = None, keep: bool = True) -> float:
+    """Memory of drawing ``count`` samples in batches of ``batch`` (default: all at once),
+    keeping every finished sample (fp32) and its label (``keep``), or streaming them to a
+    file (``keep=False``: the labels and the chunk list only)."""
+    h, w = resolution or spec.input.resolution
+    at_once = min(count, batch or count)
+    kept = spec.input.channels * h * w * 4 + 8 if keep else KEPT_PER_SAMPLE
+    return at_once * inference_bytes_per_sample(spec, resolution) + count * kept
+
+
+def check_sample_size(spec: ModelSpec, count: int, resolution: tuple[int, int] | None = None,
+                      batch: int | None = None, keep: bool = True) -> None:
+    """:func:`check_run_bytes` for drawing ``count`` samples (see :func:`sample_bytes`); the
+    message names ``--resolution`` when one batch alone is too much, else ``--count`` (or
+    ``--batch``)."""
+    if not limits_enabled():
+        return
+    h, w = resolution or spec.input.resolution
+    at_once = min(count, batch or count)
+    if sample_bytes(spec, 1, resolution) > MAX_RUN_BYTES:
+        field = f"--resolution {h}x{w}"
+    elif batch is not None and sample_bytes(spec, at_once, resolution, keep=False) > MAX_RUN_BYTES:
+        field = f"--batch {batch}"
+    else:
+        field = f"--count {count}"
+    check_run_bytes(sample_bytes(spec, count, resolution, batch, keep), field,
+                    f"{count:,} sample(s) at {h}x{w}"
+                    + (f" in batches of {batch}" if batch is not None else ""))
+
+
+def grid_bytes(count: int, cols: int, height: int, width: int) -> float:
+    """Memory of a PNG grid of ``count`` images in ``cols`` columns (uint8 RGB, one pixel of
+    padding, twice over for the encoder)."""
+    rows = -(-count // max(cols, 1))
+    return 2.0 * (rows * (height + 1) + 1) * (cols * (width + 1) + 1) * 3
+
+
+__all__ = ["check_run_bytes", "check_sample_size", "sample_bytes", "grid_bytes",
+           "inference_bytes_per_sample", "MAX_RUN_BYTES", "RunSizeError", "gib", "size_issues",
+           "estimated_params", "activation_bytes_per_sample", "resolution_issues",
+           "no_size_limits", "limits_enabled", "MAX_PARAMS", "MAX_BLOCKS", "MAX_TOKENS",
+           "MAX_WIDTH", "ENV"]

@@ -14,7 +14,7 @@ import copy
 import re
 from typing import Any
 
-from .io import SpecError, StrictLoader
+from .io import MAX_NESTING, SpecError, StrictLoader, nesting_depth
 
 SOURCE = "--set"
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -33,8 +33,16 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     try:
         value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise SpecError([(path, f"value {raw!r} is not valid YAML ({err.problem})")],
+        raise SpecError([(path, f"value {raw[:40]!r} is not valid YAML ({err.problem})")],
                         SOURCE) from None
+    except RecursionError:
+        raise SpecError([(path, "the value is nested too deeply")], SOURCE) from None
+    except ValueError as err:  # int(): more digits than sys.get_int_max_str_digits()
+        raise SpecError([(path, f"the value could not be read ({str(err).split(';')[0]}); "
+                                "no spec field takes a number that long")], SOURCE) from None
+    if nesting_depth(value) > MAX_NESTING:
+        raise SpecError([(path, f"the value is nested more than {MAX_NESTING} levels deep")],
+                        SOURCE)
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
     return [int(k) if k.isdigit() else k for k in keys], value

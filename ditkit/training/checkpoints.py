@@ -210,10 +210,47 @@ def _read_new_state(path: Path) -> dict:
         raise UnsafeStateError(f"{where}: not a ditkit training state (format "
                                f"{data.get('format') if isinstance(data, dict) else None!r}, "
                                f"expected {STATE_FORMAT!r})")
+    if "state" not in data:
+        raise UnsafeStateError(f"{where}: no 'state' entry; the checkpoint is damaged, resume "
+                               "from an earlier one")
     state = _unflatten(data["state"], tensors, where)
     if not isinstance(state, dict):
         raise UnsafeStateError(f"{where}: the training state is not a mapping")
+    check_state(state, where)
     return state
+
+
+def _count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_state(state: dict, where: str) -> None:
+    """Refuse a training state whose fields a resumed run would misread: each must be there
+    with its type and range (a damaged ``data_position`` would silently draw other batches)."""
+    def bad(field: str, want: str):
+        return UnsafeStateError(f"{where}: state field {field} is {state.get(field)!r}, expected "
+                                f"{want}; the checkpoint is damaged, resume from an earlier one")
+
+    if not _count(state.get("step")):
+        raise bad("step", "a step number (0 or more)")
+    if not _count(state.get("world"), 1):
+        raise bad("world", "a process count (1 or more)")
+    for name in ("generators", "torch_rng"):
+        value = state.get(name)
+        if not (isinstance(value, list) and len(value) == state["world"]
+                and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value)):
+            raise bad(name, f"one uint8 RNG state per process ({state['world']})")
+    if not isinstance(state.get("optimizer"), dict):
+        raise bad("optimizer", "the optimizer's state (a mapping)")
+    position = state.get("data_position")
+    layouts = ({"epoch", "offset"}, {"samples"})
+    if not (isinstance(position, dict) and set(position) in layouts
+            and all(_count(v) for v in position.values())):
+        raise bad("data_position", "{epoch, offset} or {samples}, counts of 0 or more")
+    lr = state.get("lr_factor")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool)
+                               and lr == lr and abs(lr) != float("inf")):
+        raise bad("lr_factor", "a finite number")
 
 
 def convert_legacy_state(path: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ditkit.errors import UserError
 from ditkit.files import atomic_path
 from ditkit.runtime.images import image_grid, save_png  # noqa: F401  (re-exported)
 
@@ -24,8 +25,13 @@ class Scalars:
         self.fields = fields
         rows: list[dict] = []
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            except (ValueError, KeyError, TypeError, csv.Error) as err:  # UnicodeDecodeError too
+                raise UserError(f"{self.path}: damaged ({type(err).__name__}: "
+                                f"{str(err)[:120]}); move it aside and resume again (the log "
+                                "starts afresh; the checkpoints are intact)") from None
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()

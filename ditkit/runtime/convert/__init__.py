@@ -75,6 +75,29 @@ def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
     return h.hexdigest()
 
 
+def _check_unpacked_size(path: Path) -> None:
+    """A ``.pt`` is a zip archive; its entries' sizes, read from the directory before anything
+    is unpacked, estimate the memory ``torch.load`` needs. ``torch.save`` stores entries
+    uncompressed, so an archive that unpacks to far more than its size on disk (a compressed
+    storage) is checked against the run-time memory limit, as any other size."""
+    import zipfile
+
+    from ditkit.spec.limits import check_run_bytes, gib
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (non-zip) format: torch.load refuses or reads it by itself
+    try:
+        with zipfile.ZipFile(path) as zf:
+            unpacked = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise ConversionInputError(f"{path}: not a readable PyTorch archive ({err})") from None
+    on_disk = path.stat().st_size
+    limit = max(4 * on_disk, 2**26) if unpacked > 4 * on_disk + 2**20 else None
+    check_run_bytes(unpacked, str(path), f"unpacking {gib(on_disk)} on disk (compressed "
+                    "entries, which torch.save never writes)" if limit else "reading it",
+                    **({"limit": limit} if limit else {}))
+
+
 def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PREFERRED_KEYS,
                 key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, string metadata)`` of a ``.safetensors`` file or a ``.pt``/``.pth``/
@@ -98,6 +121,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
         except Exception as err:
             raise ConversionInputError(f"{path}: not a readable safetensors file ({err})") from None
     else:
+        _check_unpacked_size(path)
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -108,6 +132,9 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     if not isinstance(obj, Mapping):
         raise ConversionInputError(f"{path}: expected a state dict or a dict of them, got "
                                    f"{type(obj).__name__}")
+    if key is not None and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConversionInputError(f"--key {key}: {path} is a plain state dict (tensors only, no "
+                                   "entry holding one); drop --key")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for name in ("config", "args"):
             value = obj.get(name)
@@ -185,6 +212,12 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     if hasattr(mod, "metadata"):
         extra.update(mod.metadata(spec))
     objective = mod.objective(meta, spec) if hasattr(mod, "objective") else None
+    broken = [name for name, t in tensors.items() if t.is_floating_point()
+              and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ConversionInputError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values "
+                                   f"(first: {broken[0]}); nothing was written. Convert a "
+                                   "checkpoint saved before the training diverged")
     save_checkpoint(out, tensors, spec, objective=objective, metadata=extra)
     return spec
 
