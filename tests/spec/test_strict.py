@@ -15,7 +15,7 @@ from ditkit.spec import io as spec_io
 from ditkit.spec.experiment import load_experiment
 from ditkit.spec.limits import ENV, MAX_PARAMS, estimated_params, no_size_limits
 
-from ..train.conftest import tiny_experiment_data, tiny_model
+from ..training.conftest import tiny_experiment_data, tiny_model
 
 
 def issues_of(mutate) -> list[tuple[str, str]]:
