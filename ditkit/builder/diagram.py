@@ -205,8 +205,8 @@ def _noise_text(noise) -> tuple[str, ...]:
             return ("noise level t", f"sinusoidal {n} → MLP", f"({act})")
         case S.FourierNoise():
             return ("noise level σ", "Fourier features", "of ln(σ)/4")
-        case S.FNONoise(points=p, modes=m, depth=d):
-            return ("flow time t", f"FNO embedding", f"{p} points, {m} modes")
+        case S.FNONoise(points=p, modes=m):
+            return ("flow time t", "FNO embedding", f"{p} points, {m} modes")
     raise AssertionError(noise)
 
 

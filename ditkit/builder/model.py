@@ -302,11 +302,11 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     for i, lvl in enumerate(spec.levels):
         index = 0  # block index within the level: drives shifted-window alternation
 
-        def make_stack(which: str) -> Stack:
+        def make_stack(which: str, i: int = i, d_model: int = lvl.d_model) -> Stack:
             nonlocal index
             blocks = []
             for blk in spec.stack(i, which):
-                blocks.append(_block(blk, lvl.d_model, cw, index, memory_sources))
+                blocks.append(_block(blk, d_model, cw, index, memory_sources))
                 index += 1
             return Stack(blocks)
 

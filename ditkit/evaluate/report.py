@@ -378,7 +378,7 @@ def compare(rows: list[Row], paired: dict[int, dict], rounds: int = 300, seed: i
 
     out = []
     by_res: dict = {}
-    for i, per in paired.items():
+    for i in paired:
         if rows[i].same_as is None:
             by_res.setdefault(rows[i].resolution, []).append(i)
     for res, idx in by_res.items():

@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 
-from ditkit.errors import UserError
 from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
 from ditkit.runtime.objectives import Objective

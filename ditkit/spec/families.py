@@ -12,7 +12,6 @@ from .components import (
     Attention,
     DEFAULT_KERNEL_SIZE,
     GEGLU,
-    AdaLNHead as _AdaLNHead,
     AggregateAttention,
     FNONoise,
     GeluMLP,
