@@ -72,7 +72,8 @@ def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Re
         for which in ("encoder", "middle", "decoder"):
             for blk in spec.stack(i, which):
                 kinds.append(attention_text(blk.attention).column)
-                heads.append("-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
+                heads.append(
+                    "-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
         levels.append(LevelReport(
             index=i, grid=grids[i], d_model=lvl.d_model, heads="/".join(dict.fromkeys(heads)),
             blocks=(f"{blocks['middle']}" if i == len(spec.levels) - 1

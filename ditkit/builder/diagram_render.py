@@ -1,6 +1,7 @@
 """Render a :class:`ditkit.builder.diagram.Diagram` to SVG or PNG with matplotlib (a bare
-``Figure`` on the Agg canvas: no display, no pyplot state). Deterministic: the same layout gives the same bytes (fixed SVG hash salt, no date or
-creator in the metadata, text kept as text in the SVG).
+``Figure`` on the Agg canvas: no display, no pyplot state). Deterministic: the same layout gives
+the same bytes (fixed SVG hash salt, no date or creator in the metadata, text kept as text in
+the SVG).
 
 matplotlib is the ``diagram`` extra (``pip install ditkit[diagram]``); it is imported only when
 a picture is drawn, so the command line starts without it.

@@ -18,7 +18,8 @@ def sincos_table(h: int, w: int, dim: int, max_period: float = 10000.0,
     column index, the second half the row index, each as ``[sin(p w_k), cos(p w_k)]`` with
     ``w_k = max_period^(-k / (dim/4))``."""
     quarter = dim // 4
-    omega = 1.0 / max_period ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    omega = 1.0 / max_period ** (
+        torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.to(torch.float64)[:, None] * omega[None]

@@ -21,7 +21,8 @@ import torch
 
 from ditkit.spec import experiment as E
 
-from ditkit.data.datasets import (IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
+from ditkit.data.datasets import (
+    IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
                    digits_tensor)
 
 

@@ -355,10 +355,11 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
     refused = [op for op in ops if op not in allow]
     if refused:
-        raise ExportError(f"target {target} (opset {opset}) cannot run op(s) "
-                          f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
-                          "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
-                          "target")
+        raise ExportError(
+            f"target {target} (opset {opset}) cannot run op(s) "
+            f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
+            "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
+            "target")
     for k, v in meta.items():
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = k, v

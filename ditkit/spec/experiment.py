@@ -222,7 +222,8 @@ class Preview(Spec):
 
     @model_validator(mode="before")
     @classmethod
-    def _flat_sampling_keys(cls, data: Any) -> Any:  # preview: {steps: 10, sampler: heun} (older files)
+    def _flat_sampling_keys(cls, data: Any) -> Any:
+        # preview: {steps: 10, sampler: heun} (older files)
         return legacy_sampling(data, PREVIEW_SAMPLING)
 
 
@@ -263,7 +264,8 @@ class Evaluation(Spec):
 
     @model_validator(mode="before")
     @classmethod
-    def _flat_sampling_keys(cls, data: Any) -> Any:  # evaluation: {steps: 10, seed: 2} (older files)
+    def _flat_sampling_keys(cls, data: Any) -> Any:
+        # evaluation: {steps: 10, seed: 2} (older files)
         return legacy_sampling(data, EVALUATION_SAMPLING)
 
 
@@ -597,11 +599,11 @@ def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, .
 
 
 __all__ = [
-    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData",
-    "LatentsData", "Data", "ConstantLR",
-    "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
-    "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
-    "experiment_issues",
-    "load_experiment", "read_experiment_data", "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
-    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
+    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData", "LatentsData",
+    "Data", "ConstantLR", "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed",
+    "Checkpointing", "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS",
+    "resolve_experiment", "experiment_issues", "load_experiment", "read_experiment_data",
+    "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
+    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run",
+    "RUN_EXPERIMENT",
 ]

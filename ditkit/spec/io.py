@@ -41,7 +41,8 @@ MIGRATIONS: dict[int, Any] = {}
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     version = data.get("spec_version", SPEC_VERSION)
     if not isinstance(version, int) or version < 1:
-        raise SpecError([("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")])
+        raise SpecError(
+            [("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")])
     if version > SPEC_VERSION:
         raise SpecError([("spec_version", f"version {version} is newer than this ditkit "
                           f"understands ({SPEC_VERSION}); upgrade ditkit")])
@@ -120,8 +121,9 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             issues.append((_path(loc, model), f"unknown key `{name}`{hint}"))
         elif typ == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            issues.append((_path(loc, model) + ".kind", f"unknown kind {ctx.get('tag')!r}; use one of "
-                           f"{ctx.get('expected_tags')}"))
+            issues.append(
+                (_path(loc, model) + ".kind", f"unknown kind {ctx.get('tag')!r}; use one of "
+                 f"{ctx.get('expected_tags')}"))
         elif typ == "union_tag_not_found":
             issues.append((_path(loc, model), "missing `kind`; every variant needs one, e.g. "
                            "`{kind: ...}` (see `ditkit schema`)"))
@@ -311,8 +313,9 @@ def read_text(path: str | Path, what: str = "spec") -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise SpecError([("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
-                              f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
+        raise SpecError(
+            [("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
+                  f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
     if "\0" in text:
         raise SpecError([("", f"not a text file (it contains NUL bytes); a {what} file is "
                               "YAML or JSON text")], str(path))
@@ -441,7 +444,7 @@ def json_schema(model: type[BaseModel] = ModelSpec) -> dict[str, Any]:
 
 
 __all__ = [
-    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data", "json_schema",
-    "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader", "DuplicateKeyError",
-    "check_regular", "open_regular", "write_atomic",
+    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data",
+    "json_schema", "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader",
+    "DuplicateKeyError", "check_regular", "open_regular", "write_atomic",
 ]

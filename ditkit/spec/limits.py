@@ -88,7 +88,8 @@ def _limits_on() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None) -> float:
+def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None
+                                ) -> float:
     """A lower bound of the activation memory one training sample needs: every block keeps at
     least its input and its output (fp32) for the backward pass."""
     grids = spec.token_grids(resolution)
@@ -157,7 +158,8 @@ def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
     return issues
 
 
-def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str) -> list[tuple[str, str]]:
+def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str
+                      ) -> list[tuple[str, str]]:
     """The token limit for a resolution asked for at run time (``--resolution``)."""
     if not limits_enabled():
         return []
@@ -170,5 +172,6 @@ def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str) 
     return []
 
 
-__all__ = ["size_issues", "estimated_params", "activation_bytes_per_sample", "resolution_issues", "no_size_limits", "limits_enabled", "MAX_PARAMS",
-           "MAX_BLOCKS", "MAX_TOKENS", "MAX_WIDTH", "ENV"]
+__all__ = ["size_issues", "estimated_params", "activation_bytes_per_sample", "resolution_issues",
+           "no_size_limits", "limits_enabled", "MAX_PARAMS", "MAX_BLOCKS", "MAX_TOKENS",
+           "MAX_WIDTH", "ENV"]

@@ -185,5 +185,5 @@ def fold_flat_keys(section: Any) -> Any:
     return out
 
 
-__all__ = ["Sampling", "fold_flat_keys", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
-           "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]
+__all__ = ["Sampling", "fold_flat_keys", "SAMPLERS", "SCHEDULES", "DEFAULT_SAMPLER",
+           "legacy_sampling", "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]

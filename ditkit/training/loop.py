@@ -11,7 +11,8 @@ The run folder::
     run/scalars.csv            step, loss, lr, grad_norm, img/s (+ objective extras)
     run/tensorboard/           the same scalars (when the tensorboard package is installed)
     run/previews/step-*.png    EMA samples with a fixed seed (one column per class)
-    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle), experiment.yaml (atomic)
+    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle),
+                               experiment.yaml (atomic)
     run/experiment.yaml        the resolved experiment
     run/loss.png               the loss curve, written at the end
     run/summary.json           final step, wall time, throughput, checkpoint, rank fingerprints
@@ -172,9 +173,10 @@ def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
         groups.setdefault((NO_DECAY not in t, MAPPING in t), []).append(p)
     out = []
     for (decay, mapping), params in sorted(groups.items()):
-        out.append({"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
-                    "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
-                    "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
+        out.append(
+            {"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
+             "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
+             "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
     return out
 
 

@@ -76,8 +76,9 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     patches.append(int(fine.shape[-1]))
     if n_heads is None:
         if d_model not in _WIDTH_HEADS:
-            raise ConversionInputError(f"cannot infer the heads of a width-{d_model} MPDiT from its "
-                                       "weights; pass n_heads (--heads N) or --preset NAME")
+            raise ConversionInputError(
+                f"cannot infer the heads of a width-{d_model} MPDiT from its "
+                "weights; pass n_heads (--heads N) or --preset NAME")
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "MPDiT")
     if three:
@@ -159,7 +160,8 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("MPDiT's timestep embedding has conditioning.noise.frequency_shift 0 "
                         "(this model uses diffusers' shifted one)")
     if problems:
-        raise ConversionInputError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
+        raise ConversionInputError(
+            f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
 
 
 def _moves(spec: S.ModelSpec) -> list[Move]:
