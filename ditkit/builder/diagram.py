@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, cast
 
 from pydantic import BaseModel
 
@@ -258,7 +258,7 @@ def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
     a :class:`ditkit.builder.Report` of the same spec and resolution (measured here when not
     given) for the per-level parameters and GMACs; ``measure=False`` leaves them out (the
     structure alone, no model is built)."""
-    resolution = tuple(resolution or spec.input.resolution)
+    resolution = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     issues = spec.check_resolution(resolution, "--resolution")
     if issues:
         raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
@@ -474,7 +474,7 @@ def _plain(value) -> str:
 def signatures(spec: S.ModelSpec, resolution=None) -> dict[tuple, str]:
     """What each drawn element shows, keyed by where it sits (levels by index): two specs'
     elements differ where their signatures differ."""
-    resolution = tuple(resolution or spec.input.resolution)
+    resolution = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     grids = spec.token_grids(resolution)
     out: dict[tuple, str] = {
         ("input",): _plain(spec.input) + str(resolution),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from typing import cast
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,8 @@ class ShapesDataset(ImageDataset):
     """``count`` procedural images, generated on demand (label ``i % classes``)."""
 
     def __init__(self, spec: E.ShapesData, resolution: tuple[int, int], channels: int = 3):
-        self.spec, self.resolution, self.channels = spec, tuple(resolution), channels
+        self.spec, self.channels = spec, channels
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = spec.classes
 
     def __len__(self) -> int:
@@ -182,7 +184,8 @@ class ImageFolder(ImageDataset):
         if channels not in (1, 3):
             raise DataError(f"image_folder data gives 1 (L) or 3 (RGB) channels; the model's "
                             f"input.channels is {channels}")
-        self.files, self.resolution, self.channels = files, tuple(resolution), channels
+        self.files, self.channels = files, channels
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.flip = spec.flip
         self.flip_seed = 0  # set by the trainer per epoch for reproducible flips
 
@@ -330,7 +333,8 @@ class WebDataset(ImageDataset):
             if not _is_tar(path):
                 raise DataError(f"data.shards: {path} is not a readable tar file; shards must "
                                 "be uncompressed .tar files (see ditkit shards)")
-        self.resolution, self.channels, self.flip = tuple(resolution), channels, spec.flip
+        self.channels, self.flip = channels, spec.flip
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = classes
         self._index: dict[int, list[ShardSample]] = {}
         self._file: tuple[int, object] | None = None
@@ -594,7 +598,7 @@ class LatentShards(ImageDataset):
 
 def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
     spec = exp.model_spec
-    res, ch = tuple(spec.input.resolution), spec.input.channels
+    res, ch = cast(tuple[int, int], tuple(spec.input.resolution)), spec.input.channels
     match exp.data:
         case E.DigitsData():
             images, labels = digits_tensor(res, ch)
