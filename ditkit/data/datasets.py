@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Base: ``num_classes`` (``None``: unconditional) and ``__getitem__ -> (image, label)``."""
 
     num_classes: int | None = None
+
+    if TYPE_CHECKING:  # every dataset has a length (torch's Dataset does not declare one)
+        def __len__(self) -> int: ...
 
 
 class TensorImages(ImageDataset):
@@ -144,12 +147,12 @@ def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tens
     ``ValueError`` for unreadable data."""
     from PIL import Image
 
-    with Image.open(source) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
+    with Image.open(source) as opened:
+        im = opened.convert("RGB" if channels == 3 else "L")
         h, w = resolution
         scale = max(h / im.height, w / im.width)
         size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-        im = im.resize(size, Image.BICUBIC)
+        im = im.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - w) // 2, (size[1] - h) // 2
         im = im.crop((left, top, left + w, top + h))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
@@ -293,12 +296,12 @@ def index_shard(path: Path) -> list[ShardSample]:
     samples = []
     images = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
     for key, members in groups.items():
-        ext = next((e for e in members if e in images), None)
-        if ext is None:
+        image_ext = next((e for e in members if e in images), None)
+        if image_ext is None:
             raise DataError(f"data.shards: sample {key!r} in {path} has no image member "
                             f"({', '.join('.' + e for e in images)}); members: "
                             f"{', '.join(sorted(m.name for m in members.values()))}")
-        im = members[ext]
+        im = members[image_ext]
         cls = members.get("cls")
         samples.append(ShardSample(key, (im.name, im.offset_data, im.size),
                                    (cls.offset_data, cls.size) if cls is not None else None))
@@ -337,7 +340,7 @@ class WebDataset(ImageDataset):
         self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = classes
         self._index: dict[int, list[ShardSample]] = {}
-        self._file: tuple[int, object] | None = None
+        self._file: tuple[int, BinaryIO] | None = None
 
     def samples(self, shard: int) -> list[ShardSample]:
         if shard not in self._index:
@@ -367,11 +370,12 @@ class WebDataset(ImageDataset):
                             "or replace that member") from None
         label = 0
         if self.num_classes is not None:
-            label = self.label(shard, j)
-            if label is None:
+            found = self.label(shard, j)
+            if found is None:
                 raise DataError(f"data.shards: sample {s.key!r} in {path} has no .cls label but "
                                 "the model is class-conditional (model.conditioning.classes); "
                                 "add KEY.cls members or remove conditioning.classes")
+            label = found
             if not 0 <= label < self.num_classes:
                 raise DataError(f"data.shards: {s.key}.cls in {path} is label {label}, outside "
                                 f"[0, {self.num_classes}) of model.conditioning.classes.count")
@@ -518,7 +522,7 @@ class LatentShards(ImageDataset):
         self.num_classes = cls.count if cls is not None else None
         self.scale, self.files = spec.scale, files
         self._arrays: dict[int, torch.Tensor] = {}
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, Any] = {}  # safetensors' safe_open handles
         self._labels: list[torch.Tensor | None] = []
         counts = []
         want_c, want_hw = model.input.channels, tuple(model.input.resolution)
