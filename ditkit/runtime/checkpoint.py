@@ -50,7 +50,7 @@ class Checkpoint:
 
     spec: S.ModelSpec
     tensors: dict[str, torch.Tensor]
-    objective: S.Objective | None = None  # type: ignore[valid-type]
+    objective: S.Objective | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
