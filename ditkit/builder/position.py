@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import assert_never
+from typing import assert_never, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class SincosPosition(nn.Module):
 
     def __init__(self, grid: tuple[int, int], dim: int, max_period: float = 10000.0):
         super().__init__()
-        self.grid, self.max_period = tuple(grid), max_period
+        self.grid, self.max_period = cast(tuple[int, int], tuple(grid)), max_period
         self.table = nn.Parameter(sincos_table(*grid, dim, max_period), requires_grad=False)
 
     def init_special(self) -> None:
@@ -65,7 +65,7 @@ class LearnedPosition(nn.Module):
         nn.init.trunc_normal_(self.table, std=self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        table = self.table
+        table: torch.Tensor = self.table
         if (x.shape[1], x.shape[2]) != self.grid:
             table = F.interpolate(table.permute(2, 0, 1)[None], size=(x.shape[1], x.shape[2]),
                                   mode="bicubic", align_corners=False)[0].permute(1, 2, 0)

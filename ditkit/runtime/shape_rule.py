@@ -55,5 +55,6 @@ def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | Non
     rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
     if not rule:
         return None
-    return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                 for a in ("height", "width"))
+    height, width = (AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
+                     for a in ("height", "width"))
+    return height, width
