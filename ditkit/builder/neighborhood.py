@@ -47,10 +47,11 @@ def window_start_index(length: int | torch.SymInt, kernel: int, dilation: int,
     query's window is centred on it and shifted inward at the borders, so it always holds
     exactly ``kernel`` keys. Pure tensor arithmetic (no Python branch on ``length``), so it
     traces with symbolic sizes."""
-    i = torch.arange(length, device=device)
+    # torch's stubs type arange's end and SymInt arithmetic without SymInt: both trace fine
+    i = torch.arange(length, device=device)  # type: ignore[arg-type]
     group = i % dilation
     j = i // dilation
-    group_len = (length - group + dilation - 1) // dilation
+    group_len = (length - group + dilation - 1) // dilation  # type: ignore[operator]
     start = torch.minimum((j - kernel // 2).clamp(min=0), group_len - kernel)
     offsets = torch.arange(kernel, device=device)
     return group[:, None] + dilation * (start[:, None] + offsets[None, :])

@@ -139,7 +139,8 @@ def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
     resolved = compile_mode(mode, device, training=False) if backend is None else backend
     compiled = _compile(denoiser.denoise, mode, device, False, backend, dynamic=False)
     if resolved not in ("reduce-overhead", "max-autotune"):
-        denoiser.denoise = compiled
+        # the compiled callable replaces this instance's method, on purpose
+        denoiser.denoise = compiled  # type: ignore[method-assign]
         return denoiser
 
     def denoise(*args, **kwargs):
@@ -147,5 +148,5 @@ def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
         x0, var = compiled(*args, **kwargs)
         return x0.clone(), (var.clone() if var is not None else None)
 
-    denoiser.denoise = denoise
+    denoiser.denoise = denoise  # type: ignore[method-assign]
     return denoiser
