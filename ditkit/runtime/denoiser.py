@@ -14,6 +14,7 @@ from torch import nn
 
 from ditkit import spec as S
 from ditkit.runtime.objectives import Objective, as_sigma, objective_of
+from ditkit.runtime.shape_rule import AxisRule
 # the schedule maps, importable from here as before (their home is ``runtime.schedules``)
 from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t,  # noqa: F401
                                       cosine_t_to_sigma, ddpm_alphas_cumprod, ddpm_betas,
@@ -56,7 +57,9 @@ class Denoiser(nn.Module):
         spec: S.ModelSpec | None = getattr(model, "spec", None)
         self.channels = spec.input.channels if spec is not None else None
         self.null_class = spec.null_label if spec is not None else None
-        self.guides_inside, self.cfg_channels, self.rules = False, None, None  # see protocols
+        self.guides_inside = False  # see protocols
+        self.cfg_channels: int | None = None
+        self.rules: tuple[AxisRule, AxisRule] | None = None
 
     @property
     def sigma_min(self) -> float:
