@@ -44,7 +44,7 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -88,6 +88,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     if not path.is_file():
         raise ConversionInputError(f"{path}: no such file")
     meta: dict[str, str] = {}
+    obj: Any  # a state dict, or a dict of them (checked below)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
