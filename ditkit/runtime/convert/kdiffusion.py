@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from typing import Literal
 
 import torch
 
@@ -38,8 +39,8 @@ from .remap import Concat, ConversionInputError, Derived, Move, expected_shapes
 SOURCE = "k-diffusion"
 PREFERRED_KEYS = ("model_ema", "model")
 
-_ATTN_KIND = {"global": "global", "neighborhood": "neighborhood",
-              "shifted-window": "shifted_window"}
+_ATTN_KIND: dict[str, Literal["neighborhood", "shifted_window", "global"]] = {
+    "global": "global", "neighborhood": "neighborhood", "shifted-window": "shifted_window"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def spec_from_config(model: dict, classes: int, name: str = "hdit") -> S.ModelSp
             "linear mapping input is not supported by ditkit's spec (yet)")
     if model.get("has_variance"):
         raise ConversionInputError("config.model.has_variance = true is not supported")
-    kinds, heads, kernels, windows = [], [], [], []
+    kinds: list[Literal["neighborhood", "shifted_window", "global"]] = []
+    heads, kernels, windows = [], [], []
     for i, sa in enumerate(model["self_attns"]):
         if sa.get("type") not in _ATTN_KIND:
             raise ConversionInputError(
@@ -280,7 +282,7 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *,
 _WEIGHTINGS = {"karras": "karras", "snr": "snr", "soft-min-snr": "soft_min_snr"}
 
 
-def objective(metadata: dict, spec: S.ModelSpec):
+def objective(metadata: dict, spec: S.ModelSpec | None):  # spec: the interface's; unused
     """The config's training objective, as k-diffusion's ``make_denoiser_wrapper`` and
     ``make_sample_density`` define it: EDM preconditioning with ``sigma_data``; the loss
     weighting (``soft-min-snr`` is ``gamma = 1 / sigma_data^2``); the sigma density

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Literal
 
 import torch
 
@@ -82,7 +83,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "MPDiT")
     if three:
-        depths = (_count(state, "downsample_blocks"), _count(state, "upsample_blocks_lvl1"),
+        depths: tuple[int, ...] = (
+            _count(state, "downsample_blocks"), _count(state, "upsample_blocks_lvl1"),
                   _count(state, "upsample_blocks_lvl2"))
         fine_table = state["pos_embed_lvl2"]
     else:
@@ -92,7 +94,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     table = state["y_embedder.embedding_table.weight"]
     tokens = int(table.shape[1]) // d_model
     ratio = state["downsample_blocks.0.mlp.fc1.weight"].shape[0] / d_model
-    noise = "fno" if "t_embedder.fc0.weight" in state else "sinusoidal"
+    noise: Literal["fno", "sinusoidal"] = (
+        "fno" if "t_embedder.fc0.weight" in state else "sinusoidal")
     label = name or f"mpdit-w{d_model}-d{'-'.join(map(str, depths))}"
     return mpdit(d_model, n_heads, depths, patches, channels=channels,
                  resolution=grid * patches[-1], classes=int(table.shape[0]) - 1,
@@ -241,6 +244,7 @@ def objective(metadata: dict, spec: S.ModelSpec):
         except (json.JSONDecodeError, TypeError):
             args = {}
         args = args if isinstance(args, dict) else {}
+    sampling: S.UniformTime | S.LogitNormalTime
     if args.get("time_sampler", "lognormal") == "uniform":
         sampling = S.UniformTime()
     else:
