@@ -20,7 +20,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, overload
 
 from ditkit.errors import EnvironmentFault, UserError
 
@@ -268,6 +268,10 @@ def numbers(text: str, kind: type = int) -> list | None:
     return [kind(item) for item in items]
 
 
+@overload
+def parse_resolution(text: str, flag: str = ...) -> tuple[int, int]: ...
+@overload
+def parse_resolution(text: None, flag: str = ...) -> None: ...
 def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
     """``H`` or ``HxW`` (also ``H,W``) -> ``(H, W)``; ``None`` stays ``None``."""
     if text is None:
