@@ -27,9 +27,10 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 MS = h.make_opsetid("com.microsoft", 1)
+OPSET_18 = h.make_opsetid("", 18)
 
 
-def model(nodes, inputs, inits=(), opsets=(h.make_opsetid("", 18),)):
+def model(nodes, inputs, inits=(), opsets=(OPSET_18,)):
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in inputs],
                      [h.make_tensor_value_info(nodes[-1].output[0], T.FLOAT, None)],
                      list(inits))

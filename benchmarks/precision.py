@@ -1,6 +1,7 @@
 """fp16 / bf16 ONNX export tolerance vs eager fp32, for docs/guides/deployment.md.
 
-    python benchmarks/precision.py [--specs tiny-dit tiny-hdit-neighborhood] [--precisions fp16 bf16]
+    python benchmarks/precision.py [--specs tiny-dit tiny-hdit-neighborhood] \
+        [--precisions fp16 bf16]
 
 Each tiny spec is built with random weights, and its zero-initialised layers are perturbed (as
 in the tests) so the output depends on every layer. ``export_onnx`` writes the reduced-precision

@@ -38,7 +38,8 @@ def main() -> None:
     print(f"{spec.name}, batch {args.batch}, {args.threads} CPU thread(s), median of "
           f"{args.repeats}, torch {torch.__version__}")
     print()
-    print("| resolution | eager ms/step | onnxruntime ms/step | ORT / eager | ORT / eager, CPU time |")
+    print("| resolution | eager ms/step | onnxruntime ms/step | ORT / eager "
+          "| ORT / eager, CPU time |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for res in dict.fromkeys(r["resolution"] for r in rows):
         e = next(r for r in rows if r["resolution"] == res and r["engine"] == "eager")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Sequence, Union, cast
 
 if TYPE_CHECKING:  # only for annotations: importing ditkit must not import torch
     import torch
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # only for annotations: importing ditkit must not import torc
     from ditkit.deploy.export import ExportResult
     from ditkit.spec import ModelSpec, Objective, Policy
     from ditkit.spec.experiment import Experiment
+    from typing_extensions import TypeIs  # pydantic's dependency; annotations only
     from ditkit.training.loop import TrainResult
 
 __version__ = "0.2.0"
@@ -330,9 +331,10 @@ def adapt(model: Model | Source | "torch.nn.Module", resolution: int | tuple[int
 
         policy = parse_policy(policy, flag="policy")
     res = _resolution(resolution)
+    assert res is not None  # resolution is required
     device = next(m.network.parameters()).device
     network = adapt_model(m.network, policy, res, device=device, seed=seed)
-    return replace(m, network=network, spec=network.spec)
+    return replace(m, network=network, spec=cast("ModelSpec", network.spec))
 
 
 def __getattr__(name: str):
@@ -347,7 +349,7 @@ def __getattr__(name: str):
 # ------------------------------------------------------------------------------- helpers
 
 
-def _is_spec(value) -> bool:
+def _is_spec(value: object) -> TypeIs[ModelSpec]:
     if isinstance(value, (str, os.PathLike)):
         return False
     from ditkit.spec import ModelSpec

@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from ditkit.errors import UserError
 
@@ -82,7 +86,7 @@ def resolve_device(text: str | None, *, cuda_available: bool, device_count: int,
     return f"cuda:{index}"
 
 
-def pick_device(text: str | None = "auto", flag: str = "--device"):
+def pick_device(text: str | None = "auto", flag: str = "--device") -> torch.device:
     """``torch.device`` for ``text`` on this machine (see :func:`resolve_device`)."""
     import torch
 

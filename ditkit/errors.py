@@ -24,6 +24,8 @@ class UserError(DitkitError, ValueError):
 class EnvironmentFault(DitkitError, OSError):
     """The environment refused an operation (disk, permissions); one line, exit status 1."""
 
+    reason: str  # set by ditkit.files.environment_fault: the OS's words
+
 
 # --------------------------------------------------------------------------------- extras
 #: the ``pip install 'ditkit[EXTRA]'`` extra (pyproject.toml) that brings each optional module

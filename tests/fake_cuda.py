@@ -396,8 +396,9 @@ def check_train_step(name: str, objective: str, accumulate: int = 1,
         _expect(probe.linear_dtypes == {want},
                 f"Linear outputs in {probe.linear_dtypes}, want {want} ({exp.precision})")
         _expect(len(losses) == accumulate and all(
-            is_fake_cuda(l) and l.dtype == torch.float32 and l.ndim == 0 for l in losses),
-            f"the loss is {[(l.device, l.dtype, tuple(l.shape)) for l in losses]}")
+            is_fake_cuda(loss) and loss.dtype == torch.float32 and loss.ndim == 0
+            for loss in losses),
+            f"the loss is {[(x.device, x.dtype, tuple(x.shape)) for x in losses]}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         _expect(all(p.grad is not None for p in trainable),
                 "a trainable parameter is not reached by the loss")

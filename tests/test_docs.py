@@ -380,7 +380,7 @@ def _load_script(name: str):
 
 
 def test_the_spec_reference_has_every_class_and_field_with_defaults_and_bounds():
-    from ditkit.spec import ModelSpec, NeighborhoodAttention
+    from ditkit.spec import ModelSpec
     from ditkit.spec.experiment import Distributed, Experiment
 
     gen = _load_script("gen_reference")

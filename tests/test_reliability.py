@@ -66,7 +66,8 @@ def test_a_pytorch_pt_points_to_ditkit_convert(tmp_path, capsys, command):
     assert code == 2 and "PyTorch checkpoint" in err and "ditkit convert" in err
 
 
-@pytest.mark.parametrize("payload", [b"\x00\x01\x02\xff" * 10, "d_model: caf\u00e9".encode("latin-1")])
+@pytest.mark.parametrize(
+    "payload", [b"\x00\x01\x02\xff" * 10, "d_model: caf\u00e9".encode("latin-1")])
 def test_binary_and_non_utf8_spec_and_experiment_files(tmp_path, capsys, payload):
     (tmp_path / "spec.yaml").write_bytes(payload)
     for args in (["validate", tmp_path / "spec.yaml"], ["describe", tmp_path / "spec.yaml"],

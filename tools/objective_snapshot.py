@@ -29,8 +29,9 @@ def write(path: str) -> None:
 
     OBJS = {
         "edm": (S.EDMObjective(), hdit),
-        "edm_cos": (S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma(sigma_min=0.01, sigma_max=160),
-                                   weighting="soft_min_snr", gamma=4.0), hdit),
+        "edm_cos": (
+            S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma(sigma_min=0.01, sigma_max=160),
+                           weighting="soft_min_snr", gamma=4.0), hdit),
         "edm_range": (S.EDMObjective(sigma_min=0.01, sigma_max=50.0, weighting="min_snr"), hdit),
         "edm_snr": (S.EDMObjective(weighting="snr", sigma_data=0.7), hdit),
         "ddpm": (S.DDPMObjective(), dit),

@@ -11,6 +11,7 @@ and a neighborhood backend's materialisation says nothing about the algorithm's 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -55,7 +56,7 @@ class Report:
 
 def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Report:
     """Parameters and GMACs of ``spec`` at ``resolution`` (default: its training resolution)."""
-    resolution = tuple(resolution or spec.input.resolution)
+    resolution = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     issues = spec.check_resolution(resolution, "--resolution")
     if issues:
         raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
@@ -72,7 +73,8 @@ def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Re
         for which in ("encoder", "middle", "decoder"):
             for blk in spec.stack(i, which):
                 kinds.append(attention_text(blk.attention).column)
-                heads.append("-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
+                heads.append(
+                    "-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
         levels.append(LevelReport(
             index=i, grid=grids[i], d_model=lvl.d_model, heads="/".join(dict.fromkeys(heads)),
             blocks=(f"{blocks['middle']}" if i == len(spec.levels) - 1

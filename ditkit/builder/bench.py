@@ -71,7 +71,7 @@ def _measure(backend, grid, kernel, batch, heads, d_head, device, repeats, max_s
             continue
         q, k, v = _inputs(grid, batch, heads, d_head, device, grad)
 
-        def step():
+        def step(q=q, k=k, v=v, grad=grad):  # this iteration's inputs, bound
             with torch.set_grad_enabled(grad), kernels.use_backend(backend):
                 out = kernels.neighborhood_attention(q, k, v, ks, dil, scale)
                 if grad:

@@ -14,6 +14,7 @@ One class per spec variant, chosen by :func:`build_conditioning`:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import assert_never
 
 import torch
@@ -68,7 +69,7 @@ class SinusoidalEmbed(nn.Module):
         return None
 
     def forward(self, t: torch.Tensor,
-                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
+                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period,
                                   self.frequency_shift)
         for e in extra:  # (B, features) per sinusoidal auxiliary input
@@ -107,6 +108,8 @@ class FourierEmbed(nn.Module):
     hundreds of radians, which fp16 / bf16 cannot resolve, and ONNX opsets < 22 have no bf16
     ``Cos`` / ``Sin``."""
 
+    weight: torch.Tensor  # a buffer (typed here: nn.Module's __getattr__ is untyped)
+
     def __init__(self, in_features: int, width: int, std: float = 1.0):
         super().__init__()
         self.std = std
@@ -126,7 +129,7 @@ class FourierNoiseEmbed(FourierEmbed):
         super().__init__(1, width, std)
 
     def forward(self, sigma: torch.Tensor,
-                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
+                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
         return super().forward(torch.log(sigma)[:, None] / 4)
 
     def fraction(self, sigma: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,) in [0, 1)
@@ -175,16 +178,16 @@ class FNOEmbed(nn.Module):
         self.proj = nn.Linear(width, out_width)
 
     def init_special(self) -> None:
-        for s in self.spectral:
-            nn.init.normal_(s.weights_real)
-            nn.init.normal_(s.weights_imag)
+        for s in self.spectral:  # ModuleList items are Modules to mypy: Tensor | Module below
+            nn.init.normal_(s.weights_real)  # type: ignore[arg-type]
+            nn.init.normal_(s.weights_imag)  # type: ignore[arg-type]
 
     def fraction(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
         """The noise fraction: the flow time itself (``time_scale`` 1 assumed), in [0, 1]."""
         return t.float().clamp(0.0, 1.0)
 
     def forward(self, t: torch.Tensor,
-                extra: list[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, out_width)
+                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, out_width)
         grid = torch.linspace(-1, 1, self.points, device=t.device, dtype=torch.float32)
         grid = grid[None, :] + t.float()[:, None]  # (B, points)
         h = self.lift(grid[..., None].to(self.lift.weight.dtype)).transpose(1, 2)  # (B, W, N)
@@ -312,8 +315,11 @@ class Conditioning(nn.Module):
     Embeddings are summed, then optionally mapped. Missing labels use the null class; missing
     auxiliary inputs are zeros."""
 
+    class_embed: ClassVector | NoClasses  # typed here: nn.Module's __getattr__ is untyped
+
     def __init__(self, width: int, noise: nn.Module, classes: S.Classes | None,
-                 class_embed: nn.Module, class_tokens: nn.Module, aux: nn.ModuleDict,
+                 class_embed: ClassVector | NoClasses, class_tokens: nn.Module,
+                 aux: nn.ModuleDict,
                  aux_sinusoidal: dict[str, tuple[int, float, float]],
                  aux_dims: dict[str, int], aux_dropout: dict[str, float],
                  mapping: nn.Module | None, embedding_std: float):
@@ -352,7 +358,8 @@ class Conditioning(nn.Module):
         extra = [sinusoidal_features(values[n], *args) for n, args in self.aux_sinusoidal.items()]
         emb = self.noise(noise_level, extra)  # (B, width)
         class_labels = self.labels(class_labels, b, noise_level.device)
-        emb = self.class_embed.add(emb, class_labels)
+        # labels are None only without classes, where class_embed is NoClasses
+        emb = self.class_embed.add(emb, class_labels)  # type: ignore[arg-type]
         for name, embed in self.aux.items():
             emb = emb + embed(values[name].to(emb.dtype))
         return self.mapping(emb) if self.mapping is not None else emb
@@ -403,11 +410,13 @@ def build_conditioning(spec: S.ModelSpec) -> Conditioning:
     classes = cond.classes
     inject = classes.inject if classes is not None else None
     class_tokens = (ClassTokens(classes, spec.levels[0].d_model, spec.init.embedding_std)
-                    if inject == "prefix" else NoClassTokens())
+                    if inject == "prefix" and classes is not None else NoClassTokens())
     match inject:
         case "vector":
-            class_embed = ClassVector(classes.rows, cw)
+            assert classes is not None  # inject comes from it
+            class_embed: ClassVector | NoClasses = ClassVector(classes.rows, cw)
         case "memory":
+            assert classes is not None
             class_embed = ClassMemory(classes.rows, cw)
         case "prefix" | None:
             class_embed = NoClasses()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, Literal, cast
 
 from pydantic import BaseModel
 
@@ -52,7 +52,7 @@ COND_H = 0.85
 CHAR = 0.13        # width of one character of box text, in layout units
 LINE = 0.28        # line pitch of box text
 
-STACKS = ("encoder", "middle", "decoder")
+STACKS: tuple[Literal["encoder", "middle", "decoder"], ...] = ("encoder", "middle", "decoder")
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,8 @@ def _skip_text(skip) -> str:
 def _head_text(head) -> tuple[str, ...]:
     match head:
         case S.LinearHead(norm=norm):
-            lines = ("head", f"{'RMS' if norm.kind == 'rms' else 'Layer'}Norm → linear")
+            lines: tuple[str, ...] = (
+                "head", f"{'RMS' if norm.kind == 'rms' else 'Layer'}Norm → linear")
         case S.AdaLNHead(shared=shared):
             lines = ("head", "adaLN → linear") + (("(shared adaLN)",) if shared else ())
         case _:
@@ -205,8 +206,8 @@ def _noise_text(noise) -> tuple[str, ...]:
             return ("noise level t", f"sinusoidal {n} → MLP", f"({act})")
         case S.FourierNoise():
             return ("noise level σ", "Fourier features", "of ln(σ)/4")
-        case S.FNONoise(points=p, modes=m, depth=d):
-            return ("flow time t", f"FNO embedding", f"{p} points, {m} modes")
+        case S.FNONoise(points=p, modes=m):
+            return ("flow time t", "FNO embedding", f"{p} points, {m} modes")
     raise AssertionError(noise)
 
 
@@ -214,7 +215,7 @@ def _classes_text(classes) -> tuple[str, ...]:
     null = " + null" if classes.null_class else ""
     match classes.inject:
         case "vector":
-            how = ("embedding, added to c",)
+            how: tuple[str, ...] = ("embedding, added to c",)
         case "prefix":
             how = (f"{classes.tokens} prefix tokens", "joined to every level")
         case "memory":
@@ -258,7 +259,7 @@ def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
     a :class:`ditkit.builder.Report` of the same spec and resolution (measured here when not
     given) for the per-level parameters and GMACs; ``measure=False`` leaves them out (the
     structure alone, no model is built)."""
-    resolution = tuple(resolution or spec.input.resolution)
+    resolution = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     issues = spec.check_resolution(resolution, "--resolution")
     if issues:
         raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
@@ -303,7 +304,7 @@ class _Placer:
             self.prev = id
         return el
 
-    def stack(self, i: int, which: str) -> None:
+    def stack(self, i: int, which: Literal["encoder", "middle", "decoder"]) -> None:
         """One box per run of equal blocks, left to right; the innermost level's middle stack
         goes top to bottom when it has more than two runs (the hourglass's bottom), which
         keeps the picture narrow enough for a page."""
@@ -360,8 +361,10 @@ class _Placer:
                 self.stack(i, "middle")
                 break
             self.stack(i, "encoder")
+            assert self.prev is not None  # the patch box came first
             skip_src[i] = self.prev
             down_id = f"L{i}.down"
+            assert lvl.down is not None and lvl.skip is not None  # the spec checks outer levels
             is_repatch = isinstance(lvl.down, S.Repatch)
             self.put(down_id, "down", _down_text(lvl.down, spec, i), TRANS_W, TRANS_H, i + 0.5,
                      flow=not is_repatch, level=i, variant=lvl.down.kind)
@@ -373,6 +376,7 @@ class _Placer:
             up = lvl.up or S.Split()
             self.put(f"L{i}.up", "up", _up_text(up, spec, i, self.factors[i]), TRANS_W, TRANS_H,
                      i + 0.5, level=i, variant=up.kind)
+            assert lvl.skip is not None  # the spec checks outer levels
             if lvl.skip.kind != "none":
                 self.put(f"L{i}.skip", "skip", (_skip_text(lvl.skip),), MERGE_W, MERGE_W, i,
                          level=i, variant=lvl.skip.kind)
@@ -414,7 +418,7 @@ class _Placer:
             counts = list(dict.fromkeys(str(n) for b in blocks if (n := attention_heads(
                 b.attention, d_model, b.d_head)) is not None))
             heads = f"{'/'.join(counts)} heads" if counts else "no attention heads"
-            lines = (f"level {i} · {gh}×{gw} tokens",
+            lines: tuple[str, ...] = (f"level {i} · {gh}×{gw} tokens",
                      f"d_model {d_model} · {heads} · {len(blocks)} block"
                      f"{'s' if len(blocks) != 1 else ''}")
             if lv is not None:
@@ -474,7 +478,7 @@ def _plain(value) -> str:
 def signatures(spec: S.ModelSpec, resolution=None) -> dict[tuple, str]:
     """What each drawn element shows, keyed by where it sits (levels by index): two specs'
     elements differ where their signatures differ."""
-    resolution = tuple(resolution or spec.input.resolution)
+    resolution = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     grids = spec.token_grids(resolution)
     out: dict[tuple, str] = {
         ("input",): _plain(spec.input) + str(resolution),
@@ -551,4 +555,5 @@ def compare(a: S.ModelSpec, b: S.ModelSpec, resolution_a=None, resolution_b=None
 def attention_kinds(diagram: Diagram) -> Iterable[str]:
     """The attention kind of every drawn block, in forward order, one per block."""
     for e in diagram.find("blocks"):
+        assert e.attention is not None  # every block box names its attention
         yield from [e.attention] * e.count

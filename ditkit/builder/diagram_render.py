@@ -1,6 +1,7 @@
 """Render a :class:`ditkit.builder.diagram.Diagram` to SVG or PNG with matplotlib (a bare
-``Figure`` on the Agg canvas: no display, no pyplot state). Deterministic: the same layout gives the same bytes (fixed SVG hash salt, no date or
-creator in the metadata, text kept as text in the SVG).
+``Figure`` on the Agg canvas: no display, no pyplot state). Deterministic: the same layout gives
+the same bytes (fixed SVG hash salt, no date or creator in the metadata, text kept as text in
+the SVG).
 
 matplotlib is the ``diagram`` extra (``pip install ditkit[diagram]``); it is imported only when
 a picture is drawn, so the command line starts without it.
@@ -157,12 +158,13 @@ def _draw(ax, d: Diagram, bounds, width: float, height: float) -> None:
                     ax.text(e.x - e.w / 2 - 0.2, e.y + 0.3 - k * 0.3, line, ha="right",
                             va="center", fontsize=FONT, zorder=1, weight="bold" if k == 0
                             else "normal", color="#222222" if k == 0 else "#333333")
-    for edge in d.edges:
-        _edge(ax, centres[edge.src], centres[edge.dst], edge.kind, d)
+    for link in d.edges:
+        _edge(ax, centres[link.src], centres[link.dst], link.kind, d)
     for e in d.elements:
         if e.kind == "band":
             continue
         if e.kind == "blocks":
+            assert e.attention is not None  # every block box names its attention
             look = LOOK_OF_KIND[e.attention]
             fill, edge = look.fill, look.edge
         else:

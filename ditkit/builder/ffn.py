@@ -6,7 +6,7 @@ kinds put ``2 d_ff`` outputs on ``up`` (value half first, then gate), as k-diffu
 
 from __future__ import annotations
 
-from typing import assert_never
+from typing import Any, assert_never
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ class SwiGLU(FeedForward):
 
 def build_ffn(blk: S.Block, d_model: int) -> FeedForward:
     """The module of a block's ``ffn`` (dropout and zero-init from the block)."""
-    args = {"bias": blk.ffn.bias, "dropout": blk.dropout, "zero_init_out": blk.zero_init_out}
+    args: dict[str, Any] = {"bias": blk.ffn.bias, "dropout": blk.dropout,
+                            "zero_init_out": blk.zero_init_out}
     d_ff = blk.ffn.hidden(d_model)
     match blk.ffn:
         case S.GeluMLP(approximate=ap):

@@ -7,7 +7,7 @@ zero-initialised in every head."""
 
 from __future__ import annotations
 
-from typing import assert_never
+from typing import Literal, assert_never
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ class Head(nn.Module):
     """``norm -> (modulation) -> Linear -> ungroup`` to ``(B, C_out, H, W)``; a subclass says
     where the modulation comes from (``forward``)."""
 
-    def __init__(self, d_model: int, out_channels: int, patch: tuple[int, int], norm_kind: str,
+    def __init__(self, d_model: int, out_channels: int, patch: tuple[int, int],
+                 norm_kind: Literal["layer", "rms"],
                  norm_eps: float, norm_affine: bool, bias: bool, cond_width: int = 0):
         super().__init__()
         self.patch = tuple(patch)
@@ -60,8 +61,9 @@ class AdaLNHead(Head):
 
     def init_special(self) -> None:
         super().init_special()
-        nn.init.zeros_(self.modulation[1].weight)
-        nn.init.zeros_(self.modulation[1].bias)
+        # a Sequential's items are plain Modules to mypy (their attributes Tensor | Module)
+        nn.init.zeros_(self.modulation[1].weight)  # type: ignore[arg-type]
+        nn.init.zeros_(self.modulation[1].bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 shared: torch.Tensor | None = None) -> torch.Tensor:

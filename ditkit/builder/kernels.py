@@ -40,8 +40,9 @@ from .neighborhood import neighborhood_mask, window_start_index
 
 __all__ = ["NEIGHBORHOOD_BACKENDS", "EXPORTABLE_BACKENDS", "use_backend", "exportable_backend",
            "current_backend", "is_exporting", "natten_available", "resolve_backend",
-           "count_attention", "attention_scope", "set_attention_scope", "global_attention", "neighborhood_attention",
-           "neighborhood_mask", "window_start_index", "shifted_window_attention"]
+           "count_attention", "attention_scope", "set_attention_scope", "global_attention",
+           "neighborhood_attention", "neighborhood_mask", "window_start_index",
+           "shifted_window_attention"]
 
 NEIGHBORHOOD_BACKENDS = ("auto", "gather", "tiled", "flex", "natten", "masked")
 #: backends whose graph exports (torch.export -> ONNX) with dynamic H and W
@@ -107,7 +108,8 @@ def use_backend(name: str, *, export: bool = False) -> Iterator[None]:
             # would specialise on "it is not 1" and refuse grids smaller than 9 tokens
             import torch.fx.experimental._config as fx_config
 
-            with fx_config.patch(backed_size_oblivious=True):
+            # torch's config modules gain .patch at import (install_config_module): no stub
+            with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
                 yield
         else:
             yield
@@ -194,7 +196,8 @@ def _record(macs: int) -> bool:
 # global
 
 
-def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
     """(B, heads, N, D) -> (B, heads, N, D) through the fused SDPA kernel."""
     b, h, n, d = q.shape
     if _record(2 * b * h * n * k.shape[-2] * d):

@@ -10,7 +10,7 @@ again on a kind. Every family (DiT, HDiT, ...) is this same graph with different
 from __future__ import annotations
 
 import contextlib
-from typing import assert_never
+from typing import Literal, assert_never
 
 import torch
 from torch import nn
@@ -39,7 +39,9 @@ class Context:
 
     __slots__ = ("shared", "memory", "prefix", "noise")
 
-    def __init__(self, shared=None, memory=None, prefix=None, noise=None):
+    def __init__(self, shared: torch.Tensor | None = None,
+                 memory: dict[str, torch.Tensor] | None = None,
+                 prefix: torch.Tensor | None = None, noise: torch.Tensor | None = None):
         self.shared, self.memory, self.prefix, self.noise = shared, memory, prefix, noise
 
 
@@ -75,6 +77,7 @@ class Block(nn.Module):
     def _cross(self, x: torch.Tensor, ctx: Context | None) -> torch.Tensor:
         if self.cross is None:
             return x
+        assert ctx is not None and self.cross_norm is not None  # made with the cross-attention
         return x + self.cross(self.cross_norm(x), ctx.memory)
 
 
@@ -84,6 +87,7 @@ class PlainBlock(Block):
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
         if self.attn is not None:
+            assert self.attn_norm is not None  # made with the attention
             x = x + self.attn(self.attn_norm(x), ctx)
         x = self._cross(x, ctx)
         return x + self.ffn(self.ffn_norm(x))
@@ -95,6 +99,7 @@ class AdaLNZeroBlock(Block):
     chunks, modulation_bias = 6, True
 
     def vectors(self, cond: torch.Tensor, ctx: Context | None) -> torch.Tensor:
+        assert self.modulation is not None  # chunks = 6
         return self.modulation(nn.functional.silu(cond))  # (B, 6C)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
@@ -102,6 +107,7 @@ class AdaLNZeroBlock(Block):
         m = self.vectors(cond, ctx)[:, None, None, :]  # (B, 1, 1, 6C)
         a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
         if self.attn is not None:
+            assert self.attn_norm is not None  # made with the attention
             x = x + a_gate * self.attn(self.attn_norm(x) * (1 + a_scale) + a_shift, ctx)
         x = self._cross(x, ctx)
         return x + f_gate * self.ffn(self.ffn_norm(x) * (1 + f_scale) + f_shift)
@@ -114,6 +120,7 @@ class SharedAdaLNZeroBlock(AdaLNZeroBlock):
     chunks, modulation_bias = 0, False
 
     def vectors(self, cond: torch.Tensor, ctx: Context | None) -> torch.Tensor:
+        assert ctx is not None and ctx.shared is not None  # the model made the shared vector
         return ctx.shared  # (B, 6C)
 
 
@@ -130,8 +137,10 @@ class AdaScaleBlock(Block):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor,
                 ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+        assert self.modulation is not None  # chunks = 2
         a_scale, f_scale = self.modulation(self.activation(cond))[:, None, None, :].chunk(2, -1)
         if self.attn is not None:
+            assert self.attn_norm is not None  # made with the attention
             x = x + self.attn(self.attn_norm(x) * (1 + a_scale), ctx)
         x = self._cross(x, ctx)
         return x + self.ffn(self.ffn_norm(x) * (1 + f_scale))
@@ -188,6 +197,7 @@ class Stack(nn.ModuleList):
         for block in self:
             x = block(x, cond, ctx)
         if prefix is not None:
+            assert ctx is not None  # the prefix came from it
             ctx.prefix = x[:, 0, :t]
             x = x[:, 0, t:].reshape(b, hh, ww, c)
         return x
@@ -236,23 +246,27 @@ class DiffusionTransformer(nn.Module):
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
         ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None
-        ctx.memory = self.memory(c, self.conditioning.class_embed.memory(labels))
+        # labels are None only without classes, where class_embed is NoClasses
+        ctx.memory = self.memory(
+            c, self.conditioning.class_embed.memory(labels))  # type: ignore[arg-type]
 
         x_in = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         h = self.embed(x_in)  # (B, h, w, D0)
         if self.position is not None:
             h = self.position(h)
         skips = []
+        # the ModuleList's items are plain Modules to mypy, their attributes Tensor | Module
+        # (nn.Module.__getattr__): hence the ignores on the Level calls below
         for level in self.levels[:-1]:
-            h = level.encoder(h, c, ctx)
+            h = level.encoder(h, c, ctx)  # type: ignore[operator]
             skips.append(h)
-            h = level.down(h, x_in)  # (B, h/f, w/f, D_{i+1})
-        h = self.levels[-1].middle(h, c, ctx)
+            h = level.down(h, x_in)  # type: ignore[operator]  # (B, h/f, w/f, D_{i+1})
+        h = self.levels[-1].middle(h, c, ctx)  # type: ignore[operator]
         for i in reversed(range(len(self.levels) - 1)):
             level = self.levels[i]
-            h, ctx.prefix = level.up(h, ctx.prefix)  # (B, h*f, w*f, D_i)
-            h = level.skip(h, skips[i])
-            h = level.decoder(h, c, ctx)
+            h, ctx.prefix = level.up(h, ctx.prefix)  # type: ignore[operator]  # (B, h*f, w*f, D_i)
+            h = level.skip(h, skips[i])  # type: ignore[operator]
+            h = level.decoder(h, c, ctx)  # type: ignore[operator]
         return self.head(h, c, ctx.shared)  # (B, C_out, H, W); prefix tokens are dropped
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -304,11 +318,12 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     for i, lvl in enumerate(spec.levels):
         index = 0  # block index within the level: drives shifted-window alternation
 
-        def make_stack(which: str) -> Stack:
+        def make_stack(which: Literal["encoder", "decoder", "middle"], i: int = i,
+                       d_model: int = lvl.d_model) -> Stack:
             nonlocal index
             blocks = []
             for blk in spec.stack(i, which):
-                blocks.append(_block(blk, lvl.d_model, cw, index, memory_sources))
+                blocks.append(_block(blk, d_model, cw, index, memory_sources))
                 index += 1
             return Stack(blocks)
 
@@ -318,6 +333,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
         encoder = make_stack("encoder")
         decoder = make_stack("decoder")
         down, up = build_down(spec, i), build_up(spec, i)
+        assert lvl.skip is not None  # the spec gives every outer level a skip
         skip = build_skip(lvl.skip, lvl.d_model)
         levels.append(Level(encoder=encoder, decoder=decoder, down=down, up=up, skip=skip))
 
@@ -345,8 +361,8 @@ def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
         case S.MemoryCrossAttention(null_token=null, time_token=time_token):
             sources = [s for s in memory if s != "time" or time_token]
             cross = CrossAttention(cfg, cond_width, sources, null_token=null)
-        case other:
-            assert_never(other)
+        case unknown:
+            assert_never(unknown)
     ffn = build_ffn(blk, d_model)
     parts = (d_model, cond_width, blk.norm, attention, ffn, cross)
     match blk.modulation:
@@ -378,4 +394,4 @@ def initialize(model: nn.Module, init: S.Init) -> None:
                         nn.init.zeros_(m.bias)
         for m in model.modules():
             if hasattr(m, "init_special"):
-                m.init_special()
+                m.init_special()  # type: ignore[operator]  # Module.__getattr__ is untyped

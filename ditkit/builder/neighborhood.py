@@ -34,7 +34,8 @@ from ditkit.spec import neighborhood_misfits
 TILE = 8
 #: the tile side in ``torch.export`` traces (the ONNX form): onnxruntime runs each tile as one
 #: small fused attention, and 4x4 tiles against their (4 + k - 1)^2 halo move ~2x fewer keys
-#: per query than 8x8 ones at k = 7 (measured: 6-11 % faster at 256^2-512^2 pixels, docs/measurements.md)
+#: per query than 8x8 ones at k = 7 (measured: 6-11 % faster at 256^2-512^2 pixels,
+#: docs/measurements.md)
 EXPORT_TILE = 4
 
 
@@ -46,10 +47,11 @@ def window_start_index(length: int | torch.SymInt, kernel: int, dilation: int,
     query's window is centred on it and shifted inward at the borders, so it always holds
     exactly ``kernel`` keys. Pure tensor arithmetic (no Python branch on ``length``), so it
     traces with symbolic sizes."""
-    i = torch.arange(length, device=device)
+    # torch's stubs type arange's end and SymInt arithmetic without SymInt: both trace fine
+    i = torch.arange(length, device=device)  # type: ignore[arg-type]
     group = i % dilation
     j = i // dilation
-    group_len = (length - group + dilation - 1) // dilation
+    group_len = (length - group + dilation - 1) // dilation  # type: ignore[operator]
     start = torch.minimum((j - kernel // 2).clamp(min=0), group_len - kernel)
     offsets = torch.arange(kernel, device=device)
     return group[:, None] + dilation * (start[:, None] + offsets[None, :])
@@ -420,7 +422,8 @@ def flex(q, k, v, kernel_size, dilation, scale):
         out = _flex_compiled(*args, block_mask=mask, scale=scale)
     else:  # eager: correct but materialises the scores; fine for tests on CPU
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+            warnings.filterwarnings(
+                "ignore", message=".*flex_attention called without torch.compile")
             out = flex_attention(*args, block_mask=mask, scale=scale)
     return out.view(b, nh, hh, ww, d)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import assert_never
+from typing import assert_never, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ def sincos_table(h: int, w: int, dim: int, max_period: float = 10000.0,
     column index, the second half the row index, each as ``[sin(p w_k), cos(p w_k)]`` with
     ``w_k = max_period^(-k / (dim/4))``."""
     quarter = dim // 4
-    omega = 1.0 / max_period ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    omega = 1.0 / max_period ** (
+        torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.to(torch.float64)[:, None] * omega[None]
@@ -35,7 +36,7 @@ class SincosPosition(nn.Module):
 
     def __init__(self, grid: tuple[int, int], dim: int, max_period: float = 10000.0):
         super().__init__()
-        self.grid, self.max_period = tuple(grid), max_period
+        self.grid, self.max_period = cast(tuple[int, int], tuple(grid)), max_period
         self.table = nn.Parameter(sincos_table(*grid, dim, max_period), requires_grad=False)
 
     def init_special(self) -> None:
@@ -64,7 +65,7 @@ class LearnedPosition(nn.Module):
         nn.init.trunc_normal_(self.table, std=self.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        table = self.table
+        table: torch.Tensor = self.table
         if (x.shape[1], x.shape[2]) != self.grid:
             table = F.interpolate(table.permute(2, 0, 1)[None], size=(x.shape[1], x.shape[2]),
                                   mode="bicubic", align_corners=False)[0].permute(1, 2, 0)

@@ -41,9 +41,9 @@ def attention_kinds() -> tuple[type, ...]:
     return typing.get_args(union)
 
 
-def kind_of(cls: type) -> str:
+def kind_of(cls: type[S.Spec]) -> str:
     """A variant class's ``kind`` string (``S.NeighborhoodAttention`` -> ``neighborhood``)."""
-    return cls.model_fields["kind"].default
+    return str(cls.model_fields["kind"].default)
 
 
 _missing = [c.__name__ for c in attention_kinds() if c not in ATTENTION_LOOKS]

@@ -14,7 +14,7 @@ tokens aside during the pixel shuffle and re-joining them for its norm and refin
 
 from __future__ import annotations
 
-from typing import assert_never
+from typing import Literal, assert_never
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,9 @@ class TokenSplit(nn.Module):
 class Merge(TokenMerge):
     """``down: merge``: this level's tokens, grouped and projected to the next width."""
 
-    def forward(self, x: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+    # a level's down also takes the model input (Repatch uses it); the weights are TokenMerge's
+    def forward(self, x: torch.Tensor,  # type: ignore[override]
+                x_in: torch.Tensor) -> torch.Tensor:
         return super().forward(x)  # (B, h/f, w/f, D_next)
 
 
@@ -97,7 +99,8 @@ class Repatch(nn.Module):
 class Split(TokenSplit):
     """``up: split``: project and ungroup; prefix tokens pass through."""
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None,
+    # a level's up also carries the prefix tokens; the weights are TokenSplit's
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None,  # type: ignore[override]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return super().forward(x), prefix  # (B, h*f, w*f, D_i)
 
@@ -108,7 +111,8 @@ class Upsample(nn.Module):
     ``+ position``."""
 
     def __init__(self, d_model: int, factor: int, bias: bool = True, approximate: str = "tanh",
-                 norm_kind: str = "layer", norm_eps: float = 1e-6, norm_affine: bool = False,
+                 norm_kind: Literal["layer", "rms"] = "layer", norm_eps: float = 1e-6,
+                 norm_affine: bool = False,
                  position: nn.Module | None = None):
         super().__init__()
         self.factor, self.approximate = factor, approximate
@@ -136,6 +140,7 @@ class Upsample(nn.Module):
 def build_down(spec: S.ModelSpec, i: int) -> nn.Module:
     """Level ``i``'s down transition."""
     lvl, nxt, f = spec.levels[i], spec.levels[i + 1].d_model, spec.factors()[i]
+    assert lvl.down is not None  # an outer level (the spec checks it has a down)
     match lvl.down:
         case S.Merge(bias=bias):
             return Merge(lvl.d_model, nxt, (f, f), bias=bias)
@@ -149,6 +154,7 @@ def build_down(spec: S.ModelSpec, i: int) -> nn.Module:
 def build_up(spec: S.ModelSpec, i: int) -> nn.Module:
     """Level ``i``'s up transition (``up`` omitted: the split inverse to the merge)."""
     lvl, nxt, f = spec.levels[i], spec.levels[i + 1].d_model, spec.factors()[i]
+    assert lvl.down is not None  # an outer level (the spec checks it has a down)
     match lvl.up:
         case None | S.Split():
             return Split(nxt, lvl.d_model, (f, f), bias=lvl.down.bias)

@@ -20,7 +20,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, overload
 
 from ditkit.errors import EnvironmentFault, UserError
 
@@ -216,7 +216,7 @@ def default_objective(spec, objective=None):
               "choose)", file=sys.stderr)
     if isinstance(objective, str):
         if objective not in S.OBJECTIVE_KINDS:
-            raise UsageError(f"objective {objective!r}: choose one of "
+            raise UsageError(f"objective {objective!r} (--objective): choose one of "
                              f"{', '.join(S.OBJECTIVE_KINDS)}")
         return S.objective_of_kind(objective)
     return objective
@@ -261,6 +261,10 @@ def numbers(text: str, kind: type = int) -> list | None:
     return [kind(item) for item in items]
 
 
+@overload
+def parse_resolution(text: str, flag: str = ...) -> tuple[int, int]: ...
+@overload
+def parse_resolution(text: None, flag: str = ...) -> None: ...
 def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
     """``H`` or ``HxW`` (also ``H,W``) -> ``(H, W)``; ``None`` stays ``None``."""
     if text is None:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+from typing import TYPE_CHECKING
+
 from ditkit.cli.common import UsageError, load_spec, parse_resolution
+
+if TYPE_CHECKING:
+    from ditkit.builder import Report
 
 
 def add_parser(sub) -> None:
@@ -62,7 +67,7 @@ def compare(a, b, label_a: str, label_b: str, res_a, res_b, args, tables: bool =
     from ditkit.spec.diff import diff, format_diff
 
     rows = diff(a, b)
-    reports = None
+    reports: tuple[Report, Report] | None = None
     if tables or args.diagram:
         from ditkit.builder import describe
 
@@ -70,17 +75,20 @@ def compare(a, b, label_a: str, label_b: str, res_a, res_b, args, tables: bool =
     if args.json:
         out = {"a": label_a, "b": label_b, "changes": [r.to_json() for r in rows]}
         if tables:
+            assert reports is not None  # described above
             out["reports"] = [r.to_json() for r in reports]
         print(json.dumps(out, indent=2))
     else:
         if tables:
             from ditkit.builder import format_report
 
+            assert reports is not None  # described above
             print(format_report(reports[0], a) + "\n\n" + format_report(reports[1], b) + "\n")
         print(format_diff(rows, label_a, label_b))
     if args.diagram:
         from ditkit.builder.diagram_render import draw_comparison
 
+        assert reports is not None  # described above
         draw_comparison(a, b, args.diagram, reports[0].resolution, reports[1].resolution,
                         label_a, label_b, reports=reports)
         print(f"wrote {args.diagram}", file=sys.stderr if args.json else sys.stdout)

@@ -36,7 +36,7 @@ def _synopsis(name: str, parser: argparse.ArgumentParser) -> str:
     for a in parser._actions:
         if a.option_strings or isinstance(a, argparse._SubParsersAction):
             continue
-        meta = (a.metavar or a.dest).upper()
+        meta = str(a.metavar or a.dest).upper()  # positionals' metavars are strings
         words.append(f"[{meta}]" if a.nargs == "?" else f"{meta}..." if a.nargs in ("+", "*")
                      else meta)
     return " ".join(words)
@@ -83,7 +83,7 @@ def _option_rows(parser: argparse.ArgumentParser) -> list[str]:
                                      else a.dest.upper())
                 value = f"`{meta if isinstance(meta, str) else ' '.join(meta)}`"
         else:
-            flags = f"`{(a.metavar or a.dest).upper()}`" + (" (optional)" if a.nargs == "?"
+            flags = f"`{str(a.metavar or a.dest).upper()}`" + (" (optional)" if a.nargs == "?"
                                                             else "")
             value = "one or more" if a.nargs in ("+", "*") else ""
         text = formatter._expand_help(a) if a.help else ""

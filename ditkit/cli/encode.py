@@ -42,8 +42,10 @@ def run(args) -> int:
         if value < 1:
             raise UsageError(f"{flag} {value}: must be positive")
     setup_compute(args)
+    resolution = parse_resolution(args.resolution)
+    assert resolution is not None  # --resolution is required
     try:
-        r = encode_images(args.source, args.vae, args.out, parse_resolution(args.resolution),
+        r = encode_images(args.source, args.vae, args.out, resolution,
                           batch_size=args.batch, shard_size=args.shard_size, fmt=args.format,
                           mode=args.mode, seed=args.seed, device=args.device,
                           progress=not args.no_progress)

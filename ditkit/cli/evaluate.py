@@ -38,7 +38,8 @@ def label_data(choice: str, path: Path) -> tuple[str, int]:
     given, else the run's ``data.kind`` (digits when no experiment.yaml is found). A run on
     other data has no built-in classifier: a usage error that says what to use instead."""
     exp, data = run_experiment(path)
-    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    raw = data.get("data")
+    section = raw if isinstance(raw, dict) else {}
     kind = section.get("kind", "digits") if choice == "auto" else choice
     if kind not in LABELLED:
         raise UsageError(f"{exp}: data.kind is {kind!r}; label accuracy needs a built-in "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ditkit.spec.objective import OBJECTIVE_KINDS
 
-from ditkit.cli.common import (UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
+from ditkit.cli.common import (
+    UsageError, add_json, add_set, add_threads, deprecated, load_model_source,
                      parse_resolution, setup_compute)
 
 

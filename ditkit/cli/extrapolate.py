@@ -104,8 +104,8 @@ def _finetuned_row(path: str, objective):
     from ditkit.evaluate.report import policy_label
     from ditkit.training.finetune import METADATA_KEY
 
-    path = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder
-    ckpt = load_checkpoint(path)
+    file = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder
+    ckpt = load_checkpoint(file)
     meta = ckpt.metadata.get(METADATA_KEY)
     if meta:
         record = json.loads(meta)
@@ -113,7 +113,7 @@ def _finetuned_row(path: str, objective):
         label = (f"{policy_label(pol)} + fine-tune {','.join(record['patterns'])} "
                  f"({ckpt.metadata.get('ditkit.step', '?')} steps)")
     else:
-        label = Path(path).stem
+        label = Path(file).stem
     return label, ckpt.spec, ckpt.tensors
 
 

@@ -33,6 +33,7 @@ def _load(ref: str, overrides):
         from ditkit.spec.experiment import is_experiment_data, load_experiment
         from ditkit.spec.io import load_yaml, read_text
 
+        assert src.path is not None  # a file source has its path
         if is_experiment_data(load_yaml(read_text(src.path, "spec"), ref)):
             exp = load_experiment(src.path, overrides)
             return "experiment", exp.name, exp.model_spec

@@ -11,6 +11,7 @@ import contextlib
 import io
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Base: ``num_classes`` (``None``: unconditional) and ``__getitem__ -> (image, label)``."""
 
     num_classes: int | None = None
+
+    if TYPE_CHECKING:  # every dataset has a length (torch's Dataset does not declare one)
+        def __len__(self) -> int: ...
 
 
 class TensorImages(ImageDataset):
@@ -122,7 +126,8 @@ class ShapesDataset(ImageDataset):
     """``count`` procedural images, generated on demand (label ``i % classes``)."""
 
     def __init__(self, spec: E.ShapesData, resolution: tuple[int, int], channels: int = 3):
-        self.spec, self.resolution, self.channels = spec, tuple(resolution), channels
+        self.spec, self.channels = spec, channels
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = spec.classes
 
     def __len__(self) -> int:
@@ -171,12 +176,12 @@ def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tens
     ``ValueError`` for unreadable data."""
     from PIL import Image
 
-    with open_image(source) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
+    with open_image(source) as opened:
+        im = opened.convert("RGB" if channels == 3 else "L")
         h, w = resolution
         scale = max(h / im.height, w / im.width)
         size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-        im = im.resize(size, Image.BICUBIC)
+        im = im.resize(size, Image.Resampling.BICUBIC)
         left, top = (size[0] - w) // 2, (size[1] - h) // 2
         im = im.crop((left, top, left + w, top + h))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
@@ -211,7 +216,8 @@ class ImageFolder(ImageDataset):
         if channels not in (1, 3):
             raise DataError(f"image_folder data gives 1 (L) or 3 (RGB) channels; the model's "
                             f"input.channels is {channels}")
-        self.files, self.resolution, self.channels = files, tuple(resolution), channels
+        self.files, self.channels = files, channels
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.flip = spec.flip
         self.flip_seed = 0  # set by the trainer per epoch for reproducible flips
 
@@ -319,12 +325,12 @@ def index_shard(path: Path) -> list[ShardSample]:
     samples = []
     images = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
     for key, members in groups.items():
-        ext = next((e for e in members if e in images), None)
-        if ext is None:
+        image_ext = next((e for e in members if e in images), None)
+        if image_ext is None:
             raise DataError(f"data.shards: sample {key!r} in {path} has no image member "
                             f"({', '.join('.' + e for e in images)}); members: "
                             f"{', '.join(sorted(m.name for m in members.values()))}")
-        im = members[ext]
+        im = members[image_ext]
         cls = members.get("cls")
         samples.append(ShardSample(key, (im.name, im.offset_data, im.size),
                                    (cls.offset_data, cls.size) if cls is not None else None))
@@ -359,10 +365,11 @@ class WebDataset(ImageDataset):
             if not _is_tar(path):
                 raise DataError(f"data.shards: {path} is not a readable tar file; shards must "
                                 "be uncompressed .tar files (see ditkit shards)")
-        self.resolution, self.channels, self.flip = tuple(resolution), channels, spec.flip
+        self.channels, self.flip = channels, spec.flip
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = classes
         self._index: dict[int, list[ShardSample]] = {}
-        self._file: tuple[int, object] | None = None
+        self._file: tuple[int, BinaryIO] | None = None
 
     def samples(self, shard: int) -> list[ShardSample]:
         if shard not in self._index:
@@ -392,11 +399,12 @@ class WebDataset(ImageDataset):
                             "or replace that member") from None
         label = 0
         if self.num_classes is not None:
-            label = self.label(shard, j)
-            if label is None:
+            found = self.label(shard, j)
+            if found is None:
                 raise DataError(f"data.shards: sample {s.key!r} in {path} has no .cls label but "
                                 "the model is class-conditional (model.conditioning.classes); "
                                 "add KEY.cls members or remove conditioning.classes")
+            label = found
             if not 0 <= label < self.num_classes:
                 raise DataError(f"data.shards: {s.key}.cls in {path} is label {label}, outside "
                                 f"[0, {self.num_classes}) of model.conditioning.classes.count")
@@ -541,7 +549,7 @@ class LatentShards(ImageDataset):
         self.num_classes = cls.count if cls is not None else None
         self.scale, self.files = spec.scale, files
         self._arrays: dict[int, torch.Tensor] = {}
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, Any] = {}  # safetensors' safe_open handles
         self._labels: list[torch.Tensor | None] = []
         counts = []
         want_c, want_hw = model.input.channels, tuple(model.input.resolution)
@@ -621,7 +629,7 @@ class LatentShards(ImageDataset):
 
 def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
     spec = exp.model_spec
-    res, ch = tuple(spec.input.resolution), spec.input.channels
+    res, ch = cast(tuple[int, int], tuple(spec.input.resolution)), spec.input.channels
     match exp.data:
         case E.DigitsData():
             images, labels = digits_tensor(res, ch)

@@ -21,7 +21,8 @@ import torch
 
 from ditkit.spec import experiment as E
 
-from ditkit.data.datasets import (IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
+from ditkit.data.datasets import (
+    IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
                    digits_tensor)
 
 
@@ -58,9 +59,9 @@ def image_source(source: str, resolution: tuple[int, int], channels: int):
                         "glob) or `digits`")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise DataError(f"{source}: give a folder of images (class = sub-folder), not one image")
-    ds = WebDataset(E.WebDatasetData(shards=source, flip=False), resolution, channels)
-    labelled = all(s.label is not None for i in range(len(ds.shards)) for s in ds.samples(i))
-    return (((img, lab if labelled else None) for img, lab in ds), len(ds), None)
+    web = WebDataset(E.WebDatasetData(shards=source, flip=False), resolution, channels)
+    labelled = all(s.label is not None for i in range(len(web.shards)) for s in web.samples(i))
+    return (((img, lab if labelled else None) for img, lab in web), len(web), None)
 
 
 def encode_images(source: str, vae_path: str | Path, out: str | Path,
@@ -113,7 +114,8 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
                 save_file(tensors, tmp, metadata=meta)
             else:
                 with open(tmp, "wb") as f:
-                    np.savez(f, **{k: v.numpy() for k, v in tensors.items()})
+                    # mypy matches a **dict against savez's allow_pickle: bool keyword
+                    np.savez(f, **{k: v.numpy() for k, v in tensors.items()})  # type: ignore[arg-type]
         shards.append(str(path))
 
     def flush(final: bool) -> None:

@@ -111,7 +111,7 @@ def bench_sample(model, objective, resolutions, sampling: Sampling | None = None
                     elif engine == "eager-bf16":
                         eager_step = step(eager)
 
-                        def bf16(a, b, c):
+                        def bf16(a, b, c, eager_step=eager_step):
                             with torch.autocast(dev.type, dtype=torch.bfloat16):
                                 return eager_step(a, b, c)
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(

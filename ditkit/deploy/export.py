@@ -40,6 +40,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import cast
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ class ExportGraph(nn.Module):
         inner = (model if dtype == torch.float32 else  # a copy: the caller's model stays fp32
                  _Cast(copy.deepcopy(model).to(dtype), dtype))
         self.denoiser = Denoiser(inner, objective)
-        self.spec: S.ModelSpec = model.spec
+        self.spec = cast(S.ModelSpec, model.spec)  # every ditkit model carries its spec
         self.has_labels = self.spec.conditioning.classes is not None
         self.has_variance = Denoiser(model, objective).learned_variance
         self.aux = [(a.name, a.dims) for a in self.spec.conditioning.aux]
@@ -210,6 +211,7 @@ class ExportGraph(nn.Module):
         labels = named.get("class_labels")
         cond = {a: named[a] for a, _ in self.aux}
         if self.cfg:
+            assert labels is not None and self.null_class is not None  # cfg needs both
             null = torch.full_like(labels, self.null_class)
             x0, var = self.denoiser.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                             torch.cat([labels, null]),
@@ -257,6 +259,7 @@ def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
     sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=g)).float()
     args = [x, sigma]
     if graph.has_labels:
+        assert spec.conditioning.classes is not None  # has_labels
         count = spec.conditioning.classes.count
         labels = torch.randint(0, count, (batch,), generator=g)
         if spec.null_label is not None:
@@ -294,7 +297,8 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     (``ort_fusion.quantize_int8``; not exact: parity is checked at :data:`INT8_TOLERANCE`)."""
     start = time.perf_counter()
     auto_opset = opset is None
-    opset = DEFAULT_OPSET if auto_opset else opset
+    if opset is None:
+        opset = DEFAULT_OPSET
     say = log or (lambda msg: None)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -312,10 +316,10 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     if quantize and not fuses_attention(target, precision):
         raise ExportError(f"--quantize int8 is for fp32 onnxruntime exports (got --precision "
                           f"{precision}, --target {target}); drop --quantize or export those")
-    spec: S.ModelSpec = model.spec
+    spec = cast(S.ModelSpec, model.spec)  # every ditkit model carries its spec
     model = model.eval()
     rule = resolution_rule(spec) if "resolution" in dynamic else None
-    res = tuple(resolution or spec.input.resolution)
+    res = cast(tuple[int, int], tuple(resolution or spec.input.resolution))
     check_shape(spec, (2, spec.input.channels, *res), rule, "--resolution")
     if rule is None:
         rule = (AxisRule(res[0], 1, res[0]), AxisRule(res[1], 1, res[1]))
@@ -332,7 +336,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     model_proto = _to_onnx(ep, args, graph, opset, fuse)
     missing = unsupported_types(model_proto, opset)
     if missing and auto_opset and all(v is not None for _, _, v in missing):
-        needed = max(v for _, _, v in missing)
+        needed = max(v for _, _, v in missing if v is not None)  # all are (checked above)
         say(f"opset {opset} has no {_describe(missing)}: exporting at opset {needed}")
         opset = needed
         allow = allow_list(target, opset)
@@ -355,10 +359,11 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
     refused = [op for op in ops if op not in allow]
     if refused:
-        raise ExportError(f"target {target} (opset {opset}) cannot run op(s) "
-                          f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
-                          "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
-                          "target")
+        raise ExportError(
+            f"target {target} (opset {opset}) cannot run op(s) "
+            f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
+            "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
+            "target")
     for k, v in meta.items():
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = k, v
@@ -424,10 +429,10 @@ def perturbed_parity(model: nn.Module, objective, names: list[str], *, say, **op
         twin_result = export_onnx(twin, objective, Path(tmp) / "perturbed.onnx", check=True,
                                   **options)
     rows = [{**row, "perturbed": True} for row in twin_result.parity]
-    for p in rows:
-        say(f"parity (zero layers perturbed) {p['batch']}x{p['resolution'][0]}x"
-            f"{p['resolution'][1]}: max |diff| {p['max_abs_diff']:.2e} (output scale "
-            f"{p['scale']:.2f}, tol {p['tolerance']:.0e}; {p['runtime']})")
+    for r in rows:
+        say(f"parity (zero layers perturbed) {r['batch']}x{r['resolution'][0]}x"
+            f"{r['resolution'][1]}: max |diff| {r['max_abs_diff']:.2e} (output scale "
+            f"{r['scale']:.2f}, tol {r['tolerance']:.0e}; {r['runtime']})")
     return rows
 
 
@@ -552,6 +557,7 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
                                     output_names=graph.output_names(), optimize=True,
                                     verbose=False, external_data=False,
                                     custom_translation_table=table)
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     name_dims(proto)
     if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes

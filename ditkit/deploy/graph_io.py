@@ -11,13 +11,10 @@ runner (``tensorrt``), so none of those imports another for these pieces (no imp
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ditkit import spec as S
 from ditkit.errors import UserError
 
 # the shape rule lives on the runtime floor (the samplers' denoiser contract names it)

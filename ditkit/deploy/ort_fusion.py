@@ -80,14 +80,18 @@ def translation_table() -> dict:
             if attn_mask.dtype == query.dtype:
                 bias = attn_mask
             else:  # boolean: True = attend
-                zero = op.CastLike(op.Constant(value_float=0.0), query)
+                # onnxscript's op stubs type each input by its ONNX type constraint, which the
+                # symbolic tensors here do not carry: hence the ignores in this function
+                zero = op.CastLike(op.Constant(value_float=0.0), query)  # type: ignore[type-var]
                 bias = op.Where(attn_mask, zero,
-                                op.CastLike(op.Constant(value_float=float("-inf")), query))
+                                op.CastLike(  # type: ignore[type-var]
+                                    op.Constant(value_float=float("-inf")), query))
             scores = op.Concat(op.Shape(query, end=3), op.Shape(key, start=2, end=3), axis=0)
             bias = op.Reshape(op.Expand(bias, scores),  # (A N, 1, S, L)
-                              op.Concat(op.Constant(value_ints=[-1, 1]),
-                                        op.Shape(query, start=2, end=3),
-                                        op.Shape(key, start=2, end=3), axis=0))
+                              op.Concat(  # type: ignore[arg-type, type-var]
+                                  op.Constant(value_ints=[-1, 1]),
+                                  op.Shape(query, start=2, end=3),
+                                  op.Shape(key, start=2, end=3), axis=0))
         out = mha(fold(query), fold(key), fold(value), None, None, bias, num_heads=1,
                   scale=scale)
         return op.Reshape(out, op.Shape(query))

@@ -232,7 +232,8 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
                                                             p.max.batch)])
         config.add_optimization_profile(prof)
 
-    timing_path = cache / f"timing-{hashlib.sha256((trt.__version__ + gpu).encode()).hexdigest()[:16]}.cache"
+    timing_key = hashlib.sha256((trt.__version__ + gpu).encode()).hexdigest()[:16]
+    timing_path = cache / f"timing-{timing_key}.cache"
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file()
                                         else b"")
     config.set_timing_cache(timing, ignore_mismatch=False)

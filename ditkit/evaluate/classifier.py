@@ -16,6 +16,8 @@ For ``count`` class-conditional samples we report
 
 from __future__ import annotations
 
+from typing import cast
+
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,7 +67,7 @@ class ImageClassifier:
         from sklearn.model_selection import train_test_split
         from sklearn.neural_network import MLPClassifier
 
-        self.input_size, self.n_classes = tuple(input_size), n_classes
+        self.input_size, self.n_classes = cast(tuple[int, int], tuple(input_size)), n_classes
         x = self.prepare(images)
         y = labels.numpy()
         self.x_fit, self.x_held, self.y_fit, self.y_held = train_test_split(
@@ -106,8 +108,8 @@ class DigitsClassifier(ImageClassifier):
     data = "digits"
 
     def __init__(self, resolution: tuple[int, int], hidden: int = 64, seed: int = 0):
-        x, y = digits_tensor(tuple(resolution), 1)
-        self.resolution = tuple(resolution)
+        x, y = digits_tensor(cast(tuple[int, int], tuple(resolution)), 1)
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         super().__init__(x, y, self.resolution, 10, hidden, seed)
 
     def prepare(self, images: torch.Tensor) -> np.ndarray:
@@ -135,7 +137,7 @@ class ShapesClassifier(ImageClassifier):
                  input_size: int = 32, hidden: int = 64, seed: int = 1234):
         from ditkit.data.datasets import shape_image
 
-        self.resolution = tuple(resolution)
+        self.resolution = cast(tuple[int, int], tuple(resolution))
         x = torch.from_numpy(np.stack([shape_image(i, i % classes, self.resolution, seed)
                                        for i in range(count)]))
         y = torch.arange(count) % classes
@@ -168,13 +170,13 @@ def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.T
     upwards, so a small sample is compared with an equally small real set). ``classified``:
     :func:`classify`'s result for ``images``, when the caller has it already."""
     pred, features = classified if classified is not None else classify(clf, images)
-    labels = labels.cpu().numpy()
-    per_class = [float((pred[labels == k] == k).mean()) if (labels == k).any() else float("nan")
+    want = labels.cpu().numpy()
+    per_class = [float((pred[want == k] == k).mean()) if (want == k).any() else float("nan")
                  for k in range(clf.n_classes)]
     ref = clf.features(clf.x_fit)
-    held = clf.x_held[:len(labels)] if matched_reference else clf.x_held
+    held = clf.x_held[:len(want)] if matched_reference else clf.x_held
     return LabelReport(
-        count=len(labels), accuracy=float((pred == labels).mean()),
+        count=len(want), accuracy=float((pred == want).mean()),
         frechet=frechet_distance(features, ref),
         frechet_real=frechet_distance(clf.features(held), ref),
         real_accuracy=clf.real_accuracy, per_class_accuracy=per_class, data=clf.data)
@@ -185,9 +187,9 @@ def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 1
     """The evaluation classifier for a data kind (``digits`` or ``shapes``) at a resolution;
     ``args`` go to :class:`ShapesClassifier` (e.g. ``count``)."""
     if data_kind == "digits":
-        return DigitsClassifier(tuple(resolution))
+        return DigitsClassifier(cast(tuple[int, int], tuple(resolution)))
     if data_kind == "shapes":
-        return ShapesClassifier(tuple(resolution), classes, **args)
+        return ShapesClassifier(cast(tuple[int, int], tuple(resolution)), classes, **args)
     raise EvaluationError(f"no built-in evaluation for data kind {data_kind!r}; use digits or "
                           "shapes")
 
@@ -207,7 +209,7 @@ class ResolutionMetrics:
         self._references: dict = {}
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        res = tuple(images.shape[-2:])
+        res = (int(images.shape[-2]), int(images.shape[-1]))
         if res not in self._classifiers:
             self._classifiers[res] = classifier_for(self.data_kind, res, self.classes,
                                                     **self.args)
@@ -245,7 +247,8 @@ def evaluate_model(model, spec, objective, *, count: int = 500,
     if spec.input.channels not in (1, 3):
         raise EvaluationError(f"{data} evaluation needs 1 or 3 input channels, the model "
                               f"has {spec.input.channels}")
-    clf = classifier_for(data, tuple(spec.input.resolution), classes)
+    clf = classifier_for(data, cast(tuple[int, int], tuple(spec.input.resolution)), classes)
     images, labels = sample_images(model, spec, objective, count, sampling, device,
                                    n_classes=classes, progress=progress)
+    assert labels is not None  # drawn for n_classes
     return evaluate_samples(clf, images, labels), images, labels

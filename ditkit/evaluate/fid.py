@@ -243,7 +243,8 @@ def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None =
     """FID (and precision / recall with ``k`` neighbours; ``k=None``: FID only) between the
     images of ``real`` and those of ``fake``, each an image folder or an ``.npz``. Raises
     :class:`FIDError` for missing weights, an empty folder or an unreadable image."""
-    check_source(real), check_source(fake)  # fail on a bad source before loading weights
+    check_source(real)  # fail on a bad source before loading weights
+    check_source(fake)
     path = Path(weights).expanduser() if weights else default_weights_path()
     net = load_inception(path, device)
     f_real = source_features(net, real, batch, device, progress)

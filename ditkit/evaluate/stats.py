@@ -146,11 +146,11 @@ def paired_frechet_difference(features_a: np.ndarray, features_b: np.ndarray,
         raise ValueError(f"paired samples differ in count: {len(fa)} vs {len(fb)}")
     rng = np.random.default_rng(seed)
     n = len(fa)
-    diffs = []
+    drawn = []
     for _ in range(rounds):
         idx = rng.integers(0, n, n)
-        diffs.append(frechet(fa[idx]) - frechet(fb[idx]))
-    diffs = np.array(diffs)
+        drawn.append(frechet(fa[idx]) - frechet(fb[idx]))
+    diffs = np.array(drawn)
     observed = frechet(fa) - frechet(fb)
     diffs = diffs - (diffs.mean() - observed)  # re-centred, as in bootstrap_frechet
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ class AutoencoderError(UserError):
 
 @dataclass
 class Autoencoder:
-    vae: torch.nn.Module
+    vae: Any  # diffusers' AutoencoderKL (an optional dependency: encode/decode untyped here)
     path: Path
     scale: float
     """``scaling_factor``: stored latents are ``(z - shift) * scale``."""
@@ -159,6 +160,7 @@ def latent_decoder(latent_channels: int, *, vae: str | Path | None = None,
         if latent_scale is not None:
             ae.scale = latent_scale
         return ae.decode, {"vae": str(Path(vae).resolve()), "latent_scale": ae.scale}
+    assert autoencoder is not None  # exactly one of vae / autoencoder (checked above)
     path = Path(autoencoder)
     if not path.is_file():
         raise AutoencoderError(f"{path}: no such TorchScript file")

@@ -50,7 +50,7 @@ class Checkpoint:
 
     spec: S.ModelSpec
     tensors: dict[str, torch.Tensor]
-    objective: S.Objective | None = None  # type: ignore[valid-type]
+    objective: S.Objective | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -285,6 +285,6 @@ def model_hash(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) 
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "CheckpointError", "non_finite_tensors", "save_checkpoint", "load_checkpoint", "load_model", "model_hash",
-           "read_metadata", "spec_from_metadata", "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY",
-           "CFG_CHANNELS_KEY"]
+__all__ = ["Checkpoint", "CheckpointError", "non_finite_tensors", "save_checkpoint",
+           "load_checkpoint", "load_model", "model_hash", "read_metadata", "spec_from_metadata",
+           "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY", "CFG_CHANNELS_KEY"]

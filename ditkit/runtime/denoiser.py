@@ -15,6 +15,7 @@ from torch import nn
 from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.runtime.objectives import Objective, as_sigma, objective_of
+from ditkit.runtime.shape_rule import AxisRule
 # the schedule maps, importable from here as before (their home is ``runtime.schedules``)
 from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t,  # noqa: F401
                                       cosine_t_to_sigma, ddpm_alphas_cumprod, ddpm_betas,
@@ -70,7 +71,9 @@ class Denoiser(nn.Module):
         spec: S.ModelSpec | None = getattr(model, "spec", None)
         self.channels = spec.input.channels if spec is not None else None
         self.null_class = spec.null_label if spec is not None else None
-        self.guides_inside, self.cfg_channels, self.rules = False, None, None  # see protocols
+        self.guides_inside = False  # see protocols
+        self.cfg_channels: int | None = None
+        self.rules: tuple[AxisRule, AxisRule] | None = None
 
     @property
     def sigma_min(self) -> float:
@@ -158,7 +161,8 @@ def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
     resolved = compile_mode(mode, device, training=False) if backend is None else backend
     compiled = _compile(denoiser.denoise, mode, device, False, backend, dynamic=False)
     if resolved not in ("reduce-overhead", "max-autotune"):
-        denoiser.denoise = compiled
+        # the compiled callable replaces this instance's method, on purpose
+        denoiser.denoise = compiled  # type: ignore[method-assign]
         return denoiser
 
     def denoise(*args, **kwargs):
@@ -166,5 +170,5 @@ def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
         x0, var = compiled(*args, **kwargs)
         return x0.clone(), (var.clone() if var is not None else None)
 
-    denoiser.denoise = denoise
+    denoiser.denoise = denoise  # type: ignore[method-assign]
     return denoiser

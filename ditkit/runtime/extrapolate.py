@@ -125,9 +125,10 @@ def _doublings(spec, resolution) -> int:
     h, w = resolution
     n = math.log2(h / h0) if h >= h0 else -1
     if n < 0 or n != int(n) or h * w0 != w * h0:
-        raise S.SpecError([("resolution", f"add_levels needs the target to be the training "
-                            f"resolution {h0}x{w0} times a power of two on both axes (got {h}x{w}); "
-                            "use as_is or core_patch for other sizes")], "add_levels")
+        raise S.SpecError(
+            [("resolution", f"add_levels needs the target to be the training "
+              f"resolution {h0}x{w0} times a power of two on both axes (got {h}x{w}); "
+              "use as_is or core_patch for other sizes")], "add_levels")
     return int(n)
 
 
@@ -363,7 +364,8 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
     dropped = sorted(set(tensors) - carried)
     if dropped:
         raise AdaptError(f"{policy.kind} would drop trained tensors {dropped}")
-    record = {"policy": S.to_data(policy, full=True), "from_resolution": list(spec.input.resolution),
+    record = {"policy": S.to_data(policy, full=True),
+              "from_resolution": list(spec.input.resolution),
               "to_resolution": list(resolution), "reinitialised": reinit, "resized": resized,
               "derived": derived, **notes}
     return Adapted(new, out, record)

@@ -208,7 +208,7 @@ class EDM(Objective):
     native_schedule = "karras"
 
     def __init__(self, spec: S.EDMObjective):
-        if spec.sigma_min is not None:  # the recipe's own sampling range
+        if spec.sigma_min is not None and spec.sigma_max is not None:  # the recipe's own range
             lo, hi = spec.sigma_min, spec.sigma_max
         elif isinstance(spec.sigma_sampling, S.CosineInterpolatedSigma):  # its clip range
             lo, hi = spec.sigma_sampling.sigma_min, spec.sigma_sampling.sigma_max

@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 
-from ditkit.errors import UserError
 from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
 from ditkit.runtime.objectives import Objective
@@ -50,7 +49,8 @@ MAX_STEPS = 10_000
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
                   ) -> torch.Tensor:
-    """EDM: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, then 0."""
+    """EDM: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
+    then 0."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sig = (hi + ramp * (lo - hi)) ** rho

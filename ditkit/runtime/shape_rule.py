@@ -58,8 +58,9 @@ def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | Non
         rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
         if not rule:
             return None
-        return tuple(AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                     for a in ("height", "width"))
+        height, width = (AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
+                         for a in ("height", "width"))
+        return height, width
     except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise UserError(f"metadata ditkit.resolution_rule is damaged ({type(err).__name__}: "
                         f"{str(err)[:120]}); re-export the model with `ditkit export`") from None

@@ -11,7 +11,7 @@ it can be rerun from that one file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       field_validator, model_validator)
@@ -23,7 +23,7 @@ from ditkit.spec.policy import AsIs, Policy
 from ditkit.spec.sampling import (EVALUATION_SAMPLING, PREVIEW_SAMPLING, Sampling,
                                   fold_flat_keys, legacy_sampling)
 
-EXPERIMENT_VERSION = 1
+EXPERIMENT_VERSION: Literal[1] = 1
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -222,7 +222,8 @@ class Preview(Spec):
 
     @model_validator(mode="before")
     @classmethod
-    def _flat_sampling_keys(cls, data):  # preview: {steps: 10, sampler: heun} (older files)
+    def _flat_sampling_keys(cls, data: Any) -> Any:
+        # preview: {steps: 10, sampler: heun} (older files)
         return legacy_sampling(data, PREVIEW_SAMPLING)
 
 
@@ -263,7 +264,8 @@ class Evaluation(Spec):
 
     @model_validator(mode="before")
     @classmethod
-    def _flat_sampling_keys(cls, data):  # evaluation: {steps: 10, seed: 2} (older files)
+    def _flat_sampling_keys(cls, data: Any) -> Any:
+        # evaluation: {steps: 10, seed: 2} (older files)
         return legacy_sampling(data, EVALUATION_SAMPLING)
 
     @field_validator("sampling")
@@ -310,12 +312,12 @@ class Finetune(Spec):
 
     @field_validator("trainable", mode="before")
     @classmethod
-    def _one_or_many(cls, value):
+    def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
 
     @field_validator("trainable")
     @classmethod
-    def _patterns_compile(cls, value):
+    def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         import re
 
         for i, pat in enumerate(value):
@@ -378,7 +380,7 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
                 raise SpecError([("model", f"no such model spec file: {path} (paths are relative "
                                   "to the experiment file)")], source)
             try:
-                model = load(path)
+                model: ModelSpec = load(path)
             except SpecError as err:  # report the model's problems under `model.`
                 raise SpecError([(f"model.{p}" if p else "model", f"{m} (in {path})")
                                  for p, m in err.issues], source) from None
@@ -429,7 +431,7 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
     return out
 
 
-def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list:
+def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list[tuple[str, str]]:
     out = []
     if not ev.enabled:
         if ev.every:
@@ -452,7 +454,7 @@ def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list:
     return out
 
 
-def experiment_from_data(data, base: str | Path | None = None,
+def experiment_from_data(data: Any, base: str | Path | None = None,
                          source: str = "experiment") -> Experiment:
     """Validate plain data into a resolved experiment. An inline model is validated as a
     model spec first, so its problems are reported as ``model.<field>``."""
@@ -472,7 +474,7 @@ def experiment_from_data(data, base: str | Path | None = None,
     return resolve_experiment(validate(data, Experiment, source), base, source)
 
 
-def is_experiment_data(data) -> bool:
+def is_experiment_data(data: Any) -> bool:
     """Whether plain data read from a file is an experiment rather than a model spec: an
     experiment has a ``model`` key (a model spec never has one) or only experiment sections."""
     if not isinstance(data, dict) or not data:
@@ -484,7 +486,7 @@ def is_experiment_data(data) -> bool:
         Experiment.model_fields))
 
 
-def read_experiment_data(path: str | Path) -> dict:
+def read_experiment_data(path: str | Path) -> Any:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
     from .io import load_yaml, read_text
 
@@ -512,7 +514,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     return experiment_from_data(data, path.parent, source)
 
 
-def _fold_sampling(data: dict, only_old: bool = False) -> dict:
+def _fold_sampling(data: dict[str, Any], only_old: bool = False) -> dict[str, Any]:
     """``data`` with the flat sampling keys of ``preview`` / ``evaluation`` folded into their
     ``sampling`` mappings (:func:`ditkit.spec.sampling.fold_flat_keys`); ``only_old``: only in
     sections written entirely in the older flat form."""
@@ -524,7 +526,7 @@ def _fold_sampling(data: dict, only_old: bool = False) -> dict:
     return out
 
 
-def _model_data(ref: str, base: Path, source: str) -> dict:
+def _model_data(ref: str, base: Path, source: str) -> Any:
     """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
     ``--set model.x=v`` can change it."""
     from .io import SpecError, load_yaml, read_text, to_data
@@ -606,11 +608,11 @@ def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, .
 
 
 __all__ = [
-    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData",
-    "LatentsData", "Data", "ConstantLR",
-    "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed", "Checkpointing",
-    "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS", "resolve_experiment",
-    "experiment_issues",
-    "load_experiment", "read_experiment_data", "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
-    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run", "RUN_EXPERIMENT",
+    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData", "LatentsData",
+    "Data", "ConstantLR", "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed",
+    "Checkpointing", "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS",
+    "resolve_experiment", "experiment_issues", "load_experiment", "read_experiment_data",
+    "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
+    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run",
+    "RUN_EXPERIMENT",
 ]

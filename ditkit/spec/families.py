@@ -12,7 +12,6 @@ from .components import (
     Attention,
     DEFAULT_KERNEL_SIZE,
     GEGLU,
-    AdaLNHead as _AdaLNHead,
     AggregateAttention,
     FNONoise,
     GeluMLP,
@@ -49,7 +48,8 @@ from .components import (
 )
 from .model import Block, BlockOverride, Level, ModelSpec
 
-DIT_SIZES: dict[str, tuple[int, int, int]] = {  # name: (depth, d_model, n_heads) -- DiT paper, Table 1
+# name: (depth, d_model, n_heads) -- DiT paper, Table 1
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "s": (12, 384, 6),
     "b": (12, 768, 12),
     "l": (24, 1024, 16),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -39,10 +38,11 @@ MIGRATIONS: dict[int, Any] = {}
 """``{from_version: fn(data) -> data}``; empty while only version 1 exists."""
 
 
-def migrate(data: dict) -> dict:
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
     version = data.get("spec_version", SPEC_VERSION)
     if not isinstance(version, int) or version < 1:
-        raise SpecError([("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")])
+        raise SpecError(
+            [("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")])
     if version > SPEC_VERSION:
         raise SpecError([("spec_version", f"version {version} is newer than this ditkit "
                           f"understands ({SPEC_VERSION}); upgrade ditkit")])
@@ -57,7 +57,7 @@ def migrate(data: dict) -> dict:
 # validation errors -> field paths
 
 
-def _path(loc: tuple, model: type[BaseModel] | None = None) -> str:
+def _path(loc: tuple[Any, ...], model: type[BaseModel] | None = None) -> str:
     """``('levels', 0, 'attention', 'neighborhood', 'kernel_size')`` ->
     ``levels[0].attention.kernel_size`` (union tags and pydantic's internal steps dropped)."""
     out = ""
@@ -90,7 +90,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model that owns ``loc[-1]`` (for did-you-mean suggestions)."""
     candidates: list[type[BaseModel]] = [model]
     for part in loc[:-1]:
@@ -121,8 +121,9 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             issues.append((_path(loc, model), f"unknown key `{name}`{hint}"))
         elif typ == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            issues.append((_path(loc, model) + ".kind", f"unknown kind {ctx.get('tag')!r}; use one of "
-                           f"{ctx.get('expected_tags')}"))
+            issues.append(
+                (_path(loc, model) + ".kind", f"unknown kind {ctx.get('tag')!r}; use one of "
+                 f"{ctx.get('expected_tags')}"))
         elif typ == "union_tag_not_found":
             issues.append((_path(loc, model), "missing `kind`; every variant needs one, e.g. "
                            "`{kind: ...}` (see `ditkit schema`)"))
@@ -165,7 +166,7 @@ def validate(data: Any, model: type[T] = ModelSpec, source: str = "spec") -> T: 
 # YAML without silent surprises: a key written twice is an error, not "the last one wins"
 
 
-class DuplicateKeyError(yaml.constructor.ConstructorError):
+class DuplicateKeyError(yaml.constructor.ConstructorError):  # type: ignore[misc]  # PyYAML: no stubs
     """A mapping holds the same key twice (YAML would keep the last one silently)."""
 
     def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
@@ -175,15 +176,15 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
                          "remove one of them", second)
 
     def __str__(self) -> str:
-        return self.problem
+        return str(self.problem)
 
 
-class StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no stubs
     """PyYAML's ``SafeLoader`` (plain data, nothing constructed from tags) that refuses a key
     written twice in one mapping, naming both lines. Keys brought in by a merge (``<<:``) may
     be overridden, as YAML intends."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, yaml.Mark] = {}
             for key_node, _ in node.value:
@@ -200,7 +201,8 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _first_duplicate(node, path: str = "", seen: set | None = None):
+def _first_duplicate(node: Any, path: str = "", seen: set[int] | None = None
+                     ) -> tuple[str, Any, Any, Any] | None:
     """``(field path, key, first mark, second mark)`` of the first key written twice in a
     composed YAML node tree, or ``None`` (merge keys excepted; aliases visited once)."""
     seen = set() if seen is None else seen
@@ -208,7 +210,7 @@ def _first_duplicate(node, path: str = "", seen: set | None = None):
         return None
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        keys: dict = {}
+        keys: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
@@ -352,8 +354,9 @@ def read_text(path: str | Path, what: str = "spec") -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise SpecError([("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
-                              f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
+        raise SpecError(
+            [("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
+                  f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
     if "\0" in text:
         raise SpecError([("", f"not a text file (it contains NUL bytes); a {what} file is "
                               "YAML or JSON text")], str(path))
@@ -372,7 +375,7 @@ def not_regular(mode: int) -> str | None:
     return next((text for test, text in _NOT_REGULAR if test(mode)), "not a regular file")
 
 
-def check_regular(path: str | os.PathLike, what: str = "input") -> None:
+def check_regular(path: str | os.PathLike[str], what: str = "input") -> None:
     """Refuse (:class:`SpecError`, exit 2) a ``path`` that exists but is not a regular file
     (a FIFO, a device, a socket, a folder): reading one would block forever or never end.
     Symbolic links to regular files are fine; a missing file is left to the caller."""
@@ -386,7 +389,7 @@ def check_regular(path: str | os.PathLike, what: str = "input") -> None:
                               "plain file")], str(path))
 
 
-def open_regular(path: str | os.PathLike, what: str = "input"):
+def open_regular(path: str | os.PathLike[str], what: str = "input") -> BinaryIO:
     """``open(path, "rb")`` for a regular file only. The file is opened non-blocking and its
     type checked on the open descriptor, so a FIFO (or a file swapped for one after a check)
     never blocks: it is a :class:`SpecError` naming what it is."""
@@ -413,11 +416,11 @@ def load(path: str | Path, model: type[T] = ModelSpec) -> T:  # type: ignore[ass
 # dumping: only what differs from the defaults, but always the `kind` of a variant
 
 
-def to_data(spec: BaseModel, full: bool = False) -> dict:
+def to_data(spec: BaseModel, full: bool = False) -> dict[str, Any]:
     """Plain JSON-compatible data. ``full=False`` keeps what was written (explicitly set fields,
     values differing from the default, every ``kind`` so unions still load) and drops the
     implied defaults: the readable form presets use. ``full=True`` writes every field."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     fields = type(spec).model_fields
     first = [n for n in ("kind", "d_model", "encoder", "middle", "decoder") if n in fields]
     order = first + [n for n in fields if n not in first]
@@ -437,7 +440,7 @@ def _is_default(field: Any, value: Any) -> bool:
         return False
     else:
         default = field.default
-    return value == default
+    return bool(value == default)
 
 
 def _plain(value: Any, full: bool) -> Any:
@@ -453,7 +456,7 @@ def dumps(spec: BaseModel, format: str = "yaml", full: bool = False) -> str:
     if format == "json":
         return json.dumps(data, indent=2) + "\n"
     if format == "yaml":
-        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
     raise ValueError(f"format must be 'yaml' or 'json', got {format!r}")
 
 
@@ -464,7 +467,7 @@ def dump(spec: BaseModel, path: str | Path, full: bool = False) -> None:
     write_atomic(path, dumps(spec, fmt, full).encode())
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """``data`` into ``path`` all or nothing, through the ground floor's
     :func:`ditkit.files.atomic_path` (a unique temporary name created exclusively, so a
     planted symlink is never followed; synced, then renamed over ``path``)."""
@@ -474,7 +477,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 
-def json_schema(model: type[BaseModel] = ModelSpec) -> dict:
+def json_schema(model: type[BaseModel] = ModelSpec) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema.setdefault("title", model.__name__)
@@ -482,7 +485,7 @@ def json_schema(model: type[BaseModel] = ModelSpec) -> dict:
 
 
 __all__ = [
-    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data", "json_schema",
-    "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader", "DuplicateKeyError",
-    "check_regular", "open_regular", "write_atomic",
+    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data",
+    "json_schema", "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader",
+    "DuplicateKeyError", "check_regular", "open_regular", "write_atomic",
 ]

@@ -90,7 +90,8 @@ def _limits_on() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None) -> float:
+def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None
+                                ) -> float:
     """A lower bound of the activation memory one training sample needs: every block keeps at
     least its input and its output (fp32) for the backward pass."""
     grids = spec.token_grids(resolution)
@@ -159,7 +160,8 @@ def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
     return issues
 
 
-def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str) -> list[tuple[str, str]]:
+def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str
+                      ) -> list[tuple[str, str]]:
     """The token limit for a resolution asked for at run time (``--resolution``)."""
     if not limits_enabled():
         return []

@@ -21,7 +21,6 @@ from .components import (
     FNONoise,
     FourierNoise,
     SinusoidalNoise,
-    LinearSkip,
     Merge,
     NoCrossAttention,
     MemoryCrossAttention,

@@ -8,12 +8,15 @@ variance-exploding convention ``x = x0 + sigma * eps`` unless a field says other
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, Union, get_args
 
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       TypeAdapter, model_validator)
 
 from .components import Spec
+
+if TYPE_CHECKING:
+    from .model import ModelSpec
 
 # ---------------------------------------------------------------- noise-level sampling (train)
 
@@ -67,12 +70,15 @@ class ObjectiveSpec(Spec):
     """What every objective variant answers about the model it trains (the spec-level half of
     an objective; ``ditkit.runtime.objectives`` holds the torch half)."""
 
+    if TYPE_CHECKING:  # every variant declares its own ``kind`` literal (not a base field)
+        kind: str
+
     @property
     def predicts_variance(self) -> bool:
         """The network also outputs a learned variance (a second set of channels)."""
         return False
 
-    def model_issues(self, model) -> list[tuple[str, str]]:
+    def model_issues(self, model: ModelSpec) -> list[tuple[str, str]]:
         """``[(field path, message)]`` where ``model`` (a ``ModelSpec``) cannot be trained
         with this objective."""
         if model.head.learned_sigma and not self.predicts_variance:
@@ -104,7 +110,8 @@ class EDMObjective(ObjectiveSpec):
     def _range(self) -> "EDMObjective":
         if (self.sigma_min is None) != (self.sigma_max is None):
             raise ValueError("sigma_min and sigma_max: give both or neither")
-        if self.sigma_min is not None and not self.sigma_min < self.sigma_max:
+        if (self.sigma_min is not None and self.sigma_max is not None
+                and not self.sigma_min < self.sigma_max):
             raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max "
                              f"{self.sigma_max}")
         return self
@@ -131,7 +138,7 @@ class DDPMObjective(ObjectiveSpec):
     def predicts_variance(self) -> bool:
         return self.learned_sigma
 
-    def model_issues(self, model) -> list[tuple[str, str]]:
+    def model_issues(self, model: ModelSpec) -> list[tuple[str, str]]:
         out = []
         if model.conditioning.noise.kind != "sinusoidal":
             out.append(("model.conditioning.noise.kind", "the ddpm_eps objective feeds integer "
@@ -185,7 +192,7 @@ class VObjective(ObjectiveSpec):
 Objective = Annotated[Union[EDMObjective, DDPMObjective, X0Objective, FlowObjective, VObjective],
                       Field(discriminator="kind")]
 
-_ADAPTER: TypeAdapter = TypeAdapter(Objective)
+_ADAPTER: TypeAdapter[ObjectiveSpec] = TypeAdapter(Objective)
 
 OBJECTIVE_KINDS: tuple[str, ...] = tuple(
     cls.model_fields["kind"].default for cls in get_args(get_args(Objective)[0]))

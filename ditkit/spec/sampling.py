@@ -14,7 +14,7 @@ import math
 from typing import Any, Literal
 
 from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
-                      model_validator)
+                      model_validator, ValidationInfo)
 
 from ditkit.errors import UserError
 from ditkit.spec.components import Spec
@@ -158,7 +158,7 @@ class Sampling(Spec):
 
     @field_validator("sampler", "schedule", mode="before")
     @classmethod
-    def _known_name(cls, value, info):
+    def _known_name(cls, value: Any, info: ValidationInfo) -> Any:
         names = SAMPLERS if info.field_name == "sampler" else SCHEDULES
         if isinstance(value, str) and value not in names:
             raise ValueError(f"unknown {info.field_name} {value!r}; choose one of "
@@ -167,7 +167,7 @@ class Sampling(Spec):
 
     @field_validator("sigma_min", "sigma_max", "cfg_scale", mode="before")
     @classmethod
-    def _finite(cls, value, info):
+    def _finite(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if info.field_name == "cfg_scale" and not math.isfinite(value):
                 raise ValueError("must be a finite number (1 = no guidance)")
@@ -177,13 +177,13 @@ class Sampling(Spec):
 
     @field_validator("cfg_interval")
     @classmethod
-    def _interval_ordered(cls, value):
+    def _interval_ordered(cls, value: Any) -> Any:
         if value is not None and not 0 <= value[0] < value[1]:
             raise ValueError("need 0 <= lo < hi (two sigmas), e.g. [0.3, 5]")
         return value
 
     @model_validator(mode="after")
-    def _sigmas_ordered(self):
+    def _sigmas_ordered(self) -> Sampling:
         if (self.sigma_min is not None and self.sigma_max is not None
                 and not self.sigma_min < self.sigma_max):
             raise ValueError(f"sigma_min: must be below sigma_max {self.sigma_max}; swap them "
@@ -223,7 +223,7 @@ class Sampling(Spec):
         data.update(changes)
         return validate(data, cls, source)
 
-    def recorded(self) -> dict:
+    def recorded(self) -> dict[str, Any]:
         """Every setting as JSON data (what an ``.npz`` and a report record)."""
         data = self.model_dump(mode="json")
         data["cfg_interval"] = list(self.cfg_interval) if self.cfg_interval else None
@@ -254,8 +254,8 @@ class Sampling(Spec):
         return out
 
 
-PREVIEW_SAMPLING = {"steps": 20, "seed": 0}
-EVALUATION_SAMPLING = {"steps": 20, "seed": 1}
+PREVIEW_SAMPLING: dict[str, Any] = {"steps": 20, "seed": 0}
+EVALUATION_SAMPLING: dict[str, Any] = {"steps": 20, "seed": 1}
 """The settings an experiment's previews and evaluations start from (:class:`Sampling` fills
 in the rest); an experiment's ``sampling:`` mapping changes only the keys it names."""
 EVALUATION_DEFAULTS = Sampling(**EVALUATION_SAMPLING)

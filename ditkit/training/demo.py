@@ -13,10 +13,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.spec.sampling import Sampling
+
+if TYPE_CHECKING:
+    from ditkit.evaluate.classifier import LabelReport
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_EXPERIMENT = ASSETS / "demo-digits.yaml"
@@ -24,12 +28,13 @@ DEMO_EXPERIMENT = ASSETS / "demo-digits.yaml"
 
 @dataclass
 class DemoResult:
-    report: object  # ditkit.evaluate.classifier.EvalReport
+    report: LabelReport
     checkpoint: Path
     out: Path
     wall_s: float
     train_s: float
-    unguided: object = None  # the same evaluation without guidance (cfg 1), when it differs
+    # the same evaluation without guidance (cfg 1), when it differs
+    unguided: LabelReport | None = None
 
 
 def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
@@ -80,6 +85,7 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
         f"-> {out}")
     result = train(exp, out, progress=progress, device="cpu")
     t_train = time.perf_counter() - t_start
+    assert result.checkpoint is not None  # a finished run ends with a checkpoint
 
     ev = exp.evaluation
     if result.evaluation is None:  # train() runs the experiment's evaluation block
@@ -103,7 +109,7 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
     return DemoResult(report, result.checkpoint, out, wall, t_train, unguided)
 
 
-def _evaluate_unguided(exp, checkpoint: Path, progress: bool):
+def _evaluate_unguided(exp, checkpoint: Path, progress: bool) -> LabelReport:
     """The experiment's evaluation (same count, sampler, steps and seed) at guidance scale 1."""
     from ditkit.builder import use_backend
     from ditkit.runtime.checkpoint import load_model

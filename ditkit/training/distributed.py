@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ditkit.spec.experiment import Experiment
 
-FULL = dict(full_state_dict=True, cpu_offload=True)
+FULL: dict[str, Any] = dict(full_state_dict=True, cpu_offload=True)
 
 
 class Placement:
@@ -73,10 +74,11 @@ class Placement:
     def no_sync(self, net: nn.Module, last: bool):
         """Context for one micro-batch's backward: skip the gradient reduction unless it is
         the last micro-batch of the step (gradient accumulation)."""
+        # DDP's and FSDP2's own methods, reached through nn.Module's (untyped) __getattr__
         if self.strategy == "ddp" and not last:
-            return net.no_sync()
+            return net.no_sync()  # type: ignore[operator]
         if self.strategy == "fsdp2":
-            net.set_requires_gradient_sync(last)
+            net.set_requires_gradient_sync(last)  # type: ignore[operator]
         return contextlib.nullcontext()
 
     def clip_gradients(self, model: nn.Module, max_norm: float | None) -> float:
@@ -85,7 +87,7 @@ class Placement:
         if max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         return float(_full(norm))
 
     # ------------------------------------------------------------------ state dicts
@@ -150,7 +152,8 @@ class Placement:
 
         # every rank gathers the whole state (no cpu_offload: not only rank 0)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        return model_hash({k: v.cpu() for k, v in state.items()})
+        # a model state dict holds tensors (torch types its values as any state value)
+        return model_hash({k: v.cpu() for k, v in state.items()})  # type: ignore[union-attr]
 
 
 def shard(model: nn.Module, **options) -> nn.Module:

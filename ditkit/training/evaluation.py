@@ -16,12 +16,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from ditkit.spec.experiment import Experiment
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ditkit.evaluate.classifier import ImageClassifier
+    from ditkit.evaluate.fid import FIDInception
 
 from ditkit.training.checkpoints import write_json
 
@@ -46,7 +53,10 @@ class RunEvaluation:
         self.fields = (LABEL_FIELDS if self.labelled else []) + (
             REFERENCE_FIELDS if self.ev.reference else [])
         self.history: list[dict] = []
-        self._net = self._decode = self._ref = self._clf = None
+        self._net: FIDInception | None = None
+        self._decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._ref: np.ndarray | None = None
+        self._clf: ImageClassifier | None = None
         if rank == 0:
             self._check()
             if resume_step is not None:
@@ -104,6 +114,7 @@ class RunEvaluation:
                  self.run / SAMPLES_FILE)
         metrics: dict = {}
         if self.labelled:
+            assert labels is not None  # drawn for n_classes
             metrics.update(self._labels(images, labels))
         if ev.reference is not None:
             metrics.update(self._reference(images))
@@ -120,7 +131,7 @@ class RunEvaluation:
 
         if self._clf is None:
             data = self.exp.data
-            self._clf = classifier_for(data.kind, tuple(self.exp.model_spec.input.resolution),
+            self._clf = classifier_for(data.kind, self.exp.model_spec.input.resolution,
                                        getattr(data, "classes", 10))
         r = evaluate_samples(self._clf, images, labels)
         return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
@@ -130,6 +141,7 @@ class RunEvaluation:
         from ditkit.evaluate.fid import compare_features, source_features, to_inception_input
 
         ev = self.ev
+        assert self._net is not None and ev.reference is not None  # loaded by _check
         if self._ref is None:
             self._ref = source_features(self._net, ev.reference, ev.batch, str(self.device),
                                         progress=False)

@@ -48,6 +48,7 @@ class Plan:
 
     def to_json(self, exp: Experiment) -> dict:
         ft = exp.finetune
+        assert ft is not None  # a fine-tuning run's record
         return {"checkpoint": ft.checkpoint, "policy": S.to_data(ft.policy),  # as written
                 "resolution": list(exp.model_spec.input.resolution),
                 "patterns": list(ft.trainable), "trainable": self.trainable,
@@ -146,7 +147,7 @@ def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
                                 "applied to source_model; the experiment file was edited")],
                               "finetune")
     meta_source = build(source, device="meta").state_dict()
-    record = adapt(source, meta_source, ft.policy, tuple(target.input.resolution),
+    record = adapt(source, meta_source, ft.policy, target.input.resolution,
                    device="meta").record
     names = [n for n, _ in build(target, device="meta").named_parameters()]
     chosen: set[str] = set()
@@ -176,10 +177,12 @@ def apply(model: nn.Module, exp: Experiment, plan: Plan, *, load_weights: bool,
     from ditkit.runtime.extrapolate import adapt
 
     ft = exp.finetune
+    # resolved by prepare(): a finetune section that names its source model
+    assert ft is not None and ft.source_model is not None
     if load_weights:
         ckpt = load_checkpoint(ft.checkpoint)
         adapted = adapt(ft.source_model, ckpt.tensors, ft.policy,
-                        tuple(exp.model_spec.input.resolution), seed=seed)
+                        exp.model_spec.input.resolution, seed=seed)
         model.load_state_dict(adapted.tensors)
     keep = set(plan.trainable)
     n_train = 0

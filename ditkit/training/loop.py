@@ -11,7 +11,8 @@ The run folder::
     run/scalars.csv            step, loss, lr, grad_norm, img/s (+ objective extras)
     run/tensorboard/           the same scalars (when the tensorboard package is installed)
     run/previews/step-*.png    EMA samples with a fixed seed (one column per class)
-    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle), experiment.yaml (atomic)
+    run/checkpoints/step-*/    model + EMA safetensors, state.json + state.safetensors (no pickle),
+                               experiment.yaml (atomic)
     run/experiment.yaml        the resolved experiment
     run/loss.png               the loss curve, written at the end
     run/summary.json           final step, wall time, throughput, checkpoint, rank fingerprints
@@ -80,7 +81,7 @@ class _StopSignals:
     signal of the same kind kills at once (the default action). Installed only in the main
     thread (Python delivers signals there); the previous handlers come back on exit."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import signal
         import threading
 
@@ -172,9 +173,10 @@ def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
         groups.setdefault((NO_DECAY not in t, MAPPING in t), []).append(p)
     out = []
     for (decay, mapping), params in sorted(groups.items()):
-        out.append({"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
-                    "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
-                    "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
+        out.append(
+            {"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
+             "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
+             "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
     return out
 
 
@@ -200,8 +202,8 @@ def ema_decay(ema: S.experiment.EMA, step: int) -> float:
 def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema_model.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema_model.buffers(), model.buffers()):
-        e.copy_(b)
+    for eb, b in zip(ema_model.buffers(), model.buffers()):
+        eb.copy_(b)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -353,7 +355,7 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
     # destructor race ended a rank with "terminate called without an active exception")
     owns_group = tdist.is_available() and not tdist.is_initialized()
     try:
-        result = _train(exp, run, resume=resume, progress=progress, data_base=data_base,
+        result = _train(exp, run, resume=bool(resume), progress=progress, data_base=data_base,
                         stop_after=stop_after, device=device, allow_changes=allow_changes,
                         done=done)
     except BaseException:
@@ -372,7 +374,8 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
 
 
 def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
-           data_base: Path | None, stop_after: int | None, device: str | None,
+           data_base: Path | None, stop_after: int | None,
+           device: str | torch.device | None,
            allow_changes: bool, done: dict) -> TrainResult:
     from tqdm import tqdm
 
@@ -382,7 +385,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     from ditkit.device import pick_device
 
     try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
-        device = pick_device(device if device is not None else "auto")
+        device = pick_device(str(device) if device is not None else "auto")
     except UserError as err:
         raise TrainingSetupError(str(err)) from None
     dist_info = init_distributed(exp, device)
@@ -465,12 +468,13 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                desc=exp.name, unit="it", dynamic_ncols=True)
     result = TrainResult(run, start_step)
     t0 = time.perf_counter()
-    last_ckpt: Path | None = C.latest_checkpoint(ckpt_root)[1] if resume else None
+    latest = C.latest_checkpoint(ckpt_root) if resume else None  # checked above on resume
+    last_ckpt: Path | None = latest[1] if latest is not None else None
     result.checkpoint = last_ckpt
     window_t, window_imgs = time.perf_counter(), 0
     model.train()
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Path | None:  # None on ranks other than 0
         gens = _gather([gen.get_state()], world)
         rngs = _gather([torch.get_rng_state()], world)
         model_state, ema_state, opt_state = placement.full_state(model, ema_model, optimizer)
@@ -521,6 +525,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 now = time.perf_counter()
                 ips = window_imgs / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, 0
+                assert scalars is not None  # rank 0 writes them
                 scalars.write({"step": step, "loss": loss_value, "lr": opt_spec.lr * factor,
                                "grad_norm": gnorm, "img_per_s": ips, **extras_sum})
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
@@ -530,6 +535,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             if exp.preview.every and step % exp.preview.every == 0 or step == tr.steps:
                 sampler_model = placement.sampling_model(ema_model, lambda: build(spec))
                 if rank == 0:
+                    assert sampler_model is not None  # rank 0 samples
                     preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
                             device)
             if evaluation is not None and evaluation.due(step, tr.steps):

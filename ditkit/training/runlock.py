@@ -31,7 +31,8 @@ class RunLock:
     """The held lock of one run folder; :meth:`release` (or process exit) frees it."""
 
     def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
+        self.path = path
+        self._fd: int | None = fd
 
     def release(self) -> None:
         if self._fd is not None:

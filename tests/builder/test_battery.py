@@ -3,8 +3,9 @@
 Every tiny example (each family's small model) goes through the same checks, each its own test
 so one failure hides no other: its parameter count is what ``describe`` reports, level by level;
 the forward pass has the right shape at two resolutions; a checkpoint round trip gives
-bit-identical outputs; every neighborhood backend gives the same output; and (``-m slow``) its ONNX export passes the parity
-check. Every example spec at full size builds on the meta device with the same accounting.
+bit-identical outputs; every neighborhood backend gives the same output; and (``-m slow``) its
+ONNX export passes the parity check. Every example spec at full size builds on the meta device
+with the same accounting.
 The class-conditioned tiny models (MDiT's class token in cross-attention, MPDiT's prefix class
 tokens) learn to separate two labels, and an omitted label is the null class."""
 

@@ -48,7 +48,8 @@ def test_dit_xl_2(families):
     assert "+ sincos pos." in d.element("patch").lines
     assert "+ learned σ" in d.element("head").lines
     assert d.element("output").lines == ("output", "32×32×8")  # eps and sigma
-    # DiT paper, Table 4: DiT-XL/2 675M params, 118.64 Gflops (docs/spec/index.md: 675,129,632 / 118.62)
+    # DiT paper, Table 4: DiT-XL/2 675M params, 118.64 Gflops
+    # (docs/spec/index.md: 675,129,632 / 118.62)
     assert d.subtitle.startswith("675.1M params · 118.6 GMACs")
 
 

@@ -63,7 +63,7 @@ def test_cfg_channels(tmp_path, hdit_spec, hdit_model):
     C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
                       metadata={"ditkit.cfg_channels": "three"})
     with pytest.raises(ValueError, match="ditkit.cfg_channels='three' is not an integer"):
-        C.load_checkpoint(path).cfg_channels
+        _ = C.load_checkpoint(path).cfg_channels
 
 
 def test_metadata_layout_is_documented_json(tmp_path, hdit_spec, hdit_model):

@@ -20,7 +20,7 @@ from ditkit.spec.diff import diff
 from ditkit.spec.presets import preset
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
-from diffusers import DiTTransformer2DModel
+DiTTransformer2DModel = diffusers.DiTTransformer2DModel
 
 
 def _tiny(learned_sigma=True, classes=10, **block) -> S.ModelSpec:

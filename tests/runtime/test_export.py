@@ -7,7 +7,6 @@ import json
 
 import onnx
 import pytest
-import torch
 
 from ditkit import spec as S
 from ditkit.builder import build

@@ -167,7 +167,9 @@ def test_every_sampling_flag_reaches_the_npz_and_its_resume_settings(grey_ckpt, 
     args = dict(num=4, shape=(1, 8, 8), steps=2, sampler="euler", batch=2, progress=False,
                 sigma_min=0.5, sigma_max=5.0)
 
-    def stop_on_second(x, calls=[]):
+    calls = []
+
+    def stop_on_second(x):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from ditkit import spec as S
 from tests.conftest import ROOT, example_specs
@@ -34,7 +35,7 @@ def test_presets_equal_python_helpers():
     for name, fn in PRESETS.items():
         path = preset_path(name)
         assert S.load(path) == fn(), f"{path} differs from ditkit.spec.presets[{name!r}]"
-        assert path.read_text() == render(name), f"rerun `python tools/write_presets.py`"
+        assert path.read_text() == render(name), "rerun `python tools/write_presets.py`"
 
 
 def test_python_spec_example_equals_its_yaml():
@@ -58,7 +59,7 @@ def test_schema_file_is_current_and_describes_kinds():
 
 def test_spec_is_frozen_and_hashable_data():
     spec = S.hdit_imagenet_128()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.name = "x"
     assert spec == S.hdit_imagenet_128()
     assert spec != S.hdit_imagenet_256()

@@ -63,9 +63,9 @@ def test_digits_evaluation_every_n_steps_resumes_and_leaves_training_alone(tmp_p
 
 def test_reference_fid_precision_recall_equal_ditkit_evaluate(tmp_path, capsys):
     weights = _random_weights(tmp_path / "inception.pth")
-    images, _ = digits_tensor((8, 8))
+    digits, _ = digits_tensor((8, 8))
     ref = tmp_path / "ref.npz"
-    write_npz(ref, iter([to_uint8(images[:5])]), 5)
+    write_npz(ref, iter([to_uint8(digits[:5])]), 5)
     exp = tiny_experiment(steps=2, evaluation={"enabled": True, "count": 4, "steps": 2,
                                                "reference": str(ref),
                                                "inception": str(weights), "batch": 3})
@@ -112,7 +112,7 @@ def _rgb_model() -> dict:
     return {**tiny_model(), "input": {"channels": 3, "resolution": [8, 8]}}
 
 
-def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):
+def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):  # noqa: F811 (fixtures)
     from PIL import Image
 
     from .test_latents import _latent_exp_data

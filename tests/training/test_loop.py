@@ -62,6 +62,7 @@ def test_run_writes_checkpoints_previews_scalars_and_plot(tmp_path):
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     exp = tiny_experiment("edm", steps=10, checkpoint={"every": 4}, training={"accumulate": 2})
     full = train(exp, tmp_path / "full", progress=False)
+    assert full.step == 10
     part = train(exp, tmp_path / "part", progress=False, stop_after=6)  # ckpt at 4, stop at 6
     assert part.step == 6
     with pytest.raises(TrainingError, match="already holds checkpoints"):
@@ -142,7 +143,7 @@ def test_param_groups_and_lr_schedule():
     model = build(exp.model_spec)
     groups = {g["name"]: g for g in param_groups(model, exp.optimizer)}
     names = {id(p): n for n, p in model.named_parameters()}
-    for name, g in groups.items():
+    for g in groups.values():
         for p in g["params"]:
             n = names[id(p)]
             no_decay = p.ndim < 2 or "class_embed" in n or n.endswith("scale")

@@ -44,13 +44,14 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ditkit import spec as S
 
-from ditkit.runtime.convert.remap import ConversionError, ConversionInputError, Remap, check_heads, compact, expected_shapes  # noqa: F401
+from ditkit.runtime.convert.remap import (  # noqa: F401
+    ConversionError, ConversionInputError, Remap, check_heads, compact, expected_shapes)
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
@@ -110,6 +111,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     if not path.is_file():
         raise ConversionInputError(f"{path}: no such file")
     meta: dict[str, str] = {}
+    obj: Any  # a state dict, or a dict of them (checked below)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -126,9 +128,10 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ConversionInputError(f"{path}: cannot be read safely with torch.load(weights_only=True) "
-                                       f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); re-save "
-                                       "it as a plain state dict or as .safetensors") from None
+            raise ConversionInputError(
+                f"{path}: cannot be read safely with torch.load(weights_only=True) "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); re-save "
+                "it as a plain state dict or as .safetensors") from None
     if not isinstance(obj, Mapping):
         raise ConversionInputError(f"{path}: expected a state dict or a dict of them, got "
                                    f"{type(obj).__name__}")
@@ -147,14 +150,16 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
         if chosen is None:
             entries = ", ".join(f"{k!r}" for k in obj)
             want = f"entry {key!r}" if key else "one of " + ", ".join(preferred)
-            raise ConversionInputError(f"{path}: a dict with entries {entries} but no {want} holding "
-                                       "a state dict; pick one with --key")
+            raise ConversionInputError(
+                f"{path}: a dict with entries {entries} but no {want} holding "
+                "a state dict; pick one with --key")
         obj = obj[chosen]
         meta["ditkit.source_key"] = chosen
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped = [k for k in obj if k not in state]
     if dropped:
-        raise ConversionInputError(f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}")
+        raise ConversionInputError(
+            f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}")
     for prefix in ("_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -203,8 +208,9 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     preferred = getattr(mod, "PREFERRED_KEYS", DEFAULT_PREFERRED_KEYS)
     state, meta = read_source(path, preferred, key)
     if "ditkit.spec" in meta:
-        raise ConversionInputError(f"{path} is already a ditkit checkpoint (it carries its spec); use it "
-                                   f"as it is, or write it in another format with --to {source}")
+        raise ConversionInputError(
+            f"{path} is already a ditkit checkpoint (it carries its spec); use it "
+            f"as it is, or write it in another format with --to {source}")
     tensors, spec = convert_state(source, state, meta, **hints)
     extra = {"ditkit.converted_from": source, "ditkit.source_file": Path(path).name}
     if "ditkit.source_key" in meta:
@@ -246,6 +252,6 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         raise ConversionInputError(f"{out}: use a .safetensors or .pt/.pth file name")
 
 
-__all__ = ["ConversionError", "ConversionInputError", "Remap", "check_heads", "conversion_hash", "expected_shapes",
-           "read_source", "source_module", "source_names", "convert_state", "convert", "export",
-           "DEFAULT_PREFERRED_KEYS"]
+__all__ = ["ConversionError", "ConversionInputError", "Remap", "check_heads", "conversion_hash",
+           "expected_shapes", "read_source", "source_module", "source_names", "convert_state",
+           "convert", "export", "DEFAULT_PREFERRED_KEYS"]

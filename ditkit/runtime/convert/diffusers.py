@@ -38,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -54,7 +55,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 FREQUENCY_DIM = 256  # CombinedTimestepLabelEmbeddings: Timesteps(num_channels=256, ...)
 FIXED_EPS = 1e-6  # AdaLayerNormZero's norm and norm_out
-_ACTIVATIONS = {"gelu-approximate": "tanh", "gelu": "none"}
+_ACTIVATIONS: dict[str, Literal["tanh", "none"]] = {"gelu-approximate": "tanh", "gelu": "none"}
 # config keys and the one value ditkit can express (the class's defaults where they are)
 _FIXED = {"norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
           "attention_bias": True, "dropout": 0.0}
@@ -153,6 +154,8 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
     ffn = blk.ffn
     activation = ("gelu" if isinstance(ffn, S.GeluMLP) and ffn.approximate == "none"
                   else "gelu-approximate")
+    classes = spec.conditioning.classes
+    assert classes is not None  # _check_shape: DiT is class-conditional
     config = {
         "_class_name": CLASS_NAME,
         "num_attention_heads": spec.levels[0].d_model // blk.d_head,
@@ -166,7 +169,7 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
         "sample_size": spec.input.resolution[0],
         "patch_size": S.pair(spec.patch.size)[0],
         "activation_fn": activation,
-        "num_embeds_ada_norm": spec.conditioning.classes.count,
+        "num_embeds_ada_norm": classes.count,
         "upcast_attention": False,
         "norm_type": "ada_norm_zero",
         "norm_elementwise_affine": False,
@@ -285,6 +288,7 @@ def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
     grid = spec.token_grids()[0]
     d_model = spec.levels[0].d_model
     like = state.get("proj_out_2.weight")
+    assert isinstance(spec.position, S.SincosPosition)  # a DiT-layout spec (checked)
     table = sincos_table(*grid, d_model, spec.position.max_period)
     r.put("position.table", table.to(like.dtype if like is not None else table.dtype),
           "(regenerated: diffusers keeps it as a non-persistent buffer)")
@@ -318,6 +322,7 @@ def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
                     r.put(src, tensors[dst].clone())
     table = r.take("position.table")
     if table is not None:
+        assert isinstance(spec.position, S.SincosPosition)  # a DiT-layout spec (checked)
         want = sincos_table(*spec.token_grids()[0], spec.levels[0].d_model,
                             spec.position.max_period).to(table.dtype)
         if table.shape != want.shape or not torch.equal(table, want):

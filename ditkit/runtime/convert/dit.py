@@ -54,8 +54,9 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
             "blocks.0.mlp.fc1.weight"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise ConversionInputError("not a DiT state dict (missing " + ", ".join(missing) + "); pass "
-                                   "--preset NAME to name the spec, or check --from")
+        raise ConversionInputError(
+            "not a DiT state dict (missing " + ", ".join(missing) + "); pass "
+            "--preset NAME to name the spec, or check --from")
     w = state["x_embedder.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
         raise ConversionInputError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is "
@@ -68,24 +69,27 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     depth = _block_count(state)
     if n_heads is None:
         if d_model not in _WIDTH_HEADS:
-            raise ConversionInputError(f"cannot infer the number of heads of a width-{d_model} DiT from its "
-                                       "weights (the qkv shape does not depend on it); pass --heads N (or "
-                                       "--preset NAME)")
+            raise ConversionInputError(
+                f"cannot infer the number of heads of a width-{d_model} DiT from its "
+                "weights (the qkv shape does not depend on it); pass --heads N (or "
+                "--preset NAME)")
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "DiT")
     ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / d_model
     out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out not in (channels, 2 * channels):
-        raise ConversionInputError(f"final_layer.linear produces {out} channels per pixel; DiT's is "
-                                   f"{channels} or {2 * channels} (learned sigma)")
+        raise ConversionInputError(
+            f"final_layer.linear produces {out} channels per pixel; DiT's is "
+            f"{channels} or {2 * channels} (learned sigma)")
     cond = S.Conditioning()
     table = state.get("y_embedder.embedding_table.weight")
     if table is not None:
         rows = int(table.shape[0])
         count = classes if classes is not None else rows - 1
         if rows not in (count, count + 1):
-            raise ConversionInputError(f"y_embedder has {rows} rows; with --classes {count} it needs "
-                                       f"{count} or {count + 1} (with the null label)")
+            raise ConversionInputError(
+                f"y_embedder has {rows} rows; with --classes {count} it needs "
+                f"{count} or {count + 1} (with the null label)")
         cond = S.Conditioning(classes=S.Classes(count=count, null_class=rows == count + 1))
     size = next((s for s, (d, w_, h) in DIT_SIZES.items()
                  if (d, w_, h) == (depth, d_model, n_heads)), None)
@@ -149,7 +153,8 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("DiT's timestep embedding has conditioning.noise.frequency_shift 0 "
                         "(this model uses diffusers' shifted one)")
     if problems:
-        raise ConversionInputError(f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
+        raise ConversionInputError(
+            f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:

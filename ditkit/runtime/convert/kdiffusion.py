@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from typing import Literal
 
 import torch
 
@@ -38,8 +39,8 @@ from .remap import Concat, ConversionInputError, Derived, Move, expected_shapes
 SOURCE = "k-diffusion"
 PREFERRED_KEYS = ("model_ema", "model")
 
-_ATTN_KIND = {"global": "global", "neighborhood": "neighborhood",
-              "shifted-window": "shifted_window"}
+_ATTN_KIND: dict[str, Literal["neighborhood", "shifted_window", "global"]] = {
+    "global": "global", "neighborhood": "neighborhood", "shifted-window": "shifted_window"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,13 +51,15 @@ def model_config(metadata: dict) -> tuple[dict, int]:
     """``(config["model"] with load_config's defaults filled in, num_classes)`` from the
     ``config`` metadata entry (JSON)."""
     if "config" not in metadata:
-        raise ConversionInputError("no k-diffusion config: the inference safetensors keeps it in its "
-                                   "metadata under `config`, a training checkpoint under the `config` "
-                                   "entry; neither is present")
+        raise ConversionInputError(
+            "no k-diffusion config: the inference safetensors keeps it in its "
+            "metadata under `config`, a training checkpoint under the `config` "
+            "entry; neither is present")
     try:
         config = json.loads(metadata["config"])
     except json.JSONDecodeError as err:
-        raise ConversionInputError(f"the k-diffusion `config` metadata is not JSON: {err}") from None
+        raise ConversionInputError(
+            f"the k-diffusion `config` metadata is not JSON: {err}") from None
     model = dict(config.get("model", {}))
     if model.get("type") != "image_transformer_v2":
         raise ConversionInputError(f"config.model.type is {model.get('type')!r}; only "
@@ -80,22 +83,26 @@ def model_config(metadata: dict) -> tuple[dict, int]:
     model.setdefault("sigma_data", 1.0)
     for key in ("depths", "d_ffs", "self_attns", "dropout_rate"):
         if len(model[key]) != n:
-            raise ConversionInputError(f"config.model.{key} has {len(model[key])} entries; widths has {n}")
+            raise ConversionInputError(
+                f"config.model.{key} has {len(model[key])} entries; widths has {n}")
     classes = int(config.get("dataset", {}).get("num_classes", 0) or 0)
     return model, classes
 
 
 def spec_from_config(model: dict, classes: int, name: str = "hdit") -> S.ModelSpec:
     if model["mapping_cond_dim"]:
-        raise ConversionInputError(f"config.model.mapping_cond_dim = {model['mapping_cond_dim']}: an extra "
-                                   "linear mapping input is not supported by ditkit's spec (yet)")
+        raise ConversionInputError(
+            f"config.model.mapping_cond_dim = {model['mapping_cond_dim']}: an extra "
+            "linear mapping input is not supported by ditkit's spec (yet)")
     if model.get("has_variance"):
         raise ConversionInputError("config.model.has_variance = true is not supported")
-    kinds, heads, kernels, windows = [], [], [], []
+    kinds: list[Literal["neighborhood", "shifted_window", "global"]] = []
+    heads, kernels, windows = [], [], []
     for i, sa in enumerate(model["self_attns"]):
         if sa.get("type") not in _ATTN_KIND:
-            raise ConversionInputError(f"config.model.self_attns[{i}].type = {sa.get('type')!r} is not "
-                                       f"supported; use one of {', '.join(_ATTN_KIND)}")
+            raise ConversionInputError(
+                f"config.model.self_attns[{i}].type = {sa.get('type')!r} is not "
+                f"supported; use one of {', '.join(_ATTN_KIND)}")
         kinds.append(_ATTN_KIND[sa["type"]])
         heads.append(int(sa.get("d_head", 64)))
         if sa["type"] == "neighborhood":
@@ -145,8 +152,9 @@ def config_from_spec(spec: S.ModelSpec, sigma_data: float = 1.0, objective=None)
     raises ``ValueError`` naming what k-diffusion cannot express."""
     _check_aug(spec)
     if objective is not None and not isinstance(objective, S.EDMObjective):
-        raise ConversionInputError(f"k-diffusion trains with EDM preconditioning; this checkpoint's "
-                                   f"objective is {objective.kind!r}")
+        raise ConversionInputError(
+            f"k-diffusion trains with EDM preconditioning; this checkpoint's "
+            f"objective is {objective.kind!r}")
     self_attns, d_ffs, dropout = [], [], []
     for i, lvl in enumerate(spec.levels):
         blocks = spec.stack(i, "middle" if i == len(spec.levels) - 1 else "encoder")
@@ -218,8 +226,9 @@ def _training_config(spec: S.ModelSpec, objective, sigma_data: float) -> dict:
         raise ConversionInputError("k-diffusion has no min-snr weighting (only karras, snr, "
                                    "soft-min-snr); this checkpoint's objective uses min_snr")
     if obj.weighting == "soft_min_snr" and not math.isclose(obj.gamma, 1 / sd**2, rel_tol=1e-9):
-        raise ConversionInputError(f"k-diffusion's soft-min-snr is gamma = 1 / sigma_data^2 = {1 / sd**2:g}; "
-                                   f"this checkpoint's objective has gamma {obj.gamma:g}")
+        raise ConversionInputError(
+            f"k-diffusion's soft-min-snr is gamma = 1 / sigma_data^2 = {1 / sd**2:g}; "
+            f"this checkpoint's objective has gamma {obj.gamma:g}")
     from ditkit.runtime.denoiser import NoiseRange
 
     rng = NoiseRange.of(obj)
@@ -273,7 +282,7 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *,
 _WEIGHTINGS = {"karras": "karras", "snr": "snr", "soft-min-snr": "soft_min_snr"}
 
 
-def objective(metadata: dict, spec: S.ModelSpec):
+def objective(metadata: dict, spec: S.ModelSpec | None):  # spec: the interface's; unused
     """The config's training objective, as k-diffusion's ``make_denoiser_wrapper`` and
     ``make_sample_density`` define it: EDM preconditioning with ``sigma_data``; the loss
     weighting (``soft-min-snr`` is ``gamma = 1 / sigma_data^2``); the sigma density
@@ -287,8 +296,9 @@ def objective(metadata: dict, spec: S.ModelSpec):
     sd = float(model["sigma_data"])
     name = model.get("loss_weighting", "karras")
     if name not in _WEIGHTINGS:
-        raise ConversionInputError(f"config.model.loss_weighting {name!r} is not one of k-diffusion's "
-                                   f"{', '.join(_WEIGHTINGS)}")
+        raise ConversionInputError(
+            f"config.model.loss_weighting {name!r} is not one of k-diffusion's "
+            f"{', '.join(_WEIGHTINGS)}")
     if model.get("loss_config", "karras") != "karras":
         warnings.warn(f"config.model.loss_config {model['loss_config']!r}: ditkit records the "
                       "'karras' loss (the same denoiser for sampling; fine-tuning trains a "
@@ -310,9 +320,10 @@ def objective(metadata: dict, spec: S.ModelSpec):
         sizes = model["input_size"]
         size = max(sizes) if isinstance(sizes, (list, tuple)) else sizes
         if density.get("image_d", size) != size:
-            raise ConversionInputError(f"config.model.sigma_sample_density.image_d "
-                                       f"{density['image_d']} differs from the input size {size}; ditkit's "
-                                       "cosine_interpolated density uses the input size")
+            raise ConversionInputError(
+                f"config.model.sigma_sample_density.image_d "
+                f"{density['image_d']} differs from the input size {size}; ditkit's "
+                "cosine_interpolated density uses the input size")
         high = density.get("noise_d_high", size)
         args["sigma_sampling"] = S.CosineInterpolatedSigma(
             sigma_min=density.get("min_value", min(model.get("sigma_min", 1e-3), 1e-3)),
@@ -412,8 +423,9 @@ def _check_aug(spec: S.ModelSpec) -> None:
     aug = aux.get("aug_cond")
     if aug is None or aug.dims != 9 or aug.embed != "fourier":
         have = ("none" if aug is None else f"a {aug.dims}-dimensional {aug.embed} one")
-        raise ConversionInputError("k-diffusion's image_transformer_v2 requires a 9-dimensional aug_cond "
-                                   f"input; this model has {have}")
+        raise ConversionInputError(
+            "k-diffusion's image_transformer_v2 requires a 9-dimensional aug_cond "
+            f"input; this model has {have}")
     others = sorted(set(aux) - {"aug_cond"})
     if others:
         raise ConversionInputError("k-diffusion's image_transformer_v2 has one auxiliary input "
@@ -422,11 +434,13 @@ def _check_aug(spec: S.ModelSpec) -> None:
 
 def _check_family(spec: S.ModelSpec) -> None:
     if not isinstance(spec.conditioning.noise, S.FourierNoise):
-        raise ConversionInputError(f"spec {spec.name!r} is not an HDiT-layout spec (its noise embedding is "
-                                   f"{spec.conditioning.noise.kind!r}, k-diffusion's is 'fourier')")
+        raise ConversionInputError(
+            f"spec {spec.name!r} is not an HDiT-layout spec (its noise embedding is "
+            f"{spec.conditioning.noise.kind!r}, k-diffusion's is 'fourier')")
     if any(not isinstance(b.modulation, S.AdaScale) for _, _, _, b in spec.blocks()):
-        raise ConversionInputError(f"spec {spec.name!r} is not an HDiT-layout spec (k-diffusion's blocks "
-                                   "use ada_scale modulation)")
+        raise ConversionInputError(
+            f"spec {spec.name!r} is not an HDiT-layout spec (k-diffusion's blocks "
+            "use ada_scale modulation)")
     _check_aug(spec)
 
 

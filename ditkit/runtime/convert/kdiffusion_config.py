@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ditkit import spec as S
+from ditkit.spec.experiment import Experiment
 from ditkit.errors import UserError
 
 from ditkit.runtime.convert import kdiffusion as KD
@@ -47,7 +48,7 @@ class Row:
 @dataclass(frozen=True)
 class Translation:
     spec: S.ModelSpec
-    experiment: object  # ditkit.spec.experiment.Experiment (model: the spec inline)
+    experiment: Experiment | None  # model: the spec inline (None: not asked for)
     rows: tuple[Row, ...]
 
     def table(self) -> str:
@@ -471,6 +472,7 @@ def convert_config(path: str | os.PathLike, out: str | os.PathLike, *,
             raise KDiffusionConfigError(f"--experiment {experiment}: an experiment file is "
                                         ".yaml, .yml or .json")
         ref = os.path.relpath(out.resolve(), experiment.resolve().parent)
+        assert t.experiment is not None  # translated with experiment=True
         exp = t.experiment.model_copy(update={"model": ref})
         texts.append((experiment, S.dumps(exp, "json" if experiment.suffix == ".json"
                                           else "yaml")))

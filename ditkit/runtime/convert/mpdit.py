@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Literal
 
 import torch
 
@@ -76,12 +77,14 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     patches.append(int(fine.shape[-1]))
     if n_heads is None:
         if d_model not in _WIDTH_HEADS:
-            raise ConversionInputError(f"cannot infer the heads of a width-{d_model} MPDiT from its "
-                                       "weights; pass n_heads (--heads N) or --preset NAME")
+            raise ConversionInputError(
+                f"cannot infer the heads of a width-{d_model} MPDiT from its "
+                "weights; pass n_heads (--heads N) or --preset NAME")
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "MPDiT")
     if three:
-        depths = (_count(state, "downsample_blocks"), _count(state, "upsample_blocks_lvl1"),
+        depths: tuple[int, ...] = (
+            _count(state, "downsample_blocks"), _count(state, "upsample_blocks_lvl1"),
                   _count(state, "upsample_blocks_lvl2"))
         fine_table = state["pos_embed_lvl2"]
     else:
@@ -91,7 +94,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     table = state["y_embedder.embedding_table.weight"]
     tokens = int(table.shape[1]) // d_model
     ratio = state["downsample_blocks.0.mlp.fc1.weight"].shape[0] / d_model
-    noise = "fno" if "t_embedder.fc0.weight" in state else "sinusoidal"
+    noise: Literal["fno", "sinusoidal"] = (
+        "fno" if "t_embedder.fc0.weight" in state else "sinusoidal")
     label = name or f"mpdit-w{d_model}-d{'-'.join(map(str, depths))}"
     return mpdit(d_model, n_heads, depths, patches, channels=channels,
                  resolution=grid * patches[-1], classes=int(table.shape[0]) - 1,
@@ -159,7 +163,8 @@ def _check_family(spec: S.ModelSpec) -> None:
         problems.append("MPDiT's timestep embedding has conditioning.noise.frequency_shift 0 "
                         "(this model uses diffusers' shifted one)")
     if problems:
-        raise ConversionInputError(f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
+        raise ConversionInputError(
+            f"spec {spec.name!r} is not an MPDiT-layout spec: " + "; ".join(problems))
 
 
 def _moves(spec: S.ModelSpec) -> list[Move]:
@@ -239,6 +244,7 @@ def objective(metadata: dict, spec: S.ModelSpec):
         except (json.JSONDecodeError, TypeError):
             args = {}
         args = args if isinstance(args, dict) else {}
+    sampling: S.UniformTime | S.LogitNormalTime
     if args.get("time_sampler", "lognormal") == "uniform":
         sampling = S.UniformTime()
     else:

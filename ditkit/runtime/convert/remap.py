@@ -136,13 +136,14 @@ class Remap:
 
     def concat(self, keys: list[str], name: str, dim: int = 0) -> None:
         parts = [self.take(k) for k in keys]
-        if any(p is None for p in parts):
+        found = [p for p in parts if p is not None]
+        if len(found) != len(parts):
             self.unfilled.add(name)
             return
         try:
-            self.put(name, torch.cat(parts, dim), " + ".join(keys))
+            self.put(name, torch.cat(found, dim), " + ".join(keys))
         except RuntimeError:
-            shapes = ", ".join(f"{k} {_shape(p.shape)}" for k, p in zip(keys, parts))
+            shapes = ", ".join(f"{k} {_shape(p.shape)}" for k, p in zip(keys, found))
             self.mismatched.append(f"cannot concatenate {shapes} into {name}")
 
     def split(self, key: str, names: Sequence[str], dim: int = 0) -> None:
@@ -200,10 +201,12 @@ class Move:
     transform: Transform | None = None
 
     def forward(self, r: Remap) -> None:
-        r.move(self.source, self.target, self.transform and self.transform.to_ditkit)
+        r.move(self.source, self.target,
+               self.transform.to_ditkit if self.transform is not None else None)
 
     def backward(self, r: Remap) -> None:
-        r.move(self.target, self.source, self.transform and self.transform.to_source)
+        r.move(self.target, self.source,
+               self.transform.to_source if self.transform is not None else None)
 
 
 @dataclass(frozen=True)
