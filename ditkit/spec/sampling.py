@@ -87,7 +87,8 @@ class Stage(Spec):
 
 def parse_stages(text: str | None, flag: str = "--stages"
                  ) -> tuple[dict[str, Any], ...] | None:
-    """The fields of each :class:`Stage` from their command-line spelling: comma-separated ``RES[:SIGMA[:STEPS]]``
+    """The fields of each :class:`Stage` from their command-line spelling: comma-separated
+    ``RES[:SIGMA[:STEPS]]``
     (``RES`` is ``N`` or ``HxW``; a ``:bicubic`` / ``:nearest`` part picks the upsampling),
     e.g. ``8,16:2.0,32:1.0:10``: draft at 8x8 from pure noise, re-noise to sigma 2 at 16x16,
     then to sigma 1 at 32x32 with 10 steps. ``None`` for ``None``; a bad item is a
