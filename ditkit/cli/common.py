@@ -152,6 +152,7 @@ def _either(kinds) -> str:
 def checkpoint_path(ref: str, what: str = "") -> Path:
     """A checkpoint file, or the newest checkpoint's EMA weights in a run folder."""
     src = resolve_source(ref, ("checkpoint", "run"), what)
+    assert src.path is not None  # resolve_source sets it for every kind but a preset
     if src.kind == "checkpoint":
         return src.path
     from ditkit.training.checkpoints import latest_checkpoint
@@ -176,6 +177,7 @@ def load_spec(ref: str, what: str = "", overrides: list[str] | tuple[str, ...] =
 
         spec = preset(ref)
     elif src.kind == "file":
+        assert src.path is not None  # resolve_source sets it for every kind but a preset
         spec = S.load(src.path)
     else:
         from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
@@ -528,7 +530,13 @@ def setup_compute(args) -> str:
     return getattr(args, "device", "cpu")
 
 
-def list_arg(values, flag: str) -> list[str]:
+@overload
+def list_arg(values: None, flag: str) -> None: ...
+@overload
+def list_arg(values: str | list[str] | tuple[str, ...], flag: str) -> list[str]: ...
+
+
+def list_arg(values, flag: str) -> list[str] | None:
     """A comma-separated list option that used to take space-separated values (``nargs``):
     both forms are read, the old one with a deprecation line."""
     if values is None:

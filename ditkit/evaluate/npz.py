@@ -430,7 +430,8 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
                 arrays = {"arr_0": images, RUN_KEY: np.frombuffer(run.encode(), np.uint8)}
                 if y is not None:
                     arrays["arr_1"] = y
-                np.savez(f, **arrays)
+                # mypy matches a **dict against savez's allow_pickle: bool keyword
+                np.savez(f, **arrays)  # type: ignore[arg-type]
             bar.update(n)
     finally:
         bar.close()

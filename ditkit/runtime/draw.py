@@ -17,7 +17,7 @@ AutoencoderKL folder or a TorchScript file); without one :func:`draw` returns th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -88,7 +88,7 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     each stage's shape; :mod:`ditkit.runtime.multistage`)."""
     from ditkit.spec.limits import check_sample_size
 
-    res = tuple(resolution or spec.input.resolution)
+    res = cast("tuple[int, int]", tuple(resolution or spec.input.resolution))
     shape = (count, spec.input.channels, *res)
     check_sample_size(spec, count, res)  # before anything is allocated
     rules = getattr(denoiser, "rules", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -287,13 +287,15 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
             continue
 
         def fn(block: S.Block, old=old, grid=grid) -> dict:
-            out = {}
+            out: dict[str, object] = {}
             factor = 1.0
             rope = _scale_rope(block.rope, policy.rope_scaling, old, grid)
             if rope is not block.rope:
+                assert isinstance(rope, S.AxialRope)  # _scale_rope returns any other as is
                 out["rope"] = rope
                 if (isinstance(rope.scaling, S.YarnScaling) and rope.scaling.temperature
                         and rope.scaling.time_exponent is None):  # else per sample, in attention
+                    assert rope.scaling.scale is not None  # _scale_rope derives it
                     factor *= yarn_logit_factor(rope.scaling.scale)
             if policy.attention_scaling == "entropy":
                 n0, n1 = _attended(block, old), _attended(block, grid)
@@ -308,8 +310,9 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
     return new
 
 
-POLICIES = {"as_is": _as_is, "local_core": _local_core, "add_levels": _add_levels,
-            "core_patch": _core_patch}
+POLICIES: dict[str, Callable[..., tuple[S.ModelSpec, Plan, dict]]] = {
+    "as_is": _as_is, "local_core": _local_core, "add_levels": _add_levels,
+    "core_patch": _core_patch}
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +331,7 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
     """Apply ``policy`` to a spec and its trained weights (a ``state_dict``). With
     ``device="meta"`` (and meta tensors) it only works out the record: which tensors would be
     carried, re-initialised, resized -- free for any model size."""
-    resolution = tuple(resolution)
+    resolution = cast("tuple[int, int]", tuple(resolution))
     new, plan, notes = POLICIES[policy.kind](spec, policy, resolution, list(tensors))
     new = apply_options(spec, new, policy)
     new = _revalidate(new, f"{policy.kind} at {resolution[0]}x{resolution[1]}")
@@ -377,10 +380,11 @@ def cost_curve(spec: S.ModelSpec, policy: S.Policy,
     policy cannot reach (a SpecError) are left out."""
     from ditkit.builder import describe
 
-    points = []
+    points: list[tuple[tuple[int, int], float]] = []
     for r in resolutions:
         try:
-            points.append((tuple(r), describe(adapt_spec(spec, policy, r)).gmacs))
+            points.append((cast("tuple[int, int]", tuple(r)),
+                           describe(adapt_spec(spec, policy, r)).gmacs))
         except S.SpecError:
             continue
     return points
@@ -400,7 +404,8 @@ def adapt_model(model: torch.nn.Module, policy: S.Policy, resolution: tuple[int,
     and loaded, in ``eval()`` mode: carried weights exactly, new ones initialised with ``seed``
     (:func:`adapt`)."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    adapted = adapt(model.spec, tensors, policy, tuple(resolution), seed=seed)
+    spec = cast(S.ModelSpec, model.spec)  # a built model carries its spec
+    adapted = adapt(spec, tensors, policy, cast("tuple[int, int]", tuple(resolution)), seed=seed)
     new = build(adapted.spec, device=device)
     new.load_state_dict(adapted.tensors)
     return new.eval()

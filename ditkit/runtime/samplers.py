@@ -26,7 +26,7 @@ its 4 latent channels; the rest come from the conditional pass).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -150,6 +150,8 @@ class Guided:
         s = torch.full((b,), sigma, dtype=x.dtype, device=x.device)
         if not self._guide_at(sigma):
             return self.denoiser.denoise(x, s, self.labels, **self.cond)
+        # guidance on: __init__ refused cfg_scale != 1 without labels or a null class
+        assert self.labels is not None and self.denoiser.null_class is not None
         if self.denoiser.guides_inside:
             return self.denoiser.guided(x, s, self.labels, self.scale, **self.cond)
         null = torch.full_like(self.labels, self.denoiser.null_class)
@@ -443,7 +445,8 @@ class BrownianNoise:
             self.lowest = b
             return z
         self._extend(b)
-        return (self.points[b] - self.points[a]) / math.sqrt(abs(a - b))
+        # only the first point is a float (0.0), and a == b divides by zero: a tensor
+        return cast(torch.Tensor, (self.points[b] - self.points[a]) / math.sqrt(abs(a - b)))
 
 
 # -------------------------------------------------------------------------------- k-diffusion

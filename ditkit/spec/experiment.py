@@ -270,7 +270,7 @@ class Evaluation(Spec):
 
     @field_validator("sampling")
     @classmethod
-    def _one_pass(cls, value):
+    def _one_pass(cls, value: Sampling) -> Sampling:
         if value.stages:
             raise ValueError("stages: the metrics score samples at the model's own resolution; "
                              "drop the stages here (multi-stage sampling is for `ditkit sample`"

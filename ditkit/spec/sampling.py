@@ -56,14 +56,14 @@ class Stage(Spec):
 
     @field_validator("resolution", mode="before")
     @classmethod
-    def _square(cls, value):
+    def _square(cls, value: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return (value, value)
         return value
 
     @field_validator("sigma", mode="before")
     @classmethod
-    def _finite_sigma(cls, value):
+    def _finite_sigma(cls, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool) \
                 and not 0 < value < math.inf:
             raise ValueError("use a positive, finite noise level (e.g. 2.0); leave it unset "
@@ -192,7 +192,7 @@ class Sampling(Spec):
         return self
 
     @model_validator(mode="after")
-    def _stages_chain(self):
+    def _stages_chain(self) -> Sampling:
         for i, stage in enumerate(self.stages):
             if i == 0 and stage.sigma is not None:
                 raise ValueError(f"stages[0].sigma: the first stage starts from pure noise; "
