@@ -20,7 +20,7 @@ from ditkit.errors import UserError
 
 from . import kernels
 from .init import zero_linear_
-from .norm import make_norm
+from .norm import Norm, make_norm
 from .position import (apply_rope, dynamic_rope_frequencies, dynamic_yarn_temperature,
                        grid_positions, ramp_weights, rope_angles, rope_frequencies,
                        scaled_rope_frequencies)
@@ -50,28 +50,37 @@ class QKRope(nn.Module):
     so kept out of checkpoints). Mixed into :class:`Attention` and the aggregate attention;
     ``_setup_qk`` registers the same parameter names either way."""
 
+    # buffers (registered in _setup_qk), typed here: nn.Module's __getattr__ is untyped
+    rope_freqs: torch.Tensor | None
+    rope_freqs_scaled: torch.Tensor | None
+
     def _setup_qk(self, cfg: AttentionConfig, n_heads: int, *, rope: bool = True) -> None:
         """QK norms, then (``rope``) the RoPE frequencies for ``n_heads`` heads."""
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm.kind != "none":
-            n = cfg.qk_norm
+        self.q_norm: Norm | None = None
+        self.k_norm: Norm | None = None
+        n = cfg.qk_norm
+        if n.kind != "none":
             self.q_norm = make_norm(n.kind, cfg.d_head, n.eps, n.affine)
             self.k_norm = make_norm(n.kind, cfg.d_head, n.eps, n.affine)
         if not rope:
             return
         r = cfg.rope
         rotated = int(round(r.fraction * cfg.d_head)) if isinstance(r, S.AxialRope) else 0
-        self._rope_args = ((n_heads, rotated, r.frequencies, r.freq_min, r.freq_max, r.base)
-                           if rotated else None)
-        self.rope_positions = r.positions if rotated else "normalized"
-        self.rope_position_scale = (tuple(float(v) for v in r.position_scale) if rotated
-                                    else (1.0, 1.0))
-        self.rope_scaling = (r.scaling if rotated and not isinstance(r.scaling, S.NoRopeScaling)
-                             else None)
+        ax = r if isinstance(r, S.AxialRope) and rotated else None  # None: no rotated channels
+        self._rope_args: tuple[int, int, str, float, float, float] | None = (
+            (n_heads, rotated, ax.frequencies, ax.freq_min, ax.freq_max, ax.base)
+            if ax is not None else None)
+        self.rope_positions = ax.positions if ax is not None else "normalized"
+        self.rope_position_scale = (tuple(float(v) for v in ax.position_scale)
+                                    if ax is not None else (1.0, 1.0))
+        self.rope_scaling: S.NtkScaling | S.YarnScaling | None = (
+            ax.scaling if ax is not None and not isinstance(ax.scaling, S.NoRopeScaling)
+            else None)
         self.rope_dynamic = (self.rope_scaling is not None
                              and self.rope_scaling.time_exponent is not None)
         self.register_buffer("rope_freqs",
-                             rope_frequencies(*self._rope_args) if rotated else None,
+                             rope_frequencies(*self._rope_args)
+                             if self._rope_args is not None else None,
                              persistent=False)
         # (2, heads, r/4) row and column frequencies under the policy's rescaling (NTK / YaRN)
         self.register_buffer("rope_freqs_scaled", self._scaled(self.rope_freqs),
@@ -88,11 +97,13 @@ class QKRope(nn.Module):
 
     def _init_rope(self) -> None:
         if self.rope_freqs is not None:
+            assert self._rope_args is not None  # rope_freqs exists exactly when they do
             self.rope_freqs = rope_frequencies(*self._rope_args).to(self.rope_freqs.device)
             self.rope_freqs_scaled = self._scaled(self.rope_freqs)
 
     def _norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_norm is not None:
+            assert self.k_norm is not None  # set together in _setup_qk
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
@@ -110,6 +121,8 @@ class QKRope(nn.Module):
                 raise UserError("noise-dependent RoPE scaling (time_exponent) needs the noise "
                                 "level: a sigma (noise: fourier) or flow-time (noise: fno) "
                                 "input; drop time_exponent for this model")
+            # dynamic: a scaling with time_exponent, its ramp weights in rope_freqs_scaled
+            assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
             fr = dynamic_rope_frequencies(self.rope_freqs.float(), self.rope_freqs_scaled.float(),
                                           self.rope_scaling, noise)  # (2, B, heads, r/4)
             th = pos[None, None, :, :, 0:1] * fr[0][:, :, None, None, :]
@@ -175,10 +188,11 @@ class Attention(QKRope):
         super().__init__()
         d_model, d_head = cfg.d_model, cfg.d_head
         self.d_head, self.n_heads = d_head, d_model // d_head
-        cosine = isinstance(cfg.logits, S.CosineLogits)
-        self.logits = (CosineLogits(cfg.logits.eps, cfg.logits.factor) if cosine
-                       else DotLogits(d_head, cfg.logits.factor))
-        self.scale_init = cfg.logits.scale_init if cosine else 10.0
+        lg = cfg.logits
+        cosine = isinstance(lg, S.CosineLogits)
+        self.logits = (CosineLogits(lg.eps, lg.factor) if isinstance(lg, S.CosineLogits)
+                       else DotLogits(d_head, lg.factor))
+        self.scale_init = lg.scale_init if isinstance(lg, S.CosineLogits) else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
         self._setup_qk(cfg, self.n_heads)

@@ -10,7 +10,7 @@ again on a kind. Every family (DiT, HDiT, ...) is this same graph with different
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, assert_never
+from typing import Literal, assert_never, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from torch import nn
 from ditkit import spec as S
 
 from .attention import AttentionConfig, build_attention
-from .conditioning import Conditioning, build_conditioning
+from .conditioning import (Conditioning, FNOEmbed, FourierNoiseEmbed, SinusoidalEmbed,
+                           build_conditioning)
 from .cross_attention import CrossAttention
 from .ffn import FeedForward, build_ffn
 from .heads import Head, build_head
@@ -242,7 +243,10 @@ class DiffusionTransformer(nn.Module):
             noise_level = noise_level.expand(b)
         labels = self.conditioning.labels(class_labels, b, x.device)
         c = self.conditioning(noise_level, labels, **cond)  # (B, cond_width)
-        ctx = Context(noise=self.conditioning.noise.fraction(noise_level))
+        # build_noise makes one of these; nn.Module's __getattr__ is untyped
+        noise_embed = cast("SinusoidalEmbed | FourierNoiseEmbed | FNOEmbed",
+                           self.conditioning.noise)
+        ctx = Context(noise=noise_embed.fraction(noise_level))
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
         ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None

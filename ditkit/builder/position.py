@@ -155,11 +155,14 @@ def scaled_rope_frequencies(freqs: torch.Tensor, scaling: S.RopeScaling) -> torc
         case S.NoRopeScaling():
             return torch.stack([freqs, freqs])
         case S.NtkScaling(scale=scale):
+            assert scale is not None  # derived by the policies; AxialRope checks it is set
             lo, hi = w.min().log(), w.max().log()
             g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)  # one frequency: g = 0, kept
             for s in scale:
                 axes.append(w * float(s) ** -g)
         case S.YarnScaling(alpha=alpha, beta=beta, scale=scale, trained_length=length):
+            # derived by the policies; AxialRope checks both are set
+            assert scale is not None and length is not None
             for s, L in zip(scale, length):
                 r = L * w / (2 * math.pi)
                 gamma = ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
@@ -188,6 +191,7 @@ def ramp_weights(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
             g = (hi - w.log()) / (hi - lo).clamp_min(1e-300)
             return torch.stack([g, g]).to(freqs.dtype)
         case S.YarnScaling(alpha=alpha, beta=beta, trained_length=length):
+            assert length is not None  # derived by the policies; AxialRope checks it is set
             return torch.stack([1 - ((L * w / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1)
                                 for L in length]).to(freqs.dtype)
         case _:
@@ -200,6 +204,8 @@ def dynamic_rope_frequencies(freqs: torch.Tensor, ramp: torch.Tensor,
     """``(2, B, heads, r/4)`` row / column frequencies for noise fractions ``t`` ``(B,)``: the
     scale ``s(t) = s^(t^time_exponent)`` per sample (:class:`ditkit.spec.NtkScaling`).
     NTK: ``w' = w * s(t)^(-g)``; YaRN: ``w' = (1 - gamma) w / s(t) + gamma w``."""
+    # noise-dependent scaling only (time_exponent set); scale: checked set by AxialRope
+    assert scaling.time_exponent is not None and scaling.scale is not None
     kappa = t.float() ** scaling.time_exponent  # (B,); t in [0, 1] (Context.noise)
     out = []
     for axis, s in enumerate(scaling.scale):
@@ -216,6 +222,8 @@ def dynamic_yarn_temperature(scaling: S.YarnScaling, t: torch.Tensor) -> torch.T
     """``(B,)`` YaRN's temperature per sample as one factor on the logits (applied to q):
     ``(0.1 ln s(t) + 1)^2`` (the paper's ``sqrt(1/t)`` on q and on k), ``s`` the axes'
     geometric mean, ``s(t) = s^(t^time_exponent)``."""
+    # noise-dependent scaling only (time_exponent set); scale: checked set by AxialRope
+    assert scaling.time_exponent is not None and scaling.scale is not None
     s = math.sqrt(scaling.scale[0] * scaling.scale[1])
     kappa = t.float() ** scaling.time_exponent
     return (0.1 * kappa * math.log(max(s, 1.0)) + 1.0) ** 2
