@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from . import kernels
 
@@ -167,6 +166,7 @@ def _measure_in_subprocess(backend, grid, kernel, batch, heads, d_head, repeats,
 def run(backends, grids, kernel=7, batch=1, heads=2, d_head=64, device=None, repeats=5,
         max_seconds=20.0, memory_limit_gib=None, progress=True) -> list[Row]:
     """Measure every (backend, grid); cases estimated above the memory limit are skipped."""
+    from tqdm import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     limit = memory_limit_gib if memory_limit_gib is not None else _free_gib() / 2

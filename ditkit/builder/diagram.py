@@ -34,7 +34,6 @@ from pydantic import BaseModel
 from ditkit import spec as S
 from ditkit.spec.diff import align_levels
 
-from .accounting import describe
 from .presentation import attention_heads, attention_text
 
 # layout units (the renderer maps them to inches)
@@ -265,6 +264,7 @@ def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
     if issues:
         raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
     if report is None and measure:
+        from .accounting import describe
 
         report = describe(spec, resolution)
     if report is not None and (tuple(report.resolution) != resolution

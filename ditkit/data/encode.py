@@ -18,20 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
+
+from ditkit.spec import experiment as E
 
 from ditkit.data.datasets import (
-    IMAGE_SUFFIXES,
-    LATENT_SUFFIXES,
-    DataError,
-    ImageFolder,
-    WebDataset,
-    digits_tensor,
-)
-from ditkit.files import atomic_path
-from ditkit.runtime.autoencoder import load_autoencoder
-from ditkit.spec import experiment as E
+    IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
+                   digits_tensor)
 
 
 @dataclass
@@ -78,7 +70,10 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
                   device: str = "cpu", progress: bool = True) -> EncodeResult:
     """Encode ``source`` into latent shards under ``out`` (see the module docstring). Raises
     :class:`DataError` (bad source / output) or ``AutoencoderError`` (bad autoencoder)."""
+    from tqdm import tqdm
 
+    from ditkit.runtime.autoencoder import load_autoencoder
+    from ditkit.files import atomic_path
 
     if fmt not in ("safetensors", "npz"):
         raise DataError(f"--format {fmt!r}: use safetensors or npz")
@@ -114,6 +109,7 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
             tensors["labels"] = torch.tensor(y, dtype=torch.int64)
         with atomic_path(path) as tmp:
             if fmt == "safetensors":
+                from safetensors.torch import save_file
 
                 save_file(tensors, tmp, metadata=meta)
             else:

@@ -3,22 +3,10 @@
 
 from __future__ import annotations
 
-import resource
-import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from ditkit.builder import use_backend
-from ditkit.deploy.engines import OrtDenoiser
-from ditkit.deploy.export import export_onnx
-from ditkit.deploy.ort_providers import ProviderError, check_available
-from ditkit.deploy.tensorrt import TensorRTUnavailable, _trt
-from ditkit.runtime.denoiser import Denoiser, compile_denoiser
-from ditkit.runtime.denoiser import compile_mode as compile_mode_of
-from ditkit.runtime.samplers import Guided
 from ditkit.spec.sampling import Sampling
 
 ENGINES = ("eager", "eager-bf16", "compile", "onnxruntime", "onnxruntime-int8",
@@ -52,9 +40,20 @@ def bench_sample(model, objective, resolutions, sampling: Sampling | None = None
     with the OpenVINO execution provider in f32 (or bf16, an approximation;
     ``ort_providers``). ``eager-bf16``: eager under ``torch.autocast`` to bf16, the reduced-
     precision baseline to compare ``onnxruntime-openvino-bf16`` with."""
+    import resource
+    import statistics
+    import tempfile
+    import time
 
+    from ditkit.builder import use_backend
 
+    from ditkit.runtime.denoiser import Denoiser, compile_denoiser
+    from ditkit.runtime.denoiser import compile_mode as compile_mode_of
+    from ditkit.deploy.engines import OrtDenoiser
+    from ditkit.deploy.ort_providers import ProviderError, check_available
+    from ditkit.deploy.export import export_onnx
 
+    from ditkit.runtime.samplers import Guided
 
     sampling = Sampling.of(sampling, **settings)
     say = log or (lambda m: None)
@@ -148,6 +147,8 @@ def bench_sample(model, objective, resolutions, sampling: Sampling | None = None
                         row["ms_per_step"], row["peak_mib"], row["cpu_ms_per_step"] = timed(
                             step(sessions[engine]), x, s, y)
                     elif engine == "tensorrt":
+                        from ditkit.deploy.tensorrt import TensorRTUnavailable, _trt
+
                         try:
                             _trt()
                         except TensorRTUnavailable as err:

@@ -16,25 +16,17 @@ import numpy as np
 import torch
 
 from ditkit import spec as S
-from ditkit.deploy.graph_io import (
-    ExportError,
-    aux_inputs,
-    check_shape,
-    graph_feeds,
-    onnx_error,
-    ort_session,
-    rules_from_metadata,
-)
-from ditkit.deploy.ort_providers import ProviderError, check_provider
-from ditkit.errors import require
-from ditkit.runtime.checkpoint import spec_from_metadata
+
 from ditkit.runtime.denoiser import NoiseRange
+from ditkit.deploy.graph_io import (ExportError, aux_inputs, check_shape, graph_feeds,
+                                    onnx_error, ort_session, rules_from_metadata)
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def default_providers(device: str | torch.device = "cpu") -> list[str]:
     """CUDA (then CPU) on a CUDA device when onnxruntime has it; CPU otherwise."""
+    from ditkit.errors import require
 
     ort = require("onnxruntime", "running an exported .onnx file")
     available = ort.get_available_providers()
@@ -59,6 +51,8 @@ class OrtDenoiser:
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  providers: list | None = None, threads: int | None = None,
                  ort_provider: str = "cpu"):
+        from ditkit.runtime.checkpoint import spec_from_metadata
+        from ditkit.deploy.ort_providers import ProviderError, check_provider
 
         self.path = Path(path)
         self.device = torch.device(device)

@@ -36,35 +36,21 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import os
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.export import Dim
 
 from ditkit import spec as S
-from ditkit.builder import kernels, use_backend
-from ditkit.deploy.graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
-from ditkit.deploy.ort_fusion import (
-    INT8_NOTE,
-    gelu_translation,
-    optimize_graph,
-    quantize_int8,
-    translation_table,
-)
-from ditkit.errors import require
-from ditkit.files import atomic_path
-from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
+
 from ditkit.runtime.denoiser import Denoiser
+from ditkit.deploy.graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
 from ditkit.runtime.samplers import cfg_combine
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -316,6 +302,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     say = log or (lambda msg: None)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    from ditkit.errors import require
 
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
         require(module, "exporting to ONNX" if module != "onnxruntime" else
@@ -365,6 +352,7 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
                      metadata, graph)
     if quantize:
+        from ditkit.deploy.ort_fusion import INT8_NOTE, quantize_int8
 
         meta["ditkit.quantize"] = INT8_NOTE
         model_proto = quantize_int8(model_proto)
@@ -427,6 +415,8 @@ def perturbed_parity(model: nn.Module, objective, names: list[str], *, say, **op
                      ) -> list[dict]:
     """Parity rows of the same export made from a copy of ``model`` whose ``names`` weights
     hold small seeded random values (the rows carry ``perturbed: True``)."""
+    import copy
+    import tempfile
 
     twin = copy.deepcopy(model)
     params = dict(twin.named_parameters())
@@ -474,6 +464,7 @@ def export_backend(target: str, precision: str) -> str | None:
     one fused kernel (``ort_fusion``), 3-5x less memory traffic than ``gather``'s k^2 copies of
     every key and value (measured in docs/measurements.md, "Sampling engines on CPU"); otherwise
     ``None``, i.e. ``kernels.exportable_backend()``'s own choice."""
+    from ditkit.builder import kernels
 
     if kernels.current_backend() != "auto":
         return None  # an explicit use_backend(...) around the export wins
@@ -481,7 +472,9 @@ def export_backend(target: str, precision: str) -> str | None:
 
 
 def _torch_export(graph: ExportGraph, args, dynamic, rule, res, backend_name=None):
+    from torch.export import Dim
 
+    from ditkit.builder import kernels
 
     shapes: dict = {}
     batch = Dim("batch", min=1, max=4096) if "batch" in dynamic else None
@@ -544,9 +537,12 @@ def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
 
 
 def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = False):
+    import logging
+    import warnings
 
     table = None
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
+        from ditkit.deploy.ort_fusion import gelu_translation, translation_table
 
         table = {**translation_table(), **gelu_translation()} or None
 
@@ -565,6 +561,7 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
     proto = program.model_proto
     name_dims(proto)
     if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes
+        from ditkit.deploy.ort_fusion import optimize_graph
 
         optimize_graph(proto)
     return proto
@@ -640,6 +637,7 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
 
 def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
               extra, graph: ExportGraph) -> dict[str, str]:
+    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
         SPEC_KEY: json.dumps(S.to_data(spec, full=True), separators=(",", ":")),
@@ -726,6 +724,7 @@ def _describe(missing) -> str:
 def _atomic_save_onnx(model_proto, out: Path) -> None:
     import onnx
 
+    from ditkit.files import atomic_path
 
     with atomic_path(out) as tmp:
         onnx.save_model(model_proto, tmp)
@@ -743,6 +742,7 @@ def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance
     ``Gemm`` / ``MatMul`` / ``Add`` ...; a graph it refuses for that reason runs in ONNX's own
     reference evaluator (``onnx.reference``, numpy with ``ml_dtypes`` bf16) instead, and the
     rows say which runtime ran (``runtime``)."""
+    from ditkit.builder import use_backend
 
     run, runtime = _parity_runner(path)
     rows = []

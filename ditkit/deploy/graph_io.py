@@ -15,17 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ditkit.deploy.ort_providers import add_provider
-from ditkit.errors import UserError, require
+from ditkit.errors import UserError
 
 # the shape rule lives on the runtime floor (the samplers' denoiser contract names it)
 from ditkit.runtime.shape_rule import (  # noqa: F401,E402
-    MAX_SIDE,
-    AxisRule,
-    ExportError,
-    check_shape,
-    rules_from_metadata,
-)
+    MAX_SIDE, AxisRule, ExportError, check_shape, rules_from_metadata)
 
 
 def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None,
@@ -33,9 +27,11 @@ def ort_session(path: str | Path, providers: list | None = None, threads: int | 
     """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
     ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
     (:mod:`ditkit.deploy.ort_providers`)."""
+    from ditkit.errors import require
 
     ort = require("onnxruntime", "running an exported .onnx file")
 
+    from ditkit.deploy.ort_providers import add_provider
 
     path = Path(path)
     if not path.is_file():

@@ -28,34 +28,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
 from ditkit.evaluate import report_measure
-from ditkit.evaluate.report_compare import (
-    OVERHEAD_FACTOR,
-    compare,
-    compare_scopes,
-    compared,
-    latency_slope,
-    with_intervals,
-)
-from ditkit.evaluate.report_measure import (
-    ClassifierScorer,
-    ExtraRow,
-    Measured,
-    PerSample,
-    Plan,
-    Row,
-    Scorer,
-    Scores,
-    Tensors,
-    compact_png,
-    cost_curves,
-    cpu_peak_bytes,
-    dit_reference,
-    measure,
-    measure_forward,
-    noop_check,
-)
+from ditkit.evaluate.report_compare import (OVERHEAD_FACTOR, compare, compare_scopes, compared,
+                                            latency_slope, with_intervals)
+from ditkit.evaluate.report_measure import (ClassifierScorer, ExtraRow, Measured, PerSample,
+                                            Plan, Row, Scorer, Scores, Tensors, compact_png,
+                                            cost_curves, cpu_peak_bytes, dit_reference, measure,
+                                            measure_forward, noop_check)
 from ditkit.evaluate.report_write import _html, comparison_lines, write_report
-from ditkit.spec.io import load_yaml
 from ditkit.spec.sampling import Sampling
 
 __all__ = ["OVERHEAD_FACTOR", "REPORT_SAMPLING", "ClassifierScorer", "Measured", "PerSample",
@@ -77,6 +56,7 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     ``core_patch:rope_scaling=ntk,attention_scaling=entropy``, ``as_is:rope_scaling=yarn(beta=16)``
     (a nested option's fields in parentheses, as :func:`policy_label` writes them); errors name
     ``flag``."""
+    from ditkit.spec.io import load_yaml
 
     def items(rest: str) -> dict:
         out: dict = {}

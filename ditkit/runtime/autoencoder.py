@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError, require
+from ditkit.errors import UserError
+
 
 
 class AutoencoderError(UserError):
@@ -85,6 +86,7 @@ class Autoencoder:
 
 
 def _import_autoencoder_kl():
+    from ditkit.errors import require
 
     return require("diffusers", "the autoencoder (--vae)", AutoencoderError).AutoencoderKL
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ditkit import spec as S
-from ditkit.builder import build, describe
-from ditkit.builder.position import yarn_logit_factor
+from ditkit.builder import build
 from ditkit.errors import UserError
 
 Plan = dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]
@@ -271,6 +270,7 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
     its target resolution), level by level, wherever a level's grid differs from the grid of
     the trained level it comes from (``add_levels``: new outer levels come from level 0). At
     the trained grid nothing changes, so the options are no-ops at the training resolution."""
+    from ditkit.builder.position import yarn_logit_factor
 
     if policy.rope_scaling.kind == "none" and policy.attention_scaling == "none":
         return new
@@ -378,6 +378,7 @@ def cost_curve(spec: S.ModelSpec, policy: S.Policy,
                resolutions: list[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:
     """GMACs of the adapted spec at each resolution (measured on meta tensors); resolutions the
     policy cannot reach (a SpecError) are left out."""
+    from ditkit.builder import describe
 
     points: list[tuple[tuple[int, int], float]] = []
     for r in resolutions:

@@ -10,37 +10,18 @@ it can be rerun from that one file.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    field_validator,
-    model_validator,
-)
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      field_validator, model_validator)
 
 from ditkit.spec.components import Spec
-from ditkit.spec.io import SpecError, load, to_data, validate
 from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
-from ditkit.spec.overrides import apply_overrides, touches
 from ditkit.spec.policy import AsIs, Policy
-from ditkit.spec.presets import PRESETS, preset
-from ditkit.spec.sampling import (
-    EVALUATION_SAMPLING,
-    PREVIEW_SAMPLING,
-    Sampling,
-    fold_flat_keys,
-    legacy_sampling,
-)
-
-from .io import load_yaml, read_text
+from ditkit.spec.sampling import (EVALUATION_SAMPLING, PREVIEW_SAMPLING, Sampling,
+                                  fold_flat_keys, legacy_sampling)
 
 EXPERIMENT_VERSION: Literal[1] = 1
 
@@ -337,6 +318,7 @@ class Finetune(Spec):
     @field_validator("trainable")
     @classmethod
     def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import re
 
         for i, pat in enumerate(value):
             if pat.startswith("re:"):
@@ -387,6 +369,8 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
                        source: str = "experiment") -> Experiment:
     """Inline a model reference (a path relative to ``base``, or a preset name) and check that
     the parts of the experiment fit together. Raises :class:`ditkit.spec.SpecError`."""
+    from ditkit.spec.io import SpecError, load
+    from ditkit.spec.presets import PRESETS, preset
 
     if isinstance(exp.model, str):
         ref = exp.model
@@ -474,6 +458,7 @@ def experiment_from_data(data: Any, base: str | Path | None = None,
                          source: str = "experiment") -> Experiment:
     """Validate plain data into a resolved experiment. An inline model is validated as a
     model spec first, so its problems are reported as ``model.<field>``."""
+    from ditkit.spec.io import SpecError, validate
 
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         try:
@@ -503,6 +488,7 @@ def is_experiment_data(data: Any) -> bool:
 
 def read_experiment_data(path: str | Path) -> Any:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
+    from .io import load_yaml, read_text
 
     path = Path(path)
     return load_yaml(read_text(path, "experiment"), str(path))
@@ -516,6 +502,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     data = read_experiment_data(path)
     source = str(path)
     if overrides:
+        from ditkit.spec.overrides import apply_overrides, touches
 
         if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
                 overrides, "model"):
@@ -542,6 +529,9 @@ def _fold_sampling(data: dict[str, Any], only_old: bool = False) -> dict[str, An
 def _model_data(ref: str, base: Path, source: str) -> Any:
     """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
     ``--set model.x=v`` can change it."""
+    from .io import SpecError, load_yaml, read_text, to_data
+    from .presets import PRESETS, preset
+
     path = base / ref
     if path.is_file() or path.exists() and not path.is_dir():  # a FIFO is refused, not read
         try:
@@ -556,6 +546,7 @@ def _model_data(ref: str, base: Path, source: str) -> Any:
 def absolute_data_paths(data: Data, base: str | Path) -> Data:
     """``data`` with its paths (folders, shard patterns) made absolute from ``base`` (the
     experiment file's folder), so the run folder's experiment.yaml works from anywhere."""
+    import os
 
     root = Path(base).resolve()
 
@@ -573,6 +564,7 @@ def absolute_data_paths(data: Data, base: str | Path) -> Data:
 
 def absolute_evaluation_paths(ev: Evaluation, base: str | Path) -> Evaluation:
     """``ev`` with ``reference``, ``inception`` and ``vae`` made absolute from ``base``."""
+    import os
 
     root = Path(base).resolve()
 
@@ -604,6 +596,7 @@ def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, .
     """``(experiment, run folder or None)`` from an experiment file (its relative paths made
     absolute) or a run folder (its recorded ``experiment.yaml``), with ``overrides`` applied
     (see :func:`load_experiment`). Raises ``SpecError``."""
+    from ditkit.spec.io import SpecError
 
     path = Path(path)
     if path.is_dir():

@@ -16,48 +16,47 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from .components import (
     FFN,
-    AdaLNHead,
-    AdaLNZero,
     AggregateAttention,
+    CrossAttention,
+    FNONoise,
+    FourierNoise,
+    SinusoidalNoise,
+    Merge,
+    NoCrossAttention,
+    MemoryCrossAttention,
+    Repatch,
+    SharedAdaLNZero,
+    AdaLNHead,
+    Up,
+    Upsample,
     Attention,
     AxialRope,
     Conditioning,
-    CrossAttention,
-    DotLogits,
     Down,
-    FNONoise,
-    FourierNoise,
     GeluMLP,
     GlobalAttention,
     Head,
     Init,
     Input,
-    LinearHead,
     Logits,
-    MemoryCrossAttention,
-    Merge,
+    DotLogits,
     Modulation,
+    AdaLNZero,
     NeighborhoodAttention,
-    NoCrossAttention,
     NoPosition,
-    Norm,
     NoRope,
+    Norm,
     Patch,
     Position,
     QKNorm,
-    Repatch,
     Rope,
-    SharedAdaLNZero,
     ShiftedWindowAttention,
-    SinusoidalNoise,
     Skip,
     Spec,
-    Up,
-    Upsample,
+    LinearHead,
     neighborhood_misfits,
     pair,
 )
-from .limits import resolution_issues, size_issues
 from .objective import DDPMObjective, EDMObjective, FlowObjective, ObjectiveSpec
 
 SPEC_VERSION: Literal[1] = 1
@@ -275,6 +274,7 @@ class ModelSpec(Spec):
     def check_resolution(self, resolution: tuple[int, int],
                          field: str = "resolution") -> list[tuple[str, str]]:
         """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
+        from .limits import resolution_issues
 
         hw = (int(resolution[0]), int(resolution[1]))
         return resolution_issues(self, hw, field) or _resolution_issues(self, hw, field)
@@ -283,6 +283,7 @@ class ModelSpec(Spec):
 
     @model_validator(mode="after")
     def _validate(self) -> "ModelSpec":
+        from .limits import size_issues
 
         issues = size_issues(self)  # first: the other checks expand the stacks of blocks
         if issues:

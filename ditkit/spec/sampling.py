@@ -13,19 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import (
-    Field,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
+                      model_validator, ValidationInfo)
 
 from ditkit.errors import UserError
 from ditkit.spec.components import Spec
-from ditkit.spec.io import validate
 
 SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
             "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
@@ -222,6 +214,7 @@ class Sampling(Spec):
         """``base`` (default: the defaults) with ``changes`` applied, validated: a bad value is
         a :class:`ditkit.spec.SpecError` naming the field (``Sampling(...)`` itself raises
         pydantic's error)."""
+        from ditkit.spec.io import validate
 
         if base is not None and not isinstance(base, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(base).__name__}")

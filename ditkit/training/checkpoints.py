@@ -33,15 +33,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ditkit.errors import UserError
-from ditkit.files import atomic_path, current_umask, environment_fault, write_text
-from ditkit.runtime.checkpoint import save_checkpoint
+from ditkit.files import atomic_path, current_umask, write_text
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
-from ditkit.spec.io import check_regular, open_regular
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "state.json", "state.safetensors", "state.pt"
@@ -94,6 +90,7 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
                      ema_state: dict, train_state: dict, keep_last: int,
                      metadata: dict[str, str] | None = None) -> Path:
     """Write ``step-NNNNNN/`` atomically and prune to the newest ``keep_last``."""
+    from ditkit.runtime.checkpoint import save_checkpoint
 
     final = step_dir(root, step)
     try:
@@ -132,6 +129,7 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
 
 def _checkpoint_fault(err: Exception, final: Path) -> Exception:
     """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
+    from ditkit.files import environment_fault
 
     return environment_fault(err, f"checkpoint {final}", "the earlier checkpoints are intact "
                              "(resume from the newest with --resume)") or err
@@ -184,6 +182,7 @@ def _unflatten(obj, tensors: dict[str, torch.Tensor], where: str):
 
 
 def _write_state(folder: Path, train_state: dict) -> None:
+    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     data = {"format": STATE_FORMAT, "state": _flatten(train_state, tensors)}
@@ -193,7 +192,10 @@ def _write_state(folder: Path, train_state: dict) -> None:
 
 
 def _read_new_state(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular, open_regular
 
     where = str(path / STATE_JSON)
     check_regular(path / STATE_TENSORS, "training state")
@@ -290,7 +292,9 @@ def read_state(path: Path) -> dict:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
 
+    from ditkit.spec.io import check_regular
 
     check_regular(path, "checkpoint")
     return load_file(str(path))

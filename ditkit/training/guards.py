@@ -17,20 +17,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 from ditkit.spec.io import read_text
-from ditkit.spec.limits import (
-    OVERRIDE_HINT,
-    activation_bytes_per_sample,
-    estimated_params,
-    limits_enabled,
-)
-
-from .checkpoints import write_json
 
 MAY_CHANGE = ("training.steps", "logging.", "checkpoint.", "preview.", "evaluation.",
               "distributed.", "precision.compile", "precision.activation_checkpointing",
@@ -92,6 +82,7 @@ def compare_for_resume(checkpoint: Path, exp: Experiment, run: Path, step: int,
 
 def record_changes(run: Path, step: int, diff: dict[str, tuple[object, object]]) -> None:
     """Append the resumed run's changes to ``run/resume-changes.json``."""
+    from .checkpoints import write_json
 
     if not diff:
         return
@@ -113,6 +104,7 @@ def record_changes(run: Path, step: int, diff: dict[str, tuple[object, object]])
 def available_bytes(device) -> int | None:
     """Memory the device has: a CUDA device's total memory, or the host's available RAM."""
     if device.type == "cuda":
+        import torch
 
         return int(torch.cuda.get_device_properties(device).total_memory)
     try:
@@ -134,6 +126,8 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     moments and the EMA (20 bytes a parameter, split across ranks under FSDP2; 60% of the
     spec estimate, which runs above the measured count), plus every block's input and output
     for one micro-batch per process."""
+    from ditkit.spec.limits import (OVERRIDE_HINT, activation_bytes_per_sample,
+                                    estimated_params, limits_enabled)
 
     if not limits_enabled():
         return []

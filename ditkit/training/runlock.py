@@ -13,7 +13,6 @@ emulates ``flock`` with byte-range locks, which the server tracks across nodes.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            import fcntl
 
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -67,6 +67,7 @@ def acquire(run: Path) -> RunLock:
     """Take ``run/.lock`` exclusively (creating ``run``), or raise :class:`RunLockedError`
     naming the holder. The file is opened without following a symlink (a planted one is
     refused) and without truncating it before the lock is ours."""
+    import fcntl
 
     run = Path(run)
     path = run / LOCK_NAME

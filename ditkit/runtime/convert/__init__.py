@@ -40,31 +40,18 @@ Dispatch is the explicit dict :data:`SOURCES`; there is no registry.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ditkit import spec as S
-from ditkit.files import atomic_path
-from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint, model_hash, save_checkpoint
-from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
+
 from ditkit.runtime.convert.remap import (  # noqa: F401
-    ConversionError,
-    ConversionInputError,
-    Remap,
-    check_heads,
-    compact,
-    expected_shapes,
-)
-from ditkit.spec.limits import check_run_bytes, gib
+    ConversionError, ConversionInputError, Remap, check_heads, compact, expected_shapes)
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
@@ -78,7 +65,9 @@ def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
     """sha256 over the tensors (:func:`ditkit.runtime.checkpoint.model_hash`), the spec and the
     objective (canonical JSON): two conversions of the same weights with different ``--heads``
     get different hashes."""
+    import hashlib
 
+    from ditkit.runtime.checkpoint import model_hash
 
     h = hashlib.sha256(model_hash(tensors).encode())
     h.update(json.dumps(S.to_data(spec, full=True), sort_keys=True).encode())
@@ -92,7 +81,9 @@ def _check_unpacked_size(path: Path) -> None:
     is unpacked, estimate the memory ``torch.load`` needs. ``torch.save`` stores entries
     uncompressed, so an archive that unpacks to far more than its size on disk (a compressed
     storage) is checked against the run-time memory limit, as any other size."""
+    import zipfile
 
+    from ditkit.spec.limits import check_run_bytes, gib
 
     if not zipfile.is_zipfile(path):
         return  # the legacy (non-zip) format: torch.load refuses or reads it by itself
@@ -122,6 +113,8 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
     meta: dict[str, str] = {}
     obj: Any  # a state dict, or a dict of them (checked below)
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -178,6 +171,7 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
 
 
 def _sources() -> dict[str, ModuleType]:
+    from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
 
     return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit,
             diffusers.SOURCE: diffusers}
@@ -206,6 +200,7 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
             key: str | None = None, **hints) -> S.ModelSpec:
     """Read a ``source``-format checkpoint at ``path`` and write a ditkit checkpoint at
     ``out``. Returns the spec."""
+    from ditkit.runtime.checkpoint import save_checkpoint
 
     mod = source_module(source)
     if hasattr(mod, "convert_folder"):  # a folder format (diffusers)
@@ -236,6 +231,7 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     """Write a ditkit checkpoint back in the ``to`` format: ``.safetensors`` (with the
     module's ``source_metadata``) or a ``torch.save``d plain state dict (``.pt``/``.pth``)."""
+    from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint
 
     mod = source_module(to)
     if hasattr(mod, "export_folder"):  # a folder format (diffusers)
@@ -248,6 +244,7 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
                 if hasattr(mod, "source_metadata") else {})
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
+        from ditkit.files import atomic_path
 
         with atomic_path(out) as tmp:
             torch.save(state, tmp)

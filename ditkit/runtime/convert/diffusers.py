@@ -36,23 +36,16 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ditkit import spec as S
-from ditkit.builder.position import sincos_table
 from ditkit.errors import UserError
-from ditkit.files import current_umask, environment_fault, honour_umask
-from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
+
 from ditkit.runtime.convert.remap import Remap, expected_shapes
-from ditkit.spec.diff import MISSING, diff
 
 SOURCE = "diffusers"
 CLASS_NAME = "DiTTransformer2DModel"
@@ -105,6 +98,7 @@ def spec_from_config(config: dict, *, name: str | None = None) -> S.ModelSpec:
             raise DiffusersError(f"config.json: {key} = {config[key]!r}: not a DiT "
                                  "(ditkit reads class-conditional DiT transformers only)")
     if config.get("upcast_attention"):
+        import warnings
 
         warnings.warn("config.json: upcast_attention is true; it only changes half-precision "
                       "rounding, ditkit's attention computes in the input dtype", stacklevel=2)
@@ -182,6 +176,7 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
         "norm_eps": FIXED_EPS,
     }
     back = spec_from_config(config, name=spec.name)
+    from ditkit.spec.diff import diff
 
     ignore = ("name", "description", "init", "input.space", "input.latent_factor")
     rows = [c for c in diff(spec, back) if not c.path.startswith(ignore)]
@@ -193,6 +188,7 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
 
 
 def _show(value) -> str:
+    from ditkit.spec.diff import MISSING
 
     if value is MISSING:
         return "absent"
@@ -268,6 +264,7 @@ def _qkv(i: int) -> tuple[list[str], str]:
 
 def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     """diffusers ``DiTTransformer2DModel`` tensors -> the ditkit model's ``state_dict()``."""
+    from ditkit.builder.position import sincos_table
 
     config_from_spec(spec)
     r = Remap(state, SOURCE, expected_shapes(spec))
@@ -301,6 +298,7 @@ def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
 def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     """ditkit tensors -> a ``DiTTransformer2DModel`` state dict (every block gets a copy of the
     embedders). The sin-cos table must be the one ditkit derives (diffusers regenerates it)."""
+    from ditkit.builder.position import sincos_table
 
     config_from_spec(spec)
     r = Remap(tensors, f"ditkit -> {SOURCE}")
@@ -340,6 +338,7 @@ def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
 def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state dict, config)`` of a diffusers model folder (or of a pipeline folder, whose
     ``transformer/`` is used). Safetensors only: pickled ``.bin`` weights are refused."""
+    from safetensors.torch import load_file
 
     folder = Path(path)
     if not folder.is_dir():
@@ -390,6 +389,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     it is synced and the folder replaces ``path`` (an existing folder is swapped out and then
     removed); when it fails, the temporary folder is removed and ``path`` is untouched. The
     folder counterpart of :func:`ditkit.files.atomic_path`."""
+    from ditkit.files import current_umask, environment_fault, honour_umask
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -431,9 +431,11 @@ def write_folder(tensors: dict[str, torch.Tensor], spec: S.ModelSpec,
                  out: str | os.PathLike) -> dict:
     """Write ``tensors`` of ``spec`` as a ``DiTTransformer2DModel`` folder at ``out``
     (atomically). Returns the config."""
+    from safetensors.torch import save_file
 
     config = config_from_spec(spec)
     state = to_diffusers(tensors, spec)
+    from importlib import metadata
 
     with contextlib.suppress(metadata.PackageNotFoundError):
         config["_diffusers_version"] = metadata.version("diffusers")
@@ -452,6 +454,7 @@ def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
                    preset: S.ModelSpec | None = None, name: str | None = None,
                    **_hints) -> S.ModelSpec:
     """Read a diffusers ``DiTTransformer2DModel`` folder, write a ditkit checkpoint."""
+    from ditkit.runtime.checkpoint import save_checkpoint
 
     state, config = read_folder(path)
     if name is None:  # a folder ditkit wrote keeps the spec's name in the weights' metadata
@@ -466,6 +469,7 @@ def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def _written_name(folder: Path) -> str | None:
+    from safetensors import safe_open
 
     for f in (folder / WEIGHTS, folder / "transformer" / WEIGHTS):
         if f.is_file():
@@ -476,6 +480,7 @@ def _written_name(folder: Path) -> str | None:
 
 def export_folder(path: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write the ditkit checkpoint at ``path`` as a diffusers model folder at ``out``."""
+    from ditkit.runtime.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     obj = ckpt.objective
