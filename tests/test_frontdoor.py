@@ -143,7 +143,7 @@ def test_adapt_as_is_keeps_the_weights_and_add_levels_adds_one(checkpoint):
     (lambda m: ditkit.adapt(m, (16, 0)), "resolution (16, 0): must be positive"),
     (lambda m: ditkit.adapt(m, 16, "as_is:rope"), "expected key=value"),
     (lambda m: ditkit.load("no-such-preset"), "not a spec file or a preset name"),
-    (lambda m: ditkit.load(TINY, objective="edn"), "objective 'edn': choose one of edm,"),
+    (lambda m: ditkit.load(TINY, objective="edn"), "objective 'edn' (--objective): choose one of edm,"),
     (lambda m: ditkit.load("model.onnx"), "an exported .onnx file, but this takes"),
     (lambda m: ditkit.train("no-such.yaml"), "no-such.yaml"),
     (lambda m: ditkit.load_spec(TINY, overrides=["levels.0.d_modl=8"]), "d_modl"),

@@ -266,4 +266,4 @@ def test_cli_sample_uses_the_configs_sigma_range_and_the_flags(tmp_path, monkeyp
     assert main(args + ["--sigma-min", "0.05", "--sigma-max", "20"]) == 0
     assert seen == [(0.01, 160.0), (0.05, 20.0)]
     assert main(args + ["--sigma-min", "30", "--sigma-max", "20"]) == 2
-    assert "--sigma-min 30.0 must be below --sigma-max 20.0" in capsys.readouterr().err
+    assert "--sigma-min 30.0: must be below --sigma-max 20.0" in capsys.readouterr().err
