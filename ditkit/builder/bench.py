@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ditkit.device import pick_device
+
 from . import kernels
 
 DEFAULT_GRIDS = (32, 64, 128, 256)
@@ -168,7 +170,7 @@ def run(backends, grids, kernel=7, batch=1, heads=2, d_head=64, device=None, rep
     """Measure every (backend, grid); cases estimated above the memory limit are skipped."""
     from tqdm import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(str(device) if device is not None else "auto")  # ditkit.device
     limit = memory_limit_gib if memory_limit_gib is not None else _free_gib() / 2
     rows = []
     cases = [(b, g) for g in grids for b in backends]
