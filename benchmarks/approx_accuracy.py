@@ -29,8 +29,13 @@ from pathlib import Path
 
 import torch
 
-ENGINES = ("onnxruntime", "onnxruntime-int8", "onnxruntime-openvino",
-           "onnxruntime-openvino-bf16", "eager-bf16")
+ENGINES = (
+    "onnxruntime",
+    "onnxruntime-int8",
+    "onnxruntime-openvino",
+    "onnxruntime-openvino-bf16",
+    "eager-bf16",
+)
 
 
 class Autocast:
@@ -47,8 +52,12 @@ class Autocast:
         def call(*args, **kwargs):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = value(*args, **kwargs)
-            return tuple(o.float() if torch.is_tensor(o) else o for o in out) \
-                if isinstance(out, tuple) else out.float()
+            return (
+                tuple(o.float() if torch.is_tensor(o) else o for o in out)
+                if isinstance(out, tuple)
+                else out.float()
+            )
+
         return call
 
     def __call__(self, *args, **kwargs):
@@ -73,10 +82,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engines", default=",".join(ENGINES),
-                    help=f"comma-separated from {', '.join(ENGINES)}")
-    ap.add_argument("--classify", default=None, choices=("digits", "shapes"),
-                    help="also score --count samples per engine with this data's classifier")
+    ap.add_argument(
+        "--engines", default=",".join(ENGINES), help=f"comma-separated from {', '.join(ENGINES)}"
+    )
+    ap.add_argument(
+        "--classify",
+        default=None,
+        choices=("digits", "shapes"),
+        help="also score --count samples per engine with this data's classifier",
+    )
     ap.add_argument("--count", type=int, default=500, help="samples per engine (--classify)")
     args = ap.parse_args()
     names = parse_list(args.engines)
@@ -109,21 +123,24 @@ def main() -> None:
         quantize, provider = ORT_ENGINES[name]
         if quantize not in files:
             files[quantize] = Path(tmp.name) / f"{quantize or 'fp32'}.onnx"
-            export_onnx(model, objective, files[quantize], check=False, resolution=res,
-                        quantize=quantize)
+            export_onnx(
+                model, objective, files[quantize], check=False, resolution=res, quantize=quantize
+            )
         try:
-            engines[name] = OrtDenoiser(files[quantize], threads=args.threads,
-                                        ort_provider=provider)
+            engines[name] = OrtDenoiser(
+                files[quantize], threads=args.threads, ort_provider=provider
+            )
         except ProviderError as err:
             print(f"{name}: not run ({err})")
-    print(f"{spec.name} at {res[0]}x{res[1]}, batch {args.batch}, {args.threads} thread(s)"
-          + (f"; {len(perturbed)} zero-initialised weight matrices perturbed" if perturbed
-             else ""))
+    print(
+        f"{spec.name} at {res[0]}x{res[1]}, batch {args.batch}, {args.threads} thread(s)"
+        + (f"; {len(perturbed)} zero-initialised weight matrices perturbed" if perturbed else "")
+    )
 
     g = torch.Generator().manual_seed(args.seed + 1)
     x0 = torch.randn(args.batch, spec.input.channels, *res, generator=g)
     classes = spec.conditioning.classes
-    labels = (torch.randint(0, classes.count, (args.batch,), generator=g) if classes else None)
+    labels = torch.randint(0, classes.count, (args.batch,), generator=g) if classes else None
     nr = NoiseRange.of(objective)
     lo, hi = max(nr.sigma_min, 2e-3), min(nr.sigma_max, 80.0)
     print("\ndenoiser output x0 vs fp32 eager: relative error | max |diff|")
@@ -137,20 +154,26 @@ def main() -> None:
             print(f"  sigma {sigma:8.3f}:")
             for name, eng in engines.items():
                 got = eng(x, s, labels)
-                print(f"    {name:27s} {float((got - ref).norm()) / scale:.2e} | "
-                      f"{float((got - ref).abs().max()):.2e}")
+                print(
+                    f"    {name:27s} {float((got - ref).norm()) / scale:.2e} | "
+                    f"{float((got - ref).abs().max()):.2e}"
+                )
 
     print(f"\nfull sampler run (heun, {args.steps} steps, seed {args.seed}) vs fp32 eager")
     kw = dict(steps=args.steps, sampler="heun", seed=args.seed, class_labels=labels)
     shape = (args.batch, spec.input.channels, *res)
     with torch.no_grad():
         ref = sample(eager, shape, **kw)
-        print(f"  eager samples: RMS {float(ref.pow(2).mean().sqrt()):.3f}, max |x| "
-              f"{float(ref.abs().max()):.3f}")
+        print(
+            f"  eager samples: RMS {float(ref.pow(2).mean().sqrt()):.3f}, max |x| "
+            f"{float(ref.abs().max()):.3f}"
+        )
         for name, eng in engines.items():
             d = sample(eng, shape, **kw) - ref
-            print(f"  {name:27s} max |diff| {float(d.abs().max()):.2e}, RMS diff "
-                  f"{float(d.pow(2).mean().sqrt()):.2e}")
+            print(
+                f"  {name:27s} max |diff| {float(d.abs().max()):.2e}, RMS diff "
+                f"{float(d.pow(2).mean().sqrt()):.2e}"
+            )
     if args.classify:
         classify(args, spec, {"eager": eager, **engines}, res)
     tmp.cleanup()
@@ -164,22 +187,33 @@ def classify(args, spec, engines: dict, res) -> None:
 
     clf = classifier_for(args.classify, tuple(res))
     labels = torch.arange(args.count) % clf.n_classes
-    print(f"\n{args.count} samples per engine (heun, {args.steps} steps), scored by the "
-          f"{args.classify} classifier: accuracy [95% Wilson] / Fréchet "
-          f"(the classifier on held-out real images: {clf.real_accuracy:.1%})")
+    print(
+        f"\n{args.count} samples per engine (heun, {args.steps} steps), scored by the "
+        f"{args.classify} classifier: accuracy [95% Wilson] / Fréchet "
+        f"(the classifier on held-out real images: {clf.real_accuracy:.1%})"
+    )
     for name, eng in engines.items():
         t0 = time.perf_counter()
         images = []
         with torch.no_grad():
             for k, start in enumerate(range(0, args.count, 250)):
-                lab = labels[start:start + 250]
-                images.append(sample(eng, (len(lab), spec.input.channels, *res),
-                                     steps=args.steps, sampler="heun", seed=args.seed + k,
-                                     class_labels=lab).float())
+                lab = labels[start : start + 250]
+                images.append(
+                    sample(
+                        eng,
+                        (len(lab), spec.input.channels, *res),
+                        steps=args.steps,
+                        sampler="heun",
+                        seed=args.seed + k,
+                        class_labels=lab,
+                    ).float()
+                )
         report = evaluate_samples(clf, torch.cat(images), labels)
         lo, hi = wilson_interval(round(report.accuracy * report.count), report.count)
-        print(f"  {name:27s} {report.accuracy:.1%} [{lo:.1%}, {hi:.1%}] / "
-              f"{report.frechet:.2f}  ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"  {name:27s} {report.accuracy:.1%} [{lo:.1%}, {hi:.1%}] / "
+            f"{report.frechet:.2f}  ({time.perf_counter() - t0:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

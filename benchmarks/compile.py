@@ -82,6 +82,7 @@ def training(spec, res, batch, repeats) -> tuple[float, float, float]:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         return run
 
     compile_s = _first_call_s(step(compiled))
@@ -100,16 +101,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = S.load(ROOT / "examples/tiny" / f"{args.spec}.yaml")
-    print(f"{args.spec}, batch {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.spec}, batch {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print("| step | resolution | eager ms | compiled ms | eager / compiled | compile s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for res in args.resolutions:
         for name, fn in (("sampling", sampling), ("training", training)):
             torch._dynamo.reset()
             e, c, cs = fn(spec, (res, res), args.batch, args.repeats)
-            print(f"| {name} | {res}x{res} | {e:.1f} | {c:.1f} | {e / c:.2f} | {cs:.1f} |",
-                  flush=True)
+            print(
+                f"| {name} | {res}x{res} | {e:.1f} | {c:.1f} | {e / c:.2f} | {cs:.1f} |", flush=True
+            )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,15 @@ CAPS = {"env": 20, "tests": 60, "train": 100, "attention": 50, "sample": 70, "on
 DRY_CAPS = {"env": 20, "tests": 40, "train": 40, "attention": 30, "sample": 40, "onnx": 60}
 
 #: dense bf16 tensor-core peak (FLOP/s, no sparsity) from NVIDIA's data sheets, for MFU
-PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12),
-             ("A100", 312.0e12), ("L40S", 362.0e12), ("A10G", 70.0e12), ("L4", 121.0e12))
+PEAK_BF16 = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("A100", 312.0e12),
+    ("L40S", 362.0e12),
+    ("A10G", 70.0e12),
+    ("L4", 121.0e12),
+)
 
 
 # -------------------------------------------------------------------------------- child side
@@ -85,8 +92,13 @@ class Ctx:
     def __init__(self, out: Path, dry: bool, deadline: float, report: Reporter, stage: str):
         import torch
 
-        self.out, self.dry, self.deadline, self.report, self.stage = (out, dry, deadline, report,
-                                                                      stage)
+        self.out, self.dry, self.deadline, self.report, self.stage = (
+            out,
+            dry,
+            deadline,
+            report,
+            stage,
+        )
         from ditkit.device import pick_device  # the commands' own --device rule
 
         self.cuda = torch.cuda.is_available() and not dry
@@ -159,14 +171,23 @@ def _free_cuda():
 def stage_env(ctx: Ctx) -> None:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cuda_runtime": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "dry_run": ctx.dry, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "dry_run": ctx.dry,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info.update(gpu=p.name, capability=f"{p.major}.{p.minor}",
-                    gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                    peak_bf16_tflops=(_peak(p.name) or 0) / 1e12 or None)
+        info.update(
+            gpu=p.name,
+            capability=f"{p.major}.{p.minor}",
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            peak_bf16_tflops=(_peak(p.name) or 0) / 1e12 or None,
+        )
     for mod in ("triton", "natten", "onnxruntime", "onnx", "onnxscript", "tensorrt", "pydantic"):
         try:
             m = __import__(mod)
@@ -180,9 +201,16 @@ def stage_env(ctx: Ctx) -> None:
     except Exception:  # noqa: BLE001
         pass
     try:
-        info["ditkit_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            timeout=5).stdout.strip() or None
+        info["ditkit_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         info["ditkit_commit"] = None
     from ditkit.builder import kernels
@@ -204,33 +232,82 @@ def _peak(name: str) -> float | None:
 
 def stage_tests(ctx: Ctx) -> None:
     # only the files that mark tests `gpu` (collecting the whole suite costs ~20 s of imports)
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                   if "mark.gpu" in p.read_text())
+    files = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if "mark.gpu" in p.read_text()
+    )
     if not files:
-        ctx.row(command="pytest -m gpu", exit_code=None, summary="no gpu-marked tests found",
-                seconds=0.0, log=None)
+        ctx.row(
+            command="pytest -m gpu",
+            exit_code=None,
+            summary="no gpu-marked tests found",
+            seconds=0.0,
+            log=None,
+        )
         return
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs",
-           *files]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        *files,
+    ]
     if ctx.dry:
         cmd.append("--collect-only")
     log = ctx.out / "tests.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    }
     t0 = time.time()
     with open(log, "w") as f:  # written as pytest goes: a run cut at the cap keeps its log
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                timeout=max(5.0, ctx.left() - 3)).returncode
+            rc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=max(5.0, ctx.left() - 3),
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = None
             f.write("\n[gpu_check] pytest stopped at the stage's time cap\n")
     text = log.read_text()
-    summary = next((ln.strip("= ") for ln in reversed(text.splitlines())
-                    if any(w in ln for w in ("passed", "failed", "skipped", "error",
-                                             "no tests ran", "collected", "selected"))), "")
-    ctx.row(command=" ".join(cmd[1:]), exit_code=rc, summary=summary,
-            seconds=round(time.time() - t0, 1), log="tests.log")
+    summary = next(
+        (
+            ln.strip("= ")
+            for ln in reversed(text.splitlines())
+            if any(
+                w in ln
+                for w in (
+                    "passed",
+                    "failed",
+                    "skipped",
+                    "error",
+                    "no tests ran",
+                    "collected",
+                    "selected",
+                )
+            )
+        ),
+        "",
+    )
+    ctx.row(
+        command=" ".join(cmd[1:]),
+        exit_code=rc,
+        summary=summary,
+        seconds=round(time.time() - t0, 1),
+        log="tests.log",
+    )
 
 
 # ---- train
@@ -243,12 +320,16 @@ def stage_train(ctx: Ctx) -> None:
     from ditkit.builder import describe, kernels
 
     if ctx.dry:
-        cases = [("examples/tiny/tiny-hdit-neighborhood.yaml", S.EDMObjective(), 2),
-                 ("examples/tiny/tiny-dit.yaml", S.DDPMObjective(), 2)]
+        cases = [
+            ("examples/tiny/tiny-hdit-neighborhood.yaml", S.EDMObjective(), 2),
+            ("examples/tiny/tiny-dit.yaml", S.DDPMObjective(), 2),
+        ]
         warmup, steps = 1, 2
     else:
-        cases = [("examples/hdit/hdit-imagenet-128.yaml", S.EDMObjective(), 64),
-                 ("examples/dit/dit-b-2.yaml", S.DDPMObjective(), 128)]
+        cases = [
+            ("examples/hdit/hdit-imagenet-128.yaml", S.EDMObjective(), 64),
+            ("examples/dit/dit-b-2.yaml", S.DDPMObjective(), 128),
+        ]
         warmup, steps = 3, 10
     peak = _peak(torch.cuda.get_device_name(ctx.device)) if ctx.cuda else None
     # eager for both models first: the compiled runs (slow to compile) come last
@@ -258,10 +339,19 @@ def stage_train(ctx: Ctx) -> None:
             backend = kernels.resolve_backend(ctx.device)
             if ctx.dry and compiled and path != cases[-1][0]:
                 continue  # dry run: one compiled model (the smallest) keeps the path alive
-            row = dict(model=spec.name, resolution=list(spec.input.resolution), batch=batch,
-                       compile=compiled, precision="bf16 autocast" if ctx.cuda else "fp32",
-                       neighborhood_backend=backend, img_per_s=None, mfu=None, peak_mib=None,
-                       step_ms=None, note="")
+            row = dict(
+                model=spec.name,
+                resolution=list(spec.input.resolution),
+                batch=batch,
+                compile=compiled,
+                precision="bf16 autocast" if ctx.cuda else "fp32",
+                neighborhood_backend=backend,
+                img_per_s=None,
+                mfu=None,
+                peak_mib=None,
+                step_ms=None,
+                note="",
+            )
             if ctx.left() < 10:
                 row["note"] = "skipped: stage time cap reached"
                 ctx.row(**row)
@@ -305,8 +395,10 @@ def _train_case(ctx, spec, objective, batch, compiled, warmup, steps, row) -> No
     cond = {a.name: torch.zeros(batch, a.dims, device=dev) for a in spec.conditioning.aux}
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ctx.cuda), \
-                kernels.use_backend("auto"):
+        with (
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ctx.cuda),
+            kernels.use_backend("auto"),
+        ):
             loss, _ = loss_fn(net, x0, labels, gen, 0, **cond)
         loss.backward()
         opt.step()
@@ -343,12 +435,21 @@ def stage_attention(ctx: Ctx) -> None:
     for grid in grids:
         for backend in backends:
             for mode in ("fwd", "fwd+bwd"):
-                row = dict(backend=backend, tokens=f"{grid}x{grid}", mode=mode, batch=batch,
-                           heads=heads, d_head=d_head, dtype=str(dtype).replace("torch.", ""),
-                           ms=None, peak_mib=None, note="")
+                row = dict(
+                    backend=backend,
+                    tokens=f"{grid}x{grid}",
+                    mode=mode,
+                    batch=batch,
+                    heads=heads,
+                    d_head=d_head,
+                    dtype=str(dtype).replace("torch.", ""),
+                    ms=None,
+                    peak_mib=None,
+                    note="",
+                )
                 grad = mode == "fwd+bwd"
                 need = _attention_gib(backend, grid, batch, heads, d_head, dtype)
-                free = (torch.cuda.mem_get_info(ctx.device)[0] / 2**30 if ctx.cuda else 8.0)
+                free = torch.cuda.mem_get_info(ctx.device)[0] / 2**30 if ctx.cuda else 8.0
                 if ctx.left() < 5:
                     row["note"] = "skipped: stage time cap reached"
                 elif not ctx.cuda and grad and backend in ("flex", "natten"):
@@ -357,8 +458,20 @@ def stage_attention(ctx: Ctx) -> None:
                     row["note"] = f"skipped: needs ~{need:.0f} GiB > 80% of {free:.0f} GiB free"
                 else:
                     try:
-                        _attention_case(ctx, backend, grid, batch, heads, d_head, dtype, ks, dil,
-                                        grad, repeats, row)
+                        _attention_case(
+                            ctx,
+                            backend,
+                            grid,
+                            batch,
+                            heads,
+                            d_head,
+                            dtype,
+                            ks,
+                            dil,
+                            grad,
+                            repeats,
+                            row,
+                        )
                     except Exception as err:  # noqa: BLE001
                         row["note"] = ("OOM: " if _oom(err) else "failed: ") + _why(err)
                 ctx.row(**row)
@@ -375,19 +488,24 @@ def _attention_gib(backend, grid, batch, heads, d_head, dtype) -> float:
     return bh * n * d_head * el * 60 / 2**30  # O(n): gathered / tiled copies and gradients
 
 
-def _attention_case(ctx, backend, grid, batch, heads, d_head, dtype, ks, dil, grad, repeats,
-                    row) -> None:
+def _attention_case(
+    ctx, backend, grid, batch, heads, d_head, dtype, ks, dil, grad, repeats, row
+) -> None:
     import torch
 
     from ditkit.builder import kernels
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, grid, grid, d_head, generator=g).to(ctx.device, dtype)
-               .requires_grad_(grad) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, grid, grid, d_head, generator=g)
+        .to(ctx.device, dtype)
+        .requires_grad_(grad)
+        for _ in range(3)
+    )
 
     def run():
         with torch.set_grad_enabled(grad), kernels.use_backend(backend):
-            out = kernels.neighborhood_attention(q, k, v, ks, dil, d_head ** -0.5)
+            out = kernels.neighborhood_attention(q, k, v, ks, dil, d_head**-0.5)
             if grad:
                 out.backward(torch.ones_like(out))
 
@@ -423,12 +541,20 @@ def stage_sample(ctx: Ctx) -> None:
     # eager and CUDA graphs at every resolution first; torch.compile (a compile per resolution)
     # last, so a slow compile cannot starve the cheap rows
     order = [(e, r) for e in engines[:2] for r in resolutions] + [
-        ("compile", r) for r in (resolutions[:1] if ctx.dry else resolutions)]
+        ("compile", r) for r in (resolutions[:1] if ctx.dry else resolutions)
+    ]
     compiled = None
     for engine, res in order:
-        row = dict(model=spec.name, engine=engine, resolution=f"{res}x{res}", batch=1,
-                   precision="bf16 autocast" if ctx.cuda else "fp32", ms_per_step=None,
-                   peak_mib=None, note="")
+        row = dict(
+            model=spec.name,
+            engine=engine,
+            resolution=f"{res}x{res}",
+            batch=1,
+            precision="bf16 autocast" if ctx.cuda else "fp32",
+            ms_per_step=None,
+            peak_mib=None,
+            note="",
+        )
         if ctx.left() < 8:
             row["note"] = "skipped: stage time cap reached"
             ctx.row(**row)
@@ -441,12 +567,17 @@ def stage_sample(ctx: Ctx) -> None:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(1, spec.input.channels, res, res, generator=g).to(ctx.device)
             s = torch.full((1,), 2.0, device=ctx.device)
-            y = torch.zeros(1, dtype=torch.long, device=ctx.device) if (
-                spec.conditioning.classes) else None
+            y = (
+                torch.zeros(1, dtype=torch.long, device=ctx.device)
+                if (spec.conditioning.classes)
+                else None
+            )
 
             def call(fn, x=x, s=s, y=y):  # this iteration's inputs, bound
-                with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                                     enabled=ctx.cuda):
+                with (
+                    torch.no_grad(),
+                    torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.cuda),
+                ):
                     return fn(x, s, y)
 
             ctx.peak_reset()
@@ -458,8 +589,9 @@ def stage_sample(ctx: Ctx) -> None:
                 del graph, static_out
             else:
                 if compiled is None:
-                    compiled = torch.compile(den, dynamic=False,
-                                             backend="eager" if ctx.dry else "inductor")
+                    compiled = torch.compile(
+                        den, dynamic=False, backend="eager" if ctx.dry else "inductor"
+                    )
                 t0 = time.perf_counter()
                 call(compiled)
                 ctx.sync()
@@ -517,12 +649,15 @@ def stage_onnx(ctx: Ctx) -> None:
     if ctx.dry:  # the smallest graph: a one-block tiny DiT, fixed resolution (export is slow)
         path, res, precision, dynamic = "examples/tiny/tiny-dit.yaml", 8, "fp32", ("batch",)
     else:  # the 4M-parameter benchmark HDiT: tracing hdit-imagenet-128 takes minutes of CPU
-        path, res, precision, dynamic = ("benchmarks/specs/hdit-bench-4m.yaml", 256, "fp16",
-                                         ("batch", "resolution"))
+        path, res, precision, dynamic = (
+            "benchmarks/specs/hdit-bench-4m.yaml",
+            256,
+            "fp16",
+            ("batch", "resolution"),
+        )
     spec = S.load(ROOT / path)
     if ctx.dry:
-        spec = spec.model_copy(update={"levels": [spec.levels[0].model_copy(
-            update={"middle": 1})]})
+        spec = spec.model_copy(update={"levels": [spec.levels[0].model_copy(update={"middle": 1})]})
     objective = spec.default_objective
     torch.manual_seed(0)
     model = build(spec).eval()
@@ -530,14 +665,25 @@ def stage_onnx(ctx: Ctx) -> None:
     onnx_path = Path(tmp.name) / "model.onnx"
     t0 = time.perf_counter()
     try:
-        export_onnx(model, objective, onnx_path, check=False, precision=precision,
-                    resolution=tuple(spec.input.resolution), dynamic=dynamic)
-        ctx.row(engine="export", model=spec.name, precision=precision,
-                seconds=round(time.perf_counter() - t0, 1),
-                mb=round(onnx_path.stat().st_size / 1e6, 1), note="ok (CPU trace)")
+        export_onnx(
+            model,
+            objective,
+            onnx_path,
+            check=False,
+            precision=precision,
+            resolution=tuple(spec.input.resolution),
+            dynamic=dynamic,
+        )
+        ctx.row(
+            engine="export",
+            model=spec.name,
+            precision=precision,
+            seconds=round(time.perf_counter() - t0, 1),
+            mb=round(onnx_path.stat().st_size / 1e6, 1),
+            note="ok (CPU trace)",
+        )
     except Exception as err:  # noqa: BLE001
-        ctx.row(engine="export", model=spec.name, precision=precision,
-                note=f"failed: {_why(err)}")
+        ctx.row(engine="export", model=spec.name, precision=precision, note=f"failed: {_why(err)}")
         traceback.print_exc()
         return
     runs = []
@@ -545,9 +691,16 @@ def stage_onnx(ctx: Ctx) -> None:
         if ctx.cuda and "CUDAExecutionProvider" in providers:
             runs.append(("onnxruntime-cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
         else:
-            ctx.row(engine="onnxruntime-cuda", model=spec.name, note=(
-                "skipped: no CUDA" if not ctx.cuda else
-                f"skipped: this onnxruntime has no CUDAExecutionProvider ({', '.join(providers)})"))
+            ctx.row(
+                engine="onnxruntime-cuda",
+                model=spec.name,
+                note=(
+                    "skipped: no CUDA"
+                    if not ctx.cuda
+                    else "skipped: this onnxruntime has no CUDAExecutionProvider "
+                    f"({', '.join(providers)})"
+                ),
+            )
         if ctx.dry:  # the toy stand-in: the same code path on the CPU provider
             runs.append(("onnxruntime-cpu", ["CPUExecutionProvider"]))
     for engine, prov in runs:
@@ -565,8 +718,15 @@ def _ort_case(ctx, engine, providers, onnx_path, spec, res, model, objective) ->
     from ditkit.runtime.denoiser import Denoiser
     from ditkit.deploy.engines import OrtDenoiser
 
-    row = dict(engine=engine, model=spec.name, resolution=f"{res}x{res}", batch=1,
-               ms_per_step=None, max_abs_diff_vs_eager=None, note="")
+    row = dict(
+        engine=engine,
+        model=spec.name,
+        resolution=f"{res}x{res}",
+        batch=1,
+        ms_per_step=None,
+        max_abs_diff_vs_eager=None,
+        note="",
+    )
     try:
         dev = ctx.device if "CUDAExecutionProvider" in providers else torch.device("cpu")
         runner = OrtDenoiser(onnx_path, device=dev, providers=providers)
@@ -574,8 +734,9 @@ def _ort_case(ctx, engine, providers, onnx_path, spec, res, model, objective) ->
         x = torch.randn(1, spec.input.channels, res, res, generator=g).to(dev)
         s = torch.full((1,), 2.0, device=dev)
         y = torch.zeros(1, dtype=torch.long, device=dev)
-        row["ms_per_step"] = round(ctx.timed(lambda: runner.denoise(x, s, y), 2,
-                                             1 if ctx.dry else 10, 20), 3)
+        row["ms_per_step"] = round(
+            ctx.timed(lambda: runner.denoise(x, s, y), 2, 1 if ctx.dry else 10, 20), 3
+        )
         out = runner.denoise(x, s, y)[0].float().cpu()
         with torch.no_grad():
             ref = Denoiser(model, objective)(x.cpu(), s.cpu(), y.cpu())
@@ -592,12 +753,23 @@ def _trt_case(ctx, onnx_path, spec, res) -> None:
 
     from ditkit.deploy.tensorrt import TrtDenoiser, build_engine, parse_profile
 
-    row = dict(engine="tensorrt", model=spec.name, resolution=f"{res}x{res}", batch=1,
-               ms_per_step=None, note="")
+    row = dict(
+        engine="tensorrt",
+        model=spec.name,
+        resolution=f"{res}x{res}",
+        batch=1,
+        ms_per_step=None,
+        note="",
+    )
     try:
         t0 = time.perf_counter()
-        engine = build_engine(onnx_path, [parse_profile(f"1x{res}/1x{res}/1x{res}")],
-                              precision="fp16", cache_dir=ctx.out / "trt-cache", log=print)
+        engine = build_engine(
+            onnx_path,
+            [parse_profile(f"1x{res}/1x{res}/1x{res}")],
+            precision="fp16",
+            cache_dir=ctx.out / "trt-cache",
+            log=print,
+        )
         build_s = time.perf_counter() - t0
         runner = TrtDenoiser(engine, onnx_path)
         g = torch.Generator().manual_seed(0)
@@ -612,8 +784,14 @@ def _trt_case(ctx, onnx_path, spec, res) -> None:
     ctx.row(**row)
 
 
-STAGE_FUNCS = {"env": stage_env, "tests": stage_tests, "train": stage_train,
-               "attention": stage_attention, "sample": stage_sample, "onnx": stage_onnx}
+STAGE_FUNCS = {
+    "env": stage_env,
+    "tests": stage_tests,
+    "train": stage_train,
+    "attention": stage_attention,
+    "sample": stage_sample,
+    "onnx": stage_onnx,
+}
 
 
 def child(out: Path, stages: list[str], dry: bool, caps: dict[str, float]) -> int:
@@ -685,17 +863,23 @@ def write_results(out: Path, meta: dict, stages: dict) -> None:
 
 
 def markdown(meta: dict, stages: dict) -> str:
-    lines = [f"# ditkit GPU check{' (dry run, CPU, toy sizes)' if meta.get('dry_run') else ''}",
-             "", f"{meta.get('started')}; total {meta.get('seconds', '?')} s; "
-             f"command: `{meta.get('command')}`", ""]
+    lines = [
+        f"# ditkit GPU check{' (dry run, CPU, toy sizes)' if meta.get('dry_run') else ''}",
+        "",
+        f"{meta.get('started')}; total {meta.get('seconds', '?')} s; "
+        f"command: `{meta.get('command')}`",
+        "",
+    ]
     env = {r["key"]: r["value"] for r in stages.get("env", {}).get("rows", [])}
     if env:
-        lines.append(f"GPU: {env.get('gpu', 'none')}; torch {env.get('torch')} (CUDA "
-                     f"{env.get('cuda_runtime')}); python {env.get('python')}; triton "
-                     f"{env.get('triton')}; natten {env.get('natten')}; onnxruntime "
-                     f"{env.get('onnxruntime')} {env.get('onnxruntime_providers', '')}; "
-                     f"tensorrt {env.get('tensorrt')}; neighborhood backend (auto): "
-                     f"{env.get('neighborhood_backend_auto')}; ditkit {env.get('ditkit_commit')}")
+        lines.append(
+            f"GPU: {env.get('gpu', 'none')}; torch {env.get('torch')} (CUDA "
+            f"{env.get('cuda_runtime')}); python {env.get('python')}; triton "
+            f"{env.get('triton')}; natten {env.get('natten')}; onnxruntime "
+            f"{env.get('onnxruntime')} {env.get('onnxruntime_providers', '')}; "
+            f"tensorrt {env.get('tensorrt')}; neighborhood backend (auto): "
+            f"{env.get('neighborhood_backend_auto')}; ditkit {env.get('ditkit_commit')}"
+        )
         lines.append("")
     for name in STAGES:
         st = stages.get(name)
@@ -711,8 +895,10 @@ def markdown(meta: dict, stages: dict) -> str:
                 lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
             lines.append("")
     if "train" in stages:
-        lines.append("MFU = img/s x 6 x forward GMACs / dense bf16 peak of the GPU's data sheet "
-                     "(one multiply-add = 2 FLOPs here; training = 3x the forward).")
+        lines.append(
+            "MFU = img/s x 6 x forward GMACs / dense bf16 peak of the GPU's data sheet "
+            "(one multiply-add = 2 FLOPs here; training = 3x the forward)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -739,9 +925,13 @@ def parent(args) -> int:
     if unknown:
         raise SystemExit(f"--only {','.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
     start = time.time()
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": args.dry_run,
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "budget_s": args.budget_s, "caps_s": caps}
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "dry_run": args.dry_run,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "budget_s": args.budget_s,
+        "caps_s": caps,
+    }
     notes: dict[str, str] = {}
     while todo:
         left = args.budget_s - (time.time() - start)
@@ -750,8 +940,16 @@ def parent(args) -> int:
                 notes[s] = "skipped: total budget spent"
             break
         child_caps = {s: min(caps[s], left) for s in todo}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(out),
-               "--stages", ",".join(todo), "--caps", json.dumps(child_caps)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            str(out),
+            "--stages",
+            ",".join(todo),
+            "--caps",
+            json.dumps(child_caps),
+        ]
         if args.dry_run:
             cmd.append("--dry-run")
         proc = subprocess.Popen(cmd, start_new_session=True)
@@ -763,20 +961,27 @@ def parent(args) -> int:
             ended = {e["stage"] for e in events if e["event"] == "end"}
             if started and started[-1]["stage"] != current:
                 current, t_stage = started[-1]["stage"], started[-1]["t"]
-            over_stage = current is not None and current not in ended and (
-                time.time() - t_stage > caps[current] + 10)
+            over_stage = (
+                current is not None
+                and current not in ended
+                and (time.time() - t_stage > caps[current] + 10)
+            )
             over_total = time.time() - start > args.budget_s + 10
             if over_stage or over_total:
                 os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
                 proc.wait()
                 stage = current or todo[0]
-                notes[stage] = (f"killed at its {caps[stage]:.0f} s cap" if over_stage
-                                else "killed: total budget spent")
+                notes[stage] = (
+                    f"killed at its {caps[stage]:.0f} s cap"
+                    if over_stage
+                    else "killed: total budget spent"
+                )
                 break
             if len(events) != seen:  # new rows: results on disk stay current
                 seen = len(events)
-                write_results(out, {**meta, "seconds": round(time.time() - start, 1)},
-                              collect(events, notes))
+                write_results(
+                    out, {**meta, "seconds": round(time.time() - start, 1)}, collect(events, notes)
+                )
         events = read_progress(out)
         done = {e["stage"] for e in events if e["event"] == "end"} | set(notes)
         nxt = [s for s in todo if s not in done]
@@ -789,35 +994,42 @@ def parent(args) -> int:
                 notes[cur] = f"child exited with code {proc.returncode}"
                 nxt.remove(cur)
         todo = nxt
-        write_results(out, {**meta, "seconds": round(time.time() - start, 1)},
-                      collect(events, notes))
+        write_results(
+            out, {**meta, "seconds": round(time.time() - start, 1)}, collect(events, notes)
+        )
     meta["seconds"] = round(time.time() - start, 1)
     stages = collect(read_progress(out), notes)
     write_results(out, meta, stages)
     (out / "progress.jsonl").unlink(missing_ok=True)  # everything is in results.json now
     print((out / "results.md").read_text())
     bad = [n for n, st in stages.items() if st["status"] != "ok"]
-    print(f"[gpu_check] wrote {out / 'results.json'} and {out / 'results.md'} in "
-          f"{meta['seconds']} s" + (f"; stages not ok: {', '.join(bad)}" if bad else ""))
+    print(
+        f"[gpu_check] wrote {out / 'results.json'} and {out / 'results.md'} in "
+        f"{meta['seconds']} s" + (f"; stages not ok: {', '.join(bad)}" if bad else "")
+    )
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", help="folder for results.json, results.md and tests.log")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="every stage at toy sizes on CPU (what CI runs)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="every stage at toy sizes on CPU (what CI runs)"
+    )
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="whole-run limit in seconds (default 360; dry run 240)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="whole-run limit in seconds (default 360; dry run 240)",
+    )
     ap.add_argument("--cap", action="append", help="per-stage cap, STAGE=SECONDS (repeatable)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stages", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--caps", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child(Path(args.child), args.stages.split(","), args.dry_run,
-                     json.loads(args.caps))
+        return child(Path(args.child), args.stages.split(","), args.dry_run, json.loads(args.caps))
     if not args.out:
         ap.error("give the output folder, e.g. `python benchmarks/gpu_check.py gpu-results`")
     if args.budget_s is None:

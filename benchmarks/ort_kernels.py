@@ -31,9 +31,13 @@ OPSET_18 = h.make_opsetid("", 18)
 
 
 def model(nodes, inputs, inits=(), opsets=(OPSET_18,)):
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in inputs],
-                     [h.make_tensor_value_info(nodes[-1].output[0], T.FLOAT, None)],
-                     list(inits))
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in inputs],
+        [h.make_tensor_value_info(nodes[-1].output[0], T.FLOAT, None)],
+        list(inits),
+    )
     m = h.make_model(g, opset_imports=list(opsets))
     m.ir_version = 9
     return m
@@ -68,34 +72,61 @@ def main() -> None:
         return timed(lambda: sess.run(None, feeds), args.repeats)
 
     x = rng.standard_normal((1, 128, 128, 384)).astype(np.float32)
-    c = [h.make_node("Constant", [], [n], value_float=v)
-         for n, v in (("r2", 2 ** 0.5), ("one", 1.0), ("half", 0.5))]
-    erf = model(c + [h.make_node("Div", ["x", "r2"], ["a"]), h.make_node("Erf", ["a"], ["e"]),
-                     h.make_node("Add", ["e", "one"], ["f"]),
-                     h.make_node("Mul", ["half", "f"], ["g"]),
-                     h.make_node("Mul", ["x", "g"], ["y"])], [("x", x.shape)])
-    fused = model([h.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], [("x", x.shape)],
-                  opsets=(h.make_opsetid("", 18), MS))
+    c = [
+        h.make_node("Constant", [], [n], value_float=v)
+        for n, v in (("r2", 2**0.5), ("one", 1.0), ("half", 0.5))
+    ]
+    erf = model(
+        c
+        + [
+            h.make_node("Div", ["x", "r2"], ["a"]),
+            h.make_node("Erf", ["a"], ["e"]),
+            h.make_node("Add", ["e", "one"], ["f"]),
+            h.make_node("Mul", ["half", "f"], ["g"]),
+            h.make_node("Mul", ["x", "g"], ["y"]),
+        ],
+        [("x", x.shape)],
+    )
+    fused = model(
+        [h.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
+        [("x", x.shape)],
+        opsets=(h.make_opsetid("", 18), MS),
+    )
     t = torch.from_numpy(x)
-    print(f"gelu 1x128x128x384: exported Div/Erf/Add/Mul/Mul {go(erf, {'x': x}):.2f} ms, "
-          f"com.microsoft::Gelu {go(fused, {'x': x}):.2f} ms, torch "
-          f"{timed(lambda: torch.nn.functional.gelu(t), args.repeats):.2f} ms")
+    print(
+        f"gelu 1x128x128x384: exported Div/Erf/Add/Mul/Mul {go(erf, {'x': x}):.2f} ms, "
+        f"com.microsoft::Gelu {go(fused, {'x': x}):.2f} ms, torch "
+        f"{timed(lambda: torch.nn.functional.gelu(t), args.repeats):.2f} ms"
+    )
 
     x = rng.standard_normal((1, 128, 128, 128)).astype(np.float32)
-    inits = [nh.from_array(np.array(2.0, np.float32), "two"),
-             nh.from_array(np.array([-1], np.int64), "ax"),
-             nh.from_array(np.array(1e-6, np.float32), "eps"),
-             nh.from_array(np.ones(128, np.float32), "w")]
-    head = [h.make_node("Pow", ["x", "two"], ["p"]),
-            h.make_node("ReduceMean", ["p", "ax"], ["m"], keepdims=1),
-            h.make_node("Add", ["m", "eps"], ["a"]), h.make_node("Sqrt", ["a"], ["s"])]
-    recip = model(head + [h.make_node("Reciprocal", ["s"], ["r"]),
-                          h.make_node("Mul", ["x", "r"], ["y"])], [("x", x.shape)], inits[:3])
-    div = model(head + [h.make_node("Div", ["x", "s"], ["d"]),
-                        h.make_node("Mul", ["d", "w"], ["y"])], [("x", x.shape)], inits)
-    print(f"rms norm 1x128x128x128: exported (Reciprocal, Mul) {go(recip, {'x': x}):.2f} ms, "
-          f"rewritten (Div, Mul(ones) -> SimplifiedLayerNormalization) "
-          f"{go(div, {'x': x}):.2f} ms")
+    inits = [
+        nh.from_array(np.array(2.0, np.float32), "two"),
+        nh.from_array(np.array([-1], np.int64), "ax"),
+        nh.from_array(np.array(1e-6, np.float32), "eps"),
+        nh.from_array(np.ones(128, np.float32), "w"),
+    ]
+    head = [
+        h.make_node("Pow", ["x", "two"], ["p"]),
+        h.make_node("ReduceMean", ["p", "ax"], ["m"], keepdims=1),
+        h.make_node("Add", ["m", "eps"], ["a"]),
+        h.make_node("Sqrt", ["a"], ["s"]),
+    ]
+    recip = model(
+        head + [h.make_node("Reciprocal", ["s"], ["r"]), h.make_node("Mul", ["x", "r"], ["y"])],
+        [("x", x.shape)],
+        inits[:3],
+    )
+    div = model(
+        head + [h.make_node("Div", ["x", "s"], ["d"]), h.make_node("Mul", ["d", "w"], ["y"])],
+        [("x", x.shape)],
+        inits,
+    )
+    print(
+        f"rms norm 1x128x128x128: exported (Reciprocal, Mul) {go(recip, {'x': x}):.2f} ms, "
+        f"rewritten (Div, Mul(ones) -> SimplifiedLayerNormalization) "
+        f"{go(div, {'x': x}):.2f} ms"
+    )
 
     p, s, n, d = 2048, 16, 100, 64
 
@@ -103,8 +134,14 @@ def main() -> None:
         ins = [("q", [p, s, dq]), ("k", [p, n, dq]), ("v", [p, n, d])]
         if bias:
             ins.append(("b", [p, 1, s, n]))
-        node = h.make_node("MultiHeadAttention", ["q", "k", "v", "", ""] + (["b"] if bias else []),
-                           ["o"], domain="com.microsoft", num_heads=1, scale=0.125)
+        node = h.make_node(
+            "MultiHeadAttention",
+            ["q", "k", "v", "", ""] + (["b"] if bias else []),
+            ["o"],
+            domain="com.microsoft",
+            num_heads=1,
+            scale=0.125,
+        )
         return model([node], ins, opsets=(h.make_opsetid("", 18), MS))
 
     q = rng.standard_normal((p, s, d)).astype(np.float32)
@@ -113,12 +150,15 @@ def main() -> None:
     keep[..., 0] = True
     bias = np.where(keep, 0, -np.inf).astype(np.float32)
     q2 = np.concatenate([q, np.broadcast_to(np.eye(s, dtype=np.float32) * 8.0, (p, s, s))], -1)
-    k2 = np.concatenate([k, np.where(keep[:, 0], 0, -1e9).astype(np.float32)
-                         .transpose(0, 2, 1)], -1)
-    print(f"neighborhood MultiHeadAttention, {p} problems of {s}x{n}: mask as attention_bias "
-          f"{go(mha(d, True), dict(q=q, k=k, v=v, b=bias)):.1f} ms, mask folded into q.k "
-          f"{go(mha(d + s, False), dict(q=q2, k=k2, v=v)):.1f} ms, no mask "
-          f"{go(mha(d, False), dict(q=q, k=k, v=v)):.1f} ms")
+    k2 = np.concatenate(
+        [k, np.where(keep[:, 0], 0, -1e9).astype(np.float32).transpose(0, 2, 1)], -1
+    )
+    print(
+        f"neighborhood MultiHeadAttention, {p} problems of {s}x{n}: mask as attention_bias "
+        f"{go(mha(d, True), dict(q=q, k=k, v=v, b=bias)):.1f} ms, mask folded into q.k "
+        f"{go(mha(d + s, False), dict(q=q2, k=k2, v=v)):.1f} ms, no mask "
+        f"{go(mha(d, False), dict(q=q, k=k, v=v)):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

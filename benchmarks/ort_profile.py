@@ -39,7 +39,7 @@ def op_totals(profile_file: str, runs: int, by: str = "op") -> dict[str, float]:
             key = a.get("op_name", "?")
             if by == "node":
                 shapes = [list(s.values())[0] for s in a.get("input_type_shape", [])]
-                key = f"{key} {e['name'][:-len('_kernel_time')][-40:]} {shapes}"
+                key = f"{key} {e['name'][: -len('_kernel_time')][-40:]} {shapes}"
             totals[key] += e["dur"] / runs
     return dict(totals)
 
@@ -56,8 +56,12 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--nodes", type=int, default=0, help="also list the N slowest nodes")
     ap.add_argument("--torch", action="store_true", help="also profile eager torch")
-    ap.add_argument("--quantize", default=None, choices=["int8"],
-                    help="profile the opt-in int8 export instead of the fp32 one")
+    ap.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="profile the opt-in int8 export instead of the fp32 one",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -66,8 +70,14 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="ditkit-prof-")
     path = Path(tmp.name) / "model.onnx"
     with kernels.use_backend(args.backend):
-        export_onnx(model, S.EDMObjective(), path, check=False,
-                    resolution=(args.resolutions[0],) * 2, quantize=args.quantize)
+        export_onnx(
+            model,
+            S.EDMObjective(),
+            path,
+            check=False,
+            resolution=(args.resolutions[0],) * 2,
+            quantize=args.quantize,
+        )
     for r in args.resolutions:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
@@ -75,8 +85,10 @@ def main() -> None:
         opts.profile_file_prefix = str(Path(tmp.name) / f"prof{r}")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         g = torch.Generator().manual_seed(0)
-        feeds = {"x": torch.randn(1, spec.input.channels, r, r, generator=g).numpy(),
-                 "sigma": np.full((1,), 2.0, np.float32)}
+        feeds = {
+            "x": torch.randn(1, spec.input.channels, r, r, generator=g).numpy(),
+            "sigma": np.full((1,), 2.0, np.float32),
+        }
         names = [i.name for i in sess.get_inputs()]
         if "class_labels" in names:
             feeds["class_labels"] = np.zeros(1, np.int64)
@@ -92,13 +104,16 @@ def main() -> None:
         prof = sess.end_profiling()
         totals = op_totals(prof, args.repeats + 1)
         node = sum(totals.values())
-        print(f"\n{spec.name} {r}x{r}, backend {args.backend}, {args.threads} thread(s): "
-              f"run {1e3 * float(np.median(times)):.1f} ms, node time {node / 1e3:.1f} ms/run")
-        for op, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(
+            f"\n{spec.name} {r}x{r}, backend {args.backend}, {args.threads} thread(s): "
+            f"run {1e3 * float(np.median(times)):.1f} ms, node time {node / 1e3:.1f} ms/run"
+        )
+        for op, us in sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {op:24s} {us / 1e3:9.2f} ms  {100 * us / node:5.1f} %")
         if args.nodes:
-            for name, us in sorted(op_totals(prof, args.repeats + 1, "node").items(),
-                                   key=lambda kv: -kv[1])[:args.nodes]:
+            for name, us in sorted(
+                op_totals(prof, args.repeats + 1, "node").items(), key=lambda kv: -kv[1]
+            )[: args.nodes]:
                 print(f"    {us / 1e3:8.2f} ms  {name}")
         if args.torch:
             from torch.profiler import ProfilerActivity, profile

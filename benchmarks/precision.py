@@ -40,22 +40,27 @@ def main() -> None:
     ap.add_argument("--specs", nargs="+", default=["tiny-dit", "tiny-hdit-neighborhood"])
     ap.add_argument("--precisions", nargs="+", default=["fp16", "bf16"])
     args = ap.parse_args()
-    print("| spec | precision | opset | runtime | batch x H x W | max abs diff | output scale "
-          "| diff / max(1, scale) |")
+    print(
+        "| spec | precision | opset | runtime | batch x H x W | max abs diff | output scale "
+        "| diff / max(1, scale) |"
+    )
     print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.specs:
             spec = S.load(ROOT / "examples/tiny" / f"{name}.yaml")
             objective = spec.default_objective
             for precision in args.precisions:
-                result = export_onnx(perturbed(name), objective, Path(tmp) / "m.onnx",
-                                     precision=precision)
+                result = export_onnx(
+                    perturbed(name), objective, Path(tmp) / "m.onnx", precision=precision
+                )
                 for p in result.parity:
                     h, w = p["resolution"]
-                    print(f"| {name} | {precision} | {result.opset} | "
-                          f"{p['runtime'].split(' (')[0]} | {p['batch']}x{h}x{w} | "
-                          f"{p['max_abs_diff']:.2e} | {p['scale']:.2f} | "
-                          f"{p['max_abs_diff'] / max(1.0, p['scale']):.1e} |")
+                    print(
+                        f"| {name} | {precision} | {result.opset} | "
+                        f"{p['runtime'].split(' (')[0]} | {p['batch']}x{h}x{w} | "
+                        f"{p['max_abs_diff']:.2e} | {p['scale']:.2f} | "
+                        f"{p['max_abs_diff'] / max(1.0, p['scale']):.1e} |"
+                    )
 
 
 if __name__ == "__main__":

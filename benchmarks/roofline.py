@@ -73,29 +73,37 @@ def _inputs(spec: S.ModelSpec, batch: int, resolution: tuple[int, int]):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, spec.input.channels, *resolution, generator=g)
     level = torch.rand(batch, generator=g) + 0.5
-    labels = (torch.arange(batch) % spec.conditioning.classes.count
-              if spec.conditioning.classes else None)
+    labels = (
+        torch.arange(batch) % spec.conditioning.classes.count if spec.conditioning.classes else None
+    )
     return x, level, labels
 
 
-def step_fn(model, spec: S.ModelSpec, mode: str, batch: int, resolution: tuple[int, int],
-            precision: str):
+def step_fn(
+    model, spec: S.ModelSpec, mode: str, batch: int, resolution: tuple[int, int], precision: str
+):
     """A closure running one step of ``mode``."""
     x, level, labels = _inputs(spec, batch, resolution)
     if mode == "forward":
+
         def run():
             with torch.no_grad(), _autocast(precision):
                 model(x, level, labels)
+
         return run
     if mode == "sample":
         xx, ll = torch.cat([x, x]), torch.cat([level, level])
         null = spec.conditioning.classes.count if spec.conditioning.classes else None
-        yy = (torch.cat([labels, torch.full_like(labels, null)])
-              if labels is not None and null is not None else None)
+        yy = (
+            torch.cat([labels, torch.full_like(labels, null)])
+            if labels is not None and null is not None
+            else None
+        )
 
         def run():
             with torch.no_grad(), _autocast(precision):
                 model(xx, ll, yy)
+
         return run
     if mode == "train":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -107,6 +115,7 @@ def step_fn(model, spec: S.ModelSpec, mode: str, batch: int, resolution: tuple[i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return run
     raise SystemExit(f"--modes: unknown mode {mode!r}; use {', '.join(MODES)}")
 
@@ -120,15 +129,27 @@ def profile_top(fn, count: int = 10) -> list[dict]:
         fn()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count,
-             "share": e.self_cpu_time_total / total} for e in events[:count]]
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "calls": e.count,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in events[:count]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="a spec file or preset name")
-    ap.add_argument("--resolutions", type=int, nargs="+", default=None,
-                    help="square resolutions (default: the spec's own)")
+    ap.add_argument(
+        "--resolutions",
+        type=int,
+        nargs="+",
+        default=None,
+        help="square resolutions (default: the spec's own)",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -142,21 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     spec = S.load(args.spec)
-    resolutions = ([(r, r) for r in args.resolutions] if args.resolutions
-                   else [tuple(spec.input.resolution)])
+    resolutions = (
+        [(r, r) for r in args.resolutions] if args.resolutions else [tuple(spec.input.resolution)]
+    )
     for res in resolutions:
         issues = spec.check_resolution(res, "--resolutions")
         if issues:
             print(f"error: {issues[0][0]}: {issues[0][1]}", file=sys.stderr)
             return 2
 
-    peaks = {"fp32": matmul_peak(torch.float32, args.peak_size, args.repeats),
-             "bf16": matmul_peak(torch.bfloat16, args.peak_size, args.repeats)}
+    peaks = {
+        "fp32": matmul_peak(torch.float32, args.peak_size, args.repeats),
+        "bf16": matmul_peak(torch.bfloat16, args.peak_size, args.repeats),
+    }
     peak = peaks[args.precision]
     print(f"# roofline: {spec.name}, {args.precision}, {args.threads} thread(s)\n")
-    print(f"matmul peak ({args.peak_size}², best of {args.repeats}): fp32 {peaks['fp32']:.3g} "
-          f"GFLOP/s, bf16 {peaks['bf16']:.3g} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x"
-          + ("" if cpu_has_bf16() else "; this CPU has no bf16 units: bf16 is emulated") + ")\n")
+    print(
+        f"matmul peak ({args.peak_size}², best of {args.repeats}): fp32 {peaks['fp32']:.3g} "
+        f"GFLOP/s, bf16 {peaks['bf16']:.3g} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.2f}x"
+        + ("" if cpu_has_bf16() else "; this CPU has no bf16 units: bf16 is emulated")
+        + ")\n"
+    )
     model = build(spec)
     model.train()
     rows = []
@@ -166,36 +193,47 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 fn = step_fn(model, spec, mode, batch, res, args.precision)
                 seconds = statistics.median(
-                    [_best_seconds(fn, 1, warmup=1 if i == 0 else 0)
-                     for i in range(args.repeats)])
+                    [_best_seconds(fn, 1, warmup=1 if i == 0 else 0) for i in range(args.repeats)]
+                )
                 gflop = 2 * gmacs * batch * MODE_FACTOR[mode]
-                row = {"resolution": list(res), "batch": batch, "mode": mode,
-                       "precision": args.precision, "threads": args.threads,
-                       "ms": seconds * 1e3, "gflop": gflop, "gflops": gflop / seconds,
-                       "share_of_peak": gflop / seconds / peak,
-                       "share_of_fp32_peak": gflop / seconds / peaks["fp32"]}
+                row = {
+                    "resolution": list(res),
+                    "batch": batch,
+                    "mode": mode,
+                    "precision": args.precision,
+                    "threads": args.threads,
+                    "ms": seconds * 1e3,
+                    "gflop": gflop,
+                    "gflops": gflop / seconds,
+                    "share_of_peak": gflop / seconds / peak,
+                    "share_of_fp32_peak": gflop / seconds / peaks["fp32"],
+                }
                 if args.profile:
                     row["top_ops"] = profile_top(fn)
                 rows.append(row)
 
     bf16 = args.precision == "bf16"
-    print("| resolution | batch | mode | ms | GFLOP | GFLOP/s | share of fp32 peak |"
-          + (" share of bf16 peak |" if bf16 else ""))
+    print(
+        "| resolution | batch | mode | ms | GFLOP | GFLOP/s | share of fp32 peak |"
+        + (" share of bf16 peak |" if bf16 else "")
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if bf16 else ""))
     for r in rows:
-        print(f"| {r['resolution'][0]}² | {r['batch']} | {r['mode']} | {r['ms']:.1f} | "
-              f"{r['gflop']:.3g} | {r['gflops']:.3g} | {r['share_of_fp32_peak']:.2f} |"
-              + (f" {r['share_of_peak']:.2f} |" if bf16 else ""))
+        print(
+            f"| {r['resolution'][0]}² | {r['batch']} | {r['mode']} | {r['ms']:.1f} | "
+            f"{r['gflop']:.3g} | {r['gflops']:.3g} | {r['share_of_fp32_peak']:.2f} |"
+            + (f" {r['share_of_peak']:.2f} |" if bf16 else "")
+        )
     if args.profile:
         for r in rows:
             print(f"\n## top operators: {r['resolution'][0]}², batch {r['batch']}, {r['mode']}\n")
             print("| op | self ms | calls | share |\n| --- | ---: | ---: | ---: |")
             for op in r["top_ops"]:
-                print(f"| `{op['op']}` | {op['self_ms']:.1f} | {op['calls']} | "
-                      f"{op['share']:.0%} |")
+                print(f"| `{op['op']}` | {op['self_ms']:.1f} | {op['calls']} | {op['share']:.0%} |")
     if args.json:
-        args.json.write_text(json.dumps({"spec": spec.name, "peaks_gflops": peaks,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"spec": spec.name, "peaks_gflops": peaks, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -32,21 +32,32 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = S.load(args.spec)
-    rows = bench_sample(build(spec).eval(), S.EDMObjective(), [(r, r) for r in args.resolutions],
-                        engines=("eager", "onnxruntime"), batch=args.batch,
-                        repeats=args.repeats, threads=args.threads)
-    print(f"{spec.name}, batch {args.batch}, {args.threads} CPU thread(s), median of "
-          f"{args.repeats}, torch {torch.__version__}")
+    rows = bench_sample(
+        build(spec).eval(),
+        S.EDMObjective(),
+        [(r, r) for r in args.resolutions],
+        engines=("eager", "onnxruntime"),
+        batch=args.batch,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    print(
+        f"{spec.name}, batch {args.batch}, {args.threads} CPU thread(s), median of "
+        f"{args.repeats}, torch {torch.__version__}"
+    )
     print()
-    print("| resolution | eager ms/step | onnxruntime ms/step | ORT / eager "
-          "| ORT / eager, CPU time |")
+    print(
+        "| resolution | eager ms/step | onnxruntime ms/step | ORT / eager | ORT / eager, CPU time |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for res in dict.fromkeys(r["resolution"] for r in rows):
         e = next(r for r in rows if r["resolution"] == res and r["engine"] == "eager")
         o = next(r for r in rows if r["resolution"] == res and r["engine"] == "onnxruntime")
-        print(f"| {res} | {e['ms_per_step']:.2f} | {o['ms_per_step']:.2f} | "
-              f"{o['ms_per_step'] / e['ms_per_step']:.2f} | "
-              f"{o['cpu_ms_per_step'] / e['cpu_ms_per_step']:.2f} |")
+        print(
+            f"| {res} | {e['ms_per_step']:.2f} | {o['ms_per_step']:.2f} | "
+            f"{o['ms_per_step'] / e['ms_per_step']:.2f} | "
+            f"{o['cpu_ms_per_step'] / e['cpu_ms_per_step']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,14 +27,16 @@ EXAMPLE = "examples/tiny/tiny-hdit-neighborhood.yaml"
 def cases() -> list[tuple[str, list[str]]]:
     py = [sys.executable]
     cli = py + ["-m", "ditkit.cli"]
-    out = [("python -c pass", py + ["-c", "pass"]),
-           ("python -c 'import torch'", py + ["-c", "import torch"]),
-           ("ditkit --help", cli + ["--help"]),
-           ("ditkit --version", cli + ["--version"]),
-           ("ditkit presets", cli + ["presets"]),
-           ("ditkit schema", cli + ["schema"]),
-           (f"ditkit validate {EXAMPLE}", cli + ["validate", EXAMPLE]),
-           (f"ditkit describe {EXAMPLE}", cli + ["describe", EXAMPLE])]
+    out = [
+        ("python -c pass", py + ["-c", "pass"]),
+        ("python -c 'import torch'", py + ["-c", "import torch"]),
+        ("ditkit --help", cli + ["--help"]),
+        ("ditkit --version", cli + ["--version"]),
+        ("ditkit presets", cli + ["presets"]),
+        ("ditkit schema", cli + ["schema"]),
+        (f"ditkit validate {EXAMPLE}", cli + ["validate", EXAMPLE]),
+        (f"ditkit describe {EXAMPLE}", cli + ["describe", EXAMPLE]),
+    ]
     sys.path.insert(0, str(ROOT))
     from ditkit.cli import build_parser
 
@@ -50,8 +52,9 @@ def cases() -> list[tuple[str, list[str]]]:
 
 def time_once(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr.decode()[-400:]}")
@@ -59,8 +62,9 @@ def time_once(argv: list[str]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=5, help="runs per command (median)")
     ap.add_argument("--only", default=None, help="comma-separated substrings of the rows to run")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -72,16 +76,29 @@ def main() -> int:
             continue
         time_once(argv)  # warm the page cache
         times = [time_once(argv) for _ in range(args.repeats)]
-        rows.append({"command": label, "median_s": statistics.median(times),
-                     "min_s": min(times), "max_s": max(times), "runs": len(times)})
-        print(f"{label:58s} {rows[-1]['median_s']:6.2f} s  (min {min(times):.2f}, "
-              f"max {max(times):.2f})", flush=True)
+        rows.append(
+            {
+                "command": label,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "runs": len(times),
+            }
+        )
+        print(
+            f"{label:58s} {rows[-1]['median_s']:6.2f} s  (min {min(times):.2f}, "
+            f"max {max(times):.2f})",
+            flush=True,
+        )
     load1 = os.getloadavg()[0]
-    print(f"{os.cpu_count()} CPUs; 1-min load average {load0:.2f} before, {load1:.2f} after; "
-          f"median of {args.repeats} runs each")
+    print(
+        f"{os.cpu_count()} CPUs; 1-min load average {load0:.2f} before, {load1:.2f} after; "
+        f"median of {args.repeats} runs each"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "load_before": load0,
-                                               "load_after": load1}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "load_before": load0, "load_after": load1}, indent=2) + "\n"
+        )
     return 0
 
 

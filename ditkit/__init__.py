@@ -38,8 +38,17 @@ if TYPE_CHECKING:  # only for annotations: importing ditkit must not import torc
 
 __version__ = "0.2.0"
 
-__all__ = ["__version__", "Model", "load_spec", "build", "load", "sample", "train", "export",
-           "adapt"]
+__all__ = [
+    "__version__",
+    "Model",
+    "load_spec",
+    "build",
+    "load",
+    "sample",
+    "train",
+    "export",
+    "adapt",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Source = Union[PathLike, "ModelSpec"]
@@ -119,8 +128,13 @@ def build(spec: Source, *, device: str = "cpu", seed: int | None = None) -> "tor
         return _build(spec, device=device)
 
 
-def load(source: Source | Model, *, objective: str | None = None, device: str = "cpu",
-         overrides: Sequence[str] = ()) -> Model:
+def load(
+    source: Source | Model,
+    *,
+    objective: str | None = None,
+    device: str = "cpu",
+    overrides: Sequence[str] = (),
+) -> Model:
     """A :class:`Model` from a checkpoint (``.safetensors``), a run folder (its newest
     checkpoint's EMA weights), or a spec file / preset / spec object (random weights, seed 0;
     ``overrides`` apply to these). ``objective`` (``edm``, ``ddpm_eps``, ``x0``, ``flow``) is
@@ -136,29 +150,42 @@ def load(source: Source | Model, *, objective: str | None = None, device: str = 
     if isinstance(source, Model):
         return source
     device = _device(device)
-    if _is_spec(source) or resolve_source(os.fspath(source), (
-            "file", "preset", "checkpoint", "run")).kind in ("file", "preset"):
+    if _is_spec(source) or resolve_source(
+        os.fspath(source), ("file", "preset", "checkpoint", "run")
+    ).kind in ("file", "preset"):
         spec = load_spec(source, overrides=overrides)
         network = build(spec, device=device, seed=0).eval()
-        return Model(network, spec, default_objective(spec, objective or
-                                                      spec.default_objective))
+        return Model(network, spec, default_objective(spec, objective or spec.default_objective))
     from ditkit.cli.common import checkpoint_path
 
-    network, obj, meta, digest = load_model_source(os.fspath(source), objective, device,
-                                                   list(overrides))
-    return Model(network, network.spec, obj, dict(meta), checkpoint_path(os.fspath(source)),
-                 digest)
+    network, obj, meta, digest = load_model_source(
+        os.fspath(source), objective, device, list(overrides)
+    )
+    return Model(network, network.spec, obj, dict(meta), checkpoint_path(os.fspath(source)), digest)
 
 
-def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | int | None = None,
-           *, count: int | None = None, steps: int = 50, sampler: str | None = None,
-           schedule: str = "native", eta: float | None = None, sigma_min: float | None = None,
-           sigma_max: float | None = None, rho: float = 7.0, cfg_scale: float = 1.0,
-           cfg_interval: tuple[float, float] | None = None, seed: int = 0,
-           resolution: int | tuple[int, int] | None = None, device: str | None = None,
-           out: PathLike | None = None, cols: int | None = None,
-           stages: "Sequence | str | None" = None,
-           progress: bool = False) -> "torch.Tensor":
+def sample(
+    model: Model | Source | "torch.nn.Module",
+    labels: Sequence[int] | int | None = None,
+    *,
+    count: int | None = None,
+    steps: int = 50,
+    sampler: str | None = None,
+    schedule: str = "native",
+    eta: float | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    cfg_scale: float = 1.0,
+    cfg_interval: tuple[float, float] | None = None,
+    seed: int = 0,
+    resolution: int | tuple[int, int] | None = None,
+    device: str | None = None,
+    out: PathLike | None = None,
+    cols: int | None = None,
+    stages: "Sequence | str | None" = None,
+    progress: bool = False,
+) -> "torch.Tensor":
     """Draw ``count`` samples; returns a ``(count, C, H, W)`` float tensor, about [-1, 1]
     (not clamped; a latent-space model returns latents). ``labels``: one class label per
     sample (repeated up to ``count``), or one label for all; ``None`` samples unconditionally
@@ -204,8 +231,9 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
     if label_list:
         class_labels = torch.tensor([label_list[i % len(label_list)] for i in range(n)])
     if cfg_scale != 1.0 and class_labels is None:
-        raise UserError("cfg_scale: guidance needs labels (it contrasts a class with the null "
-                        "class)")
+        raise UserError(
+            "cfg_scale: guidance needs labels (it contrasts a class with the null class)"
+        )
     if isinstance(stages, str):
         stages = parse_stages(stages, flag="stages")
     stages = tuple(stages or ())
@@ -215,18 +243,36 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
         resolution = tuple(last) if isinstance(last, (list, tuple)) else last
     res = _resolution(resolution) or tuple(spec.input.resolution)
     den = m.denoiser()
-    sampling = Sampling.of(None, sampler=sampler or DEFAULT_SAMPLER, steps=steps,
-                           schedule=schedule, eta=eta, sigma_min=sigma_min,
-                           sigma_max=sigma_max, rho=rho, cfg_scale=cfg_scale,
-                           cfg_interval=cfg_interval, cfg_channels=cfg_channels_of(m.metadata),
-                           seed=seed, stages=stages)
-    x = sample_staged(den, (n, spec.input.channels, *res), sampling, class_labels=class_labels,
-                      device=device, progress=progress,
-                      check=lambda s: check_shape(spec, s, den.rules, "resolution"))
+    sampling = Sampling.of(
+        None,
+        sampler=sampler or DEFAULT_SAMPLER,
+        steps=steps,
+        schedule=schedule,
+        eta=eta,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        cfg_scale=cfg_scale,
+        cfg_interval=cfg_interval,
+        cfg_channels=cfg_channels_of(m.metadata),
+        seed=seed,
+        stages=stages,
+    )
+    x = sample_staged(
+        den,
+        (n, spec.input.channels, *res),
+        sampling,
+        class_labels=class_labels,
+        device=device,
+        progress=progress,
+        check=lambda s: check_shape(spec, s, den.rules, "resolution"),
+    )
     if out is not None:
         if spec.input.space == "latent":
-            raise UserError(f"out: {spec.name} samples latents, not images; decode them first "
-                            "(ditkit sample --vae) or leave out= out")
+            raise UserError(
+                f"out: {spec.name} samples latents, not images; decode them first "
+                "(ditkit sample --vae) or leave out= out"
+            )
         from ditkit.runtime.images import save_grid
 
         if cols is None and label_list and len(label_list) > 1:
@@ -235,9 +281,16 @@ def sample(model: Model | Source | "torch.nn.Module", labels: Sequence[int] | in
     return x
 
 
-def train(experiment: PathLike | "Experiment", out: PathLike | None = None, *,
-          steps: int | None = None, overrides: Sequence[str] = (), resume: bool = False,
-          device: str = "auto", progress: bool = True) -> "TrainResult":
+def train(
+    experiment: PathLike | "Experiment",
+    out: PathLike | None = None,
+    *,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> "TrainResult":
     """Train an experiment (a YAML/JSON file, an ``Experiment`` object, or a run folder to
     resume) into the run folder ``out`` (default: the run folder given, else
     ``runs/<experiment name>``), as ``ditkit train`` does. ``steps`` is short for the override
@@ -277,11 +330,20 @@ def train(experiment: PathLike | "Experiment", out: PathLike | None = None, *,
     return _train(exp, out, resume=resume, progress=progress, device=_device(device))
 
 
-def export(model: Model | Source | "torch.nn.Module", path: PathLike, *,
-           precision: str = "fp32", dynamic: Sequence[str] = ("batch", "resolution"),
-           opset: int | None = None, target: str = "onnxruntime",
-           resolution: int | tuple[int, int] | None = None, check: bool = True,
-           bake_cfg: bool = False, quantize: str | None = None, log=None) -> "ExportResult":
+def export(
+    model: Model | Source | "torch.nn.Module",
+    path: PathLike,
+    *,
+    precision: str = "fp32",
+    dynamic: Sequence[str] = ("batch", "resolution"),
+    opset: int | None = None,
+    target: str = "onnxruntime",
+    resolution: int | tuple[int, int] | None = None,
+    check: bool = True,
+    bake_cfg: bool = False,
+    quantize: str | None = None,
+    log=None,
+) -> "ExportResult":
     """Export the denoiser (network + preconditioning) to an ONNX file at ``path`` and check
     it (onnx.checker, the dynamic dims, and onnxruntime against eager unless ``check=False``),
     as ``ditkit export`` does. ``precision``: fp32, fp16 or bf16; ``dynamic``: which of
@@ -300,15 +362,32 @@ def export(model: Model | Source | "torch.nn.Module", path: PathLike, *,
 
     m = _model(model)
     extra = {k: v for k, v in m.metadata.items() if k == CFG_CHANNELS_KEY}
-    return export_onnx(m.network, m.objective, path, opset=opset, dynamic=tuple(dynamic),
-                       precision=precision, target=target, resolution=_resolution(resolution),
-                       checkpoint_hash=m.checkpoint_hash, metadata=extra, check=check,
-                       cfg=bake_cfg, cfg_channels=cfg_channels_of(m.metadata) if bake_cfg
-                       else None, log=log, quantize=quantize)
+    return export_onnx(
+        m.network,
+        m.objective,
+        path,
+        opset=opset,
+        dynamic=tuple(dynamic),
+        precision=precision,
+        target=target,
+        resolution=_resolution(resolution),
+        checkpoint_hash=m.checkpoint_hash,
+        metadata=extra,
+        check=check,
+        cfg=bake_cfg,
+        cfg_channels=cfg_channels_of(m.metadata) if bake_cfg else None,
+        log=log,
+        quantize=quantize,
+    )
 
 
-def adapt(model: Model | Source | "torch.nn.Module", resolution: int | tuple[int, int],
-          policy: "str | Policy" = "as_is", *, seed: int = 0) -> Model:
+def adapt(
+    model: Model | Source | "torch.nn.Module",
+    resolution: int | tuple[int, int],
+    policy: "str | Policy" = "as_is",
+    *,
+    seed: int = 0,
+) -> Model:
     """The model adapted to another ``resolution`` under an extrapolation ``policy``, as
     ``ditkit sample --policy`` and ``ditkit extrapolate`` do: trained weights carried exactly,
     new ones initialised with ``seed``. ``policy``: a policy object (``ditkit.spec.AsIs``,
@@ -388,8 +467,7 @@ def _resolution(value) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise UserError(f"resolution {value!r}: give an int or a (height, width) pair") \
-            from None
+        raise UserError(f"resolution {value!r}: give an int or a (height, width) pair") from None
     if h <= 0 or w <= 0:
         raise UserError(f"resolution {value!r}: must be positive")
     return (h, w)
@@ -402,8 +480,10 @@ def _labels(labels, spec) -> list[int]:
         return []
     classes = spec.conditioning.classes
     if classes is None:
-        raise UserError(f"labels: {spec.name} has no class conditioning "
-                        "(conditioning.classes); leave labels out")
+        raise UserError(
+            f"labels: {spec.name} has no class conditioning "
+            "(conditioning.classes); leave labels out"
+        )
     if isinstance(labels, int):
         labels = [labels]
     try:
@@ -412,6 +492,7 @@ def _labels(labels, spec) -> list[int]:
         raise UserError(f"labels {labels!r}: give class labels as integers") from None
     bad = [v for v in values if not 0 <= v < classes.count]
     if not values or bad:
-        raise UserError(f"labels: must be in [0, {classes.count}) for {spec.name}; got "
-                        f"{bad or values}")
+        raise UserError(
+            f"labels: must be in [0, {classes.count}) for {spec.name}; got {bad or values}"
+        )
     return values

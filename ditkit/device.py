@@ -62,8 +62,14 @@ def local_rank(environ=None) -> int:
         return 0
 
 
-def resolve_device(text: str | None, *, cuda_available: bool, device_count: int,
-                   rank: int = 0, flag: str = "--device") -> str:
+def resolve_device(
+    text: str | None,
+    *,
+    cuda_available: bool,
+    device_count: int,
+    rank: int = 0,
+    flag: str = "--device",
+) -> str:
     """The device string ``text`` means, index filled in: ``"cpu"`` or ``"cuda:N"``."""
     value = (text or "auto").strip().lower()
     if value == "cpu":
@@ -76,13 +82,17 @@ def resolve_device(text: str | None, *, cuda_available: bool, device_count: int,
     if m is None:
         raise DeviceError(f"{flag} {text!r}: use {DEVICE_CHOICES}")
     if not cuda_available or device_count == 0:
-        raise DeviceError(f"{flag} {text}: no CUDA device is available here (this torch build "
-                          "or machine has none); use --device cpu or --device auto")
+        raise DeviceError(
+            f"{flag} {text}: no CUDA device is available here (this torch build "
+            "or machine has none); use --device cpu or --device auto"
+        )
     index = int(m.group(1)) if m.group(1) is not None else rank
     if index >= device_count:
         what = "local rank" if m.group(1) is None else "index"
-        raise DeviceError(f"{flag} {text}: {what} {index} but only {device_count} CUDA "
-                          f"device(s) (cuda:0..cuda:{device_count - 1})")
+        raise DeviceError(
+            f"{flag} {text}: {what} {index} but only {device_count} CUDA "
+            f"device(s) (cuda:0..cuda:{device_count - 1})"
+        )
     return f"cuda:{index}"
 
 
@@ -92,8 +102,11 @@ def pick_device(text: str | None = "auto", flag: str = "--device") -> torch.devi
 
     available = bool(torch.cuda.is_available())
     count = torch.cuda.device_count() if available else 0
-    return torch.device(resolve_device(text, cuda_available=available, device_count=count,
-                                       rank=local_rank(), flag=flag))
+    return torch.device(
+        resolve_device(
+            text, cuda_available=available, device_count=count, rank=local_rank(), flag=flag
+        )
+    )
 
 
 def cpu_count() -> int:

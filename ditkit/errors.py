@@ -30,12 +30,15 @@ class EnvironmentFault(DitkitError, OSError):
 # --------------------------------------------------------------------------------- extras
 #: the ``pip install 'ditkit[EXTRA]'`` extra (pyproject.toml) that brings each optional module
 EXTRAS = {
-    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
     "onnxruntime_ep_openvino": "openvino",
     "natten": "natten",
     "diffusers": "vae",
     "matplotlib": "diagram",
-    "tensorrt": "tensorrt", "torch_tensorrt": "tensorrt",
+    "tensorrt": "tensorrt",
+    "torch_tensorrt": "tensorrt",
 }
 # natten compiles against the installed torch: pip must not build it in an isolated env
 _PIP_FLAGS = {"natten": " --no-build-isolation"}
@@ -54,8 +57,7 @@ def install_hint(module: str) -> str:
 
 def missing_text(module: str, what: str) -> str:
     """``<module> is not installed (<what> needs it): pip install 'ditkit[...]'``."""
-    return f"{module.partition('.')[0]} is not installed ({what} needs it): " \
-           f"{install_hint(module)}"
+    return f"{module.partition('.')[0]} is not installed ({what} needs it): {install_hint(module)}"
 
 
 def require(module: str, what: str, error: type[Exception] = MissingExtra):

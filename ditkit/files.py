@@ -15,15 +15,23 @@ from typing import Iterator
 
 from ditkit.errors import DitkitError, EnvironmentFault, UserError
 
-_FAULTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied", errno.EIO: "an input/output error"}
-_FAULT_TEXT = (("No space left", "the disk is full"), ("StorageFull", "the disk is full"),
-               ("unexpected pos", "the disk is full (the write stopped short)"),
-               ("Read-only file system", "the file system is read-only"),
-               ("ReadOnlyFilesystem", "the file system is read-only"),
-               ("Permission denied", "permission denied"),
-               ("PermissionDenied", "permission denied"))
+_FAULTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "an input/output error",
+}
+_FAULT_TEXT = (
+    ("No space left", "the disk is full"),
+    ("StorageFull", "the disk is full"),
+    ("unexpected pos", "the disk is full (the write stopped short)"),
+    ("Read-only file system", "the file system is read-only"),
+    ("ReadOnlyFilesystem", "the file system is read-only"),
+    ("Permission denied", "permission denied"),
+    ("PermissionDenied", "permission denied"),
+)
 
 
 def environment_reason(err: BaseException, paths: tuple = ()) -> str | None:
@@ -48,8 +56,9 @@ def environment_reason(err: BaseException, paths: tuple = ()) -> str | None:
     return None
 
 
-def environment_fault(err: BaseException, what: str, kept: str = "nothing written earlier "
-                      "was lost", paths: tuple = ()) -> EnvironmentFault | None:
+def environment_fault(
+    err: BaseException, what: str, kept: str = "nothing written earlier was lost", paths: tuple = ()
+) -> EnvironmentFault | None:
     """An :class:`EnvironmentFault` saying ``what`` could not be written and why, or ``None``.
     A fault made here for an inner file is restated for ``what`` (e.g. the whole checkpoint)."""
     if isinstance(err, EnvironmentFault) and not hasattr(err, "reason"):
@@ -86,15 +95,18 @@ def check_output(path: str | os.PathLike) -> None:
     something that is a file."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise UserError(f"{path}: a symbolic link to {os.readlink(path)}, which does not "
-                        "exist; give the real path of the file to write, or remove the link")
+        raise UserError(
+            f"{path}: a symbolic link to {os.readlink(path)}, which does not "
+            "exist; give the real path of the file to write, or remove the link"
+        )
     if path.is_dir():
         raise UserError(f"{path}: a folder; give the path of a file to write")
     for parent in path.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                raise UserError(f"{path}: {parent} is a file, not a folder; give a path "
-                                "inside a folder")
+                raise UserError(
+                    f"{path}: {parent} is a file, not a folder; give a path inside a folder"
+                )
             break
 
 
@@ -104,16 +116,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     renamed onto ``path``, when it fails the temporary file is removed."""
     path = Path(path)
     check_output(path)
-    kept = (f"the previous {path.name} is untouched" if path.exists()
-            else "nothing written earlier was lost")
+    kept = (
+        f"the previous {path.name} is untouched"
+        if path.exists()
+        else "nothing written earlier was lost"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         if err.errno in (errno.ENOTDIR, errno.EEXIST):
             check_output(path)  # a parent turned out to be a file
-            raise UserError(f"{path}: a part of this path is not a folder; give a path "
-                            "inside a folder") from None
+            raise UserError(
+                f"{path}: a part of this path is not a folder; give a path inside a folder"
+            ) from None
         raise (environment_fault(err, str(path), kept) or err) from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())

@@ -73,8 +73,9 @@ def _is_listy(annotation) -> bool:
         args = typing.get_args(annotation)
         return origin is list or (len(args) == 2 and args[1] is Ellipsis)
     if origin in (typing.Union, types.UnionType, typing.Annotated):
-        return any(_is_listy(a) for a in typing.get_args(annotation)
-                   if not isinstance(a, (str, int)))
+        return any(
+            _is_listy(a) for a in typing.get_args(annotation) if not isinstance(a, (str, int))
+        )
     return False
 
 
@@ -119,9 +120,16 @@ def render_type(annotation, link) -> str:
     return str(annotation).replace("typing.", "")
 
 
-_BOUNDS = {"minimum": "≥ {}", "exclusiveMinimum": "> {}", "maximum": "≤ {}",
-           "exclusiveMaximum": "< {}", "minLength": "length ≥ {}", "maxLength": "length ≤ {}",
-           "pattern": "matches `{}`", "multipleOf": "multiple of {}"}
+_BOUNDS = {
+    "minimum": "≥ {}",
+    "exclusiveMinimum": "> {}",
+    "maximum": "≤ {}",
+    "exclusiveMaximum": "< {}",
+    "minLength": "length ≥ {}",
+    "maxLength": "length ≤ {}",
+    "pattern": "matches `{}`",
+    "multipleOf": "multiple of {}",
+}
 
 
 def constraints(schema: dict) -> list[str]:
@@ -167,8 +175,11 @@ def _field_docs(model: type) -> dict[str, str]:
                 continue
             name = node.target.id
             nxt = body[i + 1] if i + 1 < len(body) else None
-            if (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[name] = inspect.cleandoc(nxt.value.value)
                 continue
             line = lines[node.end_lineno - 1]
@@ -220,8 +231,11 @@ def model_section(model: type[BaseModel], paths: list[str], link) -> str:
     docs = _field_docs(model)
     from ditkit.spec.model import Block
 
-    inherited = set(Block.model_fields) if model is not Block and all(
-        n in model.model_fields for n in Block.model_fields) else set()
+    inherited = (
+        set(Block.model_fields)
+        if model is not Block and all(n in model.model_fields for n in Block.model_fields)
+        else set()
+    )
     out = [f"### {model.__name__} {{#{anchor(model)}}}", ""]
     kind = model.model_fields.get("kind")
     if kind is not None and typing.get_origin(kind.annotation) is typing.Literal:
@@ -232,38 +246,58 @@ def model_section(model: type[BaseModel], paths: list[str], link) -> str:
         out += [_md_doc(model.__doc__), ""]
     rows = []
     for name, field in model.model_fields.items():
-        if name == "kind" and typing.get_origin(field.annotation) is typing.Literal \
-                and len(typing.get_args(field.annotation)) == 1:
+        if (
+            name == "kind"
+            and typing.get_origin(field.annotation) is typing.Literal
+            and len(typing.get_args(field.annotation)) == 1
+        ):
             continue
         desc = field.description or docs.get(name, "")
         if not desc and name in inherited:
-            desc = (f"Overrides `block.{name}` for these blocks (see [Block](#block)); "
-                    "unset: inherited.")
+            desc = (
+                f"Overrides `block.{name}` for these blocks (see [Block](#block)); "
+                "unset: inherited."
+            )
         bounds = ", ".join(constraints(props.get(name, {})))
-        rows.append(f"| `{name}` | {_cell(render_type(field.annotation, link))} | "
-                    f"{_cell(_default(field))} | {_cell(bounds)} | "
-                    f"{_cell(_md_doc(desc) if desc else '')} |")
+        rows.append(
+            f"| `{name}` | {_cell(render_type(field.annotation, link))} | "
+            f"{_cell(_default(field))} | {_cell(bounds)} | "
+            f"{_cell(_md_doc(desc) if desc else '')} |"
+        )
     if rows:
-        out += ["| field | type | default | constraints | description |",
-                "| --- | --- | --- | --- | --- |", *rows, ""]
+        out += [
+            "| field | type | default | constraints | description |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
     else:
         out += ["No fields besides `kind`.", ""]
     return "\n".join(out)
 
 
-def reference_page(title: str, intro: str, found: dict[type, list[str]],
-                   pages: dict[type, str], here: str) -> str:
+def reference_page(
+    title: str, intro: str, found: dict[type, list[str]], pages: dict[type, str], here: str
+) -> str:
     def link(model: type) -> str:
         page = pages.get(model, here)
         target = "" if page == here else page.split("/")[-1]
         return f"[{model.__name__}]({target}#{anchor(model)})"
 
     classes = [m for m in found if pages.get(m, here) == here]
-    out = [f"# {title}", "", intro, "",
-           "Generated from the pydantic models by `docs/gen_reference.py` when the site is built; "
-           "every class is frozen and refuses unknown keys. A field whose type is a list of "
-           "classes with a `kind` is a *variant*: write `{kind: NAME, ...}` with that variant's "
-           "fields.", "", "## Classes", ""]
+    out = [
+        f"# {title}",
+        "",
+        intro,
+        "",
+        "Generated from the pydantic models by `docs/gen_reference.py` when the site is built; "
+        "every class is frozen and refuses unknown keys. A field whose type is a list of "
+        "classes with a `kind` is a *variant*: write `{kind: NAME, ...}` with that variant's "
+        "fields.",
+        "",
+        "## Classes",
+        "",
+    ]
     out += [", ".join(link(m) for m in classes), "", "## Fields", ""]
     out += [model_section(m, found[m], link) for m in classes]
     return "\n".join(out)
@@ -284,14 +318,18 @@ def pages() -> dict[str, str]:
     for model in _models_in(policy_mod.Policy):
         for sub, where in walk(model).items():
             policy_found.setdefault(sub, []).extend(
-                ["(a `--policy` / `ditkit.spec.policy` value)"] if sub is model else where)
+                ["(a `--policy` / `ditkit.spec.policy` value)"] if sub is model else where
+            )
     exp_found = walk(Experiment, stop=set(spec_found) | set(policy_found))
     for m, where in exp_found.items():  # say where a policy appears in an experiment too
         if m in policy_found:
             policy_found[m] += where
     owner: dict[type, str] = {}
-    for found, page in ((spec_found, "reference/spec.md"), (policy_found, "reference/policy.md"),
-                        (exp_found, "reference/experiment.md")):
+    for found, page in (
+        (spec_found, "reference/spec.md"),
+        (policy_found, "reference/policy.md"),
+        (exp_found, "reference/experiment.md"),
+    ):
         for m in found:
             owner.setdefault(m, page)
 
@@ -302,7 +340,10 @@ def pages() -> dict[str, str]:
             "ideas behind them, read [The spec language](../spec/index.md); the JSON Schema "
             "that editors use is [ditkit.schema.json](ditkit.schema.json) "
             "(`ditkit schema --out ditkit.schema.json`).",
-            spec_found, owner, "reference/spec.md"),
+            spec_found,
+            owner,
+            "reference/spec.md",
+        ),
         "reference/experiment.md": reference_page(
             "Experiment reference",
             "Every field of an experiment (`ditkit.spec.experiment.Experiment`: what `ditkit "
@@ -310,23 +351,34 @@ def pages() -> dict[str, str]:
             "model part is the [model spec](spec.md#modelspec). JSON Schema: "
             "[ditkit.experiment.schema.json](ditkit.experiment.schema.json) (`ditkit schema "
             "--experiment`).",
-            exp_found, owner, "reference/experiment.md"),
+            exp_found,
+            owner,
+            "reference/experiment.md",
+        ),
         "reference/policy.md": reference_page(
             "Resolution policies reference",
             "The spec transforms of `ditkit.spec.policy` that adapt a trained model to another "
             "resolution (`--policy` of `ditkit sample`, `diff` and `extrapolate`; written "
             "`NAME:key=value,...` on the command line). See the "
             "[extrapolation guide](../guides/extrapolation.md).",
-            policy_found, owner, "reference/policy.md"),
-        "reference/commands.md": "\n".join([
-            "# Command reference", "",
-            "Every `ditkit` command, every option and its help text, generated from the "
-            "argparse parsers in `ditkit/cli/` when the site is built (`ditkit CMD -h` prints "
-            "the same). Conventions shared by all commands: [Commands](../commands/index.md).",
-            "", command_reference()]),
+            policy_found,
+            owner,
+            "reference/policy.md",
+        ),
+        "reference/commands.md": "\n".join(
+            [
+                "# Command reference",
+                "",
+                "Every `ditkit` command, every option and its help text, generated from the "
+                "argparse parsers in `ditkit/cli/` when the site is built (`ditkit CMD -h` prints "
+                "the same). Conventions shared by all commands: [Commands](../commands/index.md).",
+                "",
+                command_reference(),
+            ]
+        ),
         "reference/ditkit.schema.json": json.dumps(json_schema(ModelSpec), indent=1) + "\n",
-        "reference/ditkit.experiment.schema.json":
-            json.dumps(json_schema(Experiment), indent=1) + "\n",
+        "reference/ditkit.experiment.schema.json": json.dumps(json_schema(Experiment), indent=1)
+        + "\n",
     }
     return out
 

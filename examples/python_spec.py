@@ -11,9 +11,19 @@ from ditkit import spec as S
 
 
 def my_hdit() -> S.ModelSpec:
-    spec = S.hdit(widths=[32, 64], depths=[1, 1], local=["neighborhood"], d_head=16,
-                  kernel_size=3, patch=2, resolution=16, classes=10, mapping_width=32,
-                  mapping_depth=1, name="tiny-hdit-neighborhood")
+    spec = S.hdit(
+        widths=[32, 64],
+        depths=[1, 1],
+        local=["neighborhood"],
+        d_head=16,
+        kernel_size=3,
+        patch=2,
+        resolution=16,
+        classes=10,
+        mapping_width=32,
+        mapping_depth=1,
+        name="tiny-hdit-neighborhood",
+    )
     return spec
 
 

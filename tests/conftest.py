@@ -9,8 +9,12 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "reference"
 
 def example_specs() -> list[Path]:
     """Model specs under examples/ (experiment specs in examples/experiments/ are not)."""
-    return sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yaml", ".yml", ".json")
-                  and "experiments" not in p.relative_to(EXAMPLES).parts)
+    return sorted(
+        p
+        for p in EXAMPLES.rglob("*")
+        if p.suffix in (".yaml", ".yml", ".json")
+        and "experiments" not in p.relative_to(EXAMPLES).parts
+    )
 
 
 def tiny_specs() -> list[Path]:

@@ -66,10 +66,12 @@ def install() -> None:
     try:
         registry = (ctypes.c_void_p * 21).in_dll(
             ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")),
-            "_ZN3c104impl26device_guard_impl_registryE")
+            "_ZN3c104impl26device_guard_impl_registryE",
+        )
     except (OSError, ValueError) as err:  # another platform's library name or symbol
-        raise Unavailable(f"cannot register a CUDA device guard in this PyTorch build "
-                          f"({err})") from None
+        raise Unavailable(
+            f"cannot register a CUDA device guard in this PyTorch build ({err})"
+        ) from None
     cuda, private = 1, 20  # c10::DeviceType::CUDA, ::PrivateUse1
     if registry[cuda] is None:
         if registry[private] is not None:
@@ -111,8 +113,10 @@ class _Mode(FakeTensorMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         leaves = pytree.arg_tree_leaves(*args, **kwargs)
-        if not any(isinstance(a, FakeTensor) or (isinstance(a, torch.device) and a.type != "cpu")
-                   for a in leaves):
+        if not any(
+            isinstance(a, FakeTensor) or (isinstance(a, torch.device) and a.type != "cpu")
+            for a in leaves
+        ):
             # host-side work (schedules, generators, data, CPU bookkeeping) runs for real:
             # only what involves the device is fake
             with no_dispatch():
@@ -122,8 +126,10 @@ class _Mode(FakeTensorMode):
             if t.device.type != "cpu":  # a read of a CPU tensor is no device sync
                 where = _caller()
                 if self.strict:
-                    raise HostSync(f"a data-dependent Python scalar inside forward at {where}: "
-                                   "it blocks tracing and costs a GPU a synchronisation")
+                    raise HostSync(
+                        f"a data-dependent Python scalar inside forward at {where}: "
+                        "it blocks tracing and costs a GPU a synchronisation"
+                    )
                 self.syncs.append(where)
             if t.dtype == torch.bool:
                 return getattr(t, "_healthy", True)
@@ -153,11 +159,15 @@ def fake_cuda():
     mode = _Mode()
     with contextlib.ExitStack() as stack:
         # plain functions, not mocks: some are called for every fake tensor made
-        for name, value in (("is_available", True), ("device_count", 1),
-                            ("is_bf16_supported", True), ("current_device", 0),
-                            ("get_device_name", "fake"), ("set_device", None)):
-            stack.enter_context(mock.patch(f"torch.cuda.{name}",
-                                           new=lambda *a, _v=value, **k: _v))
+        for name, value in (
+            ("is_available", True),
+            ("device_count", 1),
+            ("is_bf16_supported", True),
+            ("current_device", 0),
+            ("get_device_name", "fake"),
+            ("set_device", None),
+        ):
+            stack.enter_context(mock.patch(f"torch.cuda.{name}", new=lambda *a, _v=value, **k: _v))
         stack.enter_context(mode)
         yield mode
 
@@ -216,8 +226,9 @@ def backward_standin(loss: torch.Tensor, device: torch.device = DEVICE) -> int:
         for meta in fn._input_metadata:
             shape = tuple(meta.shape)
             if meta.device != device and shape != ():
-                raise GraphOffDevice(f"{fn.name()} receives a {tuple(shape)} gradient on "
-                                     f"{meta.device}, not {device}")
+                raise GraphOffDevice(
+                    f"{fn.name()} receives a {tuple(shape)} gradient on {meta.device}, not {device}"
+                )
         todo.extend(f for f, _ in fn.next_functions)
     return nodes
 
@@ -239,16 +250,24 @@ def standin_backward():
 # ------------------------------------------------------------------------ the checks
 
 #: each family trains with its paper's objective; tiny-hdit-global runs all four
-NATIVE_OBJECTIVE = {"tiny-dit": "ddpm_eps", "tiny-hdit": "edm", "tiny-mdit": "x0",
-                    "tiny-mpdit": "flow", "tiny-options": "edm"}
+NATIVE_OBJECTIVE = {
+    "tiny-dit": "ddpm_eps",
+    "tiny-hdit": "edm",
+    "tiny-mdit": "x0",
+    "tiny-mpdit": "flow",
+    "tiny-options": "edm",
+}
 ALL_OBJECTIVES_SPEC = "tiny-hdit-global"
 #: every sampler runs on these (a learned-variance DDPM model and an EDM model)
 ALL_SAMPLERS_SPECS = ("tiny-dit", "tiny-hdit-global")
 
 
 def native_objective(name: str) -> str:
-    return next(v for k, v in sorted(NATIVE_OBJECTIVE.items(), key=lambda kv: -len(kv[0]))
-                if name.startswith(k))
+    return next(
+        v
+        for k, v in sorted(NATIVE_OBJECTIVE.items(), key=lambda kv: -len(kv[0]))
+        if name.startswith(k)
+    )
 
 
 def load_spec(name: str, null_class: bool = True):
@@ -260,7 +279,8 @@ def load_spec(name: str, null_class: bool = True):
     classes = spec.conditioning.classes
     if null_class and classes is not None and not classes.null_class:
         cond = spec.conditioning.model_copy(
-            update={"classes": classes.model_copy(update={"null_class": True})})
+            update={"classes": classes.model_copy(update={"null_class": True})}
+        )
         spec = spec.model_copy(update={"conditioning": cond})
     return spec
 
@@ -273,10 +293,14 @@ def experiment(spec, objective: str, **blocks):
     obj = {"kind": objective}
     if objective == "ddpm_eps":
         obj["learned_sigma"] = spec.head.learned_sigma
-    doc = {"model": spec.model_dump(mode="json"), "objective": obj,
-           "data": {"kind": "shapes", "count": 8},
-           "training": {"batch_size": 2, "steps": 2, "label_dropout": 0.5},
-           "preview": {"count": 2, "steps": 2}, **blocks}
+    doc = {
+        "model": spec.model_dump(mode="json"),
+        "objective": obj,
+        "data": {"kind": "shapes", "count": 8},
+        "training": {"batch_size": 2, "steps": 2, "label_dropout": 0.5},
+        "preview": {"count": 2, "steps": 2},
+        **blocks,
+    }
     return Experiment.model_validate(doc)
 
 
@@ -301,8 +325,10 @@ class Probe:
         self.linear_dtypes: set[torch.dtype] = set()
         self.devices: set[torch.device] = set()
         self.calls = 0
-        self.handles = [model.register_forward_pre_hook(self._enter),
-                        model.register_forward_hook(self._leave)]
+        self.handles = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._leave),
+        ]
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 self.handles.append(m.register_forward_hook(self._linear))
@@ -337,8 +363,10 @@ def check_forward(name: str, backend: str = "gather") -> None:
     spec = load_spec(name)
     with fake_cuda() as mode, use_backend(backend):
         model = build_on_device(spec)
-        _expect(all(is_fake_cuda(t) for t in [*model.parameters(), *model.buffers()]),
-                "a parameter or buffer was built off the device")
+        _expect(
+            all(is_fake_cuda(t) for t in [*model.parameters(), *model.buffers()]),
+            "a parameter or buffer was built off the device",
+        )
         b = 2
         x = torch.randn(b, spec.input.channels, *spec.input.resolution, device=DEVICE)
         t = torch.rand(b, device=DEVICE)
@@ -351,12 +379,15 @@ def check_forward(name: str, backend: str = "gather") -> None:
             probe.remove()
             want = torch.bfloat16 if autocast else torch.float32
             _expect(is_fake_cuda(out), f"output on {out.device}")
-            _expect(probe.linear_dtypes == {want},
-                    f"Linear outputs {probe.linear_dtypes} (autocast={autocast}), want {want}")
+            _expect(
+                probe.linear_dtypes == {want},
+                f"Linear outputs {probe.linear_dtypes} (autocast={autocast}), want {want}",
+            )
 
 
-def check_train_step(name: str, objective: str, accumulate: int = 1,
-                     precision: dict | None = None) -> None:
+def check_train_step(
+    name: str, objective: str, accumulate: int = 1, precision: dict | None = None
+) -> None:
     """One optimizer step as ``ditkit train`` takes it (``loop.accumulate_gradients`` and
     ``loop.optimizer_step``): data to the device, label dropout, the objective's loss under
     the run's autocast, backward (:func:`backward_standin`), clipping, AdamW, EMA.
@@ -369,9 +400,17 @@ def check_train_step(name: str, objective: str, accumulate: int = 1,
     from ditkit.training.objectives import DiffusionLoss
 
     spec = load_spec(name, null_class=False)
-    exp = experiment(spec, objective, training={"batch_size": 2 * accumulate, "steps": 2,
-                                                "label_dropout": 0.5, "accumulate": accumulate},
-                     precision=precision or {})
+    exp = experiment(
+        spec,
+        objective,
+        training={
+            "batch_size": 2 * accumulate,
+            "steps": 2,
+            "label_dropout": 0.5,
+            "accumulate": accumulate,
+        },
+        precision=precision or {},
+    )
     want = torch.float32 if exp.precision.dtype == "fp32" else torch.bfloat16
     stream = _stream(exp)
     with fake_cuda() as mode, use_backend("gather"), standin_backward() as losses:
@@ -389,27 +428,45 @@ def check_train_step(name: str, objective: str, accumulate: int = 1,
         with mock.patch.object(loop, "autocast_for", wraps=loop.autocast_for) as ac:
             loop.accumulate_gradients(net, opt, placement, loss_fn, stream, exp, gen, 0, DEVICE)
         probe.remove()
-        _expect(ac.call_count == accumulate and ac.call_args.args[1] == DEVICE,
-                "autocast_for was not asked for the device")
-        _expect(probe.calls == accumulate and probe.devices == {DEVICE},
-                f"forward outputs on {probe.devices}")
-        _expect(probe.linear_dtypes == {want},
-                f"Linear outputs in {probe.linear_dtypes}, want {want} ({exp.precision})")
-        _expect(len(losses) == accumulate and all(
-            is_fake_cuda(loss) and loss.dtype == torch.float32 and loss.ndim == 0
-            for loss in losses),
-            f"the loss is {[(x.device, x.dtype, tuple(x.shape)) for x in losses]}")
+        _expect(
+            ac.call_count == accumulate and ac.call_args.args[1] == DEVICE,
+            "autocast_for was not asked for the device",
+        )
+        _expect(
+            probe.calls == accumulate and probe.devices == {DEVICE},
+            f"forward outputs on {probe.devices}",
+        )
+        _expect(
+            probe.linear_dtypes == {want},
+            f"Linear outputs in {probe.linear_dtypes}, want {want} ({exp.precision})",
+        )
+        _expect(
+            len(losses) == accumulate
+            and all(
+                is_fake_cuda(loss) and loss.dtype == torch.float32 and loss.ndim == 0
+                for loss in losses
+            ),
+            f"the loss is {[(x.device, x.dtype, tuple(x.shape)) for x in losses]}",
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
-        _expect(all(p.grad is not None for p in trainable),
-                "a trainable parameter is not reached by the loss")
+        _expect(
+            all(p.grad is not None for p in trainable),
+            "a trainable parameter is not reached by the loss",
+        )
         loop.optimizer_step(model, ema, opt, placement, exp, 0)
-        _expect(all(is_fake_cuda(p) and p.dtype == torch.float32 for p in model.parameters()),
-                "master weights left the device or fp32")
-        _expect(all(is_fake_cuda(p) and p.dtype == torch.float32 for p in ema.parameters()),
-                "EMA weights left the device or fp32")
+        _expect(
+            all(is_fake_cuda(p) and p.dtype == torch.float32 for p in model.parameters()),
+            "master weights left the device or fp32",
+        )
+        _expect(
+            all(is_fake_cuda(p) and p.dtype == torch.float32 for p in ema.parameters()),
+            "EMA weights left the device or fp32",
+        )
         state = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
-        _expect(state and all(is_fake_cuda(v) and v.dtype == torch.float32 for v in state),
-                "AdamW moments off the device or not fp32")
+        _expect(
+            state and all(is_fake_cuda(v) and v.dtype == torch.float32 for v in state),
+            "AdamW moments off the device or not fp32",
+        )
 
 
 def _denoiser(spec, objective: str):
@@ -431,9 +488,17 @@ def check_sampling(name: str, sampler: str, objective: str | None = None) -> Non
         probe = Probe(den.model, mode)
         labels = torch.tensor([0, 1])
         cond = {a.name: torch.zeros(2, a.dims) for a in spec.conditioning.aux}
-        x = sample(den, (2, spec.input.channels, *spec.input.resolution), steps=2,
-                   sampler=sampler, seed=0, class_labels=labels, cfg_scale=2.0, device=DEVICE,
-                   cond=cond)
+        x = sample(
+            den,
+            (2, spec.input.channels, *spec.input.resolution),
+            steps=2,
+            sampler=sampler,
+            seed=0,
+            class_labels=labels,
+            cfg_scale=2.0,
+            device=DEVICE,
+            cond=cond,
+        )
         probe.remove()
         _expect(is_fake_cuda(x) and x.dtype == torch.float32, f"samples {x.device} {x.dtype}")
         _expect(probe.calls >= 1 and probe.devices == {DEVICE}, "the model ran off the device")
@@ -453,10 +518,17 @@ def check_npz_chunk(name: str) -> None:
         proc = npz.processes("cuda")
         _expect(proc.device == "cuda:0", f"--device cuda gave {proc.device}")
         den = _denoiser(spec, native_objective(name))
-        x = npz.draw_chunk(den, 1, 2, 2, np.array([3, 4]), shape=(spec.input.channels,
-                           *spec.input.resolution),
-                           sampling=Sampling(steps=1, sampler="dpmpp_2m", cfg_scale=2.0),
-                           decode=None, device=proc.device)
+        x = npz.draw_chunk(
+            den,
+            1,
+            2,
+            2,
+            np.array([3, 4]),
+            shape=(spec.input.channels, *spec.input.resolution),
+            sampling=Sampling(steps=1, sampler="dpmpp_2m", cfg_scale=2.0),
+            decode=None,
+            device=proc.device,
+        )
         _expect(is_fake_cuda(x) and x.dtype == torch.float32, f"chunk {x.device} {x.dtype}")
 
 
@@ -470,14 +542,21 @@ def check_hooks(name: str, tmp: str) -> None:
     from ditkit.training import evaluation, logs, loop
 
     spec = load_spec(name, null_class=False)
-    exp = experiment(spec, native_objective(name),
-                     evaluation={"enabled": True, "count": 2, "steps": 2})
+    exp = experiment(
+        spec, native_objective(name), evaluation={"enabled": True, "count": 2, "steps": 2}
+    )
     got: dict[str, torch.Tensor] = {}
-    with fake_cuda(), use_backend("gather"), \
-            mock.patch.object(loop, "save_png", lambda img, path: got.update(preview=img)), \
-            mock.patch.object(logs, "save_png", lambda img, path: got.update(grid=img)), \
-            mock.patch.object(evaluation.RunEvaluation, "_labels",
-                              lambda self, images, labels: got.update(eval=images) or {}):
+    with (
+        fake_cuda(),
+        use_backend("gather"),
+        mock.patch.object(loop, "save_png", lambda img, path: got.update(preview=img)),
+        mock.patch.object(logs, "save_png", lambda img, path: got.update(grid=img)),
+        mock.patch.object(
+            evaluation.RunEvaluation,
+            "_labels",
+            lambda self, images, labels: got.update(eval=images) or {},
+        ),
+    ):
         ema = build_on_device(spec).requires_grad_(False)
         loop.preview(ema, exp, Path(tmp) / "preview.png", DEVICE)
         hook = loop._evaluation(exp, Path(tmp), DEVICE, 0, None)
@@ -517,29 +596,36 @@ def check_distributed_plan(strategy: str) -> None:
         got.setdefault("sharded", []).append((model, options))
         return model
 
-    with fake_cuda(), mock.patch("torch.nn.parallel.DistributedDataParallel", DDP), \
-            mock.patch.object(distributed, "shard", shard):
+    with (
+        fake_cuda(),
+        mock.patch("torch.nn.parallel.DistributedDataParallel", DDP),
+        mock.patch.object(distributed, "shard", shard),
+    ):
         model = build_on_device(spec)
         ema = copy.deepcopy(model).requires_grad_(False)
         placement = distributed.Placement(exp, 2, 1, DEVICE)
         net = placement.wrap(model, ema)
         for m in (model, ema):
-            _expect(all(is_fake_cuda(p) and p.dtype == torch.float32 for p in m.parameters()),
-                    "the wrapped weights are not fp32 on the rank's GPU")
+            _expect(
+                all(is_fake_cuda(p) and p.dtype == torch.float32 for p in m.parameters()),
+                "the wrapped weights are not fp32 on the rank's GPU",
+            )
         if strategy == "ddp":
-            _expect(got["module"] is model and got["device_ids"] == [DEVICE.index],
-                    f"DDP got device_ids {got['device_ids']}")
+            _expect(
+                got["module"] is model and got["device_ids"] == [DEVICE.index],
+                f"DDP got device_ids {got['device_ids']}",
+            )
             with placement.no_sync(net, last=False):
                 pass
-            _expect(got.get("no_sync"), "gradient sync was not skipped before the last "
-                    "micro-batch")
+            _expect(got.get("no_sync"), "gradient sync was not skipped before the last micro-batch")
         else:
             _expect([m for m, _ in got["sharded"]] == [model, ema], "model and EMA not sharded")
             for _, options in got["sharded"]:
                 mp = options["mp_policy"]
-                _expect(mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32,
-                        f"FSDP2 policy {mp}: precision auto on CUDA computes in bf16, reduces "
-                        "in fp32")
+                _expect(
+                    mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32,
+                    f"FSDP2 policy {mp}: precision auto on CUDA computes in bf16, reduces in fp32",
+                )
 
 
 # ------------------------------------------------------------------------ canaries
@@ -565,8 +651,12 @@ def _planted(bug: str):
     return hook
 
 
-CANARIES = {"cpu_tensor": "FakeTensorDeviceMismatchError", "host_sync": "HostSync",
-            "cpu_round_trip": "GraphOffDevice", "fp32_in_autocast": "AssertionError"}
+CANARIES = {
+    "cpu_tensor": "FakeTensorDeviceMismatchError",
+    "host_sync": "HostSync",
+    "cpu_round_trip": "GraphOffDevice",
+    "fp32_in_autocast": "AssertionError",
+}
 
 
 def check_canary(bug: str) -> None:
@@ -577,15 +667,18 @@ def check_canary(bug: str) -> None:
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         next(m for m in self.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
-            _planted(bug))
+            _planted(bug)
+        )
 
     with mock.patch.object(DiffusionTransformer, "__init__", init):
         try:
             check_train_step("tiny-dit", "ddpm_eps")
         except Exception as err:  # which error is the finding
             if type(err).__name__ != CANARIES[bug]:
-                raise AssertionError(f"planted {bug}: the harness raised {type(err).__name__} "
-                                     f"({err}), not {CANARIES[bug]}") from err
+                raise AssertionError(
+                    f"planted {bug}: the harness raised {type(err).__name__} "
+                    f"({err}), not {CANARIES[bug]}"
+                ) from err
             return
     raise AssertionError(f"planted {bug}: the harness did not notice")
 
@@ -614,8 +707,13 @@ def all_checks() -> dict[str, tuple]:
         checks[f"train/{base}/{obj}"] = (check_train_step, base, obj)
     checks[f"train/{base}/accumulate2"] = (check_train_step, base, "ddpm_eps", 2)
     checks[f"train/{base}/fp32"] = (check_train_step, base, "ddpm_eps", 1, {"dtype": "fp32"})
-    checks[f"train/{base}/checkpointing"] = (check_train_step, base, "ddpm_eps", 1,
-                                             {"activation_checkpointing": True})
+    checks[f"train/{base}/checkpointing"] = (
+        check_train_step,
+        base,
+        "ddpm_eps",
+        1,
+        {"activation_checkpointing": True},
+    )
     for sampler in SAMPLERS:
         checks[f"sample/{base}/{sampler}"] = (check_sampling, base, sampler)
     checks[f"hooks/{base}"] = (check_hooks, base, None)
@@ -641,8 +739,10 @@ def run(ids: list[str] | None = None) -> dict[str, dict]:
                 fn(*[tmp if a is None and fn is check_hooks else a for a in args])
             out[cid] = {"ok": True, "error": ""}
         except Exception as err:  # noqa: BLE001 -- reported per check
-            out[cid] = {"ok": False, "error": "".join(
-                traceback.format_exception(err, limit=-6))[-3000:]}
+            out[cid] = {
+                "ok": False,
+                "error": "".join(traceback.format_exception(err, limit=-6))[-3000:],
+            }
         out[cid]["seconds"] = round(time.process_time() - t0, 2)
     return out
 

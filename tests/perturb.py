@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 
 
-def perturb(model: torch.nn.Module, scale: float = 0.05, *, seed: int | None = None,
-            skip: tuple[str, ...] = (), trainable_only: bool = False,
-            only_zero: bool = False) -> torch.nn.Module:
+def perturb(
+    model: torch.nn.Module,
+    scale: float = 0.05,
+    *,
+    seed: int | None = None,
+    skip: tuple[str, ...] = (),
+    trainable_only: bool = False,
+    only_zero: bool = False,
+) -> torch.nn.Module:
     """Add ``N(0, scale²)`` noise to ``model``'s parameters in place and return the model.
 
     - ``seed``: draw from a private generator seeded with it; ``None`` draws from torch's global
@@ -26,8 +32,11 @@ def perturb(model: torch.nn.Module, scale: float = 0.05, *, seed: int | None = N
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if (any(s in name for s in skip) or (trainable_only and not p.requires_grad)
-                    or (only_zero and bool(p.abs().sum()))):
+            if (
+                any(s in name for s in skip)
+                or (trainable_only and not p.requires_grad)
+                or (only_zero and bool(p.abs().sum()))
+            ):
                 continue
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
     return model

@@ -11,8 +11,9 @@ from tests.conftest import ROOT
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "ditkit.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ditkit.cli", *args], cwd=ROOT, capture_output=True, text=True
+    )
 
 
 def test_describe_json_dit_xl_2(capsys):
@@ -32,8 +33,11 @@ def test_describe_table_and_preset_name(capsys):
 
 def test_validate_bad_spec_exits_2_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml").read_text()
-                   .replace("kernel_size: 3", "kernel_size: 4"))
+    bad.write_text(
+        (ROOT / "examples/tiny/tiny-hdit-neighborhood.yaml")
+        .read_text()
+        .replace("kernel_size: 3", "kernel_size: 4")
+    )
     proc = run("validate", str(bad))
     assert proc.returncode == 2
     assert "levels[0].attention.kernel_size" in proc.stderr and "odd" in proc.stderr
@@ -60,8 +64,12 @@ def test_schema_subcommand(tmp_path):
 
 
 def test_validate_json_names_every_problem(tmp_path):
-    proc = run("validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "tests/data/bad-spec.yaml",
-               "--json")
+    proc = run(
+        "validate",
+        "examples/tiny/tiny-hdit-neighborhood.yaml",
+        "tests/data/bad-spec.yaml",
+        "--json",
+    )
     assert proc.returncode == 2
     out = json.loads(proc.stdout)
     assert out["ok"] is False and [s["ok"] for s in out["specs"]] == [True, False]
@@ -110,14 +118,23 @@ sys.exit(status)
 """
 
 
-@pytest.mark.parametrize("args", [
-    ["--help"], ["--version"], ["presets"], ["schema"], ["schema", "--experiment"],
-    ["validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "hdit-imagenet-128"],
-    ["sample", "--help"], ["train", "--help"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["presets"],
+        ["schema"],
+        ["schema", "--experiment"],
+        ["validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "hdit-imagenet-128"],
+        ["sample", "--help"],
+        ["train", "--help"],
+    ],
+)
 def test_light_commands_do_not_import_torch(args):
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     heavy = proc.stderr.strip().splitlines()[-1]
     assert heavy.startswith("HEAVY=")
@@ -146,6 +163,7 @@ def test_error_boundary_maps_errors_to_exit_codes(capsys, monkeypatch):
     def raising(exc):
         def func(args):
             raise exc
+
         return func
 
     class Args:
@@ -155,18 +173,22 @@ def test_error_boundary_maps_errors_to_exit_codes(capsys, monkeypatch):
     assert run_command(lambda a: 3, Args()) == 3
     assert run_command(raising(UserError("--steps 0: must be positive")), Args()) == 2
     assert capsys.readouterr().err == "error: --steps 0: must be positive\n"
-    assert run_command(raising(SpecError([("levels[0].d_model", "too small")], "x.yaml")),
-                       Args()) == 2
+    assert (
+        run_command(raising(SpecError([("levels[0].d_model", "too small")], "x.yaml")), Args()) == 2
+    )
     assert "levels[0].d_model" in capsys.readouterr().err
     assert run_command(raising(EnvironmentFault("disk full writing run/ckpt")), Args()) == 1
     assert capsys.readouterr().err == "error: disk full writing run/ckpt\n"
     full = OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
     assert run_command(raising(full), Args()) == 1
     err = capsys.readouterr().err
-    assert err == ("error: runs/x/model.safetensors: No space left on device; the command "
-                   "stopped there, nothing written earlier was lost\n")
-    assert run_command(raising(PermissionError(errno.EACCES, "Permission denied", "/ro")),
-                       Args()) == 1
+    assert err == (
+        "error: runs/x/model.safetensors: No space left on device; the command "
+        "stopped there, nothing written earlier was lost\n"
+    )
+    assert (
+        run_command(raising(PermissionError(errno.EACCES, "Permission denied", "/ro")), Args()) == 1
+    )
     # a bug is not an input error: its traceback stays
     with pytest.raises(ZeroDivisionError):
         run_command(raising(ZeroDivisionError("bug")), Args())
@@ -237,30 +259,52 @@ def test_every_option_has_help_and_shows_its_default():
             assert action.help, f"{name} {action.option_strings[0]}: no help text"
             default = action.default
             if default not in (None, False, [], argparse.SUPPRESS) and not isinstance(
-                    action, argparse._HelpAction):
-                assert "default" in (action.help % {"default": default}
-                                     if "%(default)" in action.help else action.help) or \
-                    f"(default: {default})" in " ".join(text.split()), \
+                action, argparse._HelpAction
+            ):
+                assert "default" in (
+                    action.help % {"default": default}
+                    if "%(default)" in action.help
+                    else action.help
+                ) or f"(default: {default})" in " ".join(text.split()), (
                     f"{name} {action.option_strings[0]}: default {default!r} not in help"
+                )
 
 
 def test_one_vocabulary_across_commands():
     """The same option names for the same things; no command keeps an old spelling visible."""
     parsers, argparse = _all_parsers()
-    visible = {name: {o for a in p._actions if a.help != argparse.SUPPRESS
-                      for o in a.option_strings} for name, p in parsers}
+    visible = {
+        name: {o for a in p._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+        for name, p in parsers
+    }
     for name, opts in visible.items():
         assert not opts & {"--cfg", "--num", "--samples", "--eval-count"}, (name, opts)
-    computing = ["ditkit sample", "ditkit evaluate", "ditkit train", "ditkit extrapolate",
-                 "ditkit bench sample", "ditkit bench attention", "ditkit encode",
-                 "ditkit export", "ditkit demo"]
+    computing = [
+        "ditkit sample",
+        "ditkit evaluate",
+        "ditkit train",
+        "ditkit extrapolate",
+        "ditkit bench sample",
+        "ditkit bench attention",
+        "ditkit encode",
+        "ditkit export",
+        "ditkit demo",
+    ]
     for name in computing:
         assert "--threads" in visible[name], name
     for name in computing[:-2] + ["ditkit encode"]:
         assert "--device" in visible[name], name
-    for name in ["ditkit sample", "ditkit evaluate", "ditkit extrapolate", "ditkit train",
-                 "ditkit demo", "ditkit bench sample", "ditkit bench attention",
-                 "ditkit encode", "ditkit shards"]:
+    for name in [
+        "ditkit sample",
+        "ditkit evaluate",
+        "ditkit extrapolate",
+        "ditkit train",
+        "ditkit demo",
+        "ditkit bench sample",
+        "ditkit bench attention",
+        "ditkit encode",
+        "ditkit shards",
+    ]:
         assert "--no-progress" in visible[name], name
     for name in ["ditkit sample", "ditkit evaluate", "ditkit extrapolate"]:
         parser = dict(parsers)[name]
@@ -297,15 +341,18 @@ def test_the_command_reference_lists_every_command_and_option():
 def test_set_overrides_on_describe_and_validate(capsys):
     assert main(["describe", "hdit-imagenet-128", "--json"]) == 0
     base = json.loads(capsys.readouterr().out)
-    assert main(["describe", "hdit-imagenet-128", "--set", "levels.0.d_model=256",
-                 "--json"]) == 0
+    assert main(["describe", "hdit-imagenet-128", "--set", "levels.0.d_model=256", "--json"]) == 0
     smaller = json.loads(capsys.readouterr().out)
     assert smaller["levels"][0]["d_model"] == 256 and smaller["params"] < base["params"]
     proc = run("describe", "hdit-imagenet-128", "--set", "levels.0.d_modl=256")
     assert proc.returncode == 2 and "levels[0].d_modl" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = run("validate", "examples/tiny/tiny-hdit-neighborhood.yaml", "--set",
-               "levels.0.attention.kernel_size=4")
+    proc = run(
+        "validate",
+        "examples/tiny/tiny-hdit-neighborhood.yaml",
+        "--set",
+        "levels.0.attention.kernel_size=4",
+    )
     assert proc.returncode == 2 and "kernel_size" in proc.stderr and "odd" in proc.stderr
 
 
@@ -314,11 +361,30 @@ def test_train_with_set_records_the_resolved_experiment(tmp_path):
 
     exp = ROOT / "examples" / "experiments" / "demo-digits.yaml"
     out = tmp_path / "run"
-    proc = run("train", str(exp), "--out", str(out), "--no-progress", "--steps", "1",
-               "--set", "training.batch_size=8", "--set", "optimizer.lr=3e-4",
-               "--set", "checkpoint.every=1", "--set", "preview.every=0",
-               "--set", "evaluation.enabled=false", "--device", "cpu", "--threads", "1",
-               "--json")
+    proc = run(
+        "train",
+        str(exp),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--steps",
+        "1",
+        "--set",
+        "training.batch_size=8",
+        "--set",
+        "optimizer.lr=3e-4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "preview.every=0",
+        "--set",
+        "evaluation.enabled=false",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["step"] == 1 and summary["run"] == str(out) and summary["threads"] == 1
@@ -327,8 +393,9 @@ def test_train_with_set_records_the_resolved_experiment(tmp_path):
     assert recorded["training"]["batch_size"] == 8 and recorded["training"]["steps"] == 1
     assert recorded["optimizer"]["lr"] == pytest.approx(3e-4)
     assert isinstance(recorded["model"], dict)  # the model inlined: resolved
-    proc = run("train", str(exp), "--out", str(tmp_path / "bad"), "--set",
-               "training.batch_size=zero")
+    proc = run(
+        "train", str(exp), "--out", str(tmp_path / "bad"), "--set", "training.batch_size=zero"
+    )
     assert proc.returncode == 2 and "training.batch_size" in proc.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -340,13 +407,17 @@ def test_cuda_on_a_machine_without_it_is_one_line_exit_2(tmp_path):
         pytest.skip("this machine has CUDA; the branch is unit-tested in test_device.py")
     proc = run("describe", "hdit-imagenet-128")  # sanity: the machine runs commands
     assert proc.returncode == 0
-    for args in (["bench", "attention", "--device", "cuda", "--grids", "14", "--kernel", "3"],
-                 ["sample", "hdit-imagenet-128", "--device", "cuda", "--steps", "1"],
-                 ["sample", "hdit-imagenet-128", "--device", "gpu", "--steps", "1"]):
+    for args in (
+        ["bench", "attention", "--device", "cuda", "--grids", "14", "--kernel", "3"],
+        ["sample", "hdit-imagenet-128", "--device", "cuda", "--steps", "1"],
+        ["sample", "hdit-imagenet-128", "--device", "gpu", "--steps", "1"],
+    ):
         proc = run(*args)
         assert proc.returncode == 2, args
-        assert ("no CUDA device is available" in proc.stderr
-                or "use cpu, cuda, cuda:N or auto" in proc.stderr), proc.stderr
+        assert (
+            "no CUDA device is available" in proc.stderr
+            or "use cpu, cuda, cuda:N or auto" in proc.stderr
+        ), proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -360,21 +431,22 @@ def test_one_list_syntax(capsys):
     assert list_arg(["32", "48x64"], "--resolutions") == ["32", "48x64"]  # the old form
     assert "space-separated --resolutions values are deprecated" in capsys.readouterr().err
     # a policy's own key=value options stay with it
-    assert policy_list(["as_is,core_patch:factor=4,level=0,local_core:kernel_size=7,add_levels"]
-                       ) == ["as_is", "core_patch:factor=4,level=0", "local_core:kernel_size=7",
-                             "add_levels"]
+    assert policy_list(
+        ["as_is,core_patch:factor=4,level=0,local_core:kernel_size=7,add_levels"]
+    ) == ["as_is", "core_patch:factor=4,level=0", "local_core:kernel_size=7", "add_levels"]
     assert policy_list(["as_is", "add_levels"]) == ["as_is", "add_levels"]
 
 
 def test_every_help_text_is_torch_free():
     """Formatting every command's help (all parsers built) imports no torch."""
-    code = ("import sys\n"
-            "from ditkit.cli import build_parser\n"
-            "from ditkit.cli.docs import _commands\n"
-            "n = sum(len(p.format_help()) > 0 for _, p, _ in _commands(build_parser()))\n"
-            "print(n, 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True)
+    code = (
+        "import sys\n"
+        "from ditkit.cli import build_parser\n"
+        "from ditkit.cli.docs import _commands\n"
+        "n = sum(len(p.format_help()) > 0 for _, p, _ in _commands(build_parser()))\n"
+        "print(n, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     count, torch_loaded = proc.stdout.split()
     assert int(count) >= 16 and torch_loaded == "False"

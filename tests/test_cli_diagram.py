@@ -30,8 +30,7 @@ def test_describe_two_specs_prints_both_tables_and_the_differences(tmp_path, cap
 
 
 def test_diff_policy_shows_the_adapted_spec(capsys):
-    assert main(["diff", "hdit-imagenet-128", "--policy", "core_patch", "--resolution",
-                 "256"]) == 0
+    assert main(["diff", "hdit-imagenet-128", "--policy", "core_patch", "--resolution", "256"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["field", "hdit-imagenet-128", "core_patch", "at", "256x256"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:-1]}
@@ -44,13 +43,28 @@ def test_diff_json(capsys):
     data = json.loads(capsys.readouterr().out)
     paths = {c["path"]: c for c in data["changes"]}
     assert set(paths) == {"name", "levels[0].attention"}
-    assert paths["levels[0].attention"]["b"] == {"kind": "neighborhood", "kernel_size": 3,
-                                                 "dilation": 1}
+    assert paths["levels[0].attention"]["b"] == {
+        "kind": "neighborhood",
+        "kernel_size": 3,
+        "dilation": 1,
+    }
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    proc = subprocess.run([sys.executable, "-m", "ditkit.cli", "describe", TINY, "--diagram",
-                           str(tmp_path / "a.pdf")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ditkit.cli",
+            "describe",
+            TINY,
+            "--diagram",
+            str(tmp_path / "a.pdf"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "write .svg or .png" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""  # checked before measuring
     for argv, message in [
@@ -73,12 +87,13 @@ def test_missing_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
 
 
 def test_diff_of_two_specs_starts_without_torch_or_matplotlib():
-    code = ("import sys; from ditkit.cli import main; "
-            f"status = main(['diff', '{TINY_GLOBAL}', '{TINY}']); "
-            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules)); "
-            "sys.exit(status)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True)
+    code = (
+        "import sys; from ditkit.cli import main; "
+        f"status = main(['diff', '{TINY_GLOBAL}', '{TINY}']); "
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules)); "
+        "sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert "levels[0].attention" in proc.stdout

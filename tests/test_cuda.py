@@ -36,14 +36,16 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("backend", ["flex", "natten", "tiled", "gather"])
-@pytest.mark.parametrize("grid,kernel,dilation", [((12, 17), (7, 7), (1, 1)),
-                                                  ((31, 9), (5, 3), (2, 1))])
+@pytest.mark.parametrize(
+    "grid,kernel,dilation", [((12, 17), (7, 7), (1, 1)), ((31, 9), (5, 3), (2, 1))]
+)
 def test_backend_equals_masked_on_cuda(cuda, backend, grid, kernel, dilation):
     if backend == "natten" and not kernels.natten_available():
         pytest.skip("natten is not installed")
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, *grid, 32, generator=g).to(cuda).requires_grad_()
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 3, *grid, 32, generator=g).to(cuda).requires_grad_() for _ in range(3)
+    )
     grads = []
     outs = []
     for name in (backend, "masked"):
@@ -99,8 +101,9 @@ def test_sampling_on_cuda_equals_cpu(cuda):
     labels = torch.tensor([3, 5])
     ref = sample(den, (2, 3, 16, 16), steps=4, sampler="heun", seed=0, class_labels=labels)
     model.to(cuda)
-    got = sample(den, (2, 3, 16, 16), steps=4, sampler="heun", seed=0, class_labels=labels,
-                 device=cuda)
+    got = sample(
+        den, (2, 3, 16, 16), steps=4, sampler="heun", seed=0, class_labels=labels, device=cuda
+    )
     assert got.device.type == "cuda"
     assert _rel(got.cpu(), ref) < 1e-3
 
@@ -132,8 +135,9 @@ def test_cuda_graph_of_the_denoiser_replays_eager(cuda):
 def test_onnxruntime_io_binding_on_cuda(cuda, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
-                    "(install onnxruntime-gpu)")
+        pytest.skip(
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        )
     from ditkit.deploy.engines import OrtDenoiser
     from ditkit.deploy.export import export_onnx
 

@@ -82,7 +82,7 @@ def blocks_of(page: Path) -> list[Block]:
             elif markers or k < start - 1:
                 break  # a blank line ends the markers once one was read or after the first
             k -= 1
-        out.append(Block(page, start + 1, lang, "\n".join(lines[start + 1:j]) + "\n", markers))
+        out.append(Block(page, start + 1, lang, "\n".join(lines[start + 1 : j]) + "\n", markers))
         i = j + 1
     return out
 
@@ -156,7 +156,7 @@ def _ditkit_argv(words: list[str]) -> list[str] | None:
         return words[1:]
     for i, w in enumerate(words):
         if w == "ditkit.cli" and i >= 1 and words[i - 1] in ("-m", "--"):
-            return words[i + 1:]
+            return words[i + 1 :]
     return None
 
 
@@ -252,13 +252,16 @@ def _run_bash(block: Block) -> None:
         if not words:
             continue
         if words[0] != "ditkit" or any(w in ("|", "&&", ";", ">", "||") for w in words):
-            pytest.fail(f"{block.id}: {line!r} is not a plain `ditkit ...` command; precede the "
-                        "block with <!-- skip: reason --> (or make it one)")
+            pytest.fail(
+                f"{block.id}: {line!r} is not a plain `ditkit ...` command; precede the "
+                "block with <!-- skip: reason --> (or make it one)"
+            )
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = _run_ditkit(words[1:])
-        assert rc == 0, (f"{block.id}: `{line}` exited {rc}\n{out.getvalue()[-2000:]}"
-                         f"\n{err.getvalue()[-2000:]}")
+        assert rc == 0, (
+            f"{block.id}: `{line}` exited {rc}\n{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}"
+        )
 
 
 # ---------------------------------------------------------------------------------- yaml
@@ -284,8 +287,7 @@ def _check_yaml(block: Block, folder: Path) -> None:
     keys = set(data)
     if keys <= set(Experiment.model_fields):  # a fragment: merged into an example experiment
         latent = isinstance(data.get("data"), dict) and data["data"].get("kind") == "latents"
-        base = EXAMPLES / "experiments" / ("digits-latents.yaml" if latent else
-                                           "demo-digits.yaml")
+        base = EXAMPLES / "experiments" / ("digits-latents.yaml" if latent else "demo-digits.yaml")
         merged = {**yaml.safe_load(base.read_text()), "evaluation": {"enabled": False}, **data}
         target.write_text(yaml.safe_dump(merged))
         load_experiment(target)
@@ -294,8 +296,10 @@ def _check_yaml(block: Block, folder: Path) -> None:
         base = yaml.safe_load((EXAMPLES / _TINY_MODEL).read_text())
         load_spec_text(yaml.safe_dump({**base, **data}), source=block.id)
         return
-    pytest.fail(f"{block.id}: keys {sorted(keys)} are neither a model spec's nor an "
-                "experiment's; fix the block or mark it <!-- skip: reason -->")
+    pytest.fail(
+        f"{block.id}: keys {sorted(keys)} are neither a model spec's nor an "
+        "experiment's; fix the block or mark it <!-- skip: reason -->"
+    )
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -326,8 +330,11 @@ def test_doc_block(block: Block, page_dir: Path):
     for earlier in blocks_of(block.page):
         if earlier.line >= block.line:
             break
-        if (earlier.lang in RUN_LANGS and earlier.id not in _DONE
-                and not {"skip", "slow"} & set(earlier.markers)):
+        if (
+            earlier.lang in RUN_LANGS
+            and earlier.id not in _DONE
+            and not {"skip", "slow"} & set(earlier.markers)
+        ):
             _execute(earlier, page_dir)
     _execute(block, page_dir)
 
@@ -361,8 +368,12 @@ def test_the_collector_reads_markers_commands_and_flags():
     fake = Block(page, 1, "console", "$ ditkit sample x --stepz 3 \\\n  --count 2\n$ ditkit nope\n")
     problems = [p for argv in _commands_in(fake) for p in flag_problems(argv)]
     assert problems == ["`ditkit sample` has no option --stepz", "`ditkit nope`: no such command"]
-    torchrun = Block(page, 1, "bash", "torchrun --nproc_per_node=8 -m -- ditkit.cli train e.yaml "
-                                      "--out r --resume\n")
+    torchrun = Block(
+        page,
+        1,
+        "bash",
+        "torchrun --nproc_per_node=8 -m -- ditkit.cli train e.yaml --out r --resume\n",
+    )
     assert _commands_in(torchrun) == [["train", "e.yaml", "--out", "r", "--resume"]]
     assert flag_problems(["train", "e.yaml", "--out", "r", "--resume"]) == []
 
@@ -410,14 +421,23 @@ def test_the_guides_nav_adds_new_pages_and_drops_missing_ones(tmp_path):
     (tmp_path / "guides" / "bring-your-config.md").write_text("intro\n# Bring your config\n")
     (tmp_path / "guides" / "preemption.md").write_text("no heading\n")
     (tmp_path / "index.md").write_text("# Home\n")
-    nav = [{"Home": "index.md"}, {"Spec": [{"Reference": "reference/spec.md"}]},
-           {"Guides": [{"Training": "guides/training.md"}, {"Gone": "guides/gone.md"}]}]
+    nav = [
+        {"Home": "index.md"},
+        {"Spec": [{"Reference": "reference/spec.md"}]},
+        {"Guides": [{"Training": "guides/training.md"}, {"Gone": "guides/gone.md"}]},
+    ]
     config = hooks.on_config({"docs_dir": str(tmp_path), "nav": nav})
     assert config["nav"] == [
-        {"Home": "index.md"}, {"Spec": [{"Reference": "reference/spec.md"}]},
-        {"Guides": [{"Training": "guides/training.md"},
-                    {"Bring your config": "guides/bring-your-config.md"},
-                    {"Preemption": "guides/preemption.md"}]}]
+        {"Home": "index.md"},
+        {"Spec": [{"Reference": "reference/spec.md"}]},
+        {
+            "Guides": [
+                {"Training": "guides/training.md"},
+                {"Bring your config": "guides/bring-your-config.md"},
+                {"Preemption": "guides/preemption.md"},
+            ]
+        },
+    ]
 
 
 def test_every_page_is_in_the_nav():

@@ -17,7 +17,7 @@ def _blocks() -> list[str]:
     text = GUIDE.read_text()
     out = []
     for match in re.finditer(r"(?m)^```python\n(.*?)^```$", text, re.S):
-        before = text[:match.start()].rstrip().splitlines()[-1:]
+        before = text[: match.start()].rstrip().splitlines()[-1:]
         if before and before[0].startswith("<!-- skip"):
             continue
         out.append(match.group(1))

@@ -41,8 +41,9 @@ def test_a_missing_module_is_a_user_error_with_the_pip_line(monkeypatch):
     with pytest.raises(MissingExtra) as err:
         require("onnx", "exporting to ONNX")
     assert isinstance(err.value, UserError)
-    assert str(err.value) == ("onnx is not installed (exporting to ONNX needs it): "
-                              "pip install 'ditkit[onnx]'")
+    assert str(err.value) == (
+        "onnx is not installed (exporting to ONNX needs it): pip install 'ditkit[onnx]'"
+    )
     monkeypatch.setitem(sys.modules, "natten", None)
     with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation 'ditkit\[natten\]'"):
         require("natten", "a backend", RuntimeError)

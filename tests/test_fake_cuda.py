@@ -21,23 +21,46 @@ import pytest
 from tests.conftest import ROOT, tiny_specs
 
 # the ids the harness must report (kept in step with tests/fake_cuda.py's all_checks)
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
-            "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde",
-            "dpmpp_2m_sde", "unipc", "dpm_adaptive")
+SAMPLERS = (
+    "euler",
+    "heun",
+    "ddim",
+    "ddpm",
+    "dpmpp_2m",
+    "dpmpp_3m_sde",
+    "euler_ancestral",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "unipc",
+    "dpm_adaptive",
+)
 CANARIES = ("cpu_tensor", "host_sync", "cpu_round_trip", "fp32_in_autocast")
-IDS = ([f"{kind}/{p.stem}" for p in tiny_specs() for kind in ("train", "npz")]
-       + [f"train/tiny-dit/{o}" for o in ("edm", "x0", "flow", "accumulate2", "fp32",
-                                                  "checkpointing")]
-       + [f"sample/tiny-dit/{s}" for s in SAMPLERS] + ["hooks/tiny-dit"]
-       + [f"canary/{c}" for c in CANARIES] + ["distributed/ddp-plan", "distributed/fsdp2-plan"])
+IDS = (
+    [f"{kind}/{p.stem}" for p in tiny_specs() for kind in ("train", "npz")]
+    + [f"train/tiny-dit/{o}" for o in ("edm", "x0", "flow", "accumulate2", "fp32", "checkpointing")]
+    + [f"sample/tiny-dit/{s}" for s in SAMPLERS]
+    + ["hooks/tiny-dit"]
+    + [f"canary/{c}" for c in CANARIES]
+    + ["distributed/ddp-plan", "distributed/fsdp2-plan"]
+)
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.fake_cuda", "--json"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "tests.fake_cuda", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"the harness printed no results (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     out = json.loads(lines[-1])

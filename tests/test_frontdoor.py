@@ -19,16 +19,20 @@ TINY = EXAMPLES / "tiny" / "tiny-hdit-digits.yaml"  # 1 channel, 8x8, 10 classes
 
 
 def test_import_ditkit_does_not_import_torch():
-    code = ("import sys, ditkit\n"
-            "assert 'torch' not in sys.modules, 'torch'\n"
-            "assert 'pydantic' not in sys.modules, 'pydantic'\n"
-            "print(sorted(n for n in ditkit.__all__ if callable(getattr(ditkit, n))))\n"
-            "assert 'torch' not in sys.modules, 'torch after getattr'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    code = (
+        "import sys, ditkit\n"
+        "assert 'torch' not in sys.modules, 'torch'\n"
+        "assert 'pydantic' not in sys.modules, 'pydantic'\n"
+        "print(sorted(n for n in ditkit.__all__ if callable(getattr(ditkit, n))))\n"
+        "assert 'torch' not in sys.modules, 'torch after getattr'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(sorted(
-        ["Model", "adapt", "build", "export", "load", "load_spec", "sample", "train"]))
+    assert proc.stdout.strip() == str(
+        sorted(["Model", "adapt", "build", "export", "load", "load_spec", "sample", "train"])
+    )
 
 
 # the docstring examples that run in a second or two; export and train are in the slow set
@@ -36,8 +40,9 @@ FAST_DOCTESTS = ["Model", "load_spec", "build", "load", "sample", "adapt"]
 
 
 def _doctest(name: str):
-    tests = [t for t in doctest.DocTestFinder().find(ditkit, "ditkit")
-             if t.name == f"ditkit.{name}"]
+    tests = [
+        t for t in doctest.DocTestFinder().find(ditkit, "ditkit") if t.name == f"ditkit.{name}"
+    ]
     assert tests and tests[0].examples, f"ditkit.{name} has no example"
     return tests[0]
 
@@ -95,11 +100,33 @@ def test_sample_writes_the_grid_the_command_writes(checkpoint, tmp_path, capsys)
 
     path, _ = checkpoint
     cli_png, py_png = tmp_path / "cli.png", tmp_path / "py.png"
-    assert main(["sample", str(path), "--classes", "3,7", "--count", "4", "--steps", "3",
-                 "--seed", "5", "--cfg-scale", "2", "--device", "cpu", "--no-progress",
-                 "--out", str(cli_png)]) == 0
-    x = ditkit.sample(ditkit.load(path), labels=[3, 7], count=4, steps=3, seed=5,
-                      cfg_scale=2.0, out=py_png)
+    assert (
+        main(
+            [
+                "sample",
+                str(path),
+                "--classes",
+                "3,7",
+                "--count",
+                "4",
+                "--steps",
+                "3",
+                "--seed",
+                "5",
+                "--cfg-scale",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(cli_png),
+            ]
+        )
+        == 0
+    )
+    x = ditkit.sample(
+        ditkit.load(path), labels=[3, 7], count=4, steps=3, seed=5, cfg_scale=2.0, out=py_png
+    )
     assert tuple(x.shape) == (4, 1, 8, 8) and x.dtype == torch.float32
     assert py_png.read_bytes() == cli_png.read_bytes()
     again = ditkit.sample(path, labels=[3, 7], count=4, steps=3, seed=5, cfg_scale=2.0)
@@ -133,22 +160,27 @@ def test_adapt_as_is_keeps_the_weights_and_add_levels_adds_one(checkpoint):
     assert ditkit.adapt(m, 16, S.AddLevels()).spec == deeper.spec  # a policy object too
 
 
-@pytest.mark.parametrize("call, fragment", [
-    (lambda m: ditkit.sample(m, labels=[10]), "labels: must be in [0, 10)"),
-    (lambda m: ditkit.sample(m, labels=["a"]), "labels ['a']: give class labels as integers"),
-    (lambda m: ditkit.sample(m, cfg_scale=3.0), "cfg_scale: guidance needs labels"),
-    (lambda m: ditkit.sample(m, count=0), "count 0: must be positive"),
-    (lambda m: ditkit.sample(m, resolution=9), "resolution: 9x9 is not divisible"),
-    (lambda m: ditkit.sample(m, steps=2, sampler="nope"), "unknown sampler 'nope'"),
-    (lambda m: ditkit.adapt(m, (16, 0)), "resolution (16, 0): must be positive"),
-    (lambda m: ditkit.adapt(m, 16, "as_is:rope"), "expected key=value"),
-    (lambda m: ditkit.load("no-such-preset"), "not a spec file or a preset name"),
-    (lambda m: ditkit.load(TINY, objective="edn"),
-     "objective 'edn' (--objective): choose one of edm,"),
-    (lambda m: ditkit.load("model.onnx"), "an exported .onnx file, but this takes"),
-    (lambda m: ditkit.train("no-such.yaml"), "no-such.yaml"),
-    (lambda m: ditkit.load_spec(TINY, overrides=["levels.0.d_modl=8"]), "d_modl"),
-])
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda m: ditkit.sample(m, labels=[10]), "labels: must be in [0, 10)"),
+        (lambda m: ditkit.sample(m, labels=["a"]), "labels ['a']: give class labels as integers"),
+        (lambda m: ditkit.sample(m, cfg_scale=3.0), "cfg_scale: guidance needs labels"),
+        (lambda m: ditkit.sample(m, count=0), "count 0: must be positive"),
+        (lambda m: ditkit.sample(m, resolution=9), "resolution: 9x9 is not divisible"),
+        (lambda m: ditkit.sample(m, steps=2, sampler="nope"), "unknown sampler 'nope'"),
+        (lambda m: ditkit.adapt(m, (16, 0)), "resolution (16, 0): must be positive"),
+        (lambda m: ditkit.adapt(m, 16, "as_is:rope"), "expected key=value"),
+        (lambda m: ditkit.load("no-such-preset"), "not a spec file or a preset name"),
+        (
+            lambda m: ditkit.load(TINY, objective="edn"),
+            "objective 'edn' (--objective): choose one of edm,",
+        ),
+        (lambda m: ditkit.load("model.onnx"), "an exported .onnx file, but this takes"),
+        (lambda m: ditkit.train("no-such.yaml"), "no-such.yaml"),
+        (lambda m: ditkit.load_spec(TINY, overrides=["levels.0.d_modl=8"]), "d_modl"),
+    ],
+)
 def test_bad_arguments_raise_a_user_error_naming_them(call, fragment):
     m = ditkit.load(TINY)
     with pytest.raises(UserError) as err:
@@ -188,8 +220,13 @@ def test_sample_with_stages():
     m = ditkit.load(str(ROOT / "examples" / "tiny" / "tiny-hdit-digits.yaml"))
     x = ditkit.sample(m, labels=[1, 2], steps=2, seed=4, stages="8,16:2.0:1")
     assert tuple(x.shape[-2:]) == (16, 16)  # the last stage's resolution
-    same = ditkit.sample(m, labels=[1, 2], steps=2, seed=4,
-                         stages=[{"resolution": 8}, {"resolution": 16, "sigma": 2.0, "steps": 1}])
+    same = ditkit.sample(
+        m,
+        labels=[1, 2],
+        steps=2,
+        seed=4,
+        stages=[{"resolution": 8}, {"resolution": 16, "sigma": 2.0, "steps": 1}],
+    )
     assert torch.equal(x, same)
     plain = ditkit.sample(m, labels=[1, 2], steps=2, seed=4)
     assert torch.equal(plain, ditkit.sample(m, labels=[1, 2], steps=2, seed=4, stages="8"))

@@ -28,16 +28,22 @@ from .training.conftest import tiny_experiment_data, tiny_model  # noqa: E402
 
 import ditkit.builder  # noqa: E402,F401  (imported once here, not timed inside a property)
 
-FAST = settings(max_examples=25, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow,
-                                       HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=400, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow,
-                                       HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+SLOW = settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 # values a careless or hostile file may hold
 BAD_VALUES = st.one_of(
-    st.booleans(), st.none(),
+    st.booleans(),
+    st.none(),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.sampled_from([0, -1, 10**12, 2**63, 2**64 + 1]),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -137,8 +143,13 @@ def test_mutated_experiments_validate_or_fail_cleanly(data):
 
 
 @FAST
-@given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
-                 mutated(tiny_model()).map(lambda d: yaml.safe_dump(d).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200).map(str.encode),
+        mutated(tiny_model()).map(lambda d: yaml.safe_dump(d).encode()),
+    )
+)
 def test_any_bytes_as_a_spec_file_exit_0_or_2(tmp_path_factory, payload):
     from ditkit.cli import main
 
@@ -155,21 +166,57 @@ def tiny_spec_file(tmp_path_factory):
     return path
 
 
-NUMBERS = st.one_of(st.sampled_from(["0", "-3", "1", "2", "nan", "inf", "-inf", "1e999",
-                                     "100000000", "2.5", "", "x", "🦄", "0x10"]),
-                    st.integers(-5, 3).map(str))
+NUMBERS = st.one_of(
+    st.sampled_from(
+        [
+            "0",
+            "-3",
+            "1",
+            "2",
+            "nan",
+            "inf",
+            "-inf",
+            "1e999",
+            "100000000",
+            "2.5",
+            "",
+            "x",
+            "🦄",
+            "0x10",
+        ]
+    ),
+    st.integers(-5, 3).map(str),
+)
 
 
 @FAST
-@given(num=NUMBERS, steps=NUMBERS, cfg=NUMBERS, classes=st.sampled_from([None, "1", "0,1",
-                                                                        "random", "99", "a"]))
-def test_sample_arguments_exit_0_or_2(tiny_spec_file, tmp_path_factory, capsys, num, steps,
-                                      cfg, classes):
+@given(
+    num=NUMBERS,
+    steps=NUMBERS,
+    cfg=NUMBERS,
+    classes=st.sampled_from([None, "1", "0,1", "random", "99", "a"]),
+)
+def test_sample_arguments_exit_0_or_2(
+    tiny_spec_file, tmp_path_factory, capsys, num, steps, cfg, classes
+):
     from ditkit.cli import main
 
     out = tmp_path_factory.mktemp("s") / "g.png"
-    args = ["sample", str(tiny_spec_file), "--out", str(out), "--objective", "edm",
-            "--no-progress", "--count", num, "--steps", steps, "--cfg-scale", cfg]
+    args = [
+        "sample",
+        str(tiny_spec_file),
+        "--out",
+        str(out),
+        "--objective",
+        "edm",
+        "--no-progress",
+        "--count",
+        num,
+        "--steps",
+        steps,
+        "--cfg-scale",
+        cfg,
+    ]
     if classes is not None:
         args += ["--classes", classes]
     with Bounded(30, 1024):
@@ -207,14 +254,16 @@ def _scalar_key_lines(text: str) -> list[int]:
     """Indices of ``key: scalar`` lines (not list items): duplicating one keeps the YAML valid."""
     import re
 
-    return [i for i, line in enumerate(text.splitlines())
-            if re.match(r"^\s*[A-Za-z_]\w*: \S", line)]
+    return [
+        i for i, line in enumerate(text.splitlines()) if re.match(r"^\s*[A-Za-z_]\w*: \S", line)
+    ]
 
 
 @FAST
 @given(st.sampled_from(["spec", "experiment"]), st.data())
-def test_a_key_written_twice_anywhere_is_refused_naming_both_lines(tmp_path_factory, capsys,
-                                                                   kind, data):
+def test_a_key_written_twice_anywhere_is_refused_naming_both_lines(
+    tmp_path_factory, capsys, kind, data
+):
     from ditkit.cli import main
 
     base = tiny_model() if kind == "spec" else tiny_experiment_data("edm", 10)
@@ -255,10 +304,13 @@ def _not_a_file(kind: str, folder) -> str:
 
 
 @settings(FAST, max_examples=12)
-@given(st.sampled_from(["fifo", "socket", "device", "link to fifo", "folder"]),
-       st.sampled_from(["validate", "describe", "train", "sample", "export"]))
-def test_inputs_that_are_not_regular_files_exit_2_without_blocking(tmp_path_factory, capsys,
-                                                                    kind, command):
+@given(
+    st.sampled_from(["fifo", "socket", "device", "link to fifo", "folder"]),
+    st.sampled_from(["validate", "describe", "train", "sample", "export"]),
+)
+def test_inputs_that_are_not_regular_files_exit_2_without_blocking(
+    tmp_path_factory, capsys, kind, command
+):
     import faulthandler
     import sys
 
@@ -266,8 +318,11 @@ def test_inputs_that_are_not_regular_files_exit_2_without_blocking(tmp_path_fact
 
     folder = tmp_path_factory.mktemp("nf")
     path = _not_a_file(kind, folder)
-    extra = {"train": ["--out", str(folder / "run")], "sample": ["--out", str(folder / "g.png")],
-             "export": ["--out", str(folder / "m.onnx")]}.get(command, [])
+    extra = {
+        "train": ["--out", str(folder / "run")],
+        "sample": ["--out", str(folder / "g.png")],
+        "export": ["--out", str(folder / "m.onnx")],
+    }.get(command, [])
     capsys.readouterr()
     faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)  # never forever
     try:
@@ -277,6 +332,9 @@ def test_inputs_that_are_not_regular_files_exit_2_without_blocking(tmp_path_fact
         faulthandler.cancel_dump_traceback_later()
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert ("directory" in err or "folder" in err) if kind == "folder" else (
-        "not a regular file" in err), err
+    assert (
+        ("directory" in err or "folder" in err)
+        if kind == "folder"
+        else ("not a regular file" in err)
+    ), err
     assert not (folder / "run").exists() and not (folder / "g.png").exists()

@@ -22,9 +22,13 @@ def dry_run(tmp_path_factory):
     # caps themselves are checked by test_a_stage_over_its_cap_is_killed_and_the_rest_run)
     caps = [f"--cap={s}=600" for s in ("env", "tests", "train", "attention", "sample", "onnx")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--dry-run",
-                           "--budget-s", "3000", *caps], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--dry-run", "--budget-s", "3000", *caps],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -34,7 +38,8 @@ def test_every_stage_runs_and_says_ok(dry_run):
     assert res["meta"]["dry_run"] is True
     assert list(res["stages"]) == ["env", "tests", "train", "attention", "sample", "onnx"]
     assert {name: st["status"] for name, st in res["stages"].items()} == dict.fromkeys(
-        res["stages"], "ok")
+        res["stages"], "ok"
+    )
     assert (out / "results.md").read_text().startswith("# ditkit GPU check (dry run")
     assert not (out / "progress.jsonl").exists()  # merged into results.json
 
@@ -53,10 +58,17 @@ def test_rows_hold_measurements_and_cuda_only_parts_say_why_not(dry_run):
     assert any(r["compile"] for r in train)
     attention = st["attention"]["rows"]
     measured = {(r["backend"], r["mode"]) for r in attention if r["ms"]}
-    assert {("gather", "fwd+bwd"), ("tiled", "fwd+bwd"), ("masked", "fwd+bwd"),
-            ("flex", "fwd")} <= measured
-    assert all("no CUDA" in r["note"] for r in attention
-               if r["backend"] == "flex" and r["mode"] == "fwd+bwd")
+    assert {
+        ("gather", "fwd+bwd"),
+        ("tiled", "fwd+bwd"),
+        ("masked", "fwd+bwd"),
+        ("flex", "fwd"),
+    } <= measured
+    assert all(
+        "no CUDA" in r["note"]
+        for r in attention
+        if r["backend"] == "flex" and r["mode"] == "fwd+bwd"
+    )
     sample = st["sample"]["rows"]
     assert {r["engine"] for r in sample if r["ms_per_step"]} == {"eager", "compile"}
     assert all(r["note"] == "skipped: no CUDA" for r in sample if r["engine"] == "cuda_graph")
@@ -69,11 +81,30 @@ def test_rows_hold_measurements_and_cuda_only_parts_say_why_not(dry_run):
 
 
 def test_a_stage_over_its_cap_is_killed_and_the_rest_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "DITKIT_GPU_CHECK_HANG": "tests"}  # the tests stage sleeps instead of running pytest
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--dry-run",
-                           "--only", "env,tests", "--cap", "tests=1", "--cap", "env=300"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "DITKIT_GPU_CHECK_HANG": "tests",
+    }  # the tests stage sleeps instead of running pytest
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tmp_path),
+            "--dry-run",
+            "--only",
+            "env,tests",
+            "--cap",
+            "tests=1",
+            "--cap",
+            "env=300",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["stages"]["env"]["status"] == "ok"

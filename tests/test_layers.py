@@ -36,8 +36,10 @@ def _ditkit_imports(path):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against the file's package
-                base = ".".join(package[:len(package) - node.level + 1]
-                                + ((node.module,) if node.module else ()))
+                base = ".".join(
+                    package[: len(package) - node.level + 1]
+                    + ((node.module,) if node.module else ())
+                )
             elif node.module:
                 base = node.module
             else:
@@ -45,9 +47,13 @@ def _ditkit_imports(path):
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 yield sub if _is_module(sub) else base
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(
-                node.func, "id", None)) == "import_module" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             yield node.args[0].value
 
 
@@ -56,8 +62,11 @@ def _walk_runtime(tree):
     todo = [tree]
     while todo:
         node = todo.pop()
-        if (isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute))
-                and ast.unparse(node.test).endswith("TYPE_CHECKING")):
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, (ast.Name, ast.Attribute))
+            and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        ):
             todo.extend(node.orelse)
             continue
         yield node
@@ -97,8 +106,9 @@ def test_a_layer_imports_only_the_layers_below(layer):
 def test_the_ground_floor_imports_only_the_ground():
     ground = {f"ditkit.{n[:-3]}" for n in GROUND}
     for name in GROUND:
-        imports = [n for n in _ditkit_imports(PACKAGE / name)
-                   if n.startswith("ditkit") and n not in ground]
+        imports = [
+            n for n in _ditkit_imports(PACKAGE / name) if n.startswith("ditkit") and n not in ground
+        ]
         assert imports == [], f"ditkit/{name} imports {imports}"
 
 
@@ -114,8 +124,13 @@ def test_the_front_door_is_on_top_and_imports_lazily():
         for sub in ast.walk(node):
             if isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
                 break
-            names = ([a.name for a in sub.names] if isinstance(sub, ast.Import) else
-                     [sub.module or ""] if isinstance(sub, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in sub.names]
+                if isinstance(sub, ast.Import)
+                else [sub.module or ""]
+                if isinstance(sub, ast.ImportFrom)
+                else []
+            )
             eager += [n for n in names if n.startswith("ditkit")]
     assert eager == [], f"ditkit/__init__.py imports {eager} when it is imported"
     bad = []
@@ -124,11 +139,12 @@ def test_the_front_door_is_on_top_and_imports_lazily():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "ditkit" and not node.level:
-                bad += [f"{path.relative_to(ROOT)}: from ditkit import {a.name}"
-                        for a in node.names if a.name != "__version__"
-                        and not _is_module(f"ditkit.{a.name}")]
+                bad += [
+                    f"{path.relative_to(ROOT)}: from ditkit import {a.name}"
+                    for a in node.names
+                    if a.name != "__version__" and not _is_module(f"ditkit.{a.name}")
+                ]
     assert not bad, "\n".join(bad)
-
 
 
 def _graph() -> dict[str, set[str]]:
@@ -186,4 +202,5 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     cycles = find_cycles(_graph())
     assert not cycles, "import cycles (function-level imports included):\n" + "\n".join(
-        " <-> ".join(c) for c in cycles)
+        " <-> ".join(c) for c in cycles
+    )

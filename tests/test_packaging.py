@@ -27,8 +27,17 @@ import pytest
 
 from tests.conftest import ROOT
 
-OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "natten", "diffusers", "matplotlib",
-            "tensorrt", "hypothesis", "pytest")
+OPTIONAL = (
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "natten",
+    "diffusers",
+    "matplotlib",
+    "tensorrt",
+    "hypothesis",
+    "pytest",
+)
 
 
 def _clean_env() -> dict[str, str]:
@@ -44,12 +53,17 @@ def dist(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "ditkit", src / "ditkit",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        ROOT / "ditkit", src / "ditkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir",
-                           str(out), str(src)], capture_output=True, text=True,
-                          env=_clean_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -67,8 +81,11 @@ def test_build_makes_a_wheel_and_an_sdist_with_the_demo_and_one_version(dist):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = email.message_from_bytes(z.read(f"ditkit-{version}.dist-info/METADATA"))
-    assert {"ditkit/training/assets/demo-digits.yaml",
-            "ditkit/training/assets/tiny-hdit-digits.yaml", "ditkit/py.typed"} <= names
+    assert {
+        "ditkit/training/assets/demo-digits.yaml",
+        "ditkit/training/assets/tiny-hdit-digits.yaml",
+        "ditkit/py.typed",
+    } <= names
     assert meta["Version"] == version
     requires = meta.get_all("Requires-Dist")
     core = {re.split(r"[<>=;\[ ]", r)[0].lower() for r in requires if "extra ==" not in r}
@@ -134,41 +151,90 @@ def test_the_wheel_runs_the_demo_in_a_fresh_venv(dist, tmp_path):
     """~1 min: venv, install, ``--version``, ``presets``, a 20-step demo scored on 10 digits."""
     env = _clean_env()
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   env=env, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env, timeout=120
+    )
     py = venv / "bin" / "python"
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True, check=True,
-                             env=env).stdout.strip()
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.strip()
     deps = _link_core_dependencies(tmp_path / "core-deps")
     Path(purelib, "core-deps.pth").write_text(str(tmp_path / "core-deps") + "\n")
     assert "torch" in deps and "scikit-learn" in deps
-    hidden = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in "
-                             f"{list(OPTIONAL)!r} if u.find_spec(m)])"], capture_output=True,
-                            text=True, env=env, cwd=tmp_path)
+    hidden = subprocess.run(
+        [
+            str(py),
+            "-c",
+            f"import importlib.util as u; print([m for m in {list(OPTIONAL)!r} if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert hidden.stdout.strip() == "[]", f"optional packages visible: {hidden.stdout}"
 
     wheel = next(dist.glob("*.whl"))
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install",
-                              "--no-index", "--no-cache-dir", str(wheel)],
-                             capture_output=True, text=True, env=env, timeout=300)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-index",
+            "--no-cache-dir",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     ditkit = venv / "bin" / "ditkit"
 
     def run(*args, timeout=300):
-        return subprocess.run([str(ditkit), *args], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=timeout)
+        return subprocess.run(
+            [str(ditkit), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=timeout,
+        )
 
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"ditkit {_version()}", proc
     proc = run("presets")
-    assert proc.returncode == 0 and "dit-xl-2" in proc.stdout and "hdit-imagenet-128" in \
-        proc.stdout, proc.stderr
-    where = subprocess.run([str(py), "-c", "import ditkit; print(ditkit.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert (
+        proc.returncode == 0 and "dit-xl-2" in proc.stdout and "hdit-imagenet-128" in proc.stdout
+    ), proc.stderr
+    where = subprocess.run(
+        [str(py), "-c", "import ditkit; print(ditkit.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert Path(where.stdout.strip()).is_relative_to(purelib), where  # not the checkout
-    proc = run("demo", "--steps", "20", "--count", "10", "--out", str(tmp_path / "demo"),
-               "--no-progress", "--json", timeout=600)
+    proc = run(
+        "demo",
+        "--steps",
+        "20",
+        "--count",
+        "10",
+        "--out",
+        str(tmp_path / "demo"),
+        "--no-progress",
+        "--json",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= scores["accuracy"] <= 1.0 and scores["frechet"] > 0

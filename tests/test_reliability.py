@@ -58,8 +58,10 @@ def run_dir(tmp_path_factory):
 # ------------------------------------------------------------------ files of the wrong kind
 
 
-@pytest.mark.parametrize("command", [["validate"], ["describe"], ["sample", "--out", "g.png"],
-                                     ["export", "--out", "m.onnx"]])
+@pytest.mark.parametrize(
+    "command",
+    [["validate"], ["describe"], ["sample", "--out", "g.png"], ["export", "--out", "m.onnx"]],
+)
 def test_a_pytorch_pt_points_to_ditkit_convert(tmp_path, capsys, command):
     torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
     code, err = cli(capsys, command[0], tmp_path / "model.pt", *command[1:])
@@ -67,11 +69,15 @@ def test_a_pytorch_pt_points_to_ditkit_convert(tmp_path, capsys, command):
 
 
 @pytest.mark.parametrize(
-    "payload", [b"\x00\x01\x02\xff" * 10, "d_model: caf\u00e9".encode("latin-1")])
+    "payload", [b"\x00\x01\x02\xff" * 10, "d_model: caf\u00e9".encode("latin-1")]
+)
 def test_binary_and_non_utf8_spec_and_experiment_files(tmp_path, capsys, payload):
     (tmp_path / "spec.yaml").write_bytes(payload)
-    for args in (["validate", tmp_path / "spec.yaml"], ["describe", tmp_path / "spec.yaml"],
-                 ["train", tmp_path / "spec.yaml", "--out", tmp_path / "run"]):
+    for args in (
+        ["validate", tmp_path / "spec.yaml"],
+        ["describe", tmp_path / "spec.yaml"],
+        ["train", tmp_path / "spec.yaml", "--out", tmp_path / "run"],
+    ):
         code, err = cli(capsys, *args)
         assert code == 2 and "not a text file" in err, (args, err)
     assert not (tmp_path / "run").exists()
@@ -105,9 +111,14 @@ def test_a_bf16_onnx_on_onnxruntime_cpu_says_which_runtimes_can_run_it(tmp_path,
     # a one-op bf16 graph: onnxruntime's CPU provider has no bf16 Gemm kernel
     node = helper.make_node("Gemm", ["a", "b"], ["y"])
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [2, 2]),
-                      helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])])
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.BFLOAT16, [2, 2]),
+            helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)])
     model.ir_version = 10
     onnx.save(model, tmp_path / "bf16.onnx")
@@ -118,16 +129,20 @@ def test_a_bf16_onnx_on_onnxruntime_cpu_says_which_runtimes_can_run_it(tmp_path,
 # ------------------------------------------------------------------ arguments
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--count", "0"], "--count 0"),                 # wrote 16 samples before
-    (["--count", "-3"], "--count -3"),
-    (["--cfg-scale", "nan", "--classes", "1"], "--cfg-scale nan: must be a finite number"),
-    (["--cfg-scale", "inf", "--classes", "1"], "--cfg-scale inf: must be a finite number"),
-    (["--steps", "100000000"], "steps 100000000"),   # 6 GB before
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--count", "0"], "--count 0"),  # wrote 16 samples before
+        (["--count", "-3"], "--count -3"),
+        (["--cfg-scale", "nan", "--classes", "1"], "--cfg-scale nan: must be a finite number"),
+        (["--cfg-scale", "inf", "--classes", "1"], "--cfg-scale inf: must be a finite number"),
+        (["--steps", "100000000"], "steps 100000000"),  # 6 GB before
+    ],
+)
 def test_sample_arguments_that_gave_garbage_are_refused(tmp_path, capsys, args, needle):
-    code, err = cli(capsys, "sample", TINY, "--out", tmp_path / "g.png", "--objective", "edm",
-                    *args)
+    code, err = cli(
+        capsys, "sample", TINY, "--out", tmp_path / "g.png", "--objective", "edm", *args
+    )
     assert code == 2 and needle in err, err
     assert not (tmp_path / "g.png").exists()
 
@@ -150,8 +165,16 @@ def test_fid_weights_that_are_a_pickle(tmp_path, capsys):
         (tmp_path / name).mkdir()
         for i in range(2):
             Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / name / f"{i}.png")
-    code, err = cli(capsys, "evaluate", "--real", tmp_path / "real", "--fake",
-                    tmp_path / "fake", "--fid-weights", tmp_path / "weights.pth")
+    code, err = cli(
+        capsys,
+        "evaluate",
+        "--real",
+        tmp_path / "real",
+        "--fake",
+        tmp_path / "fake",
+        "--fid-weights",
+        tmp_path / "weights.pth",
+    )
     assert code == 2 and "can be read safely" in err and "weights_only" in err
     assert not (tmp_path / "PWNED").exists()
 
@@ -166,15 +189,24 @@ def _exp(tmp_path, name="exp.yaml", **sections):
     return tmp_path / name
 
 
-@pytest.mark.parametrize("sections, needle", [
-    ({"precision": {"attention_backend": "nope"}}, "unknown attention backend"),
-    ({"preview": {"sampler": "nope"}}, "unknown sampler"),
-    ({"training": {"batch_size": 10**12}}, "training.batch_size"),  # 15 GB in 60 s before
-    ({"preview": {"every": 1, "count": 10**12}}, "preview.count"),
-])
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        ({"precision": {"attention_backend": "nope"}}, "unknown attention backend"),
+        ({"preview": {"sampler": "nope"}}, "unknown sampler"),
+        ({"training": {"batch_size": 10**12}}, "training.batch_size"),  # 15 GB in 60 s before
+        ({"preview": {"every": 1, "count": 10**12}}, "preview.count"),
+    ],
+)
 def test_train_setup_errors_exit_2_and_leave_no_run_folder(tmp_path, capsys, sections, needle):
-    code, err = cli(capsys, "train", _exp(tmp_path, **sections), "--out",
-                    tmp_path / "runs" / "r", "--no-progress")
+    code, err = cli(
+        capsys,
+        "train",
+        _exp(tmp_path, **sections),
+        "--out",
+        tmp_path / "runs" / "r",
+        "--no-progress",
+    )
     assert code == 2 and needle in err, err
     assert not (tmp_path / "runs").exists()
 
@@ -191,8 +223,7 @@ def test_resume_on_an_empty_folder_and_out_onto_an_existing_run_exit_2(tmp_path,
 
 def test_resume_with_another_experiment_is_refused_unless_intended(tmp_path, capsys):
     exp = _exp(tmp_path)
-    other = _exp(tmp_path, "other.yaml", training={"batch_size": 32},
-                 optimizer={"lr": 1e-3})
+    other = _exp(tmp_path, "other.yaml", training={"batch_size": 32}, optimizer={"lr": 1e-3})
     run = tmp_path / "r"
     assert cli(capsys, "train", exp, "--out", run, "--no-progress")[0] == 0
     before = (run / "experiment.yaml").read_text()
@@ -200,14 +231,28 @@ def test_resume_with_another_experiment_is_refused_unless_intended(tmp_path, cap
     assert code == 2 and "training.batch_size: 16 -> 32" in err and "optimizer.lr" in err
     assert (run / "experiment.yaml").read_text() == before  # not overwritten
     # total steps and cadences may change, and are recorded
-    assert cli(capsys, "train", exp, "--out", run, "--resume", "--steps", "4",
-               "--no-progress")[0] == 0
+    assert (
+        cli(capsys, "train", exp, "--out", run, "--resume", "--steps", "4", "--no-progress")[0] == 0
+    )
     record = json.loads((run / "resume-changes.json").read_text())["resumes"]
     assert record[-1]["step"] == 2
     assert record[-1]["changes"] == {"training.steps": {"old": 2, "new": 4, "allowed": True}}
     # an intended change, recorded with what it was
-    assert cli(capsys, "train", other, "--out", run, "--resume", "--steps", "6",
-               "--allow-changes", "--no-progress")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "train",
+            other,
+            "--out",
+            run,
+            "--resume",
+            "--steps",
+            "6",
+            "--allow-changes",
+            "--no-progress",
+        )[0]
+        == 0
+    )
     changes = json.loads((run / "resume-changes.json").read_text())["resumes"][-1]["changes"]
     assert changes["training.batch_size"] == {"old": 16, "new": 32, "allowed": False}
     assert changes["optimizer.lr"]["new"] == 1e-3
@@ -237,8 +282,16 @@ def test_shards_checks_every_image(tmp_path, capsys):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(src / f"{i}.png")
     good = (src / "0.png").read_bytes()
     (src / "9.png").write_bytes(good[: len(good) // 2])  # truncated: PIL fails on decode
-    code, err = cli(capsys, "shards", tmp_path / "images", "--out", tmp_path / "shards",
-                    "--shard-size", "2", "--no-progress")
+    code, err = cli(
+        capsys,
+        "shards",
+        tmp_path / "images",
+        "--out",
+        tmp_path / "shards",
+        "--shard-size",
+        "2",
+        "--no-progress",
+    )
     assert code == 2 and "9.png" in err and "not a readable image" in err
     assert not list((tmp_path / "shards").glob("*.tar"))  # no half dataset
 
@@ -246,8 +299,9 @@ def test_shards_checks_every_image(tmp_path, capsys):
 # ------------------------------------------------------------------ the environment
 
 
-def test_disk_full_while_writing_a_checkpoint_exits_1_and_keeps_earlier_ones(tmp_path, capsys,
-                                                                              monkeypatch):
+def test_disk_full_while_writing_a_checkpoint_exits_1_and_keeps_earlier_ones(
+    tmp_path, capsys, monkeypatch
+):
     from safetensors import SafetensorError
 
     exp = _exp(tmp_path, training={"steps": 4}, checkpoint={"every": 2})
@@ -260,8 +314,10 @@ def test_disk_full_while_writing_a_checkpoint_exits_1_and_keeps_earlier_ones(tmp
     def full(tensors, path, metadata=None):
         calls["n"] += 1
         if calls["n"] > 3:  # the first checkpoint (model, EMA, state) goes through
-            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
-                                  'StorageFull, message: "No space left on device" })')
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: "
+                'StorageFull, message: "No space left on device" })'
+            )
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(st, "save_file", full)
@@ -273,8 +329,9 @@ def test_disk_full_while_writing_a_checkpoint_exits_1_and_keeps_earlier_ones(tmp
     C.read_state(run / "checkpoints" / "step-000002")  # complete and readable
 
 
-@pytest.mark.parametrize("code_, reason", [(errno.EROFS, "read-only"),
-                                           (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code_, reason", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied")]
+)
 def test_read_only_or_unwritable_output_exits_1(tmp_path, capsys, monkeypatch, code_, reason):
     import tempfile
 
@@ -283,8 +340,20 @@ def test_read_only_or_unwritable_output_exits_1(tmp_path, capsys, monkeypatch, c
 
     (tmp_path / "g.png").write_bytes(b"earlier")
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    code, err = cli(capsys, "sample", TINY, "--out", tmp_path / "g.png", "--steps", "1",
-                    "--count", "1", "--objective", "edm", "--no-progress")
+    code, err = cli(
+        capsys,
+        "sample",
+        TINY,
+        "--out",
+        tmp_path / "g.png",
+        "--steps",
+        "1",
+        "--count",
+        "1",
+        "--objective",
+        "edm",
+        "--no-progress",
+    )
     assert code == 1 and reason in err and "untouched" in err and err.count("\n") == 1
     assert (tmp_path / "g.png").read_bytes() == b"earlier"
 
@@ -321,15 +390,24 @@ def test_written_files_honour_the_umask(tmp_path):
 def test_a_run_folder_is_readable_by_the_group(tmp_path):
     old = os.umask(0o022)
     try:
-        train(tiny_experiment(steps=2, checkpoint={"every": 2},
-                              preview={"every": 2, "count": 2, "steps": 1}),
-              tmp_path / "run", progress=False)
+        train(
+            tiny_experiment(
+                steps=2, checkpoint={"every": 2}, preview={"every": 2, "count": 2, "steps": 1}
+            ),
+            tmp_path / "run",
+            progress=False,
+        )
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in files}
-    assert {"run/scalars.csv", "run/summary.json", "run/previews/step-000002.png",
-            "run/loss.png", "run/checkpoints/step-000002/ema.safetensors"} <= set(modes)
+    assert {
+        "run/scalars.csv",
+        "run/summary.json",
+        "run/previews/step-000002.png",
+        "run/loss.png",
+        "run/checkpoints/step-000002/ema.safetensors",
+    } <= set(modes)
     wrong = {k: oct(m) for k, m in modes.items() if m != 0o644}
     assert not wrong, wrong
 
@@ -357,16 +435,31 @@ def test_no_size_limits_flag_lifts_the_limits(tmp_path, capsys, monkeypatch):
     assert cli(capsys, "validate", tmp_path / "big.yaml", "--no-size-limits")[0] == 0
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--sigma-min", "-1"], "--sigma-min -1.0: use a positive, finite noise level"),
-    (["--sigma-max", "nan"], "--sigma-max nan: use a positive, finite noise level"),
-    (["--sigma-min", "5", "--sigma-max", "1"], "--sigma-min 5.0: must be below --sigma-max 1.0"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--sigma-min", "-1"], "--sigma-min -1.0: use a positive, finite noise level"),
+        (["--sigma-max", "nan"], "--sigma-max nan: use a positive, finite noise level"),
+        (
+            ["--sigma-min", "5", "--sigma-max", "1"],
+            "--sigma-min 5.0: must be below --sigma-max 1.0",
+        ),
+    ],
+)
 def test_sample_sigma_range_flags_are_checked_by_name(args, says, capsys, tmp_path):
     from ditkit.cli import main
 
-    rc = main(["sample", "examples/tiny/tiny-dit.yaml", *args, "--steps", "2",
-               "--out", str(tmp_path / "g.png")])
+    rc = main(
+        [
+            "sample",
+            "examples/tiny/tiny-dit.yaml",
+            *args,
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
     assert rc == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
@@ -392,23 +485,45 @@ TINY_EXP = ROOT / "examples" / "experiments" / "demo-digits.yaml"
 def _train_args(tmp_path: Path, out: Path) -> list:
     exp = tmp_path / "exp.yaml"
     if not exp.exists():
-        exp.write_text(yaml.safe_dump(tiny_experiment_data(
-            "edm", 2, checkpoint={"every": 2}, preview={"every": 2, "count": 2, "steps": 1})))
+        exp.write_text(
+            yaml.safe_dump(
+                tiny_experiment_data(
+                    "edm", 2, checkpoint={"every": 2}, preview={"every": 2, "count": 2, "steps": 1}
+                )
+            )
+        )
     return ["train", exp, "--out", out, "--no-progress"]
 
 
 # (command, option) -> arguments writing to OUT (a file or folder path)
 WRITERS = {
     ("describe", "--diagram"): lambda t, out: ["describe", TINY, "--diagram", out],
-    ("diff", "--diagram"): lambda t, out: ["diff", TINY, ROOT / "examples/tiny/tiny-dit.yaml",
-                                           "--diagram", out],
+    ("diff", "--diagram"): lambda t, out: [
+        "diff",
+        TINY,
+        ROOT / "examples/tiny/tiny-dit.yaml",
+        "--diagram",
+        out,
+    ],
     ("schema", "--out"): lambda t, out: ["schema", "--out", out],
-    ("sample", "--out"): lambda t, out: ["sample", TINY, "--out", out, "--objective", "edm",
-                                         "--steps", "1", "--count", "2", "--no-progress"],
+    ("sample", "--out"): lambda t, out: [
+        "sample",
+        TINY,
+        "--out",
+        out,
+        "--objective",
+        "edm",
+        "--steps",
+        "1",
+        "--count",
+        "2",
+        "--no-progress",
+    ],
     ("train", "--out"): _train_args,
 }
 NOT_EXERCISED = {  # every one of these writes through ditkit.files.atomic_path
-    ("demo", "--out"): "a full demo run (minutes)", ("demo", "--samples"): "as demo --out",
+    ("demo", "--out"): "a full demo run (minutes)",
+    ("demo", "--samples"): "as demo --out",
     ("convert", "--out"): "needs a foreign checkpoint; _atomic_save / atomic_path",
     ("sample", "--npz"): "npz parts and settings through atomic_path (tests/runtime/test_npz)",
     ("export", "--out"): "onnx export (tens of seconds); graph_io writes through atomic_path",
@@ -416,7 +531,7 @@ NOT_EXERCISED = {  # every one of these writes through ditkit.files.atomic_path
     ("encode", "--out"): "needs an autoencoder folder; shards through atomic_path",
     ("shards", "--out"): "needs an image folder; write_shard through atomic_path",
     ("extrapolate", "--out"): "a report of many samples (minutes); results/report/plots "
-                              "through atomic_path",
+    "through atomic_path",
     ("extrapolate", "--samples"): "as extrapolate --out",
 }
 
@@ -426,10 +541,16 @@ def test_every_output_option_is_in_the_symlink_battery():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    found = {(name, opt) for name, p in sub.choices.items() for a in p._actions
-             for opt in a.option_strings if opt in OUTPUT_OPTIONS}
+    found = {
+        (name, opt)
+        for name, p in sub.choices.items()
+        for a in p._actions
+        for opt in a.option_strings
+        if opt in OUTPUT_OPTIONS
+    }
     assert found == set(WRITERS) | set(NOT_EXERCISED), (
-        f"new output options: {found - set(WRITERS) - set(NOT_EXERCISED)}; add them to WRITERS")
+        f"new output options: {found - set(WRITERS) - set(NOT_EXERCISED)}; add them to WRITERS"
+    )
 
 
 def _files(root: Path) -> list[Path]:
@@ -443,8 +564,13 @@ def test_no_write_follows_a_planted_symlink(tmp_path, capsys, case):
     (``.NAME.tmp``): every link target is untouched, every output a regular file."""
     pytest.importorskip("matplotlib")
     make = WRITERS[case]
-    suffix = ".svg" if case[1] == "--diagram" else ".png" if case[0] == "sample" else (
-        ".json" if case[0] == "schema" else "")
+    suffix = (
+        ".svg"
+        if case[1] == "--diagram"
+        else ".png"
+        if case[0] == "sample"
+        else (".json" if case[0] == "schema" else "")
+    )
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     code, err = cli(capsys, *make(tmp_path, first / f"out{suffix}"))
@@ -509,6 +635,7 @@ def fifo(tmp_path):
         path = tmp_path / name
         os.mkfifo(path)
         return path
+
     return make
 
 
@@ -543,8 +670,12 @@ def test_an_experiments_model_that_is_a_named_pipe(tmp_path, capsys, fifo, comma
     data["model"] = "model.yaml"
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
     with NoHang():
-        code, err = cli(capsys, command, tmp_path / "exp.yaml", *(
-            ["--out", tmp_path / "run"] if command == "train" else []))
+        code, err = cli(
+            capsys,
+            command,
+            tmp_path / "exp.yaml",
+            *(["--out", tmp_path / "run"] if command == "train" else []),
+        )
     assert code == 2 and "model" in err and "named pipe" in err, err
     assert not (tmp_path / "run").exists()
 

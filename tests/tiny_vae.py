@@ -9,14 +9,23 @@ import pytest
 
 
 def save_tiny_vae(folder: Path, seed: int = 0, scaling_factor: float = 0.5) -> Path:
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed "
-                                    "(pip install 'ditkit[vae]')")
+    diffusers = pytest.importorskip(
+        "diffusers", reason="diffusers is not installed (pip install 'ditkit[vae]')"
+    )
     import torch
 
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor)
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+    )
     vae.save_pretrained(str(folder))
     return folder

@@ -24,14 +24,19 @@ def write(path: str) -> None:
     from ditkit.training.objectives import DiffusionLoss
 
     torch.manual_seed(0)
-    dit = build(S.load("examples/tiny/tiny-dit.yaml")).eval()          # learned sigma, sinusoidal
+    dit = build(S.load("examples/tiny/tiny-dit.yaml")).eval()  # learned sigma, sinusoidal
     hdit = build(S.load("examples/tiny/tiny-hdit-neighborhood.yaml")).eval()  # fourier
 
     OBJS = {
         "edm": (S.EDMObjective(), hdit),
         "edm_cos": (
-            S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma(sigma_min=0.01, sigma_max=160),
-                           weighting="soft_min_snr", gamma=4.0), hdit),
+            S.EDMObjective(
+                sigma_sampling=S.CosineInterpolatedSigma(sigma_min=0.01, sigma_max=160),
+                weighting="soft_min_snr",
+                gamma=4.0,
+            ),
+            hdit,
+        ),
         "edm_range": (S.EDMObjective(sigma_min=0.01, sigma_max=50.0, weighting="min_snr"), hdit),
         "edm_snr": (S.EDMObjective(weighting="snr", sigma_data=0.7), hdit),
         "ddpm": (S.DDPMObjective(), dit),
@@ -71,8 +76,9 @@ def write(path: str) -> None:
         d = Denoiser(model, obj)
         for smp in SAMPLERS:
             with torch.no_grad():
-                out[f"{name}.sample.{smp}"] = sample(d, (2, C, *R), steps=4, sampler=smp, seed=3,
-                                                     class_labels=labels, cfg_scale=1.5)
+                out[f"{name}.sample.{smp}"] = sample(
+                    d, (2, C, *R), steps=4, sampler=smp, seed=3, class_labels=labels, cfg_scale=1.5
+                )
         # training
         loss = DiffusionLoss(obj, spec)
         x0 = torch.randn(3, C, *R, generator=g).clamp(-1, 1)
@@ -86,8 +92,9 @@ def write(path: str) -> None:
             out[f"{name}.loss.{dt}"] = val.detach()
             for k, v in extras.items():
                 out[f"{name}.extra.{k}.{dt}"] = torch.tensor(v, dtype=torch.float64)
-            out[f"{name}.grad.{dt}"] = torch.cat([p.grad.flatten() for p in model.parameters()
-                                                  if p.grad is not None])
+            out[f"{name}.grad.{dt}"] = torch.cat(
+                [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+            )
             gen = torch.Generator().manual_seed(6)
             noise, level = loss.draw(x0.to(dt), gen)
             out[f"{name}.draw.noise.{dt}"], out[f"{name}.draw.level.{dt}"] = noise, level
@@ -99,8 +106,14 @@ def write(path: str) -> None:
 
 def compare(a_path: str, b_path: str) -> int:
     a, b = torch.load(a_path), torch.load(b_path)
-    bad = [k for k in a if k not in b or a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
-           or not torch.equal(a[k], b[k])]
+    bad = [
+        k
+        for k in a
+        if k not in b
+        or a[k].dtype != b[k].dtype
+        or a[k].shape != b[k].shape
+        or not torch.equal(a[k], b[k])
+    ]
     print(f"{len(a)} compared, {len(bad)} differ, {len(set(b) - set(a))} new")
     for k in bad[:40]:
         print("DIFF", k)

@@ -10,8 +10,10 @@ from ditkit import spec as S
 from ditkit.spec.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("# yaml-language-server: $schema=../../ditkit.schema.json\n"
-          "# Generated from ditkit.spec.presets ({fn}); tests check the two stay equal.\n")
+HEADER = (
+    "# yaml-language-server: $schema=../../ditkit.schema.json\n"
+    "# Generated from ditkit.spec.presets ({fn}); tests check the two stay equal.\n"
+)
 
 
 def preset_path(name: str) -> Path:

@@ -74,22 +74,33 @@ def describe(spec: S.ModelSpec, resolution: tuple[int, int] | None = None) -> Re
             for blk in spec.stack(i, which):
                 kinds.append(attention_text(blk.attention).column)
                 heads.append(
-                    "-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head))
-        levels.append(LevelReport(
-            index=i, grid=grids[i], d_model=lvl.d_model, heads="/".join(dict.fromkeys(heads)),
-            blocks=(f"{blocks['middle']}" if i == len(spec.levels) - 1
-                    else f"{blocks['encoder']}+{blocks['decoder']}"),
-            attention=", ".join(dict.fromkeys(kinds)),
-            params=params, gmacs=(macs.get(f"levels.{i}", 0) + attn.get(f"levels.{i}", 0)) / 1e9))
+                    "-" if blk.attention.kind == "none" else str(lvl.d_model // blk.d_head)
+                )
+        levels.append(
+            LevelReport(
+                index=i,
+                grid=grids[i],
+                d_model=lvl.d_model,
+                heads="/".join(dict.fromkeys(heads)),
+                blocks=(
+                    f"{blocks['middle']}"
+                    if i == len(spec.levels) - 1
+                    else f"{blocks['encoder']}+{blocks['decoder']}"
+                ),
+                attention=", ".join(dict.fromkeys(kinds)),
+                params=params,
+                gmacs=(macs.get(f"levels.{i}", 0) + attn.get(f"levels.{i}", 0)) / 1e9,
+            )
+        )
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     level_params = sum(lv.params for lv in levels)
     level_macs = sum(lv.gmacs for lv in levels)
     total = (macs["total"] + total_attn) / 1e9
-    other = {"embed, conditioning, head": {"params": params - level_params,
-                                            "gmacs": total - level_macs}}
-    return Report(spec.name, resolution, params, trainable, total, total_attn / 1e9, levels,
-                  other)
+    other = {
+        "embed, conditioning, head": {"params": params - level_params, "gmacs": total - level_macs}
+    }
+    return Report(spec.name, resolution, params, trainable, total, total_attn / 1e9, levels, other)
 
 
 def _fmt_params(n: int) -> str:
@@ -99,32 +110,52 @@ def _fmt_params(n: int) -> str:
 def format_report(report: Report, spec: S.ModelSpec) -> str:
     """The per-level table that ``ditkit describe`` prints."""
     h, w = report.resolution
-    space = (f"latent {spec.input.channels}ch, image {h * spec.input.latent_factor}x"
-             f"{w * spec.input.latent_factor}" if spec.input.space == "latent"
-             else f"pixel {spec.input.channels}ch")
+    space = (
+        f"latent {spec.input.channels}ch, image {h * spec.input.latent_factor}x"
+        f"{w * spec.input.latent_factor}"
+        if spec.input.space == "latent"
+        else f"pixel {spec.input.channels}ch"
+    )
     rows = [("level", "tokens", "d_model", "heads", "blocks", "attention", "params", "GMACs")]
     for lv in report.levels:
-        rows.append((str(lv.index), f"{lv.grid[0]}x{lv.grid[1]}", str(lv.d_model), lv.heads,
-                     lv.blocks, lv.attention, _fmt_params(lv.params), f"{lv.gmacs:.2f}"))
+        rows.append(
+            (
+                str(lv.index),
+                f"{lv.grid[0]}x{lv.grid[1]}",
+                str(lv.d_model),
+                lv.heads,
+                lv.blocks,
+                lv.attention,
+                _fmt_params(lv.params),
+                f"{lv.gmacs:.2f}",
+            )
+        )
     for name, vals in report.other.items():
-        rows.append(("-", "", "", "", "", name, _fmt_params(vals["params"]),
-                     f"{vals['gmacs']:.2f}"))
+        rows.append(
+            ("-", "", "", "", "", name, _fmt_params(vals["params"]), f"{vals['gmacs']:.2f}")
+        )
     rows.append(("total", "", "", "", "", "", _fmt_params(report.params), f"{report.gmacs:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{report.name} at {h}x{w} ({space})"]
     for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(widths[i]) if i < 6 else c.rjust(widths[i])
-                               for i, c in enumerate(r)).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(widths[i]) if i < 6 else c.rjust(widths[i]) for i, c in enumerate(r)
+            ).rstrip()
+        )
         if k == 0 or k == len(rows) - 2:
             lines.append("  ".join("-" * wd for wd in widths))
-    lines.append(f"params {report.params:,} ({report.trainable:,} trainable); "
-                 f"attention QK^T+AV {report.attention_gmacs:.2f} GMACs")
+    lines.append(
+        f"params {report.params:,} ({report.trainable:,} trainable); "
+        f"attention QK^T+AV {report.attention_gmacs:.2f} GMACs"
+    )
     lines.append("GMACs: forward multiply-adds at batch 1, the DiT paper's 'GFLOPs' convention")
     return "\n".join(lines)
 
 
-def count_macs(model: DiffusionTransformer,
-               resolution: tuple[int, int]) -> tuple[dict[str, float], dict[str, float]]:
+def count_macs(
+    model: DiffusionTransformer, resolution: tuple[int, int]
+) -> tuple[dict[str, float], dict[str, float]]:
     """Forward multiply-adds at batch 1 on meta tensors.
 
     Returns ``(linear_macs, attention_macs)``: the first keyed by ``total`` and ``levels.i``

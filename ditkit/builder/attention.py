@@ -21,9 +21,16 @@ from ditkit.errors import UserError
 from . import kernels
 from .init import zero_linear_
 from .norm import Norm, make_norm
-from .position import (apply_rope, dynamic_rope_frequencies, dynamic_yarn_temperature,
-                       grid_positions, ramp_weights, rope_angles, rope_frequencies,
-                       scaled_rope_frequencies)
+from .position import (
+    apply_rope,
+    dynamic_rope_frequencies,
+    dynamic_yarn_temperature,
+    grid_positions,
+    ramp_weights,
+    rope_angles,
+    rope_frequencies,
+    scaled_rope_frequencies,
+)
 from .tags import NO_DECAY, tag
 from .transitions import group, ungroup
 
@@ -69,22 +76,26 @@ class QKRope(nn.Module):
         ax = r if isinstance(r, S.AxialRope) and rotated else None  # None: no rotated channels
         self._rope_args: tuple[int, int, str, float, float, float] | None = (
             (n_heads, rotated, ax.frequencies, ax.freq_min, ax.freq_max, ax.base)
-            if ax is not None else None)
+            if ax is not None
+            else None
+        )
         self.rope_positions = ax.positions if ax is not None else "normalized"
-        self.rope_position_scale = (tuple(float(v) for v in ax.position_scale)
-                                    if ax is not None else (1.0, 1.0))
+        self.rope_position_scale = (
+            tuple(float(v) for v in ax.position_scale) if ax is not None else (1.0, 1.0)
+        )
         self.rope_scaling: S.NtkScaling | S.YarnScaling | None = (
-            ax.scaling if ax is not None and not isinstance(ax.scaling, S.NoRopeScaling)
-            else None)
-        self.rope_dynamic = (self.rope_scaling is not None
-                             and self.rope_scaling.time_exponent is not None)
-        self.register_buffer("rope_freqs",
-                             rope_frequencies(*self._rope_args)
-                             if self._rope_args is not None else None,
-                             persistent=False)
+            ax.scaling if ax is not None and not isinstance(ax.scaling, S.NoRopeScaling) else None
+        )
+        self.rope_dynamic = (
+            self.rope_scaling is not None and self.rope_scaling.time_exponent is not None
+        )
+        self.register_buffer(
+            "rope_freqs",
+            rope_frequencies(*self._rope_args) if self._rope_args is not None else None,
+            persistent=False,
+        )
         # (2, heads, r/4) row and column frequencies under the policy's rescaling (NTK / YaRN)
-        self.register_buffer("rope_freqs_scaled", self._scaled(self.rope_freqs),
-                             persistent=False)
+        self.register_buffer("rope_freqs_scaled", self._scaled(self.rope_freqs), persistent=False)
 
     def _scaled(self, freqs: torch.Tensor | None) -> torch.Tensor | None:
         """Static scaling: the rescaled (row, col) frequencies; noise-dependent: the per
@@ -107,8 +118,9 @@ class QKRope(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
-    def _rope(self, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int,
-              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(
+        self, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE); ``noise``: the
         samples' noise fractions ``(B,)``, read by noise-dependent scaling only."""
         if self.rope_freqs is None:
@@ -118,13 +130,16 @@ class QKRope(nn.Module):
             pos = pos * pos.new_tensor(self.rope_position_scale)
         if self.rope_dynamic:
             if noise is None:
-                raise UserError("noise-dependent RoPE scaling (time_exponent) needs the noise "
-                                "level: a sigma (noise: fourier) or flow-time (noise: fno) "
-                                "input; drop time_exponent for this model")
+                raise UserError(
+                    "noise-dependent RoPE scaling (time_exponent) needs the noise "
+                    "level: a sigma (noise: fourier) or flow-time (noise: fno) "
+                    "input; drop time_exponent for this model"
+                )
             # dynamic: a scaling with time_exponent, its ramp weights in rope_freqs_scaled
             assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
-            fr = dynamic_rope_frequencies(self.rope_freqs.float(), self.rope_freqs_scaled.float(),
-                                          self.rope_scaling, noise)  # (2, B, heads, r/4)
+            fr = dynamic_rope_frequencies(
+                self.rope_freqs.float(), self.rope_freqs_scaled.float(), self.rope_scaling, noise
+            )  # (2, B, heads, r/4)
             th = pos[None, None, :, :, 0:1] * fr[0][:, :, None, None, :]
             tw = pos[None, None, :, :, 1:2] * fr[1][:, :, None, None, :]
             theta = torch.cat([th, tw], dim=-1)  # (B, heads, H, W, r/2)
@@ -134,8 +149,9 @@ class QKRope(nn.Module):
                 q = q * temp.to(q.dtype)[:, None, None, None, None]
             return q, k
         if self.rope_freqs_scaled is not None:  # (heads, H, W, r/2)
-            theta = rope_angles(self.rope_freqs_scaled[0].float(), pos,
-                                self.rope_freqs_scaled[1].float())
+            theta = rope_angles(
+                self.rope_freqs_scaled[0].float(), pos, self.rope_freqs_scaled[1].float()
+            )
         else:
             theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
         return apply_rope(q, theta), apply_rope(k, theta)
@@ -146,10 +162,14 @@ class DotLogits(nn.Module):
 
     def __init__(self, d_head: int, factor: float = 1.0):
         super().__init__()
-        self.factor = d_head ** -0.5 * factor
+        self.factor = d_head**-0.5 * factor
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor | None,
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        gain: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         return q, k, self.factor
 
 
@@ -163,8 +183,12 @@ class CosineLogits(nn.Module):
         super().__init__()
         self.eps, self.factor = eps, factor
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, gain: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        gain: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:  # (B, heads, H, W, D) each
         dtype = torch.promote_types(q.dtype, torch.float32)
         s = gain.to(dtype).sqrt()[:, None, None, None]  # (heads, 1, 1, 1)
         qf, kf = q.to(dtype), k.to(dtype)
@@ -190,8 +214,11 @@ class Attention(QKRope):
         self.d_head, self.n_heads = d_head, d_model // d_head
         lg = cfg.logits
         cosine = isinstance(lg, S.CosineLogits)
-        self.logits = (CosineLogits(lg.eps, lg.factor) if isinstance(lg, S.CosineLogits)
-                       else DotLogits(d_head, lg.factor))
+        self.logits = (
+            CosineLogits(lg.eps, lg.factor)
+            if isinstance(lg, S.CosineLogits)
+            else DotLogits(d_head, lg.factor)
+        )
         self.scale_init = lg.scale_init if isinstance(lg, S.CosineLogits) else 10.0
         self.zero_init_out = cfg.zero_init_out
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=cfg.bias)
@@ -220,8 +247,9 @@ class Attention(QKRope):
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
         return self.out(self.dropout(o))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: float) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """The kernel call of the pattern: ``(B, heads, H, W, D)`` q, k, v -> same."""
         raise NotImplementedError
 
@@ -242,8 +270,9 @@ class NeighborhoodAttention(Attention):
     """Each token attends to its ``kernel_size`` NATTEN neighborhood (with ``dilation``),
     through the backend ``kernels.use_backend`` selects."""
 
-    def __init__(self, cfg: AttentionConfig, kernel_size: tuple[int, int],
-                 dilation: tuple[int, int] = (1, 1)):
+    def __init__(
+        self, cfg: AttentionConfig, kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)
+    ):
         super().__init__(cfg)
         self.kernel_size, self.dilation = tuple(kernel_size), tuple(dilation)
 
@@ -262,8 +291,7 @@ class ShiftedWindowAttention(Attention):
         self.window_size, self.window_shift = window_size, window_shift
 
     def attend(self, q, k, v, scale):
-        return kernels.shifted_window_attention(q, k, v, self.window_size, self.window_shift,
-                                                scale)
+        return kernels.shifted_window_attention(q, k, v, self.window_size, self.window_shift, scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window_size}, shift={self.window_shift}"
@@ -303,10 +331,10 @@ class AggregateAttention(QKRope):
         b, hh, ww, _ = g.shape
         qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
-        q, k = self._rope(*self._norm_qk(q, k), hh, ww,
-                          ctx.noise if ctx is not None else None)
-        o = kernels.global_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3),
-                                     self.d_head ** -0.5 * self.logit_factor)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww, ctx.noise if ctx is not None else None)
+        o = kernels.global_attention(
+            q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), self.d_head**-0.5 * self.logit_factor
+        )
         o = o.view(b, self.n_heads, hh, ww, self.d_head).permute(0, 2, 3, 1, 4)
         o = self.out(self.dropout(o.reshape(b, hh, ww, -1)))  # (B, h, w, f^2 C)
         return ungroup(o, f, f)  # (B, H, W, C)
@@ -315,8 +343,7 @@ class AggregateAttention(QKRope):
         return f"factor={self.factor}, heads={self.n_heads}, d_head={self.d_head}"
 
 
-def build_attention(attention: S.Attention, cfg: AttentionConfig,
-                    index: int) -> nn.Module | None:
+def build_attention(attention: S.Attention, cfg: AttentionConfig, index: int) -> nn.Module | None:
     """The module of a block's ``attention`` (None: the block has no attention sub-layer).
     ``index``: the block's position in its level (shifted windows alternate with it)."""
     match attention:
@@ -330,6 +357,7 @@ def build_attention(attention: S.Attention, cfg: AttentionConfig,
             return NeighborhoodAttention(cfg, S.pair(k), S.pair(d))
         case S.ShiftedWindowAttention(window_size=w, shift=shift):
             return ShiftedWindowAttention(
-                cfg, w, w // 2 if shift == "alternate" and index % 2 else 0)
+                cfg, w, w // 2 if shift == "alternate" and index % 2 else 0
+            )
         case other:
             assert_never(other)

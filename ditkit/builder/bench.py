@@ -48,8 +48,10 @@ class Row:
 
 def _inputs(grid, batch, heads, d_head, device, grad):
     g = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.randn(batch, heads, grid, grid, d_head, generator=g).to(device)
-            .requires_grad_(grad) for _ in range(3)]
+    return [
+        torch.randn(batch, heads, grid, grid, d_head, generator=g).to(device).requires_grad_(grad)
+        for _ in range(3)
+    ]
 
 
 def _sync(device):
@@ -61,10 +63,11 @@ def _rss_peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _measure(backend, grid, kernel, batch, heads, d_head, device, repeats, max_seconds,
-             modes=MODES):
+def _measure(
+    backend, grid, kernel, batch, heads, d_head, device, repeats, max_seconds, modes=MODES
+):
     """Rows for ``modes`` of one backend at one grid, in this process."""
-    ks, dil, scale = (kernel, kernel), (1, 1), d_head ** -0.5
+    ks, dil, scale = (kernel, kernel), (1, 1), d_head**-0.5
     rows = []
     for mode in modes:
         grad = mode == "fwd+bwd"
@@ -86,7 +89,7 @@ def _measure(backend, grid, kernel, batch, heads, d_head, device, repeats, max_s
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             step()
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
             _warm_up(backend, kernel, batch, heads, d_head, grad)  # one-time allocations
             base = _rss_peak_mib()
@@ -99,8 +102,9 @@ def _measure(backend, grid, kernel, batch, heads, d_head, device, repeats, max_s
             times.append(time.perf_counter() - t0)
             if time.perf_counter() - start > max_seconds:
                 break
-        rows.append(Row(backend, grid, mode, 1000 * statistics.median(times), peak,
-                        f"{len(times)} runs"))
+        rows.append(
+            Row(backend, grid, mode, 1000 * statistics.median(times), peak, f"{len(times)} runs")
+        )
     return rows
 
 
@@ -119,13 +123,14 @@ def _estimate_gib(backend, grid, kernel, batch, heads, d_head) -> float:
     n = grid * grid
     per_head = batch * heads
     if backend in ("masked", "flex"):  # the n x n mask and 2-3 n x n score tensors per head
-        return (n * n * (1 + 12 * per_head)) / 2 ** 30
+        return (n * n * (1 + 12 * per_head)) / 2**30
     if backend == "tiled":  # tiles of 8x8 queries: (L/8)^2 copies of k, v; L^2 scores a query
         span = (8 + kernel - 1) ** 2
-        return (per_head * n * (3 * span / 64 * d_head + 2 * d_head + 3 * span) * 4
-                + n * span) / 2 ** 30
+        return (
+            per_head * n * (3 * span / 64 * d_head + 2 * d_head + 3 * span) * 4 + n * span
+        ) / 2**30
     k2 = kernel * kernel  # gather: q, k, v, their gradients, the flat int64 index; chunks
-    return (per_head * n * (8 * d_head * 4 + k2 * 8) + 4 * (64 << 20)) / 2 ** 30
+    return (per_head * n * (8 * d_head * 4 + k2 * 8) + 4 * (64 << 20)) / 2**30
 
 
 def _free_gib() -> float:
@@ -133,7 +138,7 @@ def _free_gib() -> float:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2 ** 20
+                    return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return 8.0
@@ -142,9 +147,18 @@ def _free_gib() -> float:
 def _worker(payload: str) -> None:
     """Subprocess entry (CPU): measure one (backend, grid, mode) and print its row as JSON."""
     args = json.loads(payload)
-    rows = _measure(args["backend"], args["grid"], args["kernel"], args["batch"], args["heads"],
-                    args["d_head"], torch.device("cpu"), args["repeats"], args["max_seconds"],
-                    modes=(args["mode"],))
+    rows = _measure(
+        args["backend"],
+        args["grid"],
+        args["kernel"],
+        args["batch"],
+        args["heads"],
+        args["d_head"],
+        torch.device("cpu"),
+        args["repeats"],
+        args["max_seconds"],
+        modes=(args["mode"],),
+    )
     print(json.dumps([asdict(r) for r in rows]))
 
 
@@ -152,11 +166,25 @@ def _measure_in_subprocess(backend, grid, kernel, batch, heads, d_head, repeats,
     """One fresh process per mode, so each mode's peak resident set is its own."""
     rows = []
     for mode in MODES:
-        payload = json.dumps(dict(backend=backend, grid=grid, kernel=kernel, batch=batch,
-                                  heads=heads, d_head=d_head, repeats=repeats,
-                                  max_seconds=max_seconds, mode=mode))
-        proc = subprocess.run([sys.executable, "-m", "ditkit.builder.bench", "--worker",
-                               payload], capture_output=True, text=True, env={**os.environ})
+        payload = json.dumps(
+            dict(
+                backend=backend,
+                grid=grid,
+                kernel=kernel,
+                batch=batch,
+                heads=heads,
+                d_head=d_head,
+                repeats=repeats,
+                max_seconds=max_seconds,
+                mode=mode,
+            )
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "ditkit.builder.bench", "--worker", payload],
+            capture_output=True,
+            text=True,
+            env={**os.environ},
+        )
         if proc.returncode != 0:
             why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             rows.append(Row(backend, grid, mode, note=f"failed: {why[:60]}"))
@@ -165,8 +193,19 @@ def _measure_in_subprocess(backend, grid, kernel, batch, heads, d_head, repeats,
     return rows
 
 
-def run(backends, grids, kernel=7, batch=1, heads=2, d_head=64, device=None, repeats=5,
-        max_seconds=20.0, memory_limit_gib=None, progress=True) -> list[Row]:
+def run(
+    backends,
+    grids,
+    kernel=7,
+    batch=1,
+    heads=2,
+    d_head=64,
+    device=None,
+    repeats=5,
+    max_seconds=20.0,
+    memory_limit_gib=None,
+    progress=True,
+) -> list[Row]:
     """Measure every (backend, grid); cases estimated above the memory limit are skipped."""
     from tqdm import tqdm
 
@@ -177,14 +216,18 @@ def run(backends, grids, kernel=7, batch=1, heads=2, d_head=64, device=None, rep
     for backend, grid in tqdm(cases, desc="bench attention", disable=not progress):
         need = _estimate_gib(backend, grid, kernel, batch, heads, d_head)
         if need > limit:
-            rows += [Row(backend, grid, m, note=f"skipped: needs ~{need:.0f} GiB > "
-                                                 f"{limit:.0f} GiB") for m in MODES]
+            rows += [
+                Row(backend, grid, m, note=f"skipped: needs ~{need:.0f} GiB > {limit:.0f} GiB")
+                for m in MODES
+            ]
         elif device.type == "cpu":
-            rows += _measure_in_subprocess(backend, grid, kernel, batch, heads, d_head, repeats,
-                                           max_seconds)
+            rows += _measure_in_subprocess(
+                backend, grid, kernel, batch, heads, d_head, repeats, max_seconds
+            )
         else:
-            rows += _measure(backend, grid, kernel, batch, heads, d_head, device, repeats,
-                             max_seconds)
+            rows += _measure(
+                backend, grid, kernel, batch, heads, d_head, device, repeats, max_seconds
+            )
     return rows
 
 
@@ -207,20 +250,42 @@ def format_table(rows: list[Row], device_name: str, kernel, heads, d_head, batch
     for b in backends:
         for g in grids:
             f, fb = by.get((b, g, "fwd")), by.get((b, g, "fwd+bwd"))
-            notes = sorted({r.note for r in (f, fb) if r is not None and r.note
-                            and not r.note.endswith("runs")})
-            table.append((b, f"{g}x{g}", cell(f, "ms"), cell(f, "mib"), cell(fb, "ms"),
-                          cell(fb, "mib"), "; ".join(notes)))
+            notes = sorted(
+                {
+                    r.note
+                    for r in (f, fb)
+                    if r is not None and r.note and not r.note.endswith("runs")
+                }
+            )
+            table.append(
+                (
+                    b,
+                    f"{g}x{g}",
+                    cell(f, "ms"),
+                    cell(f, "mib"),
+                    cell(fb, "ms"),
+                    cell(fb, "mib"),
+                    "; ".join(notes),
+                )
+            )
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = [f"neighborhood attention, kernel {kernel}x{kernel}, {heads} heads x {d_head} dims, "
-             f"batch {batch}, fp32 on {device_name}"]
+    lines = [
+        f"neighborhood attention, kernel {kernel}x{kernel}, {heads} heads x {d_head} dims, "
+        f"batch {batch}, fp32 on {device_name}"
+    ]
     for i, r in enumerate(table):
-        lines.append("  ".join(c.ljust(widths[j]) if j in (0, 1, 6) else c.rjust(widths[j])
-                               for j, c in enumerate(r)).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(widths[j]) if j in (0, 1, 6) else c.rjust(widths[j])
+                for j, c in enumerate(r)
+            ).rstrip()
+        )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("MiB: peak memory above the inputs (CUDA allocator peak; on CPU the peak "
-                 "resident set of a fresh process)")
+    lines.append(
+        "MiB: peak memory above the inputs (CUDA allocator peak; on CPU the peak "
+        "resident set of a fresh process)"
+    )
     lines += _summary(by, backends, grids)
     return "\n".join(lines)
 
@@ -240,13 +305,17 @@ def _summary(by, backends, grids) -> list[str]:
         for lo, hi in zip(grids, grids[1:]):
             r0, r1 = by.get((b, lo, "fwd+bwd")), by.get((b, hi, "fwd+bwd"))
             if r0 and r1 and r0.peak_mib and r1.peak_mib:
-                out.append(f"{b} fwd+bwd peak memory {lo}x{lo} -> {hi}x{hi}: "
-                           f"x{r1.peak_mib / r0.peak_mib:.2f} (tokens x{(hi / lo) ** 2:.0f})")
+                out.append(
+                    f"{b} fwd+bwd peak memory {lo}x{lo} -> {hi}x{hi}: "
+                    f"x{r1.peak_mib / r0.peak_mib:.2f} (tokens x{(hi / lo) ** 2:.0f})"
+                )
     return out
 
 
 if __name__ == "__main__":  # the per-case subprocess of run() on CPU
     if len(sys.argv) != 3 or sys.argv[1] != "--worker":
-        raise SystemExit("usage: python -m ditkit.builder.bench --worker JSON "
-                         "(internal; the command is `ditkit bench attention`)")
+        raise SystemExit(
+            "usage: python -m ditkit.builder.bench --worker JSON "
+            "(internal; the command is `ditkit bench attention`)"
+        )
     _worker(sys.argv[2])

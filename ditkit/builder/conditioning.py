@@ -27,13 +27,17 @@ from .norm import RMSNorm
 from .tags import MAPPING, tag_module
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0,
-                      shift: int = 0) -> torch.Tensor:
+def timestep_features(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: int = 0
+) -> torch.Tensor:
     """DiT's sinusoidal features, ``[cos(t f), sin(t f)]`` with ``f_k = max_period^(-k/half)``
     (``shift`` 1: ``-k/(half - 1)``, diffusers' ``downscale_freq_shift``)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
-                                                           device=t.device) / (half - shift))
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - shift)
+    )
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -48,8 +52,15 @@ class SinusoidalEmbed(nn.Module):
 
     gated = False
 
-    def __init__(self, width: int, frequency_dim: int = 256, max_period: float = 10000.0,
-                 scale: float = 1.0, extra_features: int = 0, frequency_shift: int = 0):
+    def __init__(
+        self,
+        width: int,
+        frequency_dim: int = 256,
+        max_period: float = 10000.0,
+        scale: float = 1.0,
+        extra_features: int = 0,
+        frequency_shift: int = 0,
+    ):
         super().__init__()
         self.frequency_dim, self.max_period, self.scale = frequency_dim, max_period, scale
         self.frequency_shift = frequency_shift
@@ -68,10 +79,12 @@ class SinusoidalEmbed(nn.Module):
         not know: none (noise-dependent RoPE scaling refuses these models)."""
         return None
 
-    def forward(self, t: torch.Tensor,
-                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
-        feats = timestep_features(t * self.scale, self.frequency_dim, self.max_period,
-                                  self.frequency_shift)
+    def forward(
+        self, t: torch.Tensor, extra: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:  # (B,) -> (B, width)
+        feats = timestep_features(
+            t * self.scale, self.frequency_dim, self.max_period, self.frequency_shift
+        )
         for e in extra:  # (B, features) per sinusoidal auxiliary input
             feats = torch.cat([feats, e.to(feats.dtype)], dim=-1)
         h = self.fc1(feats.to(self.fc1.weight.dtype))
@@ -89,8 +102,9 @@ class GatedSinusoidalEmbed(SinusoidalEmbed):
         return value * F.gelu(gate)
 
 
-def sinusoidal_features(x: torch.Tensor, features: int, freq_min: float,
-                        freq_max: float) -> torch.Tensor:
+def sinusoidal_features(
+    x: torch.Tensor, features: int, freq_min: float, freq_max: float
+) -> torch.Tensor:
     """(B, dims) -> (B, dims * features): ``[cos(x f_k), sin(x f_k)]`` per dim, ``f_k``
     geometric from ``freq_min`` to ``freq_max`` (``features / 2`` of them)."""
     half = features // 2
@@ -128,8 +142,9 @@ class FourierNoiseEmbed(FourierEmbed):
     def __init__(self, width: int, std: float = 1.0):
         super().__init__(1, width, std)
 
-    def forward(self, sigma: torch.Tensor,
-                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, width)
+    def forward(
+        self, sigma: torch.Tensor, extra: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:  # (B,) -> (B, width)
         return super().forward(torch.log(sigma)[:, None] / 4)
 
     def fraction(self, sigma: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,) in [0, 1)
@@ -150,7 +165,7 @@ class SpectralConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, N) -> (B, C, N)
         n = x.shape[-1]
-        xf = torch.fft.rfft(x.float(), dim=-1)[..., :self.modes]  # (B, C, modes)
+        xf = torch.fft.rfft(x.float(), dim=-1)[..., : self.modes]  # (B, C, modes)
         re, im = xf.real, xf.imag
         wr, wi = self.weights_real.float(), self.weights_imag.float()
         out_re = torch.einsum("bim,iom->bom", re, wr) - torch.einsum("bim,iom->bom", im, wi)
@@ -168,8 +183,9 @@ class FNOEmbed(nn.Module):
     (spectral conv + pointwise conv, GELU between) -> mean over the grid -> Linear(width,
     out)``."""
 
-    def __init__(self, out_width: int, points: int = 32, modes: int = 16, width: int = 32,
-                 depth: int = 3):
+    def __init__(
+        self, out_width: int, points: int = 32, modes: int = 16, width: int = 32, depth: int = 3
+    ):
         super().__init__()
         self.points = points
         self.lift = nn.Linear(1, width)
@@ -186,8 +202,9 @@ class FNOEmbed(nn.Module):
         """The noise fraction: the flow time itself (``time_scale`` 1 assumed), in [0, 1]."""
         return t.float().clamp(0.0, 1.0)
 
-    def forward(self, t: torch.Tensor,
-                extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # (B,) -> (B, out_width)
+    def forward(
+        self, t: torch.Tensor, extra: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:  # (B,) -> (B, out_width)
         grid = torch.linspace(-1, 1, self.points, device=t.device, dtype=torch.float32)
         grid = grid[None, :] + t.float()[:, None]  # (B, points)
         h = self.lift(grid[..., None].to(self.lift.weight.dtype)).transpose(1, 2)  # (B, W, N)
@@ -317,12 +334,20 @@ class Conditioning(nn.Module):
 
     class_embed: ClassVector | NoClasses  # typed here: nn.Module's __getattr__ is untyped
 
-    def __init__(self, width: int, noise: nn.Module, classes: S.Classes | None,
-                 class_embed: ClassVector | NoClasses, class_tokens: nn.Module,
-                 aux: nn.ModuleDict,
-                 aux_sinusoidal: dict[str, tuple[int, float, float]],
-                 aux_dims: dict[str, int], aux_dropout: dict[str, float],
-                 mapping: nn.Module | None, embedding_std: float):
+    def __init__(
+        self,
+        width: int,
+        noise: nn.Module,
+        classes: S.Classes | None,
+        class_embed: ClassVector | NoClasses,
+        class_tokens: nn.Module,
+        aux: nn.ModuleDict,
+        aux_sinusoidal: dict[str, tuple[int, float, float]],
+        aux_dims: dict[str, int],
+        aux_dropout: dict[str, float],
+        mapping: nn.Module | None,
+        embedding_std: float,
+    ):
         super().__init__()
         self.width, self.noise, self.embedding_std = width, noise, embedding_std
         self.classes = classes.count if classes else None
@@ -339,13 +364,19 @@ class Conditioning(nn.Module):
     def init_special(self) -> None:
         self.class_embed.reset(self.embedding_std)
 
-    def forward(self, noise_level: torch.Tensor, class_labels: torch.Tensor | None = None,
-                **aux: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        noise_level: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        **aux: torch.Tensor,
+    ) -> torch.Tensor:
         b = noise_level.shape[0]
         unknown = set(aux) - set(self.aux_names)
         if unknown:
-            raise ValueError(f"unknown conditioning input(s) {sorted(unknown)}; the spec's "
-                             f"conditioning.aux declares {self.aux_names or 'none'}")
+            raise ValueError(
+                f"unknown conditioning input(s) {sorted(unknown)}; the spec's "
+                f"conditioning.aux declares {self.aux_names or 'none'}"
+            )
         values = {}
         for name in self.aux_names:
             value = aux.get(name)
@@ -364,8 +395,9 @@ class Conditioning(nn.Module):
             emb = emb + embed(values[name].to(emb.dtype))
         return self.mapping(emb) if self.mapping is not None else emb
 
-    def labels(self, class_labels: torch.Tensor | None, b: int,
-               device: torch.device) -> torch.Tensor | None:
+    def labels(
+        self, class_labels: torch.Tensor | None, b: int, device: torch.device
+    ) -> torch.Tensor | None:
         """The labels to use: the given ones, or the null class when omitted."""
         if not self.classes:
             if class_labels is not None:
@@ -381,16 +413,19 @@ class Conditioning(nn.Module):
 def build_noise(cond: S.Conditioning, width: int) -> nn.Module:
     """The module of ``conditioning.noise``."""
     match cond.noise:
-        case S.SinusoidalNoise(frequency_dim=fd, max_period=mp, scale=sc, activation=act,
-                               frequency_shift=shift):
+        case S.SinusoidalNoise(
+            frequency_dim=fd, max_period=mp, scale=sc, activation=act, frequency_shift=shift
+        ):
             extra = sum(a.dims * a.features for a in cond.aux if a.embed == "sinusoidal")
             match act:
                 case "silu":
-                    return SinusoidalEmbed(width, fd, mp, sc, extra_features=extra,
-                                           frequency_shift=shift)
+                    return SinusoidalEmbed(
+                        width, fd, mp, sc, extra_features=extra, frequency_shift=shift
+                    )
                 case "geglu":
-                    return GatedSinusoidalEmbed(width, fd, mp, sc, extra_features=extra,
-                                                frequency_shift=shift)
+                    return GatedSinusoidalEmbed(
+                        width, fd, mp, sc, extra_features=extra, frequency_shift=shift
+                    )
                 case other:
                     assert_never(other)
         case S.FourierNoise(std=std):
@@ -409,8 +444,11 @@ def build_conditioning(spec: S.ModelSpec) -> Conditioning:
     noise = build_noise(cond, cw)
     classes = cond.classes
     inject = classes.inject if classes is not None else None
-    class_tokens = (ClassTokens(classes, spec.levels[0].d_model, spec.init.embedding_std)
-                    if inject == "prefix" and classes is not None else NoClassTokens())
+    class_tokens = (
+        ClassTokens(classes, spec.levels[0].d_model, spec.init.embedding_std)
+        if inject == "prefix" and classes is not None
+        else NoClassTokens()
+    )
     match inject:
         case "vector":
             assert classes is not None  # inject comes from it
@@ -422,16 +460,28 @@ def build_conditioning(spec: S.ModelSpec) -> Conditioning:
             class_embed = NoClasses()
         case other:
             assert_never(other)
-    aux = nn.ModuleDict({a.name: FourierEmbed(a.dims, cw, a.std) for a in cond.aux
-                         if a.embed == "fourier"})
+    aux = nn.ModuleDict(
+        {a.name: FourierEmbed(a.dims, cw, a.std) for a in cond.aux if a.embed == "fourier"}
+    )
     mapping = None
     if cond.mapping is not None:
-        mapping = MappingNetwork(cw, cond.mapping.depth, int(round(cond.mapping.ratio * cw)),
-                                 cond.mapping.dropout)
+        mapping = MappingNetwork(
+            cw, cond.mapping.depth, int(round(cond.mapping.ratio * cw)), cond.mapping.dropout
+        )
     return Conditioning(
-        cw, noise, classes, class_embed, class_tokens, aux,
-        aux_sinusoidal={a.name: (a.features, a.freq_min, a.freq_max) for a in cond.aux
-                        if a.embed == "sinusoidal"},
+        cw,
+        noise,
+        classes,
+        class_embed,
+        class_tokens,
+        aux,
+        aux_sinusoidal={
+            a.name: (a.features, a.freq_min, a.freq_max)
+            for a in cond.aux
+            if a.embed == "sinusoidal"
+        },
         aux_dims={a.name: a.dims for a in cond.aux},
         aux_dropout={a.name: a.dropout for a in cond.aux},
-        mapping=mapping, embedding_std=spec.init.embedding_std)
+        mapping=mapping,
+        embedding_std=spec.init.embedding_std,
+    )

@@ -16,8 +16,9 @@ from .attention import AttentionConfig, QKRope
 from .init import zero_linear_
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+def cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """(B, heads, N, D) queries, (B, heads, M, D) keys/values -> (B, heads, N, D).
 
     Under ``kernels.count_attention()`` it records ``2 N M D`` multiply-adds per head (QK^T and
@@ -33,15 +34,17 @@ class CrossAttention(QKRope):
     ``(B, cond_width)`` vectors, one token each) plus an optional learned null token. Logits
     are dot-product and there is no RoPE (``cfg.logits`` / ``cfg.rope`` are not used)."""
 
-    def __init__(self, cfg: AttentionConfig, cond_width: int, sources: list[str],
-                 null_token: bool = True):
+    def __init__(
+        self, cfg: AttentionConfig, cond_width: int, sources: list[str], null_token: bool = True
+    ):
         super().__init__()
         d_model, d_head, bias = cfg.d_model, cfg.d_head, cfg.bias
         self.d_head, self.n_heads, self.sources = d_head, d_model // d_head, list(sources)
         self.zero_init_out = cfg.zero_init_out
         self.q = nn.Linear(d_model, d_model, bias=bias)
-        self.kv = nn.ModuleDict({s: nn.Linear(cond_width, 2 * d_model, bias=bias)
-                                 for s in self.sources})
+        self.kv = nn.ModuleDict(
+            {s: nn.Linear(cond_width, 2 * d_model, bias=bias) for s in self.sources}
+        )
         self.null = nn.Parameter(torch.zeros(2, d_model)) if null_token else None
         self._setup_qk(cfg, self.n_heads, rope=False)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -68,10 +71,12 @@ class CrossAttention(QKRope):
         v = torch.cat(values, 1).view(b, -1, self.n_heads, self.d_head).transpose(1, 2)
         q = self.q(x).view(b, hh * ww, self.n_heads, self.d_head).transpose(1, 2)
         q, k = self._norm_qk(q, k)
-        o = cross_attention(q, k, v, self.d_head ** -0.5)  # (B, heads, N, D)
+        o = cross_attention(q, k, v, self.d_head**-0.5)  # (B, heads, N, D)
         o = o.transpose(1, 2).reshape(b, hh, ww, c)
         return self.out(self.dropout(o))
 
     def extra_repr(self) -> str:
-        return (f"heads={self.n_heads}, d_head={self.d_head}, "
-                f"tokens={['null'] * (self.null is not None) + self.sources}")
+        return (
+            f"heads={self.n_heads}, d_head={self.d_head}, "
+            f"tokens={['null'] * (self.null is not None) + self.sources}"
+        )

@@ -37,20 +37,20 @@ from ditkit.spec.diff import align_levels
 from .presentation import attention_heads, attention_text
 
 # layout units (the renderer maps them to inches)
-ROW = 2.5          # vertical distance between two levels
-GAP = 0.35         # horizontal gap between neighbours
-BOX_H = 1.15       # block boxes
-RUN_W = 2.4        # a run of blocks (at least)
-IO_W = 1.6         # input / output
-PATCH_W = 1.6      # patch embedding / head
-TRANS_W = 1.6      # down / up transitions
+ROW = 2.5  # vertical distance between two levels
+GAP = 0.35  # horizontal gap between neighbours
+BOX_H = 1.15  # block boxes
+RUN_W = 2.4  # a run of blocks (at least)
+IO_W = 1.6  # input / output
+PATCH_W = 1.6  # patch embedding / head
+TRANS_W = 1.6  # down / up transitions
 TRANS_H = 0.8
-MERGE_W = 0.85     # skip merge node
-LANE_GAP = 0.5     # between the innermost level and the conditioning lane
+MERGE_W = 0.85  # skip merge node
+LANE_GAP = 0.5  # between the innermost level and the conditioning lane
 COND_W = 2.4
 COND_H = 0.85
-CHAR = 0.13        # width of one character of box text, in layout units
-LINE = 0.28        # line pitch of box text
+CHAR = 0.13  # width of one character of box text, in layout units
+LINE = 0.28  # line pitch of box text
 
 STACKS: tuple[Literal["encoder", "middle", "decoder"], ...] = ("encoder", "middle", "decoder")
 
@@ -108,10 +108,16 @@ class Diagram:
     edges: list[Edge]
     notes: list[str] = field(default_factory=list)
 
-    def find(self, kind: str | None = None, level: int | None = None,
-             stack: str | None = None) -> list[Element]:
-        return [e for e in self.elements if (kind is None or e.kind == kind)
-                and (level is None or e.level == level) and (stack is None or e.stack == stack)]
+    def find(
+        self, kind: str | None = None, level: int | None = None, stack: str | None = None
+    ) -> list[Element]:
+        return [
+            e
+            for e in self.elements
+            if (kind is None or e.kind == kind)
+            and (level is None or e.level == level)
+            and (stack is None or e.stack == stack)
+        ]
 
     def element(self, id: str) -> Element:
         for e in self.elements:
@@ -131,9 +137,13 @@ class Diagram:
         return [e for e in self.elements if e.highlight]
 
     def to_json(self) -> dict:
-        return {"title": self.title, "subtitle": self.subtitle, "notes": self.notes,
-                "elements": [e.__dict__ | {"lines": list(e.lines)} for e in self.elements],
-                "edges": [e.__dict__ for e in self.edges]}
+        return {
+            "title": self.title,
+            "subtitle": self.subtitle,
+            "notes": self.notes,
+            "elements": [e.__dict__ | {"lines": list(e.lines)} for e in self.elements],
+            "edges": [e.__dict__ for e in self.edges],
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +202,9 @@ def _head_text(head) -> tuple[str, ...]:
     match head:
         case S.LinearHead(norm=norm):
             lines: tuple[str, ...] = (
-                "head", f"{'RMS' if norm.kind == 'rms' else 'Layer'}Norm → linear")
+                "head",
+                f"{'RMS' if norm.kind == 'rms' else 'Layer'}Norm → linear",
+            )
         case S.AdaLNHead(shared=shared):
             lines = ("head", "adaLN → linear") + (("(shared adaLN)",) if shared else ())
         case _:
@@ -253,8 +265,9 @@ def runs(blocks: list[S.Block]) -> list[tuple[int, int]]:
     return out
 
 
-def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
-           report=None, measure: bool = True) -> Diagram:
+def layout(
+    spec: S.ModelSpec, resolution: tuple[int, int] | None = None, report=None, measure: bool = True
+) -> Diagram:
     """Place every part of ``spec`` (at ``resolution``, default its training one). ``report``:
     a :class:`ditkit.builder.Report` of the same spec and resolution (measured here when not
     given) for the per-level parameters and GMACs; ``measure=False`` leaves them out (the
@@ -267,10 +280,10 @@ def layout(spec: S.ModelSpec, resolution: tuple[int, int] | None = None,
         from .accounting import describe
 
         report = describe(spec, resolution)
-    if report is not None and (tuple(report.resolution) != resolution
-                               or report.name != spec.name):
-        raise ValueError(f"report is for {report.name} at {report.resolution}, not {spec.name} "
-                         f"at {resolution}")
+    if report is not None and (tuple(report.resolution) != resolution or report.name != spec.name):
+        raise ValueError(
+            f"report is for {report.name} at {report.resolution}, not {spec.name} at {resolution}"
+        )
     placer = _Placer(spec, resolution, report)
     return placer.run()
 
@@ -290,12 +303,29 @@ class _Placer:
     def row(self, level: float) -> float:
         return -level * ROW
 
-    def put(self, id: str, kind: str, lines, w: float, h: float, level_row: float,
-            flow: bool = True, **kw) -> Element:
+    def put(
+        self,
+        id: str,
+        kind: str,
+        lines,
+        w: float,
+        h: float,
+        level_row: float,
+        flow: bool = True,
+        **kw,
+    ) -> Element:
         w = max(w, text_width(lines) + 0.35)
         h = max(h, LINE * len(lines) + 0.25)
-        el = Element(id=id, kind=kind, lines=tuple(lines), x=self.cursor + w / 2,
-                     y=self.row(level_row), w=w, h=h, **kw)
+        el = Element(
+            id=id,
+            kind=kind,
+            lines=tuple(lines),
+            x=self.cursor + w / 2,
+            y=self.row(level_row),
+            w=w,
+            h=h,
+            **kw,
+        )
         self.elements.append(el)
         self.cursor += w + GAP
         if flow:
@@ -329,10 +359,24 @@ class _Placer:
             for k, first, count, blk, cross, lines in boxes:
                 id = f"L{i}.{which}.{k}"
                 h = max(BOX_H, LINE * len(lines) + 0.25)
-                self.elements.append(Element(
-                    id=id, kind="blocks", lines=tuple(lines), x=x, y=y, w=width, h=h, level=i,
-                    stack=which, first=first, count=count, attention=blk.attention.kind,
-                    cross_attention=cross, modulation=blk.modulation.kind))
+                self.elements.append(
+                    Element(
+                        id=id,
+                        kind="blocks",
+                        lines=tuple(lines),
+                        x=x,
+                        y=y,
+                        w=width,
+                        h=h,
+                        level=i,
+                        stack=which,
+                        first=first,
+                        count=count,
+                        attention=blk.attention.kind,
+                        cross_attention=cross,
+                        modulation=blk.modulation.kind,
+                    )
+                )
                 if self.prev is not None:
                     self.edges.append(Edge(self.prev, id, "flow"))
                 self.prev = id
@@ -340,21 +384,40 @@ class _Placer:
             self.cursor += width + GAP
             return
         for k, first, count, blk, cross, lines in boxes:
-            self.put(f"L{i}.{which}.{k}", "blocks", lines, RUN_W, BOX_H, i, level=i, stack=which,
-                     first=first, count=count, attention=blk.attention.kind,
-                     cross_attention=cross, modulation=blk.modulation.kind)
+            self.put(
+                f"L{i}.{which}.{k}",
+                "blocks",
+                lines,
+                RUN_W,
+                BOX_H,
+                i,
+                level=i,
+                stack=which,
+                first=first,
+                count=count,
+                attention=blk.attention.kind,
+                cross_attention=cross,
+                modulation=blk.modulation.kind,
+            )
 
     # -- the model, in forward order
     def run(self) -> Diagram:
         spec = self.spec
         h, w = self.resolution
         space = "latent" if spec.input.space == "latent" else "pixels"
-        self.put("input", "input", ("input", f"{h}×{w}×{spec.input.channels}", space),
-                 IO_W, BOX_H, 0)
+        self.put(
+            "input", "input", ("input", f"{h}×{w}×{spec.input.channels}", space), IO_W, BOX_H, 0
+        )
         ph, pw = S.pair(spec.patch.size)
         pos = () if spec.position.kind == "none" else (f"+ {spec.position.kind} pos.",)
-        self.put("patch", "patch", (f"patch {ph}×{pw}", f"→ d {spec.levels[0].d_model}") + pos,
-                 PATCH_W, BOX_H, 0)
+        self.put(
+            "patch",
+            "patch",
+            (f"patch {ph}×{pw}", f"→ d {spec.levels[0].d_model}") + pos,
+            PATCH_W,
+            BOX_H,
+            0,
+        )
         skip_src: dict[int, str] = {}
         for i, lvl in enumerate(spec.levels):
             if i == self.n - 1:
@@ -366,20 +429,45 @@ class _Placer:
             down_id = f"L{i}.down"
             assert lvl.down is not None and lvl.skip is not None  # the spec checks outer levels
             is_repatch = isinstance(lvl.down, S.Repatch)
-            self.put(down_id, "down", _down_text(lvl.down, spec, i), TRANS_W, TRANS_H, i + 0.5,
-                     flow=not is_repatch, level=i, variant=lvl.down.kind)
+            self.put(
+                down_id,
+                "down",
+                _down_text(lvl.down, spec, i),
+                TRANS_W,
+                TRANS_H,
+                i + 0.5,
+                flow=not is_repatch,
+                level=i,
+                variant=lvl.down.kind,
+            )
             if is_repatch:  # the inner level is a fresh patch embedding of the input
                 self.edges.append(Edge("input", down_id, "flow"))
                 self.prev = down_id
         for i in reversed(range(self.n - 1)):
             lvl = spec.levels[i]
             up = lvl.up or S.Split()
-            self.put(f"L{i}.up", "up", _up_text(up, spec, i, self.factors[i]), TRANS_W, TRANS_H,
-                     i + 0.5, level=i, variant=up.kind)
+            self.put(
+                f"L{i}.up",
+                "up",
+                _up_text(up, spec, i, self.factors[i]),
+                TRANS_W,
+                TRANS_H,
+                i + 0.5,
+                level=i,
+                variant=up.kind,
+            )
             assert lvl.skip is not None  # the spec checks outer levels
             if lvl.skip.kind != "none":
-                self.put(f"L{i}.skip", "skip", (_skip_text(lvl.skip),), MERGE_W, MERGE_W, i,
-                         level=i, variant=lvl.skip.kind)
+                self.put(
+                    f"L{i}.skip",
+                    "skip",
+                    (_skip_text(lvl.skip),),
+                    MERGE_W,
+                    MERGE_W,
+                    i,
+                    level=i,
+                    variant=lvl.skip.kind,
+                )
                 self.edges.append(Edge(skip_src[i], f"L{i}.skip", "skip"))
             self.stack(i, "decoder")
         self.put("head", "head", _head_text(spec.head), PATCH_W, BOX_H, 0)
@@ -389,14 +477,21 @@ class _Placer:
         self._conditioning()
         total = self.report
         title = f"{spec.name} at {h}×{w}"
-        subtitle = "not measured" if total is None else (
-            f"{_fmt_params(total.params)} params · {_fmt_gmacs(total.gmacs)} GMACs "
-            "(multiply-adds, batch 1: the DiT paper's 'GFLOPs')")
+        subtitle = (
+            "not measured"
+            if total is None
+            else (
+                f"{_fmt_params(total.params)} params · {_fmt_gmacs(total.gmacs)} GMACs "
+                "(multiply-adds, batch 1: the DiT paper's 'GFLOPs')"
+            )
+        )
         other = None if total is None else total.other.get("embed, conditioning, head")
         notes = []
         if other:
-            notes.append(f"embedding, conditioning, head: {_fmt_params(other['params'])} params,"
-                         f" {_fmt_gmacs(other['gmacs'])} GMACs")
+            notes.append(
+                f"embedding, conditioning, head: {_fmt_params(other['params'])} params,"
+                f" {_fmt_gmacs(other['gmacs'])} GMACs"
+            )
         # bands first so they are drawn behind the boxes
         self.elements.sort(key=lambda e: e.kind != "band")
         return Diagram(title, subtitle, self.elements, self.edges, notes)
@@ -405,8 +500,9 @@ class _Placer:
         for i in range(self.n):
             members = [e for e in self.elements if e.level == i and e.kind in ("blocks", "skip")]
             if i == 0:
-                members += [e for e in self.elements if e.kind in ("input", "patch", "head",
-                                                                   "output")]
+                members += [
+                    e for e in self.elements if e.kind in ("input", "patch", "head", "output")
+                ]
             if not members:  # an empty level (no blocks): span its transitions
                 members = [e for e in self.elements if e.level == i]
             x0 = min(e.x - e.w / 2 for e in members) - GAP / 2
@@ -415,20 +511,37 @@ class _Placer:
             gh, gw = self.grids[i]
             d_model = self.spec.levels[i].d_model
             blocks = [b for s in STACKS for b in self.spec.stack(i, s)]
-            counts = list(dict.fromkeys(str(n) for b in blocks if (n := attention_heads(
-                b.attention, d_model, b.d_head)) is not None))
+            counts = list(
+                dict.fromkeys(
+                    str(n)
+                    for b in blocks
+                    if (n := attention_heads(b.attention, d_model, b.d_head)) is not None
+                )
+            )
             heads = f"{'/'.join(counts)} heads" if counts else "no attention heads"
-            lines: tuple[str, ...] = (f"level {i} · {gh}×{gw} tokens",
-                     f"d_model {d_model} · {heads} · {len(blocks)} block"
-                     f"{'s' if len(blocks) != 1 else ''}")
+            lines: tuple[str, ...] = (
+                f"level {i} · {gh}×{gw} tokens",
+                f"d_model {d_model} · {heads} · {len(blocks)} block"
+                f"{'s' if len(blocks) != 1 else ''}",
+            )
             if lv is not None:
                 lines += (f"{_fmt_params(lv.params)} params · {_fmt_gmacs(lv.gmacs)} GMACs",)
             y0 = min(e.y - e.h / 2 for e in members) - 0.25
             y1 = max(e.y + e.h / 2 for e in members) + (1.0 if i == 0 else 0.45)
-            self.elements.append(Element(
-                id=f"L{i}.band", kind="band", lines=lines, x=(x0 + x1) / 2,
-                y=(y0 + y1) / 2, w=x1 - x0, h=y1 - y0, level=i,
-                params=None if lv is None else lv.params, gmacs=None if lv is None else lv.gmacs))
+            self.elements.append(
+                Element(
+                    id=f"L{i}.band",
+                    kind="band",
+                    lines=lines,
+                    x=(x0 + x1) / 2,
+                    y=(y0 + y1) / 2,
+                    w=x1 - x0,
+                    h=y1 - y0,
+                    level=i,
+                    params=None if lv is None else lv.params,
+                    gmacs=None if lv is None else lv.gmacs,
+                )
+            )
 
     def _conditioning(self) -> None:
         cond = self.spec.conditioning
@@ -449,11 +562,13 @@ class _Placer:
                 sources.append(cid)
         for k, a in enumerate(cond.aux):
             dims = f"{a.dims} dim{'s' if a.dims > 1 else ''},"
-            sources.append(put(f"cond.aux{k}", "aux", (f"aux {a.name}", dims,
-                                                       f"{a.embed} features")))
+            sources.append(
+                put(f"cond.aux{k}", "aux", (f"aux {a.name}", dims, f"{a.embed} features"))
+            )
         if cond.mapping is not None:
-            mid = put("cond.mapping", "mapping", ("mapping network",
-                                                  f"depth {cond.mapping.depth}, GEGLU"))
+            mid = put(
+                "cond.mapping", "mapping", ("mapping network", f"depth {cond.mapping.depth}, GEGLU")
+            )
             self.edges += [Edge(s, mid, "cond") for s in sources]
             sources = [mid]
         users = sorted({b.modulation.kind for _, _, _, b in self.spec.blocks()} - {"none"})
@@ -462,8 +577,11 @@ class _Placer:
         self.edges += [Edge(s, cid, "cond") for s in sources]
 
 
-_MODS = {"ada_ln_zero": S.AdaLNZero(), "ada_scale": S.AdaScale(),
-         "shared_ada_ln_zero": S.SharedAdaLNZero()}
+_MODS = {
+    "ada_ln_zero": S.AdaLNZero(),
+    "ada_scale": S.AdaScale(),
+    "shared_ada_ln_zero": S.SharedAdaLNZero(),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,8 +589,11 @@ _MODS = {"ada_ln_zero": S.AdaLNZero(), "ada_scale": S.AdaScale(),
 
 
 def _plain(value) -> str:
-    return json.dumps(S.to_data(value, full=True) if isinstance(value, BaseModel) else value,
-                      sort_keys=True, default=str)
+    return json.dumps(
+        S.to_data(value, full=True) if isinstance(value, BaseModel) else value,
+        sort_keys=True,
+        default=str,
+    )
 
 
 def signatures(spec: S.ModelSpec, resolution=None) -> dict[tuple, str]:
@@ -508,8 +629,7 @@ def _element_keys(el: Element) -> list[tuple]:
         case "band":
             return [("band", el.level)]
         case "blocks":
-            return [("block", el.level, el.stack, j) for j in range(el.first,
-                                                                    el.first + el.count)]
+            return [("block", el.level, el.stack, j) for j in range(el.first, el.first + el.count)]
         case "down" | "up" | "skip":
             return [(el.kind, el.level)]
         case _:
@@ -523,8 +643,12 @@ def _remap(key: tuple, level_map: dict[int, int | None]) -> tuple | None:
     return key
 
 
-def mark_differences(diagram: Diagram, mine: dict[tuple, str], theirs: dict[tuple, str],
-                     level_map: dict[int, int | None]) -> Diagram:
+def mark_differences(
+    diagram: Diagram,
+    mine: dict[tuple, str],
+    theirs: dict[tuple, str],
+    level_map: dict[int, int | None],
+) -> Diagram:
     """A copy of ``diagram`` with ``highlight`` set on every element whose signature differs
     from (or has no counterpart in) ``theirs``; ``level_map`` maps this spec's level indices
     to the other's."""
@@ -540,8 +664,15 @@ def mark_differences(diagram: Diagram, mine: dict[tuple, str], theirs: dict[tupl
     return Diagram(diagram.title, diagram.subtitle, out, diagram.edges, diagram.notes)
 
 
-def compare(a: S.ModelSpec, b: S.ModelSpec, resolution_a=None, resolution_b=None,
-            report_a=None, report_b=None, measure: bool = True) -> tuple[Diagram, Diagram]:
+def compare(
+    a: S.ModelSpec,
+    b: S.ModelSpec,
+    resolution_a=None,
+    resolution_b=None,
+    report_a=None,
+    report_b=None,
+    measure: bool = True,
+) -> tuple[Diagram, Diagram]:
     """The two layouts with what differs highlighted on each side."""
     da = layout(a, resolution_a, report_a, measure)
     db = layout(b, resolution_b, report_b, measure)

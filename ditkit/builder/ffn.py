@@ -22,8 +22,14 @@ class FeedForward(nn.Module):
 
     gated = False
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = True, dropout: float = 0.0,
-                 zero_init_out: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        zero_init_out: bool = False,
+    ):
         super().__init__()
         self.zero_init_out = zero_init_out
         self.up = nn.Linear(d_model, d_ff * (2 if self.gated else 1), bias=bias)
@@ -74,8 +80,11 @@ class SwiGLU(FeedForward):
 
 def build_ffn(blk: S.Block, d_model: int) -> FeedForward:
     """The module of a block's ``ffn`` (dropout and zero-init from the block)."""
-    args: dict[str, Any] = {"bias": blk.ffn.bias, "dropout": blk.dropout,
-                            "zero_init_out": blk.zero_init_out}
+    args: dict[str, Any] = {
+        "bias": blk.ffn.bias,
+        "dropout": blk.dropout,
+        "zero_init_out": blk.zero_init_out,
+    }
     d_ff = blk.ffn.hidden(d_model)
     match blk.ffn:
         case S.GeluMLP(approximate=ap):

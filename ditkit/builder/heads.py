@@ -22,9 +22,17 @@ class Head(nn.Module):
     """``norm -> (modulation) -> Linear -> ungroup`` to ``(B, C_out, H, W)``; a subclass says
     where the modulation comes from (``forward``)."""
 
-    def __init__(self, d_model: int, out_channels: int, patch: tuple[int, int],
-                 norm_kind: Literal["layer", "rms"],
-                 norm_eps: float, norm_affine: bool, bias: bool, cond_width: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        out_channels: int,
+        patch: tuple[int, int],
+        norm_kind: Literal["layer", "rms"],
+        norm_eps: float,
+        norm_affine: bool,
+        bias: bool,
+        cond_width: int = 0,
+    ):
         super().__init__()
         self.patch = tuple(patch)
         self.norm = make_norm(norm_kind, d_model, norm_eps, norm_affine)
@@ -47,8 +55,9 @@ class Head(nn.Module):
 class LinearHead(Head):
     """``head: linear`` (HDiT): an unmodulated norm."""
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, shared: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self._out(self.norm(x))
 
 
@@ -65,8 +74,9 @@ class AdaLNHead(Head):
         nn.init.zeros_(self.modulation[1].weight)  # type: ignore[arg-type]
         nn.init.zeros_(self.modulation[1].bias)  # type: ignore[arg-type]
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, shared: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.norm(x)  # (B, h, w, D)
         shift, scale = self.modulation(cond)[:, None, None, :].chunk(2, dim=-1)
         return self._out(x * (1 + scale) + shift)
@@ -77,8 +87,9 @@ class SharedAdaLNHead(Head):
     shift / scale taken from the shared modulation (chunks 3 and 4: the FFN's shift and
     scale); no modulation parameters of its own."""
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, shared: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.norm(x)  # (B, h, w, D)
         if shared is None:
             raise ValueError("the shared adaLN head needs the shared modulation")
@@ -91,13 +102,16 @@ def build_head(spec: S.ModelSpec) -> Head:
     d0, cw, patch = spec.levels[0].d_model, spec.cond_width, S.pair(spec.patch.size)
     match spec.head:
         case S.AdaLNHead(shared=True) as h:
-            return SharedAdaLNHead(d0, spec.out_channels, patch, h.norm.kind, h.norm.eps,
-                                   h.norm.affine, h.bias)
+            return SharedAdaLNHead(
+                d0, spec.out_channels, patch, h.norm.kind, h.norm.eps, h.norm.affine, h.bias
+            )
         case S.AdaLNHead() as h:
-            return AdaLNHead(d0, spec.out_channels, patch, h.norm.kind, h.norm.eps,
-                             h.norm.affine, h.bias, cw)
+            return AdaLNHead(
+                d0, spec.out_channels, patch, h.norm.kind, h.norm.eps, h.norm.affine, h.bias, cw
+            )
         case S.LinearHead() as h:
-            return LinearHead(d0, spec.out_channels, patch, h.norm.kind, h.norm.eps,
-                              h.norm.affine, h.bias)
+            return LinearHead(
+                d0, spec.out_channels, patch, h.norm.kind, h.norm.eps, h.norm.affine, h.bias
+            )
         case other:
             assert_never(other)

@@ -38,11 +38,24 @@ from ditkit.errors import UserError
 from . import neighborhood as _nb
 from .neighborhood import neighborhood_mask, window_start_index
 
-__all__ = ["NEIGHBORHOOD_BACKENDS", "EXPORTABLE_BACKENDS", "use_backend", "exportable_backend",
-           "current_backend", "is_exporting", "natten_available", "resolve_backend",
-           "count_attention", "attention_scope", "set_attention_scope", "global_attention",
-           "neighborhood_attention", "neighborhood_mask", "window_start_index",
-           "shifted_window_attention"]
+__all__ = [
+    "NEIGHBORHOOD_BACKENDS",
+    "EXPORTABLE_BACKENDS",
+    "use_backend",
+    "exportable_backend",
+    "current_backend",
+    "is_exporting",
+    "natten_available",
+    "resolve_backend",
+    "count_attention",
+    "attention_scope",
+    "set_attention_scope",
+    "global_attention",
+    "neighborhood_attention",
+    "neighborhood_mask",
+    "window_start_index",
+    "shifted_window_attention",
+]
 
 NEIGHBORHOOD_BACKENDS = ("auto", "gather", "tiled", "flex", "natten", "masked")
 #: backends whose graph exports (torch.export -> ONNX) with dynamic H and W
@@ -82,17 +95,21 @@ class BackendError(UserError):
 
 def _check_choice(name: str, export: bool) -> None:
     if name not in NEIGHBORHOOD_BACKENDS:
-        raise BackendError(f"unknown attention backend {name!r}; choose one of "
-                           f"{', '.join(NEIGHBORHOOD_BACKENDS)}")
+        raise BackendError(
+            f"unknown attention backend {name!r}; choose one of {', '.join(NEIGHBORHOOD_BACKENDS)}"
+        )
     if export and name not in EXPORTABLE_BACKENDS + ("auto",):
-        raise BackendError(f"attention backend {name!r} cannot be exported (no ONNX graph with "
-                           f"dynamic sizes); for export use one of "
-                           f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'")
+        raise BackendError(
+            f"attention backend {name!r} cannot be exported (no ONNX graph with "
+            f"dynamic sizes); for export use one of "
+            f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'"
+        )
     if name == "natten" and not natten_available():
         from ditkit.errors import missing_text
 
-        raise RuntimeError(missing_text("natten", "attention backend 'natten'")
-                           + "; or use backend 'gather'")
+        raise RuntimeError(
+            missing_text("natten", "attention backend 'natten'") + "; or use backend 'gather'"
+        )
 
 
 @contextlib.contextmanager
@@ -153,8 +170,10 @@ def resolve_backend(device: torch.device) -> str:
         if name == "auto":
             return "gather"
         if name not in EXPORTABLE_BACKENDS:
-            raise ValueError(f"attention backend {name!r} cannot be exported; select one of "
-                             f"{', '.join(EXPORTABLE_BACKENDS)} (or 'auto') for export")
+            raise ValueError(
+                f"attention backend {name!r} cannot be exported; select one of "
+                f"{', '.join(EXPORTABLE_BACKENDS)} (or 'auto') for export"
+            )
         return name
     if name != "auto":
         return name
@@ -196,8 +215,9 @@ def _record(macs: int) -> bool:
 # global
 
 
-def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                     ) -> torch.Tensor:
+def global_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """(B, heads, N, D) -> (B, heads, N, D) through the fused SDPA kernel."""
     b, h, n, d = q.shape
     if _record(2 * b * h * n * k.shape[-2] * d):
@@ -209,9 +229,14 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 # neighborhood
 
 
-def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           kernel_size: tuple[int, int], dilation: tuple[int, int],
-                           scale: float) -> torch.Tensor:
+def neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
     """(B, heads, H, W, D) -> same; each query attends to its NATTEN neighborhood, through the
     backend ``resolve_backend`` picks (all give the same numbers)."""
     b, nh, hh, ww, d = q.shape
@@ -221,16 +246,22 @@ def neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _IMPLEMENTATIONS[resolve_backend(q.device)](q, k, v, kernel_size, dilation, scale)
 
 
-_IMPLEMENTATIONS = {"gather": _nb.gather, "tiled": _nb.tiled, "flex": _nb.flex,
-                    "masked": _nb.masked, "natten": _nb.natten_na2d}
+_IMPLEMENTATIONS = {
+    "gather": _nb.gather,
+    "tiled": _nb.tiled,
+    "flex": _nb.flex,
+    "masked": _nb.masked,
+    "natten": _nb.natten_na2d,
+}
 
 
 # --------------------------------------------------------------------------------------------
 # shifted window
 
 
-def shifted_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             window: int, shift: int, scale: float) -> torch.Tensor:
+def shifted_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, shift: int, scale: float
+) -> torch.Tensor:
     """(B, heads, H, W, D) -> same. Windows are folded into the batch, so it exports.
 
     k-diffusion's convention: the grid is rolled by ``+shift`` on both axes, so the wrapped rows
@@ -257,10 +288,12 @@ def shifted_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         reg_w = wrapped_col[None, :, None, :].expand(nwh, nww, window, window)
         reg_h, reg_w = reg_h.reshape(nwh, nww, -1), reg_w.reshape(nwh, nww, -1)
         mask = (reg_h[..., :, None] == reg_h[..., None, :]) & (
-            reg_w[..., :, None] == reg_w[..., None, :])  # (nWh, nWw, w^2, w^2)
+            reg_w[..., :, None] == reg_w[..., None, :]
+        )  # (nWh, nWw, w^2, w^2)
         mask = mask.reshape(nwh * nww, window * window, window * window)
-    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v),
-                                         attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        to_windows(q), to_windows(k), to_windows(v), attn_mask=mask, scale=scale
+    )
     out = out.reshape(b, nh, nwh, nww, window, window, d).transpose(3, 4)
     out = out.reshape(b, nh, hh, ww, d)
     if shift:

@@ -18,8 +18,13 @@ from torch import nn
 from ditkit import spec as S
 
 from .attention import AttentionConfig, build_attention
-from .conditioning import (Conditioning, FNOEmbed, FourierNoiseEmbed, SinusoidalEmbed,
-                           build_conditioning)
+from .conditioning import (
+    Conditioning,
+    FNOEmbed,
+    FourierNoiseEmbed,
+    SinusoidalEmbed,
+    build_conditioning,
+)
 from .cross_attention import CrossAttention
 from .ffn import FeedForward, build_ffn
 from .heads import Head, build_head
@@ -40,9 +45,13 @@ class Context:
 
     __slots__ = ("shared", "memory", "prefix", "noise")
 
-    def __init__(self, shared: torch.Tensor | None = None,
-                 memory: dict[str, torch.Tensor] | None = None,
-                 prefix: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+    def __init__(
+        self,
+        shared: torch.Tensor | None = None,
+        memory: dict[str, torch.Tensor] | None = None,
+        prefix: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ):
         self.shared, self.memory, self.prefix, self.noise = shared, memory, prefix, noise
 
 
@@ -57,9 +66,15 @@ class Block(nn.Module):
     chunks = 0
     modulation_bias = False
 
-    def __init__(self, d_model: int, cond_width: int, norm: S.Norm,
-                 attention: nn.Module | None, ffn: FeedForward,
-                 cross: CrossAttention | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        cond_width: int,
+        norm: S.Norm,
+        attention: nn.Module | None,
+        ffn: FeedForward,
+        cross: CrossAttention | None = None,
+    ):
         super().__init__()
         n_attn = attention is not None
         self.attn_norm = make_norm(norm.kind, d_model, norm.eps, norm.affine) if n_attn else None
@@ -68,8 +83,11 @@ class Block(nn.Module):
         self.cross = cross
         self.ffn_norm = make_norm(norm.kind, d_model, norm.eps, norm.affine)
         self.ffn = ffn
-        self.modulation = (nn.Linear(cond_width, self.chunks * d_model,
-                                     bias=self.modulation_bias) if self.chunks else None)
+        self.modulation = (
+            nn.Linear(cond_width, self.chunks * d_model, bias=self.modulation_bias)
+            if self.chunks
+            else None
+        )
 
     def init_special(self) -> None:
         if self.modulation is not None:
@@ -85,8 +103,9 @@ class Block(nn.Module):
 class PlainBlock(Block):
     """``modulation: none``: plain pre-norm residual blocks."""
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, ctx: Context | None = None
+    ) -> torch.Tensor:  # (B, H, W, C)
         if self.attn is not None:
             assert self.attn_norm is not None  # made with the attention
             x = x + self.attn(self.attn_norm(x), ctx)
@@ -103,8 +122,9 @@ class AdaLNZeroBlock(Block):
         assert self.modulation is not None  # chunks = 6
         return self.modulation(nn.functional.silu(cond))  # (B, 6C)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, ctx: Context | None = None
+    ) -> torch.Tensor:  # (B, H, W, C)
         m = self.vectors(cond, ctx)[:, None, None, :]  # (B, 1, 1, 6C)
         a_shift, a_scale, a_gate, f_shift, f_scale, f_gate = m.chunk(6, dim=-1)
         if self.attn is not None:
@@ -136,8 +156,9 @@ class AdaScaleBlock(Block):
         super().__init__(*args, **kwargs)
         self.activation = self.ACTIVATIONS[activation]()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                ctx: Context | None = None) -> torch.Tensor:  # (B, H, W, C)
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, ctx: Context | None = None
+    ) -> torch.Tensor:  # (B, H, W, C)
         assert self.modulation is not None  # chunks = 2
         a_scale, f_scale = self.modulation(self.activation(cond))[:, None, None, :].chunk(2, -1)
         if self.attn is not None:
@@ -169,8 +190,9 @@ class Memory(nn.Module):
     """The cross-attention memory (MDiT): the conditioning vector after GELU as the ``time``
     token, plus what the class injection adds (``label`` for ``inject: memory``)."""
 
-    def forward(self, cond: torch.Tensor,
-                classes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, cond: torch.Tensor, classes: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         return {"time": nn.functional.gelu(cond), **classes}  # each (B, cond_width)
 
 
@@ -186,8 +208,9 @@ class Stack(nn.ModuleList):
     the tokens are prepended, so the blocks see one ``(B, 1, T + H W, C)`` sequence (global
     attention, no RoPE: the spec checks it); the tokens are split off again at the end."""
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor,
-                ctx: Context | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, ctx: Context | None = None
+    ) -> torch.Tensor:
         if len(self) == 0:
             return x
         prefix = ctx.prefix if ctx is not None else None
@@ -208,9 +231,15 @@ class Level(nn.Module):
     """One level: ``encoder``, ``down`` (merge), ``up`` (split), ``skip``, ``decoder``; the
     innermost level has only ``middle``."""
 
-    def __init__(self, encoder: Stack | None = None, decoder: Stack | None = None,
-                 middle: Stack | None = None, down: nn.Module | None = None,
-                 up: nn.Module | None = None, skip: nn.Module | None = None):
+    def __init__(
+        self,
+        encoder: Stack | None = None,
+        decoder: Stack | None = None,
+        middle: Stack | None = None,
+        down: nn.Module | None = None,
+        up: nn.Module | None = None,
+        skip: nn.Module | None = None,
+    ):
         super().__init__()
         self.encoder, self.down, self.middle = encoder, down, middle
         self.up, self.skip, self.decoder = up, skip, decoder
@@ -221,10 +250,17 @@ class DiffusionTransformer(nn.Module):
     ``x`` as ``(B, C, H, W)``; ``noise_level`` is what the spec's noise embedding expects (a
     DiT timestep, an HDiT sigma), a number or a ``(B,)`` tensor."""
 
-    def __init__(self, spec: S.ModelSpec, embed: TokenMerge, position: nn.Module | None,
-                 conditioning: Conditioning, levels: list[Level], head: Head,
-                 shared_modulation: SharedModulation | None = None,
-                 memory: nn.Module | None = None):
+    def __init__(
+        self,
+        spec: S.ModelSpec,
+        embed: TokenMerge,
+        position: nn.Module | None,
+        conditioning: Conditioning,
+        levels: list[Level],
+        head: Head,
+        shared_modulation: SharedModulation | None = None,
+        memory: nn.Module | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.embed, self.position, self.conditioning = embed, position, conditioning
@@ -233,8 +269,13 @@ class DiffusionTransformer(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.head = head
 
-    def forward(self, x: torch.Tensor, noise_level, class_labels: torch.Tensor | None = None,
-                **cond: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_level,
+        class_labels: torch.Tensor | None = None,
+        **cond: torch.Tensor,
+    ) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self._check_input(x)
         b = x.shape[0]
@@ -244,15 +285,15 @@ class DiffusionTransformer(nn.Module):
         labels = self.conditioning.labels(class_labels, b, x.device)
         c = self.conditioning(noise_level, labels, **cond)  # (B, cond_width)
         # build_noise makes one of these; nn.Module's __getattr__ is untyped
-        noise_embed = cast("SinusoidalEmbed | FourierNoiseEmbed | FNOEmbed",
-                           self.conditioning.noise)
+        noise_embed = cast(
+            "SinusoidalEmbed | FourierNoiseEmbed | FNOEmbed", self.conditioning.noise
+        )
         ctx = Context(noise=noise_embed.fraction(noise_level))
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
         ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None
         # labels are None only without classes, where class_embed is NoClasses
-        ctx.memory = self.memory(
-            c, self.conditioning.class_embed.memory(labels))  # type: ignore[arg-type]
+        ctx.memory = self.memory(c, self.conditioning.class_embed.memory(labels))  # type: ignore[arg-type]
 
         x_in = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         h = self.embed(x_in)  # (B, h, w, D0)
@@ -276,8 +317,10 @@ class DiffusionTransformer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         spec = self.spec
         if x.ndim != 4 or x.shape[1] != spec.input.channels:
-            raise ValueError(f"expected x of shape (B, {spec.input.channels}, H, W) "
-                             f"(input.channels), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected x of shape (B, {spec.input.channels}, H, W) "
+                f"(input.channels), got {tuple(x.shape)}"
+            )
         issues = spec.check_resolution((x.shape[2], x.shape[3]))
         if issues:
             raise ValueError("; ".join(f"{p}: {m}" for p, m in issues))
@@ -287,8 +330,12 @@ class DiffusionTransformer(nn.Module):
 # spec -> module
 
 
-def build(spec: S.ModelSpec, device: torch.device | str | None = None,
-          dtype: torch.dtype | None = None, init: bool = True) -> DiffusionTransformer:
+def build(
+    spec: S.ModelSpec,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    init: bool = True,
+) -> DiffusionTransformer:
     """Compile a spec into a :class:`DiffusionTransformer`.
 
     ``device="meta"`` builds without memory (for ``describe`` of billion-parameter specs)."""
@@ -313,8 +360,7 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     memory_sources: tuple[str, ...] = ()
     memory = None
     if any(isinstance(b.cross_attention, S.MemoryCrossAttention) for *_, b in spec.blocks()):
-        memory_sources = (("label", "time") if classes and classes.inject == "memory"
-                          else ("time",))
+        memory_sources = ("label", "time") if classes and classes.inject == "memory" else ("time",)
         memory = Memory()
 
     levels = []
@@ -322,8 +368,9 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
     for i, lvl in enumerate(spec.levels):
         index = 0  # block index within the level: drives shifted-window alternation
 
-        def make_stack(which: Literal["encoder", "decoder", "middle"], i: int = i,
-                       d_model: int = lvl.d_model) -> Stack:
+        def make_stack(
+            which: Literal["encoder", "decoder", "middle"], i: int = i, d_model: int = lvl.d_model
+        ) -> Stack:
             nonlocal index
             blocks = []
             for blk in spec.stack(i, which):
@@ -343,20 +390,31 @@ def _build(spec: S.ModelSpec) -> DiffusionTransformer:
 
     head = build_head(spec)
     shared = None
-    shared_widths = {spec.levels[i].d_model for i, _, _, b in spec.blocks()
-                     if isinstance(b.modulation, S.SharedAdaLNZero)}
+    shared_widths = {
+        spec.levels[i].d_model
+        for i, _, _, b in spec.blocks()
+        if isinstance(b.modulation, S.SharedAdaLNZero)
+    }
     if shared_widths:
         shared = SharedModulation(cw, shared_widths.pop())
-    model = DiffusionTransformer(spec, embed, position, conditioning, levels, head, shared,
-                                 memory)
+    model = DiffusionTransformer(spec, embed, position, conditioning, levels, head, shared, memory)
     tag_torch_layers(model)  # biases and embedding tables: no weight decay
     return model
 
 
-def _block(blk: S.Block, d_model: int, cond_width: int, index: int,
-           memory: tuple[str, ...] = ()) -> Block:
-    cfg = AttentionConfig(d_model, blk.d_head, blk.qk_norm, blk.logits, blk.rope,
-                          blk.attention_bias, blk.dropout, blk.zero_init_out)
+def _block(
+    blk: S.Block, d_model: int, cond_width: int, index: int, memory: tuple[str, ...] = ()
+) -> Block:
+    cfg = AttentionConfig(
+        d_model,
+        blk.d_head,
+        blk.qk_norm,
+        blk.logits,
+        blk.rope,
+        blk.attention_bias,
+        blk.dropout,
+        blk.zero_init_out,
+    )
     attention = build_attention(blk.attention, cfg, index)
     cross = None
     match blk.cross_attention:

@@ -39,8 +39,9 @@ TILE = 8
 EXPORT_TILE = 4
 
 
-def window_start_index(length: int | torch.SymInt, kernel: int, dilation: int,
-                       device: torch.device | None = None) -> torch.Tensor:
+def window_start_index(
+    length: int | torch.SymInt, kernel: int, dilation: int, device: torch.device | None = None
+) -> torch.Tensor:
     """``(length, kernel)`` indices of the keys each query position sees along one axis.
 
     NATTEN's rule: positions are split into ``dilation`` interleaved groups; within its group a
@@ -65,7 +66,8 @@ def check_grid(hh, ww, kernel_size, dilation) -> None:
         axis, n, k, d = misfits[0]
         raise ValueError(
             f"neighborhood attention: token grid {axis} {n} is smaller than kernel {k} x "
-            f"dilation {d} = {k * d}; use a larger input, a smaller kernel_size or dilation")
+            f"dilation {d} = {k * d}; use a larger input, a smaller kernel_size or dilation"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +165,8 @@ class _GatherAttention(torch.autograd.Function):
         kbuf, vbuf = qs.new_empty(m * kk, d), qs.new_empty(m * kk, d)
         with _loop_threads(qs.device):
             for a, e, base, rows in _chunks(flat, kk, b * nh, m):
-                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
-                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[: (e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[: (e - a) * kk])
                 kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
                 p = torch.bmm(qs[a:e].unsqueeze(1), kn.transpose(1, 2)).softmax(-1)  # (m, 1, kk)
                 if probs is not None:
@@ -189,14 +191,14 @@ class _GatherAttention(torch.autograd.Function):
         gbuf = qs.new_empty(m, kk, 2 * d)
         with _loop_threads(qs.device):
             for a, e, base, rows in _chunks(flat, kk, ctx.groups, m):
-                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[:(e - a) * kk])
-                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[:(e - a) * kk])
+                kn = torch.index_select(kf[base:], 0, rows, out=kbuf[: (e - a) * kk])
+                vn = torch.index_select(vf[base:], 0, rows, out=vbuf[: (e - a) * kk])
                 kn, vn = kn.view(e - a, kk, d), vn.view(e - a, kk, d)
                 q1, g1, p = qs[a:e].unsqueeze(1), go[a:e].unsqueeze(1), probs[a:e]
                 dp = torch.bmm(g1, vn.transpose(1, 2))  # (m, 1, kk)
                 ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
                 dq[a:e] = torch.bmm(ds, kn).view(e - a, d)
-                g = gbuf[:e - a]
+                g = gbuf[: e - a]
                 torch.mul(ds.view(e - a, kk, 1), q1, out=g[..., :d])  # d logits/d k (q scaled)
                 torch.mul(p.view(e - a, kk, 1), g1, out=g[..., d:])  # d out / d v
                 dkv[base:].index_add_(0, rows, g.view(-1, 2 * d))
@@ -229,13 +231,13 @@ def _chunks(flat, kk, groups, m):
         for g in range(groups):
             for a in range(0, n, m):
                 e = min(n, a + m)
-                yield g * n + a, g * n + e, g * n, flat[a * kk:e * kk]
+                yield g * n + a, g * n + e, g * n, flat[a * kk : e * kk]
         return
     per = m // n  # whole grids a chunk
     rows = (torch.arange(per, device=flat.device)[:, None] * n + flat[None, :]).flatten()
     for g in range(0, groups, per):
         h = min(groups, g + per)
-        yield g * n, h * n, g * n, rows[:(h - g) * n * kk]
+        yield g * n, h * n, g * n, rows[: (h - g) * n * kk]
 
 
 def _chunk_queries(bytes_per_query: int, total: int) -> int:
@@ -303,16 +305,21 @@ def tiled_plan(hh, ww, kernel_size, dilation, tile, device):
     mask = mh[rows][:, :, None, :, None] & mw[cols][:, None, :, None, :]  # (tiles, T,T, Lh,Lw)
     span = k_idx.shape[1] * k_idx.shape[2]
     mask = mask.reshape(-1, t * t, span)
-    where = ((tile_h[:, None] * n_rw + tile_w[None, :]) * (t * t)
-             + slot_h[:, None] * t + slot_w[None, :])  # (H, W) position among the tiled queries
+    where = (
+        (tile_h[:, None] * n_rw + tile_w[None, :]) * (t * t) + slot_h[:, None] * t + slot_w[None, :]
+    )  # (H, W) position among the tiled queries
     return q_idx.flatten(), k_idx.flatten(), mask, where.flatten()
 
 
 def _additive(plan, dtype):
     """The plan with its boolean mask as an additive ``0 / -inf`` one (faster SDPA backward)."""
     q_idx, k_idx, mask, where = plan
-    return q_idx, k_idx, torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-        ~mask, float("-inf")), where
+    return (
+        q_idx,
+        k_idx,
+        torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")),
+        where,
+    )
 
 
 def _exporting() -> bool:
@@ -331,10 +338,11 @@ def tiled(q, k, v, kernel_size, dilation, scale, tile: int | None = None):
     if tile is None:
         tile = EXPORT_TILE if _exporting() else TILE
     if _eager(q, k, v):
-        key = ("tiled", hh, ww, tuple(kernel_size), tuple(dilation), tile, str(q.device),
-               q.dtype)
-        q_idx, k_idx, mask, where = _cached(key, lambda: _additive(
-            tiled_plan(hh, ww, kernel_size, dilation, tile, q.device), q.dtype))
+        key = ("tiled", hh, ww, tuple(kernel_size), tuple(dilation), tile, str(q.device), q.dtype)
+        q_idx, k_idx, mask, where = _cached(
+            key,
+            lambda: _additive(tiled_plan(hh, ww, kernel_size, dilation, tile, q.device), q.dtype),
+        )
     else:
         q_idx, k_idx, mask, where = tiled_plan(hh, ww, kernel_size, dilation, tile, q.device)
     tq, span = mask.shape[1], mask.shape[2]
@@ -346,8 +354,13 @@ def tiled(q, k, v, kernel_size, dilation, scale, tile: int | None = None):
         x = x.reshape(b * nh, hh * ww, d).index_select(1, idx)
         return x.view(b * nh, -1, length, d)  # 4-D: what ONNX's SDPA takes
 
-    out = F.scaled_dot_product_attention(tiles(q, q_idx, tq), tiles(k, k_idx, span),
-                                         tiles(v, k_idx, span), attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        tiles(q, q_idx, tq),
+        tiles(k, k_idx, span),
+        tiles(v, k_idx, span),
+        attn_mask=mask,
+        scale=scale,
+    )
     out = out.reshape(b * nh, -1, d).index_select(1, where)
     return out.view(b, nh, hh, ww, d)
 
@@ -375,8 +388,12 @@ def masked(q, k, v, kernel_size, dilation, scale):
     b, nh, hh, ww, d = q.shape
     mask = neighborhood_mask(hh, ww, kernel_size, dilation, q.device)
     out = F.scaled_dot_product_attention(
-        q.reshape(b, nh, hh * ww, d), k.reshape(b, nh, hh * ww, d),
-        v.reshape(b, nh, hh * ww, d), attn_mask=mask, scale=scale)
+        q.reshape(b, nh, hh * ww, d),
+        k.reshape(b, nh, hh * ww, d),
+        v.reshape(b, nh, hh * ww, d),
+        attn_mask=mask,
+        scale=scale,
+    )
     return out.view(b, nh, hh, ww, d)
 
 
@@ -398,8 +415,7 @@ def block_mask(hh: int, ww: int, kernel_size, dilation, device: torch.device):
         def mask_mod(b, h, q_idx, kv_idx):
             return row_ok[q_idx // ww, kv_idx // ww] & col_ok[q_idx % ww, kv_idx % ww]
 
-        _block_masks[key] = create_block_mask(mask_mod, None, None, hh * ww, hh * ww,
-                                              device=device)
+        _block_masks[key] = create_block_mask(mask_mod, None, None, hh * ww, hh * ww, device=device)
     return _block_masks[key]
 
 
@@ -409,11 +425,16 @@ def flex(q, k, v, kernel_size, dilation, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     b, nh, hh, ww, d = q.shape
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("attention backend 'flex' cannot backpropagate on CPU (PyTorch's "
-                           "FlexAttention has no CPU backward); use 'gather' or 'tiled' to train "
-                           "on CPU, or run under torch.no_grad()")
+    if (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+    ):
+        raise RuntimeError(
+            "attention backend 'flex' cannot backpropagate on CPU (PyTorch's "
+            "FlexAttention has no CPU backward); use 'gather' or 'tiled' to train "
+            "on CPU, or run under torch.no_grad()"
+        )
     mask = block_mask(int(hh), int(ww), kernel_size, dilation, q.device)
     args = [t.reshape(b, nh, hh * ww, d) for t in (q, k, v)]
     if q.device.type == "cuda":
@@ -423,7 +444,8 @@ def flex(q, k, v, kernel_size, dilation, scale):
     else:  # eager: correct but materialises the scores; fine for tests on CPU
         with warnings.catch_warnings():
             warnings.filterwarnings(
-                "ignore", message=".*flex_attention called without torch.compile")
+                "ignore", message=".*flex_attention called without torch.compile"
+            )
             out = flex_attention(*args, block_mask=mask, scale=scale)
     return out.view(b, nh, hh, ww, d)
 
@@ -436,12 +458,23 @@ def natten_na2d(q, k, v, kernel_size, dilation, scale):
     """``natten.na2d`` (heads-last layout)."""
     import natten
 
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("attention backend 'natten' cannot backpropagate on CPU (natten runs "
-                           "through FlexAttention there, which has no CPU backward); use 'gather' "
-                           "or 'tiled' to train on CPU, or run under torch.no_grad()")
+    if (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+    ):
+        raise RuntimeError(
+            "attention backend 'natten' cannot backpropagate on CPU (natten runs "
+            "through FlexAttention there, which has no CPU backward); use 'gather' "
+            "or 'tiled' to train on CPU, or run under torch.no_grad()"
+        )
     to_heads_last = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731  (B, H, W, heads, D)
-    out = natten.na2d(to_heads_last(q), to_heads_last(k), to_heads_last(v),
-                      kernel_size=tuple(kernel_size), dilation=tuple(dilation), scale=scale)
+    out = natten.na2d(
+        to_heads_last(q),
+        to_heads_last(k),
+        to_heads_last(v),
+        kernel_size=tuple(kernel_size),
+        dilation=tuple(dilation),
+        scale=scale,
+    )
     return out.permute(0, 3, 1, 2, 4)

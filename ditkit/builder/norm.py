@@ -54,8 +54,9 @@ class LayerNorm(Norm):
         if dtype == x.dtype:
             return F.layer_norm(x, (self.dim,), self.scale, self.bias, self.eps)
         # fp16 / bf16: statistics (and the whole op) in fp32, as autocast does
-        return F.layer_norm(x.to(dtype), (self.dim,), _to(self.scale, dtype),
-                            _to(self.bias, dtype), self.eps).to(x.dtype)
+        return F.layer_norm(
+            x.to(dtype), (self.dim,), _to(self.scale, dtype), _to(self.bias, dtype), self.eps
+        ).to(x.dtype)
 
 
 class RMSNorm(Norm):
@@ -72,8 +73,9 @@ class RMSNorm(Norm):
         return y.to(x.dtype)
 
 
-def make_norm(kind: Literal["layer", "rms"], dim: int, eps: float = 1e-6,
-              affine: bool = False) -> Norm:
+def make_norm(
+    kind: Literal["layer", "rms"], dim: int, eps: float = 1e-6, affine: bool = False
+) -> Norm:
     """The norm class of a spec's ``norm.kind`` (chosen here, once, never in ``forward``)."""
     match kind:
         case "layer":

@@ -12,14 +12,16 @@ from torch import nn
 from ditkit import spec as S
 
 
-def sincos_table(h: int, w: int, dim: int, max_period: float = 10000.0,
-                 device=None) -> torch.Tensor:
+def sincos_table(
+    h: int, w: int, dim: int, max_period: float = 10000.0, device=None
+) -> torch.Tensor:
     """DiT's 2-D sin-cos table, ``(h, w, dim)``: the first half of the channels encodes the
     column index, the second half the row index, each as ``[sin(p w_k), cos(p w_k)]`` with
     ``w_k = max_period^(-k / (dim/4))``."""
     quarter = dim // 4
     omega = 1.0 / max_period ** (
-        torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+        torch.arange(quarter, dtype=torch.float64, device=device) / quarter
+    )
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.to(torch.float64)[:, None] * omega[None]
@@ -41,8 +43,9 @@ class SincosPosition(nn.Module):
 
     def init_special(self) -> None:
         with torch.no_grad():
-            self.table.copy_(sincos_table(*self.grid, self.table.shape[-1], self.max_period,
-                                          self.table.device))
+            self.table.copy_(
+                sincos_table(*self.grid, self.table.shape[-1], self.max_period, self.table.device)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         h, w = x.shape[1], x.shape[2]
@@ -67,8 +70,12 @@ class LearnedPosition(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         table: torch.Tensor = self.table
         if (x.shape[1], x.shape[2]) != self.grid:
-            table = F.interpolate(table.permute(2, 0, 1)[None], size=(x.shape[1], x.shape[2]),
-                                  mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+            table = F.interpolate(
+                table.permute(2, 0, 1)[None],
+                size=(x.shape[1], x.shape[2]),
+                mode="bicubic",
+                align_corners=False,
+            )[0].permute(1, 2, 0)
         return x + table.to(x.dtype)
 
 
@@ -92,6 +99,7 @@ def build_position(pos: S.Position, grid: tuple[int, int], d_model: int) -> nn.M
 def grid_positions(h, w, kind: str, device=None, dtype=torch.float32) -> torch.Tensor:
     """``(h, w, 2)`` (row, col) positions: ``normalized`` = HDiT's cell centres in [-1, 1] per
     axis; ``integer`` = indices from the upper-left token."""
+
     def axis(n):
         i = torch.arange(n, device=device, dtype=dtype)
         return (2 * i + 1) / n - 1 if kind == "normalized" else i
@@ -100,8 +108,9 @@ def grid_positions(h, w, kind: str, device=None, dtype=torch.float32) -> torch.T
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
 
 
-def rope_frequencies(n_heads: int, rotated: int, layout: str, freq_min: float,
-                     freq_max: float, base: float) -> torch.Tensor:
+def rope_frequencies(
+    n_heads: int, rotated: int, layout: str, freq_min: float, freq_max: float, base: float
+) -> torch.Tensor:
     """``(n_heads, rotated // 4)`` frequencies per head and axis.
 
     ``log_spaced`` (HDiT): ``n_heads * rotated/4`` log-uniform values in [freq_min, freq_max)
@@ -109,15 +118,17 @@ def rope_frequencies(n_heads: int, rotated: int, layout: str, freq_min: float,
     ``geometric``: ``base^(-j / (rotated/4))``, the same for every head."""
     per_axis = rotated // 4
     if layout == "log_spaced":
-        freqs = torch.linspace(math.log(freq_min), math.log(freq_max),
-                               n_heads * per_axis + 1)[:-1].exp()
+        freqs = torch.linspace(math.log(freq_min), math.log(freq_max), n_heads * per_axis + 1)[
+            :-1
+        ].exp()
         return freqs.view(per_axis, n_heads).T.contiguous()
     freqs = base ** (-torch.arange(per_axis, dtype=torch.float32) / per_axis)
     return freqs[None].expand(n_heads, per_axis).contiguous()
 
 
-def rope_angles(freqs: torch.Tensor, pos: torch.Tensor,
-                freqs_col: torch.Tensor | None = None) -> torch.Tensor:
+def rope_angles(
+    freqs: torch.Tensor, pos: torch.Tensor, freqs_col: torch.Tensor | None = None
+) -> torch.Tensor:
     """freqs (heads, r/4), pos (H, W, 2) -> angles (heads, H, W, r/2): row angles then col
     (``freqs_col``: other frequencies for the columns; default the same)."""
     th = pos[None, :, :, 0:1] * freqs[:, None, None, :]
@@ -130,7 +141,7 @@ def apply_rope(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``2 * theta.shape[-1]`` channels of ``x`` (..., D): channel ``i`` pairs
     with ``i + r/2``; the rest pass through. Computed in fp32, returned in x's dtype."""
     d = theta.shape[-1]
-    x1, x2, rest = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]
+    x1, x2, rest = x[..., :d], x[..., d : 2 * d], x[..., 2 * d :]
     dtype = torch.promote_types(x.dtype, torch.float32)
     cos, sin = theta.to(dtype).cos(), theta.to(dtype).sin()
     x1f, x2f = x1.to(dtype), x2.to(dtype)
@@ -192,15 +203,16 @@ def ramp_weights(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
             return torch.stack([g, g]).to(freqs.dtype)
         case S.YarnScaling(alpha=alpha, beta=beta, trained_length=length):
             assert length is not None  # derived by the policies; AxialRope checks it is set
-            return torch.stack([1 - ((L * w / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1)
-                                for L in length]).to(freqs.dtype)
+            return torch.stack(
+                [1 - ((L * w / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1) for L in length]
+            ).to(freqs.dtype)
         case _:
             raise TypeError(f"no noise-dependent form of {scaling.kind}")
 
 
-def dynamic_rope_frequencies(freqs: torch.Tensor, ramp: torch.Tensor,
-                             scaling: S.NtkScaling | S.YarnScaling,
-                             t: torch.Tensor) -> torch.Tensor:
+def dynamic_rope_frequencies(
+    freqs: torch.Tensor, ramp: torch.Tensor, scaling: S.NtkScaling | S.YarnScaling, t: torch.Tensor
+) -> torch.Tensor:
     """``(2, B, heads, r/4)`` row / column frequencies for noise fractions ``t`` ``(B,)``: the
     scale ``s(t) = s^(t^time_exponent)`` per sample (:class:`ditkit.spec.NtkScaling`).
     NTK: ``w' = w * s(t)^(-g)``; YaRN: ``w' = (1 - gamma) w / s(t) + gamma w``."""

@@ -48,8 +48,10 @@ def kind_of(cls: type[S.Spec]) -> str:
 
 _missing = [c.__name__ for c in attention_kinds() if c not in ATTENTION_LOOKS]
 if _missing:
-    raise TypeError(f"ditkit.builder.presentation.ATTENTION_LOOKS has no entry for "
-                    f"{', '.join(_missing)}: add its legend name and colours")
+    raise TypeError(
+        f"ditkit.builder.presentation.ATTENTION_LOOKS has no entry for "
+        f"{', '.join(_missing)}: add its legend name and colours"
+    )
 
 #: ``kind`` string -> look (a diagram element records the kind as a string)
 LOOK_OF_KIND: dict[str, AttentionLook] = {kind_of(c): look for c, look in ATTENTION_LOOKS.items()}
@@ -74,10 +76,13 @@ def attention_text(att: S.Attention) -> AttentionText:
             plain = (dh, dw) == (1, 1)
             return AttentionText(
                 f"neighborhood {kh}×{kw}" + ("" if plain else f" dil {dh}×{dw}"),
-                f"neighborhood {kh}x{kw}" + ("" if plain else f" dil {dh}x{dw}"))
+                f"neighborhood {kh}x{kw}" + ("" if plain else f" dil {dh}x{dw}"),
+            )
         case S.ShiftedWindowAttention(window_size=w, shift=shift):
-            return AttentionText(f"shifted window {w}×{w}" + (" (alt.)" if shift == "alternate"
-                                                               else ""), f"shifted_window {w}")
+            return AttentionText(
+                f"shifted window {w}×{w}" + (" (alt.)" if shift == "alternate" else ""),
+                f"shifted_window {w}",
+            )
         case S.AggregateAttention(factor=f):
             return AttentionText(f"aggregate {f}×{f}", "aggregate")
         case S.NoAttention():

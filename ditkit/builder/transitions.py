@@ -72,8 +72,7 @@ class Merge(TokenMerge):
     """``down: merge``: this level's tokens, grouped and projected to the next width."""
 
     # a level's down also takes the model input (Repatch uses it); the weights are TokenMerge's
-    def forward(self, x: torch.Tensor,  # type: ignore[override]
-                x_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)  # (B, h/f, w/f, D_next)
 
 
@@ -81,8 +80,9 @@ class Repatch(nn.Module):
     """``down: repatch``: ``Linear(group(x_input, p)) (+ position)`` on the coarse grid; this
     level's tokens are not used (they become the skip)."""
 
-    def __init__(self, in_channels: int, d_model: int, patch: int, bias: bool,
-                 position: nn.Module | None):
+    def __init__(
+        self, in_channels: int, d_model: int, patch: int, bias: bool, position: nn.Module | None
+    ):
         super().__init__()
         self.embed = TokenMerge(in_channels, d_model, (patch, patch), bias=bias)
         self.position = position
@@ -100,8 +100,9 @@ class Split(TokenSplit):
     """``up: split``: project and ungroup; prefix tokens pass through."""
 
     # a level's up also carries the prefix tokens; the weights are TokenSplit's
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None,  # type: ignore[override]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return super().forward(x), prefix  # (B, h*f, w*f, D_i)
 
 
@@ -110,10 +111,17 @@ class Upsample(nn.Module):
     order) -> GELU`` on the grid, then ``norm -> refine`` over grid and prefix tokens, then
     ``+ position``."""
 
-    def __init__(self, d_model: int, factor: int, bias: bool = True, approximate: str = "tanh",
-                 norm_kind: Literal["layer", "rms"] = "layer", norm_eps: float = 1e-6,
-                 norm_affine: bool = False,
-                 position: nn.Module | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        factor: int,
+        bias: bool = True,
+        approximate: str = "tanh",
+        norm_kind: Literal["layer", "rms"] = "layer",
+        norm_eps: float = 1e-6,
+        norm_affine: bool = False,
+        position: nn.Module | None = None,
+    ):
         super().__init__()
         self.factor, self.approximate = factor, approximate
         self.proj = nn.Linear(d_model, d_model * factor * factor, bias=bias)
@@ -121,8 +129,11 @@ class Upsample(nn.Module):
         self.refine = nn.Linear(d_model, d_model, bias=bias)
         self.position = position
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = ungroup(self.proj(x), self.factor, self.factor)  # (B, h*f, w*f, D)
         x = F.gelu(x, approximate=self.approximate)
         x = self.refine(self.norm(x))
@@ -159,7 +170,15 @@ def build_up(spec: S.ModelSpec, i: int) -> nn.Module:
         case None | S.Split():
             return Split(nxt, lvl.d_model, (f, f), bias=lvl.down.bias)
         case S.Upsample(bias=bias, approximate=ap, norm=n, position=pos):
-            return Upsample(lvl.d_model, f, bias, ap, n.kind, n.eps, n.affine,
-                            build_position(pos, spec.token_grids()[i], lvl.d_model))
+            return Upsample(
+                lvl.d_model,
+                f,
+                bias,
+                ap,
+                n.kind,
+                n.eps,
+                n.affine,
+                build_position(pos, spec.token_grids()[i], lvl.d_model),
+            )
         case other:
             assert_never(other)

@@ -12,27 +12,65 @@ from __future__ import annotations
 
 import sys
 
-from . import (bench, convert, demo, describe, diff, encode, evaluate, export, extrapolate,
-               presets, sample, schema, shards, train, trt, validate)
+from . import (
+    bench,
+    convert,
+    demo,
+    describe,
+    diff,
+    encode,
+    evaluate,
+    export,
+    extrapolate,
+    presets,
+    sample,
+    schema,
+    shards,
+    train,
+    trt,
+    validate,
+)
 from .common import Parser, run_command
 
 # the order of `ditkit --help`
-COMMANDS = (describe, diff, validate, schema, presets, demo, bench, convert, sample, export, trt,
-            train, evaluate, encode, shards, extrapolate)
+COMMANDS = (
+    describe,
+    diff,
+    validate,
+    schema,
+    presets,
+    demo,
+    bench,
+    convert,
+    sample,
+    export,
+    trt,
+    train,
+    evaluate,
+    encode,
+    shards,
+    extrapolate,
+)
 
 
 def build_parser() -> Parser:
     from ditkit import __version__
 
     parser = Parser(
-        prog="ditkit", description=__doc__.splitlines()[0],
+        prog="ditkit",
+        description=__doc__.splitlines()[0],
         epilog="Every command also takes --no-size-limits: specs, batches and step counts "
-               "beyond the built-in size limits, for people who have the memory.")
+        "beyond the built-in size limits, for people who have the memory.",
+    )
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks for handled errors too (also DITKIT_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=Parser)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show tracebacks for handled errors too (also DITKIT_DEBUG=1)",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
     for module in COMMANDS:
         module.add_parser(sub)
     return parser

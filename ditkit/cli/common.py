@@ -30,14 +30,15 @@ UsageError = UserError  # the name the command modules use
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE = 0, 1, 2
 # OSErrors that are the machine's refusal, not a bug: reported in one line, exit 1
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
-                                errno.EDQUOT})
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
 
 
 def debug_enabled(args=None) -> bool:
     """``--debug`` or ``DITKIT_DEBUG=1``: let tracebacks through."""
     return bool(getattr(args, "debug", False)) or os.environ.get("DITKIT_DEBUG", "") not in (
-        "", "0")
+        "",
+        "0",
+    )
 
 
 def run_command(func: Callable, args) -> int:
@@ -78,8 +79,10 @@ def _report(err: BaseException, debug: bool) -> None:
     text = str(err)
     if isinstance(err, OSError) and not isinstance(err, EnvironmentFault):
         where = f"{err.filename}: " if err.filename else ""
-        text = (f"{where}{err.strerror or text}; the command stopped there, nothing written "
-                "earlier was lost")
+        text = (
+            f"{where}{err.strerror or text}; the command stopped there, nothing written "
+            "earlier was lost"
+        )
     print(f"error: {text}", file=sys.stderr)
 
 
@@ -87,9 +90,13 @@ def _report(err: BaseException, debug: bool) -> None:
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 SOURCE_KINDS = ("file", "preset", "checkpoint", "onnx", "run")
-_KIND_TEXT = {"file": "a spec file", "preset": "a preset name",
-              "checkpoint": "a checkpoint (.safetensors)", "onnx": "an exported .onnx file",
-              "run": "a run folder"}
+_KIND_TEXT = {
+    "file": "a spec file",
+    "preset": "a preset name",
+    "checkpoint": "a checkpoint (.safetensors)",
+    "onnx": "an exported .onnx file",
+    "run": "a run folder",
+}
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,9 @@ class Source:
     path: Path | None = None
 
 
-def resolve_source(ref: str, accept: tuple[str, ...] = ("file", "preset", "checkpoint"),
-                   what: str = "") -> Source:
+def resolve_source(
+    ref: str, accept: tuple[str, ...] = ("file", "preset", "checkpoint"), what: str = ""
+) -> Source:
     """Decide whether ``ref`` is a file, a preset, a checkpoint, an ONNX file or a run folder,
     by its suffix, then the file system, then the preset names; raise :class:`UserError`
     when it is none of them or not one ``accept`` allows. ``what`` prefixes messages (a flag).
@@ -127,7 +135,8 @@ def resolve_source(ref: str, accept: tuple[str, ...] = ("file", "preset", "check
         first = [k for k in accept if k in ("file", "preset")]
         rest = [k for k in accept if k not in first]
         wanted = " or ".join(_KIND_TEXT[k] for k in first) + (
-            f", nor {_either(rest)}" if rest and first else _either(rest) if rest else "")
+            f", nor {_either(rest)}" if rest and first else _either(rest) if rest else ""
+        )
         extra = f"; presets: {', '.join(PRESETS)}" if "preset" in accept else ""
         raise UsageError(f"{name}: not {wanted}{extra}")
     if kind not in accept:
@@ -137,8 +146,10 @@ def resolve_source(ref: str, accept: tuple[str, ...] = ("file", "preset", "check
     if kind in ("checkpoint", "onnx", "file"):  # a FIFO or device: refused, never opened
         from ditkit.spec.io import check_regular
 
-        check_regular(path, {"checkpoint": "checkpoint", "onnx": "ONNX model",
-                             "file": "spec or experiment"}[kind])
+        check_regular(
+            path,
+            {"checkpoint": "checkpoint", "onnx": "ONNX model", "file": "spec or experiment"}[kind],
+        )
     if kind in ("checkpoint", "onnx") and not path.is_file():
         raise UsageError(f"{name}: no such {'checkpoint' if kind == 'checkpoint' else 'file'}")
     return Source(kind, ref, path)
@@ -159,9 +170,11 @@ def checkpoint_path(ref: str, what: str = "") -> Path:
 
     found = latest_checkpoint(src.path / "checkpoints") or latest_checkpoint(src.path)
     if found is None:
-        raise UsageError(f"{src.path}: a directory with no checkpoints, so not a run folder "
-                         "(expected checkpoints/step-*/ema.safetensors); give a spec file "
-                         "(.yaml/.json), a checkpoint (.safetensors) or a run folder")
+        raise UsageError(
+            f"{src.path}: a directory with no checkpoints, so not a run folder "
+            "(expected checkpoints/step-*/ema.safetensors); give a spec file "
+            "(.yaml/.json), a checkpoint (.safetensors) or a run folder"
+        )
     return found[1] / "ema.safetensors"
 
 
@@ -214,26 +227,33 @@ def default_objective(spec, objective=None):
 
     if objective is None:
         objective = spec.default_objective
-        print(f"note: no objective recorded; using {objective.kind} (pass --objective to "
-              "choose)", file=sys.stderr)
+        print(
+            f"note: no objective recorded; using {objective.kind} (pass --objective to choose)",
+            file=sys.stderr,
+        )
     if isinstance(objective, str):
         if objective not in S.OBJECTIVE_KINDS:
-            raise UsageError(f"objective {objective!r} (--objective): choose one of "
-                             f"{', '.join(S.OBJECTIVE_KINDS)}")
+            raise UsageError(
+                f"objective {objective!r} (--objective): choose one of "
+                f"{', '.join(S.OBJECTIVE_KINDS)}"
+            )
         return S.objective_of_kind(objective)
     return objective
 
 
-def load_model_source(ref: str, objective=None, device: str = "cpu",
-                      overrides: list[str] | tuple[str, ...] = ()):
+def load_model_source(
+    ref: str, objective=None, device: str = "cpu", overrides: list[str] | tuple[str, ...] = ()
+):
     """``(model, objective, metadata, checkpoint hash or None)`` from a checkpoint (or run
     folder) or from a spec / preset (random weights; ``overrides`` apply to it). ``objective``
     (a kind or an objective spec) applies where the source records none."""
     src = resolve_source(ref, ("file", "preset", "checkpoint", "run"))
     if src.kind in ("checkpoint", "run"):
         if overrides:
-            raise UsageError(f"--set: {ref} is a checkpoint, whose weights fix the model; "
-                             "--set applies to spec files and presets")
+            raise UsageError(
+                f"--set: {ref} is a checkpoint, whose weights fix the model; "
+                "--set applies to spec files and presets"
+            )
         from ditkit.runtime.checkpoint import load_model, model_hash
 
         path = checkpoint_path(ref)
@@ -273,8 +293,9 @@ def parse_resolution(text: str | None, flag: str = "--resolution") -> tuple[int,
         return None
     parts = numbers(text.lower().replace("x", ",")) or []
     if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise UsageError(f"{flag} {text!r}: use H or HxW with positive integers, e.g. 256 "
-                         "or 256x512")
+        raise UsageError(
+            f"{flag} {text!r}: use H or HxW with positive integers, e.g. 256 or 256x512"
+        )
     return (parts[0], parts[-1])
 
 
@@ -324,8 +345,7 @@ def parse_labels(text: str | None, num: int | None, spec, seed: int, flag: str =
         raise UsageError(f"{flag} {text!r}: use comma-separated integers or 'random'")
     bad = [v for v in values if not 0 <= v < classes.count]
     if not values or bad:
-        raise UsageError(f"{flag}: labels must be in [0, {classes.count}); got "
-                         f"{bad or values}")
+        raise UsageError(f"{flag}: labels must be in [0, {classes.count}); got {bad or values}")
     n = num or len(values)
     return torch.tensor([values[i % len(values)] for i in range(n)]), n
 
@@ -350,9 +370,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text
-                or "default" in text or action.option_strings == []
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+        if (
+            action.default in (None, False, [], argparse.SUPPRESS)
+            or "%(default)" in text
+            or "default" in text
+            or action.option_strings == []
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -373,29 +397,43 @@ def deprecated(parser, old: str, new: str, **kwargs) -> None:
 
     class Alias(argparse.Action):
         def __call__(self, parser_, namespace, values, option_string=None):
-            print(f"ditkit: {old} is deprecated, use {new} ({old} goes in ditkit "
-                  f"{DEPRECATED_IN})", file=sys.stderr)
+            print(
+                f"ditkit: {old} is deprecated, use {new} ({old} goes in ditkit {DEPRECATED_IN})",
+                file=sys.stderr,
+            )
             if base == "store_true":
                 values = True
             setattr(namespace, dest, values)
 
     if base == "store_true":
         kwargs["nargs"] = 0
-    parser.add_argument(old, dest=f"_deprecated_{old.strip('-').replace('-', '_')}",
-                        action=Alias, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                        **kwargs)
+    parser.add_argument(
+        old,
+        dest=f"_deprecated_{old.strip('-').replace('-', '_')}",
+        action=Alias,
+        help=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        **kwargs,
+    )
 
 
 def add_device(p, default: str = "auto") -> None:
-    p.add_argument("--device", default=default,
-                   help="cpu, cuda, cuda:N or auto (auto: cuda when available, else cpu; under "
-                        "torchrun cuda means the local rank's GPU)")
+    p.add_argument(
+        "--device",
+        default=default,
+        help="cpu, cuda, cuda:N or auto (auto: cuda when available, else cpu; under "
+        "torchrun cuda means the local rank's GPU)",
+    )
 
 
 def add_threads(p) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: $OMP_NUM_THREADS, else half the CPUs this "
-                        "process may use, divided among local torchrun ranks, 1 to 8)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: $OMP_NUM_THREADS, else half the CPUs this "
+        "process may use, divided among local torchrun ranks, 1 to 8)",
+    )
 
 
 def add_progress(p) -> None:
@@ -407,9 +445,15 @@ def add_json(p, what: str = "print one JSON object instead of the text report") 
 
 
 def add_set(p, what: str = "spec") -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                   help=f"override a field of the {what} (repeatable), e.g. "
-                        "training.batch_size=8 or levels.0.d_model=256; validated by the schema")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help=f"override a field of the {what} (repeatable), e.g. "
+        "training.batch_size=8 or levels.0.d_model=256; validated by the schema",
+    )
 
 
 # --------------------------------------------------------------------------------- sampling
@@ -417,15 +461,30 @@ def add_set(p, what: str = "spec") -> None:
 # builds its Sampling with sampling_from_args: a flag cannot be honoured by one code path and
 # dropped by another.
 
-SAMPLING_FLAGS = {"sampler": "--sampler", "steps": "--steps", "schedule": "--schedule",
-                  "eta": "--eta", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
-                  "rho": "--rho", "cfg_scale": "--cfg-scale", "cfg_interval": "--cfg-interval",
-                  "cfg_channels": "--cfg-channels", "seed": "--seed"}
+SAMPLING_FLAGS = {
+    "sampler": "--sampler",
+    "steps": "--steps",
+    "schedule": "--schedule",
+    "eta": "--eta",
+    "sigma_min": "--sigma-min",
+    "sigma_max": "--sigma-max",
+    "rho": "--rho",
+    "cfg_scale": "--cfg-scale",
+    "cfg_interval": "--cfg-interval",
+    "cfg_channels": "--cfg-channels",
+    "seed": "--seed",
+}
 """Sampling spec field -> its command-line flag (``dest`` is the field name)."""
 
 
-def add_sampling(p, *, steps: int = 50, seed: int = 0, cfg_scale_help: str | None = None,
-                 cfg_channels_help: str | None = None) -> None:
+def add_sampling(
+    p,
+    *,
+    steps: int = 50,
+    seed: int = 0,
+    cfg_scale_help: str | None = None,
+    cfg_channels_help: str | None = None,
+) -> None:
     """The sampling flags (:data:`SAMPLING_FLAGS`) as one argument group. ``steps`` and
     ``seed`` are the command's defaults; the other defaults are the Sampling spec's.
     ``cfg_scale_help`` replaces the default help of ``--cfg-scale`` (and then its default is
@@ -433,34 +492,61 @@ def add_sampling(p, *, steps: int = 50, seed: int = 0, cfg_scale_help: str | Non
     from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling
 
     field = Sampling.model_fields
-    g = p.add_argument_group("sampling", "how the samples are drawn (the fields of "
-                             "ditkit.spec.sampling.Sampling)")
-    g.add_argument("--sampler", default=field["sampler"].default, choices=SAMPLERS,
-                   help="sampler")
+    g = p.add_argument_group(
+        "sampling", "how the samples are drawn (the fields of ditkit.spec.sampling.Sampling)"
+    )
+    g.add_argument("--sampler", default=field["sampler"].default, choices=SAMPLERS, help="sampler")
     g.add_argument("--steps", type=int, default=steps, help="sampler steps (noise levels)")
-    g.add_argument("--schedule", default=field["schedule"].default, choices=SCHEDULES,
-                   help="step schedule: native (the model family's), karras (EDM's "
-                        "rho-spaced sigmas) or uniform (in the objective's time)")
-    g.add_argument("--eta", type=float, default=None,
-                   help="noise of the ancestral / SDE samplers (default 1; ddim and "
-                        "dpm_adaptive 0)")
-    g.add_argument("--sigma-min", type=float, default=None,
-                   help="lowest non-zero noise level (default: the objective's, e.g. a "
-                        "converted k-diffusion config's sigma_min)")
-    g.add_argument("--sigma-max", type=float, default=None,
-                   help="highest noise level (default: the objective's)")
-    g.add_argument("--rho", type=float, default=field["rho"].default,
-                   help="exponent of the karras schedule")
+    g.add_argument(
+        "--schedule",
+        default=field["schedule"].default,
+        choices=SCHEDULES,
+        help="step schedule: native (the model family's), karras (EDM's "
+        "rho-spaced sigmas) or uniform (in the objective's time)",
+    )
+    g.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="noise of the ancestral / SDE samplers (default 1; ddim and dpm_adaptive 0)",
+    )
+    g.add_argument(
+        "--sigma-min",
+        type=float,
+        default=None,
+        help="lowest non-zero noise level (default: the objective's, e.g. a "
+        "converted k-diffusion config's sigma_min)",
+    )
+    g.add_argument(
+        "--sigma-max",
+        type=float,
+        default=None,
+        help="highest noise level (default: the objective's)",
+    )
+    g.add_argument(
+        "--rho", type=float, default=field["rho"].default, help="exponent of the karras schedule"
+    )
     if cfg_scale_help is None:
-        g.add_argument("--cfg-scale", type=float, default=field["cfg_scale"].default,
-                       help="classifier-free guidance scale (1 = the conditional model)")
+        g.add_argument(
+            "--cfg-scale",
+            type=float,
+            default=field["cfg_scale"].default,
+            help="classifier-free guidance scale (1 = the conditional model)",
+        )
     else:
         g.add_argument("--cfg-scale", type=float, default=None, help=cfg_scale_help)
-    g.add_argument("--cfg-interval", default=None, metavar="LO,HI",
-                   help="guide only for sigma in [LO, HI] (default: every step)")
-    g.add_argument("--cfg-channels", type=int, default=None,
-                   help=cfg_channels_help or "guide only the first N channels (DiT: 3; "
-                                             "default: all)")
+    g.add_argument(
+        "--cfg-interval",
+        default=None,
+        metavar="LO,HI",
+        help="guide only for sigma in [LO, HI] (default: every step)",
+    )
+    g.add_argument(
+        "--cfg-channels",
+        type=int,
+        default=None,
+        help=cfg_channels_help or "guide only the first N channels (DiT: 3; default: all)",
+    )
     g.add_argument("--seed", type=int, default=seed, help="seed of the noise")
 
 
@@ -493,11 +579,13 @@ def sampling_from_args(args, **fixed):
         raise UsageError(f"{flag}{shown}: {message}") from None
 
 
-STAGES_HELP = ("multi-stage sampling: comma-separated RES[:SIGMA[:STEPS]] stages, RES = N or "
-               "HxW, e.g. 8,16:2.0,32:1.0:10 = draft at 8x8 from pure noise, enlarge "
-               "(bicubic; add :nearest to a stage for nearest) and re-noise to sigma 2.0 at "
-               "16x16, then to sigma 1.0 at 32x32 with 10 steps; the last stage is the output "
-               "resolution (guide: Multi-stage sampling)")
+STAGES_HELP = (
+    "multi-stage sampling: comma-separated RES[:SIGMA[:STEPS]] stages, RES = N or "
+    "HxW, e.g. 8,16:2.0,32:1.0:10 = draft at 8x8 from pure noise, enlarge "
+    "(bicubic; add :nearest to a stage for nearest) and re-noise to sigma 2.0 at "
+    "16x16, then to sigma 1.0 at 32x32 with 10 steps; the last stage is the output "
+    "resolution (guide: Multi-stage sampling)"
+)
 
 
 def add_stages(p, *, single: bool = True) -> None:
@@ -505,9 +593,16 @@ def add_stages(p, *, single: bool = True) -> None:
     if single:
         p.add_argument("--stages", default=None, metavar="STAGES", help=STAGES_HELP)
     else:
-        p.add_argument("--stages", nargs="+", default=None, metavar="STAGES",
-                       help=STAGES_HELP.replace("multi-stage sampling:", "multi-stage rows, "
-                                                "one per policy and space-separated chain:"))
+        p.add_argument(
+            "--stages",
+            nargs="+",
+            default=None,
+            metavar="STAGES",
+            help=STAGES_HELP.replace(
+                "multi-stage sampling:",
+                "multi-stage rows, one per policy and space-separated chain:",
+            ),
+        )
 
 
 def parse_stages_flag(text: str | None, flag: str = "--stages"):
@@ -544,7 +639,10 @@ def list_arg(values, flag: str) -> list[str] | None:
     if isinstance(values, str):
         values = [values]
     if len(values) > 1:
-        print(f"ditkit: space-separated {flag} values are deprecated, separate them with "
-              f"commas ({flag} {','.join(values)}); the old form goes in ditkit "
-              f"{DEPRECATED_IN}", file=sys.stderr)
+        print(
+            f"ditkit: space-separated {flag} values are deprecated, separate them with "
+            f"commas ({flag} {','.join(values)}); the old form goes in ditkit "
+            f"{DEPRECATED_IN}",
+            file=sys.stderr,
+        )
     return [item for v in values for item in parse_list(v)]

@@ -8,24 +8,45 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (add_json, add_progress, add_set, add_threads, deprecated, load_spec,
-                     positive, setup_compute)
+from .common import (
+    add_json,
+    add_progress,
+    add_set,
+    add_threads,
+    deprecated,
+    load_spec,
+    positive,
+    setup_compute,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny HDiT on digits (CPU), sample and evaluate it")
-    p.add_argument("--spec", default=None,
-                   help="model spec to train instead of the demo's tiny-hdit-digits "
-                   "(1 or 3 channels, 10 classes)")
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="model spec to train instead of the demo's tiny-hdit-digits "
+        "(1 or 3 channels, 10 classes)",
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps (short for --set training.steps=N; default: the "
-                        "experiment's 1000)")
-    p.add_argument("--count", type=int, default=None,
-                   help="evaluation samples (short for --set evaluation.count=N; default: the "
-                        "experiment's 500)")
-    add_set(p, "demo experiment (examples/experiments/demo-digits.yaml; shipped in the "
-               "package as ditkit/training/assets/demo-digits.yaml)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (short for --set training.steps=N; default: the experiment's 1000)",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="evaluation samples (short for --set evaluation.count=N; default: the "
+        "experiment's 500)",
+    )
+    add_set(
+        p,
+        "demo experiment (examples/experiments/demo-digits.yaml; shipped in the "
+        "package as ditkit/training/assets/demo-digits.yaml)",
+    )
     add_threads(p)
     add_progress(p)
     add_json(p, "print only the final JSON line of scores (the report goes to stderr)")
@@ -39,8 +60,13 @@ def run(args) -> int:
 
     positive(args.count, "--count")
     spec = load_spec(args.spec, "--spec") if args.spec else None
-    exp = demo_experiment(spec, args.steps, args.count,
-                          source=f"demo experiment with {args.spec}", overrides=args.overrides)
+    exp = demo_experiment(
+        spec,
+        args.steps,
+        args.count,
+        source=f"demo experiment with {args.spec}",
+        overrides=args.overrides,
+    )
     setup_compute(args)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print

@@ -12,11 +12,18 @@ from .common import add_json, add_set, load_spec, parse_resolution
 def add_parser(sub) -> None:
     p = sub.add_parser("describe", help="per-level table of tokens, widths, params and GMACs")
     p.add_argument("spec", help="spec file (.yaml/.json), preset name, checkpoint or run folder")
-    p.add_argument("other", nargs="?", help="a second spec: both tables, what differs, and "
-                                            "with --diagram both pictures, differences marked")
+    p.add_argument(
+        "other",
+        nargs="?",
+        help="a second spec: both tables, what differs, and "
+        "with --diagram both pictures, differences marked",
+    )
     p.add_argument("--resolution", help="input H or HxW (default: the spec's training one)")
-    p.add_argument("--diagram", metavar="FILE", help="draw the architecture to FILE (.svg or "
-                                                     ".png; needs ditkit[diagram])")
+    p.add_argument(
+        "--diagram",
+        metavar="FILE",
+        help="draw the architecture to FILE (.svg or .png; needs ditkit[diagram])",
+    )
     add_set(p, "spec (both specs when comparing)")
     add_json(p)
     p.set_defaults(func=run)
@@ -27,9 +34,16 @@ def run(args) -> int:
 
     check_diagram(args.diagram)  # before measuring anything
     if args.other is not None:
-        return compare(load_spec(args.spec, overrides=args.overrides),
-                       load_spec(args.other, overrides=args.overrides), args.spec, args.other,
-                       parse_resolution(args.resolution), None, args, tables=True)
+        return compare(
+            load_spec(args.spec, overrides=args.overrides),
+            load_spec(args.other, overrides=args.overrides),
+            args.spec,
+            args.other,
+            parse_resolution(args.resolution),
+            None,
+            args,
+            tables=True,
+        )
 
     from ditkit.builder import describe, format_report
 

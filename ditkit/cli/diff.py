@@ -15,18 +15,30 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("diff", help="field-by-field differences of two specs, or of a spec "
-                                    "and its resolution-adapted spec (--policy)")
+    p = sub.add_parser(
+        "diff",
+        help="field-by-field differences of two specs, or of a spec "
+        "and its resolution-adapted spec (--policy)",
+    )
     p.add_argument("a", help="spec file, preset name, checkpoint or run folder")
     p.add_argument("b", nargs="?", help="the other spec (or use --policy)")
-    p.add_argument("--policy", help="compare A with A adapted by this extrapolation policy: "
-                                    "as_is[:rope=...] local_core[:kernel_size=15] add_levels "
-                                    "core_patch[:factor=4,level=0]")
-    p.add_argument("--resolution", help="with --policy: the target resolution (H or HxW); "
-                                        "otherwise the resolution both are drawn at")
+    p.add_argument(
+        "--policy",
+        help="compare A with A adapted by this extrapolation policy: "
+        "as_is[:rope=...] local_core[:kernel_size=15] add_levels "
+        "core_patch[:factor=4,level=0]",
+    )
+    p.add_argument(
+        "--resolution",
+        help="with --policy: the target resolution (H or HxW); "
+        "otherwise the resolution both are drawn at",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--diagram", metavar="FILE", help="draw both, differences highlighted "
-                                                     "(.svg or .png; needs ditkit[diagram])")
+    p.add_argument(
+        "--diagram",
+        metavar="FILE",
+        help="draw both, differences highlighted (.svg or .png; needs ditkit[diagram])",
+    )
     p.set_defaults(func=run)
 
 
@@ -38,8 +50,10 @@ def run(args) -> int:
         if args.b is not None:
             raise UsageError("diff: give a second spec B or --policy, not both")
         if res is None:
-            raise UsageError("diff --policy needs --resolution, the target the policy adapts "
-                             "the spec to (e.g. --resolution 256)")
+            raise UsageError(
+                "diff --policy needs --resolution, the target the policy adapts "
+                "the spec to (e.g. --resolution 256)"
+            )
         from ditkit.runtime.extrapolate import adapt_spec
         from ditkit.evaluate.report import parse_policy, policy_label
 
@@ -48,8 +62,10 @@ def run(args) -> int:
         label = f"{policy_label(policy)} at {res[0]}x{res[1]}"
         return compare(a, b, args.a, label, None, res, args)
     if args.b is None:
-        raise UsageError("diff: give a second spec B, or --policy P --resolution R to compare "
-                         "A with its adapted spec")
+        raise UsageError(
+            "diff: give a second spec B, or --policy P --resolution R to compare "
+            "A with its adapted spec"
+        )
     return compare(a, load_spec(args.b), args.a, args.b, res, res, args)
 
 
@@ -89,7 +105,15 @@ def compare(a, b, label_a: str, label_b: str, res_a, res_b, args, tables: bool =
         from ditkit.builder.diagram_render import draw_comparison
 
         assert reports is not None  # described above
-        draw_comparison(a, b, args.diagram, reports[0].resolution, reports[1].resolution,
-                        label_a, label_b, reports=reports)
+        draw_comparison(
+            a,
+            b,
+            args.diagram,
+            reports[0].resolution,
+            reports[1].resolution,
+            label_a,
+            label_b,
+            reports=reports,
+        )
         print(f"wrote {args.diagram}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -37,8 +37,9 @@ def _synopsis(name: str, parser: argparse.ArgumentParser) -> str:
         if a.option_strings or isinstance(a, argparse._SubParsersAction):
             continue
         meta = str(a.metavar or a.dest).upper()  # positionals' metavars are strings
-        words.append(f"[{meta}]" if a.nargs == "?" else f"{meta}..." if a.nargs in ("+", "*")
-                     else meta)
+        words.append(
+            f"[{meta}]" if a.nargs == "?" else f"{meta}..." if a.nargs in ("+", "*") else meta
+        )
     return " ".join(words)
 
 
@@ -79,17 +80,23 @@ def _option_rows(parser: argparse.ArgumentParser) -> list[str]:
             if a.nargs == 0:
                 value = ""
             else:
-                meta = a.metavar or (("{" + ",".join(map(str, a.choices)) + "}") if a.choices
-                                     else a.dest.upper())
+                meta = a.metavar or (
+                    ("{" + ",".join(map(str, a.choices)) + "}") if a.choices else a.dest.upper()
+                )
                 value = f"`{meta if isinstance(meta, str) else ' '.join(meta)}`"
         else:
-            flags = f"`{str(a.metavar or a.dest).upper()}`" + (" (optional)" if a.nargs == "?"
-                                                            else "")
+            flags = f"`{str(a.metavar or a.dest).upper()}`" + (
+                " (optional)" if a.nargs == "?" else ""
+            )
             value = "one or more" if a.nargs in ("+", "*") else ""
         text = formatter._expand_help(a) if a.help else ""
         default = ""
-        if (a.option_strings and a.nargs != 0 and a.default not in (None, argparse.SUPPRESS)
-                and "default" not in text):
+        if (
+            a.option_strings
+            and a.nargs != 0
+            and a.default not in (None, argparse.SUPPRESS)
+            and "default" not in text
+        ):
             default = f" (default: `{a.default}`)"
         rows.append(f"| {flags} | {value} | {_cell(text)}{default} |")
     return rows
@@ -102,14 +109,24 @@ def command_reference(parser: argparse.ArgumentParser | None = None) -> str:
 
         parser = build_parser()
     out = ["## Every command at a glance", "", command_table(parser), ""]
-    out += ["## Options of `ditkit` itself", "", "| option | value | meaning |",
-            "| --- | --- | --- |", *_option_rows(parser), ""]
+    out += [
+        "## Options of `ditkit` itself",
+        "",
+        "| option | value | meaning |",
+        "| --- | --- | --- |",
+        *_option_rows(parser),
+        "",
+    ]
     if parser.epilog:
         out += [_cell(parser.epilog), ""]
     for name, sub, text in _commands(parser):
-        out += [f"## `{name}`", "", _cell(sub.description or text) + ("" if (sub.description or
-                                                                             text).endswith(".")
-                                                                     else "."), ""]
+        out += [
+            f"## `{name}`",
+            "",
+            _cell(sub.description or text)
+            + ("" if (sub.description or text).endswith(".") else "."),
+            "",
+        ]
         usage = " ".join(sub.format_usage().split())
         usage = usage.removeprefix("usage: ")
         out += ["```text", usage, "```", ""]

@@ -9,8 +9,11 @@ import sys
 def add_parser(sub) -> None:
     p = sub.add_parser("schema", help="write the JSON Schema of the spec language")
     p.add_argument("--out", help="file to write (default: stdout)")
-    p.add_argument("--experiment", action="store_true",
-                   help="the schema of experiment files (`ditkit train`) instead of model specs")
+    p.add_argument(
+        "--experiment",
+        action="store_true",
+        help="the schema of experiment files (`ditkit train`) instead of model specs",
+    )
     p.set_defaults(func=run)
 
 

@@ -15,13 +15,18 @@ from .common import add_json, add_set, load_spec, parse_resolution, resolve_sour
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("validate", help="validate spec or experiment files; exit 2 if any is "
-                                        "invalid")
-    p.add_argument("specs", nargs="+", help="spec files, experiment files, preset names or "
-                                            "checkpoints")
+    p = sub.add_parser(
+        "validate", help="validate spec or experiment files; exit 2 if any is invalid"
+    )
+    p.add_argument(
+        "specs", nargs="+", help="spec files, experiment files, preset names or checkpoints"
+    )
     p.add_argument("--resolution", help="also check that the models run at this resolution")
-    add_set(p, "specs or experiments (experiment paths, e.g. training.batch_size=8 or "
-               "model.levels.0.d_model=256)")
+    add_set(
+        p,
+        "specs or experiments (experiment paths, e.g. training.batch_size=8 or "
+        "model.levels.0.d_model=256)",
+    )
     add_json(p, "print one JSON object: per file, ok or its problems (field, message)")
     p.set_defaults(func=run)
 
@@ -52,8 +57,10 @@ def run(args) -> int:
             kind, name, spec = _load(ref, args.overrides)
             if res:
                 prefix = "model." if kind == "experiment" else ""
-                issues = [(f if f.startswith("-") else prefix + f, m)
-                          for f, m in spec.check_resolution(res, "--resolution")]
+                issues = [
+                    (f if f.startswith("-") else prefix + f, m)
+                    for f, m in spec.check_resolution(res, "--resolution")
+                ]
                 if issues:
                     raise S.SpecError(issues, f"{ref} at {res[0]}x{res[1]}")
             rows.append({"spec": ref, "ok": True, "kind": kind, "name": name})
@@ -62,8 +69,13 @@ def run(args) -> int:
                 print(f"ok  {ref} ({what})")
         except UserError as err:
             issues = getattr(err, "issues", None) or [("", str(err))]
-            rows.append({"spec": ref, "ok": False,
-                         "problems": [{"field": f, "message": m} for f, m in issues]})
+            rows.append(
+                {
+                    "spec": ref,
+                    "ok": False,
+                    "problems": [{"field": f, "message": m} for f, m in issues],
+                }
+            )
             if not args.json:
                 print(str(err), file=sys.stderr)
             failed += 1

@@ -34,6 +34,7 @@ class ImageDataset(torch.utils.data.Dataset):
     num_classes: int | None = None
 
     if TYPE_CHECKING:  # every dataset has a length (torch's Dataset does not declare one)
+
         def __len__(self) -> int: ...
 
 
@@ -66,8 +67,9 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def digits_tensor(resolution: tuple[int, int], channels: int = 1
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_tensor(
+    resolution: tuple[int, int], channels: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as ``(N, channels, H, W)`` in [-1, 1] and labels."""
     images, labels = digits_arrays()
     x = resize_images(torch.from_numpy(images)[:, None], resolution).clamp(0, 1) * 2 - 1
@@ -78,18 +80,28 @@ def digits_tensor(resolution: tuple[int, int], channels: int = 1
 
 # -------------------------------------------------------------------------------- shapes
 
-SHAPES = ("disc", "square", "triangle", "ring", "cross", "bars_h", "bars_v", "diamond",
-          "checker", "ellipse")
+SHAPES = (
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "bars_h",
+    "bars_v",
+    "diamond",
+    "checker",
+    "ellipse",
+)
 
 
-def shape_image(index: int, label: int, resolution: tuple[int, int], seed: int = 0
-                ) -> np.ndarray:
+def shape_image(index: int, label: int, resolution: tuple[int, int], seed: int = 0) -> np.ndarray:
     """One procedural image ``(3, H, W)`` in [-1, 1]: the shape of class ``label`` at a random
     (seeded by ``seed`` and ``index``) position, size and colour on a dark background."""
     h, w = resolution
     rng = np.random.default_rng([seed, index])
-    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1,
-                         indexing="ij")
+    yy, xx = np.meshgrid(
+        (np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij"
+    )
     r = rng.uniform(0.35, 0.7)
     cy, cx = rng.uniform(-1 + r, 1 - r, size=2) * 0.8
     y, x = (yy - cy) / r, (xx - cx) / r
@@ -112,8 +124,11 @@ def shape_image(index: int, label: int, resolution: tuple[int, int], seed: int =
     elif name == "diamond":
         m = abs(x) + abs(y) <= 1
     elif name == "checker":
-        m = (abs(x) <= 1) & (abs(y) <= 1) & ((np.floor((x + 1) * 2) + np.floor((y + 1) * 2))
-                                             % 2 == 0)
+        m = (
+            (abs(x) <= 1)
+            & (abs(y) <= 1)
+            & ((np.floor((x + 1) * 2) + np.floor((y + 1) * 2)) % 2 == 0)
+        )
     else:  # ellipse
         m = (x / 1.0) ** 2 + (y / 0.5) ** 2 <= 1
     colour = rng.uniform(0.3, 1.0, size=3)
@@ -163,9 +178,11 @@ def open_image(source):
         with Image.open(source) as im:
             yield im
     except Image.DecompressionBombError as err:
-        raise ImageTooLarge(f"{str(err).split(', could be')[0]} (about "
-                            f"{Image.MAX_IMAGE_PIXELS * 4 / 2**30:.2g}+ GiB decoded); "
-                            f"{OVERRIDE_HINT}") from None
+        raise ImageTooLarge(
+            f"{str(err).split(', could be')[0]} (about "
+            f"{Image.MAX_IMAGE_PIXELS * 4 / 2**30:.2g}+ GiB decoded); "
+            f"{OVERRIDE_HINT}"
+        ) from None
     finally:
         Image.MAX_IMAGE_PIXELS = before
 
@@ -192,20 +209,28 @@ def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tens
 class ImageFolder(ImageDataset):
     """Images under ``path`` (one sub-folder per class, or flat: unconditional)."""
 
-    def __init__(self, spec: E.ImageFolderData, resolution: tuple[int, int], channels: int,
-                 base: Path | None = None):
+    def __init__(
+        self,
+        spec: E.ImageFolderData,
+        resolution: tuple[int, int],
+        channels: int,
+        base: Path | None = None,
+    ):
         root = Path(spec.path)
         if not root.is_absolute() and base is not None:
             root = base / root
         if not root.is_dir():
-            raise DataError(f"data.path: no such folder: {root} (relative paths start at the "
-                            "experiment file's folder)")
+            raise DataError(
+                f"data.path: no such folder: {root} (relative paths start at the "
+                "experiment file's folder)"
+            )
         subdirs = sorted(p for p in root.iterdir() if p.is_dir())
         files: list[tuple[Path, int]] = []
         if subdirs:
             for label, d in enumerate(subdirs):
-                files += [(f, label) for f in sorted(d.rglob("*"))
-                          if f.suffix.lower() in IMAGE_SUFFIXES]
+                files += [
+                    (f, label) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+                ]
             self.classes = [d.name for d in subdirs]
             self.num_classes = len(subdirs)
         else:
@@ -214,8 +239,10 @@ class ImageFolder(ImageDataset):
         if not files:
             raise DataError(f"data.path: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
         if channels not in (1, 3):
-            raise DataError(f"image_folder data gives 1 (L) or 3 (RGB) channels; the model's "
-                            f"input.channels is {channels}")
+            raise DataError(
+                f"image_folder data gives 1 (L) or 3 (RGB) channels; the model's "
+                f"input.channels is {channels}"
+            )
         self.files, self.channels = files, channels
         self.resolution = cast(tuple[int, int], tuple(resolution))
         self.flip = spec.flip
@@ -229,8 +256,9 @@ class ImageFolder(ImageDataset):
         try:
             return load_image(path, self.resolution, self.channels)
         except (OSError, ValueError) as err:
-            raise DataError(f"data.path: cannot read image {path}: {err}; remove or replace "
-                            "the file") from None
+            raise DataError(
+                f"data.path: cannot read image {path}: {err}; remove or replace the file"
+            ) from None
 
     def __getitem__(self, i: int):
         img = self.load(i)
@@ -248,7 +276,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
+    head, tail, body = pattern[: m.start()], pattern[m.end() :], m.group(1)
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
         a, b = r.groups()
@@ -260,8 +288,9 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for part in parts for x in expand_braces(head + part + tail)]
 
 
-def resolve_files(patterns: str | list[str], base: Path | None, field: str,
-                  what: str) -> list[Path]:
+def resolve_files(
+    patterns: str | list[str], base: Path | None, field: str, what: str
+) -> list[Path]:
     """Paths from a list / brace pattern / glob (relative to ``base``); every named file must
     exist and every glob must match. Raises :class:`DataError` naming ``field``."""
     import glob
@@ -275,12 +304,16 @@ def resolve_files(patterns: str | list[str], base: Path | None, field: str,
             if glob.has_magic(str(path)):
                 found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
                 if not found:
-                    raise DataError(f"{field}: no {what} match {path} (relative paths start at "
-                                    "the experiment file's folder)")
+                    raise DataError(
+                        f"{field}: no {what} match {path} (relative paths start at "
+                        "the experiment file's folder)"
+                    )
                 out += found
             elif not path.is_file():
-                raise DataError(f"{field}: no such {what.rstrip('s')}: {path} (relative paths "
-                                "start at the experiment file's folder)")
+                raise DataError(
+                    f"{field}: no such {what.rstrip('s')}: {path} (relative paths "
+                    "start at the experiment file's folder)"
+                )
             else:
                 out.append(path)
     return out
@@ -320,20 +353,29 @@ def index_shard(path: Path) -> list[ShardSample]:
                 key, ext = _split_key(m.name)
                 groups.setdefault(key, {})[ext] = m
     except (tarfile.TarError, OSError) as err:
-        raise DataError(f"data.shards: {path} is not a readable tar file ({err}); shards must "
-                        "be uncompressed .tar files (see ditkit shards)") from None
+        raise DataError(
+            f"data.shards: {path} is not a readable tar file ({err}); shards must "
+            "be uncompressed .tar files (see ditkit shards)"
+        ) from None
     samples = []
     images = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
     for key, members in groups.items():
         image_ext = next((e for e in members if e in images), None)
         if image_ext is None:
-            raise DataError(f"data.shards: sample {key!r} in {path} has no image member "
-                            f"({', '.join('.' + e for e in images)}); members: "
-                            f"{', '.join(sorted(m.name for m in members.values()))}")
+            raise DataError(
+                f"data.shards: sample {key!r} in {path} has no image member "
+                f"({', '.join('.' + e for e in images)}); members: "
+                f"{', '.join(sorted(m.name for m in members.values()))}"
+            )
         im = members[image_ext]
         cls = members.get("cls")
-        samples.append(ShardSample(key, (im.name, im.offset_data, im.size),
-                                   (cls.offset_data, cls.size) if cls is not None else None))
+        samples.append(
+            ShardSample(
+                key,
+                (im.name, im.offset_data, im.size),
+                (cls.offset_data, cls.size) if cls is not None else None,
+            )
+        )
     if not samples:
         raise DataError(f"data.shards: {path} holds no samples (KEY.png/KEY.jpg + KEY.cls)")
     return samples
@@ -355,16 +397,26 @@ class WebDataset(ImageDataset):
     shard. ``classes``: the model's class count (labels are required and checked against it),
     ``None`` for an unconditional model (labels are ignored)."""
 
-    def __init__(self, spec: E.WebDatasetData, resolution: tuple[int, int], channels: int,
-                 base: Path | None = None, classes: int | None = None):
+    def __init__(
+        self,
+        spec: E.WebDatasetData,
+        resolution: tuple[int, int],
+        channels: int,
+        base: Path | None = None,
+        classes: int | None = None,
+    ):
         if channels not in (1, 3):
-            raise DataError(f"webdataset data gives 1 (L) or 3 (RGB) channels; the model's "
-                            f"input.channels is {channels}")
+            raise DataError(
+                f"webdataset data gives 1 (L) or 3 (RGB) channels; the model's "
+                f"input.channels is {channels}"
+            )
         self.shards = resolve_files(spec.shards, base, "data.shards", "shards")
         for path in self.shards:  # cheap up-front check (the first header); full index lazily
             if not _is_tar(path):
-                raise DataError(f"data.shards: {path} is not a readable tar file; shards must "
-                                "be uncompressed .tar files (see ditkit shards)")
+                raise DataError(
+                    f"data.shards: {path} is not a readable tar file; shards must "
+                    "be uncompressed .tar files (see ditkit shards)"
+                )
         self.channels, self.flip = channels, spec.flip
         self.resolution = cast(tuple[int, int], tuple(resolution))
         self.num_classes = classes
@@ -392,22 +444,29 @@ class WebDataset(ImageDataset):
         path, s = self.shards[shard], self.samples(shard)[j]
         name, offset, size = s.image
         try:
-            img = load_image(io.BytesIO(self._read(shard, offset, size)), self.resolution,
-                             self.channels)
+            img = load_image(
+                io.BytesIO(self._read(shard, offset, size)), self.resolution, self.channels
+            )
         except (OSError, ValueError) as err:
-            raise DataError(f"data.shards: cannot read image {name} in {path}: {err}; remove "
-                            "or replace that member") from None
+            raise DataError(
+                f"data.shards: cannot read image {name} in {path}: {err}; remove "
+                "or replace that member"
+            ) from None
         label = 0
         if self.num_classes is not None:
             found = self.label(shard, j)
             if found is None:
-                raise DataError(f"data.shards: sample {s.key!r} in {path} has no .cls label but "
-                                "the model is class-conditional (model.conditioning.classes); "
-                                "add KEY.cls members or remove conditioning.classes")
+                raise DataError(
+                    f"data.shards: sample {s.key!r} in {path} has no .cls label but "
+                    "the model is class-conditional (model.conditioning.classes); "
+                    "add KEY.cls members or remove conditioning.classes"
+                )
             label = found
             if not 0 <= label < self.num_classes:
-                raise DataError(f"data.shards: {s.key}.cls in {path} is label {label}, outside "
-                                f"[0, {self.num_classes}) of model.conditioning.classes.count")
+                raise DataError(
+                    f"data.shards: {s.key}.cls in {path} is label {label}, outside "
+                    f"[0, {self.num_classes}) of model.conditioning.classes.count"
+                )
         if flip:
             img = img.flip(-1)
         return img, torch.tensor(label)
@@ -421,8 +480,10 @@ class WebDataset(ImageDataset):
         try:
             return int(text.decode().strip())
         except ValueError:
-            raise DataError(f"data.shards: {s.key}.cls in {self.shards[shard]} is not an integer "
-                            f"label: {text[:40]!r}") from None
+            raise DataError(
+                f"data.shards: {s.key}.cls in {self.shards[shard]} is not an integer "
+                f"label: {text[:40]!r}"
+            ) from None
 
     def __len__(self) -> int:
         return sum(len(self.samples(i)) for i in range(len(self.shards)))
@@ -435,8 +496,14 @@ class WebDataset(ImageDataset):
                 yield self.read(i, j)[0], self.label(i, j)
 
 
-def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str = "shard",
-                 progress: bool = False, check_images: bool = True) -> list[Path]:
+def write_shards(
+    samples,
+    out: str | Path,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    progress: bool = False,
+    check_images: bool = True,
+) -> list[Path]:
     """Write ``samples`` -- ``(key, image, label)`` with ``image`` a PIL image, a path to an
     image file or encoded bytes, ``label`` an int or ``None`` -- as webdataset tar shards
     ``out/PREFIX-000000.tar`` ... of ``shard_size`` samples (PNG for PIL images; files are
@@ -476,8 +543,10 @@ def write_shards(samples, out: str | Path, shard_size: int = 1000, prefix: str =
     try:
         for key, image, label in tqdm(samples, desc="shards", unit="img", disable=not progress):
             if "." in key.rpartition("/")[2]:
-                raise ValueError(f"sample key {key!r}: keys must not contain a dot in their "
-                                 "name (the first dot starts the extension)")
+                raise ValueError(
+                    f"sample key {key!r}: keys must not contain a dot in their "
+                    "name (the first dot starts the extension)"
+                )
             if isinstance(image, (str, Path)):
                 data, ext = Path(image).read_bytes(), Path(image).suffix.lower().lstrip(".")
                 if check_images:
@@ -508,8 +577,10 @@ def _check_image(data: bytes, name: str) -> None:
         with open_image(io.BytesIO(data)) as im:
             im.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
-        raise DataError(f"data.path: {name} is not a readable image ({err}); fix or remove "
-                        "it, nothing was written") from None
+        raise DataError(
+            f"data.path: {name} is not a readable image ({err}); fix or remove "
+            "it, nothing was written"
+        ) from None
 
 
 def image_folder_samples(root: str | Path):
@@ -537,14 +608,17 @@ class LatentShards(ImageDataset):
         if root.is_dir():
             files = sorted(p for p in root.iterdir() if p.suffix in LATENT_SUFFIXES)
             if not files:
-                raise DataError(f"data.path: no latent shards ({', '.join(LATENT_SUFFIXES)}) "
-                                f"in {root}; write them with ditkit encode")
+                raise DataError(
+                    f"data.path: no latent shards ({', '.join(LATENT_SUFFIXES)}) "
+                    f"in {root}; write them with ditkit encode"
+                )
         else:
             files = resolve_files(str(root), None, "data.path", "latent shards")
         bad = [p for p in files if p.suffix not in LATENT_SUFFIXES]
         if bad:
-            raise DataError(f"data.path: {bad[0]} is not a latent shard (use "
-                            f"{' or '.join(LATENT_SUFFIXES)})")
+            raise DataError(
+                f"data.path: {bad[0]} is not a latent shard (use {' or '.join(LATENT_SUFFIXES)})"
+            )
         cls = model.conditioning.classes
         self.num_classes = cls.count if cls is not None else None
         self.scale, self.files = spec.scale, files
@@ -556,28 +630,39 @@ class LatentShards(ImageDataset):
         for k, path in enumerate(files):
             shape, labels = self._open(k, path)
             if len(shape) != 4:
-                raise DataError(f"data.path: `latents` in {path} has shape {list(shape)}; "
-                                "expected (N, C, h, w)")
+                raise DataError(
+                    f"data.path: `latents` in {path} has shape {list(shape)}; expected (N, C, h, w)"
+                )
             n, c, h, w = shape
             if c != want_c:
-                raise DataError(f"model.input.channels is {want_c} but the latents in {path} "
-                                f"have {c} channels; set input.channels: {c}")
+                raise DataError(
+                    f"model.input.channels is {want_c} but the latents in {path} "
+                    f"have {c} channels; set input.channels: {c}"
+                )
             if (h, w) != want_hw:
-                raise DataError(f"model.input.resolution is {list(want_hw)} but the latents in "
-                                f"{path} are {h}x{w}; set input.resolution: [{h}, {w}] (or "
-                                "encode images of the size the model needs)")
+                raise DataError(
+                    f"model.input.resolution is {list(want_hw)} but the latents in "
+                    f"{path} are {h}x{w}; set input.resolution: [{h}, {w}] (or "
+                    "encode images of the size the model needs)"
+                )
             if labels is not None and labels.shape != (n,):
-                raise DataError(f"data.path: `labels` in {path} has shape {list(labels.shape)};"
-                                f" expected ({n},) to match the latents")
+                raise DataError(
+                    f"data.path: `labels` in {path} has shape {list(labels.shape)};"
+                    f" expected ({n},) to match the latents"
+                )
             if self.num_classes is not None:
                 if labels is None:
-                    raise DataError(f"data.path: {path} has no `labels` but the model is "
-                                    "class-conditional (model.conditioning.classes); encode "
-                                    "labelled images or remove conditioning.classes")
+                    raise DataError(
+                        f"data.path: {path} has no `labels` but the model is "
+                        "class-conditional (model.conditioning.classes); encode "
+                        "labelled images or remove conditioning.classes"
+                    )
                 if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                    raise DataError(f"data.path: labels in {path} span [{int(labels.min())}, "
-                                    f"{int(labels.max())}] but model.conditioning.classes.count"
-                                    f" is {self.num_classes}")
+                    raise DataError(
+                        f"data.path: labels in {path} span [{int(labels.min())}, "
+                        f"{int(labels.max())}] but model.conditioning.classes.count"
+                        f" is {self.num_classes}"
+                    )
             self._labels.append(labels)
             counts.append(n)
         self.offsets = np.cumsum([0] + counts)
@@ -593,18 +678,25 @@ class LatentShards(ImageDataset):
                 f = safe_open(str(path), framework="pt")
                 keys = set(f.keys())
                 if "latents" not in keys:
-                    raise DataError(f"data.path: {path} has no `latents` tensor (keys: "
-                                    f"{', '.join(sorted(keys)) or 'none'})")
+                    raise DataError(
+                        f"data.path: {path} has no `latents` tensor (keys: "
+                        f"{', '.join(sorted(keys)) or 'none'})"
+                    )
                 self._handles[k] = f
                 labels = f.get_tensor("labels").long() if "labels" in keys else None
                 return tuple(f.get_slice("latents").get_shape()), labels
             with np.load(path) as z:
                 if "latents" not in z.files:
-                    raise DataError(f"data.path: {path} has no `latents` array (arrays: "
-                                    f"{', '.join(z.files) or 'none'})")
+                    raise DataError(
+                        f"data.path: {path} has no `latents` array (arrays: "
+                        f"{', '.join(z.files) or 'none'})"
+                    )
                 self._arrays[k] = torch.from_numpy(np.asarray(z["latents"], np.float32))
-                labels = (torch.from_numpy(np.asarray(z["labels"]).astype(np.int64))
-                          if "labels" in z.files else None)
+                labels = (
+                    torch.from_numpy(np.asarray(z["labels"]).astype(np.int64))
+                    if "labels" in z.files
+                    else None
+                )
                 return tuple(self._arrays[k].shape), labels
         except DataError:
             raise
@@ -620,10 +712,11 @@ class LatentShards(ImageDataset):
         if k in self._arrays:
             z = self._arrays[k][r]
         else:
-            z = self._handles[k].get_slice("latents")[r:r + 1][0]
+            z = self._handles[k].get_slice("latents")[r : r + 1][0]
         labels = self._labels[k]
-        label = labels[r] if labels is not None and self.num_classes is not None else \
-            torch.tensor(0)
+        label = (
+            labels[r] if labels is not None and self.num_classes is not None else torch.tensor(0)
+        )
         return z.float() * self.scale, label
 
 
@@ -663,11 +756,19 @@ class BatchStream:
     stride (rank ``r`` takes positions ``r, r + world, ...``). The position is saved in
     checkpoints, so a resumed run draws exactly the batches the original would have."""
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, position: Position | None = None):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        position: Position | None = None,
+    ):
         if batch_size % world:
-            raise ValueError(f"training.batch_size {batch_size} is not divisible by the "
-                             f"{world} processes")
+            raise ValueError(
+                f"training.batch_size {batch_size} is not divisible by the {world} processes"
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world = rank, world
         self.position = position or Position()
@@ -685,7 +786,7 @@ class BatchStream:
         while len(out) < n:
             perm = self._permutation(self.position.epoch)
             take = min(n - len(out), len(perm) - self.position.offset)
-            out += perm[self.position.offset:self.position.offset + take].tolist()
+            out += perm[self.position.offset : self.position.offset + take].tolist()
             self.position.offset += take
             if self.position.offset == len(perm):
                 self.position = Position(self.position.epoch + 1, 0)
@@ -693,7 +794,7 @@ class BatchStream:
 
     def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the next ``n`` global samples: ``(images, labels)``."""
-        idx = self.next_indices(n)[self.rank::self.world]
+        idx = self.next_indices(n)[self.rank :: self.world]
         if isinstance(self.dataset, ImageFolder):
             self.dataset.flip_seed = self.seed * 1_000_003 + self.position.epoch
         if isinstance(self.dataset, TensorImages):
@@ -702,7 +803,6 @@ class BatchStream:
         items = [self.dataset[i] for i in idx]
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
 
-
     def state(self) -> dict:
         """The position, for checkpoints (the same on every rank)."""
         return vars(self.position).copy()
@@ -710,10 +810,12 @@ class BatchStream:
     def restore(self, state: dict) -> None:
         position = Position(**state)
         if position.offset >= len(self.dataset):  # a damaged state: never a silent other run
-            raise DataError(f"the checkpoint's data position (epoch {position.epoch}, offset "
-                            f"{position.offset}) is past the end of the dataset "
-                            f"({len(self.dataset)} samples); the data or the checkpoint "
-                            "changed, resume from an earlier checkpoint")
+            raise DataError(
+                f"the checkpoint's data position (epoch {position.epoch}, offset "
+                f"{position.offset}) is past the end of the dataset "
+                f"({len(self.dataset)} samples); the data or the checkpoint "
+                "changed, resume from an earlier checkpoint"
+            )
         self.position = position
 
 
@@ -732,14 +834,24 @@ class ShardStream:
     The position is the count of samples each rank has drawn; a resumed run walks the shard
     sizes to the same shard and sample, so it draws exactly the batches the original would."""
 
-    def __init__(self, dataset: WebDataset, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, position: ShardPosition | None = None):
+    def __init__(
+        self,
+        dataset: WebDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        position: ShardPosition | None = None,
+    ):
         if batch_size % world:
-            raise ValueError(f"training.batch_size {batch_size} is not divisible by the "
-                             f"{world} processes")
+            raise ValueError(
+                f"training.batch_size {batch_size} is not divisible by the {world} processes"
+            )
         if len(dataset.shards) < world:
-            raise DataError(f"data.shards: {len(dataset.shards)} shard(s) cannot be split "
-                            f"across {world} processes; write at least {world} shards")
+            raise DataError(
+                f"data.shards: {len(dataset.shards)} shard(s) cannot be split "
+                f"across {world} processes; write at least {world} shards"
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world = rank, world
         self._perm: tuple[int, np.ndarray] | None = None
@@ -792,8 +904,9 @@ class ShardStream:
         return torch.stack(images), torch.stack(labels)
 
 
-def make_stream(dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0,
-                world: int = 1) -> BatchStream | ShardStream:
+def make_stream(
+    dataset: ImageDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1
+) -> BatchStream | ShardStream:
     """The batch stream for ``dataset``: shard-wise for webdataset, index-wise otherwise."""
     if isinstance(dataset, WebDataset):
         return ShardStream(dataset, batch_size, seed, rank, world)

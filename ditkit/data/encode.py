@@ -22,8 +22,13 @@ import torch
 from ditkit.spec import experiment as E
 
 from ditkit.data.datasets import (
-    IMAGE_SUFFIXES, LATENT_SUFFIXES, DataError, ImageFolder, WebDataset,
-                   digits_tensor)
+    IMAGE_SUFFIXES,
+    LATENT_SUFFIXES,
+    DataError,
+    ImageFolder,
+    WebDataset,
+    digits_tensor,
+)
 
 
 @dataclass
@@ -51,12 +56,17 @@ def image_source(source: str, resolution: tuple[int, int], channels: int):
     if path.is_dir():
         ds = ImageFolder(E.ImageFolderData(path=str(path), flip=False), resolution, channels)
         labelled = ds.num_classes is not None
-        return (((img, int(lab) if labelled else None) for img, lab in
-                 (ds[i] for i in range(len(ds)))), len(ds), ds.classes or None)
+        return (
+            ((img, int(lab) if labelled else None) for img, lab in (ds[i] for i in range(len(ds)))),
+            len(ds),
+            ds.classes or None,
+        )
     if not path.exists() and not any(c in source for c in "*?[{"):
-        raise DataError(f"{source}: no such folder or shard file; give an image folder (class = "
-                        "sub-folder), webdataset shards (.tar files: a path, brace pattern or "
-                        "glob) or `digits`")
+        raise DataError(
+            f"{source}: no such folder or shard file; give an image folder (class = "
+            "sub-folder), webdataset shards (.tar files: a path, brace pattern or "
+            "glob) or `digits`"
+        )
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise DataError(f"{source}: give a folder of images (class = sub-folder), not one image")
     web = WebDataset(E.WebDatasetData(shards=source, flip=False), resolution, channels)
@@ -64,10 +74,20 @@ def image_source(source: str, resolution: tuple[int, int], channels: int):
     return (((img, lab if labelled else None) for img, lab in web), len(web), None)
 
 
-def encode_images(source: str, vae_path: str | Path, out: str | Path,
-                  resolution: tuple[int, int], *, batch_size: int = 16, shard_size: int = 4096,
-                  fmt: str = "safetensors", mode: str = "mean", seed: int = 0,
-                  device: str = "cpu", progress: bool = True) -> EncodeResult:
+def encode_images(
+    source: str,
+    vae_path: str | Path,
+    out: str | Path,
+    resolution: tuple[int, int],
+    *,
+    batch_size: int = 16,
+    shard_size: int = 4096,
+    fmt: str = "safetensors",
+    mode: str = "mean",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> EncodeResult:
     """Encode ``source`` into latent shards under ``out`` (see the module docstring). Raises
     :class:`DataError` (bad source / output) or ``AutoencoderError`` (bad autoencoder)."""
     from tqdm import tqdm
@@ -86,15 +106,22 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
     h, w = resolution
     if h % vae.factor or w % vae.factor:
         f = vae.factor
-        raise DataError(f"--resolution {h}x{w}: must be a multiple of the autoencoder's "
-                        f"downsampling factor {f} (e.g. {max(f, h // f * f)}x{max(f, w // f * f)})")
+        raise DataError(
+            f"--resolution {h}x{w}: must be a multiple of the autoencoder's "
+            f"downsampling factor {f} (e.g. {max(f, h // f * f)}x{max(f, w // f * f)})"
+        )
     items, count, classes = image_source(source, resolution, vae.image_channels)
     if count == 0:
         raise DataError(f"{source}: no images to encode")
     generator = torch.Generator(device=vae.device).manual_seed(seed)
-    meta = {"ditkit.scale_factor": repr(vae.scale), "ditkit.shift_factor": repr(vae.shift),
-            "ditkit.autoencoder": str(vae_path), "ditkit.source": source,
-            "ditkit.mode": mode, "ditkit.image_resolution": f"{h}x{w}"}
+    meta = {
+        "ditkit.scale_factor": repr(vae.scale),
+        "ditkit.shift_factor": repr(vae.shift),
+        "ditkit.autoencoder": str(vae_path),
+        "ditkit.source": source,
+        "ditkit.mode": mode,
+        "ditkit.image_resolution": f"{h}x{w}",
+    }
     if classes:
         meta["ditkit.classes"] = json.dumps(classes)
     shards: list[str] = []
@@ -154,12 +181,25 @@ def encode_images(source: str, vae_path: str | Path, out: str | Path,
         flush(final=True)
     finally:
         bar.close()
-    result = EncodeResult(out=str(out), count=count, shards=shards, latent_shape=latent_shape,
-                          scale_factor=vae.scale, shift_factor=vae.shift, mode=mode,
-                          classes=classes, image_resolution=[h, w])
+    result = EncodeResult(
+        out=str(out),
+        count=count,
+        shards=shards,
+        latent_shape=latent_shape,
+        scale_factor=vae.scale,
+        shift_factor=vae.shift,
+        mode=mode,
+        classes=classes,
+        image_resolution=[h, w],
+    )
     with atomic_path(out / "encode.json") as tmp:
-        Path(tmp).write_text(json.dumps({**asdict(result), "autoencoder": str(vae_path),
-                                         "source": source, "seed": seed}, indent=2) + "\n")
+        Path(tmp).write_text(
+            json.dumps(
+                {**asdict(result), "autoencoder": str(vae_path), "source": source, "seed": seed},
+                indent=2,
+            )
+            + "\n"
+        )
     return result
 
 

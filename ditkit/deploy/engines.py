@@ -18,8 +18,15 @@ import torch
 from ditkit import spec as S
 
 from ditkit.runtime.denoiser import NoiseRange
-from ditkit.deploy.graph_io import (ExportError, aux_inputs, check_shape, graph_feeds,
-                                    onnx_error, ort_session, rules_from_metadata)
+from ditkit.deploy.graph_io import (
+    ExportError,
+    aux_inputs,
+    check_shape,
+    graph_feeds,
+    onnx_error,
+    ort_session,
+    rules_from_metadata,
+)
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -34,8 +41,10 @@ def default_providers(device: str | torch.device = "cpu") -> list[str]:
         order = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
         chosen = [p for p in order if p in available]
         if not chosen:
-            raise RuntimeError("device cuda asked for, but this onnxruntime has no CUDA "
-                               "provider; install onnxruntime-gpu (`pip install ditkit[gpu]`)")
+            raise RuntimeError(
+                "device cuda asked for, but this onnxruntime has no CUDA "
+                "provider; install onnxruntime-gpu (`pip install ditkit[gpu]`)"
+            )
         return chosen + ["CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -48,9 +57,14 @@ class OrtDenoiser:
     ``ort_provider``: on the CPU, which execution provider runs the graph (``cpu``,
     ``openvino``, ``openvino-bf16``: :mod:`ditkit.deploy.ort_providers`)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu",
-                 providers: list | None = None, threads: int | None = None,
-                 ort_provider: str = "cpu"):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        providers: list | None = None,
+        threads: int | None = None,
+        ort_provider: str = "cpu",
+    ):
         from ditkit.runtime.checkpoint import spec_from_metadata
         from ditkit.deploy.ort_providers import ProviderError, check_provider
 
@@ -58,16 +72,20 @@ class OrtDenoiser:
         self.device = torch.device(device)
         self.ort_provider = check_provider(ort_provider)
         if ort_provider != "cpu" and (providers or self.device.type != "cpu"):
-            raise ProviderError(f"--ort-provider {ort_provider} runs the graph on the CPU; "
-                                f"drop it or use --device cpu (got {self.device})")
+            raise ProviderError(
+                f"--ort-provider {ort_provider} runs the graph on the CPU; "
+                f"drop it or use --device cpu (got {self.device})"
+            )
         if not providers and self.device.type != "cpu":
             providers = default_providers(self.device)
         self.session = ort_session(self.path, providers, threads, cpu_provider=ort_provider)
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         spec, objective = spec_from_metadata(meta, str(self.path))
         if objective is None:
-            raise ExportError(f"{self.path}: no ditkit.objective in its metadata_props; "
-                              "re-export it with `ditkit export`")
+            raise ExportError(
+                f"{self.path}: no ditkit.objective in its metadata_props; "
+                "re-export it with `ditkit export`"
+            )
         self.spec: S.ModelSpec = spec
         self.objective = objective
         self.metadata = meta
@@ -79,8 +97,9 @@ class OrtDenoiser:
             if not isinstance(cfg, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, RecursionError) as err:  # UserError is a ValueError
-            raise ExportError(f"{self.path}: damaged ditkit metadata ({err}); re-export it "
-                              "with `ditkit export`") from None
+            raise ExportError(
+                f"{self.path}: damaged ditkit metadata ({err}); re-export it with `ditkit export`"
+            ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # auxiliary conditioning inputs (name -> dims), as the graph declares them
@@ -97,14 +116,16 @@ class OrtDenoiser:
     def __call__(self, x, sigma, class_labels=None, **cond):
         return self.denoise(x, sigma, class_labels, **cond)[0]
 
-    def denoise(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def denoise(
+        self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, **cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x0, var_values | None)``; a ``--cfg`` graph runs with ``cfg_scale = 1`` (the
         conditional output)."""
         return self._run(x, sigma, class_labels, None, cond)
 
-    def guided(self, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale,
-               **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def guided(
+        self, x: torch.Tensor, sigma, class_labels: torch.Tensor, scale, **cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Classifier-free guidance inside a graph exported with ``--cfg``: one call, both
         passes batched in the graph. ``scale``: a number or ``(B,)``."""
         if not self.guides_inside:
@@ -115,15 +136,24 @@ class OrtDenoiser:
 
     def _run(self, x, sigma, class_labels, scale, cond):
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
-        feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.input_names,
-                            null_class=self.null_class, aux=self.aux)
+        feeds = graph_feeds(
+            x,
+            sigma,
+            class_labels,
+            scale,
+            cond,
+            names=self.input_names,
+            null_class=self.null_class,
+            aux=self.aux,
+        )
         self.calls += 1
         if x.device.type == "cuda":
             outs = self._run_bound(feeds, x)
         else:
             try:
-                raw = self.session.run(self.output_names, {k: v.contiguous().cpu().numpy()
-                                                           for k, v in feeds.items()})
+                raw = self.session.run(
+                    self.output_names, {k: v.contiguous().cpu().numpy() for k, v in feeds.items()}
+                )
             except Exception as err:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED bf16 kernels
                 raise onnx_error(self.path, err, self.session.get_providers()) from None
             outs = [torch.from_numpy(r).to(x.dtype) for r in raw]
@@ -136,13 +166,20 @@ class OrtDenoiser:
         for name, t in feeds.items():
             t = t.contiguous()
             keep.append(t)
-            binding.bind_input(name, "cuda", t.device.index or 0, _TORCH_TO_NP[t.dtype],
-                               tuple(t.shape), t.data_ptr())
+            binding.bind_input(
+                name,
+                "cuda",
+                t.device.index or 0,
+                _TORCH_TO_NP[t.dtype],
+                tuple(t.shape),
+                t.data_ptr(),
+            )
         outs = []
         for name in self.output_names:
             o = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            binding.bind_output(name, "cuda", o.device.index or 0, np.float32, tuple(o.shape),
-                                o.data_ptr())
+            binding.bind_output(
+                name, "cuda", o.device.index or 0, np.float32, tuple(o.shape), o.data_ptr()
+            )
             outs.append(o)
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)

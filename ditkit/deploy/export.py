@@ -77,20 +77,25 @@ def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, Axis
         # from 2 multiples and >= 8: every level's grid has >= 2 tokens a side (a size-1 axis
         # is a special case to torch.export and a degenerate one for the model)
         sizes = [m * k for k in range(max(2, -(-8 // m)), search + 1)]
-        ok = [n for n in sizes
-              if not spec.check_resolution((n, w0 * 4) if axis == 0 else (h0 * 4, n))]
+        ok = [
+            n for n in sizes if not spec.check_resolution((n, w0 * 4) if axis == 0 else (h0 * 4, n))
+        ]
         if not ok:
-            raise ExportError(f"no valid {'height' if axis == 0 else 'width'} up to "
-                              f"{sizes[-1]} for spec {spec.name}")
+            raise ExportError(
+                f"no valid {'height' if axis == 0 else 'width'} up to "
+                f"{sizes[-1]} for spec {spec.name}"
+            )
         step = 0
         for a, b in zip(ok, ok[1:]):
             step = math.gcd(step, b - a)
         step = step or m
         lo = ok[0]
         if any((n - lo) % step == 0 and n not in ok for n in sizes if n >= lo):
-            raise ExportError(f"the valid {'heights' if axis == 0 else 'widths'} of spec "
-                              f"{spec.name} are not one progression ({ok[:8]}...); export "
-                              "with --dynamic batch (fixed resolution)")
+            raise ExportError(
+                f"the valid {'heights' if axis == 0 else 'widths'} of spec "
+                f"{spec.name} are not one progression ({ok[:8]}...); export "
+                "with --dynamic batch (fixed resolution)"
+            )
         # at least two of whatever "step" tiles (e.g. two attention windows a side): one is
         # a special case in some modules (a guard the probe below would trip on)
         lo = next(n for n in ok if n >= min(2 * step, ok[-1]))
@@ -102,7 +107,8 @@ def resolution_rule(spec: S.ModelSpec, search: int = 48) -> tuple[AxisRule, Axis
 
 # Ops the TensorRT 10 ONNX parser (onnx-tensorrt, operators.md) imports, for the ops a
 # ditkit graph can contain; versioned ones map to the first TensorRT 10.x minor that parses them.
-_TRT10_OPS = frozenset("""
+_TRT10_OPS = frozenset(
+    """
 Abs Acos Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization Cast Ceil Clip Concat
 Constant ConstantOfShape Conv ConvTranspose Cos CumSum DepthToSpace Div Einsum Elu Equal Erf
 Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm GlobalAveragePool Greater
@@ -112,7 +118,8 @@ Not Or Pad Pow Range Reciprocal ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax Redu
 ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round ScatterElements ScatterND Shape
 Sigmoid Sign Sin Size Slice Softmax Softplus SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh
 Tile TopK Transpose Trilu Unsqueeze Where Xor
-""".split())
+""".split()
+)
 _TRT10_VERSIONED = {"Attention": 14, "RMSNormalization": 15}  # TensorRT 10.14 / 10.15
 
 
@@ -125,9 +132,11 @@ def allow_list(target: str, opset: int) -> frozenset[str]:
     if target == "onnxruntime":
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-        return frozenset((k.domain or "ai.onnx") + "::" + k.op_name
-                         for k in ort_c.get_all_opkernel_def()
-                         if k.provider == "CPUExecutionProvider")
+        return frozenset(
+            (k.domain or "ai.onnx") + "::" + k.op_name
+            for k in ort_c.get_all_opkernel_def()
+            if k.provider == "CPUExecutionProvider"
+        )
     if target.startswith("tensorrt-10."):
         minor_text = target.removeprefix("tensorrt-10.")
         if minor_text == "x":
@@ -135,12 +144,15 @@ def allow_list(target: str, opset: int) -> frozenset[str]:
         elif minor_text.isdigit():
             minor = int(minor_text)
         else:
-            raise ExportError(f"--target {target!r}: use tensorrt-10.x or tensorrt-10.N "
-                              "(e.g. tensorrt-10.8)")
+            raise ExportError(
+                f"--target {target!r}: use tensorrt-10.x or tensorrt-10.N (e.g. tensorrt-10.8)"
+            )
         ops = set(_TRT10_OPS) | {op for op, m in _TRT10_VERSIONED.items() if minor >= m}
         return frozenset("ai.onnx::" + op for op in ops)
-    raise ExportError(f"--target {target!r}: choose onnxruntime or tensorrt-10.x "
-                      "(tensorrt-10.N for a specific minor)")
+    raise ExportError(
+        f"--target {target!r}: choose onnxruntime or tensorrt-10.x "
+        "(tensorrt-10.N for a specific minor)"
+    )
 
 
 # -------------------------------------------------------------------------------- the graph
@@ -169,12 +181,23 @@ class ExportGraph(nn.Module):
     ``u + cfg_scale (c - u)`` (:func:`ditkit.runtime.samplers.cfg_combine`, the samplers'
     formula; ``cfg_channels``: guide only the first N channels, DiT's 3)."""
 
-    def __init__(self, model: nn.Module, objective, precision: str = "fp32", *,
-                 cfg: bool = False, cfg_channels: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        objective,
+        precision: str = "fp32",
+        *,
+        cfg: bool = False,
+        cfg_channels: int | None = None,
+    ):
         super().__init__()
         dtype = PRECISIONS[precision]
-        inner = (model if dtype == torch.float32 else  # a copy: the caller's model stays fp32
-                 _Cast(copy.deepcopy(model).to(dtype), dtype))
+        inner = (
+            model
+            if dtype == torch.float32
+            # a copy: the caller's model stays fp32
+            else _Cast(copy.deepcopy(model).to(dtype), dtype)
+        )
         self.denoiser = Denoiser(inner, objective)
         self.spec = cast(S.ModelSpec, model.spec)  # every ditkit model carries its spec
         self.has_labels = self.spec.conditioning.classes is not None
@@ -182,25 +205,34 @@ class ExportGraph(nn.Module):
         self.aux = [(a.name, a.dims) for a in self.spec.conditioning.aux]
         taken = [a for a, _ in self.aux if a in _FIXED_INPUTS]
         if taken:
-            raise ExportError(f"conditioning.aux name(s) {taken} clash with the graph's own "
-                              f"inputs {list(_FIXED_INPUTS)}; rename them in the spec")
+            raise ExportError(
+                f"conditioning.aux name(s) {taken} clash with the graph's own "
+                f"inputs {list(_FIXED_INPUTS)}; rename them in the spec"
+            )
         self.cfg, self.cfg_channels = cfg, cfg_channels
         if cfg:
             self.null_class = self.spec.null_label
             if self.null_class is None:
-                raise ExportError(f"--cfg: spec {self.spec.name} has no null class "
-                                  "(conditioning.classes.null_class), so there is no "
-                                  "unconditional pass to guide with; export without --cfg")
+                raise ExportError(
+                    f"--cfg: spec {self.spec.name} has no null class "
+                    "(conditioning.classes.null_class), so there is no "
+                    "unconditional pass to guide with; export without --cfg"
+                )
             c = self.spec.input.channels
             if cfg_channels is not None and not 0 < cfg_channels <= c:
-                raise ExportError(f"--cfg-channels {cfg_channels}: must be in 1..{c} (the "
-                                  "model's input channels)")
+                raise ExportError(
+                    f"--cfg-channels {cfg_channels}: must be in 1..{c} (the model's input channels)"
+                )
         elif cfg_channels is not None:
             raise ExportError("--cfg-channels needs --cfg")
 
     def input_names(self) -> list[str]:
-        return (["x", "sigma"] + (["class_labels"] if self.has_labels else [])
-                + [a for a, _ in self.aux] + (["cfg_scale"] if self.cfg else []))
+        return (
+            ["x", "sigma"]
+            + (["class_labels"] if self.has_labels else [])
+            + [a for a, _ in self.aux]
+            + (["cfg_scale"] if self.cfg else [])
+        )
 
     def output_names(self) -> list[str]:
         return ["denoised"] + (["var_values"] if self.has_variance else [])
@@ -213,9 +245,12 @@ class ExportGraph(nn.Module):
         if self.cfg:
             assert labels is not None and self.null_class is not None  # cfg needs both
             null = torch.full_like(labels, self.null_class)
-            x0, var = self.denoiser.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                            torch.cat([labels, null]),
-                                            **{k: torch.cat([v, v]) for k, v in cond.items()})
+            x0, var = self.denoiser.denoise(
+                torch.cat([x, x]),
+                torch.cat([sigma, sigma]),
+                torch.cat([labels, null]),
+                **{k: torch.cat([v, v]) for k, v in cond.items()},
+            )
             b = x.shape[0]  # slices, not chunk(2): chunk guards the batch size
             x0 = cfg_combine(x0[:b], x0[b:], named["cfg_scale"], self.cfg_channels)
             var = var[:b] if var is not None else None
@@ -248,8 +283,9 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
-                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    graph: ExportGraph, batch: int, resolution: tuple[int, int], seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     """Distinct per-sample tensors (so a graph that mixes up the batch cannot pass)."""
     spec = graph.spec
     g = torch.Generator().manual_seed(seed)
@@ -272,17 +308,28 @@ def example_inputs(graph: ExportGraph, batch: int, resolution: tuple[int, int],
     return tuple(args)
 
 
-def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
-                opset: int | None = None, dynamic: tuple[str, ...] = ("batch", "resolution"),
-                precision: str = "fp32", target: str = "onnxruntime",
-                resolution: tuple[int, int] | None = None, checkpoint_hash: str | None = None,
-                metadata: dict[str, str] | None = None, check: bool = True,
-                parity_resolutions: list[tuple[int, int]] | None = None,
-                parity_batches: tuple[int, int] = (1, 3), cfg: bool = False,
-                cfg_channels: int | None = None, log=None,
-                perturb_zero_layers: bool = False,
-                attention_backend: str | None = None,
-                quantize: str | None = None) -> ExportResult:
+def export_onnx(
+    model: nn.Module,
+    objective,
+    out: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dynamic: tuple[str, ...] = ("batch", "resolution"),
+    precision: str = "fp32",
+    target: str = "onnxruntime",
+    resolution: tuple[int, int] | None = None,
+    checkpoint_hash: str | None = None,
+    metadata: dict[str, str] | None = None,
+    check: bool = True,
+    parity_resolutions: list[tuple[int, int]] | None = None,
+    parity_batches: tuple[int, int] = (1, 3),
+    cfg: bool = False,
+    cfg_channels: int | None = None,
+    log=None,
+    perturb_zero_layers: bool = False,
+    attention_backend: str | None = None,
+    quantize: str | None = None,
+) -> ExportResult:
     """Export ``model`` (a built ``DiffusionTransformer``) wrapped in its objective's denoiser
     to ``out`` and run the checks (``check=False`` skips the parity runs only).
 
@@ -305,8 +352,12 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     from ditkit.errors import require
 
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
-        require(module, "exporting to ONNX" if module != "onnxruntime" else
-                "the export's parity check (check=False / --no-check skips it)")
+        require(
+            module,
+            "exporting to ONNX"
+            if module != "onnxruntime"
+            else "the export's parity check (check=False / --no-check skips it)",
+        )
     unknown = set(dynamic) - {"batch", "resolution"}
     if unknown:
         raise ExportError(f"--dynamic {','.join(sorted(unknown))}: choose from batch, resolution")
@@ -314,8 +365,10 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: the only quantization is int8")
     if quantize and not fuses_attention(target, precision):
-        raise ExportError(f"--quantize int8 is for fp32 onnxruntime exports (got --precision "
-                          f"{precision}, --target {target}); drop --quantize or export those")
+        raise ExportError(
+            f"--quantize int8 is for fp32 onnxruntime exports (got --precision "
+            f"{precision}, --target {target}); drop --quantize or export those"
+        )
     spec = cast(S.ModelSpec, model.spec)  # every ditkit model carries its spec
     model = model.eval()
     rule = resolution_rule(spec) if "resolution" in dynamic else None
@@ -326,11 +379,13 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
 
     graph = ExportGraph(model, objective, precision, cfg=cfg, cfg_channels=cfg_channels)
     args = example_inputs(graph, 2, res)
-    ep = _torch_export(graph, args, dynamic, rule, res,
-                       attention_backend or export_backend(target, precision))
+    ep = _torch_export(
+        graph, args, dynamic, rule, res, attention_backend or export_backend(target, precision)
+    )
     _probe(ep, graph, dynamic, rule, res)
-    say(f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and "
-        "resolutions)")
+    say(
+        f"torch.export: ok ({len(ep.graph.nodes)} nodes; runs at other batch sizes and resolutions)"
+    )
     out = Path(out)
     fuse = fuses_attention(target, precision)
     model_proto = _to_onnx(ep, args, graph, opset, fuse)
@@ -343,14 +398,25 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
         model_proto = _to_onnx(ep, args, graph, opset, fuse)
         missing = unsupported_types(model_proto, opset)
     if missing:
-        raise ExportError(f"opset {opset} has no {_describe(missing)} ({precision} graph); "
-                          + ("; ".join(f"{op} supports {t} from opset {v}" if v else
-                                       f"no opset up to {_max_opset()} supports {op} in {t}"
-                                       for op, t, v in missing))
-                          + ("; export with --opset N or leave --opset out to pick it "
-                             "automatically" if not auto_opset else ""))
-    meta = _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
-                     metadata, graph)
+        raise ExportError(
+            f"opset {opset} has no {_describe(missing)} ({precision} graph); "
+            + (
+                "; ".join(
+                    f"{op} supports {t} from opset {v}"
+                    if v
+                    else f"no opset up to {_max_opset()} supports {op} in {t}"
+                    for op, t, v in missing
+                )
+            )
+            + (
+                "; export with --opset N or leave --opset out to pick it automatically"
+                if not auto_opset
+                else ""
+            )
+        )
+    meta = _metadata(
+        spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash, metadata, graph
+    )
     if quantize:
         from ditkit.deploy.ort_fusion import INT8_NOTE, quantize_int8
 
@@ -363,27 +429,33 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
             f"target {target} (opset {opset}) cannot run op(s) "
             f"{', '.join(refused)}; export with --opset {22 if opset >= 23 else opset - 1} "
             "(Attention and RMSNormalization are opset-23 ops) or pick a newer "
-            "target")
+            "target"
+        )
     for k, v in meta.items():
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = k, v
     _check_model(model_proto, dynamic, graph)
     _atomic_save_onnx(model_proto, out)
     say(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, opset {opset}, {len(ops)} op types)")
-    result = ExportResult(out, opset, precision, target, tuple(dynamic), rule, ops,
-                          metadata=meta)
+    result = ExportResult(out, opset, precision, target, tuple(dynamic), rule, ops, metadata=meta)
     if check:
         resolutions = parity_resolutions or parity_shapes(spec, rule, res, dynamic)
         batches = parity_batches if "batch" in dynamic else (2,)
-        result.parity = check_parity(graph if precision == "fp32" else
-                                     ExportGraph(model.float(), objective, "fp32", cfg=cfg,
-                                                 cfg_channels=cfg_channels),
-                                     out, resolutions, batches,
-                                     INT8_TOLERANCE if quantize else TOLERANCE[precision])
+        result.parity = check_parity(
+            graph
+            if precision == "fp32"
+            else ExportGraph(model.float(), objective, "fp32", cfg=cfg, cfg_channels=cfg_channels),
+            out,
+            resolutions,
+            batches,
+            INT8_TOLERANCE if quantize else TOLERANCE[precision],
+        )
         for p in result.parity:
-            say(f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
+            say(
+                f"parity {p['batch']}x{p['resolution'][0]}x{p['resolution'][1]}: max |diff| "
                 f"{p['max_abs_diff']:.2e} (output scale {p['scale']:.2f}, tol "
-                f"{p['tolerance']:.0e}; {p['runtime']})")
+                f"{p['tolerance']:.0e}; {p['runtime']})"
+            )
         zeros = zero_weights(model)
         if zeros and not perturb_zero_layers:  # an untrained spec: say what was compared
             result.parity_note = (
@@ -391,28 +463,47 @@ def export_onnx(model: nn.Module, objective, out: str | os.PathLike, *,
                 "untrained model), so the network adds nothing to the output and the parity "
                 "above compared the graph's plumbing only, not its layers; export a trained "
                 "checkpoint, or pass --perturb-zero-layers to check a copy with those weights "
-                "perturbed")
+                "perturbed"
+            )
             say(result.parity_note)
         elif zeros:
-            say(f"{len(zeros)} weight matrices are all zero (zero-initialised layers of an "
-                "untrained model); checking a copy with those weights perturbed")
+            say(
+                f"{len(zeros)} weight matrices are all zero (zero-initialised layers of an "
+                "untrained model); checking a copy with those weights perturbed"
+            )
             result.parity += perturbed_parity(
-                model, objective, zeros, opset=opset, dynamic=dynamic, precision=precision,
-                target=target, resolution=resolution, parity_resolutions=parity_resolutions,
-                parity_batches=parity_batches, cfg=cfg, cfg_channels=cfg_channels,
-                attention_backend=attention_backend, quantize=quantize, say=say)
+                model,
+                objective,
+                zeros,
+                opset=opset,
+                dynamic=dynamic,
+                precision=precision,
+                target=target,
+                resolution=resolution,
+                parity_resolutions=parity_resolutions,
+                parity_batches=parity_batches,
+                cfg=cfg,
+                cfg_channels=cfg_channels,
+                attention_backend=attention_backend,
+                quantize=quantize,
+                say=say,
+            )
     result.seconds = time.perf_counter() - start
     return result
 
 
 def zero_weights(model: nn.Module) -> list[str]:
     """Names of the weight matrices (2+ dims) that are all zero."""
-    return [n for n, p in model.named_parameters()
-            if p.ndim >= 2 and p.is_floating_point() and not bool(p.detach().any())]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.ndim >= 2 and p.is_floating_point() and not bool(p.detach().any())
+    ]
 
 
-def perturbed_parity(model: nn.Module, objective, names: list[str], *, say, **options
-                     ) -> list[dict]:
+def perturbed_parity(
+    model: nn.Module, objective, names: list[str], *, say, **options
+) -> list[dict]:
     """Parity rows of the same export made from a copy of ``model`` whose ``names`` weights
     hold small seeded random values (the rows carry ``perturbed: True``)."""
     import copy
@@ -426,18 +517,22 @@ def perturbed_parity(model: nn.Module, objective, names: list[str], *, say, **op
             p = params[n]
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
     with tempfile.TemporaryDirectory(prefix="ditkit-parity-") as tmp:
-        twin_result = export_onnx(twin, objective, Path(tmp) / "perturbed.onnx", check=True,
-                                  **options)
+        twin_result = export_onnx(
+            twin, objective, Path(tmp) / "perturbed.onnx", check=True, **options
+        )
     rows = [{**row, "perturbed": True} for row in twin_result.parity]
     for r in rows:
-        say(f"parity (zero layers perturbed) {r['batch']}x{r['resolution'][0]}x"
+        say(
+            f"parity (zero layers perturbed) {r['batch']}x{r['resolution'][0]}x"
             f"{r['resolution'][1]}: max |diff| {r['max_abs_diff']:.2e} (output scale "
-            f"{r['scale']:.2f}, tol {r['tolerance']:.0e}; {r['runtime']})")
+            f"{r['scale']:.2f}, tol {r['tolerance']:.0e}; {r['runtime']})"
+        )
     return rows
 
 
-def parity_shapes(spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple[int, int],
-                  dynamic) -> list[tuple[int, int]]:
+def parity_shapes(
+    spec: S.ModelSpec, rule: tuple[AxisRule, AxisRule], res: tuple[int, int], dynamic
+) -> list[tuple[int, int]]:
     """The example resolution and, with dynamic resolution, a non-square one."""
     if "resolution" not in dynamic:
         return [res]
@@ -498,15 +593,18 @@ def _torch_export(graph: ExportGraph, args, dynamic, rule, res, backend_name=Non
     try:
         with ctx, torch.no_grad():
             # forward(*inputs): one entry (the varargs tuple) holding one spec per input
-            return torch.export.export(graph, args, dynamic_shapes=(
-                tuple(shapes[n] for n in names),), strict=False)
+            return torch.export.export(
+                graph, args, dynamic_shapes=(tuple(shapes[n] for n in names),), strict=False
+            )
     except Exception as err:  # constraint violations, guards on a dynamic dim
         text = str(err).strip().splitlines()
         brief = "\n  ".join(text[:12])
-        raise ExportError(f"torch.export failed for spec {graph.spec.name} with dynamic "
-                          f"{','.join(dynamic)}: the model specialises on a shape (a Python "
-                          f"branch on a size?). Export with a fixed resolution (--dynamic batch) "
-                          f"or fix the module.\n  {brief}") from err
+        raise ExportError(
+            f"torch.export failed for spec {graph.spec.name} with dynamic "
+            f"{','.join(dynamic)}: the model specialises on a shape (a Python "
+            f"branch on a size?). Export with a fixed resolution (--dynamic batch) "
+            f"or fix the module.\n  {brief}"
+        ) from err
 
 
 def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
@@ -518,10 +616,13 @@ def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
     hs = [res[0]]
     ws = [res[1]]
     if "resolution" in dynamic:
-        hs, ws = [rule[0].minimum, rule[0].minimum + rule[0].step], [rule[1].minimum + rule[1].step,
-                                                                     rule[1].minimum]
-    for b, h, w in zip((1, 3) if "batch" in dynamic else (2, 2), hs * (2 // len(hs)), ws * (
-            2 // len(ws))):
+        hs, ws = (
+            [rule[0].minimum, rule[0].minimum + rule[0].step],
+            [rule[1].minimum + rule[1].step, rule[1].minimum],
+        )
+    for b, h, w in zip(
+        (1, 3) if "batch" in dynamic else (2, 2), hs * (2 // len(hs)), ws * (2 // len(ws))
+    ):
         shapes.append((b, (h, w)))
     module = ep.module()
     for b, (h, w) in shapes:
@@ -533,7 +634,8 @@ def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
                 f"the exported program of {graph.spec.name} does not run at batch {b}, "
                 f"{h}x{w} although that shape is declared valid: the model specialised on the "
                 f"example shape ({str(err).splitlines()[0][:300]}). A module branches in Python "
-                "on a size; fix it, or export with a fixed resolution (--dynamic batch)") from err
+                "on a size; fix it, or export with a fixed resolution (--dynamic batch)"
+            ) from err
 
 
 def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = False):
@@ -552,11 +654,18 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
     logging.getLogger("onnxscript.version_converter").setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(ep, args, dynamo=True, opset_version=opset,
-                                    input_names=graph.input_names(),
-                                    output_names=graph.output_names(), optimize=True,
-                                    verbose=False, external_data=False,
-                                    custom_translation_table=table)
+        program = torch.onnx.export(
+            ep,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=graph.input_names(),
+            output_names=graph.output_names(),
+            optimize=True,
+            verbose=False,
+            external_data=False,
+            custom_translation_table=table,
+        )
     assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     name_dims(proto)
@@ -579,8 +688,11 @@ def name_dims(model_proto) -> dict[str, str]:
     if "x" not in inputs:
         return {}
     dims = inputs["x"].type.tensor_type.shape.dim
-    rename = {dims[axis].dim_param: name for axis, name in DIM_NAMES.items()
-              if axis < len(dims) and dims[axis].dim_param}
+    rename = {
+        dims[axis].dim_param: name
+        for axis, name in DIM_NAMES.items()
+        if axis < len(dims) and dims[axis].dim_param
+    }
     if not rename:
         return {}
     infos = [*model_proto.graph.input, *model_proto.graph.output, *model_proto.graph.value_info]
@@ -619,15 +731,19 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
     for key in dynamic:
         for axis in declared[key]:
             if not x[axis].dim_param or x[axis].HasField("dim_value"):
-                raise ExportError(f"dimension {axis} of input x was declared dynamic ({key}) "
-                                  f"but the ONNX graph fixed it to {x[axis].dim_value}")
+                raise ExportError(
+                    f"dimension {axis} of input x was declared dynamic ({key}) "
+                    f"but the ONNX graph fixed it to {x[axis].dim_value}"
+                )
     for axis in (0, 2, 3):
         if not any(axis in declared[k] for k in dynamic) and not x[axis].HasField("dim_value"):
             raise ExportError(f"dimension {axis} of x should be static but is symbolic")
     names = [i.name for i in model_proto.graph.input]
     if names != graph.input_names():
-        raise ExportError(f"the ONNX graph's inputs are {names}, expected "
-                          f"{graph.input_names()} (an input was dropped as unused?)")
+        raise ExportError(
+            f"the ONNX graph's inputs are {names}, expected "
+            f"{graph.input_names()} (an input was dropped as unused?)"
+        )
     if "batch" in dynamic:
         for name in names[1:]:
             dim = inputs[name].type.tensor_type.shape.dim[0]
@@ -635,8 +751,18 @@ def _check_model(model_proto, dynamic, graph: ExportGraph) -> None:
                 raise ExportError(f"the batch dimension of input {name} is not symbolic")
 
 
-def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash,
-              extra, graph: ExportGraph) -> dict[str, str]:
+def _metadata(
+    spec,
+    objective,
+    rule,
+    dynamic,
+    precision,
+    target,
+    opset,
+    checkpoint_hash,
+    extra,
+    graph: ExportGraph,
+) -> dict[str, str]:
     from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
@@ -644,23 +770,36 @@ def _metadata(spec, objective, rule, dynamic, precision, target, opset, checkpoi
         VERSION_KEY: str(spec.spec_version),
         OBJECTIVE_KEY: json.dumps(S.to_data(objective, full=True), separators=(",", ":")),
         "ditkit.checkpoint_hash": checkpoint_hash or "none (randomly initialised model)",
-        "ditkit.resolution_rule": json.dumps({
-            "height": {"min": rule[0].minimum, "step": rule[0].step, "max": rule[0].maximum},
-            "width": {"min": rule[1].minimum, "step": rule[1].step, "max": rule[1].maximum},
-            "dynamic": list(dynamic)}),
+        "ditkit.resolution_rule": json.dumps(
+            {
+                "height": {"min": rule[0].minimum, "step": rule[0].step, "max": rule[0].maximum},
+                "width": {"min": rule[1].minimum, "step": rule[1].step, "max": rule[1].maximum},
+                "dynamic": list(dynamic),
+            }
+        ),
         "ditkit.precision": precision,
         "ditkit.target": target,
         "ditkit.opset": str(opset),
-        "ditkit.io": json.dumps({"inputs": graph.input_names(),
-                                 "outputs": graph.output_names(), "convention": "VE: x = x0 "
-            "+ sigma * eps; outputs denoised (x0) [and var_values for learned-sigma DDPM]"}),
+        "ditkit.io": json.dumps(
+            {
+                "inputs": graph.input_names(),
+                "outputs": graph.output_names(),
+                "convention": "VE: x = x0 "
+                "+ sigma * eps; outputs denoised (x0) [and var_values for learned-sigma DDPM]",
+            }
+        ),
         # auxiliary conditioning inputs, each (batch, dims) float32; zeros = "not given"
         "ditkit.aux": json.dumps([{"name": a, "dims": d} for a, d in graph.aux]),
     }
     if graph.cfg:
-        meta["ditkit.cfg"] = json.dumps({
-            "input": "cfg_scale", "channels": graph.cfg_channels, "null_class": graph.null_class,
-            "formula": "u + cfg_scale * (c - u), c/u = class_labels/null-class passes batched"})
+        meta["ditkit.cfg"] = json.dumps(
+            {
+                "input": "cfg_scale",
+                "channels": graph.cfg_channels,
+                "null_class": graph.null_class,
+                "formula": "u + cfg_scale * (c - u), c/u = class_labels/null-class passes batched",
+            }
+        )
         # what the samplers' cfg_channels must be (the graph fixes it)
         meta[CFG_CHANNELS_KEY] = str(graph.cfg_channels) if graph.cfg_channels else ""
     for k, v in (extra or {}).items():
@@ -678,8 +817,11 @@ def unsupported_types(model_proto, opset: int) -> list[tuple[str, str, int | Non
 
     inferred = shape_inference.infer_shapes(model_proto, check_type=False, strict_mode=False)
     g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
-             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*g.input, *g.output, *g.value_info]
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
+    }
     types.update({t.name: t.data_type for t in g.initializer})
 
     def allowed(op: str, version: int, io: str, index: int, elem: int) -> bool | None:
@@ -691,8 +833,10 @@ def unsupported_types(model_proto, opset: int) -> list[tuple[str, str, int | Non
         if not formals:
             return None
         type_str = formals[min(index, len(formals) - 1)].type_str
-        ok = next((c.allowed_type_strs for c in schema.type_constraints
-                   if c.type_param_str == type_str), [type_str])
+        ok = next(
+            (c.allowed_type_strs for c in schema.type_constraints if c.type_param_str == type_str),
+            [type_str],
+        )
         return f"tensor({TensorProto.DataType.Name(elem).lower()})" in ok
 
     found: dict[tuple[str, str], int | None] = {}
@@ -706,8 +850,14 @@ def unsupported_types(model_proto, opset: int) -> list[tuple[str, str, int | Non
                     continue
                 key = (node.op_type, TensorProto.DataType.Name(elem).lower())
                 if key not in found:
-                    found[key] = next((v for v in range(opset + 1, _max_opset() + 1)
-                                       if allowed(node.op_type, v, io, i, elem)), None)
+                    found[key] = next(
+                        (
+                            v
+                            for v in range(opset + 1, _max_opset() + 1)
+                            if allowed(node.op_type, v, io, i, elem)
+                        ),
+                        None,
+                    )
     return [(op, t, v) for (op, t), v in sorted(found.items())]
 
 
@@ -733,8 +883,9 @@ def _atomic_save_onnx(model_proto, out: Path) -> None:
 # -------------------------------------------------------------------------------- parity
 
 
-def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance: float
-                 ) -> list[dict]:
+def check_parity(
+    graph: ExportGraph, path: Path, resolutions, batches, tolerance: float
+) -> list[dict]:
     """Run the ONNX file and eager fp32 on the same inputs; raise :class:`ExportError` when
     ``max |diff| > tolerance * max(1, max |eager|)``.
 
@@ -754,17 +905,27 @@ def check_parity(graph: ExportGraph, path: Path, resolutions, batches, tolerance
             ref = ref if isinstance(ref, tuple) else (ref,)
             feeds = {n: a.numpy() for n, a in zip(graph.input_names(), args)}
             got = run(feeds)
-            diff = max(float((torch.from_numpy(np.asarray(g, dtype=np.float32))
-                              - r.float()).abs().max()) for g, r in zip(got, ref))
+            diff = max(
+                float((torch.from_numpy(np.asarray(g, dtype=np.float32)) - r.float()).abs().max())
+                for g, r in zip(got, ref)
+            )
             scale = max(float(r.abs().max()) for r in ref)
-            row = {"resolution": tuple(res), "batch": b, "max_abs_diff": diff, "scale": scale,
-                   "tolerance": tolerance, "runtime": runtime}
+            row = {
+                "resolution": tuple(res),
+                "batch": b,
+                "max_abs_diff": diff,
+                "scale": scale,
+                "tolerance": tolerance,
+                "runtime": runtime,
+            }
             rows.append(row)
             if not diff <= tolerance * max(1.0, scale):
-                raise ExportError(f"{runtime} output differs from eager at batch {b}, "
-                                  f"{res[0]}x{res[1]}: max |diff| {diff:.3e} > {tolerance:.0e} "
-                                  f"x output scale {scale:.3f} ({path} was written; do not "
-                                  "trust it)")
+                raise ExportError(
+                    f"{runtime} output differs from eager at batch {b}, "
+                    f"{res[0]}x{res[1]}: max |diff| {diff:.3e} > {tolerance:.0e} "
+                    f"x output scale {scale:.3f} ({path} was written; do not "
+                    "trust it)"
+                )
     return rows
 
 
@@ -784,8 +945,13 @@ def _parity_runner(path: Path):
             raise
         from onnx.reference import ReferenceEvaluator
 
-        op = text.split("implementation for ")[-1].split(" node")[0] if (
-            "implementation for " in text) else "some op"
+        op = (
+            text.split("implementation for ")[-1].split(" node")[0]
+            if ("implementation for " in text)
+            else "some op"
+        )
         ev = ReferenceEvaluator(proto)
-        return ((lambda feeds: ev.run(None, feeds)),
-                f"onnx.reference (onnxruntime CPU has no bf16 kernel for {op})")
+        return (
+            (lambda feeds: ev.run(None, feeds)),
+            f"onnx.reference (onnxruntime CPU has no bf16 kernel for {op})",
+        )

@@ -19,11 +19,20 @@ from ditkit.errors import UserError
 
 # the shape rule lives on the runtime floor (the samplers' denoiser contract names it)
 from ditkit.runtime.shape_rule import (  # noqa: F401,E402
-    MAX_SIDE, AxisRule, ExportError, check_shape, rules_from_metadata)
+    MAX_SIDE,
+    AxisRule,
+    ExportError,
+    check_shape,
+    rules_from_metadata,
+)
 
 
-def ort_session(path: str | Path, providers: list | None = None, threads: int | None = None,
-                cpu_provider: str = "cpu"):
+def ort_session(
+    path: str | Path,
+    providers: list | None = None,
+    threads: int | None = None,
+    cpu_provider: str = "cpu",
+):
     """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
     ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
     (:mod:`ditkit.deploy.ort_providers`)."""
@@ -60,33 +69,49 @@ def onnx_error(path: Path, err: Exception, providers: list) -> OnnxModelError:
     kind = type(err).__name__
     names = [p if isinstance(p, str) else p[0] for p in providers]
     if kind == "InvalidProtobuf" or "Protobuf parsing failed" in text:
-        return OnnxModelError(f"{path}: not an ONNX model (the file does not parse as one); "
-                              "`ditkit export` writes ONNX files, `ditkit sample` also takes "
-                              "a .safetensors checkpoint")
+        return OnnxModelError(
+            f"{path}: not an ONNX model (the file does not parse as one); "
+            "`ditkit export` writes ONNX files, `ditkit sample` also takes "
+            "a .safetensors checkpoint"
+        )
     if kind == "NotImplemented" or "NOT_IMPLEMENTED" in text:
         first = text.strip().splitlines()[0][:200] if text.strip() else kind
         if _uses_bf16(path):
-            hint = ("it is a bf16 graph, and onnxruntime's CPU provider has no bf16 kernels: "
-                    "run it with onnxruntime CUDA (--device cuda, onnxruntime-gpu) or TensorRT, "
-                    "or export a graph for onnxruntime CPU with --precision fp32")
+            hint = (
+                "it is a bf16 graph, and onnxruntime's CPU provider has no bf16 kernels: "
+                "run it with onnxruntime CUDA (--device cuda, onnxruntime-gpu) or TensorRT, "
+                "or export a graph for onnxruntime CPU with --precision fp32"
+            )
         else:
             hint = "export it with --precision fp32, or run it where that provider has the op"
-        return OnnxModelError(f"{path}: onnxruntime ({', '.join(names)}) cannot run an "
-                              f"operation of this graph ({first}); {hint}")
+        return OnnxModelError(
+            f"{path}: onnxruntime ({', '.join(names)}) cannot run an "
+            f"operation of this graph ({first}); {hint}"
+        )
     first = text.strip().splitlines()[0][:300] if text.strip() else kind
     return OnnxModelError(f"{path}: onnxruntime cannot load this model ({kind}: {first})")
 
 
-def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, names: list[str],
-                null_class: int | None, aux: dict[str, int]) -> dict[str, torch.Tensor]:
+def graph_feeds(
+    x: torch.Tensor,
+    sigma,
+    class_labels,
+    scale,
+    cond: dict,
+    *,
+    names: list[str],
+    null_class: int | None,
+    aux: dict[str, int],
+) -> dict[str, torch.Tensor]:
     """The inputs of an exported graph (named ``names``) as torch tensors on ``x``'s device:
     ``sigma`` expanded to ``(B,)``, the null class for missing labels, zeros for missing
     auxiliary inputs (as the model does), ``cfg_scale`` (1 = conditional) for a ``--cfg``
     graph. Shared by the onnxruntime and TensorRT runners."""
     unknown = sorted(set(cond) - set(aux))
     if unknown:
-        raise ExportError(f"unknown auxiliary input(s) {unknown}; this graph takes "
-                          f"{sorted(aux) or 'none'}")
+        raise ExportError(
+            f"unknown auxiliary input(s) {unknown}; this graph takes {sorted(aux) or 'none'}"
+        )
     b = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     if sigma.ndim == 0:
@@ -102,15 +127,18 @@ def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, name
         raise ExportError("class_labels given but the model has no class conditioning")
     for name, dims in aux.items():
         value = cond.get(name)
-        value = (torch.zeros(b, dims, device=x.device) if value is None else
-                 torch.as_tensor(value, device=x.device).float())
+        value = (
+            torch.zeros(b, dims, device=x.device)
+            if value is None
+            else torch.as_tensor(value, device=x.device).float()
+        )
         if value.shape != (b, dims):
-            raise ExportError(f"auxiliary input {name}: expected shape ({b}, {dims}), got "
-                              f"{tuple(value.shape)}")
+            raise ExportError(
+                f"auxiliary input {name}: expected shape ({b}, {dims}), got {tuple(value.shape)}"
+            )
         feeds[name] = value
     if "cfg_scale" in names:
-        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32,
-                            device=x.device)
+        w = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=x.device)
         feeds["cfg_scale"] = w.expand(b) if w.ndim == 0 else w
     return {k: v.contiguous() for k, v in feeds.items()}
 
@@ -118,8 +146,11 @@ def graph_feeds(x: torch.Tensor, sigma, class_labels, scale, cond: dict, *, name
 def aux_inputs(inputs) -> dict[str, int]:
     """``{name: dims}`` of the auxiliary conditioning inputs among a graph's ``(name, shape)``
     inputs (every input but x, sigma, class_labels and cfg_scale)."""
-    return {name: int(shape[1]) for name, shape in inputs
-            if name not in ("x", "sigma", "class_labels", "cfg_scale")}
+    return {
+        name: int(shape[1])
+        for name, shape in inputs
+        if name not in ("x", "sigma", "class_labels", "cfg_scale")
+    }
 
 
 def _uses_bf16(path: Path) -> bool:
@@ -134,6 +165,7 @@ def _uses_bf16(path: Path) -> bool:
         return True
     bf16 = onnx.TensorProto.BFLOAT16
     g = model.graph
-    return (any(t.data_type == bf16 for t in g.initializer)
-            or any(v.type.tensor_type.elem_type == bf16
-                   for v in list(g.input) + list(g.output) + list(g.value_info)))
+    return any(t.data_type == bf16 for t in g.initializer) or any(
+        v.type.tensor_type.elem_type == bf16
+        for v in list(g.input) + list(g.output) + list(g.value_info)
+    )

@@ -35,17 +35,27 @@ def _mha_op():
     param = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
-        "MultiHeadAttention", DOMAIN, 1,
-        inputs=[param("query", "T"), param("key", "T", param_option=optional),
-                param("value", "T", param_option=optional),
-                param("bias", "T", param_option=optional),
-                param("key_padding_mask", "M", param_option=optional),
-                param("attention_bias", "T", param_option=optional)],
+        "MultiHeadAttention",
+        DOMAIN,
+        1,
+        inputs=[
+            param("query", "T"),
+            param("key", "T", param_option=optional),
+            param("value", "T", param_option=optional),
+            param("bias", "T", param_option=optional),
+            param("key_padding_mask", "M", param_option=optional),
+            param("attention_bias", "T", param_option=optional),
+        ],
         outputs=[param("output", "T")],
-        type_constraints=[("T", ["tensor(float)"], "float tensors"),
-                          ("M", ["tensor(int32)"], "mask")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "heads"),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "logit scale")])
+        type_constraints=[
+            ("T", ["tensor(float)"], "float tensors"),
+            ("M", ["tensor(int32)"], "mask"),
+        ],
+        attributes=[
+            OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "heads"),
+            OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "logit scale"),
+        ],
+    )
     return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "MultiHeadAttention", schema)
 
 
@@ -62,14 +72,29 @@ def translation_table() -> dict:
     except (ImportError, AttributeError, TypeError):
         return {}
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0,
-             is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False):
+    def sdpa(
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ):
         d = query.shape[-1]
-        if (is_causal or dropout_p or enable_gqa or len(query.shape) != 4
-                or not isinstance(d, int) or key.shape[1] != query.shape[1]):
-            return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
-                                                     is_causal, scale, enable_gqa)
-        scale = float(d ** -0.5 if scale is None else scale)
+        if (
+            is_causal
+            or dropout_p
+            or enable_gqa
+            or len(query.shape) != 4
+            or not isinstance(d, int)
+            or key.shape[1] != query.shape[1]
+        ):
+            return aten_scaled_dot_product_attention(
+                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+            )
+        scale = float(d**-0.5 if scale is None else scale)
         minus_one = op.Constant(value_ints=[-1])
 
         def fold(t):  # (A, N, S, D) -> (A N, S, D): the heads go into the batch
@@ -83,21 +108,27 @@ def translation_table() -> dict:
                 # onnxscript's op stubs type each input by its ONNX type constraint, which the
                 # symbolic tensors here do not carry: hence the ignores in this function
                 zero = op.CastLike(op.Constant(value_float=0.0), query)  # type: ignore[type-var]
-                bias = op.Where(attn_mask, zero,
-                                op.CastLike(  # type: ignore[type-var]
-                                    op.Constant(value_float=float("-inf")), query))
+                bias = op.Where(
+                    attn_mask,
+                    zero,
+                    op.CastLike(  # type: ignore[type-var]
+                        op.Constant(value_float=float("-inf")), query
+                    ),
+                )
             scores = op.Concat(op.Shape(query, end=3), op.Shape(key, start=2, end=3), axis=0)
-            bias = op.Reshape(op.Expand(bias, scores),  # (A N, 1, S, L)
-                              op.Concat(  # type: ignore[arg-type, type-var]
-                                  op.Constant(value_ints=[-1, 1]),
-                                  op.Shape(query, start=2, end=3),
-                                  op.Shape(key, start=2, end=3), axis=0))
-        out = mha(fold(query), fold(key), fold(value), None, None, bias, num_heads=1,
-                  scale=scale)
+            bias = op.Reshape(
+                op.Expand(bias, scores),  # (A N, 1, S, L)
+                op.Concat(  # type: ignore[arg-type, type-var]
+                    op.Constant(value_ints=[-1, 1]),
+                    op.Shape(query, start=2, end=3),
+                    op.Shape(key, start=2, end=3),
+                    axis=0,
+                ),
+            )
+        out = mha(fold(query), fold(key), fold(value), None, None, bias, num_heads=1, scale=scale)
         return op.Reshape(out, op.Shape(query))
 
     return {torch.ops.aten.scaled_dot_product_attention.default: sdpa}
-
 
 
 def gelu_translation() -> dict:
@@ -113,8 +144,14 @@ def gelu_translation() -> dict:
     except (ImportError, AttributeError):
         return {}
     param = OpSchema.FormalParameter
-    schema = OpSchema("Gelu", DOMAIN, 1, inputs=[param("X", "T")], outputs=[param("Y", "T")],
-                      type_constraints=[("T", ["tensor(float)"], "float tensors")])
+    schema = OpSchema(
+        "Gelu",
+        DOMAIN,
+        1,
+        inputs=[param("X", "T")],
+        outputs=[param("Y", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float tensors")],
+    )
     gelu_op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "Gelu", schema)
 
     def gelu(self, approximate: str = "none"):
@@ -176,16 +213,21 @@ class _Graph:
                 self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in graph.output}
         self.inits = {i.name: i for i in graph.initializer}
-        self.consts = {name: numpy_helper.to_array(i) for name, i in self.inits.items()
-                       if int(np.prod(i.dims)) <= 16}
+        self.consts = {
+            name: numpy_helper.to_array(i)
+            for name, i in self.inits.items()
+            if int(np.prod(i.dims)) <= 16
+        }
         for n in graph.node:
             if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         self.shapes = {}
         for v in [*graph.input, *graph.value_info, *graph.output]:
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
-                                       for d in v.type.tensor_type.shape.dim]
+                self.shapes[v.name] = [
+                    d.dim_value if d.HasField("dim_value") else None
+                    for d in v.type.tensor_type.shape.dim
+                ]
         self.fresh = 0
 
     def node(self, name, op_type):
@@ -279,7 +321,7 @@ def _rewrite_norm(g: _Graph, mul) -> str | None:
 
         weight = np.ones(dim, np.float32)
         if reduce == "ReduceSum":  # sum(x^2) + eps = D (mean(x^2) + eps / D)
-            eps, weight = eps / dim, weight * np.float32(dim ** -0.5)
+            eps, weight = eps / dim, weight * np.float32(dim**-0.5)
         two = g.constant("two", np.array(2.0, np.float32))
         axes = g.constant("axes", np.array([-1], np.int64))
         eps_c = g.constant("eps", np.array(eps, np.float32))
@@ -287,12 +329,14 @@ def _rewrite_norm(g: _Graph, mul) -> str | None:
         p, m, e, s, d = (g.name(k) for k in ("pow", "mean", "add", "sqrt", "div"))
         out = mul.output[0]
         normed = g.name("normed") if scale is not None else out
-        nodes = [helper.make_node("Pow", [x, two], [p]),
-                 helper.make_node("ReduceMean", [p, axes], [m], keepdims=1),
-                 helper.make_node("Add", [m, eps_c], [e]),
-                 helper.make_node("Sqrt", [e], [s]),
-                 helper.make_node("Div", [x, s], [d]),
-                 helper.make_node("Mul", [d, w], [normed])]
+        nodes = [
+            helper.make_node("Pow", [x, two], [p]),
+            helper.make_node("ReduceMean", [p, axes], [m], keepdims=1),
+            helper.make_node("Add", [m, eps_c], [e]),
+            helper.make_node("Sqrt", [e], [s]),
+            helper.make_node("Div", [x, s], [d]),
+            helper.make_node("Mul", [d, w], [normed]),
+        ]
         if scale is not None:
             nodes.append(helper.make_node("Mul", [normed, scale], [out]))
         for n in nodes:
@@ -331,9 +375,8 @@ def _rewrite_split_matmul(g: _Graph, split) -> int:
     w = nh.to_array(w_init)
     nodes, start = [], 0
     for out, size in zip(split.output, sizes):
-        part = g.constant("weight", np.ascontiguousarray(w[:, start:start + size]))
-        nodes.append(helper.make_node("MatMul", [mm.input[0], part], [out],
-                                      name=g.name("matmul")))
+        part = g.constant("weight", np.ascontiguousarray(w[:, start : start + size]))
+        nodes.append(helper.make_node("MatMul", [mm.input[0], part], [out], name=g.name("matmul")))
         start += size
     g.replace(split, nodes)
     return 1
@@ -347,10 +390,16 @@ def _rewrite_qkv(g: _Graph, transpose) -> int:
     reshape = g.node(transpose.input[0], "Reshape")
     mm = reshape and g.node(reshape.input[0], "MatMul")
     shape = reshape and g.node(reshape.input[1], "Concat")
-    if (perm != [3, 0, 4, 1, 2, 5] or mm is None or shape is None or len(shape.input) != 6
-            or g.scalar(shape.input[3]) != 3 or mm.input[1] not in g.inits
-            or len(g.consumers.get(mm.output[0], [])) != 1
-            or len(g.consumers.get(reshape.output[0], [])) != 1):
+    if (
+        perm != [3, 0, 4, 1, 2, 5]
+        or mm is None
+        or shape is None
+        or len(shape.input) != 6
+        or g.scalar(shape.input[3]) != 3
+        or mm.input[1] not in g.inits
+        or len(g.consumers.get(mm.output[0], [])) != 1
+        or len(g.consumers.get(reshape.output[0], [])) != 1
+    ):
         return 0
     parts = {}  # index along the "3" axis -> the Squeeze that yields it
     for sl in g.consumers.get(transpose.output[0], []):
@@ -359,10 +408,17 @@ def _rewrite_qkv(g: _Graph, transpose) -> int:
         start, end, axes = (g.consts.get(n) for n in sl.input[1:4])
         steps = g.consts.get(sl.input[4]) if len(sl.input) > 4 and sl.input[4] else None
         users = g.consumers.get(sl.output[0], [])
-        if (start is None or end is None or axes is None or axes.reshape(-1).tolist() != [0]
-                or (steps is not None and steps.reshape(-1).tolist() != [1])
-                or end.reshape(-1)[0] != start.reshape(-1)[0] + 1 or len(users) != 1
-                or users[0].op_type != "Squeeze" or sl.output[0] in g.outputs):
+        if (
+            start is None
+            or end is None
+            or axes is None
+            or axes.reshape(-1).tolist() != [0]
+            or (steps is not None and steps.reshape(-1).tolist() != [1])
+            or end.reshape(-1)[0] != start.reshape(-1)[0] + 1
+            or len(users) != 1
+            or users[0].op_type != "Squeeze"
+            or sl.output[0] in g.outputs
+        ):
             return 0
         sq = users[0]
         sq_axes = g.consts.get(sq.input[1]) if len(sq.input) > 1 else None
@@ -374,19 +430,33 @@ def _rewrite_qkv(g: _Graph, transpose) -> int:
         return 0
     width = w.shape[1] // 3
     heads, d_head = g.scalar(shape.input[4]), g.scalar(shape.input[5])
-    if (len(g.shapes.get(mm.output[0]) or [0] * 4) != 4 or heads is None or d_head is None
-            or heads * d_head != width):
+    if (
+        len(g.shapes.get(mm.output[0]) or [0] * 4) != 4
+        or heads is None
+        or d_head is None
+        or heads * d_head != width
+    ):
         return 0  # the Reshape must split only the last axis, as (3, heads, D)
     dims = g.name("qkv_shape")
-    nodes = [helper.make_node("Concat", [shape.input[i] for i in (0, 1, 2, 4, 5)], [dims],
-                              axis=0, name=g.name("concat"))]
+    nodes = [
+        helper.make_node(
+            "Concat",
+            [shape.input[i] for i in (0, 1, 2, 4, 5)],
+            [dims],
+            axis=0,
+            name=g.name("concat"),
+        )
+    ]
     for i, sq in sorted(parts.items()):
-        part = g.constant("weight", np.ascontiguousarray(w[:, i * width:(i + 1) * width]))
+        part = g.constant("weight", np.ascontiguousarray(w[:, i * width : (i + 1) * width]))
         y, r = g.name("qkv"), g.name("qkv_view")
-        nodes += [helper.make_node("MatMul", [mm.input[0], part], [y], name=g.name("matmul")),
-                  helper.make_node("Reshape", [y, dims], [r], name=g.name("reshape")),
-                  helper.make_node("Transpose", [r], [sq.output[0]], perm=[0, 3, 1, 2, 4],
-                                   name=g.name("transpose"))]
+        nodes += [
+            helper.make_node("MatMul", [mm.input[0], part], [y], name=g.name("matmul")),
+            helper.make_node("Reshape", [y, dims], [r], name=g.name("reshape")),
+            helper.make_node(
+                "Transpose", [r], [sq.output[0]], perm=[0, 3, 1, 2, 4], name=g.name("transpose")
+            ),
+        ]
         sq.output[0] = g.name("unused")  # the old path is dead from here on
     g.replace(transpose, nodes)
     return 1
@@ -415,10 +485,12 @@ def _drop_dead(graph) -> None:
 
 # ------------------------------------------------------------------------ int8 (opt-in)
 
-INT8_NOTE = ("int8 dynamic: the token-wise linear layers' MatMul weights int8 per output "
-             "channel, activations uint8 per tensor at run time (onnxruntime.quantization."
-             "quantize_dynamic); patch embedding, output projection, conditioning MLP, "
-             "attention, norms and everything else fp32")
+INT8_NOTE = (
+    "int8 dynamic: the token-wise linear layers' MatMul weights int8 per output "
+    "channel, activations uint8 per tensor at run time (onnxruntime.quantization."
+    "quantize_dynamic); patch embedding, output projection, conditioning MLP, "
+    "attention, norms and everything else fp32"
+)
 
 
 def quantize_int8(model_proto):
@@ -438,15 +510,21 @@ def quantize_int8(model_proto):
 
     graph = model_proto.graph
     weights = {i.name for i in graph.initializer}
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
-             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*graph.input, *graph.value_info]
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+    }
     for k, n in enumerate(graph.node):  # quantize_dynamic picks nodes by name
         n.name = n.name or f"ortfuse_node_{k}"
     # token-wise linear layers only ((B, H, W, C) inputs): the conditioning MLP's (B, C) rows
     # cost nothing and feed every modulation; the first (patch embedding) and the last
     # (output projection) touch pixels and stay fp32 too
-    tokens = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights
-              and ranks.get(n.input[0], 0) >= 3]
+    tokens = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and n.input[1] in weights and ranks.get(n.input[0], 0) >= 3
+    ]
     nodes = tokens[1:-1]
     if not nodes:
         return model_proto
@@ -456,10 +534,15 @@ def quantize_int8(model_proto):
         out = Path(tmp) / "int8.onnx"
         quiet.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(model_proto, out, op_types_to_quantize=["MatMul"],
-                         nodes_to_quantize=nodes, per_channel=True,
-                             weight_type=QuantType.QInt8,
-                             extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(
+                model_proto,
+                out,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=nodes,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
         finally:
             quiet.setLevel(level)
         return onnx.load(str(out))

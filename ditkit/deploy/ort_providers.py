@@ -54,8 +54,10 @@ def openvino_cpu_device(flag: str = "--ort-provider openvino"):
     import onnxruntime as ort
 
     if not hasattr(ort, "register_execution_provider_library"):
-        raise ProviderError(f"{flag}: needs onnxruntime >= 1.23 (plugin execution providers); "
-                            f"this is {ort.__version__}: pip install -U onnxruntime")
+        raise ProviderError(
+            f"{flag}: needs onnxruntime >= 1.23 (plugin execution providers); "
+            f"this is {ort.__version__}: pip install -U onnxruntime"
+        )
     plugin = require("onnxruntime_ep_openvino", flag, ProviderError)
     name = plugin.get_ep_name()
     if not _cpu_devices(name):
@@ -63,8 +65,10 @@ def openvino_cpu_device(flag: str = "--ort-provider openvino"):
             ort.register_execution_provider_library(_REGISTRATION, plugin.get_library_path())
         except Exception as err:  # noqa: BLE001 - onnxruntime's own exception classes
             if "already registered" not in str(err):
-                raise ProviderError(f"{flag}: onnxruntime could not load the OpenVINO plugin "
-                                    f"({str(err).splitlines()[0]})") from None
+                raise ProviderError(
+                    f"{flag}: onnxruntime could not load the OpenVINO plugin "
+                    f"({str(err).splitlines()[0]})"
+                ) from None
     devices = _cpu_devices(name)
     if not devices:
         raise ProviderError(f"{flag}: the OpenVINO plugin found no CPU device here")
@@ -75,8 +79,11 @@ def _cpu_devices(ep_name: str) -> list:
     """The OpenVINO CPU devices onnxruntime knows (none until the plugin is registered)."""
     import onnxruntime as ort
 
-    return [d for d in ort.get_ep_devices()
-            if d.ep_name == ep_name and d.ep_metadata.get("ov_device") == "CPU"]
+    return [
+        d
+        for d in ort.get_ep_devices()
+        if d.ep_name == ep_name and d.ep_metadata.get("ov_device") == "CPU"
+    ]
 
 
 def openvino_config(name: str, device, threads: int | None) -> dict[str, str]:
@@ -86,9 +93,11 @@ def openvino_config(name: str, device, threads: int | None) -> dict[str, str]:
     if bf16:
         caps = device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "")
         if "BF16" not in caps.split():
-            raise ProviderError(f"--ort-provider {name}: OpenVINO reports no bf16 support on "
-                                f"this CPU (capabilities: {caps or 'none'}); use "
-                                "--ort-provider openvino (f32)")
+            raise ProviderError(
+                f"--ort-provider {name}: OpenVINO reports no bf16 support on "
+                f"this CPU (capabilities: {caps or 'none'}); use "
+                "--ort-provider openvino (f32)"
+            )
     cpu = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     if threads:
         cpu["INFERENCE_NUM_THREADS"] = str(threads)

@@ -45,7 +45,8 @@ def _trt():
         raise TensorRTUnavailable(
             missing_text("tensorrt", "building a TensorRT 10 engine on a CUDA GPU")
             + "; `ditkit export --target tensorrt-10.x` still writes an ONNX file TensorRT's "
-            "parser accepts") from None
+            "parser accepts"
+        ) from None
     if not trt.__version__.startswith("10."):
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} found; ditkit targets TensorRT 10")
     return trt
@@ -79,8 +80,10 @@ def parse_profile(text: str) -> Profile:
         return _parse_named_profile(text)
     parts = text.split("/")
     if len(parts) != 3:
-        raise TensorRTError(f"--profile {text!r}: use MIN/OPT/MAX, each BxH or BxHxW, e.g. "
-                            "1x256/2x512/4x1024, or batch=1/2/4,height=256/512/1024")
+        raise TensorRTError(
+            f"--profile {text!r}: use MIN/OPT/MAX, each BxH or BxHxW, e.g. "
+            "1x256/2x512/4x1024, or batch=1/2/4,height=256/512/1024"
+        )
     shapes = []
     for part in parts:
         try:
@@ -99,8 +102,9 @@ def _parse_named_profile(text: str) -> Profile:
         name, _, spec = item.partition("=")
         name = name.strip().lower()
         if name not in ("batch", "height", "width") or name in values:
-            raise TensorRTError(f"--profile {text!r}: {name!r} is not one of batch, height, width "
-                                "(each once)")
+            raise TensorRTError(
+                f"--profile {text!r}: {name!r} is not one of batch, height, width (each once)"
+            )
         try:
             nums = [int(v) for v in spec.split("/")]
         except ValueError:
@@ -127,8 +131,9 @@ def check_profile(profile: Profile, rules) -> None:
     for s in (profile.min, profile.opt, profile.max):
         for n, rule, name in ((s.height, rules[0], "height"), (s.width, rules[1], "width")):
             if not rule.valid(n):
-                raise TensorRTError(f"--profile: {name} {n} is not a valid size for this model "
-                                    f"({rule.text()})")
+                raise TensorRTError(
+                    f"--profile: {name} {n} is not a valid size for this model ({rule.text()})"
+                )
 
 
 # -------------------------------------------------------------------------------- cache
@@ -142,13 +147,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def engine_cache_key(onnx_sha256: str, profiles: list[Profile], precision: str,
-                     trt_version: str, gpu: str) -> str:
+def engine_cache_key(
+    onnx_sha256: str, profiles: list[Profile], precision: str, trt_version: str, gpu: str
+) -> str:
     """What an engine depends on: the graph and weights, the shapes it was tuned for, the
     precision, the TensorRT version and the GPU (engines are not portable across either)."""
-    data = json.dumps({"onnx": onnx_sha256, "precision": precision, "trt": trt_version,
-                       "gpu": gpu, "profiles": [[p.min.text(), p.opt.text(), p.max.text()]
-                                                for p in profiles]}, sort_keys=True)
+    data = json.dumps(
+        {
+            "onnx": onnx_sha256,
+            "precision": precision,
+            "trt": trt_version,
+            "gpu": gpu,
+            "profiles": [[p.min.text(), p.opt.text(), p.max.text()] for p in profiles],
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(data.encode()).hexdigest()[:24]
 
 
@@ -171,10 +184,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # -------------------------------------------------------------------------------- build
 
 
-def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
-                 precision: str = "fp16", out: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None, workspace_gib: float | None = None,
-                 refit_from: str | os.PathLike | None = None, log=print) -> Path:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    profiles: list[Profile],
+    *,
+    precision: str = "fp16",
+    out: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workspace_gib: float | None = None,
+    refit_from: str | os.PathLike | None = None,
+    log=print,
+) -> Path:
     """Build (or take from the engine cache, or refit) a TensorRT engine for ``onnx_path``."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -208,8 +228,10 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise TensorRTError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (re-export "
-                            "with --target tensorrt-10.N for your TensorRT minor version)")
+        raise TensorRTError(
+            f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (re-export "
+            "with --target tensorrt-10.N for your TensorRT minor version)"
+        )
     config = builder.create_builder_config()
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
@@ -224,21 +246,22 @@ def build_engine(onnx_path: str | os.PathLike, profiles: list[Profile], *,
         for name in names:
             if name == "x":
                 c = network.get_input(names.index("x")).shape[1]
-                prof.set_shape("x", *[(s.batch, c, s.height, s.width)
-                                      for s in (p.min, p.opt, p.max)])
+                prof.set_shape(
+                    "x", *[(s.batch, c, s.height, s.width) for s in (p.min, p.opt, p.max)]
+                )
             else:  # sigma, class_labels, cfg_scale: (batch,); aux inputs: (batch, dims)
                 rest = tuple(network.get_input(names.index(name)).shape)[1:]
-                prof.set_shape(name, *[(b, *rest) for b in (p.min.batch, p.opt.batch,
-                                                            p.max.batch)])
+                prof.set_shape(name, *[(b, *rest) for b in (p.min.batch, p.opt.batch, p.max.batch)])
         config.add_optimization_profile(prof)
 
     timing_key = hashlib.sha256((trt.__version__ + gpu).encode()).hexdigest()[:16]
     timing_path = cache / f"timing-{timing_key}.cache"
-    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file()
-                                        else b"")
+    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
     config.set_timing_cache(timing, ignore_mismatch=False)
-    log(f"building TensorRT {trt.__version__} engine ({precision}, {len(profiles)} profile(s)) "
-        f"on {gpu} ...")
+    log(
+        f"building TensorRT {trt.__version__} engine ({precision}, {len(profiles)} profile(s)) "
+        f"on {gpu} ..."
+    )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise TensorRTError(f"TensorRT failed to build an engine for {onnx_path} (see its log)")
@@ -255,18 +278,22 @@ def _refit(trt, logger, engine_path: Path, onnx_path: Path) -> bytes:
     if engine is None:
         raise TensorRTError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
     if not engine.refittable:
-        raise TensorRTError(f"{engine_path}: built without REFIT; rebuild it with `ditkit trt "
-                            "build` (which sets it)")
+        raise TensorRTError(
+            f"{engine_path}: built without REFIT; rebuild it with `ditkit trt "
+            "build` (which sets it)"
+        )
     refitter = trt.Refitter(engine, logger)
     onnx_refitter = trt.OnnxParserRefitter(refitter, logger)
     if not onnx_refitter.refit_from_file(str(onnx_path)):
-        errors = "; ".join(str(onnx_refitter.get_error(i))
-                           for i in range(onnx_refitter.num_errors))
-        raise TensorRTError(f"cannot refit {engine_path} from {onnx_path}: {errors} (the graphs "
-                            "differ; build a new engine)")
+        errors = "; ".join(str(onnx_refitter.get_error(i)) for i in range(onnx_refitter.num_errors))
+        raise TensorRTError(
+            f"cannot refit {engine_path} from {onnx_path}: {errors} (the graphs "
+            "differ; build a new engine)"
+        )
     if not refitter.refit_cuda_engine():
-        raise TensorRTError(f"refitting {engine_path} failed (missing weights: "
-                            f"{refitter.get_missing_weights()})")
+        raise TensorRTError(
+            f"refitting {engine_path} failed (missing weights: {refitter.get_missing_weights()})"
+        )
     return bytes(engine.serialize())
 
 
@@ -290,8 +317,9 @@ class TrtDenoiser:
     objective); inputs are torch CUDA tensors, bound by address; the first call at a new shape
     sets the shapes and captures a CUDA graph that later calls replay."""
 
-    def __init__(self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike,
-                 cuda_graphs: bool = True):
+    def __init__(
+        self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike, cuda_graphs: bool = True
+    ):
         import onnx
         import torch
 
@@ -308,18 +336,21 @@ class TrtDenoiser:
         self.rules = _rules_of(Path(onnx_path))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(
-            Path(engine_path).read_bytes())
+            Path(engine_path).read_bytes()
+        )
         if self.engine is None:
             raise TensorRTError(f"{engine_path}: not a TensorRT engine for this TensorRT/GPU")
         self.context = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = [n for n in self.names
-                        if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.outputs = [
+            n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT
+        ]
         self.cuda_graphs = cuda_graphs
         self._graphs: dict = {}
         self.stream = torch.cuda.Stream()
-        self.aux = aux_inputs((i.name, [d.dim_value for d in i.type.tensor_type.shape.dim])
-                              for i in proto.graph.input)
+        self.aux = aux_inputs(
+            (i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in proto.graph.input
+        )
         self.guides_inside = "cfg_scale" in self.names
         self.cfg_channels = json.loads(meta.get("ditkit.cfg", "{}")).get("channels")
 
@@ -342,8 +373,16 @@ class TrtDenoiser:
         from ditkit.deploy.graph_io import check_shape, graph_feeds
 
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
-        feeds = graph_feeds(x, sigma, class_labels, scale, cond, names=self.names,
-                            null_class=self.null_class, aux=self.aux)
+        feeds = graph_feeds(
+            x,
+            sigma,
+            class_labels,
+            scale,
+            cond,
+            names=self.names,
+            null_class=self.null_class,
+            aux=self.aux,
+        )
         key = tuple(x.shape)
         entry = self._graphs.get(key)
         if entry is None:
@@ -367,8 +406,9 @@ class TrtDenoiser:
         for n, t in inputs.items():
             self.context.set_input_shape(n, tuple(t.shape))
             self.context.set_tensor_address(n, t.data_ptr())
-        outputs = {n: torch.empty(key, dtype=torch.float32, device=feeds["x"].device)
-                   for n in self.outputs}
+        outputs = {
+            n: torch.empty(key, dtype=torch.float32, device=feeds["x"].device) for n in self.outputs
+        }
         for n, t in outputs.items():
             self.context.set_tensor_address(n, t.data_ptr())
         graph = None
@@ -392,16 +432,21 @@ def compile_torch_tensorrt(denoiser, example_shape, precision: str = "fp16"):
     except ImportError:
         from ditkit.errors import missing_text
 
-        raise TensorRTUnavailable(missing_text("torch_tensorrt", "the torch_tensorrt engine")
-                                  + " (torch-tensorrt must match your torch)") from None
+        raise TensorRTUnavailable(
+            missing_text("torch_tensorrt", "the torch_tensorrt engine")
+            + " (torch-tensorrt must match your torch)"
+        ) from None
     import torch
 
     from ditkit.deploy.export import ExportGraph, example_inputs
 
     graph = ExportGraph(denoiser.model, denoiser.objective).cuda().eval()
-    args = tuple(a.cuda() for a in example_inputs(graph, example_shape[0],
-                                                   tuple(example_shape[2:])))
-    dtypes = {"fp32": {torch.float32}, "fp16": {torch.float16, torch.float32},
-              "bf16": {torch.bfloat16, torch.float32}}[precision]
-    return torch_tensorrt.compile(graph, ir="dynamo", inputs=list(args),
-                                  enabled_precisions=dtypes)
+    args = tuple(
+        a.cuda() for a in example_inputs(graph, example_shape[0], tuple(example_shape[2:]))
+    )
+    dtypes = {
+        "fp32": {torch.float32},
+        "fp16": {torch.float16, torch.float32},
+        "bf16": {torch.bfloat16, torch.float32},
+    }[precision]
+    return torch_tensorrt.compile(graph, ir="dynamo", inputs=list(args), enabled_precisions=dtypes)

@@ -48,9 +48,11 @@ class LabelReport:
         return asdict(self)
 
     def format(self) -> str:
-        return (f"label accuracy {self.accuracy:.1%} of {self.count} samples "
-                f"(classifier on held-out real {self.data}: {self.real_accuracy:.1%}); "
-                f"Frechet distance {self.frechet:.2f} (real vs real: {self.frechet_real:.2f})")
+        return (
+            f"label accuracy {self.accuracy:.1%} of {self.count} samples "
+            f"(classifier on held-out real {self.data}: {self.real_accuracy:.1%}); "
+            f"Frechet distance {self.frechet:.2f} (real vs real: {self.frechet_real:.2f})"
+        )
 
 
 DigitsReport = LabelReport  # the name it had when only the digits were evaluated
@@ -62,8 +64,16 @@ class ImageClassifier:
 
     data = "images"  # what the real images are, for reports (each subclass names its own)
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, input_size: tuple[int, int],
-                 n_classes: int, hidden: int = 64, seed: int = 0, max_iter: int = 500):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        input_size: tuple[int, int],
+        n_classes: int,
+        hidden: int = 64,
+        seed: int = 0,
+        max_iter: int = 500,
+    ):
         from sklearn.model_selection import train_test_split
         from sklearn.neural_network import MLPClassifier
 
@@ -71,9 +81,11 @@ class ImageClassifier:
         x = self.prepare(images)
         y = labels.numpy()
         self.x_fit, self.x_held, self.y_fit, self.y_held = train_test_split(
-            x, y, test_size=0.5, random_state=seed, stratify=y)
-        self.clf = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=max_iter,
-                                 random_state=seed)
+            x, y, test_size=0.5, random_state=seed, stratify=y
+        )
+        self.clf = MLPClassifier(
+            hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=max_iter, random_state=seed
+        )
         import warnings
 
         from threadpoolctl import threadpool_limits
@@ -114,8 +126,10 @@ class DigitsClassifier(ImageClassifier):
 
     def prepare(self, images: torch.Tensor) -> np.ndarray:
         if tuple(images.shape[-2:]) != self.resolution:
-            raise EvaluationError(f"samples are {tuple(images.shape[-2:])}, the classifier "
-                                  f"was trained at {self.resolution}")
+            raise EvaluationError(
+                f"samples are {tuple(images.shape[-2:])}, the classifier "
+                f"was trained at {self.resolution}"
+            )
         return super().prepare(images)
 
 
@@ -133,13 +147,21 @@ class ShapesClassifier(ImageClassifier):
 
     data = "shapes"
 
-    def __init__(self, resolution: tuple[int, int], classes: int = 10, count: int = 3000,
-                 input_size: int = 32, hidden: int = 64, seed: int = 1234):
+    def __init__(
+        self,
+        resolution: tuple[int, int],
+        classes: int = 10,
+        count: int = 3000,
+        input_size: int = 32,
+        hidden: int = 64,
+        seed: int = 1234,
+    ):
         from ditkit.data.datasets import shape_image
 
         self.resolution = cast(tuple[int, int], tuple(resolution))
-        x = torch.from_numpy(np.stack([shape_image(i, i % classes, self.resolution, seed)
-                                       for i in range(count)]))
+        x = torch.from_numpy(
+            np.stack([shape_image(i, i % classes, self.resolution, seed) for i in range(count)])
+        )
         y = torch.arange(count) % classes
         size = (min(self.resolution[0], input_size), min(self.resolution[1], input_size))
         super().__init__(x, y, size, classes, hidden, 0)
@@ -161,9 +183,13 @@ def classify(clf: ImageClassifier, images: torch.Tensor) -> tuple[np.ndarray, np
     return clf.predict(x), clf.features(x)
 
 
-def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.Tensor,
-                     matched_reference: bool = False,
-                     classified: tuple[np.ndarray, np.ndarray] | None = None) -> LabelReport:
+def evaluate_samples(
+    clf: ImageClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    matched_reference: bool = False,
+    classified: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LabelReport:
     """Accuracy and Fréchet distance of ``images`` asked to show ``labels``. The reference
     ``frechet_real`` uses the whole held-out real half, or with ``matched_reference`` only as
     many held-out images as there are samples (the Fréchet distance of a small set is biased
@@ -171,27 +197,35 @@ def evaluate_samples(clf: ImageClassifier, images: torch.Tensor, labels: torch.T
     :func:`classify`'s result for ``images``, when the caller has it already."""
     pred, features = classified if classified is not None else classify(clf, images)
     want = labels.cpu().numpy()
-    per_class = [float((pred[want == k] == k).mean()) if (want == k).any() else float("nan")
-                 for k in range(clf.n_classes)]
+    per_class = [
+        float((pred[want == k] == k).mean()) if (want == k).any() else float("nan")
+        for k in range(clf.n_classes)
+    ]
     ref = clf.features(clf.x_fit)
-    held = clf.x_held[:len(want)] if matched_reference else clf.x_held
+    held = clf.x_held[: len(want)] if matched_reference else clf.x_held
     return LabelReport(
-        count=len(want), accuracy=float((pred == want).mean()),
+        count=len(want),
+        accuracy=float((pred == want).mean()),
         frechet=frechet_distance(features, ref),
         frechet_real=frechet_distance(clf.features(held), ref),
-        real_accuracy=clf.real_accuracy, per_class_accuracy=per_class, data=clf.data)
+        real_accuracy=clf.real_accuracy,
+        per_class_accuracy=per_class,
+        data=clf.data,
+    )
 
 
-def classifier_for(data_kind: str, resolution: tuple[int, int], classes: int = 10,
-                   **args) -> ImageClassifier:
+def classifier_for(
+    data_kind: str, resolution: tuple[int, int], classes: int = 10, **args
+) -> ImageClassifier:
     """The evaluation classifier for a data kind (``digits`` or ``shapes``) at a resolution;
     ``args`` go to :class:`ShapesClassifier` (e.g. ``count``)."""
     if data_kind == "digits":
         return DigitsClassifier(cast(tuple[int, int], tuple(resolution)))
     if data_kind == "shapes":
         return ShapesClassifier(cast(tuple[int, int], tuple(resolution)), classes, **args)
-    raise EvaluationError(f"no built-in evaluation for data kind {data_kind!r}; use digits or "
-                          "shapes")
+    raise EvaluationError(
+        f"no built-in evaluation for data kind {data_kind!r}; use digits or shapes"
+    )
 
 
 class ResolutionMetrics:
@@ -211,27 +245,44 @@ class ResolutionMetrics:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         res = (int(images.shape[-2]), int(images.shape[-1]))
         if res not in self._classifiers:
-            self._classifiers[res] = classifier_for(self.data_kind, res, self.classes,
-                                                    **self.args)
+            self._classifiers[res] = classifier_for(self.data_kind, res, self.classes, **self.args)
         clf = self._classifiers[res]
         pred, features = classify(clf, images)
-        r = evaluate_samples(clf, images, labels, matched_reference=True,
-                             classified=(pred, features))
+        r = evaluate_samples(
+            clf, images, labels, matched_reference=True, classified=(pred, features)
+        )
         if res not in self._references:
             from ditkit.evaluate.stats import FrechetToReference
 
             ref = clf.features(clf.x_fit)
             self._references[res] = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
-        paired = {"correct": pred == labels.cpu().numpy(), "features": features,
-                  "frechet": self._references[res]}
-        return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
-                "real_accuracy": r.real_accuracy, "count": r.count, "per_sample": paired}
+        paired = {
+            "correct": pred == labels.cpu().numpy(),
+            "features": features,
+            "frechet": self._references[res],
+        }
+        return {
+            "accuracy": r.accuracy,
+            "frechet": r.frechet,
+            "frechet_real": r.frechet_real,
+            "real_accuracy": r.real_accuracy,
+            "count": r.count,
+            "per_sample": paired,
+        }
 
 
-def evaluate_model(model, spec, objective, *, count: int = 500,
-                   sampling: Sampling = EVALUATION_DEFAULTS, device: str = "cpu",
-                   progress: bool = False, data: str = "digits", classes: int = 10
-                   ) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
+def evaluate_model(
+    model,
+    spec,
+    objective,
+    *,
+    count: int = 500,
+    sampling: Sampling = EVALUATION_DEFAULTS,
+    device: str = "cpu",
+    progress: bool = False,
+    data: str = "digits",
+    classes: int = 10,
+) -> tuple[LabelReport, torch.Tensor, torch.Tensor]:
     """Sample ``count`` images of ``data`` (``digits`` or ``shapes``; labels cycling over its
     ``classes``) with the settings ``sampling`` (default: 20 steps, seed 1, as an
     experiment's evaluation) and evaluate them with that data's classifier at the model's
@@ -239,16 +290,22 @@ def evaluate_model(model, spec, objective, *, count: int = 500,
     from ditkit.runtime.generate import sample_images
 
     if data not in LABELLED_DATA:
-        raise EvaluationError(f"no built-in label evaluation for data kind {data!r}: use "
-                              "digits or shapes (or FID with --real)")
+        raise EvaluationError(
+            f"no built-in label evaluation for data kind {data!r}: use "
+            "digits or shapes (or FID with --real)"
+        )
     if spec.conditioning.classes is None or spec.conditioning.classes.count < classes:
-        raise EvaluationError(f"{data} evaluation needs a model conditioned on (at least) "
-                              f"{classes} classes (conditioning.classes.count)")
+        raise EvaluationError(
+            f"{data} evaluation needs a model conditioned on (at least) "
+            f"{classes} classes (conditioning.classes.count)"
+        )
     if spec.input.channels not in (1, 3):
-        raise EvaluationError(f"{data} evaluation needs 1 or 3 input channels, the model "
-                              f"has {spec.input.channels}")
+        raise EvaluationError(
+            f"{data} evaluation needs 1 or 3 input channels, the model has {spec.input.channels}"
+        )
     clf = classifier_for(data, cast(tuple[int, int], tuple(spec.input.resolution)), classes)
-    images, labels = sample_images(model, spec, objective, count, sampling, device,
-                                   n_classes=classes, progress=progress)
+    images, labels = sample_images(
+        model, spec, objective, count, sampling, device, n_classes=classes, progress=progress
+    )
     assert labels is not None  # drawn for n_classes
     return evaluate_samples(clf, images, labels), images, labels

@@ -24,14 +24,19 @@ import torch
 
 from ditkit.errors import UserError
 from ditkit.evaluate.stats import (  # noqa: F401 (re-exported)
-    _clean, frechet_from_stats, sqrtm_psd, trace_sqrt_product)
+    _clean,
+    frechet_from_stats,
+    sqrtm_psd,
+    trace_sqrt_product,
+)
 from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
 
 from ditkit.evaluate.inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
 ENV_VAR = "DITKIT_FID_WEIGHTS"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               + WEIGHTS_FILE)
+WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
+)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -56,15 +61,20 @@ def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     (na, d), nb = a.shape, len(b)
     if min(na, nb) < 2:
-        raise FIDError(f"need at least 2 images on each side to fit a covariance, got "
-                       f"{na} and {nb}")
+        raise FIDError(
+            f"need at least 2 images on each side to fit a covariance, got {na} and {nb}"
+        )
     if max(na, nb) >= d:
         return frechet_from_stats(*gaussian(a), *gaussian(b))
     ca, cb = a - a.mean(0), b - b.mean(0)
     m = (ca @ cb.T) / np.sqrt((na - 1) * (nb - 1))
     trace_sqrt = np.linalg.svd(m, compute_uv=False).sum()
-    d2 = (((a.mean(0) - b.mean(0)) ** 2).sum() + (ca ** 2).sum() / (na - 1)
-          + (cb ** 2).sum() / (nb - 1) - 2 * trace_sqrt)
+    d2 = (
+        ((a.mean(0) - b.mean(0)) ** 2).sum()
+        + (ca**2).sum() / (na - 1)
+        + (cb**2).sum() / (nb - 1)
+        - 2 * trace_sqrt
+    )
     return max(float(d2), 0.0)
 
 
@@ -88,10 +98,12 @@ def default_weights_path() -> Path:
 
 
 def missing_weights_message(path: Path) -> str:
-    return (f"FID needs the Inception weights {WEIGHTS_FILE}, which are not at {path}. "
-            "ditkit does not download them: fetch the file once on a machine with network "
-            f"access ({WEIGHTS_URL}) and put it at {default_weights_path()} -- or anywhere, "
-            f"then pass --fid-weights PATH or set {ENV_VAR}=PATH.")
+    return (
+        f"FID needs the Inception weights {WEIGHTS_FILE}, which are not at {path}. "
+        "ditkit does not download them: fetch the file once on a machine with network "
+        f"access ({WEIGHTS_URL}) and put it at {default_weights_path()} -- or anywhere, "
+        f"then pass --fid-weights PATH or set {ENV_VAR}=PATH."
+    )
 
 
 def load_inception(path: str | Path | None = None, device: str = "cpu") -> FIDInception:
@@ -107,14 +119,20 @@ def load_inception(path: str | Path | None = None, device: str = "cpu") -> FIDIn
 def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        what = ("is a file, not a folder of images or an .npz of uint8 images (arr_0)"
-                if folder.is_file() else "no such folder of images")
+        what = (
+            "is a file, not a folder of images or an .npz of uint8 images (arr_0)"
+            if folder.is_file()
+            else "no such folder of images"
+        )
         raise FIDError(f"{folder}: {what}")
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not files:
-        raise FIDError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
-                       "sub-folders included)")
+        raise FIDError(
+            f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
+            "sub-folders included)"
+        )
     return files
 
 
@@ -136,23 +154,33 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def folder_features(net: FIDInception, folder: str | Path, batch: int = 8,
-                    device: str = "cpu", progress: bool = True) -> np.ndarray:
+def folder_features(
+    net: FIDInception,
+    folder: str | Path,
+    batch: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """``(N, 2048)`` pool3 features of every image under ``folder``."""
     from tqdm import tqdm
 
     files = image_files(folder)
     out = []
-    for start in tqdm(range(0, len(files), batch), disable=not progress, unit="batch",
-                      desc=f"inception {Path(folder).name}"):
-        x = torch.cat([read_image(p) for p in files[start:start + batch]]).to(device)
+    for start in tqdm(
+        range(0, len(files), batch),
+        disable=not progress,
+        unit="batch",
+        desc=f"inception {Path(folder).name}",
+    ):
+        x = torch.cat([read_image(p) for p in files[start : start + batch]]).to(device)
         out.append(net(x).double().cpu().numpy())
     return np.concatenate(out)  # (N, FEATURES)
 
 
 @torch.no_grad()
-def npz_features(net: FIDInception, path: str | Path, batch: int = 8, device: str = "cpu",
-                 progress: bool = True) -> np.ndarray:
+def npz_features(
+    net: FIDInception, path: str | Path, batch: int = 8, device: str = "cpu", progress: bool = True
+) -> np.ndarray:
     """``(N, 2048)`` pool3 features of ``arr_0`` (uint8 NHWC) of an ``.npz``, streamed."""
     from tqdm import tqdm
 
@@ -161,8 +189,13 @@ def npz_features(net: FIDInception, path: str | Path, batch: int = 8, device: st
     try:
         n = npz_shape(path)[0]
         out = []
-        for chunk in tqdm(iter_npz_images(path, batch), total=-(-n // batch),
-                          disable=not progress, unit="batch", desc=f"inception {Path(path).name}"):
+        for chunk in tqdm(
+            iter_npz_images(path, batch),
+            total=-(-n // batch),
+            disable=not progress,
+            unit="batch",
+            desc=f"inception {Path(path).name}",
+        ):
             x = torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2).float() / 255  # (B, C, H, W)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
@@ -191,8 +224,13 @@ def check_source(source: str | Path) -> None:
         image_files(path)
 
 
-def source_features(net: FIDInception, source: str | Path, batch: int = 8,
-                    device: str = "cpu", progress: bool = True) -> np.ndarray:
+def source_features(
+    net: FIDInception,
+    source: str | Path,
+    batch: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Features of an image folder or of an ``.npz`` (``arr_0``)."""
     if Path(source).suffix == ".npz":
         return npz_features(net, source, batch, device, progress)
@@ -217,29 +255,45 @@ class FIDReport:
         return asdict(self)
 
     def format(self) -> str:
-        pr = ("" if self.precision is None else
-              f", precision {self.precision:.4f}, recall {self.recall:.4f} (k={self.k})")
-        return (f"FID {self.fid:.3f}{pr} ({self.fake_count} images in {self.fake} vs "
-                f"{self.real_count} in {self.real})")
+        pr = (
+            ""
+            if self.precision is None
+            else f", precision {self.precision:.4f}, recall {self.recall:.4f} (k={self.k})"
+        )
+        return (
+            f"FID {self.fid:.3f}{pr} ({self.fake_count} images in {self.fake} vs "
+            f"{self.real_count} in {self.real})"
+        )
 
 
-def compare_features(f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3,
-                     device: str = "cpu") -> dict:
+def compare_features(
+    f_real: np.ndarray, f_fake: np.ndarray, k: int | None = 3, device: str = "cpu"
+) -> dict:
     """``{fid, precision, recall, k}`` of two feature sets; precision and recall are ``None``
     when ``k`` is ``None`` or a set has ``k`` images or fewer."""
     from ditkit.evaluate.metrics import precision_recall
 
-    out = {"fid": frechet_from_features(f_real, f_fake), "precision": None, "recall": None,
-           "k": None}
+    out = {
+        "fid": frechet_from_features(f_real, f_fake),
+        "precision": None,
+        "recall": None,
+        "k": None,
+    }
     if k is not None and min(len(f_real), len(f_fake)) > k:
         out["precision"], out["recall"] = precision_recall(f_real, f_fake, k, device=device)
         out["k"] = k
     return out
 
 
-def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None = None,
-                batch: int = 8, device: str = "cpu", progress: bool = True,
-                k: int | None = 3) -> FIDReport:
+def fid_folders(
+    real: str | Path,
+    fake: str | Path,
+    weights: str | Path | None = None,
+    batch: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+    k: int | None = 3,
+) -> FIDReport:
     """FID (and precision / recall with ``k`` neighbours; ``k=None``: FID only) between the
     images of ``real`` and those of ``fake``, each an image folder or an ``.npz``. Raises
     :class:`FIDError` for missing weights, an empty folder or an unreadable image."""
@@ -249,9 +303,14 @@ def fid_folders(real: str | Path, fake: str | Path, weights: str | Path | None =
     net = load_inception(path, device)
     f_real = source_features(net, real, batch, device, progress)
     f_fake = source_features(net, fake, batch, device, progress)
-    return FIDReport(real=str(real), fake=str(fake), real_count=len(f_real),
-                     fake_count=len(f_fake), weights=str(path),
-                     **compare_features(f_real, f_fake, k, device))
+    return FIDReport(
+        real=str(real),
+        fake=str(fake),
+        real_count=len(f_real),
+        fake_count=len(f_fake),
+        weights=str(path),
+        **compare_features(f_real, f_fake, k, device),
+    )
 
 
 def to_inception_input(images: torch.Tensor) -> torch.Tensor:
@@ -268,10 +327,21 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
-              sampling: Sampling = EVALUATION_DEFAULTS, weights: str | Path | None = None,
-              batch: int = 8, device: str = "cpu", progress: bool = True,
-              source: str = "model", k: int | None = 3) -> FIDReport:
+def fid_model(
+    model,
+    spec,
+    objective,
+    real: str | Path,
+    *,
+    count: int = 500,
+    sampling: Sampling = EVALUATION_DEFAULTS,
+    weights: str | Path | None = None,
+    batch: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+    source: str = "model",
+    k: int | None = 3,
+) -> FIDReport:
     """FID (and precision / recall, ``k``) between ``count`` samples of a pixel-space model
     drawn with the settings ``sampling`` (default: 20 steps, seed 1, as an experiment's
     evaluation; labels cycling over its classes when class-conditional) and the images of
@@ -281,26 +351,56 @@ def fid_model(model, spec, objective, real: str | Path, *, count: int = 500,
     from ditkit.runtime.generate import sample_images
 
     if spec.input.space != "pixel":
-        raise FIDError("FID of a latent-space model needs its samples decoded to images; "
-                       "sample them into an .npz (ditkit sample CKPT --npz S.npz --vae VAE) and "
-                       "use --real REF --fake S.npz")
+        raise FIDError(
+            "FID of a latent-space model needs its samples decoded to images; "
+            "sample them into an .npz (ditkit sample CKPT --npz S.npz --vae VAE) and "
+            "use --real REF --fake S.npz"
+        )
     check_source(real)
     path = Path(weights).expanduser() if weights else default_weights_path()
     net = load_inception(path, device)
     f_real = source_features(net, real, batch, device, progress)
-    images, _ = sample_images(model, spec, objective, count, sampling, device,
-                              progress=progress)
+    images, _ = sample_images(model, spec, objective, count, sampling, device, progress=progress)
     x = to_inception_input(images)
-    f_fake = np.concatenate([net(x[i:i + batch].to(device)).double().cpu().numpy()
-                             for i in tqdm(range(0, len(x), batch), disable=not progress,
-                                           unit="batch", desc="inception samples")])
-    return FIDReport(real=str(real), fake=f"{count} samples of {source}",
-                     real_count=len(f_real), fake_count=len(f_fake), weights=str(path),
-                     **compare_features(f_real, f_fake, k, device))
+    f_fake = np.concatenate(
+        [
+            net(x[i : i + batch].to(device)).double().cpu().numpy()
+            for i in tqdm(
+                range(0, len(x), batch),
+                disable=not progress,
+                unit="batch",
+                desc="inception samples",
+            )
+        ]
+    )
+    return FIDReport(
+        real=str(real),
+        fake=f"{count} samples of {source}",
+        real_count=len(f_real),
+        fake_count=len(f_fake),
+        weights=str(path),
+        **compare_features(f_real, f_fake, k, device),
+    )
 
 
-__all__ = ["fid_folders", "fid_model", "to_inception_input", "folder_features",
-           "npz_features", "source_features", "check_source", "compare_features",
-           "frechet_from_stats", "frechet_from_features", "trace_sqrt_product", "sqrtm_psd",
-           "gaussian", "load_inception", "default_weights_path", "FIDError", "FIDReport",
-           "ENV_VAR", "WEIGHTS_URL"]
+__all__ = [
+    "fid_folders",
+    "fid_model",
+    "to_inception_input",
+    "folder_features",
+    "npz_features",
+    "source_features",
+    "check_source",
+    "compare_features",
+    "frechet_from_stats",
+    "frechet_from_features",
+    "trace_sqrt_product",
+    "sqrtm_psd",
+    "gaussian",
+    "load_inception",
+    "default_weights_path",
+    "FIDError",
+    "FIDReport",
+    "ENV_VAR",
+    "WEIGHTS_URL",
+]

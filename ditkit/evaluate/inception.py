@@ -143,8 +143,7 @@ class BlockE(nn.Module):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = (_avg_pool_tf(x) if self.pool == "avg"
-                  else F.max_pool2d(x, 3, stride=1, padding=1))
+        pooled = _avg_pool_tf(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
         return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
 
 
@@ -176,12 +175,12 @@ class FIDInception(nn.Module):
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)                                    # (B, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                       # (B, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)                                    # (B, 192, 35, 35)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)                           # -> (B, 2048, 8, 8)
-        return x.mean((2, 3))                                               # (B, 2048)
+            x = getattr(self, f"Mixed_{name}")(x)  # -> (B, 2048, 8, 8)
+        return x.mean((2, 3))  # (B, 2048)
 
 
 def load_fid_inception(path, device: str | torch.device = "cpu") -> FIDInception:
@@ -192,10 +191,12 @@ def load_fid_inception(path, device: str | torch.device = "cpu") -> FIDInception
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - UnpicklingError, zip/EOF errors of other files
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ValueError(f"{path}: not a PyTorch weights file that can be read safely "
-                         f"({first}); ditkit reads --fid-weights with "
-                         f"torch.load(weights_only=True) and never unpickles other objects. "
-                         f"Give the {WEIGHTS_FILE} file") from None
+        raise ValueError(
+            f"{path}: not a PyTorch weights file that can be read safely "
+            f"({first}); ditkit reads --fid-weights with "
+            f"torch.load(weights_only=True) and never unpickles other objects. "
+            f"Give the {WEIGHTS_FILE} file"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a state dict (got {type(state).__name__})")
     net = FIDInception()
@@ -205,19 +206,30 @@ def load_fid_inception(path, device: str | torch.device = "cpu") -> FIDInception
             state[k] = v
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state)
-                   if tuple(state[k].shape) != tuple(expected[k].shape))
+    wrong = sorted(
+        k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("wrong shape", wrong)) if keys]
-        raise ValueError(f"{path}: not the FID Inception weights ({WEIGHTS_FILE}); "
-                         + "; ".join(parts))
-    broken = sorted(k for k, v in state.items() if v.is_floating_point()
-                    and not bool(torch.isfinite(v).all()))
+        parts = [
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"{path}: not the FID Inception weights ({WEIGHTS_FILE}); " + "; ".join(parts)
+        )
+    broken = sorted(
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
     if broken:
-        raise ValueError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values (first: "
-                         f"{broken[0]}); the file is damaged, give an intact {WEIGHTS_FILE}")
+        raise ValueError(
+            f"{path}: {len(broken)} tensor(s) hold NaN or infinite values (first: "
+            f"{broken[0]}); the file is damaged, give an intact {WEIGHTS_FILE}"
+        )
     net.load_state_dict(state, strict=True)
     return net.to(device).eval().requires_grad_(False)
 

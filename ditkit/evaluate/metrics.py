@@ -43,24 +43,30 @@ def knn_radii(features, k: int = 3, block: int = BLOCK, device: str = "cpu") -> 
     smallest of its distances, the smallest being the row itself."""
     f = _tensor(features, device)
     if len(f) <= k:
-        raise UserError(f"precision/recall with k={k} needs more than {k} images per set, "
-                        f"got {len(f)}")
-    out = [torch.kthvalue(squared_distances(f[s:s + block], f), k + 1, dim=1).values
-           for s in range(0, len(f), block)]
+        raise UserError(
+            f"precision/recall with k={k} needs more than {k} images per set, got {len(f)}"
+        )
+    out = [
+        torch.kthvalue(squared_distances(f[s : s + block], f), k + 1, dim=1).values
+        for s in range(0, len(f), block)
+    ]
     return torch.cat(out).cpu().numpy()
 
 
 def inside(points, centres, radii, block: int = BLOCK, device: str = "cpu") -> np.ndarray:
     """For each row of ``points``: does it lie in some ball ``|p - centre|^2 <= radius``?"""
     p, c, r = _tensor(points, device), _tensor(centres, device), _tensor(radii, device)
-    hit = [(squared_distances(p[s:s + block], c) <= r[None, :]).any(1)
-           for s in range(0, len(p), block)]
+    hit = [
+        (squared_distances(p[s : s + block], c) <= r[None, :]).any(1)
+        for s in range(0, len(p), block)
+    ]
     return torch.cat(hit).cpu().numpy()
 
 
 @torch.no_grad()
-def precision_recall(real, fake, k: int = 3, block: int = BLOCK,
-                     device: str = "cpu") -> tuple[float, float]:
+def precision_recall(
+    real, fake, k: int = 3, block: int = BLOCK, device: str = "cpu"
+) -> tuple[float, float]:
     """``(precision, recall)`` of the ``fake`` features against the ``real`` ones (float64
     on ``device``: a GPU makes 50,000 x 50,000 distances a matter of seconds)."""
     r_real, r_fake = knn_radii(real, k, block, device), knn_radii(fake, k, block, device)

@@ -113,17 +113,23 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, 3)`` uint8, rounded as the PNG writers do
     (grey is repeated into RGB)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise NpzError(f"an .npz holds grey or RGB images (N, C, H, W) with C 1 or 3; got "
-                       f"shape {tuple(images.shape)} (a latent-space model needs its decoder)")
+        raise NpzError(
+            f"an .npz holds grey or RGB images (N, C, H, W) with C 1 or 3; got "
+            f"shape {tuple(images.shape)} (a latent-space model needs its decoder)"
+        )
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3)
 
 
-def write_npz(path: str | os.PathLike, chunks: Iterator[np.ndarray], count: int,
-              labels: np.ndarray | None = None,
-              settings: dict | None = None) -> tuple[int, int, int, int]:
+def write_npz(
+    path: str | os.PathLike,
+    chunks: Iterator[np.ndarray],
+    count: int,
+    labels: np.ndarray | None = None,
+    settings: dict | None = None,
+) -> tuple[int, int, int, int]:
     """Stream uint8 ``(n, H, W, C)`` chunks into ``arr_0`` of an uncompressed ``.npz`` (as
     ``np.savez`` writes it; zip64, so any size), plus ``labels`` as ``arr_1`` and ``settings``
     as ``ditkit_settings`` (JSON text as uint8 bytes: no pickle; :func:`npz_settings` reads
@@ -134,17 +140,24 @@ def write_npz(path: str | os.PathLike, chunks: Iterator[np.ndarray], count: int,
     if first is None or first.ndim != 4 or first.dtype != np.uint8:
         raise NpzError(f"{path}: nothing to write (expected uint8 (n, H, W, C) chunks)")
     shape = (count, *first.shape[1:])
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-              "fortran_order": False, "shape": shape}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": shape,
+    }
     written = 0
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED,
-                                                   allowZip64=True) as zf:
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for chunk in (first, *chunks):
                 if chunk.shape[1:] != shape[1:] or chunk.dtype != np.uint8:
-                    raise NpzError(f"{path}: a chunk of shape {chunk.shape} ({chunk.dtype}) "
-                                   f"does not fit {shape[1:]} uint8")
+                    raise NpzError(
+                        f"{path}: a chunk of shape {chunk.shape} ({chunk.dtype}) "
+                        f"does not fit {shape[1:]} uint8"
+                    )
                 f.write(np.ascontiguousarray(chunk).tobytes())
                 written += len(chunk)
         if written != count:
@@ -172,27 +185,38 @@ def npz_settings(path: str | os.PathLike) -> dict | None:
 
 def _open_arr0(zf: zipfile.ZipFile, path) -> tuple:
     if "arr_0.npy" not in zf.namelist():
-        raise NpzError(f"{path}: no arr_0 in the .npz (keys: "
-                       f"{', '.join(n.removesuffix('.npy') for n in zf.namelist())})")
+        raise NpzError(
+            f"{path}: no arr_0 in the .npz (keys: "
+            f"{', '.join(n.removesuffix('.npy') for n in zf.namelist())})"
+        )
     f = zf.open("arr_0.npy")
     version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
+    read = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
     shape, fortran, dtype = read(f)
     if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] not in (1, 3):
         f.close()
-        raise NpzError(f"{path}: arr_0 must be uint8 images (N, H, W, 3) as the ADM evaluator "
-                       f"reads them; got {dtype} {shape}{' (Fortran order)' if fortran else ''}")
+        raise NpzError(
+            f"{path}: arr_0 must be uint8 images (N, H, W, 3) as the ADM evaluator "
+            f"reads them; got {dtype} {shape}{' (Fortran order)' if fortran else ''}"
+        )
     if min(shape) < 1:
         f.close()
-        raise NpzError(f"{path}: arr_0 has shape {tuple(shape)}: no images or images of no "
-                       "pixels; an .npz of samples holds (N, H, W, 3) with every size positive")
+        raise NpzError(
+            f"{path}: arr_0 has shape {tuple(shape)}: no images or images of no "
+            "pixels; an .npz of samples holds (N, H, W, 3) with every size positive"
+        )
     claimed = int(np.prod(shape, dtype=object))
     held = zf.getinfo("arr_0.npy").file_size
     if claimed > held:  # the header is read before any buffer is made from it
         f.close()
-        raise NpzError(f"{path}: arr_0's header claims {tuple(shape)} ({claimed:,} bytes) but "
-                       f"the file holds {held:,} bytes; the file is damaged")
+        raise NpzError(
+            f"{path}: arr_0's header claims {tuple(shape)} ({claimed:,} bytes) but "
+            f"the file holds {held:,} bytes; the file is damaged"
+        )
     return f, tuple(shape)
 
 
@@ -280,11 +304,16 @@ def _settings(parts: Path, settings: dict, proc: Processes) -> None:
             diff = ["unreadable"]
             if isinstance(old, dict):  # keys on either side: a setting may be new or gone
                 keys = [*settings, *(k for k in old if k not in settings)]
-                diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys
-                        if old.get(k) != settings.get(k)]
-            raise NpzError(f"{parts} holds samples drawn with other settings ({'; '.join(diff)}"
-                           f"); rerun with the earlier settings to continue, or delete {parts} "
-                           "to start over")
+                diff = [
+                    f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+                    for k in keys
+                    if old.get(k) != settings.get(k)
+                ]
+            raise NpzError(
+                f"{parts} holds samples drawn with other settings ({'; '.join(diff)}"
+                f"); rerun with the earlier settings to continue, or delete {parts} "
+                "to start over"
+            )
     elif proc.main:
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")
@@ -306,8 +335,9 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None, run: str | None = No
     that carries another run's is refused (:class:`ForeignPart`): never merged, nor
     silently replaced."""
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise NpzError(f"{path}: not a regular file; delete it (parts are written by "
-                       "ditkit sample --npz only)")
+        raise NpzError(
+            f"{path}: not a regular file; delete it (parts are written by ditkit sample --npz only)"
+        )
     if not path.is_file():
         return False
     try:
@@ -320,9 +350,11 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None, run: str | None = No
             if owner is None and run is not None:
                 return False  # no identity (damaged, or an older ditkit's): drawn again
             if run is not None and owner != run:
-                raise ForeignPart(f"{path} was drawn by another run (other settings, checkpoint or "
-                               f"labels); it is not merged. Delete it, or the whole "
-                               f"{path.parent}, to draw it again")
+                raise ForeignPart(
+                    f"{path} was drawn by another run (other settings, checkpoint or "
+                    f"labels); it is not merged. Delete it, or the whole "
+                    f"{path.parent}, to draw it again"
+                )
             f, shape = _open_arr0(zf, path)
             f.close()
             got = None
@@ -340,32 +372,57 @@ def _part_ok(path: Path, n: int, labels: np.ndarray | None, run: str | None = No
     return got is not None and np.array_equal(got, labels)
 
 
-def draw_chunk(denoiser, k: int, start: int, n: int, labels: np.ndarray | None, *,
-               shape: tuple[int, int, int], sampling: Sampling,
-               decode: Callable[[torch.Tensor], torch.Tensor] | None,
-               device: str) -> torch.Tensor:
+def draw_chunk(
+    denoiser,
+    k: int,
+    start: int,
+    n: int,
+    labels: np.ndarray | None,
+    *,
+    shape: tuple[int, int, int],
+    sampling: Sampling,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    device: str,
+) -> torch.Tensor:
     """Chunk ``k`` of :func:`sample_npz` (samples ``start .. start + n - 1``, seed
     ``sampling.seed + k``) on ``device``, decoded when ``decode`` is given; a non-finite value
     is an error."""
     from ditkit.runtime.multistage import sample_staged
 
-    x = sample_staged(denoiser, (n, *shape), sampling, seed=sampling.seed + k,
-                      class_labels=None if labels is None else torch.from_numpy(labels),
-                      device=device)
+    x = sample_staged(
+        denoiser,
+        (n, *shape),
+        sampling,
+        seed=sampling.seed + k,
+        class_labels=None if labels is None else torch.from_numpy(labels),
+        device=device,
+    )
     if decode is not None:
         x = decode(x)
     if not torch.isfinite(x).all():
-        raise NpzError(f"chunk {k} (samples {start}..{start + n - 1}, seed {sampling.seed + k}) "
-                       "holds non-finite values; nothing was written for it")
+        raise NpzError(
+            f"chunk {k} (samples {start}..{start + n - 1}, seed {sampling.seed + k}) "
+            "holds non-finite values; nothing was written for it"
+        )
     return x
 
 
-def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = None, *, num: int,
-               shape: tuple[int, int, int], batch: int = 32,
-               class_labels: torch.Tensor | np.ndarray | None = None,
-               decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               identity: dict | None = None, proc: Processes | None = None,
-               device: str = "cpu", progress: bool = True, **settings) -> NpzResult:
+def sample_npz(
+    denoiser,
+    out: str | os.PathLike,
+    sampling: Sampling | None = None,
+    *,
+    num: int,
+    shape: tuple[int, int, int],
+    batch: int = 32,
+    class_labels: torch.Tensor | np.ndarray | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    identity: dict | None = None,
+    proc: Processes | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    **settings,
+) -> NpzResult:
     """Draw ``num`` samples of ``shape`` ``(C, H, W)`` from ``denoiser`` with the settings
     ``sampling`` (a :class:`ditkit.spec.sampling.Sampling`; ``settings`` are its fields given
     one by one, as for :func:`ditkit.runtime.samplers.sample`) into the ``.npz`` ``out``;
@@ -391,14 +448,25 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     from ditkit.spec.limits import KEPT_PER_SAMPLE, check_run_bytes
 
     c, h, w = shape
-    check_run_bytes(num * KEPT_PER_SAMPLE + min(batch, num) * c * h * w * 4 * 8,
-                    f"--count {num}", f"{num:,} samples in batches of {batch}")
+    check_run_bytes(
+        num * KEPT_PER_SAMPLE + min(batch, num) * c * h * w * 4 * 8,
+        f"--count {num}",
+        f"{num:,} samples in batches of {batch}",
+    )
     parts = parts_folder(out)
     if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
-        raise NpzError(f"{parts}: not a folder (a symbolic link or a file); the parts of "
-                       f"{out} are written to a real folder there: remove it and rerun")
-    settings = {"num": num, "batch": batch, "shape": list(shape), **sampling.recorded(),
-                "labels_sha256": _labels_hash(labels), **(identity or {})}
+        raise NpzError(
+            f"{parts}: not a folder (a symbolic link or a file); the parts of "
+            f"{out} are written to a real folder there: remove it and rerun"
+        )
+    settings = {
+        "num": num,
+        "batch": batch,
+        "shape": list(shape),
+        **sampling.recorded(),
+        "labels_sha256": _labels_hash(labels),
+        **(identity or {}),
+    }
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
     if proc.main:
         parts.mkdir(parents=True, exist_ok=True)
@@ -408,23 +476,38 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     mine = [c for c in chunks if c[0] % proc.world == proc.rank]
 
     def lab(start: int, n: int):
-        return None if labels is None else labels[start:start + n]
+        return None if labels is None else labels[start : start + n]
 
     run = run_id(settings)
-    todo = [c for c in mine if not _part_ok(parts / f"part-{c[0]:06d}.npz", c[2],
-                                            lab(c[1], c[2]), run)]
+    todo = [
+        c for c in mine if not _part_ok(parts / f"part-{c[0]:06d}.npz", c[2], lab(c[1], c[2]), run)
+    ]
     reused = sum(n for _, _, n in mine) - sum(n for _, _, n in todo)
     from tqdm.auto import tqdm
 
     who = f" (process {proc.rank} of {proc.world})" if proc.world > 1 else ""
-    bar = tqdm(total=sum(n for _, _, n in mine), initial=reused, unit="img",
-               desc=f"sampling {out.name}{who}", disable=not (progress and proc.main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(n for _, _, n in mine),
+        initial=reused,
+        unit="img",
+        desc=f"sampling {out.name}{who}",
+        disable=not (progress and proc.main),
+        dynamic_ncols=True,
+    )
     try:
         for k, start, n in todo:
             y = lab(start, n)
-            x = draw_chunk(denoiser, k, start, n, y, shape=shape, sampling=sampling,
-                           decode=decode, device=proc.device)
+            x = draw_chunk(
+                denoiser,
+                k,
+                start,
+                n,
+                y,
+                shape=shape,
+                sampling=sampling,
+                decode=decode,
+                device=proc.device,
+            )
             images = to_uint8(x)
             with atomic_path(parts / f"part-{k:06d}.npz") as tmp, open(tmp, "wb") as f:
                 arrays = {"arr_0": images, RUN_KEY: np.frombuffer(run.encode(), np.uint8)}
@@ -438,11 +521,12 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     proc.barrier()
     result = NpzResult(out, None, sum(n for _, _, n in todo), reused)
     if proc.main:
-        missing = [k for k, s, n in chunks
-                   if not (parts / f"part-{k:06d}.npz").is_file()]
+        missing = [k for k, s, n in chunks if not (parts / f"part-{k:06d}.npz").is_file()]
         if missing:
-            raise NpzError(f"{parts}: parts {missing[:5]} are missing after sampling; rerun "
-                           "the command to draw them")
+            raise NpzError(
+                f"{parts}: parts {missing[:5]} are missing after sampling; rerun "
+                "the command to draw them"
+            )
 
         def stream():
             for k, _, _ in chunks:
@@ -453,7 +537,19 @@ def sample_npz(denoiser, out: str | os.PathLike, sampling: Sampling | None = Non
     return result
 
 
-__all__ = ["sample_npz", "draw_chunk",
-           "write_npz", "read_npz", "iter_npz_images", "npz_shape", "npz_settings",
-           "to_uint8",
-           "processes", "Processes", "parts_folder", "chunks_of", "NpzError", "NpzResult"]
+__all__ = [
+    "sample_npz",
+    "draw_chunk",
+    "write_npz",
+    "read_npz",
+    "iter_npz_images",
+    "npz_shape",
+    "npz_settings",
+    "to_uint8",
+    "processes",
+    "Processes",
+    "parts_folder",
+    "chunks_of",
+    "NpzError",
+    "NpzResult",
+]

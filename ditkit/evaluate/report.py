@@ -28,20 +28,64 @@ from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
 from ditkit.evaluate import report_measure
-from ditkit.evaluate.report_compare import (OVERHEAD_FACTOR, compare, compare_scopes, compared,
-                                            latency_slope, with_intervals)
-from ditkit.evaluate.report_measure import (ClassifierScorer, ExtraRow, Measured, PerSample,
-                                            Plan, Row, Scorer, Scores, Tensors, compact_png,
-                                            cost_curves, cpu_peak_bytes, dit_reference, measure,
-                                            measure_forward, noop_check)
+from ditkit.evaluate.report_compare import (
+    OVERHEAD_FACTOR,
+    compare,
+    compare_scopes,
+    compared,
+    latency_slope,
+    with_intervals,
+)
+from ditkit.evaluate.report_measure import (
+    ClassifierScorer,
+    ExtraRow,
+    Measured,
+    PerSample,
+    Plan,
+    Row,
+    Scorer,
+    Scores,
+    Tensors,
+    compact_png,
+    cost_curves,
+    cpu_peak_bytes,
+    dit_reference,
+    measure,
+    measure_forward,
+    noop_check,
+)
 from ditkit.evaluate.report_write import _html, comparison_lines, write_report
 from ditkit.spec.sampling import Sampling
 
-__all__ = ["OVERHEAD_FACTOR", "REPORT_SAMPLING", "ClassifierScorer", "Measured", "PerSample",
-           "Plan", "Row", "Scorer", "Scores", "compact_png", "compare", "compare_scopes",
-           "compared", "comparison_lines", "cost_curves", "cpu_peak_bytes", "dit_reference",
-           "latency_slope", "measure", "measure_forward", "noop_check", "parse_policy",
-           "policy_label", "run", "with_intervals", "write_report", "_html"]
+__all__ = [
+    "OVERHEAD_FACTOR",
+    "REPORT_SAMPLING",
+    "ClassifierScorer",
+    "Measured",
+    "PerSample",
+    "Plan",
+    "Row",
+    "Scorer",
+    "Scores",
+    "compact_png",
+    "compare",
+    "compare_scopes",
+    "compared",
+    "comparison_lines",
+    "cost_curves",
+    "cpu_peak_bytes",
+    "dit_reference",
+    "latency_slope",
+    "measure",
+    "measure_forward",
+    "noop_check",
+    "parse_policy",
+    "policy_label",
+    "run",
+    "with_intervals",
+    "write_report",
+    "_html",
+]
 
 _POLICY = TypeAdapter(S.Policy)
 
@@ -63,11 +107,21 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
         for item in filter(None, re.split(r",(?![^()]*\))", rest)):  # commas outside (...)
             key, eq, value = item.partition("=")
             if not eq:
-                raise S.SpecError([(flag, f"{text!r}: expected key=value after the kind, "
-                                    f"e.g. local_core:kernel_size=15")])
+                raise S.SpecError(
+                    [
+                        (
+                            flag,
+                            f"{text!r}: expected key=value after the kind, "
+                            f"e.g. local_core:kernel_size=15",
+                        )
+                    ]
+                )
             nested = re.fullmatch(r"\s*(\w+)\((.*)\)\s*", value)  # yarn(beta=16)
-            out[key.strip()] = ({"kind": nested[1], **items(nested[2])} if nested
-                                else load_yaml(value, "policy", f"{flag} {key.strip()}"))
+            out[key.strip()] = (
+                {"kind": nested[1], **items(nested[2])}
+                if nested
+                else load_yaml(value, "policy", f"{flag} {key.strip()}")
+            )
         return out
 
     kind, _, rest = text.partition(":")
@@ -75,8 +129,10 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     try:
         return _POLICY.validate_python(data)
     except ValidationError as err:
-        issues = [(f"{flag} {text}: " + ".".join(str(p) for p in e["loc"]),
-                   e["msg"]) for e in err.errors(include_url=False)]
+        issues = [
+            (f"{flag} {text}: " + ".".join(str(p) for p in e["loc"]), e["msg"])
+            for e in err.errors(include_url=False)
+        ]
         raise S.SpecError(issues, "policy") from None
 
 
@@ -84,6 +140,7 @@ def policy_label(policy: S.Policy) -> str:
     """``kind:key=value,...`` with the non-default fields; a nested option (``rope_scaling``)
     shows as its kind, with its own non-default fields in parentheses: ``rope_scaling=ntk``,
     ``rope_scaling=yarn(beta=16)``."""
+
     def show(v):
         if isinstance(v, dict):
             inner = ",".join(f"{k}={x}" for k, x in v.items() if k != "kind")
@@ -97,16 +154,29 @@ def policy_label(policy: S.Policy) -> str:
     return policy.kind + (f":{args}" if args else "")
 
 
-def run(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective | None,
-        policies: list[S.Policy],
-        resolutions: list[tuple[int, int]], out: Path, sampling: Sampling | None = None, *,
-        samples: int = 8, device: str = "cpu",
-        measure: bool = True, curve: list[tuple[int, int]] | None = None,
-        scorer: Scorer | None = None, eval_count: int = 0,
-        extra: Sequence[ExtraRow] = (),
-        eval_resolutions: list[tuple[int, int]] | None = None, progress: bool = True,
-        count_at: dict[tuple[int, int], int] | None = None, bootstrap: int = 300,
-        latency_batch: int = 1, **settings: Any) -> list[Row]:
+def run(
+    spec: S.ModelSpec,
+    tensors: Tensors | None,
+    objective: S.Objective | None,
+    policies: list[S.Policy],
+    resolutions: list[tuple[int, int]],
+    out: Path,
+    sampling: Sampling | None = None,
+    *,
+    samples: int = 8,
+    device: str = "cpu",
+    measure: bool = True,
+    curve: list[tuple[int, int]] | None = None,
+    scorer: Scorer | None = None,
+    eval_count: int = 0,
+    extra: Sequence[ExtraRow] = (),
+    eval_resolutions: list[tuple[int, int]] | None = None,
+    progress: bool = True,
+    count_at: dict[tuple[int, int], int] | None = None,
+    bootstrap: int = 300,
+    latency_batch: int = 1,
+    **settings: Any,
+) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
 
     ``sampling``: how the grids and scored images are drawn (default :data:`REPORT_SAMPLING`:
@@ -129,17 +199,34 @@ def run(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective | Non
     Fréchet distance), and the rows of each resolution are compared on the same samples
     (:func:`compare`)."""
     sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
-    plan = Plan(sampling, grid_count=samples, device=device, time=measure,
-                latency_batch=latency_batch, scorer=scorer, count=eval_count,
-                count_at={(k[0], k[1]): v for k, v in (count_at or {}).items()},
-                scored=None if eval_resolutions is None
-                else frozenset((r[0], r[1]) for r in eval_resolutions),
-                progress=progress)
+    plan = Plan(
+        sampling,
+        grid_count=samples,
+        device=device,
+        time=measure,
+        latency_batch=latency_batch,
+        scorer=scorer,
+        count=eval_count,
+        count_at={(k[0], k[1]): v for k, v in (count_at or {}).items()},
+        scored=None
+        if eval_resolutions is None
+        else frozenset((r[0], r[1]) for r in eval_resolutions),
+        progress=progress,
+    )
     labelled = [(policy_label(p), p) for p in policies]
     # ``measure`` (the flag) shadows the function here: reach the part through its module
-    measured = report_measure.measure(spec, tensors, objective, labelled, resolutions, out, plan,
-                                      extra=extra, curve=curve)
+    measured = report_measure.measure(
+        spec, tensors, objective, labelled, resolutions, out, plan, extra=extra, curve=curve
+    )
     rows, comparisons = compared(measured, bootstrap, sampling.seed)
-    write_report(spec, rows, measured.curves, out, noop=measured.noop, comparisons=comparisons,
-                 sampling=sampling, latency_batch=latency_batch)
+    write_report(
+        spec,
+        rows,
+        measured.curves,
+        out,
+        noop=measured.noop,
+        comparisons=comparisons,
+        sampling=sampling,
+        latency_batch=latency_batch,
+    )
     return rows

@@ -17,8 +17,9 @@ from ditkit.evaluate.report_measure import Measured, PerSample, Resolution, Row
 from ditkit.runtime.extrapolate import loglog_slope
 
 
-def with_intervals(rows: list[Row], scores: dict[int, PerSample], rounds: int = 300,
-                   seed: int = 0) -> list[Row]:
+def with_intervals(
+    rows: list[Row], scores: dict[int, PerSample], rounds: int = 300, seed: int = 0
+) -> list[Row]:
     """The rows, each one with per-sample scores given ``accuracy_ci`` (Wilson) and
     ``frechet_ci`` (``rounds`` bootstrap rounds) in its metrics."""
     from ditkit.evaluate.stats import bootstrap_frechet, wilson_interval
@@ -28,17 +29,27 @@ def with_intervals(rows: list[Row], scores: dict[int, PerSample], rounds: int = 
         per = scores.get(i)
         if per is not None:
             correct = per.correct
-            row = replace(row, metrics={
-                **row.metrics,
-                "accuracy_ci": list(wilson_interval(int(correct.sum()), len(correct))),
-                "frechet_ci": list(bootstrap_frechet(per.features, per.frechet, rounds=rounds,
-                                                     seed=seed))})
+            row = replace(
+                row,
+                metrics={
+                    **row.metrics,
+                    "accuracy_ci": list(wilson_interval(int(correct.sum()), len(correct))),
+                    "frechet_ci": list(
+                        bootstrap_frechet(per.features, per.frechet, rounds=rounds, seed=seed)
+                    ),
+                },
+            )
         out.append(row)
     return out
 
 
-def compare(rows: list[Row], paired: dict[int, PerSample], rounds: int = 300, seed: int = 0,
-            scope: str = "all") -> list[dict[str, Any]]:
+def compare(
+    rows: list[Row],
+    paired: dict[int, PerSample],
+    rounds: int = 300,
+    seed: int = 0,
+    scope: str = "all",
+) -> list[dict[str, Any]]:
     """Per resolution, the best row by accuracy and by Fréchet distance and paired tests of
     every other row against it on the same samples (same seed, same labels): McNemar's exact
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
@@ -55,48 +66,77 @@ def compare(rows: list[Row], paired: dict[int, PerSample], rounds: int = 300, se
         counts = {len(paired[i].correct) for i in idx}
         if len(idx) < 2 or len(counts) != 1:
             continue
-        best_acc = max(idx, key=lambda i: (rows[i].metrics["accuracy"],
-                                           -rows[i].metrics["frechet"]))
-        best_fd = min(idx, key=lambda i: (rows[i].metrics["frechet"],
-                                          -rows[i].metrics["accuracy"]))
+        best_acc = max(
+            idx, key=lambda i: (rows[i].metrics["accuracy"], -rows[i].metrics["frechet"])
+        )
+        best_fd = min(idx, key=lambda i: (rows[i].metrics["frechet"], -rows[i].metrics["accuracy"]))
         acc_tests, fd_tests = [], []
         for i in idx:
             if i != best_acc:
-                acc_tests.append({"policy": rows[i].policy,
-                                  "difference": rows[best_acc].metrics["accuracy"]
-                                  - rows[i].metrics["accuracy"],
-                                  "p": mcnemar_p(paired[best_acc].correct, paired[i].correct)})
+                acc_tests.append(
+                    {
+                        "policy": rows[i].policy,
+                        "difference": rows[best_acc].metrics["accuracy"]
+                        - rows[i].metrics["accuracy"],
+                        "p": mcnemar_p(paired[best_acc].correct, paired[i].correct),
+                    }
+                )
             if i != best_fd:
-                t = paired_frechet_difference(paired[i].features, paired[best_fd].features,
-                                              paired[best_fd].frechet, rounds, seed)
-                fd_tests.append({"policy": rows[i].policy, "difference": t["difference"],
-                                 "interval": list(t["interval"]), "p": t["p"]})
+                t = paired_frechet_difference(
+                    paired[i].features,
+                    paired[best_fd].features,
+                    paired[best_fd].frechet,
+                    rounds,
+                    seed,
+                )
+                fd_tests.append(
+                    {
+                        "policy": rows[i].policy,
+                        "difference": t["difference"],
+                        "interval": list(t["interval"]),
+                        "p": t["p"],
+                    }
+                )
         acc_tests.sort(key=lambda t: t["difference"])
         fd_tests.sort(key=lambda t: t["difference"])
-        out.append({"resolution": list(res), "scope": scope, "count": counts.pop(),
-                    "best_accuracy": rows[best_acc].policy, "accuracy_tests": acc_tests,
-                    "best_frechet": rows[best_fd].policy, "frechet_tests": fd_tests})
+        out.append(
+            {
+                "resolution": list(res),
+                "scope": scope,
+                "count": counts.pop(),
+                "best_accuracy": rows[best_acc].policy,
+                "accuracy_tests": acc_tests,
+                "best_frechet": rows[best_fd].policy,
+                "frechet_tests": fd_tests,
+            }
+        )
     return out
 
 
-def compare_scopes(rows: list[Row], scores: dict[int, PerSample], n_policy_rows: int,
-                   rounds: int = 300, seed: int = 0) -> list[dict[str, Any]]:
+def compare_scopes(
+    rows: list[Row],
+    scores: dict[int, PerSample],
+    n_policy_rows: int,
+    rounds: int = 300,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """:func:`compare` over all rows, and -- at the resolutions where fine-tuned (extra) rows,
     those from index ``n_policy_rows`` on, take part -- over the zero-shot policies alone:
     "which policy to use without training" is a question of its own. Sorted by pixels, the
     ``all`` scope first."""
     comparisons = compare(rows, scores, rounds, seed)
     tuned_res = {rows[i].resolution for i in scores if i >= n_policy_rows}
-    zero_shot = {i: p for i, p in scores.items()
-                 if i < n_policy_rows and rows[i].resolution in tuned_res}
+    zero_shot = {
+        i: p for i, p in scores.items() if i < n_policy_rows and rows[i].resolution in tuned_res
+    }
     comparisons += compare(rows, zero_shot, rounds, seed, scope="zero-shot")
-    comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1],
-                                    c["scope"] != "all"))
+    comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1], c["scope"] != "all"))
     return comparisons
 
 
-def compared(measured: Measured, rounds: int = 300, seed: int = 0
-             ) -> tuple[list[Row], list[dict[str, Any]]]:
+def compared(
+    measured: Measured, rounds: int = 300, seed: int = 0
+) -> tuple[list[Row], list[dict[str, Any]]]:
     """The measured rows with their intervals, and :func:`compare_scopes`'s entries."""
     rows = with_intervals(measured.rows, measured.scores, rounds, seed)
     return rows, compare_scopes(rows, measured.scores, measured.n_policy_rows, rounds, seed)
@@ -141,8 +181,7 @@ def latency_slope(points: Sequence[tuple[Resolution, float, float]]) -> dict[str
     fitted = None
     if len(bound) >= 2 and max(pixels) >= 4 * min(pixels):
         fitted = loglog_slope(pixels, [ms for _, ms in bound])
-    return {"slope": fitted, "compute_bound": [list(r) for r, _ in bound],
-            "overhead_bound": over}
+    return {"slope": fitted, "compute_bound": [list(r) for r, _ in bound], "overhead_bound": over}
 
 
 def latency_fits(rows: list[Row]) -> dict[str, dict[str, Any]]:

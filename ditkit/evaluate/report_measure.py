@@ -84,9 +84,13 @@ class Scores:
 
     def summary(self) -> dict[str, Any]:
         """The row's ``metrics`` (what results.json and report.md show)."""
-        return {"accuracy": self.accuracy, "frechet": self.frechet,
-                "frechet_real": self.frechet_real, "real_accuracy": self.real_accuracy,
-                "count": self.count}
+        return {
+            "accuracy": self.accuracy,
+            "frechet": self.frechet,
+            "frechet_real": self.frechet_real,
+            "real_accuracy": self.real_accuracy,
+            "count": self.count,
+        }
 
 
 class Scorer(Protocol):
@@ -163,10 +167,15 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
     best: tuple[int, S.ModelSpec] | None = None
     for depth in range(1, 49):
         cand = S.ModelSpec(
-            name=f"dit-like-{spec.name}", input=spec.input, patch=spec.patch,
-            position=S.SincosPosition(), conditioning=S.Conditioning(
-                classes=spec.conditioning.classes), block=S.Block(d_head=d_head),
-            levels=(S.Level(d_model=inner.d_model, middle=depth),), head=S.AdaLNHead())
+            name=f"dit-like-{spec.name}",
+            input=spec.input,
+            patch=spec.patch,
+            position=S.SincosPosition(),
+            conditioning=S.Conditioning(classes=spec.conditioning.classes),
+            block=S.Block(d_head=d_head),
+            levels=(S.Level(d_model=inner.d_model, middle=depth),),
+            head=S.AdaLNHead(),
+        )
         n = sum(p.numel() for p in build(cand, device="meta").parameters())
         if best is None or abs(n - target) < abs(best[0] - target):
             best = (n, cand)
@@ -176,8 +185,9 @@ def dit_reference(spec: S.ModelSpec) -> S.ModelSpec:
     return best[1]
 
 
-def cost_curves(spec: S.ModelSpec, policies: list[tuple[str, S.Policy]],
-                resolutions: list[Resolution]) -> dict[str, list[tuple[Resolution, float]]]:
+def cost_curves(
+    spec: S.ModelSpec, policies: list[tuple[str, S.Policy]], resolutions: list[Resolution]
+) -> dict[str, list[tuple[Resolution, float]]]:
     """GMACs per resolution for each labelled policy, and for :func:`dit_reference`."""
     curves = {}
     for label, policy in policies:
@@ -186,7 +196,8 @@ def cost_curves(spec: S.ModelSpec, policies: list[tuple[str, S.Policy]],
             curves[label] = pts
     ref = dit_reference(spec)
     curves[f"isotropic DiT ({ref.levels[0].d_model}x{ref.levels[0].middle})"] = cost_curve(
-        ref, S.AsIs(), resolutions)
+        ref, S.AsIs(), resolutions
+    )
     return curves
 
 
@@ -222,8 +233,10 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     try:
         from torch._C._profiler import _EventType
 
-        with _native_stderr_silenced(), \
-                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with (
+            _native_stderr_silenced(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             fn()
         allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
@@ -240,17 +253,23 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     return peak
 
 
-def measure_forward(model: torch.nn.Module, spec: S.ModelSpec, resolution: Resolution,
-                    device: str = "cpu",
-                    repeats: int = 3, batch: int = 1) -> tuple[float, float | None]:
+def measure_forward(
+    model: torch.nn.Module,
+    spec: S.ModelSpec,
+    resolution: Resolution,
+    device: str = "cpu",
+    repeats: int = 3,
+    batch: int = 1,
+) -> tuple[float, float | None]:
     """Median forward latency (ms) at ``batch`` and peak memory above the baseline (MiB): the
     CUDA allocator's peak, or on a CPU :func:`cpu_peak_bytes` in one more (profiled) forward
     that does not count towards the latency."""
     h, w = resolution
     x = torch.randn(batch, spec.input.channels, h, w, device=device)
     sigma = torch.ones(batch, device=device)
-    labels = (torch.zeros(batch, dtype=torch.long, device=device)
-              if spec.conditioning.classes else None)
+    labels = (
+        torch.zeros(batch, dtype=torch.long, device=device) if spec.conditioning.classes else None
+    )
     times = []
     peak: float | None
     with torch.no_grad():
@@ -280,8 +299,9 @@ def issues_text(err: S.SpecError) -> str:
     return "; ".join(f"{p}: {m}" for p, m in err.issues)
 
 
-def noop_check(spec: S.ModelSpec, tensors: Tensors, policy: S.Policy, seed: int = 0
-               ) -> dict[str, Any]:
+def noop_check(
+    spec: S.ModelSpec, tensors: Tensors, policy: S.Policy, seed: int = 0
+) -> dict[str, Any]:
     """Is ``policy`` a no-op at the training resolution? Adapt the trained weights to the
     training resolution and compare the network's outputs with the trained model's on fixed
     inputs (batch 3, noise levels 0.1, 1 and 10, labels 0-2). ``status``: ``identical`` (every
@@ -314,15 +334,26 @@ def noop_check(spec: S.ModelSpec, tensors: Tensors, policy: S.Policy, seed: int 
         status = "no-op"
     else:
         status = "changes the model"
-    return {"status": status, "max_abs_diff": diff, "output_scale": scale,
-            "reinitialised": len(adapted.record["reinitialised"])}
+    return {
+        "status": status,
+        "max_abs_diff": diff,
+        "output_scale": scale,
+        "reinitialised": len(adapted.record["reinitialised"]),
+    }
 
 
 # --- samples ----------------------------------------------------------------------------------
 
 
-def sample_grid(model: torch.nn.Module, objective: S.Objective, spec: S.ModelSpec,
-                res: Resolution, out: Path, label: str, plan: Plan) -> tuple[str, Scores | None]:
+def sample_grid(
+    model: torch.nn.Module,
+    objective: S.Objective,
+    spec: S.ModelSpec,
+    res: Resolution,
+    out: Path,
+    label: str,
+    plan: Plan,
+) -> tuple[str, Scores | None]:
     """Sample ``max(grid_count, count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``grid_count`` as a grid, score all of them with the plan's
     scorer at ``res`` (if any): ``(grid path relative to out, scores or None)``."""
@@ -335,8 +366,13 @@ def sample_grid(model: torch.nn.Module, objective: S.Objective, spec: S.ModelSpe
     classes = spec.conditioning.classes
     total = max(n, count if scorer is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
-    x = sample(Denoiser(model, objective), (total, spec.input.channels, *res), plan.sampling,
-               class_labels=labels, device=device)
+    x = sample(
+        Denoiser(model, objective),
+        (total, spec.input.channels, *res),
+        plan.sampling,
+        class_labels=labels,
+        device=device,
+    )
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
@@ -366,8 +402,9 @@ def _loaded(spec: S.ModelSpec, tensors: Tensors, device: str) -> torch.nn.Module
     return model.eval()
 
 
-def _timed(row: Row, model: torch.nn.Module | None, spec: S.ModelSpec, res: Resolution,
-           plan: Plan) -> Row:
+def _timed(
+    row: Row, model: torch.nn.Module | None, spec: S.ModelSpec, res: Resolution, plan: Plan
+) -> Row:
     if model is None or not plan.time:
         return row
     latency, peak = measure_forward(model, spec, res, plan.device, batch=plan.latency_batch)
@@ -379,10 +416,17 @@ def _scored(row: Row, grid: str, scores: Scores | None) -> Row:
     return replace(row, grid=grid, metrics=metrics)
 
 
-def measure(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective | None,
-            policies: list[tuple[str, S.Policy]], resolutions: list[Resolution],
-            out: Path, plan: Plan, extra: Sequence[ExtraRow] = (),
-            curve: list[Resolution] | None = None) -> Measured:
+def measure(
+    spec: S.ModelSpec,
+    tensors: Tensors | None,
+    objective: S.Objective | None,
+    policies: list[tuple[str, S.Policy]],
+    resolutions: list[Resolution],
+    out: Path,
+    plan: Plan,
+    extra: Sequence[ExtraRow] = (),
+    curve: list[Resolution] | None = None,
+) -> Measured:
     """Measure every labelled policy at every resolution, then every ``extra`` row ``(label,
     spec, tensors)`` of a model already at its resolution (e.g. a fine-tuned adaptation).
 
@@ -406,8 +450,7 @@ def measure(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective |
     scores: dict[int, PerSample] = {}
     identical: tuple[Row, PerSample | None] | None = None  # the first bit-identical cell
     jobs = [(label, p, (r[0], r[1])) for label, p in policies for r in resolutions]
-    for label, policy, res in tqdm(jobs, desc="extrapolate", unit="run",
-                                   disable=not plan.progress):
+    for label, policy, res in tqdm(jobs, desc="extrapolate", unit="run", disable=not plan.progress):
         try:
             new_spec = adapt_spec(spec, policy, res)
         except S.SpecError as err:
@@ -428,8 +471,9 @@ def measure(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective |
             same = res == trained_res and noop[label]["status"] == "identical"
             if same and identical is not None:
                 first, per = identical
-                row = replace(row, grid=first.grid, metrics=dict(first.metrics),
-                              same_as=first.policy)
+                row = replace(
+                    row, grid=first.grid, metrics=dict(first.metrics), same_as=first.policy
+                )
             else:
                 assert model is not None  # weights were given
                 grid, found = sample_grid(model, objective, new_spec, res, out, label, plan)
@@ -441,8 +485,9 @@ def measure(spec: S.ModelSpec, tensors: Tensors | None, objective: S.Objective |
                 scores[len(rows)] = per
         rows.append(row)
     n_policy_rows = len(rows)
-    for label, x_spec, x_tensors in tqdm(extra, desc="extra rows", unit="run",
-                                         disable=not (extra and plan.progress)):
+    for label, x_spec, x_tensors in tqdm(
+        extra, desc="extra rows", unit="run", disable=not (extra and plan.progress)
+    ):
         res = (x_spec.input.resolution[0], x_spec.input.resolution[1])
         rep = describe(x_spec)
         model = _loaded(x_spec, x_tensors, plan.device)

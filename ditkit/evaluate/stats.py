@@ -70,8 +70,12 @@ class FrechetToReference:
         """The distance of the Gaussian ``(mu, s)`` to the reference."""
         mu = np.asarray(mu, np.float64)
         s = np.atleast_2d(s).astype(np.float64)
-        d = (((mu - self.mu) ** 2).sum() + self.trace + np.trace(s)
-             - 2 * _trace_sqrt_with_half(self.half, s))
+        d = (
+            ((mu - self.mu) ** 2).sum()
+            + self.trace
+            + np.trace(s)
+            - 2 * _trace_sqrt_with_half(self.half, s)
+        )
         return max(float(d), 0.0)
 
     def __call__(self, features: np.ndarray) -> float:
@@ -107,15 +111,22 @@ def mcnemar_p(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
         return 1.0
     k = min(only_a, only_b)
     # P(X <= k) for X ~ Binomial(n, 1/2), doubled; computed in log space (n can be large)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-            for i in range(k + 1)]
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
     top = max(logs)
     tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
     return min(1.0, 2 * tail)
 
 
-def bootstrap_frechet(features: np.ndarray, frechet: FrechetToReference, rounds: int = 300,
-                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_frechet(
+    features: np.ndarray,
+    frechet: FrechetToReference,
+    rounds: int = 300,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
     """A bootstrap interval of the Fréchet distance of ``features`` (rows = samples) to the fixed
     reference: resample the rows with replacement ``rounds`` times and take the percentiles,
     re-centred on the estimate. The re-centring matters: a resample repeats rows, which adds
@@ -134,9 +145,14 @@ def bootstrap_frechet(features: np.ndarray, frechet: FrechetToReference, rounds:
     return max(float(lo), 0.0), float(hi)
 
 
-def paired_frechet_difference(features_a: np.ndarray, features_b: np.ndarray,
-                              frechet: FrechetToReference, rounds: int = 300, seed: int = 0,
-                              level: float = 0.95) -> dict:
+def paired_frechet_difference(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    frechet: FrechetToReference,
+    rounds: int = 300,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """Paired bootstrap of ``FD(a) - FD(b)`` for two models scored on the same samples: each
     round draws one set of sample indices and scores both models on it. Returns the observed
     difference, its percentile interval and a two-sided bootstrap p-value (twice the smaller
@@ -155,5 +171,8 @@ def paired_frechet_difference(features_a: np.ndarray, features_b: np.ndarray,
     diffs = diffs - (diffs.mean() - observed)  # re-centred, as in bootstrap_frechet
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     p = 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())
-    return {"difference": observed, "interval": (float(lo), float(hi)),
-            "p": float(min(1.0, max(p, 1.0 / rounds)))}
+    return {
+        "difference": observed,
+        "interval": (float(lo), float(hi)),
+        "p": float(min(1.0, max(p, 1.0 / rounds))),
+    }

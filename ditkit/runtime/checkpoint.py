@@ -80,9 +80,14 @@ def cfg_channels_of(metadata: Mapping[str, str]) -> int | None:
 # save
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                    spec: S.ModelSpec, *, objective=None,
-                    metadata: dict[str, str] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    spec: S.ModelSpec,
+    *,
+    objective=None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``tensors`` (a ``state_dict()``) with ``spec`` (and ``objective``) as a ditkit
     checkpoint at ``path``, atomically: an existing file is replaced only once the new one is
     complete."""
@@ -91,12 +96,16 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     meta: dict[str, str] = {"format": "pt"}
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"metadata[{key!r}]: safetensors metadata holds strings only, got "
-                             f"{type(key).__name__} -> {type(value).__name__}; use str(value) "
-                             "or json.dumps(value)")
+            raise ValueError(
+                f"metadata[{key!r}]: safetensors metadata holds strings only, got "
+                f"{type(key).__name__} -> {type(value).__name__}; use str(value) "
+                "or json.dumps(value)"
+            )
         if key in RESERVED_KEYS:
-            raise ValueError(f"metadata[{key!r}]: this key is written by save_checkpoint itself; "
-                             "pass the spec/objective as arguments or pick another key")
+            raise ValueError(
+                f"metadata[{key!r}]: this key is written by save_checkpoint itself; "
+                "pass the spec/objective as arguments or pick another key"
+            )
         meta[key] = value
     meta[SPEC_KEY] = json.dumps(S.to_data(spec, full=True), separators=(",", ":"))
     meta[VERSION_KEY] = str(spec.spec_version)
@@ -133,6 +142,7 @@ def _atomic_save(data: dict[str, torch.Tensor], meta: dict[str, str], path: Path
     with atomic_path(path) as tmp:
         save_file(data, tmp, metadata=meta)
 
+
 # --------------------------------------------------------------------------------------------
 # load
 
@@ -156,19 +166,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:  # SafetensorError / OSError: not a safetensors file
-        raise CheckpointError(f"{path}: not a safetensors file ({err}); a ditkit checkpoint is a "
-                              "safetensors file written by ditkit (convert others with "
-                              "`ditkit convert --from dit|k-diffusion|mpdit`)") from None
+        raise CheckpointError(
+            f"{path}: not a safetensors file ({err}); a ditkit checkpoint is a "
+            "safetensors file written by ditkit (convert others with "
+            "`ditkit convert --from dit|k-diffusion|mpdit`)"
+        ) from None
 
 
 def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding NaN or inf."""
-    return sorted(k for k, t in tensors.items()
-                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    return sorted(
+        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    allow_non_finite: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", allow_non_finite: bool = False
+) -> Checkpoint:
     """Read a ditkit checkpoint. The spec is validated (older ``spec_version``s migrated by
     :func:`ditkit.spec.migrate`); a file that is not a ditkit checkpoint raises ``ValueError``
     (a :class:`ditkit.spec.SpecError` when its spec is invalid). Weights holding NaN or inf are
@@ -182,14 +196,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         tensors = load_file(str(path), device=str(device))
     except Exception as err:  # noqa: BLE001 - SafetensorError of a truncated/damaged file
-        raise CheckpointError(f"{path}: the tensors cannot be read ({err}); the file is "
-                              "damaged or truncated") from None
+        raise CheckpointError(
+            f"{path}: the tensors cannot be read ({err}); the file is damaged or truncated"
+        ) from None
     bad = [] if allow_non_finite else non_finite_tensors(tensors)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise CheckpointError(f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({shown}); "
-                              "the weights are broken (a diverged run?): use an earlier "
-                              "checkpoint")
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values ({shown}); "
+            "the weights are broken (a diverged run?): use an earlier "
+            "checkpoint"
+        )
     free = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
     return Checkpoint(spec=spec, tensors=tensors, objective=objective, metadata=free)
 
@@ -198,23 +215,33 @@ def spec_from_metadata(meta: Mapping[str, str], source: str = "checkpoint"):
     """``(spec, objective or None)`` from a checkpoint's metadata (also used for ONNX
     ``metadata_props``, which hold the same keys)."""
     if SPEC_KEY not in meta:
-        hint = (" It looks like a k-diffusion checkpoint: `ditkit convert --from k-diffusion`."
-                if "config" in meta else
-                " Convert a DiT/k-diffusion/MPDiT checkpoint with `ditkit convert --from ...`.")
-        raise CheckpointError(f"{source}: not a ditkit checkpoint (no `{SPEC_KEY}` in its "
-                              f"metadata).{hint}")
+        hint = (
+            " It looks like a k-diffusion checkpoint: `ditkit convert --from k-diffusion`."
+            if "config" in meta
+            else " Convert a DiT/k-diffusion/MPDiT checkpoint with `ditkit convert --from ...`."
+        )
+        raise CheckpointError(
+            f"{source}: not a ditkit checkpoint (no `{SPEC_KEY}` in its metadata).{hint}"
+        )
     try:
         data = json.loads(meta[SPEC_KEY])
     except (ValueError, RecursionError) as err:  # bad JSON, a 5000-digit number, deep nesting
-        raise S.SpecError([(SPEC_KEY, f"metadata is not valid JSON: "
-                                      f"{str(err).split(';')[0] or 'nested too deeply'}")],
-                          source) from None
+        raise S.SpecError(
+            [
+                (
+                    SPEC_KEY,
+                    f"metadata is not valid JSON: {str(err).split(';')[0] or 'nested too deeply'}",
+                )
+            ],
+            source,
+        ) from None
     if isinstance(data, dict) and VERSION_KEY in meta and "spec_version" not in data:
         try:
             data["spec_version"] = int(meta[VERSION_KEY][:20])
         except ValueError:
-            raise S.SpecError([(VERSION_KEY, f"{meta[VERSION_KEY]!r} is not an integer")],
-                              source) from None
+            raise S.SpecError(
+                [(VERSION_KEY, f"{meta[VERSION_KEY]!r} is not an integer")], source
+            ) from None
     spec = S.validate(data, S.ModelSpec, f"{source} [{SPEC_KEY}]")  # migrates old versions
     objective = None
     if OBJECTIVE_KEY in meta:
@@ -226,19 +253,28 @@ def _objective_from(text: str, source: str):
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:
-        raise S.SpecError([(OBJECTIVE_KEY, f"metadata is not valid JSON: "
-                                           f"{str(err).split(';')[0] or 'nested too deeply'}")],
-                          source) from None
+        raise S.SpecError(
+            [
+                (
+                    OBJECTIVE_KEY,
+                    f"metadata is not valid JSON: {str(err).split(';')[0] or 'nested too deeply'}",
+                )
+            ],
+            source,
+        ) from None
     try:
         return _OBJECTIVE.validate_python(data)
     except ValidationError as err:
-        issues = [(".".join(str(p) for p in e["loc"]) or "<root>", e["msg"])
-                  for e in err.errors(include_url=False)]
+        issues = [
+            (".".join(str(p) for p in e["loc"]) or "<root>", e["msg"])
+            for e in err.errors(include_url=False)
+        ]
         raise S.SpecError(issues, f"{source} [{OBJECTIVE_KEY}]") from None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None):
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
     """``(model, checkpoint)``: the spec built and the tensors loaded with ``strict=True``.
     The model is returned in ``eval()`` mode (call ``.train()`` to fine-tune)."""
     from ditkit.builder import build
@@ -255,8 +291,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if result.unexpected_keys:
         problems.append(f"unexpected: {', '.join(result.unexpected_keys)}")
     if problems:
-        raise CheckpointError(f"{path}: tensors do not match the stored spec "
-                              f"({'; '.join(problems)})")
+        raise CheckpointError(
+            f"{path}: tensors do not match the stored spec ({'; '.join(problems)})"
+        )
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, ckpt
@@ -285,6 +322,18 @@ def model_hash(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) 
     return h.hexdigest()
 
 
-__all__ = ["Checkpoint", "CheckpointError", "non_finite_tensors", "save_checkpoint",
-           "load_checkpoint", "load_model", "model_hash", "read_metadata", "spec_from_metadata",
-           "SPEC_KEY", "VERSION_KEY", "OBJECTIVE_KEY", "CFG_CHANNELS_KEY"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "non_finite_tensors",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "model_hash",
+    "read_metadata",
+    "spec_from_metadata",
+    "SPEC_KEY",
+    "VERSION_KEY",
+    "OBJECTIVE_KEY",
+    "CFG_CHANNELS_KEY",
+]

@@ -16,20 +16,45 @@ from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.runtime.objectives import Objective, as_sigma, objective_of
 from ditkit.runtime.shape_rule import AxisRule
+
 # the schedule maps, importable from here as before (their home is ``runtime.schedules``)
-from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t,  # noqa: F401
-                                      cosine_t_to_sigma, ddpm_alphas_cumprod, ddpm_betas,
-                                      ddpm_sigma_to_t, ddpm_sigmas, ddpm_step_log_variance,
-                                      ddpm_t_to_sigma, edm_scalings, flow_sigma_to_t,
-                                      flow_t_to_sigma, v_scalings)
+from ditkit.runtime.schedules import (
+    cosine_alpha_sigma,
+    cosine_sigma_to_t,  # noqa: F401
+    cosine_t_to_sigma,
+    ddpm_alphas_cumprod,
+    ddpm_betas,
+    ddpm_sigma_to_t,
+    ddpm_sigmas,
+    ddpm_step_log_variance,
+    ddpm_t_to_sigma,
+    edm_scalings,
+    flow_sigma_to_t,
+    flow_t_to_sigma,
+    v_scalings,
+)
 
 __all__ = [
-    "Denoiser", "NoiseRange", "COMPILE_MODES", "compile_mode", "compile_network",
+    "Denoiser",
+    "NoiseRange",
+    "COMPILE_MODES",
+    "compile_mode",
+    "compile_network",
     "compile_denoiser",
     # re-exported from runtime.schedules
-    "cosine_alpha_sigma", "cosine_sigma_to_t", "cosine_t_to_sigma", "ddpm_alphas_cumprod",
-    "ddpm_betas", "ddpm_sigma_to_t", "ddpm_sigmas", "ddpm_step_log_variance", "ddpm_t_to_sigma",
-    "edm_scalings", "flow_sigma_to_t", "flow_t_to_sigma", "v_scalings",
+    "cosine_alpha_sigma",
+    "cosine_sigma_to_t",
+    "cosine_t_to_sigma",
+    "ddpm_alphas_cumprod",
+    "ddpm_betas",
+    "ddpm_sigma_to_t",
+    "ddpm_sigmas",
+    "ddpm_step_log_variance",
+    "ddpm_t_to_sigma",
+    "edm_scalings",
+    "flow_sigma_to_t",
+    "flow_t_to_sigma",
+    "v_scalings",
 ]
 
 NoiseRange = Objective
@@ -58,8 +83,9 @@ class Denoiser(nn.Module):
     work. ``null_class`` is the label that means "unconditional" (for classifier-free
     guidance), or ``None`` when the model has no class conditioning."""
 
-    def __init__(self, model: nn.Module, objective, quantize: bool = False,
-                 precision: str = "fp32"):
+    def __init__(
+        self, model: nn.Module, objective, quantize: bool = False, precision: str = "fp32"
+    ):
         super().__init__()
         if precision not in PRECISIONS:
             raise DenoiserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -88,32 +114,35 @@ class Denoiser(nn.Module):
         spec = getattr(self.model, "spec", None)
         return spec is not None and self.noise_range.learned_variance(spec)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                **cond: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, **cond: torch.Tensor
+    ) -> torch.Tensor:
         return self.denoise(x, sigma, class_labels, **cond)[0]
 
     def guided(self, x, sigma, class_labels, scale, **cond):
         """Not in eager PyTorch: the sampler batches the two CFG passes itself."""
         raise ValueError("an eager Denoiser guides through the sampler (guides_inside is False)")
 
-    def denoise(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def denoise(
+        self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, **cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x0, var_values)``; ``var_values`` is the learned-sigma channels of a DDPM model
         (``(B, C, H, W)`` in [-1, 1]) or ``None``."""
         if self.precision == "fp32":
-            return self.noise_range.denoise(self.model, x, as_sigma(sigma, x), class_labels,
-                                            quantize=self.quantize, **cond)
+            return self.noise_range.denoise(
+                self.model, x, as_sigma(sigma, x), class_labels, quantize=self.quantize, **cond
+            )
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            x0, var = self.noise_range.denoise(self.model, x, as_sigma(sigma, x), class_labels,
-                                               quantize=self.quantize, **cond)
+            x0, var = self.noise_range.denoise(
+                self.model, x, as_sigma(sigma, x), class_labels, quantize=self.quantize, **cond
+            )
         return x0.float(), None if var is None else var.float()
 
 
 # -------------------------------------------------------------------------------- compile
 
 #: ``torch.compile`` modes ditkit passes through; ``auto`` picks one per device and use
-COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs",
-                 "max-autotune")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 def compile_mode(mode: str, device: torch.device | str, training: bool) -> str:
@@ -133,17 +162,31 @@ def compile_mode(mode: str, device: torch.device | str, training: bool) -> str:
     return "max-autotune-no-cudagraphs" if training else "reduce-overhead"
 
 
-def _compile(fn, mode: str, device, training: bool, backend, fullgraph: bool = True,
-             dynamic: bool | None = None):
+def _compile(
+    fn,
+    mode: str,
+    device,
+    training: bool,
+    backend,
+    fullgraph: bool = True,
+    dynamic: bool | None = None,
+):
     if backend is not None:  # a named Dynamo backend (tests, debugging): no mode applies
         return torch.compile(fn, fullgraph=fullgraph, backend=backend, dynamic=dynamic)
-    return torch.compile(fn, fullgraph=fullgraph, mode=compile_mode(mode, device, training),
-                         dynamic=dynamic)
+    return torch.compile(
+        fn, fullgraph=fullgraph, mode=compile_mode(mode, device, training), dynamic=dynamic
+    )
 
 
-def compile_network(module: nn.Module, *, mode: str = "auto",
-                    device: torch.device | str = "cpu", training: bool = False,
-                    fullgraph: bool = True, backend=None) -> nn.Module:
+def compile_network(
+    module: nn.Module,
+    *,
+    mode: str = "auto",
+    device: torch.device | str = "cpu",
+    training: bool = False,
+    fullgraph: bool = True,
+    backend=None,
+) -> nn.Module:
     """``torch.compile(module, fullgraph=True)``: every ditkit model traces to one graph (the
     attention backend is a guarded constant, see ``builder.kernels``), so a graph break is a
     bug and fails loudly instead of silently splitting the model. ``fullgraph=False`` is for
@@ -151,8 +194,9 @@ def compile_network(module: nn.Module, *, mode: str = "auto",
     return _compile(module, mode, device, training, backend, fullgraph)
 
 
-def compile_denoiser(denoiser: "Denoiser", mode: str = "auto",
-                     device: torch.device | str = "cpu", backend=None) -> "Denoiser":
+def compile_denoiser(
+    denoiser: "Denoiser", mode: str = "auto", device: torch.device | str = "cpu", backend=None
+) -> "Denoiser":
     """Compile ``denoiser.denoise`` (the objective's scalings and the network) into one graph
     per sampling step, in place; returns the denoiser. Shapes are static per call site (a CFG
     step doubles the batch and compiles once more). Under CUDA graphs (``reduce-overhead``)

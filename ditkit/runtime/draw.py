@@ -42,10 +42,15 @@ def cfg_channels_from(sampling: Sampling, metadata: dict[str, str]) -> Sampling:
     return sampling if channels is None else Sampling.of(sampling, cfg_channels=channels)
 
 
-def decoder_for(spec: S.ModelSpec, *, vae: str | Path | None = None,
-                autoencoder: str | Path | None = None, latent_scale: float | None = None,
-                device: str | torch.device = "cpu", required: bool = False
-                ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, dict]:
+def decoder_for(
+    spec: S.ModelSpec,
+    *,
+    vae: str | Path | None = None,
+    autoencoder: str | Path | None = None,
+    latent_scale: float | None = None,
+    device: str | torch.device = "cpu",
+    required: bool = False,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, dict]:
     """``(decode, identity)`` for ``spec``'s samples: ``decode`` maps latents to images in
     [-1, 1] (``None``: a pixel-space model, or a latent one with no decoder given, which
     ``required`` refuses), ``identity`` names the decoder (JSON data, what an ``.npz``
@@ -54,33 +59,53 @@ def decoder_for(spec: S.ModelSpec, *, vae: str | Path | None = None,
     if spec.input.space != "latent":
         if vae is not None or autoencoder is not None:
             flag = "--vae" if vae is not None else "--autoencoder"
-            raise AutoencoderError(f"{flag}: {spec.name} is a pixel-space model (input.space: "
-                                   "pixel); its samples are images already, drop the flag")
+            raise AutoencoderError(
+                f"{flag}: {spec.name} is a pixel-space model (input.space: "
+                "pixel); its samples are images already, drop the flag"
+            )
         return None, {}
     if vae is not None and autoencoder is not None:
         raise AutoencoderError("--vae and --autoencoder: give one decoder, not both")
     if vae is None and autoencoder is None:
         if required:
-            raise AutoencoderError(f"{spec.name} samples latents ({spec.input.channels} "
-                                   "channels): images need one decoder, --vae VAE_FOLDER (a local "
-                                   "diffusers AutoencoderKL) or --autoencoder DECODER.pt "
-                                   "(TorchScript)")
+            raise AutoencoderError(
+                f"{spec.name} samples latents ({spec.input.channels} "
+                "channels): images need one decoder, --vae VAE_FOLDER (a local "
+                "diffusers AutoencoderKL) or --autoencoder DECODER.pt "
+                "(TorchScript)"
+            )
         return None, {}
-    decode, identity = latent_decoder(spec.input.channels, vae=vae, autoencoder=autoencoder,
-                                      latent_scale=latent_scale, device=device)
+    decode, identity = latent_decoder(
+        spec.input.channels,
+        vae=vae,
+        autoencoder=autoencoder,
+        latent_scale=latent_scale,
+        device=device,
+    )
     ae = getattr(decode, "__self__", None)  # a diffusers AutoencoderKL (Autoencoder.decode)
     if ae is not None and ae.factor != spec.input.latent_factor:
         import warnings
 
-        warnings.warn(f"the autoencoder downsamples by {ae.factor} but the spec's "
-                      f"input.latent_factor is {spec.input.latent_factor}", stacklevel=2)
+        warnings.warn(
+            f"the autoencoder downsamples by {ae.factor} but the spec's "
+            f"input.latent_factor is {spec.input.latent_factor}",
+            stacklevel=2,
+        )
     return decode, identity
 
 
-def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
-         resolution: tuple[int, int] | None = None, class_labels=None,
-         decode: Callable[[torch.Tensor], torch.Tensor] | None = None, device="cpu",
-         progress: bool = False) -> torch.Tensor:
+def draw(
+    denoiser,
+    spec: S.ModelSpec,
+    sampling: Sampling,
+    *,
+    count: int,
+    resolution: tuple[int, int] | None = None,
+    class_labels=None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device="cpu",
+    progress: bool = False,
+) -> torch.Tensor:
     """``count`` samples of ``spec`` at ``resolution`` (default: the spec's) from
     ``denoiser`` with ``sampling``, decoded by ``decode`` when given: images ``(N, C, H, W)``
     in [-1, 1] (a latent-space model without ``decode``: its latents). The shape is checked
@@ -92,10 +117,17 @@ def draw(denoiser, spec: S.ModelSpec, sampling: Sampling, *, count: int,
     shape = (count, spec.input.channels, *res)
     check_sample_size(spec, count, res)  # before anything is allocated
     rules = getattr(denoiser, "rules", None)
-    x = sample_staged(denoiser, shape, sampling, class_labels=class_labels, device=device,
-                      progress=progress,
-                      check=lambda s: check_shape(spec, s, rules, "--stages" if sampling.stages
-                                                  else "--resolution"))
+    x = sample_staged(
+        denoiser,
+        shape,
+        sampling,
+        class_labels=class_labels,
+        device=device,
+        progress=progress,
+        check=lambda s: check_shape(
+            spec, s, rules, "--stages" if sampling.stages else "--resolution"
+        ),
+    )
     return x if decode is None else decode(x)
 
 
@@ -110,8 +142,13 @@ def save_latents(latents: torch.Tensor, out: str | Path) -> Path:
     return path
 
 
-def save_images(images: torch.Tensor, out: str | Path | None = None, *,
-                ncol: int | None = None, individual: str | Path | None = None) -> list[Path]:
+def save_images(
+    images: torch.Tensor,
+    out: str | Path | None = None,
+    *,
+    ncol: int | None = None,
+    individual: str | Path | None = None,
+) -> list[Path]:
     """Write ``images`` (``(N, C, H, W)`` in [-1, 1]) as a PNG grid ``out`` (``ncol``
     columns; default square) and, with ``individual``, one PNG per image
     (``individual/000000.png``, ...). Returns the paths written."""
@@ -124,7 +161,7 @@ def save_images(images: torch.Tensor, out: str | Path | None = None, *,
     if individual is not None:
         folder = Path(individual)
         for i in range(images.shape[0]):
-            save_png(image_grid(images[i:i + 1], 1, pad=0), folder / f"{i:06d}.png")
+            save_png(image_grid(images[i : i + 1], 1, pad=0), folder / f"{i:06d}.png")
             written.append(folder / f"{i:06d}.png")
     return written
 
@@ -141,5 +178,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-__all__ = ["draw", "decoder_for", "cfg_channels_from", "save_images", "save_latents",
-           "file_sha256", "LATENT_SUFFIX"]
+__all__ = [
+    "draw",
+    "decoder_for",
+    "cfg_channels_from",
+    "save_images",
+    "save_latents",
+    "file_sha256",
+    "LATENT_SUFFIX",
+]

@@ -45,8 +45,9 @@ def _revalidate(spec: S.ModelSpec, what: str) -> S.ModelSpec:
 
 
 def _with_resolution(spec: S.ModelSpec, resolution: tuple[int, int]) -> S.ModelSpec:
-    return spec.model_copy(update={"input": spec.input.model_copy(
-        update={"resolution": tuple(resolution)})})
+    return spec.model_copy(
+        update={"input": spec.input.model_copy(update={"resolution": tuple(resolution)})}
+    )
 
 
 def map_block_field(spec: S.ModelSpec, name: str, fn, levels=None) -> S.ModelSpec:
@@ -67,7 +68,10 @@ def map_block_field(spec: S.ModelSpec, name: str, fn, levels=None) -> S.ModelSpe
                 if isinstance(stack, tuple):
                     update[which] = tuple(
                         o.model_copy(update={name: fn(getattr(o, name))})
-                        if getattr(o, name) is not None else o for o in stack)
+                        if getattr(o, name) is not None
+                        else o
+                        for o in stack
+                    )
         new_levels.append(lvl.model_copy(update=update) if update else lvl)
     return spec.model_copy(update={"block": block, "levels": tuple(new_levels)})
 
@@ -85,16 +89,21 @@ def _as_is(spec, policy: S.AsIs, resolution, keys):
     h, w = resolution
     new = _with_resolution(spec, resolution)
     if policy.rope != "keep":
+
         def rescale(rope):
             if not isinstance(rope, S.AxialRope):
                 return rope
-            grow = rope.positions == "normalized" if policy.rope == "extrapolate" else (
-                rope.positions == "integer")
+            grow = (
+                rope.positions == "normalized"
+                if policy.rope == "extrapolate"
+                else (rope.positions == "integer")
+            )
             if not grow:
                 return rope
             factor = (h / h0, w / w0) if policy.rope == "extrapolate" else (h0 / h, w0 / w)
             sh, sw = rope.position_scale
             return rope.model_copy(update={"position_scale": (sh * factor[0], sw * factor[1])})
+
         new = map_block_field(new, "rope", rescale)
     return new, _identity_plan(keys), {}
 
@@ -102,21 +111,35 @@ def _as_is(spec, policy: S.AsIs, resolution, keys):
 def _local_core(spec, policy: S.LocalCore, resolution, keys):
     levels = policy.levels
     if levels is None:
-        levels = tuple(i for i in range(len(spec.levels))
-                       if any(b.attention.kind == "global" for w in ("encoder", "middle", "decoder")
-                              for b in spec.stack(i, w)))
+        levels = tuple(
+            i
+            for i in range(len(spec.levels))
+            if any(
+                b.attention.kind == "global"
+                for w in ("encoder", "middle", "decoder")
+                for b in spec.stack(i, w)
+            )
+        )
     bad = [i for i in levels if i >= len(spec.levels)]
     if bad:
-        raise S.SpecError([("policy.levels", f"level(s) {bad} do not exist; the spec has "
-                            f"{len(spec.levels)} levels")], "local_core")
+        raise S.SpecError(
+            [
+                (
+                    "policy.levels",
+                    f"level(s) {bad} do not exist; the spec has {len(spec.levels)} levels",
+                )
+            ],
+            "local_core",
+        )
     local = S.NeighborhoodAttention(kernel_size=policy.kernel_size)
     new = _with_resolution(spec, resolution)
     new_levels = list(new.levels)
     for i in levels:
         new_levels[i] = new_levels[i].model_copy(update={"attention": local})
     new = new.model_copy(update={"levels": tuple(new_levels)})
-    new = map_block_field(new, "attention", lambda a: local if a.kind == "global" else a,
-                          levels=levels)
+    new = map_block_field(
+        new, "attention", lambda a: local if a.kind == "global" else a, levels=levels
+    )
     return new, _identity_plan(keys), {"levels": list(levels)}
 
 
@@ -126,9 +149,16 @@ def _doublings(spec, resolution) -> int:
     n = math.log2(h / h0) if h >= h0 else -1
     if n < 0 or n != int(n) or h * w0 != w * h0:
         raise S.SpecError(
-            [("resolution", f"add_levels needs the target to be the training "
-              f"resolution {h0}x{w0} times a power of two on both axes (got {h}x{w}); "
-              "use as_is or core_patch for other sizes")], "add_levels")
+            [
+                (
+                    "resolution",
+                    f"add_levels needs the target to be the training "
+                    f"resolution {h0}x{w0} times a power of two on both axes (got {h}x{w}); "
+                    "use as_is or core_patch for other sizes",
+                )
+            ],
+            "add_levels",
+        )
     return int(n)
 
 
@@ -136,15 +166,26 @@ def _add_levels(spec, policy: S.AddLevels, resolution, keys):
     n = _doublings(spec, resolution)
     outer = spec.levels[0]
     if len(spec.levels) < 2 and n:
-        raise S.SpecError([("levels", "add_levels needs a hierarchical spec (>= 2 levels) to copy "
-                            "an outer level from; use as_is or local_core")], "add_levels")
+        raise S.SpecError(
+            [
+                (
+                    "levels",
+                    "add_levels needs a hierarchical spec (>= 2 levels) to copy "
+                    "an outer level from; use as_is or local_core",
+                )
+            ],
+            "add_levels",
+        )
     depth_enc = policy.depth if policy.depth is not None else outer.encoder
     depth_dec = policy.depth if policy.depth is not None else outer.decoder
     d_model = policy.d_model or outer.d_model
-    added = [outer.model_copy(update={"d_model": d_model, "encoder": depth_enc,
-                                      "decoder": depth_dec}) for _ in range(n)]
+    added = [
+        outer.model_copy(update={"d_model": d_model, "encoder": depth_enc, "decoder": depth_dec})
+        for _ in range(n)
+    ]
     new = _with_resolution(spec, resolution).model_copy(
-        update={"levels": tuple(added) + spec.levels})
+        update={"levels": tuple(added) + spec.levels}
+    )
     plan: Plan = {}
     for k in keys:
         if k.startswith("levels."):
@@ -156,8 +197,16 @@ def _add_levels(spec, policy: S.AddLevels, resolution, keys):
             plan[k] = (k, None)
     if policy.share_weights and n:
         if d_model != outer.d_model or (depth_enc, depth_dec) != (outer.encoder, outer.decoder):
-            raise S.SpecError([("policy.share_weights", "sharing needs the added levels to have "
-                                "the outer level's d_model and depth")], "add_levels")
+            raise S.SpecError(
+                [
+                    (
+                        "policy.share_weights",
+                        "sharing needs the added levels to have "
+                        "the outer level's d_model and depth",
+                    )
+                ],
+                "add_levels",
+            )
         for j in range(n):
             for k in keys:
                 if k.startswith(("levels.0.encoder.", "levels.0.decoder.")):
@@ -168,20 +217,38 @@ def _add_levels(spec, policy: S.AddLevels, resolution, keys):
 def _core_patch(spec, policy: S.CorePatch, resolution, keys):
     i = policy.level
     if i >= len(spec.levels) - 1:
-        raise S.SpecError([("policy.level", f"transition {i} does not exist; the spec has "
-                            f"{len(spec.levels) - 1} transition(s) between levels")], "core_patch")
+        raise S.SpecError(
+            [
+                (
+                    "policy.level",
+                    f"transition {i} does not exist; the spec has "
+                    f"{len(spec.levels) - 1} transition(s) between levels",
+                )
+            ],
+            "core_patch",
+        )
     f0 = spec.levels[i].down.factor
     f = policy.factor
     if f == "auto":
         (h0, w0), (h, w) = spec.input.resolution, resolution
         if h * w0 != w * h0 or h % h0:
-            raise S.SpecError([("policy.factor", f"factor auto needs {h}x{w} to be a whole "
-                                f"multiple of the trained {h0}x{w0} with the same aspect; give "
-                                "an explicit factor")], "core_patch")
+            raise S.SpecError(
+                [
+                    (
+                        "policy.factor",
+                        f"factor auto needs {h}x{w} to be a whole "
+                        f"multiple of the trained {h0}x{w0} with the same aspect; give "
+                        "an explicit factor",
+                    )
+                ],
+                "core_patch",
+            )
         f = f0 * (h // h0)
     if f % f0:
-        raise S.SpecError([("policy.factor", f"factor {f} must be a multiple of the trained "
-                            f"factor {f0}")], "core_patch")
+        raise S.SpecError(
+            [("policy.factor", f"factor {f} must be a multiple of the trained factor {f0}")],
+            "core_patch",
+        )
     lvl = spec.levels[i]
     levels = list(spec.levels)
     levels[i] = lvl.model_copy(update={"down": lvl.down.model_copy(update={"factor": f})})
@@ -222,8 +289,9 @@ def _map_level_blocks(spec: S.ModelSpec, i: int, fn) -> S.ModelSpec:
     for which in ("encoder", "decoder", "middle"):
         stack = getattr(lvl, which)
         if isinstance(stack, tuple):
-            update[which] = tuple(o.model_copy(update=fn(base.model_copy(update=o.overrides())))
-                                  for o in stack)
+            update[which] = tuple(
+                o.model_copy(update=fn(base.model_copy(update=o.overrides()))) for o in stack
+            )
     levels = list(spec.levels)
     levels[i] = lvl.model_copy(update=update)
     return spec.model_copy(update={"levels": tuple(levels)})
@@ -245,8 +313,9 @@ def _attended(block: S.Block, grid: tuple[int, int]) -> int:
             return 1
 
 
-def _scale_rope(rope: S.Rope, scaling: S.RopeScaling, old: tuple[int, int],
-                new: tuple[int, int]) -> S.Rope:
+def _scale_rope(
+    rope: S.Rope, scaling: S.RopeScaling, old: tuple[int, int], new: tuple[int, int]
+) -> S.Rope:
     """The level's RoPE at grid ``new`` (trained at ``old``) under ``scaling``: positions at the
     trained spacing (normalised ones scaled up by the grid ratio), frequencies rescaled."""
     if not isinstance(rope, S.AxialRope) or isinstance(scaling, S.NoRopeScaling):
@@ -261,8 +330,9 @@ def _scale_rope(rope: S.Rope, scaling: S.RopeScaling, old: tuple[int, int],
     derived = {"scale": s}
     if "trained_length" in type(scaling).model_fields:
         derived["trained_length"] = length
-    return rope.model_copy(update={"position_scale": ps,
-                                   "scaling": scaling.model_copy(update=derived)})
+    return rope.model_copy(
+        update={"position_scale": ps, "scaling": scaling.model_copy(update=derived)}
+    )
 
 
 def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.ModelSpec:
@@ -274,11 +344,20 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
 
     if policy.rope_scaling.kind == "none" and policy.attention_scaling == "none":
         return new
-    if (getattr(policy.rope_scaling, "time_exponent", None) is not None
-            and isinstance(spec.conditioning.noise, S.SinusoidalNoise)):
-        raise S.SpecError([("policy.rope_scaling.time_exponent", "noise-dependent scaling needs "
-                            "the noise level as sigma (noise: fourier) or flow time (noise: fno); "
-                            "this model takes a timestep: drop time_exponent")], policy.kind)
+    if getattr(policy.rope_scaling, "time_exponent", None) is not None and isinstance(
+        spec.conditioning.noise, S.SinusoidalNoise
+    ):
+        raise S.SpecError(
+            [
+                (
+                    "policy.rope_scaling.time_exponent",
+                    "noise-dependent scaling needs "
+                    "the noise level as sigma (noise: fourier) or flow time (noise: fno); "
+                    "this model takes a timestep: drop time_exponent",
+                )
+            ],
+            policy.kind,
+        )
     old_grids, new_grids = spec.token_grids(), new.token_grids()
     shift = len(new.levels) - len(spec.levels)
     for i, grid in enumerate(new_grids):
@@ -293,8 +372,11 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
             if rope is not block.rope:
                 assert isinstance(rope, S.AxialRope)  # _scale_rope returns any other as is
                 out["rope"] = rope
-                if (isinstance(rope.scaling, S.YarnScaling) and rope.scaling.temperature
-                        and rope.scaling.time_exponent is None):  # else per sample, in attention
+                if (
+                    isinstance(rope.scaling, S.YarnScaling)
+                    and rope.scaling.temperature
+                    and rope.scaling.time_exponent is None
+                ):  # else per sample, in attention
                     assert rope.scaling.scale is not None  # _scale_rope derives it
                     factor *= yarn_logit_factor(rope.scaling.scale)
             if policy.attention_scaling == "entropy":
@@ -303,7 +385,8 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
                     factor *= math.log(n1) / math.log(n0)
             if factor != 1.0:
                 out["logits"] = block.logits.model_copy(
-                    update={"factor": block.logits.factor * factor})
+                    update={"factor": block.logits.factor * factor}
+                )
             return out
 
         new = _map_level_blocks(new, i, fn)
@@ -311,8 +394,11 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
 
 
 POLICIES: dict[str, Callable[..., tuple[S.ModelSpec, Plan, dict]]] = {
-    "as_is": _as_is, "local_core": _local_core, "add_levels": _add_levels,
-    "core_patch": _core_patch}
+    "as_is": _as_is,
+    "local_core": _local_core,
+    "add_levels": _add_levels,
+    "core_patch": _core_patch,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,8 +412,14 @@ def adapt_spec(spec: S.ModelSpec, policy: S.Policy, resolution: tuple[int, int])
     return _revalidate(new, f"{policy.kind} at {resolution[0]}x{resolution[1]}")
 
 
-def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
-          resolution: tuple[int, int], seed: int = 0, device: str = "cpu") -> Adapted:
+def adapt(
+    spec: S.ModelSpec,
+    tensors: dict[str, torch.Tensor],
+    policy: S.Policy,
+    resolution: tuple[int, int],
+    seed: int = 0,
+    device: str = "cpu",
+) -> Adapted:
     """Apply ``policy`` to a spec and its trained weights (a ``state_dict``). With
     ``device="meta"`` (and meta tensors) it only works out the record: which tensors would be
     carried, re-initialised, resized -- free for any model size."""
@@ -347,8 +439,11 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
             continue
         if key == "position.table" and table_kind == "learned" and key in tensors:
             old = tensors[key].permute(2, 0, 1)[None]
-            out[key] = F.interpolate(old, size=value.shape[:2], mode="bicubic",
-                                     align_corners=False)[0].permute(1, 2, 0).contiguous()
+            out[key] = (
+                F.interpolate(old, size=value.shape[:2], mode="bicubic", align_corners=False)[0]
+                .permute(1, 2, 0)
+                .contiguous()
+            )
             resized.append(key)
             carried.add(key)
             continue
@@ -360,22 +455,30 @@ def adapt(spec: S.ModelSpec, tensors: dict[str, torch.Tensor], policy: S.Policy,
         old_key, fn = source
         tensor = tensors[old_key] if fn is None else fn(tensors[old_key])
         if tensor.shape != value.shape:
-            raise AdaptError(f"{policy.kind}: {old_key} {tuple(tensors[old_key].shape)} cannot "
-                             f"fill {key} {tuple(value.shape)}")
+            raise AdaptError(
+                f"{policy.kind}: {old_key} {tuple(tensors[old_key].shape)} cannot "
+                f"fill {key} {tuple(value.shape)}"
+            )
         out[key] = tensor.clone()
         carried.add(old_key)
     dropped = sorted(set(tensors) - carried)
     if dropped:
         raise AdaptError(f"{policy.kind} would drop trained tensors {dropped}")
-    record = {"policy": S.to_data(policy, full=True),
-              "from_resolution": list(spec.input.resolution),
-              "to_resolution": list(resolution), "reinitialised": reinit, "resized": resized,
-              "derived": derived, **notes}
+    record = {
+        "policy": S.to_data(policy, full=True),
+        "from_resolution": list(spec.input.resolution),
+        "to_resolution": list(resolution),
+        "reinitialised": reinit,
+        "resized": resized,
+        "derived": derived,
+        **notes,
+    }
     return Adapted(new, out, record)
 
 
-def cost_curve(spec: S.ModelSpec, policy: S.Policy,
-               resolutions: list[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:
+def cost_curve(
+    spec: S.ModelSpec, policy: S.Policy, resolutions: list[tuple[int, int]]
+) -> list[tuple[tuple[int, int], float]]:
     """GMACs of the adapted spec at each resolution (measured on meta tensors); resolutions the
     policy cannot reach (a SpecError) are left out."""
     from ditkit.builder import describe
@@ -383,8 +486,9 @@ def cost_curve(spec: S.ModelSpec, policy: S.Policy,
     points: list[tuple[tuple[int, int], float]] = []
     for r in resolutions:
         try:
-            points.append((cast("tuple[int, int]", tuple(r)),
-                           describe(adapt_spec(spec, policy, r)).gmacs))
+            points.append(
+                (cast("tuple[int, int]", tuple(r)), describe(adapt_spec(spec, policy, r)).gmacs)
+            )
         except S.SpecError:
             continue
     return points
@@ -398,8 +502,13 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
     return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
 
 
-def adapt_model(model: torch.nn.Module, policy: S.Policy, resolution: tuple[int, int],
-                device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
+def adapt_model(
+    model: torch.nn.Module,
+    policy: S.Policy,
+    resolution: tuple[int, int],
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
     """A built model (``model.spec`` set) adapted to ``resolution`` under ``policy``, built
     and loaded, in ``eval()`` mode: carried weights exactly, new ones initialised with ``seed``
     (:func:`adapt`)."""

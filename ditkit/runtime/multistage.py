@@ -47,14 +47,24 @@ def stage_sigmas(denoiser, sampling: Sampling, stage: Stage) -> torch.Tensor:
     if sigma is None:  # the Sampling spec requires it on every stage after the first
         raise SamplingError("stages: a refinement stage needs a sigma to re-noise to")
     if not sigma > lo:
-        raise SamplingError(f"stages: sigma {stage.sigma:g} is not above the lowest noise "
-                            f"level {lo:g}; re-noise to a higher sigma")
+        raise SamplingError(
+            f"stages: sigma {stage.sigma:g} is not above the lowest noise "
+            f"level {lo:g}; re-noise to a higher sigma"
+        )
     if sigma > objective.sigma_max * (1 + 1e-6):
-        raise SamplingError(f"stages: sigma {stage.sigma:g} is above the model's highest "
-                            f"noise level {objective.sigma_max:g}; use a lower one (the "
-                            "first stage already starts from pure noise)")
-    sigmas = get_sigmas(objective, stage.steps or sampling.steps, sampling.schedule,
-                        sigma_min=lo, sigma_max=sigma, rho=sampling.rho).clone()
+        raise SamplingError(
+            f"stages: sigma {stage.sigma:g} is above the model's highest "
+            f"noise level {objective.sigma_max:g}; use a lower one (the "
+            "first stage already starts from pure noise)"
+        )
+    sigmas = get_sigmas(
+        objective,
+        stage.steps or sampling.steps,
+        sampling.schedule,
+        sigma_min=lo,
+        sigma_max=sigma,
+        rho=sampling.rho,
+    ).clone()
     sigmas[0] = sigma  # exactly the stage's level, whatever the schedule's rounding
     return sigmas
 
@@ -65,19 +75,26 @@ def enlarge(x: torch.Tensor, resolution: tuple[int, int], mode: str) -> torch.Te
     if tuple(x.shape[-2:]) == tuple(resolution):
         return x
     if mode == "bicubic":
-        out = F.interpolate(x.float(), size=tuple(resolution), mode="bicubic",
-                            align_corners=False)
+        out = F.interpolate(x.float(), size=tuple(resolution), mode="bicubic", align_corners=False)
     else:
         out = F.interpolate(x.float(), size=tuple(resolution), mode="nearest-exact")
     return out.to(x.dtype)
 
 
-def sample_staged(denoiser, shape, sampling: Sampling, *, class_labels=None,
-                  cond: dict | None = None, device="cpu", progress: bool = False,
-                  dtype: torch.dtype = torch.float32,
-                  on_stage: Callable[[int, torch.Tensor], None] | None = None,
-                  check: Callable[[tuple], None] | None = None,
-                  **settings) -> torch.Tensor:
+def sample_staged(
+    denoiser,
+    shape,
+    sampling: Sampling,
+    *,
+    class_labels=None,
+    cond: dict | None = None,
+    device="cpu",
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+    on_stage: Callable[[int, torch.Tensor], None] | None = None,
+    check: Callable[[tuple], None] | None = None,
+    **settings,
+) -> torch.Tensor:
     """Samples of ``shape`` ``(B, C, H, W)`` with ``sampling``: one :func:`sample` call
     when it has no ``stages``, else one per stage (see the module docstring). The last
     stage's resolution must be ``(H, W)``. ``on_stage(k, x)`` sees each stage's result;
@@ -87,13 +104,23 @@ def sample_staged(denoiser, shape, sampling: Sampling, *, class_labels=None,
     if not sampling.stages:
         if check is not None:
             check(tuple(shape))
-        return sample(denoiser, shape, sampling, class_labels=class_labels, cond=cond,
-                      device=device, progress=progress, dtype=dtype)
+        return sample(
+            denoiser,
+            shape,
+            sampling,
+            class_labels=class_labels,
+            cond=cond,
+            device=device,
+            progress=progress,
+            dtype=dtype,
+        )
     last = tuple(sampling.stages[-1].resolution)
     if last != tuple(shape[-2:]):
-        raise SamplingError(f"stages: the last stage samples {last[0]}x{last[1]} but "
-                            f"{shape[-2]}x{shape[-1]} was asked for; end the stages at the "
-                            "output resolution")
+        raise SamplingError(
+            f"stages: the last stage samples {last[0]}x{last[1]} but "
+            f"{shape[-2]}x{shape[-1]} was asked for; end the stages at the "
+            "output resolution"
+        )
     one_pass = Sampling.of(sampling, stages=())
     x = None
     for k, stage in enumerate(sampling.stages):
@@ -112,10 +139,21 @@ def sample_staged(denoiser, shape, sampling: Sampling, *, class_labels=None,
             eps = torch.randn(stage_shape, generator=gen, dtype=torch.float32)
             start = enlarge(x, stage.resolution, stage.upsample).float().cpu()
             noise = start / float(sigmas[0]) + eps  # sample() starts at noise * sigmas[0]
-        x = sample(denoiser, stage_shape, run, class_labels=class_labels, cond=cond,
-                   device=device, progress=progress, dtype=dtype, sigmas=sigmas, noise=noise,
-                   progress_label=(f"stage {k + 1}/{len(sampling.stages)} "
-                                   f"{stage.resolution[0]}x{stage.resolution[1]}"))
+        x = sample(
+            denoiser,
+            stage_shape,
+            run,
+            class_labels=class_labels,
+            cond=cond,
+            device=device,
+            progress=progress,
+            dtype=dtype,
+            sigmas=sigmas,
+            noise=noise,
+            progress_label=(
+                f"stage {k + 1}/{len(sampling.stages)} {stage.resolution[0]}x{stage.resolution[1]}"
+            ),
+        )
         if on_stage is not None:
             on_stage(k, x)
     assert x is not None  # stages is not empty

@@ -50,11 +50,24 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
-from ditkit.runtime.schedules import (cosine_alpha_sigma, cosine_sigma_to_t, cosine_t_to_sigma,
-                                      ddpm_alphas_cumprod, ddpm_betas, ddpm_sigma_to_t,
-                                      ddpm_sigmas, ddpm_t_to_sigma, edm_scalings, edm_weight,
-                                      flow_sigma_to_t, flow_t_to_sigma, sample_sigma,
-                                      sample_time, spaced_timesteps, v_scalings)
+from ditkit.runtime.schedules import (
+    cosine_alpha_sigma,
+    cosine_sigma_to_t,
+    cosine_t_to_sigma,
+    ddpm_alphas_cumprod,
+    ddpm_betas,
+    ddpm_sigma_to_t,
+    ddpm_sigmas,
+    ddpm_t_to_sigma,
+    edm_scalings,
+    edm_weight,
+    flow_sigma_to_t,
+    flow_t_to_sigma,
+    sample_sigma,
+    sample_time,
+    spaced_timesteps,
+    v_scalings,
+)
 
 Extras = dict[str, float]
 """Per-batch numbers a loss reports besides itself (DDPM's ``mse`` / ``vb``, MDiT's ``var``)."""
@@ -141,8 +154,10 @@ class Objective(ABC):
         return hash((type(self), self.spec))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sigma {self.sigma_min:.4g} .. {self.sigma_max:.4g}, "
-                f"{self.spec!r})")
+        return (
+            f"{type(self).__name__}(sigma {self.sigma_min:.4g} .. {self.sigma_max:.4g}, "
+            f"{self.spec!r})"
+        )
 
     # ---------------------------------------------------------------- noise levels
 
@@ -173,9 +188,16 @@ class Objective(ABC):
     # ---------------------------------------------------------------- the denoiser
 
     @abstractmethod
-    def denoise(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None, *, quantize: bool = False,
-                **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def denoise(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        quantize: bool = False,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x0, var_values | None)`` of the network ``model`` at ``x`` ``(B, C, H, W)`` and
         ``sigma`` ``(B,)`` (as :func:`as_sigma` gives it). ``quantize``: DDPM rounds the
         timestep to the nearest trained one (others ignore it)."""
@@ -189,9 +211,16 @@ class Objective(ABC):
         ``resolution``: the image side (HDiT's density is shifted by it)."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
-             noise: torch.Tensor, level: torch.Tensor, step: int = 0, **cond: torch.Tensor
-             ) -> tuple[torch.Tensor, Extras]:
+    def loss(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        noise: torch.Tensor,
+        level: torch.Tensor,
+        step: int = 0,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, Extras]:
         """``((B,) losses, extras)`` of ``model`` on clean ``x0`` with unit Gaussian ``noise``
         at noise levels ``level`` (:meth:`draw_level`); ``step`` is the optimizer step."""
 
@@ -253,8 +282,7 @@ class DDPMEpsilon(Objective):
 
     def __init__(self, spec: S.DDPMObjective):
         # float64 and not a buffer, so ``.half()`` / ``.to(dtype)`` never rounds the table
-        self.sigmas = ddpm_sigmas(ddpm_alphas_cumprod(spec.steps, spec.beta_start,
-                                                      spec.beta_end))
+        self.sigmas = ddpm_sigmas(ddpm_alphas_cumprod(spec.steps, spec.beta_start, spec.beta_end))
         self._tables: DDPMTables | None = None
         super().__init__(spec, float(self.sigmas[0]), float(self.sigmas[-1]))
 
@@ -287,10 +315,11 @@ class DDPMEpsilon(Objective):
             t = t.round()
             s = _col(ddpm_t_to_sigma(t, table).to(s.dtype))
         t = t.to(sigma.dtype)
-        out = model((x / (1 + s**2).sqrt()).to(x.dtype), self.network_level(t), class_labels,
-                    **cond)
+        out = model(
+            (x / (1 + s**2).sqrt()).to(x.dtype), self.network_level(t), class_labels, **cond
+        )
         eps = out[:, :c]
-        var = out[:, c:2 * c] if out.shape[1] >= 2 * c else None
+        var = out[:, c : 2 * c] if out.shape[1] >= 2 * c else None
         return (x - s * eps).to(x.dtype), var
 
     def draw_level(self, n, gen, resolution):
@@ -332,8 +361,9 @@ class X0Cosine(Objective):
         c = x.shape[1]
         s = _col(sigma)
         t = cosine_sigma_to_t(sigma)
-        out = model((x / (1 + s**2).sqrt()).to(x.dtype), self.network_level(t), class_labels,
-                    **cond)
+        out = model(
+            (x / (1 + s**2).sqrt()).to(x.dtype), self.network_level(t), class_labels, **cond
+        )
         return out[:, :c], None
 
     def draw_level(self, n, gen, resolution):
@@ -451,8 +481,13 @@ class VPrediction(Objective):
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -461,9 +496,9 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
-                                        log_scale: torch.Tensor, cdf: str = "tanh"
-                                        ) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, cdf: str = "tanh"
+) -> torch.Tensor:
     """log P(x) of data in [-1, 1] quantised to 256 bins under N(mean, e^(2 log_scale)) (the
     DDPM decoder at t = 0; the edge bins take the tails). Elementwise, nats. ``cdf``:
     ``tanh`` (ADM/DiT's approximation) or ``exact``."""
@@ -475,8 +510,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
 
 
 class DDPMTables:
@@ -501,13 +537,20 @@ class DDPMTables:
         self.post_ct = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
 
     def at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)[t.cpu()].to(device=like.device,
-                                               dtype=like.dtype)[:, None, None, None]
+        return getattr(self, name)[t.cpu()].to(device=like.device, dtype=like.dtype)[
+            :, None, None, None
+        ]
 
 
-def ddpm_vlb_terms(tables: DDPMTables, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   eps: torch.Tensor, var_values: torch.Tensor, cdf: str = "tanh"
-                   ) -> torch.Tensor:
+def ddpm_vlb_terms(
+    tables: DDPMTables,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    var_values: torch.Tensor,
+    cdf: str = "tanh",
+) -> torch.Tensor:
     """The VLB term L_t per sample, in bits per dimension: KL(q(x_{t-1} | x_t, x0) ||
     p(x_{t-1} | x_t)) for ``t > 0``, the decoder's -log likelihood for ``t = 0`` (ADM's
     ``_vb_terms_bpd``). The model's mean comes from ``eps`` (pass it detached for the hybrid
@@ -516,8 +559,9 @@ def ddpm_vlb_terms(tables: DDPMTables, x0: torch.Tensor, x_t: torch.Tensor, t: t
     c0, ct = tables.at("post_c0", t, x0), tables.at("post_ct", t, x0)
     true_mean = c0 * x0 + ct * x_t
     true_log_var = tables.at("post_log_var", t, x0)
-    x0_pred = tables.at("sqrt_recip_abar", t, x0) * x_t - tables.at("sqrt_recipm1_abar", t,
-                                                                   x0) * eps
+    x0_pred = (
+        tables.at("sqrt_recip_abar", t, x0) * x_t - tables.at("sqrt_recipm1_abar", t, x0) * eps
+    )
     model_mean = c0 * x0_pred + ct * x_t
     frac = (var_values + 1) / 2
     model_log_var = frac * tables.at("log_betas", t, x0) + (1 - frac) * true_log_var
@@ -527,9 +571,15 @@ def ddpm_vlb_terms(tables: DDPMTables, x0: torch.Tensor, x_t: torch.Tensor, t: t
     return torch.where(t.to(x0.device) == 0, nll, kl) / math.log(2.0)
 
 
-def ddpm_hybrid_loss(tables: DDPMTables, obj: S.DDPMObjective, x0: torch.Tensor,
-                     x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                     out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ddpm_hybrid_loss(
+    tables: DDPMTables,
+    obj: S.DDPMObjective,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-sample ``(loss, L_simple, L_t)`` of a DDPM network output ``out`` (``C`` epsilon
     channels, then ``C`` variance channels when ``learned_sigma``). The loss is
     ``L_simple + lambda_vlb * T * L_t``: ADM/DiT's ``L_simple + lambda L_vlb`` with ``L_vlb =
@@ -541,7 +591,5 @@ def ddpm_hybrid_loss(tables: DDPMTables, obj: S.DDPMObjective, x0: torch.Tensor,
     mse = (eps - noise).pow(2).flatten(1).mean(1)
     if not obj.learned_sigma:
         return mse, mse, None
-    vb = ddpm_vlb_terms(tables, x0, x_t, t, eps.detach(), out[:, c:2 * c], obj.decoder_cdf)
+    vb = ddpm_vlb_terms(tables, x0, x_t, t, eps.detach(), out[:, c : 2 * c], obj.decoder_cdf)
     return mse + obj.lambda_vlb * obj.steps * vb, mse, vb
-
-

@@ -39,13 +39,23 @@ class Denoiser(Protocol):
         """The model also returns a learned-sigma DDPM's variance channels."""
         ...
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None,
-                **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x0, var_values | None)`` for ``x`` ``(B, C, H, W)`` at ``sigma`` ``(B,)``."""
         ...
 
-    def guided(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor, scale,
-               **cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def guided(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor,
+        scale,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CFG in one call (only where ``guides_inside``; others raise ValueError)."""
         ...

@@ -34,7 +34,10 @@ from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (S
 
 from ditkit.runtime.objectives import Objective
 from ditkit.runtime.schedules import (  # noqa: F401
-    SamplingError, ddpm_step_log_variance, spaced_timesteps)
+    SamplingError,
+    ddpm_step_log_variance,
+    spaced_timesteps,
+)
 from ditkit.runtime.protocols import Denoiser
 
 MAX_STEPS = 10_000
@@ -47,8 +50,7 @@ MAX_STEPS = 10_000
 # -------------------------------------------------------------------------------- schedules
 
 
-def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
-                  ) -> torch.Tensor:
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """EDM: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``,
     then 0."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -57,8 +59,9 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-def uniform_sigmas(steps: int, noise_range: Objective, sigma_min: float, sigma_max: float
-                   ) -> torch.Tensor:
+def uniform_sigmas(
+    steps: int, noise_range: Objective, sigma_min: float, sigma_max: float
+) -> torch.Tensor:
     """Uniform in the objective's own time between ``sigma_max`` and ``sigma_min``, then 0."""
     ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64)
     t_hi, t_lo = noise_range.sigma_to_t(ends).tolist()
@@ -67,25 +70,31 @@ def uniform_sigmas(steps: int, noise_range: Objective, sigma_min: float, sigma_m
     return torch.cat([sig, sig.new_zeros(1)])
 
 
-def get_sigmas(noise_range: Objective, steps: int, schedule: str = "native", *,
-               sigma_min: float | None = None, sigma_max: float | None = None,
-               rho: float = 7.0) -> torch.Tensor:
+def get_sigmas(
+    noise_range: Objective,
+    steps: int,
+    schedule: str = "native",
+    *,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+) -> torch.Tensor:
     """``steps + 1`` descending float64 sigmas ending in 0 (``steps`` model evaluations for
     first-order samplers). ``noise_range`` is the denoiser's objective: it gives the default
     range, its own time (``uniform``) and what ``native`` means."""
     if steps < 1:
         raise SamplingError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
-        raise SamplingError(f"unknown schedule {schedule!r}; choose one of "
-                            f"{', '.join(SCHEDULES)}")
+        raise SamplingError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     lo = noise_range.sigma_min if sigma_min is None else sigma_min
     hi = noise_range.sigma_max if sigma_max is None else sigma_max
     if not 0 < lo < hi:
-        raise SamplingError(f"need 0 < sigma_min < sigma_max, got {lo} and {hi} (sigma_min / "
-                            "sigma_max default to the objective's noise range)")
+        raise SamplingError(
+            f"need 0 < sigma_min < sigma_max, got {lo} and {hi} (sigma_min / "
+            "sigma_max default to the objective's noise range)"
+        )
     if schedule == "native":
-        own = noise_range.native_sigmas(steps) if sigma_min is None and sigma_max is None \
-            else None
+        own = noise_range.native_sigmas(steps) if sigma_min is None and sigma_max is None else None
         if own is not None:
             return own
         schedule = noise_range.native_schedule
@@ -97,8 +106,9 @@ def get_sigmas(noise_range: Objective, steps: int, schedule: str = "native", *,
 # -------------------------------------------------------------------------------- guidance
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale,
-                channels: int | None = None) -> torch.Tensor:
+def cfg_combine(
+    cond: torch.Tensor, uncond: torch.Tensor, scale, channels: int | None = None
+) -> torch.Tensor:
     """Classifier-free guidance ``u + w (c - u)`` (``w = 1``: the conditional output).
 
     ``scale``: a number or a ``(B,)`` tensor (one scale per sample). ``channels``: guide only
@@ -118,9 +128,15 @@ class Guided:
     A denoiser with ``guides_inside = True`` (an ONNX graph exported with ``--cfg``) batches
     the two passes itself: it gets ``denoiser.guided(x, sigma, labels, scale, **cond)``."""
 
-    def __init__(self, denoiser: Denoiser, class_labels: torch.Tensor | None, cond: dict,
-                 cfg_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
-                 cfg_channels: int | None = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        class_labels: torch.Tensor | None,
+        cond: dict,
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        cfg_channels: int | None = None,
+    ):
         self.denoiser, self.labels, self.cond = denoiser, class_labels, cond
         self.scale, self.interval, self.channels = cfg_scale, guidance_interval, cfg_channels
         self.evaluations = 0
@@ -128,13 +144,17 @@ class Guided:
             if class_labels is None:
                 raise SamplingError("classifier-free guidance (cfg_scale != 1) needs class_labels")
             if denoiser.null_class is None:
-                raise SamplingError("classifier-free guidance needs a model with a null class "
-                                 "(conditioning.classes.null_class)")
+                raise SamplingError(
+                    "classifier-free guidance needs a model with a null class "
+                    "(conditioning.classes.null_class)"
+                )
             inside = denoiser.cfg_channels
             if denoiser.guides_inside and cfg_channels != inside:
-                raise SamplingError(f"this graph was exported with CFG on "
-                                 f"{inside or 'all'} channels; sample with cfg_channels="
-                                 f"{inside} (got {cfg_channels}) or re-export it")
+                raise SamplingError(
+                    f"this graph was exported with CFG on "
+                    f"{inside or 'all'} channels; sample with cfg_channels="
+                    f"{inside} (got {cfg_channels}) or re-export it"
+                )
 
     def _guide_at(self, sigma: float) -> bool:
         if self.scale == 1.0:
@@ -156,8 +176,9 @@ class Guided:
             return self.denoiser.guided(x, s, self.labels, self.scale, **self.cond)
         null = torch.full_like(self.labels, self.denoiser.null_class)
         cond = {k: torch.cat([v, v]) for k, v in self.cond.items()}
-        x0, var = self.denoiser.denoise(torch.cat([x, x]), torch.cat([s, s]),
-                                        torch.cat([self.labels, null]), **cond)
+        x0, var = self.denoiser.denoise(
+            torch.cat([x, x]), torch.cat([s, s]), torch.cat([self.labels, null]), **cond
+        )
         c, u = x0.chunk(2)
         g = cfg_combine(c, u, self.scale, self.channels)
         return g, (var.chunk(2)[0] if var is not None else None)
@@ -166,13 +187,23 @@ class Guided:
 # -------------------------------------------------------------------------------- the loop
 
 
-def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class_labels=None,
-           cond: dict | None = None, device="cpu", progress: bool = False,
-           sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-           dtype: torch.dtype = torch.float32,
-           callback: Callable[[int, float, torch.Tensor], None] | None = None,
-           noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
-           progress_label: str | None = None, **settings) -> torch.Tensor:
+def sample(
+    denoiser: Denoiser,
+    shape,
+    sampling: Sampling | None = None,
+    *,
+    class_labels=None,
+    cond: dict | None = None,
+    device="cpu",
+    progress: bool = False,
+    sigmas: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    noise_sampler: Callable[[float, float], torch.Tensor] | None = None,
+    progress_label: str | None = None,
+    **settings,
+) -> torch.Tensor:
     """Draw samples of ``shape`` ``(B, C, H, W)`` with the settings ``sampling`` (a
     :class:`ditkit.spec.sampling.Sampling`; default: its defaults): returns the final ``x0``
     (no clamping). ``settings`` are :class:`Sampling` fields given one by one
@@ -193,17 +224,24 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
     schedule) and, like k-diffusion's, returns the sample at the last non-zero sigma."""
     sampling = Sampling.of(sampling, **settings)
     if sampling.stages:
-        raise SamplingError("stages: this is one sampling pass; multi-stage settings run "
-                            "through ditkit.runtime.multistage.sample_staged")
+        raise SamplingError(
+            "stages: this is one sampling pass; multi-stage settings run "
+            "through ditkit.runtime.multistage.sample_staged"
+        )
     sampler, steps, eta = sampling.sampler, sampling.steps, sampling.eta
     sigma_min = sampling.sigma_min
     _check_arguments(shape, steps, sigmas)
     device = check_device(device)
     gen = torch.Generator().manual_seed(sampling.seed)
     if sigmas is None:
-        sigmas = get_sigmas(denoiser.noise_range, steps, sampling.schedule,
-                            sigma_min=sigma_min, sigma_max=sampling.sigma_max,
-                            rho=sampling.rho)
+        sigmas = get_sigmas(
+            denoiser.noise_range,
+            steps,
+            sampling.schedule,
+            sigma_min=sigma_min,
+            sigma_max=sampling.sigma_max,
+            rho=sampling.rho,
+        )
     sig = [float(v) for v in sigmas]
     if any(a <= b for a, b in zip(sig, sig[1:])) or sig[-1] != 0:
         raise SamplingError("sigmas must be strictly descending and end with 0")
@@ -213,11 +251,18 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
         if class_labels.ndim == 0:
             class_labels = class_labels.expand(b)
         if class_labels.shape != (b,):
-            raise SamplingError(f"class_labels must be one label or {b} labels, got "
-                                f"{tuple(class_labels.shape)}")
+            raise SamplingError(
+                f"class_labels must be one label or {b} labels, got {tuple(class_labels.shape)}"
+            )
     cond = {k: torch.as_tensor(v).to(device=device, dtype=dtype) for k, v in (cond or {}).items()}
-    model = Guided(denoiser, class_labels, cond, sampling.cfg_scale, sampling.cfg_interval,
-                   sampling.cfg_channels)
+    model = Guided(
+        denoiser,
+        class_labels,
+        cond,
+        sampling.cfg_scale,
+        sampling.cfg_interval,
+        sampling.cfg_channels,
+    )
 
     def randn() -> torch.Tensor:
         return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device, dtype)
@@ -226,8 +271,11 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
     state: dict = {"eta": eta, "noise": noise_sampler or BrownianNoise(randn)}
     if sampler == "dpm_adaptive":
         with torch.no_grad():
-            lo = sig[-2] if len(sig) > 2 else (
-                sigma_min if sigma_min is not None else denoiser.noise_range.sigma_min)
+            lo = (
+                sig[-2]
+                if len(sig) > 2
+                else (sigma_min if sigma_min is not None else denoiser.noise_range.sigma_min)
+            )
             calls = {"n": 0}
 
             def finite_model(x, sigma):  # a NaN would stall its step-size control forever
@@ -238,15 +286,18 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
                         f"sampling produced NaN/inf at model evaluation {calls['n']} "
                         f"(dpm_adaptive, sigma {float(sigma):.6g}); the model or its weights "
                         "give non-finite outputs at this noise level (check the checkpoint, "
-                        "lower --cfg, or sample in fp32)")
+                        "lower --cfg, or sample in fp32)"
+                    )
                 return out
 
-            return sample_dpm_adaptive(finite_model, x, sig[0], lo, state["noise"],
-                                       eta=0.0 if eta is None else eta)
+            return sample_dpm_adaptive(
+                finite_model, x, sig[0], lo, state["noise"], eta=0.0 if eta is None else eta
+            )
     step = _STEPPERS[sampler]
     n = len(sig) - 1
-    bar = _progress(n, progress, sampler if progress_label is None
-                    else f"{sampler}, {progress_label}")
+    bar = _progress(
+        n, progress, sampler if progress_label is None else f"{sampler}, {progress_label}"
+    )
     with torch.no_grad():
         for i in range(n):
             x = step(model, x, sig[i], sig[i + 1], randn, state)
@@ -256,7 +307,8 @@ def sample(denoiser: Denoiser, shape, sampling: Sampling | None = None, *, class
                     f"sampling produced NaN/inf at step {i + 1} of {n} ({sampler}, sigma "
                     f"{sig[i]:.6g} -> {sig[i + 1]:.6g}); the model or its weights give "
                     "non-finite outputs at this noise level (check the checkpoint, lower "
-                    "--cfg, or sample in fp32)")
+                    "--cfg, or sample in fp32)"
+                )
             if callback is not None:
                 callback(i, sig[i + 1], x)
             bar.update(1)
@@ -286,8 +338,9 @@ def _check_arguments(shape, steps: int, sigmas) -> None:
         raise SamplingError(f"number of samples {shape[0]}: use at least 1")
     if sigmas is None:  # steps >= 1 and the other settings: checked by the Sampling spec
         if steps > MAX_STEPS and limits_enabled():
-            raise SamplingError(f"steps {steps}: more than {MAX_STEPS:,} noise levels; "
-                                f"{OVERRIDE_HINT}")
+            raise SamplingError(
+                f"steps {steps}: more than {MAX_STEPS:,} noise levels; {OVERRIDE_HINT}"
+            )
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -354,8 +407,10 @@ def _ddpm(model, x, s, s_next, randn, state):
         return x0
     ab, ab_n = 1 / (1 + s**2), 1 / (1 + s_next**2)
     beta, _, log_var = ddpm_step_log_variance(var_values, s, s_next)
-    mean = (math.sqrt(ab_n) * beta / (1 - ab) * x0
-            + math.sqrt(1 - beta) * (1 - ab_n) / (1 - ab) * math.sqrt(ab) * x)
+    mean = (
+        math.sqrt(ab_n) * beta / (1 - ab) * x0
+        + math.sqrt(1 - beta) * (1 - ab_n) / (1 - ab) * math.sqrt(ab) * x
+    )
     std = torch.exp(0.5 * torch.as_tensor(log_var, dtype=x.dtype, device=x.device))
     return (mean + std * randn()) / math.sqrt(ab_n)
 
@@ -643,7 +698,7 @@ def _unip(x, hist_s, hist_x0, s_next, order):
     if order == 2:
         rhos = [0.5]
     else:
-        rhos = _solve([[rk ** (p - 1) for rk in rks] for p in range(1, order)], b[:order - 1])
+        rhos = _solve([[rk ** (p - 1) for rk in rks] for p in range(1, order)], b[: order - 1])
     return base - b_h * sum(rho * d for rho, d in zip(rhos, d1s))
 
 
@@ -665,17 +720,31 @@ def _unic(x_prev, hist_s, hist_x0, s, x0_t, order):
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    return torch.linalg.solve(torch.tensor(a, dtype=torch.float64),
-                              torch.tensor(b, dtype=torch.float64)).tolist()
+    return torch.linalg.solve(
+        torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    ).tolist()
 
 
 # -------------------------------------------------------------------------------- DPM adaptive
 
 
-def sample_dpm_adaptive(model, x, sigma_max: float, sigma_min: float, noise, *, order: int = 3,
-                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
-                        pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0,
-                        accept_safety: float = 0.81, eta: float = 0.0) -> torch.Tensor:
+def sample_dpm_adaptive(
+    model,
+    x,
+    sigma_max: float,
+    sigma_min: float,
+    noise,
+    *,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """k-diffusion's ``sample_dpm_adaptive`` (DPM-Solver-12 / 23 with a PID step-size
     controller, in ``t = -log sigma``) from ``sigma_max`` down to ``sigma_min``; like it, it
     returns the sample *at* ``sigma_min`` (no final denoising). ``model(x, sigma) -> (x0, _)``,
@@ -700,8 +769,11 @@ def sample_dpm_adaptive(model, x, sigma_max: float, sigma_min: float, noise, *, 
         s1 = t + r1 * h
         u1 = x - math.exp(-s1) * math.expm1(r1 * h) * e
         e1 = eps_at(cache, "e1", u1, s1)
-        return (x - math.exp(-tn) * math.expm1(h) * e
-                - math.exp(-tn) / (2 * r1) * math.expm1(h) * (e1 - e))
+        return (
+            x
+            - math.exp(-tn) * math.expm1(h) * e
+            - math.exp(-tn) / (2 * r1) * math.expm1(h) * (e1 - e)
+        )
 
     def step3(cache, x, t, tn, r1=1 / 3, r2=2 / 3):
         h = tn - t
@@ -709,11 +781,17 @@ def sample_dpm_adaptive(model, x, sigma_max: float, sigma_min: float, noise, *, 
         s1, s2 = t + r1 * h, t + r2 * h
         u1 = x - math.exp(-s1) * math.expm1(r1 * h) * e
         e1 = eps_at(cache, "e1", u1, s1)
-        u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * e
-              - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e))
+        u2 = (
+            x
+            - math.exp(-s2) * math.expm1(r2 * h) * e
+            - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - e)
+        )
         e2 = eps_at(cache, "e2", u2, s2)
-        return (x - math.exp(-tn) * math.expm1(h) * e
-                - math.exp(-tn) / r2 * (math.expm1(h) / h - 1) * (e2 - e))
+        return (
+            x
+            - math.exp(-tn) * math.expm1(h) * e
+            - math.exp(-tn) / r2 * (math.expm1(h) / h - 1) * (e2 - e)
+        )
 
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     b1, b2, b3 = ((pcoeff + icoeff + dcoeff), -(pcoeff + 2 * dcoeff), dcoeff)
@@ -751,9 +829,19 @@ def sample_dpm_adaptive(model, x, sigma_max: float, sigma_min: float, noise, *, 
     return x
 
 
-_STEPPERS = {"euler": _euler, "heun": _heun, "ddim": _ddim, "ddpm": _ddpm,
-             "dpmpp_2m": _dpmpp_2m, "dpmpp_3m_sde": _dpmpp_3m_sde,
-             "euler_ancestral": _euler_ancestral, "dpm_2": _dpm_2,
-             "dpm_2_ancestral": _dpm_2_ancestral, "lms": _lms,
-             "dpmpp_2s_ancestral": _dpmpp_2s_ancestral, "dpmpp_sde": _dpmpp_sde,
-             "dpmpp_2m_sde": _dpmpp_2m_sde, "unipc": _unipc}
+_STEPPERS = {
+    "euler": _euler,
+    "heun": _heun,
+    "ddim": _ddim,
+    "ddpm": _ddpm,
+    "dpmpp_2m": _dpmpp_2m,
+    "dpmpp_3m_sde": _dpmpp_3m_sde,
+    "euler_ancestral": _euler_ancestral,
+    "dpm_2": _dpm_2,
+    "dpm_2_ancestral": _dpm_2_ancestral,
+    "lms": _lms,
+    "dpmpp_2s_ancestral": _dpmpp_2s_ancestral,
+    "dpmpp_sde": _dpmpp_sde,
+    "dpmpp_2m_sde": _dpmpp_2m_sde,
+    "unipc": _unipc,
+}

@@ -22,17 +22,18 @@ class SamplingError(UserError):
     """Sampling cannot run with these arguments, or produced non-finite values (the message
     names the setting and the fix)."""
 
+
 # -------------------------------------------------------------------------------- schedules
 
 
-def ddpm_betas(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-               ) -> torch.Tensor:
+def ddpm_betas(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """ADM / DiT's linear beta schedule, float64: ``linspace(beta_start, beta_end, steps)``."""
     return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
 
 
-def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-                        ) -> torch.Tensor:
+def ddpm_alphas_cumprod(
+    steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     """``abar_t = prod_{i<=t} (1 - beta_i)`` for ``t = 0 .. steps-1`` (float64)."""
     return torch.cumprod(1.0 - ddpm_betas(steps, beta_start, beta_end), dim=0)
 
@@ -90,15 +91,17 @@ def flow_sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:
     return sigma / (1 + sigma)
 
 
-def edm_scalings(sigma: torch.Tensor, sigma_data: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def edm_scalings(
+    sigma: torch.Tensor, sigma_data: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EDM preconditioning ``(c_skip, c_out, c_in)`` for ``D = c_skip x + c_out F(c_in x)``."""
     s2, d2 = sigma**2, sigma_data**2
     return d2 / (s2 + d2), sigma * sigma_data / (s2 + d2).sqrt(), 1 / (s2 + d2).sqrt()
 
 
-def ddpm_step_log_variance(var_values: torch.Tensor | None, sigma: float, sigma_next: float
-                           ) -> tuple[float, float, torch.Tensor | float]:
+def ddpm_step_log_variance(
+    var_values: torch.Tensor | None, sigma: float, sigma_next: float
+) -> tuple[float, float, torch.Tensor | float]:
     """One reverse step ``sigma -> sigma_next`` of a (respaced) DDPM, in VP terms:
     ``(beta, beta_tilde, log_variance)``. ``var_values`` (a learned-sigma model's extra
     channels, in [-1, 1]) interpolate ``log var = f log beta + (1-f) log beta_tilde`` with
@@ -114,9 +117,9 @@ def ddpm_step_log_variance(var_values: torch.Tensor | None, sigma: float, sigma_
     return beta, beta_tilde, frac * math.log(beta) + (1 - frac) * log_tilde
 
 
-
-def v_scalings(sigma: torch.Tensor, sigma_data: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def v_scalings(
+    sigma: torch.Tensor, sigma_data: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v-prediction preconditioning ``(c_skip, c_out, c_in)`` for ``D = c_skip x + c_out F(c_in
     x)``. With ``sigma_data`` 1: ``c_in x = x / sqrt(1 + s^2)`` is the VP sample ``z = alpha x0
     + sigma_t eps`` (``alpha = 1/sqrt(1+s^2)``, ``sigma_t = s/sqrt(1+s^2)``), and ``x0 = alpha
@@ -129,8 +132,10 @@ def v_scalings(sigma: torch.Tensor, sigma_data: float
 def spaced_timesteps(total: int, steps: int) -> list[int]:
     """DiT / ADM ``space_timesteps(total, [steps])``: ``round(i (total-1)/(steps-1))``."""
     if steps > total:
-        raise SamplingError(f"steps {steps} is more than the model's {total} DDPM timesteps; "
-                            "use fewer steps or another schedule")
+        raise SamplingError(
+            f"steps {steps} is more than the model's {total} DDPM timesteps; "
+            "use fewer steps or another schedule"
+        )
     if steps == 1:
         return [0]
     stride = (total - 1) / (steps - 1)
@@ -140,8 +145,9 @@ def spaced_timesteps(total: int, steps: int) -> list[int]:
 # -------------------------------------------------------------------------------- densities (train)
 
 
-def sample_sigma(sampling, n: int, gen: torch.Generator, resolution: int,
-                 sigma_data: float) -> torch.Tensor:
+def sample_sigma(
+    sampling, n: int, gen: torch.Generator, resolution: int, sigma_data: float
+) -> torch.Tensor:
     """EDM noise levels ``(n,)`` (float64, CPU). ``resolution``: the image side (HDiT's
     cosine-interpolated density is shifted by it)."""
     match sampling:
@@ -149,16 +155,28 @@ def sample_sigma(sampling, n: int, gen: torch.Generator, resolution: int,
             return (torch.randn(n, generator=gen, dtype=torch.float64) * std + mean).exp()
         case S.CosineInterpolatedSigma() as c:
             u = torch.rand(n, generator=gen, dtype=torch.float64)
-            return cosine_interpolated_sigma(u, resolution, c.low_resolution,
-                                             c.high_resolution or resolution, sigma_data,
-                                             c.sigma_min, c.sigma_max)
+            return cosine_interpolated_sigma(
+                u,
+                resolution,
+                c.low_resolution,
+                c.high_resolution or resolution,
+                sigma_data,
+                c.sigma_min,
+                c.sigma_max,
+            )
         case other:
             assert_never(other)
 
 
-def cosine_interpolated_sigma(u: torch.Tensor, image_d: int, noise_d_low: int, noise_d_high: int,
-                              sigma_data: float, sigma_min: float, sigma_max: float
-                              ) -> torch.Tensor:
+def cosine_interpolated_sigma(
+    u: torch.Tensor,
+    image_d: int,
+    noise_d_low: int,
+    noise_d_high: int,
+    sigma_data: float,
+    sigma_min: float,
+    sigma_max: float,
+) -> torch.Tensor:
     """HDiT's density at ``u`` in [0, 1]: k-diffusion's ``rand_cosine_interpolated``.
 
     For a reference size ``d`` the cosine schedule runs from ``sigma_max`` (u = 0) to
@@ -189,8 +207,9 @@ def sample_time(sampling, n: int, gen: torch.Generator) -> torch.Tensor:
             assert_never(other)
 
 
-def edm_weight(weighting: str, sigma: torch.Tensor, sigma_data: float, gamma: float
-               ) -> torch.Tensor:
+def edm_weight(
+    weighting: str, sigma: torch.Tensor, sigma_data: float, gamma: float
+) -> torch.Tensor:
     """Weight of the squared error of the *x0 estimate* at noise level ``sigma``.
 
     k-diffusion's ``Denoiser.loss`` weighs the *network output's* error by ``w_k``; on the x0
@@ -212,4 +231,3 @@ def edm_weight(weighting: str, sigma: torch.Tensor, sigma_data: float, gamma: fl
         case "soft_min_snr":
             return 1 / (s2 + 1 / gamma)
     raise ValueError(f"unknown weighting {weighting!r}")
-

@@ -29,24 +29,31 @@ class AxisRule:
         return self.minimum <= n <= self.maximum and (n - self.minimum) % self.step == 0
 
     def text(self) -> str:
-        return (f"{self.minimum} + k*{self.step}" if self.minimum % self.step else
-                f"multiple of {self.step}, >= {self.minimum}")
+        return (
+            f"{self.minimum} + k*{self.step}"
+            if self.minimum % self.step
+            else f"multiple of {self.step}, >= {self.minimum}"
+        )
 
 
-def check_shape(spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | None = None,
-                where: str = "input") -> None:
+def check_shape(
+    spec: S.ModelSpec, shape, rules: tuple[AxisRule, AxisRule] | None = None, where: str = "input"
+) -> None:
     """Raise :class:`ExportError` naming the rule if ``(B, C, H, W)`` is not valid."""
     if len(shape) != 4 or shape[1] != spec.input.channels:
-        raise ExportError(f"{where}: expected (batch, {spec.input.channels}, H, W), got "
-                          f"{tuple(shape)}")
+        raise ExportError(
+            f"{where}: expected (batch, {spec.input.channels}, H, W), got {tuple(shape)}"
+        )
     issues = spec.check_resolution((int(shape[2]), int(shape[3])), where)
     if issues:
         raise ExportError("; ".join(f"{p}: {m}" for p, m in issues))
     if rules is not None:
         for n, rule, name in zip(shape[2:], rules, ("height", "width")):
             if not rule.valid(int(n)):
-                raise ExportError(f"{where}: {name} {n} is outside this model's rule "
-                                  f"({rule.text()}, <= {rule.maximum})")
+                raise ExportError(
+                    f"{where}: {name} {n} is outside this model's rule "
+                    f"({rule.text()}, <= {rule.maximum})"
+                )
 
 
 def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | None:
@@ -58,9 +65,12 @@ def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | Non
         rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))
         if not rule:
             return None
-        height, width = (AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"])
-                         for a in ("height", "width"))
+        height, width = (
+            AxisRule(rule[a]["min"], rule[a]["step"], rule[a]["max"]) for a in ("height", "width")
+        )
         return height, width
     except (ValueError, KeyError, TypeError, RecursionError) as err:
-        raise UserError(f"metadata ditkit.resolution_rule is damaged ({type(err).__name__}: "
-                        f"{str(err)[:120]}); re-export the model with `ditkit export`") from None
+        raise UserError(
+            f"metadata ditkit.resolution_rule is damaged ({type(err).__name__}: "
+            f"{str(err)[:120]}); re-export the model with `ditkit export`"
+        ) from None

@@ -9,8 +9,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat, PositiveInt,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
 
 BOOL_NOT_NUMBER = "true/false is not a number here"
@@ -30,8 +37,9 @@ class Spec(BaseModel):
     YAML ``true``/``false`` is not a number (pydantic would read it as 1/0), and ``.inf`` /
     ``.nan`` are refused everywhere."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -42,10 +50,15 @@ class Spec(BaseModel):
         for name, value in data.items():
             items = value if isinstance(value, (list, tuple)) else (value,)
             field = cls.model_fields.get(name) if isinstance(name, str) else None
-            if (field is not None and any(isinstance(v, bool) for v in items)
-                    and not _admits_bool(field.annotation)):
-                bad.append(f"{name}: {BOOL_NOT_NUMBER}; write a number (YAML reads "
-                           "true/false/yes/no/on/off as booleans)")
+            if (
+                field is not None
+                and any(isinstance(v, bool) for v in items)
+                and not _admits_bool(field.annotation)
+            ):
+                bad.append(
+                    f"{name}: {BOOL_NOT_NUMBER}; write a number (YAML reads "
+                    "true/false/yes/no/on/off as booleans)"
+                )
         if bad:
             raise ValueError("\n".join(bad))
         return data
@@ -60,14 +73,17 @@ def pair(value: Size2) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def neighborhood_misfits(grid: tuple[int, int] | list[int], kernel_size: tuple[int, int],
-                         dilation: tuple[int, int]) -> list[tuple[str, int, int, int]]:
+def neighborhood_misfits(
+    grid: tuple[int, int] | list[int], kernel_size: tuple[int, int], dilation: tuple[int, int]
+) -> list[tuple[str, int, int, int]]:
     """NATTEN's constraint ``kernel * dilation <= size`` per axis, the one place it is written:
     ``(axis, size, kernel, dilation)`` for each axis of the ``(height, width)`` ``grid`` that
     breaks it. Sizes that are not ints (symbolic while tracing) are not checked."""
-    return [(axis, n, k, d) for axis, n, k, d in zip(("height", "width"), grid, kernel_size,
-                                                     dilation)
-            if isinstance(n, int) and n < k * d]
+    return [
+        (axis, n, k, d)
+        for axis, n, k, d in zip(("height", "width"), grid, kernel_size, dilation)
+        if isinstance(n, int) and n < k * d
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +138,13 @@ class AggregateAttention(Spec):
 
 
 Attention = Annotated[
-    Union[GlobalAttention, NeighborhoodAttention, ShiftedWindowAttention, NoAttention,
-          AggregateAttention],
+    Union[
+        GlobalAttention,
+        NeighborhoodAttention,
+        ShiftedWindowAttention,
+        NoAttention,
+        AggregateAttention,
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -180,8 +201,9 @@ class MemoryCrossAttention(Spec):
     time_token: bool = True
 
 
-CrossAttention = Annotated[Union[NoCrossAttention, MemoryCrossAttention],
-                           Field(discriminator="kind")]
+CrossAttention = Annotated[
+    Union[NoCrossAttention, MemoryCrossAttention], Field(discriminator="kind")
+]
 
 # --------------------------------------------------------------------------------------------
 # rotary position encoding (acts on q and k inside attention)
@@ -255,8 +277,10 @@ class YarnScaling(Spec):
     @model_validator(mode="after")
     def _ramp(self) -> "YarnScaling":
         if self.alpha >= self.beta:
-            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta}): the ramp "
-                             "runs from alpha to beta turns over the trained length")
+            raise ValueError(
+                f"alpha ({self.alpha}) must be below beta ({self.beta}): the ramp "
+                "runs from alpha to beta turns over the trained length"
+            )
         return self
 
 
@@ -265,8 +289,11 @@ def _scaling_kind(value: Any) -> Any:
     return {"kind": value} if isinstance(value, str) else value
 
 
-RopeScaling = Annotated[Union[NoRopeScaling, NtkScaling, YarnScaling],
-                        Field(discriminator="kind"), BeforeValidator(_scaling_kind)]
+RopeScaling = Annotated[
+    Union[NoRopeScaling, NtkScaling, YarnScaling],
+    Field(discriminator="kind"),
+    BeforeValidator(_scaling_kind),
+]
 """How RoPE frequencies are rescaled for a grid larger than the trained one."""
 
 
@@ -300,12 +327,17 @@ class AxialRope(Spec):
     @model_validator(mode="after")
     def _scaling_complete(self) -> "AxialRope":
         sc = self.scaling
-        missing = [n for n in ("scale", "trained_length") if n in type(sc).model_fields
-                   and getattr(sc, n) is None]
+        missing = [
+            n
+            for n in ("scale", "trained_length")
+            if n in type(sc).model_fields and getattr(sc, n) is None
+        ]
         if missing:
-            raise ValueError(f"scaling {sc.kind} needs {' and '.join(missing)} (row, col) in a "
-                             "model spec; a policy's rope_scaling derives them from the "
-                             "resolution")
+            raise ValueError(
+                f"scaling {sc.kind} needs {' and '.join(missing)} (row, col) in a "
+                "model spec; a policy's rope_scaling derives them from the "
+                "resolution"
+            )
         return self
 
 
@@ -379,8 +411,9 @@ class NoModulation(Spec):
     kind: Literal["none"] = "none"
 
 
-Modulation = Annotated[Union[AdaLNZero, AdaScale, NoModulation, SharedAdaLNZero],
-                      Field(discriminator="kind")]
+Modulation = Annotated[
+    Union[AdaLNZero, AdaScale, NoModulation, SharedAdaLNZero], Field(discriminator="kind")
+]
 
 # --------------------------------------------------------------------------------------------
 # feed-forward
@@ -499,8 +532,9 @@ class LinearSkip(Spec):
     bias: bool = True
 
 
-Skip = Annotated[Union[LerpSkip, AddSkip, ConcatSkip, NoSkip, LinearSkip],
-                 Field(discriminator="kind")]
+Skip = Annotated[
+    Union[LerpSkip, AddSkip, ConcatSkip, NoSkip, LinearSkip], Field(discriminator="kind")
+]
 
 # --------------------------------------------------------------------------------------------
 # conditioning

@@ -59,8 +59,13 @@ class Change:
     level_b: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "a": _json_value(self.a), "b": _json_value(self.b),
-                "level_a": self.level_a, "level_b": self.level_b}
+        return {
+            "path": self.path,
+            "a": _json_value(self.a),
+            "b": _json_value(self.b),
+            "level_a": self.level_a,
+            "level_b": self.level_b,
+        }
 
 
 def _json_value(v: Any) -> Any:
@@ -124,19 +129,31 @@ def _keys(da: dict[str, Any], db: dict[str, Any]) -> list[str]:
     return list(da) + [k for k in db if k not in da]
 
 
-def _compare(path: str, va: Any, vb: Any, out: list[Change], la: int | None,
-             lb: int | None) -> None:
+def _compare(
+    path: str, va: Any, vb: Any, out: list[Change], la: int | None, lb: int | None
+) -> None:
     if va == vb:
         return
     if isinstance(va, dict) and isinstance(vb, dict) and va.get("kind") == vb.get("kind"):
         for key in _keys(va, vb):
             _compare(f"{path}.{key}", va.get(key, MISSING), vb.get(key, MISSING), out, la, lb)
         return
-    if (isinstance(va, list) and isinstance(vb, list) and va and vb
-            and all(isinstance(v, dict) for v in va + vb)):
+    if (
+        isinstance(va, list)
+        and isinstance(vb, list)
+        and va
+        and vb
+        and all(isinstance(v, dict) for v in va + vb)
+    ):
         for k in range(max(len(va), len(vb))):
-            _compare(f"{path}[{k}]", va[k] if k < len(va) else MISSING,
-                     vb[k] if k < len(vb) else MISSING, out, la, lb)
+            _compare(
+                f"{path}[{k}]",
+                va[k] if k < len(va) else MISSING,
+                vb[k] if k < len(vb) else MISSING,
+                out,
+                la,
+                lb,
+            )
         return
     out.append(Change(path, va, vb, la, lb))
 
@@ -160,7 +177,8 @@ def format_diff(rows: list[Change], name_a: str = "a", name_b: str = "b") -> str
     if not rows:
         return f"{name_a} and {name_b} are the same spec (no field differs)"
     table = [("field", name_a, name_b)] + [
-        (r.path, format_value(r.a), format_value(r.b)) for r in rows]
+        (r.path, format_value(r.a), format_value(r.b)) for r in rows
+    ]
     w0 = max(len(r[0]) for r in table)
     w1 = min(48, max(len(r[1]) for r in table))
     lines = []

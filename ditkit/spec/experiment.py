@@ -13,15 +13,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      field_validator, model_validator)
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from ditkit.spec.components import Spec
 from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
 from ditkit.spec.policy import AsIs, Policy
-from ditkit.spec.sampling import (EVALUATION_SAMPLING, PREVIEW_SAMPLING, Sampling,
-                                  fold_flat_keys, legacy_sampling)
+from ditkit.spec.sampling import (
+    EVALUATION_SAMPLING,
+    PREVIEW_SAMPLING,
+    Sampling,
+    fold_flat_keys,
+    legacy_sampling,
+)
 
 EXPERIMENT_VERSION: Literal[1] = 1
 
@@ -74,8 +86,10 @@ class WebDatasetData(Spec):
     and centre-cropped like ``image_folder``; ``flip``: random horizontal flips."""
 
     kind: Literal["webdataset"] = "webdataset"
-    shards: Annotated[str, Field(min_length=1)] | Annotated[
-        list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    shards: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    )
     flip: bool = True
 
 
@@ -94,8 +108,10 @@ class LatentsData(Spec):
     scale: PositiveFloat = 1.0
 
 
-Data = Annotated[Union[DigitsData, ShapesData, ImageFolderData, WebDatasetData, LatentsData],
-                 Field(discriminator="kind")]
+Data = Annotated[
+    Union[DigitsData, ShapesData, ImageFolderData, WebDatasetData, LatentsData],
+    Field(discriminator="kind"),
+]
 
 # ---------------------------------------------------------------- optimisation
 
@@ -124,7 +140,9 @@ class Optimizer(Spec):
     kind: Literal["adamw"] = "adamw"
     lr: PositiveFloat = 1e-4
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
-        0.9, 0.999)
+        0.9,
+        0.999,
+    )
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.0
     mapping_lr_scale: PositiveFloat = 1.0
@@ -272,16 +290,18 @@ class Evaluation(Spec):
     @classmethod
     def _one_pass(cls, value: Sampling) -> Sampling:
         if value.stages:
-            raise ValueError("stages: the metrics score samples at the model's own resolution; "
-                             "drop the stages here (multi-stage sampling is for `ditkit sample`"
-                             " and `ditkit extrapolate --stages`)")
+            raise ValueError(
+                "stages: the metrics score samples at the model's own resolution; "
+                "drop the stages here (multi-stage sampling is for `ditkit sample`"
+                " and `ditkit extrapolate --stages`)"
+            )
         return value
 
 
 TRAINABLE_PRESETS = {
     "new": "every tensor the policy re-initialised or replicated (new levels, resized merges)",
     "patch": "the patch embedding, the head and every merge/split projection "
-             "(embed.*, head.*, levels.*.down.*, levels.*.up.*)",
+    "(embed.*, head.*, levels.*.down.*, levels.*.up.*)",
     "aggregate": "every block whose attention is `aggregate` (MDiT's aggregate blocks)",
 }
 """Names usable in ``finetune.trainable`` besides patterns."""
@@ -325,8 +345,9 @@ class Finetune(Spec):
                 try:
                     re.compile(pat[3:])
                 except re.error as err:
-                    raise ValueError(f"entry {i} ({pat!r}) is not a valid regular expression: "
-                                     f"{err}") from None
+                    raise ValueError(
+                        f"entry {i} ({pat!r}) is not a valid regular expression: {err}"
+                    ) from None
         return value
 
 
@@ -356,8 +377,10 @@ class Experiment(Spec):
     @property
     def model_spec(self) -> ModelSpec:
         if not isinstance(self.model, ModelSpec):
-            raise ValueError("the experiment's model is a reference; resolve it with "
-                             "ditkit.spec.load_experiment / resolve_experiment first")
+            raise ValueError(
+                "the experiment's model is a reference; resolve it with "
+                "ditkit.spec.load_experiment / resolve_experiment first"
+            )
         return self.model
 
 
@@ -365,8 +388,9 @@ DATA_CHANNELS = {"digits": 1, "shapes": 3}
 DATA_CLASSES = {"digits": 10}
 
 
-def resolve_experiment(exp: Experiment, base: str | Path | None = None,
-                       source: str = "experiment") -> Experiment:
+def resolve_experiment(
+    exp: Experiment, base: str | Path | None = None, source: str = "experiment"
+) -> Experiment:
     """Inline a model reference (a path relative to ``base``, or a preset name) and check that
     the parts of the experiment fit together. Raises :class:`ditkit.spec.SpecError`."""
     from ditkit.spec.io import SpecError, load
@@ -377,18 +401,36 @@ def resolve_experiment(exp: Experiment, base: str | Path | None = None,
         path = Path(base or ".") / ref
         if path.suffix in (".yaml", ".yml", ".json") or path.exists():
             if not path.exists():
-                raise SpecError([("model", f"no such model spec file: {path} (paths are relative "
-                                  "to the experiment file)")], source)
+                raise SpecError(
+                    [
+                        (
+                            "model",
+                            f"no such model spec file: {path} (paths are relative "
+                            "to the experiment file)",
+                        )
+                    ],
+                    source,
+                )
             try:
                 model: ModelSpec = load(path)
             except SpecError as err:  # report the model's problems under `model.`
-                raise SpecError([(f"model.{p}" if p else "model", f"{m} (in {path})")
-                                 for p, m in err.issues], source) from None
+                raise SpecError(
+                    [(f"model.{p}" if p else "model", f"{m} (in {path})") for p, m in err.issues],
+                    source,
+                ) from None
         elif ref in PRESETS:
             model = preset(ref)
         else:
-            raise SpecError([("model", f"{ref!r} is neither a spec file nor a preset name; "
-                              f"presets: {', '.join(PRESETS)}")], source)
+            raise SpecError(
+                [
+                    (
+                        "model",
+                        f"{ref!r} is neither a spec file nor a preset name; "
+                        f"presets: {', '.join(PRESETS)}",
+                    )
+                ],
+                source,
+            )
         exp = exp.model_copy(update={"model": model})
     issues = experiment_issues(exp)
     if issues:
@@ -403,30 +445,58 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
     out.extend(exp.objective.model_issues(spec))
     ch = DATA_CHANNELS.get(exp.data.kind)
     if ch is not None and spec.input.channels not in (ch, 3 if ch == 1 else ch):
-        out.append(("data.kind", f"{exp.data.kind} images have {ch} channel(s) but the model's "
-                    f"input.channels is {spec.input.channels}; use {ch}"
-                    + (" or 3" if ch == 1 else "")))
+        out.append(
+            (
+                "data.kind",
+                f"{exp.data.kind} images have {ch} channel(s) but the model's "
+                f"input.channels is {spec.input.channels}; use {ch}" + (" or 3" if ch == 1 else ""),
+            )
+        )
     n_cls = DATA_CLASSES.get(exp.data.kind) or (
-        exp.data.classes if exp.data.kind == "shapes" else None)
+        exp.data.classes if exp.data.kind == "shapes" else None
+    )
     cls = spec.conditioning.classes
     if cls is not None and n_cls is not None and cls.count < n_cls:
-        out.append(("model.conditioning.classes.count", f"{cls.count} classes but the "
-                    f"{exp.data.kind} data has {n_cls}; set count: {n_cls}"))
+        out.append(
+            (
+                "model.conditioning.classes.count",
+                f"{cls.count} classes but the {exp.data.kind} data has {n_cls}; set count: {n_cls}",
+            )
+        )
     if exp.data.kind == "latents" and spec.input.space != "latent":
-        out.append(("model.input.space", "latents data trains a latent-space model; set "
-                    "input.space: latent (with input.channels and input.resolution of the "
-                    "latents)"))
+        out.append(
+            (
+                "model.input.space",
+                "latents data trains a latent-space model; set "
+                "input.space: latent (with input.channels and input.resolution of the "
+                "latents)",
+            )
+        )
     if exp.training.label_dropout > 0 and cls is not None and not cls.null_class:
-        out.append(("training.label_dropout", "label dropout needs a null class; set "
-                    "model.conditioning.classes.null_class: true or label_dropout: 0"))
+        out.append(
+            (
+                "training.label_dropout",
+                "label dropout needs a null class; set "
+                "model.conditioning.classes.null_class: true or label_dropout: 0",
+            )
+        )
     if exp.training.batch_size % exp.training.accumulate:
-        out.append(("training.accumulate", f"{exp.training.accumulate} does not divide "
-                    f"batch_size {exp.training.batch_size}"))
+        out.append(
+            (
+                "training.accumulate",
+                f"{exp.training.accumulate} does not divide batch_size {exp.training.batch_size}",
+            )
+        )
     if exp.distributed.strategy != "fsdp2":
         for name in FSDP2_OPTIONS:
             if name in exp.distributed.model_fields_set:
-                out.append((f"distributed.{name}", "is an option of strategy fsdp2; remove it "
-                            "or set distributed.strategy: fsdp2"))
+                out.append(
+                    (
+                        f"distributed.{name}",
+                        "is an option of strategy fsdp2; remove it "
+                        "or set distributed.strategy: fsdp2",
+                    )
+                )
     out += _evaluation_issues(exp.evaluation, exp.data.kind, spec)
     return out
 
@@ -439,23 +509,40 @@ def _evaluation_issues(ev: Evaluation, data_kind: str, spec: ModelSpec) -> list[
         return out
     labelled = data_kind in LABELLED_DATA and spec.conditioning.classes is not None
     if ev.reference is None and not labelled:
-        why = ("label accuracy needs a class-conditional model (model.conditioning.classes)"
-               if data_kind in LABELLED_DATA else
-               f"the built-in classifier metrics are for `data: {{kind: digits}}` or "
-               f"`{{kind: shapes}}`, not {data_kind}")
-        out.append(("evaluation.reference", f"nothing to evaluate: {why}; set reference to "
-                    "an image folder or .npz for FID / precision / recall, or enabled: false"))
+        why = (
+            "label accuracy needs a class-conditional model (model.conditioning.classes)"
+            if data_kind in LABELLED_DATA
+            else f"the built-in classifier metrics are for `data: {{kind: digits}}` or "
+            f"`{{kind: shapes}}`, not {data_kind}"
+        )
+        out.append(
+            (
+                "evaluation.reference",
+                f"nothing to evaluate: {why}; set reference to "
+                "an image folder or .npz for FID / precision / recall, or enabled: false",
+            )
+        )
     if ev.reference is not None and spec.input.space == "latent" and ev.vae is None:
-        out.append(("evaluation.vae", "a latent-space model's samples must be decoded for FID; "
-                    "set vae to the local AutoencoderKL folder the latents were encoded with"))
+        out.append(
+            (
+                "evaluation.vae",
+                "a latent-space model's samples must be decoded for FID; "
+                "set vae to the local AutoencoderKL folder the latents were encoded with",
+            )
+        )
     if ev.vae is not None and spec.input.space != "latent":
-        out.append(("evaluation.vae", "the model is pixel-space; its samples are images "
-                    "already, remove vae"))
+        out.append(
+            (
+                "evaluation.vae",
+                "the model is pixel-space; its samples are images already, remove vae",
+            )
+        )
     return out
 
 
-def experiment_from_data(data: Any, base: str | Path | None = None,
-                         source: str = "experiment") -> Experiment:
+def experiment_from_data(
+    data: Any, base: str | Path | None = None, source: str = "experiment"
+) -> Experiment:
     """Validate plain data into a resolved experiment. An inline model is validated as a
     model spec first, so its problems are reported as ``model.<field>``."""
     from ditkit.spec.io import SpecError, validate
@@ -482,8 +569,9 @@ def is_experiment_data(data: Any) -> bool:
     if "model" in data:
         return True
     own = set(Experiment.model_fields) - set(ModelSpec.model_fields)
-    return bool(set(data) & own) and not set(data) & (set(ModelSpec.model_fields) - set(
-        Experiment.model_fields))
+    return bool(set(data) & own) and not set(data) & (
+        set(ModelSpec.model_fields) - set(Experiment.model_fields)
+    )
 
 
 def read_experiment_data(path: str | Path) -> Any:
@@ -494,8 +582,7 @@ def read_experiment_data(path: str | Path) -> Any:
     return load_yaml(read_text(path, "experiment"), str(path))
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
-                    ) -> Experiment:
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Load, resolve and check an experiment file (YAML/JSON), with ``--set`` style
     ``overrides`` (``ditkit.spec.overrides``) applied before validation. Raises ``SpecError``."""
     path = Path(path)
@@ -504,8 +591,11 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     if overrides:
         from ditkit.spec.overrides import apply_overrides, touches
 
-        if isinstance(data, dict) and isinstance(data.get("model"), str) and touches(
-                overrides, "model"):
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("model"), str)
+            and touches(overrides, "model")
+        ):
             data = {**data, "model": _model_data(data["model"], path.parent, source)}
         if isinstance(data, dict):
             data = _fold_sampling(data, only_old=True)
@@ -556,8 +646,7 @@ def absolute_data_paths(data: Data, base: str | Path) -> Data:
     if data.kind in ("image_folder", "latents"):
         return data.model_copy(update={"path": fix(data.path)})
     if data.kind == "webdataset":
-        shards = fix(data.shards) if isinstance(data.shards, str) else [
-            fix(p) for p in data.shards]
+        shards = fix(data.shards) if isinstance(data.shards, str) else [fix(p) for p in data.shards]
         return data.model_copy(update={"shards": shards})
     return data
 
@@ -571,16 +660,21 @@ def absolute_evaluation_paths(ev: Evaluation, base: str | Path) -> Evaluation:
     def fix(p: str | None) -> str | None:
         return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
 
-    return ev.model_copy(update={"reference": fix(ev.reference), "inception": fix(ev.inception),
-                                 "vae": fix(ev.vae)})
+    return ev.model_copy(
+        update={"reference": fix(ev.reference), "inception": fix(ev.inception), "vae": fix(ev.vae)}
+    )
 
 
 def experiment_with_absolute_paths(exp: Experiment, base: str | Path) -> Experiment:
     """``exp`` with every path relative to ``base`` (data paths, a fine-tune checkpoint, the
     evaluation's reference, weights and autoencoder) made absolute: the form a run folder
     records."""
-    exp = exp.model_copy(update={"data": absolute_data_paths(exp.data, base),
-                                 "evaluation": absolute_evaluation_paths(exp.evaluation, base)})
+    exp = exp.model_copy(
+        update={
+            "data": absolute_data_paths(exp.data, base),
+            "evaluation": absolute_evaluation_paths(exp.evaluation, base),
+        }
+    )
     ft = exp.finetune
     if ft is not None and ft.source_model is None and not Path(ft.checkpoint).is_absolute():
         ft = ft.model_copy(update={"checkpoint": str((Path(base) / ft.checkpoint).resolve())})
@@ -591,8 +685,9 @@ def experiment_with_absolute_paths(exp: Experiment, base: str | Path) -> Experim
 RUN_EXPERIMENT = "experiment.yaml"  # the resolved experiment a run folder records
 
 
-def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
-                           ) -> tuple[Experiment, Path | None]:
+def load_experiment_or_run(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Experiment, Path | None]:
     """``(experiment, run folder or None)`` from an experiment file (its relative paths made
     absolute) or a run folder (its recorded ``experiment.yaml``), with ``overrides`` applied
     (see :func:`load_experiment`). Raises ``SpecError``."""
@@ -601,18 +696,44 @@ def load_experiment_or_run(path: str | Path, overrides: list[str] | tuple[str, .
     path = Path(path)
     if path.is_dir():
         if not (path / RUN_EXPERIMENT).is_file():
-            raise SpecError([("", f"a folder, but not a run folder (no {RUN_EXPERIMENT})")],
-                            str(path))
+            raise SpecError(
+                [("", f"a folder, but not a run folder (no {RUN_EXPERIMENT})")], str(path)
+            )
         return load_experiment(path / RUN_EXPERIMENT, overrides), path
     return experiment_with_absolute_paths(load_experiment(path, overrides), path.parent), None
 
 
 __all__ = [
-    "Experiment", "DigitsData", "ShapesData", "ImageFolderData", "WebDatasetData", "LatentsData",
-    "Data", "ConstantLR", "CosineLR", "Optimizer", "EMA", "Training", "Precision", "Distributed",
-    "Checkpointing", "Logging", "Preview", "Evaluation", "Finetune", "TRAINABLE_PRESETS",
-    "resolve_experiment", "experiment_issues", "load_experiment", "read_experiment_data",
-    "is_experiment_data", "experiment_from_data", "EXPERIMENT_VERSION", "absolute_data_paths",
-    "absolute_evaluation_paths", "experiment_with_absolute_paths", "load_experiment_or_run",
+    "Experiment",
+    "DigitsData",
+    "ShapesData",
+    "ImageFolderData",
+    "WebDatasetData",
+    "LatentsData",
+    "Data",
+    "ConstantLR",
+    "CosineLR",
+    "Optimizer",
+    "EMA",
+    "Training",
+    "Precision",
+    "Distributed",
+    "Checkpointing",
+    "Logging",
+    "Preview",
+    "Evaluation",
+    "Finetune",
+    "TRAINABLE_PRESETS",
+    "resolve_experiment",
+    "experiment_issues",
+    "load_experiment",
+    "read_experiment_data",
+    "is_experiment_data",
+    "experiment_from_data",
+    "EXPERIMENT_VERSION",
+    "absolute_data_paths",
+    "absolute_evaluation_paths",
+    "experiment_with_absolute_paths",
+    "load_experiment_or_run",
     "RUN_EXPERIMENT",
 ]

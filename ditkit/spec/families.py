@@ -131,8 +131,17 @@ def hdit(
         attention = attentions[kind]
         extra: dict[str, Any] = {"dropout": dropout[i]} if dropout[i] else {}
         if i < n - 1:
-            levels.append(Level(d_model=w, encoder=d, decoder=d, attention=attention,
-                                down=Merge(factor=2), skip=LerpSkip(), **extra))
+            levels.append(
+                Level(
+                    d_model=w,
+                    encoder=d,
+                    decoder=d,
+                    attention=attention,
+                    down=Merge(factor=2),
+                    skip=LerpSkip(),
+                    **extra,
+                )
+            )
         else:
             levels.append(Level(d_model=w, middle=d, attention=attention, **extra))
     return ModelSpec(
@@ -165,24 +174,44 @@ def hdit(
 
 def hdit_imagenet_128() -> ModelSpec:
     """HDiT ablation step E (Table 1 / Table 6): 117M params, 31 GFLOPs at 128^2."""
-    return hdit([384, 768], [2, 11], resolution=128, mapping_width=768, mapping_depth=1,
-                name="hdit-imagenet-128",
-                description="HDiT ImageNet-128^2, ablation step E (Crowson et al. 2024, Table 6)")
+    return hdit(
+        [384, 768],
+        [2, 11],
+        resolution=128,
+        mapping_width=768,
+        mapping_depth=1,
+        name="hdit-imagenet-128",
+        description="HDiT ImageNet-128^2, ablation step E (Crowson et al. 2024, Table 6)",
+    )
 
 
 def hdit_ffhq_1024() -> ModelSpec:
     """HDiT FFHQ-1024^2 (Table 6): 85M params, 206 GFLOPs; unconditional, augmentation input."""
-    return hdit([128, 256, 384, 768, 1024], [2, 2, 2, 2, 2], n_global=2, resolution=1024,
-                classes=None, mapping_width=256, mapping_depth=2,
-                dropout=[0.0, 0.0, 0.0, 0.0, 0.1], name="hdit-ffhq-1024",
-                description="HDiT FFHQ-1024^2 (Crowson et al. 2024, Table 6)")
+    return hdit(
+        [128, 256, 384, 768, 1024],
+        [2, 2, 2, 2, 2],
+        n_global=2,
+        resolution=1024,
+        classes=None,
+        mapping_width=256,
+        mapping_depth=2,
+        dropout=[0.0, 0.0, 0.0, 0.0, 0.1],
+        name="hdit-ffhq-1024",
+        description="HDiT FFHQ-1024^2 (Crowson et al. 2024, Table 6)",
+    )
 
 
 def hdit_imagenet_256() -> ModelSpec:
     """HDiT ImageNet-256^2 large-scale model (Table 6): 557M params, 198 GFLOPs."""
-    return hdit([384, 768, 1536], [2, 2, 16], resolution=256, mapping_width=256,
-                mapping_depth=2, name="hdit-imagenet-256",
-                description="HDiT ImageNet-256^2 (Crowson et al. 2024, Table 6)")
+    return hdit(
+        [384, 768, 1536],
+        [2, 2, 16],
+        resolution=256,
+        mapping_width=256,
+        mapping_depth=2,
+        name="hdit-imagenet-256",
+        description="HDiT ImageNet-256^2 (Crowson et al. 2024, Table 6)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +246,10 @@ def mpdit(
     ``middle``."""
     n = len(depths)
     if len(patches) != n or n < 2:
-        raise ValueError(f"depths ({len(depths)}) and patches ({len(patches)}) need the same "
-                         "length, at least 2 (coarse then fine)")
+        raise ValueError(
+            f"depths ({len(depths)}) and patches ({len(patches)}) need the same "
+            "length, at least 2 (coarse then fine)"
+        )
     fine = list(reversed(patches))  # outer -> inner
     depth = list(reversed(depths))
     sincos = SincosPosition()
@@ -228,12 +259,18 @@ def mpdit(
             levels.append(Level(d_model=d_model, middle=depth[i]))
             continue
         innermost_next = i + 1 == n - 1
-        levels.append(Level(
-            d_model=d_model, encoder=0, decoder=depth[i],
-            down=Repatch(patch_size=fine[i + 1], position=sincos if innermost_next
-                         else NoPosition()),
-            up=Upsample(position=sincos),
-            skip=LinearSkip() if skip else NoSkip()))
+        levels.append(
+            Level(
+                d_model=d_model,
+                encoder=0,
+                decoder=depth[i],
+                down=Repatch(
+                    patch_size=fine[i + 1], position=sincos if innermost_next else NoPosition()
+                ),
+                up=Upsample(position=sincos),
+                skip=LinearSkip() if skip else NoSkip(),
+            )
+        )
     noise_spec = FNONoise() if noise == "fno" else SinusoidalNoise()
     return ModelSpec(
         name=name,
@@ -242,10 +279,13 @@ def mpdit(
         patch=Patch(size=fine[0], bias=True),
         conditioning=Conditioning(
             noise=noise_spec,
-            classes=(Classes(count=classes, inject="prefix", tokens=class_tokens)
-                     if classes else None)),
-        block=Block(d_head=d_model // n_heads, modulation=SharedAdaLNZero(),
-                    ffn=GeluMLP(ratio=mlp_ratio)),
+            classes=(
+                Classes(count=classes, inject="prefix", tokens=class_tokens) if classes else None
+            ),
+        ),
+        block=Block(
+            d_head=d_model // n_heads, modulation=SharedAdaLNZero(), ffn=GeluMLP(ratio=mlp_ratio)
+        ),
         levels=tuple(levels),
         head=AdaLNHead(shared=True),
         init=Init(linear="xavier_uniform", embedding_std=0.02),
@@ -254,22 +294,41 @@ def mpdit(
 
 def mpdit_b() -> ModelSpec:
     """MPDiT-B (Table 1 of the MPDiT paper): 12 blocks, the last k=6 at the fine grid."""
-    return mpdit(768, 12, (6, 6), (4, 2), name="mpdit-b",
-                 description="MPDiT-B, ImageNet-256^2 latents, 12 blocks, k=6 (MPDiT paper)")
+    return mpdit(
+        768,
+        12,
+        (6, 6),
+        (4, 2),
+        name="mpdit-b",
+        description="MPDiT-B, ImageNet-256^2 latents, 12 blocks, k=6 (MPDiT paper)",
+    )
 
 
 def mpdit_xl() -> ModelSpec:
     """MPDiT-XL: 28 blocks, the last k=6 at the fine grid."""
-    return mpdit(1152, 16, (22, 6), (4, 2), name="mpdit-xl",
-                 description="MPDiT-XL, ImageNet-256^2 latents, 28 blocks, k=6 (MPDiT paper)")
+    return mpdit(
+        1152,
+        16,
+        (22, 6),
+        (4, 2),
+        name="mpdit-xl",
+        description="MPDiT-XL, ImageNet-256^2 latents, 28 blocks, k=6 (MPDiT paper)",
+    )
 
 
 def mpdit_xl_3level() -> ModelSpec:
     """MPDiT-XL three-level variant at 512^2 (64x64x4 latents): {18, 6, 4} blocks at patches
     8 -> 4 -> 2."""
-    return mpdit(1152, 16, (18, 6, 4), (8, 4, 2), resolution=64, name="mpdit-xl-3level",
-                 description="MPDiT-XL 3-level, ImageNet-512^2 latents, {18, 6, 4} blocks "
-                             "at patches 8/4/2 (MPDiT paper)")
+    return mpdit(
+        1152,
+        16,
+        (18, 6, 4),
+        (8, 4, 2),
+        resolution=64,
+        name="mpdit-xl-3level",
+        description="MPDiT-XL 3-level, ImageNet-512^2 latents, {18, 6, 4} blocks "
+        "at patches 8/4/2 (MPDiT paper)",
+    )
 
 
 MDIT_SIZES = {  # name: (M, N, K, L, outer d_model, core d_model, aggregate heads)
@@ -313,23 +372,29 @@ def mdit(
     std = BlockOverride(cross_attention=MemoryCrossAttention(), modulation=NoModulation())
     core_stack = []
     if k:
-        core_stack.append(BlockOverride(cross_attention=std.cross_attention,
-                                        modulation=std.modulation))
-        core_stack.append(BlockOverride(attention=AggregateAttention(factor=2,
-                                                                     n_heads=agg_heads)))
+        core_stack.append(
+            BlockOverride(cross_attention=std.cross_attention, modulation=std.modulation)
+        )
+        core_stack.append(BlockOverride(attention=AggregateAttention(factor=2, n_heads=agg_heads)))
         core_stack = core_stack * (k // 2)
     if l:
-        core_stack.append(BlockOverride(repeat=l, cross_attention=std.cross_attention,
-                                        modulation=std.modulation))
+        core_stack.append(
+            BlockOverride(repeat=l, cross_attention=std.cross_attention, modulation=std.modulation)
+        )
     levels: tuple[Level, ...]
     if m == 0 and n == 0:
         levels = (Level(d_model=core, middle=tuple(core_stack), attention=GlobalAttention()),)
         patch = 2
     else:
         levels = (
-            Level(d_model=outer, encoder=m, decoder=n,
-                  attention=NeighborhoodAttention(kernel_size=kernel_size),
-                  down=Merge(factor=2), skip=LerpSkip()),
+            Level(
+                d_model=outer,
+                encoder=m,
+                decoder=n,
+                attention=NeighborhoodAttention(kernel_size=kernel_size),
+                down=Merge(factor=2),
+                skip=LerpSkip(),
+            ),
             Level(d_model=core, middle=tuple(core_stack), attention=GlobalAttention()),
         )
         patch = 1
@@ -342,10 +407,31 @@ def mdit(
             width=core,
             noise=SinusoidalNoise(frequency_dim=384, activation="geglu"),
             classes=(Classes(count=classes, inject="memory") if classes else None),
-            aux=((AuxInput(name="scale", dims=1, embed="sinusoidal", features=256,
-                           freq_min=1.0, freq_max=1000.0, dropout=0.1),
-                  AuxInput(name="aspect", dims=1, embed="sinusoidal", features=256,
-                           freq_min=500.0, freq_max=2000.0, dropout=0.1)) if aux else ())),
+            aux=(
+                (
+                    AuxInput(
+                        name="scale",
+                        dims=1,
+                        embed="sinusoidal",
+                        features=256,
+                        freq_min=1.0,
+                        freq_max=1000.0,
+                        dropout=0.1,
+                    ),
+                    AuxInput(
+                        name="aspect",
+                        dims=1,
+                        embed="sinusoidal",
+                        features=256,
+                        freq_min=500.0,
+                        freq_max=2000.0,
+                        dropout=0.1,
+                    ),
+                )
+                if aux
+                else ()
+            ),
+        ),
         block=Block(
             d_head=d_head,
             qk_norm=QKNorm(kind="layer", affine=False),
@@ -364,9 +450,17 @@ def mdit(
 
 def _mdit_preset(size: str) -> ModelSpec:
     m, n, k, l, outer, core, agg = MDIT_SIZES[size]  # noqa: E741
-    return mdit(m, n, k, l, outer=outer, core=core, aggregate_heads=agg, name=f"mdit-{size}",
-                description=f"MDiT-{size.upper()} {{{m},{n},{k},{l}}}, ImageNet-256^2 latents "
-                            "(MDiT paper)")
+    return mdit(
+        m,
+        n,
+        k,
+        l,
+        outer=outer,
+        core=core,
+        aggregate_heads=agg,
+        name=f"mdit-{size}",
+        description=f"MDiT-{size.upper()} {{{m},{n},{k},{l}}}, ImageNet-256^2 latents (MDiT paper)",
+    )
 
 
 def mdit_b() -> ModelSpec:

@@ -42,10 +42,18 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     version = data.get("spec_version", SPEC_VERSION)
     if not isinstance(version, int) or version < 1:
         raise SpecError(
-            [("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")])
+            [("spec_version", f"{version!r} is not a spec version; use {SPEC_VERSION}")]
+        )
     if version > SPEC_VERSION:
-        raise SpecError([("spec_version", f"version {version} is newer than this ditkit "
-                          f"understands ({SPEC_VERSION}); upgrade ditkit")])
+        raise SpecError(
+            [
+                (
+                    "spec_version",
+                    f"version {version} is newer than this ditkit "
+                    f"understands ({SPEC_VERSION}); upgrade ditkit",
+                )
+            ]
+        )
     while version < SPEC_VERSION:
         data = MIGRATIONS[version](data)
         version += 1
@@ -67,13 +75,17 @@ def _path(loc: tuple[Any, ...], model: type[BaseModel] | None = None) -> str:
             out += f"[{part}]"
             continue
         part = str(part)
-        tagged = [m for m in candidates
-                  if "kind" in m.model_fields and m.model_fields["kind"].default == part]
+        tagged = [
+            m
+            for m in candidates
+            if "kind" in m.model_fields and m.model_fields["kind"].default == part
+        ]
         if tagged:
             candidates = tagged
             continue
         if part.startswith(("function-", "tagged-union", "union", "int", "tuple")) and not any(
-                part in m.model_fields for m in candidates):
+            part in m.model_fields for m in candidates
+        ):
             continue
         owners = [m for m in candidates if part in m.model_fields]
         candidates = _models_in(owners[0].model_fields[part].annotation) if owners else []
@@ -96,8 +108,11 @@ def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        tagged = [m for m in candidates
-                  if "kind" in m.model_fields and m.model_fields["kind"].default == part]
+        tagged = [
+            m
+            for m in candidates
+            if "kind" in m.model_fields and m.model_fields["kind"].default == part
+        ]
         if tagged:  # a discriminated-union tag in the location
             candidates = tagged
             continue
@@ -116,17 +131,28 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             name = str(loc[-1])
             known = _known_fields(model, loc)
             close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else (
-                f"; known keys: {', '.join(known)}" if known else "; remove it")
+            hint = (
+                f"; did you mean `{close[0]}`?"
+                if close
+                else (f"; known keys: {', '.join(known)}" if known else "; remove it")
+            )
             issues.append((_path(loc, model), f"unknown key `{name}`{hint}"))
         elif typ == "union_tag_invalid":
             ctx = e.get("ctx", {})
             issues.append(
-                (_path(loc, model) + ".kind", f"unknown kind {ctx.get('tag')!r}; use one of "
-                 f"{ctx.get('expected_tags')}"))
+                (
+                    _path(loc, model) + ".kind",
+                    f"unknown kind {ctx.get('tag')!r}; use one of {ctx.get('expected_tags')}",
+                )
+            )
         elif typ == "union_tag_not_found":
-            issues.append((_path(loc, model), "missing `kind`; every variant needs one, e.g. "
-                           "`{kind: ...}` (see `ditkit schema`)"))
+            issues.append(
+                (
+                    _path(loc, model),
+                    "missing `kind`; every variant needs one, e.g. "
+                    "`{kind: ...}` (see `ditkit schema`)",
+                )
+            )
         elif typ == "value_error" and not loc:
             text = msg.removeprefix("Value error, ")
             for line in text.splitlines():
@@ -145,15 +171,19 @@ def _issues_from(err: ValidationError, model: type[BaseModel]) -> list[tuple[str
             issues.append((_path(loc, model), text))
     # a failed item also makes its list "too short": keep only the real cause
     paths = [p for p, _ in issues]
-    return [(p, m) for p, m in issues
-            if not ("at least" in m and any(q != p and q.startswith(p) for q in paths))]
+    return [
+        (p, m)
+        for p, m in issues
+        if not ("at least" in m and any(q != p and q.startswith(p) for q in paths))
+    ]
 
 
 def validate(data: Any, model: type[T] = ModelSpec, source: str = "spec") -> T:  # type: ignore[assignment]
     """Validate plain data (a dict) into a spec, raising :class:`SpecError`."""
     if not isinstance(data, dict):
-        raise SpecError([("", f"expected a mapping at the top level, got {type(data).__name__}")],
-                        source)
+        raise SpecError(
+            [("", f"expected a mapping at the top level, got {type(data).__name__}")], source
+        )
     if model is ModelSpec:
         data = migrate(dict(data))
     try:
@@ -171,9 +201,14 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):  # type: ignore[misc
 
     def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
         self.key, self.lines = key, (first.line + 1, second.line + 1)
-        super().__init__(None, None, f"duplicate key `{key}` on lines {first.line + 1} and "
-                         f"{second.line + 1}; YAML would silently keep only the second, so "
-                         "remove one of them", second)
+        super().__init__(
+            None,
+            None,
+            f"duplicate key `{key}` on lines {first.line + 1} and "
+            f"{second.line + 1}; YAML would silently keep only the second, so "
+            "remove one of them",
+            second,
+        )
 
     def __str__(self) -> str:
         return str(self.problem)
@@ -189,7 +224,8 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no st
             seen: dict[Any, yaml.Mark] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                        key_node, yaml.ScalarNode):
+                    key_node, yaml.ScalarNode
+                ):
                     continue
                 key = self.construct_object(key_node)
                 try:
@@ -201,8 +237,9 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no st
         return super().construct_mapping(node, deep)
 
 
-def _first_duplicate(node: Any, path: str = "", seen: set[int] | None = None
-                     ) -> tuple[str, Any, Any, Any] | None:
+def _first_duplicate(
+    node: Any, path: str = "", seen: set[int] | None = None
+) -> tuple[str, Any, Any, Any] | None:
     """``(field path, key, first mark, second mark)`` of the first key written twice in a
     composed YAML node tree, or ``None`` (merge keys excepted; aliases visited once)."""
     seen = set() if seen is None else seen
@@ -217,8 +254,12 @@ def _first_duplicate(node: Any, path: str = "", seen: set[int] | None = None
             if isinstance(key_node, yaml.ScalarNode):
                 ident = (key_node.tag, key_node.value)
                 if ident in keys:
-                    return (f"{path}.{key_node.value}" if path else str(key_node.value),
-                            key_node.value, keys[ident], key_node.start_mark)
+                    return (
+                        f"{path}.{key_node.value}" if path else str(key_node.value),
+                        key_node.value,
+                        keys[ident],
+                        key_node.start_mark,
+                    )
                 keys[ident] = key_node.start_mark
                 child = f"{path}.{key_node.value}" if path else str(key_node.value)
             else:
@@ -248,17 +289,32 @@ def load_yaml(text: str, source: str = "spec", field: str = "") -> Any:
     except DuplicateKeyError as err:
         raise SpecError([(field, str(err))], source) from None
     except yaml.YAMLError as err:
-        raise SpecError([(field, f"not valid YAML/JSON: {_yaml_problem(err)}")],
-                        source) from None
+        raise SpecError([(field, f"not valid YAML/JSON: {_yaml_problem(err)}")], source) from None
     except RecursionError:
         raise SpecError([(field, "not valid YAML/JSON: nested too deeply")], source) from None
     except ValueError as err:  # int(): more digits than sys.get_int_max_str_digits()
-        raise SpecError([(field, f"a value could not be read ({str(err).split(';')[0]}); "
-                                 "no spec field takes a number that long")], source) from None
+        raise SpecError(
+            [
+                (
+                    field,
+                    f"a value could not be read ({str(err).split(';')[0]}); "
+                    "no spec field takes a number that long",
+                )
+            ],
+            source,
+        ) from None
     depth = nesting_depth(data)
     if depth > MAX_NESTING:
-        raise SpecError([(field, f"nested {depth} levels deep (limit {MAX_NESTING}); no spec "
-                                 "or experiment is nested like that")], source)
+        raise SpecError(
+            [
+                (
+                    field,
+                    f"nested {depth} levels deep (limit {MAX_NESTING}); no spec "
+                    "or experiment is nested like that",
+                )
+            ],
+            source,
+        )
     return data
 
 
@@ -307,11 +363,14 @@ MAX_SPEC_BYTES = 16 * 2**20
 def _binary_kind(path: Path, head: bytes) -> str | None:
     """What a binary file probably is, from its name and first bytes (no parsing)."""
     suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x04",
-                                                    b"\x80\x05")):
-        return ("a PyTorch checkpoint (a pickle, which ditkit never loads); turn it "
-                "into a ditkit checkpoint with `ditkit convert --from dit|k-diffusion|mpdit "
-                f"{path.name} --out model.safetensors`, then use that")
+    if suffix in TORCH_SUFFIXES or head.startswith(
+        (b"PK\x03\x04", b"\x80\x02", b"\x80\x04", b"\x80\x05")
+    ):
+        return (
+            "a PyTorch checkpoint (a pickle, which ditkit never loads); turn it "
+            "into a ditkit checkpoint with `ditkit convert --from dit|k-diffusion|mpdit "
+            f"{path.name} --out model.safetensors`, then use that"
+        )
     if suffix == ".safetensors":
         return "a safetensors file; give it to the command as a checkpoint, not as a spec"
     if suffix == ".onnx":
@@ -328,8 +387,16 @@ def read_text(path: str | Path, what: str = "spec") -> str:
 
     path = Path(path)
     if path.is_dir():
-        raise SpecError([("", f"{path} is a directory, not a {what} file; give the "
-                              f"{what} file (.yaml/.json) inside it")], str(path))
+        raise SpecError(
+            [
+                (
+                    "",
+                    f"{path} is a directory, not a {what} file; give the "
+                    f"{what} file (.yaml/.json) inside it",
+                )
+            ],
+            str(path),
+        )
     if not path.exists():
         raise SpecError([("", f"no such file: {path}")], str(path))
     try:
@@ -339,33 +406,59 @@ def read_text(path: str | Path, what: str = "spec") -> str:
     except SpecError:
         raise
     except PermissionError:
-        raise EnvironmentFault(f"{path}: permission denied; cannot read the {what} file "
-                               "(check its permissions)") from None
+        raise EnvironmentFault(
+            f"{path}: permission denied; cannot read the {what} file (check its permissions)"
+        ) from None
     except OSError as err:
-        raise EnvironmentFault(f"{path}: cannot read the {what} file: "
-                               f"{err.strerror or err}") from None
+        raise EnvironmentFault(
+            f"{path}: cannot read the {what} file: {err.strerror or err}"
+        ) from None
     kind = _binary_kind(path, raw[:8])
-    if kind is not None and (b"\0" in raw[:4096] or path.suffix.lower() in TORCH_SUFFIXES
-                             or path.suffix.lower() in (".safetensors", ".onnx")):
+    if kind is not None and (
+        b"\0" in raw[:4096]
+        or path.suffix.lower() in TORCH_SUFFIXES
+        or path.suffix.lower() in (".safetensors", ".onnx")
+    ):
         raise SpecError([("", f"not a {what} file (YAML/JSON text) but {kind}")], str(path))
     if size > MAX_SPEC_BYTES:
-        raise SpecError([("", f"{size:,} bytes is too large for a {what} file (YAML/JSON "
-                              f"text of at most {MAX_SPEC_BYTES // 2**20} MiB)")], str(path))
+        raise SpecError(
+            [
+                (
+                    "",
+                    f"{size:,} bytes is too large for a {what} file (YAML/JSON "
+                    f"text of at most {MAX_SPEC_BYTES // 2**20} MiB)",
+                )
+            ],
+            str(path),
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SpecError(
-            [("", f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
-                  f"a {what} file is YAML or JSON text in UTF-8")], str(path)) from None
+            [
+                (
+                    "",
+                    f"not a text file: byte {err.start} is not UTF-8 ({kind or 'binary data'}); "
+                    f"a {what} file is YAML or JSON text in UTF-8",
+                )
+            ],
+            str(path),
+        ) from None
     if "\0" in text:
-        raise SpecError([("", f"not a text file (it contains NUL bytes); a {what} file is "
-                              "YAML or JSON text")], str(path))
+        raise SpecError(
+            [("", f"not a text file (it contains NUL bytes); a {what} file is YAML or JSON text")],
+            str(path),
+        )
     return text
 
 
-_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                (stat.S_ISDIR, "a directory"))
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def not_regular(mode: int) -> str | None:
@@ -385,8 +478,10 @@ def check_regular(path: str | os.PathLike[str], what: str = "input") -> None:
         return
     kind = not_regular(mode)
     if kind is not None:
-        raise SpecError([("", f"{path} is {kind}, not a regular file; give the {what} as a "
-                              "plain file")], str(path))
+        raise SpecError(
+            [("", f"{path} is {kind}, not a regular file; give the {what} as a plain file")],
+            str(path),
+        )
 
 
 def open_regular(path: str | os.PathLike[str], what: str = "input") -> BinaryIO:
@@ -398,8 +493,10 @@ def open_regular(path: str | os.PathLike[str], what: str = "input") -> BinaryIO:
     try:
         kind = not_regular(os.fstat(f.fileno()).st_mode)
         if kind is not None:
-            raise SpecError([("", f"{path} is {kind}, not a regular file; give the {what} as a "
-                                  "plain file")], str(path))
+            raise SpecError(
+                [("", f"{path} is {kind}, not a regular file; give the {what} as a plain file")],
+                str(path),
+            )
         os.set_blocking(f.fileno(), True)
         return f
     except BaseException:
@@ -426,8 +523,12 @@ def to_data(spec: BaseModel, full: bool = False) -> dict[str, Any]:
     order = first + [n for n in fields if n not in first]
     for name in order:
         value = getattr(spec, name)
-        keep = (full or name in ("kind", "spec_version") or name in spec.model_fields_set
-                or not _is_default(fields[name], value))
+        keep = (
+            full
+            or name in ("kind", "spec_version")
+            or name in spec.model_fields_set
+            or not _is_default(fields[name], value)
+        )
         if keep:
             out[name] = _plain(value, full)
     return out
@@ -475,8 +576,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-
-
 def json_schema(model: type[BaseModel] = ModelSpec) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -485,7 +584,22 @@ def json_schema(model: type[BaseModel] = ModelSpec) -> dict[str, Any]:
 
 
 __all__ = [
-    "SpecError", "validate", "loads", "load", "read_text", "dumps", "dump", "to_data",
-    "json_schema", "migrate", "MIGRATIONS", "Spec", "load_yaml", "StrictLoader",
-    "DuplicateKeyError", "check_regular", "open_regular", "write_atomic",
+    "SpecError",
+    "validate",
+    "loads",
+    "load",
+    "read_text",
+    "dumps",
+    "dump",
+    "to_data",
+    "json_schema",
+    "migrate",
+    "MIGRATIONS",
+    "Spec",
+    "load_yaml",
+    "StrictLoader",
+    "DuplicateKeyError",
+    "check_regular",
+    "open_regular",
+    "write_atomic",
 ]

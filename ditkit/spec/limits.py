@@ -52,8 +52,9 @@ def no_size_limits() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def _stack_blocks(value: Any, level_fields: dict[str, Any],
-                  default_block: Block) -> list[tuple[int, Any]]:
+def _stack_blocks(
+    value: Any, level_fields: dict[str, Any], default_block: Block
+) -> list[tuple[int, Any]]:
     """``[(count, ffn spec)]`` of one stack without expanding it into a list of blocks."""
     if value is None:
         return []
@@ -90,15 +91,19 @@ def _limits_on() -> Iterator[None]:
             os.environ[ENV] = before
 
 
-def activation_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None
-                                ) -> float:
+def activation_bytes_per_sample(
+    spec: ModelSpec, resolution: tuple[int, int] | None = None
+) -> float:
     """A lower bound of the activation memory one training sample needs: every block keeps at
     least its input and its output (fp32) for the backward pass."""
     grids = spec.token_grids(resolution)
     total = 0.0
     for i, lvl in enumerate(spec.levels):
-        count = sum(c for which in ("encoder", "middle", "decoder")
-                    for c, _ in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block))
+        count = sum(
+            c
+            for which in ("encoder", "middle", "decoder")
+            for c, _ in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block)
+        )
         total += count * grids[i][0] * grids[i][1] * lvl.d_model * 4 * 2
     return total
 
@@ -114,8 +119,13 @@ def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
 
     def width(path: str, value: float) -> None:
         if value > MAX_WIDTH and path not in (p for p, _ in issues):
-            issues.append((path, f"{value:.4g} is larger than any model can hold (limit "
-                                 f"{MAX_WIDTH:,}); {OVERRIDE_HINT}"))
+            issues.append(
+                (
+                    path,
+                    f"{value:.4g} is larger than any model can hold (limit "
+                    f"{MAX_WIDTH:,}); {OVERRIDE_HINT}",
+                )
+            )
 
     if cond.width is not None:
         width("conditioning.width", cond.width)
@@ -132,11 +142,20 @@ def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
                     where = f"levels[{i}].ffn" if "ffn" in fields else "block.ffn"
                     width(f"{where}.ratio", d_ff)
                 per_block = 4 * d * d + 3 * d * d_ff + 6 * d * cw
-                contributors.append((count * per_block, f"levels[{i}].d_model"
-                                     if d * d >= d * d_ff / 4 else f"levels[{i}].{which}"))
+                contributors.append(
+                    (
+                        count * per_block,
+                        f"levels[{i}].d_model" if d * d >= d * d_ff / 4 else f"levels[{i}].{which}",
+                    )
+                )
     if blocks_total > MAX_BLOCKS:
-        issues.append(("levels", f"{blocks_total:,} blocks in all (limit {MAX_BLOCKS:,}); "
-                                 f"lower the encoder/middle/decoder counts; {OVERRIDE_HINT}"))
+        issues.append(
+            (
+                "levels",
+                f"{blocks_total:,} blocks in all (limit {MAX_BLOCKS:,}); "
+                f"lower the encoder/middle/decoder counts; {OVERRIDE_HINT}",
+            )
+        )
     if cond.classes is not None:
         width("conditioning.classes.count", cond.classes.count)
         contributors.append((float(cond.classes.count) * cw, "conditioning.classes.count"))
@@ -148,29 +167,47 @@ def size_issues(spec: ModelSpec) -> list[tuple[str, str]]:
     spec_estimates[id(spec)] = total
     if total > MAX_PARAMS and not issues:
         field = max(contributors)[1]
-        issues.append((field, f"the model would have about {total:.3g} parameters (limit "
-                              f"{MAX_PARAMS:.3g}); make it smaller; {OVERRIDE_HINT}"))
+        issues.append(
+            (
+                field,
+                f"the model would have about {total:.3g} parameters (limit "
+                f"{MAX_PARAMS:.3g}); make it smaller; {OVERRIDE_HINT}",
+            )
+        )
     h, w = spec.input.resolution
-    ph, pw = (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else \
-        spec.patch.size
+    ph, pw = (
+        (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else spec.patch.size
+    )
     tokens = (h // ph) * (w // pw)
     if tokens > MAX_TOKENS:
-        issues.append(("input.resolution", f"{h}x{w} with patch {ph}x{pw} makes {tokens:,} "
-                                           f"tokens (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}"))
+        issues.append(
+            (
+                "input.resolution",
+                f"{h}x{w} with patch {ph}x{pw} makes {tokens:,} "
+                f"tokens (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}",
+            )
+        )
     return issues
 
 
-def resolution_issues(spec: ModelSpec, resolution: tuple[int, int], field: str
-                      ) -> list[tuple[str, str]]:
+def resolution_issues(
+    spec: ModelSpec, resolution: tuple[int, int], field: str
+) -> list[tuple[str, str]]:
     """The token limit for a resolution asked for at run time (``--resolution``)."""
     if not limits_enabled():
         return []
-    ph, pw = (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else \
-        spec.patch.size
+    ph, pw = (
+        (spec.patch.size, spec.patch.size) if isinstance(spec.patch.size, int) else spec.patch.size
+    )
     tokens = (resolution[0] // ph) * (resolution[1] // pw)
     if tokens > MAX_TOKENS:
-        return [(field, f"{resolution[0]}x{resolution[1]} makes {tokens:,} tokens at the "
-                        f"outer level (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}")]
+        return [
+            (
+                field,
+                f"{resolution[0]}x{resolution[1]} makes {tokens:,} tokens at the "
+                f"outer level (limit {MAX_TOKENS:,}); {OVERRIDE_HINT}",
+            )
+        ]
     return []
 
 
@@ -193,17 +230,17 @@ class RunSizeError(UserError):
     """A size given at run time would need more memory than :data:`MAX_RUN_BYTES`."""
 
 
-def check_run_bytes(estimate: float, field: str, what: str,
-                    limit: float = MAX_RUN_BYTES) -> None:
+def check_run_bytes(estimate: float, field: str, what: str, limit: float = MAX_RUN_BYTES) -> None:
     """Raise :class:`RunSizeError` naming ``field`` (a flag, a file) when ``what`` would
     need about ``estimate`` bytes, more than ``limit`` (nothing when the limits are off)."""
     if limits_enabled() and estimate > limit:
-        raise RunSizeError(f"{field}: {what} would need about {gib(estimate)} of memory "
-                           f"(limit {gib(limit)}); use a smaller value; {OVERRIDE_HINT}")
+        raise RunSizeError(
+            f"{field}: {what} would need about {gib(estimate)} of memory "
+            f"(limit {gib(limit)}); use a smaller value; {OVERRIDE_HINT}"
+        )
 
 
-def inference_bytes_per_sample(spec: ModelSpec,
-                               resolution: tuple[int, int] | None = None) -> float:
+def inference_bytes_per_sample(spec: ModelSpec, resolution: tuple[int, int] | None = None) -> float:
     """A rough lower bound of the memory one sample takes in one denoiser call (fp32): at
     the widest level, a block's input, output, attention projections and FFN hidden values,
     plus the sampler's copies of the image (x, noise, denoised, derivatives)."""
@@ -212,8 +249,11 @@ def inference_bytes_per_sample(spec: ModelSpec,
     peak = 0.0
     for i, lvl in enumerate(spec.levels):
         d = float(lvl.d_model)
-        stacks = [ffn for which in ("encoder", "middle", "decoder")
-                  for _, ffn in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block)]
+        stacks = [
+            ffn
+            for which in ("encoder", "middle", "decoder")
+            for _, ffn in _stack_blocks(getattr(lvl, which), lvl.overrides(), spec.block)
+        ]
         d_ff = max((_ffn_width(f, d) for f in stacks), default=4 * d)
         peak = max(peak, grids[i][0] * grids[i][1] * (6 * d + 2 * d_ff) * 4)
     return peak + 8 * spec.input.channels * h * w * 4
@@ -224,8 +264,13 @@ KEPT_PER_SAMPLE = 72
 and as int64, its share of the chunk list)."""
 
 
-def sample_bytes(spec: ModelSpec, count: int, resolution: tuple[int, int] | None = None,
-                 batch: int | None = None, keep: bool = True) -> float:
+def sample_bytes(
+    spec: ModelSpec,
+    count: int,
+    resolution: tuple[int, int] | None = None,
+    batch: int | None = None,
+    keep: bool = True,
+) -> float:
     """Memory of drawing ``count`` samples in batches of ``batch`` (default: all at once),
     keeping every finished sample (fp32) and its label (``keep``), or streaming them to a
     file (``keep=False``: the labels and the chunk list only)."""
@@ -235,8 +280,13 @@ def sample_bytes(spec: ModelSpec, count: int, resolution: tuple[int, int] | None
     return at_once * inference_bytes_per_sample(spec, resolution) + count * kept
 
 
-def check_sample_size(spec: ModelSpec, count: int, resolution: tuple[int, int] | None = None,
-                      batch: int | None = None, keep: bool = True) -> None:
+def check_sample_size(
+    spec: ModelSpec,
+    count: int,
+    resolution: tuple[int, int] | None = None,
+    batch: int | None = None,
+    keep: bool = True,
+) -> None:
     """:func:`check_run_bytes` for drawing ``count`` samples (see :func:`sample_bytes`); the
     message names ``--resolution`` when one batch alone is too much, else ``--count`` (or
     ``--batch``)."""
@@ -250,9 +300,12 @@ def check_sample_size(spec: ModelSpec, count: int, resolution: tuple[int, int] |
         field = f"--batch {batch}"
     else:
         field = f"--count {count}"
-    check_run_bytes(sample_bytes(spec, count, resolution, batch, keep), field,
-                    f"{count:,} sample(s) at {h}x{w}"
-                    + (f" in batches of {batch}" if batch is not None else ""))
+    check_run_bytes(
+        sample_bytes(spec, count, resolution, batch, keep),
+        field,
+        f"{count:,} sample(s) at {h}x{w}"
+        + (f" in batches of {batch}" if batch is not None else ""),
+    )
 
 
 def grid_bytes(count: int, cols: int, height: int, width: int) -> float:
@@ -262,8 +315,24 @@ def grid_bytes(count: int, cols: int, height: int, width: int) -> float:
     return 2.0 * (rows * (height + 1) + 1) * (cols * (width + 1) + 1) * 3
 
 
-__all__ = ["check_run_bytes", "check_sample_size", "sample_bytes", "grid_bytes",
-           "inference_bytes_per_sample", "MAX_RUN_BYTES", "RunSizeError", "gib", "size_issues",
-           "estimated_params", "activation_bytes_per_sample", "resolution_issues",
-           "no_size_limits", "limits_enabled", "MAX_PARAMS", "MAX_BLOCKS", "MAX_TOKENS",
-           "MAX_WIDTH", "ENV"]
+__all__ = [
+    "check_run_bytes",
+    "check_sample_size",
+    "sample_bytes",
+    "grid_bytes",
+    "inference_bytes_per_sample",
+    "MAX_RUN_BYTES",
+    "RunSizeError",
+    "gib",
+    "size_issues",
+    "estimated_params",
+    "activation_bytes_per_sample",
+    "resolution_issues",
+    "no_size_limits",
+    "limits_enabled",
+    "MAX_PARAMS",
+    "MAX_BLOCKS",
+    "MAX_TOKENS",
+    "MAX_WIDTH",
+    "ENV",
+]

@@ -271,8 +271,9 @@ class ModelSpec(Spec):
             return f"levels[{level}].{field}"
         return f"block.{field}"
 
-    def check_resolution(self, resolution: tuple[int, int],
-                         field: str = "resolution") -> list[tuple[str, str]]:
+    def check_resolution(
+        self, resolution: tuple[int, int], field: str = "resolution"
+    ) -> list[tuple[str, str]]:
         """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
         from .limits import resolution_issues
 
@@ -309,22 +310,43 @@ def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
         p = f"levels[{i}]"
         if i == last:
             if lvl.middle is None:
-                out.append((f"{p}.middle", "the innermost level needs `middle` blocks "
-                            "(e.g. `middle: 11`)"))
+                out.append(
+                    (f"{p}.middle", "the innermost level needs `middle` blocks (e.g. `middle: 11`)")
+                )
             for name in ("encoder", "decoder", "down", "skip"):
                 if getattr(lvl, name) is not None:
-                    out.append((f"{p}.{name}", f"the innermost level has no `{name}`; move these "
-                                f"blocks to `middle` or add an inner level"))
+                    out.append(
+                        (
+                            f"{p}.{name}",
+                            f"the innermost level has no `{name}`; move these "
+                            f"blocks to `middle` or add an inner level",
+                        )
+                    )
         else:
             if lvl.middle is not None:
-                out.append((f"{p}.middle", "only the innermost level has `middle` blocks; use "
-                            "`encoder` and `decoder` on outer levels"))
+                out.append(
+                    (
+                        f"{p}.middle",
+                        "only the innermost level has `middle` blocks; use "
+                        "`encoder` and `decoder` on outer levels",
+                    )
+                )
             if lvl.down is None:
-                out.append((f"{p}.down", "an outer level needs a transition to the next level, "
-                            "e.g. `down: {kind: merge, factor: 2}`"))
+                out.append(
+                    (
+                        f"{p}.down",
+                        "an outer level needs a transition to the next level, "
+                        "e.g. `down: {kind: merge, factor: 2}`",
+                    )
+                )
             if lvl.skip is None:
-                out.append((f"{p}.skip", "an outer level needs a skip merge, e.g. "
-                            "`skip: {kind: lerp}` (or `{kind: none}`)"))
+                out.append(
+                    (
+                        f"{p}.skip",
+                        "an outer level needs a skip merge, e.g. "
+                        "`skip: {kind: lerp}` (or `{kind: none}`)",
+                    )
+                )
 
     out += _family_issues(spec)
     for i, which, j, blk in spec.blocks():
@@ -332,30 +354,55 @@ def _structure_issues(spec: ModelSpec) -> list[tuple[str, str]]:
         d_model = spec.levels[i].d_model
         if isinstance(blk.attention, AggregateAttention):
             if not isinstance(blk.logits, DotLogits):
-                out.append((where("logits"), "aggregate attention supports `logits: {kind: "
-                            "dot}` only (use qk_norm for stability)"))
+                out.append(
+                    (
+                        where("logits"),
+                        "aggregate attention supports `logits: {kind: "
+                        "dot}` only (use qk_norm for stability)",
+                    )
+                )
             if isinstance(blk.rope, AxialRope):
                 r = blk.rope.fraction * blk.d_head
                 if r != int(r) or int(r) % 4:
-                    out.append((where("rope") + ".fraction", f"fraction {blk.rope.fraction} of "
-                                f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
-                                "multiple of 4 (two axes x channel pairs)"))
+                    out.append(
+                        (
+                            where("rope") + ".fraction",
+                            f"fraction {blk.rope.fraction} of "
+                            f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
+                            "multiple of 4 (two axes x channel pairs)",
+                        )
+                    )
         elif blk.attention.kind != "none":
             if d_model % blk.d_head:
-                out.append((where("d_head"), f"d_head {blk.d_head} does not divide d_model "
-                            f"{d_model} of levels[{i}]; pick a divisor such as "
-                            f"{_divisors_near(d_model, blk.d_head)}"))
+                out.append(
+                    (
+                        where("d_head"),
+                        f"d_head {blk.d_head} does not divide d_model "
+                        f"{d_model} of levels[{i}]; pick a divisor such as "
+                        f"{_divisors_near(d_model, blk.d_head)}",
+                    )
+                )
             if isinstance(blk.rope, AxialRope):
                 r = blk.rope.fraction * blk.d_head
                 if r != int(r) or int(r) % 4:
-                    out.append((where("rope") + ".fraction", f"fraction {blk.rope.fraction} of "
-                                f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
-                                "multiple of 4 (two axes x channel pairs)"))
+                    out.append(
+                        (
+                            where("rope") + ".fraction",
+                            f"fraction {blk.rope.fraction} of "
+                            f"d_head {blk.d_head} rotates {r:g} channels; it must be a whole "
+                            "multiple of 4 (two axes x channel pairs)",
+                        )
+                    )
             if isinstance(blk.attention, NeighborhoodAttention):
                 for k in pair(blk.attention.kernel_size):
                     if k % 2 == 0:
-                        out.append((where("attention") + ".kernel_size", f"kernel {k} is even; "
-                                    f"neighborhood kernels must be odd (use {k - 1} or {k + 1})"))
+                        out.append(
+                            (
+                                where("attention") + ".kernel_size",
+                                f"kernel {k} is even; "
+                                f"neighborhood kernels must be odd (use {k - 1} or {k + 1})",
+                            )
+                        )
     return _dedupe(out)
 
 
@@ -370,16 +417,30 @@ def _family_issues(spec: ModelSpec) -> list[tuple[str, str]]:
         nxt = spec.levels[i + 1].d_model
         if isinstance(lvl.down, Repatch):
             if cum[0] != cum[1]:
-                out.append((f"{p}.down", f"repatch needs a square patch; this level's patch is "
-                            f"{cum[0]}x{cum[1]}"))
+                out.append(
+                    (
+                        f"{p}.down",
+                        f"repatch needs a square patch; this level's patch is {cum[0]}x{cum[1]}",
+                    )
+                )
             elif lvl.down.patch_size % cum[0] or lvl.down.patch_size <= cum[0]:
-                out.append((f"{p}.down.patch_size", f"patch_size {lvl.down.patch_size} must be a "
-                            f"multiple (> 1x) of this level's patch {cum[0]}, e.g. "
-                            f"{2 * cum[0]}"))
+                out.append(
+                    (
+                        f"{p}.down.patch_size",
+                        f"patch_size {lvl.down.patch_size} must be a "
+                        f"multiple (> 1x) of this level's patch {cum[0]}, e.g. "
+                        f"{2 * cum[0]}",
+                    )
+                )
         if isinstance(lvl.up, Upsample) and lvl.d_model != nxt:
-            out.append((f"{p}.up", f"upsample keeps the width: levels[{i}].d_model "
-                        f"{lvl.d_model} != levels[{i + 1}].d_model {nxt}; use `up: {{kind: "
-                        "split}` or equal widths"))
+            out.append(
+                (
+                    f"{p}.up",
+                    f"upsample keeps the width: levels[{i}].d_model "
+                    f"{lvl.d_model} != levels[{i + 1}].d_model {nxt}; use `up: {{kind: "
+                    "split}` or equal widths",
+                )
+            )
         if isinstance(lvl.down, Merge):
             f = lvl.down.factor
             cum = (cum[0] * f, cum[1] * f)
@@ -390,55 +451,110 @@ def _family_issues(spec: ModelSpec) -> list[tuple[str, str]]:
     widths = {spec.levels[i].d_model for i, _, _, _ in shared}
     if len(widths) > 1:
         i, w, j, _ = shared[0]
-        out.append((spec.origin(i, w, j, "modulation"), "shared_ada_ln_zero blocks share one "
-                    f"modulation network, so they need one d_model; found {sorted(widths)}"))
+        out.append(
+            (
+                spec.origin(i, w, j, "modulation"),
+                "shared_ada_ln_zero blocks share one "
+                f"modulation network, so they need one d_model; found {sorted(widths)}",
+            )
+        )
     if isinstance(spec.head, AdaLNHead) and spec.head.shared:
         if not shared:
-            out.append(("head.shared", "a shared adaLN head needs blocks with `modulation: "
-                        "{kind: shared_ada_ln_zero}` (or set `shared: false`)"))
+            out.append(
+                (
+                    "head.shared",
+                    "a shared adaLN head needs blocks with `modulation: "
+                    "{kind: shared_ada_ln_zero}` (or set `shared: false`)",
+                )
+            )
         elif spec.levels[0].d_model not in widths:
             out.append(("head.shared", "the head's width must equal the shared adaLN width"))
     if isinstance(cond.noise, FNONoise) and cond.noise.modes > cond.noise.points // 2 + 1:
-        out.append(("conditioning.noise.modes", f"{cond.noise.modes} modes exceed the "
-                    f"{cond.noise.points // 2 + 1} Fourier modes of {cond.noise.points} points"))
+        out.append(
+            (
+                "conditioning.noise.modes",
+                f"{cond.noise.modes} modes exceed the "
+                f"{cond.noise.points // 2 + 1} Fourier modes of {cond.noise.points} points",
+            )
+        )
     for k, a in enumerate(cond.aux):
         if a.embed == "sinusoidal" and not isinstance(cond.noise, SinusoidalNoise):
-            out.append((f"conditioning.aux[{k}].embed", "sinusoidal auxiliary features are "
-                        "concatenated to the sinusoidal noise features; use `noise: {kind: "
-                        "sinusoidal}` or `embed: fourier`"))
+            out.append(
+                (
+                    f"conditioning.aux[{k}].embed",
+                    "sinusoidal auxiliary features are "
+                    "concatenated to the sinusoidal noise features; use `noise: {kind: "
+                    "sinusoidal}` or `embed: fourier`",
+                )
+            )
         if a.embed == "sinusoidal" and a.freq_min > a.freq_max:
-            out.append((f"conditioning.aux[{k}].freq_min", f"freq_min {a.freq_min} exceeds "
-                        f"freq_max {a.freq_max}"))
+            out.append(
+                (
+                    f"conditioning.aux[{k}].freq_min",
+                    f"freq_min {a.freq_min} exceeds freq_max {a.freq_max}",
+                )
+            )
     classes = cond.classes
     if classes is not None and classes.inject == "prefix":
         widths = {lvl.d_model for lvl in spec.levels}
         if len(widths) > 1:
-            out.append(("conditioning.classes.inject", "class prefix tokens run through every "
-                        f"level, so all levels need one d_model; found {sorted(widths)}"))
+            out.append(
+                (
+                    "conditioning.classes.inject",
+                    "class prefix tokens run through every "
+                    f"level, so all levels need one d_model; found {sorted(widths)}",
+                )
+            )
         for i, lvl in enumerate(spec.levels[:-1]):
             if lvl.up is None or not isinstance(lvl.up, Upsample):
-                out.append((f"levels[{i}].up", "with class prefix tokens the way up must be "
-                            "`up: {kind: upsample}` (it sets the tokens aside)"))
+                out.append(
+                    (
+                        f"levels[{i}].up",
+                        "with class prefix tokens the way up must be "
+                        "`up: {kind: upsample}` (it sets the tokens aside)",
+                    )
+                )
         for i, w, j, b in blocks:
             if b.attention.kind not in ("global", "none"):
-                out.append((spec.origin(i, w, j, "attention"), f"{b.attention.kind} attention "
-                            "cannot see class prefix tokens; use `global` or "
-                            "`conditioning.classes.inject: vector`"))
+                out.append(
+                    (
+                        spec.origin(i, w, j, "attention"),
+                        f"{b.attention.kind} attention "
+                        "cannot see class prefix tokens; use `global` or "
+                        "`conditioning.classes.inject: vector`",
+                    )
+                )
             if not isinstance(b.rope, NoRope):
-                out.append((spec.origin(i, w, j, "rope"), "RoPE has no positions for class "
-                            "prefix tokens; use `rope: {kind: none}` with prefix tokens"))
-    cross = [(i, w, j, b) for i, w, j, b in blocks
-             if isinstance(b.cross_attention, MemoryCrossAttention)]
+                out.append(
+                    (
+                        spec.origin(i, w, j, "rope"),
+                        "RoPE has no positions for class "
+                        "prefix tokens; use `rope: {kind: none}` with prefix tokens",
+                    )
+                )
+    cross = [
+        (i, w, j, b) for i, w, j, b in blocks if isinstance(b.cross_attention, MemoryCrossAttention)
+    ]
     if classes is not None and classes.inject == "memory" and not cross:
-        out.append(("conditioning.classes.inject", "`memory` class tokens need blocks with "
-                    "`cross_attention: {kind: memory}`; none has one"))
+        out.append(
+            (
+                "conditioning.classes.inject",
+                "`memory` class tokens need blocks with "
+                "`cross_attention: {kind: memory}`; none has one",
+            )
+        )
     for i, w, j, b in cross:
         c = b.cross_attention
         assert isinstance(c, MemoryCrossAttention)  # the filter above
         has_class = classes is not None and classes.inject == "memory"
         if not (c.null_token or c.time_token or has_class):
-            out.append((spec.origin(i, w, j, "cross_attention"), "cross-attention has no "
-                        "tokens: enable null_token / time_token or class `inject: memory`"))
+            out.append(
+                (
+                    spec.origin(i, w, j, "cross_attention"),
+                    "cross-attention has no "
+                    "tokens: enable null_token / time_token or class `inject: memory`",
+                )
+            )
     return out
 
 
@@ -451,8 +567,13 @@ def _resolution_issues(
     mh, mw = spec.resolution_multiple()
     h, w = resolution
     if h % mh or w % mw:
-        out.append((field, f"{h}x{w} is not divisible by patch x merges = {mh}x{mw}; nearest "
-                    f"valid: height {_nearest_valid(h, mh)}, width {_nearest_valid(w, mw)}"))
+        out.append(
+            (
+                field,
+                f"{h}x{w} is not divisible by patch x merges = {mh}x{mw}; nearest "
+                f"valid: height {_nearest_valid(h, mh)}, width {_nearest_valid(w, mw)}",
+            )
+        )
         return out
     grids = spec.token_grids(resolution)
     for i, which, j, blk in spec.blocks():
@@ -460,23 +581,39 @@ def _resolution_issues(
         att = blk.attention
         where = spec.origin(i, which, j, "attention")
         if isinstance(att, NeighborhoodAttention):
-            for _, g, k, d in neighborhood_misfits((gh, gw), pair(att.kernel_size),
-                                                   pair(att.dilation)):
-                out.append((f"{where}.kernel_size",
-                            f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
-                            f"of levels[{i}] at {h}x{w}; use a kernel <= "
-                            f"{_largest_odd(g // d)} or a larger resolution"))
+            for _, g, k, d in neighborhood_misfits(
+                (gh, gw), pair(att.kernel_size), pair(att.dilation)
+            ):
+                out.append(
+                    (
+                        f"{where}.kernel_size",
+                        f"kernel {k} x dilation {d} does not fit the {gh}x{gw} token grid "
+                        f"of levels[{i}] at {h}x{w}; use a kernel <= "
+                        f"{_largest_odd(g // d)} or a larger resolution",
+                    )
+                )
         if isinstance(att, AggregateAttention) and (gh % att.factor or gw % att.factor):
             f = att.factor
-            out.append((f"{where}.factor", f"aggregate factor {f} does not divide the "
-                        f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; the grid must be "
-                        f"divisible by {f} (use a resolution whose levels[{i}] grid is a "
-                        f"multiple of {f})"))
-        if isinstance(att, ShiftedWindowAttention) and (gh % att.window_size
-                                                         or gw % att.window_size):
-            out.append((f"{where}.window_size", f"window {att.window_size} does not tile the "
-                        f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; use a divisor of "
-                        "both sides"))
+            out.append(
+                (
+                    f"{where}.factor",
+                    f"aggregate factor {f} does not divide the "
+                    f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; the grid must be "
+                    f"divisible by {f} (use a resolution whose levels[{i}] grid is a "
+                    f"multiple of {f})",
+                )
+            )
+        if isinstance(att, ShiftedWindowAttention) and (
+            gh % att.window_size or gw % att.window_size
+        ):
+            out.append(
+                (
+                    f"{where}.window_size",
+                    f"window {att.window_size} does not tile the "
+                    f"{gh}x{gw} token grid of levels[{i}] at {h}x{w}; use a divisor of "
+                    "both sides",
+                )
+            )
     return _dedupe(out)
 
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal, Union, get_args
 
-from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      TypeAdapter, model_validator)
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    model_validator,
+)
 
 from .components import Spec
 
@@ -45,8 +52,9 @@ class CosineInterpolatedSigma(Spec):
     high_resolution: PositiveInt | None = None
 
 
-SigmaSampling = Annotated[Union[LogNormalSigma, CosineInterpolatedSigma],
-                          Field(discriminator="kind")]
+SigmaSampling = Annotated[
+    Union[LogNormalSigma, CosineInterpolatedSigma], Field(discriminator="kind")
+]
 
 
 class LogitNormalTime(Spec):
@@ -82,8 +90,13 @@ class ObjectiveSpec(Spec):
         """``[(field path, message)]`` where ``model`` (a ``ModelSpec``) cannot be trained
         with this objective."""
         if model.head.learned_sigma and not self.predicts_variance:
-            return [("model.head.learned_sigma", f"the {self.kind} objective predicts no "
-                     "variance; set head.learned_sigma: false (or use kind: ddpm_eps)")]
+            return [
+                (
+                    "model.head.learned_sigma",
+                    f"the {self.kind} objective predicts no "
+                    "variance; set head.learned_sigma: false (or use kind: ddpm_eps)",
+                )
+            ]
         return []
 
 
@@ -110,10 +123,12 @@ class EDMObjective(ObjectiveSpec):
     def _range(self) -> "EDMObjective":
         if (self.sigma_min is None) != (self.sigma_max is None):
             raise ValueError("sigma_min and sigma_max: give both or neither")
-        if (self.sigma_min is not None and self.sigma_max is not None
-                and not self.sigma_min < self.sigma_max):
-            raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max "
-                             f"{self.sigma_max}")
+        if (
+            self.sigma_min is not None
+            and self.sigma_max is not None
+            and not self.sigma_min < self.sigma_max
+        ):
+            raise ValueError(f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
         return self
 
 
@@ -141,12 +156,22 @@ class DDPMObjective(ObjectiveSpec):
     def model_issues(self, model: ModelSpec) -> list[tuple[str, str]]:
         out = []
         if model.conditioning.noise.kind != "sinusoidal":
-            out.append(("model.conditioning.noise.kind", "the ddpm_eps objective feeds integer "
-                        "timesteps from 0 (DiT); use `noise: {kind: sinusoidal}` (fourier "
-                        "embeds ln(sigma) and needs a positive noise level)"))
+            out.append(
+                (
+                    "model.conditioning.noise.kind",
+                    "the ddpm_eps objective feeds integer "
+                    "timesteps from 0 (DiT); use `noise: {kind: sinusoidal}` (fourier "
+                    "embeds ln(sigma) and needs a positive noise level)",
+                )
+            )
         if self.learned_sigma != model.head.learned_sigma:
-            out.append(("objective.learned_sigma", f"is {self.learned_sigma} but the model's "
-                        f"head.learned_sigma is {model.head.learned_sigma}; set both the same"))
+            out.append(
+                (
+                    "objective.learned_sigma",
+                    f"is {self.learned_sigma} but the model's "
+                    f"head.learned_sigma is {model.head.learned_sigma}; set both the same",
+                )
+            )
         return out
 
 
@@ -189,13 +214,16 @@ class VObjective(ObjectiveSpec):
     time_scale: PositiveFloat = 1000.0
 
 
-Objective = Annotated[Union[EDMObjective, DDPMObjective, X0Objective, FlowObjective, VObjective],
-                      Field(discriminator="kind")]
+Objective = Annotated[
+    Union[EDMObjective, DDPMObjective, X0Objective, FlowObjective, VObjective],
+    Field(discriminator="kind"),
+]
 
 _ADAPTER: TypeAdapter[ObjectiveSpec] = TypeAdapter(Objective)
 
 OBJECTIVE_KINDS: tuple[str, ...] = tuple(
-    cls.model_fields["kind"].default for cls in get_args(get_args(Objective)[0]))
+    cls.model_fields["kind"].default for cls in get_args(get_args(Objective)[0])
+)
 """Every objective ``kind``, in the union's order (the command line's ``--objective`` choices)."""
 
 

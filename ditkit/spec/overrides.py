@@ -28,21 +28,39 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     path = re.sub(r"\[(\d+)\]", r".\1", path.strip())
     keys = path.split(".") if path else []
     if not eq or not keys or any(not k for k in keys):
-        raise SpecError([("", f"{text!r}: write PATH=VALUE, e.g. training.batch_size=8 or "
-                          "levels.0.d_model=256")], SOURCE)
+        raise SpecError(
+            [
+                (
+                    "",
+                    f"{text!r}: write PATH=VALUE, e.g. training.batch_size=8 or "
+                    "levels.0.d_model=256",
+                )
+            ],
+            SOURCE,
+        )
     try:
         value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise SpecError([(path, f"value {raw[:40]!r} is not valid YAML ({err.problem})")],
-                        SOURCE) from None
+        raise SpecError(
+            [(path, f"value {raw[:40]!r} is not valid YAML ({err.problem})")], SOURCE
+        ) from None
     except RecursionError:
         raise SpecError([(path, "the value is nested too deeply")], SOURCE) from None
     except ValueError as err:  # int(): more digits than sys.get_int_max_str_digits()
-        raise SpecError([(path, f"the value could not be read ({str(err).split(';')[0]}); "
-                                "no spec field takes a number that long")], SOURCE) from None
+        raise SpecError(
+            [
+                (
+                    path,
+                    f"the value could not be read ({str(err).split(';')[0]}); "
+                    "no spec field takes a number that long",
+                )
+            ],
+            SOURCE,
+        ) from None
     if nesting_depth(value) > MAX_NESTING:
-        raise SpecError([(path, f"the value is nested more than {MAX_NESTING} levels deep")],
-                        SOURCE)
+        raise SpecError(
+            [(path, f"the value is nested more than {MAX_NESTING} levels deep")], SOURCE
+        )
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
     return [int(k) if k.isdigit() else k for k in keys], value
@@ -68,17 +86,38 @@ def set_path(data: dict[str, Any], keys: list[str | int], value: Any) -> None:
             if not isinstance(node.get(key), (dict, list)):
                 node[key] = {} if node.get(key) is None else node[key]
                 if not isinstance(node[key], (dict, list)):
-                    raise SpecError([(_text(keys[:depth + 1]),
-                                      f"is {node[key]!r}, not a mapping or list; set "
-                                      f"{_text(keys[:depth + 1])}=VALUE instead")], SOURCE)
+                    raise SpecError(
+                        [
+                            (
+                                _text(keys[: depth + 1]),
+                                f"is {node[key]!r}, not a mapping or list; set "
+                                f"{_text(keys[: depth + 1])}=VALUE instead",
+                            )
+                        ],
+                        SOURCE,
+                    )
             node = node[key]
         elif isinstance(node, list):
             if not isinstance(key, int):
-                raise SpecError([(_text(keys[:depth + 1]), f"{where} is a list; index it "
-                                  f"with a number (0..{len(node) - 1})")], SOURCE)
+                raise SpecError(
+                    [
+                        (
+                            _text(keys[: depth + 1]),
+                            f"{where} is a list; index it with a number (0..{len(node) - 1})",
+                        )
+                    ],
+                    SOURCE,
+                )
             if key >= len(node):
-                raise SpecError([(_text(keys[:depth + 1]), f"{where} has {len(node)} item(s) "
-                                  f"(0..{len(node) - 1})")], SOURCE)
+                raise SpecError(
+                    [
+                        (
+                            _text(keys[: depth + 1]),
+                            f"{where} has {len(node)} item(s) (0..{len(node) - 1})",
+                        )
+                    ],
+                    SOURCE,
+                )
             if last:
                 node[key] = value
                 return
@@ -87,8 +126,7 @@ def set_path(data: dict[str, Any], keys: list[str | int], value: Any) -> None:
             raise SpecError([(_text(keys[:depth]), "is not a mapping or list")], SOURCE)
 
 
-def apply_overrides(data: dict[str, Any],
-                    overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A copy of the plain ``data`` with every ``PATH=VALUE`` of ``overrides`` applied in
     order."""
     out = copy.deepcopy(data)

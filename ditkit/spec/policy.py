@@ -31,14 +31,21 @@ class _Options(Spec):
 
     @model_validator(mode="after")
     def _derived_left_out(self) -> "_Options":
-        given = [n for n in ("scale", "trained_length")
-                 if getattr(self.rope_scaling, n, None) is not None]
+        given = [
+            n
+            for n in ("scale", "trained_length")
+            if getattr(self.rope_scaling, n, None) is not None
+        ]
         if given:
-            raise ValueError(f"rope_scaling.{given[0]} is derived per level from the "
-                             "resolution in a policy; leave it out")
+            raise ValueError(
+                f"rope_scaling.{given[0]} is derived per level from the "
+                "resolution in a policy; leave it out"
+            )
         if self.rope_scaling.kind != "none" and getattr(self, "rope", "keep") != "keep":
-            raise ValueError("rope_scaling sets the positions itself (trained spacing, "
-                             "rescaled frequencies); leave rope at keep")
+            raise ValueError(
+                "rope_scaling sets the positions itself (trained spacing, "
+                "rescaled frequencies); leave rope at keep"
+            )
         return self
 
 
@@ -78,8 +85,7 @@ class AddLevels(_Options):
 def _merge_factor(value: Any) -> Any:
     """``auto`` or a whole number >= 1, checked before the union so that a bad value gets one
     message instead of one per branch."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
-                           and value >= 1):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return value
     raise ValueError(f"a whole number >= 1 or auto, got {value!r}")
 

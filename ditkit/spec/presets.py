@@ -5,8 +5,19 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-from .families import (DIT_SIZES, dit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256,
-                       mdit_b, mdit_l, mdit_xl, mpdit_b, mpdit_xl, mpdit_xl_3level)
+from .families import (
+    DIT_SIZES,
+    dit,
+    hdit_ffhq_1024,
+    hdit_imagenet_128,
+    hdit_imagenet_256,
+    mdit_b,
+    mdit_l,
+    mdit_xl,
+    mpdit_b,
+    mpdit_xl,
+    mpdit_xl_3level,
+)
 from .model import ModelSpec
 
 PRESETS: dict[str, Callable[[], ModelSpec]] = {

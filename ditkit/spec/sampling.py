@@ -13,15 +13,36 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator,
-                      model_validator, ValidationInfo)
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+    ValidationInfo,
+)
 
 from ditkit.errors import UserError
 from ditkit.spec.components import Spec
 
-SAMPLERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m_sde", "euler_ancestral",
-            "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-            "unipc", "dpm_adaptive")
+SAMPLERS = (
+    "euler",
+    "heun",
+    "ddim",
+    "ddpm",
+    "dpmpp_2m",
+    "dpmpp_3m_sde",
+    "euler_ancestral",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "unipc",
+    "dpm_adaptive",
+)
 SCHEDULES = ("native", "karras", "uniform")
 
 DEFAULT_SAMPLER = "dpmpp_2m"
@@ -64,10 +85,14 @@ class Stage(Spec):
     @field_validator("sigma", mode="before")
     @classmethod
     def _finite_sigma(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and not 0 < value < math.inf:
-            raise ValueError("use a positive, finite noise level (e.g. 2.0); leave it unset "
-                             "on the first stage")
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not 0 < value < math.inf
+        ):
+            raise ValueError(
+                "use a positive, finite noise level (e.g. 2.0); leave it unset on the first stage"
+            )
         return value
 
     def text(self) -> str:
@@ -85,8 +110,7 @@ class Stage(Spec):
         return out
 
 
-def parse_stages(text: str | None, flag: str = "--stages"
-                 ) -> tuple[dict[str, Any], ...] | None:
+def parse_stages(text: str | None, flag: str = "--stages") -> tuple[dict[str, Any], ...] | None:
     """The fields of each :class:`Stage` from their command-line spelling: comma-separated
     ``RES[:SIGMA[:STEPS]]``
     (``RES`` is ``N`` or ``HxW``; a ``:bicubic`` / ``:nearest`` part picks the upsampling),
@@ -95,8 +119,10 @@ def parse_stages(text: str | None, flag: str = "--stages"
     :class:`ditkit.errors.UserError` naming it and the form."""
     if text is None:
         return None
-    form = (f"{flag}: write comma-separated RES[:SIGMA[:STEPS]] items, e.g. 8,16:2.0 "
-            "(draft at 8x8, then re-noise to sigma 2.0 at 16x16)")
+    form = (
+        f"{flag}: write comma-separated RES[:SIGMA[:STEPS]] items, e.g. 8,16:2.0 "
+        "(draft at 8x8, then re-noise to sigma 2.0 at 16x16)"
+    )
     stages = []
     for item in text.split(","):
         parts = item.strip().split(":")
@@ -162,8 +188,9 @@ class Sampling(Spec):
     def _known_name(cls, value: Any, info: ValidationInfo) -> Any:
         names = SAMPLERS if info.field_name == "sampler" else SCHEDULES
         if isinstance(value, str) and value not in names:
-            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of "
-                             f"{', '.join(names)}")
+            raise ValueError(
+                f"unknown {info.field_name} {value!r}; choose one of {', '.join(names)}"
+            )
         return value
 
     @field_validator("sigma_min", "sigma_max", "cfg_scale", mode="before")
@@ -185,32 +212,44 @@ class Sampling(Spec):
 
     @model_validator(mode="after")
     def _sigmas_ordered(self) -> Sampling:
-        if (self.sigma_min is not None and self.sigma_max is not None
-                and not self.sigma_min < self.sigma_max):
-            raise ValueError(f"sigma_min: must be below sigma_max {self.sigma_max}; swap them "
-                             "or leave one unset")
+        if (
+            self.sigma_min is not None
+            and self.sigma_max is not None
+            and not self.sigma_min < self.sigma_max
+        ):
+            raise ValueError(
+                f"sigma_min: must be below sigma_max {self.sigma_max}; swap them or leave one unset"
+            )
         return self
 
     @model_validator(mode="after")
     def _stages_chain(self) -> Sampling:
         for i, stage in enumerate(self.stages):
             if i == 0 and stage.sigma is not None:
-                raise ValueError(f"stages[0].sigma: the first stage starts from pure noise; "
-                                 f"drop its sigma {stage.sigma:g} (or add a draft stage "
-                                 "before it)")
+                raise ValueError(
+                    f"stages[0].sigma: the first stage starts from pure noise; "
+                    f"drop its sigma {stage.sigma:g} (or add a draft stage "
+                    "before it)"
+                )
             if i > 0 and stage.sigma is None:
-                raise ValueError(f"stages[{i}].sigma: a refinement stage needs the noise level "
-                                 "to re-noise the previous stage's sample to, e.g. 2.0")
-            if i > 0 and any(a < b for a, b in zip(stage.resolution,
-                                                     self.stages[i - 1].resolution)):
-                raise ValueError(f"stages[{i}].resolution: {list(stage.resolution)} is smaller "
-                                 f"than stage {i - 1}'s {list(self.stages[i - 1].resolution)}; "
-                                 "stages go from small to large")
+                raise ValueError(
+                    f"stages[{i}].sigma: a refinement stage needs the noise level "
+                    "to re-noise the previous stage's sample to, e.g. 2.0"
+                )
+            if i > 0 and any(
+                a < b for a, b in zip(stage.resolution, self.stages[i - 1].resolution)
+            ):
+                raise ValueError(
+                    f"stages[{i}].resolution: {list(stage.resolution)} is smaller "
+                    f"than stage {i - 1}'s {list(self.stages[i - 1].resolution)}; "
+                    "stages go from small to large"
+                )
         return self
 
     @classmethod
-    def of(cls, base: "Sampling | None" = None, source: str = "sampling", **changes: Any
-           ) -> "Sampling":
+    def of(
+        cls, base: "Sampling | None" = None, source: str = "sampling", **changes: Any
+    ) -> "Sampling":
         """``base`` (default: the defaults) with ``changes`` applied, validated: a bad value is
         a :class:`ditkit.spec.SpecError` naming the field (``Sampling(...)`` itself raises
         pydantic's error)."""
@@ -241,8 +280,16 @@ class Sampling(Spec):
         """The settings besides sampler, steps, cfg scale and seed that differ from their
         defaults, as ``["schedule karras", "sigma-min 0.1"]`` (command-line spelling)."""
         out = []
-        for name in ("schedule", "eta", "sigma_min", "sigma_max", "rho", "cfg_interval",
-                     "cfg_channels", "stages"):
+        for name in (
+            "schedule",
+            "eta",
+            "sigma_min",
+            "sigma_max",
+            "rho",
+            "cfg_interval",
+            "cfg_channels",
+            "stages",
+        ):
             value = getattr(self, name)
             if name == "stages":
                 if value:
@@ -274,8 +321,10 @@ def legacy_sampling(data: Any, defaults: dict[str, Any]) -> Any:
     flat = {k: data.pop(k) for k in list(data) if k in Sampling.model_fields}
     given = data.get("sampling")
     if flat and given is not None:
-        raise ValueError(f"{', '.join(sorted(flat))}: write the sampling settings once, under "
-                         "`sampling:` (the flat form is the old spelling)")
+        raise ValueError(
+            f"{', '.join(sorted(flat))}: write the sampling settings once, under "
+            "`sampling:` (the flat form is the old spelling)"
+        )
     if isinstance(given, Sampling):
         return data
     if given is None:
@@ -302,6 +351,17 @@ def fold_flat_keys(section: Any) -> Any:
     return out
 
 
-__all__ = ["Sampling", "Stage", "parse_stages", "UPSAMPLE_MODES", "fold_flat_keys", "SAMPLERS",
-           "SCHEDULES", "DEFAULT_SAMPLER", "legacy_sampling",
-           "PREVIEW_SAMPLING", "EVALUATION_SAMPLING", "EVALUATION_DEFAULTS"]
+__all__ = [
+    "Sampling",
+    "Stage",
+    "parse_stages",
+    "UPSAMPLE_MODES",
+    "fold_flat_keys",
+    "SAMPLERS",
+    "SCHEDULES",
+    "DEFAULT_SAMPLER",
+    "legacy_sampling",
+    "PREVIEW_SAMPLING",
+    "EVALUATION_SAMPLING",
+    "EVALUATION_DEFAULTS",
+]

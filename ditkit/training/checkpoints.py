@@ -86,9 +86,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
-                     ema_state: dict, train_state: dict, keep_last: int,
-                     metadata: dict[str, str] | None = None) -> Path:
+def write_checkpoint(
+    root: Path,
+    step: int,
+    exp: Experiment,
+    model_state: dict,
+    ema_state: dict,
+    train_state: dict,
+    keep_last: int,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write ``step-NNNNNN/`` atomically and prune to the newest ``keep_last``."""
     from ditkit.runtime.checkpoint import save_checkpoint
 
@@ -102,10 +109,20 @@ def write_checkpoint(root: Path, step: int, exp: Experiment, model_state: dict,
     try:
         meta = {"ditkit.step": str(step), "ditkit.experiment": exp.name, **(metadata or {})}
         spec, obj = exp.model_spec, exp.objective
-        save_checkpoint(tmp / "model.safetensors", model_state, spec, objective=obj,
-                        metadata={**meta, "ditkit.weights": "model"})
-        save_checkpoint(tmp / "ema.safetensors", ema_state, spec, objective=obj,
-                        metadata={**meta, "ditkit.weights": "ema"})
+        save_checkpoint(
+            tmp / "model.safetensors",
+            model_state,
+            spec,
+            objective=obj,
+            metadata={**meta, "ditkit.weights": "model"},
+        )
+        save_checkpoint(
+            tmp / "ema.safetensors",
+            ema_state,
+            spec,
+            objective=obj,
+            metadata={**meta, "ditkit.weights": "ema"},
+        )
         write_text(tmp / "experiment.yaml", dumps(exp))
         _write_state(tmp, train_state)
         _fsync_dir(tmp)
@@ -131,8 +148,14 @@ def _checkpoint_fault(err: Exception, final: Path) -> Exception:
     """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
     from ditkit.files import environment_fault
 
-    return environment_fault(err, f"checkpoint {final}", "the earlier checkpoints are intact "
-                             "(resume from the newest with --resume)") or err
+    return (
+        environment_fault(
+            err,
+            f"checkpoint {final}",
+            "the earlier checkpoints are intact (resume from the newest with --resume)",
+        )
+        or err
+    )
 
 
 # ------------------------------------------------------------------ training state, no pickle
@@ -171,8 +194,10 @@ def _unflatten(obj, tensors: dict[str, torch.Tensor], where: str):
     if set(obj) == {"__tensor__"}:
         key = obj["__tensor__"]
         if key not in tensors:
-            raise UnsafeStateError(f"{where}: tensor {key!r} is missing from {STATE_TENSORS}; "
-                                   "the checkpoint is damaged, resume from an earlier one")
+            raise UnsafeStateError(
+                f"{where}: tensor {key!r} is missing from {STATE_TENSORS}; "
+                "the checkpoint is damaged, resume from an earlier one"
+            )
         return tensors[key]
     if set(obj) == {"__tuple__"}:
         return tuple(_unflatten(v, tensors, where) for v in obj["__tuple__"])
@@ -204,15 +229,20 @@ def _read_new_state(path: Path) -> dict:
             data = json.loads(f.read().decode("utf-8"))
         tensors = load_file(str(path / STATE_TENSORS))
     except (ValueError, SafetensorError, FileNotFoundError) as err:
-        raise UnsafeStateError(f"{where}: the training state cannot be read ({err}); the "
-                               "checkpoint is damaged, resume from an earlier one") from None
+        raise UnsafeStateError(
+            f"{where}: the training state cannot be read ({err}); the "
+            "checkpoint is damaged, resume from an earlier one"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise UnsafeStateError(f"{where}: not a ditkit training state (format "
-                               f"{data.get('format') if isinstance(data, dict) else None!r}, "
-                               f"expected {STATE_FORMAT!r})")
+        raise UnsafeStateError(
+            f"{where}: not a ditkit training state (format "
+            f"{data.get('format') if isinstance(data, dict) else None!r}, "
+            f"expected {STATE_FORMAT!r})"
+        )
     if "state" not in data:
-        raise UnsafeStateError(f"{where}: no 'state' entry; the checkpoint is damaged, resume "
-                               "from an earlier one")
+        raise UnsafeStateError(
+            f"{where}: no 'state' entry; the checkpoint is damaged, resume from an earlier one"
+        )
     state = _unflatten(data["state"], tensors, where)
     if not isinstance(state, dict):
         raise UnsafeStateError(f"{where}: the training state is not a mapping")
@@ -227,9 +257,12 @@ def _count(value, least: int = 0) -> bool:
 def check_state(state: dict, where: str) -> None:
     """Refuse a training state whose fields a resumed run would misread: each must be there
     with its type and range (a damaged ``data_position`` would silently draw other batches)."""
+
     def bad(field: str, want: str):
-        return UnsafeStateError(f"{where}: state field {field} is {state.get(field)!r}, expected "
-                                f"{want}; the checkpoint is damaged, resume from an earlier one")
+        return UnsafeStateError(
+            f"{where}: state field {field} is {state.get(field)!r}, expected "
+            f"{want}; the checkpoint is damaged, resume from an earlier one"
+        )
 
     if not _count(state.get("step")):
         raise bad("step", "a step number (0 or more)")
@@ -237,19 +270,29 @@ def check_state(state: dict, where: str) -> None:
         raise bad("world", "a process count (1 or more)")
     for name in ("generators", "torch_rng"):
         value = state.get(name)
-        if not (isinstance(value, list) and len(value) == state["world"]
-                and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value)):
+        if not (
+            isinstance(value, list)
+            and len(value) == state["world"]
+            and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value)
+        ):
             raise bad(name, f"one uint8 RNG state per process ({state['world']})")
     if not isinstance(state.get("optimizer"), dict):
         raise bad("optimizer", "the optimizer's state (a mapping)")
     position = state.get("data_position")
     layouts = ({"epoch", "offset"}, {"samples"})
-    if not (isinstance(position, dict) and set(position) in layouts
-            and all(_count(v) for v in position.values())):
+    if not (
+        isinstance(position, dict)
+        and set(position) in layouts
+        and all(_count(v) for v in position.values())
+    ):
         raise bad("data_position", "{epoch, offset} or {samples}, counts of 0 or more")
     lr = state.get("lr_factor")
-    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool)
-                               and lr == lr and abs(lr) != float("inf")):
+    if lr is not None and not (
+        isinstance(lr, (int, float))
+        and not isinstance(lr, bool)
+        and lr == lr
+        and abs(lr) != float("inf")
+    ):
         raise bad("lr_factor", "a finite number")
 
 
@@ -266,7 +309,8 @@ def convert_legacy_state(path: Path) -> dict:
             f"{legacy}: an old-format training state that cannot be read safely ({first[:200]}); "
             "ditkit never unpickles arbitrary objects, so this checkpoint cannot be resumed. "
             "Its weights (model.safetensors, ema.safetensors) are still usable, e.g. as "
-            "finetune.checkpoint of a new run") from None
+            "finetune.checkpoint of a new run"
+        ) from None
     if not isinstance(state, dict):
         raise UnsafeStateError(f"{legacy}: the training state is not a mapping; cannot resume")
     tmp = Path(tempfile.mkdtemp(dir=path, prefix=f".{STATE_JSON}.", suffix=".convert"))
@@ -313,8 +357,9 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
     ``root``; only safe while holding the run's lock (no other writer). Returns them."""
     if not root.is_dir():
         return []
-    gone = [p for p in root.iterdir() if TEMPORARY.match(p.name) and p.is_dir()
-            and not p.is_symlink()]
+    gone = [
+        p for p in root.iterdir() if TEMPORARY.match(p.name) and p.is_dir() and not p.is_symlink()
+    ]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

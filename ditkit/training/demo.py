@@ -37,30 +37,36 @@ class DemoResult:
     unguided: LabelReport | None = None
 
 
-def demo_experiment(spec: S.ModelSpec | None = None, steps: int | None = None,
-                    samples: int | None = None, source: str = "demo experiment",
-                    overrides: list[str] | tuple[str, ...] = ()):
+def demo_experiment(
+    spec: S.ModelSpec | None = None,
+    steps: int | None = None,
+    samples: int | None = None,
+    source: str = "demo experiment",
+    overrides: list[str] | tuple[str, ...] = (),
+):
     """The demo experiment, with another model, step count, evaluation count or ``--set``
     overrides (``ditkit.spec.overrides``)."""
     from ditkit.spec.experiment import load_experiment, resolve_experiment
 
     if not DEMO_EXPERIMENT.is_file():
-        raise UserError(f"the demo experiment {DEMO_EXPERIMENT} is missing from this "
-                        "installation of ditkit; reinstall it (pip install --force-reinstall "
-                        "ditkit)")
+        raise UserError(
+            f"the demo experiment {DEMO_EXPERIMENT} is missing from this "
+            "installation of ditkit; reinstall it (pip install --force-reinstall "
+            "ditkit)"
+        )
     exp = load_experiment(DEMO_EXPERIMENT, overrides)
     if spec is not None:
         exp = resolve_experiment(exp.model_copy(update={"model": spec}), source=source)
     if steps is not None:
         if steps <= 0:
             raise UserError(f"--steps {steps}: must be positive")
-        exp = exp.model_copy(update={"training": exp.training.model_copy(
-            update={"steps": steps})})
+        exp = exp.model_copy(update={"training": exp.training.model_copy(update={"steps": steps})})
     if samples is not None:
         if samples < 10:
             raise UserError(f"--count {samples}: use at least 10 (one per digit)")
-        exp = exp.model_copy(update={"evaluation": exp.evaluation.model_copy(
-            update={"count": samples})})
+        exp = exp.model_copy(
+            update={"evaluation": exp.evaluation.model_copy(update={"count": samples})}
+        )
     return exp
 
 
@@ -80,9 +86,11 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
     spec = exp.model_spec
     log(format_report(describe(spec), spec))
     tr = exp.training
-    log(f"\ntraining {spec.name} on digits ({tr.steps} steps, batch {tr.batch_size}, "
+    log(
+        f"\ntraining {spec.name} on digits ({tr.steps} steps, batch {tr.batch_size}, "
         f"{exp.objective.kind} objective) with {torch.get_num_threads()} CPU thread(s) "
-        f"-> {out}")
+        f"-> {out}"
+    )
     result = train(exp, out, progress=progress, device="cpu")
     t_train = time.perf_counter() - t_start
     assert result.checkpoint is not None  # a finished run ends with a checkpoint
@@ -91,17 +99,26 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
     if result.evaluation is None:  # train() runs the experiment's evaluation block
         raise UserError(f"{DEMO_EXPERIMENT}: evaluation.enabled must be true for the demo")
     m = result.evaluation
-    report = DigitsReport(count=ev.count, accuracy=m["accuracy"], frechet=m["frechet"],
-                          frechet_real=m["frechet_real"], real_accuracy=m["real_accuracy"],
-                          per_class_accuracy=m["per_class_accuracy"])
-    log(f"\nevaluated {ev.count} digits sampled from the final EMA model "
+    report = DigitsReport(
+        count=ev.count,
+        accuracy=m["accuracy"],
+        frechet=m["frechet"],
+        frechet_real=m["frechet_real"],
+        real_accuracy=m["real_accuracy"],
+        per_class_accuracy=m["per_class_accuracy"],
+    )
+    log(
+        f"\nevaluated {ev.count} digits sampled from the final EMA model "
         f"({ev.sampling.sampler}, {ev.sampling.steps} steps, cfg {ev.sampling.cfg_scale}) in "
-        f"{m['seconds']:.0f} s")
+        f"{m['seconds']:.0f} s"
+    )
     unguided = None
     if ev.sampling.cfg_scale != 1.0:  # guidance hides a weak conditional model: report both
         unguided = _evaluate_unguided(exp, result.checkpoint, progress)
-        log(f"evaluated {ev.count} digits without guidance (cfg 1.0): "
-            f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}")
+        log(
+            f"evaluated {ev.count} digits without guidance (cfg 1.0): "
+            f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}"
+        )
         from ditkit.training.checkpoints import write_json
 
         write_json(out / "eval-unguided.json", unguided.to_json())
@@ -119,17 +136,27 @@ def _evaluate_unguided(exp, checkpoint: Path, progress: bool) -> LabelReport:
     ev = exp.evaluation
     model, _ = load_model(checkpoint / "ema.safetensors")
     with use_backend(exp.precision.attention_backend):
-        report, _, _ = evaluate_model(model, exp.model_spec, exp.objective, count=ev.count,
-                                      sampling=Sampling.of(ev.sampling, cfg_scale=1.0),
-                                      device="cpu", progress=progress)
+        report, _, _ = evaluate_model(
+            model,
+            exp.model_spec,
+            exp.objective,
+            count=ev.count,
+            sampling=Sampling.of(ev.sampling, cfg_scale=1.0),
+            device="cpu",
+            progress=progress,
+        )
     return report
 
 
 def summary_json(r: DemoResult) -> dict:
     """The demo's headline numbers (the last line ``ditkit demo`` prints)."""
     report = r.report
-    out = {"accuracy": round(report.accuracy, 4), "frechet": round(report.frechet, 3),
-           "frechet_real": round(report.frechet_real, 3), "wall_s": round(r.wall_s, 1)}
+    out = {
+        "accuracy": round(report.accuracy, 4),
+        "frechet": round(report.frechet, 3),
+        "frechet_real": round(report.frechet_real, 3),
+        "wall_s": round(r.wall_s, 1),
+    }
     if r.unguided is not None:
         out["unguided_accuracy"] = round(r.unguided.accuracy, 4)
         out["unguided_frechet"] = round(r.unguided.frechet, 3)
@@ -140,11 +167,15 @@ def summary(r: DemoResult) -> str:
     """What ``ditkit demo`` prints at the end: the scores, times, outputs and one JSON line."""
     report, out = r.report, r.out
     guided = [] if r.unguided is None else [f"without guidance: {r.unguided.format()}"]
-    return "\n".join([
-        f"\n{report.format()}", *guided,
-        f"per class: {', '.join(f'{k}: {a:.0%}' for k, a in enumerate(report.per_class_accuracy))}",
-        f"wall time {r.wall_s:.0f} s (training and evaluation {r.train_s:.0f} s)",
-        f"outputs: {out}/samples.png (one column per digit), {out}/previews/, {out}/loss.png, "
-        f"{out}/eval.json, {r.checkpoint}/ema.safetensors",
-        json.dumps(summary_json(r)),
-    ])
+    per_class = ", ".join(f"{k}: {a:.0%}" for k, a in enumerate(report.per_class_accuracy))
+    return "\n".join(
+        [
+            f"\n{report.format()}",
+            *guided,
+            f"per class: {per_class}",
+            f"wall time {r.wall_s:.0f} s (training and evaluation {r.train_s:.0f} s)",
+            f"outputs: {out}/samples.png (one column per digit), {out}/previews/, {out}/loss.png, "
+            f"{out}/eval.json, {r.checkpoint}/ema.safetensors",
+            json.dumps(summary_json(r)),
+        ]
+    )

@@ -92,13 +92,16 @@ class Placement:
 
     # ------------------------------------------------------------------ state dicts
 
-    def full_state(self, model: nn.Module, ema_model: nn.Module,
-                   optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    def full_state(
+        self, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict, dict, dict]:
         """``(model, ema, optimizer)`` full state dicts on CPU on rank 0, ``({}, {}, {})`` on
         the other ranks. Collective under FSDP2: every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(**FULL)  # ranks other than 0 receive empty dicts
         m = get_model_state_dict(model, options=opts)
@@ -108,13 +111,22 @@ class Placement:
             return {}, {}, {}
         return dict(m), dict(e), o
 
-    def load(self, model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-             model_state: dict, ema_state: dict, optimizer_state: dict) -> None:
+    def load(
+        self,
+        model: nn.Module,
+        ema_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        model_state: dict,
+        ema_state: dict,
+        optimizer_state: dict,
+    ) -> None:
         """Load full state dicts (as :meth:`full_state` returns them, on every rank); under
         FSDP2 each rank keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(model, model_state, options=opts)
@@ -122,15 +134,15 @@ class Placement:
         optimizer_state = _named_optimizer_state(model, optimizer, optimizer_state)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
 
-    def sampling_model(self, ema_model: nn.Module,
-                       factory: Callable[[], nn.Module]) -> nn.Module | None:
+    def sampling_model(
+        self, ema_model: nn.Module, factory: Callable[[], nn.Module]
+    ) -> nn.Module | None:
         """A whole EMA model for sampling on rank 0 (``None`` elsewhere). FSDP2 gathers the
         shards into a plain replica made once with ``factory`` (collective: call it on every
         rank); otherwise it is ``ema_model`` itself."""
         if not self.sharded:
             return ema_model if self.rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(ema_model, options=StateDictOptions(**FULL))
         if self.rank != 0:
@@ -147,8 +159,7 @@ class Placement:
 
         if not self.sharded:
             return model_hash(model.state_dict())
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # every rank gathers the whole state (no cpu_offload: not only rank 0)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -169,8 +180,7 @@ def shard(model: nn.Module, **options) -> nn.Module:
     return model
 
 
-def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                           state: dict) -> dict:
+def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """Checkpoints written before the state was keyed by name hold ``optimizer.state_dict()``
     (parameters numbered in the order of ``optimizer.param_groups``): rename to names."""
     groups = state.get("param_groups", [])
@@ -178,8 +188,10 @@ def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         return state
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    return {"state": {order[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
+    return {
+        "state": {order[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups],
+    }
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

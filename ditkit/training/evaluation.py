@@ -41,8 +41,15 @@ REFERENCE_FIELDS = ["eval/fid", "eval/precision", "eval/recall"]
 class RunEvaluation:
     """What ``evaluation:`` asks for, ready to run on rank 0 (see the module docstring)."""
 
-    def __init__(self, exp: Experiment, run: Path, device: torch.device, rank: int = 0,
-                 resume_step: int | None = None, n_classes: int | None = None):
+    def __init__(
+        self,
+        exp: Experiment,
+        run: Path,
+        device: torch.device,
+        rank: int = 0,
+        resume_step: int | None = None,
+        n_classes: int | None = None,
+    ):
         self.exp, self.ev, self.run, self.device = exp, exp.evaluation, Path(run), device
         self.rank, self.n_classes = rank, n_classes
         spec = exp.model_spec
@@ -51,7 +58,8 @@ class RunEvaluation:
         # label accuracy needs a built-in classifier of the data (digits, shapes)
         self.labelled = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
         self.fields = (LABEL_FIELDS if self.labelled else []) + (
-            REFERENCE_FIELDS if self.ev.reference else [])
+            REFERENCE_FIELDS if self.ev.reference else []
+        )
         self.history: list[dict] = []
         self._net: FIDInception | None = None
         self._decode: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -60,12 +68,20 @@ class RunEvaluation:
         if rank == 0:
             self._check()
             if resume_step is not None:
-                self.history = [h for h in _read_history(self.run / EVAL_FILE)
-                                if h["step"] <= resume_step]
+                self.history = [
+                    h for h in _read_history(self.run / EVAL_FILE) if h["step"] <= resume_step
+                ]
 
     @classmethod
-    def create(cls, exp: Experiment, run: Path, device: torch.device, rank: int = 0,
-               resume_step: int | None = None, n_classes: int | None = None):
+    def create(
+        cls,
+        exp: Experiment,
+        run: Path,
+        device: torch.device,
+        rank: int = 0,
+        resume_step: int | None = None,
+        n_classes: int | None = None,
+    ):
         """``None`` when ``evaluation.enabled`` is false."""
         if not exp.evaluation.enabled:
             return None
@@ -88,8 +104,9 @@ class RunEvaluation:
         if ev.vae is not None:
             from ditkit.runtime.autoencoder import latent_decoder
 
-            self._decode, _ = latent_decoder(self.exp.model_spec.input.channels, vae=ev.vae,
-                                             device=self.device)
+            self._decode, _ = latent_decoder(
+                self.exp.model_spec.input.channels, vae=ev.vae, device=self.device
+            )
 
     # ------------------------------------------------------------------ one evaluation
 
@@ -104,14 +121,22 @@ class RunEvaluation:
 
         ev, spec, t0 = self.ev, self.exp.model_spec, time.perf_counter()
         # sample_images leaves the global RNG alone: evaluating does not change the run
-        images, labels = sample_images(ema_model, spec, self.exp.objective, ev.count,
-                                       ev.sampling, self.device, n_classes=self.n_classes)
+        images, labels = sample_images(
+            ema_model,
+            spec,
+            self.exp.objective,
+            ev.count,
+            ev.sampling,
+            self.device,
+            n_classes=self.n_classes,
+        )
         from ditkit.training.logs import image_grid, save_png
 
         scale = max(1, 32 // max(spec.input.resolution))
         grid = images if self._decode is None else self._decode(images[:100].to(self.device))
-        save_png(image_grid(grid[:100].cpu(), min(10, len(grid)), scale=scale),
-                 self.run / SAMPLES_FILE)
+        save_png(
+            image_grid(grid[:100].cpu(), min(10, len(grid)), scale=scale), self.run / SAMPLES_FILE
+        )
         metrics: dict = {}
         if self.labelled:
             assert labels is not None  # drawn for n_classes
@@ -121,8 +146,12 @@ class RunEvaluation:
         entry = {"step": step, **metrics, "seconds": time.perf_counter() - t0}
         self.history.append(entry)
         if scalars is not None:
-            scalars.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()
-                                            if f"eval/{k}" in self.fields}})
+            scalars.write(
+                {
+                    "step": step,
+                    **{f"eval/{k}": v for k, v in metrics.items() if f"eval/{k}" in self.fields},
+                }
+            )
         write_json(self.run / EVAL_FILE, self.report())
         return entry
 
@@ -131,11 +160,17 @@ class RunEvaluation:
 
         if self._clf is None:
             data = self.exp.data
-            self._clf = classifier_for(data.kind, self.exp.model_spec.input.resolution,
-                                       getattr(data, "classes", 10))
+            self._clf = classifier_for(
+                data.kind, self.exp.model_spec.input.resolution, getattr(data, "classes", 10)
+            )
         r = evaluate_samples(self._clf, images, labels)
-        return {"accuracy": r.accuracy, "frechet": r.frechet, "frechet_real": r.frechet_real,
-                "real_accuracy": r.real_accuracy, "per_class_accuracy": r.per_class_accuracy}
+        return {
+            "accuracy": r.accuracy,
+            "frechet": r.frechet,
+            "frechet_real": r.frechet_real,
+            "real_accuracy": r.real_accuracy,
+            "per_class_accuracy": r.per_class_accuracy,
+        }
 
     def _reference(self, images: torch.Tensor) -> dict:
         from ditkit.evaluate.fid import compare_features, source_features, to_inception_input
@@ -143,23 +178,41 @@ class RunEvaluation:
         ev = self.ev
         assert self._net is not None and ev.reference is not None  # loaded by _check
         if self._ref is None:
-            self._ref = source_features(self._net, ev.reference, ev.batch, str(self.device),
-                                        progress=False)
+            self._ref = source_features(
+                self._net, ev.reference, ev.batch, str(self.device), progress=False
+            )
         if self._decode is not None:
-            images = torch.cat([self._decode(images[i:i + ev.batch].to(self.device)).cpu()
-                                for i in range(0, len(images), ev.batch)])
+            images = torch.cat(
+                [
+                    self._decode(images[i : i + ev.batch].to(self.device)).cpu()
+                    for i in range(0, len(images), ev.batch)
+                ]
+            )
         x = to_inception_input(images)
-        feats = np.concatenate([self._net(x[i:i + ev.batch].to(self.device)).double().cpu()
-                                .numpy() for i in range(0, len(x), ev.batch)])
+        feats = np.concatenate(
+            [
+                self._net(x[i : i + ev.batch].to(self.device)).double().cpu().numpy()
+                for i in range(0, len(x), ev.batch)
+            ]
+        )
         out = compare_features(self._ref, feats, ev.k or None, str(self.device))
-        return {"fid": out["fid"], "precision": out["precision"], "recall": out["recall"],
-                "k": out["k"], "reference_count": len(self._ref)}
+        return {
+            "fid": out["fid"],
+            "precision": out["precision"],
+            "recall": out["recall"],
+            "k": out["k"],
+            "reference_count": len(self._ref),
+        }
 
     def report(self) -> dict:
         """``eval.json``: the latest metrics, the settings and every evaluation so far."""
-        return {"experiment": self.exp.name, "step": self.history[-1]["step"],
-                "metrics": self.history[-1], "settings": self.ev.model_dump(mode="json"),
-                "history": self.history}
+        return {
+            "experiment": self.exp.name,
+            "step": self.history[-1]["step"],
+            "metrics": self.history[-1],
+            "settings": self.ev.model_dump(mode="json"),
+            "history": self.history,
+        }
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -168,8 +221,11 @@ def _read_history(path: Path) -> list[dict]:
     except (OSError, ValueError):
         return []
     history = data.get("history") if isinstance(data, dict) else None
-    return [h for h in history if isinstance(h, dict) and "step" in h] if isinstance(
-        history, list) else []
+    return (
+        [h for h in history if isinstance(h, dict) and "step" in h]
+        if isinstance(history, list)
+        else []
+    )
 
 
 __all__ = ["RunEvaluation", "EVAL_FILE", "SAMPLES_FILE"]

@@ -49,12 +49,16 @@ class Plan:
     def to_json(self, exp: Experiment) -> dict:
         ft = exp.finetune
         assert ft is not None  # a fine-tuning run's record
-        return {"checkpoint": ft.checkpoint, "policy": S.to_data(ft.policy),  # as written
-                "resolution": list(exp.model_spec.input.resolution),
-                "patterns": list(ft.trainable), "trainable": self.trainable,
-                "frozen_count": len(self.frozen),
-                "reinitialised": self.record.get("reinitialised", []),
-                "replicated": self.record.get("replicated", [])}
+        return {
+            "checkpoint": ft.checkpoint,
+            "policy": S.to_data(ft.policy),  # as written
+            "resolution": list(exp.model_spec.input.resolution),
+            "patterns": list(ft.trainable),
+            "trainable": self.trainable,
+            "frozen_count": len(self.frozen),
+            "reinitialised": self.record.get("reinitialised", []),
+            "replicated": self.record.get("replicated", []),
+        }
 
 
 def _same_model(a: S.ModelSpec, b: S.ModelSpec) -> bool:
@@ -68,15 +72,24 @@ def _checkpoint_spec(path: Path) -> S.ModelSpec:
     from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
 
     if not path.is_file():
-        raise S.SpecError([("finetune.checkpoint", f"no such checkpoint file: {path} (relative "
-                            "paths start at the experiment file's folder)")], "finetune")
+        raise S.SpecError(
+            [
+                (
+                    "finetune.checkpoint",
+                    f"no such checkpoint file: {path} (relative "
+                    "paths start at the experiment file's folder)",
+                )
+            ],
+            "finetune",
+        )
     try:
         return spec_from_metadata(read_metadata(path), str(path))[0]
     except S.SpecError:
         raise
     except (ValueError, OSError) as err:
-        raise S.SpecError([("finetune.checkpoint", f"{path}: not a ditkit checkpoint ({err})")],
-                          "finetune") from None
+        raise S.SpecError(
+            [("finetune.checkpoint", f"{path}: not a ditkit checkpoint ({err})")], "finetune"
+        ) from None
 
 
 def _adapted_spec(source: S.ModelSpec, ft) -> S.ModelSpec:
@@ -91,8 +104,13 @@ def _adapted_spec(source: S.ModelSpec, ft) -> S.ModelSpec:
             if path.startswith("policy") or path == "resolution":
                 issues.append((f"finetune.{path}", msg))
             else:
-                issues.append(("finetune.policy", f"{ft.policy.kind} at {res[0]}x{res[1]} gives "
-                               f"an invalid spec: {path}: {msg}"))
+                issues.append(
+                    (
+                        "finetune.policy",
+                        f"{ft.policy.kind} at {res[0]}x{res[1]} gives "
+                        f"an invalid spec: {path}: {msg}",
+                    )
+                )
         raise S.SpecError(issues, "finetune") from None
 
 
@@ -100,13 +118,19 @@ def _preset(name: str, spec: S.ModelSpec, names: list[str], record: dict) -> set
     if name == "new":
         return set(record.get("reinitialised", [])) | set(record.get("replicated", []))
     if name == "patch":
-        return {n for n in names if n.startswith(("embed.", "head."))
-                or re.match(r"levels\.\d+\.(down|up)\.", n)}
+        return {
+            n
+            for n in names
+            if n.startswith(("embed.", "head.")) or re.match(r"levels\.\d+\.(down|up)\.", n)
+        }
     if name == "aggregate":
-        prefixes = tuple(f"levels.{i}.{w}.{j}." for i in range(len(spec.levels))
-                         for w in ("encoder", "middle", "decoder")
-                         for j, blk in enumerate(spec.stack(i, w))
-                         if blk.attention.kind == "aggregate")
+        prefixes = tuple(
+            f"levels.{i}.{w}.{j}."
+            for i in range(len(spec.levels))
+            for w in ("encoder", "middle", "decoder")
+            for j, blk in enumerate(spec.stack(i, w))
+            if blk.attention.kind == "aggregate"
+        )
         return {n for n in names if prefixes and n.startswith(prefixes)}
     raise AssertionError(name)
 
@@ -133,22 +157,37 @@ def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
         source = exp.model_spec
         ckpt_spec = _checkpoint_spec(Path(ft.checkpoint))
         if not _same_model(ckpt_spec, source):
-            raise S.SpecError([("model", f"is not the spec {ft.checkpoint} was trained with; "
-                                "set `model` to that spec (`ditkit describe "
-                                f"{ft.checkpoint}` shows it)")], "finetune")
+            raise S.SpecError(
+                [
+                    (
+                        "model",
+                        f"is not the spec {ft.checkpoint} was trained with; "
+                        "set `model` to that spec (`ditkit describe "
+                        f"{ft.checkpoint}` shows it)",
+                    )
+                ],
+                "finetune",
+            )
         target = _adapted_spec(source, ft)
-        ft = ft.model_copy(update={"source_model": source,
-                                   "resolution": tuple(target.input.resolution)})
+        ft = ft.model_copy(
+            update={"source_model": source, "resolution": tuple(target.input.resolution)}
+        )
         exp = exp.model_copy(update={"model": target, "finetune": ft})
     else:  # a saved run: the model is already adapted; make sure it still is what we'd make
         source, target = ft.source_model, exp.model_spec
         if not _same_model(_adapted_spec(source, ft), target):
-            raise S.SpecError([("finetune.source_model", "the saved model is not the policy "
-                                "applied to source_model; the experiment file was edited")],
-                              "finetune")
+            raise S.SpecError(
+                [
+                    (
+                        "finetune.source_model",
+                        "the saved model is not the policy "
+                        "applied to source_model; the experiment file was edited",
+                    )
+                ],
+                "finetune",
+            )
     meta_source = build(source, device="meta").state_dict()
-    record = adapt(source, meta_source, ft.policy, target.input.resolution,
-                   device="meta").record
+    record = adapt(source, meta_source, ft.policy, target.input.resolution, device="meta").record
     names = [n for n, _ in build(target, device="meta").named_parameters()]
     chosen: set[str] = set()
     issues = []
@@ -156,12 +195,20 @@ def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
         hit = match(pat, names, target, record)
         if not hit:
             close = difflib.get_close_matches(pat.removeprefix("re:"), names, n=5, cutoff=0.4)
-            hint = (f"close names: {', '.join(close)}" if close else
-                    f"names look like {', '.join(names[:3])}, ...")
-            what = ("preset" if pat in TRAINABLE_PRESETS else "pattern")
-            issues.append((f"finetune.trainable.{i}", f"{what} {pat!r} matches no parameter of "
-                           f"the adapted model; {hint} (globs use fnmatch, `re:` prefixes a "
-                           f"regular expression, presets: {', '.join(TRAINABLE_PRESETS)})"))
+            hint = (
+                f"close names: {', '.join(close)}"
+                if close
+                else f"names look like {', '.join(names[:3])}, ..."
+            )
+            what = "preset" if pat in TRAINABLE_PRESETS else "pattern"
+            issues.append(
+                (
+                    f"finetune.trainable.{i}",
+                    f"{what} {pat!r} matches no parameter of "
+                    f"the adapted model; {hint} (globs use fnmatch, `re:` prefixes a "
+                    f"regular expression, presets: {', '.join(TRAINABLE_PRESETS)})",
+                )
+            )
         chosen |= hit
     if issues:
         raise S.SpecError(issues, "finetune")
@@ -169,8 +216,9 @@ def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
     return exp, Plan(trainable, [n for n in names if n not in chosen], record)
 
 
-def apply(model: nn.Module, exp: Experiment, plan: Plan, *, load_weights: bool,
-          seed: int = 0) -> dict:
+def apply(
+    model: nn.Module, exp: Experiment, plan: Plan, *, load_weights: bool, seed: int = 0
+) -> dict:
     """Load the adapted checkpoint weights into ``model`` (when ``load_weights``) and freeze
     every parameter ``plan`` does not name. Returns the record saved with the run."""
     from ditkit.runtime.checkpoint import load_checkpoint
@@ -181,8 +229,9 @@ def apply(model: nn.Module, exp: Experiment, plan: Plan, *, load_weights: bool,
     assert ft is not None and ft.source_model is not None
     if load_weights:
         ckpt = load_checkpoint(ft.checkpoint)
-        adapted = adapt(ft.source_model, ckpt.tensors, ft.policy,
-                        exp.model_spec.input.resolution, seed=seed)
+        adapted = adapt(
+            ft.source_model, ckpt.tensors, ft.policy, exp.model_spec.input.resolution, seed=seed
+        )
         model.load_state_dict(adapted.tensors)
     keep = set(plan.trainable)
     n_train = 0

@@ -22,9 +22,17 @@ from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 from ditkit.spec.io import read_text
 
-MAY_CHANGE = ("training.steps", "logging.", "checkpoint.", "preview.", "evaluation.",
-              "distributed.", "precision.compile", "precision.activation_checkpointing",
-              "precision.attention_backend")
+MAY_CHANGE = (
+    "training.steps",
+    "logging.",
+    "checkpoint.",
+    "preview.",
+    "evaluation.",
+    "distributed.",
+    "precision.compile",
+    "precision.activation_checkpointing",
+    "precision.attention_backend",
+)
 """Field paths (exact, or a section prefix ending in ``.``) a resumed run may change: total
 steps; what is logged, checkpointed, previewed or evaluated; and how the same training is
 placed and computed (DDP <-> FSDP2, compile, activation checkpointing, the attention kernel:
@@ -56,8 +64,9 @@ def may_change(path: str) -> bool:
     return any(path == p or (p.endswith(".") and path.startswith(p)) for p in MAY_CHANGE)
 
 
-def compare_for_resume(checkpoint: Path, exp: Experiment, run: Path, step: int,
-                       allow_changes: bool = False) -> dict[str, tuple[object, object]]:
+def compare_for_resume(
+    checkpoint: Path, exp: Experiment, run: Path, step: int, allow_changes: bool = False
+) -> dict[str, tuple[object, object]]:
     """The differences between the experiment stored in ``checkpoint`` and ``exp``; raises
     :class:`ResumeMismatch` for a change to what is trained unless ``allow_changes``."""
     stored = checkpoint / "experiment.yaml"
@@ -65,8 +74,10 @@ def compare_for_resume(checkpoint: Path, exp: Experiment, run: Path, step: int,
         old = S.loads(read_text(stored, "experiment"), Experiment, str(stored))
     except S.SpecError as err:
         why = err.issues[0][1] if err.issues else str(err)
-        raise ResumeMismatch(f"{stored}: the run's own experiment cannot be read, so the "
-                             f"resumed experiment cannot be compared with it ({why})") from None
+        raise ResumeMismatch(
+            f"{stored}: the run's own experiment cannot be read, so the "
+            f"resumed experiment cannot be compared with it ({why})"
+        ) from None
     diff = differences(old, exp)
     refused = sorted(k for k in diff if not may_change(k))
     if refused and not allow_changes:
@@ -76,7 +87,8 @@ def compare_for_resume(checkpoint: Path, exp: Experiment, run: Path, step: int,
             f"--resume: this experiment differs from the one {run} was trained with in "
             f"{len(refused)} field(s) that change what is trained ({shown}{more}); resume with "
             "the run's own experiment (`ditkit train RUN --resume`), start a new --out folder, "
-            "or pass --allow-changes if the change is intended (it is recorded)")
+            "or pass --allow-changes if the change is intended (it is recorded)"
+        )
     return diff
 
 
@@ -93,8 +105,14 @@ def record_changes(run: Path, step: int, diff: dict[str, tuple[object, object]])
             history = json.loads(path.read_text()).get("resumes", [])
         except (ValueError, AttributeError):
             history = []
-    history.append({"step": step, "changes": {k: {"old": o, "new": n, "allowed": may_change(k)}
-                                              for k, (o, n) in diff.items()}})
+    history.append(
+        {
+            "step": step,
+            "changes": {
+                k: {"old": o, "new": n, "allowed": may_change(k)} for k, (o, n) in diff.items()
+            },
+        }
+    )
     write_json(path, {"resumes": history})
 
 
@@ -126,8 +144,12 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     moments and the EMA (20 bytes a parameter, split across ranks under FSDP2; 60% of the
     spec estimate, which runs above the measured count), plus every block's input and output
     for one micro-batch per process."""
-    from ditkit.spec.limits import (OVERRIDE_HINT, activation_bytes_per_sample,
-                                    estimated_params, limits_enabled)
+    from ditkit.spec.limits import (
+        OVERRIDE_HINT,
+        activation_bytes_per_sample,
+        estimated_params,
+        limits_enabled,
+    )
 
     if not limits_enabled():
         return []
@@ -144,25 +166,47 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     where = "cuda" if device.type == "cuda" else "host RAM"
     h, w = spec.input.resolution
     per_sample = spec.input.channels * h * w * 4  # fp32 samples kept until the grid is made
-    for field, count in (("preview.count", exp.preview.count if exp.preview.every else 0),
-                         ("evaluation.count",
-                          exp.evaluation.count if exp.evaluation.enabled else 0)):
+    for field, count in (
+        ("preview.count", exp.preview.count if exp.preview.every else 0),
+        ("evaluation.count", exp.evaluation.count if exp.evaluation.enabled else 0),
+    ):
         if count * per_sample > have:
-            return [(field, f"{count:,} samples of {spec.input.channels}x{h}x{w} need at least "
-                     f"{count * per_sample / gib:,.1f} GiB, more than the {have / gib:,.1f} GiB "
-                     f"of host RAM; lower {field}; {OVERRIDE_HINT}")]
+            return [
+                (
+                    field,
+                    f"{count:,} samples of {spec.input.channels}x{h}x{w} need at least "
+                    f"{count * per_sample / gib:,.1f} GiB, more than the {have / gib:,.1f} GiB "
+                    f"of host RAM; lower {field}; {OVERRIDE_HINT}",
+                )
+            ]
     if need <= have:
         return []
     if activations >= weights:
-        return [("training.batch_size", f"{tr.batch_size:,} samples per step need at least "
-                 f"{need / gib:,.1f} GiB per process ({micro:,} per micro-batch), more than the "
-                 f"{have / gib:,.1f} GiB of {where}; lower training.batch_size or raise "
-                 f"training.accumulate; {OVERRIDE_HINT}")]
-    return [("model", f"the model's weights and optimizer state need at least "
-             f"{weights / gib:,.1f} GiB, more than the {have / gib:,.1f} GiB of {where}; use a "
-             f"smaller model or distributed.strategy: fsdp2 across more processes; "
-             f"{OVERRIDE_HINT}")]
+        return [
+            (
+                "training.batch_size",
+                f"{tr.batch_size:,} samples per step need at least "
+                f"{need / gib:,.1f} GiB per process ({micro:,} per micro-batch), more than the "
+                f"{have / gib:,.1f} GiB of {where}; lower training.batch_size or raise "
+                f"training.accumulate; {OVERRIDE_HINT}",
+            )
+        ]
+    return [
+        (
+            "model",
+            f"the model's weights and optimizer state need at least "
+            f"{weights / gib:,.1f} GiB, more than the {have / gib:,.1f} GiB of {where}; use a "
+            f"smaller model or distributed.strategy: fsdp2 across more processes; "
+            f"{OVERRIDE_HINT}",
+        )
+    ]
 
 
-__all__ = ["compare_for_resume", "record_changes", "differences", "memory_issues",
-           "ResumeMismatch", "MAY_CHANGE"]
+__all__ = [
+    "compare_for_resume",
+    "record_changes",
+    "differences",
+    "memory_issues",
+    "ResumeMismatch",
+    "MAY_CHANGE",
+]

@@ -19,8 +19,9 @@ class Scalars:
     On resume the rows after the checkpoint's step are dropped, so the file reads as if the run
     had never stopped."""
 
-    def __init__(self, run: Path, fields: list[str], resume_step: int | None = None,
-                 tensorboard: bool = True):
+    def __init__(
+        self, run: Path, fields: list[str], resume_step: int | None = None, tensorboard: bool = True
+    ):
         self.path = run / "scalars.csv"
         self.fields = fields
         rows: list[dict] = []
@@ -29,16 +30,19 @@ class Scalars:
                 with open(self.path, newline="", encoding="utf-8") as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
             except (ValueError, KeyError, TypeError, csv.Error) as err:  # UnicodeDecodeError too
-                raise UserError(f"{self.path}: damaged ({type(err).__name__}: "
-                                f"{str(err)[:120]}); move it aside and resume again (the log "
-                                "starts afresh; the checkpoints are intact)") from None
+                raise UserError(
+                    f"{self.path}: damaged ({type(err).__name__}: "
+                    f"{str(err)[:120]}); move it aside and resume again (the log "
+                    "starts afresh; the checkpoints are intact)"
+                ) from None
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         # the file was just replaced by ours; appending never follows a link planted since
-        self.file = open(self.path, "a", newline="",
-                         opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
+        self.file = open(
+            self.path, "a", newline="", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)
+        )
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.tb = None
         if tensorboard:
@@ -69,8 +73,9 @@ def _fmt(v):
 
 def read_scalars(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items() if v not in ("", None)}
-                for r in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
+        ]
 
 
 def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -84,8 +89,10 @@ def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None
 
         from ditkit.errors import missing_text
 
-        print(f"note: {path} not drawn: {missing_text('matplotlib', 'the loss plot')}",
-              file=sys.stderr)
+        print(
+            f"note: {path} not drawn: {missing_text('matplotlib', 'the loss plot')}",
+            file=sys.stderr,
+        )
         return
 
     matplotlib.use("Agg")
@@ -99,7 +106,7 @@ def plot_loss(rows: list[dict[str, float]], path: Path, title: str = "") -> None
     k = max(1, len(loss) // 20)
     if len(loss) > k > 1:
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if (loss > 0).all():

@@ -72,8 +72,10 @@ class Preempted(TrainingError):
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        super().__init__(f"{signal_name}: stopped at step {step} after writing the checkpoint "
-                         f"{checkpoint}; run the same command with --resume auto to continue")
+        super().__init__(
+            f"{signal_name}: stopped at step {step} after writing the checkpoint "
+            f"{checkpoint}; run the same command with --resume auto to continue"
+        )
 
 
 class _StopSignals:
@@ -174,9 +176,13 @@ def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
     out = []
     for (decay, mapping), params in sorted(groups.items()):
         out.append(
-            {"params": params, "weight_decay": opt.weight_decay if decay else 0.0,
-             "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
-             "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}"})
+            {
+                "params": params,
+                "weight_decay": opt.weight_decay if decay else 0.0,
+                "lr": opt.lr * (opt.mapping_lr_scale if mapping else 1.0),
+                "name": f"{'mapping' if mapping else 'main'}/{'decay' if decay else 'no_decay'}",
+            }
+        )
     return out
 
 
@@ -216,6 +222,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         def forward(x, cond, ctx=None):
             # ctx (memory tokens, shared modulation) is passed through: MDiT/MPDiT blocks need it
             return checkpoint(f, x, cond, ctx, use_reentrant=False)
+
         return forward
 
     for m in model.modules():
@@ -247,8 +254,9 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     n_cls = _data_classes(exp) or (classes.count if classes else None)
     from ditkit.runtime.generate import sample_images
 
-    images, _ = sample_images(ema_model, spec, exp.objective, p.count, p.sampling, device,
-                              n_classes=n_cls)
+    images, _ = sample_images(
+        ema_model, spec, exp.objective, p.count, p.sampling, device, n_classes=n_cls
+    )
     ncol = min(p.count, n_cls or 8)
     scale = max(1, 64 // max(spec.input.resolution))
     save_png(image_grid(images, ncol, scale=scale), path)
@@ -257,10 +265,19 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
 # -------------------------------------------------------------------------------- one step
 
 
-def accumulate_gradients(net: nn.Module, optimizer: torch.optim.Optimizer, placement: Placement,
-                         loss_fn: DiffusionLoss, stream, exp: Experiment,
-                         gen: torch.Generator, step: int, device: torch.device, *,
-                         stop_requested: bool = False) -> tuple[float, dict[str, float], bool]:
+def accumulate_gradients(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    placement: Placement,
+    loss_fn: DiffusionLoss,
+    stream,
+    exp: Experiment,
+    gen: torch.Generator,
+    step: int,
+    device: torch.device,
+    *,
+    stop_requested: bool = False,
+) -> tuple[float, dict[str, float], bool]:
     """The forward and backward passes of one optimizer step: ``training.accumulate``
     micro-batches from ``stream`` moved to ``device``, label dropout from ``gen``, the loss
     under the run's autocast, gradients reduced across processes on the last micro-batch only.
@@ -295,8 +312,14 @@ def accumulate_gradients(net: nn.Module, optimizer: torch.optim.Optimizer, place
     return float(loss_value), extras_sum, stop_seen
 
 
-def optimizer_step(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
-                   placement: Placement, exp: Experiment, step: int) -> float:
+def optimizer_step(
+    model: nn.Module,
+    ema_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    placement: Placement,
+    exp: Experiment,
+    step: int,
+) -> float:
     """Clip the gradients, step AdamW, update the EMA; returns the gradient norm."""
     gnorm = placement.clip_gradients(model, exp.optimizer.grad_clip)
     optimizer.step()
@@ -307,10 +330,17 @@ def optimizer_step(model: nn.Module, ema_model: nn.Module, optimizer: torch.opti
 # -------------------------------------------------------------------------------- the loop
 
 
-def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
-          progress: bool = True,
-          data_base: Path | None = None, stop_after: int | None = None,
-          device: str | None = None, allow_changes: bool = False) -> TrainResult:
+def train(
+    exp: Experiment,
+    run: str | Path,
+    *,
+    resume: bool | str = False,
+    progress: bool = True,
+    data_base: Path | None = None,
+    stop_after: int | None = None,
+    device: str | None = None,
+    allow_changes: bool = False,
+) -> TrainResult:
     """Train ``exp`` (resolved) into the folder ``run``. ``stop_after``: stop (without a final
     checkpoint) after this many optimizer steps of *this invocation* (tests). ``data_base``:
     the folder relative data paths start at. ``allow_changes``: on ``resume``, accept an
@@ -355,9 +385,17 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
     # destructor race ended a rank with "terminate called without an active exception")
     owns_group = tdist.is_available() and not tdist.is_initialized()
     try:
-        result = _train(exp, run, resume=bool(resume), progress=progress, data_base=data_base,
-                        stop_after=stop_after, device=device, allow_changes=allow_changes,
-                        done=done)
+        result = _train(
+            exp,
+            run,
+            resume=bool(resume),
+            progress=progress,
+            data_base=data_base,
+            stop_after=stop_after,
+            device=device,
+            allow_changes=allow_changes,
+            done=done,
+        )
     except BaseException:
         if created is not None and done["steps"] == 0 and main_rank:
             shutil.rmtree(created, ignore_errors=True)
@@ -373,10 +411,18 @@ def train(exp: Experiment, run: str | Path, *, resume: bool | str = False,
     return result
 
 
-def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
-           data_base: Path | None, stop_after: int | None,
-           device: str | torch.device | None,
-           allow_changes: bool, done: dict) -> TrainResult:
+def _train(
+    exp: Experiment,
+    run: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    data_base: Path | None,
+    stop_after: int | None,
+    device: str | torch.device | None,
+    allow_changes: bool,
+    done: dict,
+) -> TrainResult:
     from tqdm import tqdm
 
     from ditkit.builder import build
@@ -404,18 +450,23 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     if resume:
         found = C.latest_checkpoint(ckpt_root)
         if found is None:
-            raise TrainingSetupError(f"--resume: no complete checkpoint under {ckpt_root}; "
-                                     "start without --resume")
+            raise TrainingSetupError(
+                f"--resume: no complete checkpoint under {ckpt_root}; start without --resume"
+            )
         start_step, ckpt_dir = found
         changes = compare_for_resume(ckpt_dir, exp, run, start_step, allow_changes)
         state = C.read_state(ckpt_dir)
         if state["world"] != world:
-            raise TrainingError(f"--resume: the checkpoint was written by {state['world']} "
-                                f"process(es) but this run has {world}; resume with the same "
-                                "number of processes")
+            raise TrainingError(
+                f"--resume: the checkpoint was written by {state['world']} "
+                f"process(es) but this run has {world}; resume with the same "
+                "number of processes"
+            )
     elif C.latest_checkpoint(ckpt_root) is not None:
-        raise TrainingSetupError(f"{run} already holds checkpoints; pass --resume to continue "
-                                 "it or choose a new --out folder")
+        raise TrainingSetupError(
+            f"{run} already holds checkpoints; pass --resume to continue "
+            "it or choose a new --out folder"
+        )
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "previews").mkdir(exist_ok=True)
@@ -428,8 +479,7 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     model = build(spec).to(device)
     ft_meta = None
     if ft_plan is not None:  # adapted checkpoint weights in, all but `trainable` frozen
-        ft_record = finetune.apply(model, exp, ft_plan, load_weights=state is None,
-                                   seed=tr.seed)
+        ft_record = finetune.apply(model, exp, ft_plan, load_weights=state is None, seed=tr.seed)
         ft_meta = finetune.metadata(ft_record)
         if rank == 0:
             C.write_json(run / "finetune.json", ft_record)
@@ -446,17 +496,23 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
     stream = make_stream(dataset, tr.batch_size, tr.seed, rank, world)
     gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1))
     if state is not None:
-        placement.load(model, ema_model, optimizer,
-                       C.read_tensors(ckpt_dir / "model.safetensors"),
-                       C.read_tensors(ckpt_dir / "ema.safetensors"), state["optimizer"])
+        placement.load(
+            model,
+            ema_model,
+            optimizer,
+            C.read_tensors(ckpt_dir / "model.safetensors"),
+            C.read_tensors(ckpt_dir / "ema.safetensors"),
+            state["optimizer"],
+        )
         gen.set_state(state["generators"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         stream.restore(state["data_position"])
     if exp.precision.compile:  # one graph (fullgraph) except under DDP's bucketed graphs
         from ditkit.runtime.denoiser import compile_network
 
-        net = compile_network(net, device=device, training=True,
-                              fullgraph=placement.strategy != "ddp")
+        net = compile_network(
+            net, device=device, training=True, fullgraph=placement.strategy != "ddp"
+        )
     loss_fn = DiffusionLoss(exp.objective, spec)
     evaluation = _evaluation(exp, run, device, rank, start_step if resume else None)
     scalars = None
@@ -464,8 +520,14 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         fields = ["step", "loss", "lr", "grad_norm", "img_per_s", "mse", "vb", "var"]
         fields += evaluation.fields if evaluation is not None else []
         scalars = Scalars(run, fields, start_step if resume else None, exp.logging.tensorboard)
-    bar = tqdm(total=tr.steps, initial=start_step, disable=not (progress and rank == 0),
-               desc=exp.name, unit="it", dynamic_ncols=True)
+    bar = tqdm(
+        total=tr.steps,
+        initial=start_step,
+        disable=not (progress and rank == 0),
+        desc=exp.name,
+        unit="it",
+        dynamic_ncols=True,
+    )
     result = TrainResult(run, start_step)
     t0 = time.perf_counter()
     latest = C.latest_checkpoint(ckpt_root) if resume else None  # checked above on resume
@@ -480,12 +542,25 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         model_state, ema_state, opt_state = placement.full_state(model, ema_model, optimizer)
         if rank != 0:
             return None
-        train_state = {"step": step, "world": world, "optimizer": opt_state,
-                       "generators": gens, "torch_rng": rngs,
-                       "data_position": stream.state(),
-                       "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps)}
-        return C.write_checkpoint(ckpt_root, step, exp, model_state, ema_state, train_state,
-                                  exp.checkpoint.keep_last, metadata=ft_meta)
+        train_state = {
+            "step": step,
+            "world": world,
+            "optimizer": opt_state,
+            "generators": gens,
+            "torch_rng": rngs,
+            "data_position": stream.state(),
+            "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps),
+        }
+        return C.write_checkpoint(
+            ckpt_root,
+            step,
+            exp,
+            model_state,
+            ema_state,
+            train_state,
+            exp.checkpoint.keep_last,
+            metadata=ft_meta,
+        )
 
     step = start_step
     saved_step = start_step if resume else None
@@ -505,14 +580,28 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
             loss_value, extras_sum, stop_seen = accumulate_gradients(
-                net, optimizer, placement, loss_fn, stream, exp, gen, step, device,
-                stop_requested=signals.received is not None)
+                net,
+                optimizer,
+                placement,
+                loss_fn,
+                stream,
+                exp,
+                gen,
+                step,
+                device,
+                stop_requested=signals.received is not None,
+            )
             if not math.isfinite(loss_value):
-                where = (f"the last good checkpoint is {last_ckpt} (continue with --resume)"
-                         if last_ckpt else "no checkpoint was written before it")
-                raise TrainingError(f"loss is {loss_value} at step {step + 1}; training stopped "
-                                    f"and nothing was saved for this step; {where}. Lower "
-                                    "optimizer.lr or set optimizer.grad_clip.")
+                where = (
+                    f"the last good checkpoint is {last_ckpt} (continue with --resume)"
+                    if last_ckpt
+                    else "no checkpoint was written before it"
+                )
+                raise TrainingError(
+                    f"loss is {loss_value} at step {step + 1}; training stopped "
+                    f"and nothing was saved for this step; {where}. Lower "
+                    "optimizer.lr or set optimizer.grad_clip."
+                )
             gnorm = optimizer_step(model, ema_model, optimizer, placement, exp, step)
             step += 1
             done["steps"] += 1
@@ -526,8 +615,16 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 ips = window_imgs / max(now - window_t, 1e-9)
                 window_t, window_imgs = now, 0
                 assert scalars is not None  # rank 0 writes them
-                scalars.write({"step": step, "loss": loss_value, "lr": opt_spec.lr * factor,
-                               "grad_norm": gnorm, "img_per_s": ips, **extras_sum})
+                scalars.write(
+                    {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": opt_spec.lr * factor,
+                        "grad_norm": gnorm,
+                        "img_per_s": ips,
+                        **extras_sum,
+                    }
+                )
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
             if step % exp.checkpoint.every == 0 or step == tr.steps:
                 last_ckpt = save(step) or last_ckpt
@@ -536,17 +633,18 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
                 sampler_model = placement.sampling_model(ema_model, lambda: build(spec))
                 if rank == 0:
                     assert sampler_model is not None  # rank 0 samples
-                    preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png",
-                            device)
+                    preview(sampler_model, exp, run / "previews" / f"step-{step:06d}.png", device)
             if evaluation is not None and evaluation.due(step, tr.steps):
                 result.evaluation = evaluation(
-                    placement.sampling_model(ema_model, lambda: build(spec)), step, scalars)
+                    placement.sampling_model(ema_model, lambda: build(spec)), step, scalars
+                )
             if (stop_seen or world == 1 and signals.received) and step < tr.steps:
                 if saved_step != step:  # preempted: keep every step done so far
                     last_ckpt = save(step) or last_ckpt
                     result.checkpoint, saved_step = last_ckpt, step
-                raise Preempted(signals.received or "a stop signal on another rank", step,
-                                last_ckpt)
+                raise Preempted(
+                    signals.received or "a stop signal on another rank", step, last_ckpt
+                )
     finally:
         signals.restore()
         backend.__exit__(None, None, None)
@@ -560,17 +658,25 @@ def _train(exp: Experiment, run: Path, *, resume: bool, progress: bool,
         rows = read_scalars(run / "scalars.csv")
         if rows:
             plot_loss(rows, run / "loss.png", exp.name)
-        C.write_json(run / "summary.json", {
-            "experiment": exp.name, "step": step, "world": world, "wall_s": result.wall_s,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "checkpoint": str(result.checkpoint or last_ckpt),
-            "rank_fingerprints": result.fingerprints,
-            "ranks_identical": len(set(result.fingerprints)) == 1})
+        C.write_json(
+            run / "summary.json",
+            {
+                "experiment": exp.name,
+                "step": step,
+                "world": world,
+                "wall_s": result.wall_s,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "checkpoint": str(result.checkpoint or last_ckpt),
+                "rank_fingerprints": result.fingerprints,
+                "ranks_identical": len(set(result.fingerprints)) == 1,
+            },
+        )
     return result
 
 
-def _evaluation(exp: Experiment, run: Path, device: torch.device, rank: int,
-                resume_step: int | None):
+def _evaluation(
+    exp: Experiment, run: Path, device: torch.device, rank: int, resume_step: int | None
+):
     """The ``evaluation:`` block ready to run (``None`` when disabled); its files are checked
     now, so a wrong path fails before the first step."""
     from ditkit.errors import UserError

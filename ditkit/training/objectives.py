@@ -15,20 +15,38 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
-from ditkit.runtime.objectives import (DDPMTables, approx_standard_normal_cdf,  # noqa: F401
-                                       ddpm_hybrid_loss, ddpm_vlb_terms,
-                                       discretized_gaussian_log_likelihood, normal_kl,
-                                       objective_of)
+from ditkit.runtime.objectives import (
+    DDPMTables,
+    approx_standard_normal_cdf,  # noqa: F401
+    ddpm_hybrid_loss,
+    ddpm_vlb_terms,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    objective_of,
+)
+
 # the densities and weights, importable from here as before (their home: ``runtime.schedules``)
-from ditkit.runtime.schedules import (cosine_interpolated_sigma, edm_weight,  # noqa: F401
-                                      sample_sigma, sample_time)
+from ditkit.runtime.schedules import (
+    cosine_interpolated_sigma,
+    edm_weight,  # noqa: F401
+    sample_sigma,
+    sample_time,
+)
 
 __all__ = [
-    "DiffusionLoss", "drop_labels",
+    "DiffusionLoss",
+    "drop_labels",
     # re-exported from the runtime, where the objectives live
-    "DDPMTables", "approx_standard_normal_cdf", "ddpm_hybrid_loss", "ddpm_vlb_terms",
-    "discretized_gaussian_log_likelihood", "normal_kl", "cosine_interpolated_sigma",
-    "edm_weight", "sample_sigma", "sample_time",
+    "DDPMTables",
+    "approx_standard_normal_cdf",
+    "ddpm_hybrid_loss",
+    "ddpm_vlb_terms",
+    "discretized_gaussian_log_likelihood",
+    "normal_kl",
+    "cosine_interpolated_sigma",
+    "edm_weight",
+    "sample_sigma",
+    "sample_time",
 ]
 
 
@@ -58,24 +76,38 @@ class DiffusionLoss:
         noise = _randn(x0.shape, gen, x0)
         return noise, self.objective.draw_level(x0.shape[0], gen, self.resolution)
 
-    def __call__(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
-                 gen: torch.Generator, step: int = 0, **cond: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        gen: torch.Generator,
+        step: int = 0,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         noise, level = self.draw(x0, gen)
         per, extras = self.per_sample(model, x0, labels, noise, level, step, **cond)
         return per.mean(), extras
 
-    def per_sample(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None,
-                   noise: torch.Tensor, level: torch.Tensor, step: int = 0, **cond: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    def per_sample(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        noise: torch.Tensor,
+        level: torch.Tensor,
+        step: int = 0,
+        **cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """``((B,) losses, {name: float})`` for the given noise and noise levels (see
         :meth:`draw`): the objective's :meth:`~ditkit.runtime.objectives.Objective.loss` (each
         class's docstring names the paper's recipe it follows)."""
         return self.objective.loss(model, x0, labels, noise, level, step, **cond)
 
 
-def drop_labels(labels: torch.Tensor | None, rate: float, null_class: int | None,
-                gen: torch.Generator) -> torch.Tensor | None:
+def drop_labels(
+    labels: torch.Tensor | None, rate: float, null_class: int | None, gen: torch.Generator
+) -> torch.Tensor | None:
     """Classifier-free guidance: each label becomes ``null_class`` with probability ``rate``."""
     if labels is None or null_class is None:
         return labels

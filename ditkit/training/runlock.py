@@ -76,25 +76,32 @@ def acquire(run: Path) -> RunLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as err:
         if os.path.islink(path):
-            raise UserError(f"{path} is a symbolic link; ditkit does not write through links "
-                            "it did not make: remove it and start again") from None
-        raise EnvironmentFault(f"{path}: cannot create the run's lock file: "
-                               f"{err.strerror or err}; nothing was written") from None
+            raise UserError(
+                f"{path} is a symbolic link; ditkit does not write through links "
+                "it did not make: remove it and start again"
+            ) from None
+        raise EnvironmentFault(
+            f"{path}: cannot create the run's lock file: {err.strerror or err}; nothing was written"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RunLockedError(
             f"{run} is in use: another ditkit train ({holder(path)}) holds {path}; wait for it "
-            "to finish or stop it, or choose another --out folder") from None
+            "to finish or stop it, or choose another --out folder"
+        ) from None
     except OSError as err:
         os.close(fd)
-        raise EnvironmentFault(f"{path}: cannot lock the run folder: {err.strerror or err} "
-                               "(does the file system support locks?)") from None
+        raise EnvironmentFault(
+            f"{path}: cannot lock the run folder: {err.strerror or err} "
+            "(does the file system support locks?)"
+        ) from None
     try:  # ours now: say who holds it, for the next one's message
         os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-                      + "\n").encode())
+        os.write(
+            fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
+        )
     except OSError:
         pass  # the lock works without its label
     return RunLock(path, fd)

@@ -7,10 +7,18 @@ from ditkit.builder import describe
 
 # DiT paper, Table 4: Gflops and params (M) at 256x256, 32x32x4 latents
 DIT_TABLE = {
-    "dit-s-8": (0.36, 33), "dit-s-4": (1.41, 33), "dit-s-2": (6.06, 33),
-    "dit-b-8": (1.42, 131), "dit-b-4": (5.56, 130), "dit-b-2": (23.01, 130),
-    "dit-l-8": (5.01, 459), "dit-l-4": (19.70, 458), "dit-l-2": (80.71, 458),
-    "dit-xl-8": (7.39, 676), "dit-xl-4": (29.05, 675), "dit-xl-2": (118.64, 675),
+    "dit-s-8": (0.36, 33),
+    "dit-s-4": (1.41, 33),
+    "dit-s-2": (6.06, 33),
+    "dit-b-8": (1.42, 131),
+    "dit-b-4": (5.56, 130),
+    "dit-b-2": (23.01, 130),
+    "dit-l-8": (5.01, 459),
+    "dit-l-4": (19.70, 458),
+    "dit-l-2": (80.71, 458),
+    "dit-xl-8": (7.39, 676),
+    "dit-xl-4": (29.05, 675),
+    "dit-xl-2": (118.64, 675),
 }
 
 
@@ -31,9 +39,14 @@ def test_dit_xl_2_exact():
     assert report.trainable == 675_129_632 - 256 * 1152  # the sin-cos table is frozen
 
 
-@pytest.mark.parametrize("name,params_m,gmacs", [
-    ("hdit-imagenet-128", 117.0, 31), ("hdit-ffhq-1024", 85.1, 206),
-    ("hdit-imagenet-256", 557, 198)])
+@pytest.mark.parametrize(
+    "name,params_m,gmacs",
+    [
+        ("hdit-imagenet-128", 117.0, 31),
+        ("hdit-ffhq-1024", 85.1, 206),
+        ("hdit-imagenet-256", 557, 198),
+    ],
+)
 def test_hdit_presets_match_table_6(name, params_m, gmacs):
     report = describe(S.load(f"examples/hdit/{name}.yaml"))
     digits = 1 if params_m < 200 else 0
@@ -45,8 +58,10 @@ def test_levels_and_rest_add_up():
     report = describe(S.hdit_ffhq_1024())
     total = sum(lv.gmacs for lv in report.levels) + sum(v["gmacs"] for v in report.other.values())
     assert abs(total - report.gmacs) < 1e-6
-    assert sum(lv.params for lv in report.levels) + sum(
-        v["params"] for v in report.other.values()) == report.params
+    assert (
+        sum(lv.params for lv in report.levels) + sum(v["params"] for v in report.other.values())
+        == report.params
+    )
     assert [lv.grid for lv in report.levels][0] == (256, 256)
 
 

@@ -41,8 +41,14 @@ def _model(name: str):
     return spec, _Denoise(model)
 
 
-def _export(wrapper, spec, backend: str, path: Path, example_hw=(16, 24),
-            multiple: tuple[int, int] | None = None) -> Path:
+def _export(
+    wrapper,
+    spec,
+    backend: str,
+    path: Path,
+    example_hw=(16, 24),
+    multiple: tuple[int, int] | None = None,
+) -> Path:
     mh, mw = multiple or spec.resolution_multiple()
     b = torch.export.Dim("batch", min=1, max=64)
     h = torch.export.Dim("h", min=1, max=64)
@@ -86,8 +92,14 @@ def test_shifted_window_model_exports_with_dynamic_sizes(tmp_path):
     # level 0's token grid must be a multiple of the window: sizes step by patch x window
     step = spec.patch.size * spec.levels[0].attention.window_size
     step = step if isinstance(step, int) else step[0]
-    path = _export(wrapper, spec, "auto", tmp_path / "model.onnx",
-                   example_hw=(2 * step, 3 * step), multiple=(step, step))
+    path = _export(
+        wrapper,
+        spec,
+        "auto",
+        tmp_path / "model.onnx",
+        example_hw=(2 * step, 3 * step),
+        multiple=(step, step),
+    )
     for batch, hw in ((2, (2 * step, 3 * step)), (3, (3 * step, step))):
         _check(wrapper, path, batch, hw, "auto")
 
@@ -111,8 +123,9 @@ def test_kernel_exports_with_dilation_and_small_grids(backend, kernel, dilation,
     w = torch.export.Dim("w", min=wmin, max=128)
     args = tuple(torch.randn(2, 2, 15, 17, 8) for _ in range(3))
     with torch.no_grad(), kernels.use_backend(backend, export=True):
-        program = torch.export.export(Attend(), args,
-                                      dynamic_shapes={n: {2: h, 3: w} for n in "qkv"})
+        program = torch.export.export(
+            Attend(), args, dynamic_shapes={n: {2: h, 3: w} for n in "qkv"}
+        )
         torch.onnx.export(program, args, str(tmp_path / "na.onnx"), dynamo=True)
     sess = ort.InferenceSession(str(tmp_path / "na.onnx"), providers=["CPUExecutionProvider"])
     for hw in ((hmin, wmin), (31, max(9, wmin)), (64, 40)):

@@ -33,8 +33,7 @@ SLOW_IDS = [f"64x64-k{k[0]}x{k[1]}-d{d[0]}" for g, k, d in SLOW_CASES]
 
 def _qkv(grid, seed, batch=2, heads=3, d=16, grad=False):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, *grid, d, generator=g).requires_grad_(grad)
-            for _ in range(3)]
+    return [torch.randn(batch, heads, *grid, d, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
 def _run(backend, q, k, v, kernel, dilation, scale=0.25):
@@ -46,8 +45,14 @@ def _natten(q, k, v, kernel, dilation, scale=0.25):
     natten = pytest.importorskip("natten", reason="natten is not installed")
     heads_last = lambda t: t.permute(0, 2, 3, 1, 4)  # noqa: E731
     with torch.no_grad():
-        out = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel,
-                          dilation=dilation, scale=scale)
+        out = natten.na2d(
+            heads_last(q),
+            heads_last(k),
+            heads_last(v),
+            kernel_size=kernel,
+            dilation=dilation,
+            scale=scale,
+        )
     return out.permute(0, 3, 1, 2, 4)
 
 
@@ -122,7 +127,8 @@ def test_grid_equal_to_kernel_attends_to_everything():
     # a 7x7 grid with a 7x7 kernel is global attention: every window is the whole grid
     q, k, v = _qkv((7, 7), seed=2)
     dense = torch.nn.functional.scaled_dot_product_attention(
-        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=0.25).view_as(q)
+        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), scale=0.25
+    ).view_as(q)
     for backend in ("gather", "tiled", "flex", "masked"):
         with torch.no_grad():
             assert _max_err(_run(backend, q, k, v, (7, 7), (1, 1)), dense) <= 1e-5, backend
@@ -146,8 +152,9 @@ def test_rope_cosine_and_qk_norm_give_the_same_model_output_on_every_backend():
             out = model(x, sigma, torch.tensor([1, 4]))
         out.square().mean().backward()
         outs[backend] = out.detach()
-        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()
-                                    if p.grad is not None])
+        grads[backend] = torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        )
     with torch.no_grad(), kernels.use_backend("flex"):
         outs["flex"] = model(x, sigma, torch.tensor([1, 4]))
     for backend in ("gather", "tiled", "flex"):
@@ -209,8 +216,11 @@ def test_exportable_backend_keeps_an_exportable_choice_and_replaces_others():
 
 def test_natten_requested_but_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "natten_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"natten is not installed .*pip install "
-                       r"--no-build-isolation 'ditkit\[natten\]'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"natten is not installed .*pip install "
+        r"--no-build-isolation 'ditkit\[natten\]'",
+    ):
         with kernels.use_backend("natten"):
             pass
 
@@ -218,8 +228,9 @@ def test_natten_requested_but_missing_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("backend", ["flex", "natten"])
 def test_backward_on_cpu_through_flex_or_natten_is_a_clear_error(backend):
     q, k, v = _qkv((8, 8), seed=0, grad=True)
-    with pytest.raises(RuntimeError, match=f"'{backend}' cannot backpropagate on CPU.*"
-                                           "'gather' or 'tiled'"):
+    with pytest.raises(
+        RuntimeError, match=f"'{backend}' cannot backpropagate on CPU.*'gather' or 'tiled'"
+    ):
         _run(backend, q, k, v, (3, 3), (1, 1))
 
 
@@ -247,8 +258,25 @@ def test_counting_ignores_the_backend():
 def test_bench_attention_command_prints_a_table(capsys):
     from ditkit.cli import main
 
-    assert main(["bench", "attention", "--device", "cpu", "--backends", "gather,tiled",
-                 "--grids", "14", "--repeats", "1", "--kernel", "3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "attention",
+                "--device",
+                "cpu",
+                "--backends",
+                "gather,tiled",
+                "--grids",
+                "14",
+                "--repeats",
+                "1",
+                "--kernel",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "kernel 3x3, 2 heads x 64 dims, batch 1, fp32 on CPU" in out
     for backend in ("gather", "tiled"):
@@ -258,27 +286,36 @@ def test_bench_attention_command_prints_a_table(capsys):
         assert float(cells[4].replace(",", "")) > 0  # fwd+bwd ms
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--backends", "fast"], "--backends: unknown backend 'fast'"),
-    (["--grids", "4"], "--grids '4': .* at least the kernel"),
-    (["--kernel", "4", "--grids", "32"], "--kernel 4: neighborhood kernels must be odd"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backends", "fast"], "--backends: unknown backend 'fast'"),
+        (["--grids", "4"], "--grids '4': .* at least the kernel"),
+        (["--kernel", "4", "--grids", "32"], "--kernel 4: neighborhood kernels must be odd"),
+    ],
+)
 def test_bench_attention_bad_input_exits_2(argv, message, capsys):
     from ditkit.cli import main
 
     assert main(["bench", "attention", "--device", "cpu", *argv]) == 2
     import re
+
     assert re.search(message, capsys.readouterr().err)
 
 
 def test_bench_summary_reports_speedups_and_memory_growth():
     from ditkit.builder.bench import Row, format_table
 
-    rows = [Row("masked", 128, "fwd", 400.0, 1000.0), Row("masked", 128, "fwd+bwd", 900.0, 2000),
-            Row("gather", 128, "fwd", 20.0, 100.0), Row("gather", 128, "fwd+bwd", 30.0, 200.0),
-            Row("gather", 256, "fwd", 80.0, 400.0), Row("gather", 256, "fwd+bwd", 120.0, 880.0),
-            Row("masked", 256, "fwd", note="skipped: needs ~99 GiB > 10 GiB"),
-            Row("masked", 256, "fwd+bwd", note="skipped: needs ~99 GiB > 10 GiB")]
+    rows = [
+        Row("masked", 128, "fwd", 400.0, 1000.0),
+        Row("masked", 128, "fwd+bwd", 900.0, 2000),
+        Row("gather", 128, "fwd", 20.0, 100.0),
+        Row("gather", 128, "fwd+bwd", 30.0, 200.0),
+        Row("gather", 256, "fwd", 80.0, 400.0),
+        Row("gather", 256, "fwd+bwd", 120.0, 880.0),
+        Row("masked", 256, "fwd", note="skipped: needs ~99 GiB > 10 GiB"),
+        Row("masked", 256, "fwd+bwd", note="skipped: needs ~99 GiB > 10 GiB"),
+    ]
     text = format_table(rows, "CPU", 7, 2, 64, 1)
     assert "gather fwd at 128x128: 20.0x faster than masked" in text
     assert "gather fwd+bwd at 128x128: 30.0x faster than masked" in text
@@ -289,11 +326,13 @@ def test_bench_summary_reports_speedups_and_memory_growth():
 # ---- eager fast paths vs the traced (export) paths ----------------------------------------
 
 
-@pytest.mark.parametrize("grid,kernel,dilation",
-                         [((12, 17), (5, 3), (2, 1)), ((9, 9), (7, 7), (1, 1))])
+@pytest.mark.parametrize(
+    "grid,kernel,dilation", [((12, 17), (5, 3), (2, 1)), ((9, 9), (7, 7), (1, 1))]
+)
 @pytest.mark.parametrize("grids_a_chunk", [0, 2.5])
-def test_chunked_gather_equals_the_one_pass_reference(grid, kernel, dilation, grids_a_chunk,
-                                                      monkeypatch):
+def test_chunked_gather_equals_the_one_pass_reference(
+    grid, kernel, dilation, grids_a_chunk, monkeypatch
+):
     # chunks of 3 queries within a grid (the last one partial), or of whole grids (2 per chunk
     # in the forward, 1 in the backward; 6 grids = batch 2 x 3 heads)
     queries = max(3, int(grids_a_chunk * grid[0] * grid[1]))

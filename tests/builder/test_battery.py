@@ -24,8 +24,11 @@ def _inputs(spec, batch=2, resolution=None, device="cpu"):
     h, w = resolution or spec.input.resolution
     x = torch.randn(batch, spec.input.channels, h, w, generator=g).to(device)
     sigma = (torch.rand(batch, generator=g) + 0.5).to(device)
-    labels = (torch.arange(batch, device=device) % spec.conditioning.classes.count
-              if spec.conditioning.classes else None)
+    labels = (
+        torch.arange(batch, device=device) % spec.conditioning.classes.count
+        if spec.conditioning.classes
+        else None
+    )
     return x, sigma, labels
 
 
@@ -49,15 +52,22 @@ def _parameter_accounting(spec, model):
     total = sum(p.numel() for p in model.parameters())
     assert report.params == total
     for i, level in enumerate(report.levels):
-        assert level.params == sum(p.numel() for n, p in model.named_parameters()
-                                   if n.startswith(f"levels.{i}."))
+        assert level.params == sum(
+            p.numel() for n, p in model.named_parameters() if n.startswith(f"levels.{i}.")
+        )
     assert report.other["embed, conditioning, head"]["params"] == total - sum(
-        lv.params for lv in report.levels)
+        lv.params for lv in report.levels
+    )
 
 
 #: one full-size example per family and structure (all of them: ``-m slow``)
-FAMILY_EXAMPLES = ["dit/dit-s-8", "hdit/hdit-imagenet-128", "mdit/mdit-b", "mpdit/mpdit-b",
-                   "mpdit/mpdit-xl-3level"]
+FAMILY_EXAMPLES = [
+    "dit/dit-s-8",
+    "hdit/hdit-imagenet-128",
+    "mdit/mdit-b",
+    "mpdit/mpdit-b",
+    "mpdit/mpdit-xl-3level",
+]
 
 
 @pytest.mark.parametrize("name", FAMILY_EXAMPLES)
@@ -109,9 +119,15 @@ def test_tiny_model_checkpoint_round_trip_is_bit_identical(path, tmp_path):
         assert torch.equal(loaded(x, sigma, labels), before)
 
 
-@pytest.mark.parametrize("path", [p for p in tiny_specs() if any(
-    isinstance(b.attention, S.NeighborhoodAttention) for *_, b in S.load(p).blocks())],
-    ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        p
+        for p in tiny_specs()
+        if any(isinstance(b.attention, S.NeighborhoodAttention) for *_, b in S.load(p).blocks())
+    ],
+    ids=lambda p: p.stem,
+)
 def test_tiny_model_neighborhood_backends_agree(path):
     """Every neighborhood backend that runs on CPU gives the same output."""
     spec = S.load(path)
@@ -141,12 +157,15 @@ def test_tiny_model_exports_with_parity(path, tmp_path):
 
 
 #: (tiny example, input size, noise level, smallest mean output gap between the two labels)
-_CLASS_CONDITIONED = [("tiny-mdit", 16, 300.0, 0.3),  # cross-attention to a class token
-                      ("tiny-mpdit", 8, 0.5, 0.5)]  # prefix class tokens
+_CLASS_CONDITIONED = [
+    ("tiny-mdit", 16, 300.0, 0.3),  # cross-attention to a class token
+    ("tiny-mpdit", 8, 0.5, 0.5),
+]  # prefix class tokens
 
 
-@pytest.mark.parametrize("name,size,level,gap", _CLASS_CONDITIONED,
-                         ids=[c[0] for c in _CLASS_CONDITIONED])
+@pytest.mark.parametrize(
+    "name,size,level,gap", _CLASS_CONDITIONED, ids=[c[0] for c in _CLASS_CONDITIONED]
+)
 def test_class_conditioning_responds_to_the_label_after_training(name, size, level, gap):
     """One input, two labels trained to opposite targets: the outputs separate by label, and
     omitted labels are the null class (label 10)."""
@@ -174,8 +193,11 @@ def test_class_conditioning_responds_to_the_label_after_training(name, size, lev
 
 
 #: (tiny example, noise levels, std that replaces its zero initialisations)
-_GRADIENT_CASES = [("tiny-mdit", (10.0, 500.0), 0.05), ("tiny-mpdit", (0.2, 0.7), 0.02),
-                   ("tiny-mpdit-3level", (0.2, 0.7), 0.02)]
+_GRADIENT_CASES = [
+    ("tiny-mdit", (10.0, 500.0), 0.05),
+    ("tiny-mpdit", (0.2, 0.7), 0.02),
+    ("tiny-mpdit-3level", (0.2, 0.7), 0.02),
+]
 
 
 @pytest.mark.parametrize("name,levels,std", _GRADIENT_CASES, ids=[c[0] for c in _GRADIENT_CASES])
@@ -199,6 +221,5 @@ def test_every_parameter_gets_a_gradient(name, levels, std):
         # the FNO's output is mean-pooled: only the DC mode of its last spectral layer reaches
         # it, and the DC coefficient of a real signal has no imaginary part (the reference's
         # design)
-        expected = [f"conditioning.noise.spectral.{spec.conditioning.noise.depth - 1}"
-                    ".weights_imag"]
+        expected = [f"conditioning.noise.spectral.{spec.conditioning.noise.depth - 1}.weights_imag"]
     assert dead == expected, dead

@@ -29,8 +29,11 @@ def _inputs(spec, batch=2, seed=0, resolution=None):
     sigma = torch.rand(batch, generator=g) * 3 + 0.1
     if spec.conditioning.noise.kind == "sinusoidal":
         sigma = sigma * 100
-    labels = (torch.arange(batch) % (spec.conditioning.classes.count + 1)
-              if spec.conditioning.classes else None)
+    labels = (
+        torch.arange(batch) % (spec.conditioning.classes.count + 1)
+        if spec.conditioning.classes
+        else None
+    )
     return x, sigma, labels
 
 
@@ -66,8 +69,12 @@ def test_tiny_spec_runs_at_another_resolution(path):
     _perturb(model)
     mh, mw = spec.resolution_multiple()
     h, w = spec.input.resolution
-    res = next((h + a * mh, w + b * mw) for a in range(1, 5) for b in range(0, 5)
-               if a != b and not spec.check_resolution((h + a * mh, w + b * mw)))
+    res = next(
+        (h + a * mh, w + b * mw)
+        for a in range(1, 5)
+        for b in range(0, 5)
+        if a != b and not spec.check_resolution((h + a * mh, w + b * mw))
+    )
     with torch.no_grad():
         out = model(*_inputs(spec, resolution=res))
     assert out.shape[-2:] == res and torch.isfinite(out).all()

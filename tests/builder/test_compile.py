@@ -15,8 +15,15 @@ from tests.conftest import EXAMPLES, tiny_specs
 from tests.perturb import perturb
 
 #: one preset of each family and structure (the DiT sizes differ only in widths and depth)
-PRESETS = ["dit-s-8", "hdit-imagenet-128", "hdit-imagenet-256", "hdit-ffhq-1024", "mdit-b",
-           "mpdit-b", "mpdit-xl-3level"]
+PRESETS = [
+    "dit-s-8",
+    "hdit-imagenet-128",
+    "hdit-imagenet-256",
+    "hdit-ffhq-1024",
+    "mdit-b",
+    "mpdit-b",
+    "mpdit-xl-3level",
+]
 
 
 def _inputs(spec, batch=2, device="cpu"):
@@ -25,8 +32,11 @@ def _inputs(spec, batch=2, device="cpu"):
     sigma = (torch.rand(batch, generator=g) + 0.5).to(device)
     if spec.conditioning.noise.kind == "sinusoidal":
         sigma = sigma * 100
-    labels = (torch.arange(batch, device=device) % spec.conditioning.classes.count
-              if spec.conditioning.classes else None)
+    labels = (
+        torch.arange(batch, device=device) % spec.conditioning.classes.count
+        if spec.conditioning.classes
+        else None
+    )
     return x, sigma, labels
 
 
@@ -41,8 +51,10 @@ def _explain(model, *args):
 
 
 def _assert_one_graph(report):
-    reasons = [f"{b.reason.splitlines()[0]} at {b.user_stack[-1] if b.user_stack else '?'}"
-               for b in report.break_reasons]
+    reasons = [
+        f"{b.reason.splitlines()[0]} at {b.user_stack[-1] if b.user_stack else '?'}"
+        for b in report.break_reasons
+    ]
     assert (report.graph_count, report.graph_break_count) == (1, 0), reasons
 
 
@@ -125,7 +137,8 @@ def _train_step_is_one_forward_and_one_backward_graph(path):
 
 def test_a_training_step_of_the_tiny_hdit_is_one_forward_and_one_backward_graph():
     _train_step_is_one_forward_and_one_backward_graph(
-        EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml")
+        EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml"
+    )
 
 
 @pytest.mark.slow

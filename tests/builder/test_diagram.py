@@ -30,8 +30,10 @@ def families() -> dict[str, tuple[S.ModelSpec, Diagram, object]]:
 
 
 def runs_of(d: Diagram, level: int, stack: str) -> list[tuple[str, int, bool, str]]:
-    return [(e.attention, e.count, e.cross_attention, e.lines[0])
-            for e in d.find("blocks", level, stack)]
+    return [
+        (e.attention, e.count, e.cross_attention, e.lines[0])
+        for e in d.find("blocks", level, stack)
+    ]
 
 
 # -------------------------------------------------------------------- structure, per family
@@ -67,7 +69,12 @@ def test_hdit_imagenet_128(families):
     assert d.element("L0.up").lines == ("split 2×2", "→ d 384")
     assert d.element("L0.skip").variant == "lerp" and d.element("L0.skip").lines == ("lerp",)
     assert [e.kind for e in d.elements if e.id.startswith("cond.")] == [
-        "noise", "classes", "aux", "mapping", "cond"]
+        "noise",
+        "classes",
+        "aux",
+        "mapping",
+        "cond",
+    ]
     assert d.element("cond.aux0").lines[0] == "aux aug_cond"
     assert "Fourier features" in d.element("cond.noise").lines
     # HDiT paper, Table 6: 117.0M params, 31 GFLOPs (docs/spec/index.md: 117,003,805 / 31.37)
@@ -86,11 +93,13 @@ def test_mdit_b(families):
     assert runs_of(d, 0, "encoder") == [("neighborhood", 2, False, "neighborhood 7×7")]
     assert runs_of(d, 0, "decoder") == [("neighborhood", 4, False, "neighborhood 7×7")]
     core = runs_of(d, 1, "middle")
-    assert core == [("global", 1, True, "global attention"),
-                    ("aggregate", 1, False, "aggregate 2×2"),
-                    ("global", 1, True, "global attention"),
-                    ("aggregate", 1, False, "aggregate 2×2"),
-                    ("global", 5, True, "global attention")]
+    assert core == [
+        ("global", 1, True, "global attention"),
+        ("aggregate", 1, False, "aggregate 2×2"),
+        ("global", 1, True, "global attention"),
+        ("aggregate", 1, False, "aggregate 2×2"),
+        ("global", 5, True, "global attention"),
+    ]
     assert "18 heads · AdaRMS (gelu)" in d.element("L1.middle.1").lines
     assert "+ cross-attention" in d.element("L1.middle.0").lines
     assert d.element("L1.middle.0").modulation == "none"
@@ -107,13 +116,15 @@ def test_mpdit_xl(families):
     input, an upsample block back to the 16x16 grid, added to the fine patch embedding, 6 fine
     blocks; class tokens as a 16-token prefix; FNO time embedding; shared adaLN."""
     spec, d, _ = families["mpdit-xl"]
-    assert [b.lines[0] for b in d.find("band")] == ["level 0 · 16×16 tokens",
-                                                   "level 1 · 8×8 tokens"]
+    assert [b.lines[0] for b in d.find("band")] == [
+        "level 0 · 16×16 tokens",
+        "level 1 · 8×8 tokens",
+    ]
     down = d.element("L0.down")
     assert (down.variant, down.lines[0]) == ("repatch", "repatch 4×4")
     edges = {(e.src, e.dst, e.kind) for e in d.edges}
-    assert ("input", "L0.down", "flow") in edges          # from the input, not from level 0
-    assert ("patch", "L0.skip", "skip") in edges           # the fine embedding is the skip
+    assert ("input", "L0.down", "flow") in edges  # from the input, not from level 0
+    assert ("patch", "L0.skip", "skip") in edges  # the fine embedding is the skip
     assert d.element("L0.up").variant == "upsample"
     assert d.element("L0.skip").variant == "linear"
     assert runs_of(d, 0, "encoder") == []
@@ -130,7 +141,8 @@ def test_mpdit_xl(families):
 
 def _all_specs():
     return [pytest.param(preset(n), id=n) for n in PRESETS] + [
-        pytest.param(S.load(p), id=p.stem) for p in tiny_specs()]
+        pytest.param(S.load(p), id=p.stem) for p in tiny_specs()
+    ]
 
 
 def _check_structure(spec: S.ModelSpec, d: Diagram) -> None:
@@ -147,8 +159,7 @@ def _check_structure(spec: S.ModelSpec, d: Diagram) -> None:
     # nothing drawn on top of anything else (bands are backgrounds)
     boxes = [e for e in d.elements if e.kind != "band"]
     for a, b in itertools.combinations(boxes, 2):
-        apart = (abs(a.x - b.x) >= (a.w + b.w) / 2 - 1e-9
-                 or abs(a.y - b.y) >= (a.h + b.h) / 2 - 1e-9)
+        apart = abs(a.x - b.x) >= (a.w + b.w) / 2 - 1e-9 or abs(a.y - b.y) >= (a.h + b.h) / 2 - 1e-9
         assert apart, f"{a.id} overlaps {b.id}"
     # the data flows from the input through every block to the output
     ids = {e.id for e in d.elements}
@@ -213,8 +224,14 @@ def test_svg_is_deterministic_and_keeps_text(families, tmp_path):
     b = render(d, tmp_path / "b.svg").read_bytes()
     assert a == b
     text = a.decode()
-    for label in ("neighborhood 7×7", "global attention", "level 1 · 16×16 tokens", "lerp",
-                  "merge 2×2", "mapping network"):
+    for label in (
+        "neighborhood 7×7",
+        "global attention",
+        "level 1 · 16×16 tokens",
+        "lerp",
+        "merge 2×2",
+        "mapping network",
+    ):
         assert label in text
     assert "<dc:date>" not in text
 
@@ -257,8 +274,10 @@ def test_layout_is_plain_data():
 
 def test_resolution_changes_the_grids():
     d = layout(preset("hdit-imagenet-128"), (256, 256), measure=False)
-    assert [b.lines[0] for b in d.find("band")] == ["level 0 · 64×64 tokens",
-                                                   "level 1 · 32×32 tokens"]
+    assert [b.lines[0] for b in d.find("band")] == [
+        "level 0 · 64×64 tokens",
+        "level 1 · 32×32 tokens",
+    ]
     with pytest.raises(S.SpecError, match="not divisible"):
         layout(preset("hdit-imagenet-128"), (130, 130), measure=False)
 
@@ -295,8 +314,9 @@ def test_local_core_highlights_the_core_attention(tmp_path):
 
     a = preset("hdit-imagenet-128")
     b = adapt_spec(a, S.LocalCore(kernel_size=7), (128, 128))
-    da, db, rows = draw_comparison(a, b, tmp_path / "d.svg", label_a="trained",
-                                   label_b="local_core", measure=False)
+    da, db, rows = draw_comparison(
+        a, b, tmp_path / "d.svg", label_a="trained", label_b="local_core", measure=False
+    )
     assert [r.path for r in rows] == ["levels[1].attention"]
     assert {e.id for e in da.highlighted()} == {"L1.middle.0"}
     assert {e.id for e in db.highlighted()} == {"L1.middle.0"}

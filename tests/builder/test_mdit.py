@@ -59,8 +59,10 @@ def test_mdit_0_0_0_l_is_the_isotropic_model():
     with torch.no_grad():
         torch.testing.assert_close(m(x, t, y), iso(x, t, y), atol=0, rtol=0)
     # the committed example is the same spec
-    assert S.load(EXAMPLES / "tiny" / "tiny-mdit-isotropic.yaml").levels == \
-        mdit(0, 0, 0, 2, core=64, d_head=16, resolution=16, classes=10, aux=False).levels
+    assert (
+        S.load(EXAMPLES / "tiny" / "tiny-mdit-isotropic.yaml").levels
+        == mdit(0, 0, 0, 2, core=64, d_head=16, resolution=16, classes=10, aux=False).levels
+    )
 
 
 def test_aggregate_attention_matches_a_direct_computation():
@@ -74,7 +76,7 @@ def test_aggregate_attention_matches_a_direct_computation():
         # cols 2j..2j+1, channels ordered (row, col, channel)
         g = x.view(2, 2, f, 3, f, d).permute(0, 1, 3, 2, 4, 5).reshape(2, 6, f * f * d)
         q, k, v = att.qkv(g).view(2, 6, 3, heads, d_head).permute(2, 0, 3, 1, 4)
-        probs = (q @ k.transpose(-1, -2) / d_head ** 0.5).softmax(-1)
+        probs = (q @ k.transpose(-1, -2) / d_head**0.5).softmax(-1)
         o = (probs @ v).transpose(1, 2).reshape(2, 6, heads * d_head)
         o = att.out(o).view(2, 2, 3, f, f, d).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, d)
     assert att.qkv.weight.shape == (3 * heads * d_head, f * f * d)  # non-square
@@ -121,9 +123,11 @@ def test_aggregate_attention_is_counted_on_the_coarse_grid():
 
 
 def test_describe_numbers_for_the_mdit_presets():
-    expected = {"mdit-b": (133_692_289, 31.49),  # the paper: "MDiT-B used 133 Million"
-                "mdit-l": (465_330_689, 110.03),
-                "mdit-xl": (641_600_065, 152.86)}
+    expected = {
+        "mdit-b": (133_692_289, 31.49),  # the paper: "MDiT-B used 133 Million"
+        "mdit-l": (465_330_689, 110.03),
+        "mdit-xl": (641_600_065, 152.86),
+    }
     for name, (params, gmacs) in expected.items():
         report = describe(preset(name))
         assert report.params == params, name
@@ -164,8 +168,12 @@ def test_aspect_and_scale_inputs_condition_the_model_and_drop_out_in_training():
     cond.train()
     n = 4000
     with torch.no_grad():
-        out = cond(torch.full((n,), 100.0), torch.ones(n, dtype=torch.long),
-                   scale=torch.ones(n, 1), aspect=torch.ones(n, 1))
+        out = cond(
+            torch.full((n,), 100.0),
+            torch.ones(n, dtype=torch.long),
+            scale=torch.ones(n, 1),
+            aspect=torch.ones(n, 1),
+        )
         dropped_both = cond(torch.full((1,), 100.0), torch.ones(1, dtype=torch.long))
     # each input is dropped with p = 0.1, independently: both dropped in ~1% of samples
     both = (out - dropped_both).abs().amax(-1) < 1e-6

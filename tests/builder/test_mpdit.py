@@ -15,8 +15,10 @@ from tests.conftest import EXAMPLES
 def _fixture(fixtures_dir, name):
     from safetensors.torch import load_file
 
-    return (load_file(str(fixtures_dir / name / "weights.safetensors")),
-            load_file(str(fixtures_dir / name / "io.safetensors")))
+    return (
+        load_file(str(fixtures_dir / name / "weights.safetensors")),
+        load_file(str(fixtures_dir / name / "io.safetensors")),
+    )
 
 
 def _cfg(model, x, t, y, scale):
@@ -41,8 +43,13 @@ def test_converted_reference_weights_reproduce_the_fixture(fixtures_dir, name):
     model.eval()
     with torch.no_grad():
         out = model(io["inputs.x"], io["inputs.t"], io["inputs.y"])
-        cfg = _cfg(model, io["inputs.cfg_x"], io["inputs.cfg_t"], io["inputs.cfg_y"],
-                   float(io["inputs.cfg_scale"][0]))
+        cfg = _cfg(
+            model,
+            io["inputs.cfg_x"],
+            io["inputs.cfg_t"],
+            io["inputs.cfg_y"],
+            float(io["inputs.cfg_scale"][0]),
+        )
         time_emb = model.conditioning(io["inputs.t"])
         shared = model.shared_modulation(time_emb)
     torch.testing.assert_close(time_emb, io["intermediates.t_embedder"], atol=1e-4, rtol=1e-4)
@@ -61,8 +68,9 @@ def test_fixture_spec_equals_the_tiny_example(fixtures_dir):
     weights, _ = _fixture(fixtures_dir, "mpdit_tiny")
     inferred = convert.infer_spec(weights, {}, n_heads=4)
     tiny = S.load(EXAMPLES / "tiny" / "tiny-mpdit.yaml")
-    assert inferred.model_copy(update={"name": "x", "description": ""}) == \
-        tiny.model_copy(update={"name": "x", "description": ""})
+    assert inferred.model_copy(update={"name": "x", "description": ""}) == tiny.model_copy(
+        update={"name": "x", "description": ""}
+    )
 
 
 def test_fno_embedding_is_smooth_in_t_and_exports():
@@ -127,10 +135,24 @@ def test_three_stage_layout_round_trips_through_the_mpditv2_names():
     assert tuple(src["pos_embed_lvl2"].shape) == (1, 64, d)
     assert tuple(src["upsampler_lvl1.proj.weight"].shape) == (4 * d, d)
     assert {k.split(".")[0] for k in src} == {
-        "x_embedder", "x_embedder_lvl1", "x_embedder_lvl2", "linear_skip_lvl1",
-        "linear_skip_lvl2", "t_embedder", "y_embedder", "pos_embed", "pos_embed_lvl1",
-        "pos_embed_lvl2", "time_modulation", "downsample_blocks", "upsampler_lvl1",
-        "upsample_blocks_lvl1", "upsampler_lvl2", "upsample_blocks_lvl2", "final_layer"}
+        "x_embedder",
+        "x_embedder_lvl1",
+        "x_embedder_lvl2",
+        "linear_skip_lvl1",
+        "linear_skip_lvl2",
+        "t_embedder",
+        "y_embedder",
+        "pos_embed",
+        "pos_embed_lvl1",
+        "pos_embed_lvl2",
+        "time_modulation",
+        "downsample_blocks",
+        "upsampler_lvl1",
+        "upsample_blocks_lvl1",
+        "upsampler_lvl2",
+        "upsample_blocks_lvl2",
+        "final_layer",
+    }
     inferred = convert.infer_spec(src, {}, n_heads=2)
     assert inferred.levels == spec.levels and inferred.conditioning == spec.conditioning
     back = convert.to_ditkit(src, inferred)

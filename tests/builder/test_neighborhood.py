@@ -5,8 +5,9 @@ import torch
 
 from ditkit.builder import kernels
 
-natten = pytest.importorskip("natten", reason="natten is not installed (pip install natten "
-                             "--no-build-isolation)")
+natten = pytest.importorskip(
+    "natten", reason="natten is not installed (pip install natten --no-build-isolation)"
+)
 
 CASES = [  # (H, W, kernel, dilation)
     (7, 7, (3, 3), (1, 1)),
@@ -22,19 +23,24 @@ CASES = [  # (H, W, kernel, dilation)
 
 def _qkv(h, w, seed=0, batch=2, heads=3, d=8):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, h, w, d, generator=g, dtype=torch.float64)
-            for _ in range(3)]
+    return [torch.randn(batch, heads, h, w, d, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
 @pytest.mark.parametrize("h,w,kernel,dilation", CASES)
 def test_gather_equals_natten(h, w, kernel, dilation):
     q, k, v = _qkv(h, w)
-    scale = 8 ** -0.5
+    scale = 8**-0.5
     with kernels.use_backend("gather"):
         ours = kernels.neighborhood_attention(q, k, v, kernel, dilation, scale)
     heads_last = lambda t: t.float().permute(0, 2, 3, 1, 4)  # noqa: E731
-    ref = natten.na2d(heads_last(q), heads_last(k), heads_last(v), kernel_size=kernel,
-                      dilation=dilation, scale=scale).permute(0, 3, 1, 2, 4)
+    ref = natten.na2d(
+        heads_last(q),
+        heads_last(k),
+        heads_last(v),
+        kernel_size=kernel,
+        dilation=dilation,
+        scale=scale,
+    ).permute(0, 3, 1, 2, 4)
     assert (ours.float() - ref).abs().max() <= 1e-5
 
 
@@ -66,14 +72,31 @@ def _brute_force_window(n, kernel, dilation, i):
     """NATTEN's window by its definition: among the runs of ``kernel`` consecutive members of
     i's dilation group that contain i, the one whose middle member is nearest to i."""
     members = list(range(i % dilation, n, dilation))
-    runs = [members[s:s + kernel] for s in range(len(members) - kernel + 1) if i in
-            members[s:s + kernel]]
+    runs = [
+        members[s : s + kernel]
+        for s in range(len(members) - kernel + 1)
+        if i in members[s : s + kernel]
+    ]
     return min(runs, key=lambda run: abs(run[kernel // 2] - i))
 
 
-@pytest.mark.parametrize("n,kernel,dilation", [
-    (3, 3, 1), (7, 7, 1), (8, 3, 2), (9, 3, 3), (10, 5, 2), (11, 3, 2), (12, 5, 2), (17, 7, 1),
-    (31, 3, 2), (31, 7, 2), (14, 7, 2), (64, 7, 1)])
+@pytest.mark.parametrize(
+    "n,kernel,dilation",
+    [
+        (3, 3, 1),
+        (7, 7, 1),
+        (8, 3, 2),
+        (9, 3, 3),
+        (10, 5, 2),
+        (11, 3, 2),
+        (12, 5, 2),
+        (17, 7, 1),
+        (31, 3, 2),
+        (31, 7, 2),
+        (14, 7, 2),
+        (64, 7, 1),
+    ],
+)
 def test_window_indices_match_the_definition(n, kernel, dilation):
     idx = kernels.window_start_index(n, kernel, dilation)
     assert idx.shape == (n, kernel)

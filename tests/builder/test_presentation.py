@@ -16,8 +16,13 @@ KINDS = P.attention_kinds()
 
 def test_the_union_is_read_from_the_spec():
     assert S.GlobalAttention in KINDS and S.NoAttention in KINDS
-    assert {P.kind_of(c) for c in KINDS} == {"global", "neighborhood", "shifted_window",
-                                              "aggregate", "none"}
+    assert {P.kind_of(c) for c in KINDS} == {
+        "global",
+        "neighborhood",
+        "shifted_window",
+        "aggregate",
+        "none",
+    }
 
 
 @pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.__name__)

@@ -20,8 +20,11 @@ OPT = S.experiment.Optimizer(lr=1e-3, weight_decay=0.1, mapping_lr_scale=0.5)
 def _groups_by_name(model) -> dict[str, tuple[float, float]]:
     """``{parameter name: (weight_decay, lr)}`` from the optimizer groups."""
     names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: (g["weight_decay"], g["lr"])
-            for g in param_groups(model, OPT) for p in g["params"]}
+    return {
+        names[id(p)]: (g["weight_decay"], g["lr"])
+        for g in param_groups(model, OPT)
+        for p in g["params"]
+    }
 
 
 @pytest.mark.parametrize("path", example_specs(), ids=lambda p: p.stem)
@@ -35,7 +38,7 @@ def test_tags_give_the_published_grouping_on_every_example(path):
             if not p.requires_grad:  # a fixed table (sincos positions) is not optimised
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            no_decay = (isinstance(m, (Norm, nn.Embedding)) or name in ("bias", "scale", "fac"))
+            no_decay = isinstance(m, (Norm, nn.Embedding)) or name in ("bias", "scale", "fac")
             mapping = full.startswith("conditioning.")
             expected[full] = (0.0 if no_decay else 0.1, 5e-4 if mapping else 1e-3)
     assert _groups_by_name(model) == expected

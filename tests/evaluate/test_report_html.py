@@ -29,17 +29,19 @@ def _markdown_left(page: str) -> list[str]:
 
 
 def test_markdown_constructs_become_html():
-    md = "\n".join([
-        "# Title with `code`",
-        "*Intro in emphasis* and a **strong claim** about `as_is` (2*3 = 6, x * y).",
-        "- **32x32, accuracy:** best `core_patch` (*p* = 0.01)",
-        "- second item",
-        "",
-        "| policy | status |",
-        "| --- | --- |",
-        "| `core_patch:factor=4` | **NOT a no-op: changes the model** |",
-        "![cost](cost.png)",
-    ])
+    md = "\n".join(
+        [
+            "# Title with `code`",
+            "*Intro in emphasis* and a **strong claim** about `as_is` (2*3 = 6, x * y).",
+            "- **32x32, accuracy:** best `core_patch` (*p* = 0.01)",
+            "- second item",
+            "",
+            "| policy | status |",
+            "| --- | --- |",
+            "| `core_patch:factor=4` | **NOT a no-op: changes the model** |",
+            "![cost](cost.png)",
+        ]
+    )
     page = _html(md)
     assert "<strong>strong claim</strong>" in page
     assert "<em>Intro in emphasis</em>" in page and "<em>p</em>" in page
@@ -63,13 +65,25 @@ def check_report_html(folder) -> None:
             assert f"<strong>{html_lib.escape(strong, quote=False)}</strong>" in page, strong
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="no headless Chromium here (apt-get install chromium); the HTML "
-                           "check above runs everywhere")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="no headless Chromium here (apt-get install chromium); the HTML "
+    "check above runs everywhere",
+)
 def test_the_report_renders_in_headless_chromium(tmp_path):
     run(S.load(TINY), None, None, [S.AsIs()], [(16, 16), (32, 32)], tmp_path, measure=False)
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (tmp_path / "report.html").as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            (tmp_path / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "<table>" in dom and _markdown_left(dom) == []

@@ -32,8 +32,13 @@ def hdit_model(hdit_spec):
 def test_round_trip_spec_objective_metadata_and_outputs(tmp_path, hdit_spec, hdit_model):
     path = tmp_path / "m.safetensors"
     objective = S.EDMObjective(sigma_data=0.5, weighting="soft_min_snr")
-    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec, objective=objective,
-                      metadata={"run": "abc", "ditkit.cfg_channels": "3"})
+    C.save_checkpoint(
+        path,
+        hdit_model.state_dict(),
+        hdit_spec,
+        objective=objective,
+        metadata={"run": "abc", "ditkit.cfg_channels": "3"},
+    )
     ckpt = C.load_checkpoint(path)
     assert ckpt.spec == hdit_spec
     assert ckpt.objective == objective
@@ -57,11 +62,13 @@ def test_cfg_channels(tmp_path, hdit_spec, hdit_model):
     path = tmp_path / "m.safetensors"
     C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec)
     assert C.load_checkpoint(path).cfg_channels is None
-    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
-                      metadata={"ditkit.cfg_channels": "3"})
+    C.save_checkpoint(
+        path, hdit_model.state_dict(), hdit_spec, metadata={"ditkit.cfg_channels": "3"}
+    )
     assert C.load_checkpoint(path).cfg_channels == 3
-    C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
-                      metadata={"ditkit.cfg_channels": "three"})
+    C.save_checkpoint(
+        path, hdit_model.state_dict(), hdit_spec, metadata={"ditkit.cfg_channels": "three"}
+    )
     with pytest.raises(ValueError, match="ditkit.cfg_channels='three' is not an integer"):
         _ = C.load_checkpoint(path).cfg_channels
 
@@ -108,8 +115,7 @@ def test_bad_metadata_is_refused_before_writing(tmp_path, hdit_spec, hdit_model)
     with pytest.raises(ValueError, match=r"metadata\['step'\].*strings only"):
         C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec, metadata={"step": 3})
     with pytest.raises(ValueError, match=r"ditkit.spec.*written by save_checkpoint"):
-        C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec,
-                          metadata={"ditkit.spec": "{}"})
+        C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec, metadata={"ditkit.spec": "{}"})
     assert not path.exists()
 
 
@@ -146,14 +152,16 @@ def test_newer_spec_version_is_refused(tmp_path, hdit_spec):
     data = S.to_data(hdit_spec, full=True)
     data["spec_version"] = 99
     path = tmp_path / "new.safetensors"
-    save_file({"w": torch.zeros(2)}, str(path),
-              metadata={"ditkit.spec": json.dumps(data), "ditkit.spec_version": "99"})
+    save_file(
+        {"w": torch.zeros(2)},
+        str(path),
+        metadata={"ditkit.spec": json.dumps(data), "ditkit.spec_version": "99"},
+    )
     with pytest.raises(S.SpecError, match="newer than this ditkit.*upgrade"):
         C.load_checkpoint(path)
 
 
-def test_stored_spec_goes_through_the_migration_hook(tmp_path, monkeypatch, hdit_spec,
-                                                     hdit_model):
+def test_stored_spec_goes_through_the_migration_hook(tmp_path, monkeypatch, hdit_spec, hdit_model):
     """Loading runs ``ditkit.spec.migrate`` on the stored data (where version N -> N+1
     migrations live); a spec stored without ``spec_version`` takes the metadata's."""
     import ditkit.spec.io as io
@@ -169,8 +177,11 @@ def test_stored_spec_goes_through_the_migration_hook(tmp_path, monkeypatch, hdit
     data = S.to_data(hdit_spec)
     del data["spec_version"]
     path = tmp_path / "old.safetensors"
-    save_file({k: v.contiguous() for k, v in hdit_model.state_dict().items()}, str(path),
-              metadata={"ditkit.spec": json.dumps(data), "ditkit.spec_version": "1"})
+    save_file(
+        {k: v.contiguous() for k, v in hdit_model.state_dict().items()},
+        str(path),
+        metadata={"ditkit.spec": json.dumps(data), "ditkit.spec_version": "1"},
+    )
     ckpt = C.load_checkpoint(path)
     assert ckpt.spec == hdit_spec
     assert seen and seen[-1]["spec_version"] == 1 and seen[-1]["name"] == hdit_spec.name

@@ -9,11 +9,13 @@ from ditkit.runtime.denoiser import Denoiser, compile_denoiser, compile_mode
 from ditkit.runtime.samplers import sample
 from tests.runtime.conftest import perturbed
 
-OBJECTIVES = {"edm": (S.EDMObjective(), "tiny-hdit-neighborhood"),
-              "ddpm_eps": (S.DDPMObjective(), "tiny-dit"),
-              "x0": (S.X0Objective(), "tiny-hdit-global"),
-              "flow": (S.FlowObjective(), "tiny-mdit"),
-              "v": (S.VObjective(), "tiny-mdit")}
+OBJECTIVES = {
+    "edm": (S.EDMObjective(), "tiny-hdit-neighborhood"),
+    "ddpm_eps": (S.DDPMObjective(), "tiny-dit"),
+    "x0": (S.X0Objective(), "tiny-hdit-global"),
+    "flow": (S.FlowObjective(), "tiny-mdit"),
+    "v": (S.VObjective(), "tiny-mdit"),
+}
 
 
 def _inputs(spec, batch=2):
@@ -32,7 +34,8 @@ def test_a_denoiser_step_is_one_graph_for_every_objective(name):
     with torch.no_grad():
         report = torch._dynamo.explain(den.denoise)(*_inputs(den.model.spec))
     assert (report.graph_count, report.graph_break_count) == (1, 0), [
-        b.reason.splitlines()[0] for b in report.break_reasons]
+        b.reason.splitlines()[0] for b in report.break_reasons
+    ]
 
 
 def test_compiled_sampling_with_cfg_equals_eager_and_compiles_once_per_batch_shape():
@@ -43,8 +46,14 @@ def test_compiled_sampling_with_cfg_equals_eager_and_compiles_once_per_batch_sha
         graphs.append(gm)
         return gm.forward
 
-    kwargs = dict(steps=3, sampler="heun", seed=0, class_labels=torch.tensor([1, 2]),
-                  cfg_scale=3.0, cfg_interval=(0.5, 5.0))
+    kwargs = dict(
+        steps=3,
+        sampler="heun",
+        seed=0,
+        class_labels=torch.tensor([1, 2]),
+        cfg_scale=3.0,
+        cfg_interval=(0.5, 5.0),
+    )
     shape = (2, 4, 8, 8)
     eager = sample(Denoiser(model, S.DDPMObjective()), shape, **kwargs)
     torch._dynamo.reset()
@@ -74,7 +83,8 @@ def _checkpoint(tmp_path):
 
 
 def test_cli_sample_compile_compiles_the_denoiser_and_gives_the_eager_samples(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     """``--compile`` reaches ``compile_denoiser`` with the mode (run here on Dynamo's eager
     backend: inductor's code generation is minutes on this CPU) and the samples are unchanged."""
     import numpy as np
@@ -95,8 +105,7 @@ def test_cli_sample_compile_compiles_the_denoiser_and_gives_the_eager_samples(
     common = ["--steps", "2", "--classes", "1,2", "--no-progress"]
     assert main(["sample", str(ckpt), *common, "--out", str(tmp_path / "a.png")]) == 0
     torch._dynamo.reset()
-    assert main(["sample", str(ckpt), *common, "--compile", "--out",
-                 str(tmp_path / "b.png")]) == 0
+    assert main(["sample", str(ckpt), *common, "--compile", "--out", str(tmp_path / "b.png")]) == 0
     assert seen == ["auto"]
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
     assert np.array_equal(a, b)
@@ -106,9 +115,24 @@ def test_cli_refuses_an_unknown_compile_mode(tmp_path, capsys):
     from ditkit.cli import main
 
     ckpt = _checkpoint(tmp_path)
-    assert main(["sample", str(ckpt), "--steps", "1", "--compile", "fast", "--no-progress",
-                 "--out", str(tmp_path / "a.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                str(ckpt),
+                "--steps",
+                "1",
+                "--compile",
+                "fast",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 2
+    )
     assert "--compile fast: choose one of auto, default" in capsys.readouterr().err
-    assert main(["bench", "sample", str(ckpt), "--engines", "compile",
-                 "--compile-mode", "fast"]) == 2
+    assert (
+        main(["bench", "sample", str(ckpt), "--engines", "compile", "--compile-mode", "fast"]) == 2
+    )
     assert "--compile-mode fast: choose from auto" in capsys.readouterr().err

@@ -36,8 +36,13 @@ def fixture(name: str):
     with safe_open(str(folder / "weights.safetensors"), framework="pt") as f:
         meta = dict(f.metadata() or {})
     info = json.loads((folder / "fixture.json").read_text())
-    return (folder, load_file(str(folder / "weights.safetensors")),
-            load_file(str(folder / "io.safetensors")), meta, info)
+    return (
+        folder,
+        load_file(str(folder / "weights.safetensors")),
+        load_file(str(folder / "io.safetensors")),
+        meta,
+        info,
+    )
 
 
 def hints_for(name: str, info: dict) -> dict:
@@ -72,13 +77,24 @@ def test_dit_fixture_outputs(name, tmp_path):
         torch.testing.assert_close(got, io["outputs.out"], **TOL)
         channels = ckpt.cfg_channels
         assert channels == 3
-        cfg = dit_forward_with_cfg(model, io["inputs.cfg_x"], io["inputs.cfg_t"],
-                                   io["inputs.cfg_y"], float(io["inputs.cfg_scale"][0]),
-                                   channels)
+        cfg = dit_forward_with_cfg(
+            model,
+            io["inputs.cfg_x"],
+            io["inputs.cfg_t"],
+            io["inputs.cfg_y"],
+            float(io["inputs.cfg_scale"][0]),
+            channels,
+        )
         torch.testing.assert_close(cfg, io["outputs.cfg_out"], **TOL)
         # guiding every channel (ditkit's default) is measurably different here
-        all_ch = dit_forward_with_cfg(model, io["inputs.cfg_x"], io["inputs.cfg_t"],
-                                      io["inputs.cfg_y"], float(io["inputs.cfg_scale"][0]), 8)
+        all_ch = dit_forward_with_cfg(
+            model,
+            io["inputs.cfg_x"],
+            io["inputs.cfg_t"],
+            io["inputs.cfg_y"],
+            float(io["inputs.cfg_scale"][0]),
+            8,
+        )
         assert (all_ch - io["outputs.cfg_out"]).abs().max() > 1e-2
 
 
@@ -116,8 +132,9 @@ def test_hdit_fixture_through_runtime_denoiser(name, tmp_path):
     CV.convert(folder / "weights.safetensors", "k-diffusion", out)
     model, ckpt = load_model(out)
     with torch.no_grad():
-        got = Denoiser(model, ckpt.objective)(io["inputs.x"], io["inputs.sigma"],
-                                              io["inputs.class_cond"])
+        got = Denoiser(model, ckpt.objective)(
+            io["inputs.x"], io["inputs.sigma"], io["inputs.class_cond"]
+        )
     torch.testing.assert_close(got, io["outputs.denoised"], **TOL)
 
 
@@ -125,8 +142,7 @@ def test_hdit_fixture_through_runtime_denoiser(name, tmp_path):
 
 
 def test_inferred_specs_equal_the_tiny_presets():
-    pairs = [("dit_tiny", "tiny-dit")] + [(f, "tiny-" + f.replace("_", "-"))
-                                          for f in HDIT_FIXTURES]
+    pairs = [("dit_tiny", "tiny-dit")] + [(f, "tiny-" + f.replace("_", "-")) for f in HDIT_FIXTURES]
     for name, yaml_name in pairs:
         _, state, _, meta, info = fixture(name)
         mod = CV.source_module(SOURCE_OF[name])
@@ -150,8 +166,9 @@ def test_dit_presets_are_inferred_from_their_shapes(name):
     assert state["x_embedder.proj.weight"].shape[1:] == (4, spec.patch.size, spec.patch.size)
     inferred = DIT.infer_spec(state, {})
     assert inferred.name == name
-    assert inferred.model_copy(update={"description": ""}) == \
-        spec.model_copy(update={"description": ""})
+    assert inferred.model_copy(update={"description": ""}) == spec.model_copy(
+        update={"description": ""}
+    )
 
 
 @pytest.mark.parametrize("name", ["hdit-imagenet-128", "hdit-ffhq-1024", "hdit-imagenet-256"])
@@ -160,17 +177,25 @@ def test_hdit_presets_round_trip_through_the_kdiffusion_config(name):
     config = KD.config_from_spec(spec, sigma_data=0.5)
     model, classes = KD.model_config({"config": json.dumps(config)})
     back = KD.spec_from_config(model, classes, spec.name)
-    assert back.model_copy(update={"description": ""}) == \
-        spec.model_copy(update={"description": ""})
+    assert back.model_copy(update={"description": ""}) == spec.model_copy(
+        update={"description": ""}
+    )
 
 
 def test_kdiffusion_config_defaults_follow_load_config():
     """Absent keys take k-diffusion's load_config defaults (mapping 256 x 2, d_ff 3x, the
     neighborhood-7 / global layout, d_head 64)."""
-    config = {"model": {"type": "image_transformer_v2", "input_channels": 3,
-                        "input_size": [64, 64], "patch_size": [4, 4], "depths": [2, 4],
-                        "widths": [128, 256]},
-              "dataset": {"num_classes": 0}}
+    config = {
+        "model": {
+            "type": "image_transformer_v2",
+            "input_channels": 3,
+            "input_size": [64, 64],
+            "patch_size": [4, 4],
+            "depths": [2, 4],
+            "widths": [128, 256],
+        },
+        "dataset": {"num_classes": 0},
+    }
     model, classes = KD.model_config({"config": json.dumps(config)})
     spec = KD.spec_from_config(model, classes)
     assert spec.cond_width == 256 and spec.conditioning.mapping.depth == 2
@@ -183,13 +208,25 @@ def test_kdiffusion_config_defaults_follow_load_config():
 
 
 def test_kdiffusion_per_level_overrides():
-    config = {"model": {"type": "image_transformer_v2", "input_channels": 3,
-                        "input_size": [32, 32], "patch_size": [2, 2], "depths": [1, 1],
-                        "widths": [32, 64], "d_ffs": [64, 192], "mapping_width": 32,
-                        "mapping_depth": 1, "mapping_d_ff": 64,
-                        "self_attns": [{"type": "neighborhood", "d_head": 8, "kernel_size": 5},
-                                       {"type": "global", "d_head": 32}]},
-              "dataset": {"num_classes": 10}}
+    config = {
+        "model": {
+            "type": "image_transformer_v2",
+            "input_channels": 3,
+            "input_size": [32, 32],
+            "patch_size": [2, 2],
+            "depths": [1, 1],
+            "widths": [32, 64],
+            "d_ffs": [64, 192],
+            "mapping_width": 32,
+            "mapping_depth": 1,
+            "mapping_d_ff": 64,
+            "self_attns": [
+                {"type": "neighborhood", "d_head": 8, "kernel_size": 5},
+                {"type": "global", "d_head": 32},
+            ],
+        },
+        "dataset": {"num_classes": 10},
+    }
     model, classes = KD.model_config({"config": json.dumps(config)})
     spec = KD.spec_from_config(model, classes)
     enc, mid = spec.stack(0, "encoder")[0], spec.stack(1, "middle")[0]
@@ -204,11 +241,18 @@ def test_kdiffusion_per_level_overrides():
 
 
 def test_kdiffusion_unsupported_config_is_named():
-    base = {"type": "image_transformer_v2", "input_channels": 3, "input_size": [32, 32],
-            "patch_size": [2, 2], "depths": [1, 1], "widths": [32, 64]}
-    for extra, needle in (({"mapping_cond_dim": 4}, "mapping_cond_dim"),
-                          ({"self_attns": [{"type": "none"}, {"type": "global"}]},
-                           r"self_attns\[0\].type")):
+    base = {
+        "type": "image_transformer_v2",
+        "input_channels": 3,
+        "input_size": [32, 32],
+        "patch_size": [2, 2],
+        "depths": [1, 1],
+        "widths": [32, 64],
+    }
+    for extra, needle in (
+        ({"mapping_cond_dim": 4}, "mapping_cond_dim"),
+        ({"self_attns": [{"type": "none"}, {"type": "global"}]}, r"self_attns\[0\].type"),
+    ):
         meta = {"config": json.dumps({"model": {**base, **extra}})}
         with pytest.raises(ValueError, match=needle):
             KD.infer_spec({}, meta)
@@ -238,8 +282,10 @@ def test_dit_refuses_unknown_missing_and_misshaped_keys():
     msg = str(err.value)
     assert "blocks.0.extra.weight" in msg and "left over" in msg
     assert "blocks.1.mlp.fc2.bias" in msg and "missing (1)" in msg
-    assert "blocks.0.attn.qkv.weight -> levels.0.middle.0.attn.qkv.weight: got (190, 64), the " \
-           "spec needs (192, 64)" in msg
+    assert (
+        "blocks.0.attn.qkv.weight -> levels.0.middle.0.attn.qkv.weight: got (190, 64), the "
+        "spec needs (192, 64)" in msg
+    )
     assert err.value.unexpected == ["blocks.0.extra.weight"]
     assert err.value.missing == ["blocks.1.mlp.fc2.bias"]
     assert len(err.value.mismatched) == 1
@@ -250,8 +296,11 @@ def test_dit_patch_weight_of_wrong_rank_is_reported():
     spec = DIT.infer_spec(state, {}, n_heads=4)
     bad = dict(state)
     bad["pos_embed"] = torch.zeros(1, 9, 64)
-    with pytest.raises(CV.ConversionError, match=r"pos_embed \(1, 9, 64\) cannot become "
-                                                 r"position.table"):
+    with pytest.raises(
+        CV.ConversionError,
+        match=r"pos_embed \(1, 9, 64\) cannot become "
+        r"position.table",
+    ):
         DIT.to_ditkit(bad, spec)
 
 
@@ -262,8 +311,9 @@ def test_kdiffusion_refuses_bad_keys_and_wrong_rope_layout():
     bad["mapping_cond_in_proj.weight"] = torch.zeros(32, 4)
     del bad["up_levels.0.0.ff.norm.linear.weight"]
     bad["mid_level.0.self_attn.pos_emb.freqs"] = state["mid_level.0.self_attn.pos_emb.freqs"].T
-    bad["down_levels.0.0.self_attn.pos_emb.freqs"] = \
-        state["down_levels.0.0.self_attn.pos_emb.freqs"].flip(0)
+    bad["down_levels.0.0.self_attn.pos_emb.freqs"] = state[
+        "down_levels.0.0.self_attn.pos_emb.freqs"
+    ].flip(0)
     with pytest.raises(CV.ConversionError) as err:
         KD.to_ditkit(bad, spec)
     msg = str(err.value)
@@ -311,8 +361,18 @@ def test_round_trip_to_source_layout_is_bit_exact(name, suffix, tmp_path):
         assert KD.infer_spec(got, meta, name=spec.name) == spec
         exported = json.loads(meta["config"])["model"]
         original = json.loads(read_metadata(folder / "weights.safetensors")["config"])["model"]
-        for key in ("widths", "depths", "d_ffs", "self_attns", "patch_size", "input_size",
-                    "mapping_width", "mapping_depth", "mapping_d_ff", "sigma_data"):
+        for key in (
+            "widths",
+            "depths",
+            "d_ffs",
+            "self_attns",
+            "patch_size",
+            "input_size",
+            "mapping_width",
+            "mapping_depth",
+            "mapping_d_ff",
+            "sigma_data",
+        ):
             assert exported[key] == original[key], key
 
 
@@ -323,9 +383,15 @@ def test_training_dict_prefers_ema_and_strips_compile_prefix(tmp_path):
     _, state, _, _, _ = fixture("dit_tiny")
     raw = {k: v + 1.0 for k, v in state.items()}
     path = tmp_path / "train.pt"
-    torch.save({"model": raw, "ema": {f"_orig_mod.{k}": v for k, v in state.items()},
-                "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
-                "args": argparse.Namespace(model="DiT-XL/2", image_size=256)}, path)
+    torch.save(
+        {
+            "model": raw,
+            "ema": {f"_orig_mod.{k}": v for k, v in state.items()},
+            "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+            "args": argparse.Namespace(model="DiT-XL/2", image_size=256),
+        },
+        path,
+    )
     got, meta = CV.read_source(path, DIT.PREFERRED_KEYS)
     assert meta["ditkit.source_key"] == "ema" and json.loads(meta["args"])["image_size"] == 256
     assert all(torch.equal(got[k], state[k]) for k in state) and set(got) == set(state)
@@ -344,9 +410,16 @@ def test_training_dict_prefers_ema_and_strips_compile_prefix(tmp_path):
 def test_kdiffusion_training_checkpoint(tmp_path):
     folder, state, io, meta, _ = fixture("hdit_global")
     path = tmp_path / "00100.pth"
-    torch.save({"config": json.loads(meta["config"]), "model": {k: v * 0 for k, v in
-                                                                 state.items()},
-                "model_ema": state, "step": 100, "epoch": 1}, path)
+    torch.save(
+        {
+            "config": json.loads(meta["config"]),
+            "model": {k: v * 0 for k, v in state.items()},
+            "model_ema": state,
+            "step": 100,
+            "epoch": 1,
+        },
+        path,
+    )
     out = tmp_path / "ours.safetensors"
     CV.convert(path, "k-diffusion", out)
     model, ckpt = load_model(out)
@@ -375,8 +448,21 @@ def test_unsafe_pickles_are_refused(tmp_path, capsys):
 def test_cli_convert_and_back(tmp_path, capsys):
     folder = fixture("hdit_global")[0]
     out = tmp_path / "h.safetensors"
-    assert main(["convert", "--from", "k-diffusion", str(folder / "weights.safetensors"),
-                 "--out", str(out), "--name", "my-hdit"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "k-diffusion",
+                str(folder / "weights.safetensors"),
+                "--out",
+                str(out),
+                "--name",
+                "my-hdit",
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert load_checkpoint(out).spec.name == "my-hdit"
     back = tmp_path / "k.safetensors"
@@ -384,24 +470,37 @@ def test_cli_convert_and_back(tmp_path, capsys):
     assert "config" in read_metadata(back)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["convert", "--from", "dit", "{missing}", "--out", "{out}"], "no such file"),
-    (["convert", "--from", "nope", "{dit}", "--out", "{out}"], "unknown source format 'nope'"),
-    (["convert", "--from", "dit", "{dit}", "--out", "{out}"], "--heads N"),
-    (["convert", "--from", "dit", "{dit}", "--out", "{tmp}/x.pt"], "is a .safetensors file"),
-    (["convert", "--from", "dit", "{dit}", "--out", "{out}", "--preset", "dit-s-2"],
-     "mis-shaped"),
-    (["convert", "--from", "dit", "{dit}", "--out", "{out}", "--preset", "no-such"],
-     "not a spec file or a preset name"),
-    (["convert", "--from", "k-diffusion", "{dit}", "--out", "{out}"], "no k-diffusion config"),
-    (["convert", "--to", "dit", "{dit}", "--out", "{tmp}/x.pt"], "not a ditkit checkpoint"),
-    (["convert", "--to", "dit", "{dit}", "--out", "{tmp}/x.pt", "--heads", "4"],
-     "--heads applies to --from only"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["convert", "--from", "dit", "{missing}", "--out", "{out}"], "no such file"),
+        (["convert", "--from", "nope", "{dit}", "--out", "{out}"], "unknown source format 'nope'"),
+        (["convert", "--from", "dit", "{dit}", "--out", "{out}"], "--heads N"),
+        (["convert", "--from", "dit", "{dit}", "--out", "{tmp}/x.pt"], "is a .safetensors file"),
+        (
+            ["convert", "--from", "dit", "{dit}", "--out", "{out}", "--preset", "dit-s-2"],
+            "mis-shaped",
+        ),
+        (
+            ["convert", "--from", "dit", "{dit}", "--out", "{out}", "--preset", "no-such"],
+            "not a spec file or a preset name",
+        ),
+        (["convert", "--from", "k-diffusion", "{dit}", "--out", "{out}"], "no k-diffusion config"),
+        (["convert", "--to", "dit", "{dit}", "--out", "{tmp}/x.pt"], "not a ditkit checkpoint"),
+        (
+            ["convert", "--to", "dit", "{dit}", "--out", "{tmp}/x.pt", "--heads", "4"],
+            "--heads applies to --from only",
+        ),
+    ],
+)
 def test_cli_bad_input_exits_2_without_traceback(argv, needle, tmp_path, capsys):
     folder = fixture("dit_tiny")[0]
-    subs = {"missing": str(tmp_path / "missing.pt"), "out": str(tmp_path / "o.safetensors"),
-            "dit": str(folder / "weights.safetensors"), "tmp": str(tmp_path)}
+    subs = {
+        "missing": str(tmp_path / "missing.pt"),
+        "out": str(tmp_path / "o.safetensors"),
+        "dit": str(folder / "weights.safetensors"),
+        "tmp": str(tmp_path),
+    }
     assert main([a.format(**subs) for a in argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
@@ -412,8 +511,10 @@ def test_cli_refuses_a_ditkit_checkpoint_as_source(tmp_path, capsys):
     folder = fixture("dit_tiny")[0]
     ours = tmp_path / "ours.safetensors"
     CV.convert(folder / "weights.safetensors", "dit", ours, n_heads=4)
-    assert main(["convert", "--from", "dit", str(ours), "--out",
-                 str(tmp_path / "again.safetensors")]) == 2
+    assert (
+        main(["convert", "--from", "dit", str(ours), "--out", str(tmp_path / "again.safetensors")])
+        == 2
+    )
     assert "already a ditkit checkpoint" in capsys.readouterr().err
 
 
@@ -456,8 +557,7 @@ def test_kdiffusion_fp16_inference_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, source", [("dit-b-2", "dit"), ("hdit-imagenet-128",
-                                                                "k-diffusion")])
+@pytest.mark.parametrize("name, source", [("dit-b-2", "dit"), ("hdit-imagenet-128", "k-diffusion")])
 def test_paper_size_model_round_trip(name, source, tmp_path):
     """A paper-size model written in the source layout (a DiT .pt state dict, a k-diffusion
     inference safetensors with its config) converts to a ditkit checkpoint whose model gives
@@ -479,14 +579,16 @@ def test_paper_size_model_round_trip(name, source, tmp_path):
     ours = tmp_path / "ours.safetensors"
     assert main(["convert", "--from", source, str(src), "--out", str(ours)]) == 0
     loaded, ckpt = load_model(ours)
-    assert ckpt.spec.model_copy(update={"name": name, "description": ""}) == \
-        spec.model_copy(update={"description": ""})
+    assert ckpt.spec.model_copy(update={"name": name, "description": ""}) == spec.model_copy(
+        update={"description": ""}
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, spec.input.channels, *spec.input.resolution, generator=g)
     noise = torch.tensor([500]) if source == "dit" else torch.tensor([2.0])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, noise, torch.tensor([7])),
-                                   model(x, noise, torch.tensor([7])), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded(x, noise, torch.tensor([7])), model(x, noise, torch.tensor([7])), atol=0, rtol=0
+        )
     back = tmp_path / f"back{src.suffix}"
     CV.export(ours, source, back)
     got, _ = CV.read_source(back)

@@ -26,13 +26,18 @@ DiTTransformer2DModel = diffusers.DiTTransformer2DModel
 def _tiny(learned_sigma=True, classes=10, **block) -> S.ModelSpec:
     """A 2-block, width-32 DiT in diffusers' layout (frequency_shift 1)."""
     return S.ModelSpec(
-        name="tiny-dit", input=S.Input(channels=4, space="latent", resolution=(8, 8)),
-        patch=S.Patch(size=2, bias=True), position=S.SincosPosition(),
-        conditioning=S.Conditioning(noise=S.SinusoidalNoise(frequency_shift=1),
-                                    classes=S.Classes(count=classes)),
-        block=S.Block(d_head=8, **block), levels=(S.Level(d_model=32, middle=2),),
+        name="tiny-dit",
+        input=S.Input(channels=4, space="latent", resolution=(8, 8)),
+        patch=S.Patch(size=2, bias=True),
+        position=S.SincosPosition(),
+        conditioning=S.Conditioning(
+            noise=S.SinusoidalNoise(frequency_shift=1), classes=S.Classes(count=classes)
+        ),
+        block=S.Block(d_head=8, **block),
+        levels=(S.Level(d_model=32, middle=2),),
         head=S.AdaLNHead(learned_sigma=learned_sigma),
-        init=S.Init(linear="xavier_uniform", embedding_std=0.02))
+        init=S.Init(linear="xavier_uniform", embedding_std=0.02),
+    )
 
 
 def _random_model(spec: S.ModelSpec, seed: int = 0) -> torch.nn.Module:
@@ -99,9 +104,17 @@ def test_from_diffusers_output_equals_diffusers(tmp_path):
     """A model diffusers made (random weights, saved by diffusers itself) -> ditkit checkpoint
     via the command line -> the same outputs."""
     torch.manual_seed(5)
-    theirs = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
-                                   out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-                                   num_embeds_ada_norm=10, norm_eps=1e-6).eval()
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    ).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -112,8 +125,7 @@ def test_from_diffusers_output_equals_diffusers(tmp_path):
             blk.norm1.emb.load_state_dict(first.state_dict())
     theirs.save_pretrained(str(tmp_path / "src"), safe_serialization=True)
     out = tmp_path / "dit.safetensors"
-    assert main(["convert", "--from", "diffusers", str(tmp_path / "src"), "--out",
-                 str(out)]) == 0
+    assert main(["convert", "--from", "diffusers", str(tmp_path / "src"), "--out", str(out)]) == 0
     ckpt = load_checkpoint(out)
     assert ckpt.spec.conditioning.noise.frequency_shift == 1
     assert ckpt.spec.name == "dit-d2-w32-p2"  # diffusers wrote it: the name says its shape
@@ -147,13 +159,19 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_dit_s2_preset_shapes_output_equals_ditkit(tmp_path):
     """DiT-S/2 (33M parameters, 32x32x4 latents, 1000 classes) with random weights."""
     base = S.dit("s", 2)
-    spec = base.model_copy(update={"conditioning": base.conditioning.model_copy(
-        update={"noise": S.SinusoidalNoise(frequency_shift=1)})})
+    spec = base.model_copy(
+        update={
+            "conditioning": base.conditioning.model_copy(
+                update={"noise": S.SinusoidalNoise(frequency_shift=1)}
+            )
+        }
+    )
     ours = _random_model(spec, seed=7)
     DF.write_folder(ours.state_dict(), spec, tmp_path / "dit-s-2")
     theirs = _load(tmp_path / "dit-s-2")
     assert sum(p.numel() for p in theirs.parameters()) > sum(
-        p.numel() for p in ours.parameters() if p.requires_grad)  # the per-block embedder copies
+        p.numel() for p in ours.parameters() if p.requires_grad
+    )  # the per-block embedder copies
     x, t, y = _inputs(spec, batch=2)
     with torch.no_grad():
         assert _rel(ours(x, t, y), theirs(x, timestep=t, class_labels=y).sample) <= 1e-5
@@ -172,33 +190,39 @@ def _with(spec: S.ModelSpec, path: str, value) -> S.ModelSpec:
     return S.validate(data)
 
 
-@pytest.mark.parametrize("spec,field", [
-    (S.hdit_imagenet_128(), "levels"),
-    (preset("mdit-b"), "levels"),
-    (preset("mpdit-xl"), "levels"),
-    (S.dit("s", 2), "conditioning.noise.frequency_shift"),
-    (_with(_tiny(), "block.ffn", {"kind": "gelu_mlp", "ratio": 3.0}), "block.ffn.ratio"),
-    (_with(_tiny(), "block.qk_norm", {"kind": "layer"}), "block.qk_norm"),
-    (_with(_tiny(), "block.norm", {"kind": "layer", "eps": 1e-5}), "block.norm.eps"),
-    (_with(_tiny(), "position", {"kind": "learned"}), "position"),
-    (_with(_tiny(), "conditioning.classes.null_class", False), "conditioning.classes.null_class"),
-    (_with(_tiny(), "conditioning.classes", None), "conditioning.classes"),
-    (_with(_tiny(), "input.resolution", [8, 16]), "input.resolution"),
-    (_with(_tiny(), "head", {"kind": "linear"}), "head.kind"),
-])
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        (S.hdit_imagenet_128(), "levels"),
+        (preset("mdit-b"), "levels"),
+        (preset("mpdit-xl"), "levels"),
+        (S.dit("s", 2), "conditioning.noise.frequency_shift"),
+        (_with(_tiny(), "block.ffn", {"kind": "gelu_mlp", "ratio": 3.0}), "block.ffn.ratio"),
+        (_with(_tiny(), "block.qk_norm", {"kind": "layer"}), "block.qk_norm"),
+        (_with(_tiny(), "block.norm", {"kind": "layer", "eps": 1e-5}), "block.norm.eps"),
+        (_with(_tiny(), "position", {"kind": "learned"}), "position"),
+        (
+            _with(_tiny(), "conditioning.classes.null_class", False),
+            "conditioning.classes.null_class",
+        ),
+        (_with(_tiny(), "conditioning.classes", None), "conditioning.classes"),
+        (_with(_tiny(), "input.resolution", [8, 16]), "input.resolution"),
+        (_with(_tiny(), "head", {"kind": "linear"}), "head.kind"),
+    ],
+)
 def test_specs_diffusers_cannot_express_are_refused_naming_the_field(spec, field):
     with pytest.raises(DF.DiffusersError, match=field.replace(".", r"\.")):
         DF.config_from_spec(spec)
 
 
 def test_cli_refusal_is_exit_2_one_line_and_leaves_nothing(tmp_path, capsys):
-    spec = S.hdit([32, 64], [1, 1], resolution=16, classes=10, mapping_width=32, d_head=16,
-                  kernel_size=3)
+    spec = S.hdit(
+        [32, 64], [1, 1], resolution=16, classes=10, mapping_width=32, d_head=16, kernel_size=3
+    )
     ckpt = tmp_path / "h.safetensors"
     save_checkpoint(ckpt, build(spec).state_dict(), spec)
     before = sorted(os.listdir(tmp_path))
-    assert main(["convert", "--to", "diffusers", str(ckpt), "--out",
-                 str(tmp_path / "out")]) == 2
+    assert main(["convert", "--to", "diffusers", str(ckpt), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "levels has 2 entries" in err
     assert sorted(os.listdir(tmp_path)) == before
@@ -245,18 +269,27 @@ def test_pickled_weights_are_refused_without_being_read(tmp_path, monkeypatch):
 
 
 def test_configs_ditkit_cannot_read_are_refused_by_key():
-    base = {"_class_name": "DiTTransformer2DModel", "num_attention_heads": 2,
-            "attention_head_dim": 8, "num_layers": 1, "sample_size": 8, "norm_eps": 1e-6}
+    base = {
+        "_class_name": "DiTTransformer2DModel",
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "num_layers": 1,
+        "sample_size": 8,
+        "norm_eps": 1e-6,
+    }
     assert DF.spec_from_config(base).levels[0].d_model == 16
-    for extra, key in (({"norm_eps": 1e-5}, "norm_eps"), ({}, "norm_eps"),
-                       ({"norm_elementwise_affine": True}, "norm_elementwise_affine"),
-                       ({"attention_bias": False}, "attention_bias"),
-                       ({"activation_fn": "geglu"}, "activation_fn"),
-                       ({"out_channels": 5}, "out_channels"),
-                       ({"num_embeds_ada_norm": None}, "num_embeds_ada_norm"),
-                       ({"norm_type": "ada_norm"}, "norm_type"),
-                       ({"mystery": 1}, "mystery"),
-                       ({"_class_name": "PixArtTransformer2DModel"}, "_class_name")):
+    for extra, key in (
+        ({"norm_eps": 1e-5}, "norm_eps"),
+        ({}, "norm_eps"),
+        ({"norm_elementwise_affine": True}, "norm_elementwise_affine"),
+        ({"attention_bias": False}, "attention_bias"),
+        ({"activation_fn": "geglu"}, "activation_fn"),
+        ({"out_channels": 5}, "out_channels"),
+        ({"num_embeds_ada_norm": None}, "num_embeds_ada_norm"),
+        ({"norm_type": "ada_norm"}, "norm_type"),
+        ({"mystery": 1}, "mystery"),
+        ({"_class_name": "PixArtTransformer2DModel"}, "_class_name"),
+    ):
         config = {**base, **extra}
         if not extra:
             config.pop("norm_eps")  # absent: diffusers' default 1e-5
@@ -320,8 +353,10 @@ def test_pipeline_folders_and_sharded_weights_are_read(tmp_path):
     shard.mkdir()
     (shard / "config.json").write_text(json.dumps(config))
     keys = sorted(state)
-    parts = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-             "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    parts = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
     for name, part in parts.items():
         save_file({k: state[k] for k in part}, str(shard / name))
     index = {"weight_map": {k: name for name, part in parts.items() for k in part}}

@@ -26,14 +26,22 @@ def blocks(path: Path) -> list[tuple[str, str]]:
 
 
 def run_blocks(path: Path, folder: Path) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     outputs = []
     for lang, code in blocks(path):
-        cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo",
-                                                                      "pipefail", "-c", code]
-        r = subprocess.run(cmd, check=False, cwd=folder, env=env, capture_output=True, text=True,
-                           timeout=600)
+        cmd = (
+            [sys.executable, "-c", code]
+            if lang == "python"
+            else ["bash", "-euo", "pipefail", "-c", code]
+        )
+        r = subprocess.run(
+            cmd, check=False, cwd=folder, env=env, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, f"{path.name} block failed:\n{code}\n{r.stdout}\n{r.stderr}"
         outputs.append(r.stdout)
     return outputs

@@ -47,19 +47,34 @@ def test_kdiffusion_conversion_records_the_configs_objective(tmp_path):
     CV.convert(_folder("hdit_global") / "weights.safetensors", "k-diffusion", out)
     obj = load_checkpoint(out).objective
     assert obj == S.EDMObjective(
-        sigma_data=0.5, weighting="soft_min_snr", gamma=4.0, sigma_min=0.01, sigma_max=160.0,
-        sigma_sampling=S.CosineInterpolatedSigma(sigma_min=1e-3, sigma_max=1e3,
-                                                 low_resolution=32, high_resolution=None))
+        sigma_data=0.5,
+        weighting="soft_min_snr",
+        gamma=4.0,
+        sigma_min=0.01,
+        sigma_max=160.0,
+        sigma_sampling=S.CosineInterpolatedSigma(
+            sigma_min=1e-3, sigma_max=1e3, low_resolution=32, high_resolution=None
+        ),
+    )
     rng = Denoiser(torch.nn.Identity(), obj).noise_range
     assert (rng.sigma_min, rng.sigma_max) == (0.01, 160.0)  # what `ditkit sample` uses
 
 
 @pytest.mark.parametrize("sd", [0.5, 1.0, 0.25])
 def test_kdiffusion_soft_min_snr_gamma_is_one_over_sigma_data_squared(sd):
-    config = {"model": {"type": "image_transformer_v2", "input_channels": 3,
-                        "input_size": [32, 32], "patch_size": [2, 2], "depths": [1, 1],
-                        "widths": [32, 64], "sigma_data": sd, "loss_weighting": "soft-min-snr",
-                        "sigma_sample_density": {"type": "lognormal", "mean": -1.2, "std": 1.2}}}
+    config = {
+        "model": {
+            "type": "image_transformer_v2",
+            "input_channels": 3,
+            "input_size": [32, 32],
+            "patch_size": [2, 2],
+            "depths": [1, 1],
+            "widths": [32, 64],
+            "sigma_data": sd,
+            "loss_weighting": "soft-min-snr",
+            "sigma_sample_density": {"type": "lognormal", "mean": -1.2, "std": 1.2},
+        }
+    }
     obj = KD.objective({"config": json.dumps(config)}, None)
     assert obj.gamma == pytest.approx(1 / sd**2) and obj.sigma_data == sd
     assert obj.sigma_sampling == S.LogNormalSigma(mean=-1.2, std=1.2)
@@ -67,17 +82,25 @@ def test_kdiffusion_soft_min_snr_gamma_is_one_over_sigma_data_squared(sd):
 
 
 def test_kdiffusion_losses_ditkit_cannot_record_are_named():
-    base = {"type": "image_transformer_v2", "input_channels": 3, "input_size": [32, 32],
-            "patch_size": [2, 2], "depths": [1, 1], "widths": [32, 64], "sigma_data": 0.5}
-    for extra, needle in (({"loss_scales": 3}, "loss_scales 3"),
-                          ({"loss_config": "simple"}, "loss_config 'simple'"),
-                          ({"sigma_sample_density": {"type": "loglogistic"}}, "'loglogistic'")):
+    base = {
+        "type": "image_transformer_v2",
+        "input_channels": 3,
+        "input_size": [32, 32],
+        "patch_size": [2, 2],
+        "depths": [1, 1],
+        "widths": [32, 64],
+        "sigma_data": 0.5,
+    }
+    for extra, needle in (
+        ({"loss_scales": 3}, "loss_scales 3"),
+        ({"loss_config": "simple"}, "loss_config 'simple'"),
+        ({"sigma_sample_density": {"type": "loglogistic"}}, "'loglogistic'"),
+    ):
         with pytest.warns(UserWarning, match=needle):
             obj = KD.objective({"config": json.dumps({"model": {**base, **extra}})}, None)
         assert isinstance(obj, S.EDMObjective) and obj.sigma_data == 0.5
     with pytest.raises(ValueError, match="loss_weighting 'min-snr'"):
-        KD.objective({"config": json.dumps({"model": {**base, "loss_weighting": "min-snr"}})},
-                     None)
+        KD.objective({"config": json.dumps({"model": {**base, "loss_weighting": "min-snr"}})}, None)
 
 
 # ------------------------------------------------------------------ --to k-diffusion
@@ -86,12 +109,29 @@ def test_kdiffusion_losses_ditkit_cannot_record_are_named():
 # What k-diffusion reads from a config: load_config (model.type), make_model
 # (image_transformer_v2), make_denoiser_wrapper, make_sample_density and sample.py.
 KDIFF_MODEL_KEYS = {
-    "type": str, "input_channels": int, "input_size": list, "patch_size": list,
-    "depths": list, "widths": list, "d_ffs": list, "self_attns": list, "dropout_rate": list,
-    "mapping_width": int, "mapping_depth": int, "mapping_d_ff": int, "mapping_cond_dim": int,
-    "mapping_dropout_rate": float, "sigma_data": float, "sigma_min": float, "sigma_max": float,
-    "sigma_sample_density": dict, "loss_config": str, "loss_weighting": str,
-    "loss_scales": int, "augment_prob": float, "has_variance": bool,
+    "type": str,
+    "input_channels": int,
+    "input_size": list,
+    "patch_size": list,
+    "depths": list,
+    "widths": list,
+    "d_ffs": list,
+    "self_attns": list,
+    "dropout_rate": list,
+    "mapping_width": int,
+    "mapping_depth": int,
+    "mapping_d_ff": int,
+    "mapping_cond_dim": int,
+    "mapping_dropout_rate": float,
+    "sigma_data": float,
+    "sigma_min": float,
+    "sigma_max": float,
+    "sigma_sample_density": dict,
+    "loss_config": str,
+    "loss_weighting": str,
+    "loss_scales": int,
+    "augment_prob": float,
+    "has_variance": bool,
 }
 
 
@@ -108,16 +148,24 @@ def _export(tmp_path, name="tiny-hdit-global", objective=None):
 
 
 def test_to_kdiffusion_writes_every_key_kdiffusion_reads(tmp_path):
-    obj = S.EDMObjective(sigma_data=0.5, weighting="soft_min_snr", gamma=4.0, sigma_min=0.01,
-                         sigma_max=160.0, sigma_sampling=S.CosineInterpolatedSigma())
+    obj = S.EDMObjective(
+        sigma_data=0.5,
+        weighting="soft_min_snr",
+        gamma=4.0,
+        sigma_min=0.01,
+        sigma_max=160.0,
+        sigma_sampling=S.CosineInterpolatedSigma(),
+    )
     ckpt, out = _export(tmp_path, objective=obj)
     assert main(["convert", "--to", "k-diffusion", str(ckpt), "--out", str(out)]) == 0
     config = json.loads(read_metadata(out)["config"])
     model = config["model"]
     for key, kind in KDIFF_MODEL_KEYS.items():
         assert key in model, key
-        assert isinstance(model[key], kind) or (kind is float and isinstance(model[key], int)), \
-            (key, model[key])
+        assert isinstance(model[key], kind) or (kind is float and isinstance(model[key], int)), (
+            key,
+            model[key],
+        )
     size = model["input_size"]
     assert len(size) == 2 and size[0] == size[1]  # sample.py's assertion
     assert all(isinstance(v, int) for v in size + model["patch_size"])
@@ -128,9 +176,13 @@ def test_to_kdiffusion_writes_every_key_kdiffusion_reads(tmp_path):
         assert "type" in config[section]
     assert model["loss_weighting"] == "soft-min-snr" and model["sigma_data"] == 0.5
     assert (model["sigma_min"], model["sigma_max"]) == (0.01, 160.0)
-    assert model["sigma_sample_density"] == {"type": "cosine-interpolated", "min_value": 1e-3,
-                                             "max_value": 1e3, "noise_d_low": 32,
-                                             "noise_d_high": 16}
+    assert model["sigma_sample_density"] == {
+        "type": "cosine-interpolated",
+        "min_value": 1e-3,
+        "max_value": 1e3,
+        "noise_d_low": 32,
+        "noise_d_high": 16,
+    }
     # and back: the same spec (name included) and objective
     again = tmp_path / "again.safetensors"
     assert main(["convert", "--from", "k-diffusion", str(out), "--out", str(again)]) == 0
@@ -142,10 +194,14 @@ def test_to_kdiffusion_writes_every_key_kdiffusion_reads(tmp_path):
 
 def test_to_kdiffusion_refuses_what_it_cannot_express(tmp_path):
     spec = S.load(EXAMPLES / "tiny" / "tiny-hdit-global.yaml")
-    plain = spec.model_copy(update={"conditioning": spec.conditioning.model_copy(
-        update={"aux": ()})})
-    with pytest.raises(ValueError, match="k-diffusion's image_transformer_v2 requires a "
-                                         "9-dimensional aug_cond input; this model has none"):
+    plain = spec.model_copy(
+        update={"conditioning": spec.conditioning.model_copy(update={"aux": ()})}
+    )
+    with pytest.raises(
+        ValueError,
+        match="k-diffusion's image_transformer_v2 requires a "
+        "9-dimensional aug_cond input; this model has none",
+    ):
         KD.source_metadata(plain, S.EDMObjective())
     with pytest.raises(ValueError, match="soft-min-snr is gamma = 1 / sigma_data"):
         KD.source_metadata(spec, S.EDMObjective(weighting="soft_min_snr", gamma=5.0))
@@ -159,13 +215,18 @@ def test_cli_to_kdiffusion_without_aug_cond_names_why(tmp_path, capsys):
     from ditkit.builder import build
 
     spec = S.load(EXAMPLES / "tiny" / "tiny-hdit-global.yaml")
-    spec = spec.model_copy(update={"conditioning": spec.conditioning.model_copy(
-        update={"aux": ()})})
+    spec = spec.model_copy(
+        update={"conditioning": spec.conditioning.model_copy(update={"aux": ()})}
+    )
     spec = S.ModelSpec.model_validate(S.to_data(spec, full=True))
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, build(spec).state_dict(), spec, objective=S.EDMObjective())
-    assert main(["convert", "--to", "k-diffusion", str(ckpt), "--out",
-                 str(tmp_path / "k.safetensors")]) == 2
+    assert (
+        main(
+            ["convert", "--to", "k-diffusion", str(ckpt), "--out", str(tmp_path / "k.safetensors")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "requires a 9-dimensional aug_cond input; this model has none" in err
     assert "Traceback" not in err and not (tmp_path / "k.safetensors").exists()
@@ -180,20 +241,29 @@ def test_mpdit_conversion_records_the_rectified_flow(tmp_path):
     CV.convert(weights, "mpdit", out, n_heads=4)
     obj = load_checkpoint(out).objective
     # no args: the published recipe (script/train.sh: lognormal, p_mean 0, p_std 1.0)
-    assert obj == S.FlowObjective(time_sampling=S.LogitNormalTime(mean=0.0, std=1.0),
-                                  time_scale=1.0)
+    assert obj == S.FlowObjective(
+        time_sampling=S.LogitNormalTime(mean=0.0, std=1.0), time_scale=1.0
+    )
     # a training checkpoint's args win
     state, _ = CV.read_source(weights)
     path = tmp_path / "train.pt"
-    torch.save({"model": state, "ema": state, "args": argparse.Namespace(
-        time_sampler="uniform", p_mean=0.0, p_std=1.0)}, path)
+    torch.save(
+        {
+            "model": state,
+            "ema": state,
+            "args": argparse.Namespace(time_sampler="uniform", p_mean=0.0, p_std=1.0),
+        },
+        path,
+    )
     CV.convert(path, "mpdit", tmp_path / "u.safetensors", n_heads=4)
     assert load_checkpoint(tmp_path / "u.safetensors").objective == S.FlowObjective(
-        time_sampling=S.UniformTime())
+        time_sampling=S.UniformTime()
+    )
     torch.save({"ema": state, "args": argparse.Namespace(p_mean=-0.2, p_std=0.5)}, path)
     CV.convert(path, "mpdit", tmp_path / "l.safetensors", n_heads=4)
-    assert load_checkpoint(tmp_path / "l.safetensors").objective.time_sampling == \
-        S.LogitNormalTime(mean=-0.2, std=0.5)
+    assert load_checkpoint(tmp_path / "l.safetensors").objective.time_sampling == S.LogitNormalTime(
+        mean=-0.2, std=0.5
+    )
 
 
 def test_mpdit_flow_denoiser_gives_the_model_t_itself(tmp_path):
@@ -239,8 +309,12 @@ def test_printed_hash_covers_the_spec(tmp_path, capsys):
     digests = []
     for heads in (4, 2):
         out = tmp_path / f"h{heads}.safetensors"
-        assert main(["convert", "--from", "dit", str(weights), "--out", str(out), "--heads",
-                     str(heads)]) == 0
+        assert (
+            main(
+                ["convert", "--from", "dit", str(weights), "--out", str(out), "--heads", str(heads)]
+            )
+            == 0
+        )
         line = capsys.readouterr().out
         digests.append(line.split("sha256 ")[1].split()[0])
         ckpt = load_checkpoint(out)
@@ -258,10 +332,22 @@ def test_cli_sample_uses_the_configs_sigma_range_and_the_flags(tmp_path, monkeyp
     CV.convert(_folder("hdit_global") / "weights.safetensors", "k-diffusion", out)
     seen = []
     real = samplers.karras_sigmas
-    monkeypatch.setattr(samplers, "karras_sigmas",
-                        lambda n, lo, hi, rho=7.0: seen.append((lo, hi)) or real(n, lo, hi, rho))
-    args = ["sample", str(out), "--steps", "2", "--count", "1", "--out", str(tmp_path / "g.png"),
-            "--no-progress"]
+    monkeypatch.setattr(
+        samplers,
+        "karras_sigmas",
+        lambda n, lo, hi, rho=7.0: seen.append((lo, hi)) or real(n, lo, hi, rho),
+    )
+    args = [
+        "sample",
+        str(out),
+        "--steps",
+        "2",
+        "--count",
+        "1",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert main(args + ["--sigma-min", "0.05", "--sigma-max", "20"]) == 0
     assert seen == [(0.01, 160.0), (0.05, 20.0)]

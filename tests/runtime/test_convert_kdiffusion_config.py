@@ -29,59 +29,110 @@ from tests.conftest import FIXTURES
 # k-diffusion's configs/config_oxford_flowers_shifted_window.json (its published keys/values)
 FLOWERS_SHIFTED_WINDOW = {
     "model": {
-        "type": "image_transformer_v2", "input_channels": 3, "input_size": [256, 256],
-        "patch_size": [4, 4], "depths": [2, 2, 4], "widths": [128, 256, 512],
-        "self_attns": [{"type": "shifted-window", "d_head": 64, "window_size": 8},
-                       {"type": "shifted-window", "d_head": 64, "window_size": 8},
-                       {"type": "global", "d_head": 64}],
-        "loss_config": "karras", "loss_weighting": "soft-min-snr", "dropout_rate": 0.1,
-        "augment_prob": 0.0, "sigma_data": 0.5, "sigma_min": 1e-2, "sigma_max": 160,
-        "sigma_sample_density": {"type": "cosine-interpolated"}},
-    "dataset": {"type": "huggingface", "location": "nelorth/oxford-flowers",
-                "image_key": "image"},
-    "optimizer": {"type": "adamw", "lr": 5e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                  "weight_decay": 1e-3},
+        "type": "image_transformer_v2",
+        "input_channels": 3,
+        "input_size": [256, 256],
+        "patch_size": [4, 4],
+        "depths": [2, 2, 4],
+        "widths": [128, 256, 512],
+        "self_attns": [
+            {"type": "shifted-window", "d_head": 64, "window_size": 8},
+            {"type": "shifted-window", "d_head": 64, "window_size": 8},
+            {"type": "global", "d_head": 64},
+        ],
+        "loss_config": "karras",
+        "loss_weighting": "soft-min-snr",
+        "dropout_rate": 0.1,
+        "augment_prob": 0.0,
+        "sigma_data": 0.5,
+        "sigma_min": 1e-2,
+        "sigma_max": 160,
+        "sigma_sample_density": {"type": "cosine-interpolated"},
+    },
+    "dataset": {"type": "huggingface", "location": "nelorth/oxford-flowers", "image_key": "image"},
+    "optimizer": {
+        "type": "adamw",
+        "lr": 5e-4,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 1e-3,
+    },
     "lr_sched": {"type": "constant", "warmup": 0.0},
     "ema_sched": {"type": "inverse", "power": 0.75, "max_value": 0.9999},
 }
 # configs/config_oxford_flowers.json: the same with neighborhood attention, kernel 7
 FLOWERS = copy.deepcopy(FLOWERS_SHIFTED_WINDOW)
-FLOWERS["model"]["self_attns"] = [{"type": "neighborhood", "d_head": 64, "kernel_size": 7},
-                                  {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
-                                  {"type": "global", "d_head": 64}]
+FLOWERS["model"]["self_attns"] = [
+    {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
+    {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
+    {"type": "global", "d_head": 64},
+]
 # HDiT paper, FFHQ-1024 (Table 6): 3 local + 2 global levels, dropout in the innermost level
 FFHQ_1024 = {
     "model": {
-        "type": "image_transformer_v2", "input_channels": 3, "input_size": [1024, 1024],
-        "patch_size": [4, 4], "depths": [2, 2, 2, 2, 2], "widths": [128, 256, 384, 768, 1024],
+        "type": "image_transformer_v2",
+        "input_channels": 3,
+        "input_size": [1024, 1024],
+        "patch_size": [4, 4],
+        "depths": [2, 2, 2, 2, 2],
+        "widths": [128, 256, 384, 768, 1024],
         "self_attns": [{"type": "neighborhood", "d_head": 64, "kernel_size": 7}] * 3
         + [{"type": "global", "d_head": 64}] * 2,
-        "loss_config": "karras", "loss_weighting": "soft-min-snr",
-        "dropout_rate": [0.0, 0.0, 0.0, 0.0, 0.1], "mapping_dropout_rate": 0.0,
-        "augment_prob": 0.0, "sigma_data": 0.5, "sigma_min": 1e-3, "sigma_max": 1e3,
-        "sigma_sample_density": {"type": "cosine-interpolated"}},
+        "loss_config": "karras",
+        "loss_weighting": "soft-min-snr",
+        "dropout_rate": [0.0, 0.0, 0.0, 0.0, 0.1],
+        "mapping_dropout_rate": 0.0,
+        "augment_prob": 0.0,
+        "sigma_data": 0.5,
+        "sigma_min": 1e-3,
+        "sigma_max": 1e3,
+        "sigma_sample_density": {"type": "cosine-interpolated"},
+    },
     "dataset": {"type": "imagefolder", "location": "ffhq-1024", "cond_dropout_rate": 0.1},
-    "optimizer": {"type": "adamw", "lr": 5e-4, "betas": [0.9, 0.95], "eps": 1e-8,
-                  "weight_decay": 1e-2},
+    "optimizer": {
+        "type": "adamw",
+        "lr": 5e-4,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+    },
     "lr_sched": {"type": "constant", "warmup": 0.0},
     "ema_sched": {"type": "inverse", "power": 0.75, "max_value": 0.9999},
 }
 # HDiT paper, ImageNet-128 ablation step E: widths 384/768, depths 2/11, mapping 768 x 1
 IMAGENET_128 = {
     "model": {
-        "type": "image_transformer_v2", "input_channels": 3, "input_size": [128, 128],
-        "patch_size": [4, 4], "depths": [2, 11], "widths": [384, 768],
-        "self_attns": [{"type": "neighborhood", "d_head": 64, "kernel_size": 7},
-                       {"type": "global", "d_head": 64}],
-        "mapping_width": 768, "mapping_depth": 1, "loss_config": "karras",
-        "loss_weighting": "soft-min-snr", "sigma_data": 0.5,
-        "sigma_sample_density": {"type": "cosine-interpolated"}},
-    "dataset": {"type": "imagefolder", "location": "imagenet/train", "num_classes": 1000,
-                "cond_dropout_rate": 0.1},
+        "type": "image_transformer_v2",
+        "input_channels": 3,
+        "input_size": [128, 128],
+        "patch_size": [4, 4],
+        "depths": [2, 11],
+        "widths": [384, 768],
+        "self_attns": [
+            {"type": "neighborhood", "d_head": 64, "kernel_size": 7},
+            {"type": "global", "d_head": 64},
+        ],
+        "mapping_width": 768,
+        "mapping_depth": 1,
+        "loss_config": "karras",
+        "loss_weighting": "soft-min-snr",
+        "sigma_data": 0.5,
+        "sigma_sample_density": {"type": "cosine-interpolated"},
+    },
+    "dataset": {
+        "type": "imagefolder",
+        "location": "imagenet/train",
+        "num_classes": 1000,
+        "cond_dropout_rate": 0.1,
+    },
     "lr_sched": {"type": "constant", "warmup": 0.0},
 }
-CONFIGS = {"flowers": FLOWERS, "flowers_shifted_window": FLOWERS_SHIFTED_WINDOW,
-           "ffhq_1024": FFHQ_1024, "imagenet_128": IMAGENET_128}
+CONFIGS = {
+    "flowers": FLOWERS,
+    "flowers_shifted_window": FLOWERS_SHIFTED_WINDOW,
+    "ffhq_1024": FFHQ_1024,
+    "imagenet_128": IMAGENET_128,
+}
 
 
 def kdiffusion_parameters(config: dict) -> int:
@@ -158,8 +209,7 @@ def test_published_configs_convert_with_k_diffusions_parameter_count(name):
 
 def test_ffhq_three_local_two_global_levels_and_dropouts():
     t = KC.translate(FFHQ_1024, name="ffhq")
-    kinds = [t.spec.stack(i, "middle" if i == 4 else "encoder")[0].attention.kind
-             for i in range(5)]
+    kinds = [t.spec.stack(i, "middle" if i == 4 else "encoder")[0].attention.kind for i in range(5)]
     assert kinds == ["neighborhood"] * 3 + ["global"] * 2
     drops = [t.spec.stack(i, "middle" if i == 4 else "encoder")[0].dropout for i in range(5)]
     assert drops == [0.0, 0.0, 0.0, 0.0, 0.1]
@@ -185,8 +235,13 @@ def test_training_keys_map_to_the_experiment():
     t = KC.translate(FLOWERS, name="flowers", data_path="flowers")
     exp = t.experiment
     assert exp.objective == S.EDMObjective(
-        sigma_data=0.5, weighting="soft_min_snr", gamma=4.0, sigma_min=0.01, sigma_max=160.0,
-        sigma_sampling=S.CosineInterpolatedSigma(sigma_min=1e-3, sigma_max=1e3))
+        sigma_data=0.5,
+        weighting="soft_min_snr",
+        gamma=4.0,
+        sigma_min=0.01,
+        sigma_max=160.0,
+        sigma_sampling=S.CosineInterpolatedSigma(sigma_min=1e-3, sigma_max=1e3),
+    )
     assert exp.optimizer.lr == 5e-4 and exp.optimizer.betas == (0.9, 0.95)
     assert exp.optimizer.eps == 1e-8 and exp.optimizer.weight_decay == 1e-3
     assert exp.optimizer.mapping_lr_scale == pytest.approx(1 / 3)
@@ -200,10 +255,16 @@ def test_training_keys_map_to_the_experiment():
 
 def test_per_level_kernel_sizes_are_kept():
     config = copy.deepcopy(IMAGENET_128)
-    config["model"].update(depths=[1, 1, 1], widths=[64, 128, 256], mapping_width=64,
-                           self_attns=[{"type": "neighborhood", "d_head": 32, "kernel_size": 3},
-                                       {"type": "neighborhood", "d_head": 64, "kernel_size": 5},
-                                       {"type": "global", "d_head": 64}])
+    config["model"].update(
+        depths=[1, 1, 1],
+        widths=[64, 128, 256],
+        mapping_width=64,
+        self_attns=[
+            {"type": "neighborhood", "d_head": 32, "kernel_size": 3},
+            {"type": "neighborhood", "d_head": 64, "kernel_size": 5},
+            {"type": "global", "d_head": 64},
+        ],
+    )
     t = KC.translate(config, experiment=False)
     blocks = [t.spec.stack(i, "middle" if i == 2 else "encoder")[0] for i in range(3)]
     assert [S.pair(b.attention.kernel_size)[0] for b in blocks[:2]] == [3, 5]
@@ -215,14 +276,19 @@ REFUSALS = [
     (("model", "loss_config"), "simple", "model.loss_config"),
     (("model", "loss_scales"), 3, "model.loss_scales"),
     (("model", "loss_weighting"), "min-snr", "model.loss_weighting"),
-    (("model", "sigma_sample_density"), {"type": "loglogistic"},
-     "model.sigma_sample_density.type"),
+    (("model", "sigma_sample_density"), {"type": "loglogistic"}, "model.sigma_sample_density.type"),
     (("model", "mapping_cond_dim"), 4, "model.mapping_cond_dim"),
     (("model", "has_variance"), True, "model.has_variance"),
-    (("model", "self_attns"), [{"type": "none"}, {"type": "global"}],
-     r"model.self_attns\[0\].type"),
-    (("model", "self_attns"), [{"type": "shifted-window", "d_head": 64},
-                               {"type": "global"}], r"model.self_attns\[0\]"),
+    (
+        ("model", "self_attns"),
+        [{"type": "none"}, {"type": "global"}],
+        r"model.self_attns\[0\].type",
+    ),
+    (
+        ("model", "self_attns"),
+        [{"type": "shifted-window", "d_head": 64}, {"type": "global"}],
+        r"model.self_attns\[0\]",
+    ),
     (("model", "type"), "image_transformer_v1", "model.type"),
     (("model", "mystery_key"), 1, "model.mystery_key"),
     (("lr_sched", "type"), "inverse", "lr_sched.type"),
@@ -260,8 +326,21 @@ def test_cli_writes_spec_and_experiment_that_load(tmp_path, capsys):
     cfg = tmp_path / "config_imagenet_128.json"
     cfg.write_text(json.dumps(IMAGENET_128))
     spec_path, exp_path = tmp_path / "spec.yaml", tmp_path / "runs" / "exp.yaml"
-    assert main(["convert", "--from", "k-diffusion", str(cfg), "--out", str(spec_path),
-                 "--experiment", str(exp_path)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "k-diffusion",
+                str(cfg),
+                "--out",
+                str(spec_path),
+                "--experiment",
+                str(exp_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "model.mapping_dropout_rate" in printed and "parameters" in printed
     spec = S.load(spec_path)
@@ -277,8 +356,21 @@ def test_cli_refusal_is_exit_2_one_line_and_writes_nothing(tmp_path, capsys):
     config["model"]["augment_prob"] = 0.12
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(config))
-    assert main(["convert", "--from", "k-diffusion", str(cfg), "--out",
-                 str(tmp_path / "s.yaml"), "--experiment", str(tmp_path / "e.yaml")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "k-diffusion",
+                str(cfg),
+                "--out",
+                str(tmp_path / "s.yaml"),
+                "--experiment",
+                str(tmp_path / "e.yaml"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.augment_prob" in err
     assert sorted(os.listdir(tmp_path)) == ["c.json"]
@@ -289,8 +381,10 @@ def test_against_k_diffusion_itself_when_importable():
         from k_diffusion import config as kconfig
         from k_diffusion.models import image_transformer_v2  # noqa: F401
     except Exception as err:  # not installed, or a release without HDiT (PyPI 0.1.1.post1)
-        pytest.skip(f"k-diffusion with image_transformer_v2 is not importable ({err!r}); "
-                    "the fixtures' state dicts are the ground truth instead")
+        pytest.skip(
+            f"k-diffusion with image_transformer_v2 is not importable ({err!r}); "
+            "the fixtures' state dicts are the ground truth instead"
+        )
     import torch
 
     for name, config in CONFIGS.items():
@@ -300,8 +394,9 @@ def test_against_k_diffusion_itself_when_importable():
         assert KC.parameter_count(KC.translate(config, experiment=False).spec) == want, name
 
 
-@pytest.mark.parametrize("name,preset_name", [("ffhq_1024", "hdit-ffhq-1024"),
-                                              ("imagenet_128", "hdit-imagenet-128")])
+@pytest.mark.parametrize(
+    "name,preset_name", [("ffhq_1024", "hdit-ffhq-1024"), ("imagenet_128", "hdit-imagenet-128")]
+)
 def test_paper_configs_convert_to_ditkits_hdit_presets(name, preset_name):
     """The HDiT paper's models written as k-diffusion configs are ditkit's presets, field for
     field (the presets were written from the paper's Table 6 independently)."""
@@ -316,15 +411,23 @@ def test_checkpoint_conversion_keeps_per_level_kernel_and_window_sizes():
     """The checkpoint path reads the same keys (a checkpoint's config metadata): a kernel
     or window size that differs per level must not take level 0's (it changes no tensor
     shape, so the weights would load into the wrong model silently)."""
-    config = {"model": {"type": "image_transformer_v2", "input_channels": 3,
-                        "input_size": [64, 64], "patch_size": [2, 2], "depths": [1, 1, 1, 1],
-                        "widths": [32, 64, 64, 64], "mapping_width": 32,
-                        "self_attns": [{"type": "neighborhood", "d_head": 16, "kernel_size": 3},
-                                       {"type": "neighborhood", "d_head": 16, "kernel_size": 5},
-                                       {"type": "shifted-window", "d_head": 16,
-                                        "window_size": 4},
-                                       {"type": "shifted-window", "d_head": 16,
-                                        "window_size": 2}]}}
+    config = {
+        "model": {
+            "type": "image_transformer_v2",
+            "input_channels": 3,
+            "input_size": [64, 64],
+            "patch_size": [2, 2],
+            "depths": [1, 1, 1, 1],
+            "widths": [32, 64, 64, 64],
+            "mapping_width": 32,
+            "self_attns": [
+                {"type": "neighborhood", "d_head": 16, "kernel_size": 3},
+                {"type": "neighborhood", "d_head": 16, "kernel_size": 5},
+                {"type": "shifted-window", "d_head": 16, "window_size": 4},
+                {"type": "shifted-window", "d_head": 16, "window_size": 2},
+            ],
+        }
+    }
     spec = KD.infer_spec({}, {"config": json.dumps(config)})
     atts = [spec.stack(i, "middle" if i == 3 else "encoder")[0].attention for i in range(4)]
     assert [S.pair(a.kernel_size)[0] for a in atts[:2]] == [3, 5]

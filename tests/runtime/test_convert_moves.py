@@ -10,17 +10,29 @@ TRANSPOSE = Transform(lambda t: t.T.contiguous(), lambda t: t.T.contiguous())
 
 
 def _moves(freqs):
-    return [Move("a.weight", "x.weight", TRANSPOSE), Move("a.bias", "x.bias"),
-            Concat(("n1.w", "n2.w"), "mod.w"),
-            Derived("rope.freqs", freqs, dtype_of="x.weight", wrong_shape="needs {shape}",
-                    wrong_value="{source} differs (max abs diff {diff:.3g})")]
+    return [
+        Move("a.weight", "x.weight", TRANSPOSE),
+        Move("a.bias", "x.bias"),
+        Concat(("n1.w", "n2.w"), "mod.w"),
+        Derived(
+            "rope.freqs",
+            freqs,
+            dtype_of="x.weight",
+            wrong_shape="needs {shape}",
+            wrong_value="{source} differs (max abs diff {diff:.3g})",
+        ),
+    ]
 
 
 def _source(freqs):
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(3, 5, generator=g), "a.bias": torch.randn(5, generator=g),
-            "n1.w": torch.randn(2, 4, generator=g), "n2.w": torch.randn(2, 4, generator=g),
-            "rope.freqs": freqs.clone()}
+    return {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "a.bias": torch.randn(5, generator=g),
+        "n1.w": torch.randn(2, 4, generator=g),
+        "n2.w": torch.randn(2, 4, generator=g),
+        "rope.freqs": freqs.clone(),
+    }
 
 
 def test_one_list_converts_both_ways_bit_for_bit():
@@ -45,8 +57,11 @@ def test_derived_tensors_are_checked_in_and_regenerated_in_the_weights_dtype():
     src["rope.freqs"] = torch.zeros(3, 2)
     with pytest.raises(ConversionError, match=r"rope.freqs: got \(3, 2\), needs \(2, 3\)"):
         remap.to_ditkit(_moves(freqs), src, "test", None)
-    half = {"x.weight": torch.zeros(5, 3, dtype=torch.float16), "x.bias": torch.zeros(5),
-            "mod.w": torch.zeros(4, 4)}
+    half = {
+        "x.weight": torch.zeros(5, 3, dtype=torch.float16),
+        "x.bias": torch.zeros(5),
+        "mod.w": torch.zeros(4, 4),
+    }
     assert remap.from_ditkit(_moves(freqs), half, "test")["rope.freqs"].dtype == torch.float16
 
 
@@ -57,5 +72,6 @@ def test_a_missing_tensor_is_reported_in_either_direction():
     with pytest.raises(ConversionError, match="missing.*n2.w"):
         remap.to_ditkit(_moves(freqs), src, "test", None)
     with pytest.raises(ConversionError, match="missing.*mod.w"):
-        remap.from_ditkit(_moves(freqs), {"x.weight": torch.zeros(5, 3),
-                                          "x.bias": torch.zeros(5)}, "test")
+        remap.from_ditkit(
+            _moves(freqs), {"x.weight": torch.zeros(5, 3), "x.bias": torch.zeros(5)}, "test"
+        )

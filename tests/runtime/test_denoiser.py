@@ -9,10 +9,20 @@ from torch import nn
 
 from ditkit import spec as S
 from ditkit.builder import build
-from ditkit.runtime.denoiser import (Denoiser, NoiseRange, cosine_alpha_sigma, cosine_sigma_to_t,
-                                     cosine_t_to_sigma, ddpm_alphas_cumprod, ddpm_sigma_to_t,
-                                     ddpm_sigmas, ddpm_t_to_sigma, edm_scalings,
-                                     flow_sigma_to_t, flow_t_to_sigma)
+from ditkit.runtime.denoiser import (
+    Denoiser,
+    NoiseRange,
+    cosine_alpha_sigma,
+    cosine_sigma_to_t,
+    cosine_t_to_sigma,
+    ddpm_alphas_cumprod,
+    ddpm_sigma_to_t,
+    ddpm_sigmas,
+    ddpm_t_to_sigma,
+    edm_scalings,
+    flow_sigma_to_t,
+    flow_t_to_sigma,
+)
 from tests.conftest import EXAMPLES
 
 
@@ -40,8 +50,9 @@ def test_ddpm_schedule_matches_numpy_linear_betas():
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     abar = np.cumprod(1.0 - betas)
     np.testing.assert_allclose(ddpm_alphas_cumprod().numpy(), abar, rtol=1e-12)
-    np.testing.assert_allclose(ddpm_sigmas(ddpm_alphas_cumprod()).numpy(),
-                               np.sqrt((1 - abar) / abar), rtol=1e-12)
+    np.testing.assert_allclose(
+        ddpm_sigmas(ddpm_alphas_cumprod()).numpy(), np.sqrt((1 - abar) / abar), rtol=1e-12
+    )
     assert abar[0] == pytest.approx(1 - 1e-4)
 
 
@@ -85,8 +96,10 @@ def test_edm_matches_reference_fixture(fixtures_dir):
     rec = Recorder(out)
     d = Denoiser(rec, S.EDMObjective(sigma_data=0.5))
     col = lambda v: v[:, None, None, None]  # noqa: E731
-    expected = col(io["outputs.denoiser_c_skip"]) * io["inputs.x"] + col(
-        io["outputs.denoiser_c_out"]) * out
+    expected = (
+        col(io["outputs.denoiser_c_skip"]) * io["inputs.x"]
+        + col(io["outputs.denoiser_c_out"]) * out
+    )
     torch.testing.assert_close(d(io["inputs.x"], sigma), expected, rtol=1e-6, atol=1e-6)
     net_x, net_sigma = rec.calls[0][:2]
     torch.testing.assert_close(net_x, io["inputs.x"] * c_in[:, None, None, None])
@@ -121,8 +134,9 @@ def test_ddpm_eps_matches_dit_predict_xstart():
     torch.testing.assert_close(var, out[:, 4:])
     net_x, net_t = rec.calls[0][:2]
     torch.testing.assert_close(net_x, x_t)
-    torch.testing.assert_close(net_t.double(), torch.tensor(t, dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        net_t.double(), torch.tensor(t, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     assert d.learned_variance is False  # the recorder has no spec: no head to read
 
 

@@ -8,30 +8,37 @@ from ditkit.errors import UserError
 from ditkit import device as D
 
 
-@pytest.mark.parametrize("text, available, count, rank, expected", [
-    ("cpu", True, 2, 0, "cpu"),
-    ("auto", False, 0, 0, "cpu"),
-    (None, False, 0, 0, "cpu"),
-    ("auto", True, 2, 0, "cuda:0"),
-    ("auto", True, 2, 1, "cuda:1"),       # torchrun: the local rank picks its GPU
-    ("cuda", True, 1, 0, "cuda:0"),       # the index torch.cuda.set_device needs
-    ("cuda", True, 4, 3, "cuda:3"),
-    ("cuda:1", True, 2, 0, "cuda:1"),     # an explicit index wins over the rank
-    ("CUDA:0", True, 2, 1, "cuda:0"),
-])
+@pytest.mark.parametrize(
+    "text, available, count, rank, expected",
+    [
+        ("cpu", True, 2, 0, "cpu"),
+        ("auto", False, 0, 0, "cpu"),
+        (None, False, 0, 0, "cpu"),
+        ("auto", True, 2, 0, "cuda:0"),
+        ("auto", True, 2, 1, "cuda:1"),  # torchrun: the local rank picks its GPU
+        ("cuda", True, 1, 0, "cuda:0"),  # the index torch.cuda.set_device needs
+        ("cuda", True, 4, 3, "cuda:3"),
+        ("cuda:1", True, 2, 0, "cuda:1"),  # an explicit index wins over the rank
+        ("CUDA:0", True, 2, 1, "cuda:0"),
+    ],
+)
 def test_resolve_device(text, available, count, rank, expected):
-    assert D.resolve_device(text, cuda_available=available, device_count=count,
-                            rank=rank) == expected
+    assert (
+        D.resolve_device(text, cuda_available=available, device_count=count, rank=rank) == expected
+    )
 
 
-@pytest.mark.parametrize("text, available, count, rank, message", [
-    ("cuda", False, 0, 0, "no CUDA device is available"),
-    ("cuda:0", False, 0, 0, "no CUDA device is available"),
-    ("cuda:2", True, 2, 0, "index 2 but only 2 CUDA device(s)"),
-    ("cuda", True, 2, 2, "local rank 2 but only 2 CUDA device(s)"),
-    ("gpu", True, 1, 0, "use cpu, cuda, cuda:N or auto"),
-    ("cuda:x", True, 1, 0, "use cpu, cuda, cuda:N or auto"),
-])
+@pytest.mark.parametrize(
+    "text, available, count, rank, message",
+    [
+        ("cuda", False, 0, 0, "no CUDA device is available"),
+        ("cuda:0", False, 0, 0, "no CUDA device is available"),
+        ("cuda:2", True, 2, 0, "index 2 but only 2 CUDA device(s)"),
+        ("cuda", True, 2, 2, "local rank 2 but only 2 CUDA device(s)"),
+        ("gpu", True, 1, 0, "use cpu, cuda, cuda:N or auto"),
+        ("cuda:x", True, 1, 0, "use cpu, cuda, cuda:N or auto"),
+    ],
+)
 def test_resolve_device_errors_are_user_errors(text, available, count, rank, message):
     with pytest.raises(D.DeviceError) as info:
         D.resolve_device(text, cuda_available=available, device_count=count, rank=rank)
@@ -55,12 +62,12 @@ def test_pick_device_reads_torch_cuda_and_local_rank(monkeypatch):
 
 
 def test_default_threads_rule():
-    assert D.default_threads({}, cpus=2) == 1        # a small shared machine: one thread
+    assert D.default_threads({}, cpus=2) == 1  # a small shared machine: one thread
     assert D.default_threads({}, cpus=1) == 1
     assert D.default_threads({}, cpus=16) == 8
     assert D.default_threads({}, cpus=64) == D.MAX_DEFAULT_THREADS
     assert D.default_threads({"LOCAL_WORLD_SIZE": "4"}, cpus=16) == 2  # shared by 4 ranks
-    assert D.default_threads({"OMP_NUM_THREADS": "3"}, cpus=2) == 3    # the user's choice
+    assert D.default_threads({"OMP_NUM_THREADS": "3"}, cpus=2) == 3  # the user's choice
     assert D.default_threads({"OMP_NUM_THREADS": "junk"}, cpus=8) == 4
 
 

@@ -11,8 +11,7 @@ from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.autoencoder import AutoencoderError
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.runtime.draw import (cfg_channels_from, decoder_for, draw, save_images,
-                                 save_latents)
+from ditkit.runtime.draw import cfg_channels_from, decoder_for, draw, save_images, save_latents
 from ditkit.runtime.samplers import sample
 from ditkit.runtime.shape_rule import ExportError
 from ditkit.spec.sampling import Sampling
@@ -58,8 +57,9 @@ def test_decoder_choice_is_checked_before_sampling(pixel, tmp_path):
 
 def test_cfg_channels_come_from_the_metadata_unless_given():
     assert cfg_channels_from(Sampling(), {"ditkit.cfg_channels": "3"}).cfg_channels == 3
-    assert cfg_channels_from(Sampling(cfg_channels=2),
-                             {"ditkit.cfg_channels": "3"}).cfg_channels == 2
+    assert (
+        cfg_channels_from(Sampling(cfg_channels=2), {"ditkit.cfg_channels": "3"}).cfg_channels == 2
+    )
     assert cfg_channels_from(Sampling(), {}).cfg_channels is None
 
 
@@ -79,6 +79,13 @@ def test_bench_times_the_guided_pair_under_cfg(pixel, monkeypatch):
     bench_sample(model, S.EDMObjective(), [(8, 8)], engines=("eager",), repeats=1, batch=2)
     assert set(batches) == {2}
     batches.clear()
-    bench_sample(model, S.EDMObjective(), [(8, 8)], Sampling(cfg_scale=3.0),
-                 engines=("eager",), repeats=1, batch=2)
+    bench_sample(
+        model,
+        S.EDMObjective(),
+        [(8, 8)],
+        Sampling(cfg_scale=3.0),
+        engines=("eager",),
+        repeats=1,
+        batch=2,
+    )
     assert set(batches) == {4}  # conditional and unconditional passes in one call

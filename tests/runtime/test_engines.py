@@ -41,8 +41,9 @@ def test_ort_ddpm_ancestral_uses_the_learned_variance(dit_export):
     ort = OrtDenoiser(result.path)
     assert ort.learned_variance
     eager = Denoiser(model, S.DDPMObjective())
-    kw = dict(steps=5, sampler="ddpm", seed=1, class_labels=[1, 2, 3], cfg_scale=1.5,
-              cfg_channels=3)
+    kw = dict(
+        steps=5, sampler="ddpm", seed=1, class_labels=[1, 2, 3], cfg_scale=1.5, cfg_channels=3
+    )
     a = sample(eager, (3, 4, 8, 8), **kw)
     b = sample(ort, (3, 4, 8, 8), **kw)
     assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
@@ -79,7 +80,8 @@ def test_ort_takes_real_aux_inputs(hdit_export):
     assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
     assert float((want - zero).abs().max()) > 1e-2  # the aux input matters
     assert float((ort(x, sigma, labels) - zero).abs().max()) <= 1e-4 * max(
-        1.0, float(zero.abs().max()))  # omitted = zeros, as in the model
+        1.0, float(zero.abs().max())
+    )  # omitted = zeros, as in the model
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -103,19 +105,22 @@ def test_profile_parsing_and_cache_key():
     named = T.parse_profile("batch=1/2/4,height=16/32/64,width=16/48/64")
     assert named == p
     assert T.parse_profile("height=16/32/64") == T.Profile(
-        T.Shape(1, 16, 16), T.Shape(1, 32, 32), T.Shape(1, 64, 64))
-    for bad in ("batch=1/2/4", "depth=1/2/3,height=16/32/64", "height=16/32",
-                "height=64/32/16"):
+        T.Shape(1, 16, 16), T.Shape(1, 32, 32), T.Shape(1, 64, 64)
+    )
+    for bad in ("batch=1/2/4", "depth=1/2/3,height=16/32/64", "height=16/32", "height=64/32/16"):
         with pytest.raises(ValueError, match="--profile"):
             T.parse_profile(bad)
     k = T.engine_cache_key("abc", [p], "fp16", "10.8.0", "H100 sm_90")
     assert k == T.engine_cache_key("abc", [p], "fp16", "10.8.0", "H100 sm_90")
-    others = [T.engine_cache_key("abd", [p], "fp16", "10.8.0", "H100 sm_90"),
-              T.engine_cache_key("abc", [p], "bf16", "10.8.0", "H100 sm_90"),
-              T.engine_cache_key("abc", [p], "fp16", "10.9.0", "H100 sm_90"),
-              T.engine_cache_key("abc", [p], "fp16", "10.8.0", "L4 sm_89"),
-              T.engine_cache_key("abc", [T.parse_profile("1x16/2x32/4x64")], "fp16",
-                                 "10.8.0", "H100 sm_90")]
+    others = [
+        T.engine_cache_key("abd", [p], "fp16", "10.8.0", "H100 sm_90"),
+        T.engine_cache_key("abc", [p], "bf16", "10.8.0", "H100 sm_90"),
+        T.engine_cache_key("abc", [p], "fp16", "10.9.0", "H100 sm_90"),
+        T.engine_cache_key("abc", [p], "fp16", "10.8.0", "L4 sm_89"),
+        T.engine_cache_key(
+            "abc", [T.parse_profile("1x16/2x32/4x64")], "fp16", "10.8.0", "H100 sm_90"
+        ),
+    ]
     assert k not in others and len(set(others)) == len(others)
 
 
@@ -128,6 +133,7 @@ def test_profile_outside_the_model_rule_is_refused(hdit_export):
 def test_trt_build_without_tensorrt_is_a_clear_error(hdit_export, capsys):
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("tensorrt is installed: this test checks the message when it is not")
     except ImportError:
         pass
@@ -139,13 +145,19 @@ def test_trt_build_without_tensorrt_is_a_clear_error(hdit_export, capsys):
 
 
 def test_trt_engine_matches_onnxruntime(hdit_export, tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installable here (NVIDIA's index); "
-                        "this test runs only where it is")
+    pytest.importorskip(
+        "tensorrt",
+        reason="TensorRT is not installable here (NVIDIA's index); this test runs only where it is",
+    )
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU; none is visible")
-    path = T.build_engine(hdit_export[1].path, [T.parse_profile("1x16/2x16/4x32")],
-                          precision="fp32", out=tmp_path / "e.engine",
-                          cache_dir=tmp_path / "cache")
+    path = T.build_engine(
+        hdit_export[1].path,
+        [T.parse_profile("1x16/2x16/4x32")],
+        precision="fp32",
+        out=tmp_path / "e.engine",
+        cache_dir=tmp_path / "cache",
+    )
     trt_d = T.TrtDenoiser(path, hdit_export[1].path)
     ort = OrtDenoiser(hdit_export[1].path)
     x = torch.randn(2, 3, 16, 16)
@@ -164,8 +176,20 @@ def test_cli_bench_sample_eager(capsys, tmp_path):
     from tests.conftest import EXAMPLES
 
     spec = str(EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml")
-    rc = main(["bench", "sample", spec, "--resolutions", "16,16x24", "--engines",
-               "eager,tensorrt", "--repeats", "2", "--json"])
+    rc = main(
+        [
+            "bench",
+            "sample",
+            spec,
+            "--resolutions",
+            "16,16x24",
+            "--engines",
+            "eager,tensorrt",
+            "--repeats",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["engine"] for r in rows] == ["eager", "tensorrt"] * 2
@@ -173,8 +197,25 @@ def test_cli_bench_sample_eager(capsys, tmp_path):
     assert all(r["ms_per_step"] > 0 for r in rows if r["engine"] == "eager")
     # the old forms (space-separated list, --json FILE) still work, with one line each
     out = tmp_path / "rows.json"
-    assert main(["bench", "sample", spec, "--resolutions", "16", "16x24", "--engines", "eager",
-                 "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "sample",
+                spec,
+                "--resolutions",
+                "16",
+                "16x24",
+                "--engines",
+                "eager",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "eager" in captured.out and "16x24" in captured.out  # the table
     assert "space-separated --resolutions values are deprecated" in captured.err

@@ -11,8 +11,7 @@ import pytest
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import model_hash
-from ditkit.deploy.export import (ExportError, allow_list, check_shape, export_onnx,
-                                   resolution_rule)
+from ditkit.deploy.export import ExportError, allow_list, check_shape, export_onnx, resolution_rule
 from tests.conftest import EXAMPLES
 from tests.runtime.conftest import perturbed
 
@@ -127,15 +126,27 @@ def test_existing_file_is_kept_when_export_fails(tmp_path):
 def test_opset_23_attention_is_refused_for_old_tensorrt(tmp_path):
     model = build(S.load(TINY / "tiny-hdit-global.yaml"))
     with pytest.raises(ExportError, match="Attention.*--opset 22"):
-        export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx", opset=23,
-                    target="tensorrt-10.8", check=False)
+        export_onnx(
+            model,
+            S.EDMObjective(),
+            tmp_path / "a.onnx",
+            opset=23,
+            target="tensorrt-10.8",
+            check=False,
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,objective", [
-    ("tiny-hdit-global", S.EDMObjective()), ("tiny-hdit-shifted-window", S.EDMObjective()),
-    ("tiny-mdit", S.X0Objective()), ("tiny-mpdit", S.FlowObjective()),
-    ("tiny-mdit", S.VObjective())])
+@pytest.mark.parametrize(
+    "name,objective",
+    [
+        ("tiny-hdit-global", S.EDMObjective()),
+        ("tiny-hdit-shifted-window", S.EDMObjective()),
+        ("tiny-mdit", S.X0Objective()),
+        ("tiny-mpdit", S.FlowObjective()),
+        ("tiny-mdit", S.VObjective()),
+    ],
+)
 def test_other_families_export_with_parity(tmp_path, name, objective):
     result = export_onnx(perturbed(name), objective, tmp_path / f"{name}.onnx")
     _check_result(result, ["denoised"])
@@ -155,8 +166,12 @@ def test_learned_positions_refuse_dynamic_resolution_but_export_fixed(tmp_path):
 
 @pytest.mark.slow
 def test_fp16_export_within_stated_tolerance(tmp_path):
-    result = export_onnx(perturbed("tiny-hdit-neighborhood"), S.EDMObjective(),
-                         tmp_path / "fp16.onnx", precision="fp16")
+    result = export_onnx(
+        perturbed("tiny-hdit-neighborhood"),
+        S.EDMObjective(),
+        tmp_path / "fp16.onnx",
+        precision="fp16",
+    )
     assert all(p["max_abs_diff"] <= 2e-2 * max(1, p["scale"]) for p in result.parity)
 
 
@@ -180,16 +195,37 @@ def test_cli_export_checkpoint_then_sample_the_onnx(tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["ditkit.checkpoint_hash"] == model_hash(ckpt)
     grid = tmp_path / "g.png"
-    assert main(["sample", str(out), "--steps", "2", "--classes", "1,2", "--cfg-scale", "2",
-                 "--resolution", "8x12", "--out", str(grid), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(out),
+                "--steps",
+                "2",
+                "--classes",
+                "1,2",
+                "--cfg-scale",
+                "2",
+                "--resolution",
+                "8x12",
+                "--out",
+                str(grid),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert Image.open(grid).size[0] > 12
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--resolution", "9"], "not divisible"),
-    (["--dynamic", "time"], "--dynamic"),
-    (["--target", "tensorrt-9"], "--target"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--resolution", "9"], "not divisible"),
+        (["--dynamic", "time"], "--dynamic"),
+        (["--target", "tensorrt-9"], "--target"),
+    ],
+)
 def test_cli_export_bad_input_exits_2(tmp_path, capsys, args, message):
     from ditkit.cli import main
 

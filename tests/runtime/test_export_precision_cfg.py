@@ -41,8 +41,9 @@ def _check_reduced_graph(result, reduced: int) -> onnx.ModelProto:
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["ditkit.opset"] == str(result.opset)
     nodes = _input_types(proto)
-    bad = [(op, TensorProto.DataType.Name(t)) for op, t in nodes if op in KEEP_FP32
-           and t not in FULL]
+    bad = [
+        (op, TensorProto.DataType.Name(t)) for op, t in nodes if op in KEEP_FP32 and t not in FULL
+    ]
     assert not bad, bad
     assert any(op == "Cos" for op, _ in nodes)
     # the bulk really is reduced precision: the matmuls and the stored weights
@@ -71,8 +72,12 @@ def _check_parity_rows(result, precision: str):
 def test_unsupported_types_names_the_op_and_the_first_opset_allowing_it():
     def graph(elem, opset):
         node = helper.make_node("Cos", ["a"], ["b"])
-        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", elem, [2])],
-                              [helper.make_tensor_value_info("b", elem, [2])])
+        g = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("a", elem, [2])],
+            [helper.make_tensor_value_info("b", elem, [2])],
+        )
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
     assert unsupported_types(graph(TensorProto.BFLOAT16, 18), 18) == [("Cos", "bfloat16", 22)]
@@ -82,30 +87,39 @@ def test_unsupported_types_names_the_op_and_the_first_opset_allowing_it():
 
 
 def test_bf16_dit_export_checks_structure_and_parity(tmp_path):
-    result = export_onnx(perturbed("tiny-dit"), S.DDPMObjective(), tmp_path / "bf16.onnx",
-                         precision="bf16")
+    result = export_onnx(
+        perturbed("tiny-dit"), S.DDPMObjective(), tmp_path / "bf16.onnx", precision="bf16"
+    )
     assert result.opset == 18  # nothing needed a newer opset
     _check_reduced_graph(result, TensorProto.BFLOAT16)
     _check_parity_rows(result, "bf16")
     # onnxruntime CPU cannot run bf16 Gemm, so parity ran in onnx.reference (and says so)
-    assert all(p["runtime"].startswith("onnx.reference") and "bf16" in p["runtime"]
-               for p in result.parity)
+    assert all(
+        p["runtime"].startswith("onnx.reference") and "bf16" in p["runtime"] for p in result.parity
+    )
 
 
 @pytest.mark.slow
 def test_bf16_hdit_export_checks_structure_and_parity(tmp_path):
-    result = export_onnx(perturbed("tiny-hdit-neighborhood"), S.EDMObjective(),
-                         tmp_path / "bf16.onnx", precision="bf16")
+    result = export_onnx(
+        perturbed("tiny-hdit-neighborhood"),
+        S.EDMObjective(),
+        tmp_path / "bf16.onnx",
+        precision="bf16",
+    )
     _check_reduced_graph(result, TensorProto.BFLOAT16)
     _check_parity_rows(result, "bf16")
 
 
 @pytest.mark.slow
 def test_fp16_exports_keep_trig_and_norms_fp32_and_run_in_onnxruntime(tmp_path):
-    for name, objective in (("tiny-hdit-neighborhood", S.EDMObjective()),
-                            ("tiny-dit", S.DDPMObjective())):
-        result = export_onnx(perturbed(name), objective, tmp_path / f"{name}.onnx",
-                             precision="fp16")
+    for name, objective in (
+        ("tiny-hdit-neighborhood", S.EDMObjective()),
+        ("tiny-dit", S.DDPMObjective()),
+    ):
+        result = export_onnx(
+            perturbed(name), objective, tmp_path / f"{name}.onnx", precision="fp16"
+        )
         _check_reduced_graph(result, TensorProto.FLOAT16)
         _check_parity_rows(result, "fp16")
         assert all(p["runtime"] == "onnxruntime CPU" for p in result.parity)
@@ -123,13 +137,17 @@ def test_an_op_without_bf16_raises_the_opset_or_fails_naming_it(tmp_path, monkey
 
     monkeypatch.setattr(conditioning.FourierEmbed, "forward", bf16_forward)
     model = perturbed("tiny-hdit-global")
-    with pytest.raises(ExportError, match="opset 18 has no Cos for bfloat16.*Cos supports "
-                                          "bfloat16 from opset 22.*--opset"):
-        export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx", precision="bf16", opset=18,
-                    check=False)
+    with pytest.raises(
+        ExportError,
+        match="opset 18 has no Cos for bfloat16.*Cos supports bfloat16 from opset 22.*--opset",
+    ):
+        export_onnx(
+            model, S.EDMObjective(), tmp_path / "a.onnx", precision="bf16", opset=18, check=False
+        )
     assert not (tmp_path / "a.onnx").exists()
-    result = export_onnx(model, S.EDMObjective(), tmp_path / "b.onnx", precision="bf16",
-                         check=False)
+    result = export_onnx(
+        model, S.EDMObjective(), tmp_path / "b.onnx", precision="bf16", check=False
+    )
     assert result.opset == 22
     proto = onnx.load(str(result.path))
     onnx.checker.check_model(proto, full_check=True)
@@ -180,27 +198,34 @@ def test_cfg_graph_equals_the_samplers_eager_guidance(dit_cfg):
     guided, _ = ort.guided(x, torch.full((3,), 3.0), labels, 4.0)
     assert float((guided[:, :3] - cond[:, :3]).abs().max()) > 1e-3
     assert float((guided[:, 3:] - cond[:, 3:]).abs().max()) <= 1e-4 * max(
-        1.0, float(cond.abs().max()))
+        1.0, float(cond.abs().max())
+    )
     # per-sample scales: sample i guided with scale i
     ws = torch.tensor([1.0, 2.0, 6.0])
     per, _ = ort.guided(x, torch.full((3,), 3.0), labels, ws)
     for i, w in enumerate(ws.tolist()):
-        one, _ = ort.guided(x[i:i + 1], torch.full((1,), 3.0), labels[i:i + 1], w)
-        assert torch.allclose(per[i:i + 1], one, atol=1e-5)
+        one, _ = ort.guided(x[i : i + 1], torch.full((1,), 3.0), labels[i : i + 1], w)
+        assert torch.allclose(per[i : i + 1], one, atol=1e-5)
 
 
 def test_sampling_with_the_cfg_graph_equals_eager_sampling(dit_cfg):
     model, result = dit_cfg
     ort = OrtDenoiser(result.path)
     eager = Denoiser(model, S.DDPMObjective())
-    kw = dict(steps=5, sampler="ddpm", seed=4, class_labels=[1, 2], cfg_scale=3.0,
-              cfg_channels=3, cfg_interval=(0.5, 50.0))
+    kw = dict(
+        steps=5,
+        sampler="ddpm",
+        seed=4,
+        class_labels=[1, 2],
+        cfg_scale=3.0,
+        cfg_channels=3,
+        cfg_interval=(0.5, 50.0),
+    )
     a = sample(eager, (2, 4, 8, 8), **kw)
     b = sample(ort, (2, 4, 8, 8), **kw)
     assert ort.calls == 5  # one graph call per evaluation, guided or not
     assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
-    assert not torch.allclose(a, sample(eager, (2, 4, 8, 8), **{**kw, "cfg_scale": 1.0}),
-                              atol=1e-3)
+    assert not torch.allclose(a, sample(eager, (2, 4, 8, 8), **{**kw, "cfg_scale": 1.0}), atol=1e-3)
     with pytest.raises(ValueError, match="exported with CFG on 3 channels"):
         sample(ort, (2, 4, 8, 8), **{**kw, "cfg_channels": None})
 
@@ -240,13 +265,19 @@ def test_cli_export_cfg(tmp_path, capsys):
 
     model = perturbed("tiny-dit")
     ckpt = tmp_path / "m.safetensors"
-    save_checkpoint(ckpt, model.state_dict(), model.spec, objective=S.DDPMObjective(),
-                    metadata={"ditkit.cfg_channels": "3"})
+    save_checkpoint(
+        ckpt,
+        model.state_dict(),
+        model.spec,
+        objective=S.DDPMObjective(),
+        metadata={"ditkit.cfg_channels": "3"},
+    )
     out = tmp_path / "m.onnx"
     assert main(["export", str(ckpt), "--out", str(out), "--bake-cfg", "--no-check"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["ditkit.cfg"])["channels"] == 3  # from the checkpoint
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"),
-                 "--cfg-channels", "3"]) == 2
+    assert (
+        main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--cfg-channels", "3"]) == 2
+    )
     assert "--cfg-channels needs --cfg" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()

@@ -20,8 +20,9 @@ def _trained(spec, seed=0):
 
 def test_hdit_add_levels_costs_match_table_1():
     spec = S.load("examples/hdit/hdit-imagenet-128.yaml")
-    costs = [round(g) for _, g in cost_curve(spec, S.AddLevels(), [(128, 128), (256, 256),
-                                                                    (512, 512)])]
+    costs = [
+        round(g) for _, g in cost_curve(spec, S.AddLevels(), [(128, 128), (256, 256), (512, 512)])
+    ]
     assert costs == [31, 65, 198]
     adapted = adapt_spec(spec, S.AddLevels(), (512, 512))
     assert [lv.d_model for lv in adapted.levels] == [384, 384, 384, 768]
@@ -30,18 +31,18 @@ def test_hdit_add_levels_costs_match_table_1():
 
 def test_pixel_dit_b4_costs_match_table_1():
     spec = S.dit("b", 4, channels=3, resolution=128, space="pixel", learned_sigma=False)
-    costs = [round(g) for _, g in cost_curve(spec, S.AsIs(), [(128, 128), (256, 256),
-                                                               (512, 512)])]
+    costs = [round(g) for _, g in cost_curve(spec, S.AsIs(), [(128, 128), (256, 256), (512, 512)])]
     assert costs == [106, 657, 6341]
 
 
 def test_cost_slopes_linear_for_hdit_quadratic_for_dit():
-    res = [(2 ** k, 2 ** k) for k in range(8, 13)]  # 256^2 .. 4096^2
+    res = [(2**k, 2**k) for k in range(8, 13)]  # 256^2 .. 4096^2
     pixels = [h * w for h, w in res]
     hdit = cost_curve(S.load("examples/hdit/hdit-imagenet-128.yaml"), S.AddLevels(), res)
     assert loglog_slope(pixels, [g for _, g in hdit]) <= 1.05
-    dit = cost_curve(S.dit("b", 4, channels=3, resolution=128, space="pixel",
-                           learned_sigma=False), S.AsIs(), res)
+    dit = cost_curve(
+        S.dit("b", 4, channels=3, resolution=128, space="pixel", learned_sigma=False), S.AsIs(), res
+    )
     assert 1.8 <= loglog_slope(pixels, [g for _, g in dit]) <= 2.0
 
 
@@ -51,11 +52,15 @@ def test_add_levels_carries_every_trained_tensor_exactly():
     out = adapt(spec, old, S.AddLevels(), (32, 32))
     assert out.record["added_levels"] == 1
     for key, value in old.items():
-        new_key = f"levels.{int(key.split('.')[1]) + 1}.{key.split('.', 2)[2]}" \
-            if key.startswith("levels.") else key
+        new_key = (
+            f"levels.{int(key.split('.')[1]) + 1}.{key.split('.', 2)[2]}"
+            if key.startswith("levels.")
+            else key
+        )
         assert torch.equal(out.tensors[new_key], value), key
-    assert out.record["reinitialised"] and all(k.startswith("levels.0.")
-                                               for k in out.record["reinitialised"])
+    assert out.record["reinitialised"] and all(
+        k.startswith("levels.0.") for k in out.record["reinitialised"]
+    )
     assert S.loads(S.dumps(out.spec)) == out.spec
     model = build(out.spec)
     model.load_state_dict(out.tensors, strict=True)
@@ -69,8 +74,10 @@ def test_add_levels_share_weights_copies_the_outer_level():
     out = adapt(spec, old, S.AddLevels(share_weights=True), (64, 64))
     assert out.record["added_levels"] == 2
     for j in (0, 1):
-        assert torch.equal(out.tensors[f"levels.{j}.encoder.0.attn.qkv.weight"],
-                           old["levels.0.encoder.0.attn.qkv.weight"])
+        assert torch.equal(
+            out.tensors[f"levels.{j}.encoder.0.attn.qkv.weight"],
+            old["levels.0.encoder.0.attn.qkv.weight"],
+        )
     assert not any(".encoder." in k or ".decoder." in k for k in out.record["reinitialised"])
 
 
@@ -88,7 +95,9 @@ def test_as_is_rope_policies():
     ext = adapt_spec(spec, S.AsIs(rope="extrapolate"), (32, 48))
     assert ext.block.rope.position_scale == (2.0, 3.0)  # normalised positions, trained at 16^2
     assert adapt_spec(spec, S.AsIs(rope="interpolate"), (32, 48)).block.rope.position_scale == (
-        1.0, 1.0)
+        1.0,
+        1.0,
+    )
     model = build(ext)
     model.load_state_dict(keep.tensors)
     with torch.no_grad():
@@ -104,8 +113,9 @@ def test_local_core_keeps_weights_and_changes_attention():
     old = _trained(spec)
     out = adapt(spec, old, S.LocalCore(kernel_size=5), (32, 32))
     assert out.record["levels"] == [0, 1]
-    assert all(b.attention == S.NeighborhoodAttention(kernel_size=5)
-               for _, _, _, b in out.spec.blocks())
+    assert all(
+        b.attention == S.NeighborhoodAttention(kernel_size=5) for _, _, _, b in out.spec.blocks()
+    )
     assert all(torch.equal(out.tensors[k], v) for k, v in old.items())
 
 
@@ -114,8 +124,7 @@ def test_core_patch_replicates_merge_and_split():
     old = _trained(spec)
     out = adapt(spec, old, S.CorePatch(factor=4), (32, 32))
     assert out.spec.token_grids() == [(16, 16), (4, 4)]
-    assert set(out.record["replicated"]) == {"levels.0.down.proj.weight",
-                                              "levels.0.up.proj.weight"}
+    assert set(out.record["replicated"]) == {"levels.0.down.proj.weight", "levels.0.up.proj.weight"}
     m2, m4 = TokenMerge(32, 64, (2, 2)), TokenMerge(32, 64, (4, 4))
     m2.proj.weight.data = old["levels.0.down.proj.weight"]
     m4.proj.weight.data = out.tensors["levels.0.down.proj.weight"]

@@ -23,8 +23,11 @@ def test_parse_policy():
     assert parse_policy("local_core:kernel_size=5") == S.LocalCore(kernel_size=5)
     assert parse_policy("add_levels:share_weights=true") == S.AddLevels(share_weights=True)
     assert parse_policy("core_patch:factor=4,level=0") == S.CorePatch(factor=4, level=0)
-    assert parse_policy("core_patch") == parse_policy("core_patch:factor=auto") == \
-        S.CorePatch(factor="auto")
+    assert (
+        parse_policy("core_patch")
+        == parse_policy("core_patch:factor=auto")
+        == S.CorePatch(factor="auto")
+    )
     assert S.loads(S.dumps(S.CorePatch()), S.CorePatch) == S.CorePatch()
     for bad in ("big", "0"):  # one message naming the field, not one per union branch
         with pytest.raises(S.SpecError) as err:
@@ -49,8 +52,14 @@ def test_dit_reference_is_isotropic_and_similar_in_size():
 
 def test_runner_writes_report_for_random_weights(tmp_path):
     spec = S.load(TINY)
-    rows = run(spec, None, None, [S.AsIs(), S.AddLevels(), S.CorePatch(factor=4)],
-               [(16, 16), (32, 32), (48, 32)], tmp_path)
+    rows = run(
+        spec,
+        None,
+        None,
+        [S.AsIs(), S.AddLevels(), S.CorePatch(factor=4)],
+        [(16, 16), (32, 32), (48, 32)],
+        tmp_path,
+    )
     by = {(r.policy, r.resolution): r for r in rows}
     refused = by[("add_levels", (48, 32))].error
     assert refused and "power of two" in refused
@@ -66,9 +75,24 @@ def test_runner_writes_report_for_random_weights(tmp_path):
 
 
 def test_cli_bad_policy_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ditkit.cli", "extrapolate", str(TINY),
-                           "--resolutions", "32", "--policies", "local_core:kernel_size=big",
-                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ditkit.cli",
+            "extrapolate",
+            str(TINY),
+            "--resolutions",
+            "32",
+            "--policies",
+            "local_core:kernel_size=big",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "kernel_size" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -82,8 +106,17 @@ def test_runner_samples_grids_from_a_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, model.state_dict(), spec, objective=S.EDMObjective())
     ckpt = load_checkpoint(path)
-    rows = run(ckpt.spec, ckpt.tensors, ckpt.objective, [S.AsIs(), S.AddLevels()],
-               [(16, 16), (32, 32)], tmp_path / "report", steps=2, samples=4, measure=False)
+    rows = run(
+        ckpt.spec,
+        ckpt.tensors,
+        ckpt.objective,
+        [S.AsIs(), S.AddLevels()],
+        [(16, 16), (32, 32)],
+        tmp_path / "report",
+        steps=2,
+        samples=4,
+        measure=False,
+    )
     assert all(r.grid for r in rows)
     for r in rows:
         assert (tmp_path / "report" / r.grid).stat().st_size > 0
@@ -119,15 +152,31 @@ def test_runner_scores_cells_with_a_metrics_hook_and_adds_extra_rows(tmp_path):
     class Fixed:  # a Scorer with fixed scores and no per-sample data
         def score(self, images, labels):
             calls.append((tuple(images.shape), labels.tolist()))
-            return Scores(accuracy=0.5, frechet=3.25, frechet_real=1.5, real_accuracy=0.9,
-                          count=len(labels))
+            return Scores(
+                accuracy=0.5, frechet=3.25, frechet_real=1.5, real_accuracy=0.9, count=len(labels)
+            )
 
     tuned = adapt(spec, tensors, S.CorePatch(factor=4), (32, 32))
-    rows = run(spec, tensors, S.EDMObjective(), [S.AsIs()], [(16, 16), (32, 32)],
-               tmp_path, steps=1, samples=4, measure=False, scorer=Fixed(), eval_count=6,
-               eval_resolutions=[(32, 32)], extra=[("tuned core", tuned.spec, tuned.tensors)])
+    rows = run(
+        spec,
+        tensors,
+        S.EDMObjective(),
+        [S.AsIs()],
+        [(16, 16), (32, 32)],
+        tmp_path,
+        steps=1,
+        samples=4,
+        measure=False,
+        scorer=Fixed(),
+        eval_count=6,
+        eval_resolutions=[(32, 32)],
+        extra=[("tuned core", tuned.spec, tuned.tensors)],
+    )
     assert [(r.policy, r.resolution) for r in rows] == [
-        ("as_is", (16, 16)), ("as_is", (32, 32)), ("tuned core", (32, 32))]
+        ("as_is", (16, 16)),
+        ("as_is", (32, 32)),
+        ("tuned core", (32, 32)),
+    ]
     assert rows[0].metrics == {} and rows[1].metrics["frechet"] == 3.25
     classes = spec.conditioning.classes.count
     assert calls == [((6, spec.input.channels, 32, 32), [i % classes for i in range(6)])] * 2
@@ -147,12 +196,13 @@ def test_cpu_peak_measure_keeps_stderr_clean():
     import subprocess
     import sys
 
-    code = ("import sys, torch\n"
-            "from ditkit.evaluate.report import cpu_peak_bytes\n"
-            "print(cpu_peak_bytes(lambda: torch.ones(1024, 1024) * 2))\n"
-            "print('after', file=sys.stderr)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, torch\n"
+        "from ditkit.evaluate.report import cpu_peak_bytes\n"
+        "print(cpu_peak_bytes(lambda: torch.ones(1024, 1024) * 2))\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # ones (4 MiB) and the product (4 MiB) are alive together, plus the scalar operand
     assert 8 << 20 <= int(out.stdout.strip()) < (8 << 20) + 1024
@@ -166,8 +216,10 @@ def test_noop_check_tells_exact_no_ops_from_policies_that_change_the_model():
     torch.manual_seed(0)
     tensors = build(spec).state_dict()
     # perturbed: the zero-initialised output layers would make every model output zero
-    tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-               for k, v in tensors.items()}
+    tensors = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in tensors.items()
+    }
     assert noop_check(spec, tensors, S.AsIs())["status"] == "identical"
     assert noop_check(spec, tensors, S.AddLevels())["status"] == "identical"
     auto = noop_check(spec, tensors, S.CorePatch())  # factor auto: the trained factor here
@@ -193,8 +245,12 @@ def test_latency_slope_is_fitted_over_compute_bound_points_only():
     from ditkit.evaluate.report import latency_slope
 
     # 16^2 costs 10 ms for 0.01 GMACs (1000 ms/GMAC: overhead); the rest ~ 100 ms/GMAC
-    pts = [((16, 16), 10.0, 0.01), ((32, 32), 4.0, 0.04), ((64, 64), 16.0, 0.16),
-           ((128, 128), 64.0, 0.64)]
+    pts = [
+        ((16, 16), 10.0, 0.01),
+        ((32, 32), 4.0, 0.04),
+        ((64, 64), 16.0, 0.16),
+        ((128, 128), 64.0, 0.64),
+    ]
     fit = latency_slope(pts)
     assert fit["overhead_bound"] == [[16, 16]]
     assert fit["compute_bound"] == [[32, 32], [64, 64], [128, 128]]
@@ -217,8 +273,10 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
 
     spec = S.load(TINY)
     torch.manual_seed(0)
-    tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-               for k, v in build(spec).state_dict().items()}
+    tensors = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in build(spec).state_dict().items()
+    }
     ref = np.random.default_rng(0).normal(size=(300, 3))
     fd = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
     calls = []
@@ -228,19 +286,38 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
             calls.append(tuple(images.shape))
             correct = images.flatten(1).mean(1).numpy() > 0
             feats = images.flatten(1)[:, :3].double().numpy()
-            return Scores(accuracy=float(correct.mean()), frechet=fd(feats), frechet_real=0.1,
-                          real_accuracy=0.9, count=len(labels),
-                          per_sample=PerSample(correct=correct, features=feats, frechet=fd))
+            return Scores(
+                accuracy=float(correct.mean()),
+                frechet=fd(feats),
+                frechet_real=0.1,
+                real_accuracy=0.9,
+                count=len(labels),
+                per_sample=PerSample(correct=correct, features=feats, frechet=fd),
+            )
 
     policies = [S.AsIs(), S.CorePatch(), S.CorePatch(factor=4)]
     # a "fine-tuned" row at 32x32: core_patch's adapted model, its weights nudged
     tuned = adapt(spec, tensors, S.CorePatch(), (32, 32))
-    tuned_tensors = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
-                     for k, v in tuned.tensors.items()}
-    rows = run(spec, tensors, S.EDMObjective(), policies, [(16, 16), (32, 32)], tmp_path,
-               steps=1, samples=2, measure=False, scorer=SignScorer(), eval_count=40,
-               count_at={(32, 32): 30}, bootstrap=50,
-               extra=[("core_patch + fine-tune", tuned.spec, tuned_tensors)])
+    tuned_tensors = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in tuned.tensors.items()
+    }
+    rows = run(
+        spec,
+        tensors,
+        S.EDMObjective(),
+        policies,
+        [(16, 16), (32, 32)],
+        tmp_path,
+        steps=1,
+        samples=2,
+        measure=False,
+        scorer=SignScorer(),
+        eval_count=40,
+        count_at={(32, 32): 30},
+        bootstrap=50,
+        extra=[("core_patch + fine-tune", tuned.spec, tuned_tensors)],
+    )
     by = {(r.policy, r.resolution): r for r in rows}
     # core_patch (auto) is bit-identical at 16x16: its cell reuses as_is's samples
     assert by[("core_patch", (16, 16))].same_as == "as_is"
@@ -251,8 +328,10 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     assert lo <= m["accuracy"] <= hi and m["count"] == 30
     assert m["frechet_ci"][0] <= m["frechet_ci"][1]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["noop_at_training_resolution"]["core_patch:factor=4"]["status"] == \
-        "changes the model"
+    assert (
+        results["noop_at_training_resolution"]["core_patch:factor=4"]["status"]
+        == "changes the model"
+    )
     comp = {tuple(c["resolution"]): c for c in results["comparisons"] if c["scope"] == "all"}
     assert comp[(32, 32)]["count"] == 30 and len(comp[(32, 32)]["accuracy_tests"]) == 3
     key = lambda r: (r.metrics["accuracy"], -r.metrics["frechet"])  # noqa: E731
@@ -261,30 +340,47 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     # the zero-shot policies ranked among themselves, only where a fine-tuned row takes part
     zero = [c for c in results["comparisons"] if c["scope"] == "zero-shot"]
     assert [c["resolution"] for c in zero] == [[32, 32]]
-    best_zero = max((r for r in rows[:len(policies) * 2] if r.resolution == (32, 32)), key=key)
+    best_zero = max((r for r in rows[: len(policies) * 2] if r.resolution == (32, 32)), key=key)
     assert zero[0]["best_accuracy"] == best_zero.policy
     assert len(zero[0]["accuracy_tests"]) == 2
     assert "core_patch + fine-tune" not in {t["policy"] for t in zero[0]["accuracy_tests"]}
     # at 16x16 the identical core_patch row is not compared with itself
     c16 = comp[(16, 16)]
     assert {t["policy"] for t in c16["accuracy_tests"]} | {c16["best_accuracy"]} == {
-        "as_is", "core_patch:factor=4"} and len(c16["accuracy_tests"]) == 1
+        "as_is",
+        "core_patch:factor=4",
+    } and len(c16["accuracy_tests"]) == 1
     report = (tmp_path / "report.md").read_text()
     assert "**NOT a no-op: changes the model**" in report
     assert "identical (exact no-op)" in report and "## Which policy is best" in report
     base = by[("as_is", (16, 16))].metrics
-    assert (f"**The trained model at its training resolution** (16x16, `as_is`): "
-            f"{100 * base['accuracy']:.1f}% label accuracy, "
-            f"{base['accuracy'] / 0.9:.0%} of the real-image classifier's 90.0%") in report
+    assert (
+        f"**The trained model at its training resolution** (16x16, `as_is`): "
+        f"{100 * base['accuracy']:.1f}% label accuracy, "
+        f"{base['accuracy'] / 0.9:.0%} of the real-image classifier's 90.0%"
+    ) in report
     assert f"- **32x32, accuracy:** best `{best.policy}`" in report
     assert f"- **32x32, zero-shot policies only, accuracy:** best `{best_zero.policy}`" in report
     check_report_html(tmp_path)  # the strong claims above read as a page
 
 
 def test_cli_count_at_is_checked():
-    r = subprocess.run([sys.executable, "-m", "ditkit.cli", "extrapolate", str(TINY),
-                        "--resolutions", "32", "--count-at", "32:5", "--no-measure"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ditkit.cli",
+            "extrapolate",
+            str(TINY),
+            "--resolutions",
+            "32",
+            "--count-at",
+            "32:5",
+            "--no-measure",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--count-at '32:5': expected RES=N" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -306,20 +402,53 @@ def test_sample_policy_adapts_the_checkpoint_before_sampling(tmp_path):
 
     def grid(name: str, *args) -> bytes:
         out = tmp_path / f"{name}.png"
-        assert main(["sample", str(ckpt), "--objective", "edm", "--steps", "2", "--count", "2",
-                     "--out", str(out), "--threads", "1", "--no-progress", *args]) == 0
+        assert (
+            main(
+                [
+                    "sample",
+                    str(ckpt),
+                    "--objective",
+                    "edm",
+                    "--steps",
+                    "2",
+                    "--count",
+                    "2",
+                    "--out",
+                    str(out),
+                    "--threads",
+                    "1",
+                    "--no-progress",
+                    *args,
+                ]
+            )
+            == 0
+        )
         return out.read_bytes()
 
     assert grid("plain") == grid("noop", "--policy", "core_patch")  # bit-identical at 1x
     big = f"{2 * h}x{2 * w}"
-    assert grid("as_is2", "--resolution", big) != grid("cp2", "--resolution", big, "--policy",
-                                                       "core_patch")
+    assert grid("as_is2", "--resolution", big) != grid(
+        "cp2", "--resolution", big, "--policy", "core_patch"
+    )
     assert main(["sample", str(ckpt), "--policy", "zoom", "--count", "1"]) == 2
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"not read: the flag is refused first")
     assert main(["sample", str(onnx), "--policy", "core_patch", "--count", "1"]) == 2
-    assert main(["sample", str(ckpt), "--policy", "core_patch", "--resolution",
-                 f"{h + 8}x{w}", "--count", "1"]) == 2  # factor auto: not a whole multiple
+    assert (
+        main(
+            [
+                "sample",
+                str(ckpt),
+                "--policy",
+                "core_patch",
+                "--resolution",
+                f"{h + 8}x{w}",
+                "--count",
+                "1",
+            ]
+        )
+        == 2
+    )  # factor auto: not a whole multiple
 
 
 @pytest.mark.slow  # ~18 s on a loaded 2-core machine: the cost curves and the classifier
@@ -337,8 +466,22 @@ def test_cli_scores_with_the_classifier_of_the_runs_data(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model.state_dict(), spec, objective=S.EDMObjective())
     (tmp_path / "experiment.yaml").write_text("data: {kind: digits, classes: 10}\n")
-    args = ["extrapolate", str(ckpt), "--resolutions", "16", "--steps", "1", "--count", "12",
-            "--grid-count", "2", "--no-measure", "--bootstrap", "20", "--no-progress"]
+    args = [
+        "extrapolate",
+        str(ckpt),
+        "--resolutions",
+        "16",
+        "--steps",
+        "1",
+        "--count",
+        "12",
+        "--grid-count",
+        "2",
+        "--no-measure",
+        "--bootstrap",
+        "20",
+        "--no-progress",
+    ]
     assert main(args + ["--out", str(tmp_path / "scored")]) == 0
     (row,) = json.loads((tmp_path / "scored/results.json").read_text())["rows"]
     assert row["grid"]

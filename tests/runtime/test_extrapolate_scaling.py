@@ -22,11 +22,15 @@ def _flat_spec() -> S.ModelSpec:
     """One global-attention level, dot logits, integer positions, geometric RoPE: 16x16 input,
     patch 2 -> an 8x8 trained grid."""
     return S.ModelSpec(
-        input=S.Input(channels=3, resolution=(16, 16)), patch=S.Patch(size=2),
+        input=S.Input(channels=3, resolution=(16, 16)),
+        patch=S.Patch(size=2),
         conditioning=S.Conditioning(noise=S.FourierNoise()),
-        block=S.Block(d_head=32, rope=S.AxialRope(fraction=0.5, positions="integer",
-                                                   frequencies="geometric", base=BASE)),
-        levels=(S.Level(d_model=64, middle=1),))
+        block=S.Block(
+            d_head=32,
+            rope=S.AxialRope(fraction=0.5, positions="integer", frequencies="geometric", base=BASE),
+        ),
+        levels=(S.Level(d_model=64, middle=1),),
+    )
 
 
 def _reference_attention(attn, x, freqs_row, freqs_col, factor):
@@ -42,9 +46,8 @@ def _reference_attention(attn, x, freqs_row, freqs_col, factor):
     half = ang.shape[-1]
 
     def rotate(t):
-        a, bb, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
-        return torch.cat([a * ang.cos() - bb * ang.sin(), bb * ang.cos() + a * ang.sin(), rest],
-                         -1)
+        a, bb, rest = t[..., :half], t[..., half : 2 * half], t[..., 2 * half :]
+        return torch.cat([a * ang.cos() - bb * ang.sin(), bb * ang.cos() + a * ang.sin(), rest], -1)
 
     q, k = rotate(q).flatten(2, 3), rotate(k).flatten(2, 3)
     w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) * factor, -1)
@@ -110,8 +113,9 @@ def test_entropy_scaling_is_a_no_op_for_a_neighborhood_level():
 def test_cosine_logits_factor_multiplies_the_learned_scale():
     blk = S.load(TINY).stack(1, "middle")[0]
     cfg = AttentionConfig(64, blk.d_head, blk.qk_norm, blk.logits, S.NoRope())
-    cfg2 = AttentionConfig(64, blk.d_head, blk.qk_norm,
-                           blk.logits.model_copy(update={"factor": 1.7}), S.NoRope())
+    cfg2 = AttentionConfig(
+        64, blk.d_head, blk.qk_norm, blk.logits.model_copy(update={"factor": 1.7}), S.NoRope()
+    )
     torch.manual_seed(0)
     a = GlobalAttention(cfg).eval()
     b = GlobalAttention(cfg2).eval()
@@ -124,8 +128,9 @@ def test_cosine_logits_factor_multiplies_the_learned_scale():
 
 def test_options_compose_with_core_patch_only_where_the_grid_changes():
     spec = S.load(TINY)
-    new = adapt_spec(spec, parse_policy("core_patch:rope_scaling=ntk,attention_scaling=entropy"),
-                     (32, 32))
+    new = adapt_spec(
+        spec, parse_policy("core_patch:rope_scaling=ntk,attention_scaling=entropy"), (32, 32)
+    )
     outer, inner = new.stack(0, "encoder")[0], new.stack(1, "middle")[0]
     assert outer.rope.scaling == S.NtkScaling(scale=(2.0, 2.0))
     assert outer.rope.position_scale == (2.0, 2.0)  # normalised positions keep their spacing
@@ -136,22 +141,26 @@ def test_options_compose_with_core_patch_only_where_the_grid_changes():
     assert added.stack(1, "encoder")[0] == spec.stack(0, "encoder")[0]
 
 
-@pytest.mark.parametrize("text", [
-    "as_is:rope_scaling=ntk,attention_scaling=entropy",
-    "as_is:rope_scaling=yarn",
-    "as_is:rope_scaling=ntk(time_exponent=1.0)",
-    "local_core:kernel_size=3,rope_scaling=ntk,attention_scaling=entropy",
-    "core_patch:rope_scaling=yarn(beta=16.0),attention_scaling=entropy",
-    "add_levels:share_weights=True,rope_scaling=yarn,attention_scaling=entropy",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "as_is:rope_scaling=ntk,attention_scaling=entropy",
+        "as_is:rope_scaling=yarn",
+        "as_is:rope_scaling=ntk(time_exponent=1.0)",
+        "local_core:kernel_size=3,rope_scaling=ntk,attention_scaling=entropy",
+        "core_patch:rope_scaling=yarn(beta=16.0),attention_scaling=entropy",
+        "add_levels:share_weights=True,rope_scaling=yarn,attention_scaling=entropy",
+    ],
+)
 def test_options_are_bit_identical_at_the_training_resolution(text):
     spec = S.load(TINY)
     torch.manual_seed(0)
     tensors = perturb(build(spec)).state_dict()
     policy = parse_policy(text)
     assert policy_label(policy) == text  # the report's label round-trips the text syntax
-    plain = policy.model_copy(update={"rope_scaling": S.NoRopeScaling(),
-                                      "attention_scaling": "none"})
+    plain = policy.model_copy(
+        update={"rope_scaling": S.NoRopeScaling(), "attention_scaling": "none"}
+    )
     # at 1x the options add nothing to the policy's own spec (local_core with k=3 on the 4x4
     # core changes the model by itself, so the report's no-op check is for the others)
     assert adapt_spec(spec, policy, (16, 16)) == adapt_spec(spec, plain, (16, 16))
@@ -169,12 +178,15 @@ def test_options_are_bit_identical_at_the_training_resolution(text):
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("text, message", [
-    ("as_is:rope_scaling=bogus", "does not match any of the expected tags"),
-    ("as_is:rope_scaling=yarn(alpha=40)", "alpha (40.0) must be below beta (32.0)"),
-    ("as_is:rope=extrapolate,rope_scaling=ntk", "leave rope at keep"),
-    ("as_is:attention_scaling=log", "attention_scaling"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("as_is:rope_scaling=bogus", "does not match any of the expected tags"),
+        ("as_is:rope_scaling=yarn(alpha=40)", "alpha (40.0) must be below beta (32.0)"),
+        ("as_is:rope=extrapolate,rope_scaling=ntk", "leave rope at keep"),
+        ("as_is:attention_scaling=log", "attention_scaling"),
+    ],
+)
 def test_bad_options_name_the_field_and_the_fix(text, message):
     with pytest.raises(S.SpecError) as err:
         parse_policy(text, flag="--policy")
@@ -191,8 +203,13 @@ def test_derived_fields_belong_to_the_model_spec_not_the_policy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("text", ["as_is:rope_scaling=yarn,attention_scaling=entropy",
-                                  "as_is:rope_scaling=ntk(time_exponent=1.0)"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "as_is:rope_scaling=yarn,attention_scaling=entropy",
+        "as_is:rope_scaling=ntk(time_exponent=1.0)",
+    ],
+)
 def test_scaled_policy_exports_to_onnx_within_parity(tmp_path, text):
     from ditkit.deploy.export import export_onnx
 
@@ -220,19 +237,21 @@ def test_time_aware_ntk_scale_follows_each_samples_noise_fraction():
     with torch.no_grad():
         out = attn(x, Context(noise=t))
         for b, tb in enumerate(t.tolist()):
-            s_t = 2.0 ** (tb ** 2.0)  # s(t) = s^(t^gamma), rows only (columns keep s = 1)
+            s_t = 2.0 ** (tb**2.0)  # s(t) = s^(t^gamma), rows only (columns keep s = 1)
             freqs_row = (BASE * s_t ** (M / (M - 1))) ** (-j / M)
-            ref = _reference_attention(attn, x[b:b + 1], freqs_row, BASE ** (-j / M), 1.0)
-            torch.testing.assert_close(out[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+            ref = _reference_attention(attn, x[b : b + 1], freqs_row, BASE ** (-j / M), 1.0)
+            torch.testing.assert_close(out[b : b + 1], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_time_aware_yarn_is_static_yarn_at_pure_noise_and_plain_when_clean():
     from ditkit.builder.model import Context
 
-    static, _ = _adapted_attention(parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0)"),
-                                   (32, 32))
+    static, _ = _adapted_attention(
+        parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0)"), (32, 32)
+    )
     dynamic, blk = _adapted_attention(
-        parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0,time_exponent=1.0)"), (32, 32))
+        parse_policy("as_is:rope_scaling=yarn(alpha=0.1,beta=1.0,time_exponent=1.0)"), (32, 32)
+    )
     assert blk.logits.factor == 1.0  # the temperature goes per sample, inside the attention
     j = torch.arange(M, dtype=torch.float64)
     x = torch.randn(2, 16, 16, 64)

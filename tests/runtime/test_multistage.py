@@ -32,8 +32,12 @@ def staged(text, **fields):
 def test_each_stage_samples_its_resolution():
     den = Recording()
     shapes = []
-    x = sample_staged(den, (2, 3, 16, 16), staged("4,8:2.0,16x16:1.0:3", steps=4),
-                      on_stage=lambda k, x: shapes.append((k, tuple(x.shape))))
+    x = sample_staged(
+        den,
+        (2, 3, 16, 16),
+        staged("4,8:2.0,16x16:1.0:3", steps=4),
+        on_stage=lambda k, x: shapes.append((k, tuple(x.shape))),
+    )
     assert shapes == [(0, (2, 3, 4, 4)), (1, (2, 3, 8, 8)), (2, (2, 3, 16, 16))]
     assert x.shape == (2, 3, 16, 16)
     # dpmpp_2m: one evaluation per step; stage 2 has its own 3 steps
@@ -64,8 +68,12 @@ def test_the_refinement_starts_from_the_enlarged_draft():
     # a tiny re-noise keeps the draft: the output is the enlarged first stage
     den = GaussianDenoiser()
     drafts = []
-    x = sample_staged(den, (1, 1, 8, 8), staged("4,8:0.01:1:nearest", sampler="euler"),
-                      on_stage=lambda k, x: drafts.append(x))
+    x = sample_staged(
+        den,
+        (1, 1, 8, 8),
+        staged("4,8:0.01:1:nearest", sampler="euler"),
+        on_stage=lambda k, x: drafts.append(x),
+    )
     up = drafts[0].repeat_interleave(2, -1).repeat_interleave(2, -2)
     assert (x - up).abs().max() < 0.05
     assert (x - up).abs().max() > 0  # but it was re-noised and denoised
@@ -81,16 +89,26 @@ def test_seeds_are_reproducible_and_matter():
 
 def test_enlarge_modes():
     x = torch.arange(4.0).reshape(1, 1, 2, 2)
-    assert enlarge(x, (4, 4), "nearest")[0, 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1],
-                                                            [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert enlarge(x, (4, 4), "nearest")[0, 0].tolist() == [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 3, 3],
+        [2, 2, 3, 3],
+    ]
     flat = torch.full((1, 2, 3, 3), 0.25)
     assert torch.allclose(enlarge(flat, (7, 5), "bicubic"), torch.full((1, 2, 7, 5), 0.25))
 
 
-@pytest.mark.parametrize("text,where", [
-    ("8:1.0", "stages[0].sigma"), ("8,16", "stages[1].sigma"),
-    ("16,8:1.0", "stages[1].resolution"), ("8,16:-1", "stages[1].sigma"),
-    ("8,16:1:0", "stages[1].steps")])
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ("8:1.0", "stages[0].sigma"),
+        ("8,16", "stages[1].sigma"),
+        ("16,8:1.0", "stages[1].resolution"),
+        ("8,16:-1", "stages[1].sigma"),
+        ("8,16:1:0", "stages[1].steps"),
+    ],
+)
 def test_bad_stages_name_the_field(text, where):
     with pytest.raises(SpecError) as err:
         staged(text)
@@ -107,8 +125,9 @@ def test_stage_text_round_trips():
     s = staged("4,8x16:2:3,16:0.5:nearest")
     assert ",".join(st.text() for st in s.stages) == "4,8x16:2:3,16:0.5:nearest"
     assert "stages 4,8x16:2:3,16:0.5:nearest" in s.describe()
-    assert Sampling().recorded() == {k: v for k, v in Sampling().recorded().items()
-                                     if k != "stages"}  # one pass records what it always did
+    assert Sampling().recorded() == {
+        k: v for k, v in Sampling().recorded().items() if k != "stages"
+    }  # one pass records what it always did
     assert "stages" not in Sampling().recorded()
 
 
@@ -142,13 +161,26 @@ def test_npz_records_the_stages_and_refuses_other_ones(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # chunk 0 (4 evaluations) done, chunk 1 not
         sample_npz(Interrupted(5), out, s, num=3, shape=(3, 4, 4), batch=2, progress=False)
     with pytest.raises(NpzError, match="stages"):  # other stages: refused, nothing lost
-        sample_npz(GaussianDenoiser(), out, staged("2,4:0.5", steps=2), num=3,
-                   shape=(3, 4, 4), batch=2, progress=False)
+        sample_npz(
+            GaussianDenoiser(),
+            out,
+            staged("2,4:0.5", steps=2),
+            num=3,
+            shape=(3, 4, 4),
+            batch=2,
+            progress=False,
+        )
     with pytest.raises(NpzError, match="stages"):  # one pass where stages were drawn
-        sample_npz(GaussianDenoiser(), out, Sampling(steps=2), num=3, shape=(3, 4, 4),
-                   batch=2, progress=False)
-    result = sample_npz(GaussianDenoiser(), out, s, num=3, shape=(3, 4, 4), batch=2,
-                        progress=False)
+        sample_npz(
+            GaussianDenoiser(),
+            out,
+            Sampling(steps=2),
+            num=3,
+            shape=(3, 4, 4),
+            batch=2,
+            progress=False,
+        )
+    result = sample_npz(GaussianDenoiser(), out, s, num=3, shape=(3, 4, 4), batch=2, progress=False)
     assert result.reused == 2 and np.load(out)["arr_0"].shape == (3, 4, 4, 3)
     whole = tmp_path / "whole.npz"  # the resumed file equals one drawn in one go
     sample_npz(GaussianDenoiser(), whole, s, num=3, shape=(3, 4, 4), batch=2, progress=False)

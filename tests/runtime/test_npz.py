@@ -21,8 +21,16 @@ from ditkit.builder import build
 from ditkit.cli import main
 from ditkit.runtime.checkpoint import model_hash, save_checkpoint
 from ditkit.runtime.denoiser import Denoiser
-from ditkit.evaluate.npz import (NpzError, iter_npz_images, npz_settings, npz_shape,
-                                parts_folder, read_npz, sample_npz, write_npz)
+from ditkit.evaluate.npz import (
+    NpzError,
+    iter_npz_images,
+    npz_settings,
+    npz_shape,
+    parts_folder,
+    read_npz,
+    sample_npz,
+    write_npz,
+)
 from tests.conftest import EXAMPLES, ROOT
 from tests.training.conftest import tiny_model
 from tests.perturb import perturb
@@ -54,8 +62,24 @@ def one_thread():
 
 def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(grey_ckpt), "--count", "5", "--batch", "2", "--classes", "random",
-                 "--npz", str(out), *STEPS]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(grey_ckpt),
+                "--count",
+                "5",
+                "--batch",
+                "2",
+                "--classes",
+                "random",
+                "--npz",
+                str(out),
+                *STEPS,
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     assert not parts_folder(out).exists()  # merged, parts removed
     with zipfile.ZipFile(out) as zf:  # np.savez's layout: uncompressed .npy members
@@ -69,25 +93,50 @@ def test_npz_format_and_chunks_equal_the_png_sampler(grey_ckpt, tmp_path, capsys
     assert ((labels >= 0) & (labels < 10)).all()
     assert len({images[i].tobytes() for i in range(5)}) == 5  # every sample differs
     settings = npz_settings(out)  # the file says how it was made
-    assert (settings["num"], settings["batch"], settings["steps"], settings["sampler"],
-            settings["seed"]) == (5, 2, 2, "euler", 0)
+    assert (
+        settings["num"],
+        settings["batch"],
+        settings["steps"],
+        settings["sampler"],
+        settings["seed"],
+    ) == (5, 2, 2, "euler", 0)
     assert settings["source"] == model_hash(grey_ckpt)
     # chunk k is `ditkit sample` with seed k and that chunk's labels: compare with its PNGs
     for k, (start, n) in enumerate([(0, 2), (2, 2), (4, 1)]):
         folder = tmp_path / f"png{k}"
-        classes = ",".join(str(int(v)) for v in labels[start:start + n])
-        assert main(["sample", str(grey_ckpt), "--count", str(n), "--classes", classes,
-                     "--seed", str(k), "--out", str(tmp_path / "g.png"), "--individual",
-                     str(folder), *STEPS]) == 0
-        pngs = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
-                         for i in range(n)])
-        np.testing.assert_array_equal(images[start:start + n], pngs)
+        classes = ",".join(str(int(v)) for v in labels[start : start + n])
+        assert (
+            main(
+                [
+                    "sample",
+                    str(grey_ckpt),
+                    "--count",
+                    str(n),
+                    "--classes",
+                    classes,
+                    "--seed",
+                    str(k),
+                    "--out",
+                    str(tmp_path / "g.png"),
+                    "--individual",
+                    str(folder),
+                    *STEPS,
+                ]
+            )
+            == 0
+        )
+        pngs = np.stack(
+            [np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(n)]
+        )
+        np.testing.assert_array_equal(images[start : start + n], pngs)
 
 
 def test_unconditional_npz_has_no_labels_and_streams(grey_ckpt, tmp_path):
     out = tmp_path / "u.npz"
-    assert main(["sample", str(grey_ckpt), "--count", "3", "--batch", "3", "--npz", str(out),
-                 *STEPS]) == 0
+    assert (
+        main(["sample", str(grey_ckpt), "--count", "3", "--batch", "3", "--npz", str(out), *STEPS])
+        == 0
+    )
     images, labels = read_npz(out)
     assert labels is None and images.shape == (3, 8, 8, 3)
     assert npz_shape(out) == (3, 8, 8, 3)
@@ -106,8 +155,16 @@ def _den(path):
 def test_interrupted_run_resumes_to_the_same_file(grey_ckpt, tmp_path):
     den, spec = _den(grey_ckpt)
     labels = torch.arange(7) % 10
-    args = dict(num=7, shape=(1, 8, 8), steps=2, sampler="euler", batch=2, class_labels=labels,
-                seed=3, progress=False)
+    args = dict(
+        num=7,
+        shape=(1, 8, 8),
+        steps=2,
+        sampler="euler",
+        batch=2,
+        class_labels=labels,
+        seed=3,
+        progress=False,
+    )
     sample_npz(den, tmp_path / "whole.npz", **args)
     calls = []
 
@@ -144,8 +201,19 @@ def test_every_sampling_flag_reaches_the_npz_and_its_resume_settings(grey_ckpt, 
     """Issue 26: `--npz` once ignored --sigma-min/--sigma-max. Both paths now take one
     Sampling, so the sigma flags change the file, chunk 0 equals the grid path's samples with
     the same flags, and a resume with other sigma flags is refused."""
-    base = ["sample", str(grey_ckpt), "--count", "2", "--batch", "1", "--classes", "3",
-            "--seed", "5", *STEPS]
+    base = [
+        "sample",
+        str(grey_ckpt),
+        "--count",
+        "2",
+        "--batch",
+        "1",
+        "--classes",
+        "3",
+        "--seed",
+        "5",
+        *STEPS,
+    ]
     sigmas = ["--sigma-min", "0.5", "--sigma-max", "5"]
     plain, narrow = tmp_path / "plain.npz", tmp_path / "narrow.npz"
     assert main(base + ["--npz", str(plain)]) == 0
@@ -157,15 +225,41 @@ def test_every_sampling_flag_reaches_the_npz_and_its_resume_settings(grey_ckpt, 
     assert npz_settings(plain)["sigma_min"] is None
     # chunk 0 (seed 5) is the grid path's sample with the same flags
     folder = tmp_path / "png"
-    assert main(["sample", str(grey_ckpt), "--count", "1", "--classes", "3", "--seed", "5",
-                 *STEPS, *sigmas, "--out", str(tmp_path / "g.png"),
-                 "--individual", str(folder)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(grey_ckpt),
+                "--count",
+                "1",
+                "--classes",
+                "3",
+                "--seed",
+                "5",
+                *STEPS,
+                *sigmas,
+                "--out",
+                str(tmp_path / "g.png"),
+                "--individual",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     png = np.asarray(Image.open(folder / "000000.png").convert("RGB"))
     np.testing.assert_array_equal(b[0], png)
     # an interrupted run records the sigmas; a resume with others is refused, naming them
     den, _ = _den(grey_ckpt)
-    args = dict(num=4, shape=(1, 8, 8), steps=2, sampler="euler", batch=2, progress=False,
-                sigma_min=0.5, sigma_max=5.0)
+    args = dict(
+        num=4,
+        shape=(1, 8, 8),
+        steps=2,
+        sampler="euler",
+        batch=2,
+        progress=False,
+        sigma_min=0.5,
+        sigma_max=5.0,
+    )
 
     calls = []
 
@@ -212,28 +306,62 @@ def test_latent_model_is_decoded_through_the_vae(tmp_path, capsys):
     vae = save_tiny_vae(tmp_path / "vae")
     spec = S.load(EXAMPLES / "tiny" / "tiny-dit.yaml")  # 4 latent channels, 8x8
     ckpt = tmp_path / "dit.safetensors"
-    save_checkpoint(ckpt, _perturbed(spec).state_dict(), spec, objective=S.DDPMObjective(
-        learned_sigma=spec.head.learned_sigma))
+    save_checkpoint(
+        ckpt,
+        _perturbed(spec).state_dict(),
+        spec,
+        objective=S.DDPMObjective(learned_sigma=spec.head.learned_sigma),
+    )
     out = tmp_path / "d.npz"
     assert main(["sample", str(ckpt), "--count", "2", "--npz", str(out), *STEPS]) == 2
     assert "one decoder" in capsys.readouterr().err
-    assert main(["sample", str(ckpt), "--count", "2", "--npz", str(out), "--vae", str(vae),
-                 *STEPS]) == 0
+    assert (
+        main(["sample", str(ckpt), "--count", "2", "--npz", str(out), "--vae", str(vae), *STEPS])
+        == 0
+    )
     images, _ = read_npz(out)
     assert images.shape == (2, 16, 16, 3) and images.std() > 0  # factor-2 autoencoder
 
 
 def test_torchrun_two_processes_equal_one(grey_ckpt, tmp_path):
-    common = ["sample", str(grey_ckpt), "--count", "7", "--batch", "2", "--classes", "random",
-              "--seed", "5", *STEPS]
+    common = [
+        "sample",
+        str(grey_ckpt),
+        "--count",
+        "7",
+        "--batch",
+        "2",
+        "--classes",
+        "random",
+        "--seed",
+        "5",
+        *STEPS,
+    ]
     assert main([*common, "--npz", str(tmp_path / "one.npz")]) == 0
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     # `--`: torchrun would read `--num` as an abbreviation of its own `--numa-binding`
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "--",
-                           "ditkit.cli", *common, "--npz", str(tmp_path / "two.npz")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "--",
+            "ditkit.cli",
+            *common,
+            "--npz",
+            str(tmp_path / "two.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote") == 1 and "2 process(es)" in proc.stdout  # rank 0 only
     one, two = read_npz(tmp_path / "one.npz"), read_npz(tmp_path / "two.npz")
@@ -252,6 +380,15 @@ def test_non_finite_samples_stop_before_their_part_is_written(grey_ckpt, tmp_pat
 
     out = tmp_path / "nan.npz"
     with pytest.raises(NpzError, match=r"chunk 1 \(samples 2\.\.3, seed 1\) holds non-finite"):
-        sample_npz(den, out, num=4, shape=(1, 8, 8), steps=2, sampler="euler", batch=2,
-                   decode=nan_in_second_chunk, progress=False)
+        sample_npz(
+            den,
+            out,
+            num=4,
+            shape=(1, 8, 8),
+            steps=2,
+            sampler="euler",
+            batch=2,
+            decode=nan_in_second_chunk,
+            progress=False,
+        )
     assert sorted(p.name for p in parts_folder(out).glob("part-*")) == ["part-000000.npz"]

@@ -43,11 +43,16 @@ def _dispatch_sites(path: Path) -> list[tuple[str, int]]:
 
     def visit(node, func: str):
         for child in ast.iter_child_nodes(node):
-            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
-                else func
-            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Name)
-                    and child.func.id == "isinstance" and len(child.args) == 2
-                    and names(child.args[1]) & SPEC_CLASSES):
+            inner = (
+                child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            )
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Name)
+                and child.func.id == "isinstance"
+                and len(child.args) == 2
+                and names(child.args[1]) & SPEC_CLASSES
+            ):
                 sites.append((func, child.lineno))
             if isinstance(child, ast.match_case) and names(child.pattern) & SPEC_CLASSES:
                 sites.append((func, child.pattern.lineno))
@@ -74,8 +79,11 @@ def test_objective_kinds_are_dispatched_in_one_factory_only():
     assert not stray, f"objective kinds dispatched outside objective_of: {stray}"
     assert len(found[("ditkit/runtime/objectives.py", "objective_of")]) == len(SPEC_CLASSES)
     # the denoiser, the loss and the samplers do not even name the spec classes
-    for rel in ("ditkit/runtime/denoiser.py", "ditkit/runtime/samplers.py",
-                "ditkit/training/objectives.py"):
+    for rel in (
+        "ditkit/runtime/denoiser.py",
+        "ditkit/runtime/samplers.py",
+        "ditkit/training/objectives.py",
+    ):
         text = (ROOT / rel).read_text()
         assert not [c for c in SPEC_CLASSES if c in text], rel
 
@@ -203,8 +211,7 @@ def test_v_loss_is_the_squared_error_of_v(sd):
     torch.manual_seed(0)
     net = TinyNet()
     spec = S.load(EXAMPLES / "tiny" / "tiny-mdit.yaml")  # only its resolution is read
-    got, extras = DiffusionLoss(S.VObjective(sigma_data=sd), spec).per_sample(
-        net, x0, None, eps, t)
+    got, extras = DiffusionLoss(S.VObjective(sigma_data=sd), spec).per_sample(net, x0, None, eps, t)
     col = lambda a: a[:, None, None, None]  # noqa: E731
     if sd == 1.0:
         alpha, sig_t = col(torch.cos(math.pi * t / 2)), col(torch.sin(math.pi * t / 2))
@@ -268,7 +275,13 @@ def test_every_sampler_drives_a_v_model(sampler):
 
 
 def test_a_v_model_samples_the_data_distribution():
-    x = sample(Denoiser(PerfectV(), S.VObjective()), (4096, 2, 2, 2), steps=48, sampler="heun",
-               seed=0, dtype=torch.float64)
+    x = sample(
+        Denoiser(PerfectV(), S.VObjective()),
+        (4096, 2, 2, 2),
+        steps=48,
+        sampler="heun",
+        seed=0,
+        dtype=torch.float64,
+    )
     assert float(x.mean()) == pytest.approx(MU, abs=0.02)
     assert float(x.std()) == pytest.approx(SD, abs=0.02)

@@ -43,8 +43,14 @@ def _export(module, args, dynamic, path):
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(ep, args, dynamo=True, opset_version=18, optimize=True,
-                                 custom_translation_table=translation_table())
+        prog = torch.onnx.export(
+            ep,
+            args,
+            dynamo=True,
+            opset_version=18,
+            optimize=True,
+            custom_translation_table=translation_table(),
+        )
     prog.save(str(path))
     ops = {(n.domain or "ai.onnx") + "::" + n.op_type for n in prog.model_proto.graph.node}
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ops
@@ -84,8 +90,9 @@ def test_masked_attention_becomes_one_fused_node(tmp_path, additive):
         return q, k, v, keep
 
     t = Dim("tiles", min=2, max=1024)
-    sess, ops = _export(Masked(additive), inputs(2, 5),
-                        ({1: t}, {1: t}, {1: t}, {1: t}), tmp_path / "m.onnx")
+    sess, ops = _export(
+        Masked(additive), inputs(2, 5), ({1: t}, {1: t}, {1: t}, {1: t}), tmp_path / "m.onnx"
+    )
     assert "com.microsoft::MultiHeadAttention" in ops and "ai.onnx::Softmax" not in ops
     for a, tiles in ((2, 5), (2, 11)):
         q, k, v, keep = inputs(a, tiles)
@@ -158,8 +165,14 @@ def test_norms_and_gelu_are_rewritten_into_kernels_onnxruntime_fuses(tmp_path):
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = torch.onnx.export(ep, (x,), dynamo=True, opset_version=18, optimize=True,
-                                  custom_translation_table=gelu_translation()).model_proto
+        proto = torch.onnx.export(
+            ep,
+            (x,),
+            dynamo=True,
+            opset_version=18,
+            optimize=True,
+            custom_translation_table=gelu_translation(),
+        ).model_proto
     counts = optimize_graph(proto)
     assert counts == {"rms_norm": 2, "cosine_norm": 1, "split_matmul": 1, "qkv_matmul": 0}
     onnx.checker.check_model(proto, full_check=True)
@@ -214,8 +227,9 @@ def test_the_qkv_projection_becomes_three_matmuls_without_a_split(tmp_path):
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = torch.onnx.export(ep, (x,), dynamo=True, opset_version=18,
-                                  optimize=True).model_proto
+        proto = torch.onnx.export(
+            ep, (x,), dynamo=True, opset_version=18, optimize=True
+        ).model_proto
     assert optimize_graph(proto)["qkv_matmul"] == 1
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMul") == 3 and "Slice" not in ops and "Split" not in ops

@@ -44,8 +44,11 @@ def _cpu_has_vnni() -> bool:
 # onnxruntime's u8s8 int8 kernels on an AVX2 CPU without VNNI can saturate the 16-bit
 # intermediate sums (its reduce_range note), so the error exceeds the int8 tolerance there:
 # measured 2.0e-01 x scale on an AVX2-only AMD EPYC, on this commit and on 7b4e11c alike
-@pytest.mark.skipif(not _cpu_has_vnni(), reason="no VNNI on this CPU: onnxruntime's u8s8 int8 "
-                    "kernels saturate on plain AVX2, so the int8 tolerance does not hold here")
+@pytest.mark.skipif(
+    not _cpu_has_vnni(),
+    reason="no VNNI on this CPU: onnxruntime's u8s8 int8 "
+    "kernels saturate on plain AVX2, so the int8 tolerance does not hold here",
+)
 def test_int8_export_runs_within_its_tolerance_and_is_not_the_fp32_graph(tmp_path):
     import onnx
 
@@ -54,8 +57,9 @@ def test_int8_export_runs_within_its_tolerance_and_is_not_the_fp32_graph(tmp_pat
 
     model = untrained()
     path = tmp_path / "int8.onnx"
-    result = export_onnx(model, S.EDMObjective(), path, dynamic=("batch",),
-                         quantize="int8")  # check=True: parity vs fp32 eager at 1e-1
+    result = export_onnx(
+        model, S.EDMObjective(), path, dynamic=("batch",), quantize="int8"
+    )  # check=True: parity vs fp32 eager at 1e-1
     assert result.parity and all(r["tolerance"] == INT8_TOLERANCE for r in result.parity)
     assert {"ai.onnx::MatMulInteger", "ai.onnx::DynamicQuantizeLinear"} <= set(result.ops)
     # attention stays the fp32 fused kernel; the token-wise layers run in int8, only the
@@ -93,8 +97,18 @@ def test_int8_is_refused_outside_fp32_onnxruntime_exports(tmp_path, kw):
 def test_the_command_line_refuses_int8_outside_fp32_onnxruntime_in_one_line(tmp_path, capsys):
     from ditkit.cli import main
 
-    code = main(["export", "examples/tiny/tiny-hdit-neighborhood.yaml", "--out",
-                 str(tmp_path / "a.onnx"), "--precision", "fp16", "--quantize", "int8"])
+    code = main(
+        [
+            "export",
+            "examples/tiny/tiny-hdit-neighborhood.yaml",
+            "--out",
+            str(tmp_path / "a.onnx"),
+            "--precision",
+            "fp16",
+            "--quantize",
+            "int8",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--quantize int8 is for fp32 onnxruntime exports" in err
     assert "Traceback" not in err and not (tmp_path / "a.onnx").exists()

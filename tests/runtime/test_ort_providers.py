@@ -35,8 +35,7 @@ def openvino_missing() -> str | None:
     return None
 
 
-needs_openvino = pytest.mark.skipif(openvino_missing() is not None,
-                                    reason=str(openvino_missing()))
+needs_openvino = pytest.mark.skipif(openvino_missing() is not None, reason=str(openvino_missing()))
 
 
 def reference(model, shape=(2, 16, 20), seed=3):
@@ -94,8 +93,7 @@ def test_provider_names_and_devices_are_checked(hdit_export):
     with pytest.raises(P.ProviderError, match="runs the graph on the CPU"):
         OrtDenoiser(path, device="cuda", ort_provider="openvino")
     assert P.approximate("openvino-bf16") and not P.approximate("openvino")
-    assert OrtDenoiser(path, ort_provider="cpu").session.get_providers() == [
-        "CPUExecutionProvider"]
+    assert OrtDenoiser(path, ort_provider="cpu").session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_a_missing_plugin_names_the_package(hdit_export, monkeypatch, capsys, tmp_path):
@@ -104,8 +102,18 @@ def test_a_missing_plugin_names_the_package(hdit_export, monkeypatch, capsys, tm
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)  # import fails
     with pytest.raises(P.ProviderError, match=r"pip install 'ditkit\[openvino\]'"):
         OrtDenoiser(hdit_export[1].path, ort_provider="openvino")
-    code = main(["sample", str(hdit_export[1].path), "--ort-provider", "openvino",
-                 "--steps", "2", "--out", str(tmp_path / "g.png")])
+    code = main(
+        [
+            "sample",
+            str(hdit_export[1].path),
+            "--ort-provider",
+            "openvino",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'ditkit[openvino]'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -121,15 +129,27 @@ def test_a_cpu_without_bf16_is_refused_with_the_f32_alternative():
     assert '"INFERENCE_NUM_THREADS": "2"' in cfg["load_config"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--ort-provider", "tensorrt"], "--ort-provider 'tensorrt': choose one of"),
-    (["--ort-provider", "openvino"], "is not one (export it with `ditkit export`"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ort-provider", "tensorrt"], "--ort-provider 'tensorrt': choose one of"),
+        (["--ort-provider", "openvino"], "is not one (export it with `ditkit export`"),
+    ],
+)
 def test_the_command_line_refuses_bad_providers_in_one_line(tmp_path, capsys, argv, message):
     from ditkit.cli import main
 
-    code = main(["sample", str(TINY / "tiny-hdit-neighborhood.yaml"), "--steps", "2",
-                 "--out", str(tmp_path / "g.png"), *argv])
+    code = main(
+        [
+            "sample",
+            str(TINY / "tiny-hdit-neighborhood.yaml"),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
@@ -143,8 +163,7 @@ def test_bench_sample_times_the_openvino_and_bf16_engines_beside_eager():
     torch.manual_seed(0)
     model = build(S.load(TINY / "tiny-hdit-neighborhood.yaml")).eval()
     engines = ("eager", "eager-bf16", "onnxruntime-openvino", "onnxruntime-openvino-bf16")
-    rows = bench_sample(model, S.EDMObjective(), [(16, 16)], engines=engines, repeats=1,
-                        threads=1)
+    rows = bench_sample(model, S.EDMObjective(), [(16, 16)], engines=engines, repeats=1, threads=1)
     assert [r["engine"] for r in rows] == list(engines)
     for row in rows:
         assert row["ms_per_step"] > 0 and row["cpu_ms_per_step"] > 0, row
@@ -158,8 +177,14 @@ def test_bench_sample_reports_a_missing_plugin_as_a_row(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_ep_openvino", None)
     torch.manual_seed(0)
     model = build(S.load(TINY / "tiny-hdit-neighborhood.yaml")).eval()
-    rows = bench_sample(model, S.EDMObjective(), [(16, 16)],
-                        engines=("eager", "onnxruntime-openvino"), repeats=1, threads=1)
+    rows = bench_sample(
+        model,
+        S.EDMObjective(),
+        [(16, 16)],
+        engines=("eager", "onnxruntime-openvino"),
+        repeats=1,
+        threads=1,
+    )
     eager, ov = rows
     assert eager["ms_per_step"] > 0
     assert ov["ms_per_step"] is None and "pip install 'ditkit[openvino]'" in ov["note"]
@@ -167,22 +192,48 @@ def test_bench_sample_reports_a_missing_plugin_as_a_row(monkeypatch):
 
 @needs_openvino
 def test_sample_records_the_provider_and_an_npz_resume_must_use_the_same_one(
-        hdit_export, tmp_path, capsys, monkeypatch):
+    hdit_export, tmp_path, capsys, monkeypatch
+):
     import json
 
     from ditkit.cli import main
 
     onnx = str(hdit_export[1].path)
-    code = main(["sample", onnx, "--ort-provider", "openvino", "--steps", "2", "--count", "2",
-                 "--out", str(tmp_path / "g.png"), "--json", "--no-progress"])
+    code = main(
+        [
+            "sample",
+            onnx,
+            "--ort-provider",
+            "openvino",
+            "--steps",
+            "2",
+            "--count",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--json",
+            "--no-progress",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["ort_provider"] == "openvino" and (tmp_path / "g.png").is_file()
 
     import ditkit.runtime.samplers as samplers
 
     npz = str(tmp_path / "s.npz")
-    base = ["sample", onnx, "--npz", npz, "--count", "4", "--batch", "2", "--steps", "2",
-            "--no-progress"]
+    base = [
+        "sample",
+        onnx,
+        "--npz",
+        npz,
+        "--count",
+        "4",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
     real, calls = samplers.sample, []
 
     def stop_in_the_second_chunk(*args, **kwargs):

@@ -45,16 +45,35 @@ def test_cpu_bf16_units_are_read_from_the_flags():
 
 
 def _sample(*args):
-    return subprocess.run([sys.executable, "-m", "ditkit.cli", "sample", str(TINY), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ditkit.cli", "sample", str(TINY), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units: the command falls "
-                    "back to fp32 (a note), so there is no bf16 --npz to resume")
+@pytest.mark.skipif(
+    not cpu_has_bf16(),
+    reason="this CPU has no bf16 units: the command falls "
+    "back to fp32 (a note), so there is no bf16 --npz to resume",
+)
 def test_npz_records_the_precision_and_a_resume_must_match(tmp_path):
     out = tmp_path / "s.npz"
-    base = ["--npz", str(out), "--count", "2", "--steps", "2", "--labels", "1",
-            "--no-progress", "--device", "cpu"]
+    base = [
+        "--npz",
+        str(out),
+        "--count",
+        "2",
+        "--steps",
+        "2",
+        "--labels",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     first = _sample(*base, "--precision", "bf16", "--batch", "1")
     assert first.returncode == 0, first.stderr
     out.unlink()  # keep the parts: the next run resumes them

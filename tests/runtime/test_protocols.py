@@ -23,12 +23,18 @@ def _assigned_in_init(cls) -> set[str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
     names = set()
     for node in ast.walk(tree):
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else ([node.target] if isinstance(node, ast.AnnAssign) else [])
+        )
         for t in targets:
-            for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
-                if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) \
-                        and e.value.id == "self":
+            for e in t.elts if isinstance(t, ast.Tuple) else [t]:
+                if (
+                    isinstance(e, ast.Attribute)
+                    and isinstance(e.value, ast.Name)
+                    and e.value.id == "self"
+                ):
                     names.add(e.attr)
     return names
 
@@ -69,9 +75,15 @@ def test_null_label_and_embedding_rows_are_spec_helpers():
     spec = S.load(EXAMPLES / "tiny" / "tiny-hdit-neighborhood.yaml")  # 10 classes + null row
     assert (spec.null_label, spec.conditioning.classes.rows) == (10, 11)
     assert Denoiser(build(spec, device="meta"), S.EDMObjective()).null_class == 10
-    no_null = spec.model_copy(update={"conditioning": spec.conditioning.model_copy(
-        update={"classes": S.Classes(count=10, null_class=False)})})
+    no_null = spec.model_copy(
+        update={
+            "conditioning": spec.conditioning.model_copy(
+                update={"classes": S.Classes(count=10, null_class=False)}
+            )
+        }
+    )
     assert (no_null.null_label, no_null.conditioning.classes.rows) == (None, 10)
-    unconditional = spec.model_copy(update={"conditioning": spec.conditioning.model_copy(
-        update={"classes": None})})
+    unconditional = spec.model_copy(
+        update={"conditioning": spec.conditioning.model_copy(update={"classes": None})}
+    )
     assert unconditional.null_label is None

@@ -9,8 +9,15 @@ import torch
 from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.denoiser import Denoiser, NoiseRange, ddpm_alphas_cumprod, ddpm_sigmas
-from ditkit.runtime.samplers import (SAMPLERS, Guided, ancestral_split, get_sigmas,
-                                     karras_sigmas, sample, spaced_timesteps)
+from ditkit.runtime.samplers import (
+    SAMPLERS,
+    Guided,
+    ancestral_split,
+    get_sigmas,
+    karras_sigmas,
+    sample,
+    spaced_timesteps,
+)
 from tests.conftest import EXAMPLES
 from tests.perturb import perturb
 
@@ -56,30 +63,53 @@ def exact_ode(noise, s_max):
 SHAPE = (512, 2, 2, 2)
 
 
-@pytest.mark.parametrize("sampler,eta,order", [("euler", None, 1), ("heun", None, 2),
-                                               ("ddim", 0.0, 1), ("dpmpp_2m", None, 2)])
+@pytest.mark.parametrize(
+    "sampler,eta,order",
+    [("euler", None, 1), ("heun", None, 2), ("ddim", 0.0, 1), ("dpmpp_2m", None, 2)],
+)
 def test_deterministic_samplers_converge_to_the_exact_ode_solution(sampler, eta, order):
     d = GaussianDenoiser()
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = exact_ode(noise, 80.0)
     errs = []
     for steps in (8, 32, 128):
-        x = sample(d, SHAPE, steps=steps, sampler=sampler, eta=eta, noise=noise,
-                   dtype=torch.float64, schedule="karras")
+        x = sample(
+            d,
+            SHAPE,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            noise=noise,
+            dtype=torch.float64,
+            schedule="karras",
+        )
         errs.append(float((x - exact).abs().max()))
     # 4x the steps: error / ~4 (first order) or / ~16 (second order); |x_T| reaches ~250
     assert errs[0] > errs[1] > errs[2], errs
     assert errs[1] / errs[2] > (3.0 if order == 1 else 10.0), errs
     assert errs[2] < (0.05 if order == 1 else 3e-3), errs
-    x = sample(d, (2048, 2, 2, 2), steps=64 if order == 2 else 256, sampler=sampler, eta=eta,
-               seed=0, dtype=torch.float64)
+    x = sample(
+        d,
+        (2048, 2, 2, 2),
+        steps=64 if order == 2 else 256,
+        sampler=sampler,
+        eta=eta,
+        seed=0,
+        dtype=torch.float64,
+    )
     assert float(x.mean()) == pytest.approx(MU, abs=0.02)
     assert float(x.std()) == pytest.approx(SD, abs=0.02)
 
 
-@pytest.mark.parametrize("sampler,objective", [
-    ("ddim", S.EDMObjective()), ("ddpm", S.DDPMObjective(learned_sigma=False)),
-    ("dpmpp_3m_sde", S.EDMObjective()), ("ddpm", S.EDMObjective())])
+@pytest.mark.parametrize(
+    "sampler,objective",
+    [
+        ("ddim", S.EDMObjective()),
+        ("ddpm", S.DDPMObjective(learned_sigma=False)),
+        ("dpmpp_3m_sde", S.EDMObjective()),
+        ("ddpm", S.EDMObjective()),
+    ],
+)
 def test_stochastic_samplers_converge_to_the_data_mean_and_variance(sampler, objective):
     """Ancestral steps with the posterior mean of x0 under-disperse when steps are few (they
     ignore Var[x0 | x]); the error must shrink as steps grow and end within 0.02."""
@@ -87,16 +117,18 @@ def test_stochastic_samplers_converge_to_the_data_mean_and_variance(sampler, obj
     eta = 1.0 if sampler == "ddim" else None
     errs = []
     for steps in (16, 256):
-        x = sample(d, (2048, 2, 2, 2), steps=steps, sampler=sampler, eta=eta, seed=0,
-                   dtype=torch.float64)
+        x = sample(
+            d, (2048, 2, 2, 2), steps=steps, sampler=sampler, eta=eta, seed=0, dtype=torch.float64
+        )
         assert float(x.mean()) == pytest.approx(MU, abs=0.02)
         errs.append(abs(float(x.std()) - SD))
     assert errs[1] < 0.02 and errs[0] > errs[1], errs
 
 
-@pytest.mark.parametrize("sampler,objective", [("euler", S.FlowObjective()),
-                                               ("heun", S.X0Objective()),
-                                               ("dpmpp_2m", S.DDPMObjective())])
+@pytest.mark.parametrize(
+    "sampler,objective",
+    [("euler", S.FlowObjective()), ("heun", S.X0Objective()), ("dpmpp_2m", S.DDPMObjective())],
+)
 def test_samplers_on_other_objectives_native_schedules(sampler, objective):
     d = GaussianDenoiser(objective)
     x = sample(d, (2048, 2, 2, 2), steps=64, sampler=sampler, seed=0, dtype=torch.float64)
@@ -118,8 +150,17 @@ def test_ddpm_learned_variance_one_step_matches_posterior_formula():
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sig = torch.tensor([s, s_n, 0.0], dtype=torch.float64)
     seen = []
-    sample(d, SHAPE, steps=2, sampler="ddpm", sigmas=sig, noise=noise, seed=7,
-           dtype=torch.float64, callback=lambda i, sn, x: seen.append(x.clone()))
+    sample(
+        d,
+        SHAPE,
+        steps=2,
+        sampler="ddpm",
+        sigmas=sig,
+        noise=noise,
+        seed=7,
+        dtype=torch.float64,
+        callback=lambda i, sn, x: seen.append(x.clone()),
+    )
     gen = torch.Generator().manual_seed(7)  # ``noise`` given: the first draw is the step's
     z = torch.randn(SHAPE, generator=gen, dtype=torch.float32).double()
     x = noise * s
@@ -144,8 +185,9 @@ def test_karras_and_native_schedules():
     native = get_sigmas(NoiseRange.of(S.DDPMObjective()), 250)
     assert native.shape == (251,) and float(native[-1]) == 0
     np.testing.assert_allclose(native[:-1].numpy(), table[ts[::-1]].numpy())
-    flow = get_sigmas(NoiseRange.of(S.FlowObjective()), 5, "uniform", sigma_min=0.25,
-                      sigma_max=4.0)  # t from 0.8 to 0.2
+    flow = get_sigmas(
+        NoiseRange.of(S.FlowObjective()), 5, "uniform", sigma_min=0.25, sigma_max=4.0
+    )  # t from 0.8 to 0.2
     t = torch.linspace(0.8, 0.2, 5, dtype=torch.float64)
     np.testing.assert_allclose(flow[:-1].numpy(), (t / (1 - t)).numpy(), rtol=1e-12)
     with pytest.raises(ValueError, match="schedule"):
@@ -217,8 +259,15 @@ def test_every_sampler_runs_a_built_model(sampler):
     torch.manual_seed(0)
     model = build(S.load(EXAMPLES / "tiny" / "tiny-dit.yaml")).eval()
     d = Denoiser(model, S.DDPMObjective())
-    x = sample(d, (2, 4, 8, 8), steps=3, sampler=sampler, class_labels=[0, 3], cfg_scale=2.0,
-               cfg_channels=3)
+    x = sample(
+        d,
+        (2, 4, 8, 8),
+        steps=3,
+        sampler=sampler,
+        class_labels=[0, 3],
+        cfg_scale=2.0,
+        cfg_channels=3,
+    )
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
 
 
@@ -241,8 +290,7 @@ def _checkpoint(tmp_path, name, objective, metadata=None):
     torch.manual_seed(0)
     model = build(S.load(EXAMPLES / "tiny" / f"{name}.yaml"))
     path = tmp_path / f"{name}.safetensors"
-    save_checkpoint(path, model.state_dict(), model.spec, objective=objective,
-                    metadata=metadata)
+    save_checkpoint(path, model.state_dict(), model.spec, objective=objective, metadata=metadata)
     return path
 
 
@@ -253,9 +301,25 @@ def test_cli_sample_writes_grid_and_individual_images(tmp_path, capsys):
 
     ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
     grid, folder = tmp_path / "grid.png", tmp_path / "each"
-    rc = main(["sample", str(ckpt), "--steps", "2", "--classes", "1,2,3", "--cfg-scale", "2",
-               "--resolution", "16x24", "--out", str(grid), "--individual", str(folder),
-               "--no-progress"])
+    rc = main(
+        [
+            "sample",
+            str(ckpt),
+            "--steps",
+            "2",
+            "--classes",
+            "1,2,3",
+            "--cfg-scale",
+            "2",
+            "--resolution",
+            "16x24",
+            "--out",
+            str(grid),
+            "--individual",
+            str(folder),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     images = sorted(folder.glob("*.png"))
@@ -271,8 +335,23 @@ def test_cli_sample_latent_model_needs_a_local_autoencoder(tmp_path, capsys):
 
     ckpt = _checkpoint(tmp_path, "tiny-dit", S.DDPMObjective(), {"ditkit.cfg_channels": "3"})
     grid = tmp_path / "grid.png"
-    args = ["sample", str(ckpt), "--steps", "2", "--sampler", "ddpm", "--classes", "4",
-            "--num", "2", "--cfg", "1.5", "--out", str(grid), "--no-progress"]
+    args = [
+        "sample",
+        str(ckpt),
+        "--steps",
+        "2",
+        "--sampler",
+        "ddpm",
+        "--classes",
+        "4",
+        "--num",
+        "2",
+        "--cfg",
+        "1.5",
+        "--out",
+        str(grid),
+        "--no-progress",
+    ]
     assert main(args) == 0  # the old spellings --num and --cfg still work, with one line each
     err = capsys.readouterr().err
     assert "no --autoencoder" in err and not grid.exists()
@@ -291,20 +370,33 @@ def test_cli_sample_latent_model_needs_a_local_autoencoder(tmp_path, capsys):
     assert Image.open(grid).size == (2 * 65 + 1, 65 + 1)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--classes", "10"], "labels must be in [0, 10)"),
-    (["--resolution", "18"], "not divisible by patch x merges"),
-    (["--cfg-scale", "3"], "--cfg-scale needs --classes"),
-    (["--steps", "0"], "--steps 0"),
-    (["--cfg-interval", "5"], "LO,HI"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--classes", "10"], "labels must be in [0, 10)"),
+        (["--resolution", "18"], "not divisible by patch x merges"),
+        (["--cfg-scale", "3"], "--cfg-scale needs --classes"),
+        (["--steps", "0"], "--steps 0"),
+        (["--cfg-interval", "5"], "LO,HI"),
+    ],
+)
 def test_cli_sample_bad_input_exits_2(tmp_path, capsys, extra, message):
     from ditkit.cli import main
 
     ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
     extra = extra + (["--classes", "1"] if "--cfg-interval" in extra else [])
-    rc = main(["sample", str(ckpt), "--steps", "1", "--out", str(tmp_path / "g.png"),
-               "--no-progress", *extra])
+    rc = main(
+        [
+            "sample",
+            str(ckpt),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--no-progress",
+            *extra,
+        ]
+    )
     assert rc == 2
     assert message in capsys.readouterr().err
 
@@ -316,8 +408,19 @@ def test_cli_sample_grid_has_one_column_per_class(tmp_path, capsys):
 
     ckpt = _checkpoint(tmp_path, "tiny-hdit-neighborhood", S.EDMObjective())
     grid = tmp_path / "grid.png"
-    base = ["sample", str(ckpt), "--steps", "1", "--resolution", "8", "--no-progress",
-            "--out", str(grid), "--seed", "3"]
+    base = [
+        "sample",
+        str(ckpt),
+        "--steps",
+        "1",
+        "--resolution",
+        "8",
+        "--no-progress",
+        "--out",
+        str(grid),
+        "--seed",
+        "3",
+    ]
     # 5 classes, 10 samples: 5 columns (each one class) x 2 rows; 8 px images upscaled x8
     assert main(base + ["--classes", "0,1,2,3,4", "--count", "10"]) == 0
     cell = 8 * 8 + 1

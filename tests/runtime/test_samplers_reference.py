@@ -21,8 +21,13 @@ from scipy import integrate
 
 from ditkit import spec as S
 from ditkit.runtime.denoiser import NoiseRange
-from ditkit.runtime.samplers import (BrownianNoise, Guided, karras_sigmas, sample,
-                                     sample_dpm_adaptive)
+from ditkit.runtime.samplers import (
+    BrownianNoise,
+    Guided,
+    karras_sigmas,
+    sample,
+    sample_dpm_adaptive,
+)
 from tests.runtime.test_samplers import MU, SD, GaussianDenoiser, exact_ode
 
 SHAPE = (64, 2, 2, 2)
@@ -37,6 +42,7 @@ def fixed_noise(a, b):
 def kd_model(d):
     def model(x, sigma):
         return d.denoise(x, sigma * x.new_ones([x.shape[0]]))[0]
+
     return model
 
 
@@ -47,8 +53,9 @@ def to_d(x, sigma, denoised):
 def get_ancestral_step(sigma_from, sigma_to, eta=1.0):
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
-                   ** 0.5)
+    sigma_up = min(
+        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    )
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
@@ -74,8 +81,9 @@ def ref_dpm_2(model, x, sigmas, noise):
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
-            sigma_mid = math.exp(math.log(sigmas[i]) + 0.5 * (math.log(sigmas[i + 1])
-                                                              - math.log(sigmas[i])))
+            sigma_mid = math.exp(
+                math.log(sigmas[i]) + 0.5 * (math.log(sigmas[i + 1]) - math.log(sigmas[i]))
+            )
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigmas[i + 1] - sigmas[i])
@@ -90,8 +98,9 @@ def ref_dpm_2_ancestral(model, x, sigmas, noise, eta=1.0):
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
-            sigma_mid = math.exp(math.log(sigmas[i]) + 0.5 * (math.log(sigma_down)
-                                                              - math.log(sigmas[i])))
+            sigma_mid = math.exp(
+                math.log(sigmas[i]) + 0.5 * (math.log(sigma_down) - math.log(sigmas[i]))
+            )
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigma_down - sigmas[i])
@@ -107,6 +116,7 @@ def linear_multistep_coeff(order, t, i, j):
                 continue
             prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
         return prod
+
     return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-12, epsabs=0)[0]
 
 
@@ -179,14 +189,17 @@ def ref_dpmpp_2m_sde(model, x, sigmas, noise, eta=1.0):
             t, s = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
             h = s - t
             eta_h = eta * h
-            x = (sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x
-                 + (-math.expm1(-h - eta_h)) * denoised)
+            x = (
+                sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x
+                + (-math.expm1(-h - eta_h)) * denoised
+            )
             if old_denoised is not None:
                 r = h_last / h
                 x = x + 0.5 * (-math.expm1(-h - eta_h)) * (1 / r) * (denoised - old_denoised)
             if eta:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(
-                    -math.expm1(-2 * eta_h))
+                    -math.expm1(-2 * eta_h)
+                )
             h_last = h
         old_denoised = denoised
     return x
@@ -216,8 +229,11 @@ class RefDPMSolver:
         s1 = t + r1 * h
         u1 = x - math.exp(-s1) * math.expm1(r1 * h) * e
         e_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        x_2 = (x - math.exp(-t_next) * math.expm1(h) * e
-               - math.exp(-t_next) / (2 * r1) * math.expm1(h) * (e_r1 - e))
+        x_2 = (
+            x
+            - math.exp(-t_next) * math.expm1(h) * e
+            - math.exp(-t_next) / (2 * r1) * math.expm1(h) * (e_r1 - e)
+        )
         return x_2, cache
 
     def step3(self, x, t, t_next, r1=1 / 3, r2=2 / 3, cache=None):
@@ -226,15 +242,35 @@ class RefDPMSolver:
         s1, s2 = t + r1 * h, t + r2 * h
         u1 = x - math.exp(-s1) * math.expm1(r1 * h) * e
         e_r1, cache = self.eps(cache, "eps_r1", u1, s1)
-        u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * e
-              - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e_r1 - e))
+        u2 = (
+            x
+            - math.exp(-s2) * math.expm1(r2 * h) * e
+            - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e_r1 - e)
+        )
         e_r2, cache = self.eps(cache, "eps_r2", u2, s2)
-        x_3 = (x - math.exp(-t_next) * math.expm1(h) * e
-               - math.exp(-t_next) / r2 * (math.expm1(h) / h - 1) * (e_r2 - e))
+        x_3 = (
+            x
+            - math.exp(-t_next) * math.expm1(h) * e
+            - math.exp(-t_next) / r2 * (math.expm1(h) / h - 1) * (e_r2 - e)
+        )
         return x_3, cache
 
-    def adaptive(self, x, t_start, t_end, noise, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
-                 pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0):
+    def adaptive(
+        self,
+        x,
+        t_start,
+        t_end,
+        noise,
+        order=3,
+        rtol=0.05,
+        atol=0.0078,
+        h_init=0.05,
+        pcoeff=0.0,
+        icoeff=1.0,
+        dcoeff=0.0,
+        accept_safety=0.81,
+        eta=0.0,
+    ):
         ctrl_order = 1.5 if eta else order
         b1 = (pcoeff + icoeff + dcoeff) / ctrl_order
         b2 = -(pcoeff + 2 * dcoeff) / ctrl_order
@@ -257,8 +293,9 @@ class RefDPMSolver:
             else:
                 x_low, cache = self.step2(x, s, t_, r1=1 / 3, cache=cache)
                 x_high, cache = self.step3(x, s, t_, cache=cache)
-            delta = torch.maximum(torch.tensor(atol, dtype=x.dtype),
-                                  rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            delta = torch.maximum(
+                torch.tensor(atol, dtype=x.dtype), rtol * torch.maximum(x_low.abs(), x_prev.abs())
+            )
             error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
             inv_error = 1 / (float(error) + 1e-8)
             if not errs:
@@ -346,25 +383,34 @@ def ref_dpmpp_3m_sde(model, x, sigmas, noise, eta=1.0):
                 x = x + phi_2 * d
             if eta:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(
-                    -math.expm1(-2 * h * eta))
+                    -math.expm1(-2 * h * eta)
+                )
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
 
 
 REFERENCES = {
-    "euler": ref_euler, "heun": ref_heun, "dpmpp_2m": ref_dpmpp_2m,
+    "euler": ref_euler,
+    "heun": ref_heun,
+    "dpmpp_2m": ref_dpmpp_2m,
     "dpmpp_3m_sde": ref_dpmpp_3m_sde,
-    "euler_ancestral": ref_euler_ancestral, "dpm_2": ref_dpm_2,
-    "dpm_2_ancestral": ref_dpm_2_ancestral, "lms": ref_lms,
-    "dpmpp_2s_ancestral": ref_dpmpp_2s_ancestral, "dpmpp_sde": ref_dpmpp_sde,
+    "euler_ancestral": ref_euler_ancestral,
+    "dpm_2": ref_dpm_2,
+    "dpm_2_ancestral": ref_dpm_2_ancestral,
+    "lms": ref_lms,
+    "dpmpp_2s_ancestral": ref_dpmpp_2s_ancestral,
+    "dpmpp_sde": ref_dpmpp_sde,
     "dpmpp_2m_sde": ref_dpmpp_2m_sde,
 }
 
 
-CASES = [(name, eta, cfg) for name in sorted(REFERENCES) for cfg in (1.0, 3.0)
-         for eta in ((None,) if name in ("euler", "heun", "dpmpp_2m", "dpm_2", "lms")
-                     else (None, 0.5))]
+CASES = [
+    (name, eta, cfg)
+    for name in sorted(REFERENCES)
+    for cfg in (1.0, 3.0)
+    for eta in ((None,) if name in ("euler", "heun", "dpmpp_2m", "dpm_2", "lms") else (None, 0.5))
+]
 
 
 @pytest.mark.parametrize("name,eta,cfg", CASES)
@@ -373,9 +419,19 @@ def test_sampler_equals_k_diffusions_update_rule(name, eta, cfg):
     labels = torch.arange(SHAPE[0]) % 4 if cfg != 1.0 else None
     sigmas = karras_sigmas(10, 0.002, 80.0)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    got = sample(d, SHAPE, steps=10, sampler=name, sigmas=sigmas, noise=x_T, eta=eta,
-                 dtype=torch.float64, noise_sampler=fixed_noise, class_labels=labels,
-                 cfg_scale=cfg)
+    got = sample(
+        d,
+        SHAPE,
+        steps=10,
+        sampler=name,
+        sigmas=sigmas,
+        noise=x_T,
+        eta=eta,
+        dtype=torch.float64,
+        noise_sampler=fixed_noise,
+        class_labels=labels,
+        cfg_scale=cfg,
+    )
 
     def model(x, sigma):  # classifier-free guidance as k-diffusion's CFG wrappers do it
         s = sigma * x.new_ones([x.shape[0]])
@@ -396,11 +452,21 @@ def test_dpm_adaptive_equals_k_diffusions_dpm_solver_adaptive(eta):
     d = GaussianDenoiser()
     sigmas = karras_sigmas(10, 0.01, 80.0)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    got = sample(d, SHAPE, steps=10, sampler="dpm_adaptive", sigmas=sigmas, noise=x_T,
-                 eta=eta, dtype=torch.float64, noise_sampler=fixed_noise)
+    got = sample(
+        d,
+        SHAPE,
+        steps=10,
+        sampler="dpm_adaptive",
+        sigmas=sigmas,
+        noise=x_T,
+        eta=eta,
+        dtype=torch.float64,
+        noise_sampler=fixed_noise,
+    )
     solver = RefDPMSolver(kd_model(d))
-    want, accepted = solver.adaptive(x_T * 80.0, -math.log(80.0), -math.log(0.01), fixed_noise,
-                                     eta=eta)
+    want, accepted = solver.adaptive(
+        x_T * 80.0, -math.log(80.0), -math.log(0.01), fixed_noise, eta=eta
+    )
     assert accepted > 3
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -412,10 +478,17 @@ def test_dpm_adaptive_equals_k_diffusions_dpm_solver_adaptive(eta):
 def test_unipc_equals_diffusers_unipc_multistep_scheduler(steps):
     from diffusers import UniPCMultistepScheduler
 
-    sched = UniPCMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                    beta_schedule="linear", prediction_type="sample",
-                                    solver_order=2, solver_type="bh2", predict_x0=True,
-                                    lower_order_final=True)
+    sched = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="sample",
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+    )
     sched.set_timesteps(steps)
     sig = sched.sigmas.double()  # VE sigmas of the chosen timesteps, then 0
     assert float(sig[-1]) == 0 and len(sig) == steps + 1
@@ -425,33 +498,51 @@ def test_unipc_equals_diffusers_unipc_multistep_scheduler(steps):
     x = x_T * float(sig[0]) / math.sqrt(1 + float(sig[0]) ** 2)
     for i, t in enumerate(sched.timesteps):
         s = float(sig[i])
-        x0 = d.denoise(x * math.sqrt(1 + s**2), torch.full((SHAPE[0],), s,
-                                                          dtype=torch.float64))[0]
+        x0 = d.denoise(x * math.sqrt(1 + s**2), torch.full((SHAPE[0],), s, dtype=torch.float64))[0]
         x = sched.step(x0, t, x).prev_sample
-    got = sample(d, SHAPE, steps=steps, sampler="unipc", sigmas=sig, noise=x_T,
-                 dtype=torch.float64)
+    got = sample(d, SHAPE, steps=steps, sampler="unipc", sigmas=sig, noise=x_T, dtype=torch.float64)
     torch.testing.assert_close(got, x.double(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- sanity on Gaussian data
 
 
-@pytest.mark.parametrize("sampler,order", [("dpm_2", 2), ("lms", 2), ("unipc", 2),
-                                           ("dpmpp_2m_sde", 2)])
+@pytest.mark.parametrize(
+    "sampler,order", [("dpm_2", 2), ("lms", 2), ("unipc", 2), ("dpmpp_2m_sde", 2)]
+)
 def test_new_deterministic_samplers_converge_to_the_exact_ode(sampler, order):
     d = GaussianDenoiser()
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = exact_ode(noise, 80.0)
     eta = 0.0 if sampler == "dpmpp_2m_sde" else None
-    errs = [float((sample(d, SHAPE, steps=n, sampler=sampler, noise=noise, eta=eta,
-                          dtype=torch.float64, schedule="karras") - exact).abs().max())
-            for n in (8, 32, 128)]
+    errs = [
+        float(
+            (
+                sample(
+                    d,
+                    SHAPE,
+                    steps=n,
+                    sampler=sampler,
+                    noise=noise,
+                    eta=eta,
+                    dtype=torch.float64,
+                    schedule="karras",
+                )
+                - exact
+            )
+            .abs()
+            .max()
+        )
+        for n in (8, 32, 128)
+    ]
     assert errs[0] > errs[1] > errs[2] and errs[1] / errs[2] > 3.0, errs
     assert errs[2] < 5e-3, errs
 
 
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-                                     "dpmpp_sde", "dpmpp_2m_sde"])
+@pytest.mark.parametrize(
+    "sampler",
+    ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde"],
+)
 def test_new_stochastic_samplers_reach_the_data_distribution(sampler):
     """(Ancestral steps under-disperse when steps are few; 256 steps bring them within.)"""
     d = GaussianDenoiser()
@@ -470,8 +561,9 @@ def test_dpm_adaptive_error_follows_its_tolerance():
     errs, nfes = [], []
     for tol in (0.05, 1e-3):
         model = Guided(d, None, {})
-        x = sample_dpm_adaptive(model, noise * 80.0, 80.0, 0.002, fixed_noise, rtol=tol,
-                                atol=tol / 6)
+        x = sample_dpm_adaptive(
+            model, noise * 80.0, 80.0, 0.002, fixed_noise, rtol=tol, atol=tol / 6
+        )
         errs.append(float((x - exact).abs().mean()))
         nfes.append(model.evaluations)
     assert errs[1] < errs[0] / 10 and errs[1] < 2e-3, errs
@@ -487,11 +579,10 @@ def test_brownian_noise_asked_once_per_step_is_the_generators_draws():
 
 
 def test_brownian_noise_increments_add_up():
-    draws = iter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0),
-                             dtype=torch.float64))
+    draws = iter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     w = BrownianNoise(lambda: next(draws))
-    a = w(10.0, 6.0)   # W(6) - W(10) over sqrt(4)
-    b = w(10.0, 1.0)   # extends the same path to 1: shares the first increment
+    a = w(10.0, 6.0)  # W(6) - W(10) over sqrt(4)
+    b = w(10.0, 1.0)  # extends the same path to 1: shares the first increment
     c = w(6.0, 1.0)
     torch.testing.assert_close(b * 3.0, a * 2.0 + c * math.sqrt(5.0))
     with pytest.raises(ValueError, match="between points"):
@@ -499,8 +590,9 @@ def test_brownian_noise_increments_add_up():
 
 
 def test_sampler_sigma_range_comes_from_the_objective():
-    obj = S.EDMObjective(sigma_min=0.01, sigma_max=160.0,
-                         sigma_sampling=S.CosineInterpolatedSigma())
+    obj = S.EDMObjective(
+        sigma_min=0.01, sigma_max=160.0, sigma_sampling=S.CosineInterpolatedSigma()
+    )
     rng = NoiseRange.of(obj)
     assert (rng.sigma_min, rng.sigma_max) == (0.01, 160.0)
     rng = NoiseRange.of(S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma()))

@@ -40,17 +40,26 @@ class _PoisonAt:
         return self(x, sigma, class_labels, **cond), None
 
 
-@pytest.mark.parametrize("sampler, step, interval", [
-    ("euler", 3, r"sigma 0\.5 -> 0\.1"),     # evaluates the model at sigma 0.5
-    ("heun", 2, r"sigma 3 -> 0\.5"),          # its corrector evaluates at the next sigma
-    ("dpmpp_2m", 3, r"sigma 0\.5 -> 0\.1"),
-])
+@pytest.mark.parametrize(
+    "sampler, step, interval",
+    [
+        ("euler", 3, r"sigma 0\.5 -> 0\.1"),  # evaluates the model at sigma 0.5
+        ("heun", 2, r"sigma 3 -> 0\.5"),  # its corrector evaluates at the next sigma
+        ("dpmpp_2m", 3, r"sigma 0\.5 -> 0\.1"),
+    ],
+)
 def test_a_nan_stops_sampling_naming_the_step_and_sigma(denoiser, sampler, step, interval):
     poisoned = _PoisonAt(denoiser, below=1.0)
     sigmas = torch.tensor([10.0, 3.0, 0.5, 0.1, 0.0])
     with pytest.raises(SamplingError, match=rf"NaN/inf at step {step} of 4 .*{interval}"):
-        sample(poisoned, (2, 1, 8, 8), steps=4, sampler=sampler, sigmas=sigmas,
-               class_labels=torch.tensor([1, 2]))
+        sample(
+            poisoned,
+            (2, 1, 8, 8),
+            steps=4,
+            sampler=sampler,
+            sigmas=sigmas,
+            class_labels=torch.tensor([1, 2]),
+        )
 
 
 def test_a_finite_run_is_untouched(denoiser):
@@ -58,17 +67,20 @@ def test_a_finite_run_is_untouched(denoiser):
     assert torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("kwargs, error, needle", [
-    # the Sampling spec refuses these, naming the field
-    ({"cfg_scale": float("nan")}, SpecError, r"cfg_scale: must be a finite number"),
-    ({"cfg_scale": float("inf")}, SpecError, r"cfg_scale: must be a finite number"),
-    ({"steps": 0}, SpecError, r"steps: .*greater than 0"),
-    ({"sampler": "magic"}, SpecError, r"sampler: unknown sampler .magic.; choose one of euler"),
-    ({"eta": -0.5}, SpecError, r"eta: .*greater than or equal to 0"),
-    ({"sigma_min": 2.0, "sigma_max": 1.0}, SpecError, r"sigma_min: .*below sigma_max"),
-    # the sampler refuses what is valid data but too much to run
-    ({"steps": 10**8}, SamplingError, "more than 10,000"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        # the Sampling spec refuses these, naming the field
+        ({"cfg_scale": float("nan")}, SpecError, r"cfg_scale: must be a finite number"),
+        ({"cfg_scale": float("inf")}, SpecError, r"cfg_scale: must be a finite number"),
+        ({"steps": 0}, SpecError, r"steps: .*greater than 0"),
+        ({"sampler": "magic"}, SpecError, r"sampler: unknown sampler .magic.; choose one of euler"),
+        ({"eta": -0.5}, SpecError, r"eta: .*greater than or equal to 0"),
+        ({"sigma_min": 2.0, "sigma_max": 1.0}, SpecError, r"sigma_min: .*below sigma_max"),
+        # the sampler refuses what is valid data but too much to run
+        ({"steps": 10**8}, SamplingError, "more than 10,000"),
+    ],
+)
 def test_arguments_that_give_garbage_are_refused(denoiser, kwargs, error, needle):
     args = {"steps": 2, "sampler": "euler", **kwargs}
     with pytest.raises(error, match=needle):
@@ -88,8 +100,12 @@ def test_the_step_limit_has_an_override(denoiser, monkeypatch):
     with pytest.raises(SamplingError, match="more than 3"):
         sample(denoiser, (1, 1, 8, 8), steps=4, sampler="euler", class_labels=[0])
     with no_size_limits():
-        assert sample(denoiser, (1, 1, 8, 8), steps=4, sampler="euler",
-                      class_labels=[0]).shape == (1, 1, 8, 8)
+        assert sample(denoiser, (1, 1, 8, 8), steps=4, sampler="euler", class_labels=[0]).shape == (
+            1,
+            1,
+            8,
+            8,
+        )
 
 
 def test_every_sampler_is_guarded(denoiser):
@@ -122,8 +138,8 @@ def test_export_of_an_untrained_spec_says_parity_compared_zeros(tmp_path):
     model = build(S.validate(tiny_model()))
     plain = export_onnx(model, S.EDMObjective(), tmp_path / "a.onnx")
     assert plain.parity_note and "plumbing only" in plain.parity_note
-    checked = export_onnx(model, S.EDMObjective(), tmp_path / "b.onnx",
-                          perturb_zero_layers=True)
+    checked = export_onnx(model, S.EDMObjective(), tmp_path / "b.onnx", perturb_zero_layers=True)
     perturbed = [r for r in checked.parity if r.get("perturbed")]
-    assert perturbed and all(0 < r["max_abs_diff"] <= r["tolerance"] * max(1, r["scale"])
-                             for r in perturbed)
+    assert perturbed and all(
+        0 < r["max_abs_diff"] <= r["tolerance"] * max(1, r["scale"]) for r in perturbed
+    )

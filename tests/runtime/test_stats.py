@@ -5,15 +5,24 @@ import math
 import numpy as np
 import pytest
 
-from ditkit.evaluate.stats import (FrechetToReference, bootstrap_frechet, frechet_from_stats,
-                                  mcnemar_p, paired_frechet_difference, wilson_interval)
+from ditkit.evaluate.stats import (
+    FrechetToReference,
+    bootstrap_frechet,
+    frechet_from_stats,
+    mcnemar_p,
+    paired_frechet_difference,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_matches_the_closed_form():
     # 5 of 10, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384
     lo, hi = wilson_interval(5, 10)
-    half = 1.959963984540054 * math.sqrt(0.25 / 10 + 1.959963984540054 ** 2 / 400) / (
-        1 + 1.959963984540054 ** 2 / 10)
+    half = (
+        1.959963984540054
+        * math.sqrt(0.25 / 10 + 1.959963984540054**2 / 400)
+        / (1 + 1.959963984540054**2 / 10)
+    )
     assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-12)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     lo, hi = wilson_interval(0, 10)  # never below 0, and not degenerate at 0 successes
@@ -39,9 +48,12 @@ def test_frechet_to_reference_equals_the_two_sided_formula():
     ref = rng.normal(size=(400, 6))
     x = rng.normal(0.3, 1.2, size=(200, 6))
     f = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
-    assert f(x) == pytest.approx(frechet_from_stats(ref.mean(0), np.cov(ref, rowvar=False),
-                                                    x.mean(0), np.cov(x, rowvar=False)),
-                                 rel=1e-10)
+    assert f(x) == pytest.approx(
+        frechet_from_stats(
+            ref.mean(0), np.cov(ref, rowvar=False), x.mean(0), np.cov(x, rowvar=False)
+        ),
+        rel=1e-10,
+    )
 
 
 def test_bootstrap_interval_covers_the_estimate_and_shrinks_with_more_samples():

@@ -56,8 +56,10 @@ def test_override_lists_compare_element_by_element():
 
 
 def test_an_added_outer_level_is_one_row_and_the_rest_align():
-    outer = ("  - {d_model: 32, encoder: 1, decoder: 1, attention: {kind: neighborhood, "
-             "kernel_size: 3},\n     down: {kind: merge, factor: 2}, skip: {kind: lerp}}\n")
+    outer = (
+        "  - {d_model: 32, encoder: 1, decoder: 1, attention: {kind: neighborhood, "
+        "kernel_size: 3},\n     down: {kind: merge, factor: 2}, skip: {kind: lerp}}\n"
+    )
     text = TWO_LEVELS.replace("levels:\n", "levels:\n" + outer).replace("[32, 32]", "[64, 64]")
     a, b = spec(), S.loads(text)
     assert align_levels(a, b) == [(None, 0), (0, 1), (1, 2)]
@@ -73,10 +75,13 @@ def test_an_added_outer_level_is_one_row_and_the_rest_align():
 
 
 def test_shifted_levels_name_both_indices():
-    outer = ("  - {d_model: 32, encoder: 1, decoder: 1, attention: {kind: neighborhood, "
-             "kernel_size: 3},\n     down: {kind: merge, factor: 2}, skip: {kind: lerp}}\n")
-    a = S.loads(TWO_LEVELS.replace("levels:\n", "levels:\n" + outer).replace("[32, 32]",
-                                                                             "[64, 64]"))
+    outer = (
+        "  - {d_model: 32, encoder: 1, decoder: 1, attention: {kind: neighborhood, "
+        "kernel_size: 3},\n     down: {kind: merge, factor: 2}, skip: {kind: lerp}}\n"
+    )
+    a = S.loads(
+        TWO_LEVELS.replace("levels:\n", "levels:\n" + outer).replace("[32, 32]", "[64, 64]")
+    )
     b = S.loads(TWO_LEVELS.replace("d_model: 64", "d_model: 128"))
     paths = [r.path for r in diff(a, b)]
     assert "levels[2→1].d_model" in paths
@@ -92,8 +97,11 @@ def test_text_table_lists_every_row():
 
 
 def test_diff_does_not_import_torch():
-    code = ("import sys; from ditkit.spec.diff import diff; from ditkit.spec.presets import "
-            "preset; diff(preset('mdit-b'), preset('mpdit-xl')); print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    code = (
+        "import sys; from ditkit.spec.diff import diff; from ditkit.spec.presets import "
+        "preset; diff(preset('mdit-b'), preset('mpdit-xl')); print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"

@@ -34,10 +34,12 @@ def test_mdit_core_alternates_standard_and_aggregate_then_l_standard():
     kinds = [b.attention.kind for b in core]
     assert kinds == ["global", "aggregate", "global", "aggregate"] + ["global"] * 5
     # cross-attention (and no modulation) exactly in the standard core blocks
-    assert [b.cross_attention.kind for b in core] == ["memory" if k == "global" else "none"
-                                                      for k in kinds]
-    assert [b.modulation.kind for b in core] == ["none" if k == "global" else "ada_scale"
-                                                 for k in kinds]
+    assert [b.cross_attention.kind for b in core] == [
+        "memory" if k == "global" else "none" for k in kinds
+    ]
+    assert [b.modulation.kind for b in core] == [
+        "none" if k == "global" else "ada_scale" for k in kinds
+    ]
     assert core[1].attention.n_heads == 18
     assert len(spec.stack(0, "encoder")) == 2 and len(spec.stack(0, "decoder")) == 4
     assert spec.token_grids() == [(32, 32), (16, 16)]
@@ -62,8 +64,21 @@ def _data(spec: S.ModelSpec) -> dict:
 
 
 def test_aggregate_on_an_odd_grid_is_rejected_with_the_field_and_the_fix():
-    data = _data(mdit(1, 1, 2, 1, outer=32, core=64, d_head=16, aggregate_heads=6,
-                      kernel_size=3, resolution=16, classes=10))
+    data = _data(
+        mdit(
+            1,
+            1,
+            2,
+            1,
+            outer=32,
+            core=64,
+            d_head=16,
+            aggregate_heads=6,
+            kernel_size=3,
+            resolution=16,
+            classes=10,
+        )
+    )
     data["input"]["resolution"] = [18, 18]  # core grid 9x9
     msg = _problems(data)
     assert "levels[1].middle[1].attention.factor" in msg
@@ -71,8 +86,21 @@ def test_aggregate_on_an_odd_grid_is_rejected_with_the_field_and_the_fix():
 
 
 def test_aggregate_needs_dot_logits():
-    data = _data(mdit(1, 1, 2, 1, outer=32, core=64, d_head=16, aggregate_heads=6,
-                      kernel_size=3, resolution=16, classes=10))
+    data = _data(
+        mdit(
+            1,
+            1,
+            2,
+            1,
+            outer=32,
+            core=64,
+            d_head=16,
+            aggregate_heads=6,
+            kernel_size=3,
+            resolution=16,
+            classes=10,
+        )
+    )
     data["levels"][1]["middle"][1]["logits"] = {"kind": "cosine"}
     assert "levels[1].middle[1].logits" in _problems(data)
 
@@ -96,8 +124,21 @@ def test_shared_head_needs_shared_blocks_and_memory_classes_need_cross_attention
     data = _data(mpdit(64, 4, (2, 2), (4, 2), resolution=8, classes=10, class_tokens=4))
     data["block"]["modulation"] = {"kind": "ada_ln_zero"}
     assert "head.shared" in _problems(data)
-    data = _data(mdit(1, 1, 2, 1, outer=32, core=64, d_head=16, aggregate_heads=6,
-                      kernel_size=3, resolution=16, classes=10))
+    data = _data(
+        mdit(
+            1,
+            1,
+            2,
+            1,
+            outer=32,
+            core=64,
+            d_head=16,
+            aggregate_heads=6,
+            kernel_size=3,
+            resolution=16,
+            classes=10,
+        )
+    )
     data["levels"][1]["middle"] = 2
     assert "conditioning.classes.inject: `memory` class tokens need blocks" in _problems(data)
 

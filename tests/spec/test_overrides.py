@@ -11,17 +11,20 @@ from tests.conftest import EXAMPLES
 DEMO = EXAMPLES / "experiments" / "demo-digits.yaml"
 
 
-@pytest.mark.parametrize("text, keys, value", [
-    ("training.batch_size=8", ["training", "batch_size"], 8),
-    ("optimizer.lr=3e-4", ["optimizer", "lr"], 3e-4),       # YAML would read a string
-    ("optimizer.lr=0.001", ["optimizer", "lr"], 0.001),
-    ("levels.1.d_model=512", ["levels", 1, "d_model"], 512),
-    ("levels[0].attention={kind: global}", ["levels", 0, "attention"], {"kind": "global"}),
-    ("input.resolution=[32, 32]", ["input", "resolution"], [32, 32]),
-    ("evaluation.enabled=false", ["evaluation", "enabled"], False),
-    ("name=my-run", ["name"], "my-run"),
-    ("finetune=", ["finetune"], None),
-])
+@pytest.mark.parametrize(
+    "text, keys, value",
+    [
+        ("training.batch_size=8", ["training", "batch_size"], 8),
+        ("optimizer.lr=3e-4", ["optimizer", "lr"], 3e-4),  # YAML would read a string
+        ("optimizer.lr=0.001", ["optimizer", "lr"], 0.001),
+        ("levels.1.d_model=512", ["levels", 1, "d_model"], 512),
+        ("levels[0].attention={kind: global}", ["levels", 0, "attention"], {"kind": "global"}),
+        ("input.resolution=[32, 32]", ["input", "resolution"], [32, 32]),
+        ("evaluation.enabled=false", ["evaluation", "enabled"], False),
+        ("name=my-run", ["name"], "my-run"),
+        ("finetune=", ["finetune"], None),
+    ],
+)
 def test_parse_override(text, keys, value):
     assert parse_override(text) == (keys, value)
 
@@ -45,8 +48,9 @@ def test_apply_does_not_touch_the_input():
 
 
 def test_experiment_overrides_are_validated_with_field_names():
-    exp = load_experiment(DEMO, ["training.batch_size=8", "optimizer.lr=3e-4",
-                                 "evaluation.count=20"])
+    exp = load_experiment(
+        DEMO, ["training.batch_size=8", "optimizer.lr=3e-4", "evaluation.count=20"]
+    )
     assert exp.training.batch_size == 8 and exp.optimizer.lr == pytest.approx(3e-4)
     assert exp.evaluation.count == 20
     base = load_experiment(DEMO)

@@ -48,8 +48,9 @@ def test_python_spec_example_equals_its_yaml():
 def test_schema_file_is_current_and_describes_kinds():
     from tools.write_presets import schema_text
 
-    assert (ROOT / "ditkit.schema.json").read_text() == schema_text(), \
+    assert (ROOT / "ditkit.schema.json").read_text() == schema_text(), (
         "rerun `python tools/write_presets.py`"
+    )
     schema = S.json_schema()
     text = json.dumps(schema)
     for kind in ("neighborhood", "shifted_window", "ada_ln_zero", "geglu", "lerp", "fourier"):
@@ -66,8 +67,10 @@ def test_spec_is_frozen_and_hashable_data():
 
 
 def test_spec_imports_without_torch():
-    code = ("import sys; import ditkit.spec as S; S.load('examples/hdit/hdit-imagenet-128.yaml');"
-            "S.json_schema(); assert 'torch' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys; import ditkit.spec as S; S.load('examples/hdit/hdit-imagenet-128.yaml');"
+        "S.json_schema(); assert 'torch' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

@@ -26,13 +26,16 @@ def issues_of(mutate) -> list[tuple[str, str]]:
     return info.value.issues
 
 
-@pytest.mark.parametrize("path, value", [
-    (("levels", 0, "decoder"), False),           # built 0 blocks, "ok"
-    (("conditioning", "classes", "count"), True),  # built 1 class, "ok"
-    (("block", "d_head"), True),                  # a misleading divisor error
-    (("input", "resolution"), [True, 8]),
-    (("conditioning", "mapping", "ratio"), True),
-])
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("levels", 0, "decoder"), False),  # built 0 blocks, "ok"
+        (("conditioning", "classes", "count"), True),  # built 1 class, "ok"
+        (("block", "d_head"), True),  # a misleading divisor error
+        (("input", "resolution"), [True, 8]),
+        (("conditioning", "mapping", "ratio"), True),
+    ],
+)
 def test_a_yaml_boolean_is_not_a_number(path, value):
     def mutate(d):
         target = d
@@ -70,16 +73,23 @@ def test_yaml_inf_in_a_file_is_refused(tmp_path):
         S.load(tmp_path / "m.yaml")
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda d: d["levels"][0].__setitem__("d_model", 10**12), "levels[0].d_model"),
-    (lambda d: d["levels"][1].__setitem__("middle", 10**9), "levels"),
-    (lambda d: d["input"].__setitem__("resolution", [2**20, 2**20]), "input.resolution"),
-    (lambda d: d["conditioning"]["classes"].__setitem__("count", 10**9),
-     "conditioning.classes.count"),
-    (lambda d: d["conditioning"]["mapping"].__setitem__("ratio", 1e30),
-     "conditioning.mapping.ratio"),
-    (lambda d: d["levels"][1].__setitem__("d_model", 2**17), "levels[1].d_model"),  # ~170 B
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["levels"][0].__setitem__("d_model", 10**12), "levels[0].d_model"),
+        (lambda d: d["levels"][1].__setitem__("middle", 10**9), "levels"),
+        (lambda d: d["input"].__setitem__("resolution", [2**20, 2**20]), "input.resolution"),
+        (
+            lambda d: d["conditioning"]["classes"].__setitem__("count", 10**9),
+            "conditioning.classes.count",
+        ),
+        (
+            lambda d: d["conditioning"]["mapping"].__setitem__("ratio", 1e30),
+            "conditioning.mapping.ratio",
+        ),
+        (lambda d: d["levels"][1].__setitem__("d_model", 2**17), "levels[1].d_model"),  # ~170 B
+    ],
+)
 def test_sizes_beyond_any_machine_are_refused_naming_the_field(mutate, field, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     issues = issues_of(mutate)
@@ -130,11 +140,14 @@ def test_a_directory_given_as_a_spec_says_so(tmp_path):
         S.load(tmp_path)
 
 
-@pytest.mark.parametrize("name, payload", [
-    ("model.yaml", b"\xff\xfe\x00\x01binary\x00"),
-    ("latin1.yaml", "name: caf\u00e9\n".encode("latin-1")),
-    ("zeros.json", b"\x00" * 64),
-])
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("model.yaml", b"\xff\xfe\x00\x01binary\x00"),
+        ("latin1.yaml", "name: caf\u00e9\n".encode("latin-1")),
+        ("zeros.json", b"\x00" * 64),
+    ],
+)
 def test_binary_and_non_utf8_files_are_clear_errors(tmp_path, name, payload):
     (tmp_path / name).write_bytes(payload)
     with pytest.raises(S.SpecError, match="not a text file"):

@@ -1,4 +1,5 @@
 """Activation checkpointing recomputes blocks in backward: same loss and gradients, every family."""
+
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,9 @@ def _loss_and_grads(spec, checkpointed: bool):
     out = model(x, sigma, labels)
     loss = (out.float() ** 2).mean()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("name", ["tiny-hdit-digits", "tiny-mdit", "tiny-mpdit", "tiny-dit"])

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from ditkit.spec import experiment as E
-from ditkit.data.datasets import (BatchStream, DataError, ImageFolder, Position, ShapesDataset,
-                               TensorImages, digits_tensor)
+from ditkit.data.datasets import (
+    BatchStream,
+    DataError,
+    ImageFolder,
+    Position,
+    ShapesDataset,
+    TensorImages,
+    digits_tensor,
+)
 
 
 def test_digits_resized_to_the_model_resolution():
@@ -71,7 +78,6 @@ def test_batch_stream_resumes_and_shards_ranks():
     r0, r1 = BatchStream(ds, 4, 1, rank=0, world=2), BatchStream(ds, 4, 1, rank=1, world=2)
     x0, _ = r0.next(4)
     x1, _ = r1.next(4)
-    assert sorted(x0.flatten().tolist() + x1.flatten().tolist()) == sorted(
-        float(i) for i in seq[0])
+    assert sorted(x0.flatten().tolist() + x1.flatten().tolist()) == sorted(float(i) for i in seq[0])
     with pytest.raises(ValueError, match="not divisible"):
         BatchStream(ds, 5, 1, rank=0, world=2)

@@ -66,9 +66,17 @@ def test_reference_fid_precision_recall_equal_ditkit_evaluate(tmp_path, capsys):
     digits, _ = digits_tensor((8, 8))
     ref = tmp_path / "ref.npz"
     write_npz(ref, iter([to_uint8(digits[:5])]), 5)
-    exp = tiny_experiment(steps=2, evaluation={"enabled": True, "count": 4, "steps": 2,
-                                               "reference": str(ref),
-                                               "inception": str(weights), "batch": 3})
+    exp = tiny_experiment(
+        steps=2,
+        evaluation={
+            "enabled": True,
+            "count": 4,
+            "steps": 2,
+            "reference": str(ref),
+            "inception": str(weights),
+            "batch": 3,
+        },
+    )
     result = train(exp, tmp_path / "run", progress=False)
     m = result.evaluation
     assert m["reference_count"] == 5 and m["k"] == 3 and m["fid"] > 0
@@ -76,15 +84,27 @@ def test_reference_fid_precision_recall_equal_ditkit_evaluate(tmp_path, capsys):
     assert "accuracy" in m  # digits data: the classifier metrics run too
     row = [r for r in read_scalars(tmp_path / "run" / "scalars.csv") if "eval/fid" in r]
     assert [r["step"] for r in row] == [2] and row[0]["eval/fid"] == pytest.approx(m["fid"])
-    cli = _cli_json(capsys, "evaluate", str(tmp_path / "run"), "--real", str(ref), "--count",
-                    "4", "--steps", "2", "--fid-weights", str(weights))
+    cli = _cli_json(
+        capsys,
+        "evaluate",
+        str(tmp_path / "run"),
+        "--real",
+        str(ref),
+        "--count",
+        "4",
+        "--steps",
+        "2",
+        "--fid-weights",
+        str(weights),
+    )
     assert cli["fid"] == pytest.approx(m["fid"], rel=1e-4)
     assert (cli["precision"], cli["recall"]) == (m["precision"], m["recall"])
 
 
 def test_a_missing_reference_fails_before_training(tmp_path):
-    exp = tiny_experiment(steps=2, evaluation={"enabled": True,
-                                               "reference": str(tmp_path / "none.npz")})
+    exp = tiny_experiment(
+        steps=2, evaluation={"enabled": True, "reference": str(tmp_path / "none.npz")}
+    )
     with pytest.raises(UserError, match=r"evaluation: .*none.npz: no such .npz file"):
         train(exp, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -92,16 +112,21 @@ def test_a_missing_reference_fails_before_training(tmp_path):
 
 def test_evaluation_spec_checks():
     # the shapes have a built-in classifier now, as the digits do ...
-    tiny_experiment(data={"kind": "shapes", "classes": 10}, evaluation={"enabled": True},
-                    model=_rgb_model())
+    tiny_experiment(
+        data={"kind": "shapes", "classes": 10}, evaluation={"enabled": True}, model=_rgb_model()
+    )
     # ... for a class-conditional model only
     with pytest.raises(SpecError, match=r"evaluation.reference.*class-conditional"):
-        tiny_experiment(data={"kind": "shapes", "classes": 10}, evaluation={"enabled": True},
-                        model={**_rgb_model(), "conditioning": {"width": 32}})
+        tiny_experiment(
+            data={"kind": "shapes", "classes": 10},
+            evaluation={"enabled": True},
+            model={**_rgb_model(), "conditioning": {"width": 32}},
+        )
     with pytest.raises(SpecError, match=r"evaluation.every.*enabled: true"):
         tiny_experiment(evaluation={"every": 5})
-    ev = tiny_experiment(evaluation={"enabled": True, "reference": "ref", "inception": "/w.pth"}
-                         ).evaluation
+    ev = tiny_experiment(
+        evaluation={"enabled": True, "reference": "ref", "inception": "/w.pth"}
+    ).evaluation
     fixed = absolute_evaluation_paths(ev, Path("/data/exp"))
     assert (fixed.reference, fixed.inception, fixed.vae) == ("/data/exp/ref", "/w.pth", None)
 
@@ -124,8 +149,14 @@ def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):  # 
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     data = _latent_exp_data(latents, steps=2)
-    data["evaluation"] = {"enabled": True, "count": 2, "steps": 2, "k": 0,
-                          "reference": str(ref), "inception": str(weights)}
+    data["evaluation"] = {
+        "enabled": True,
+        "count": 2,
+        "steps": 2,
+        "k": 0,
+        "reference": str(ref),
+        "inception": str(weights),
+    }
     with pytest.raises(SpecError, match="evaluation.vae"):  # latents need their decoder
         experiment_from_data(data)
     data["evaluation"]["vae"] = str(vae_dir)
@@ -145,9 +176,12 @@ def test_a_shapes_run_is_scored_by_the_shapes_classifier_in_train_and_evaluate(t
     from ditkit.evaluate.classifier import DigitsClassifier, ShapesClassifier
 
     assert LABELLED == LABELLED_DATA
-    exp = tiny_experiment(steps=2, model=_rgb_model(),
-                          data={"kind": "shapes", "count": 40, "classes": 4},
-                          evaluation={"enabled": True, "count": 8, "steps": 2})
+    exp = tiny_experiment(
+        steps=2,
+        model=_rgb_model(),
+        data={"kind": "shapes", "count": 40, "classes": 4},
+        evaluation={"enabled": True, "count": 8, "steps": 2},
+    )
     run = tmp_path / "run"
     final = train(exp, run, progress=False).evaluation
     shapes_real = ShapesClassifier((8, 8), 4).real_accuracy
@@ -157,8 +191,19 @@ def test_a_shapes_run_is_scored_by_the_shapes_classifier_in_train_and_evaluate(t
     assert cli["data"] == "shapes" and cli["settings"]["data"] == "shapes"
     assert cli["real_accuracy"] == shapes_real and len(cli["per_class_accuracy"]) == 4
     assert cli["accuracy"] == final["accuracy"]  # same seed, labels cycling over the 4 classes
-    forced = _cli_json(capsys, "evaluate", str(run), "--count", "10", "--steps", "2",
-                       "--data", "digits", "--cfg-scale", "1")
+    forced = _cli_json(
+        capsys,
+        "evaluate",
+        str(run),
+        "--count",
+        "10",
+        "--steps",
+        "2",
+        "--data",
+        "digits",
+        "--cfg-scale",
+        "1",
+    )
     assert forced["data"] == "digits" and len(forced["per_class_accuracy"]) == 10
     # a run on other data: no classifier to score it with -> exit 2, one line naming the field
     for exp_file in run.rglob("experiment.yaml"):  # the run's, and each checkpoint's copy

@@ -13,8 +13,7 @@ from ditkit.spec.experiment import Experiment, experiment_from_data, load_experi
 
 from .conftest import tiny_experiment_data
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "examples/experiments")
-                     .glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[2] / "examples/experiments").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
@@ -27,8 +26,9 @@ def test_example_experiments_resolve_and_round_trip(path):
 
 def test_demo_experiment_uses_the_tiny_digits_spec():
     exp = load_experiment(next(p for p in EXPERIMENTS if p.name == "demo-digits.yaml"))
-    assert exp.model_spec == S.load(Path(__file__).resolve().parents[2]
-                                    / "examples/tiny/tiny-hdit-digits.yaml")
+    assert exp.model_spec == S.load(
+        Path(__file__).resolve().parents[2] / "examples/tiny/tiny-hdit-digits.yaml"
+    )
 
 
 def test_the_packaged_demo_experiment_is_the_examples_one():
@@ -44,21 +44,23 @@ def test_the_packaged_demo_experiment_is_the_examples_one():
     assert packaged.model_spec == S.load(root / "examples/tiny/tiny-hdit-digits.yaml")
 
 
-@pytest.mark.parametrize("change, path, fragment", [
-    ({"optimizer": {"lr": -1}}, "optimizer.lr", "greater than 0"),
-    ({"trainig": {"steps": 3}}, "trainig", "did you mean `training`"),
-    ({"objective": {"kind": "edm", "weighting": "loud"}}, "objective.weighting", "karras"),
-    ({"objective": {"kind": "ddpm_eps"}}, "model.conditioning.noise.kind", "sinusoidal"),
-    ({"training": {"batch_size": 10, "accumulate": 4}}, "training.accumulate", "divide"),
-    ({"data": {"kind": "shapes"}}, "data.kind", "3 channel"),
-])
+@pytest.mark.parametrize(
+    "change, path, fragment",
+    [
+        ({"optimizer": {"lr": -1}}, "optimizer.lr", "greater than 0"),
+        ({"trainig": {"steps": 3}}, "trainig", "did you mean `training`"),
+        ({"objective": {"kind": "edm", "weighting": "loud"}}, "objective.weighting", "karras"),
+        ({"objective": {"kind": "ddpm_eps"}}, "model.conditioning.noise.kind", "sinusoidal"),
+        ({"training": {"batch_size": 10, "accumulate": 4}}, "training.accumulate", "divide"),
+        ({"data": {"kind": "shapes"}}, "data.kind", "3 channel"),
+    ],
+)
 def test_bad_experiments_name_the_field(change, path, fragment):
     data = tiny_experiment_data("edm")
     data.update(change)
     with pytest.raises(S.SpecError) as err:
         experiment_from_data(data)
-    assert any(p.startswith(path) and fragment in m for p, m in err.value.issues), \
-        err.value.issues
+    assert any(p.startswith(path) and fragment in m for p, m in err.value.issues), err.value.issues
 
 
 def test_inline_model_problems_are_reported_under_model():
@@ -66,8 +68,9 @@ def test_inline_model_problems_are_reported_under_model():
     data["model"]["levels"][0]["attention"]["kernel_size"] = 4
     with pytest.raises(S.SpecError) as err:
         experiment_from_data(data)
-    assert any(p == "model.levels[0].attention.kernel_size" and "odd" in m
-               for p, m in err.value.issues)
+    assert any(
+        p == "model.levels[0].attention.kernel_size" and "odd" in m for p, m in err.value.issues
+    )
 
 
 def test_model_reference_is_relative_to_the_experiment_file(tmp_path):
@@ -115,8 +118,9 @@ def test_experiment_schema_file_is_current_and_knows_the_new_sections():
         from tools.write_presets import experiment_schema_text
     finally:
         sys.path.remove(str(root))
-    assert (root / "ditkit.experiment.schema.json").read_text() == experiment_schema_text(), \
+    assert (root / "ditkit.experiment.schema.json").read_text() == experiment_schema_text(), (
         "rerun `python tools/write_presets.py`"
+    )
     schema = json.loads(experiment_schema_text())
     assert schema["additionalProperties"] is False
     assert {"finetune", "distributed", "data"} <= set(schema["properties"])
@@ -125,18 +129,35 @@ def test_experiment_schema_file_is_current_and_knows_the_new_sections():
         assert word in text
 
 
-@pytest.mark.parametrize("sections", [
-    {"distributed": {"strategy": "fsdp2", "param_dtype": "bf16", "reshard_after_forward": False}},
-    {"data": {"kind": "webdataset", "shards": ["a.tar", "b.tar"], "flip": False}},
-    {"finetune": {"checkpoint": "ckpt/ema.safetensors", "policy": {"kind": "core_patch",
-                  "factor": 4}, "resolution": [32, 32], "trainable": ["new", "re:levels\\.0\\."]}},
-], ids=["fsdp2", "webdataset", "finetune"])
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {
+            "distributed": {
+                "strategy": "fsdp2",
+                "param_dtype": "bf16",
+                "reshard_after_forward": False,
+            }
+        },
+        {"data": {"kind": "webdataset", "shards": ["a.tar", "b.tar"], "flip": False}},
+        {
+            "finetune": {
+                "checkpoint": "ckpt/ema.safetensors",
+                "policy": {"kind": "core_patch", "factor": 4},
+                "resolution": [32, 32],
+                "trainable": ["new", "re:levels\\.0\\."],
+            }
+        },
+    ],
+    ids=["fsdp2", "webdataset", "finetune"],
+)
 def test_new_sections_round_trip(sections):
     exp = experiment_from_data(tiny_experiment_data(**sections))
     for key, value in sections.items():
         got = S.to_data(getattr(exp, key))
         assert {k: got[k] for k in value} == {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()}
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in value.items()
+        }
     assert S.loads(S.dumps(exp), Experiment) == exp
     assert S.loads(S.dumps(exp, "json"), Experiment) == exp
 
@@ -161,8 +182,11 @@ def test_showcase_finetunes_start_from_the_base_runs_final_checkpoint():
     budgets = set()
     for path in fts:
         ft = load_experiment(path)
-        assert Path(ft.finetune.checkpoint).as_posix().endswith(
-            f"runs/shapes/checkpoints/step-{base.training.steps:06d}/ema.safetensors")
+        assert (
+            Path(ft.finetune.checkpoint)
+            .as_posix()
+            .endswith(f"runs/shapes/checkpoints/step-{base.training.steps:06d}/ema.safetensors")
+        )
         assert ft.model_spec == base.model_spec
         assert list(ft.finetune.resolution) == [2 * r for r in base.model_spec.input.resolution]
         budgets.add((ft.training.steps, ft.training.batch_size))

@@ -13,9 +13,18 @@ import torch
 from PIL import Image
 
 from ditkit.cli import main
-from ditkit.evaluate.fid import (ENV_VAR, FIDError, fid_folders, folder_features,
-                              frechet_from_features, frechet_from_stats, gaussian,
-                              load_inception, sqrtm_psd, trace_sqrt_product)
+from ditkit.evaluate.fid import (
+    ENV_VAR,
+    FIDError,
+    fid_folders,
+    folder_features,
+    frechet_from_features,
+    frechet_from_stats,
+    gaussian,
+    load_inception,
+    sqrtm_psd,
+    trace_sqrt_product,
+)
 from ditkit.evaluate.inception import FIDInception
 
 # (name, shape) from torchvision's Inception3 (which pytorch-fid patches and loads the file
@@ -67,9 +76,9 @@ def test_sqrtm_and_trace_match_scipy():
         s_a, s_b = a @ a.T + 0.1 * np.eye(n), b @ b.T / n
         np.testing.assert_allclose(sqrtm_psd(s_a), scipy.linalg.sqrtm(s_a).real, atol=1e-10)
         assert trace_sqrt_product(s_a, s_b) == pytest.approx(
-            np.trace(scipy.linalg.sqrtm(s_a @ s_b)).real, rel=1e-9)
-        assert trace_sqrt_product(s_a, s_b) == pytest.approx(trace_sqrt_product(s_b, s_a),
-                                                             rel=1e-9)
+            np.trace(scipy.linalg.sqrtm(s_a @ s_b)).real, rel=1e-9
+        )
+        assert trace_sqrt_product(s_a, s_b) == pytest.approx(trace_sqrt_product(s_b, s_a), rel=1e-9)
     # by hand: S_a = diag(1, 4, 9), S_b = diag(4, 1, 1) -> (S_a S_b)^(1/2) = diag(2, 2, 3);
     # FID = |(1, 2, 2)|^2 + (14 + 6) - 2 * 7 = 9 + 20 - 14 = 15
     s_a, s_b = np.diag([1.0, 4, 9]), np.diag([4.0, 1, 1])
@@ -87,8 +96,12 @@ def test_sqrtm_and_trace_match_scipy():
     assert frechet_from_features(f, g) == pytest.approx(via_stats, rel=1e-9)
     assert frechet_from_features(g, f) == pytest.approx(via_stats, rel=1e-9)
     s_g = np.cov(g, rowvar=False)
-    by_scipy = (((f.mean(0) - g.mean(0)) ** 2).sum() + np.trace(s) + np.trace(s_g)
-                - 2 * np.trace(scipy.linalg.sqrtm(s @ s_g)).real)
+    by_scipy = (
+        ((f.mean(0) - g.mean(0)) ** 2).sum()
+        + np.trace(s)
+        + np.trace(s_g)
+        - 2 * np.trace(scipy.linalg.sqrtm(s @ s_g)).real
+    )
     assert via_stats == pytest.approx(by_scipy, rel=1e-6)
 
 
@@ -124,8 +137,10 @@ def fid_setup(tmp_path_factory):
     weights = _random_weights(root / "random_inception.pth")
     a, b = _images(root / "a", 0, False), _images(root / "b", 1, True)
     net = load_inception(weights)
-    feats = {"a": folder_features(net, a, batch=3, progress=False),
-             "b": folder_features(net, b, batch=3, progress=False)}
+    feats = {
+        "a": folder_features(net, a, batch=3, progress=False),
+        "b": folder_features(net, b, batch=3, progress=False),
+    }
     return root, weights, a, b, feats
 
 
@@ -147,29 +162,49 @@ def test_weights_load_strictly_and_a_wrong_file_is_named(tmp_path, fid_setup):
     no_counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     torch.save(no_counters, tmp_path / "old.pth")  # accepted: eval never reads the counters
     net = load_inception(tmp_path / "old.pth")
-    assert torch.equal(net.Mixed_7c.branch_pool.conv.weight,
-                       state["Mixed_7c.branch_pool.conv.weight"])
+    assert torch.equal(
+        net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"]
+    )
     broken = dict(state)
     broken.pop("fc.weight")
     broken["Mixed_7c.branch_pool.conv.weight"] = torch.zeros(10, 2048, 1, 1)
     torch.save(broken, tmp_path / "bad.pth")
-    with pytest.raises(FIDError, match=r"not the FID Inception weights .*missing: fc.weight; "
-                                       r"wrong shape: Mixed_7c.branch_pool.conv.weight"):
+    with pytest.raises(
+        FIDError,
+        match=r"not the FID Inception weights .*missing: fc.weight; "
+        r"wrong shape: Mixed_7c.branch_pool.conv.weight",
+    ):
         load_inception(tmp_path / "bad.pth")
 
 
 def test_cli_fid_between_folders(fid_setup, capsys):
     _, weights, a, b, feats = fid_setup
-    assert main(["evaluate", "--real", str(a), "--fake", str(b), "--fid-weights", str(weights),
-                 "--fid-batch", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                str(a),
+                "--fake",
+                str(b),
+                "--fid-weights",
+                str(weights),
+                "--fid-batch",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     expected = frechet_from_features(feats["a"], feats["b"])
     assert report["fid"] == pytest.approx(expected, rel=1e-6)  # batch 2 vs 3: same features
     assert (report["real_count"], report["fake_count"]) == (3, 3)
 
 
-def test_cli_fid_without_weights_exits_2_and_says_where_to_put_them(tmp_path, fid_setup,
-                                                                      capsys, monkeypatch):
+def test_cli_fid_without_weights_exits_2_and_says_where_to_put_them(
+    tmp_path, fid_setup, capsys, monkeypatch
+):
     _, _, a, b, _ = fid_setup
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "nowhere.pth"))
     assert main(["evaluate", "--real", str(a), "--fake", str(b)]) == 2
@@ -205,12 +240,27 @@ def test_cli_fid_of_checkpoint_samples_against_a_folder(tmp_path, fid_setup, cap
     _, weights, a, _, _ = fid_setup
     train(tiny_experiment(steps=2), tmp_path / "run", progress=False)
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "run"), "--real", str(a), "--count", "4",
-                 "--steps", "2", "--fid-weights", str(weights), "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run"),
+                "--real",
+                str(a),
+                "--count",
+                "4",
+                "--steps",
+                "2",
+                "--fid-weights",
+                str(weights),
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert (report["real_count"], report["fake_count"]) == (3, 4)
-    assert report["fake"].startswith("4 samples of") and report["fake"].endswith(
-        "ema.safetensors")
+    assert report["fake"].startswith("4 samples of") and report["fake"].endswith("ema.safetensors")
     assert np.isfinite(report["fid"]) and report["fid"] > 0
     assert main(["evaluate", str(tmp_path / "run"), "--real", str(a), "--fake", str(a)]) == 2
     assert "not both" in capsys.readouterr().err

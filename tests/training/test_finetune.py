@@ -39,10 +39,16 @@ def source(tmp_path):
 
 
 def _exp(source_path, steps=4, sections=None, **ft):
-    section = {"checkpoint": str(source_path), "policy": {"kind": "core_patch", "factor": 4},
-               "resolution": [16, 16], "trainable": ["new"], **ft}
-    return experiment_from_data(tiny_experiment_data("edm", steps, finetune=section,
-                                                     **(sections or {})))
+    section = {
+        "checkpoint": str(source_path),
+        "policy": {"kind": "core_patch", "factor": 4},
+        "resolution": [16, 16],
+        "trainable": ["new"],
+        **ft,
+    }
+    return experiment_from_data(
+        tiny_experiment_data("edm", steps, finetune=section, **(sections or {}))
+    )
 
 
 def test_frozen_parameters_stay_bit_identical_and_trainable_ones_change(tmp_path, source):
@@ -54,8 +60,12 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_change(tmp_path
     after = read_tensors(ckpt / "model.safetensors")
     ema = read_tensors(ckpt / "ema.safetensors")
     start = adapt(spec, trained, S.CorePatch(factor=4), (16, 16)).tensors
-    trainable = {"levels.0.down.proj.weight", "levels.0.up.proj.weight", "head.proj.weight",
-                 "head.norm.scale"}
+    trainable = {
+        "levels.0.down.proj.weight",
+        "levels.0.up.proj.weight",
+        "head.proj.weight",
+        "head.norm.scale",
+    }
     assert set(after) == set(start)
     for key in start:
         if key in trainable:
@@ -71,8 +81,12 @@ def test_frozen_parameters_stay_bit_identical_and_trainable_ones_change(tmp_path
 
 def test_checkpoint_round_trips_for_sample_and_resume(tmp_path, source):
     path, spec, _ = source
-    exp = _exp(path, steps=4, sections={"checkpoint": {"every": 2}},
-               trainable=["re:^levels\\.0\\.(down|up)\\."])
+    exp = _exp(
+        path,
+        steps=4,
+        sections={"checkpoint": {"every": 2}},
+        trainable=["re:^levels\\.0\\.(down|up)\\."],
+    )
     train(exp, tmp_path / "run", progress=False, stop_after=2)
     run = tmp_path / "run"
     saved = S.loads((run / "experiment.yaml").read_text(), S.experiment.Experiment)
@@ -100,8 +114,13 @@ def test_checkpoint_round_trips_for_sample_and_resume(tmp_path, source):
 def test_presets_and_patterns_select_parameters(source):
     path, _, _ = source
     exp, plan = finetune.prepare(_exp(path, trainable=["patch"]))
-    assert set(plan.trainable) == {"embed.proj.weight", "head.norm.scale", "head.proj.weight",
-                                   "levels.0.down.proj.weight", "levels.0.up.proj.weight"}
+    assert set(plan.trainable) == {
+        "embed.proj.weight",
+        "head.norm.scale",
+        "head.proj.weight",
+        "levels.0.down.proj.weight",
+        "levels.0.up.proj.weight",
+    }
     exp, plan = finetune.prepare(_exp(path, policy={"kind": "add_levels"}, trainable=["new"]))
     # the new outer level (blocks, merge, split, skip) and nothing that was trained
     assert plan.trainable and all(n.startswith("levels.0.") for n in plan.trainable)
@@ -114,8 +133,13 @@ def test_presets_and_patterns_select_parameters(source):
 def test_aggregate_preset_selects_mdit_aggregate_blocks():
     spec = S.load(ROOT / "examples/tiny/tiny-mdit.yaml")
     names = [n for n, _ in build(spec, device="meta").named_parameters()]
-    agg = [(i, w, j) for i in range(len(spec.levels)) for w in ("encoder", "middle", "decoder")
-           for j, b in enumerate(spec.stack(i, w)) if b.attention.kind == "aggregate"]
+    agg = [
+        (i, w, j)
+        for i in range(len(spec.levels))
+        for w in ("encoder", "middle", "decoder")
+        for j, b in enumerate(spec.stack(i, w))
+        if b.attention.kind == "aggregate"
+    ]
     assert agg  # the tiny MDiT has aggregate blocks in its core
     hit = finetune.match("aggregate", names, spec, {})
     want = {n for n in names for i, w, j in agg if n.startswith(f"levels.{i}.{w}.{j}.")}
@@ -139,8 +163,7 @@ def test_bad_patterns_and_policies_name_the_field(source):
     assert err.value.issues[0][0] == "finetune.checkpoint"
     with pytest.raises(S.SpecError, match=r"finetune.trainable.*regular expression"):
         _exp(path, trainable=["re:levels.(("])
-    other = tiny_experiment_data("edm", 2, finetune={
-        "checkpoint": str(path), "trainable": ["new"]})
+    other = tiny_experiment_data("edm", 2, finetune={"checkpoint": str(path), "trainable": ["new"]})
     other["model"]["levels"][1]["d_model"] = 32
     with pytest.raises(S.SpecError) as err:
         finetune.prepare(experiment_from_data(other))
@@ -149,13 +172,31 @@ def test_bad_patterns_and_policies_name_the_field(source):
 
 def test_cli_bad_pattern_exits_2(tmp_path, source):
     path, _, _ = source
-    data = tiny_experiment_data("edm", 2, finetune={
-        "checkpoint": "source.safetensors",  # relative to the experiment file
-        "policy": {"kind": "as_is"}, "trainable": ["levels.*.atention.*"]})
+    data = tiny_experiment_data(
+        "edm",
+        2,
+        finetune={
+            "checkpoint": "source.safetensors",  # relative to the experiment file
+            "policy": {"kind": "as_is"},
+            "trainable": ["levels.*.atention.*"],
+        },
+    )
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "ditkit.cli", "train", str(tmp_path / "exp.yaml"),
-                           "--out", str(tmp_path / "run"), "--no-progress"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ditkit.cli",
+            "train",
+            str(tmp_path / "exp.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "finetune.trainable.0" in proc.stderr and "levels.0.encoder.0.attn" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
@@ -168,15 +209,64 @@ def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, so
     train(_exp(path, steps=2), tmp_path / "run", progress=False)
     tuned = tmp_path / "run/checkpoints/step-000002/ema.safetensors"
     out = tmp_path / "report"
-    assert main(["extrapolate", str(path), "--resolutions", "16", "--policies",
-                 "core_patch:factor=4", "--finetuned", str(tuned), "--steps", "1",
-                 "--attention-backend", "tiled",
-                 "--grid-count", "2", "--no-measure", "--metrics", "none", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "extrapolate",
+                str(path),
+                "--resolutions",
+                "16",
+                "--policies",
+                "core_patch:factor=4",
+                "--finetuned",
+                str(tuned),
+                "--steps",
+                "1",
+                "--attention-backend",
+                "tiled",
+                "--grid-count",
+                "2",
+                "--no-measure",
+                "--metrics",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     labels = [r["policy"] for r in results["rows"]]
     assert labels == ["core_patch:factor=4", "core_patch:factor=4 + fine-tune new (2 steps)"]
     assert all(r["grid"] and (out / r["grid"]).is_file() for r in results["rows"])
-    assert main(["extrapolate", str(path), "--resolutions", "16", "--finetuned",
-                 str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
-    assert main(["extrapolate", str(path), "--resolutions", "16", "--attention-backend",
-                 "nope", "--no-measure", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "extrapolate",
+                str(path),
+                "--resolutions",
+                "16",
+                "--finetuned",
+                str(tmp_path / "nope.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "extrapolate",
+                str(path),
+                "--resolutions",
+                "16",
+                "--attention-backend",
+                "nope",
+                "--no-measure",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )

@@ -37,10 +37,18 @@ RTOL = 1e-6
 
 def _run_worker(folder: Path) -> dict:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
-                           str(folder)], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(WORKER), str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((folder / "results.json").read_text())
 
@@ -48,9 +56,11 @@ def _run_worker(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
-    common = dict(training={"batch_size": 16, "accumulate": 2},  # exercises no-sync micro-batches
-                  optimizer={"grad_clip": 0.2},  # below the tiny model's norms: clipping acts
-                  checkpoint={"every": 3})
+    common = dict(
+        training={"batch_size": 16, "accumulate": 2},  # exercises no-sync micro-batches
+        optimizer={"grad_clip": 0.2},  # below the tiny model's norms: clipping acts
+        checkpoint={"every": 3},
+    )
     for name, dist in (("ddp", {}), ("fsdp2", {"strategy": "fsdp2"})):
         data = tiny_experiment_data("edm", steps=6, distributed=dist, **common)
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
@@ -84,8 +94,10 @@ def test_fsdp2_checkpoint_is_a_plain_full_checkpoint(runs):
         for k, v in sd.items():
             assert v.shape == ref[k].shape, k
             assert torch.allclose(v, ref[k], rtol=1e-5, atol=1e-6), k  # measured <= 1.2e-7
-    ema, model = (C.read_tensors(folder / "fsdp2/checkpoints/step-000006" / f)
-                  for f in ("ema.safetensors", "model.safetensors"))
+    ema, model = (
+        C.read_tensors(folder / "fsdp2/checkpoints/step-000006" / f)
+        for f in ("ema.safetensors", "model.safetensors")
+    )
     assert any(not torch.equal(ema[k], model[k]) for k in model)  # EMA is its own average
     s_f = C.read_state(folder / "fsdp2/checkpoints/step-000006")
     s_d = C.read_state(folder / "ddp/checkpoints/step-000006")
@@ -97,8 +109,9 @@ def test_fsdp2_checkpoint_is_a_plain_full_checkpoint(runs):
             got = s_f["optimizer"]["state"][name][key]
             assert got.shape == st[key].shape
             assert torch.allclose(got, st[key], rtol=1e-5, atol=1e-9), (name, key)
-    assert [g["params"] for g in s_f["optimizer"]["param_groups"]] == \
-        [g["params"] for g in s_d["optimizer"]["param_groups"]]
+    assert [g["params"] for g in s_f["optimizer"]["param_groups"]] == [
+        g["params"] for g in s_d["optimizer"]["param_groups"]
+    ]
 
 
 def test_fsdp2_resume_is_exact_and_accepts_a_ddp_checkpoint(runs):
@@ -114,14 +127,21 @@ def test_fsdp2_resume_is_exact_and_accepts_a_ddp_checkpoint(runs):
 def test_fsdp2_options_need_strategy_fsdp2():
     from ditkit.spec import SpecError
 
-    exp = tiny_experiment(distributed={"strategy": "fsdp2", "param_dtype": "bf16",
-                                       "reshard_after_forward": False})
+    exp = tiny_experiment(
+        distributed={"strategy": "fsdp2", "param_dtype": "bf16", "reshard_after_forward": False}
+    )
     assert exp.distributed.param_dtype == "bf16" and not exp.distributed.reshard_after_forward
-    with pytest.raises(SpecError, match=r"distributed.param_dtype: is an option of strategy "
-                                        r"fsdp2; remove it or set distributed.strategy: fsdp2"):
+    with pytest.raises(
+        SpecError,
+        match=r"distributed.param_dtype: is an option of strategy "
+        r"fsdp2; remove it or set distributed.strategy: fsdp2",
+    ):
         tiny_experiment(distributed={"param_dtype": "bf16"})
-    with pytest.raises(SpecError, match=r"distributed.strategy: Input should be 'ddp' or "
-                                        r"'fsdp2'"):
+    with pytest.raises(
+        SpecError,
+        match=r"distributed.strategy: Input should be 'ddp' or "
+        r"'fsdp2'",
+    ):
         tiny_experiment(distributed={"strategy": "zero3"})
 
 
@@ -144,18 +164,38 @@ def test_cli_fsdp2_bf16_params_on_cpu_and_resume(tmp_path):
     master weights stay fp32 in the checkpoint, and ``--resume`` from the middle checkpoint
     repeats the uninterrupted losses exactly (two launches, ~1 min)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    data = tiny_experiment_data("edm", steps=6, checkpoint={"every": 3},
-                                distributed={"strategy": "fsdp2", "param_dtype": "bf16",
-                                             "reshard_after_forward": False})
+    data = tiny_experiment_data(
+        "edm",
+        steps=6,
+        checkpoint={"every": 3},
+        distributed={"strategy": "fsdp2", "param_dtype": "bf16", "reshard_after_forward": False},
+    )
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
     def launch(*extra):
-        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m",
-                               "ditkit.cli", "train", "exp.yaml", "--no-progress", *extra],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "ditkit.cli",
+                "train",
+                "exp.yaml",
+                "--no-progress",
+                *extra,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     launch("--out", "run")

@@ -34,8 +34,12 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_run_writes_checkpoints_previews_scalars_and_plot(tmp_path):
-    exp = tiny_experiment("edm", steps=6, checkpoint={"every": 2, "keep_last": 2},
-                          preview={"every": 3, "count": 10, "steps": 2})
+    exp = tiny_experiment(
+        "edm",
+        steps=6,
+        checkpoint={"every": 2, "keep_last": 2},
+        preview={"every": 3, "count": 10, "steps": 2},
+    )
     result = train(exp, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert result.step == 6 and len(result.losses) == 6
@@ -50,8 +54,10 @@ def test_run_writes_checkpoints_previews_scalars_and_plot(tmp_path):
     raw = load_checkpoint(ckpt / "model.safetensors").tensors
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # EMA differs from the weights
     assert S.loads((ckpt / "experiment.yaml").read_text(), S.experiment.Experiment) == exp
-    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step-000003.png",
-                                                                    "step-000006.png"]
+    assert sorted(p.name for p in (run / "previews").iterdir()) == [
+        "step-000003.png",
+        "step-000006.png",
+    ]
     assert _losses(run) == pytest.approx(result.losses, rel=1e-6)
     assert (run / "loss.png").stat().st_size > 1000
     summary = json.loads((run / "summary.json").read_text())
@@ -82,15 +88,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def _cli(*args, cwd=None, env=None, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "ditkit.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ditkit.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_sigkill_mid_run_then_resume_gives_the_same_losses(tmp_path):
-    sections = dict(checkpoint={"every": 10, "keep_last": 3},
-                    preview={"every": 0, "count": 10, "steps": 1})
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(tiny_experiment_data("edm", 120,
-                                                                           **sections)))
+    sections = dict(
+        checkpoint={"every": 10, "keep_last": 3}, preview={"every": 0, "count": 10, "steps": 1}
+    )
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(tiny_experiment_data("edm", 120, **sections)))
     # the uninterrupted reference, in this process (one thread here and in the children)
     train(tiny_experiment("edm", 120, **sections), tmp_path / "ref", progress=False)
 
@@ -117,8 +130,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_losses(tmp_path):
     out, err = res.communicate(timeout=300)
     assert res.returncode == 0, err
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
-    assert [r["step"] for r in read_scalars(tmp_path / "run/scalars.csv")] == list(
-        range(1, 121))
+    assert [r["step"] for r in read_scalars(tmp_path / "run/scalars.csv")] == list(range(1, 121))
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -160,13 +172,30 @@ def test_param_groups_and_lr_schedule():
 
 def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    data = tiny_experiment_data("edm", steps=8, training={"batch_size": 16},
-                                checkpoint={"every": 4})
+    data = tiny_experiment_data(
+        "edm", steps=8, training={"batch_size": 16}, checkpoint={"every": 4}
+    )
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "ditkit.cli",
-                           "train", "exp.yaml", "--out", "run", "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "ditkit.cli",
+            "train",
+            "exp.yaml",
+            "--out",
+            "run",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["world"] == 2
@@ -176,8 +205,11 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert state["world"] == 2 and len(state["generators"]) == 2
     assert not torch.equal(state["generators"][0], state["generators"][1])  # per-rank noise
     # the two ranks saw different halves of each batch: the run differs from one process
-    single = train(tiny_experiment("edm", steps=8, training={"batch_size": 16}),
-                   tmp_path / "single", progress=False)
+    single = train(
+        tiny_experiment("edm", steps=8, training={"batch_size": 16}),
+        tmp_path / "single",
+        progress=False,
+    )
     assert single.fingerprints[0] != summary["rank_fingerprints"][0]
 
 
@@ -194,8 +226,24 @@ def test_cli_evaluate_a_run(tmp_path, capsys):
 
     train(tiny_experiment(steps=2), tmp_path / "run", progress=False)
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "run"), "--count", "20", "--steps", "2",
-                 "--cfg-scale", "1", "--json", "--grid", str(tmp_path / "g.png")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run"),
+                "--count",
+                "20",
+                "--steps",
+                "2",
+                "--cfg-scale",
+                "1",
+                "--json",
+                "--grid",
+                str(tmp_path / "g.png"),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["checkpoint"].endswith("step-000002/ema.safetensors")
     assert out["settings"]["cfg_scales"] == [1.0] and out["settings"]["steps"] == 2

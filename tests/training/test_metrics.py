@@ -42,8 +42,9 @@ def test_precision_recall_equals_brute_force_in_blocks():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(40, 5))
     fake = rng.normal(size=(30, 5)) * 0.6 + 0.8
-    d_rr, d_ff, d_fr = (cdist(a, b, "sqeuclidean") for a, b in ((real, real), (fake, fake),
-                                                                (fake, real)))
+    d_rr, d_ff, d_fr = (
+        cdist(a, b, "sqeuclidean") for a, b in ((real, real), (fake, fake), (fake, real))
+    )
     r_real, r_fake = np.sort(d_rr, 1)[:, 3], np.sort(d_ff, 1)[:, 3]
     precision = (d_fr <= r_real[None, :]).any(1).mean()
     recall = (d_fr.T <= r_fake[None, :]).any(1).mean()
@@ -64,14 +65,41 @@ def test_evaluate_npz_against_a_folder_of_the_same_images(tmp_path, capsys):
     for i, im in enumerate(images):
         Image.fromarray(im).save(folder / f"{i}.png")
     write_npz(tmp_path / "s.npz", iter([images[:2], images[2:]]), 5)
-    assert main(["evaluate", "--real", str(folder), "--fake", str(tmp_path / "s.npz"),
-                 "--fid-weights", str(weights), "--fid-batch", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                str(folder),
+                "--fake",
+                str(tmp_path / "s.npz"),
+                "--fid-weights",
+                str(weights),
+                "--fid-batch",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert (report["real_count"], report["fake_count"], report["k"]) == (5, 5, 3)
     # the same images read from PNGs and from arr_0: the same features
     assert report["fid"] == pytest.approx(0.0, abs=1e-6)
     assert (report["precision"], report["recall"]) == (1.0, 1.0)
     np.savez(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
-    assert main(["evaluate", "--real", str(folder), "--fake", str(tmp_path / "f.npz"),
-                 "--fid-weights", str(weights)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                str(folder),
+                "--fake",
+                str(tmp_path / "f.npz"),
+                "--fid-weights",
+                str(weights),
+            ]
+        )
+        == 2
+    )
     assert "must be uint8 images" in capsys.readouterr().err

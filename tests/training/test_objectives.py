@@ -13,8 +13,14 @@ from ditkit import spec as S
 from ditkit.builder import build, use_backend
 from ditkit.data.datasets import digits_tensor
 from ditkit.training.loop import param_groups
-from ditkit.training.objectives import (DDPMTables, DiffusionLoss, cosine_interpolated_sigma,
-                                     ddpm_hybrid_loss, drop_labels, edm_weight)
+from ditkit.training.objectives import (
+    DDPMTables,
+    DiffusionLoss,
+    cosine_interpolated_sigma,
+    ddpm_hybrid_loss,
+    drop_labels,
+    edm_weight,
+)
 
 from .conftest import OBJECTIVES, tiny_experiment
 
@@ -67,18 +73,27 @@ def _hand_ddpm(x0, eps, t, eps_hat, v, cdf):
     # true posterior q(x_{t-1} | x_t, x0)
     beta_tilde = betas * (1 - abar_prev) / (1 - abar)
     beta_tilde_clipped = beta_tilde[1] if t == 0 else beta_tilde[t]
-    mu = (math.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]) * x0
-          + math.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t]) * x_t)
+    mu = (
+        math.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]) * x0
+        + math.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t]) * x_t
+    )
     # the model: mean from eps_hat (via x0_hat), log variance interpolated by v
     x0_hat = (x_t - math.sqrt(1 - abar[t]) * eps_hat) / math.sqrt(abar[t])
-    mu_hat = (math.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]) * x0_hat
-              + math.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t]) * x_t)
+    mu_hat = (
+        math.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]) * x0_hat
+        + math.sqrt(alphas[t]) * (1 - abar_prev[t]) / (1 - abar[t]) * x_t
+    )
     f = (v + 1) / 2
     logvar_hat = f * math.log(betas[t]) + (1 - f) * math.log(beta_tilde_clipped)
     if t > 0:
         logvar = math.log(beta_tilde[t])
-        kl = 0.5 * (-1 + logvar_hat - logvar + math.exp(logvar - logvar_hat)
-                    + (mu - mu_hat) ** 2 * math.exp(-logvar_hat))
+        kl = 0.5 * (
+            -1
+            + logvar_hat
+            - logvar
+            + math.exp(logvar - logvar_hat)
+            + (mu - mu_hat) ** 2 * math.exp(-logvar_hat)
+        )
         l_t = kl / math.log(2)
     else:  # decoder: P(x0 in its 1/255-wide bin) under N(mu_hat, var_hat)
         sd = math.exp(0.5 * logvar_hat)
@@ -101,12 +116,12 @@ def test_ddpm_hybrid_loss_matches_direct_computation(t, cdf):
     obj = S.DDPMObjective(decoder_cdf=cdf)
     tables = DDPMTables(obj)
     x0, eps, eps_hat, v = 0.3, -0.7, -0.5, 0.25
-    want, want_simple, want_t, x_t = _hand_ddpm(x0, eps, t, eps_hat, v,
-                                                _tanh_cdf if cdf == "tanh" else _exact_cdf)
+    want, want_simple, want_t, x_t = _hand_ddpm(
+        x0, eps, t, eps_hat, v, _tanh_cdf if cdf == "tanh" else _exact_cdf
+    )
     f = lambda a: torch.full((1, 1, 1, 1), a, dtype=torch.float64)  # noqa: E731
     out = torch.cat([f(eps_hat), f(v)], dim=1)
-    loss, simple, l_t = ddpm_hybrid_loss(tables, obj, f(x0), f(x_t), torch.tensor([t]), f(eps),
-                                         out)
+    loss, simple, l_t = ddpm_hybrid_loss(tables, obj, f(x0), f(x_t), torch.tensor([t]), f(eps), out)
     assert simple.item() == pytest.approx(want_simple, rel=1e-12)
     assert l_t.item() == pytest.approx(want_t, rel=1e-9)
     assert loss.item() == pytest.approx(want, rel=1e-9)
@@ -147,13 +162,15 @@ def test_cosine_interpolated_sigma_spans_the_range_and_shifts_with_resolution():
 def test_edm_weightings():
     s = torch.tensor([0.1, 0.5, 2.0], dtype=torch.float64)
     assert torch.allclose(edm_weight("snr", s, 0.5, 5.0), 1 / s**2)
-    assert torch.allclose(edm_weight("min_snr", s, 0.5, 5.0), torch.tensor([5.0, 4.0, 0.25],
-                                                                           dtype=torch.float64))
+    assert torch.allclose(
+        edm_weight("min_snr", s, 0.5, 5.0), torch.tensor([5.0, 4.0, 0.25], dtype=torch.float64)
+    )
     assert torch.allclose(edm_weight("soft_min_snr", s, 0.5, 4.0), 1 / (s**2 + 0.25))
     # karras: unit weight on the network output, lambda * c_out^2 == 1
     c_out2 = (s * 0.5) ** 2 / (s**2 + 0.25)
-    assert torch.allclose(edm_weight("karras", s, 0.5, 5.0) * c_out2, torch.ones(3,
-                                                                                dtype=torch.float64))
+    assert torch.allclose(
+        edm_weight("karras", s, 0.5, 5.0) * c_out2, torch.ones(3, dtype=torch.float64)
+    )
 
 
 def test_label_dropout_rate_and_null_class():
@@ -188,10 +205,27 @@ def test_v_objective_trains_checkpoints_and_samples_with_every_sampler(tmp_path)
     assert info.objective == S.VObjective()
     d = Denoiser(model, info.objective)
     for sampler in SAMPLERS:
-        x = sample(d, (2, 1, 8, 8), steps=3, sampler=sampler, seed=1, class_labels=[3, 7],
-                   cfg_scale=2.0)
+        x = sample(
+            d, (2, 1, 8, 8), steps=3, sampler=sampler, seed=1, class_labels=[3, 7], cfg_scale=2.0
+        )
         assert x.shape == (2, 1, 8, 8) and bool(torch.isfinite(x).all()), sampler
     out = tmp_path / "grid.png"
-    assert main(["sample", str(tmp_path / "run"), "--steps", "3", "--count", "2",
-                 "--sampler", "unipc", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(tmp_path / "run"),
+                "--steps",
+                "3",
+                "--count",
+                "2",
+                "--sampler",
+                "unipc",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 0

@@ -26,17 +26,25 @@ from torch import nn
 from ditkit import spec as S
 from ditkit.training.objectives import DiffusionLoss, cosine_interpolated_sigma
 
-SPEC = S.ModelSpec.model_validate({
-    "name": "ref", "input": {"channels": 2, "resolution": [8, 8]}, "patch": {"size": 2},
-    "conditioning": {"width": 32, "noise": {"kind": "fourier"}},
-    "block": {"d_head": 16}, "levels": [{"d_model": 32, "middle": 1}], "head": {"kind": "linear"}})
+SPEC = S.ModelSpec.model_validate(
+    {
+        "name": "ref",
+        "input": {"channels": 2, "resolution": [8, 8]},
+        "patch": {"size": 2},
+        "conditioning": {"width": 32, "noise": {"kind": "fourier"}},
+        "block": {"d_head": 16},
+        "levels": [{"d_model": 32, "middle": 1}],
+        "head": {"kind": "linear"},
+    }
+)
 
 
 # ------------------------------------------------------------------ k-diffusion's density
 
 
-def kdiff_rand_cosine_interpolated(u, image_d, noise_d_low, noise_d_high, sigma_data,
-                                   min_value, max_value):
+def kdiff_rand_cosine_interpolated(
+    u, image_d, noise_d_low, noise_d_high, sigma_data, min_value, max_value
+):
     """k-diffusion ``rand_cosine_interpolated`` at given uniforms ``u`` (numpy, float64),
     with its own (swapped) names: its ``logsnr_min`` comes from ``min_value``."""
 
@@ -57,22 +65,45 @@ def kdiff_rand_cosine_interpolated(u, image_d, noise_d_low, noise_d_high, sigma_
     return np.exp(-logsnr / 2) * sigma_data
 
 
-IMAGENET_128 = dict(image_d=128, noise_d_low=32, noise_d_high=128, sigma_data=0.5,
-                    min_value=1e-3, max_value=1e3)
+IMAGENET_128 = dict(
+    image_d=128, noise_d_low=32, noise_d_high=128, sigma_data=0.5, min_value=1e-3, max_value=1e3
+)
 
 
-@pytest.mark.parametrize("setting", [IMAGENET_128,
-                                     dict(image_d=64, noise_d_low=32, noise_d_high=64,
-                                          sigma_data=1.0, min_value=1e-2, max_value=160),
-                                     dict(image_d=16, noise_d_low=32, noise_d_high=16,
-                                          sigma_data=0.5, min_value=1e-3, max_value=1e3)])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        IMAGENET_128,
+        dict(
+            image_d=64,
+            noise_d_low=32,
+            noise_d_high=64,
+            sigma_data=1.0,
+            min_value=1e-2,
+            max_value=160,
+        ),
+        dict(
+            image_d=16,
+            noise_d_low=32,
+            noise_d_high=16,
+            sigma_data=0.5,
+            min_value=1e-3,
+            max_value=1e3,
+        ),
+    ],
+)
 def test_cosine_interpolated_equals_k_diffusion_at_fixed_u(setting):
     u = np.linspace(0.0, 1.0, 101)
     want = kdiff_rand_cosine_interpolated(u, **setting)
-    got = cosine_interpolated_sigma(torch.from_numpy(u), setting["image_d"],
-                                    setting["noise_d_low"], setting["noise_d_high"],
-                                    setting["sigma_data"], setting["min_value"],
-                                    setting["max_value"]).numpy()
+    got = cosine_interpolated_sigma(
+        torch.from_numpy(u),
+        setting["image_d"],
+        setting["noise_d_low"],
+        setting["noise_d_high"],
+        setting["sigma_data"],
+        setting["min_value"],
+        setting["max_value"],
+    ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
@@ -94,8 +125,9 @@ def test_loss_draws_sigma_at_the_larger_input_side():
     """k-diffusion: ``image_d = noise_d_high = max(input_size)``."""
     spec = SPEC.model_copy(update={"input": SPEC.input.model_copy(update={"resolution": (8, 16)})})
     obj = S.EDMObjective(sigma_sampling=S.CosineInterpolatedSigma(low_resolution=4))
-    _, sigma = DiffusionLoss(obj, spec).draw(torch.zeros(4, 2, 8, 16),
-                                             torch.Generator().manual_seed(0))
+    _, sigma = DiffusionLoss(obj, spec).draw(
+        torch.zeros(4, 2, 8, 16), torch.Generator().manual_seed(0)
+    )
     gen = torch.Generator().manual_seed(0)
     torch.randn((4, 2, 8, 16), generator=gen)
     u = torch.rand(4, generator=gen, dtype=torch.float64).numpy()
@@ -136,7 +168,7 @@ def _grads(loss, net):
 def _data(b=6, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     # 8-bit pixels in [-1, 1], including both edge bins
-    x0 = (torch.randint(0, 256, (b, 2, 8, 8), generator=g).to(dtype) / 127.5 - 1)
+    x0 = torch.randint(0, 256, (b, 2, 8, 8), generator=g).to(dtype) / 127.5 - 1
     x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0], dtype=dtype)
     noise = torch.randn(b, 2, 8, 8, generator=g, dtype=torch.float64).to(dtype)
     return x0, noise
@@ -164,10 +196,14 @@ def kdiff_denoiser_loss(inner, x0, noise, sigma, sigma_data, weighting):
     return ((out - target) ** 2).flatten(1).mean(1) * c_weight
 
 
-@pytest.mark.parametrize("weighting,ours", [("karras", {"weighting": "karras"}),
-                                            ("snr", {"weighting": "snr"}),
-                                            ("soft-min-snr", {"weighting": "soft_min_snr",
-                                                              "gamma": 4.0})])
+@pytest.mark.parametrize(
+    "weighting,ours",
+    [
+        ("karras", {"weighting": "karras"}),
+        ("snr", {"weighting": "snr"}),
+        ("soft-min-snr", {"weighting": "soft_min_snr", "gamma": 4.0}),
+    ],
+)
 @pytest.mark.parametrize("sigma_data", [0.5, 1.0])
 def test_edm_losses_and_gradients_equal_k_diffusion_denoiser_loss(weighting, ours, sigma_data):
     if "gamma" in ours:
@@ -179,8 +215,9 @@ def test_edm_losses_and_gradients_equal_k_diffusion_denoiser_loss(weighting, our
     got, _ = DiffusionLoss(obj, SPEC).per_sample(net, x0, None, noise, sigma)
     want = kdiff_denoiser_loss(net, x0, noise, sigma, sigma_data, weighting)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
-    torch.testing.assert_close(_grads(got.mean(), net), _grads(want.mean(), net), rtol=1e-9,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        _grads(got.mean(), net), _grads(want.mean(), net), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_soft_min_snr_with_the_default_gamma_is_not_k_diffusions():
@@ -188,8 +225,9 @@ def test_soft_min_snr_with_the_default_gamma_is_not_k_diffusions():
     x0, noise = _data()
     sigma = torch.tensor([0.01, 0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float64)
     net = Net()
-    got, _ = DiffusionLoss(S.EDMObjective(weighting="soft_min_snr", gamma=5.0),
-                           SPEC).per_sample(net, x0, None, noise, sigma)
+    got, _ = DiffusionLoss(S.EDMObjective(weighting="soft_min_snr", gamma=5.0), SPEC).per_sample(
+        net, x0, None, noise, sigma
+    )
     want = kdiff_denoiser_loss(net, x0, noise, sigma, 0.5, "soft-min-snr")
     ratio = (got / want).max().item()
     assert ratio == pytest.approx(1.25, rel=0.01)  # small sigma: (1/4) / (1/5)
@@ -223,8 +261,13 @@ def adm_extract(arr, t, like):
 
 
 def adm_normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
 
 
 def adm_approx_standard_normal_cdf(x):
@@ -239,9 +282,11 @@ def adm_discretized_gaussian_log_likelihood(x, means, log_scales, cdf):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min,
-                                   torch.log(cdf_delta.clamp(min=1e-12))))
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
 
 
 def adm_training_losses(model, x_start, t, noise, cdf=adm_approx_standard_normal_cdf):
@@ -257,15 +302,17 @@ def adm_training_losses(model, x_start, t, noise, cdf=adm_approx_standard_normal
     min_log, max_log = ex("posterior_log_variance_clipped"), ex("log_betas")
     frac = (var_values + 1) / 2
     model_log_variance = frac * max_log + (1 - frac) * min_log
-    pred_xstart = (ex("sqrt_recip_alphas_cumprod") * x_t
-                   - ex("sqrt_recipm1_alphas_cumprod") * frozen_eps)
+    pred_xstart = (
+        ex("sqrt_recip_alphas_cumprod") * x_t - ex("sqrt_recipm1_alphas_cumprod") * frozen_eps
+    )
     model_mean = ex("posterior_mean_coef1") * pred_xstart + ex("posterior_mean_coef2") * x_t
     true_mean = ex("posterior_mean_coef1") * x_start + ex("posterior_mean_coef2") * x_t
     true_log_variance_clipped = ex("posterior_log_variance_clipped")
     kl = adm_normal_kl(true_mean, true_log_variance_clipped, model_mean, model_log_variance)
     kl = kl.mean(dim=list(range(1, kl.ndim))) / math.log(2.0)
-    nll = -adm_discretized_gaussian_log_likelihood(x_start, model_mean,
-                                                   0.5 * model_log_variance, cdf)
+    nll = -adm_discretized_gaussian_log_likelihood(
+        x_start, model_mean, 0.5 * model_log_variance, cdf
+    )
     nll = nll.mean(dim=list(range(1, nll.ndim))) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)
     mse = ((noise - eps) ** 2).mean(dim=list(range(1, eps.ndim)))
@@ -282,8 +329,9 @@ def test_ddpm_losses_and_gradients_equal_dits_training_losses_float64():
     got, extras = loss.per_sample(net, x0, None, noise, T_VALUES)
     want = adm_training_losses(net, x0, T_VALUES, noise)
     torch.testing.assert_close(got, want["loss"], rtol=1e-12, atol=0)
-    torch.testing.assert_close(_grads(got.mean(), net), _grads(want["loss"].mean(), net),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        _grads(got.mean(), net), _grads(want["loss"].mean(), net), rtol=1e-10, atol=1e-14
+    )
     assert extras["vb"] == pytest.approx(float(want["vb"].detach().mean()), rel=1e-12)
 
 
@@ -297,7 +345,7 @@ def test_ddpm_exact_cdf_is_an_option_and_differs_at_t0_only():
     # the same implementation with the tanh CDF: only the t = 0 decoder term may change (the
     # reference's own float ops differ from ditkit's in the last bit at t > 0)
     tanh, _ = DiffusionLoss(S.DDPMObjective(), SPEC).per_sample(net, x0, None, noise, T_VALUES)
-    rel = ((got - tanh).abs() / tanh)
+    rel = (got - tanh).abs() / tanh
     assert rel[:2].min() > 1e-5 and rel[2:].max() == 0  # the t = 0 decoder term only
 
 
@@ -308,8 +356,9 @@ def test_ddpm_float32_at_small_t_is_as_close_to_float64_as_dits():
     t = torch.zeros(6, dtype=torch.long)
     net = Net(learned=True, log_noise=False)
     ref64 = adm_training_losses(net, x64, t, n64)["vb"]
-    _, ext32 = DiffusionLoss(S.DDPMObjective(), SPEC).per_sample(net, x64.float(), None,
-                                                                 n64.float(), t)
+    _, ext32 = DiffusionLoss(S.DDPMObjective(), SPEC).per_sample(
+        net, x64.float(), None, n64.float(), t
+    )
     ours32 = ext32["vb"]
     dit32 = float(adm_training_losses(net, x64.float(), t, n64.float())["vb"].detach().mean())
     ref = float(ref64.detach().mean())
@@ -338,14 +387,16 @@ def test_flow_losses_and_gradients_equal_mpdits_otflow_loss():
     got, _ = DiffusionLoss(S.FlowObjective(), SPEC).per_sample(net, x0, None, noise, t)
     want = mpdit_otflow_loss(net, x0, noise, t)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-    torch.testing.assert_close(_grads(got.mean(), net), _grads(want.mean(), net), rtol=1e-10,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        _grads(got.mean(), net), _grads(want.mean(), net), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_flow_time_is_clamped_by_at_most_1e_5():
     obj = S.FlowObjective(time_sampling=S.UniformTime())
-    _, t = DiffusionLoss(obj, SPEC).draw(torch.zeros(4096, 1, 1, 1),
-                                         torch.Generator().manual_seed(0))
+    _, t = DiffusionLoss(obj, SPEC).draw(
+        torch.zeros(4096, 1, 1, 1), torch.Generator().manual_seed(0)
+    )
     gen = torch.Generator().manual_seed(0)
     torch.randn((4096, 1, 1, 1), generator=gen)
     raw = torch.rand(4096, generator=gen, dtype=torch.float64)

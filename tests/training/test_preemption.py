@@ -30,15 +30,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
 def _cli(*args, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ditkit.cli", *map(str, args)], cwd=cwd,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ditkit.cli", *map(str, args)],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -76,8 +84,9 @@ def test_a_second_writer_exits_2_at_once_naming_the_holder(tmp_path, capsys):
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (run / "checkpoints").exists() and not (run / "scalars.csv").exists()
         # --resume auto waits for nobody either
-        assert main(["train", str(exp), "--out", str(run), "--resume", "auto",
-                     "--no-progress"]) == 2
+        assert (
+            main(["train", str(exp), "--out", str(run), "--resume", "auto", "--no-progress"]) == 2
+        )
     assert run.is_dir()  # the loser did not remove the holder's folder
     assert main(["train", str(exp), "--out", str(run), "--no-progress"]) == 0  # free again
 
@@ -86,9 +95,16 @@ def test_a_killed_holder_leaves_no_lock_and_resume_takes_over(tmp_path):
     run = tmp_path / "run"
     train(tiny_experiment("edm", 4, checkpoint={"every": 2}), run, progress=False, stop_after=2)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ditkit.training.runlock import acquire; "
-         f"acquire({str(run)!r}); print('held', flush=True); time.sleep(600)"],
-        env=_env(), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ditkit.training.runlock import acquire; "
+            f"acquire({str(run)!r}); print('held', flush=True); time.sleep(600)",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(runlock.RunLockedError, match=f"PID {holder.pid} "):
@@ -99,8 +115,9 @@ def test_a_killed_holder_leaves_no_lock_and_resume_takes_over(tmp_path):
         holder.kill()
         holder.wait()
     assert str(holder.pid) in (run / runlock.LOCK_NAME).read_text()  # the stale label stays
-    result = train(tiny_experiment("edm", 4, checkpoint={"every": 2}), run, progress=False,
-                   resume=True)
+    result = train(
+        tiny_experiment("edm", 4, checkpoint={"every": 2}), run, progress=False, resume=True
+    )
     assert result.step == 4
     assert not list((run / "checkpoints").glob(".*"))  # stale temporary removed
 
@@ -162,18 +179,32 @@ def _check_stopped_then_resume(tmp_path, capsys) -> None:
     assert 3 <= stopped < STEPS  # the steps done so far are kept, not thrown away
     assert read_scalars(tmp_path / "run" / "scalars.csv")[-1]["step"] == stopped
     capsys.readouterr()
-    assert main(["train", str(tmp_path / "exp.yaml"), "--out",
-                 str(tmp_path / "run"), "--resume", "auto", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "exp.yaml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--resume",
+                "auto",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ref = train(tiny_experiment("edm", STEPS, **SECTIONS), tmp_path / "ref", progress=False)
     done = C.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert done[0] == STEPS and _same_weights(ref.checkpoint, done[1])
     assert [r["loss"] for r in read_scalars(tmp_path / "run/scalars.csv")] == [
-        r["loss"] for r in read_scalars(tmp_path / "ref/scalars.csv")]
+        r["loss"] for r in read_scalars(tmp_path / "ref/scalars.csv")
+    ]
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_auto_is_bit_identical(tmp_path, capsys):
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(tiny_experiment_data("edm", STEPS,
-                                                                           **SECTIONS)))
+    (tmp_path / "exp.yaml").write_text(
+        yaml.safe_dump(tiny_experiment_data("edm", STEPS, **SECTIONS))
+    )
     proc = _cli("train", "exp.yaml", "--out", "run", "--no-progress", cwd=tmp_path)
     _wait_for_rows(tmp_path / "run", 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -189,8 +220,9 @@ def test_sigusr1_in_process_stops_the_same_way(tmp_path, capsys):
     trains in it; the previous handler is back afterwards."""
     import threading
 
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(tiny_experiment_data("edm", STEPS,
-                                                                           **SECTIONS)))
+    (tmp_path / "exp.yaml").write_text(
+        yaml.safe_dump(tiny_experiment_data("edm", STEPS, **SECTIONS))
+    )
     csv = tmp_path / "run" / "scalars.csv"
 
     def notice():
@@ -200,8 +232,9 @@ def test_sigusr1_in_process_stops_the_same_way(tmp_path, capsys):
 
     before = signal.getsignal(signal.SIGUSR1)
     threading.Thread(target=notice, daemon=True).start()
-    code = main(["train", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run"),
-                 "--no-progress"])
+    code = main(
+        ["train", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 75 and "SIGUSR1: stopped at step" in err, err
     assert signal.getsignal(signal.SIGUSR1) is before
@@ -237,26 +270,52 @@ sys.exit(main(sys.argv[1:-2]))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_with", ["SIGTERM", "SIGKILL"])
-def test_torchrun_max_restarts_finishes_a_preempted_ddp_run_bit_identically(tmp_path,
-                                                                           kill_with):
+def test_torchrun_max_restarts_finishes_a_preempted_ddp_run_bit_identically(tmp_path, kill_with):
     """``torchrun --nproc-per-node 2 --max-restarts 2`` (gloo, CPU): one rank is stopped
     mid-run (SIGTERM: every rank checkpoints and exits 75; SIGKILL: the others fail), torchrun
     restarts the workers, ``--resume auto`` continues, and the final weights equal an
     uninterrupted two-process run's."""
     steps = 24
-    data = tiny_experiment_data("edm", steps, checkpoint={"every": 6, "keep_last": 2},
-                                distributed={"strategy": "ddp", "backend": "gloo"})
+    data = tiny_experiment_data(
+        "edm",
+        steps,
+        checkpoint={"every": 6, "keep_last": 2},
+        distributed={"strategy": "ddp", "backend": "gloo"},
+    )
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
     (tmp_path / "worker.py").write_text(TORCHRUN_WORKER)
 
     def launch(out: str, rows: int, restarts: int) -> subprocess.CompletedProcess:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-             "2", "--max-restarts", str(restarts), "worker.py", "train",
-             "exp.yaml", "--out", out, "--resume", "auto", "--no-progress", "--threads", "1",
-             str(rows), str(tmp_path / out)],
-            cwd=tmp_path, env=_env(KILL_WITH=kill_with), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                str(restarts),
+                "worker.py",
+                "train",
+                "exp.yaml",
+                "--out",
+                out,
+                "--resume",
+                "auto",
+                "--no-progress",
+                "--threads",
+                "1",
+                str(rows),
+                str(tmp_path / out),
+            ],
+            cwd=tmp_path,
+            env=_env(KILL_WITH=kill_with),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out_, err = proc.communicate(timeout=500)
         except subprocess.TimeoutExpired:

@@ -52,16 +52,24 @@ def test_a_pickle_payload_planted_in_the_state_never_runs_on_resume(tmp_path):
     except UserError as err:
         error = err
     assert not marker.exists(), "resuming ran code from the run folder"
-    assert error is not None and "an old-format training state that cannot be read safely" in \
-        str(error) and "never unpickles" in str(error)
+    assert (
+        error is not None
+        and "an old-format training state that cannot be read safely" in str(error)
+        and "never unpickles" in str(error)
+    )
     assert (ckpt / "state.pt").is_file()  # refused, left as it was
 
 
 def test_the_new_state_files_hold_no_pickle_and_a_stray_state_pt_is_ignored(tmp_path):
     exp, ckpt = _stopped_run(tmp_path)
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["ema.safetensors", "experiment.yaml", "model.safetensors", "state.json",
-                     "state.safetensors"]
+    assert names == [
+        "ema.safetensors",
+        "experiment.yaml",
+        "model.safetensors",
+        "state.json",
+        "state.safetensors",
+    ]
     data = json.loads((ckpt / "state.json").read_text())
     assert data["format"] == C.STATE_FORMAT and data["state"]["step"] == 2
     marker = tmp_path / "PWNED"
@@ -73,8 +81,11 @@ def test_the_new_state_files_hold_no_pickle_and_a_stray_state_pt_is_ignored(tmp_
 def test_damaged_json_state_is_a_user_error_not_a_traceback(tmp_path):
     exp, ckpt = _stopped_run(tmp_path)
     (ckpt / "state.json").write_bytes(b"\x80\x04\x95 not json")
-    with pytest.raises(C.UnsafeStateError, match=r"state\.json: the training state cannot be "
-                                                 r"read.*earlier one"):
+    with pytest.raises(
+        C.UnsafeStateError,
+        match=r"state\.json: the training state cannot be "
+        r"read.*earlier one",
+    ):
         train(exp, tmp_path / "run", progress=False, resume=True)
     (ckpt / "state.json").write_text(json.dumps({"format": "other", "state": {}}))
     with pytest.raises(C.UnsafeStateError, match="not a ditkit training state"):
@@ -101,8 +112,12 @@ def test_an_old_state_pt_is_converted_once_and_resumes_exactly(tmp_path):
 
 def test_state_round_trip_keeps_types():
     tensors: dict = {}
-    state = {"a": (1, 2.5, None, "s", True), "b": {3: torch.arange(3)}, "__c": [float("inf")],
-             "g": [torch.zeros(2, dtype=torch.uint8)]}
+    state = {
+        "a": (1, 2.5, None, "s", True),
+        "b": {3: torch.arange(3)},
+        "__c": [float("inf")],
+        "g": [torch.zeros(2, dtype=torch.uint8)],
+    }
     flat = C._flatten(state, tensors)
     back = C._unflatten(json.loads(json.dumps(flat)), tensors, "x")
     assert back["a"] == (1, 2.5, None, "s", True) and back["__c"] == [float("inf")]

@@ -51,7 +51,13 @@ import torch
 from ditkit import spec as S
 
 from ditkit.runtime.convert.remap import (  # noqa: F401
-    ConversionError, ConversionInputError, Remap, check_heads, compact, expected_shapes)
+    ConversionError,
+    ConversionInputError,
+    Remap,
+    check_heads,
+    compact,
+    expected_shapes,
+)
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
@@ -60,8 +66,7 @@ DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 # reading source files safely
 
 
-def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec,
-                    objective=None) -> str:
+def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec, objective=None) -> str:
     """sha256 over the tensors (:func:`ditkit.runtime.checkpoint.model_hash`), the spec and the
     objective (canonical JSON): two conversions of the same weights with different ``--heads``
     get different hashes."""
@@ -94,13 +99,21 @@ def _check_unpacked_size(path: Path) -> None:
         raise ConversionInputError(f"{path}: not a readable PyTorch archive ({err})") from None
     on_disk = path.stat().st_size
     limit = max(4 * on_disk, 2**26) if unpacked > 4 * on_disk + 2**20 else None
-    check_run_bytes(unpacked, str(path), f"unpacking {gib(on_disk)} on disk (compressed "
-                    "entries, which torch.save never writes)" if limit else "reading it",
-                    **({"limit": limit} if limit else {}))
+    check_run_bytes(
+        unpacked,
+        str(path),
+        f"unpacking {gib(on_disk)} on disk (compressed entries, which torch.save never writes)"
+        if limit
+        else "reading it",
+        **({"limit": limit} if limit else {}),
+    )
 
 
-def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PREFERRED_KEYS,
-                key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_source(
+    path: str | os.PathLike,
+    preferred: tuple[str, ...] = DEFAULT_PREFERRED_KEYS,
+    key: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, string metadata)`` of a ``.safetensors`` file or a ``.pt``/``.pth``/
     ``.ckpt`` file read with ``torch.load(weights_only=True)`` (never arbitrary unpickling).
 
@@ -131,13 +144,17 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
             raise ConversionInputError(
                 f"{path}: cannot be read safely with torch.load(weights_only=True) "
                 f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); re-save "
-                "it as a plain state dict or as .safetensors") from None
+                "it as a plain state dict or as .safetensors"
+            ) from None
     if not isinstance(obj, Mapping):
-        raise ConversionInputError(f"{path}: expected a state dict or a dict of them, got "
-                                   f"{type(obj).__name__}")
+        raise ConversionInputError(
+            f"{path}: expected a state dict or a dict of them, got {type(obj).__name__}"
+        )
     if key is not None and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConversionInputError(f"--key {key}: {path} is a plain state dict (tensors only, no "
-                                   "entry holding one); drop --key")
+        raise ConversionInputError(
+            f"--key {key}: {path} is a plain state dict (tensors only, no "
+            "entry holding one); drop --key"
+        )
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for name in ("config", "args"):
             value = obj.get(name)
@@ -152,17 +169,19 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
             want = f"entry {key!r}" if key else "one of " + ", ".join(preferred)
             raise ConversionInputError(
                 f"{path}: a dict with entries {entries} but no {want} holding "
-                "a state dict; pick one with --key")
+                "a state dict; pick one with --key"
+            )
         obj = obj[chosen]
         meta["ditkit.source_key"] = chosen
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     dropped = [k for k in obj if k not in state]
     if dropped:
         raise ConversionInputError(
-            f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}")
+            f"{path}: entries that are not tensors: {', '.join(map(str, dropped))}"
+        )
     for prefix in ("_orig_mod.", "module."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state, meta
 
 
@@ -173,8 +192,12 @@ def read_source(path: str | os.PathLike, preferred: tuple[str, ...] = DEFAULT_PR
 def _sources() -> dict[str, ModuleType]:
     from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
 
-    return {dit.SOURCE: dit, kdiffusion.SOURCE: kdiffusion, mpdit.SOURCE: mpdit,
-            diffusers.SOURCE: diffusers}
+    return {
+        dit.SOURCE: dit,
+        kdiffusion.SOURCE: kdiffusion,
+        mpdit.SOURCE: mpdit,
+        diffusers.SOURCE: diffusers,
+    }
 
 
 def source_module(name: str) -> ModuleType:
@@ -188,16 +211,18 @@ def source_names() -> list[str]:
     return list(_sources())
 
 
-def convert_state(source: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                  **hints) -> tuple[dict[str, torch.Tensor], S.ModelSpec]:
+def convert_state(
+    source: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], **hints
+) -> tuple[dict[str, torch.Tensor], S.ModelSpec]:
     """``(ditkit tensors, spec)`` from a source state dict."""
     mod = source_module(source)
     spec = mod.infer_spec(dict(state), dict(metadata), **hints)
     return mod.to_ditkit(dict(state), spec), spec
 
 
-def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
-            key: str | None = None, **hints) -> S.ModelSpec:
+def convert(
+    path: str | os.PathLike, source: str, out: str | os.PathLike, *, key: str | None = None, **hints
+) -> S.ModelSpec:
     """Read a ``source``-format checkpoint at ``path`` and write a ditkit checkpoint at
     ``out``. Returns the spec."""
     from ditkit.runtime.checkpoint import save_checkpoint
@@ -210,7 +235,8 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     if "ditkit.spec" in meta:
         raise ConversionInputError(
             f"{path} is already a ditkit checkpoint (it carries its spec); use it "
-            f"as it is, or write it in another format with --to {source}")
+            f"as it is, or write it in another format with --to {source}"
+        )
     tensors, spec = convert_state(source, state, meta, **hints)
     extra = {"ditkit.converted_from": source, "ditkit.source_file": Path(path).name}
     if "ditkit.source_key" in meta:
@@ -218,12 +244,17 @@ def convert(path: str | os.PathLike, source: str, out: str | os.PathLike, *,
     if hasattr(mod, "metadata"):
         extra.update(mod.metadata(spec))
     objective = mod.objective(meta, spec) if hasattr(mod, "objective") else None
-    broken = [name for name, t in tensors.items() if t.is_floating_point()
-              and not bool(torch.isfinite(t).all())]
+    broken = [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if broken:
-        raise ConversionInputError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values "
-                                   f"(first: {broken[0]}); nothing was written. Convert a "
-                                   "checkpoint saved before the training diverged")
+        raise ConversionInputError(
+            f"{path}: {len(broken)} tensor(s) hold NaN or infinite values "
+            f"(first: {broken[0]}); nothing was written. Convert a "
+            "checkpoint saved before the training diverged"
+        )
     save_checkpoint(out, tensors, spec, objective=objective, metadata=extra)
     return spec
 
@@ -240,8 +271,11 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     state = mod.from_ditkit(ckpt.tensors, ckpt.spec)
     out = Path(out)
     if out.suffix == ".safetensors":
-        meta = (dict(mod.source_metadata(ckpt.spec, ckpt.objective))
-                if hasattr(mod, "source_metadata") else {})
+        meta = (
+            dict(mod.source_metadata(ckpt.spec, ckpt.objective))
+            if hasattr(mod, "source_metadata")
+            else {}
+        )
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
         from ditkit.files import atomic_path
@@ -252,6 +286,18 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         raise ConversionInputError(f"{out}: use a .safetensors or .pt/.pth file name")
 
 
-__all__ = ["ConversionError", "ConversionInputError", "Remap", "check_heads", "conversion_hash",
-           "expected_shapes", "read_source", "source_module", "source_names", "convert_state",
-           "convert", "export", "DEFAULT_PREFERRED_KEYS"]
+__all__ = [
+    "ConversionError",
+    "ConversionInputError",
+    "Remap",
+    "check_heads",
+    "conversion_hash",
+    "expected_shapes",
+    "read_source",
+    "source_module",
+    "source_names",
+    "convert_state",
+    "convert",
+    "export",
+    "DEFAULT_PREFERRED_KEYS",
+]

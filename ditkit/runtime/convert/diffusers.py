@@ -57,13 +57,25 @@ FREQUENCY_DIM = 256  # CombinedTimestepLabelEmbeddings: Timesteps(num_channels=2
 FIXED_EPS = 1e-6  # AdaLayerNormZero's norm and norm_out
 _ACTIVATIONS: dict[str, Literal["tanh", "none"]] = {"gelu-approximate": "tanh", "gelu": "none"}
 # config keys and the one value ditkit can express (the class's defaults where they are)
-_FIXED = {"norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
-          "attention_bias": True, "dropout": 0.0}
-_IGNORED = {"norm_num_groups", "upcast_attention", "_class_name", "_diffusers_version",
-            "_name_or_path", "_use_default_values",
-            # Transformer2DModel-era keys a DiT config may carry with their inert values
-            "cross_attention_dim", "num_vector_embeds", "only_cross_attention",
-            "use_linear_projection"}
+_FIXED = {
+    "norm_type": "ada_norm_zero",
+    "norm_elementwise_affine": False,
+    "attention_bias": True,
+    "dropout": 0.0,
+}
+_IGNORED = {
+    "norm_num_groups",
+    "upcast_attention",
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "_use_default_values",
+    # Transformer2DModel-era keys a DiT config may carry with their inert values
+    "cross_attention_dim",
+    "num_vector_embeds",
+    "only_cross_attention",
+    "use_linear_projection",
+}
 
 
 class DiffusersError(UserError):
@@ -79,66 +91,103 @@ def spec_from_config(config: dict, *, name: str | None = None) -> S.ModelSpec:
     ditkit cannot express are refused by name; absent keys take the class's defaults."""
     cls = config.get("_class_name", CLASS_NAME)
     if cls not in (CLASS_NAME, *LEGACY_CLASS_NAMES):
-        raise DiffusersError(f"config.json: _class_name is {cls!r}; ditkit reads "
-                             f"{CLASS_NAME} folders (DiTPipeline's transformer)")
-    known = {"num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
-             "num_layers", "sample_size", "patch_size", "activation_fn", "num_embeds_ada_norm",
-             "norm_eps", *_FIXED, *_IGNORED}
+        raise DiffusersError(
+            f"config.json: _class_name is {cls!r}; ditkit reads "
+            f"{CLASS_NAME} folders (DiTPipeline's transformer)"
+        )
+    known = {
+        "num_attention_heads",
+        "attention_head_dim",
+        "in_channels",
+        "out_channels",
+        "num_layers",
+        "sample_size",
+        "patch_size",
+        "activation_fn",
+        "num_embeds_ada_norm",
+        "norm_eps",
+        *_FIXED,
+        *_IGNORED,
+    }
     unknown = sorted(set(config) - known)
     if unknown:
-        raise DiffusersError(f"config.json: unknown keys {', '.join(unknown)} (not "
-                             f"{CLASS_NAME} arguments ditkit knows)")
+        raise DiffusersError(
+            f"config.json: unknown keys {', '.join(unknown)} (not "
+            f"{CLASS_NAME} arguments ditkit knows)"
+        )
     for key, want in _FIXED.items():
         if key in config and config[key] != want:
-            raise DiffusersError(f"config.json: {key} = {config[key]!r} has no ditkit "
-                                 f"equivalent (ditkit's DiT has {want!r})")
-    for key, want in (("only_cross_attention", False), ("cross_attention_dim", None),
-                      ("num_vector_embeds", None)):
+            raise DiffusersError(
+                f"config.json: {key} = {config[key]!r} has no ditkit "
+                f"equivalent (ditkit's DiT has {want!r})"
+            )
+    for key, want in (
+        ("only_cross_attention", False),
+        ("cross_attention_dim", None),
+        ("num_vector_embeds", None),
+    ):
         if config.get(key, want) != want:
-            raise DiffusersError(f"config.json: {key} = {config[key]!r}: not a DiT "
-                                 "(ditkit reads class-conditional DiT transformers only)")
+            raise DiffusersError(
+                f"config.json: {key} = {config[key]!r}: not a DiT "
+                "(ditkit reads class-conditional DiT transformers only)"
+            )
     if config.get("upcast_attention"):
         import warnings
 
-        warnings.warn("config.json: upcast_attention is true; it only changes half-precision "
-                      "rounding, ditkit's attention computes in the input dtype", stacklevel=2)
+        warnings.warn(
+            "config.json: upcast_attention is true; it only changes half-precision "
+            "rounding, ditkit's attention computes in the input dtype",
+            stacklevel=2,
+        )
     eps = float(config.get("norm_eps", 1e-5))
     if eps != FIXED_EPS:
         raise DiffusersError(
             f"config.json: norm_eps = {eps:g}, but diffusers fixes the attention norm's eps at "
-            f"1e-6 and ditkit's blocks use one eps for both norms; set \"norm_eps\": 1e-6 in "
-            f"config.json to accept the difference (DiT's reference code uses 1e-6 for both)")
+            f'1e-6 and ditkit\'s blocks use one eps for both norms; set "norm_eps": 1e-6 in '
+            f"config.json to accept the difference (DiT's reference code uses 1e-6 for both)"
+        )
     activation = config.get("activation_fn", "gelu-approximate")
     if activation not in _ACTIVATIONS:
-        raise DiffusersError(f"config.json: activation_fn = {activation!r}; ditkit's DiT FFN "
-                             f"is one of {', '.join(_ACTIVATIONS)}")
+        raise DiffusersError(
+            f"config.json: activation_fn = {activation!r}; ditkit's DiT FFN "
+            f"is one of {', '.join(_ACTIVATIONS)}"
+        )
     heads = int(config.get("num_attention_heads", 16))
     d_head = int(config.get("attention_head_dim", 72))
     channels = int(config.get("in_channels", 4))
     out = config.get("out_channels")
     out = channels if out is None else int(out)
     if out not in (channels, 2 * channels):
-        raise DiffusersError(f"config.json: out_channels = {out}; ditkit's DiT head gives "
-                             f"in_channels ({channels}) or twice that (learned sigma)")
+        raise DiffusersError(
+            f"config.json: out_channels = {out}; ditkit's DiT head gives "
+            f"in_channels ({channels}) or twice that (learned sigma)"
+        )
     size, patch = int(config.get("sample_size", 32)), int(config.get("patch_size", 2))
     classes = config.get("num_embeds_ada_norm", 1000)
     if classes is None:
-        raise DiffusersError("config.json: num_embeds_ada_norm is null; DiTTransformer2DModel "
-                             "needs the number of classes")
+        raise DiffusersError(
+            "config.json: num_embeds_ada_norm is null; DiTTransformer2DModel "
+            "needs the number of classes"
+        )
     layers = int(config.get("num_layers", 28))
     label = f"dit-d{layers}-w{heads * d_head}-p{patch}"
     return S.ModelSpec(
         name=name or label,
         description=f"converted from a diffusers {CLASS_NAME} ({label})",
-        input=S.Input(channels=channels, space="latent" if channels == 4 else "pixel",
-                      resolution=(size, size)),
+        input=S.Input(
+            channels=channels, space="latent" if channels == 4 else "pixel", resolution=(size, size)
+        ),
         patch=S.Patch(size=patch, bias=True),
         position=S.SincosPosition(),
         conditioning=S.Conditioning(
             noise=S.SinusoidalNoise(frequency_dim=FREQUENCY_DIM, frequency_shift=1),
-            classes=S.Classes(count=int(classes), null_class=True)),
-        block=S.Block(d_head=d_head, norm=S.Norm(kind="layer", eps=FIXED_EPS),
-                      ffn=S.GeluMLP(approximate=_ACTIVATIONS[activation])),
+            classes=S.Classes(count=int(classes), null_class=True),
+        ),
+        block=S.Block(
+            d_head=d_head,
+            norm=S.Norm(kind="layer", eps=FIXED_EPS),
+            ffn=S.GeluMLP(approximate=_ACTIVATIONS[activation]),
+        ),
         levels=(S.Level(d_model=heads * d_head, middle=layers),),
         head=S.AdaLNHead(learned_sigma=out == 2 * channels),
         init=S.Init(linear="xavier_uniform", embedding_std=0.02),
@@ -152,8 +201,9 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
     blk = spec.stack(0, "middle")[0]
     channels = spec.input.channels
     ffn = blk.ffn
-    activation = ("gelu" if isinstance(ffn, S.GeluMLP) and ffn.approximate == "none"
-                  else "gelu-approximate")
+    activation = (
+        "gelu" if isinstance(ffn, S.GeluMLP) and ffn.approximate == "none" else "gelu-approximate"
+    )
     classes = spec.conditioning.classes
     assert classes is not None  # _check_shape: DiT is class-conditional
     config = {
@@ -182,8 +232,9 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
     rows = [c for c in diff(spec, back) if not c.path.startswith(ignore)]
     if rows:
         what = "; ".join(f"{c.path} is {_show(c.a)} (diffusers: {_show(c.b)})" for c in rows)
-        raise DiffusersError(f"spec {spec.name!r} cannot be written as a diffusers "
-                             f"{CLASS_NAME}: {what}{_hint(rows)}")
+        raise DiffusersError(
+            f"spec {spec.name!r} cannot be written as a diffusers {CLASS_NAME}: {what}{_hint(rows)}"
+        )
     return config
 
 
@@ -197,9 +248,11 @@ def _show(value) -> str:
 
 def _hint(rows) -> str:
     if any(c.path == "conditioning.noise.frequency_shift" for c in rows):
-        return (". diffusers' DiT hard-codes downscale_freq_shift=1 in its timestep embedding "
-                "(DiT's reference code, and ditkit's default, use 0: another embedding); train "
-                "the model with conditioning.noise.frequency_shift: 1 to take it to diffusers")
+        return (
+            ". diffusers' DiT hard-codes downscale_freq_shift=1 in its timestep embedding "
+            "(DiT's reference code, and ditkit's default, use 0: another embedding); train "
+            "the model with conditioning.noise.frequency_shift: 1 to take it to diffusers"
+        )
     return ""
 
 
@@ -209,26 +262,37 @@ def _check_shape(spec: S.ModelSpec) -> None:
         raise DiffusersError(
             f"spec {spec.name!r}: levels has {len(spec.levels)} entries; diffusers' "
             f"{CLASS_NAME} is one level of blocks (DiT), it cannot express a hierarchical "
-            "model (HDiT, MDiT, MPDiT)")
+            "model (HDiT, MDiT, MPDiT)"
+        )
     lvl = spec.levels[0]
     if lvl.encoder or lvl.decoder or not lvl.middle:
-        raise DiffusersError(f"spec {spec.name!r}: levels[0] must hold only middle blocks "
-                             f"for diffusers' {CLASS_NAME}")
+        raise DiffusersError(
+            f"spec {spec.name!r}: levels[0] must hold only middle blocks "
+            f"for diffusers' {CLASS_NAME}"
+        )
     if not isinstance(spec.head, S.AdaLNHead):
-        raise DiffusersError(f"spec {spec.name!r}: head.kind is {spec.head.kind!r}; diffusers' "
-                             f"{CLASS_NAME} has DiT's ada_ln head")
+        raise DiffusersError(
+            f"spec {spec.name!r}: head.kind is {spec.head.kind!r}; diffusers' "
+            f"{CLASS_NAME} has DiT's ada_ln head"
+        )
     if not isinstance(spec.conditioning.noise, S.SinusoidalNoise):
-        raise DiffusersError(f"spec {spec.name!r}: conditioning.noise.kind is "
-                             f"{spec.conditioning.noise.kind!r}; diffusers' {CLASS_NAME} "
-                             "embeds a timestep (sinusoidal)")
+        raise DiffusersError(
+            f"spec {spec.name!r}: conditioning.noise.kind is "
+            f"{spec.conditioning.noise.kind!r}; diffusers' {CLASS_NAME} "
+            "embeds a timestep (sinusoidal)"
+        )
     if spec.conditioning.classes is None:
-        raise DiffusersError(f"spec {spec.name!r}: conditioning.classes is absent; diffusers' "
-                             f"{CLASS_NAME} always conditions on a class label "
-                             "(unconditional DiTs cannot be expressed)")
+        raise DiffusersError(
+            f"spec {spec.name!r}: conditioning.classes is absent; diffusers' "
+            f"{CLASS_NAME} always conditions on a class label "
+            "(unconditional DiTs cannot be expressed)"
+        )
     h, w = spec.input.resolution
     if h != w:
-        raise DiffusersError(f"spec {spec.name!r}: input.resolution is {h}x{w}; diffusers' "
-                             f"{CLASS_NAME} takes a square sample_size")
+        raise DiffusersError(
+            f"spec {spec.name!r}: input.resolution is {h}x{w}; diffusers' "
+            f"{CLASS_NAME} takes a square sample_size"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,11 +301,17 @@ def _check_shape(spec: S.ModelSpec) -> None:
 
 def _embed_keys(i: int) -> list[tuple[str, str]]:
     e = f"transformer_blocks.{i}.norm1.emb"
-    return [(f"{e}.timestep_embedder.linear_1.{p}", f"conditioning.noise.fc1.{p}")
-            for p in ("weight", "bias")] + [
-        (f"{e}.timestep_embedder.linear_2.{p}", f"conditioning.noise.fc2.{p}")
-        for p in ("weight", "bias")] + [
-        (f"{e}.class_embedder.embedding_table.weight", "conditioning.class_embed.weight")]
+    return (
+        [
+            (f"{e}.timestep_embedder.linear_1.{p}", f"conditioning.noise.fc1.{p}")
+            for p in ("weight", "bias")
+        ]
+        + [
+            (f"{e}.timestep_embedder.linear_2.{p}", f"conditioning.noise.fc2.{p}")
+            for p in ("weight", "bias")
+        ]
+        + [(f"{e}.class_embedder.embedding_table.weight", "conditioning.class_embed.weight")]
+    )
 
 
 def _pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
@@ -249,8 +319,12 @@ def _pairs(spec: S.ModelSpec) -> list[tuple[str, str]]:
     pairs = [("pos_embed.proj.bias", "embed.proj.bias")] + _embed_keys(0)
     for i in range(len(spec.stack(0, "middle"))):
         b, d = f"transformer_blocks.{i}", f"levels.0.middle.{i}"
-        for src, dst in (("norm1.linear", "modulation"), ("attn1.to_out.0", "attn.out"),
-                         ("ff.net.0.proj", "ffn.up"), ("ff.net.2", "ffn.down")):
+        for src, dst in (
+            ("norm1.linear", "modulation"),
+            ("attn1.to_out.0", "attn.out"),
+            ("ff.net.0.proj", "ffn.up"),
+            ("ff.net.2", "ffn.down"),
+        ):
             pairs += [(f"{b}.{src}.{p}", f"{d}.{dst}.{p}") for p in ("weight", "bias")]
     for src, dst in (("proj_out_1", "head.modulation.1"), ("proj_out_2", "head.proj")):
         pairs += [(f"{src}.{p}", f"{dst}.{p}") for p in ("weight", "bias")]
@@ -268,8 +342,11 @@ def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
 
     config_from_spec(spec)
     r = Remap(state, SOURCE, expected_shapes(spec))
-    r.move("pos_embed.proj.weight", "embed.proj.weight",
-           lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))  # (D, p*p*C): (row, col, c)
+    r.move(
+        "pos_embed.proj.weight",
+        "embed.proj.weight",
+        lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),
+    )  # (D, p*p*C): (row, col, c)
     for src, dst in _pairs(spec):
         r.move(src, dst)
     depth = len(spec.stack(0, "middle"))
@@ -282,16 +359,21 @@ def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
         for (src, _), (first, _) in zip(_embed_keys(i), _embed_keys(0)):  # block 0's copies
             t, t0 = r.take(src), state.get(first)
             if t is not None and t0 is not None and not torch.equal(t, t0):
-                r.problem(f"{src} differs from {first}: ditkit has one timestep / label "
-                          "embedder (diffusers' head uses block 0's); a model trained with "
-                          "per-block embedders cannot be expressed")
+                r.problem(
+                    f"{src} differs from {first}: ditkit has one timestep / label "
+                    "embedder (diffusers' head uses block 0's); a model trained with "
+                    "per-block embedders cannot be expressed"
+                )
     grid = spec.token_grids()[0]
     d_model = spec.levels[0].d_model
     like = state.get("proj_out_2.weight")
     assert isinstance(spec.position, S.SincosPosition)  # a DiT-layout spec (checked)
     table = sincos_table(*grid, d_model, spec.position.max_period)
-    r.put("position.table", table.to(like.dtype if like is not None else table.dtype),
-          "(regenerated: diffusers keeps it as a non-persistent buffer)")
+    r.put(
+        "position.table",
+        table.to(like.dtype if like is not None else table.dtype),
+        "(regenerated: diffusers keeps it as a non-persistent buffer)",
+    )
     return r.finish()
 
 
@@ -304,8 +386,11 @@ def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
     r = Remap(tensors, f"ditkit -> {SOURCE}")
     ph, pw = S.pair(spec.patch.size)
     c = spec.input.channels
-    r.move("embed.proj.weight", "pos_embed.proj.weight",
-           lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous())
+    r.move(
+        "embed.proj.weight",
+        "pos_embed.proj.weight",
+        lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous(),
+    )
     for src, dst in _pairs(spec):
         r.move(dst, src)
     depth = len(spec.stack(0, "middle"))
@@ -323,11 +408,14 @@ def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
     table = r.take("position.table")
     if table is not None:
         assert isinstance(spec.position, S.SincosPosition)  # a DiT-layout spec (checked)
-        want = sincos_table(*spec.token_grids()[0], spec.levels[0].d_model,
-                            spec.position.max_period).to(table.dtype)
+        want = sincos_table(
+            *spec.token_grids()[0], spec.levels[0].d_model, spec.position.max_period
+        ).to(table.dtype)
         if table.shape != want.shape or not torch.equal(table, want):
-            r.problem("position.table is not the sin-cos table ditkit derives for this spec; "
-                      "diffusers regenerates it and would compute something else")
+            r.problem(
+                "position.table is not the sin-cos table ditkit derives for this spec; "
+                "diffusers regenerates it and would compute something else"
+            )
     return r.finish()
 
 
@@ -342,13 +430,16 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
 
     folder = Path(path)
     if not folder.is_dir():
-        raise DiffusersError(f"{folder}: not a folder; a diffusers model is a folder with "
-                             f"{CONFIG} and {WEIGHTS}")
+        raise DiffusersError(
+            f"{folder}: not a folder; a diffusers model is a folder with {CONFIG} and {WEIGHTS}"
+        )
     if not (folder / CONFIG).is_file() and (folder / "transformer" / CONFIG).is_file():
         folder = folder / "transformer"  # a DiTPipeline folder
     if not (folder / CONFIG).is_file():
-        raise DiffusersError(f"{folder}: no {CONFIG}; point at the model folder (or the "
-                             "pipeline folder holding transformer/)")
+        raise DiffusersError(
+            f"{folder}: no {CONFIG}; point at the model folder (or the "
+            "pipeline folder holding transformer/)"
+        )
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -363,8 +454,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
             raise DiffusersError(f"{folder / INDEX}: not a safetensors index ({err})") from None
         files = [folder / n for n in names]
         if any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
-            raise DiffusersError(f"{folder / INDEX}: names files that are not .safetensors "
-                                 "beside it")
+            raise DiffusersError(
+                f"{folder / INDEX}: names files that are not .safetensors beside it"
+            )
     else:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         if pickled:
@@ -372,7 +464,8 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
                 f"{folder}: only pickled weights ({', '.join(pickled)}); ditkit never "
                 "unpickles a file. Re-save them as safetensors: "
                 "DiTTransformer2DModel.from_pretrained(folder).save_pretrained(new_folder, "
-                "safe_serialization=True), in a Python you trust with that pickle")
+                "safe_serialization=True), in a Python you trust with that pickle"
+            )
         raise DiffusersError(f"{folder}: no {WEIGHTS}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
@@ -394,8 +487,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DiffusersError(f"--out {path}: a file is there; a diffusers model is a folder")
-    kept = (f"the previous {path.name} is untouched" if path.exists()
-            else "nothing written earlier was lost")
+    kept = (
+        f"the previous {path.name} is untouched"
+        if path.exists()
+        else "nothing written earlier was lost"
+    )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -427,8 +523,9 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_folder(tensors: dict[str, torch.Tensor], spec: S.ModelSpec,
-                 out: str | os.PathLike) -> dict:
+def write_folder(
+    tensors: dict[str, torch.Tensor], spec: S.ModelSpec, out: str | os.PathLike
+) -> dict:
     """Write ``tensors`` of ``spec`` as a ``DiTTransformer2DModel`` folder at ``out``
     (atomically). Returns the config."""
     from safetensors.torch import save_file
@@ -441,8 +538,11 @@ def write_folder(tensors: dict[str, torch.Tensor], spec: S.ModelSpec,
         config["_diffusers_version"] = metadata.version("diffusers")
     with atomic_folder(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "ditkit.name": spec.name})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(tmp / WEIGHTS),
+            metadata={"format": "pt", "ditkit.name": spec.name},
+        )
     return config
 
 
@@ -450,9 +550,14 @@ def write_folder(tensors: dict[str, torch.Tensor], spec: S.ModelSpec,
 # the package's entry points (see ditkit.runtime.convert.convert / export)
 
 
-def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
-                   preset: S.ModelSpec | None = None, name: str | None = None,
-                   **_hints) -> S.ModelSpec:
+def convert_folder(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    preset: S.ModelSpec | None = None,
+    name: str | None = None,
+    **_hints,
+) -> S.ModelSpec:
     """Read a diffusers ``DiTTransformer2DModel`` folder, write a ditkit checkpoint."""
     from ditkit.runtime.checkpoint import save_checkpoint
 
@@ -462,9 +567,13 @@ def convert_folder(path: str | os.PathLike, out: str | os.PathLike, *,
     spec = preset if preset is not None else spec_from_config(config, name=name)
     tensors = from_diffusers(state, spec)
     learned = spec.head.learned_sigma if isinstance(spec.head, S.AdaLNHead) else False
-    save_checkpoint(out, tensors, spec, objective=S.DDPMObjective(learned_sigma=learned),
-                    metadata={"ditkit.converted_from": SOURCE,
-                              "ditkit.source_file": Path(path).name})
+    save_checkpoint(
+        out,
+        tensors,
+        spec,
+        objective=S.DDPMObjective(learned_sigma=learned),
+        metadata={"ditkit.converted_from": SOURCE, "ditkit.source_file": Path(path).name},
+    )
     return spec
 
 
@@ -485,6 +594,8 @@ def export_folder(path: str | os.PathLike, out: str | os.PathLike) -> None:
     ckpt = load_checkpoint(path)
     obj = ckpt.objective
     if obj is not None and not isinstance(obj, S.DDPMObjective):
-        raise DiffusersError(f"{path}: its objective is {type(obj).__name__}; DiTPipeline's "
-                             "schedulers run DDPM epsilon prediction (a DDPM objective)")
+        raise DiffusersError(
+            f"{path}: its objective is {type(obj).__name__}; DiTPipeline's "
+            "schedulers run DDPM epsilon prediction (a DDPM objective)"
+        )
     write_folder(ckpt.tensors, ckpt.spec, out)

@@ -40,9 +40,16 @@ def _block_count(state: dict) -> int:
     return len(ids)
 
 
-def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.ModelSpec | None
-               = None, n_heads: int | None = None, classes: int | None = None,
-               name: str | None = None, **_hints) -> S.ModelSpec:
+def infer_spec(
+    state: dict[str, torch.Tensor],
+    metadata: dict,
+    *,
+    preset: S.ModelSpec | None = None,
+    n_heads: int | None = None,
+    classes: int | None = None,
+    name: str | None = None,
+    **_hints,
+) -> S.ModelSpec:
     """The DiT spec of a state dict: depth from ``blocks.*``, width/channels/patch from
     ``x_embedder.proj.weight``, grid from ``pos_embed``, classes from ``y_embedder``, learned
     sigma from ``final_layer.linear``. Heads cannot be read from shapes (qkv is (3D, D) for any
@@ -50,17 +57,23 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     ``n_heads``. ``preset`` skips inference (the mapping still checks every shape)."""
     if preset is not None:
         return preset
-    need = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight",
-            "blocks.0.mlp.fc1.weight"]
+    need = [
+        "x_embedder.proj.weight",
+        "pos_embed",
+        "final_layer.linear.weight",
+        "blocks.0.mlp.fc1.weight",
+    ]
     missing = [k for k in need if k not in state]
     if missing:
         raise ConversionInputError(
             "not a DiT state dict (missing " + ", ".join(missing) + "); pass "
-            "--preset NAME to name the spec, or check --from")
+            "--preset NAME to name the spec, or check --from"
+        )
     w = state["x_embedder.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
-        raise ConversionInputError(f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is "
-                                   "(D, C, p, p)")
+        raise ConversionInputError(
+            f"x_embedder.proj.weight has shape {tuple(w.shape)}; DiT's is (D, C, p, p)"
+        )
     d_model, channels, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     tokens = int(state["pos_embed"].shape[1])
     grid = math.isqrt(tokens)
@@ -72,7 +85,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
             raise ConversionInputError(
                 f"cannot infer the number of heads of a width-{d_model} DiT from its "
                 "weights (the qkv shape does not depend on it); pass --heads N (or "
-                "--preset NAME)")
+                "--preset NAME)"
+            )
         n_heads = _WIDTH_HEADS[d_model]
     check_heads(n_heads, d_model, _WIDTH_HEADS, "DiT")
     ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / d_model
@@ -80,7 +94,8 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
     if out not in (channels, 2 * channels):
         raise ConversionInputError(
             f"final_layer.linear produces {out} channels per pixel; DiT's is "
-            f"{channels} or {2 * channels} (learned sigma)")
+            f"{channels} or {2 * channels} (learned sigma)"
+        )
     cond = S.Conditioning()
     table = state.get("y_embedder.embedding_table.weight")
     if table is not None:
@@ -89,21 +104,27 @@ def infer_spec(state: dict[str, torch.Tensor], metadata: dict, *, preset: S.Mode
         if rows not in (count, count + 1):
             raise ConversionInputError(
                 f"y_embedder has {rows} rows; with --classes {count} it needs "
-                f"{count} or {count + 1} (with the null label)")
+                f"{count} or {count + 1} (with the null label)"
+            )
         cond = S.Conditioning(classes=S.Classes(count=count, null_class=rows == count + 1))
-    size = next((s for s, (d, w_, h) in DIT_SIZES.items()
-                 if (d, w_, h) == (depth, d_model, n_heads)), None)
+    size = next(
+        (s for s, (d, w_, h) in DIT_SIZES.items() if (d, w_, h) == (depth, d_model, n_heads)), None
+    )
     label = f"dit-{size}-{patch}" if size else f"dit-d{depth}-w{d_model}-p{patch}"
     return S.ModelSpec(
         name=name or label,
         description=f"converted from a facebookresearch/DiT checkpoint ({label})",
-        input=S.Input(channels=channels, space="latent" if channels == 4 else "pixel",
-                      resolution=(grid * patch, grid * patch)),
+        input=S.Input(
+            channels=channels,
+            space="latent" if channels == 4 else "pixel",
+            resolution=(grid * patch, grid * patch),
+        ),
         patch=S.Patch(size=patch, bias=True),
         position=S.SincosPosition(),
         conditioning=cond,
-        block=S.Block(d_head=d_model // n_heads,
-                      ffn=S.GeluMLP(ratio=ratio) if ratio != 4.0 else S.GeluMLP()),
+        block=S.Block(
+            d_head=d_model // n_heads, ffn=S.GeluMLP(ratio=ratio) if ratio != 4.0 else S.GeluMLP()
+        ),
         levels=(S.Level(d_model=d_model, middle=depth),),
         head=S.AdaLNHead(learned_sigma=out == 2 * channels),
         init=S.Init(linear="xavier_uniform", embedding_std=0.02),
@@ -117,20 +138,40 @@ def _moves(spec: S.ModelSpec) -> list[Move]:
     ph, pw = S.pair(spec.patch.size)
     c = spec.input.channels
     moves = [
-        Move("x_embedder.proj.weight", "embed.proj.weight", Transform(  # Conv2d (D, C, p, p)
-            lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1),  # (D, p*p*C): (row, col, c)
-            lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous())),
-        Move("pos_embed", "position.table", Transform(  # (1, T, D) <-> (h, w, D)
-            lambda t: t.reshape(*grid, t.shape[-1]), lambda t: t.reshape(1, -1, t.shape[-1]))),
-        Move("x_embedder.proj.bias", "embed.proj.bias")]
-    moves += [Move(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
-              for i, j in ((0, 1), (2, 2)) for p in ("weight", "bias")]
+        Move(
+            "x_embedder.proj.weight",
+            "embed.proj.weight",
+            Transform(  # Conv2d (D, C, p, p)
+                lambda w: w.permute(0, 2, 3, 1).reshape(
+                    w.shape[0], -1
+                ),  # (D, p*p*C): (row, col, c)
+                lambda w: w.reshape(w.shape[0], ph, pw, c).permute(0, 3, 1, 2).contiguous(),
+            ),
+        ),
+        Move(
+            "pos_embed",
+            "position.table",
+            Transform(  # (1, T, D) <-> (h, w, D)
+                lambda t: t.reshape(*grid, t.shape[-1]), lambda t: t.reshape(1, -1, t.shape[-1])
+            ),
+        ),
+        Move("x_embedder.proj.bias", "embed.proj.bias"),
+    ]
+    moves += [
+        Move(f"t_embedder.mlp.{i}.{p}", f"conditioning.noise.fc{j}.{p}")
+        for i, j in ((0, 1), (2, 2))
+        for p in ("weight", "bias")
+    ]
     if spec.conditioning.classes is not None:
         moves.append(Move("y_embedder.embedding_table.weight", "conditioning.class_embed.weight"))
     for i in range(len(spec.stack(0, "middle"))):
-        for src, dst in (("adaLN_modulation.1", "modulation"), ("attn.qkv", "attn.qkv"),
-                         ("attn.proj", "attn.out"), ("mlp.fc1", "ffn.up"),
-                         ("mlp.fc2", "ffn.down")):
+        for src, dst in (
+            ("adaLN_modulation.1", "modulation"),
+            ("attn.qkv", "attn.qkv"),
+            ("attn.proj", "attn.out"),
+            ("mlp.fc1", "ffn.up"),
+            ("mlp.fc2", "ffn.down"),
+        ):
             for p in ("weight", "bias"):
                 moves.append(Move(f"blocks.{i}.{src}.{p}", f"levels.0.middle.{i}.{dst}.{p}"))
     for src, dst in (("adaLN_modulation.1", "modulation.1"), ("linear", "proj")):
@@ -150,11 +191,14 @@ def _check_family(spec: S.ModelSpec) -> None:
     if not isinstance(spec.conditioning.noise, S.SinusoidalNoise):
         problems.append("DiT's noise embedding is sinusoidal")
     if getattr(spec.conditioning.noise, "frequency_shift", 0):
-        problems.append("DiT's timestep embedding has conditioning.noise.frequency_shift 0 "
-                        "(this model uses diffusers' shifted one)")
+        problems.append(
+            "DiT's timestep embedding has conditioning.noise.frequency_shift 0 "
+            "(this model uses diffusers' shifted one)"
+        )
     if problems:
         raise ConversionInputError(
-            f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems))
+            f"spec {spec.name!r} is not a DiT-layout spec: " + "; ".join(problems)
+        )
 
 
 def to_ditkit(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:

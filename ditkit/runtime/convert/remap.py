@@ -26,16 +26,23 @@ class ConversionInputError(UserError):
 class ConversionError(UserError):
     """The tensors do not fit the spec: every problem is listed in the message."""
 
-    def __init__(self, source: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[str], other: list[str] | None = None):
+    def __init__(
+        self,
+        source: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[str],
+        other: list[str] | None = None,
+    ):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         self.other = other or []
         lines = [f"cannot convert {source} weights:"]
         if missing:
             lines.append(f"  missing ({len(missing)}): " + ", ".join(compact(missing)))
         if unexpected:
-            lines.append(f"  left over / unknown ({len(unexpected)}): "
-                         + ", ".join(compact(unexpected)))
+            lines.append(
+                f"  left over / unknown ({len(unexpected)}): " + ", ".join(compact(unexpected))
+            )
         if mismatched:
             lines.append(f"  mis-shaped ({len(mismatched)}):")
             lines += [f"    {m}" for m in mismatched]
@@ -66,8 +73,9 @@ def compact(names: list[str]) -> list[str]:
             text = f"{{{idx[0]}..{idx[-1]}}}"
         else:
             text = "{" + ",".join(map(str, idx)) + "}"
-        out.append(_fill(template, tuple(text if i == k else str(x)
-                                         for i, x in enumerate(values[0]))))
+        out.append(
+            _fill(template, tuple(text if i == k else str(x) for i, x in enumerate(values[0])))
+        )
     return out
 
 
@@ -90,8 +98,12 @@ class Remap:
     ``expected`` (target name -> shape), adds every unused source key as left over, and raises
     a :class:`ConversionError` listing all problems, or returns the target dict."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], source: str,
-                 expected: Mapping[str, tuple[int, ...]] | None = None):
+    def __init__(
+        self,
+        state: Mapping[str, torch.Tensor],
+        source: str,
+        expected: Mapping[str, tuple[int, ...]] | None = None,
+    ):
         self.state = dict(state)
         self.source = source
         self.expected = dict(expected) if expected is not None else None
@@ -118,8 +130,12 @@ class Remap:
             self.out[name] = tensor
             self.origin[name] = origin
 
-    def move(self, key: str, name: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             ) -> None:
+    def move(
+        self,
+        key: str,
+        name: str,
+        fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """``out[name] = fn(state[key])``; a transform that fails on a wrong shape is reported
         as mis-shaped."""
         t = self.take(key)
@@ -169,10 +185,13 @@ class Remap:
                 elif tuple(self.out[name].shape) != tuple(shape):
                     origin = self.origin.get(name)
                     src = f"{origin} -> " if origin else ""
-                    mismatched.append(f"{src}{name}: got {_shape(self.out[name].shape)}, the "
-                                      f"spec needs {_shape(shape)}")
-            unexpected += sorted(f"{n} (produced, not in the spec)" for n in self.out
-                                 if n not in self.expected)
+                    mismatched.append(
+                        f"{src}{name}: got {_shape(self.out[name].shape)}, the "
+                        f"spec needs {_shape(shape)}"
+                    )
+            unexpected += sorted(
+                f"{n} (produced, not in the spec)" for n in self.out if n not in self.expected
+            )
         if missing or unexpected or mismatched or self.other:
             raise ConversionError(self.source, missing, unexpected, mismatched, self.other)
         return self.out
@@ -201,12 +220,18 @@ class Move:
     transform: Transform | None = None
 
     def forward(self, r: Remap) -> None:
-        r.move(self.source, self.target,
-               self.transform.to_ditkit if self.transform is not None else None)
+        r.move(
+            self.source,
+            self.target,
+            self.transform.to_ditkit if self.transform is not None else None,
+        )
 
     def backward(self, r: Remap) -> None:
-        r.move(self.target, self.source,
-               self.transform.to_source if self.transform is not None else None)
+        r.move(
+            self.target,
+            self.source,
+            self.transform.to_source if self.transform is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -245,8 +270,10 @@ class Derived:
             return
         want = self.value
         if got.shape != want.shape:
-            r.mismatched.append(f"{self.source}: got {tuple(got.shape)}, "
-                                + self.wrong_shape.format(shape=tuple(want.shape)))
+            r.mismatched.append(
+                f"{self.source}: got {tuple(got.shape)}, "
+                + self.wrong_shape.format(shape=tuple(want.shape))
+            )
         elif not torch.equal(got, want.to(got.dtype)):  # fp16 inference files: rounded
             diff = (got.float() - want).abs().max().item()
             r.problem(self.wrong_value.format(source=self.source, diff=diff))
@@ -260,8 +287,12 @@ class Derived:
 Declaration = Move | Concat | Derived
 
 
-def to_ditkit(moves: Sequence[Declaration], state: Mapping[str, torch.Tensor], source: str,
-              expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def to_ditkit(
+    moves: Sequence[Declaration],
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    expected: Mapping[str, tuple[int, ...]],
+) -> dict[str, torch.Tensor]:
     """Source tensors -> ditkit's, by ``moves`` in order; every problem in one
     :class:`ConversionError`."""
     r = Remap(state, source, expected)
@@ -270,8 +301,9 @@ def to_ditkit(moves: Sequence[Declaration], state: Mapping[str, torch.Tensor], s
     return r.finish()
 
 
-def from_ditkit(moves: Sequence[Declaration], tensors: Mapping[str, torch.Tensor],
-                source: str) -> dict[str, torch.Tensor]:
+def from_ditkit(
+    moves: Sequence[Declaration], tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
     """ditkit tensors -> the source layout: the same ``moves``, each inverted."""
     r = Remap(tensors, f"ditkit -> {source}")
     for m in moves:
@@ -284,15 +316,21 @@ def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: 
     that does not divide the width, warn about one that differs from the preset of that width
     (a wrong count converts silently into a different model)."""
     if n_heads <= 0 or d_model % n_heads:
-        hint = (f" (the width-{d_model} {family} preset has {presets[d_model]})"
-                if d_model in presets else "")
-        raise ConversionInputError(f"--heads {n_heads} does not divide the width {d_model}; use a "
-                                   f"divisor{hint}")
+        hint = (
+            f" (the width-{d_model} {family} preset has {presets[d_model]})"
+            if d_model in presets
+            else ""
+        )
+        raise ConversionInputError(
+            f"--heads {n_heads} does not divide the width {d_model}; use a divisor{hint}"
+        )
     if d_model in presets and presets[d_model] != n_heads:
-        warnings.warn(f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
-                      f"width-{d_model} {family} preset: the weights load either way, but the "
-                      "model computes something else; check the source's configuration",
-                      stacklevel=3)
+        warnings.warn(
+            f"--heads {n_heads} differs from the {presets[d_model]} heads of the "
+            f"width-{d_model} {family} preset: the weights load either way, but the "
+            "model computes something else; check the source's configuration",
+            stacklevel=3,
+        )
 
 
 def expected_shapes(spec: S.ModelSpec) -> dict[str, tuple[int, ...]]:
