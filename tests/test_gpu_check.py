@@ -33,6 +33,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_says_ok(dry_run):
     out, res, _ = dry_run
     assert res["meta"]["dry_run"] is True
@@ -44,6 +45,7 @@ def test_every_stage_runs_and_says_ok(dry_run):
     assert not (out / "progress.jsonl").exists()  # merged into results.json
 
 
+@pytest.mark.slow
 def test_rows_hold_measurements_and_cuda_only_parts_say_why_not(dry_run):
     _, res, _ = dry_run
     st = res["stages"]
@@ -80,6 +82,7 @@ def test_rows_hold_measurements_and_cuda_only_parts_say_why_not(dry_run):
     assert onnx["tensorrt"]["note"].startswith("skipped")
 
 
+@pytest.mark.slow
 def test_a_stage_over_its_cap_is_killed_and_the_rest_run(tmp_path):
     env = {
         **os.environ,

@@ -77,6 +77,7 @@ def _check(wrapper, path: Path, batch: int, hw: tuple[int, int], backend: str):
     assert np.abs(out - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gather", "tiled"])
 def test_neighborhood_model_exports_with_dynamic_sizes(backend, tmp_path):
     spec, wrapper = _model("tiny-hdit-neighborhood.yaml")
@@ -87,6 +88,7 @@ def test_neighborhood_model_exports_with_dynamic_sizes(backend, tmp_path):
         _check(wrapper, path, batch, hw, "masked")  # eager reference: the dense backend
 
 
+@pytest.mark.slow
 def test_shifted_window_model_exports_with_dynamic_sizes(tmp_path):
     spec, wrapper = _model("tiny-hdit-shifted-window.yaml")
     # level 0's token grid must be a multiple of the window: sizes step by patch x window

@@ -86,6 +86,7 @@ def test_unsupported_types_names_the_op_and_the_first_opset_allowing_it():
     assert unsupported_types(graph(TensorProto.FLOAT, 18), 18) == []
 
 
+@pytest.mark.slow
 def test_bf16_dit_export_checks_structure_and_parity(tmp_path):
     result = export_onnx(
         perturbed("tiny-dit"), S.DDPMObjective(), tmp_path / "bf16.onnx", precision="bf16"

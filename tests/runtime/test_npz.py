@@ -323,6 +323,7 @@ def test_latent_model_is_decoded_through_the_vae(tmp_path, capsys):
     assert images.shape == (2, 16, 16, 3) and images.std() > 0  # factor-2 autoencoder
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(grey_ckpt, tmp_path):
     common = [
         "sample",

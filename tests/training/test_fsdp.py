@@ -67,6 +67,7 @@ def runs(tmp_path_factory):
     return folder, _run_worker(folder)
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_like_ddp(runs):
     folder, res = runs
     ddp, fsdp = res["ddp"]["losses"], res["fsdp2"]["losses"]
@@ -80,6 +81,7 @@ def test_fsdp2_trains_like_ddp(runs):
     assert (folder / "fsdp2/previews/step-000006.png").is_file()  # EMA gathered to sample
 
 
+@pytest.mark.slow
 def test_fsdp2_checkpoint_is_a_plain_full_checkpoint(runs):
     folder, _ = runs
     spec = tiny_experiment("edm").model_spec
@@ -114,6 +116,7 @@ def test_fsdp2_checkpoint_is_a_plain_full_checkpoint(runs):
     ]
 
 
+@pytest.mark.slow
 def test_fsdp2_resume_is_exact_and_accepts_a_ddp_checkpoint(runs):
     folder, res = runs
     full = res["fsdp2"]["losses"]

@@ -99,6 +99,7 @@ def _cli(*args, cwd=None, env=None, **kw):
     )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_same_losses(tmp_path):
     sections = dict(
         checkpoint={"every": 10, "keep_last": 3}, preview={"every": 0, "count": 10, "steps": 1}
@@ -170,6 +171,7 @@ def test_param_groups_and_lr_schedule():
     assert lr_factor(cos, 110, 110) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_with_identical_weights(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     data = tiny_experiment_data(
