@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Mapping, Sequence, Union, cast
 
 if TYPE_CHECKING:  # only for annotations: importing ditkit must not import torch
     import torch
+    from typing_extensions import TypeIs  # pydantic's dependency; annotations only
 
-    from ditkit.runtime.denoiser import Denoiser
     from ditkit.deploy.export import ExportResult
+    from ditkit.runtime.denoiser import Denoiser
     from ditkit.spec import ModelSpec, Objective, Policy
     from ditkit.spec.experiment import Experiment
-    from typing_extensions import TypeIs  # pydantic's dependency; annotations only
     from ditkit.training.loop import TrainResult
 
 __version__ = "0.2.0"
@@ -97,7 +97,8 @@ def load_spec(source: Source, *, overrides: Sequence[str] = ()) -> "ModelSpec":
     >>> spec.name, spec.input.resolution
     ('dit-s-2', (16, 16))
     """
-    from ditkit.cli.common import load_spec as _load_spec, override_spec
+    from ditkit.cli.common import load_spec as _load_spec
+    from ditkit.cli.common import override_spec
 
     if _is_spec(source):
         return override_spec(source, list(overrides))
@@ -357,8 +358,8 @@ def export(
     >>> result.path.suffix, result.dynamic
     ('.onnx', ('batch', 'resolution'))
     """
-    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
     from ditkit.deploy.export import export_onnx
+    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
 
     m = _model(model)
     extra = {k: v for k, v in m.metadata.items() if k == CFG_CHANNELS_KEY}

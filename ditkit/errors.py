@@ -7,10 +7,12 @@ exit codes without knowing where they came from (DESIGN.md, principle 13).
   denied). The message says what could not be written or read and that nothing written earlier
   was lost. The CLI exits 1.
 
-This module imports nothing, so every layer (``spec`` included) may import it.
+This module imports only the standard library, so every layer (``spec`` included) may import it.
 """
 
 from __future__ import annotations
+
+import importlib
 
 
 class DitkitError(Exception):
@@ -66,8 +68,6 @@ def require(module: str, what: str, error: type[Exception] = MissingExtra):
     One helper for every optional import (onnx, onnxruntime, natten, diffusers, matplotlib,
     tensorrt, openvino), so the advice is the same everywhere. An ``ImportError`` raised
     *inside* an installed package (a broken install) is not hidden."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:

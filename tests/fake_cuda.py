@@ -539,7 +539,7 @@ def check_hooks(name: str, tmp: str) -> None:
     from pathlib import Path
 
     from ditkit.builder import use_backend
-    from ditkit.training import evaluation, logs, loop
+    from ditkit.training import evaluation, loop
 
     spec = load_spec(name, null_class=False)
     exp = experiment(
@@ -550,7 +550,7 @@ def check_hooks(name: str, tmp: str) -> None:
         fake_cuda(),
         use_backend("gather"),
         mock.patch.object(loop, "save_png", lambda img, path: got.update(preview=img)),
-        mock.patch.object(logs, "save_png", lambda img, path: got.update(grid=img)),
+        mock.patch.object(evaluation, "save_png", lambda img, path: got.update(grid=img)),
         mock.patch.object(
             evaluation.RunEvaluation,
             "_labels",
@@ -598,7 +598,7 @@ def check_distributed_plan(strategy: str) -> None:
 
     with (
         fake_cuda(),
-        mock.patch("torch.nn.parallel.DistributedDataParallel", DDP),
+        mock.patch.object(distributed, "DDP", DDP),  # the use site
         mock.patch.object(distributed, "shard", shard),
     ):
         model = build_on_device(spec)

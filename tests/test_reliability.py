@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from ditkit.cli import main
+from tests.patching import patch_everywhere
 from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
 from ditkit.training import checkpoints as C
 from ditkit.training.loop import train
@@ -320,7 +321,8 @@ def test_disk_full_while_writing_a_checkpoint_exits_1_and_keeps_earlier_ones(
             )
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(st, "save_file", full)
+    patched = patch_everywhere(monkeypatch, st, "save_file", full)
+    assert "ditkit.training.checkpoints" in patched  # the writer the run uses
     code, err = cli(capsys, "train", exp, "--out", run, "--no-progress")
     assert code == 1 and err.count("\n") == 1
     assert "step-000004" in err and "the disk is full" in err and "intact" in err

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 from ditkit.device import pick_device
 
@@ -207,7 +208,6 @@ def run(
     progress=True,
 ) -> list[Row]:
     """Measure every (backend, grid); cases estimated above the memory limit are skipped."""
-    from tqdm import tqdm
 
     device = pick_device(str(device) if device is not None else "auto")  # ditkit.device
     limit = memory_limit_gib if memory_limit_gib is not None else _free_gib() / 2

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from ditkit import spec as S
 from ditkit.spec.diff import align_levels
 
+from .accounting import describe
 from .presentation import attention_heads, attention_text
 
 # layout units (the renderer maps them to inches)
@@ -277,8 +278,6 @@ def layout(
     if issues:
         raise S.SpecError(issues, f"{spec.name} at {resolution[0]}x{resolution[1]}")
     if report is None and measure:
-        from .accounting import describe
-
         report = describe(spec, resolution)
     if report is not None and (tuple(report.resolution) != resolution or report.name != spec.name):
         raise ValueError(

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
-from ditkit.errors import EnvironmentFault, UserError
+from ditkit.errors import EnvironmentFault, UserError, require
+from ditkit.spec.diff import diff, format_value
+from ditkit.spec.io import write_atomic
 
-from .diagram import BOX_H, CHAR, LINE, Diagram, Element
+from .diagram import BOX_H, CHAR, LINE, Diagram, Element, compare, layout
 from .presentation import ATTENTION_LOOKS, LOOK_OF_KIND, kind_of
 
 INCH = 0.45  # inches per layout unit (diagram.CHAR units fit one glyph)
@@ -43,7 +46,6 @@ CROSS = "#c2185b"
 
 def matplotlib_or_exit():
     """Import matplotlib, or raise a UserError that names the extra."""
-    from ditkit.errors import require
 
     return require("matplotlib", "drawing diagrams")
 
@@ -138,7 +140,6 @@ def render(
 def _write(path: Path, data: bytes) -> None:
     """All or nothing, through a fresh uniquely named temporary file (a symlink planted at a
     fixed temporary name cannot redirect the write), renamed over ``path``."""
-    from ditkit.spec.io import write_atomic
 
     try:
         write_atomic(path, data)
@@ -447,7 +448,6 @@ def _legend(ax, d: Diagram, x: float, y: float) -> None:
 
 def draw(spec, path: str | Path, resolution: tuple[int, int] | None = None, report=None) -> Diagram:
     """Lay out ``spec`` (at ``resolution``) and render it to ``path``; returns the layout."""
-    from .diagram import layout
 
     diagram = layout(spec, resolution, report)
     render(diagram, path)
@@ -460,7 +460,6 @@ MAX_CHANGE_LINES = 24
 def change_lines(rows, limit: int = 120, max_lines: int = MAX_CHANGE_LINES) -> list[str]:
     """The field-by-field differences as lines for the foot of a comparison picture: one line
     per field, or the field and then its two values on their own lines when they are long."""
-    from ditkit.spec.diff import format_value
 
     if not rows:
         return ["no field differs"]
@@ -496,11 +495,6 @@ def draw_comparison(
     """Both specs, one above the other, with what differs highlighted on each, and the
     differing fields listed underneath. ``reports``: the two specs' ``describe`` reports when
     already measured. Returns ``(layout a, layout b, rows)``."""
-    from dataclasses import replace
-
-    from ditkit.spec.diff import diff
-
-    from .diagram import compare
 
     report_a, report_b = reports or (None, None)
     da, db = compare(a, b, resolution_a, resolution_b, report_a, report_b, measure=measure)

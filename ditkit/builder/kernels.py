@@ -31,9 +31,10 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
-from ditkit.errors import UserError
+from ditkit.errors import UserError, missing_text
 
 from . import neighborhood as _nb
 from .neighborhood import neighborhood_mask, window_start_index
@@ -105,8 +106,6 @@ def _check_choice(name: str, export: bool) -> None:
             f"{', '.join(EXPORTABLE_BACKENDS)} or 'auto'"
         )
     if name == "natten" and not natten_available():
-        from ditkit.errors import missing_text
-
         raise RuntimeError(
             missing_text("natten", "attention backend 'natten'") + "; or use backend 'gather'"
         )
@@ -123,7 +122,6 @@ def use_backend(name: str, *, export: bool = False) -> Iterator[None]:
         if export and name == "tiled":
             # the tile count ceil(n / 8) may be 1; without size-oblivious reasoning torch.export
             # would specialise on "it is not 1" and refuse grids smaller than 9 tokens
-            import torch.fx.experimental._config as fx_config
 
             # torch's config modules gain .patch at import (install_config_module): no stub
             with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ditkit.spec import neighborhood_misfits
 
@@ -406,7 +407,6 @@ _flex_compiled = None
 
 def block_mask(hh: int, ww: int, kernel_size, dilation, device: torch.device):
     """The flex ``BlockMask`` of a grid, built once per (grid, kernel, dilation, device)."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     key = (hh, ww, tuple(kernel_size), tuple(dilation), str(device))
     if key not in _block_masks:
@@ -422,7 +422,6 @@ def block_mask(hh: int, ww: int, kernel_size, dilation, device: torch.device):
 def flex(q, k, v, kernel_size, dilation, scale):
     """``flex_attention`` with ditkit's neighborhood block mask; compiled on CUDA."""
     global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
 
     b, nh, hh, ww, d = q.shape
     if (

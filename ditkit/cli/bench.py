@@ -201,9 +201,8 @@ def run_attention(args) -> int:
 
 
 def run_sample(args) -> int:
-    from ditkit.deploy.bench import ENGINES, bench_sample, format_rows
-
     from ditkit.cli.common import load_spec
+    from ditkit.deploy.bench import ENGINES, bench_sample, format_rows
 
     sampling = sampling_from_args(args)
     engines = parse_list(args.engines)

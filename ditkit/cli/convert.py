@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from .common import UsageError, checkpoint_path, load_spec
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-
 from typing import TYPE_CHECKING
 
 from ditkit.cli.common import UsageError, load_spec, parse_resolution
@@ -54,8 +53,8 @@ def run(args) -> int:
                 "diff --policy needs --resolution, the target the policy adapts "
                 "the spec to (e.g. --resolution 256)"
             )
-        from ditkit.runtime.extrapolate import adapt_spec
         from ditkit.evaluate.report import parse_policy, policy_label
+        from ditkit.runtime.extrapolate import adapt_spec
 
         policy = parse_policy(args.policy)
         b = adapt_spec(a, policy, res)

@@ -54,9 +54,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.runtime.autoencoder import AutoencoderError
     from ditkit.data.datasets import DataError
     from ditkit.data.encode import encode_images
+    from ditkit.runtime.autoencoder import AutoencoderError
 
     for flag, value in (("--batch", args.batch), ("--shard-size", args.shard_size)):
         if value < 1:

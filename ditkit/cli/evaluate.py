@@ -20,7 +20,6 @@ from ditkit.cli.common import (
     setup_compute,
 )
 
-
 GUIDED_SCALE = 3.0  # the guided scale reported when neither --cfg-scale nor the run gives one
 LABELLED = ("digits", "shapes")  # ditkit.spec.experiment.LABELLED_DATA; a test holds them equal
 

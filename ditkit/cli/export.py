@@ -5,8 +5,6 @@ ditkit export model.safetensors --out model.onnx --dynamic batch,resolution
 
 from __future__ import annotations
 
-from ditkit.spec.objective import OBJECTIVE_KINDS
-
 from ditkit.cli.common import (
     UsageError,
     add_json,
@@ -17,6 +15,7 @@ from ditkit.cli.common import (
     parse_resolution,
     setup_compute,
 )
+from ditkit.spec.objective import OBJECTIVE_KINDS
 
 
 def add_parser(sub) -> None:
@@ -109,8 +108,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
     from ditkit.deploy.export import ExportError, export_onnx
+    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, cfg_channels_of
 
     dynamic = (
         ()

@@ -164,8 +164,8 @@ def _finetuned_row(path: str, objective):
     from pydantic import TypeAdapter
 
     from ditkit import spec as S
-    from ditkit.runtime.checkpoint import load_checkpoint
     from ditkit.evaluate.report import policy_label
+    from ditkit.runtime.checkpoint import load_checkpoint
     from ditkit.training.finetune import METADATA_KEY
 
     file = checkpoint_path(path, "--finetuned")  # a checkpoint file or a run folder

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import sys
 
-from ditkit.spec.objective import OBJECTIVE_KINDS
-
 from ditkit.cli.common import (
     UsageError,
     add_device,
@@ -36,6 +34,7 @@ from ditkit.cli.common import (
     sampling_from_args,
     setup_compute,
 )
+from ditkit.spec.objective import OBJECTIVE_KINDS
 
 
 def add_parser(sub) -> None:

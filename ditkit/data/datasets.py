@@ -8,18 +8,25 @@ folder, an unreadable image, no images) raise :class:`DataError` naming the path
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import re
+import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from tqdm import tqdm
 
 from ditkit.errors import UserError
+from ditkit.files import atomic_path
 from ditkit.spec import experiment as E
+from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -167,9 +174,6 @@ def open_image(source):
     claiming more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (twice that: PIL only warns
     between) raises :class:`ImageTooLarge` (a ``ValueError``) with the size, before it is
     decoded. ``DITKIT_NO_SIZE_LIMITS=1`` (``--no-size-limits``) lifts it, as the spec limits."""
-    from PIL import Image
-
-    from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
 
     before = Image.MAX_IMAGE_PIXELS
     if not limits_enabled():
@@ -191,7 +195,6 @@ def load_image(source, resolution: tuple[int, int], channels: int) -> torch.Tens
     """An image file (path or binary file object) -> ``(channels, H, W)`` in [-1, 1]: resized
     (bicubic) so it covers ``resolution``, then centre-cropped. Raises ``OSError`` /
     ``ValueError`` for unreadable data."""
-    from PIL import Image
 
     with open_image(source) as opened:
         im = opened.convert("RGB" if channels == 3 else "L")
@@ -293,7 +296,6 @@ def resolve_files(
 ) -> list[Path]:
     """Paths from a list / brace pattern / glob (relative to ``base``); every named file must
     exist and every glob must match. Raises :class:`DataError` naming ``field``."""
-    import glob
 
     out: list[Path] = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
@@ -342,7 +344,6 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def index_shard(path: Path) -> list[ShardSample]:
     """The samples of one uncompressed tar shard, in file order (reads headers only)."""
-    import tarfile
 
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
@@ -382,7 +383,6 @@ def index_shard(path: Path) -> list[ShardSample]:
 
 
 def _is_tar(path: Path) -> bool:
-    import tarfile
 
     try:
         with tarfile.open(path, "r:") as tar:
@@ -439,7 +439,6 @@ class WebDataset(ImageDataset):
 
     def read(self, shard: int, j: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ``j`` of shard ``shard`` (in file order): ``(image, label)``."""
-        import io
 
         path, s = self.shards[shard], self.samples(shard)[j]
         name, offset, size = s.image
@@ -512,12 +511,6 @@ def write_shards(
     ``check_images``: decode every file or bytes image first; a corrupt one is a
     :class:`DataError` naming it, and the shards written so far are removed (no half dataset;
     tests turn it off to make deliberately broken shards)."""
-    import io
-    import tarfile
-
-    from tqdm import tqdm
-
-    from ditkit.files import atomic_path
 
     if shard_size < 1:
         raise ValueError(f"shard_size {shard_size}: must be positive")
@@ -673,8 +666,6 @@ class LatentShards(ImageDataset):
         """``(latents shape, labels or None)``; keeps the shard open (or loaded)."""
         try:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 f = safe_open(str(path), framework="pt")
                 keys = set(f.keys())
                 if "latents" not in keys:

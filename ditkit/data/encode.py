@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ditkit.spec import experiment as E
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from ditkit.data.datasets import (
     IMAGE_SUFFIXES,
@@ -29,6 +29,9 @@ from ditkit.data.datasets import (
     WebDataset,
     digits_tensor,
 )
+from ditkit.files import atomic_path
+from ditkit.runtime.autoencoder import load_autoencoder
+from ditkit.spec import experiment as E
 
 
 @dataclass
@@ -90,10 +93,6 @@ def encode_images(
 ) -> EncodeResult:
     """Encode ``source`` into latent shards under ``out`` (see the module docstring). Raises
     :class:`DataError` (bad source / output) or ``AutoencoderError`` (bad autoencoder)."""
-    from tqdm import tqdm
-
-    from ditkit.runtime.autoencoder import load_autoencoder
-    from ditkit.files import atomic_path
 
     if fmt not in ("safetensors", "npz"):
         raise DataError(f"--format {fmt!r}: use safetensors or npz")
@@ -136,8 +135,6 @@ def encode_images(
             tensors["labels"] = torch.tensor(y, dtype=torch.int64)
         with atomic_path(path) as tmp:
             if fmt == "safetensors":
-                from safetensors.torch import save_file
-
                 save_file(tensors, tmp, metadata=meta)
             else:
                 with open(tmp, "wb") as f:

@@ -3,10 +3,21 @@
 
 from __future__ import annotations
 
+import resource
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from ditkit.builder import use_backend
+from ditkit.deploy.engines import OrtDenoiser
+from ditkit.deploy.export import export_onnx
+from ditkit.deploy.ort_providers import ProviderError, check_available
+from ditkit.runtime.denoiser import Denoiser, compile_denoiser
+from ditkit.runtime.denoiser import compile_mode as compile_mode_of
+from ditkit.runtime.samplers import Guided
 from ditkit.spec.sampling import Sampling
 
 ENGINES = (
@@ -62,20 +73,6 @@ def bench_sample(
     with the OpenVINO execution provider in f32 (or bf16, an approximation;
     ``ort_providers``). ``eager-bf16``: eager under ``torch.autocast`` to bf16, the reduced-
     precision baseline to compare ``onnxruntime-openvino-bf16`` with."""
-    import resource
-    import statistics
-    import tempfile
-    import time
-
-    from ditkit.builder import use_backend
-
-    from ditkit.runtime.denoiser import Denoiser, compile_denoiser
-    from ditkit.runtime.denoiser import compile_mode as compile_mode_of
-    from ditkit.deploy.engines import OrtDenoiser
-    from ditkit.deploy.ort_providers import ProviderError, check_available
-    from ditkit.deploy.export import export_onnx
-
-    from ditkit.runtime.samplers import Guided
 
     sampling = Sampling.of(sampling, **settings)
     say = log or (lambda m: None)

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 
 from ditkit import spec as S
-
-from ditkit.runtime.denoiser import NoiseRange
 from ditkit.deploy.graph_io import (
     ExportError,
     aux_inputs,
@@ -27,13 +25,16 @@ from ditkit.deploy.graph_io import (
     ort_session,
     rules_from_metadata,
 )
+from ditkit.deploy.ort_providers import ProviderError, check_provider
+from ditkit.errors import require
+from ditkit.runtime.checkpoint import spec_from_metadata
+from ditkit.runtime.denoiser import NoiseRange
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def default_providers(device: str | torch.device = "cpu") -> list[str]:
     """CUDA (then CPU) on a CUDA device when onnxruntime has it; CPU otherwise."""
-    from ditkit.errors import require
 
     ort = require("onnxruntime", "running an exported .onnx file")
     available = ort.get_available_providers()
@@ -65,8 +66,6 @@ class OrtDenoiser:
         threads: int | None = None,
         ort_provider: str = "cpu",
     ):
-        from ditkit.runtime.checkpoint import spec_from_metadata
-        from ditkit.deploy.ort_providers import ProviderError, check_provider
 
         self.path = Path(path)
         self.device = torch.device(device)

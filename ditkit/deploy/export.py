@@ -36,21 +36,35 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
+from torch.export import Dim
 
 from ditkit import spec as S
-
-from ditkit.runtime.denoiser import Denoiser
+from ditkit.builder import kernels, use_backend
 from ditkit.deploy.graph_io import MAX_SIDE, AxisRule, ExportError, check_shape, ort_session  # noqa: F401
+from ditkit.deploy.ort_fusion import (
+    INT8_NOTE,
+    gelu_translation,
+    optimize_graph,
+    quantize_int8,
+    translation_table,
+)
+from ditkit.errors import require
+from ditkit.files import atomic_path
+from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
+from ditkit.runtime.denoiser import Denoiser
 from ditkit.runtime.samplers import cfg_combine
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -349,7 +363,6 @@ def export_onnx(
     say = log or (lambda msg: None)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    from ditkit.errors import require
 
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if check else ()):
         require(
@@ -418,8 +431,6 @@ def export_onnx(
         spec, objective, rule, dynamic, precision, target, opset, checkpoint_hash, metadata, graph
     )
     if quantize:
-        from ditkit.deploy.ort_fusion import INT8_NOTE, quantize_int8
-
         meta["ditkit.quantize"] = INT8_NOTE
         model_proto = quantize_int8(model_proto)
     ops = sorted({(n.domain or "ai.onnx") + "::" + n.op_type for n in _all_nodes(model_proto)})
@@ -506,8 +517,6 @@ def perturbed_parity(
 ) -> list[dict]:
     """Parity rows of the same export made from a copy of ``model`` whose ``names`` weights
     hold small seeded random values (the rows carry ``perturbed: True``)."""
-    import copy
-    import tempfile
 
     twin = copy.deepcopy(model)
     params = dict(twin.named_parameters())
@@ -559,7 +568,6 @@ def export_backend(target: str, precision: str) -> str | None:
     one fused kernel (``ort_fusion``), 3-5x less memory traffic than ``gather``'s k^2 copies of
     every key and value (measured in docs/measurements.md, "Sampling engines on CPU"); otherwise
     ``None``, i.e. ``kernels.exportable_backend()``'s own choice."""
-    from ditkit.builder import kernels
 
     if kernels.current_backend() != "auto":
         return None  # an explicit use_backend(...) around the export wins
@@ -567,9 +575,6 @@ def export_backend(target: str, precision: str) -> str | None:
 
 
 def _torch_export(graph: ExportGraph, args, dynamic, rule, res, backend_name=None):
-    from torch.export import Dim
-
-    from ditkit.builder import kernels
 
     shapes: dict = {}
     batch = Dim("batch", min=1, max=4096) if "batch" in dynamic else None
@@ -639,13 +644,9 @@ def _probe(ep, graph: ExportGraph, dynamic, rule, res) -> None:
 
 
 def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = False):
-    import logging
-    import warnings
 
     table = None
     if fuse_attention:  # onnxruntime's fused attention kernel (see runtime/ort_fusion.py)
-        from ditkit.deploy.ort_fusion import gelu_translation, translation_table
-
         table = {**translation_table(), **gelu_translation()} or None
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
@@ -670,8 +671,6 @@ def _to_onnx(ep, args, graph: ExportGraph, opset: int, fuse_attention: bool = Fa
     proto = program.model_proto
     name_dims(proto)
     if fuse_attention:  # exact rewrites onnxruntime's CPU provider runs in fewer passes
-        from ditkit.deploy.ort_fusion import optimize_graph
-
         optimize_graph(proto)
     return proto
 
@@ -763,7 +762,6 @@ def _metadata(
     extra,
     graph: ExportGraph,
 ) -> dict[str, str]:
-    from ditkit.runtime.checkpoint import CFG_CHANNELS_KEY, OBJECTIVE_KEY, SPEC_KEY, VERSION_KEY
 
     meta = {
         SPEC_KEY: json.dumps(S.to_data(spec, full=True), separators=(",", ":")),
@@ -874,8 +872,6 @@ def _describe(missing) -> str:
 def _atomic_save_onnx(model_proto, out: Path) -> None:
     import onnx
 
-    from ditkit.files import atomic_path
-
     with atomic_path(out) as tmp:
         onnx.save_model(model_proto, tmp)
 
@@ -893,7 +889,6 @@ def check_parity(
     ``Gemm`` / ``MatMul`` / ``Add`` ...; a graph it refuses for that reason runs in ONNX's own
     reference evaluator (``onnx.reference``, numpy with ``ml_dtypes`` bf16) instead, and the
     rows say which runtime ran (``runtime``)."""
-    from ditkit.builder import use_backend
 
     run, runtime = _parity_runner(path)
     rows = []

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.deploy.ort_providers import add_provider
+from ditkit.errors import UserError, require
 
 # the shape rule lives on the runtime floor (the samplers' denoiser contract names it)
 from ditkit.runtime.shape_rule import (  # noqa: F401,E402
@@ -36,11 +37,8 @@ def ort_session(
     """An ``InferenceSession`` with full graph optimisation. ``cpu_provider`` (when
     ``providers`` is not given): ``cpu``, ``openvino`` or ``openvino-bf16``
     (:mod:`ditkit.deploy.ort_providers`)."""
-    from ditkit.errors import require
 
     ort = require("onnxruntime", "running an exported .onnx file")
-
-    from ditkit.deploy.ort_providers import add_provider
 
     path = Path(path)
     if not path.is_file():

@@ -23,6 +23,13 @@ like any other graph. Kernel timings behind these choices: ``benchmarks/ort_kern
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
 DOMAIN = "com.microsoft"
 
 
@@ -62,7 +69,6 @@ def _mha_op():
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: aten SDPA -> MultiHeadAttention
     (empty where this onnxscript lacks what it needs; the export is then unfused)."""
-    import torch
 
     try:  # onnxscript's internals: without them the export keeps the plain ONNX ops
         from onnxscript import opset18 as op
@@ -135,7 +141,6 @@ def gelu_translation() -> dict:
     """``aten.gelu`` (exact, ``approximate="none"``) -> ``com.microsoft::Gelu``: one pass
     instead of onnxscript's ``Div, Erf, Add, Mul, Mul`` (an order onnxruntime's own Gelu fusion
     does not recognise). The tanh form keeps onnxscript's translation."""
-    import torch
 
     try:
         import onnxscript
@@ -202,7 +207,6 @@ class _Graph:
     """Producer / consumer maps, small constants and value shapes of an ONNX graph."""
 
     def __init__(self, graph):
-        import numpy as np
         from onnx import numpy_helper
 
         self.graph, self.np, self.numpy_helper = graph, np, numpy_helper
@@ -501,9 +505,6 @@ def quantize_int8(model_proto):
     (``MultiHeadAttention``), norms and everything else stay fp32. An approximation, opt-in
     (``ditkit export --quantize int8``): the export checks it against fp32 eager at
     ``export.INT8_TOLERANCE``."""
-    import logging
-    import tempfile
-    from pathlib import Path
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

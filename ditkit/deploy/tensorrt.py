@@ -25,7 +25,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from ditkit.deploy.export import ExportGraph, example_inputs
+from ditkit.deploy.graph_io import aux_inputs, check_shape, graph_feeds, rules_from_metadata
 from ditkit.errors import UserError
+from ditkit.files import atomic_path
+from ditkit.runtime.checkpoint import spec_from_metadata
+from ditkit.runtime.denoiser import NoiseRange
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -166,7 +173,6 @@ def engine_cache_key(
 
 
 def gpu_identity() -> str:
-    import torch
 
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT engines need a CUDA GPU; none is visible")
@@ -175,7 +181,6 @@ def gpu_identity() -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from ditkit.files import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -300,8 +305,6 @@ def _refit(trt, logger, engine_path: Path, onnx_path: Path) -> bytes:
 def _rules_of(onnx_path: Path):
     import onnx
 
-    from ditkit.deploy.graph_io import rules_from_metadata
-
     proto = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     if "ditkit.resolution_rule" not in meta:
@@ -321,11 +324,6 @@ class TrtDenoiser:
         self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike, cuda_graphs: bool = True
     ):
         import onnx
-        import torch
-
-        from ditkit.runtime.checkpoint import spec_from_metadata
-        from ditkit.runtime.denoiser import NoiseRange
-        from ditkit.deploy.graph_io import aux_inputs
 
         trt = _trt()
         proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -368,9 +366,6 @@ class TrtDenoiser:
         return self._run(x, sigma, class_labels, None, cond)
 
     def _run(self, x, sigma, class_labels, scale, cond):
-        import torch
-
-        from ditkit.deploy.graph_io import check_shape, graph_feeds
 
         check_shape(self.spec, tuple(x.shape), self.rules, "x")
         feeds = graph_feeds(
@@ -400,7 +395,6 @@ class TrtDenoiser:
         return outs[0].to(x.dtype), (outs[1].to(x.dtype) if len(outs) > 1 else None)
 
     def _prepare(self, key, feeds):
-        import torch
 
         inputs = {n: torch.empty_like(t) for n, t in feeds.items()}
         for n, t in inputs.items():
@@ -436,9 +430,6 @@ def compile_torch_tensorrt(denoiser, example_shape, precision: str = "fp16"):
             missing_text("torch_tensorrt", "the torch_tensorrt engine")
             + " (torch-tensorrt must match your torch)"
         ) from None
-    import torch
-
-    from ditkit.deploy.export import ExportGraph, example_inputs
 
     graph = ExportGraph(denoiser.model, denoiser.objective).cuda().eval()
     args = tuple(

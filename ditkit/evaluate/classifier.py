@@ -16,18 +16,21 @@ For ``count`` class-conditional samples we report
 
 from __future__ import annotations
 
-from typing import cast
-
+import warnings
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
+from ditkit.data.datasets import digits_tensor, resize_images, shape_image
 from ditkit.errors import UserError
+from ditkit.evaluate.fid import frechet_from_stats
+from ditkit.evaluate.stats import FrechetToReference
+from ditkit.runtime.generate import sample_images
 from ditkit.spec.experiment import LABELLED_DATA
 from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
-
-from ditkit.data.datasets import digits_tensor
 
 
 class EvaluationError(UserError):
@@ -86,9 +89,6 @@ class ImageClassifier:
         self.clf = MLPClassifier(
             hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=max_iter, random_state=seed
         )
-        import warnings
-
-        from threadpoolctl import threadpool_limits
 
         # one BLAS thread: as fast for this size, and far faster on a shared machine
         with warnings.catch_warnings(), threadpool_limits(1):
@@ -98,7 +98,6 @@ class ImageClassifier:
 
     def prepare(self, images: torch.Tensor) -> np.ndarray:
         """``(N, C, H, W)`` images in [-1, 1] -> flat grey arrays at ``input_size``."""
-        from ditkit.data.datasets import resize_images
 
         x = images.detach().float().cpu().clamp(-1, 1)
         if x.shape[1] != 1:
@@ -156,7 +155,6 @@ class ShapesClassifier(ImageClassifier):
         hidden: int = 64,
         seed: int = 1234,
     ):
-        from ditkit.data.datasets import shape_image
 
         self.resolution = cast(tuple[int, int], tuple(resolution))
         x = torch.from_numpy(
@@ -170,7 +168,6 @@ class ShapesClassifier(ImageClassifier):
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` of Gaussians fitted to rows
     (stable when features are constant: dead ReLU units make the covariances singular)."""
-    from ditkit.evaluate.fid import frechet_from_stats
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -252,8 +249,6 @@ class ResolutionMetrics:
             clf, images, labels, matched_reference=True, classified=(pred, features)
         )
         if res not in self._references:
-            from ditkit.evaluate.stats import FrechetToReference
-
             ref = clf.features(clf.x_fit)
             self._references[res] = FrechetToReference(ref.mean(0), np.cov(ref, rowvar=False))
         paired = {
@@ -287,7 +282,6 @@ def evaluate_model(
     ``classes``) with the settings ``sampling`` (default: 20 steps, seed 1, as an
     experiment's evaluation) and evaluate them with that data's classifier at the model's
     resolution: ``(report, images, labels)``."""
-    from ditkit.runtime.generate import sample_images
 
     if data not in LABELLED_DATA:
         raise EvaluationError(

@@ -21,17 +21,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import UnidentifiedImageError
+from tqdm import tqdm
 
+from ditkit.data.datasets import open_image
 from ditkit.errors import UserError
+from ditkit.evaluate.inception import WEIGHTS_FILE, FIDInception, load_fid_inception
+from ditkit.evaluate.metrics import precision_recall
+from ditkit.evaluate.npz import NpzError, iter_npz_images, npz_shape
 from ditkit.evaluate.stats import (  # noqa: F401 (re-exported)
     _clean,
     frechet_from_stats,
     sqrtm_psd,
     trace_sqrt_product,
 )
+from ditkit.runtime.generate import sample_images
 from ditkit.spec.sampling import EVALUATION_DEFAULTS, Sampling
-
-from ditkit.evaluate.inception import WEIGHTS_FILE, FIDInception, load_fid_inception
 
 ENV_VAR = "DITKIT_FID_WEIGHTS"
 WEIGHTS_URL = (
@@ -138,10 +144,6 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def read_image(path: Path) -> torch.Tensor:
     """``(1, 3, 299, 299)`` RGB in [0, 1] (grey and palette images become RGB)."""
-    import torch.nn.functional as F
-    from PIL import UnidentifiedImageError
-
-    from ditkit.data.datasets import open_image
 
     try:
         with open_image(path) as im:
@@ -162,7 +164,6 @@ def folder_features(
     progress: bool = True,
 ) -> np.ndarray:
     """``(N, 2048)`` pool3 features of every image under ``folder``."""
-    from tqdm import tqdm
 
     files = image_files(folder)
     out = []
@@ -182,9 +183,6 @@ def npz_features(
     net: FIDInception, path: str | Path, batch: int = 8, device: str = "cpu", progress: bool = True
 ) -> np.ndarray:
     """``(N, 2048)`` pool3 features of ``arr_0`` (uint8 NHWC) of an ``.npz``, streamed."""
-    from tqdm import tqdm
-
-    from ditkit.evaluate.npz import NpzError, iter_npz_images, npz_shape
 
     try:
         n = npz_shape(path)[0]
@@ -212,8 +210,6 @@ def check_source(source: str | Path) -> None:
     ``.npz`` of uint8 images."""
     path = Path(source)
     if path.suffix == ".npz":
-        from ditkit.evaluate.npz import NpzError, npz_shape
-
         if not path.is_file():
             raise FIDError(f"{path}: no such .npz file")
         try:
@@ -271,7 +267,6 @@ def compare_features(
 ) -> dict:
     """``{fid, precision, recall, k}`` of two feature sets; precision and recall are ``None``
     when ``k`` is ``None`` or a set has ``k`` images or fewer."""
-    from ditkit.evaluate.metrics import precision_recall
 
     out = {
         "fid": frechet_from_features(f_real, f_fake),
@@ -316,7 +311,6 @@ def fid_folders(
 def to_inception_input(images: torch.Tensor) -> torch.Tensor:
     """Model samples ``(N, C, H, W)`` in [-1, 1] -> ``(N, 3, 299, 299)`` in [0, 1], quantised
     to 8 bits as if saved as PNG (what folder-based FID of the same samples would read)."""
-    import torch.nn.functional as F
 
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 255
     if x.shape[1] == 1:
@@ -346,9 +340,6 @@ def fid_model(
     drawn with the settings ``sampling`` (default: 20 steps, seed 1, as an experiment's
     evaluation; labels cycling over its classes when class-conditional) and the images of
     ``real`` (a folder or an ``.npz``)."""
-    from tqdm import tqdm
-
-    from ditkit.runtime.generate import sample_images
 
     if spec.input.space != "pixel":
         raise FIDError(

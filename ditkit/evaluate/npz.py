@@ -38,11 +38,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from ditkit.device import pick_device
 from ditkit.errors import UserError
-from ditkit.spec.sampling import Sampling
-
 from ditkit.files import atomic_path
+from ditkit.runtime.multistage import sample_staged
+from ditkit.spec.limits import KEPT_PER_SAMPLE, check_run_bytes
+from ditkit.spec.sampling import Sampling
 
 SETTINGS = "settings.json"
 SETTINGS_KEY = "ditkit_settings"
@@ -74,14 +78,10 @@ class Processes:
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def close(self) -> None:
         if self.created:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
             self.created = False
 
@@ -89,13 +89,11 @@ class Processes:
 def processes(device: str = "cpu") -> Processes:
     """Join the ``torchrun`` process group (gloo on CPU, nccl on CUDA) when ``WORLD_SIZE`` > 1;
     one process otherwise. Call it before loading the model: it picks the device."""
-    from ditkit.device import pick_device
 
     dev = pick_device(str(device))  # cuda -> cuda:<LOCAL_RANK> (ditkit.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Processes(device=str(dev))
-    import torch.distributed as dist
 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -387,7 +385,6 @@ def draw_chunk(
     """Chunk ``k`` of :func:`sample_npz` (samples ``start .. start + n - 1``, seed
     ``sampling.seed + k``) on ``device``, decoded when ``decode`` is given; a non-finite value
     is an error."""
-    from ditkit.runtime.multistage import sample_staged
 
     x = sample_staged(
         denoiser,
@@ -445,7 +442,6 @@ def sample_npz(
         labels = np.asarray(torch.as_tensor(class_labels).cpu(), dtype=np.int64).reshape(-1)
         if len(labels) != num:
             raise NpzError(f"{len(labels)} class labels for {num} samples; give one per sample")
-    from ditkit.spec.limits import KEPT_PER_SAMPLE, check_run_bytes
 
     c, h, w = shape
     check_run_bytes(
@@ -483,7 +479,6 @@ def sample_npz(
         c for c in mine if not _part_ok(parts / f"part-{c[0]:06d}.npz", c[2], lab(c[1], c[2]), run)
     ]
     reused = sum(n for _, _, n in mine) - sum(n for _, _, n in todo)
-    from tqdm.auto import tqdm
 
     who = f" (process {proc.rank} of {proc.world})" if proc.world > 1 else ""
     bar = tqdm(

@@ -55,6 +55,7 @@ from ditkit.evaluate.report_measure import (
     noop_check,
 )
 from ditkit.evaluate.report_write import _html, comparison_lines, write_report
+from ditkit.spec.io import load_yaml
 from ditkit.spec.sampling import Sampling
 
 __all__ = [
@@ -100,7 +101,6 @@ def parse_policy(text: str, flag: str = "--policies") -> S.Policy:
     ``core_patch:rope_scaling=ntk,attention_scaling=entropy``, ``as_is:rope_scaling=yarn(beta=16)``
     (a nested option's fields in parentheses, as :func:`policy_label` writes them); errors name
     ``flag``."""
-    from ditkit.spec.io import load_yaml
 
     def items(rest: str) -> dict:
         out: dict = {}

@@ -14,6 +14,12 @@ from dataclasses import replace
 from typing import Any
 
 from ditkit.evaluate.report_measure import Measured, PerSample, Resolution, Row
+from ditkit.evaluate.stats import (
+    bootstrap_frechet,
+    mcnemar_p,
+    paired_frechet_difference,
+    wilson_interval,
+)
 from ditkit.runtime.extrapolate import loglog_slope
 
 
@@ -22,7 +28,6 @@ def with_intervals(
 ) -> list[Row]:
     """The rows, each one with per-sample scores given ``accuracy_ci`` (Wilson) and
     ``frechet_ci`` (``rounds`` bootstrap rounds) in its metrics."""
-    from ditkit.evaluate.stats import bootstrap_frechet, wilson_interval
 
     out = []
     for i, row in enumerate(rows):
@@ -55,7 +60,6 @@ def compare(
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
     row's samples (bit-identical models) are left out. ``scope`` labels the entries (``all``
     rows, or ``zero-shot`` when the caller passes only the policies' rows)."""
-    from ditkit.evaluate.stats import mcnemar_p, paired_frechet_difference
 
     out = []
     by_res: dict[Resolution, list[int]] = {}

@@ -24,12 +24,19 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
+from ditkit.evaluate.classifier import ResolutionMetrics
 from ditkit.evaluate.stats import FrechetToReference
 from ditkit.files import atomic_path
+from ditkit.runtime.denoiser import Denoiser
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve
+from ditkit.runtime.images import save_grid
+from ditkit.runtime.samplers import sample
 from ditkit.spec.sampling import Sampling
 
 Resolution = tuple[int, int]
@@ -107,7 +114,6 @@ class ClassifierScorer:
     first use on real images of that resolution."""
 
     def __init__(self, data: str, classes: int = 10, **classifier_args: Any) -> None:
-        from ditkit.evaluate.classifier import ResolutionMetrics
 
         self.data, self.classes = data, classes
         self._metrics = ResolutionMetrics(data, classes, **classifier_args)
@@ -228,7 +234,6 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     it sees memory the allocator reuses, and nothing outside tensors (Python objects, the
     profiler itself). Reads the profiler's event tree (``experimental_event_tree``, an API
     PyTorch marks experimental): ``None`` when that is unavailable."""
-    from torch.profiler import ProfilerActivity, profile
 
     try:
         from torch._C._profiler import _EventType
@@ -357,9 +362,6 @@ def sample_grid(
     """Sample ``max(grid_count, count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``grid_count`` as a grid, score all of them with the plan's
     scorer at ``res`` (if any): ``(grid path relative to out, scores or None)``."""
-    from ditkit.runtime.denoiser import Denoiser
-    from ditkit.runtime.images import save_grid
-    from ditkit.runtime.samplers import sample
 
     scorer, count, n = plan.scorer_at(res), plan.count_for(res), plan.grid_count
     device = plan.device
@@ -385,7 +387,6 @@ def sample_grid(
 def compact_png(path: Path, colours: int = 256) -> None:
     """Re-save a grid with an adaptive palette of ``colours`` (a third of the bytes for the
     large grids, which a committed report keeps many of; the shapes have few colours)."""
-    from PIL import Image
 
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(colours)
@@ -435,7 +436,6 @@ def measure(
     sampled. Every policy is also run at the training resolution against the trained model
     (:func:`noop_check`); a row there whose outputs are bit-identical to the trained model's
     reuses the samples and scores of the first such row instead of drawing them again."""
-    from tqdm import tqdm
 
     seed = plan.sampling.seed
     trained_res = tuple(spec.input.resolution)

@@ -5,14 +5,17 @@ and the log-log cost plot, from the rows and comparisons (:mod:`ditkit.evaluate.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ditkit.evaluate.report_compare import OVERHEAD_FACTOR, latency_fits, slope
 from ditkit import spec as S
+from ditkit.errors import missing_text
+from ditkit.evaluate.report_compare import OVERHEAD_FACTOR, latency_fits, slope
 from ditkit.evaluate.report_measure import Resolution, Row
 from ditkit.files import atomic_path, write_text
 from ditkit.spec.sampling import Sampling
@@ -258,8 +261,6 @@ def write_report(
     if plot:
         md += ["", "![cost](cost.png)"]
     else:
-        from ditkit.errors import missing_text
-
         md += ["", f"(no cost plot: {missing_text('matplotlib', 'the cost plot')})"]
     grids = [r for r in rows if r.grid]
     if grids:
@@ -314,8 +315,6 @@ def _html(markdown: str) -> str:
     """A minimal Markdown -> HTML for the report's own constructs (headings, paragraphs, lists,
     tables, images, code, **strong** and *emphasis*), so the report opens in a browser as a page
     without extra packages. Figures are shown at their natural size up to the page width."""
-    import html
-    import re
 
     def inline(text: str) -> str:
         text = html.escape(text, quote=False)

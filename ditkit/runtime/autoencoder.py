@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ditkit.errors import UserError
+from ditkit.errors import UserError, require
 
 
 class AutoencoderError(UserError):
@@ -91,7 +91,6 @@ class Autoencoder:
 
 
 def _import_autoencoder_kl():
-    from ditkit.errors import require
 
     return require("diffusers", "the autoencoder (--vae)", AutoencoderError).AutoencoderKL
 

@@ -28,11 +28,14 @@ from typing import Mapping
 
 import torch
 from pydantic import TypeAdapter, ValidationError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ditkit import spec as S
+from ditkit.builder import build
 from ditkit.errors import UserError
-
 from ditkit.files import atomic_path
+from ditkit.spec.io import check_regular
 
 SPEC_KEY = "ditkit.spec"
 VERSION_KEY = "ditkit.spec_version"
@@ -137,7 +140,6 @@ def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _atomic_save(data: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file(data, tmp, metadata=meta)
@@ -154,9 +156,6 @@ class CheckpointError(UserError):
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The raw safetensors metadata of ``path`` (a clear :class:`CheckpointError` if it is not a
     safetensors file)."""
-    from safetensors import safe_open
-
-    from ditkit.spec.io import check_regular
 
     path = Path(path)
     check_regular(path, "checkpoint")  # a FIFO would block safetensors' open forever
@@ -188,7 +187,6 @@ def load_checkpoint(
     (a :class:`ditkit.spec.SpecError` when its spec is invalid). Weights holding NaN or inf are
     refused (:class:`CheckpointError` naming the tensors) unless ``allow_non_finite``: sampling
     them would silently give garbage."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_metadata(path)
@@ -277,7 +275,6 @@ def load_model(
 ):
     """``(model, checkpoint)``: the spec built and the tensors loaded with ``strict=True``.
     The model is returned in ``eval()`` mode (call ``.train()`` to fine-tune)."""
-    from ditkit.builder import build
 
     ckpt = load_checkpoint(path, device="cpu")
     model = build(ckpt.spec, init=False)
@@ -310,8 +307,6 @@ def model_hash(path_or_tensors: str | os.PathLike | Mapping[str, torch.Tensor]) 
     if isinstance(path_or_tensors, Mapping):
         tensors = path_or_tensors
     else:
-        from safetensors.torch import load_file
-
         read_metadata(path_or_tensors)  # clear error for a non-safetensors file
         tensors = load_file(str(path_or_tensors))
     h = hashlib.sha256()

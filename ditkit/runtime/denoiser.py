@@ -15,7 +15,6 @@ from torch import nn
 from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.runtime.objectives import Objective, as_sigma, objective_of
-from ditkit.runtime.shape_rule import AxisRule
 
 # the schedule maps, importable from here as before (their home is ``runtime.schedules``)
 from ditkit.runtime.schedules import (
@@ -33,6 +32,7 @@ from ditkit.runtime.schedules import (
     flow_t_to_sigma,
     v_scalings,
 )
+from ditkit.runtime.shape_rule import AxisRule
 
 __all__ = [
     "Denoiser",

@@ -16,15 +16,21 @@ AutoencoderKL folder or a TorchScript file); without one :func:`draw` returns th
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 from typing import Callable, cast
 
 import torch
 
 from ditkit import spec as S
+from ditkit.files import atomic_path
 from ditkit.runtime.autoencoder import AutoencoderError, latent_decoder
+from ditkit.runtime.checkpoint import cfg_channels_of
+from ditkit.runtime.images import image_grid, save_grid, save_png
 from ditkit.runtime.multistage import sample_staged
 from ditkit.runtime.shape_rule import check_shape
+from ditkit.spec.limits import check_sample_size
 from ditkit.spec.sampling import Sampling
 
 LATENT_SUFFIX = ".latents.pt"
@@ -34,7 +40,6 @@ def cfg_channels_from(sampling: Sampling, metadata: dict[str, str]) -> Sampling:
     """``sampling`` with ``cfg_channels`` taken from a checkpoint's (or exported graph's)
     ``ditkit.cfg_channels`` metadata when the settings leave it open (a converted DiT guides 3
     of its 4 channels)."""
-    from ditkit.runtime.checkpoint import cfg_channels_of
 
     if sampling.cfg_channels is not None:
         return sampling
@@ -84,8 +89,6 @@ def decoder_for(
     )
     ae = getattr(decode, "__self__", None)  # a diffusers AutoencoderKL (Autoencoder.decode)
     if ae is not None and ae.factor != spec.input.latent_factor:
-        import warnings
-
         warnings.warn(
             f"the autoencoder downsamples by {ae.factor} but the spec's "
             f"input.latent_factor is {spec.input.latent_factor}",
@@ -111,7 +114,6 @@ def draw(
     in [-1, 1] (a latent-space model without ``decode``: its latents). The shape is checked
     against the model's (or the exported graph's) resolution rule first (with ``stages``:
     each stage's shape; :mod:`ditkit.runtime.multistage`)."""
-    from ditkit.spec.limits import check_sample_size
 
     res = cast("tuple[int, int]", tuple(resolution or spec.input.resolution))
     shape = (count, spec.input.channels, *res)
@@ -134,7 +136,6 @@ def draw(
 def save_latents(latents: torch.Tensor, out: str | Path) -> Path:
     """Write ``latents`` (a plain tensor, loadable with ``torch.load(weights_only=True)``)
     next to ``out`` as ``<out stem>.latents.pt``, atomically; returns that path."""
-    from ditkit.files import atomic_path
 
     path = Path(out).with_suffix(LATENT_SUFFIX)
     with atomic_path(path) as tmp:
@@ -152,7 +153,6 @@ def save_images(
     """Write ``images`` (``(N, C, H, W)`` in [-1, 1]) as a PNG grid ``out`` (``ncol``
     columns; default square) and, with ``individual``, one PNG per image
     (``individual/000000.png``, ...). Returns the paths written."""
-    from ditkit.runtime.images import image_grid, save_grid, save_png
 
     written = []
     if out is not None:
@@ -169,7 +169,6 @@ def save_images(
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (an exported graph: what a resumed ``.npz`` run must sample
     from)."""
-    import hashlib
 
     h = hashlib.sha256()
     with open(path, "rb") as f:

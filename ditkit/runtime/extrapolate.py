@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ditkit import spec as S
-from ditkit.builder import build
+from ditkit.builder import build, describe
+from ditkit.builder.position import yarn_logit_factor
 from ditkit.errors import UserError
 
 Plan = dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]]
@@ -340,7 +341,6 @@ def apply_options(spec: S.ModelSpec, new: S.ModelSpec, policy: S.Policy) -> S.Mo
     its target resolution), level by level, wherever a level's grid differs from the grid of
     the trained level it comes from (``add_levels``: new outer levels come from level 0). At
     the trained grid nothing changes, so the options are no-ops at the training resolution."""
-    from ditkit.builder.position import yarn_logit_factor
 
     if policy.rope_scaling.kind == "none" and policy.attention_scaling == "none":
         return new
@@ -481,7 +481,6 @@ def cost_curve(
 ) -> list[tuple[tuple[int, int], float]]:
     """GMACs of the adapted spec at each resolution (measured on meta tensors); resolutions the
     policy cannot reach (a SpecError) are left out."""
-    from ditkit.builder import describe
 
     points: list[tuple[tuple[int, int], float]] = []
     for r in resolutions:

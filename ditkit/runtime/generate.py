@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.spec.limits import check_sample_size
 from ditkit.spec.sampling import Sampling
 
 from .denoiser import Denoiser
@@ -29,7 +30,6 @@ def sample_images(
     ``sampling``; batch ``i`` uses seed ``sampling.seed + i``. Unless ``labels`` are given they
     cycle through the first ``n_classes`` classes (a class-conditional model). Leaves the
     global RNG untouched."""
-    from ditkit.spec.limits import check_sample_size
 
     check_sample_size(spec, count, batch=batch)  # every sample is kept: refused before
     classes = spec.conditioning.classes  # anything is allocated

@@ -7,8 +7,10 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ditkit.files import atomic_path
+from ditkit.spec.limits import check_run_bytes, grid_bytes
 
 
 def image_grid(
@@ -16,7 +18,6 @@ def image_grid(
 ) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` uint8 on a
     white background; 1-channel images are shown grey, more than 3 channels keep the first 3."""
-    from ditkit.spec.limits import check_run_bytes, grid_bytes
 
     n = images.shape[0]
     field = f"--cols {ncol}" if ncol else f"--count {n}"
@@ -46,7 +47,6 @@ def image_grid(
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     """Atomic PNG write (temporary file + rename)."""
-    from PIL import Image
 
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")

@@ -28,17 +28,20 @@ from __future__ import annotations
 import math
 from typing import Callable, cast
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
-
+from ditkit.device import DeviceError, pick_device
 from ditkit.runtime.objectives import Objective
+from ditkit.runtime.protocols import Denoiser
 from ditkit.runtime.schedules import (  # noqa: F401
     SamplingError,
     ddpm_step_log_variance,
     spaced_timesteps,
 )
-from ditkit.runtime.protocols import Denoiser
+from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
+from ditkit.spec.sampling import SAMPLERS, SCHEDULES, Sampling  # noqa: F401  (SAMPLERS: re-exported)
 
 MAX_STEPS = 10_000
 """More noise levels than any sampler needs; ``DITKIT_NO_SIZE_LIMITS=1`` lifts it."""
@@ -320,7 +323,6 @@ def check_device(device) -> torch.device:
     """``device`` as a ``torch.device`` by the one rule of every command
     (:func:`ditkit.device.pick_device`: ``cuda`` is ``cuda:<LOCAL_RANK>``, ``auto`` the
     GPU when there is one); asking for CUDA where there is none is a clear error."""
-    from ditkit.device import DeviceError, pick_device
 
     if str(device) == "meta":  # shape-only runs
         return torch.device("meta")
@@ -332,7 +334,6 @@ def check_device(device) -> torch.device:
 
 def _check_arguments(shape, steps: int, sigmas) -> None:
     """Arguments that would silently give garbage or exhaust memory are refused up front."""
-    from ditkit.spec.limits import OVERRIDE_HINT, limits_enabled
 
     if shape[0] < 1:
         raise SamplingError(f"number of samples {shape[0]}: use at least 1")
@@ -345,8 +346,6 @@ def _check_arguments(shape, steps: int, sigmas) -> None:
 
 def _progress(total: int, enabled: bool, desc: str):
     if enabled:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc=f"sampling ({desc})", unit="step")
 
     class _Null:
@@ -568,7 +567,6 @@ def lms_coefficients(sig: list[float], i: int, order: int) -> list[float]:
 
 
 def _gauss_legendre(n: int) -> tuple[list[float], list[float]]:
-    import numpy as np
 
     z, w = np.polynomial.legendre.leggauss(max(n, 1))
     return z.tolist(), w.tolist()

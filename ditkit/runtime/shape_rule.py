@@ -59,7 +59,6 @@ def check_shape(
 def rules_from_metadata(meta: dict[str, str]) -> tuple[AxisRule, AxisRule] | None:
     """The ``(height, width)`` rule recorded in an exported file's ``ditkit.resolution_rule``
     metadata, or ``None`` when it records none."""
-    from ditkit.errors import UserError
 
     try:
         rule = json.loads(meta.get("ditkit.resolution_rule", "{}"))

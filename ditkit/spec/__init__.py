@@ -2,12 +2,9 @@
 
 from .components import *  # noqa: F401,F403  (the component variants are the spec language)
 from .components import neighborhood_misfits, pair
-from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256
-from .families import mdit, mpdit
+from .families import dit, hdit, hdit_ffhq_1024, hdit_imagenet_128, hdit_imagenet_256, mdit, mpdit
 from .io import SpecError, dump, dumps, json_schema, load, loads, migrate, to_data, validate
-from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
 from .model import SPEC_VERSION, Block, BlockOverride, Level, ModelSpec
-from .sampling import Sampling
 from .objective import (
     OBJECTIVE_KINDS,
     CosineInterpolatedSigma,
@@ -23,6 +20,8 @@ from .objective import (
     X0Objective,
     objective_of_kind,
 )
+from .policy import AddLevels, AsIs, CorePatch, LocalCore, Policy
+from .sampling import Sampling
 
 __all__ = [
     "ModelSpec",

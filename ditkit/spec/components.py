@@ -7,6 +7,7 @@ its own fields. Everything here is frozen, inert data (no torch).
 from __future__ import annotations
 
 import math
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -19,13 +20,11 @@ from pydantic import (
     model_validator,
 )
 
-
 BOOL_NOT_NUMBER = "true/false is not a number here"
 
 
 def _admits_bool(annotation: Any) -> bool:
     """Whether a field's annotation accepts ``True``/``False`` (``bool`` or a Literal of one)."""
-    import typing
 
     if annotation is bool or annotation is typing.Any or isinstance(annotation, bool):
         return True

@@ -10,6 +10,8 @@ it can be rerun from that one file.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -24,9 +26,12 @@ from pydantic import (
 )
 
 from ditkit.spec.components import Spec
+from ditkit.spec.io import SpecError, load, load_yaml, read_text, to_data, validate
 from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
+from ditkit.spec.overrides import apply_overrides, touches
 from ditkit.spec.policy import AsIs, Policy
+from ditkit.spec.presets import PRESETS, preset
 from ditkit.spec.sampling import (
     EVALUATION_SAMPLING,
     PREVIEW_SAMPLING,
@@ -34,6 +39,7 @@ from ditkit.spec.sampling import (
     fold_flat_keys,
     legacy_sampling,
 )
+
 
 EXPERIMENT_VERSION: Literal[1] = 1
 
@@ -338,7 +344,6 @@ class Finetune(Spec):
     @field_validator("trainable")
     @classmethod
     def _patterns_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import re
 
         for i, pat in enumerate(value):
             if pat.startswith("re:"):
@@ -393,8 +398,6 @@ def resolve_experiment(
 ) -> Experiment:
     """Inline a model reference (a path relative to ``base``, or a preset name) and check that
     the parts of the experiment fit together. Raises :class:`ditkit.spec.SpecError`."""
-    from ditkit.spec.io import SpecError, load
-    from ditkit.spec.presets import PRESETS, preset
 
     if isinstance(exp.model, str):
         ref = exp.model
@@ -545,7 +548,6 @@ def experiment_from_data(
 ) -> Experiment:
     """Validate plain data into a resolved experiment. An inline model is validated as a
     model spec first, so its problems are reported as ``model.<field>``."""
-    from ditkit.spec.io import SpecError, validate
 
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         try:
@@ -576,7 +578,6 @@ def is_experiment_data(data: Any) -> bool:
 
 def read_experiment_data(path: str | Path) -> Any:
     """The plain data of an experiment file (YAML/JSON), unvalidated. Raises ``SpecError``."""
-    from .io import load_yaml, read_text
 
     path = Path(path)
     return load_yaml(read_text(path, "experiment"), str(path))
@@ -589,8 +590,6 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     data = read_experiment_data(path)
     source = str(path)
     if overrides:
-        from ditkit.spec.overrides import apply_overrides, touches
-
         if (
             isinstance(data, dict)
             and isinstance(data.get("model"), str)
@@ -619,9 +618,6 @@ def _fold_sampling(data: dict[str, Any], only_old: bool = False) -> dict[str, An
 def _model_data(ref: str, base: Path, source: str) -> Any:
     """The plain data of an experiment's ``model:`` reference (a file or a preset), so that
     ``--set model.x=v`` can change it."""
-    from .io import SpecError, load_yaml, read_text, to_data
-    from .presets import PRESETS, preset
-
     path = base / ref
     if path.is_file() or path.exists() and not path.is_dir():  # a FIFO is refused, not read
         try:
@@ -636,7 +632,6 @@ def _model_data(ref: str, base: Path, source: str) -> Any:
 def absolute_data_paths(data: Data, base: str | Path) -> Data:
     """``data`` with its paths (folders, shard patterns) made absolute from ``base`` (the
     experiment file's folder), so the run folder's experiment.yaml works from anywhere."""
-    import os
 
     root = Path(base).resolve()
 
@@ -653,7 +648,6 @@ def absolute_data_paths(data: Data, base: str | Path) -> Data:
 
 def absolute_evaluation_paths(ev: Evaluation, base: str | Path) -> Evaluation:
     """``ev`` with ``reference``, ``inception`` and ``vae`` made absolute from ``base``."""
-    import os
 
     root = Path(base).resolve()
 
@@ -691,7 +685,6 @@ def load_experiment_or_run(
     """``(experiment, run folder or None)`` from an experiment file (its relative paths made
     absolute) or a run folder (its recorded ``experiment.yaml``), with ``overrides`` applied
     (see :func:`load_experiment`). Raises ``SpecError``."""
-    from ditkit.spec.io import SpecError
 
     path = Path(path)
     if path.is_dir():

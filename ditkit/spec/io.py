@@ -6,14 +6,15 @@ import difflib
 import json
 import os
 import stat
+import typing
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ditkit.files import atomic_path
 from ditkit.errors import EnvironmentFault, UserError
+from ditkit.files import atomic_path
 from ditkit.spec.components import BOOL_NOT_NUMBER, Spec
 from ditkit.spec.model import SPEC_VERSION, ModelSpec
 
@@ -95,7 +96,6 @@ def _path(loc: tuple[Any, ...], model: type[BaseModel] | None = None) -> str:
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """Every pydantic model inside a (possibly Optional / tuple / Annotated) annotation."""
-    import typing
 
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]

@@ -16,47 +16,48 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from .components import (
     FFN,
-    AggregateAttention,
-    CrossAttention,
-    FNONoise,
-    FourierNoise,
-    SinusoidalNoise,
-    Merge,
-    NoCrossAttention,
-    MemoryCrossAttention,
-    Repatch,
-    SharedAdaLNZero,
     AdaLNHead,
-    Up,
-    Upsample,
+    AdaLNZero,
+    AggregateAttention,
     Attention,
     AxialRope,
     Conditioning,
+    CrossAttention,
+    DotLogits,
     Down,
+    FNONoise,
+    FourierNoise,
     GeluMLP,
     GlobalAttention,
     Head,
     Init,
     Input,
+    LinearHead,
     Logits,
-    DotLogits,
+    MemoryCrossAttention,
+    Merge,
     Modulation,
-    AdaLNZero,
     NeighborhoodAttention,
+    NoCrossAttention,
     NoPosition,
-    NoRope,
     Norm,
+    NoRope,
     Patch,
     Position,
     QKNorm,
+    Repatch,
     Rope,
+    SharedAdaLNZero,
     ShiftedWindowAttention,
+    SinusoidalNoise,
     Skip,
     Spec,
-    LinearHead,
+    Up,
+    Upsample,
     neighborhood_misfits,
     pair,
 )
+from .limits import resolution_issues, size_issues
 from .objective import DDPMObjective, EDMObjective, FlowObjective, ObjectiveSpec
 
 SPEC_VERSION: Literal[1] = 1
@@ -275,7 +276,6 @@ class ModelSpec(Spec):
         self, resolution: tuple[int, int], field: str = "resolution"
     ) -> list[tuple[str, str]]:
         """Problems running this spec at ``resolution``: ``[(field path, message)]``."""
-        from .limits import resolution_issues
 
         hw = (int(resolution[0]), int(resolution[1]))
         return resolution_issues(self, hw, field) or _resolution_issues(self, hw, field)
@@ -284,7 +284,6 @@ class ModelSpec(Spec):
 
     @model_validator(mode="after")
     def _validate(self) -> "ModelSpec":
-        from .limits import size_issues
 
         issues = size_issues(self)  # first: the other checks expand the stacks of blocks
         if issues:

@@ -14,6 +14,8 @@ import copy
 import re
 from typing import Any
 
+import yaml
+
 from .io import MAX_NESTING, SpecError, StrictLoader, nesting_depth
 
 SOURCE = "--set"
@@ -22,7 +24,6 @@ _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """``"a.b.0.c=v"`` -> ``(["a", "b", 0, "c"], value)``."""
-    import yaml
 
     path, eq, raw = text.partition("=")
     path = re.sub(r"\[(\d+)\]", r".\1", path.strip())

@@ -18,13 +18,14 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
-    ValidationInfo,
 )
 
 from ditkit.errors import UserError
 from ditkit.spec.components import Spec
+from ditkit.spec.io import validate
 
 SAMPLERS = (
     "euler",
@@ -253,7 +254,6 @@ class Sampling(Spec):
         """``base`` (default: the defaults) with ``changes`` applied, validated: a bad value is
         a :class:`ditkit.spec.SpecError` naming the field (``Sampling(...)`` itself raises
         pydantic's error)."""
-        from ditkit.spec.io import validate
 
         if base is not None and not isinstance(base, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(base).__name__}")

@@ -33,11 +33,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ditkit.errors import UserError
-from ditkit.files import atomic_path, current_umask, write_text
+from ditkit.files import atomic_path, current_umask, environment_fault, write_text
+from ditkit.runtime.checkpoint import save_checkpoint
 from ditkit.spec import dumps
 from ditkit.spec.experiment import Experiment
+from ditkit.spec.io import check_regular, open_regular
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_JSON, STATE_TENSORS, LEGACY_STATE = "state.json", "state.safetensors", "state.pt"
@@ -97,7 +101,6 @@ def write_checkpoint(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``step-NNNNNN/`` atomically and prune to the newest ``keep_last``."""
-    from ditkit.runtime.checkpoint import save_checkpoint
 
     final = step_dir(root, step)
     try:
@@ -146,7 +149,6 @@ def write_checkpoint(
 
 def _checkpoint_fault(err: Exception, final: Path) -> Exception:
     """A disk/permission failure while writing a checkpoint as one clear EnvironmentFault."""
-    from ditkit.files import environment_fault
 
     return (
         environment_fault(
@@ -207,7 +209,6 @@ def _unflatten(obj, tensors: dict[str, torch.Tensor], where: str):
 
 
 def _write_state(folder: Path, train_state: dict) -> None:
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     data = {"format": STATE_FORMAT, "state": _flatten(train_state, tensors)}
@@ -217,10 +218,6 @@ def _write_state(folder: Path, train_state: dict) -> None:
 
 
 def _read_new_state(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ditkit.spec.io import check_regular, open_regular
 
     where = str(path / STATE_JSON)
     check_regular(path / STATE_TENSORS, "training state")
@@ -336,9 +333,6 @@ def read_state(path: Path) -> dict:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from ditkit.spec.io import check_regular
 
     check_regular(path, "checkpoint")
     return load_file(str(path))

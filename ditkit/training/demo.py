@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from ditkit import spec as S
+from ditkit.builder import describe, format_report, use_backend
 from ditkit.errors import UserError
+from ditkit.evaluate.classifier import DigitsReport, evaluate_model
+from ditkit.runtime.checkpoint import load_model
+from ditkit.spec.experiment import load_experiment, resolve_experiment
 from ditkit.spec.sampling import Sampling
+from ditkit.training.checkpoints import write_json
+from ditkit.training.loop import train
 
 if TYPE_CHECKING:
     from ditkit.evaluate.classifier import LabelReport
@@ -46,7 +54,6 @@ def demo_experiment(
 ):
     """The demo experiment, with another model, step count, evaluation count or ``--set``
     overrides (``ditkit.spec.overrides``)."""
-    from ditkit.spec.experiment import load_experiment, resolve_experiment
 
     if not DEMO_EXPERIMENT.is_file():
         raise UserError(
@@ -74,12 +81,6 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
     """Train ``exp`` on the CPU into ``out``; training ends with the experiment's evaluation
     (``ditkit.training.evaluation``: ``samples.png``, ``eval.json``). Raises
     ``ditkit.training.loop.TrainingError``."""
-    import torch
-
-    from ditkit.builder import describe, format_report
-
-    from ditkit.evaluate.classifier import DigitsReport
-    from ditkit.training.loop import train
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -119,7 +120,6 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
             f"evaluated {ev.count} digits without guidance (cfg 1.0): "
             f"{unguided.accuracy:.1%}, Frechet {unguided.frechet:.2f}"
         )
-        from ditkit.training.checkpoints import write_json
 
         write_json(out / "eval-unguided.json", unguided.to_json())
     wall = time.perf_counter() - t_start
@@ -128,10 +128,6 @@ def run_demo(exp, out: str | Path, *, log=print, progress: bool = True) -> DemoR
 
 def _evaluate_unguided(exp, checkpoint: Path, progress: bool) -> LabelReport:
     """The experiment's evaluation (same count, sampler, steps and seed) at guidance scale 1."""
-    from ditkit.builder import use_backend
-    from ditkit.runtime.checkpoint import load_model
-
-    from ditkit.evaluate.classifier import evaluate_model
 
     ev = exp.evaluation
     model, _ = load_model(checkpoint / "ema.safetensors")

@@ -25,7 +25,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ditkit.builder.model import Block
+from ditkit.runtime.checkpoint import model_hash
 from ditkit.spec.experiment import Experiment
 
 FULL: dict[str, Any] = dict(full_state_dict=True, cpu_offload=True)
@@ -49,8 +61,6 @@ class Placement:
         """The module the loss calls: ``model`` itself (one process, FSDP2 -- sharded in
         place, as is ``ema_model``) or a DDP wrapper around it."""
         if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DDP(model, device_ids=ids)
         if self.strategy == "fsdp2":
@@ -59,7 +69,6 @@ class Placement:
         return model
 
     def fsdp_options(self) -> dict:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         d = self.exp.distributed
         param = d.param_dtype
@@ -97,11 +106,6 @@ class Placement:
     ) -> tuple[dict, dict, dict]:
         """``(model, ema, optimizer)`` full state dicts on CPU on rank 0, ``({}, {}, {})`` on
         the other ranks. Collective under FSDP2: every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
 
         opts = StateDictOptions(**FULL)  # ranks other than 0 receive empty dicts
         m = get_model_state_dict(model, options=opts)
@@ -122,11 +126,6 @@ class Placement:
     ) -> None:
         """Load full state dicts (as :meth:`full_state` returns them, on every rank); under
         FSDP2 each rank keeps its shard."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
 
         opts = StateDictOptions(full_state_dict=True, strict=True)
         set_model_state_dict(model, model_state, options=opts)
@@ -142,7 +141,6 @@ class Placement:
         rank); otherwise it is ``ema_model`` itself."""
         if not self.sharded:
             return ema_model if self.rank == 0 else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(ema_model, options=StateDictOptions(**FULL))
         if self.rank != 0:
@@ -155,11 +153,9 @@ class Placement:
 
     def fingerprint(self, model: nn.Module) -> str:
         """sha256 of the full weights (collective under FSDP2)."""
-        from ditkit.runtime.checkpoint import model_hash
 
         if not self.sharded:
             return model_hash(model.state_dict())
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # every rank gathers the whole state (no cpu_offload: not only rank 0)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -169,9 +165,6 @@ class Placement:
 
 def shard(model: nn.Module, **options) -> nn.Module:
     """``fully_shard`` every transformer block (innermost first), then the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    from ditkit.builder.model import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in reversed(blocks):
@@ -195,7 +188,6 @@ def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, s
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 

@@ -30,7 +30,18 @@ if TYPE_CHECKING:
     from ditkit.evaluate.classifier import ImageClassifier
     from ditkit.evaluate.fid import FIDInception
 
+from ditkit.evaluate.classifier import LABELLED_DATA, classifier_for, evaluate_samples
+from ditkit.evaluate.fid import (
+    check_source,
+    compare_features,
+    load_inception,
+    source_features,
+    to_inception_input,
+)
+from ditkit.runtime.autoencoder import latent_decoder
+from ditkit.runtime.generate import sample_images
 from ditkit.training.checkpoints import write_json
+from ditkit.training.logs import image_grid, save_png
 
 EVAL_FILE = "eval.json"
 SAMPLES_FILE = "samples.png"
@@ -53,7 +64,6 @@ class RunEvaluation:
         self.exp, self.ev, self.run, self.device = exp, exp.evaluation, Path(run), device
         self.rank, self.n_classes = rank, n_classes
         spec = exp.model_spec
-        from ditkit.evaluate.classifier import LABELLED_DATA
 
         # label accuracy needs a built-in classifier of the data (digits, shapes)
         self.labelled = exp.data.kind in LABELLED_DATA and spec.conditioning.classes is not None
@@ -97,13 +107,10 @@ class RunEvaluation:
         ev = self.ev
         if ev.reference is None:
             return
-        from ditkit.evaluate.fid import check_source, load_inception
 
         check_source(ev.reference)
         self._net = load_inception(ev.inception, str(self.device))
         if ev.vae is not None:
-            from ditkit.runtime.autoencoder import latent_decoder
-
             self._decode, _ = latent_decoder(
                 self.exp.model_spec.input.channels, vae=ev.vae, device=self.device
             )
@@ -117,7 +124,6 @@ class RunEvaluation:
         Returns the metrics on rank 0."""
         if ema_model is None or self.rank != 0:
             return None
-        from ditkit.runtime.generate import sample_images
 
         ev, spec, t0 = self.ev, self.exp.model_spec, time.perf_counter()
         # sample_images leaves the global RNG alone: evaluating does not change the run
@@ -130,7 +136,6 @@ class RunEvaluation:
             self.device,
             n_classes=self.n_classes,
         )
-        from ditkit.training.logs import image_grid, save_png
 
         scale = max(1, 32 // max(spec.input.resolution))
         grid = images if self._decode is None else self._decode(images[:100].to(self.device))
@@ -156,7 +161,6 @@ class RunEvaluation:
         return entry
 
     def _labels(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        from ditkit.evaluate.classifier import classifier_for, evaluate_samples
 
         if self._clf is None:
             data = self.exp.data
@@ -173,7 +177,6 @@ class RunEvaluation:
         }
 
     def _reference(self, images: torch.Tensor) -> dict:
-        from ditkit.evaluate.fid import compare_features, source_features, to_inception_input
 
         ev = self.ev
         assert self._net is not None and ev.reference is not None  # loaded by _check

@@ -33,6 +33,9 @@ from pathlib import Path
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.builder import build
+from ditkit.runtime.checkpoint import load_checkpoint, read_metadata, spec_from_metadata
+from ditkit.runtime.extrapolate import adapt, adapt_spec
 from ditkit.spec.experiment import TRAINABLE_PRESETS, Experiment
 
 METADATA_KEY = "ditkit.finetune"
@@ -69,7 +72,6 @@ def _same_model(a: S.ModelSpec, b: S.ModelSpec) -> bool:
 
 
 def _checkpoint_spec(path: Path) -> S.ModelSpec:
-    from ditkit.runtime.checkpoint import read_metadata, spec_from_metadata
 
     if not path.is_file():
         raise S.SpecError(
@@ -93,7 +95,6 @@ def _checkpoint_spec(path: Path) -> S.ModelSpec:
 
 
 def _adapted_spec(source: S.ModelSpec, ft) -> S.ModelSpec:
-    from ditkit.runtime.extrapolate import adapt_spec
 
     res = tuple(ft.resolution or source.input.resolution)
     try:
@@ -147,8 +148,6 @@ def match(pattern: str, names: list[str], spec: S.ModelSpec, record: dict) -> se
 
 def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
     """The effective experiment (``model`` = the adapted spec) and the trainable names."""
-    from ditkit.builder import build
-    from ditkit.runtime.extrapolate import adapt
 
     ft = exp.finetune
     if ft is None:
@@ -221,8 +220,6 @@ def apply(
 ) -> dict:
     """Load the adapted checkpoint weights into ``model`` (when ``load_weights``) and freeze
     every parameter ``plan`` does not name. Returns the record saved with the run."""
-    from ditkit.runtime.checkpoint import load_checkpoint
-    from ditkit.runtime.extrapolate import adapt
 
     ft = exp.finetune
     # resolved by prepare(): a finetune section that names its source model

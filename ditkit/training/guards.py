@@ -17,10 +17,20 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ditkit import spec as S
 from ditkit.errors import UserError
 from ditkit.spec.experiment import Experiment
 from ditkit.spec.io import read_text
+from ditkit.spec.limits import (
+    OVERRIDE_HINT,
+    activation_bytes_per_sample,
+    estimated_params,
+    limits_enabled,
+)
+
+from .checkpoints import write_json
 
 MAY_CHANGE = (
     "training.steps",
@@ -94,7 +104,6 @@ def compare_for_resume(
 
 def record_changes(run: Path, step: int, diff: dict[str, tuple[object, object]]) -> None:
     """Append the resumed run's changes to ``run/resume-changes.json``."""
-    from .checkpoints import write_json
 
     if not diff:
         return
@@ -122,8 +131,6 @@ def record_changes(run: Path, step: int, diff: dict[str, tuple[object, object]])
 def available_bytes(device) -> int | None:
     """Memory the device has: a CUDA device's total memory, or the host's available RAM."""
     if device.type == "cuda":
-        import torch
-
         return int(torch.cuda.get_device_properties(device).total_memory)
     try:
         with open("/proc/meminfo") as f:
@@ -144,12 +151,6 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     moments and the EMA (20 bytes a parameter, split across ranks under FSDP2; 60% of the
     spec estimate, which runs above the measured count), plus every block's input and output
     for one micro-batch per process."""
-    from ditkit.spec.limits import (
-        OVERRIDE_HINT,
-        activation_bytes_per_sample,
-        estimated_params,
-        limits_enabled,
-    )
 
     if not limits_enabled():
         return []

@@ -34,24 +34,39 @@ import contextlib
 import copy
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed as tdist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from ditkit import spec as S
+from ditkit.builder import build, use_backend
+from ditkit.builder.model import Block
+from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags
+from ditkit.data.datasets import make_dataset, make_stream
+from ditkit.device import pick_device
 from ditkit.errors import UserError
 from ditkit.files import write_text
-from ditkit.spec.experiment import Experiment
-
+from ditkit.runtime.denoiser import compile_network
+from ditkit.runtime.generate import sample_images
+from ditkit.spec.experiment import DATA_CLASSES, Experiment
 from ditkit.training import checkpoints as C
 from ditkit.training import finetune
-from ditkit.data.datasets import make_dataset, make_stream
 from ditkit.training.distributed import Placement
+from ditkit.training.evaluation import RunEvaluation
+from ditkit.training.guards import compare_for_resume, memory_issues, record_changes
 from ditkit.training.logs import Scalars, image_grid, plot_loss, read_scalars, save_png
 from ditkit.training.objectives import DiffusionLoss, drop_labels
+from ditkit.training.runlock import acquire
 
 
 class TrainingError(RuntimeError):
@@ -84,8 +99,6 @@ class _StopSignals:
     thread (Python delivers signals there); the previous handlers come back on exit."""
 
     def __init__(self) -> None:
-        import signal
-        import threading
 
         self.received: str | None = None
         self._old: dict = {}
@@ -96,7 +109,6 @@ class _StopSignals:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        import signal
 
         name = signal.Signals(signum).name
         if self.received == name:  # asked twice: stop now
@@ -106,7 +118,6 @@ class _StopSignals:
         self.received = name
 
     def restore(self) -> None:
-        import signal
 
         for sig, old in self._old.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
@@ -150,7 +161,6 @@ def init_distributed(exp: Experiment, device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as dist
 
     backend = exp.distributed.backend
     if backend == "auto":
@@ -164,7 +174,6 @@ def param_groups(model: nn.Module, opt: S.experiment.Optimizer) -> list[dict]:
     """AdamW groups by the tags the builder set where each parameter was made
     (``ditkit.builder.tags``): ``no_decay`` (norms, scales, biases, embedding tables) without
     weight decay; ``mapping`` (the conditioning path) at ``lr * mapping_lr_scale``."""
-    from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags
 
     tags = param_tags(model)
     groups: dict[tuple[bool, bool], list] = {}
@@ -214,9 +223,6 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every block's activations in the backward pass (less memory, ~30% slower)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from ditkit.builder.model import Block
 
     def wrap(f):
         def forward(x, cond, ctx=None):
@@ -241,7 +247,6 @@ def autocast_for(exp: Experiment, device: torch.device):
 
 
 def _data_classes(exp: Experiment) -> int | None:
-    from ditkit.spec.experiment import DATA_CLASSES
 
     if exp.data.kind == "shapes":
         return exp.data.classes
@@ -252,7 +257,6 @@ def preview(ema_model: nn.Module, exp: Experiment, path: Path, device: torch.dev
     p, spec = exp.preview, exp.model_spec
     classes = spec.conditioning.classes
     n_cls = _data_classes(exp) or (classes.count if classes else None)
-    from ditkit.runtime.generate import sample_images
 
     images, _ = sample_images(
         ema_model, spec, exp.objective, p.count, p.sampling, device, n_classes=n_cls
@@ -304,8 +308,6 @@ def accumulate_gradients(
     loss_value = loss_sum / tr.accumulate
     stop_seen = stop_requested
     if placement.world > 1:
-        import torch.distributed as dist
-
         both = torch.stack([loss_value, torch.tensor(float(stop_requested), dtype=torch.float64)])
         dist.all_reduce(both)  # one collective: the mean loss and the stop flag
         loss_value, stop_seen = both[0] / placement.world, bool(both[1] > 0)
@@ -354,9 +356,6 @@ def train(
     call created it). Under torchrun, a process group this call creates is destroyed when it
     returns (after a barrier) or fails; a caller that runs collectives of its own around
     ``train`` initialises the group first, and then keeps it."""
-    import shutil
-
-    from ditkit.training.runlock import acquire
 
     if resume not in (True, False, "auto"):
         raise TrainingSetupError(f"resume: {resume!r}; use True, False or 'auto'")
@@ -378,7 +377,6 @@ def train(
             lock.release()
         raise
     done = {"steps": 0}
-    import torch.distributed as tdist
 
     # under torchrun this call creates the process group (init_distributed); it also takes it
     # down, so gloo's threads are joined before the interpreter exits (left to the exit, the
@@ -423,12 +421,8 @@ def _train(
     allow_changes: bool,
     done: dict,
 ) -> TrainResult:
-    from tqdm import tqdm
-
-    from ditkit.builder import build
 
     exp, ft_plan = finetune.prepare(exp)  # a fine-tune run trains the adapted spec
-    from ditkit.device import pick_device
 
     try:  # None/auto: cuda:LOCAL_RANK when there is CUDA, else cpu
         device = pick_device(str(device) if device is not None else "auto")
@@ -440,7 +434,6 @@ def _train(
         torch.cuda.set_device(device)
     spec, tr = exp.model_spec, exp.training
     ckpt_root = run / "checkpoints"
-    from ditkit.training.guards import compare_for_resume, memory_issues, record_changes
 
     too_big = memory_issues(exp, world, device)
     if too_big:
@@ -508,8 +501,6 @@ def _train(
         torch.set_rng_state(state["torch_rng"][rank])
         stream.restore(state["data_position"])
     if exp.precision.compile:  # one graph (fullgraph) except under DDP's bucketed graphs
-        from ditkit.runtime.denoiser import compile_network
-
         net = compile_network(
             net, device=device, training=True, fullgraph=placement.strategy != "ddp"
         )
@@ -564,7 +555,6 @@ def _train(
 
     step = start_step
     saved_step = start_step if resume else None
-    from ditkit.builder import use_backend
 
     try:
         backend = use_backend(exp.precision.attention_backend)
@@ -679,9 +669,6 @@ def _evaluation(
 ):
     """The ``evaluation:`` block ready to run (``None`` when disabled); its files are checked
     now, so a wrong path fails before the first step."""
-    from ditkit.errors import UserError
-
-    from ditkit.training.evaluation import RunEvaluation
 
     try:
         return RunEvaluation.create(exp, run, device, rank, resume_step, _data_classes(exp))
@@ -693,7 +680,6 @@ def _gather(items: list, world: int) -> list:
     """Every rank's ``items[0]``, in rank order (a plain list on one process)."""
     if world == 1:
         return items
-    import torch.distributed as dist
 
     out = [None] * world
     dist.all_gather_object(out, items[0])

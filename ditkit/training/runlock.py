@@ -13,6 +13,7 @@ emulates ``flock`` with byte-range locks, which the server tracks across nodes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -36,8 +37,6 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
-
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -67,7 +66,6 @@ def acquire(run: Path) -> RunLock:
     """Take ``run/.lock`` exclusively (creating ``run``), or raise :class:`RunLockedError`
     naming the holder. The file is opened without following a symlink (a planted one is
     refused) and without truncating it before the lock is ours."""
-    import fcntl
 
     run = Path(run)
     path = run / LOCK_NAME

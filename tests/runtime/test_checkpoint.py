@@ -95,14 +95,12 @@ def test_failed_save_leaves_existing_file_intact(tmp_path, monkeypatch, hdit_spe
     C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec, metadata={"v": "1"})
     before = path.read_bytes()
 
-    import safetensors.torch
-
     def broken_save(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial garbage")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    monkeypatch.setattr(C, "save_file", broken_save)  # the use site
     with pytest.raises(OSError, match="disk full"):
         C.save_checkpoint(path, hdit_model.state_dict(), hdit_spec, metadata={"v": "2"})
     assert path.read_bytes() == before

@@ -235,14 +235,12 @@ def test_failed_write_leaves_no_partial_folder_and_keeps_the_old_one(tmp_path, m
     DF.write_folder(sd, spec, out)
     old = (out / DF.WEIGHTS).read_bytes()
 
-    import safetensors.torch
-
     def broken(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(DF, "save_file", broken)  # the use site
     from ditkit.errors import EnvironmentFault
 
     with pytest.raises(EnvironmentFault, match="disk is full"):

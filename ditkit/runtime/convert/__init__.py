@@ -40,16 +40,22 @@ Dispatch is the explicit dict :data:`SOURCES`; there is no registry.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ditkit import spec as S
-
+from ditkit.files import atomic_path
+from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint, model_hash, save_checkpoint
+from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
 from ditkit.runtime.convert.remap import (  # noqa: F401
     ConversionError,
     ConversionInputError,
@@ -58,6 +64,7 @@ from ditkit.runtime.convert.remap import (  # noqa: F401
     compact,
     expected_shapes,
 )
+from ditkit.spec.limits import check_run_bytes, gib
 
 DEFAULT_PREFERRED_KEYS = ("ema", "model_ema", "model")
 
@@ -70,9 +77,6 @@ def conversion_hash(tensors: Mapping[str, torch.Tensor], spec: S.ModelSpec, obje
     """sha256 over the tensors (:func:`ditkit.runtime.checkpoint.model_hash`), the spec and the
     objective (canonical JSON): two conversions of the same weights with different ``--heads``
     get different hashes."""
-    import hashlib
-
-    from ditkit.runtime.checkpoint import model_hash
 
     h = hashlib.sha256(model_hash(tensors).encode())
     h.update(json.dumps(S.to_data(spec, full=True), sort_keys=True).encode())
@@ -86,9 +90,6 @@ def _check_unpacked_size(path: Path) -> None:
     is unpacked, estimate the memory ``torch.load`` needs. ``torch.save`` stores entries
     uncompressed, so an archive that unpacks to far more than its size on disk (a compressed
     storage) is checked against the run-time memory limit, as any other size."""
-    import zipfile
-
-    from ditkit.spec.limits import check_run_bytes, gib
 
     if not zipfile.is_zipfile(path):
         return  # the legacy (non-zip) format: torch.load refuses or reads it by itself
@@ -126,9 +127,6 @@ def read_source(
     meta: dict[str, str] = {}
     obj: Any  # a state dict, or a dict of them (checked below)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
@@ -190,7 +188,6 @@ def read_source(
 
 
 def _sources() -> dict[str, ModuleType]:
-    from ditkit.runtime.convert import diffusers, dit, kdiffusion, mpdit
 
     return {
         dit.SOURCE: dit,
@@ -225,7 +222,6 @@ def convert(
 ) -> S.ModelSpec:
     """Read a ``source``-format checkpoint at ``path`` and write a ditkit checkpoint at
     ``out``. Returns the spec."""
-    from ditkit.runtime.checkpoint import save_checkpoint
 
     mod = source_module(source)
     if hasattr(mod, "convert_folder"):  # a folder format (diffusers)
@@ -262,7 +258,6 @@ def convert(
 def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
     """Write a ditkit checkpoint back in the ``to`` format: ``.safetensors`` (with the
     module's ``source_metadata``) or a ``torch.save``d plain state dict (``.pt``/``.pth``)."""
-    from ditkit.runtime.checkpoint import _atomic_save, load_checkpoint
 
     mod = source_module(to)
     if hasattr(mod, "export_folder"):  # a folder format (diffusers)
@@ -278,8 +273,6 @@ def export(path: str | os.PathLike, to: str, out: str | os.PathLike) -> None:
         )
         _atomic_save({k: v.contiguous() for k, v in state.items()}, meta, out)
     elif out.suffix in (".pt", ".pth", ".ckpt"):
-        from ditkit.files import atomic_path
-
         with atomic_path(out) as tmp:
             torch.save(state, tmp)
     else:

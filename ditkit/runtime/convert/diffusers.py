@@ -36,16 +36,23 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ditkit import spec as S
+from ditkit.builder.position import sincos_table
 from ditkit.errors import UserError
-
+from ditkit.files import current_umask, environment_fault, honour_umask
+from ditkit.runtime.checkpoint import load_checkpoint, save_checkpoint
 from ditkit.runtime.convert.remap import Remap, expected_shapes
+from ditkit.spec.diff import MISSING, diff
 
 SOURCE = "diffusers"
 CLASS_NAME = "DiTTransformer2DModel"
@@ -132,8 +139,6 @@ def spec_from_config(config: dict, *, name: str | None = None) -> S.ModelSpec:
                 "(ditkit reads class-conditional DiT transformers only)"
             )
     if config.get("upcast_attention"):
-        import warnings
-
         warnings.warn(
             "config.json: upcast_attention is true; it only changes half-precision "
             "rounding, ditkit's attention computes in the input dtype",
@@ -226,7 +231,6 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
         "norm_eps": FIXED_EPS,
     }
     back = spec_from_config(config, name=spec.name)
-    from ditkit.spec.diff import diff
 
     ignore = ("name", "description", "init", "input.space", "input.latent_factor")
     rows = [c for c in diff(spec, back) if not c.path.startswith(ignore)]
@@ -239,7 +243,6 @@ def config_from_spec(spec: S.ModelSpec) -> dict:
 
 
 def _show(value) -> str:
-    from ditkit.spec.diff import MISSING
 
     if value is MISSING:
         return "absent"
@@ -338,7 +341,6 @@ def _qkv(i: int) -> tuple[list[str], str]:
 
 def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     """diffusers ``DiTTransformer2DModel`` tensors -> the ditkit model's ``state_dict()``."""
-    from ditkit.builder.position import sincos_table
 
     config_from_spec(spec)
     r = Remap(state, SOURCE, expected_shapes(spec))
@@ -380,7 +382,6 @@ def from_diffusers(state: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
 def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[str, torch.Tensor]:
     """ditkit tensors -> a ``DiTTransformer2DModel`` state dict (every block gets a copy of the
     embedders). The sin-cos table must be the one ditkit derives (diffusers regenerates it)."""
-    from ditkit.builder.position import sincos_table
 
     config_from_spec(spec)
     r = Remap(tensors, f"ditkit -> {SOURCE}")
@@ -426,7 +427,6 @@ def to_diffusers(tensors: dict[str, torch.Tensor], spec: S.ModelSpec) -> dict[st
 def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state dict, config)`` of a diffusers model folder (or of a pipeline folder, whose
     ``transformer/`` is used). Safetensors only: pickled ``.bin`` weights are refused."""
-    from safetensors.torch import load_file
 
     folder = Path(path)
     if not folder.is_dir():
@@ -482,7 +482,6 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     it is synced and the folder replaces ``path`` (an existing folder is swapped out and then
     removed); when it fails, the temporary folder is removed and ``path`` is untouched. The
     folder counterpart of :func:`ditkit.files.atomic_path`."""
-    from ditkit.files import current_umask, environment_fault, honour_umask
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -528,11 +527,9 @@ def write_folder(
 ) -> dict:
     """Write ``tensors`` of ``spec`` as a ``DiTTransformer2DModel`` folder at ``out``
     (atomically). Returns the config."""
-    from safetensors.torch import save_file
 
     config = config_from_spec(spec)
     state = to_diffusers(tensors, spec)
-    from importlib import metadata
 
     with contextlib.suppress(metadata.PackageNotFoundError):
         config["_diffusers_version"] = metadata.version("diffusers")
@@ -559,7 +556,6 @@ def convert_folder(
     **_hints,
 ) -> S.ModelSpec:
     """Read a diffusers ``DiTTransformer2DModel`` folder, write a ditkit checkpoint."""
-    from ditkit.runtime.checkpoint import save_checkpoint
 
     state, config = read_folder(path)
     if name is None:  # a folder ditkit wrote keeps the spec's name in the weights' metadata
@@ -578,7 +574,6 @@ def convert_folder(
 
 
 def _written_name(folder: Path) -> str | None:
-    from safetensors import safe_open
 
     for f in (folder / WEIGHTS, folder / "transformer" / WEIGHTS):
         if f.is_file():
@@ -589,7 +584,6 @@ def _written_name(folder: Path) -> str | None:
 
 def export_folder(path: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write the ditkit checkpoint at ``path`` as a diffusers model folder at ``out``."""
-    from ditkit.runtime.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     obj = ckpt.objective

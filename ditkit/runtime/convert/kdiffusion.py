@@ -32,6 +32,7 @@ import torch
 
 from ditkit import spec as S
 from ditkit.builder.position import rope_frequencies
+from ditkit.runtime.denoiser import NoiseRange
 
 from . import remap
 from .remap import Concat, ConversionInputError, Derived, Move, expected_shapes
@@ -276,7 +277,6 @@ def _training_config(spec: S.ModelSpec, objective, sigma_data: float) -> dict:
             f"k-diffusion's soft-min-snr is gamma = 1 / sigma_data^2 = {1 / sd**2:g}; "
             f"this checkpoint's objective has gamma {obj.gamma:g}"
         )
-    from ditkit.runtime.denoiser import NoiseRange
 
     rng = NoiseRange.of(obj)
     out: dict = {

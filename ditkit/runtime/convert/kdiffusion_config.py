@@ -20,11 +20,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ditkit import spec as S
-from ditkit.spec.experiment import Experiment
-from ditkit.errors import UserError
+from pydantic import BaseModel
 
+from ditkit import spec as S
+from ditkit.builder import build
+from ditkit.errors import UserError
+from ditkit.files import atomic_path
 from ditkit.runtime.convert import kdiffusion as KD
+from ditkit.spec.experiment import EMA, ConstantLR, Experiment, ImageFolderData, Optimizer, Training
 
 SOURCE = "k-diffusion"
 
@@ -186,7 +189,6 @@ def model_spec(config: dict, name: str) -> tuple[S.ModelSpec, list[Row]]:
 def _minimal(obj):
     """Plain data of a spec with every field equal to its default left out, so the written
     YAML reads like a hand-written preset (the spec it loads to is the same)."""
-    from pydantic import BaseModel
 
     if isinstance(obj, BaseModel):
         out = {}
@@ -400,7 +402,6 @@ def _show(x) -> str:
 
 def _training(config: dict, raw: dict, data_path: str | None) -> tuple[dict, list[Row]]:
     """The experiment's ``data``, ``training``, ``optimizer`` and ``ema`` entries."""
-    from ditkit.spec.experiment import EMA, ConstantLR, ImageFolderData, Optimizer, Training
 
     rows: list[Row] = []
     prob = raw.get("augment_prob", 0.0)
@@ -609,7 +610,6 @@ def translate(
     """The spec, experiment and per-key account of a k-diffusion config dict.
     ``experiment=False``: the model only; the training keys are listed as such, not read
     (``Translation.experiment`` is ``None``)."""
-    from ditkit.spec.experiment import Experiment
 
     if not isinstance(config, dict):
         raise KDiffusionConfigError("k-diffusion config: expected a JSON object at the top")
@@ -691,7 +691,6 @@ def convert_config(
     """Read the k-diffusion config at ``path``; write the spec to ``out`` (YAML, or JSON for a
     ``.json`` name) and, when asked, the experiment (its ``model`` is ``out``, relative to the
     experiment file). Both files are written atomically, and only once everything converted."""
-    from ditkit.files import atomic_path
 
     config = read_config(path)
     name = name or Path(path).stem.removeprefix("config_").replace("_", "-") or "hdit"
@@ -718,7 +717,6 @@ def convert_config(
 
 def parameter_count(spec: S.ModelSpec) -> int:
     """Trainable parameters of the model ``spec`` builds (meta device: free at any size)."""
-    from ditkit.builder import build
 
     model = build(spec, device="meta", init=False)
     return sum(p.numel() for p in model.parameters())

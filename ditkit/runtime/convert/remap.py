@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ditkit import spec as S
+from ditkit.builder import build
 from ditkit.errors import UserError
 
 
@@ -336,7 +337,6 @@ def check_heads(n_heads: int, d_model: int, presets: Mapping[int, int], family: 
 def expected_shapes(spec: S.ModelSpec) -> dict[str, tuple[int, ...]]:
     """The ditkit ``state_dict()`` names and shapes of ``spec`` (built on the meta device: free
     for any size)."""
-    from ditkit.builder import build
 
     model = build(spec, device="meta", init=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
