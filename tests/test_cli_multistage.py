@@ -182,7 +182,7 @@ def test_demo_model_at_16_and_32_through_sample_and_extrapolate(
     # the only multi-stage row at 32x32 is named, with nothing to test it against
     assert (
         "- **32x32, multi-stage only, accuracy:** best `as_is + stages 8,32:2:1` (the only one "
-        "scored here)" in report
+        "scored here)." in report
     )
 
 

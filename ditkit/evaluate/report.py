@@ -199,6 +199,7 @@ def parse_chains(
     targets = [(r[0], r[1]) for r in resolutions]
     out: list[Chain] = []
     for i, given in enumerate(chains):
+        stages: tuple[Any, ...] | None
         if isinstance(given, str):
             stages, where = parse_stages(given, flag), f"{flag} {given}"
         else:  # Python: the chain's place in the list

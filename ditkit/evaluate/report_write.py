@@ -49,7 +49,7 @@ def _comparison_line(
 ) -> str:
     text = f"- **{head}:** best `{best}`"
     if not tests:
-        return text + " (the only one scored here)"
+        return text + " (the only one scored here)."
     t = tests[0]
     sig = "significant" if t["p"] < alpha else "not significant"
     ties = [x["policy"] for x in tests if x["p"] >= alpha]

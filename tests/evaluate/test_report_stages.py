@@ -50,10 +50,10 @@ def digits_weights() -> dict[str, torch.Tensor]:
 
 
 def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path):
-    spec, rec = S.load(DIGITS), Recorder()
+    spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
     rows = run(
         spec,
-        digits_weights(),
+        weights,
         S.EDMObjective(),
         [S.AsIs(), S.AddLevels()],
         [(16, 16)],
@@ -87,6 +87,14 @@ def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path):
     # a one-stage chain is plain sampling, bit for bit (same seed, same labels, same model)
     assert torch.equal(rec.images[3], rec.images[0]) and torch.equal(rec.images[4], rec.images[1])
     assert not torch.equal(rec.images[2], rec.images[0])  # the draft changes the samples
+    # the front door draws the same row: the policy's model for 16x16, then the chain
+    import ditkit
+    from ditkit.runtime.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.safetensors", weights, spec, objective=S.EDMObjective())
+    model = ditkit.adapt(ditkit.load(tmp_path / "m.safetensors"), 16, "as_is")
+    x = ditkit.sample(model, labels=[i % 10 for i in range(12)], steps=2, stages="8,16:2.0:1")
+    assert torch.equal(x, rec.images[2])
     grids = tmp_path / "grids"
     assert (grids / "as_is_16x16.png").read_bytes() == (
         grids / "as_is_stages_16_16x16.png"
