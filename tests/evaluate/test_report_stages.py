@@ -49,7 +49,7 @@ def digits_weights() -> dict[str, torch.Tensor]:
     return perturb(build(S.load(DIGITS)), skip=("position",)).state_dict()
 
 
-def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path):
+def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys):
     spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
     rows = run(
         spec,
@@ -64,9 +64,12 @@ def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path):
         scorer=rec,
         eval_count=12,
         bootstrap=20,
-        progress=False,
         chains=["8,16:2.0:1", "16"],
     )
+    bars = capsys.readouterr().err  # one progress bar per stage, as ditkit sample shows them
+    assert "sampling (dpmpp_2m, stage 1/2 8x8)" in bars
+    assert "sampling (dpmpp_2m, stage 2/2 16x16)" in bars
+    assert "sampling (dpmpp_2m, stage 1/1 16x16)" in bars
     assert [(r.policy, r.kind, r.stages) for r in rows] == [
         ("as_is", "single-pass", None),
         ("add_levels", "single-pass", None),
