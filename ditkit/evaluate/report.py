@@ -14,8 +14,8 @@
   ``report.html``, the log-log cost plot (with an isotropic DiT of similar size for reference).
 
 This module keeps the policy and chain syntax (:func:`parse_policy`, :func:`policy_label`,
-:func:`parse_chains`) and re-exports
-the parts' public names, so ``from ditkit.evaluate.report import run, parse_policy, ...`` works.
+:func:`parse_chains`) and re-exports the parts' public names, so
+``from ditkit.evaluate.report import run, parse_policy, ...`` works.
 """
 
 from __future__ import annotations
