@@ -601,6 +601,9 @@ def add_stages(p, *, single: bool = True) -> None:
             help=STAGES_HELP.replace(
                 "multi-stage sampling:",
                 "multi-stage rows, one per policy and space-separated chain:",
+            ).replace(
+                "the last stage is the output resolution",
+                "a chain's last stage is its row's resolution, one of --resolutions",
             ),
         )
 

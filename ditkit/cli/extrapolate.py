@@ -2,6 +2,9 @@
 
 The runner is ``ditkit.evaluate.report``; the command may hand it a
 ``ClassifierScorer`` of the run's data kind (digits or shapes) to score the samples.
+
+    ditkit extrapolate run/ --resolutions 16,32 --policies as_is \
+        --stages 8,16:2.0 8,32:2.0    # multi-stage rows beside the single-pass ones
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ditkit.cli.common import (
     add_progress,
     add_sampling,
     add_set,
+    add_stages,
     add_threads,
     checkpoint_path,
     deprecated,
@@ -64,6 +68,7 @@ def add_parser(sub) -> None:
         help="comma-separated resolutions for the cost plot (default: --resolutions)",
     )
     add_sampling(p, steps=20, seed=0)
+    add_stages(p, single=False)
     p.add_argument("--grid-count", type=int, default=8, help="images per grid")
     p.add_argument(
         "--attention-backend",
@@ -184,7 +189,7 @@ def _finetuned_row(path: str, objective):
 
 
 def run_extrapolate(args) -> int:
-    from ditkit.evaluate.report import parse_policy, run
+    from ditkit.evaluate.report import parse_chains, parse_policy, run
 
     sampling = sampling_from_args(args)
     policies = [parse_policy(p) for p in policy_list(args.policies)]
@@ -240,6 +245,14 @@ def run_extrapolate(args) -> int:
                 "--metrics: the scores need a class-conditional model; use --metrics none"
             )
         scorer = ClassifierScorer(kind, classes)
+    chains = parse_chains(  # a chain ends at one of --resolutions; bad ones name --stages
+        args.stages or [],
+        resolutions,
+        sampling,
+        objective,
+        samples=tensors is not None and objective is not None,
+        flag="--stages",
+    )
     extra = [_finetuned_row(p, objective) for p in list_arg(args.finetuned, "--finetuned")]
     out = Path(args.out)
     from ditkit.builder import use_backend
@@ -272,6 +285,7 @@ def run_extrapolate(args) -> int:
             count_at=count_at,
             bootstrap=args.bootstrap,
             latency_batch=args.latency_batch,
+            chains=chains,
         )
     finally:
         backend.__exit__(None, None, None)

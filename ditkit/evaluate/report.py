@@ -6,27 +6,29 @@
   policy at every resolution (``ditkit.runtime.extrapolate``), count GMACs (meta device), time
   the forward, measure peak memory, sample a fixed-seed grid when weights are given and score
   the samples with a :class:`Scorer` (:class:`ClassifierScorer`: the digits/shapes classifier
-  of :mod:`ditkit.evaluate.classifier`);
+  of :mod:`ditkit.evaluate.classifier`); each stage chain adds a multi-stage row per policy;
 * **compare** (:mod:`ditkit.evaluate.report_compare`): intervals, paired tests, the best
-  policy per resolution (all rows, and the zero-shot policies alone), log-log slopes -- pure
-  functions over the rows;
+  policy per resolution (all rows, the zero-shot policies alone, and the single-pass and the
+  multi-stage rows apart), log-log slopes -- pure functions over the rows;
 * **write** (:mod:`ditkit.evaluate.report_write`): ``results.json``, ``report.md``,
   ``report.html``, the log-log cost plot (with an isotropic DiT of similar size for reference).
 
-This module keeps the policy syntax (:func:`parse_policy`, :func:`policy_label`) and re-exports
-the parts' public names, so ``from ditkit.evaluate.report import run, parse_policy, ...`` works.
+This module keeps the policy and chain syntax (:func:`parse_policy`, :func:`policy_label`,
+:func:`parse_chains`) and re-exports the parts' public names, so
+``from ditkit.evaluate.report import run, parse_policy, ...`` works.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from ditkit import spec as S
+from ditkit.errors import UserError
 from ditkit.evaluate import report_measure
 from ditkit.evaluate.report_compare import (
     OVERHEAD_FACTOR,
@@ -37,6 +39,7 @@ from ditkit.evaluate.report_compare import (
     with_intervals,
 )
 from ditkit.evaluate.report_measure import (
+    Chain,
     ClassifierScorer,
     ExtraRow,
     Measured,
@@ -46,21 +49,26 @@ from ditkit.evaluate.report_measure import (
     Scorer,
     Scores,
     Tensors,
+    chain_text,
     compact_png,
     cost_curves,
     cpu_peak_bytes,
     dit_reference,
     measure,
+    measure_chain,
     measure_forward,
     noop_check,
 )
 from ditkit.evaluate.report_write import _html, comparison_lines, write_report
+from ditkit.runtime.multistage import check_stages
+from ditkit.runtime.objectives import objective_of
 from ditkit.spec.io import load_yaml
-from ditkit.spec.sampling import Sampling
+from ditkit.spec.sampling import Sampling, Stage, parse_stages
 
 __all__ = [
     "OVERHEAD_FACTOR",
     "REPORT_SAMPLING",
+    "Chain",
     "ClassifierScorer",
     "Measured",
     "PerSample",
@@ -68,6 +76,7 @@ __all__ = [
     "Row",
     "Scorer",
     "Scores",
+    "chain_text",
     "compact_png",
     "compare",
     "compare_scopes",
@@ -78,8 +87,10 @@ __all__ = [
     "dit_reference",
     "latency_slope",
     "measure",
+    "measure_chain",
     "measure_forward",
     "noop_check",
+    "parse_chains",
     "parse_policy",
     "policy_label",
     "run",
@@ -154,6 +165,72 @@ def policy_label(policy: S.Policy) -> str:
     return policy.kind + (f":{args}" if args else "")
 
 
+ChainInput = str | Sequence[Stage | Mapping[str, Any]]
+"""A stage chain as :func:`run` takes it: the command line's ``"8,16:2.0"``, or
+:class:`~ditkit.spec.sampling.Stage` objects or mappings of their fields."""
+
+
+def parse_chains(
+    chains: Sequence[ChainInput],
+    resolutions: Sequence[tuple[int, int]],
+    sampling: Sampling | None = None,
+    objective: S.Objective | None = None,
+    *,
+    samples: bool = True,
+    flag: str = "chains",
+) -> list[Chain]:
+    """The stage chains of a report's multi-stage rows, checked; every error is a
+    :class:`~ditkit.errors.UserError` that starts with ``flag`` and the chain.
+
+    A chain ends at one of the report's ``resolutions`` (its last stage is the target: the
+    rows it adds sit beside the single-pass rows of that resolution and are compared with
+    them), its stages validate as :attr:`Sampling.stages` (the first from pure noise, every
+    later one with a sigma, small to large) and, given the ``objective``, re-noise inside its
+    noise range. ``samples``: whether the report draws samples at all (a multi-stage row is a
+    way of sampling: without trained weights and an objective it would only repeat the
+    single-pass row's costs). The same chain twice is refused."""
+
+    if chains and not samples:
+        raise UserError(
+            f"{flag}: multi-stage rows compare samples, and this report draws none (it needs "
+            "trained weights and an objective: give a checkpoint or a run folder)"
+        )
+    base = Sampling.of(sampling or REPORT_SAMPLING, stages=())
+    targets = [(r[0], r[1]) for r in resolutions]
+    out: list[Chain] = []
+    for i, given in enumerate(chains):
+        stages: tuple[Any, ...] | None
+        if isinstance(given, str):
+            stages, where = parse_stages(given, flag), f"{flag} {given}"
+        else:  # Python: the chain's place in the list
+            stages, where = tuple(given), f"{flag}[{i}]"
+        if not stages:
+            raise UserError(f"{where}: an empty chain; give at least one stage, e.g. 8,16:2.0")
+        try:
+            staged = Sampling.of(base, stages=stages)
+        except S.SpecError as err:
+            path, message = err.issues[0]
+            raise UserError(f"{where}: {path}: {message.split(' (got ')[0]}") from None
+        chain = staged.stages
+        end = (chain[-1].resolution[0], chain[-1].resolution[1])
+        if end not in targets:
+            listed = ", ".join(f"{h}x{w}" for h, w in targets)
+            raise UserError(
+                f"{where}: ends at {end[0]}x{end[1]}, which is not one of the report's "
+                f"resolutions ({listed}); the last stage is the row's target resolution: end "
+                "the chain at one of them or add it to the resolutions"
+            )
+        if objective is not None:
+            try:
+                check_stages(objective_of(objective), staged)
+            except UserError as err:
+                raise UserError(f"{where}: {str(err).removeprefix('stages: ')}") from None
+        if chain in out:
+            raise UserError(f"{where}: given twice (each chain is one row per policy)")
+        out.append(chain)
+    return out
+
+
 def run(
     spec: S.ModelSpec,
     tensors: Tensors | None,
@@ -175,6 +252,7 @@ def run(
     count_at: dict[tuple[int, int], int] | None = None,
     bootstrap: int = 300,
     latency_batch: int = 1,
+    chains: Sequence[ChainInput] = (),
     **settings: Any,
 ) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
@@ -197,8 +275,27 @@ def run(
     reuses the samples and scores of the first such row instead of drawing them again. Scored
     rows get 95% intervals (Wilson for accuracy, a ``bootstrap`` percentile interval for the
     Fréchet distance), and the rows of each resolution are compared on the same samples
-    (:func:`compare`)."""
+    (:func:`compare`).
+
+    ``chains``: multi-stage sampling (:mod:`ditkit.runtime.multistage`), each chain e.g.
+    ``"8,16:2.0"`` (:func:`parse_chains`: it ends at one of ``resolutions``). Every policy
+    samples every chain with its model for the chain's last resolution: one ``multi-stage`` row
+    each (``POLICY + stages CHAIN``), scored on the same seed and labels as the single-pass
+    rows, and the report names the best single-pass and the best multi-stage row at each such
+    resolution apart."""
     sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
+    if sampling.stages:
+        raise UserError(
+            "sampling.stages: the report's single-pass rows sample in one pass; give stage "
+            "chains as chains=[...] (one multi-stage row per policy and chain)"
+        )
+    staged = parse_chains(
+        chains,
+        resolutions,
+        sampling,
+        objective,
+        samples=tensors is not None and objective is not None,
+    )
     plan = Plan(
         sampling,
         grid_count=samples,
@@ -216,7 +313,16 @@ def run(
     labelled = [(policy_label(p), p) for p in policies]
     # ``measure`` (the flag) shadows the function here: reach the part through its module
     measured = report_measure.measure(
-        spec, tensors, objective, labelled, resolutions, out, plan, extra=extra, curve=curve
+        spec,
+        tensors,
+        objective,
+        labelled,
+        resolutions,
+        out,
+        plan,
+        extra=extra,
+        curve=curve,
+        chains=staged,
     )
     rows, comparisons = compared(measured, bootstrap, sampling.seed)
     write_report(

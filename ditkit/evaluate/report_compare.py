@@ -2,8 +2,9 @@
 
 95% intervals for each scored row (Wilson for accuracy, a bootstrap percentile interval for the
 Fréchet distance), paired tests of every row of a resolution against its best (McNemar for
-accuracy, a paired bootstrap for the Fréchet difference) in two scopes (all rows, and the
-zero-shot policies alone where fine-tuned rows take part), and the log-log slopes of cost and
+accuracy, a paired bootstrap for the Fréchet difference) in several scopes (all rows; the
+zero-shot policies alone where fine-tuned rows take part; the single-pass rows alone and the
+multi-stage rows alone where multi-stage rows take part), and the log-log slopes of cost and
 latency against pixels. Nothing here measures or writes.
 """
 
@@ -54,12 +55,15 @@ def compare(
     rounds: int = 300,
     seed: int = 0,
     scope: str = "all",
+    min_rows: int = 2,
 ) -> list[dict[str, Any]]:
     """Per resolution, the best row by accuracy and by Fréchet distance and paired tests of
     every other row against it on the same samples (same seed, same labels): McNemar's exact
     test for accuracy, a paired bootstrap of the Fréchet difference. Rows that reuse another
     row's samples (bit-identical models) are left out. ``scope`` labels the entries (``all``
-    rows, or ``zero-shot`` when the caller passes only the policies' rows)."""
+    rows, or ``zero-shot`` when the caller passes only the policies' rows, ``single-pass`` /
+    ``multi-stage`` for one kind of row). A resolution with fewer than ``min_rows`` rows has
+    no entry (``min_rows=1``: a lone row is named the best, with no tests)."""
 
     out = []
     by_res: dict[Resolution, list[int]] = {}
@@ -68,7 +72,7 @@ def compare(
             by_res.setdefault(rows[i].resolution, []).append(i)
     for res, idx in by_res.items():
         counts = {len(paired[i].correct) for i in idx}
-        if len(idx) < 2 or len(counts) != 1:
+        if len(idx) < min_rows or len(counts) != 1:
             continue
         best_acc = max(
             idx, key=lambda i: (rows[i].metrics["accuracy"], -rows[i].metrics["frechet"])
@@ -124,16 +128,28 @@ def compare_scopes(
     rounds: int = 300,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """:func:`compare` over all rows, and -- at the resolutions where fine-tuned (extra) rows,
-    those from index ``n_policy_rows`` on, take part -- over the zero-shot policies alone:
-    "which policy to use without training" is a question of its own. Sorted by pixels, the
-    ``all`` scope first."""
+    """:func:`compare` over all rows; at the resolutions where fine-tuned (extra) rows, the
+    single-pass rows from index ``n_policy_rows`` on, take part, over the zero-shot policies
+    alone ("which policy to use without training" is a question of its own); and at the
+    resolutions where multi-stage rows take part, over the single-pass rows alone and over the
+    multi-stage rows alone (each kind's best is named even when it is the only row of its kind
+    there). Sorted by pixels, the ``all`` scope first."""
     comparisons = compare(rows, scores, rounds, seed)
-    tuned_res = {rows[i].resolution for i in scores if i >= n_policy_rows}
+    tuned_res = {
+        rows[i].resolution for i in scores if i >= n_policy_rows and rows[i].kind == "single-pass"
+    }
     zero_shot = {
         i: p for i, p in scores.items() if i < n_policy_rows and rows[i].resolution in tuned_res
     }
     comparisons += compare(rows, zero_shot, rounds, seed, scope="zero-shot")
+    staged_res = {rows[i].resolution for i in scores if rows[i].kind == "multi-stage"}
+    for kind in ("single-pass", "multi-stage"):
+        of_kind = {
+            i: p
+            for i, p in scores.items()
+            if rows[i].kind == kind and rows[i].resolution in staged_res
+        }
+        comparisons += compare(rows, of_kind, rounds, seed, scope=kind, min_rows=1)
     comparisons.sort(key=lambda c: (c["resolution"][0] * c["resolution"][1], c["scope"] != "all"))
     return comparisons
 

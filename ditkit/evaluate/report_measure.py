@@ -4,8 +4,10 @@ grid and score its samples.
 For every labelled policy and target resolution it adapts the spec and weights
 (``ditkit.runtime.extrapolate``), counts GMACs (meta device), measures forward latency and peak
 memory, samples a fixed-seed grid when weights are given and scores the samples with a
-:class:`Scorer`. The result is a :class:`Measured`: small :class:`Row` dataclasses plus the
-per-sample scores the compare part (:mod:`ditkit.evaluate.report_compare`) tests pairwise.
+:class:`Scorer`. Each stage chain (multi-stage sampling, :mod:`ditkit.runtime.multistage`) adds
+a ``multi-stage`` row per policy at the resolution the chain ends at. The result is a
+:class:`Measured`: small :class:`Row` dataclasses plus the per-sample scores the compare part
+(:mod:`ditkit.evaluate.report_compare`) tests pairwise.
 Nothing here writes the report (:mod:`ditkit.evaluate.report_write`).
 """
 
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -30,19 +32,32 @@ from tqdm import tqdm
 
 from ditkit import spec as S
 from ditkit.builder import build, describe
+from ditkit.errors import UserError
 from ditkit.evaluate.classifier import ResolutionMetrics
 from ditkit.evaluate.stats import FrechetToReference
 from ditkit.files import atomic_path
 from ditkit.runtime.denoiser import Denoiser
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve
 from ditkit.runtime.images import save_grid
+from ditkit.runtime.multistage import sample_staged
 from ditkit.runtime.samplers import sample
-from ditkit.spec.sampling import Sampling
+from ditkit.runtime.schedules import SamplingError
+from ditkit.runtime.shape_rule import ExportError, check_shape
+from ditkit.spec.sampling import Sampling, Stage
 
 Resolution = tuple[int, int]
 Tensors = dict[str, torch.Tensor]
 ExtraRow = tuple[str, S.ModelSpec, Tensors]
 """A row of a model already at its resolution: ``(label, spec, tensors)``."""
+Chain = tuple[Stage, ...]
+"""The stages of one multi-stage row (:attr:`ditkit.spec.sampling.Sampling.stages`); the last
+stage's resolution is the row's."""
+RowKind = Literal["single-pass", "multi-stage"]
+
+
+def chain_text(chain: Sequence[Stage]) -> str:
+    """A chain in its command-line spelling, e.g. ``8,16:2`` (``parse_stages`` reads it)."""
+    return ",".join(stage.text() for stage in chain)
 
 
 # --- rows and scores: the data passed from measure to compare to write ---------------------
@@ -63,6 +78,11 @@ class Row:
     same_as: str | None = None
     """Set when the row's model is bit-identical to the trained one at the training
     resolution and it reuses that row's samples and scores."""
+    kind: RowKind = "single-pass"
+    """``single-pass``: sampled at its resolution directly (a policy's or an extra row);
+    ``multi-stage``: drafted small, enlarged, re-noised and refined through ``stages``."""
+    stages: str | None = None
+    """A multi-stage row's chain in its command-line spelling (:func:`chain_text`)."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +171,9 @@ class Plan:
 
 @dataclass
 class Measured:
-    """The measure part's result: the rows (the policies' first, then the extra rows), the
-    per-sample scores by row index, each policy's no-op check and the cost curves."""
+    """The measure part's result: the rows (the policies' first, then the extra rows, then
+    the multi-stage rows), the per-sample scores by row index, each policy's no-op check and
+    the cost curves."""
 
     rows: list[Row]
     scores: dict[int, PerSample]
@@ -358,23 +379,36 @@ def sample_grid(
     out: Path,
     label: str,
     plan: Plan,
+    stages: Chain = (),
 ) -> tuple[str, Scores | None]:
     """Sample ``max(grid_count, count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``grid_count`` as a grid, score all of them with the plan's
-    scorer at ``res`` (if any): ``(grid path relative to out, scores or None)``."""
+    scorer at ``res`` (if any): ``(grid path relative to out, scores or None)``.
+
+    ``stages``: sample through these stages instead (ending at ``res``; each stage's shape is
+    checked against the model first, and the plan's ``progress`` shows one bar per stage): a
+    stage the model cannot sample is a :class:`ExportError` or :class:`SamplingError`."""
 
     scorer, count, n = plan.scorer_at(res), plan.count_for(res), plan.grid_count
     device = plan.device
     classes = spec.conditioning.classes
     total = max(n, count if scorer is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
-    x = sample(
-        Denoiser(model, objective),
-        (total, spec.input.channels, *res),
-        plan.sampling,
-        class_labels=labels,
-        device=device,
-    )
+    shape = (total, spec.input.channels, *res)
+    if stages:
+        x = sample_staged(
+            Denoiser(model, objective),
+            shape,
+            Sampling.of(plan.sampling, stages=stages),
+            class_labels=labels,
+            device=device,
+            progress=plan.progress,
+            check=lambda s: check_shape(spec, s, None, "stages"),
+        )
+    else:
+        x = sample(
+            Denoiser(model, objective), shape, plan.sampling, class_labels=labels, device=device
+        )
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
@@ -427,9 +461,11 @@ def measure(
     plan: Plan,
     extra: Sequence[ExtraRow] = (),
     curve: list[Resolution] | None = None,
+    chains: Sequence[Chain] = (),
 ) -> Measured:
     """Measure every labelled policy at every resolution, then every ``extra`` row ``(label,
-    spec, tensors)`` of a model already at its resolution (e.g. a fine-tuned adaptation).
+    spec, tensors)`` of a model already at its resolution (e.g. a fine-tuned adaptation), then
+    every policy through every stage chain in ``chains`` (:func:`measure_chain`).
 
     Without ``tensors`` a policy's row has costs (and, if the plan times, the latency of random
     weights seeded by the plan's seed) but no samples; without an ``objective`` nothing is
@@ -498,5 +534,71 @@ def measure(
             if found is not None and found.per_sample is not None:
                 scores[len(rows)] = found.per_sample
         rows.append(row)
+    # a chain's row starts from the policy's single-pass row where the chain ends (the same
+    # model: its costs, its refusal)
+    single = {(r.policy, r.resolution): r for r in rows[:n_policy_rows]}
+    staged = [
+        (p, single.get((label, _end(chain))), chain) for label, p in policies for chain in chains
+    ]
+    for policy, base, chain in tqdm(
+        staged, desc="multi-stage", unit="run", disable=not (staged and plan.progress)
+    ):
+        if base is None:
+            end = _end(chain)
+            raise UserError(
+                f"stages {chain_text(chain)}: ends at {end[0]}x{end[1]}, which is not one of "
+                "the measured resolutions; end each chain at one of them"
+            )
+        row, per = measure_chain(spec, tensors, objective, policy, base, chain, out, plan)
+        if per is not None:
+            scores[len(rows)] = per
+        rows.append(row)
     curves = cost_curves(spec, policies, curve or resolutions)
     return Measured(rows, scores, noop, curves, n_policy_rows)
+
+
+def _end(chain: Chain) -> Resolution:
+    return (chain[-1].resolution[0], chain[-1].resolution[1])
+
+
+def measure_chain(
+    spec: S.ModelSpec,
+    tensors: Tensors | None,
+    objective: S.Objective | None,
+    policy: S.Policy,
+    base: Row,
+    chain: Chain,
+    out: Path,
+    plan: Plan,
+) -> tuple[Row, PerSample | None]:
+    """One ``multi-stage`` row: the policy's model for the resolution the chain ends at -- the
+    model of ``base``, the policy's single-pass row there, adapted as ``ditkit sample --policy
+    --stages`` adapts it -- samples every stage of ``chain``. The row is labelled
+    ``BASE + stages CHAIN`` and has ``base``'s GMACs, parameters and re-initialised count; it
+    is not timed again (its forward is ``base``'s). Where ``base`` has an error (the policy
+    cannot reach the resolution) the row has it too; a stage shape the adapted model cannot
+    take gives a row with an ``error`` instead of samples."""
+    text = chain_text(chain)
+    row = replace(
+        base,
+        policy=f"{base.policy} + stages {text}",
+        latency_ms=None,
+        peak_mib=None,
+        grid=None,
+        metrics={},
+        same_as=None,
+        kind="multi-stage",
+        stages=text,
+    )
+    if base.error is not None or tensors is None or objective is None:
+        return row, None
+    res = base.resolution
+    adapted = adapt(spec, tensors, policy, res, seed=plan.sampling.seed)
+    model = _loaded(adapted.spec, adapted.tensors, plan.device)
+    try:
+        grid, found = sample_grid(
+            model, objective, adapted.spec, res, out, row.policy, plan, stages=chain
+        )
+    except (SamplingError, ExportError) as err:  # a stage this model cannot sample
+        return replace(row, error=str(err)), None
+    return _scored(row, grid, found), found.per_sample if found is not None else None

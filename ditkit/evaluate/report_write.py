@@ -52,7 +52,7 @@ def _comparison_line(
 ) -> str:
     text = f"- **{head}:** best `{best}`"
     if not tests:
-        return text
+        return text + " (the only one scored here)."
     t = tests[0]
     sig = "significant" if t["p"] < alpha else "not significant"
     ties = [x["policy"] for x in tests if x["p"] >= alpha]
@@ -66,10 +66,19 @@ def _comparison_line(
     )
 
 
+SCOPE_WORDS = {
+    "zero-shot": ", zero-shot policies only",
+    "single-pass": ", single-pass only",
+    "multi-stage": ", multi-stage only",
+}
+"""How a comparison line names its scope (:func:`ditkit.evaluate.report_compare.compare`);
+the ``all`` scope has no words."""
+
+
 def comparison_lines(c: dict[str, Any], alpha: float = 0.05) -> list[str]:
     """Plain sentences for one resolution's :func:`compare` entry."""
     h, w = c["resolution"]
-    only = ", zero-shot policies only" if c.get("scope") == "zero-shot" else ""
+    only = SCOPE_WORDS.get(c.get("scope", "all"), "")
     acc = _comparison_line(
         f"{h}x{w}{only}, accuracy",
         c["best_accuracy"],
@@ -130,6 +139,7 @@ def write_report(
 
     h0, w0 = spec.input.resolution
     scored = [r for r in rows if r.metrics]
+    staged = [r for r in rows if r.kind == "multi-stage"]
     md = [f"# Resolution extrapolation: {spec.name}", "", f"Trained at {h0}x{w0}."]
     if sampling:
         md[-1] += f" Samples: `{sampling.sampler}`, {sampling.steps} steps, seed {sampling.seed}"
@@ -163,6 +173,17 @@ def write_report(
             "images, with a 95% bootstrap interval (resampling the samples) and, in brackets, "
             "the same distance for as many held-out real images (what a perfect generator "
             "would score at this sample size).",
+        ]
+    if staged:
+        md += [
+            "",
+            "Rows named `POLICY + stages CHAIN` are **multi-stage**: sampled through the "
+            "chain's stages (`RES[:SIGMA[:STEPS]]`: a draft at the first stage's resolution "
+            "from pure noise, then per stage enlarged, re-noised to SIGMA and refined; the "
+            "guide *Multi-stage sampling*) by the policy's model for the row's resolution, "
+            "with the same seed and labels as the single-pass rows. Their GMACs and params are "
+            "that model's, per forward; they are not timed again (the policy's single-pass row "
+            "at the same resolution times the same network).",
         ]
     base = next(
         (
@@ -235,6 +256,12 @@ def write_report(
             "rows take part, the zero-shot policies are also ranked among themselves "
             "(*zero-shot policies only*): the choice without any training.",
         ]
+        if any(c.get("scope") == "multi-stage" for c in comparisons):
+            md[-1] += (
+                " Where multi-stage rows take part, the best single-pass row and the best "
+                "multi-stage row are also named apart (*single-pass only*, *multi-stage "
+                "only*), each tested against the others of its kind."
+            )
         md += [""] + [line for c in comparisons for line in comparison_lines(c)]
     md += ["", "## Cost vs pixels (log-log slopes)", ""]
     md += [f"- {k}: GMACs slope {s:.3f}" for k, s in results["slopes"].items() if s is not None]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ditkit.spec.sampling import Sampling, Stage
 
+from .objectives import Objective
 from .samplers import get_sigmas, sample
 from .schedules import SamplingError
 
@@ -38,10 +39,9 @@ def stage_seed(seed: int, k: int) -> int:
     return seed if k == 0 else (seed + k * _GOLDEN) % (1 << 63)
 
 
-def stage_sigmas(denoiser, sampling: Sampling, stage: Stage) -> torch.Tensor:
-    """The schedule of a refinement ``stage``: ``steps + 1`` descending sigmas from exactly
-    ``stage.sigma`` to 0 (the sampling's schedule kind and ``sigma_min``)."""
-    objective = denoiser.noise_range
+def _stage_range(objective: Objective, sampling: Sampling, stage: Stage) -> tuple[float, float]:
+    """``(lowest sigma, stage.sigma)`` of a refinement ``stage``, or a :class:`SamplingError`
+    when its sigma lies outside the model's noise range."""
     lo = sampling.sigma_min if sampling.sigma_min is not None else objective.sigma_min
     sigma = stage.sigma
     if sigma is None:  # the Sampling spec requires it on every stage after the first
@@ -57,6 +57,22 @@ def stage_sigmas(denoiser, sampling: Sampling, stage: Stage) -> torch.Tensor:
             f"noise level {objective.sigma_max:g}; use a lower one (the "
             "first stage already starts from pure noise)"
         )
+    return lo, sigma
+
+
+def check_stages(objective: Objective, sampling: Sampling) -> None:
+    """Refuse (:class:`SamplingError`) a ``sampling`` whose refinement stages re-noise outside
+    ``objective``'s noise range, before anything is sampled (``stage_sigmas`` refuses the same
+    stage when it comes to it)."""
+    for stage in sampling.stages[1:]:
+        _stage_range(objective, sampling, stage)
+
+
+def stage_sigmas(denoiser, sampling: Sampling, stage: Stage) -> torch.Tensor:
+    """The schedule of a refinement ``stage``: ``steps + 1`` descending sigmas from exactly
+    ``stage.sigma`` to 0 (the sampling's schedule kind and ``sigma_min``)."""
+    objective = denoiser.noise_range
+    lo, sigma = _stage_range(objective, sampling, stage)
     sigmas = get_sigmas(
         objective,
         stage.steps or sampling.steps,
@@ -160,4 +176,4 @@ def sample_staged(
     return x
 
 
-__all__ = ["sample_staged", "stage_sigmas", "stage_seed", "enlarge"]
+__all__ = ["sample_staged", "stage_sigmas", "stage_seed", "enlarge", "check_stages"]

@@ -40,7 +40,6 @@ from ditkit.spec.sampling import (
     legacy_sampling,
 )
 
-
 EXPERIMENT_VERSION: Literal[1] = 1
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -353,6 +353,8 @@ def test_runner_gives_intervals_reuses_identical_cells_and_names_the_best(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "**NOT a no-op: changes the model**" in report
     assert "identical (exact no-op)" in report and "## Which policy is best" in report
+    assert "multi-stage" not in report and "single-pass only" not in report  # no chains given
+    assert {r.kind for r in rows} == {"single-pass"}
     base = by[("as_is", (16, 16))].metrics
     assert (
         f"**The trained model at its training resolution** (16x16, `as_is`): "
