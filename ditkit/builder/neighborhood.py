@@ -396,8 +396,11 @@ def tiled_inference(q, k, v, kernel_size, dilation, scale, tile: int = INFERENCE
         lambda: _additive(tiled_plan(hh, ww, kernel_size, dilation, tile, q.device), q.dtype),
     )
     n_tiles, tq, span = mask.shape
+    step = max(1, TILE_CHUNK_BYTES // (2 * span * d * q.element_size()))  # tiles a chunk
+    if step >= 2 * n_tiles:  # small grids: whole grids a chunk, as gather's chunks do
+        return _tiled_inference_grids(q, k, v, (q_idx, k_idx, mask, where), scale, step // n_tiles)
+    step = min(n_tiles, step)
     q_idx, k_idx = q_idx.view(n_tiles, tq), k_idx.view(n_tiles, span)
-    step = max(1, min(n_tiles, TILE_CHUNK_BYTES // (2 * span * d * q.element_size())))
     out = q.new_empty(b, hh, ww, nh, d)
     tiles_out = q.new_empty(n_tiles * tq, d)  # one grid's tiled queries, reused
     for bi in range(b):
@@ -412,6 +415,27 @@ def tiled_inference(q, k, v, kernel_size, dilation, scale, tile: int = INFERENCE
                 torch.bmm(p, vt, out=tiles_out[a * tq : e * tq].view(e - a, tq, d))
             out[bi, :, :, hi].copy_(tiles_out.index_select(0, where).view(hh, ww, d))
     return out.permute(0, 3, 1, 2, 4)  # (B, heads, H, W, D)
+
+
+def _tiled_inference_grids(q, k, v, plan, scale, per: int):
+    """``tiled_inference`` for grids smaller than a chunk: ``per`` whole (batch entry, head)
+    grids a chunk, so that a batch of small grids is a few large products, not many tiny ones."""
+    b, nh, hh, ww, d = q.shape
+    q_idx, k_idx, mask, where = plan
+    n_tiles, tq, span = mask.shape
+    n, groups = hh * ww, b * nh
+    qf, kf, vf = (t.reshape(groups * n, d) for t in (q, k, v))  # copies if strided: small
+    out = q.new_empty(groups, n_tiles * tq, d)
+    for g in range(0, groups, per):
+        e = min(groups, g + per)
+        base = torch.arange(g, e, device=q.device)[:, None] * n  # (grids, 1) first row
+        qt = qf.index_select(0, (base + q_idx[None]).flatten()).view(-1, tq, d)
+        kt = kf.index_select(0, (base + k_idx[None]).flatten()).view(-1, span, d)
+        vt = vf.index_select(0, (base + k_idx[None]).flatten()).view(-1, span, d)
+        m = mask.repeat(e - g, 1, 1)  # (grids tiles, T T, L)
+        p = torch.baddbmm(m, qt, kt.transpose(1, 2), alpha=scale).softmax(-1)
+        torch.bmm(p, vt, out=out[g:e].view(-1, tq, d))
+    return out.index_select(1, where).view(b, nh, hh, ww, d)
 
 
 # --------------------------------------------------------------------------------------------

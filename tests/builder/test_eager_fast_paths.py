@@ -70,9 +70,12 @@ def test_eager_training_gradients_equal_the_traced_form():
         ((3, 2, 8, 8, 32), (5, 5), (1, 1)),
     ],
 )
-def test_tiled_inference_equals_masked_on_strided_qkv_views(shape, kernel, dilation, monkeypatch):
+@pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])  # several chunks a grid / grids a chunk
+def test_tiled_inference_equals_masked_on_strided_qkv_views(
+    shape, kernel, dilation, chunk_bytes, monkeypatch
+):
     b, nh, hh, ww, d = shape
-    monkeypatch.setattr(nb, "TILE_CHUNK_BYTES", 4096)  # several chunks per grid
+    monkeypatch.setattr(nb, "TILE_CHUNK_BYTES", chunk_bytes)
     qkv = torch.randn(b, hh, ww, 3, nh, d)  # what the attention modules pass: strided views
     q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
     ref = nb.masked(q, k, v, kernel, dilation, 0.3)
