@@ -148,9 +148,9 @@ class QKRope(nn.Module):
                 temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,) on the logits
                 q = q * temp.to(q.dtype)[:, None, None, None, None]
             return q, k
-        theta = self._theta(hh, ww, q.device)
-        assert theta is not None  # rope_freqs is set
-        return apply_rope(q, theta), apply_rope(k, theta)
+        angles = self._theta(hh, ww, q.device)
+        assert angles is not None  # rope_freqs is set
+        return apply_rope(q, angles), apply_rope(k, angles)
 
     def _theta(self, hh: int, ww: int, device: torch.device) -> torch.Tensor | None:
         """Static RoPE angles ``(heads, H, W, r/2)`` of an ``H x W`` grid (None: no RoPE)."""
@@ -209,9 +209,10 @@ class CosineLogits(nn.Module):
         kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
         return qf.to(q.dtype), kf.to(k.dtype), self.factor
 
-    def joint(self, qk: torch.Tensor, gain: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def joint(self, qk: torch.Tensor, gain: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """``forward`` on q and k stacked in one ``(..., 2, heads, D)`` tensor (eager): the sum
         of squares from one ``vector_norm`` pass, then one multiply."""
+        assert gain is not None  # the attention module's learned scale, made with cosine logits
         dtype = torch.promote_types(qk.dtype, torch.float32)
         qkf = qk.to(dtype)
         s = gain.to(dtype).sqrt()[:, None]  # (heads, 1)
