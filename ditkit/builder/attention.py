@@ -261,16 +261,16 @@ class Attention(QKRope):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
-        if self.q_norm is None and not self.rope_dynamic and not kernels.is_tracing():
-            # eager: q and k shaped together where the projection wrote them, one pass of each
-            # op for both; the kernels read the strided views (no layout copies)
+        if self.q_norm is None and not self.rope_dynamic and kernels.fast_inference():
+            # eager inference: q and k shaped together where the projection wrote them, one
+            # pass of each op for both; the kernels read the strided views (no layout copies)
             qk, scale = self.logits.joint(qkv[:, :, :, :2], self.scale)  # (B, H, W, 2, heads, D)
             theta = self._theta(hh, ww, x.device)  # (heads, H, W, r/2)
             if theta is not None:
                 qk = apply_rope(qk, theta.permute(1, 2, 0, 3).unsqueeze(2))
             q, k = qk.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
             v = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
-        else:  # traces keep the form the ONNX rewrites (ditkit/deploy/ort_fusion.py) match
+        else:  # traces (the form ditkit/deploy/ort_fusion.py rewrites) and autograd
             q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
             q, k = self._norm_qk(q, k)
             q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor

@@ -15,7 +15,7 @@ from torch import nn
 from ditkit import spec as S
 
 from .init import zero_linear_
-from .kernels import is_tracing
+from .kernels import fast_inference
 
 
 class FeedForward(nn.Module):
@@ -69,9 +69,9 @@ class GEGLU(FeedForward):
         return value * F.gelu(gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        if is_tracing():  # traces: one up projection + split, the form ort_fusion rewrites
+        if not fast_inference():  # traces (the form ort_fusion rewrites) and autograd
             return super().forward(x)
-        # eager: value and gate from the two halves of ``up``'s weight, each a contiguous
+        # eager inference: value and gate from the two halves of ``up``'s weight, each a contiguous
         # tensor (the same products; GELU on the strided half of one output ran 2x slower)
         d_ff = self.down.in_features
         w, b = self.up.weight, self.up.bias

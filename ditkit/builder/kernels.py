@@ -47,6 +47,7 @@ __all__ = [
     "current_backend",
     "is_exporting",
     "is_tracing",
+    "fast_inference",
     "natten_available",
     "resolve_backend",
     "count_attention",
@@ -161,6 +162,15 @@ def is_tracing() -> bool:
     where the modules keep the op patterns the ONNX rewrites match (eager calls take fused
     forms, e.g. one ``rms_norm`` for cosine logits)."""
     return is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def fast_inference() -> bool:
+    """Eager calls without autograd (``torch.no_grad`` / ``inference_mode``, outside traces):
+    where the modules take their fused forms (q and k shaped together, a ``vector_norm``
+    RMSNorm, GEGLU from two weight halves). They compute the same function up to fp32 rounding;
+    calls with autograd keep the traced forms' arithmetic exactly, so a training run follows the
+    same trajectory as before (a few Adam steps from zero-initialised layers amplify rounding)."""
+    return not torch.is_grad_enabled() and not is_tracing()
 
 
 def natten_available() -> bool:
