@@ -10,9 +10,11 @@ package ``ditkit_base`` (every ``ditkit`` name in it renamed), so both trees loa
 process. The spec is built by both, the base model gets this tree's weights, and then, per
 resolution and mode, the two models run alternately (``--repeats`` rounds of one step each,
 after a warm-up of each), so a change in the machine's load hits both alike. It prints the
-median ms of each, their ratio, the fastest run of each, the largest output difference relative to the output's scale
-(the two must compute the same function), and each one's share of the fp32 matmul peak measured
-in the same process (``benchmarks/roofline.py``'s ``matmul_peak`` and multiply-add count).
+median ms of each, their ratio, the fastest run of each, the largest output difference relative
+to the output's scale (the two must compute the same function), and each one's share of the fp32
+matmul peak measured in the same process (``benchmarks/roofline.py``'s ``matmul_peak`` and
+multiply-add count). Both models share the process's allocator settings
+(``ditkit.device.tune_cpu_allocator``), so the comparison covers code changes only.
 """
 
 from __future__ import annotations
