@@ -338,10 +338,10 @@ def tiled(q, k, v, kernel_size, dilation, scale, tile: int | None = None):
     Tiles are the product of the row tiles of the two axes (``_tile_plan``); queries, keys and
     values are gathered per tile by one flat index, attended with one batched SDPA call, and
     scattered back by index. Eager calls reuse the index plan of a grid (``_cached``); traces
-    build it inline from the symbolic sizes. Eager calls that need no gradient run
+    build it inline from the symbolic sizes. Eager CPU calls that need no gradient run
     ``tiled_inference`` (the same tiles, in cache-sized chunks)."""
     b, nh, hh, ww, d = q.shape
-    if tile is None and _eager(q, k, v) and not _needs_grad(q, k, v):
+    if tile is None and q.device.type == "cpu" and _eager(q, k, v) and not _needs_grad(q, k, v):
         return tiled_inference(q, k, v, kernel_size, dilation, scale)
     if tile is None:
         tile = EXPORT_TILE if _exporting() else TILE
