@@ -23,6 +23,7 @@ from .init import zero_linear_
 from .norm import Norm, make_norm
 from .position import (
     apply_rope,
+    apply_rope_,
     dynamic_rope_frequencies,
     dynamic_yarn_temperature,
     grid_positions,
@@ -266,8 +267,8 @@ class Attention(QKRope):
             # pass of each op for both; the kernels read the strided views (no layout copies)
             qk, scale = self.logits.joint(qkv[:, :, :, :2], self.scale)  # (B, H, W, 2, heads, D)
             theta = self._theta(hh, ww, x.device)  # (heads, H, W, r/2)
-            if theta is not None:
-                qk = apply_rope(qk, theta.permute(1, 2, 0, 3).unsqueeze(2))
+            if theta is not None:  # in place: qk is the cosine output or qkv's own slice
+                qk = apply_rope_(qk, theta.permute(1, 2, 0, 3).unsqueeze(2))
             q, k = qk.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
             v = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
         else:  # traces (the form ditkit/deploy/ort_fusion.py rewrites) and autograd

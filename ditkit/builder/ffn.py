@@ -77,7 +77,8 @@ class GEGLU(FeedForward):
         w, b = self.up.weight, self.up.bias
         value = F.linear(x, w[:d_ff], None if b is None else b[:d_ff])
         gate = F.linear(x, w[d_ff:], None if b is None else b[d_ff:])
-        return self.down(self.dropout(value * F.gelu(gate)))  # (B, H, W, C)
+        h = torch.ops.aten.gelu_(gate).mul_(value)  # in place: no autograd here
+        return self.down(self.dropout(h))  # (B, H, W, C)
 
 
 class SwiGLU(FeedForward):
