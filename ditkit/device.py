@@ -141,3 +141,43 @@ def set_threads(threads: int | None, flag: str = "--threads") -> int:
     n = threads or default_threads()
     torch.set_num_threads(n)
     return n
+
+
+#: ``DITKIT_CPU_ALLOCATOR=default`` leaves glibc's allocator settings alone
+ALLOCATOR_ENV = "DITKIT_CPU_ALLOCATOR"
+#: glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+MMAP_THRESHOLD = 32 << 20
+_allocator_tuned: bool | None = None
+
+
+def tune_cpu_allocator(environ=None) -> bool:
+    """Keep freed tensor buffers up to 32 MiB in glibc's heap instead of giving them back to
+    the system (``mallopt``: mmap threshold 32 MiB, trim threshold 1 GiB). Returns whether the
+    settings are in force. Once per process; ``DITKIT_CPU_ALLOCATOR=default`` turns it off.
+
+    Why: by default glibc serves every buffer over its (adaptive) mmap threshold with a fresh
+    ``mmap`` and unmaps it on free, so each new activation of a few MiB page-faults on first
+    touch, which the kernel pays for by zeroing the pages. On this project's 2-core VM a GEGLU
+    product (``value * gelu(gate)``, 1x64x64x384) took 10 ms that way against 2.1-3.5 ms with
+    the buffers reused, and the hdit-bench-4m forward at 256^2 / 512^2 ran 13-15 % faster
+    (docs/measurements.md). The cost: the process keeps its peak heap resident, as PyTorch's
+    own caching allocators do on GPUs. Not glibc (macOS, musl, Windows): nothing to do."""
+    global _allocator_tuned
+    env = os.environ if environ is None else environ
+    if env.get(ALLOCATOR_ENV, "").strip().lower() == "default":
+        return False
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        _allocator_tuned = bool(
+            libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+            and libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    except (OSError, AttributeError):  # no glibc
+        pass
+    return _allocator_tuned

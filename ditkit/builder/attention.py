@@ -23,6 +23,7 @@ from .init import zero_linear_
 from .norm import Norm, make_norm
 from .position import (
     apply_rope,
+    apply_rope_,
     dynamic_rope_frequencies,
     dynamic_yarn_temperature,
     grid_positions,
@@ -148,13 +149,22 @@ class QKRope(nn.Module):
                 temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,) on the logits
                 q = q * temp.to(q.dtype)[:, None, None, None, None]
             return q, k
-        if self.rope_freqs_scaled is not None:  # (heads, H, W, r/2)
-            theta = rope_angles(
+        angles = self._theta(hh, ww, q.device)
+        assert angles is not None  # rope_freqs is set
+        return apply_rope(q, angles), apply_rope(k, angles)
+
+    def _theta(self, hh: int, ww: int, device: torch.device) -> torch.Tensor | None:
+        """Static RoPE angles ``(heads, H, W, r/2)`` of an ``H x W`` grid (None: no RoPE)."""
+        if self.rope_freqs is None:
+            return None
+        pos = grid_positions(hh, ww, self.rope_positions, device)
+        if self.rope_position_scale != (1.0, 1.0):
+            pos = pos * pos.new_tensor(self.rope_position_scale)
+        if self.rope_freqs_scaled is not None:
+            return rope_angles(
                 self.rope_freqs_scaled[0].float(), pos, self.rope_freqs_scaled[1].float()
             )
-        else:
-            theta = rope_angles(self.rope_freqs.float(), pos)  # (heads, H, W, r/2)
-        return apply_rope(q, theta), apply_rope(k, theta)
+        return rope_angles(self.rope_freqs.float(), pos)
 
 
 class DotLogits(nn.Module):
@@ -171,6 +181,10 @@ class DotLogits(nn.Module):
         gain: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         return q, k, self.factor
+
+    def joint(self, qk: torch.Tensor, gain: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """``forward`` on q and k stacked in one ``(..., 2, heads, D)`` tensor."""
+        return qk, self.factor
 
 
 class CosineLogits(nn.Module):
@@ -195,6 +209,16 @@ class CosineLogits(nn.Module):
         qf = qf * (s * torch.rsqrt(qf.pow(2).sum(-1, keepdim=True) + self.eps))
         kf = kf * (s * torch.rsqrt(kf.pow(2).sum(-1, keepdim=True) + self.eps))
         return qf.to(q.dtype), kf.to(k.dtype), self.factor
+
+    def joint(self, qk: torch.Tensor, gain: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """``forward`` on q and k stacked in one ``(..., 2, heads, D)`` tensor (eager): the sum
+        of squares from one ``vector_norm`` pass, then one multiply."""
+        assert gain is not None  # the attention module's learned scale, made with cosine logits
+        dtype = torch.promote_types(qk.dtype, torch.float32)
+        qkf = qk.to(dtype)
+        s = gain.to(dtype).sqrt()[:, None]  # (heads, 1)
+        n2 = torch.linalg.vector_norm(qkf, dim=-1, keepdim=True).square()  # (..., 2, heads, 1)
+        return (qkf * (s * torch.rsqrt(n2 + self.eps))).to(qk.dtype), self.factor
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -238,10 +262,20 @@ class Attention(QKRope):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
-        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
-        q, k = self._norm_qk(q, k)
-        q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
-        q, k = self._rope(q, k, hh, ww, ctx.noise if ctx is not None else None)
+        if self.q_norm is None and not self.rope_dynamic and kernels.fast_inference():
+            # eager inference: q and k shaped together where the projection wrote them, one
+            # pass of each op for both; the kernels read the strided views (no layout copies)
+            qk, scale = self.logits.joint(qkv[:, :, :, :2], self.scale)  # (B, H, W, 2, heads, D)
+            theta = self._theta(hh, ww, x.device)  # (heads, H, W, r/2)
+            if theta is not None:  # in place: qk is the cosine output or qkv's own slice
+                qk = apply_rope_(qk, theta.permute(1, 2, 0, 3).unsqueeze(2))
+            q, k = qk.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
+            v = qkv[:, :, :, 2].permute(0, 3, 1, 2, 4)
+        else:  # traces (the form ditkit/deploy/ort_fusion.py rewrites) and autograd
+            q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
+            q, k = self._norm_qk(q, k)
+            q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
+            q, k = self._rope(q, k, hh, ww, ctx.noise if ctx is not None else None)
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)

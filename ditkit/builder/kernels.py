@@ -20,7 +20,8 @@ graph. The state is process-wide, not per thread (Dynamo cannot trace a ``Contex
 
 Neighborhood backends (implemented in ``neighborhood.py``): ``gather``, ``tiled``, ``flex``,
 ``natten``, ``masked`` (tests only) and ``auto`` (natten on CUDA when installed, else flex on
-CUDA, else gather). Export code wraps its trace in ``exportable_backend()`` (or
+CUDA; on CPU ``tiled``'s chunked inference path for eager calls without autograd, else
+gather). Export code wraps its trace in ``exportable_backend()`` (or
 ``use_backend(name, export=True)``): ``auto`` then resolves to ``gather`` and a backend that
 cannot be exported is a clear error; a ``torch.export`` trace is detected as well.
 """
@@ -46,6 +47,8 @@ __all__ = [
     "exportable_backend",
     "current_backend",
     "is_exporting",
+    "is_tracing",
+    "fast_inference",
     "natten_available",
     "resolve_backend",
     "count_attention",
@@ -152,6 +155,22 @@ def is_exporting() -> bool:
     return bool(check and check())
 
 
+def is_tracing() -> bool:
+    """Inside an export (``is_exporting``), a ``torch.compile`` trace or a TorchScript trace:
+    where the modules keep the op patterns the ONNX rewrites match (eager calls take fused
+    forms, e.g. one ``rms_norm`` for cosine logits)."""
+    return is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def fast_inference() -> bool:
+    """Eager calls without autograd (``torch.no_grad`` / ``inference_mode``, outside traces):
+    where the modules take their fused forms (q and k shaped together, a ``vector_norm``
+    RMSNorm, GEGLU from two weight halves). They compute the same function up to fp32 rounding;
+    calls with autograd keep the traced forms' arithmetic exactly, so a training run follows the
+    same trajectory as before (a few Adam steps from zero-initialised layers amplify rounding)."""
+    return not torch.is_grad_enabled() and not is_tracing()
+
+
 def natten_available() -> bool:
     try:
         import natten  # noqa: F401
@@ -178,6 +197,14 @@ def resolve_backend(device: torch.device) -> str:
     if device.type == "cuda":
         return "natten" if natten_available() else "flex"
     return "gather"
+
+
+def _auto_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """``auto`` on CPU: ``tiled`` (its chunked eager inference path) where no gradient is
+    needed, ``gather`` (exact multiply-adds, recompute backward) where one is."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "gather"
+    return "tiled"
 
 
 @contextlib.contextmanager
@@ -241,7 +268,10 @@ def neighborhood_attention(
     if _record(2 * b * nh * hh * ww * kernel_size[0] * kernel_size[1] * d):
         return torch.empty_like(q)
     _nb.check_grid(hh, ww, kernel_size, dilation)
-    return _IMPLEMENTATIONS[resolve_backend(q.device)](q, k, v, kernel_size, dilation, scale)
+    name = resolve_backend(q.device)
+    if name == "gather" and _state.backend == "auto" and _nb._eager(q, k, v):
+        name = _auto_cpu(q, k, v)  # eager CPU calls (traces keep gather): the faster exact form
+    return _IMPLEMENTATIONS[name](q, k, v, kernel_size, dilation, scale)
 
 
 _IMPLEMENTATIONS = {

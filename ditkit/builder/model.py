@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ditkit import spec as S
+from ditkit.device import tune_cpu_allocator
 
 from .attention import AttentionConfig, build_attention
 from .conditioning import (
@@ -338,7 +339,11 @@ def build(
 ) -> DiffusionTransformer:
     """Compile a spec into a :class:`DiffusionTransformer`.
 
-    ``device="meta"`` builds without memory (for ``describe`` of billion-parameter specs)."""
+    ``device="meta"`` builds without memory (for ``describe`` of billion-parameter specs).
+    Building for the CPU also tunes glibc's allocator for tensor-sized buffers, once per process
+    (:func:`ditkit.device.tune_cpu_allocator`; ``DITKIT_CPU_ALLOCATOR=default`` opts out)."""
+    if device is None or torch.device(device).type == "cpu":
+        tune_cpu_allocator()
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _build(spec)
         if init:

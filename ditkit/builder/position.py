@@ -150,6 +150,20 @@ def apply_rope(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([y1, y2, rest], dim=-1)
 
 
+def apply_rope_(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in place on an fp32 ``x`` (eager inference: no autograd): the rotated
+    channels are overwritten, the rest is not copied. Other dtypes: :func:`apply_rope`."""
+    if x.dtype != torch.float32:
+        return apply_rope(x, theta)
+    d = theta.shape[-1]
+    cos, sin = theta.float().cos(), theta.float().sin()
+    x1, x2 = x[..., :d], x[..., d : 2 * d]
+    y1 = (x1 * cos).sub_(x2 * sin)
+    x2.mul_(cos).add_(x1 * sin)
+    x1.copy_(y1)
+    return x
+
+
 def scaled_rope_frequencies(freqs: torch.Tensor, scaling: S.RopeScaling) -> torch.Tensor:
     """``(2, heads, r/4)`` (row, col) frequencies of ``freqs`` ``(heads, r/4)`` under a RoPE
     ``scaling`` (formulas: :class:`ditkit.spec.NtkScaling`, :class:`ditkit.spec.YarnScaling`),
