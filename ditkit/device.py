@@ -23,6 +23,7 @@ img/s with torch's default threads, about 100 img/s with one).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from typing import TYPE_CHECKING
@@ -170,8 +171,6 @@ def tune_cpu_allocator(environ=None) -> bool:
         return _allocator_tuned
     _allocator_tuned = False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
         _allocator_tuned = bool(
