@@ -275,7 +275,8 @@ class DiffusionTransformer(nn.Module):
         self.head = head
         # randomised RoPE positions in training (a block's rope.train_positions: random)
         self.random_positions = any(
-            isinstance(b.rope, S.AxialRope) and isinstance(b.rope.train_positions, S.RandomPositions)
+            isinstance(b.rope, S.AxialRope)
+            and isinstance(b.rope.train_positions, S.RandomPositions)
             for *_, b in spec.blocks()
         )
         self.position_generator: torch.Generator | None = None

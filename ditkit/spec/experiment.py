@@ -166,10 +166,8 @@ def _square(value: Any) -> Any:
     return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-TrainingResolution = Annotated[
-    tuple[PositiveInt, PositiveInt], BeforeValidator(_square)
-]
-"""One training resolution, ``[height, width]`` in pixels (or latent cells); an integer is square."""
+TrainingResolution = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_square)]
+"""One training resolution, ``[height, width]`` in pixels; an integer is square."""
 
 
 class Training(Spec):

@@ -238,7 +238,9 @@ def test_random_positions_follow_the_formula_and_stay_in_range(kind):
     else:
         assert got.abs().max() < 3.0
     kept = draw[:, 0] >= 0.75
-    assert 0 < int(kept.sum()) < 64 and torch.equal(got[kept], pos.expand(int(kept.sum()), -1, -1, -1))
+    assert 0 < int(kept.sum()) < 64 and torch.equal(
+        got[kept], pos.expand(int(kept.sum()), -1, -1, -1)
+    )
     spacing = got[~kept][:, 1:, 0, 0] - got[~kept][:, :-1, 0, 0]  # rows: evenly spaced, >= 1 step
     step = pos[1, 0, 0] - pos[0, 0, 0]
     assert (spacing >= step - 1e-12).all() and (spacing <= 3 * step + 1e-12).all()
