@@ -325,3 +325,56 @@ def test_a_run_with_both_options_resumes_bit_identically(tmp_path):
         a = C.read_tensors(tmp_path / "full/checkpoints/step-000004" / name)
         b = C.read_tensors(tmp_path / "part/checkpoints/step-000004" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_both_options_agree_and_resume_exactly(tmp_path):
+    """Under torchrun (DDP, gloo) a run with both options ends with identical weights on both
+    ranks, each rank draws its own positions (its own saved generator), and a resumed launch
+    ends with the weights of an uninterrupted one."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    data = tiny_experiment_data(
+        "edm",
+        4,
+        training={"batch_size": 8, "resolutions": [8, 16]},
+        checkpoint={"every": 2, "keep_last": 3},
+    )
+    data["model"] = _random_rope_model()
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*args: str) -> None:
+        cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "ditkit.cli", "train"]
+        proc = subprocess.run(
+            [*cmd, *args, "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch("exp.yaml", "--out", "full")
+    summary = json.loads((tmp_path / "full/summary.json").read_text())
+    assert summary["world"] == 2 and summary["ranks_identical"]
+    state = C.read_state(tmp_path / "full/checkpoints/step-000002")
+    gens = state["position_generators"]
+    assert len(gens) == 2 and not torch.equal(gens[0], gens[1])
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part/checkpoints/step-000004")
+    (tmp_path / "part/summary.json").unlink()
+    launch("exp.yaml", "--out", "part", "--resume")
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = C.read_tensors(tmp_path / "full/checkpoints/step-000004" / name)
+        b = C.read_tensors(tmp_path / "part/checkpoints/step-000004" / name)
+        assert all(torch.equal(a[n], b[n]) for n in a)
