@@ -166,7 +166,10 @@ def _square(value: Any) -> Any:
     return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-TrainingResolution = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_square)]
+TrainingResolution = Annotated[
+    tuple[PositiveInt, PositiveInt],
+    BeforeValidator(_square, json_schema_input_type=PositiveInt | tuple[PositiveInt, PositiveInt]),
+]
 """One training resolution, ``[height, width]`` in pixels; an integer is square."""
 
 
