@@ -208,7 +208,7 @@ class Training(Spec):
     @model_validator(mode="after")
     def _weights_fit(self) -> "Training":
         w = self.resolution_weights
-        if "resolution_weights" in self.model_fields_set and self.resolutions is None:
+        if w != "uniform" and self.resolutions is None:
             raise ValueError(
                 "resolution_weights: weights only apply to training.resolutions; "
                 "set resolutions or remove resolution_weights"

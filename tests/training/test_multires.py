@@ -60,6 +60,7 @@ def test_resolutions_validate_against_the_model_with_the_field_and_the_fix():
         tiny_experiment(training={"resolutions": [8, 16], "resolution_weights": [1.0]})
     with pytest.raises(S.SpecError, match="resolution_weights: weights only apply"):
         tiny_experiment(training={"resolution_weights": "pixels"})
+    assert tiny_experiment(training={"resolution_weights": "uniform"}).training.resolutions is None
     exp = tiny_experiment(training={"resolutions": [8, [8, 16]]})
     assert exp.training.resolutions == ((8, 8), (8, 16))  # an integer is square
     assert exp.training.resolution_probabilities() == (0.5, 0.5)
