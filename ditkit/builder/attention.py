@@ -24,10 +24,12 @@ from .norm import Norm, make_norm
 from .position import (
     apply_rope,
     apply_rope_,
+    batched_rope_angles,
     dynamic_rope_frequencies,
     dynamic_yarn_temperature,
     grid_positions,
     ramp_weights,
+    random_positions,
     rope_angles,
     rope_frequencies,
     scaled_rope_frequencies,
@@ -90,6 +92,11 @@ class QKRope(nn.Module):
         self.rope_dynamic = (
             self.rope_scaling is not None and self.rope_scaling.time_exponent is not None
         )
+        tp = ax.train_positions if ax is not None else None
+        # (max_scale, probability) of randomised training positions; None: the grid's
+        self.rope_random: tuple[float, float] | None = (
+            (tp.max_scale, tp.probability) if isinstance(tp, S.RandomPositions) else None
+        )
         self.register_buffer(
             "rope_freqs",
             rope_frequencies(*self._rope_args) if self._rope_args is not None else None,
@@ -120,13 +127,23 @@ class QKRope(nn.Module):
         return q, k
 
     def _rope(
-        self, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int, noise: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        hh: int,
+        ww: int,
+        noise: torch.Tensor | None = None,
+        draw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on ``(B, heads, H, W, D)`` q and k (identity without RoPE); ``noise``: the
-        samples' noise fractions ``(B,)``, read by noise-dependent scaling only."""
+        samples' noise fractions ``(B,)``, read by noise-dependent scaling only; ``draw``:
+        the forward's ``(B, 5)`` uniforms for randomised training positions (``None`` outside
+        training), read only when this module's RoPE has ``train_positions: random``."""
         if self.rope_freqs is None:
             return q, k
         pos = grid_positions(hh, ww, self.rope_positions, q.device)
+        if draw is not None and self.rope_random is not None:
+            return self._random_rope(q, k, pos, noise, draw)
         if self.rope_position_scale != (1.0, 1.0):
             pos = pos * pos.new_tensor(self.rope_position_scale)
         if self.rope_dynamic:
@@ -165,6 +182,52 @@ class QKRope(nn.Module):
                 self.rope_freqs_scaled[0].float(), pos, self.rope_freqs_scaled[1].float()
             )
         return rope_angles(self.rope_freqs.float(), pos)
+
+    def _random_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        pos: torch.Tensor,
+        noise: torch.Tensor | None,
+        draw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE with randomised per-sample positions (training only): the same frequencies as
+        :meth:`_rope`, on :func:`random_positions` of the grid's ``pos``."""
+        assert self.rope_freqs is not None and self.rope_random is not None  # checked by _rope
+        pos = random_positions(pos, draw, self.rope_positions, *self.rope_random)  # (B, H, W, 2)
+        if self.rope_position_scale != (1.0, 1.0):
+            pos = pos * pos.new_tensor(self.rope_position_scale)
+        freqs = self.rope_freqs.float()
+        rows, cols = freqs, freqs
+        temp = None
+        if self.rope_dynamic:
+            if noise is None:
+                raise UserError(
+                    "noise-dependent RoPE scaling (time_exponent) needs the noise "
+                    "level: a sigma (noise: fourier) or flow-time (noise: fno) "
+                    "input; drop time_exponent for this model"
+                )
+            assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
+            fr = dynamic_rope_frequencies(
+                freqs, self.rope_freqs_scaled.float(), self.rope_scaling, noise
+            )  # (2, B, heads, r/4)
+            rows, cols = fr[0], fr[1]
+            if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
+                temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,)
+        elif self.rope_freqs_scaled is not None:
+            rows, cols = self.rope_freqs_scaled[0].float(), self.rope_freqs_scaled[1].float()
+        theta = batched_rope_angles(pos, rows, cols)  # (B, heads, H, W, r/2)
+        q, k = apply_rope(q, theta), apply_rope(k, theta)
+        if temp is not None:
+            q = q * temp.to(q.dtype)[:, None, None, None, None]
+        return q, k
+
+
+def _rope_inputs(ctx) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(noise, draw)`` of a forward's :class:`~ditkit.builder.model.Context` (or none)."""
+    if ctx is None:
+        return None, None
+    return ctx.noise, ctx.rope_draw
 
 
 class DotLogits(nn.Module):
@@ -262,7 +325,13 @@ class Attention(QKRope):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # (B, H, W, C)
         b, hh, ww, c = x.shape
         qkv = self.qkv(x).view(b, hh, ww, 3, self.n_heads, self.d_head)
-        if self.q_norm is None and not self.rope_dynamic and kernels.fast_inference():
+        draw = ctx.rope_draw if ctx is not None else None
+        if (
+            self.q_norm is None
+            and not self.rope_dynamic
+            and draw is None
+            and kernels.fast_inference()
+        ):
             # eager inference: q and k shaped together where the projection wrote them, one
             # pass of each op for both; the kernels read the strided views (no layout copies)
             qk, scale = self.logits.joint(qkv[:, :, :, :2], self.scale)  # (B, H, W, 2, heads, D)
@@ -275,7 +344,7 @@ class Attention(QKRope):
             q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, H, W, D)
             q, k = self._norm_qk(q, k)
             q, k, scale = self.logits(q, k, self.scale)  # scale: the kernel's logit factor
-            q, k = self._rope(q, k, hh, ww, ctx.noise if ctx is not None else None)
+            q, k = self._rope(q, k, hh, ww, *_rope_inputs(ctx))
 
         o = self.attend(q, k, v, scale)  # (B, heads, H, W, D)
         o = o.permute(0, 2, 3, 1, 4).reshape(b, hh, ww, c)  # (B, H, W, C)
@@ -365,7 +434,7 @@ class AggregateAttention(QKRope):
         b, hh, ww, _ = g.shape
         qkv = self.qkv(g).view(b, hh, ww, 3, self.n_heads, self.d_head)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, heads, h, w, D)
-        q, k = self._rope(*self._norm_qk(q, k), hh, ww, ctx.noise if ctx is not None else None)
+        q, k = self._rope(*self._norm_qk(q, k), hh, ww, *_rope_inputs(ctx))
         o = kernels.global_attention(
             q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), self.d_head**-0.5 * self.logit_factor
         )

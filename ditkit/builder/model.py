@@ -42,9 +42,12 @@ class Context:
     vector ``(B, 6 D)``, the cross-attention memory (``{name: (B, cond_width)}``) and the class
     prefix tokens ``(B, T, D)`` that travel beside the grid (updated as they pass blocks) and
     the noise fraction ``(B,)`` in [0, 1] (None where the noise input has none), which
-    noise-dependent RoPE scaling reads."""
+    noise-dependent RoPE scaling reads, and ``rope_draw`` ``(B, 5)``: the uniforms of
+    randomised training positions (:func:`ditkit.builder.position.random_positions`), drawn
+    once per training forward so every block and level places a sample alike (None outside
+    training or without ``train_positions: random``)."""
 
-    __slots__ = ("shared", "memory", "prefix", "noise")
+    __slots__ = ("shared", "memory", "prefix", "noise", "rope_draw")
 
     def __init__(
         self,
@@ -52,8 +55,10 @@ class Context:
         memory: dict[str, torch.Tensor] | None = None,
         prefix: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        rope_draw: torch.Tensor | None = None,
     ):
         self.shared, self.memory, self.prefix, self.noise = shared, memory, prefix, noise
+        self.rope_draw = rope_draw
 
 
 class Block(nn.Module):
@@ -269,6 +274,15 @@ class DiffusionTransformer(nn.Module):
         self.memory = memory if memory is not None else NoMemory()
         self.levels = nn.ModuleList(levels)
         self.head = head
+        # randomised RoPE positions in training (a block's rope.train_positions: random)
+        self.random_positions = any(
+            isinstance(b.rope, S.AxialRope)
+            and isinstance(b.rope.train_positions, S.RandomPositions)
+            for *_, b in spec.blocks()
+        )
+        self.position_generator: torch.Generator | None = None
+        """Where a training forward draws randomised positions from (a CPU generator; the
+        trainer sets one and checkpoints its state). ``None``: torch's default CPU generator."""
 
     def forward(
         self,
@@ -290,6 +304,9 @@ class DiffusionTransformer(nn.Module):
             "SinusoidalEmbed | FourierNoiseEmbed | FNOEmbed", self.conditioning.noise
         )
         ctx = Context(noise=noise_embed.fraction(noise_level))
+        if self.training and self.random_positions:
+            draw = torch.rand((b, 5), generator=self.position_generator, dtype=torch.float32)
+            ctx.rope_draw = draw.to(x.device)  # (B, 5): see position.random_positions
         if self.shared_modulation is not None:
             ctx.shared = self.shared_modulation(c)  # (B, 6 D)
         ctx.prefix = self.conditioning.class_tokens(labels, x.dtype)  # (B, T, D) or None

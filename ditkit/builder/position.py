@@ -108,6 +108,42 @@ def grid_positions(h, w, kind: str, device=None, dtype=torch.float32) -> torch.T
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
 
 
+def random_positions(
+    pos: torch.Tensor, draw: torch.Tensor, kind: str, max_scale: float, probability: float
+) -> torch.Tensor:
+    """Randomised training positions (:class:`ditkit.spec.RandomPositions`): the grid's
+    ``(H, W, 2)`` positions ``pos`` -> ``(B, H, W, 2)``, one random stretched and shifted window
+    per sample. ``draw`` ``(B, 5)`` holds uniforms in [0, 1): ``w, v_row, u_row, v_col,
+    u_col``. Per sample and axis (``n`` tokens on the axis, ``s = max_scale``):
+    ``a = 1 + v (s - 1)`` and ``p' = a p + u (s - a) n`` for ``integer`` positions (inside
+    ``[0, s n)``), ``p' = a p + (2u - 1)(s - a)`` for ``normalized`` ones (inside
+    ``(-s, s)``); a sample with ``w >= probability`` keeps ``p' = p``."""
+    s = float(max_scale)
+    draw = draw.to(pos.dtype)
+    on = (draw[:, 0] < probability)[:, None]  # (B, 1)
+    v, u = draw[:, 1::2], draw[:, 2::2]  # (B, 2) each: (row, col)
+    a = torch.where(on, 1 + v * (s - 1), torch.ones_like(v))  # spacing
+    if kind == "integer":
+        n = pos.new_tensor([pos.shape[0], pos.shape[1]])
+        b = u * (s - a) * n
+    else:
+        b = (2 * u - 1) * (s - a)
+    b = torch.where(on, b, torch.zeros_like(b))  # offset
+    return pos[None] * a[:, None, None, :] + b[:, None, None, :]  # (B, H, W, 2)
+
+
+def batched_rope_angles(
+    pos: torch.Tensor, freqs_row: torch.Tensor, freqs_col: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample positions ``(B, H, W, 2)`` and (row, col) frequencies ``(heads, r/4)`` or
+    ``(B, heads, r/4)`` -> angles ``(B, heads, H, W, r/2)`` (row angles then col)."""
+    fr = freqs_row if freqs_row.ndim == 3 else freqs_row[None]
+    fc = freqs_col if freqs_col.ndim == 3 else freqs_col[None]
+    th = pos[:, None, :, :, 0:1] * fr[:, :, None, None, :]
+    tw = pos[:, None, :, :, 1:2] * fc[:, :, None, None, :]
+    return torch.cat([th, tw], dim=-1)
+
+
 def rope_frequencies(
     n_heads: int, rotated: int, layout: str, freq_min: float, freq_max: float, base: float
 ) -> torch.Tensor:

@@ -36,9 +36,19 @@ class DataError(UserError):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Base: ``num_classes`` (``None``: unconditional) and ``__getitem__ -> (image, label)``."""
+    """Base: ``num_classes`` (``None``: unconditional) and ``__getitem__ -> (image, label)``.
+    A dataset that can give its images at another resolution (multi-resolution training,
+    ``training.resolutions``) overrides :meth:`set_resolution`."""
 
     num_classes: int | None = None
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Give the following images at ``resolution`` ``(H, W)``."""
+        raise DataError(
+            f"training.resolutions: {type(self).__name__} data holds its samples at one "
+            "resolution and cannot render or resize them per batch; remove "
+            "training.resolutions or train on images (digits, shapes, image_folder, webdataset)"
+        )
 
     if TYPE_CHECKING:  # every dataset has a length (torch's Dataset does not declare one)
 
@@ -56,6 +66,23 @@ class TensorImages(ImageDataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+class DigitsImages(TensorImages):
+    """scikit-learn's digits held in memory at the resolution asked for (every resolution is
+    resized from the 8x8 originals once and kept)."""
+
+    def __init__(self, resolution: tuple[int, int], channels: int):
+        self.channels = channels
+        images, labels = digits_tensor(resolution, channels)
+        super().__init__(images, labels, 10)
+        self._at: dict[tuple[int, int], torch.Tensor] = {tuple(resolution): images}  # type: ignore[dict-item]
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        res = (int(resolution[0]), int(resolution[1]))
+        if res not in self._at:
+            self._at[res] = digits_tensor(res, self.channels)[0]
+        self.images = self._at[res]
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +182,10 @@ class ShapesDataset(ImageDataset):
     def __len__(self) -> int:
         return self.spec.count
 
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Render the following images at ``resolution`` (the same shapes, drawn anew)."""
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+
     def __getitem__(self, i: int):
         label = i % self.spec.classes
         img = torch.from_numpy(shape_image(i, label, self.resolution, self.spec.seed))
@@ -253,6 +284,10 @@ class ImageFolder(ImageDataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Load the following images at ``resolution`` (resized from the files)."""
+        self.resolution = (int(resolution[0]), int(resolution[1]))
 
     def load(self, i: int) -> torch.Tensor:
         path, _ = self.files[i]
@@ -422,6 +457,10 @@ class WebDataset(ImageDataset):
         self.num_classes = classes
         self._index: dict[int, list[ShardSample]] = {}
         self._file: tuple[int, BinaryIO] | None = None
+
+    def set_resolution(self, resolution: tuple[int, int]) -> None:
+        """Load the following images at ``resolution`` (resized from the stored images)."""
+        self.resolution = (int(resolution[0]), int(resolution[1]))
 
     def samples(self, shard: int) -> list[ShardSample]:
         if shard not in self._index:
@@ -712,12 +751,21 @@ class LatentShards(ImageDataset):
 
 
 def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
+    """The dataset of ``exp.data`` at the model's resolution and channels. With
+    ``training.resolutions`` it must be able to change resolution (latents cannot:
+    :class:`DataError` naming the field, before any step)."""
+    dataset = _make_dataset(exp, base)
+    if exp.training.resolutions is not None:
+        dataset.set_resolution(tuple(exp.model_spec.input.resolution))  # type: ignore[arg-type]
+    return dataset
+
+
+def _make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
     spec = exp.model_spec
     res, ch = cast(tuple[int, int], tuple(spec.input.resolution)), spec.input.channels
     match exp.data:
         case E.DigitsData():
-            images, labels = digits_tensor(res, ch)
-            return TensorImages(images, labels, 10)
+            return DigitsImages(res, ch)
         case E.ShapesData() as d:
             return ShapesDataset(d, res, ch)
         case E.ImageFolderData() as d:
@@ -728,6 +776,30 @@ def make_dataset(exp: E.Experiment, base: Path | None = None) -> ImageDataset:
         case E.LatentsData() as d:
             return LatentShards(d, spec, base)
     raise DataError(f"data.kind {exp.data.kind!r} is not supported")
+
+
+# -------------------------------------------------------------------------------- resolutions
+
+RESOLUTION_STREAM = 0x5EED
+"""Mixed into the seed of the resolution schedule, so it draws apart from the data order."""
+
+
+def resolution_at(training: E.Training, step: int) -> tuple[int, int]:
+    """The resolution of optimizer step ``step`` (0-based) of a run with
+    ``training.resolutions``: ``choice(resolutions, p=probabilities)`` with the generator
+    ``numpy.random.default_rng([seed, RESOLUTION_STREAM, step])``. A function of the seed and
+    the step alone: every process of a launch agrees and a resumed run needs no saved state."""
+    if training.resolutions is None:
+        raise ValueError("resolution_at: training.resolutions is not set")
+    p = training.resolution_probabilities()
+    rng = np.random.default_rng([training.seed, RESOLUTION_STREAM, step])
+    k = int(rng.choice(len(p), p=p))
+    return training.resolutions[k]
+
+
+def resolution_schedule(training: E.Training, start: int, stop: int) -> list[tuple[int, int]]:
+    """:func:`resolution_at` for the steps ``start .. stop - 1``."""
+    return [resolution_at(training, s) for s in range(start, stop)]
 
 
 # -------------------------------------------------------------------------------- sampling

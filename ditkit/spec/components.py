@@ -296,6 +296,57 @@ RopeScaling = Annotated[
 """How RoPE frequencies are rescaled for a grid larger than the trained one."""
 
 
+class GridPositions(Spec):
+    """Training uses the ordinary positions of the token grid."""
+
+    kind: Literal["grid"] = "grid"
+
+
+class RandomPositions(Spec):
+    """Randomised RoPE positions in training (RPE-2D / randomized positional encodings,
+    Ruoss et al. 2023, "Randomized Positional Encodings Boost Length Generalization of
+    Transformers", carried to 2-D grids): while the module is training, each sample's
+    positions are a random stretched and shifted window of the range ``max_scale`` times
+    wider than the grid, so the model meets the relative distances of a grid up to
+    ``max_scale`` times larger; in eval mode (sampling, export) the positions are the
+    ordinary ones.
+
+    Per sample and axis, with ``u, v, w ~ U[0, 1)`` (one draw per sample shared by every
+    block and level, so the positions stay coherent across levels): when
+    ``w < probability``, the spacing is ``a = 1 + v (max_scale - 1)``, otherwise ``a = 1``
+    and the offset is 0 (the ordinary positions). A level with ``n`` tokens on the axis maps
+    its position ``p`` to
+
+    * ``integer`` positions (``p = 0 .. n-1``): ``p' = a p + u (max_scale - a) n``, inside
+      ``[0, max_scale n)``;
+    * ``normalized`` positions (cell centres in ``(-1, 1)``):
+      ``p' = a p + (2u - 1)(max_scale - a)``, inside ``(-max_scale, max_scale)``.
+
+    A shift alone (``a = 1``) leaves RoPE's logits unchanged (they depend on position
+    differences only); the stretch is what shows the larger distances. The draws come from
+    the training run's checkpointed position generator, so a resumed run is exact."""
+
+    kind: Literal["random"] = "random"
+    max_scale: Annotated[float, Field(gt=1.0)] = 2.0
+    """How much wider than the grid the drawn windows may reach (2: the distances of a grid
+    twice as large)."""
+    probability: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """The share of training samples that get random positions (the rest: the grid's)."""
+
+
+def _positions_kind(value: Any) -> Any:
+    """``random`` is short for ``{kind: random}``."""
+    return {"kind": value} if isinstance(value, str) else value
+
+
+TrainPositions = Annotated[
+    Union[GridPositions, RandomPositions],
+    Field(discriminator="kind"),
+    BeforeValidator(_positions_kind),
+]
+"""Which RoPE positions training uses (sampling always uses the grid's)."""
+
+
 class AxialRope(Spec):
     """2-D axial RoPE: a ``fraction`` of each head's channels is rotated, half of those by the
     row position and half by the column position.
@@ -322,6 +373,9 @@ class AxialRope(Spec):
     scaling: RopeScaling = Field(default_factory=NoRopeScaling)
     """A frequency rescaling for a larger grid (NTK-aware, YaRN); set by resolution policies'
     ``rope_scaling`` option, with the scale derived per level."""
+    train_positions: TrainPositions = Field(default_factory=GridPositions)
+    """``random``: randomised positions while training (:class:`RandomPositions`); ``grid``
+    (default): the ordinary positions always."""
 
     @model_validator(mode="after")
     def _scaling_complete(self) -> "AxialRope":

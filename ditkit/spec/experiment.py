@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    BeforeValidator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -165,7 +166,33 @@ class EMA(Spec):
     warmup_power: NonNegativeFloat = 0.75
 
 
+def _square(value: Any) -> Any:
+    """``16`` is short for ``[16, 16]``."""
+    return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+TrainingResolution = Annotated[
+    tuple[PositiveInt, PositiveInt],
+    BeforeValidator(_square, json_schema_input_type=PositiveInt | tuple[PositiveInt, PositiveInt]),
+]
+"""One training resolution, ``[height, width]`` in pixels; an integer is square."""
+
+
 class Training(Spec):
+    """Steps, batch, seed, classifier-free-guidance dropout, and the resolutions trained at.
+
+    ``resolutions`` (multi-resolution training, bucketed): optimizer step ``s`` trains every
+    micro-batch of its batch at one resolution, drawn from this list by a stateless schedule,
+    ``resolution(s) = choice(resolutions, p=weights)`` with the generator
+    ``numpy.random.default_rng([seed, 0x5EED, s])`` -- deterministic, the same on every
+    process of a ``torchrun`` launch, and nothing to checkpoint (a resumed run draws the same
+    resolutions). ``resolution_weights``: ``uniform`` (every resolution equally often),
+    ``pixels`` (in proportion to ``height * width``: every pixel equally often) or one weight
+    per resolution. Images are rendered at each resolution by the datasets that can (digits,
+    shapes) and resized from the source file by image folders and shards; latent data cannot
+    be resized. Previews and evaluations stay at the model's ``input.resolution``. Absent (the
+    default): every step trains at ``input.resolution``."""
+
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 64
     """Global batch (all ranks, all accumulation micro-batches) per optimizer step."""
@@ -176,6 +203,42 @@ class Training(Spec):
     aux_dropout: Probability = 0.0
     """... and zero the auxiliary conditioning inputs with this rate."""
     seed: NonNegativeInt = 0
+    resolutions: Annotated[tuple[TrainingResolution, ...], Field(min_length=1)] | None = None
+    """Train at several resolutions, one per optimizer step (see the class docstring);
+    ``null``: only the model's ``input.resolution``."""
+    resolution_weights: Literal["uniform", "pixels"] | tuple[PositiveFloat, ...] = "uniform"
+    """How often each of ``resolutions`` is drawn: ``uniform``, ``pixels`` (by pixel count) or
+    one positive weight per resolution."""
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "Training":
+        w = self.resolution_weights
+        if w != "uniform" and self.resolutions is None:
+            raise ValueError(
+                "resolution_weights: weights only apply to training.resolutions; "
+                "set resolutions or remove resolution_weights"
+            )
+        if isinstance(w, tuple) and self.resolutions is not None:
+            if len(w) != len(self.resolutions):
+                raise ValueError(
+                    f"resolution_weights: {len(w)} weight(s) for {len(self.resolutions)} "
+                    "resolutions; give one weight per entry of training.resolutions"
+                )
+        return self
+
+    def resolution_probabilities(self) -> tuple[float, ...]:
+        """The probability of each of ``resolutions`` per step (``resolution_weights``
+        normalised)."""
+        assert self.resolutions is not None  # only asked when resolutions are set
+        given = self.resolution_weights
+        if given == "uniform":
+            w = [1.0] * len(self.resolutions)
+        elif given == "pixels":
+            w = [float(h * wd) for h, wd in self.resolutions]
+        else:
+            w = [float(v) for v in given]
+        total = sum(w)
+        return tuple(v / total for v in w)
 
 
 class Precision(Spec):
@@ -500,6 +563,30 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
                     )
                 )
     out += _evaluation_issues(exp.evaluation, exp.data.kind, spec)
+    out += _resolution_issues(exp.training, exp.data.kind, spec)
+    return out
+
+
+def _resolution_issues(tr: Training, data_kind: str, spec: ModelSpec) -> list[tuple[str, str]]:
+    """``training.resolutions``: each must run through the model (patch x merges, every
+    level's kernel / window) and the data must be able to produce it."""
+    if tr.resolutions is None:
+        return []
+    if data_kind == "latents":
+        return [
+            (
+                "training.resolutions",
+                "latents data is stored at one resolution and cannot be rendered or resized "
+                "per batch; remove training.resolutions, or train on images (image_folder, "
+                "webdataset, digits, shapes)",
+            )
+        ]
+    out = []
+    for i, (h, w) in enumerate(tr.resolutions):
+        field = f"training.resolutions[{i}]"
+        for path, msg in spec.check_resolution((h, w), field):
+            where = "" if path == field else f"{path}: "
+            out.append((field, f"[{h}, {w}] does not fit the model: {where}{msg}"))
     return out
 
 

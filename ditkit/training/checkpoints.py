@@ -265,7 +265,9 @@ def check_state(state: dict, where: str) -> None:
         raise bad("step", "a step number (0 or more)")
     if not _count(state.get("world"), 1):
         raise bad("world", "a process count (1 or more)")
-    for name in ("generators", "torch_rng"):
+    for name in ("generators", "torch_rng", "position_generators"):
+        if name == "position_generators" and name not in state:  # only with random positions
+            continue
         value = state.get(name)
         if not (
             isinstance(value, list)

@@ -52,7 +52,7 @@ from ditkit import spec as S
 from ditkit.builder import build, use_backend
 from ditkit.builder.model import Block
 from ditkit.builder.tags import MAPPING, NO_DECAY, param_tags
-from ditkit.data.datasets import make_dataset, make_stream
+from ditkit.data.datasets import make_dataset, make_stream, resolution_at
 from ditkit.device import pick_device
 from ditkit.errors import UserError
 from ditkit.files import write_text
@@ -290,6 +290,8 @@ def accumulate_gradients(
     process in the same collective as the loss."""
     tr, spec = exp.training, exp.model_spec
     micro = tr.batch_size // tr.accumulate  # global samples per micro-batch
+    if tr.resolutions is not None:  # bucketed: the whole step at one resolution
+        stream.dataset.set_resolution(resolution_at(tr, step))
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64)
     extras_sum: dict[str, float] = {}
@@ -488,6 +490,10 @@ def _train(
     dataset = make_dataset(exp, data_base)
     stream = make_stream(dataset, tr.batch_size, tr.seed, rank, world)
     gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1))
+    pos_gen = None  # randomised RoPE positions (rope.train_positions: random) draw from it
+    if model.random_positions:
+        pos_gen = torch.Generator().manual_seed(tr.seed * 7919 + 104729 * (rank + 1) + 1)
+        model.position_generator = pos_gen
     if state is not None:
         placement.load(
             model,
@@ -500,6 +506,8 @@ def _train(
         gen.set_state(state["generators"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         stream.restore(state["data_position"])
+        if pos_gen is not None and "position_generators" in state:
+            pos_gen.set_state(state["position_generators"][rank])
     if exp.precision.compile:  # one graph (fullgraph) except under DDP's bucketed graphs
         net = compile_network(
             net, device=device, training=True, fullgraph=placement.strategy != "ddp"
@@ -530,6 +538,7 @@ def _train(
     def save(step: int) -> Path | None:  # None on ranks other than 0
         gens = _gather([gen.get_state()], world)
         rngs = _gather([torch.get_rng_state()], world)
+        pos_gens = _gather([pos_gen.get_state()], world) if pos_gen is not None else None
         model_state, ema_state, opt_state = placement.full_state(model, ema_model, optimizer)
         if rank != 0:
             return None
@@ -542,6 +551,8 @@ def _train(
             "data_position": stream.state(),
             "lr_factor": lr_factor(opt_spec.schedule, step, tr.steps),
         }
+        if pos_gens is not None:
+            train_state["position_generators"] = pos_gens
         return C.write_checkpoint(
             ckpt_root,
             step,

@@ -74,7 +74,9 @@ class DiffusionLoss:
         (EDM: sigma, float64; DDPM: integer timestep; x0 / flow / v: t, float64), in that
         order from ``gen``."""
         noise = _randn(x0.shape, gen, x0)
-        return noise, self.objective.draw_level(x0.shape[0], gen, self.resolution)
+        # the batch's own size: a multi-resolution run (training.resolutions) trains at several
+        resolution = max(x0.shape[-2:]) if x0.ndim == 4 else self.resolution
+        return noise, self.objective.draw_level(x0.shape[0], gen, resolution)
 
     def __call__(
         self,
