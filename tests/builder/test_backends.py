@@ -255,6 +255,7 @@ def test_counting_ignores_the_backend():
 # ditkit bench attention
 
 
+@pytest.mark.slow
 def test_bench_attention_command_prints_a_table(capsys):
     from ditkit.cli import main
 

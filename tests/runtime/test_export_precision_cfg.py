@@ -260,6 +260,7 @@ def test_hdit_cfg_graph_with_aux_samples_like_eager(tmp_path):
     assert float((a - b).abs().max()) <= 2e-4 * max(1.0, float(a.abs().max()))
 
 
+@pytest.mark.slow
 def test_cli_export_cfg(tmp_path, capsys):
     from ditkit.cli import main
     from ditkit.runtime.checkpoint import save_checkpoint

@@ -167,6 +167,7 @@ def test_latent_model_evaluated_through_its_vae(tmp_path, vae_dir, latents):  # 
     assert grid.size == (2 * (16 * 4 + 1) + 1, 16 * 4 + 2)  # decoded 16x16, shown 4x
 
 
+@pytest.mark.slow
 def test_a_shapes_run_is_scored_by_the_shapes_classifier_in_train_and_evaluate(tmp_path, capsys):
     """`ditkit evaluate` of a shapes run used to score it with the *digits* classifier (about
     10%, chance); now the run's data picks the classifier, in training and on the command
