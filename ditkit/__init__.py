@@ -64,7 +64,10 @@ class Model:
     ``objective`` the training objective (EDM, DDPM, x0, flow: it fixes the noise range and
     the preconditioning), ``metadata`` the checkpoint's string metadata (empty for a spec),
     ``checkpoint`` the file the weights came from (``None``: random weights) and
-    ``checkpoint_hash`` its weights' sha256 (recorded in exported files).
+    ``checkpoint_hash`` its weights' sha256 (recorded in exported files). A model from
+    :func:`adapt` also keeps ``adapted_from`` (the trained network, the policy and the seed),
+    so that multi-stage sampling runs each stage on the trained model adapted to that stage's
+    grid.
 
     >>> import ditkit
     >>> m = ditkit.load("dit-s-8", overrides=["levels.0.middle=2"])
@@ -78,13 +81,30 @@ class Model:
     metadata: Mapping[str, str] = field(default_factory=dict)
     checkpoint: Path | None = None
     checkpoint_hash: str | None = None
+    adapted_from: "tuple[torch.nn.Module, Policy, int] | None" = None
 
     def denoiser(self) -> "Denoiser":
         """The network wrapped in its objective's preconditioning: ``D(x, sigma, labels)``
-        (``ditkit.runtime.denoiser.Denoiser``), what the samplers call."""
-        from ditkit.runtime.denoiser import Denoiser
+        (``ditkit.runtime.denoiser.Denoiser``), what the samplers call. For an adapted model,
+        an ``AdaptingDenoiser``: ``at(resolution)`` adapts the trained network to another grid
+        (a multi-stage draft)."""
+        from ditkit.runtime.denoiser import AdaptingDenoiser, Denoiser
 
-        return Denoiser(self.network, self.objective)
+        if self.adapted_from is None:
+            return Denoiser(self.network, self.objective)
+        trained, policy, seed = self.adapted_from
+        from ditkit.runtime.extrapolate import adapt_model
+
+        device = next(self.network.parameters()).device
+        network = self.network
+        h, w = self.spec.input.resolution
+
+        def make(res: tuple[int, int]) -> "torch.nn.Module":
+            if res == (h, w):
+                return network
+            return adapt_model(trained, policy, res, device=device, seed=seed)
+
+        return AdaptingDenoiser(make, self.objective, (h, w))
 
 
 def load_spec(source: Source, *, overrides: Sequence[str] = ()) -> "ModelSpec":
@@ -414,7 +434,12 @@ def adapt(
     assert res is not None  # resolution is required
     device = next(m.network.parameters()).device
     network = adapt_model(m.network, policy, res, device=device, seed=seed)
-    return replace(m, network=network, spec=cast("ModelSpec", network.spec))
+    return replace(
+        m,
+        network=network,
+        spec=cast("ModelSpec", network.spec),
+        adapted_from=(m.network, policy, seed),
+    )
 
 
 def __getattr__(name: str):

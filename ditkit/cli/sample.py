@@ -298,16 +298,11 @@ def _denoiser(args, source):
     model, objective, meta, model_hash = load_model_source(
         args.checkpoint, args.objective, args.device, args.overrides
     )
+    policy = None
     if args.policy is not None:
         from ditkit.evaluate.report import parse_policy
-        from ditkit.runtime.extrapolate import adapt_model
 
-        model = adapt_model(
-            model,
-            parse_policy(args.policy, flag="--policy"),
-            parse_resolution(args.resolution) or tuple(model.spec.input.resolution),
-            args.device,
-        )
+        policy = parse_policy(args.policy, flag="--policy")
     if args.precision == "bf16" and str(args.device).startswith("cpu"):
         from ditkit.device import cpu_has_bf16
 
@@ -318,7 +313,20 @@ def _denoiser(args, source):
                 file=sys.stderr,
             )
             args.precision = "fp32"
-    den = Denoiser(model, objective, precision=args.precision)
+    if policy is None:
+        den = Denoiser(model, objective, precision=args.precision)
+    else:  # each --stages stage runs the model adapted to its own grid
+        from ditkit.runtime.denoiser import AdaptingDenoiser
+        from ditkit.runtime.extrapolate import adapt_model
+
+        trained = model
+        den = AdaptingDenoiser(
+            lambda res: adapt_model(trained, policy, res, args.device),
+            objective,
+            parse_resolution(args.resolution) or tuple(model.spec.input.resolution),
+            precision=args.precision,
+        )
+        model = den.model
     if args.compile is not None:
         if args.compile not in COMPILE_MODES:
             raise UsageError(f"--compile {args.compile}: choose one of {', '.join(COMPILE_MODES)}")

@@ -36,7 +36,7 @@ from ditkit.errors import UserError
 from ditkit.evaluate.classifier import ResolutionMetrics
 from ditkit.evaluate.stats import FrechetToReference
 from ditkit.files import atomic_path
-from ditkit.runtime.denoiser import Denoiser
+from ditkit.runtime.denoiser import AdaptingDenoiser, Denoiser, DenoiserError
 from ditkit.runtime.extrapolate import adapt, adapt_spec, cost_curve
 from ditkit.runtime.images import save_grid
 from ditkit.runtime.multistage import sample_staged
@@ -380,6 +380,7 @@ def sample_grid(
     label: str,
     plan: Plan,
     stages: Chain = (),
+    denoiser: Denoiser | None = None,
 ) -> tuple[str, Scores | None]:
     """Sample ``max(grid_count, count)`` images with a fixed seed (labels cycling through the
     classes), save the first ``grid_count`` as a grid, score all of them with the plan's
@@ -387,7 +388,9 @@ def sample_grid(
 
     ``stages``: sample through these stages instead (ending at ``res``; each stage's shape is
     checked against the model first, and the plan's ``progress`` shows one bar per stage): a
-    stage the model cannot sample is a :class:`ExportError` or :class:`SamplingError`."""
+    stage the model cannot sample is a :class:`ExportError` or :class:`SamplingError`.
+    ``denoiser``: the one to sample with (default ``Denoiser(model, objective)``; an
+    :class:`AdaptingDenoiser` runs each stage on the model adapted to its grid)."""
 
     scorer, count, n = plan.scorer_at(res), plan.count_for(res), plan.grid_count
     device = plan.device
@@ -395,9 +398,11 @@ def sample_grid(
     total = max(n, count if scorer is not None else 0)
     labels = torch.arange(total, device=device) % classes.count if classes else None
     shape = (total, spec.input.channels, *res)
+    if denoiser is None:
+        denoiser = Denoiser(model, objective)
     if stages:
         x = sample_staged(
-            Denoiser(model, objective),
+            denoiser,
             shape,
             Sampling.of(plan.sampling, stages=stages),
             class_labels=labels,
@@ -406,9 +411,7 @@ def sample_grid(
             check=lambda s: check_shape(spec, s, None, "stages"),
         )
     else:
-        x = sample(
-            Denoiser(model, objective), shape, plan.sampling, class_labels=labels, device=device
-        )
+        x = sample(denoiser, shape, plan.sampling, class_labels=labels, device=device)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.replace(":", "_").replace("=", "-"))
     name = f"grids/{stem.strip('_')}_{res[0]}x{res[1]}.png"
     save_grid(x[:n], out / name)
@@ -571,9 +574,10 @@ def measure_chain(
     out: Path,
     plan: Plan,
 ) -> tuple[Row, PerSample | None]:
-    """One ``multi-stage`` row: the policy's model for the resolution the chain ends at -- the
-    model of ``base``, the policy's single-pass row there, adapted as ``ditkit sample --policy
-    --stages`` adapts it -- samples every stage of ``chain``. The row is labelled
+    """One ``multi-stage`` row: each stage of ``chain`` runs the policy's model for that
+    stage's grid (an :class:`AdaptingDenoiser`, as ``ditkit sample --policy --stages`` does):
+    a draft at the trained resolution runs the trained model, the last stage the model of
+    ``base``, the policy's single-pass row at the resolution the chain ends at. The row is labelled
     ``BASE + stages CHAIN`` and has ``base``'s GMACs, parameters and re-initialised count; it
     is not timed again (its forward is ``base``'s). Where ``base`` has an error (the policy
     cannot reach the resolution) the row has it too; a stage shape the adapted model cannot
@@ -593,12 +597,18 @@ def measure_chain(
     if base.error is not None or tensors is None or objective is None:
         return row, None
     res = base.resolution
-    adapted = adapt(spec, tensors, policy, res, seed=plan.sampling.seed)
-    model = _loaded(adapted.spec, adapted.tensors, plan.device)
+
+    def make(at: Resolution) -> torch.nn.Module:
+        adapted = adapt(spec, tensors, policy, at, seed=plan.sampling.seed)
+        return _loaded(adapted.spec, adapted.tensors, plan.device)
+
     try:
+        den = AdaptingDenoiser(make, objective, res)
+        model = den.model
+        target = adapt_spec(spec, policy, res)  # the spec of den.model
         grid, found = sample_grid(
-            model, objective, adapted.spec, res, out, row.policy, plan, stages=chain
+            model, objective, target, res, out, row.policy, plan, stages=chain, denoiser=den
         )
-    except (SamplingError, ExportError) as err:  # a stage this model cannot sample
+    except (SamplingError, ExportError, DenoiserError) as err:  # a stage it cannot sample
         return replace(row, error=str(err)), None
     return _scored(row, grid, found), found.per_sample if found is not None else None

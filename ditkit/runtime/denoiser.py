@@ -9,6 +9,8 @@ a network to its objective and normalises ``sigma``. It also compiles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -101,6 +103,11 @@ class Denoiser(nn.Module):
         self.cfg_channels: int | None = None
         self.rules: tuple[AxisRule, AxisRule] | None = None
 
+    def at(self, resolution: tuple[int, int]) -> Denoiser:
+        """The denoiser that samples ``resolution`` (multi-stage sampling asks at each stage):
+        this one. :class:`AdaptingDenoiser` builds its network per resolution."""
+        return self
+
     @property
     def sigma_min(self) -> float:
         return self.noise_range.sigma_min
@@ -143,6 +150,40 @@ class Denoiser(nn.Module):
 
 #: ``torch.compile`` modes ditkit passes through; ``auto`` picks one per device and use
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+class AdaptingDenoiser(Denoiser):
+    """A denoiser whose network is made per resolution by ``make(resolution)`` (and kept): a
+    resolution policy applied to a trained model (``ditkit sample --policy``, the
+    extrapolation report). In multi-stage sampling each stage then runs the model adapted to
+    its own grid: a draft at the trained resolution runs the trained model itself (every policy
+    but ``local_core`` is a no-op there), and only the stages at new resolutions run the
+    adapted one. ``resolution`` is the output's: the network :attr:`model` samples it.
+    A resolution ``make`` cannot reach is a :class:`DenoiserError` naming it."""
+
+    def __init__(
+        self,
+        make: Callable[[tuple[int, int]], nn.Module],
+        objective,
+        resolution: tuple[int, int],
+        **kwargs,
+    ):
+        res = (int(resolution[0]), int(resolution[1]))
+        super().__init__(make(res), objective, **kwargs)
+        self._make, self._kwargs = make, kwargs
+        self._by_resolution: dict[tuple[int, int], Denoiser] = {res: self}
+
+    def at(self, resolution: tuple[int, int]) -> Denoiser:
+        res = (int(resolution[0]), int(resolution[1]))
+        if res not in self._by_resolution:
+            try:
+                model = self._make(res)
+            except UserError as err:
+                raise DenoiserError(f"a stage at {res[0]}x{res[1]}: {err}") from None
+            den = Denoiser(model, self.objective, **self._kwargs)
+            den.rules, den.cfg_channels = self.rules, self.cfg_channels
+            self._by_resolution[res] = den
+        return self._by_resolution[res]
 
 
 def compile_mode(mode: str, device: torch.device | str, training: bool) -> str:

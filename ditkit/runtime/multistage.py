@@ -29,6 +29,7 @@ from ditkit.spec.sampling import Sampling, Stage
 from .objectives import Objective
 from .samplers import get_sigmas, sample
 from .schedules import SamplingError
+from .shape_rule import check_shape
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads stage seeds away from the chunk seeds seed + k
 
@@ -141,7 +142,11 @@ def sample_staged(
     x = None
     for k, stage in enumerate(sampling.stages):
         stage_shape = (*shape[:-2], *stage.resolution)
-        if check is not None:
+        # the network for this stage's grid (an AdaptingDenoiser adapts its model per stage)
+        den = denoiser.at(tuple(stage.resolution)) if hasattr(denoiser, "at") else denoiser
+        if den is not denoiser:  # a model adapted to this stage: its own resolution rule
+            check_shape(den.model.spec, stage_shape, None, "stages")
+        elif check is not None:
             check(stage_shape)
         seed = stage_seed(sampling.seed, k)
         changes: dict[str, Any] = {"seed": seed}
@@ -150,13 +155,13 @@ def sample_staged(
         run = Sampling.of(one_pass, **changes)
         noise = sigmas = None
         if x is not None:
-            sigmas = stage_sigmas(denoiser, sampling, stage)
+            sigmas = stage_sigmas(den, sampling, stage)
             gen = torch.Generator().manual_seed((seed + 1) % (1 << 63))  # not the sampler's
             eps = torch.randn(stage_shape, generator=gen, dtype=torch.float32)
             start = enlarge(x, stage.resolution, stage.upsample).float().cpu()
             noise = start / float(sigmas[0]) + eps  # sample() starts at noise * sigmas[0]
         x = sample(
-            denoiser,
+            den,
             stage_shape,
             run,
             class_labels=class_labels,

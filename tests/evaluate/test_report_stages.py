@@ -64,7 +64,7 @@ def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys)
         scorer=rec,
         eval_count=12,
         bootstrap=20,
-        chains=["8,16:2.0:1", "16"],
+        chains=["8,16:2.0:1", "16", "9,16:2.0:1"],
     )
     bars = capsys.readouterr().err  # one progress bar per stage, as ditkit sample shows them
     assert "sampling (dpmpp_2m, stage 1/2 8x8)" in bars
@@ -75,20 +75,21 @@ def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys)
         ("add_levels", "single-pass", None),
         ("as_is + stages 8,16:2:1", "multi-stage", "8,16:2:1"),
         ("as_is + stages 16", "multi-stage", "16"),
+        ("as_is + stages 9,16:2:1", "multi-stage", "9,16:2:1"),
         ("add_levels + stages 8,16:2:1", "multi-stage", "8,16:2:1"),
         ("add_levels + stages 16", "multi-stage", "16"),
+        ("add_levels + stages 9,16:2:1", "multi-stage", "9,16:2:1"),
     ]
     assert all(r.resolution == (16, 16) for r in rows)
-    # add_levels' model for 16x16 has a level more: at the 8x8 draft its 5x5 kernel does not
-    # fit the 4x4 token grid, so that row is an error row, not a crash
-    failed = rows[4]
-    assert "kernel" in failed.error and "8x8" in failed.error
-    assert failed.grid is None and failed.metrics == {}
-    assert all(r.error is None for i, r in enumerate(rows) if i != 4)
-    # scored: the two single-pass rows, then as_is's two chains, then add_levels' one-stage one
-    assert len(rec.images) == 5 and all(x.shape == (12, 1, 16, 16) for x in rec.images)
+    # a 9x9 draft does not fit the model's 2x2 merge: an error row naming it, not a crash
+    for failed in (rows[4], rows[7]):
+        assert "9" in failed.error and failed.grid is None and failed.metrics == {}
+    assert all(r.error is None for i, r in enumerate(rows) if i not in (4, 7))
+    # add_levels' 8x8 draft runs the trained model (the policy is a no-op at the trained
+    # resolution), so its chain is scored too: 6 rows in all
+    assert len(rec.images) == 6 and all(x.shape == (12, 1, 16, 16) for x in rec.images)
     # a one-stage chain is plain sampling, bit for bit (same seed, same labels, same model)
-    assert torch.equal(rec.images[3], rec.images[0]) and torch.equal(rec.images[4], rec.images[1])
+    assert torch.equal(rec.images[3], rec.images[0]) and torch.equal(rec.images[5], rec.images[1])
     assert not torch.equal(rec.images[2], rec.images[0])  # the draft changes the samples
     # the front door draws the same row: the policy's model for 16x16, then the chain
     import ditkit
@@ -114,11 +115,11 @@ def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys)
         fd = min(scored, key=lambda r: (r.metrics["frechet"], -r.metrics["accuracy"]))
         return acc.policy, fd.policy
 
-    for kind, others in (("single-pass", 1), ("multi-stage", 2)):
+    for kind, others in (("single-pass", 1), ("multi-stage", 3)):
         assert (comp[kind]["best_accuracy"], comp[kind]["best_frechet"]) == best(kind)
         tested = {t["policy"] for t in comp[kind]["accuracy_tests"]}
         assert len(tested) == others and all(rows_kind(rows, p) == kind for p in tested)
-    assert len(comp["all"]["accuracy_tests"]) == 4  # every scored row against the overall best
+    assert len(comp["all"]["accuracy_tests"]) == 5  # every scored row against the overall best
     for r in rows:
         if r.metrics:
             lo, hi = r.metrics["accuracy_ci"]
@@ -183,3 +184,71 @@ def test_run_refuses_stages_on_the_single_pass_sampling(tmp_path):
     staged = Sampling.of(stages=[{"resolution": 8}, {"resolution": 16, "sigma": 2.0}])
     with pytest.raises(UserError, match=r"sampling\.stages: .* chains="):
         run(S.load(DIGITS), None, None, [S.AsIs()], [(16, 16)], tmp_path, staged)
+
+
+def test_each_stage_runs_the_model_adapted_to_its_own_grid():
+    """An AdaptingDenoiser (``ditkit sample --policy``, the report's multi-stage rows) makes a
+    model per stage: the 8x8 draft of an NTK-scaled policy runs the trained model, bit for bit
+    the same draft as plain sampling at 8x8, and only the 16x16 stage runs the adapted one."""
+    from ditkit.runtime.denoiser import AdaptingDenoiser, Denoiser
+    from ditkit.runtime.extrapolate import adapt_model
+    from ditkit.runtime.multistage import sample_staged, stage_seed
+    from ditkit.runtime.samplers import sample
+
+    spec = S.load(DIGITS)
+    trained = build(spec)
+    trained.load_state_dict(digits_weights())
+    trained.eval()
+    policy = S.AsIs(rope_scaling=S.NtkScaling())
+    asked: list[tuple[int, int]] = []
+
+    def make(res):
+        asked.append(res)
+        return adapt_model(trained, policy, res)
+
+    den = AdaptingDenoiser(make, S.EDMObjective(), (16, 16))
+    assert den.model.spec != spec  # the output's model is adapted (scaled RoPE)
+    sampling = Sampling(
+        steps=2, seed=3, stages=(Stage(resolution=(8, 8)), Stage(resolution=(16, 16), sigma=2.0))
+    )
+    labels = torch.arange(4) % 10
+    drafts = {}
+    x = sample_staged(
+        den,
+        (4, 1, 16, 16),
+        sampling,
+        class_labels=labels,
+        on_stage=lambda k, out: drafts.setdefault(k, out),
+    )
+    assert asked == [(16, 16), (8, 8)]  # the output's model, then the draft's
+    assert den.at((8, 8)).model.spec == spec  # as_is + NTK at the trained grid: the trained spec
+    plain = sample(
+        Denoiser(trained, S.EDMObjective()),
+        (4, 1, 8, 8),
+        Sampling(steps=2, seed=stage_seed(3, 0)),
+        class_labels=labels,
+    )
+    assert torch.equal(drafts[0], plain)
+    # one model for every stage (the draft on the 16x16-adapted model) gives other samples
+    single = sample_staged(
+        Denoiser(den.model, S.EDMObjective()), (4, 1, 16, 16), sampling, class_labels=labels
+    )
+    assert not torch.equal(single, x)
+
+
+def test_the_front_door_adapts_each_stage_like_the_report(tmp_path):
+    """``ditkit.sample(ditkit.adapt(m, 16, policy), stages=...)``: the draft at the trained
+    8x8 runs the trained network, as ``ditkit sample --policy --stages`` and the report do."""
+    import ditkit
+    from ditkit.runtime.checkpoint import save_checkpoint
+
+    spec = S.load(DIGITS)
+    save_checkpoint(tmp_path / "m.safetensors", digits_weights(), spec, objective=S.EDMObjective())
+    m = ditkit.load(tmp_path / "m.safetensors")
+    adapted = ditkit.adapt(m, 16, "as_is:rope_scaling=ntk")
+    den = adapted.denoiser()
+    assert den.at((16, 16)).model is adapted.network
+    assert den.at((8, 8)).model.spec == m.spec  # the trained model's spec at the trained grid
+    x = ditkit.sample(adapted, labels=[1, 2], steps=2, stages="8,16:2.0:1")
+    y = ditkit.sample(adapted, labels=[1, 2], steps=2, stages="8,16:2.0:1")
+    assert x.shape == (2, 1, 16, 16) and torch.equal(x, y)
