@@ -150,7 +150,8 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     the limits are off). The estimate is a lower bound: fp32 weights, gradients, two AdamW
     moments and the EMA (20 bytes a parameter, split across ranks under FSDP2; 60% of the
     spec estimate, which runs above the measured count), plus every block's input and output
-    for one micro-batch per process."""
+    for one micro-batch per process, at the largest of ``training.resolutions`` when set
+    (block activations grow with the token count)."""
 
     if not limits_enabled():
         return []
@@ -162,6 +163,9 @@ def memory_issues(exp: Experiment, world: int, device) -> list[tuple[str, str]]:
     weights = 0.6 * estimated_params(spec) * 20 / shards
     micro = max(1, tr.batch_size // tr.accumulate // max(1, world))
     activations = micro * activation_bytes_per_sample(spec)
+    h0, w0 = spec.input.resolution
+    if tr.resolutions:  # the largest bucket's batches hold the most activations
+        activations *= max(1.0, max(h * w for h, w in tr.resolutions) / (h0 * w0))
     need = weights + activations
     gib = 2**30
     where = "cuda" if device.type == "cuda" else "host RAM"

@@ -379,3 +379,22 @@ def test_torchrun_two_processes_with_both_options_agree_and_resume_exactly(tmp_p
         a = C.read_tensors(tmp_path / "full/checkpoints/step-000004" / name)
         b = C.read_tensors(tmp_path / "part/checkpoints/step-000004" / name)
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_memory_check_counts_the_largest_training_resolution(monkeypatch):
+    """The pre-run memory estimate takes the largest bucket's activations: a machine that holds
+    the model's own 8x8 batches but not 64x64 ones refuses the multi-resolution run up front."""
+    from ditkit.training import guards
+
+    monkeypatch.setattr(guards, "limits_enabled", lambda: True)
+    single = tiny_experiment(training={"batch_size": 64})
+    multi = tiny_experiment(training={"batch_size": 64, "resolutions": [8, 64]})
+    spec = single.model_spec
+    weights = 0.6 * guards.estimated_params(spec) * 20
+    acts = 64 * guards.activation_bytes_per_sample(spec)
+    # room for the 8x8 run with a margin, far less than 64x the activations
+    monkeypatch.setattr(guards, "available_bytes", lambda device: int(weights + 4 * acts))
+    cpu = torch.device("cpu")
+    assert guards.memory_issues(single, 1, cpu) == []
+    issues = guards.memory_issues(multi, 1, cpu)
+    assert issues and issues[0][0] == "training.batch_size"
