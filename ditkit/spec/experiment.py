@@ -563,11 +563,13 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
                     )
                 )
     out += _evaluation_issues(exp.evaluation, exp.data.kind, spec)
-    out += _resolution_issues(exp.training, exp.data.kind, spec)
+    out += training_resolution_issues(exp.training, exp.data.kind, spec)
     return out
 
 
-def _resolution_issues(tr: Training, data_kind: str, spec: ModelSpec) -> list[tuple[str, str]]:
+def training_resolution_issues(
+    tr: Training, data_kind: str, spec: ModelSpec
+) -> list[tuple[str, str]]:
     """``training.resolutions``: each must run through the model (patch x merges, every
     level's kernel / window) and the data must be able to produce it."""
     if tr.resolutions is None:

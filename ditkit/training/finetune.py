@@ -36,7 +36,7 @@ from ditkit import spec as S
 from ditkit.builder import build
 from ditkit.runtime.checkpoint import load_checkpoint, read_metadata, spec_from_metadata
 from ditkit.runtime.extrapolate import adapt, adapt_spec
-from ditkit.spec.experiment import TRAINABLE_PRESETS, Experiment
+from ditkit.spec.experiment import TRAINABLE_PRESETS, Experiment, training_resolution_issues
 
 METADATA_KEY = "ditkit.finetune"
 
@@ -185,6 +185,10 @@ def prepare(exp: Experiment) -> tuple[Experiment, Plan | None]:
                 ],
                 "finetune",
             )
+    # training.resolutions run through the model that is trained: the adapted one
+    issues = training_resolution_issues(exp.training, exp.data.kind, target)
+    if issues:
+        raise S.SpecError(issues, "finetune")
     meta_source = build(source, device="meta").state_dict()
     record = adapt(source, meta_source, ft.policy, target.input.resolution, device="meta").record
     names = [n for n, _ in build(target, device="meta").named_parameters()]

@@ -270,3 +270,16 @@ def test_extrapolate_reports_a_finetuned_checkpoint_as_an_extra_row(tmp_path, so
         )
         == 2
     )
+
+
+def test_training_resolutions_are_checked_against_the_adapted_model(source):
+    """A fine-tune trains the adapted model: 12x12 runs through the 8x8 source's 2x2 merge but
+    not through the 4x4 merge core_patch gives it at 16x16, so prepare() refuses it there."""
+    path, _, _ = source
+    exp = _exp(path, sections={"training": {"resolutions": [16, 12]}})  # the source takes both
+    with pytest.raises(S.SpecError) as err:
+        finetune.prepare(exp)
+    assert err.value.issues[0][0] == "training.resolutions[1]"
+    assert "[12, 12] does not fit the model" in err.value.issues[0][1]
+    ok, _ = finetune.prepare(_exp(path, sections={"training": {"resolutions": [16, 32]}}))
+    assert ok.training.resolutions == ((16, 16), (32, 32))
