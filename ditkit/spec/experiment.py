@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from ditkit.spec.components import Spec
+from ditkit.spec.components import AxialRope, Spec
 from ditkit.spec.io import SpecError, load, load_yaml, read_text, to_data, validate
 from ditkit.spec.model import ModelSpec
 from ditkit.spec.objective import EDMObjective, Objective
@@ -562,6 +562,18 @@ def experiment_issues(exp: Experiment) -> list[tuple[str, str]]:
                         "or set distributed.strategy: fsdp2",
                     )
                 )
+    if exp.precision.compile and any(
+        isinstance(b.rope, AxialRope) and b.rope.train_positions.kind == "random"
+        for *_, b in spec.blocks()
+    ):
+        out.append(
+            (
+                "precision.compile",
+                "randomised RoPE positions (rope.train_positions: random) draw their "
+                "positions inside the forward, which torch.compile cannot trace; set "
+                "precision.compile: false, or rope.train_positions: {kind: grid}",
+            )
+        )
     out += _evaluation_issues(exp.evaluation, exp.data.kind, spec)
     out += training_resolution_issues(exp.training, exp.data.kind, spec)
     return out

@@ -398,3 +398,18 @@ def test_the_memory_check_counts_the_largest_training_resolution(monkeypatch):
     assert guards.memory_issues(single, 1, cpu) == []
     issues = guards.memory_issues(multi, 1, cpu)
     assert issues and issues[0][0] == "training.batch_size"
+
+
+def test_compile_with_random_positions_is_refused_naming_both_fields():
+    """The random draw happens inside the forward, which torch.compile cannot trace (dynamo:
+    'UserDefinedObjectVariable(Generator)'): refused when the experiment loads, not mid-run."""
+    data = tiny_experiment_data(precision={"compile": True})
+    data["model"]["block"]["rope"] = {"kind": "axial", "train_positions": {"kind": "random"}}
+    from ditkit.spec.experiment import experiment_from_data
+
+    with pytest.raises(S.SpecError) as err:
+        experiment_from_data(data)
+    assert err.value.issues[0][0] == "precision.compile"
+    assert "rope.train_positions" in err.value.issues[0][1]
+    data["precision"] = {"compile": False}
+    assert experiment_from_data(data).precision.compile is False
