@@ -147,28 +147,39 @@ class QKRope(nn.Module):
         if self.rope_position_scale != (1.0, 1.0):
             pos = pos * pos.new_tensor(self.rope_position_scale)
         if self.rope_dynamic:
-            if noise is None:
-                raise UserError(
-                    "noise-dependent RoPE scaling (time_exponent) needs the noise "
-                    "level: a sigma (noise: fourier) or flow-time (noise: fno) "
-                    "input; drop time_exponent for this model"
-                )
-            # dynamic: a scaling with time_exponent, its ramp weights in rope_freqs_scaled
-            assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
-            fr = dynamic_rope_frequencies(
-                self.rope_freqs.float(), self.rope_freqs_scaled.float(), self.rope_scaling, noise
-            )  # (2, B, heads, r/4)
-            th = pos[None, None, :, :, 0:1] * fr[0][:, :, None, None, :]
-            tw = pos[None, None, :, :, 1:2] * fr[1][:, :, None, None, :]
+            rows, cols, temp = self._dynamic_frequencies(noise)
+            th = pos[None, None, :, :, 0:1] * rows[:, :, None, None, :]
+            tw = pos[None, None, :, :, 1:2] * cols[:, :, None, None, :]
             theta = torch.cat([th, tw], dim=-1)  # (B, heads, H, W, r/2)
             q, k = apply_rope(q, theta), apply_rope(k, theta)
-            if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
-                temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,) on the logits
+            if temp is not None:  # YaRN's temperature, on the logits
                 q = q * temp.to(q.dtype)[:, None, None, None, None]
             return q, k
         angles = self._theta(hh, ww, q.device)
         assert angles is not None  # rope_freqs is set
         return apply_rope(q, angles), apply_rope(k, angles)
+
+    def _dynamic_frequencies(
+        self, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Noise-dependent scaling (a scaling with ``time_exponent``, its ramp weights in
+        ``rope_freqs_scaled``): each sample's row and column frequencies ``(B, heads, r/4)``,
+        and YaRN's per-sample logit temperature ``(B,)`` (``None`` without one)."""
+        if noise is None:
+            raise UserError(
+                "noise-dependent RoPE scaling (time_exponent) needs the noise "
+                "level: a sigma (noise: fourier) or flow-time (noise: fno) "
+                "input; drop time_exponent for this model"
+            )
+        assert self.rope_freqs is not None  # a dynamic scaling has frequencies
+        assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
+        fr = dynamic_rope_frequencies(
+            self.rope_freqs.float(), self.rope_freqs_scaled.float(), self.rope_scaling, noise
+        )  # (2, B, heads, r/4)
+        temp = None
+        if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
+            temp = dynamic_yarn_temperature(self.rope_scaling, noise)
+        return fr[0], fr[1], temp
 
     def _theta(self, hh: int, ww: int, device: torch.device) -> torch.Tensor | None:
         """Static RoPE angles ``(heads, H, W, r/2)`` of an ``H x W`` grid (None: no RoPE)."""
@@ -201,19 +212,7 @@ class QKRope(nn.Module):
         rows, cols = freqs, freqs
         temp = None
         if self.rope_dynamic:
-            if noise is None:
-                raise UserError(
-                    "noise-dependent RoPE scaling (time_exponent) needs the noise "
-                    "level: a sigma (noise: fourier) or flow-time (noise: fno) "
-                    "input; drop time_exponent for this model"
-                )
-            assert self.rope_scaling is not None and self.rope_freqs_scaled is not None
-            fr = dynamic_rope_frequencies(
-                freqs, self.rope_freqs_scaled.float(), self.rope_scaling, noise
-            )  # (2, B, heads, r/4)
-            rows, cols = fr[0], fr[1]
-            if isinstance(self.rope_scaling, S.YarnScaling) and self.rope_scaling.temperature:
-                temp = dynamic_yarn_temperature(self.rope_scaling, noise)  # (B,)
+            rows, cols, temp = self._dynamic_frequencies(noise)
         elif self.rope_freqs_scaled is not None:
             rows, cols = self.rope_freqs_scaled[0].float(), self.rope_freqs_scaled[1].float()
         theta = batched_rope_angles(pos, rows, cols)  # (B, heads, H, W, r/2)
