@@ -20,6 +20,10 @@ import pytest
 
 from tests.conftest import ROOT, tiny_specs
 
+# a module fixture builds every engine / runs the whole harness (30-40 s on 2 cores): run by
+# .ci/run's slow line, outside the default suite
+pytestmark = pytest.mark.slow
+
 # the ids the harness must report (kept in step with tests/fake_cuda.py's all_checks)
 SAMPLERS = (
     "euler",

@@ -10,6 +10,10 @@ from ditkit.deploy.engines import OrtDenoiser
 from ditkit.deploy.export import ExportError
 from ditkit.runtime.samplers import sample
 
+# a module fixture builds every engine / runs the whole harness (30-40 s on 2 cores): run by
+# .ci/run's slow line, outside the default suite
+pytestmark = pytest.mark.slow
+
 
 def test_engine_reads_everything_from_metadata(hdit_export):
     model, result, _ = hdit_export

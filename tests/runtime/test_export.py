@@ -178,6 +178,7 @@ def test_fp16_export_within_stated_tolerance(tmp_path):
 # -------------------------------------------------------------------------------- ditkit export
 
 
+@pytest.mark.slow
 def test_cli_export_checkpoint_then_sample_the_onnx(tmp_path, capsys):
     from PIL import Image
 
