@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -605,7 +605,7 @@ def measure_chain(
     try:
         den = AdaptingDenoiser(make, objective, res)
         model = den.model
-        target = adapt_spec(spec, policy, res)  # the spec of den.model
+        target = cast(S.ModelSpec, model.spec)  # a built model carries its spec
         grid, found = sample_grid(
             model, objective, target, res, out, row.policy, plan, stages=chain, denoiser=den
         )

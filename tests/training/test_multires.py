@@ -413,3 +413,12 @@ def test_compile_with_random_positions_is_refused_naming_both_fields():
     assert "rope.train_positions" in err.value.issues[0][1]
     data["precision"] = {"compile": False}
     assert experiment_from_data(data).precision.compile is False
+
+
+def test_random_positions_round_trip_through_yaml_and_json():
+    """``rope.train_positions`` survives dump -> load (YAML and JSON) and keeps its values."""
+    spec = S.validate(_random_rope_model(max_scale=3.0, probability=0.5), S.ModelSpec)
+    tp = spec.block.rope.train_positions
+    assert (tp.kind, tp.max_scale, tp.probability) == ("random", 3.0, 0.5)
+    assert S.ModelSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert S.validate(spec.model_dump(mode="json"), S.ModelSpec) == spec
