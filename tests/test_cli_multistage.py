@@ -208,6 +208,29 @@ def test_extrapolate_bad_stages_exit_2_with_one_line(digits_run, tmp_path, capsy
     assert not (tmp_path / "r").exists()  # refused before anything is measured
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--stages", "8,16:2", "--stage-policies", "core_patch"],
+         "--stage-policies: core_patch is not one of --policies (as_is); add it there or drop it"),
+        (["--stage-policies", "as_is"], "--stage-policies: no --stages to run"),
+        (["--stages", "8,16:2", "--stage-policies", "core_patch:factor=x"],
+         "--stage-policies core_patch:factor=x: core_patch.factor"),
+    ],
+)  # fmt: skip
+def test_extrapolate_bad_stage_policies_exit_2_with_one_line(
+    digits_run, tmp_path, capsys, extra, message
+):
+    code = main(
+        ["extrapolate", str(digits_run), "--resolutions", "16", *extra,
+         "--metrics", "none", "--out", str(tmp_path / "r"), "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 2  # a policy's problems: a header and one line each
+    assert not (tmp_path / "r").exists()
+
+
 def test_extrapolate_stages_need_a_trained_model(tmp_path, capsys):
     code = main(
         ["extrapolate", DIGITS_SPEC, "--resolutions", "16", "--stages", "8,16:2",

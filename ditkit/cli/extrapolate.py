@@ -58,7 +58,9 @@ def add_parser(sub) -> None:
         default=["as_is"],
         help="comma-separated: as_is[:rope=keep|interpolate|extrapolate], "
         "local_core[:kernel_size=15], add_levels[:share_weights=true], "
-        "core_patch[:factor=4,level=0]",
+        "core_patch[:factor=4,level=0]; any of them with rope_scaling=ntk|yarn "
+        "(e.g. ntk(time_exponent=1.0): noise-dependent) and attention_scaling=entropy, "
+        "e.g. core_patch:rope_scaling=ntk,attention_scaling=entropy",
     )
     p.add_argument("--out", default="extrapolation", help="report folder")
     p.add_argument(
@@ -69,6 +71,13 @@ def add_parser(sub) -> None:
     )
     add_sampling(p, steps=20, seed=0)
     add_stages(p, single=False)
+    p.add_argument(
+        "--stage-policies",
+        nargs="+",
+        default=None,
+        metavar="POLICY",
+        help="only these of --policies run the --stages chains (default: every policy)",
+    )
     p.add_argument("--grid-count", type=int, default=8, help="images per grid")
     p.add_argument(
         "--attention-backend",
@@ -136,11 +145,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_extrapolate)
 
 
-def policy_list(values) -> list[str]:
+def policy_list(values, flag: str = "--policies") -> list[str]:
     """Comma-separated policies; a ``key=value`` item continues the policy before it
     (``core_patch:factor=4,level=0,as_is`` is two policies)."""
     out: list[str] = []
-    for item in list_arg(values, "--policies"):
+    for item in list_arg(values, flag):
         if "=" in item and ":" not in item and out:
             out[-1] += f",{item}"
         else:
@@ -189,7 +198,7 @@ def _finetuned_row(path: str, objective):
 
 
 def run_extrapolate(args) -> int:
-    from ditkit.evaluate.report import parse_chains, parse_policy, run
+    from ditkit.evaluate.report import parse_chains, parse_policy, policy_label, run
 
     sampling = sampling_from_args(args)
     policies = [parse_policy(p) for p in policy_list(args.policies)]
@@ -253,6 +262,19 @@ def run_extrapolate(args) -> int:
         samples=tensors is not None and objective is not None,
         flag="--stages",
     )
+    stage_policies = None
+    if args.stage_policies is not None:
+        flag = "--stage-policies"
+        stage_policies = [parse_policy(p, flag) for p in policy_list(args.stage_policies, flag)]
+        known = {policy_label(p) for p in policies}
+        for p in stage_policies:
+            if policy_label(p) not in known:
+                raise UsageError(
+                    f"--stage-policies: {policy_label(p)} is not one of --policies "
+                    f"({', '.join(policy_label(q) for q in policies)}); add it there or drop it"
+                )
+        if not chains:
+            raise UsageError("--stage-policies: no --stages to run; give the chains with --stages")
     extra = [_finetuned_row(p, objective) for p in list_arg(args.finetuned, "--finetuned")]
     out = Path(args.out)
     from ditkit.builder import use_backend
@@ -286,6 +308,7 @@ def run_extrapolate(args) -> int:
             bootstrap=args.bootstrap,
             latency_batch=args.latency_batch,
             chains=chains,
+            chain_policies=stage_policies,
         )
     finally:
         backend.__exit__(None, None, None)

@@ -253,6 +253,7 @@ def run(
     bootstrap: int = 300,
     latency_batch: int = 1,
     chains: Sequence[ChainInput] = (),
+    chain_policies: Sequence[S.Policy | str] | None = None,
     **settings: Any,
 ) -> list[Row]:
     """Run every (policy, resolution), write the report into ``out`` and return the rows.
@@ -282,7 +283,8 @@ def run(
     samples every chain with its model for the chain's last resolution: one ``multi-stage`` row
     each (``POLICY + stages CHAIN``), scored on the same seed and labels as the single-pass
     rows, and the report names the best single-pass and the best multi-stage row at each such
-    resolution apart."""
+    resolution apart. ``chain_policies``: only these of ``policies`` (policies or their
+    command-line text, e.g. ``"core_patch"``) run the chains (default: every policy)."""
     sampling = Sampling.of(sampling or REPORT_SAMPLING, **settings)
     if sampling.stages:
         raise UserError(
@@ -311,6 +313,20 @@ def run(
         progress=progress,
     )
     labelled = [(policy_label(p), p) for p in policies]
+    chained = None
+    if chain_policies is not None:
+        chained = [
+            policy_label(parse_policy(p) if isinstance(p, str) else p) for p in chain_policies
+        ]
+        missing = [c for c in chained if c not in {label for label, _ in labelled}]
+        if missing:
+            raise UserError(
+                f"chain_policies: {', '.join(missing)} is not one of the report's policies "
+                f"({', '.join(label for label, _ in labelled)}); add it to the policies or "
+                "drop it from chain_policies"
+            )
+        if not staged:
+            raise UserError("chain_policies: no stage chains to run; give chains=[...] too")
     # ``measure`` (the flag) shadows the function here: reach the part through its module
     measured = report_measure.measure(
         spec,
@@ -323,6 +339,7 @@ def run(
         extra=extra,
         curve=curve,
         chains=staged,
+        chain_policies=chained,
     )
     rows, comparisons = compared(measured, bootstrap, sampling.seed)
     write_report(

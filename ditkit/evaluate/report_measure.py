@@ -465,10 +465,12 @@ def measure(
     extra: Sequence[ExtraRow] = (),
     curve: list[Resolution] | None = None,
     chains: Sequence[Chain] = (),
+    chain_policies: Sequence[str] | None = None,
 ) -> Measured:
     """Measure every labelled policy at every resolution, then every ``extra`` row ``(label,
     spec, tensors)`` of a model already at its resolution (e.g. a fine-tuned adaptation), then
-    every policy through every stage chain in ``chains`` (:func:`measure_chain`).
+    every policy through every stage chain in ``chains`` (:func:`measure_chain`); with
+    ``chain_policies`` (policy labels) only those policies run the chains.
 
     Without ``tensors`` a policy's row has costs (and, if the plan times, the latency of random
     weights seeded by the plan's seed) but no samples; without an ``objective`` nothing is
@@ -541,7 +543,10 @@ def measure(
     # model: its costs, its refusal)
     single = {(r.policy, r.resolution): r for r in rows[:n_policy_rows]}
     staged = [
-        (p, single.get((label, _end(chain))), chain) for label, p in policies for chain in chains
+        (p, single.get((label, _end(chain))), chain)
+        for label, p in policies
+        if chain_policies is None or label in chain_policies
+        for chain in chains
     ]
     for policy, base, chain in tqdm(
         staged, desc="multi-stage", unit="run", disable=not (staged and plan.progress)

@@ -252,3 +252,49 @@ def test_the_front_door_adapts_each_stage_like_the_report(tmp_path):
     x = ditkit.sample(adapted, labels=[1, 2], steps=2, stages="8,16:2.0:1")
     y = ditkit.sample(adapted, labels=[1, 2], steps=2, stages="8,16:2.0:1")
     assert x.shape == (2, 1, 16, 16) and torch.equal(x, y)
+
+
+def test_chain_policies_pick_which_policies_run_the_chains(tmp_path):
+    spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
+    rows = run(
+        spec,
+        weights,
+        S.EDMObjective(),
+        [S.AsIs(), S.AddLevels()],
+        [(16, 16)],
+        tmp_path,
+        steps=2,
+        samples=2,
+        measure=False,
+        scorer=rec,
+        eval_count=6,
+        bootstrap=10,
+        chains=["8,16:2.0:1"],
+        chain_policies=["add_levels"],
+    )
+    assert [r.policy for r in rows] == ["as_is", "add_levels", "add_levels + stages 8,16:2:1"]
+    assert len(rec.images) == 3  # as_is, add_levels (its own 16x16 model), one chain
+
+
+@pytest.mark.parametrize(
+    "chains,chain_policies,message",
+    [
+        (["8,16:2.0:1"], ["core_patch"], "chain_policies: core_patch is not one of the report's"),
+        ([], ["as_is"], "chain_policies: no stage chains to run"),
+    ],
+)
+def test_chain_policies_refused_before_anything_runs(tmp_path, chains, chain_policies, message):
+    with pytest.raises(UserError, match=message):
+        run(
+            S.load(DIGITS),
+            digits_weights(),
+            S.EDMObjective(),
+            [S.AsIs()],
+            [(16, 16)],
+            tmp_path / "r",
+            steps=2,
+            measure=False,
+            chains=chains,
+            chain_policies=chain_policies,
+        )
+    assert not (tmp_path / "r").exists()
