@@ -94,6 +94,7 @@ def summary(out: Path) -> str:
             "samples | target | best by Fréchet |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
+        pictures = [(f"{trained[0]}² trained", base_row)]
         for res in sorted({tuple(r["resolution"]) for r in rows} - {trained}):
             scale = res[0] // trained[0]
             for cat in ("single-pass", "multi-stage", "fine-tuned"):
@@ -108,7 +109,12 @@ def summary(out: Path) -> str:
                     + fmt_row(best, base_acc, scale, cat)
                     + f" | `{by_fd['policy']}` {by_fd['metrics']['frechet']:.1f} |"
                 )
+                pictures.append((f"{res[0]}² {label}: `{best['policy']}`", best))
         lines.append("")
+        shown = [(cap, r) for cap, r in pictures if r.get("grid")]
+        if shown:  # the first images of each best row's scored samples, as the report shows them
+            lines += [f"- {cap}<br>![{cap}]({name}/{r['grid']})" for cap, r in shown]
+            lines.append("")
     return "\n".join(lines)
 
 
