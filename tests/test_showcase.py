@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from ditkit.spec.experiment import load_experiment
 
@@ -131,3 +135,40 @@ def test_summary_names_the_best_per_category_and_judges_the_targets(tmp_path):
     tuned2 = line("| 2× (32²) | fine-tuned |")
     assert "**96%**" in tuned2 and "**met** (≥ 95% of 1×)" in tuned2
     assert "(no `" in text and "shapes-trainopts" in text  # a report not run is said, not hidden
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores; .ci/run runs it in its slow line
+def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    """examples/experiments/shapes-showcase.sh with SMOKE=1 (a few steps and samples): both
+    bases, the four fine-tunes and the three reports, every row it names, and the summary."""
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "RUNS": str(tmp_path / "runs"),
+        "OUT": str(tmp_path / "out"),
+        "DITKIT": str(Path(sys.executable).parent / "ditkit"),
+    }
+    done = subprocess.run(
+        ["bash", str(EXP / "shapes-showcase.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== total" in done.stderr
+    rows = {
+        name: json.loads((tmp_path / "out" / name / "results.json").read_text())["rows"]
+        for name in ("shapes-zero-shot", "shapes-finetuned", "shapes-trainopts")
+    }
+    # 8 policies at 3 resolutions + 3 stage policies x 3 chains
+    assert len(rows["shapes-zero-shot"]) == 24 + 9
+    assert sum(r["kind"] == "multi-stage" for r in rows["shapes-zero-shot"]) == 9
+    tuned = [r for r in rows["shapes-finetuned"] if " + fine-tune " in r["policy"]]
+    assert sorted(r["resolution"][0] for r in tuned) == [32, 32, 32, 64]
+    assert len(rows["shapes-trainopts"]) == 15 + 4
+    assert all(r["metrics"] and not r["error"] for rs in rows.values() for r in rs)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.count("| 2× (32²) | multi-stage |") == 2
+    assert "| 4× (64²) | fine-tuned |" in summary

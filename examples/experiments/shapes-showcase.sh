@@ -2,8 +2,8 @@
 # The resolution-extrapolation showcase (docs/guides/extrapolation.md, "The showcase"): two bases
 # of the shapes model at 16x16 -- shapes-extrapolate.yaml, and shapes-trainopts.yaml with the
 # training-time options under the same budget -- then every method at 32x32 (2x) and 64x64 (4x):
-# zero-shot policies (RoPE scaling, entropy scaling, structural), multi-stage sampling, and three
-# fine-tunes with the same small budget. Four reports and a summary go to docs/extrapolation/
+# zero-shot policies (RoPE scaling, entropy scaling, structural), multi-stage sampling, and four
+# fine-tunes with the same small budget. Three reports and a summary go to docs/extrapolation/
 # (OUT). Run from the repository root. It runs two lanes of one CPU thread each, side by side
 # (on 2 cores two 1-thread processes do 1.4x the work of one 2-thread process for this small
 # model); LANES=1 runs them one after the other. Each stage's wall time is printed.
@@ -49,8 +49,11 @@ join() {  # wait for the lanes; stop if one failed
     if [[ $failed == 1 ]]; then echo "a lane failed: see its messages above" >&2; exit 1; fi
 }
 finetune() {  # a fine-tune of the base A checkpoint (the yaml names runs/shapes/.../step-N)
-    stage "$DITKIT" train "examples/experiments/shapes-finetune-$1.yaml" --out "$RUNS/ft-$1" \
-        --set "finetune.checkpoint=$(realpath -m "$BASE_CKPT")" --threads 1 --no-progress "${FT[@]}"
+    local name=$1 out=${2:-ft-$1}
+    shift $(($# < 2 ? $# : 2))
+    stage "$DITKIT" train "examples/experiments/shapes-finetune-$name.yaml" --out "$RUNS/$out" \
+        --set "finetune.checkpoint=$(realpath -m "$BASE_CKPT")" --threads 1 --no-progress \
+        "${FT[@]}" "$@"
 }
 
 # 1. The two bases, side by side.
@@ -69,14 +72,16 @@ core_patch:rope_scaling=ntk,attention_scaling=entropy" \
     --stages 16,32:0.5 16,64:0.5 16,32:0.5,64:0.5 --stage-policies as_is,add_levels,core_patch \
     --latency-batch 32 --attention-backend tiled "${COMMON[@]}" --out "$OUT/shapes-zero-shot"
 
-# 3. Lane 2: the three fine-tunes at 32x32 (300 steps of batch 32 each), their report beside
-#    zero-shot core_patch; then base B (the training-time options) under the same methods.
+# 3. Lane 2: the three fine-tunes at 32x32 (300 steps of batch 32 each) and core_patch's at
+#    64x64 (the same budget), their report beside zero-shot core_patch; then base B (the
+#    training-time options) under the same methods.
 lane_two() {
     finetune core-patch
     finetune add-levels
     finetune all
-    stage "$DITKIT" extrapolate "$RUNS/shapes" --resolutions 16,32 --policies core_patch \
-        --finetuned "$RUNS/ft-core-patch,$RUNS/ft-add-levels,$RUNS/ft-all" \
+    finetune core-patch ft4-core-patch --set "finetune.resolution=[64,64]"
+    stage "$DITKIT" extrapolate "$RUNS/shapes" --resolutions 16,32,64 --policies core_patch \
+        --finetuned "$RUNS/ft-core-patch,$RUNS/ft-add-levels,$RUNS/ft-all,$RUNS/ft4-core-patch" \
         --no-measure "${COMMON[@]}" --out "$OUT/shapes-finetuned"
     stage "$DITKIT" extrapolate "$RUNS/shapes-trainopts" --resolutions 16,32,64 \
         --policies as_is,as_is:rope_scaling=ntk,as_is:attention_scaling=entropy,add_levels,core_patch \
