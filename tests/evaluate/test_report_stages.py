@@ -49,19 +49,30 @@ def digits_weights() -> dict[str, torch.Tensor]:
     return perturb(build(S.load(DIGITS)), skip=("position",)).state_dict()
 
 
-def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys):
-    spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
-    rows = run(
-        spec,
+def run_two_policies(out, scorer, weights, **kwargs):
+    """The report of the digits model under ``as_is`` and ``add_levels`` at 16x16: 2 steps,
+    grids of 2, no timing; ``kwargs`` are the rest of :func:`run`'s settings."""
+    return run(
+        S.load(DIGITS),
         weights,
         S.EDMObjective(),
         [S.AsIs(), S.AddLevels()],
         [(16, 16)],
-        tmp_path,
+        out,
         steps=2,
         samples=2,
         measure=False,
-        scorer=rec,
+        scorer=scorer,
+        **kwargs,
+    )
+
+
+def test_chains_add_multi_stage_rows_and_the_best_of_each_kind(tmp_path, capsys):
+    spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
+    rows = run_two_policies(
+        tmp_path,
+        rec,
+        weights,
         eval_count=12,
         bootstrap=20,
         chains=["8,16:2.0:1", "16", "9,16:2.0:1"],
@@ -255,18 +266,11 @@ def test_the_front_door_adapts_each_stage_like_the_report(tmp_path):
 
 
 def test_chain_policies_pick_which_policies_run_the_chains(tmp_path):
-    spec, rec, weights = S.load(DIGITS), Recorder(), digits_weights()
-    rows = run(
-        spec,
-        weights,
-        S.EDMObjective(),
-        [S.AsIs(), S.AddLevels()],
-        [(16, 16)],
+    rec = Recorder()
+    rows = run_two_policies(
         tmp_path,
-        steps=2,
-        samples=2,
-        measure=False,
-        scorer=rec,
+        rec,
+        digits_weights(),
         eval_count=6,
         bootstrap=10,
         chains=["8,16:2.0:1"],
