@@ -172,3 +172,15 @@ def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.count("| 2× (32²) | multi-stage |") == 2
     assert "| 4× (64²) | fine-tuned |" in summary
+
+
+def test_summary_refuses_a_missing_folder_and_a_broken_report(tmp_path, capsys):
+    summary = load_summary()
+    assert summary.main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().out
+    (tmp_path / "shapes-zero-shot").mkdir()
+    (tmp_path / "shapes-zero-shot" / "results.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert summary.main([str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "is not an extrapolation report's" in out
+    assert not (tmp_path / "summary.md").exists()

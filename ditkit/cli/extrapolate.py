@@ -198,7 +198,7 @@ def _finetuned_row(path: str, objective):
 
 
 def run_extrapolate(args) -> int:
-    from ditkit.evaluate.report import parse_chains, parse_policy, policy_label, run
+    from ditkit.evaluate.report import parse_chain_policies, parse_chains, parse_policy, run
 
     sampling = sampling_from_args(args)
     policies = [parse_policy(p) for p in policy_list(args.policies)]
@@ -266,15 +266,8 @@ def run_extrapolate(args) -> int:
     if args.stage_policies is not None:
         flag = "--stage-policies"
         stage_policies = [parse_policy(p, flag) for p in policy_list(args.stage_policies, flag)]
-        known = {policy_label(p) for p in policies}
-        for p in stage_policies:
-            if policy_label(p) not in known:
-                raise UsageError(
-                    f"--stage-policies: {policy_label(p)} is not one of --policies "
-                    f"({', '.join(policy_label(q) for q in policies)}); add it there or drop it"
-                )
-        if not chains:
-            raise UsageError("--stage-policies: no --stages to run; give the chains with --stages")
+        # checked here, before anything is loaded or measured, in the command line's words
+        parse_chain_policies(stage_policies, policies, chains, flag, "--policies", "--stages")
     extra = [_finetuned_row(p, objective) for p in list_arg(args.finetuned, "--finetuned")]
     out = Path(args.out)
     from ditkit.builder import use_backend

@@ -90,6 +90,7 @@ __all__ = [
     "measure_chain",
     "measure_forward",
     "noop_check",
+    "parse_chain_policies",
     "parse_chains",
     "parse_policy",
     "policy_label",
@@ -168,6 +169,33 @@ def policy_label(policy: S.Policy) -> str:
 ChainInput = str | Sequence[Stage | Mapping[str, Any]]
 """A stage chain as :func:`run` takes it: the command line's ``"8,16:2.0"``, or
 :class:`~ditkit.spec.sampling.Stage` objects or mappings of their fields."""
+
+
+def parse_chain_policies(
+    given: Sequence[S.Policy | str] | None,
+    policies: Sequence[S.Policy],
+    chains: Sequence[Any],
+    flag: str = "chain_policies",
+    policies_name: str = "the report's policies",
+    chains_name: str = "stage chains",
+) -> list[str] | None:
+    """The labels of the policies that run the stage chains (``None``: every policy), checked:
+    each must be one of ``policies`` and there must be ``chains``. Every error is a
+    :class:`~ditkit.errors.UserError` that starts with ``flag`` and names the others as
+    ``policies_name`` / ``chains_name`` (the command line's ``--policies`` / ``--stages``)."""
+    if given is None:
+        return None
+    labels = [policy_label(p) for p in policies]
+    chained = [policy_label(parse_policy(p, flag) if isinstance(p, str) else p) for p in given]
+    missing = [c for c in chained if c not in labels]
+    if missing:
+        raise UserError(
+            f"{flag}: {', '.join(missing)} is not one of {policies_name} ({', '.join(labels)}); "
+            "add it there or drop it"
+        )
+    if not chains:
+        raise UserError(f"{flag}: no {chains_name} to run; give the chains too")
+    return chained
 
 
 def parse_chains(
@@ -313,20 +341,7 @@ def run(
         progress=progress,
     )
     labelled = [(policy_label(p), p) for p in policies]
-    chained = None
-    if chain_policies is not None:
-        chained = [
-            policy_label(parse_policy(p) if isinstance(p, str) else p) for p in chain_policies
-        ]
-        missing = [c for c in chained if c not in {label for label, _ in labelled}]
-        if missing:
-            raise UserError(
-                f"chain_policies: {', '.join(missing)} is not one of the report's policies "
-                f"({', '.join(label for label, _ in labelled)}); add it to the policies or "
-                "drop it from chain_policies"
-            )
-        if not staged:
-            raise UserError("chain_policies: no stage chains to run; give chains=[...] too")
+    chained = parse_chain_policies(chain_policies, policies, staged)
     # ``measure`` (the flag) shadows the function here: reach the part through its module
     measured = report_measure.measure(
         spec,

@@ -152,7 +152,17 @@ def main(argv: list[str]) -> int:
         print("usage: showcase_summary.py OUT (the folder of the showcase's reports)")
         return 2
     out = Path(argv[0])
-    text = summary(out)
+    if not out.is_dir():
+        print(f"showcase_summary.py: {out} is not a folder; give the showcase's OUT folder")
+        return 2
+    try:
+        text = summary(out)
+    except (ValueError, KeyError, TypeError, StopIteration) as err:  # not the runner's JSON
+        print(
+            f"showcase_summary.py: a results.json under {out} is not an extrapolation report's "
+            f"({type(err).__name__}: {err}); regenerate it with `ditkit extrapolate`"
+        )
+        return 2
     (out / "summary.md").write_text(text + "\n")
     print(text)
     return 0
