@@ -5,7 +5,7 @@
 # zero-shot policies (RoPE scaling, entropy scaling, structural), multi-stage sampling, and four
 # fine-tunes with the same small budget. Three reports and a summary go to docs/extrapolation/
 # (OUT). Run from the repository root. It runs two lanes of one CPU thread each, side by side
-# (on 2 cores two 1-thread processes do 1.4x the work of one 2-thread process for this small
+# (on 2 cores two 1-thread processes do 1.3-1.4x the work of one 2-thread process for this small
 # model); LANES=1 runs them one after the other. Each stage's wall time is printed.
 # SMOKE=1: a few steps and samples per stage, to check the pipeline in minutes (not the report).
 set -euo pipefail
