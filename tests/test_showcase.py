@@ -96,11 +96,12 @@ def test_summary_names_the_best_per_category_and_judges_the_targets(tmp_path):
     }
     tuned = {
         "trained_resolution": [16, 16],
-        "noop_at_training_resolution": {"core_patch": {"status": "identical"}},
+        "noop_at_training_resolution": {"as_is": {"status": "identical"}},
         "rows": [
-            row("core_patch", 16, 0.70, 3.0, 2.5),
-            row("core_patch", 32, 0.60, 12.0),
-            row("core_patch + fine-tune new (300 steps)", 32, 0.67, 8.0),  # 95.7% of 1x
+            row("as_is", 16, 0.70, 3.0, 2.5),
+            row("core_patch + fine-tune new (200 steps)", 32, 0.67, 8.0),  # 95.7% of 1x
+            row("as_is + fine-tune * (200 steps)", 32, 0.49, 6.0),
+            row("as_is + fine-tune * (200 steps)", 64, 0.42, 30.0, 20.0, count=200),
         ],
     }
     for name, data in (("shapes-zero-shot", zero), ("shapes-finetuned", tuned)):
@@ -135,12 +136,24 @@ def test_summary_names_the_best_per_category_and_judges_the_targets(tmp_path):
     tuned2 = line("| 2× (32²) | fine-tuned |")
     assert "**96%**" in tuned2 and "**met** (≥ 95% of 1×)" in tuned2
     assert "(no `" in text and "shapes-trainopts" in text  # a report not run is said, not hidden
+    # every method in one table: zero-shot (zero-shot report), fine-tuned (fine-tuned report),
+    # its best chain; the share of 1x (70%), Fréchet as a multiple of real, the column's best bold
+    assert "| method | 2× zero-shot | 2× fine-tuned | 2× multi-stage | 4× zero-shot |" in text
+    assert line("| `core_patch` |") == (
+        "| `core_patch` | **86%** · 2.4× | **96%** · 1.6× | 93% · 2.0× (16,32:0.5) | – | – | "
+        "**76%** · 1.9× (16,64:0.5) |"  # 39 / 20
+    )
+    assert line("| `as_is` |") == (
+        "| `as_is` | 43% · 18.0× | 70% · 1.2× | **94%** · 2.0× (16,32:0.5) | **14%** · 15.0× | "
+        "**60%** · 1.5× | – |"
+    )
+    assert text.index("## Every method") < text.index("## [shapes-zero-shot]")
 
 
-@pytest.mark.slow  # about 3 minutes on 2 cores; .ci/run runs it in its slow line
+@pytest.mark.slow  # about 4 minutes on 2 cores; .ci/run runs it in its slow line
 def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """examples/experiments/shapes-showcase.sh with SMOKE=1 (a few steps and samples): both
-    bases, the four fine-tunes and the three reports, every row it names, and the summary."""
+    bases, the sixteen fine-tunes and the three reports, every row it names, and the summary."""
     env = {
         **os.environ,
         "SMOKE": "1",
@@ -166,12 +179,14 @@ def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
     assert len(rows["shapes-zero-shot"]) == 24 + 9
     assert sum(r["kind"] == "multi-stage" for r in rows["shapes-zero-shot"]) == 9
     tuned = [r for r in rows["shapes-finetuned"] if " + fine-tune " in r["policy"]]
-    assert sorted(r["resolution"][0] for r in tuned) == [32, 32, 32, 64]
-    assert len(rows["shapes-trainopts"]) == 15 + 4
+    assert sorted(r["resolution"][0] for r in tuned) == [32] * 8 + [64] * 8  # every method
+    assert len(rows["shapes-finetuned"]) == 1 + 16  # the 16x16 reference, then the fine-tunes
+    assert len(rows["shapes-trainopts"]) == 6 + 2
     assert all(r["metrics"] and not r["error"] for rs in rows.values() for r in rs)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.count("| 2× (32²) | multi-stage |") == 2
     assert "| 4× (64²) | fine-tuned |" in summary
+    assert summary.count("| `") >= 8  # the every-method table names each method
 
 
 def test_summary_refuses_a_missing_folder_and_a_broken_report(tmp_path, capsys):

@@ -7,6 +7,9 @@ accuracy; the best Fréchet distance beside it), each against the issue's target
   accuracy, at 4x >= 75%, each with a Fréchet distance within 2x of real images there;
 * with the small fine-tune: >= 95% at 2x.
 
+First, one table of every method of base A (rows) zero-shot, after the same small fine-tune and
+multi-stage at 2x and 4x (columns), from the zero-shot and the fine-tuned reports.
+
 Usage: python examples/experiments/showcase_summary.py docs/extrapolation
 Only the standard library: it reads the reports, it samples nothing."""
 
@@ -81,6 +84,96 @@ def verdict(here: list[dict], best: dict, base_acc: float, scale: int, cat: str)
     )
 
 
+def method_of(row: dict) -> tuple[str, str]:
+    """``(method, category)`` of a row: ``core_patch + fine-tune new (200 steps)`` is
+    ``core_patch`` fine-tuned, ``as_is + stages 16,32:0.5`` is ``as_is`` multi-stage."""
+    cat = category(row)
+    sep = {"fine-tuned": " + fine-tune ", "multi-stage": " + stages "}.get(cat)
+    return (row["policy"].split(sep)[0] if sep else row["policy"]), cat
+
+
+def base_of(data: dict, rows: list[dict]) -> dict:
+    """The trained model's row: a policy bit-identical to it at its training resolution."""
+    trained = tuple(data["trained_resolution"])
+    noop = data.get("noop_at_training_resolution", {})
+    return next(
+        r
+        for r in rows
+        if tuple(r["resolution"]) == trained
+        and (r["policy"] == "as_is" or noop.get(r["policy"], {}).get("status") == "identical")
+    )
+
+
+def scored_rows(data: dict) -> list[dict]:
+    return [r for r in data["rows"] if r.get("metrics") and not r.get("error")]
+
+
+def method_table(out: Path) -> list[str]:
+    """Every method of base A in one table: per scale its zero-shot single-pass row, its
+    fine-tuned row and its best multi-stage row (share of 1x accuracy, Fréchet against real);
+    the best of each column in bold. Empty when the zero-shot report is missing."""
+    cells: dict[str, dict[tuple[int, str], dict]] = {}
+    base_acc = None
+    scales: set[int] = set()
+    for name in ("shapes-zero-shot", "shapes-finetuned"):
+        path = out / name / "results.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        rows = scored_rows(data)
+        trained = tuple(data["trained_resolution"])
+        if name == "shapes-zero-shot":
+            base_acc = base_of(data, rows)["metrics"]["accuracy"]
+        for r in rows:
+            if tuple(r["resolution"]) == trained:
+                continue
+            scale = r["resolution"][0] // trained[0]
+            scales.add(scale)
+            method, cat = method_of(r)
+            if name == "shapes-finetuned" and cat == "single-pass":
+                continue  # the zero-shot rows come from the zero-shot report
+            got = cells.setdefault(method, {})
+            old = got.get((scale, cat))
+            if old is None or r["metrics"]["accuracy"] > old["metrics"]["accuracy"]:
+                got[(scale, cat)] = r
+    if base_acc is None or not cells:
+        return []
+    cols = [(s, c) for s in sorted(scales) for c in ("single-pass", "fine-tuned", "multi-stage")]
+    best = {
+        col: max((m[col]["metrics"]["accuracy"] for m in cells.values() if col in m), default=None)
+        for col in cols
+    }
+    head = {"single-pass": "zero-shot", "fine-tuned": "fine-tuned", "multi-stage": "multi-stage"}
+    lines = [
+        "## Every method of base A: zero-shot, fine-tuned, multi-stage",
+        "",
+        "Each cell: label accuracy as a share of the base's own 1× accuracy "
+        f"({base_acc:.1%}), then the Fréchet distance as a multiple of real images' at that "
+        "resolution; the best share of each column in bold. Fine-tuned: the method's policy "
+        "applied, then the same small fine-tune at the target resolution "
+        "([shapes-finetuned](shapes-finetuned/report.md)); multi-stage: the method's best chain "
+        "([shapes-zero-shot](shapes-zero-shot/report.md)); – : not run.",
+        "",
+        "| method | " + " | ".join(f"{s}× {head[c]}" for s, c in cols) + " |",
+        "| --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
+    for method, got in cells.items():
+        texts = []
+        for col in cols:
+            r = got.get(col)
+            if r is None:
+                texts.append("–")
+                continue
+            m = r["metrics"]
+            share = f"{m['accuracy'] / base_acc:.0%}"
+            if m["accuracy"] == best[col]:
+                share = f"**{share}**"
+            chain = f" ({r['policy'].split(' + stages ')[1]})" if col[1] == "multi-stage" else ""
+            texts.append(f"{share} · {m['frechet'] / m['frechet_real']:.1f}×{chain}")
+        lines.append(f"| `{method}` | " + " | ".join(texts) + " |")
+    return lines + [""]
+
+
 def summary(out: Path) -> str:
     lines = [
         "# The showcase's summary",
@@ -94,6 +187,7 @@ def summary(out: Path) -> str:
         "tests between rows are in each report.",
         "",
     ]
+    lines += method_table(out)
     for name, base in REPORTS.items():
         path = out / name / "results.json"
         if not path.exists():
@@ -101,14 +195,8 @@ def summary(out: Path) -> str:
             continue
         data = json.loads(path.read_text())
         trained = tuple(data["trained_resolution"])
-        rows = [r for r in data["rows"] if r.get("metrics") and not r.get("error")]
-        noop = data.get("noop_at_training_resolution", {})
-        base_row = next(  # the trained model: a policy bit-identical to it at its resolution
-            r
-            for r in rows
-            if tuple(r["resolution"]) == trained
-            and (r["policy"] == "as_is" or noop.get(r["policy"], {}).get("status") == "identical")
-        )
+        rows = scored_rows(data)
+        base_row = base_of(data, rows)
         bm = base_row["metrics"]
         base_acc = bm["accuracy"]
         lines += [
