@@ -199,3 +199,40 @@ def test_summary_refuses_a_missing_folder_and_a_broken_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) == 1 and "is not an extrapolation report's" in out
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_a_failed_lane_one_finetune_stops_the_showcase_with_one_message(tmp_path):
+    """Lane 2 waits for lane 1's three fine-tunes before its report; when lane 1 stops without
+    them, lane 2 must not wait forever: the script exits non-zero, saying which lane stopped."""
+    fake = tmp_path / "ditkit"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {tmp_path / "calls"}\n'
+        'if [[ "$*" == *shapes-finetune-add-levels.yaml* && "$*" == *ft2-* ]]; then\n'
+        '    echo "error: add-levels broke" >&2; exit 2\n'
+        "fi\n"
+    )
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "RUNS": str(tmp_path / "runs"),
+        "OUT": str(tmp_path / "out"),
+        "DITKIT": str(fake),
+    }
+    done = subprocess.run(
+        ["bash", str(EXP / "shapes-showcase.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "lane 1 stopped before its fine-tunes were done" in done.stderr
+    assert "a lane failed" in done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert not any(c.startswith("extrapolate") for c in calls)  # neither lane reached a report
+    # lane 2 ran its own 13 fine-tunes: the as_is five at 2x, all eight at 4x
+    assert sum("--out" in c and "/ft4-" in c for c in calls) == 8
+    assert sum("/ft2-as-is" in c for c in calls) == 5
