@@ -53,6 +53,25 @@ def test_second_base_differs_only_in_its_training_time_options():
     assert 1.0 < mean / 256 < 1.1
 
 
+def run_showcase(tmp_path, ditkit, timeout):
+    """The showcase script in smoke mode (SMOKE=1), its runs and reports under tmp_path."""
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "RUNS": str(tmp_path / "runs"),
+        "OUT": str(tmp_path / "out"),
+        "DITKIT": str(ditkit),
+    }
+    return subprocess.run(
+        ["bash", str(EXP / "shapes-showcase.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_the_script_writes_every_report_the_summary_reads():
     script = (EXP / "shapes-showcase.sh").read_text()
     summary = load_summary()
@@ -154,21 +173,7 @@ def test_summary_names_the_best_per_category_and_judges_the_targets(tmp_path):
 def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
     """examples/experiments/shapes-showcase.sh with SMOKE=1 (a few steps and samples): both
     bases, the sixteen fine-tunes and the three reports, every row it names, and the summary."""
-    env = {
-        **os.environ,
-        "SMOKE": "1",
-        "RUNS": str(tmp_path / "runs"),
-        "OUT": str(tmp_path / "out"),
-        "DITKIT": str(Path(sys.executable).parent / "ditkit"),
-    }
-    done = subprocess.run(
-        ["bash", str(EXP / "shapes-showcase.sh")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    done = run_showcase(tmp_path, Path(sys.executable).parent / "ditkit", timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "== total" in done.stderr
     rows = {
@@ -213,21 +218,7 @@ def test_a_failed_lane_one_finetune_stops_the_showcase_with_one_message(tmp_path
         "fi\n"
     )
     fake.chmod(0o755)
-    env = {
-        **os.environ,
-        "SMOKE": "1",
-        "RUNS": str(tmp_path / "runs"),
-        "OUT": str(tmp_path / "out"),
-        "DITKIT": str(fake),
-    }
-    done = subprocess.run(
-        ["bash", str(EXP / "shapes-showcase.sh")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_showcase(tmp_path, fake, timeout=120)
     assert done.returncode != 0
     assert "lane 1 stopped before its fine-tunes were done" in done.stderr
     assert "a lane failed" in done.stderr
