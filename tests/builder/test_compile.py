@@ -11,6 +11,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from ditkit import spec as S
 from ditkit.builder import build, kernels
+from ditkit.spec.presets import preset
 from tests.conftest import EXAMPLES, tiny_specs
 from tests.perturb import perturb
 
@@ -87,7 +88,7 @@ def test_every_tiny_model_is_one_graph_in_eval_and_in_training(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_family_is_one_graph(name):
-    spec = S.preset(name)
+    spec = preset(name)
     model = build(spec, device="meta", init=False).eval()
     with torch.no_grad():
         _assert_one_graph(_explain(model, *_inputs(spec, batch=1, device="meta")))
