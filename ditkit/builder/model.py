@@ -229,7 +229,8 @@ class Stack(nn.ModuleList):
         if prefix is not None:
             assert ctx is not None  # the prefix came from it
             ctx.prefix = x[:, 0, :t]
-            x = x[:, 0, t:].reshape(b, hh, ww, c)
+            # a copy, then a view: a reshape of the strided slice would specialise on batch 1
+            x = x[:, 0, t:].clone(memory_format=torch.contiguous_format).view(b, hh, ww, c)
         return x
 
 
