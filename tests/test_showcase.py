@@ -86,6 +86,7 @@ def row(policy, res, acc, fd, real_fd=5.0, kind="single-pass", count=500):
         "policy": policy,
         "resolution": [res, res],
         "kind": kind,
+        "stages": policy.split(" + stages ")[1] if kind == "multi-stage" else None,
         "error": None,
         "metrics": {
             "accuracy": acc,

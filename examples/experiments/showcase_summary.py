@@ -168,7 +168,7 @@ def method_table(out: Path) -> list[str]:
             share = f"{m['accuracy'] / base_acc:.0%}"
             if m["accuracy"] == best[col]:
                 share = f"**{share}**"
-            chain = f" ({r['policy'].split(' + stages ')[1]})" if col[1] == "multi-stage" else ""
+            chain = f" ({r['stages']})" if col[1] == "multi-stage" else ""  # the runner's field
             texts.append(f"{share} · {m['frechet'] / m['frechet_real']:.1f}×{chain}")
         lines.append(f"| `{method}` | " + " | ".join(texts) + " |")
     return lines + [""]
