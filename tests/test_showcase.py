@@ -181,9 +181,9 @@ def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
         name: json.loads((tmp_path / "out" / name / "results.json").read_text())["rows"]
         for name in ("shapes-zero-shot", "shapes-finetuned", "shapes-trainopts")
     }
-    # 8 policies at 3 resolutions + 3 stage policies x 3 chains
-    assert len(rows["shapes-zero-shot"]) == 24 + 9
-    assert sum(r["kind"] == "multi-stage" for r in rows["shapes-zero-shot"]) == 9
+    # 8 policies at 3 resolutions, then each through both chains (16 -> 32, 16 -> 64)
+    assert len(rows["shapes-zero-shot"]) == 24 + 16
+    assert sum(r["kind"] == "multi-stage" for r in rows["shapes-zero-shot"]) == 16
     tuned = [r for r in rows["shapes-finetuned"] if " + fine-tune " in r["policy"]]
     assert sorted(r["resolution"][0] for r in tuned) == [32] * 8 + [64] * 8  # every method
     assert len(rows["shapes-finetuned"]) == 1 + 16  # the 16x16 reference, then the fine-tunes
@@ -192,7 +192,10 @@ def test_the_showcase_script_runs_end_to_end_in_smoke_mode(tmp_path):
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.count("| 2× (32²) | multi-stage |") == 2
     assert "| 4× (64²) | fine-tuned |" in summary
-    assert summary.count("| `") >= 8  # the every-method table names each method
+    table = summary.split("## Every method")[1].split("\n## ")[0]
+    methods = [ln for ln in table.splitlines() if ln.startswith("| `")]
+    assert len(methods) == 8  # the every-method table names each method...
+    assert all(" – " not in ln for ln in methods)  # ...with all six cells filled
 
 
 def test_summary_refuses_a_missing_folder_and_a_broken_report(tmp_path, capsys):

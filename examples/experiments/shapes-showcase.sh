@@ -20,11 +20,13 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     FT=(--steps 4 --set checkpoint.every=4)
     COUNT=(--count 20 --count-at 64=10 --bootstrap 50)
     STEPS=4
+    REFINE=2
 else
     TRAIN=()
     FT=()
     COUNT=(--count 500 --count-at 64=200)
     STEPS=20
+    REFINE=10  # steps of a multi-stage row's refinement from sigma 0.5
 fi
 LAST=$(python3 -c "import re,sys; print(int(re.search(r'steps: (\d+)', open(sys.argv[1]).read()).group(1)))" \
     examples/experiments/shapes-extrapolate.yaml)
@@ -82,9 +84,9 @@ lane stage "$DITKIT" train examples/experiments/shapes-trainopts.yaml --out "$RU
 join
 
 # 2. Lane 1: the three cheap fine-tunes at 2x (only new or replicated tensors train); then base
-#    A under every zero-shot policy at 2x and 4x, single-pass and multi-stage (draft at 16x16,
-#    enlarge, re-noise to sigma 0.5 and finish; and 16 -> 32 -> 64 for 4x); then base B (the
-#    training-time options) under as_is, core_patch and as_is's stages.
+#    A under every zero-shot policy at 2x and 4x, single-pass and multi-stage (every policy:
+#    draft at 16x16 with 20 steps, enlarge, re-noise to sigma 0.5 and finish with 10 steps);
+#    then base B (the training-time options) under as_is, core_patch and as_is's stages.
 FLAG="$RUNS/.lane-1-finetunes-done"
 rm -f "$FLAG"
 lane_one() {
@@ -94,10 +96,10 @@ lane_one() {
         --policies "as_is,as_is:rope_scaling=ntk,as_is:rope_scaling=yarn,\
 as_is:rope_scaling=ntk(time_exponent=1.0),as_is:attention_scaling=entropy,add_levels,core_patch,\
 core_patch:rope_scaling=ntk,attention_scaling=entropy" \
-        --stages 16,32:0.5 16,64:0.5 16,32:0.5,64:0.5 --stage-policies as_is,add_levels,core_patch \
+        --stages "16,32:0.5:$REFINE" "16,64:0.5:$REFINE" \
         --latency-batch 32 --attention-backend tiled "${COMMON[@]}" --out "$OUT/shapes-zero-shot"
     stage "$DITKIT" extrapolate "$RUNS/shapes-trainopts" --resolutions 16,32,64 \
-        --policies as_is,core_patch --stages 16,32:0.5 16,64:0.5 --stage-policies as_is \
+        --policies as_is,core_patch --stages "16,32:0.5:$REFINE" "16,64:0.5:$REFINE" --stage-policies as_is \
         --no-measure --attention-backend tiled "${COMMON[@]}" --out "$OUT/shapes-trainopts"
 }
 lane lane_one
