@@ -3,10 +3,11 @@
 # of the shapes model at 16x16 -- shapes-extrapolate.yaml, and shapes-trainopts.yaml with the
 # training-time options under the same budget -- then every method at 32x32 (2x) and 64x64 (4x):
 # zero-shot policies (RoPE scaling, entropy scaling, structural), multi-stage sampling, and each
-# of the eight single-pass methods fine-tuned with the same small budget at 2x and at 4x. Three reports and a summary go to docs/extrapolation/
-# (OUT). Run from the repository root. It runs two lanes of one CPU thread each, side by side
-# (on 2 cores two 1-thread processes do 1.3-1.4x the work of one 2-thread process for this small
-# model); LANES=1 runs them one after the other. Each stage's wall time is printed.
+# of the eight single-pass methods fine-tuned with the same small budget at 2x and at 4x. Three
+# reports and a summary go to docs/extrapolation/ (OUT). Run from the repository root. It runs
+# two lanes of one CPU thread each, side by side (on 2 cores two 1-thread processes do 1.3-1.4x
+# the work of one 2-thread process for this small model); LANES=1 runs them one after the other.
+# Each stage's wall time is printed.
 # SMOKE=1: a few steps and samples per stage, to check the pipeline in minutes (not the report).
 set -euo pipefail
 OUT=${OUT:-docs/extrapolation}
@@ -63,6 +64,11 @@ METHODS=(
     "core-patch|core-patch|"
     "core-patch-ntk-entropy|core-patch|{kind: core_patch, rope_scaling: {kind: ntk}, attention_scaling: entropy}"
 )
+CHEAP=() EVERY=()  # the methods that tune only new or replicated tensors / every parameter
+for m in "${METHODS[@]}"; do
+    IFS='|' read -r _ yaml _ <<<"$m"
+    if [[ "$yaml" == all ]]; then EVERY+=("$m"); else CHEAP+=("$m"); fi
+done
 finetune() {  # SCALE METHOD...: fine-tune base A (200 steps of 32x32x32 pixels) into RUNS/ftSCALE-NAME
     local scale=$1 m name yaml policy
     shift
@@ -90,7 +96,7 @@ join
 FLAG="$RUNS/.lane-1-finetunes-done"
 rm -f "$FLAG"
 lane_one() {
-    finetune 2 "${METHODS[@]:5:3}"
+    finetune 2 "${CHEAP[@]}"
     touch "$FLAG"
     stage "$DITKIT" extrapolate "$RUNS/shapes" --resolutions 16,32,64 \
         --policies "as_is,as_is:rope_scaling=ntk,as_is:rope_scaling=yarn,\
@@ -109,7 +115,7 @@ LANE_ONE=${PIDS[0]:-}
 #    once lane 1's three are done, the report of the 16 fine-tuned models at their resolution
 #    (the zero-shot rows are in shapes-zero-shot, drawn with the same seeds and labels).
 lane_two() {
-    finetune 2 "${METHODS[@]:0:5}"
+    finetune 2 "${EVERY[@]}"
     finetune 4 "${METHODS[@]}"
     while [[ ! -e "$FLAG" ]]; do  # lane 1's fine-tunes; stop if lane 1 stopped without them
         if [[ -n "$LANE_ONE" ]] && ! kill -0 "$LANE_ONE" 2>/dev/null; then
@@ -118,7 +124,7 @@ lane_two() {
         fi
         sleep 5
     done
-    local runs=() m name
+    local runs=() m scale
     for scale in 2 4; do
         for m in "${METHODS[@]}"; do runs+=("$RUNS/ft$scale-${m%%|*}"); done
     done
